@@ -1,0 +1,59 @@
+"""`preflab` command line: one subcommand per module.
+
+Each module named in COMMANDS exposes `add_arguments(parser)` and `run(args) -> int`
+(or `add_<command>_arguments` / `run_<command>` where one module serves several),
+and keeps heavy imports (torch, transformers, gradio) inside its functions so that
+`preflab --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand -> (module, one-line help). Order is the order `--help` lists them in.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("annotate.generate", "sample candidate answer pairs from a model for a prompt pool"),
+    "model": ("annotate.generate", "load a model once (converting the default GGUF to a cache) and report load times"),
+    "prompts": ("trainer.prompts", "check a prompt pool file and report what would be loaded"),
+    "import": ("annotate.importers", "import TRL / Anthropic-HH preference data as votes"),
+    "export": ("annotate.export", "export votes as a TRL / datasets preference dataset"),
+    "compact": ("annotate.store", "merge small part files of a comparison store"),
+    "info": ("annotate.store", "summarise a comparison store: events, votes, files"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="preflab",
+        description="preflab: rank model answers, fit a reward model, fine-tune the policy.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, _) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        add = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
+        run = getattr(module, f"run_{name}", None) or module.run
+        doc = COMMANDS[name][1]
+        p = sub.add_parser(name, help=doc, description=doc,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Never let a library wait on a network that is not there.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
