@@ -291,7 +291,7 @@ def _read_part(path: Path) -> pa.Table | None:
         return None
 
 
-def _read_once(store: str | os.PathLike) -> pa.Table:
+def _read_once(store: str | os.PathLike) -> list[pa.Table]:
     files = list_store(store)
     tables: list[pa.Table] = []
     if files.parts:
@@ -309,17 +309,12 @@ def _read_once(store: str | os.PathLike) -> pa.Table:
                 tables.append(part)
     if tail_records:
         tables.append(records_to_table(tail_records))
-    if not tables:
-        return empty_table()
-    return pa.concat_tables(tables)
+    return tables
 
 
-def read_events(store: str | os.PathLike) -> pa.Table:
-    """Every event in the store (votes and retracts), unordered.
-
-    Safe while writers append and a compaction runs: a file that vanishes mid-read
-    means its events moved to a newer file, so the read starts over.
-    """
+def _read_tables(store: str | os.PathLike) -> list[pa.Table]:
+    """One table per file. Safe while writers append and a compaction runs: a file
+    that vanishes mid-read means its events moved to a newer file, so start over."""
     for attempt in range(50):
         try:
             return _read_once(store)
@@ -328,16 +323,41 @@ def read_events(store: str | os.PathLike) -> pa.Table:
     raise RuntimeError(f"{store}: files kept moving during 50 read attempts; try again")
 
 
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables(tables) if tables else empty_table()
+
+
+def read_events(store: str | os.PathLike) -> pa.Table:
+    """Every event in the store (votes and retracts), unordered."""
+    return _concat(_read_tables(store))
+
+
+def _standing(tables: list[pa.Table]) -> list[pa.Table]:
+    """Drop retract events and the votes they name, table by table.
+
+    Filtering copies every string, so it runs in parallel per file and skips the files
+    that have nothing to drop (most of them, in a store with few undos).
+    """
+    retracted = pc.unique(pa.chunked_array(
+        [pc.drop_null(t["retracts"]) for t in tables], pa.string()).combine_chunks())
+
+    def keep(t: pa.Table) -> pa.Table:
+        mask = pc.equal(t["kind"], "vote")
+        if len(retracted):
+            mask = pc.and_(mask, pc.invert(pc.is_in(t["event_id"], value_set=retracted)))
+        if pc.all(mask).as_py() is not False:
+            return t
+        return t.filter(mask)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(tables)))) as pool:
+        return list(pool.map(keep, tables))
+
+
 def apply_retractions(events: pa.Table) -> pa.Table:
     """The votes that stand: vote events not named by any retract event."""
-    is_vote = pc.equal(events["kind"], "vote")
-    votes = events.filter(is_vote)
-    retracted = events.filter(pc.invert(is_vote))["retracts"]
-    if len(retracted):
-        votes = votes.filter(pc.invert(pc.is_in(votes["event_id"], value_set=pc.unique(retracted))))
-    return votes
+    return _concat(_standing([events]))
 
 
 def read_comparisons(store: str | os.PathLike) -> pa.Table:
     """The standing votes of a store as an Arrow table with SCHEMA, retractions applied."""
-    return apply_retractions(read_events(store))
+    return _concat(_standing(_read_tables(store)))
