@@ -5,8 +5,8 @@ How a vote becomes durable (the layout is documented in trainer/comparisons.py):
 1. `append` writes the event as one JSON line to this writer's tail segment
    (`tail/<writer>.<seq>.jsonl`) and fdatasync's it. Only then does it return: an
    acknowledged event survives `kill -9` and power loss.
-2. Every `flush_every` events (or `flush_after_s` seconds) the pending events become a
-   zstd Parquet part `parts/<writer>.<seq>.parquet`: written under a temporary name,
+2. Every `flush_every` events (or `flush_after_s` seconds) a background thread turns
+   the pending events into a zstd Parquet part `parts/<writer>.<seq>.parquet`: written under a temporary name,
    fsync'd, renamed into place, directory fsync'd. Then the segment is unlinked and
    the writer moves on to `<seq + 1>`. A crash between rename and unlink leaves both;
    readers ignore a segment whose part exists, so nothing is read twice.
@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -96,6 +97,7 @@ class ComparisonStore:
         self._segment_fd: int | None = None
         self._oldest_pending = 0.0
         self._closed = False
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preflab-flush")
 
     # ---- writing ---------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class ComparisonStore:
             self._pending.append(rec)
             if (len(self._pending) >= self.flush_every
                     or time.monotonic() - self._oldest_pending >= self.flush_after_s):
-                self._flush_locked()
+                self._rotate_locked()
         return rec
 
     def append_many(self, records: Iterable[dict[str, Any]], where: str = "") -> list[dict[str, Any]]:
@@ -159,28 +161,41 @@ class ComparisonStore:
                             "choice": None, "strength": None, "annotator": annotator})
 
     def flush(self) -> None:
-        """Turn pending events into a part file now."""
+        """Turn pending events into a part file now (and wait for it)."""
         with self._mutex:
-            self._flush_locked()
+            self._rotate_locked()
+        self._flusher.submit(lambda: None).result()  # wait for queued part writes
 
-    def _flush_locked(self) -> None:
+    def _rotate_locked(self) -> None:
+        """Hand the current segment to the background flusher and start a new one, so
+        the request that crosses `flush_every` pays for an fdatasync, not a part write."""
         if self._segment_fd is None:
             return
-        segment = self._segment_path()
-        if self._pending:
-            write_part(records_to_table(self._pending), self.parts_dir / tail_part_name(segment))
-        os.close(self._segment_fd)
-        os.unlink(segment)
-        self._segment_fd = None
-        self._pending = []
+        fd, segment, pending = self._segment_fd, self._segment_path(), self._pending
+        self._segment_fd, self._pending = None, []
         self._seq += 1
+        self._flusher.submit(self._write_segment_part, fd, segment, pending)
+
+    @staticmethod
+    def _write_segment_part(fd: int, segment: Path, pending: list[dict[str, Any]]) -> None:
+        try:
+            if pending:
+                write_part(records_to_table(pending), segment.parent.parent / PARTS_DIR / tail_part_name(segment))
+            os.unlink(segment)
+        except Exception:
+            # The segment stays; readers still see it and recovery turns it into a part.
+            log.exception("%s: could not write its part file", segment)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self._mutex:
             if self._closed:
                 return
-            self._flush_locked()
+            self._rotate_locked()
             self._closed = True
+        self._flusher.shutdown(wait=True)
+        with self._mutex:
             os.unlink(self._lock_path)
             os.close(self._lock_fd)
 

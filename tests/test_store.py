@@ -64,7 +64,8 @@ def test_tail_is_visible_before_flush_and_parts_after(tmp_path):
     files = list_store(tmp_path)
     assert (len(files.parts), len(files.tails)) == (0, 1)
     assert len(read_events(tmp_path)) == 2
-    store.append(vote())  # third event: flushed to a part file
+    store.append(vote())  # third event: handed to the background flusher
+    store.flush()  # waits for it
     files = list_store(tmp_path)
     assert (len(files.parts), len(files.tails)) == (1, 0)
     assert pq.ParquetFile(files.parts[0]).metadata.row_group(0).column(0).compression == "ZSTD"
