@@ -1,0 +1,298 @@
+"""`preflab generate` and `preflab model`: sample candidate pairs, and try a model out.
+
+`preflab generate` reads a prompt pool and writes one candidate pair per prompt, as JSON
+lines the annotation app serves:
+
+    prompt        list of chat messages
+    response_a/b  the two candidates, in canonical order: sorted by (model, response)
+    model_a/b     the model that produced each (aliases spelled out to the full id)
+    pair_id       trainer.comparisons.pair_id_for(prompt JSON, response_a, response_b)
+    prompt_id     the pool's id for the prompt
+    gen_params    JSON string: {"a": {sampling settings}, "b": {...}}
+
+With one model the two candidates are two samples with different seeds (seed, seed+1);
+with several, each prompt gets a random pair of two different models (drawn with the
+seed), and each model answers only the prompts it was drawn for.
+
+torch / transformers are imported inside the functions: `preflab --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from trainer.comparisons import messages_to_json, pair_id_for, prompt_id_for
+from trainer.models import DEFAULT_MODEL, canonical_name
+
+MODEL_PROMPT = "What is the capital of France? Answer in one sentence."
+# cli.py formats help with ArgumentDefaultsHelpFormatter, which appends "(default: None)"
+# unless the help text mentions %(default); this mention prints nothing. For options
+# whose help already says what happens by default.
+OWN_DEFAULT = "%(default).0s"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {value}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _add_load_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="where to run the model: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where converted models are kept (default: $PREFLAB_CACHE, else ~/.cache/preflab)"
+                        + OWN_DEFAULT)
+
+
+def _quiet_transformers() -> None:
+    # The per-file "Loading weights" bars and advisory warnings drown the output that
+    # matters here; our own messages say what is being loaded and how long it took.
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _announce_conversion(name: str, cache_dir) -> bool:
+    """Say so before the default model's first use converts it (which takes a while)."""
+    from trainer.models import default_model_dir
+    target = default_model_dir(cache_dir)
+    if canonical_name(name) != DEFAULT_MODEL or (target / "config.json").is_file():
+        return False
+    print(f"converting the shipped SmolLM2 GGUF into {target} (once; about half a minute on a CPU)",
+          file=sys.stderr)
+    return True
+
+
+def _load(name: str, args) -> tuple:
+    from trainer import models
+    t0 = time.perf_counter()
+    model, tokenizer = models.load_model(name, device=args.device, cache_dir=args.cache_dir)
+    print(f"loaded {canonical_name(name)} in {time.perf_counter() - t0:.1f}s "
+          f"({model.device}, {str(model.dtype).removeprefix('torch.')})", file=sys.stderr)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------
+# preflab generate
+# --------------------------------------------------------------------------------------
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", metavar="M", default=None,
+                   help=f"model to sample from: a local model directory, a Hugging Face id already in "
+                        f"the local cache, 'smollm2' (the built-in {DEFAULT_MODEL}, works offline) or "
+                        f"'tiny' (random, for testing). Repeat to pair different models against "
+                        f"each other (default: smollm2)" + OWN_DEFAULT)
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="prompt pool (.jsonl, .csv or .parquet; see `preflab prompts`)" + OWN_DEFAULT)
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="K",
+                   help="use only the first K prompts of the pool (default: all)" + OWN_DEFAULT)
+    p.add_argument("--out", default=None, metavar="PAIRS.jsonl",
+                   help="write the pairs here as JSON lines (default: print them readably)" + OWN_DEFAULT)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+                   help="longest answer, in tokens")
+    p.add_argument("--temperature", type=_temperature, default=0.8, metavar="T",
+                   help="sampling temperature; 0 = greedy (then one model gives two equal answers)")
+    p.add_argument("--top-p", type=_top_p, default=0.95, metavar="P", help="nucleus sampling: keep this much probability mass")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="random seed: for sampling, and for drawing model pairs; same seed, same pairs")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                   help="sequences generated together (lower it if memory runs out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_load_arguments(p)
+
+
+def plan_sides(prompts, model_names: list[str], seed: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """For each prompt, the two (model, seed) sides that answer it."""
+    if len(model_names) == 1:
+        return [((model_names[0], seed), (model_names[0], seed + 1)) for _ in prompts]
+    rng = random.Random(seed)
+    return [tuple((m, seed) for m in rng.sample(model_names, 2)) for _ in prompts]
+
+
+def make_pair(prompt, side_x: dict, side_y: dict) -> dict:
+    """One pairs-file row; sides are {"model", "response", "params"}."""
+    a, b = sorted([side_x, side_y], key=lambda s: (s["model"], s["response"]))
+    prompt_json = messages_to_json(prompt.messages)
+    return {
+        "prompt": prompt.messages,
+        "response_a": a["response"],
+        "response_b": b["response"],
+        "model_a": a["model"],
+        "model_b": b["model"],
+        "pair_id": pair_id_for(prompt_json, a["response"], b["response"]),
+        "prompt_id": prompt.id or prompt_id_for(prompt.messages),
+        "gen_params": json.dumps({"a": a["params"], "b": b["params"]}, sort_keys=True),
+    }
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Write to a temp file and rename, so a reader never sees half a pairs file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def print_pairs(rows: list[dict]) -> None:
+    width = 88
+    for k, row in enumerate(rows, start=1):
+        print("=" * width)
+        print(f"pair {k}/{len(rows)}  {row['prompt_id']}  {row['pair_id']}")
+        for m in row["prompt"]:
+            print(textwrap.fill(m["content"], width, initial_indent=f"{m['role'].upper()}: ",
+                                subsequent_indent="    "))
+        params = json.loads(row["gen_params"])
+        for side in ("a", "b"):
+            print("-" * width)
+            print(f"[{side.upper()}] {row['model_' + side]}  (seed {params[side]['seed']})")
+            text = row["response_" + side] or "(empty answer)"
+            for para in text.splitlines() or [""]:
+                print(textwrap.fill(para, width, initial_indent="    ", subsequent_indent="    ") or "")
+    print("=" * width)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from trainer.models import ModelLoadError, check_model, generate
+    from trainer.prompts import PromptPoolError, load_prompt_pool
+
+    try:
+        pool = load_prompt_pool(args.prompts)
+    except PromptPoolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(pool.report.summary(), file=sys.stderr)
+    for problem in pool.report.problems[:10]:
+        print(f"  {problem}", file=sys.stderr)
+    prompts = pool.prompts[: args.limit] if args.limit else pool.prompts
+
+    # The recorded name of a model is its canonical one; a model named twice counts once.
+    model_names = list(dict.fromkeys(canonical_name(m) for m in (args.model or [DEFAULT_MODEL])))
+    _quiet_transformers()
+    try:
+        for name in model_names:  # fail on a bad name now, not after an hour of sampling
+            _announce_conversion(name, args.cache_dir)
+            check_model(name, args.cache_dir)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    sides = plan_sides(prompts, model_names, args.seed)
+    # (model, seed) -> indices of the prompts it answers
+    jobs: dict[tuple[str, int], list[int]] = {}
+    for i, pair in enumerate(sides):
+        for side in pair:
+            jobs.setdefault(side, []).append(i)
+    answers: dict[tuple[int, tuple[str, int]], str] = {}
+    for name in model_names:
+        model, tokenizer = _load(name, args)
+        for (job_model, seed), indices in sorted(jobs.items()):
+            if job_model != name:
+                continue
+            texts = generate(model, tokenizer, [prompts[i].messages for i in indices], n=1,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=seed, batch_size=args.batch_size,
+                             progress=not args.no_progress)
+            for i, (text,) in zip(indices, texts):
+                answers[i, (name, seed)] = text
+        del model, tokenizer  # free the memory before the next model loads
+
+    rows = []
+    for i, (x, y) in enumerate(sides):
+        side_dicts = [{"model": m, "response": answers[i, (m, s)],
+                       "params": {"temperature": args.temperature, "top_p": args.top_p,
+                                  "max_new_tokens": args.max_new_tokens, "seed": s}}
+                      for m, s in (x, y)]
+        rows.append(make_pair(prompts[i], *side_dicts))
+
+    same = sum(r["response_a"] == r["response_b"] for r in rows)
+    if same:
+        print(f"warning: {same} of {len(rows)} pairs have two identical answers "
+              f"(nothing to choose between; raise --temperature?)", file=sys.stderr)
+    if args.out:
+        write_jsonl_atomic(Path(args.out), rows)
+        print(f"wrote {len(rows)} pairs to {args.out}", file=sys.stderr)
+    else:
+        print_pairs(rows)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# preflab model
+# --------------------------------------------------------------------------------------
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, metavar="NAME",
+                   help="a local model directory, a Hugging Face id in the local cache, "
+                        "'smollm2' (built in, works offline) or 'tiny'")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=48, metavar="N",
+                   help="length of the sample answer, in tokens")
+    _add_load_arguments(p)
+
+
+def run_model(args: argparse.Namespace) -> int:
+    from trainer import models
+
+    _quiet_transformers()
+    name = canonical_name(args.name)
+    cache = {DEFAULT_MODEL: models.default_model_dir, models.TINY_MODEL: models.tiny_model_dir}.get(name)
+    built = cache is not None and not (cache(args.cache_dir) / "config.json").is_file()
+    _announce_conversion(name, args.cache_dir)
+    # Import first, so that the times below are loading, not Python importing torch.
+    t0 = time.perf_counter()
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+    imports = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        models.load_model(name, device=args.device, cache_dir=args.cache_dir)
+        first = time.perf_counter() - t0
+        # The second load is what every later command pays.
+        t0 = time.perf_counter()
+        model, tokenizer = models.load_model(name, device=args.device, cache_dir=args.cache_dir)
+        second = time.perf_counter() - t0
+    except models.ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    print(f"model:        {name}")
+    if cache is not None:
+        print(f"cached at:    {cache(args.cache_dir)}")
+    print(f"import:       {imports:.2f}s  (torch, transformers)")
+    print(f"first load:   {first:.2f}s" + ("  (first use: built the cache)" if built else ""))
+    print(f"cached load:  {second:.2f}s")
+    print(f"parameters:   {models.count_parameters(model):,}")
+    print(f"dtype:        {str(model.dtype).removeprefix('torch.')}")
+    print(f"device:       {model.device}")
+    print(f"vocabulary:   {len(tokenizer):,} tokens")
+    print(f"prompt:       {MODEL_PROMPT}")
+    (answer,), = models.generate(model, tokenizer, [[{"role": "user", "content": MODEL_PROMPT}]], n=1,
+                                 max_new_tokens=args.max_new_tokens, temperature=0, progress=False)
+    print(f"answer:       {answer or '(empty)'}")
+    return 0
