@@ -1,0 +1,453 @@
+"""Export standing votes as a preference dataset that TRL and `datasets` read unchanged.
+
+    preflab export --data comparisons --out prefs.parquet --format conversational --margin
+
+Two row formats (TRL's "preference" type with an explicit prompt):
+
+    standard        {"prompt": str, "chosen": str, "rejected": str}
+    conversational  {"prompt": [{"role", "content"}, ...],
+                     "chosen": [{"role": "assistant", "content": str}],
+                     "rejected": [{"role": "assistant", "content": str}]}
+
+How a chat prompt becomes plain text in the standard format:
+
+* a prompt that is one user message is that message's content, and chosen/rejected
+  are the two answers verbatim;
+* any other prompt (a system message, several turns) is written as an Anthropic-HH
+  transcript, "\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant:",
+  and each answer gets one leading space, so that prompt + chosen reads as one
+  transcript, the way TRL's `extract_prompt` splits HH data. Roles are labelled
+  user -> Human, assistant -> Assistant, system -> System, anything else by its name.
+  `preflab import` parses this form back (see annotate/importers.py).
+
+Ties and both-bad votes are never turned into preferences: they are dropped and counted
+(`ties="exclude"`) or written to a sibling file `<out>.ties.<ext>` with the columns
+prompt, response_a, response_b, label (`ties="separate"`).
+
+`margin=True` adds a float `margin` column. TRL 1.16's RewardTrainer keeps it (it is a
+signature column of its collator) and uses it in the loss,
+`-logsigmoid(r_chosen - r_rejected - margin)`, so a larger margin asks the reward model
+for a wider gap. It is the vote's strength: 1.0 slightly, 2.0 clearly better, 0.0 when
+the vote has no strength (plain Bradley-Terry). With majority aggregation it is the
+mean strength of the winning side's votes. DPOTrainer ignores the column.
+
+Everything is Arrow compute over whole columns: no Python loop runs per vote, only per
+distinct prompt (to parse its JSON once), so a million votes export in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+FORMATS = ("standard", "conversational")
+TIES_MODES = ("exclude", "separate")
+AGGREGATES = ("none", "majority")
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
+
+# Labels of the HH transcript used for multi-message prompts in the standard format.
+ROLE_LABELS = {"user": "Human", "assistant": "Assistant", "system": "System"}
+ASSISTANT_CUE = "\n\nAssistant:"
+
+SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+
+# --------------------------------------------------------------------------------------
+# Prompt rendering
+# --------------------------------------------------------------------------------------
+
+def render_prompt_text(messages: list[dict[str, str]]) -> tuple[str, bool]:
+    """A chat prompt as plain text. Returns (text, is_transcript): a lone user message is
+    its content; anything else is an HH transcript ending in the assistant cue, and the
+    caller puts one space before each answer."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"], False
+    turns = "".join(f"\n\n{ROLE_LABELS.get(m['role'], m['role'])}: {m['content']}" for m in messages)
+    return turns + ASSISTANT_CUE, True
+
+
+def _render_prompts(prompts: pa.ChunkedArray, fmt: str) -> tuple[pa.Array, pa.Array, pa.Array | None]:
+    """Parse and render each distinct prompt once.
+
+    Returns (code, rendered, is_transcript): code[i] is vote i's index into the
+    distinct prompts; rendered / is_transcript are per distinct prompt (is_transcript
+    is None for the conversational format, where the answers are never touched).
+    """
+    unique = pc.unique(prompts)
+    code = pc.index_in(prompts, value_set=unique)
+    # The stored prompts are canonical JSON lists; joining them into one JSON array
+    # lets a single C-level json.loads parse them all.
+    parsed = json.loads("[" + ",".join(unique.to_pylist()) + "]")
+    if fmt == "conversational":
+        return code, pa.array(parsed, MESSAGES_TYPE), None
+    texts, transcript = zip(*map(render_prompt_text, parsed)) if parsed else ((), ())
+    return code, pa.array(texts, pa.string()), pa.array(transcript, pa.bool_())
+
+
+def _assistant_turns(texts: pa.Array) -> pa.Array:
+    """Each answer as a one-message conversation: [{"role": "assistant", "content": text}]."""
+    n = len(texts)
+    turns = pa.StructArray.from_arrays([pa.repeat("assistant", n), texts], fields=list(MESSAGE_TYPE))
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), turns, type=MESSAGES_TYPE)
+
+
+def _answers(texts: pa.Array, fmt: str, transcript: pa.Array | None) -> pa.Array:
+    if fmt == "conversational":
+        return _assistant_turns(texts)
+    if len(texts) and pc.any(transcript).as_py():
+        # Answers to a transcript prompt get the space that follows "Assistant:".
+        texts = pc.binary_join_element_wise(pc.if_else(transcript, " ", ""), texts, "")
+    return texts
+
+
+def _column(values: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One contiguous array (a filtered or empty column may hold any number of chunks)."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
+    return values
+
+
+# --------------------------------------------------------------------------------------
+# From votes to rows
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class ExportReport:
+    """What an export did, in numbers (printed by the CLI)."""
+
+    votes: int = 0                # standing votes given
+    dropped_by_annotator: int = 0
+    dropped_by_model: int = 0
+    used: int = 0                 # votes left after the filters
+    aggregate: str = "none"
+    units: str = "votes"          # what rows/ties count: votes, or pairs when aggregated
+    rows: int = 0                 # preference rows
+    ties: int = 0                 # tie rows (never preferences)
+    both_bad: int = 0             # both-bad rows (never preferences)
+    ties_mode: str = "exclude"
+    path: str | None = None
+    ties_path: str | None = None
+
+    def lines(self) -> list[str]:
+        out = [f"read      {self.votes} standing votes"]
+        if self.dropped_by_annotator or self.dropped_by_model:
+            out.append(f"filtered  {self.dropped_by_annotator} by annotator, "
+                       f"{self.dropped_by_model} by model; {self.used} votes left")
+        if self.aggregate == "majority":
+            out.append(f"majority  {self.used} votes -> {self.rows + self.ties + self.both_bad} pairs")
+        where = "excluded"
+        if self.ties_mode == "separate":
+            where = f"written to {self.ties_path}" if self.ties_path else "kept apart"
+        out.append(f"ties      {self.ties} tie and {self.both_bad} both-bad {self.units} {where} "
+                   "(never turned into preferences)")
+        out.append(f"wrote     {self.rows} preference rows" + (f" to {self.path}" if self.path else ""))
+        return out
+
+
+# Both steps below return a small "plan": one row per output row, in output order, with
+# `row` (the index of a vote that carries the pair's prompt and answers), `outcome`
+# (a, b, tie, both_bad) and `margin`. The big text columns are gathered once, at the end.
+
+def _per_vote(votes: pa.Table) -> pa.Table:
+    """One row per vote, oldest first: outcome is the vote's choice, margin its strength."""
+    order = pc.sort_indices(votes, [("created_at", "ascending"), ("event_id", "ascending")])
+    return pa.table({
+        "row": order,
+        "outcome": votes["choice"].take(order),
+        "margin": pc.fill_null(pc.cast(votes["strength"], pa.float64()), 0.0).take(order),
+    })
+
+
+def _majority(votes: pa.Table) -> pa.Table:
+    """One row per pair_id, in order of each pair's first vote: the side with more votes
+    wins; equal counts are a tie, or both-bad when both-bad votes outnumber all the
+    others together. margin = mean strength of the winning side's votes."""
+    choice = votes["choice"]
+    strength = pc.cast(votes["strength"], pa.float64())
+    null = pa.scalar(None, pa.float64())
+
+    def count(value):
+        return pc.cast(pc.equal(choice, value), pa.int64())
+
+    t = pa.table({
+        "pair_id": votes["pair_id"],
+        "a": count("a"), "b": count("b"), "tie": count("tie"), "both_bad": count("both_bad"),
+        # Each side's vote strengths (null elsewhere); the mean skips the nulls.
+        "strength_a": pc.if_else(pc.equal(choice, "a"), strength, null),
+        "strength_b": pc.if_else(pc.equal(choice, "b"), strength, null),
+        "row": pa.array(np.arange(len(votes), dtype=np.int64)),
+        "created_at": votes["created_at"],
+    })
+    g = t.group_by("pair_id").aggregate([
+        ("a", "sum"), ("b", "sum"), ("tie", "sum"), ("both_bad", "sum"),
+        ("strength_a", "mean"), ("strength_b", "mean"), ("row", "min"), ("created_at", "min"),
+    ])
+    g = g.sort_by([("created_at_min", "ascending"), ("pair_id", "ascending")])
+    a, b = g["a_sum"], g["b_sum"]
+    others = pc.add(pc.add(a, b), g["tie_sum"])
+    outcome = pc.if_else(pc.greater(a, b), "a",
+                         pc.if_else(pc.greater(b, a), "b",
+                                    pc.if_else(pc.greater(g["both_bad_sum"], others), "both_bad", "tie")))
+    margin = pc.if_else(pc.equal(outcome, "a"), g["strength_a_mean"], g["strength_b_mean"])
+    # Every vote of a pair carries the same prompt and answers (pair_id is their hash),
+    # so the pair's first row stands for it.
+    return pa.table({"row": g["row_min"], "outcome": outcome, "margin": pc.fill_null(margin, 0.0)})
+
+
+def export_preferences(
+    votes: pa.Table,
+    *,
+    format: str = "standard",
+    margin: bool = False,
+    ties: str = "exclude",
+    aggregate: str = "none",
+    annotators: list[str] | None = None,
+    models: list[str] | None = None,
+) -> tuple[pa.Table, pa.Table | None, ExportReport]:
+    """Standing votes (`trainer.comparisons.read_comparisons`) -> preference rows.
+
+    Returns (pairs, ties_table, report). `pairs` has prompt/chosen/rejected (+ margin);
+    `ties_table` is None unless ties="separate", when it holds prompt, response_a,
+    response_b and label ("tie" or "both_bad") in the same format.
+    `annotators` keeps the votes of those annotators; `models` keeps the pairs where
+    either side's model is one of them. Filters apply before aggregation.
+    """
+    for name, value, allowed in (("format", format, FORMATS), ("ties", ties, TIES_MODES),
+                                 ("aggregate", aggregate, AGGREGATES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    report = ExportReport(aggregate=aggregate, ties_mode=ties,
+                          units="pairs" if aggregate == "majority" else "votes")
+    # read_comparisons returns votes only; a raw event table is accepted too. (A filter
+    # copies every column, so skip it when there is nothing to drop.)
+    is_vote = pc.equal(votes["kind"], "vote")
+    if not pc.all(is_vote).as_py():
+        votes = votes.filter(is_vote)
+    report.votes = len(votes)
+    if annotators:
+        kept = votes.filter(pc.is_in(votes["annotator"], value_set=pa.array(annotators, pa.string())))
+        report.dropped_by_annotator, votes = len(votes) - len(kept), kept
+    if models:
+        wanted = pa.array(models, pa.string())
+        kept = votes.filter(pc.or_(pc.is_in(votes["model_a"], value_set=wanted),
+                                   pc.is_in(votes["model_b"], value_set=wanted)))
+        report.dropped_by_model, votes = len(votes) - len(kept), kept
+    report.used = len(votes)
+
+    plan = _majority(votes) if aggregate == "majority" else _per_vote(votes)
+    report.ties = pc.sum(pc.equal(plan["outcome"], "tie")).as_py() or 0
+    report.both_bad = pc.sum(pc.equal(plan["outcome"], "both_bad")).as_py() or 0
+    is_pref = pc.is_in(plan["outcome"], value_set=pa.array(["a", "b"]))
+
+    code, rendered, transcript = _render_prompts(votes["prompt"], format)
+    # response_a and response_b end to end as one column: index `row` is vote row's
+    # response_a, `row + n` its response_b, so each output column is one take. A take
+    # from one contiguous array is several times faster than from many chunks; past
+    # 2 GiB of text (int32 offsets) the chunks stay as they are.
+    n = len(votes)
+    answers = pa.chunked_array(votes["response_a"].chunks + votes["response_b"].chunks, pa.string())
+    if answers.nbytes < 2**31 - 2**20:
+        answers = _column(answers)
+
+    def gather(rows: pa.Array, take_b: bool | pa.Array) -> pa.Array:
+        """Per row, response_b where take_b holds, else response_a."""
+        shift = n * take_b if isinstance(take_b, bool) else pc.multiply(pc.cast(take_b, pa.int64()), n)
+        return _column(answers.take(pc.add(rows, shift)))
+
+    def prompts_of(rows: pa.Array) -> tuple[pa.Array, pa.Array | None]:
+        codes = _column(code.take(rows))
+        return rendered.take(codes), (transcript.take(codes) if transcript is not None else None)
+
+    prefs = plan.filter(is_pref)
+    rows, b_wins = _column(prefs["row"]), _column(pc.equal(prefs["outcome"], "b"))
+    prompt, tr = prompts_of(rows)
+    pairs = {"prompt": prompt,
+             "chosen": _answers(gather(rows, b_wins), format, tr),
+             "rejected": _answers(gather(rows, pc.invert(b_wins)), format, tr)}
+    if margin:
+        pairs["margin"] = _column(prefs["margin"])
+    pairs = pa.table(pairs)
+    report.rows = pairs.num_rows
+
+    ties_table = None
+    if ties == "separate":
+        tied = plan.filter(pc.invert(is_pref))
+        rows = _column(tied["row"])
+        prompt, tr = prompts_of(rows)
+        ties_table = pa.table({
+            "prompt": prompt,
+            "response_a": _answers(gather(rows, False), format, tr),
+            "response_b": _answers(gather(rows, True), format, tr),
+            "label": _column(tied["outcome"]),
+        })
+    return pairs, ties_table, report
+
+
+# --------------------------------------------------------------------------------------
+# Writing: Parquet, or JSON Lines built with Arrow string kernels
+# --------------------------------------------------------------------------------------
+
+def output_kind(path: str | os.PathLike) -> str:
+    """"parquet" or "json" from the file extension; anything else is refused up front."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unknown output type {suffix or '(no extension)'!r}; "
+                         f"use one of {', '.join(SUFFIXES)}")
+    return SUFFIXES[suffix]
+
+
+def ties_path_for(path: str | os.PathLike) -> Path:
+    """out.parquet -> out.ties.parquet (same directory, same type)."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.ties{p.suffix}")
+
+
+def _json_scalars(values: pa.Array) -> pa.Array:
+    """JSON text of each value of a flat (non-nested) array.
+
+    One json.dumps call over the whole column, with a newline as the item separator:
+    JSON escapes every newline inside a string, so splitting on it gives back exactly
+    one encoded value per row. Repeated strings (roles, a prompt voted on many times)
+    are encoded once and gathered with a take.
+    """
+    if len(values) == 0:
+        return pa.array([], pa.string())
+    if pa.types.is_string(values.type) and not values.null_count:
+        encoded = values.dictionary_encode()
+        if len(encoded.dictionary) <= len(values) // 2:
+            return _json_scalars(encoded.dictionary).take(encoded.indices)
+    items = values.to_pylist()
+    try:
+        import orjson  # comes with gradio; several times faster than json
+    except ImportError:
+        text = json.dumps(items, ensure_ascii=False, separators=("\n", ":"))
+        return pa.array(text[1:-1].split("\n"), pa.string())
+    # Indented, each item is one line "  <json>,": the split and the slice happen in
+    # Arrow. The trailing None gives the last real item its comma too.
+    raw = orjson.dumps(items + [None], option=orjson.OPT_INDENT_2)
+    lines = pc.split_pattern(pa.array([raw], pa.large_binary()), "\n").flatten().slice(1, len(items))
+    return pc.binary_slice(lines, 2, -1).cast(pa.large_string()).cast(pa.string())
+
+
+def _json_parts(values: pa.Array) -> list:
+    """The JSON text of each value as a list of parts, strings or arrays aligned with
+    `values`, to be joined element-wise: structs and one-item lists (every chosen /
+    rejected turn) stay parts, so a whole line is assembled in one string join; other
+    lists are joined per list with Arrow. No Python loop runs per row."""
+    t = values.type
+    if pa.types.is_struct(t):
+        parts: list = ["{"]
+        # StructArray.flatten (unlike .field) honours the offset of a sliced array.
+        for i, (f, child) in enumerate(zip(t, values.flatten())):
+            parts += [("," if i else "") + json.dumps(f.name) + ":", *_json_parts(child)]
+        parts.append("}")
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        items = _json_parts(values.flatten())
+        if len(values) and not values.null_count and pc.all(pc.equal(pc.list_value_length(values), 1)).as_py():
+            return ["[", *items, "]"]
+        offsets = pc.subtract(values.offsets, values.offsets[0])
+        items = pc.binary_join_element_wise(*items, "") if len(items) > 1 else items[0]
+        parts = ["[", pc.binary_join(pa.ListArray.from_arrays(offsets, items), ","), "]"]
+    else:
+        return [_json_scalars(values)]
+    if values.null_count:
+        text = pc.binary_join_element_wise(*parts, "")
+        return [pc.if_else(pc.is_null(values), "null", text)]
+    return parts
+
+
+def _write_jsonl(table: pa.Table, f, batch_rows: int = 100_000) -> None:
+    keys = [json.dumps(name) + ":" for name in table.column_names]
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        if not batch.num_rows:
+            continue
+        parts: list = []
+        for i, key in enumerate(keys):
+            parts += [("{" if i == 0 else ",") + key, *_json_parts(batch.column(i))]
+        lines = pc.binary_join_element_wise(*parts, "}\n", "")
+        # The lines lie end to end in the array's data buffer: write that directly.
+        _, offsets, data = lines.buffers()
+        offsets = np.frombuffer(offsets, np.int32)[lines.offset:lines.offset + len(lines) + 1]
+        f.write(memoryview(data)[offsets[0]:offsets[-1]])
+
+
+def write_table(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write `table` as Parquet (.parquet) or JSON Lines (.jsonl, .json), chosen by the
+    extension, atomically (temporary name, then rename): a reader never sees half a
+    file. `datasets.load_dataset("parquet" | "json", data_files=path)` reads either."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    kind = output_kind(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if kind == "parquet":
+                pq.write_table(table, f, compression="zstd")
+            else:
+                _write_jsonl(table, f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, metavar="DIR", help="the comparison store directory")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output file: .parquet, or .jsonl / .json for JSON Lines")
+    p.add_argument("--format", choices=FORMATS, default="standard",
+                   help="plain strings, or lists of chat messages")
+    p.add_argument("--margin", action="store_true",
+                   help="add a float `margin` column from the votes' strength (TRL's RewardTrainer uses it)")
+    p.add_argument("--ties", choices=TIES_MODES, default="exclude",
+                   help="drop tie / both-bad votes, or write them to <out>.ties.<ext>")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="none",
+                   help="one row per vote, or one row per pair by majority vote")
+    p.add_argument("--annotator", action="extend", nargs="+", metavar="NAME", default=None,
+                   help="keep only these annotators' votes (repeatable)")
+    p.add_argument("--model", action="extend", nargs="+", metavar="NAME", default=None,
+                   help="keep only pairs where either side's model is one of these (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.comparisons import read_comparisons
+
+    t0 = time.perf_counter()
+    try:
+        output_kind(args.out)
+        votes = read_comparisons(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pairs, ties_table, report = export_preferences(
+        votes, format=args.format, margin=args.margin, ties=args.ties,
+        aggregate=args.aggregate, annotators=args.annotator, models=args.model)
+    if report.rows == 0:
+        for line in report.lines():
+            print(line, file=sys.stderr)
+        print(f"error: no preference rows to export from {args.data}; nothing written", file=sys.stderr)
+        return 1
+    report.path = str(write_table(pairs, args.out))
+    if ties_table is not None:
+        report.ties_path = str(write_table(ties_table, ties_path_for(args.out)))
+    for line in report.lines():
+        print(line)
+    print(f"done      in {time.perf_counter() - t0:.2f}s")
+    return 0
