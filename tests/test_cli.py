@@ -1,0 +1,43 @@
+"""The `preflab` command line as a user meets it: help for every command, no heavy imports."""
+
+import subprocess
+import sys
+
+import pytest
+
+from annotate.cli import COMMANDS
+
+
+def preflab(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "annotate.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_top_level_help_lists_every_command():
+    out = preflab("--help")
+    assert out.returncode == 0, out.stderr
+    for name in COMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_explains_itself(command):
+    out = preflab(command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert f"preflab {command}" in out.stdout
+    assert len(out.stdout.splitlines()) >= 3
+
+
+def test_help_does_not_import_torch_or_gradio():
+    # `preflab --help` must answer at once: heavy libraries load only when a command runs.
+    code = ("import sys; from annotate.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'gradio', 'trl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_unknown_command_is_an_error():
+    out = preflab("frobnicate")
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
