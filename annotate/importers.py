@@ -44,10 +44,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from annotate.export import ASSISTANT_CUE, ROLE_LABELS
 from trainer.comparisons import messages_to_json, pair_id_for, prompt_id_for
+from trainer.rows import BadRow, iter_rows, parse_messages
 
 STYLES = ("standard", "conversational", "implicit", "hh")
 CHUNK_ROWS = 50_000
@@ -55,50 +56,6 @@ SHOW_BAD = 20  # bad rows printed one by one; the rest are counted
 
 LABEL_ROLES = {label: role for role, label in ROLE_LABELS.items()}
 TURN = re.compile(r"\n\n(" + "|".join(LABEL_ROLES) + "):")
-
-
-class BadRow(ValueError):
-    """A row that cannot become a vote; the message says why."""
-
-
-# --------------------------------------------------------------------------------------
-# Reading rows: (position, row) pairs, or (position, BadRow) for an unreadable one
-# --------------------------------------------------------------------------------------
-
-def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        position = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=10_000):
-            for row in batch.to_pylist():
-                position += 1
-                yield position, row
-    elif suffix in (".jsonl", ".json"):
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
-        if suffix == ".json" and head.startswith(b"["):
-            try:
-                rows = json.loads(path.read_bytes())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-            for position, row in enumerate(rows, start=1):
-                yield position, row if isinstance(row, dict) else BadRow("not a JSON object")
-            return
-        with open(path, "rb") as f:
-            for position, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield position, BadRow(f"invalid JSON ({e.msg})")
-                    continue
-                yield position, row if isinstance(row, dict) else BadRow("not a JSON object")
-    else:
-        raise ValueError(f"{path}: unknown input type {suffix or '(no extension)'!r}; "
-                         "use .parquet, .jsonl or .json")
 
 
 # --------------------------------------------------------------------------------------
@@ -126,14 +83,8 @@ def _string(row: dict[str, Any], key: str) -> str:
 
 
 def _messages(value: Any, key: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise BadRow(f"'{key}' must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise BadRow(f"'{key}' message {i} needs string 'role' and 'content'")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    # Any role is taken: preference data in the wild has tool and function turns too.
+    return parse_messages(value, f"'{key}'", roles=None)
 
 
 def _reply(value: Any, key: str) -> str:
@@ -304,7 +255,7 @@ def import_file(path: str | os.PathLike, store_dir: str | os.PathLike, source: s
         chunk.clear()
 
     try:
-        for position, row in iter_rows(path):
+        for position, row in iter_rows(path, needs_any=("chosen",)):
             report.rows += 1
             try:
                 if isinstance(row, BadRow):

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.comparisons import messages_to_json, pair_id_for, prompt_id_for
+from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, parse_messages
 
 log = logging.getLogger("preflab.pairs")
 
-ROLES = ("system", "user", "assistant")
 UNKNOWN_MODEL = "unknown"
 
 
@@ -73,28 +73,12 @@ class Pair:
 # One row -> one Pair
 # --------------------------------------------------------------------------------------
 
-class BadRow(ValueError):
-    """A row that cannot be used; the message is the reason shown to the user."""
-
-
 def _messages(value: Any) -> list[dict[str, str]]:
-    if isinstance(value, str):
+    if isinstance(value, str):  # a plain prompt: one user message
         if not value.strip():
             raise BadRow("'prompt' is empty")
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise BadRow("'prompt' must be a string or a non-empty list of chat messages, "
-                     f"got {type(value).__name__}")
-    messages = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise BadRow(f"prompt message {i} must be an object with 'role' and 'content'")
-        if m.get("role") not in ROLES:
-            raise BadRow(f"prompt message {i} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise BadRow(f"prompt message {i} content must be a string")
-        messages.append({"role": m["role"], "content": m["content"]})
-    return messages
+        return [{"role": "user", "content": check_utf8(value, "the prompt")}]
+    return parse_messages(value, "'prompt'")
 
 
 def _optional_text(row: dict, key: str) -> str | None:
@@ -106,16 +90,6 @@ def _optional_text(row: dict, key: str) -> str | None:
     return value.strip() or None
 
 
-def _utf8(text: str, what: str) -> str:
-    # A file decoded with surrogateescape carries undecodable bytes as lone surrogates;
-    # such text could never be written to the store, so the row is refused here.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRow(f"{what} is not valid UTF-8 text") from None
-    return text
-
-
 def pair_from_row(row: Any) -> Pair:
     """A pairs-file row (a dict of Python values) -> Pair, or BadRow saying why not."""
     if not isinstance(row, dict):
@@ -123,15 +97,13 @@ def pair_from_row(row: Any) -> Pair:
     if "prompt" not in row or row["prompt"] is None:
         raise BadRow("needs 'prompt'")
     messages = _messages(row["prompt"])
-    for m in messages:
-        _utf8(m["content"], "the prompt")
     responses = []
     for key in ("response_a", "response_b"):
         if row.get(key) is None:
             raise BadRow(f"missing '{key}'")
         if not isinstance(row[key], str):
             raise BadRow(f"'{key}' must be a string, got {type(row[key]).__name__}")
-        responses.append(_utf8(row[key], f"'{key}'"))
+        responses.append(check_utf8(row[key], f"'{key}'"))
     prompt_json = messages_to_json(messages)
     gen_params = row.get("gen_params")
     if isinstance(gen_params, dict):
@@ -164,47 +136,22 @@ class PairsFileError(ValueError):
     """A pairs file that cannot be used at all. The message names the file."""
 
 
-def _jsonl_rows(path: Path):
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        line = raw.decode("utf-8", errors="surrogateescape").strip()
-        if not line:
-            continue
-        try:
-            yield f"{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{lineno}", BadRow(f"invalid JSON ({e.msg}, column {e.colno})")
-
-
-def _parquet_rows(path: Path):
-    import pyarrow.parquet as pq
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise PairsFileError(f"{path}: not a readable Parquet file ({e})") from None
-    for n, row in enumerate(table.to_pylist(), start=1):
-        yield f"row {n}", row
-
-
 def load_pairs(path: str | os.PathLike) -> tuple[list[Pair], list[str]]:
     """Read a pairs file. Returns (pairs, problems); each problem is `file:line: reason`
     for one skipped row. Raises PairsFileError when nothing usable is in the file."""
     path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
+        raise PairsFileError(f"{path}: unknown pairs file type {path.suffix or '(no extension)'!r}; "
+                             "use .jsonl or .parquet")
     if not path.is_file():
         raise PairsFileError(f"{path}: no such pairs file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        rows = _jsonl_rows(path)
-    elif suffix == ".parquet":
-        rows = _parquet_rows(path)
-    else:
-        raise PairsFileError(f"{path}: unknown pairs file type {suffix or '(no extension)'!r}; "
-                             "use .jsonl or .parquet")
     pairs: list[Pair] = []
     problems: list[str] = []
     seen: dict[str, str] = {}
+    try:
+        rows = list(iter_rows(path))
+    except RowFileError as e:
+        raise PairsFileError(str(e)) from None
     for where, row in rows:
         try:
             if isinstance(row, BadRow):

@@ -289,11 +289,11 @@ def test_import_json_array_and_forced_style(tmp_path):
     f.write_text(json.dumps([hh, {"prompt": "p", "chosen": "x", "rejected": "y"}]))
     report = import_file(f, tmp_path / "a", "src")           # detected from the first row
     assert (report.style, report.imported, report.bad_count) == ("hh", 1, 1)
-    assert report.bad == [f"{f}:2: chosen and rejected share no '\\n\\nAssistant:' turn"]
+    assert report.bad == [f"{f}:item 2: chosen and rejected share no '\\n\\nAssistant:' turn"]
     # Forced to the TRL text reading instead, the HH row splits at the first difference.
     report = import_file(f, tmp_path / "b", "src", style="implicit")
     assert (report.style, report.imported, report.bad_count) == ("implicit", 1, 1)
-    assert report.bad == [f"{f}:2: chosen and rejected share no prompt text"]
+    assert report.bad == [f"{f}:item 2: chosen and rejected share no prompt text"]
     v = votes_of(tmp_path / "b")
     check_vote(v[0], [{"role": "user", "content": "\n\nHuman: Hi\n\nAssistant:"}], " Hello!", " Go away.")
 
@@ -323,9 +323,12 @@ def test_file_without_importable_rows_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"no importable rows.*bad\.jsonl:1: chosen and rejected are the same"):
         import_file(f, tmp_path / "store", "src")
     assert not (tmp_path / "store").exists()
-    (tmp_path / "bad.csv").write_text("prompt,chosen,rejected\n")
-    with pytest.raises(ValueError, match="unknown input type"):
-        import_file(tmp_path / "bad.csv", tmp_path / "store", "src")
+    (tmp_path / "bad.tsv").write_text("prompt\tchosen\trejected\n")
+    with pytest.raises(ValueError, match="unknown file type"):
+        import_file(tmp_path / "bad.tsv", tmp_path / "store", "src")
+    (tmp_path / "header-only.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(ValueError, match="no importable rows"):
+        import_file(tmp_path / "header-only.csv", tmp_path / "store", "src")
     assert not (tmp_path / "store").exists()
 
 

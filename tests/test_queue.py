@@ -255,7 +255,7 @@ def test_pairs_file_reports_bad_rows_as_file_line(tmp_path):
     assert [p.pair_id for p in pairs][1] == "custom-1" and len(pairs) == 2
     assert problems[0].startswith(f"{path}:2: invalid JSON")
     assert problems[1] == f"{path}:3: missing 'response_a'"
-    assert problems[2].startswith(f"{path}:5: prompt message 0 has role 'robot'")
+    assert problems[2].startswith(f"{path}:5: 'prompt' message 0 has role 'robot'")
     assert problems[3].startswith(f"{path}:6: duplicate pair_id") and "first on 1" in problems[3]
     first, chat = pairs
     assert json.loads(first.prompt) == [{"role": "user", "content": "Hi?"}]

@@ -22,8 +22,6 @@ at once.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import os
 import sys
@@ -33,10 +31,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from trainer.comparisons import messages_to_json, prompt_id_for
+from trainer.rows import ROLES, BadRow, RowFileError, check_utf8, iter_rows, line_or_row, parse_messages
 
 log = logging.getLogger("preflab.prompts")
 
-ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_CHARS = 32_000
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -106,52 +104,19 @@ class PromptPool:
         return iter(self.prompts)
 
 
-class _BadRow(Exception):
-    """One row that cannot be used; the message is the reason shown to the user."""
-
-
 # --------------------------------------------------------------------------------------
 # One row -> one Prompt
 # --------------------------------------------------------------------------------------
 
-def _check_text(value: str, what: str) -> None:
-    # Bytes that are not UTF-8 arrive as lone surrogates (the files are decoded with
-    # surrogateescape, so one bad byte costs one row, not the file); they could never
-    # be written to the comparison store.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _BadRow(f"{what} is not valid UTF-8 text") from None
-
-
 def _parse_messages(value: Any) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        # CSV cells are text, and a chat may be stored as its JSON spelling anywhere.
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise _BadRow(f"'messages' is not valid JSON ({e.msg})") from None
-    if not isinstance(value, list):
-        raise _BadRow(f"'messages' must be a list of chat messages, got {type(value).__name__}")
-    if not value:
-        raise _BadRow("'messages' is an empty list")
-    messages = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise _BadRow(f"message {i} must be an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise _BadRow(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
-        if role == "system" and i != 0:
+    # Extra keys (name, tool calls...) are dropped: the record holds role and content.
+    messages = parse_messages(value)
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i != 0:
             # Chat templates put the system prompt first; elsewhere it is a mistake.
-            raise _BadRow(f"message {i} is a system message; only the first may be")
-        if not isinstance(content, str):
-            raise _BadRow(f"message {i} content must be a string, got {type(content).__name__}")
-        _check_text(content, f"message {i} content")
-        # Extra keys (name, tool calls...) are dropped: the record holds role and content.
-        messages.append({"role": role, "content": content})
+            raise BadRow(f"message {i} is a system message; only the first may be")
     if messages[-1]["role"] != "user":
-        raise _BadRow(f"the last message must be from the user, not {messages[-1]['role']!r}")
+        raise BadRow(f"the last message must be from the user, not {messages[-1]['role']!r}")
     return messages
 
 
@@ -161,10 +126,10 @@ def _parse_tags(value: Any) -> list[str]:
     if isinstance(value, str):
         value = value.split(",")
     elif not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise _BadRow("'tags' must be a list of strings or a comma-separated string")
+        raise BadRow("'tags' must be a list of strings or a comma-separated string")
     tags = []
     for t in value:
-        _check_text(t, "'tags'")
+        check_utf8(t, "'tags'")
         t = t.strip()
         if t and t not in tags:
             tags.append(t)
@@ -172,18 +137,20 @@ def _parse_tags(value: Any) -> list[str]:
 
 
 def _parse_row(row: Any) -> Prompt:
-    """A row (already a dict of Python values; None = absent) -> Prompt, or _BadRow."""
+    """A row (already a dict of Python values; None = absent) -> Prompt, or BadRow."""
     if not isinstance(row, dict):
-        raise _BadRow(f"expected a JSON object, got {type(row).__name__}")
+        raise BadRow(f"expected a JSON object, got {type(row).__name__}")
     prompt, messages = row.get("prompt"), row.get("messages")
+    if prompt is None and messages is None and "prompt" in row:
+        prompt = ""  # a blank CSV cell: an empty prompt, counted as such, not a bad row
     if prompt is not None and messages is not None:
-        raise _BadRow("has both 'prompt' and 'messages'; give one")
+        raise BadRow("has both 'prompt' and 'messages'; give one")
     if prompt is None and messages is None:
-        raise _BadRow("needs a 'prompt' string or a 'messages' list")
+        raise BadRow("needs a 'prompt' string or a 'messages' list")
     if prompt is not None:
         if not isinstance(prompt, str):
-            raise _BadRow(f"'prompt' must be a string, got {type(prompt).__name__}")
-        _check_text(prompt, "'prompt'")
+            raise BadRow(f"'prompt' must be a string, got {type(prompt).__name__}")
+        check_utf8(prompt, "'prompt'")
         messages = [{"role": "user", "content": prompt}]
     else:
         messages = _parse_messages(messages)
@@ -192,89 +159,12 @@ def _parse_row(row: Any) -> Prompt:
     if pid is None:
         pid = prompt_id_for(messages)
     elif not isinstance(pid, str):
-        raise _BadRow(f"'id' must be a string, got {type(pid).__name__}")
+        raise BadRow(f"'id' must be a string, got {type(pid).__name__}")
     elif not pid.strip():
-        raise _BadRow("'id' is blank")
+        raise BadRow("'id' is blank")
     else:
-        _check_text(pid, "'id'")
+        check_utf8(pid, "'id'")
     return Prompt(id=pid, messages=messages, tags=_parse_tags(row.get("tags")))
-
-
-# --------------------------------------------------------------------------------------
-# Files -> rows. Each reader yields (line or row number, row dict or _BadRow).
-# --------------------------------------------------------------------------------------
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):  # a BOM, as some editors on Windows write
-        data = data[3:]
-    # Split on \n only: a JSON string cannot hold a raw newline, so every \n ends a
-    # physical line, and the numbers match what an editor shows.
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        line = raw.decode("utf-8", errors="surrogateescape").strip()
-        if not line:
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield lineno, _BadRow(f"invalid JSON ({e.msg}, column {e.colno})")
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        # strict: a stray quote (`a,"b"c`) or a quote left open at the end of the file
-        # is an error for that row, instead of text silently glued into a prompt.
-        reader = csv.reader(f, strict=True)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise PromptPoolError(f"{path}: cannot read the CSV header ({e})") from None
-        if "prompt" not in header and "messages" not in header:
-            raise PromptPoolError(f"{path}: the CSV header has no 'prompt' or 'messages' "
-                                  f"column (found: {', '.join(header) or 'nothing'})")
-        # reader.line_num is the physical line the reader has reached, after a whole
-        # record; a quoted field can span lines, so a record starts on the line after
-        # the previous record ended, not at line_num.
-        end = reader.line_num
-        while True:
-            start = end + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                end = reader.line_num
-                yield start, _BadRow(f"unreadable CSV ({e})")
-                continue
-            end = reader.line_num
-            if not cells:  # a blank line
-                continue
-            if len(cells) != len(header):
-                yield start, _BadRow(f"expected {len(header)} fields, got {len(cells)} "
-                                     "(an unquoted comma or a missing quote?)")
-                continue
-            # Every CSV cell is text; an empty one means the column is not used here.
-            row: dict[str, Any] = {h: (c if c != "" else None) for h, c in zip(header, cells)}
-            if row.get("messages") is None and row.get("prompt") is None and "prompt" in row:
-                row["prompt"] = ""  # a blank prompt cell is an empty prompt, counted as such
-            yield start, row
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise PromptPoolError(f"{path}: not a readable Parquet file ({e})") from None
-    if "prompt" not in table.column_names and "messages" not in table.column_names:
-        raise PromptPoolError(f"{path}: no 'prompt' or 'messages' column "
-                              f"(found: {', '.join(table.column_names) or 'nothing'})")
-    # Rows are numbered from 1, like lines, so `row 1` is the first prompt.
-    for n, row in enumerate(table.to_pylist(), start=1):
-        yield n, row
 
 
 # --------------------------------------------------------------------------------------
@@ -289,37 +179,31 @@ def load_prompt_pool(path: str | os.PathLike, *, max_chars: int = DEFAULT_MAX_CH
     """
     path = Path(path)
     name = str(path)
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
+    if path.suffix.lower() not in FORMATS:
         raise PromptPoolError(f"{name}: unknown prompt pool format {path.suffix or '(no extension)'!r}; "
                               f"use {', '.join(FORMATS)}")
     if not path.exists():
         raise PromptPoolError(f"{name}: no such prompt pool file")
-    if path.is_dir():
-        raise PromptPoolError(f"{name}: is a directory, not a prompt pool file")
-
-    unit = "row" if fmt == "parquet" else "line"
-    rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt](path)
     report = PoolReport(path=name)
     prompts: list[Prompt] = []
-    seen_messages: dict[str, int] = {}  # canonical messages JSON -> where first seen
-    seen_ids: dict[str, int] = {}
+    seen_messages: dict[str, str] = {}  # canonical messages JSON -> where first seen
+    seen_ids: dict[str, str] = {}
 
-    def skip(where: int, counter: str, reason: str) -> None:
+    def skip(where: str, counter: str, reason: str) -> None:
         setattr(report, counter, getattr(report, counter) + 1)
         # `file:12: reason` for a text file (the line an editor shows), `file:row 12:`
         # for Parquet, which has rows but no lines.
-        problem = f"{name}:{'row ' if unit == 'row' else ''}{where}: {reason}"
+        problem = f"{name}:{where}: {reason}"
         report.problems.append(problem)
         log.warning("%s", problem)
 
     try:
-        for where, row in rows:
+        for where, row in iter_rows(path, needs_any=("prompt", "messages")):
             try:
-                if isinstance(row, _BadRow):
+                if isinstance(row, BadRow):
                     raise row
                 prompt = _parse_row(row)
-            except _BadRow as e:
+            except BadRow as e:
                 skip(where, "bad", str(e))
                 continue
             last_user = prompt.messages[-1]["content"]
@@ -332,17 +216,17 @@ def load_prompt_pool(path: str | os.PathLike, *, max_chars: int = DEFAULT_MAX_CH
                 continue
             key = messages_to_json(prompt.messages)
             if key in seen_messages:
-                skip(where, "duplicate", f"duplicate of {unit} {seen_messages[key]} (same messages)")
+                skip(where, "duplicate", f"duplicate of {line_or_row(seen_messages[key])} (same messages)")
                 continue
             if prompt.id in seen_ids:
                 skip(where, "duplicate_id",
-                     f"id {prompt.id!r} already used on {unit} {seen_ids[prompt.id]} for a different prompt")
+                     f"id {prompt.id!r} already used on {line_or_row(seen_ids[prompt.id])} for a different prompt")
                 continue
             seen_messages[key] = where
             seen_ids[prompt.id] = where
             prompts.append(prompt)
-    except OSError as e:
-        raise PromptPoolError(f"{name}: cannot read ({e.strerror or e})") from None
+    except RowFileError as e:
+        raise PromptPoolError(str(e)) from None
 
     report.loaded = len(prompts)
     if not prompts:
