@@ -1,0 +1,542 @@
+"""Preference pairs for the reward model: from votes (or a TRL-format file) to padded batches.
+
+    read_pairs(path, ties=, both_bad=, margin=)  -> Pairs        no tokenizer, no model
+    split_by_prompt(pairs, val_fraction, seed)    -> (train, val) index arrays
+    encode_pairs(pairs, tokenizer, max_length)    -> Encoded      token ids, truncated
+    length_grouped_batches(lengths, bs, seed, epoch) -> batches of pair indices
+    pack(encoded, batch, pad_id)                  -> one forward's tensors: shared-prompt packing
+    collate(encoded, batch, pad_id)               -> one forward's tensors: plain right padding
+
+A pair is oriented so that `chosen` is the answer the annotator preferred and `label` is
+the probability that chosen beats rejected: 1.0 for a vote, 0.5 for a tie or a both-bad
+vote (when those are included; by default they are left out, as in `preflab export`).
+`margin` is the vote's strength (1 slightly, 2 clearly) times `margin_scale`, or 0.
+
+Everything here runs before any model is loaded, so bad input fails in seconds with a
+RewardDataError that says what is wrong. This module never imports `annotate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.comparisons import messages_to_json, read_comparisons
+
+TIE_MODES = ("exclude", "include")
+NEEDED_COLUMNS = ("prompt", "chosen", "rejected")
+# The Anthropic-HH transcript that `preflab export` writes for multi-message prompts in the
+# standard (string) format: "\n\nHuman: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant:".
+HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
+HH_CUE = "\n\nAssistant:"
+
+
+class RewardDataError(ValueError):
+    """Input that a reward model cannot be trained on. The message says what to change."""
+
+
+@dataclass
+class Pairs:
+    """Preference pairs as parallel lists (one entry per pair)."""
+
+    prompts: list[list[dict[str, str]]] = field(default_factory=list)  # chat messages
+    chosen: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    label: list[float] = field(default_factory=list)   # P(chosen beats rejected): 1.0 or 0.5
+    margin: list[float] = field(default_factory=list)  # asked-for reward gap (0 = plain BT)
+    summary: dict[str, Any] = field(default_factory=dict)  # what was read, used, dropped
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def add(self, prompt, chosen, rejected, label=1.0, margin=0.0):
+        self.prompts.append(prompt)
+        self.chosen.append(chosen)
+        self.rejected.append(rejected)
+        self.label.append(float(label))
+        self.margin.append(float(margin))
+
+    def subset(self, idx) -> "Pairs":
+        out = Pairs(summary=dict(self.summary))
+        for i in idx:
+            out.add(self.prompts[i], self.chosen[i], self.rejected[i], self.label[i], self.margin[i])
+        return out
+
+    def prompt_keys(self) -> list[str]:
+        # The canonical JSON of the prompt: one spelling per distinct prompt, whatever its source.
+        return [messages_to_json(p) for p in self.prompts]
+
+
+# --------------------------------------------------------------------------------------
+# Prompts and answers in the shapes people hand us
+# --------------------------------------------------------------------------------------
+
+def text_to_messages(prompt: str) -> tuple[list[dict[str, str]], bool]:
+    """A string prompt as chat messages. Returns (messages, is_transcript).
+
+    An HH transcript ("\\n\\nHuman: ... \\n\\nAssistant:") is split back into its turns
+    (exactly what `preflab export` writes for multi-turn prompts); any other string is
+    one user message, the same rule `trainer.models.render_prompt` applies.
+    """
+    first_label = prompt[2:].partition(":")[0]
+    if prompt.startswith("\n\n") and first_label in HH_ROLES and prompt.endswith(HH_CUE):
+        body = prompt[: -len(HH_CUE)]
+        messages = []
+        for chunk in body.split("\n\n")[1:]:
+            role, sep, content = chunk.partition(": ")
+            if role in HH_ROLES and sep:
+                messages.append({"role": HH_ROLES[role], "content": content})
+            elif messages:  # a blank line inside a turn: glue it back onto that turn
+                messages[-1]["content"] += "\n\n" + chunk
+        if messages:
+            return messages, True
+    return [{"role": "user", "content": prompt}], False
+
+
+def as_messages(prompt: Any, where: str = "") -> list[dict[str, str]]:
+    """Chat messages from a string, a JSON string of messages, or a list of messages."""
+    if isinstance(prompt, str):
+        stripped = prompt.lstrip()
+        if stripped.startswith("[{"):  # maybe the store's canonical JSON spelling
+            try:
+                return as_messages(json.loads(prompt), where)
+            except (json.JSONDecodeError, RewardDataError):
+                pass  # text that merely looks like JSON: it is a user message
+        return text_to_messages(prompt)[0]
+    if isinstance(prompt, (list, tuple)) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt):
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise RewardDataError(f"{where}prompt must be a string or a non-empty list of "
+                          f"{{'role', 'content'}} messages, got {str(prompt)[:80]!r}")
+
+
+def as_response(value: Any, transcript: bool = False, where: str = "") -> str:
+    """An answer as plain text: a string, or (conversational format) a list of assistant messages."""
+    if isinstance(value, str):
+        # Answers to an HH transcript carry the space that follows "Assistant:".
+        return value[1:] if transcript and value.startswith(" ") else value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str)
+            for m in value):
+        return "".join(m["content"] for m in value)
+    raise RewardDataError(f"{where}an answer must be a string or a list of assistant messages, "
+                          f"got {str(value)[:80]!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Reading: a comparison store or a file
+# --------------------------------------------------------------------------------------
+
+def pairs_from_votes(votes, *, ties: str = "exclude", both_bad: str = "exclude",
+                     margin: bool = False, margin_scale: float = 1.0, source: str = "") -> Pairs:
+    """Standing votes (an Arrow table with the comparison schema) -> oriented pairs.
+
+    One pair per vote: several votes on one pair count several times, which is what the
+    Bradley-Terry likelihood of all the votes asks for.
+    """
+    cols = votes.select(["prompt", "response_a", "response_b", "choice", "strength"]).to_pydict()
+    parsed: dict[str, list[dict[str, str]]] = {}  # parse each distinct prompt's JSON once
+    pairs = Pairs()
+    counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
+    for prompt, a, b, choice, strength in zip(cols["prompt"], cols["response_a"], cols["response_b"],
+                                              cols["choice"], cols["strength"]):
+        counts[choice] = counts.get(choice, 0) + 1
+        if prompt not in parsed:
+            parsed[prompt] = as_messages(json.loads(prompt))
+        m = margin_scale * float(strength or 0) if margin else 0.0
+        if choice == "a":
+            pairs.add(parsed[prompt], a, b, 1.0, m)
+        elif choice == "b":
+            pairs.add(parsed[prompt], b, a, 1.0, m)
+        elif (choice == "tie" and ties == "include") or (choice == "both_bad" and both_bad == "include"):
+            # No preference: a soft label of 0.5 pulls the two rewards together.
+            pairs.add(parsed[prompt], a, b, 0.5, 0.0)
+    votes_n = sum(counts.values())
+    if votes_n == 0:
+        raise RewardDataError(f"{source}: the comparison store holds no standing votes yet; "
+                              f"collect some votes (or `preflab import` a preference file) first")
+    if counts["a"] + counts["b"] == 0:
+        raise RewardDataError(
+            f"{source}: none of the {votes_n} votes prefers one answer ({counts['tie']} ties, "
+            f"{counts['both_bad']} both-bad); a reward model needs votes for 'a' or 'b'")
+    pairs.summary = {"source": source, "kind": "store", "votes": votes_n, "preferences":
+                     counts["a"] + counts["b"], "ties": counts["tie"], "both_bad": counts["both_bad"],
+                     "ties_mode": ties, "both_bad_mode": both_bad, "pairs": len(pairs)}
+    return pairs
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(column names, rows) of a Parquet or JSON-lines file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise RewardDataError(f"{path}: not a readable Parquet file ({e})") from None
+        names = table.column_names
+        keep = [c for c in (*NEEDED_COLUMNS, "margin") if c in names]
+        return names, table.select(keep).to_pylist()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if suffix == ".json" and text.lstrip().startswith("["):  # a JSON array of rows
+            rows = json.loads(text)
+        else:
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise RewardDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        names = sorted({k for r in rows if isinstance(r, dict) for k in r})
+        return names, rows
+    raise RewardDataError(f"{path}: unknown file type {suffix!r}; give a comparison store "
+                          f"(a directory), a .parquet, or a .jsonl file")
+
+
+def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) -> Pairs:
+    """A TRL preference file (standard strings or conversational messages, explicit prompt,
+    optional `margin` column) -> pairs. Every row is a preference (label 1)."""
+    path = Path(path)
+    names, rows = _read_rows(path)
+    missing = [c for c in NEEDED_COLUMNS if c not in names]
+    if missing:
+        raise RewardDataError(
+            f"{path}: needs the columns {', '.join(NEEDED_COLUMNS)} (TRL's preference format with an "
+            f"explicit prompt); missing {', '.join(missing)}; found {', '.join(names) or 'no columns'}")
+    if not rows:
+        raise RewardDataError(f"{path}: has the right columns but no rows")
+    pairs = Pairs()
+    has_margin = margin and "margin" in names
+    for i, row in enumerate(rows):
+        where = f"{path} row {i}: "
+        prompt = row.get("prompt")
+        transcript = isinstance(prompt, str) and text_to_messages(prompt)[1]
+        m = margin_scale * float(row.get("margin") or 0.0) if has_margin else 0.0
+        if not math.isfinite(m):
+            raise RewardDataError(f"{where}margin must be a finite number, got {row.get('margin')!r}")
+        pairs.add(as_messages(prompt, where), as_response(row.get("chosen"), transcript, where),
+                  as_response(row.get("rejected"), transcript, where), 1.0, m)
+    pairs.summary = {"source": str(path), "kind": "file", "rows": len(rows), "preferences": len(rows),
+                     "ties": 0, "both_bad": 0, "pairs": len(pairs),
+                     "margin_column": "margin" in names}
+    return pairs
+
+
+def read_pairs(path, *, ties: str = "exclude", both_bad: str = "exclude", margin: bool = False,
+               margin_scale: float = 1.0) -> Pairs:
+    """Pairs from a comparison store (a directory) or a TRL-format file."""
+    if ties not in TIE_MODES or both_bad not in TIE_MODES:
+        raise RewardDataError(f"ties / both-bad must be one of {TIE_MODES}")
+    p = Path(path)
+    if p.is_dir():
+        try:
+            votes = read_comparisons(p)
+        except FileNotFoundError as e:
+            raise RewardDataError(str(e)) from None
+        return pairs_from_votes(votes, ties=ties, both_bad=both_bad, margin=margin,
+                                margin_scale=margin_scale, source=str(p))
+    if p.is_file():
+        return pairs_from_file(p, margin=margin, margin_scale=margin_scale)
+    raise RewardDataError(f"{path}: no such comparison store or preference file")
+
+
+# --------------------------------------------------------------------------------------
+# Train / validation split by prompt
+# --------------------------------------------------------------------------------------
+
+def split_by_prompt(pairs: Pairs, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (train, val). All pairs of one prompt land on the same side, so the
+    validation accuracy measures generalisation to unseen prompts, not memorised ones."""
+    keys = pairs.prompt_keys()
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    # Sorted before shuffling: the split depends only on the data and the seed, never
+    # on the order rows came out of the store.
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    target = round(val_fraction * len(pairs))
+    val: list[int] = []
+    for k in order[:-1]:  # the last group always stays in train, so train is never empty
+        if len(val) >= target:
+            break
+        val.extend(groups[k])
+    val_set = set(val)
+    train = [i for i in range(len(pairs)) if i not in val_set]
+    return np.array(train, dtype=np.int64), np.array(sorted(val), dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Tokenization with left truncation of the prompt
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """Token ids of both sides of every pair: prompt + answer + EOS, at most max_length."""
+
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    chosen_len: np.ndarray        # answer length in tokens before any cut (for length bias)
+    rejected_len: np.ndarray
+    label: np.ndarray
+    margin: np.ndarray
+    shared: np.ndarray = None     # tokens both sides begin with (the prompt, at least), < both lengths
+    prompts_cut: int = 0          # pairs whose prompt lost tokens on the left
+    responses_cut: int = 0        # answers that alone were too long (cut at their end)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def lengths(self, packed: bool = True) -> np.ndarray:
+        """A pair's cost in tokens. Packed: shared prefix once + both answers. Padded: twice
+        the longer side (both sides are padded to one length in one forward)."""
+        c = np.array([len(x) for x in self.chosen], dtype=np.int64)
+        r = np.array([len(x) for x in self.rejected], dtype=np.int64)
+        return c + r - self.shared if packed else np.maximum(c, r)
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share, leaving at least the last token
+    (the EOS the reward is read at) to each side."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def render_prompts(tokenizer, prompts: list[list[dict[str, str]]]) -> tuple[list[str], bool]:
+    """Prompt texts (the chat template with the assistant turn opened) and whether the
+    tokenizer must add special tokens itself (only when there is no chat template)."""
+    from trainer.models import render_prompt
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return [render_prompt(tokenizer, p) for p in prompts], not has_template
+
+
+def fit(prompt_ids: list[int], answer_ids: list[int], max_length: int) -> tuple[list[int], int]:
+    """prompt + answer in at most max_length tokens. Returns (ids, cut): cut 0 = whole,
+    1 = the prompt lost its oldest tokens (the answer is what is judged, so it is kept),
+    2 = the answer alone was too long: its head and its final (EOS) token are kept, so
+    the reward is still read at the end-of-answer token."""
+    if len(prompt_ids) + len(answer_ids) <= max_length:
+        return prompt_ids + answer_ids, 0
+    if len(answer_ids) <= max_length:
+        keep = max_length - len(answer_ids)
+        return prompt_ids[len(prompt_ids) - keep:] + answer_ids, 1
+    return answer_ids[: max_length - 1] + answer_ids[-1:], 2
+
+
+def encode_texts(tokenizer, prompts: list[list[dict[str, str]]], answers: list[str],
+                 max_length: int) -> tuple[list[list[int]], np.ndarray, list[int]]:
+    """(ids, answer token lengths, cut codes) for prompt/answer pairs, as the reward model
+    reads them in training and in `RewardModel.score` alike."""
+    keys = [messages_to_json(p) for p in prompts]
+    distinct = list(dict.fromkeys(keys))  # tokenize each distinct prompt once
+    by_key = dict(zip(keys, prompts))
+    texts, add_special = render_prompts(tokenizer, [by_key[k] for k in distinct])
+    prompt_ids = dict(zip(distinct, tokenizer(texts, add_special_tokens=add_special).input_ids)) \
+        if distinct else {}
+    # The answer closes with EOS, the token the reward is read at: it has seen the whole answer.
+    eos = tokenizer.eos_token or ""
+    answer_ids = tokenizer([a + eos for a in answers], add_special_tokens=False).input_ids \
+        if answers else []
+    out, cuts = [], []
+    for k, a in zip(keys, answer_ids):
+        ids, cut = fit(prompt_ids[k], a, max_length)
+        out.append(ids)
+        cuts.append(cut)
+    lengths = np.array([len(a) - (1 if eos else 0) for a in answer_ids], dtype=np.int64)
+    return out, lengths, cuts
+
+
+def fit_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
+             max_length: int) -> tuple[list[int], list[int], bool, int]:
+    """Both sides of a pair in at most max_length tokens each, with ONE prompt tail: the
+    prompt is cut (from the left) to fit the longer answer, so both answers are judged
+    against the same visible context (the one the annotator compared them in), and the
+    packed layout can run that prompt once. Returns (chosen ids, rejected ids, whether the
+    prompt was cut, how many answers were themselves too long and cut at their end)."""
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longest <= max_length:
+        return prompt_ids + chosen_ids, prompt_ids + rejected_ids, False, 0
+    keep = max(0, max_length - longest)
+    tail = prompt_ids[len(prompt_ids) - keep:] if keep else []
+    (c, cut_c), (r, cut_r) = fit(tail, chosen_ids, max_length), fit(tail, rejected_ids, max_length)
+    return c, r, True, (cut_c == 2) + (cut_r == 2)
+
+
+def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
+    keys = [messages_to_json(p) for p in pairs.prompts]
+    distinct = list(dict.fromkeys(keys))  # tokenize each distinct prompt once
+    by_key = dict(zip(keys, pairs.prompts))
+    texts, add_special = render_prompts(tokenizer, [by_key[k] for k in distinct])
+    prompt_ids = dict(zip(distinct, tokenizer(texts, add_special_tokens=add_special).input_ids)) \
+        if distinct else {}
+    # All answers in one batched tokenizer call; each closes with EOS, where the reward is read.
+    eos = tokenizer.eos_token or ""
+    answers = tokenizer([a + eos for a in pairs.chosen + pairs.rejected], add_special_tokens=False).input_ids \
+        if len(pairs) else []
+    n = len(pairs)
+    chosen, rejected, prompts_cut, answers_cut = [], [], 0, 0
+    for k, a_c, a_r in zip(keys, answers[:n], answers[n:]):
+        c, r, prompt_cut, answer_cuts = fit_pair(prompt_ids[k], a_c, a_r, max_length)
+        chosen.append(c)
+        rejected.append(r)
+        prompts_cut += prompt_cut
+        answers_cut += answer_cuts
+    lengths = np.array([len(a) - (1 if eos else 0) for a in answers], dtype=np.int64)
+    return Encoded(chosen=chosen, rejected=rejected, chosen_len=lengths[:n], rejected_len=lengths[n:],
+                   label=np.asarray(pairs.label, dtype=np.float32),
+                   margin=np.asarray(pairs.margin, dtype=np.float32),
+                   shared=np.array([shared_prefix(c, r) for c, r in zip(chosen, rejected)], dtype=np.int64),
+                   prompts_cut=prompts_cut, responses_cut=answers_cut)
+
+
+# --------------------------------------------------------------------------------------
+# Batches grouped by length, and padding
+# --------------------------------------------------------------------------------------
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                           megabatch: int = 64) -> list[np.ndarray]:
+    """The epoch's batches of pair indices, each holding pairs of similar length.
+
+    Length grouping: shuffle, cut into megabatches of `megabatch` batches, sort each
+    megabatch by length and cut it into batches, then shuffle the batch order. Padding
+    shrinks to almost nothing while every epoch still sees a fresh random order. The
+    longest batch goes first, so an out-of-memory shows up in the first step, not hours in.
+    Seeded by (seed, epoch), so a resumed run rebuilds exactly the same batches.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    size = batch_size * megabatch
+    batches = []
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    perm = rng.permutation(len(batches))
+    batches = [batches[i] for i in perm]
+    if batches:
+        longest = max(range(len(batches)), key=lambda i: lengths[batches[i]].max())
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
+
+
+def collate(enc: Encoded, batch, pad_id: int) -> dict[str, Any]:
+    """Plain layout: one right-padded row per sequence; rows 0..B-1 are the chosen sides,
+    B..2B-1 the rejected ones (both sides in ONE forward: one pass over the weights).
+    `read_row`/`read_col` say where each reward is read: the last real token of its row."""
+    seqs = [enc.chosen[i] for i in batch] + [enc.rejected[i] for i in batch]
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = s
+        mask[row, :len(s)] = 1
+    lengths = mask.sum(1)
+    return _tensors(enc, batch, input_ids=ids, attention_mask=mask, read_row=np.arange(len(seqs)),
+                    read_col=lengths - 1, tokens=int(lengths.sum()), slots=ids.size)
+
+
+def pack(enc: Encoded, batch, pad_id: int) -> dict[str, Any]:
+    """Shared-prompt packing: each pair is laid out ONCE as [prompt | chosen | rejected].
+
+        tokens     p0 p1 p2 | c0 c1 c2 c3 | r0 r1
+        positions   0  1  2 |  3  4  5  6 |  3  4      the rejected answer restarts after the prompt
+        branch      0  0  0 |  1  1  1  1 |  2  2      rejected tokens may not attend to branch 1
+
+    With that attention mask (built by the model from `segment` and `branch`: same pair,
+    causal, and rejected never sees chosen) every token computes exactly what it would in
+    its own sequence [prompt + answer], but the prompt is run once instead of twice and
+    the shorter answer is never padded to the longer one. Pairs are then packed into rows
+    as wide as the widest pair, first-fit-decreasing, so short pairs share a row.
+    """
+    batch = np.asarray(batch)
+    P = enc.shared[batch]
+    sizes = enc.lengths(packed=True)[batch]
+    width = int(sizes.max())
+    rows: list[list[int]] = []   # positions k (into batch) of the pairs in each row
+    room: list[int] = []
+    for k in np.argsort(-sizes, kind="stable"):
+        row = next((j for j, free in enumerate(room) if free >= sizes[k]), None)
+        if row is None:  # no row has room: open a new one
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(int(k))
+        room[row] -= int(sizes[k])
+    shape = (len(rows), width)
+    ids = np.full(shape, pad_id, dtype=np.int64)
+    pos = np.zeros(shape, dtype=np.int64)
+    segment = np.full(shape, -1, dtype=np.int64)  # pads: their own segment, never attended to
+    branch = np.zeros(shape, dtype=np.int64)
+    read_row = np.zeros(2 * len(batch), dtype=np.int64)
+    read_col = np.zeros(2 * len(batch), dtype=np.int64)
+    for row, members in enumerate(rows):
+        start = 0
+        for k in members:
+            i, p = batch[k], int(P[k])
+            c, r = enc.chosen[i], enc.rejected[i][p:]
+            n_c, end = len(c), start + len(c) + len(r)
+            ids[row, start:end] = c + r
+            pos[row, start:start + n_c] = np.arange(n_c)
+            pos[row, start + n_c:end] = np.arange(p, p + len(r))
+            segment[row, start:end] = k
+            branch[row, start + p:start + n_c] = 1
+            branch[row, start + n_c:end] = 2
+            read_row[k], read_col[k] = row, start + n_c - 1                    # chosen's EOS
+            read_row[len(batch) + k], read_col[len(batch) + k] = row, end - 1  # rejected's EOS
+            start = end
+    return _tensors(enc, batch, input_ids=ids, position_ids=pos, segment=segment, branch=branch,
+                    read_row=read_row, read_col=read_col, tokens=int(sizes.sum()), slots=ids.size)
+
+
+def _tensors(enc: Encoded, batch, *, tokens: int, slots: int, **arrays) -> dict[str, Any]:
+    import torch
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    out.update(label=torch.from_numpy(enc.label[batch]), margin=torch.from_numpy(enc.margin[batch]),
+               tokens=tokens, slots=slots)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The run's own copy of its data
+# --------------------------------------------------------------------------------------
+
+def save_snapshot(pairs: Pairs, train_idx, val_idx, path) -> None:
+    """The exact pairs and split a run trains on, written once into its run directory:
+    a resumed run reads this, not the store (which may have new votes by then), so it
+    continues the very same optimisation; and one can always tell what a model saw."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    split = np.array(["train"] * len(pairs), dtype=object)
+    split[np.asarray(val_idx, dtype=np.int64)] = "val"
+    table = pa.table({"prompt": pairs.prompt_keys(), "chosen": pairs.chosen, "rejected": pairs.rejected,
+                      "label": pa.array(pairs.label, pa.float32()),
+                      "margin": pa.array(pairs.margin, pa.float32()), "split": split.tolist()})
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def load_snapshot(path, summary: dict | None = None) -> tuple[Pairs, np.ndarray, np.ndarray]:
+    import pyarrow.parquet as pq
+    cols = pq.read_table(path).to_pydict()
+    pairs = Pairs(summary=dict(summary or {}))
+    parsed: dict[str, list[dict[str, str]]] = {}
+    for p, c, r, l, m in zip(cols["prompt"], cols["chosen"], cols["rejected"], cols["label"], cols["margin"]):
+        if p not in parsed:
+            parsed[p] = json.loads(p)
+        pairs.add(parsed[p], c, r, l, m)
+    split = np.array(cols["split"])
+    return pairs, np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
