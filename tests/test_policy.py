@@ -1,0 +1,472 @@
+"""The policy trainer (trainer/policy.py) and its math (trainer/rl_math.py).
+
+The learning tests use a world small enough for a CPU:
+- simulated annotators with a hidden rule (they prefer answers that say "banana"), and a
+  tiny reward model fitted to their votes with trainer.reward;
+- a tiny policy that answers in words: a tiny random Llama (the real SmolLM2 tokenizer)
+  whose output layer is set by hand so that it says a few short words from a 36-word
+  list (banana rarely) and then EOS. RL has to find out that banana pays.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from trainer import rl_math
+from trainer.comparisons import messages_to_json, records_to_table, validate_record
+from trainer.policy import PolicyInputError, load_prompts, prompt_rows, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = ("the a of to and in is it you that for on with as are this be at or by from have "
+         "not can but your will more some what so water light soil day week").split()
+TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep", "travel", "music"]
+PROMPTS = [f"Question {i} about {TOPICS[i % len(TOPICS)]}: what should I do?" for i in range(16)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a busy 2-core machine: one intra-op thread is several times faster
+    than two fighting the other processes for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------
+# The math, against values computed by hand
+# --------------------------------------------------------------------------------------
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.1, -0.2, 5.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4], [0.3, 0.1, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 2 ended after 2 tokens
+    adv, ret = rl_math.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # Row 1: delta = [0 + .2 - .5, 0 + .4 - .2, 1 + 0 - .4] = [-.3, .2, .6];
+    #        A_2 = .6, A_1 = .2 + .95 * .6 = .77, A_0 = -.3 + .95 * .77 = .4315
+    # Row 2: what lies after the end (reward 5, value 9) counts for nothing:
+    #        A_1 = -.2 + 0 - .1 = -.3, A_0 = (.1 + .1 - .3) + .95 * -.3 = -.385
+    assert torch.allclose(adv, torch.tensor([[0.4315, 0.77, 0.6], [-0.385, -0.3, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.9315, 0.97, 1.0], [-0.085, -0.2, 0.0]]), atol=1e-6)
+    # gamma and lambda both matter: gamma .5, lambda 1 on row 1:
+    # delta = [.5*.2 - .5, .5*.4 - .2, .6] = [-.4, 0, .6]; A = [-.4 + .5*.3, 0 + .5*.6, .6]
+    adv, _ = rl_math.gae(rewards[:1], values[:1], mask[:1], gamma=0.5, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[-0.25, 0.3, 0.6]]), atol=1e-6)
+    # lambda 0 is one-step TD: A_t = delta_t.
+    adv, _ = rl_math.gae(rewards[:1], values[:1], mask[:1], gamma=1.0, lam=0.0)
+    assert torch.allclose(adv, torch.tensor([[-0.3, 0.2, 0.6]]), atol=1e-6)
+
+
+def test_whitening_by_hand():
+    x = torch.tensor([[2.0, 4.0, 6.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # mean 4, unbiased variance (4 + 0 + 4) / 2 = 4, std 2; the masked 100 is ignored.
+    assert torch.allclose(rl_math.masked_whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6)
+    # shift_mean=False rescales but keeps the mean (for rewards, whose sign means something).
+    assert torch.allclose(rl_math.masked_whiten(x, mask, shift_mean=False),
+                          torch.tensor([[3.0, 4.0, 5.0, 0.0]]), atol=1e-6)
+    assert rl_math.masked_mean(x, mask).item() == pytest.approx(4.0)
+    assert rl_math.masked_var(x, mask).item() == pytest.approx(4.0)
+    # Pooled over "processes": two halves reduced together give the statistics of the whole.
+    halves = [(x[:, :2], mask[:, :2]), (x[:, 2:], mask[:, 2:])]
+    total = sum(torch.stack([m.double().sum(), (v * m).double().sum(), (v * v * m).double().sum()])
+                for v, m in halves)
+    pooled = rl_math.masked_whiten(x[:, :2], mask[:, :2], reduce=lambda _: total)
+    assert torch.allclose(pooled, torch.tensor([[-1.0, 0.0]]), atol=1e-6)
+
+
+def test_kl_estimators_by_hand_and_unbiased():
+    logp = torch.tensor([-1.0, -2.0])
+    ref = torch.tensor([-1.5, -1.0])
+    assert torch.allclose(rl_math.kl_penalty(logp, ref, "k1"), torch.tensor([0.5, -1.0]))
+    # k3 = (r - 1) - log r with r = ref/pi = [e^-0.5, e^1]
+    k3 = torch.tensor([math.exp(-0.5) - 1 + 0.5, math.e - 1 - 1])
+    assert torch.allclose(rl_math.kl_penalty(logp, ref, "k3"), k3, atol=1e-6)
+    with pytest.raises(ValueError):
+        rl_math.kl_penalty(logp, ref, "k2")
+    # Both estimate KL(p || q) without bias from samples of p; k3 is never negative.
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    exact = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=gen)
+    k1 = rl_math.kl_penalty(p.log()[x], q.log()[x], "k1")
+    k3 = rl_math.kl_penalty(p.log()[x], q.log()[x], "k3")
+    assert k1.mean().item() == pytest.approx(exact, abs=0.01)
+    assert k3.mean().item() == pytest.approx(exact, abs=0.01)
+    assert (k3 >= 0).all() and (k1 < 0).any()
+    assert k3.var() < k1.var()
+
+
+def test_rloo_baseline_by_hand():
+    # Group [1, 2, 3, 6]: baselines (2+3+6)/3, (1+3+6)/3, (1+2+6)/3, (1+2+3)/3.
+    adv = rl_math.rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), k=4)
+    assert torch.allclose(adv, torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0]), atol=1e-6)
+    # Rows are grouped k at a time, in order: [5, 1] and [0, 0] are separate prompts.
+    adv = rl_math.rloo_advantages(torch.tensor([5.0, 1.0, 0.0, 0.0]), k=2)
+    assert torch.allclose(adv, torch.tensor([4.0, -4.0, 0.0, 0.0]))
+    # A group of equal rewards teaches nothing.
+    assert torch.allclose(rl_math.rloo_advantages(torch.full((6,), 0.7), k=3), torch.zeros(6), atol=1e-6)
+    with pytest.raises(ValueError):
+        rl_math.rloo_advantages(torch.ones(5), k=2)
+    with pytest.raises(ValueError):
+        rl_math.rloo_advantages(torch.ones(4), k=1)
+
+
+def test_clipped_losses_by_hand():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 0.5, 0.5, 1.1]))  # ratios 1.5, 0.5, 0.5, 1.1
+    adv = torch.tensor([1.0, 1.0, -1.0, 1.0])
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])               # the last token is padding
+    loss, clipped, approx_kl = rl_math.ppo_policy_loss(logp, old, adv, mask, clip=0.2)
+    # max(-A r, -A clip(r)): [-1.2 (clipped), -0.5, 0.8 (clipped)]
+    assert loss.item() == pytest.approx(-1.2 - 0.5 + 0.8, abs=1e-6)
+    assert clipped.item() == 2
+    assert approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2), abs=1e-6)
+
+    values, old_values = torch.tensor([1.0, 0.5]), torch.zeros(2)
+    returns = torch.tensor([0.5, 1.0])
+    vf, vclipped = rl_math.ppo_value_loss(values, old_values, returns, torch.ones(2), clip=0.2)
+    # Row 1: clipped value .2: max((1-.5)^2, (.2-.5)^2) = .25; row 2: max(.25, (.2-1)^2 = .64).
+    assert vf.item() == pytest.approx(0.5 * (0.25 + 0.64), abs=1e-6)
+    assert vclipped.item() == 1
+
+    # Whole-answer ratio (RLOO): on-policy its gradient is REINFORCE's, -A * grad log pi(answer).
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.1, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([2.0, -0.5])
+    loss, clipped = rl_math.sequence_policy_loss(logp, logp.detach(), adv, mask, clip=0.2)
+    loss.backward()
+    assert torch.allclose(logp.grad, -adv[:, None] * mask)
+    assert loss.item() == pytest.approx(-(2.0 - 0.5)) and clipped.item() == 0
+
+
+def test_adaptive_kl_controller():
+    fixed = rl_math.AdaptiveKLController(0.1, target=None)
+    assert fixed.update(50.0, 256) == 0.1
+    ctl = rl_math.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    # KL twice the target: error clipped to +0.2 -> beta * (1 + 0.2 * 256 / 10000).
+    assert ctl.update(12.0, 256) == pytest.approx(0.1 * 1.00512)
+    # KL at the target: unchanged; below: down.
+    assert ctl.update(6.0, 256) == pytest.approx(0.1 * 1.00512)
+    assert ctl.update(5.4, 1000) == pytest.approx(0.1 * 1.00512 * (1 - 0.1 * 0.1))
+
+
+def test_prompt_schedule_covers_the_pool_once_per_pass():
+    seen = [p for step in range(4) for p in prompt_rows(step, 0, 1, batch_size=5, n_prompts=10, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert seen[:10] != seen[10:20]  # a fresh order each pass
+    # Two DDP processes get different prompts at one step.
+    assert set(prompt_rows(7, 0, 2, 5, 10, 3)).isdisjoint(prompt_rows(7, 1, 2, 5, 10, 3))
+
+
+def test_shared_prompt_forward_computes_what_separate_rows_do():
+    """k answers to one prompt: running the prompt once and its KV cache under all k answers
+    gives the log-probs, entropies, values and gradients of k separate rows."""
+    from trainer.models import build_tiny_model
+    from trainer.policy import load_causal_lm, policy_net
+    lm = load_causal_lm(str(build_tiny_model()), torch.float32)
+    head = torch.nn.Linear(lm.config.hidden_size, 1)
+    torch.nn.init.normal_(head.weight)
+    net = policy_net(lm, head)
+    gen = torch.Generator().manual_seed(0)
+    k, prompts, P, R = 3, 2, 7, 5
+    query = torch.randint(10, 1000, (prompts, P), generator=gen).repeat_interleave(k, 0)
+    query_mask = torch.ones_like(query)
+    query_mask[:k, :2] = 0  # the first prompt is left-padded
+    response = torch.randint(10, 1000, (prompts * k, R), generator=gen)
+    resp_mask = torch.ones_like(response)
+    resp_mask[1, 3:] = 0    # answers of different lengths
+    resp_mask[4, 1:] = 0
+    ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    results = []
+    for group in (1, k):
+        net.zero_grad()
+        logp, entropy, values = net(ids, mask, position_ids, P, 0.7, with_values=True, with_entropy=True,
+                                    group=group)
+        ((logp * resp_mask).sum() + (values * resp_mask).sum()).backward()
+        results.append([logp * resp_mask, entropy * resp_mask, values * resp_mask,
+                        lm.model.layers[0].self_attn.q_proj.weight.grad.clone(), head.weight.grad.clone()])
+    for separate, shared in zip(*results):
+        assert torch.allclose(separate, shared, atol=1e-5), (separate - shared).abs().max()
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+
+def _vote(prompt, a, b):
+    return validate_record({
+        "schema_version": 1, "event_id": str(uuid.uuid4()), "kind": "vote", "retracts": None,
+        "pair_id": f"pair-{uuid.uuid4().hex[:8]}", "prompt_id": f"p-{abs(hash(prompt)) % 10**8}",
+        "prompt": messages_to_json([{"role": "user", "content": prompt}]), "response_a": a, "response_b": b,
+        "model_a": "m1", "model_b": "m2", "left": "a", "choice": "a", "strength": 1, "rationale": None,
+        "annotator": "tester", "created_at": datetime.now(timezone.utc), "decision_ms": 1000, "gen_params": None})
+
+
+def test_prompts_from_a_pool_or_a_store(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"prompt": "one"}\n{"messages": [{"role": "user", "content": "two"}]}\nnot json\n')
+    assert load_prompts(pool) == [[{"role": "user", "content": "one"}], [{"role": "user", "content": "two"}]]
+    store = tmp_path / "store"
+    (store / "parts").mkdir(parents=True)
+    pq.write_table(records_to_table([_vote("q1", "a", "b"), _vote("q2", "c", "d"), _vote("q1", "e", "f")]),
+                   store / "parts" / "part-0.parquet")
+    assert load_prompts(store) == [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    with pytest.raises(PolicyInputError, match="no such prompt pool"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    import trainer.models
+    monkeypatch.setattr(trainer.models, "check_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"prompt": "hello"}\n')
+    cases = [({"reward": str(tmp_path / "nothing")}, "no trained reward model here"),
+             ({"reward": None}, "no reward model"),
+             ({"reward": str(tmp_path), "algo": "rloo", "k": 1}, "--k must be at least 2"),
+             ({"reward": str(tmp_path), "algo": "a2c"}, "--algo must be one of")]
+    for i, (extra, expect) in enumerate(cases):
+        run_dir = tmp_path / f"bad{i}"
+        assert train({"model": "tiny", "prompts": str(pool), "run_dir": str(run_dir), "progress": False,
+                      **extra}) == 2
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "failed" and expect in status["message"], status
+        assert expect in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# The world of the learning tests: a reward model with a hidden rule, a policy in words
+# --------------------------------------------------------------------------------------
+
+def _answer(rng, banana: bool) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(1, 6))]
+    if banana:
+        words.insert(rng.randrange(len(words) + 1), "banana")
+    return " ".join(words)
+
+
+def word_policy(path: Path, banana_share: float = 0.1, eos_prob: float = 0.25) -> Path:
+    """A tiny Llama that answers with a few words of WORDS, then EOS. Built by hand: every
+    input embedding carries a constant component in hidden dimension 0, so the last hidden
+    state always has a large positive coordinate there (~7.6 after the final RMSNorm); the
+    (untied) output rows of the words, "banana" and EOS read that coordinate, all others are
+    0 there. So the words get logit ~14, "banana" a tenth of the words' mass, EOS a quarter
+    of each step's mass, and the other 49k tokens almost nothing."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from trainer.models import TINY_CONFIG, build_tiny_model, render_prompt
+    tok = AutoTokenizer.from_pretrained(build_tiny_model())
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **{**TINY_CONFIG, "tie_word_embeddings": False})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+    word_ids = [tok(" " + w, add_special_tokens=False).input_ids[0] for w in WORDS]
+    banana = tok(" banana", add_special_tokens=False).input_ids[0]
+    n = len(word_ids)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        text = render_prompt(tok, [{"role": "user", "content": PROMPTS[0]}]) + " the day"
+        h0 = model.model(tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+                         ).last_hidden_state[0, :, 0].mean().item()
+        W = model.lm_head.weight
+        W[:, 0] = 0.0
+        W[word_ids, 0] = 14.0 / h0
+        W[banana, 0] = (14.0 + math.log(banana_share * n / (1 - banana_share))) / h0
+        W[tok.eos_token_id, 0] = (14.0 + math.log(eos_prob / (1 - eos_prob) * n / (1 - banana_share))) / h0
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(reward run dir, policy dir, prompt pool): fitted and built once for this file."""
+    from trainer.reward import train as train_reward
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("policy-world")
+    rng = random.Random(0)
+    rows = [{"prompt": PROMPTS[i % len(PROMPTS)], "chosen": _answer(rng, True), "rejected": _answer(rng, False)}
+            for i in range(192)]
+    data = base / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rm = base / "rm"
+    assert train_reward({"model": "tiny", "data": str(data), "run_dir": str(rm), "epochs": 2, "lr": 3e-3,
+                         "batch_size": 16, "val_fraction": 0.25, "center": 0.01, "max_length": 64,
+                         "progress": False, "seed": 0}) == 0
+    prompts = base / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return rm, word_policy(base / "word-policy"), prompts
+
+
+def _records(run_dir: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _banana_rate(model_dir: Path) -> float:
+    from trainer.models import generate, load_model
+    model, tok = load_model(str(model_dir), device="cpu")
+    answers = [a for row in generate(model, tok, PROMPTS, n=4, max_new_tokens=12, temperature=1.0, seed=1,
+                                     batch_size=64, progress=False) for a in row]
+    return sum("banana" in a for a in answers) / len(answers)
+
+
+def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
+    rm, policy, prompts = world
+    run_dir = tmp_path / "ppo"
+    code = train({"model": str(policy), "reward": str(rm), "prompts": str(prompts), "run_dir": str(run_dir),
+                  "algo": "ppo", "steps": 25, "batch_size": 16, "max_new_tokens": 12, "temperature": 1.0,
+                  "lr": 5e-4, "sample_every": 10, "device": "cpu", "progress": False, "seed": 0})
+    assert code == 0
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "done" and status["progress"] == 1.0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["epochs"] == 4 and config["config"]["minibatches"] == 2  # the PPO defaults
+    train_records = _records(run_dir)
+    assert [r["step"] for r in train_records] == list(range(1, 26))
+    for key in ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
+                "pg_loss", "response_len", "eos_rate", "tokens_per_s", "step_s", "gen_s", "grad_norm"):
+        assert all(r[key] is not None and math.isfinite(r[key]) for r in train_records), key
+    first = sum(r["reward_mean"] for r in train_records[:3]) / 3
+    last = sum(r["reward_mean"] for r in train_records[-5:]) / 5
+    assert last > first + 0.6, (first, last)                 # the reward rises clearly...
+    assert max(r["kl"] for r in train_records) < 20.0         # ...while the KL stays bounded
+    assert train_records[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # step 1: policy == reference
+    samples = _records(run_dir, "samples")
+    assert [s["step"] for s in samples] == [1, 10, 20]
+    assert {"prompt", "response", "reward"} <= set(samples[0]["samples"][0])
+    summary = _records(run_dir, "summary")[0]
+    assert summary["step"] == 25 and summary["prompts"] == 25 * 16
+
+    # The result: a plain HF model dir (tokenizer, chat template) that trainer.models loads,
+    # and that says "banana" far more often than the policy it started from.
+    out = run_dir / "policy"
+    assert (out / "config.json").exists() and (out / "chat_template.jinja").exists()
+    assert not (run_dir / "checkpoint").exists()  # the resumable state is gone once done
+    meta = json.loads((out / "preflab_policy.json").read_text())
+    assert meta["algo"] == "ppo" and meta["step"] == 25
+    before, after = _banana_rate(policy), _banana_rate(out)
+    assert after > before + 0.3, (before, after)
+
+
+def test_rloo_learns_too(world, tmp_path):
+    rm, policy, prompts = world
+    run_dir = tmp_path / "rloo"
+    code = train({"model": str(policy), "reward": str(rm), "prompts": str(prompts), "run_dir": str(run_dir),
+                  "algo": "rloo", "k": 4, "steps": 25, "batch_size": 4, "max_new_tokens": 12, "temperature": 1.0,
+                  "lr": 5e-4, "kl_estimator": "k3", "device": "cpu", "progress": False, "seed": 0})
+    assert code == 0
+    records = _records(run_dir)
+    first = sum(r["reward_mean"] for r in records[:3]) / 3
+    last = sum(r["reward_mean"] for r in records[-5:]) / 5
+    assert last > first + 0.4, (first, last)
+    assert all(r["value_loss"] is None for r in records)  # no value head
+    assert records[-1]["prompts"] == 4 and records[-1]["rows"] == 16
+
+
+def test_lora_policy_is_merged_into_a_plain_model(world, tmp_path):
+    rm, policy, prompts = world
+    run_dir = tmp_path / "lora"
+    assert train({"model": str(policy), "reward": str(rm), "prompts": str(prompts), "run_dir": str(run_dir),
+                  "algo": "reinforce", "steps": 3, "batch_size": 4, "max_new_tokens": 6, "temperature": 1.0,
+                  "lr": 1e-2, "lora_r": 4, "device": "cpu", "progress": False}) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["reference"] == "adapters off"
+    out = run_dir / "policy"
+    assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
+    from trainer.models import load_model
+    base, _ = load_model(str(policy), device="cpu")
+    tuned, _ = load_model(str(out), device="cpu")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base.state_dict()[q], tuned.state_dict()[q])  # the adapters, merged in
+    assert torch.equal(base.state_dict()["lm_head.weight"], tuned.state_dict()["lm_head.weight"])
+
+
+def test_nan_and_exploding_kl_fail_clearly(world, tmp_path, monkeypatch):
+    rm, policy, prompts = world
+    common = {"model": str(policy), "reward": str(rm), "prompts": str(prompts), "batch_size": 4,
+              "max_new_tokens": 8, "temperature": 1.0, "device": "cpu", "progress": False}
+    # A policy that runs away: a huge learning rate, and a KL budget of 1 nat.
+    run_dir = tmp_path / "kl"
+    assert train({**common, "run_dir": str(run_dir), "steps": 10, "lr": 0.05, "max_kl": 1.0, "kl_coef": 0.0,
+                  "save_every": 1}) == 1
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "KL to the reference exploded" in status["message"], status
+    assert "--max-kl 1.0" in status["message"] and 1 <= status["step"] < 10
+    # The checkpoint of the last good step is kept.
+    state = torch.load(run_dir / "checkpoint" / "training_state.pt", weights_only=False)
+    assert state["step"] == status["step"]
+
+    # A reward model that answers NaN.
+    from trainer.reward import RewardModel
+    monkeypatch.setattr(RewardModel, "score", lambda self, p, r, **kw: [float("nan")] * len(r))
+    run_dir = tmp_path / "nan"
+    assert train({**common, "run_dir": str(run_dir), "steps": 3, "lr": 1e-4}) == 1
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "non-finite" in status["message"], status
+    assert not (run_dir / "policy").exists()
+
+
+def test_sigterm_saves_cancelled_and_rerun_resumes(world, tmp_path):
+    rm, policy, prompts = world
+    run_dir = tmp_path / "runs" / "resume-me"
+    cmd = [sys.executable, "-m", "trainer.policy", "--model", str(policy), "--reward", str(rm), "--prompts",
+           str(prompts), "--run-dir", str(run_dir), "--steps", "500", "--batch-size", "4", "--max-new-tokens", "8",
+           "--lr", "1e-4", "--temperature", "1.0", "--device", "cpu", "--save-every", "1000", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum('"train"' in line for line in metrics.open()) >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "cancelled", status
+    saved = status["step"]
+    assert 2 <= saved < 500
+    state = torch.load(run_dir / "checkpoint" / "training_state.pt", weights_only=False)
+    assert state["step"] == saved
+
+    # The same run dir again (here through `preflab train-policy`) resumes from the saved step.
+    from annotate.cli import main as preflab
+    assert preflab(["train-policy", "--run-dir", str(run_dir), "--steps", str(saved + 2), "--no-progress"]) == 0
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    resume = next(i for i, r in enumerate(records) if r["kind"] == "resume")
+    assert records[resume]["step"] == saved
+    assert [r["step"] for r in records[resume:] if r["kind"] == "train"] == [saved + 1, saved + 2]
+    assert [r["step"] for r in records[:resume] if r["kind"] == "train"] == list(range(1, saved + 1))
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == saved + 2
+    # A finished run is not trained again.
+    assert preflab(["train-policy", "--run-dir", str(run_dir), "--no-progress"]) == 0
+
+    # The policy loads as any model does, and answers; the arena's `serve` takes it as --model.
+    from trainer.models import generate, load_model
+    model, tok = load_model(str(run_dir / "policy"), device="cpu")
+    assert tok.chat_template and tok.padding_side == "left"
+    assert len(generate(model, tok, ["Question 1 about plants: what should I do?"], n=2, max_new_tokens=6,
+                        progress=False)[0]) == 2
+    help_out = subprocess.run([sys.executable, "-m", "annotate.cli", "serve", "--help"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert help_out.returncode == 0 and "--model" in help_out.stdout
