@@ -19,9 +19,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("annotate.generate", "load a model once (converting the default GGUF to a cache) and report load times"),
     "prompts": ("trainer.prompts", "check a prompt pool file and report what would be loaded"),
     "import": ("annotate.importers", "import TRL / Anthropic-HH preference data as votes"),
+    "serve": ("annotate.app", "open the annotation app: rank pairs of answers in the browser"),
     "export": ("annotate.export", "export votes as a TRL / datasets preference dataset"),
+    "train-reward": ("trainer.reward", "fit a Bradley-Terry reward model to the votes (or a TRL preference file)"),
+    "train-policy": ("trainer.policy", "fine-tune the policy against a reward model (PPO, RLOO or REINFORCE)"),
     "compact": ("annotate.store", "merge small part files of a comparison store"),
     "info": ("annotate.store", "summarise a comparison store: events, votes, files"),
+    "user": ("annotate.users", "manage annotator and admin accounts in a users.toml"),
 }
 
 
