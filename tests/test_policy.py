@@ -347,7 +347,8 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     last = sum(r["reward_mean"] for r in train_records[-5:]) / 5
     assert last > first + 0.6, (first, last)                 # the reward rises clearly...
     assert max(r["kl"] for r in train_records) < 20.0         # ...while the KL stays bounded
-    assert train_records[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # step 1: policy == reference
+    # step 1: policy == reference, up to fp32 rounding summed over the tokens of an answer
+    assert train_records[0]["kl"] == pytest.approx(0.0, abs=2e-3)
     samples = _records(run_dir, "samples")
     assert [s["step"] for s in samples] == [1, 10, 20]
     assert {"prompt", "response", "reward"} <= set(samples[0]["samples"][0])
