@@ -37,7 +37,6 @@ Importing the same file twice imports its votes twice.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys

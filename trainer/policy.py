@@ -68,15 +68,13 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.reward import Run, read_json, write_json
+from trainer.runs import CHECKPOINT, Run, read_json, supervise, write_json  # CHECKPOINT: resumable state, while the run is not done
 
 ALGOS = ("ppo", "rloo", "reinforce")
-CHECKPOINT = "checkpoint"               # resumable state, while the run is not done
 POLICY = "policy"                       # the result: a plain HF model directory
 STATE_FILE = "training_state.pt"        # optimizer, step, KL coefficient, baseline
 VALUE_HEAD_FILE = "value_head.pt"
@@ -412,47 +410,9 @@ def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
     explicit = {f.name for f in dataclasses.fields(PolicyConfig)} if explicit is None else explicit
     cfg, run_path = resolve_config(cfg, explicit)
 
-    from accelerate import Accelerator
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
-    main = accelerator.is_main_process
-    run = Run(run_path, main)
-    if main:
-        run_path.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    prior = read_json(run_path / "status.json")
-    if prior.get("state") == "done":
-        if main:
-            print(f"{run_path}: already done ({prior.get('message', '')})", file=sys.stderr)
-        return 0
-
-    # SIGTERM / Ctrl-C: finish the current step, save, and stop as `cancelled`.
-    stop: dict[str, int] = {}
-
-    def request_stop(signum, frame):
-        stop.setdefault("signal", signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second signal kills at once
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    from transformers.utils import logging as hf_logging
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would tear through ours
-    try:
-        check_config(cfg)
-        return _train(cfg, run, accelerator, stop)
-    except PolicyInputError as e:
-        run.status("failed", 0.0, str(e))
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        run.status("failed", 0.0, f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if bars:
-            hf_logging.enable_progress_bar()
+    return supervise(run_path, cfg.device, lambda: check_config(cfg),
+                     lambda run, accelerator, stop: _train(cfg, run, accelerator, stop),
+                     (PolicyInputError,))
 
 
 def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from trainer.comparisons import messages_to_json, prompt_id_for
-from trainer.rows import ROLES, BadRow, RowFileError, check_utf8, iter_rows, line_or_row, parse_messages
+from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, line_or_row, parse_messages
 
 log = logging.getLogger("preflab.prompts")
 

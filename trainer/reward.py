@@ -52,26 +52,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from trainer.runs import CHECKPOINT, Run, read_json, supervise, write_json
 from trainer.reward_data import (RewardDataError, as_messages, as_response, collate, encode_pairs,
                                  encode_texts, length_grouped_batches, load_snapshot, pack, read_pairs,
                                  save_snapshot, split_by_prompt)
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
-CHECKPOINT = "checkpoint"
 META_FILE = "preflab_reward.json"      # gain/bias of the normalisation, max_length, provenance
 STATE_FILE = "training_state.pt"       # what a resume needs besides the weights
 # Settings that may change when a run is resumed; the rest must stay what the run began with.
@@ -307,62 +304,6 @@ def has_trained_head(source: str) -> bool:
 # Run directory: status, metrics, checkpoints
 # --------------------------------------------------------------------------------------
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write-then-rename: a reader (the UI polling status.json) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-class Run:
-    """The files of one run directory. Only the main process writes."""
-
-    def __init__(self, path: Path, main: bool = True):
-        self.path, self.main = path, main
-        self.last_status = 0.0
-
-    def status(self, state: str, progress: float, message: str, *, throttle: bool = False, **extra):
-        if not self.main or (throttle and time.time() - self.last_status < 2.0):
-            return
-        self.last_status = time.time()
-        write_json(self.path / "status.json", {"state": state, "progress": round(min(max(progress, 0.0), 1.0), 4),
-                                              "message": message, "updated_at": time.time(),
-                                              "pid": os.getpid(), **extra})
-
-    def log(self, record: dict) -> None:
-        if self.main:
-            with open(self.path / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def truncate_metrics(self, step: int) -> None:
-        """Forget metrics of steps after the checkpoint: a crash may have logged steps
-        whose weights were never saved, and the resumed run will redo them."""
-        path = self.path / "metrics.jsonl"
-        if not self.main or not path.exists():
-            return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def checkpoint(self) -> Path | None:
-        """The last good checkpoint: `checkpoint/`, or `checkpoint.old/` when a save was
-        interrupted between its two renames."""
-        for name in (CHECKPOINT, CHECKPOINT + ".old"):
-            if (self.path / name / "config.json").exists() or (self.path / name / "adapter_config.json").exists():
-                return self.path / name
-        return None
-
-
 def save_checkpoint(run: Run, model, tokenizer, meta: dict, training_state: dict | None) -> None:
     """Write into a temp dir, then swap it in with renames: the previous checkpoint stays
     intact until the new one is complete (a kill mid-save loses nothing)."""
@@ -525,48 +466,9 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
     explicit = {f.name for f in dataclasses.fields(RewardConfig)} if explicit is None else explicit
     cfg, run_path, resuming = resolve_config(cfg, explicit)
 
-    from accelerate import Accelerator
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
-    main = accelerator.is_main_process
-    run = Run(run_path, main)
-    if main:
-        run_path.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    prior = read_json(run_path / "status.json")
-    if prior.get("state") == "done":
-        if main:
-            print(f"{run_path}: already done ({prior.get('message', '')})", file=sys.stderr)
-        return 0
-
-    # SIGTERM / Ctrl-C: finish the current optimizer step, save, and stop as `cancelled`.
-    stop: dict[str, int] = {}
-
-    def request_stop(signum, frame):
-        stop.setdefault("signal", signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second signal kills at once
-
-    import threading
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    from transformers.utils import logging as hf_logging
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would tear through ours
-    try:
-        check_config(cfg)
-        return _train(cfg, run, accelerator, resuming, stop)
-    except RewardDataError as e:
-        run.status("failed", 0.0, str(e))
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        run.status("failed", 0.0, f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if bars:
-            hf_logging.enable_progress_bar()
+    return supervise(run_path, cfg.device, lambda: check_config(cfg),
+                     lambda run, accelerator, stop: _train(cfg, run, accelerator, resuming, stop),
+                     (RewardDataError,))
 
 
 def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict) -> int:
