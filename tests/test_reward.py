@@ -411,7 +411,7 @@ def test_nan_loss_fails_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_cancelled_and_rerun_resumes(tmp_path):
-    data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(400))
+    data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(1600))  # ~700 steps: SIGTERM lands mid-run
     run_dir = tmp_path / "runs" / "resume-me"
     cmd = [sys.executable, "-m", "trainer.reward", "--data", str(data), "--model", "tiny", "--run-dir",
            str(run_dir), "--batch-size", "2", "--max-length", "64", "--lr", "1e-3", "--no-progress",
