@@ -48,8 +48,9 @@ def vote_record(i: int, annotator: str) -> dict:
     )
 
 
-def writer(store_dir: str, n: int, name: str, queue) -> None:
+def writer(store_dir: str, n: int, name: str, queue, start) -> None:
     store = ComparisonStore(store_dir)
+    start.wait()  # every writer has booted: measure appends, not interpreters starting up
     latencies, ids = [], []
     for i in range(n):
         record = vote_record(i, name)
@@ -63,11 +64,12 @@ def writer(store_dir: str, n: int, name: str, queue) -> None:
 
 def run_writers(store_dir: str, procs: int, n: int) -> tuple[np.ndarray, list[str], float]:
     ctx = mp.get_context("spawn")  # fresh interpreters, like separate servers
-    queue = ctx.Queue()
-    workers = [ctx.Process(target=writer, args=(store_dir, n, f"w{k}", queue)) for k in range(procs)]
-    t0 = time.perf_counter()
+    queue, start = ctx.Queue(), ctx.Barrier(procs + 1)
+    workers = [ctx.Process(target=writer, args=(store_dir, n, f"w{k}", queue, start)) for k in range(procs)]
     for w in workers:
         w.start()
+    start.wait()
+    t0 = time.perf_counter()
     results = [queue.get() for _ in workers]
     wall = time.perf_counter() - t0
     for w in workers:
