@@ -72,7 +72,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.runs import CHECKPOINT, Run, read_json, supervise, write_json  # CHECKPOINT: resumable state, while the run is not done
+from trainer.runs import CHECKPOINT, Run, config_from_args, read_json, supervise, write_json  # CHECKPOINT: resumable state, while the run is not done
 
 ALGOS = ("ppo", "rloo", "reinforce")
 POLICY = "policy"                       # the result: a plain HF model directory
@@ -1001,19 +1001,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[PolicyConfig, set[str]]:
-    """The config, and which settings were given (differ from the defaults): on a resume
-    only those may override what the run directory holds."""
-    default = PolicyConfig()
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PolicyConfig) if hasattr(args, f.name)}
-    explicit = {k for k, v in values.items() if v != getattr(default, k)}
-    return PolicyConfig(**values), explicit
-
-
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg, explicit = config_from_args(args)
+    cfg, explicit = config_from_args(PolicyConfig, args)
     if not cfg.reward and not (cfg.run_dir and (Path(cfg.run_dir) / "config.json").exists()):
         print("error: pass --reward RUN_DIR (a reward model from `preflab train-reward`), or --run-dir of a "
               "run to resume", file=sys.stderr)

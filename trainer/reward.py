@@ -63,7 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.runs import CHECKPOINT, Run, read_json, supervise, write_json
+from trainer.runs import CHECKPOINT, Run, config_from_args, read_json, supervise, write_json
 from trainer.reward_data import (RewardDataError, as_messages, as_response, collate, encode_pairs,
                                  encode_texts, length_grouped_batches, load_snapshot, pack, read_pairs,
                                  save_snapshot, split_by_prompt)
@@ -926,19 +926,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[RewardConfig, set[str]]:
-    """The config, and which settings were given (differ from the defaults): on a resume
-    only those may override what the run directory holds."""
-    default = RewardConfig()
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RewardConfig) if hasattr(args, f.name)}
-    explicit = {k for k, v in values.items() if v != getattr(default, k)}
-    return RewardConfig(**values), explicit
-
-
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg, explicit = config_from_args(args)
+    cfg, explicit = config_from_args(RewardConfig, args)
     if not cfg.data and not cfg.run_dir:
         print("error: pass --data (a comparison store or a preference file), or --run-dir to resume",
               file=sys.stderr)

@@ -80,6 +80,16 @@ class Run:
         return None
 
 
+def config_from_args(config_class, args) -> tuple[Any, set[str]]:
+    """A trainer's config dataclass from its parsed arguments, and which settings were
+    given (differ from the defaults): on a resume only those may override the run's own."""
+    import dataclasses
+    default = config_class()
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+    explicit = {k for k, v in values.items() if v != getattr(default, k)}
+    return config_class(**values), explicit
+
+
 def supervise(run_path: Path, device: str, check: Callable[[], None],
               body: Callable[["Run", Any, dict], int], input_errors: tuple[type[Exception], ...]) -> int:
     """Run `body(run, accelerator, stop)` as one run of `run_path`. Returns the exit code:
