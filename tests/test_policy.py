@@ -15,7 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from trainer import rl_math
+from trainer_runs import sigterm_mid_run
 from trainer.comparisons import messages_to_json, records_to_table, validate_record
 from trainer.policy import PolicyInputError, load_prompts, prompt_rows, train
 
@@ -431,18 +431,9 @@ def test_sigterm_saves_cancelled_and_rerun_resumes(world, tmp_path):
            str(prompts), "--run-dir", str(run_dir), "--steps", "500", "--batch-size", "4", "--max-new-tokens", "8",
            "--lr", "1e-4", "--temperature", "1.0", "--device", "cpu", "--save-every", "1000", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and sum('"train"' in line for line in metrics.open()) >= 2:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.stdout.read().decode()
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 128 + signal.SIGTERM, out
-    status = json.loads((run_dir / "status.json").read_text())
+    code, out, status = sigterm_mid_run(cmd, env, run_dir, lambda lines: sum('"train"' in l for l in lines) >= 2)
+    assert code == 128 + signal.SIGTERM, out
     assert status["state"] == "cancelled", status
     saved = status["step"]
     assert 2 <= saved < 500

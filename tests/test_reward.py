@@ -9,9 +9,7 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
-import time
 import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from trainer_runs import sigterm_mid_run
 from trainer.comparisons import messages_to_json, records_to_table, validate_record
 from trainer.reward import (RewardModel, expected_calibration_error, preference_loss, train)
 from trainer.reward_data import (RewardDataError, encode_pairs, fit, length_grouped_batches,
@@ -417,18 +416,9 @@ def test_sigterm_saves_cancelled_and_rerun_resumes(tmp_path):
            str(run_dir), "--batch-size", "2", "--max-length", "64", "--lr", "1e-3", "--no-progress",
            "--save-every", "1000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and sum(1 for _ in metrics.open()) >= 3:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.stdout.read().decode()
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 128 + signal.SIGTERM, out
-    status = json.loads((run_dir / "status.json").read_text())
+    code, out, status = sigterm_mid_run(cmd, env, run_dir, lambda lines: len(lines) >= 3, timeout=90)
+    assert code == 128 + signal.SIGTERM, out
     assert status["state"] == "cancelled", status
     saved = status["step"]
     assert 3 <= saved < status["total_steps"]
