@@ -211,9 +211,9 @@ class ComparisonStore:
 def recover_orphans(root: Path) -> int:
     """Turn the tail segments of dead writers into part files. Returns events recovered.
 
-    A writer is dead when its lock file can be flock'ed; a segment with no lock file at
-    all belongs to a writer that died before... never happens in order, but is treated
-    as dead too.
+    A writer is dead when its lock file can be flock'ed. A segment with no lock file
+    (removed by hand, say) is treated as a dead writer's too: a live writer takes its
+    lock before it creates any segment.
     """
     tail_dir, parts_dir = root / TAIL_DIR, root / PARTS_DIR
     recovered = 0
