@@ -167,7 +167,8 @@ class Service:
 
     def __init__(self, store, queue: AssignmentQueue, *, data_dir: str | os.PathLike,
                  accounts: Accounts | None = None, local_user: str = "local",
-                 generator: Generator | None = None, guidelines: str = ""):
+                 generator: Generator | None = None, guidelines: str = "",
+                 runs_dir: str | os.PathLike = "runs"):
         self.store = store
         self.queue = queue
         self.data_dir = Path(data_dir)
@@ -175,6 +176,7 @@ class Service:
         self.local_user = local_user
         self.generator = generator
         self.guidelines = guidelines
+        self.runs_dir = Path(runs_dir)   # where trainings started from the page go (Train tab)
 
     # ---- who is asking ---------------------------------------------------------------
 
@@ -795,6 +797,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "prompt; repeated: arena, a random pair of different models per prompt)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), metavar="FILE", help="prompt pool for --model")
     p.add_argument("--data", default="comparisons", metavar="DIR", help="the comparison store votes go to")
+    p.add_argument("--runs", default="runs", metavar="DIR",
+                   help="run directories: trainings started from the Train tab, policies for the arena")
     p.add_argument("--auth", metavar="USERS.toml",
                    help="accounts file (preflab user add); without it there is one local user "
                         "and the app only listens on 127.0.0.1")
@@ -900,7 +904,8 @@ def run(args: argparse.Namespace) -> int:
     if votes is not None:
         queue.restore(votes)
     service = Service(store, queue, data_dir=args.data, accounts=accounts,
-                      local_user=args.user or _login_name(), generator=generator, guidelines=guidelines)
+                      local_user=args.user or _login_name(), generator=generator, guidelines=guidelines,
+                      runs_dir=args.runs)
     demo, launch_kwargs = build_app(service)
     if generator is not None:
         generator.start()
