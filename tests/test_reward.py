@@ -79,7 +79,9 @@ def write_store(path: Path, records) -> Path:
     return path
 
 
-TINY = dict(model="tiny", progress=False, max_length=96, seed=0)
+# The training tests run on the CPU; PREFLAB_TEST_DEVICE=cuda runs them on a GPU instead.
+TRAIN_DEVICE = os.environ.get("PREFLAB_TEST_DEVICE", "cpu")
+TINY = dict(model="tiny", progress=False, max_length=96, seed=0, device=TRAIN_DEVICE)
 
 
 # --------------------------------------------------------------------------------------
@@ -354,7 +356,8 @@ def test_learns_the_hidden_rule_and_scores_normalised(tmp_path):
     assert records[-1]["kind"] == "summary" and records[-1]["train_pairs"] == 2 * 256
 
     # The checkpoint: a plain HF model that computes our raw rewards itself...
-    rm = RewardModel.load(run_dir)
+    rm = RewardModel.load(run_dir, device=TRAIN_DEVICE)  # on CUDA: a bf16 backbone, an fp32 head
+    exact = rm.device.type == "cpu"
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     hf = AutoModelForSequenceClassification.from_pretrained(run_dir / "checkpoint").eval()
     hf_tok = AutoTokenizer.from_pretrained(run_dir / "checkpoint")
@@ -364,13 +367,13 @@ def test_learns_the_hidden_rule_and_scores_normalised(tmp_path):
     with torch.no_grad():
         hf_raw = hf(**hf_tok.pad({"input_ids": ids}, return_tensors="pt")).logits.squeeze(-1)
     raw = rm.score(prompt, answers, normalize=False)
-    assert np.allclose(raw, hf_raw.numpy(), atol=1e-4)
+    assert np.allclose(raw, hf_raw.numpy(), atol=1e-4 if exact else 0.05 * float(hf_raw.abs().max()))
     # ... and normalised scores: mean 0, std 1 on the validation set; the rule is learned.
     snap = pq.read_table(run_dir / "data.parquet").to_pylist()
     val = [r for r in snap if r["split"] == "val"]
     prompts = [json.loads(r["prompt"]) for r in val] * 2
     scores = np.array(rm.score(prompts, [r["chosen"] for r in val] + [r["rejected"] for r in val]))
-    assert abs(scores.mean()) < 1e-3 and scores.std() == pytest.approx(1.0, abs=1e-3)
+    assert abs(scores.mean()) < (1e-3 if exact else 0.05) and scores.std() == pytest.approx(1.0, abs=1e-3 if exact else 0.05)
     assert (scores[:len(val)] > scores[len(val):]).mean() >= 0.9
     # Strings, chat messages and the store's JSON spelling of a prompt all score the same.
     text = "Question 3 about sleep: what should I do?"
@@ -390,11 +393,34 @@ def test_lora_and_gradient_checkpointing_give_a_plain_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
     from trainer.models import check_model
     base = AutoModelForCausalLM.from_pretrained(check_model("tiny"))
-    rm = RewardModel.load(run_dir)
+    rm = RewardModel.load(run_dir, device="cpu")
     # LoRA changed the backbone's projections (merged in), and the head was trained.
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(rm.model.state_dict()[q], base.state_dict()[q])
     assert len(rm.score("hi", ["a", "b banana"])) == 2
+
+
+def test_mixed_precision_learns_and_saves_the_fp32_master_weights(tmp_path):
+    # The CUDA default (bf16 weights for forward/backward, fp32 master weights in the
+    # optimizer), forced on the CPU so that it is tested everywhere.
+    data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(160))
+    run_dir = tmp_path / "mixed"
+    assert train({**TINY, "data": str(data), "run_dir": str(run_dir), "epochs": 2, "lr": 3e-3, "batch_size": 16,
+                  "val_fraction": 0.2, "dtype": "mixed"}) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["precision"] == "bf16 weights + fp32 master weights"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals[-1]["val_acc"] >= 0.85, evals[-1]
+    # The checkpoint holds the fp32 masters, not their bf16 working copies: many of its
+    # weights are not representable in bf16.
+    from safetensors.torch import load_file
+    weights = load_file(run_dir / "checkpoint" / "model.safetensors")
+    w = weights["model.layers.0.self_attn.q_proj.weight"]
+    assert w.dtype == torch.float32 and (w != w.bfloat16().float()).float().mean() > 0.5
+    from trainer.models import check_model
+    base = load_file(Path(check_model("tiny")) / "model.safetensors")
+    assert not torch.equal(w, base["model.layers.0.self_attn.q_proj.weight"])  # and they were trained
 
 
 def test_nan_loss_fails_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -327,6 +327,20 @@ def load_causal_lm(source: str, dtype):
     return lm
 
 
+def merge_lora_in_fp32(peft_lm, base_source: str):
+    """The trained adapters merged into a fresh fp32 copy of the base. With LoRA on CUDA the
+    frozen base sits in bf16; merging into it would round every weight of the saved policy
+    (the untouched ones too) to bf16."""
+    import copy
+
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    adapters = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(peft_lm).items()}
+    fresh = get_peft_model(load_causal_lm(base_source, torch.float32), copy.deepcopy(peft_lm.peft_config["default"]))
+    set_peft_model_state_dict(fresh, adapters)
+    return fresh.merge_and_unload()
+
+
 # --------------------------------------------------------------------------------------
 # Run directory: config, checkpoints
 # --------------------------------------------------------------------------------------
@@ -579,8 +593,9 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
             tmp = run.path / (name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             model = net.lm
-            if final and lora:
-                model = model.merge_and_unload()  # a plain model: loadable without peft
+            if final and lora:  # a plain model: loadable without peft
+                model = model.merge_and_unload() if weight_dtype == torch.float32 \
+                    else merge_lora_in_fp32(model, base_source)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)  # with the chat template: the arena renders prompts alike
             write_json(tmp / META_FILE, meta())
