@@ -281,9 +281,10 @@ def read_tail_segment(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_part(path: Path) -> pa.Table | None:
+def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table | None:
     try:
-        return pq.read_table(path, schema=SCHEMA)
+        table = pq.read_table(path, schema=SCHEMA, columns=columns)
+        return table.select(columns) if columns is not None else table   # in the order asked
     except FileNotFoundError:
         raise _Vanished(path) from None
     except Exception as e:  # pyarrow raises several types for damaged files
@@ -291,12 +292,12 @@ def _read_part(path: Path) -> pa.Table | None:
         return None
 
 
-def _read_once(store: str | os.PathLike) -> list[pa.Table]:
+def _read_once(store: str | os.PathLike, columns: list[str] | None = None) -> list[pa.Table]:
     files = list_store(store)
     tables: list[pa.Table] = []
     if files.parts:
         with ThreadPoolExecutor(max_workers=min(8, len(files.parts))) as pool:
-            tables = [t for t in pool.map(_read_part, files.parts) if t is not None]
+            tables = [t for t in pool.map(lambda p: _read_part(p, columns), files.parts) if t is not None]
     tail_records = []
     for segment in files.tails:
         try:
@@ -304,20 +305,21 @@ def _read_once(store: str | os.PathLike) -> list[pa.Table]:
         except FileNotFoundError:
             # Flushed since we listed it: the writer renamed its part into place
             # before unlinking the segment, so the events are there.
-            part = _read_part(segment.parent.parent / PARTS_DIR / tail_part_name(segment))
+            part = _read_part(segment.parent.parent / PARTS_DIR / tail_part_name(segment), columns)
             if part is not None:
                 tables.append(part)
     if tail_records:
-        tables.append(records_to_table(tail_records))
+        tail = records_to_table(tail_records)
+        tables.append(tail.select(columns) if columns is not None else tail)
     return tables
 
 
-def _read_tables(store: str | os.PathLike) -> list[pa.Table]:
+def _read_tables(store: str | os.PathLike, columns: list[str] | None = None) -> list[pa.Table]:
     """One table per file. Safe while writers append and a compaction runs: a file
     that vanishes mid-read means its events moved to a newer file, so start over."""
     for attempt in range(50):
         try:
-            return _read_once(store)
+            return _read_once(store, columns)
         except _Vanished:
             time.sleep(0.001 * attempt)
     raise RuntimeError(f"{store}: files kept moving during 50 read attempts; try again")
@@ -358,6 +360,18 @@ def apply_retractions(events: pa.Table) -> pa.Table:
     return _concat(_standing([events]))
 
 
-def read_comparisons(store: str | os.PathLike) -> pa.Table:
-    """The standing votes of a store as an Arrow table with SCHEMA, retractions applied."""
-    return _concat(_standing(_read_tables(store)))
+def read_comparisons(store: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """The standing votes of a store as an Arrow table with SCHEMA, retractions applied.
+
+    columns: only these fields, in this order (Parquet reads nothing else: model_a,
+    model_b and choice of a million votes come back without touching the answer text).
+    """
+    if columns is None:
+        return _concat(_standing(_read_tables(store)))
+    unknown = [c for c in columns if c not in FIELDS]
+    if unknown:
+        raise ValueError(f"unknown column {unknown[0]!r}; the fields are {', '.join(FIELDS)}")
+    # the fields that retractions are applied with come along, then go
+    needed = list(dict.fromkeys([*columns, "event_id", "kind", "retracts"]))
+    tables = _standing(_read_tables(store, needed))
+    return (pa.concat_tables(tables) if tables else empty_table().select(needed)).select(list(columns))
