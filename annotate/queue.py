@@ -17,6 +17,13 @@ The rules, all enforced here (the app only asks):
   the pool needs: ceil(pairs * K / annotators), never less than what they did.
 * Undo: a vote can be taken back (the app writes a `retract` event); the pair then
   becomes the annotator's current pair again, with the same side on the left.
+* Relabelling: `requeue(pairs)` asks for one more vote on pairs already done (the
+  Review tab sends back the votes a reward model disagrees with most); the new vote
+  comes from an annotator who has not voted on the pair, and such pairs go out before
+  any other. (The request lives in memory, like leases and skips.)
+* Policy: with `policy` set (annotate/sampling.py, `--sampling uncertain`), the policy
+  picks among fresh pairs (no votes, nobody holding them) instead of arrival order.
+  How a pair was picked goes into the gen_params of its votes ("selection").
 * Restart-safe: `restore(votes)` rebuilds all of this from the standing votes in the
   comparison store, so votes cast before a restart count, and undo still reaches the
   last `history` votes of each annotator. (Leases and skips live in memory: after a
@@ -37,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from annotate.pairs import Pair, pair_from_row
+from annotate.sampling import selection_of, with_selection
 
 
 class StaleVote(Exception):
@@ -87,6 +95,13 @@ class AssignmentQueue:
         self._votes: dict[str, set[str]] = {}             # pair_id -> annotators (any pair, pooled or not)
         self._leases: dict[str, dict[str, float]] = {}    # pair_id -> {annotator: leased at}
         self._people: dict[str, _Annotator] = {}
+        self.policy = None   # chooses among fresh pairs: .choose(pair_ids) -> (pair_id, how)
+        self._want: dict[str, int] = {}    # pair_id -> votes wanted, for pairs sent back (requeue)
+        self._how: dict[str, dict] = {}    # pair_id -> how it was picked (gen_params "selection")
+
+    def _wanted(self, pair_id: str) -> int:
+        """Votes this pair should collect: K, or one more than it had when sent back."""
+        return self._want.get(pair_id, self.overlap)
 
     # ---- filling the pool ------------------------------------------------------------
 
@@ -99,11 +114,38 @@ class AssignmentQueue:
                 if p.pair_id in self._pairs:
                     continue
                 self._pairs[p.pair_id] = p
-                if len(self._votes.get(p.pair_id, ())) < self.overlap:
+                if len(self._votes.get(p.pair_id, ())) < self._wanted(p.pair_id):
                     self._open[p.pair_id] = None
                 added += 1
             self._changed.notify_all()
         return added
+
+    def requeue(self, pairs: Iterable[Pair], how: dict[str, Any] | None = None) -> dict[str, int]:
+        """Ask for one more vote on each pair (relabelling), by an annotator who has not
+        voted on it; these pairs go out before any other. A pair not in the pool joins
+        it. `how` is recorded with the new vote (gen_params "selection"). Returns
+        {"queued": pairs sent back, "waiting": pairs that were already waiting for a vote}."""
+        queued = waiting = 0
+        with self._lock:
+            for p in pairs:
+                pair_id = p.pair_id
+                self._pairs.setdefault(pair_id, p)
+                votes = len(self._votes.get(pair_id, ()))
+                if pair_id in self._open and votes < self._wanted(pair_id):
+                    waiting += 1
+                    continue
+                self._want[pair_id] = votes + 1
+                self._open[pair_id] = None
+                if how is not None:
+                    self._how[pair_id] = how
+                queued += 1
+            self._changed.notify_all()
+        return {"queued": queued, "waiting": waiting}
+
+    def pool(self) -> list[Pair]:
+        """Every pair in the pool, in arrival order."""
+        with self._lock:
+            return list(self._pairs.values())
 
     def restore(self, votes) -> int:
         """Count the standing votes of a comparison store (a table from
@@ -112,9 +154,11 @@ class AssignmentQueue:
         if hasattr(votes, "column_names"):   # an Arrow table: only the tail rows become dicts
             rows = self._latest_rows(votes)
             pairs_and_people = zip(votes.column("pair_id").to_pylist(), votes.column("annotator").to_pylist())
+            selections = self._selections(votes)
         else:
             rows = sorted(votes, key=lambda r: r["created_at"])
             pairs_and_people = [(r["pair_id"], r["annotator"]) for r in rows]
+            selections = [(r["pair_id"], r.get("gen_params")) for r in rows]
         with self._lock:
             n = 0
             for pair_id, annotator in pairs_and_people:
@@ -130,9 +174,23 @@ class AssignmentQueue:
                 history.append(row)
                 del history[: -self.history]
             for pair_id in list(self._open):
-                if len(self._votes.get(pair_id, ())) >= self.overlap:
+                if len(self._votes.get(pair_id, ())) >= self._wanted(pair_id):
                     del self._open[pair_id]
+            for pair_id, gen_params in selections:   # partly done pairs keep how they were picked
+                how = selection_of(gen_params)
+                if how is not None:
+                    self._how[pair_id] = how
             return n
+
+    @staticmethod
+    def _selections(table) -> list[tuple[str, str]]:
+        """(pair_id, gen_params) of the votes whose gen_params record a selection."""
+        import pyarrow.compute as pc
+        if table.num_rows == 0 or "gen_params" not in table.column_names:
+            return []
+        hit = pc.fill_null(pc.match_substring(table.column("gen_params"), '"selection"'), False)
+        picked = table.filter(hit).sort_by([("created_at", "ascending")])
+        return list(zip(picked.column("pair_id").to_pylist(), picked.column("gen_params").to_pylist()))
 
     def _latest_rows(self, table) -> list[dict[str, Any]]:
         """The last `history` votes of each annotator as dicts, oldest first."""
@@ -163,21 +221,36 @@ class AssignmentQueue:
                 and annotator not in self._leases.get(pair_id, ()))
 
     def _pick(self, annotator: str, person: _Annotator, now: float) -> str | None:
-        """The open pair this annotator should do next: the fullest one they may take
-        (finish agreement sets first), earliest on a tie."""
+        """The open pair this annotator should do next: one sent back for relabelling;
+        else the fullest one they may take (finish agreement sets first), earliest on a
+        tie; among fresh pairs (none taken) the policy chooses, when there is one."""
+        for pair_id, want in self._want.items():   # few: pairs sent back from the Review tab
+            if (pair_id in self._open and self._can_take(annotator, person, pair_id)
+                    and self._fill(pair_id, now) < want):
+                return pair_id
         best, best_fill = None, -1
+        fresh: list[str] | None = [] if self.policy is not None else None
         for pair_id in self._open:
             if not self._can_take(annotator, person, pair_id):
                 continue
-            fill = self._fill(pair_id, now)
-            if best_fill < fill < self.overlap:
+            fill, want = self._fill(pair_id, now), self._wanted(pair_id)
+            if fresh is not None and fill == 0:
+                fresh.append(pair_id)
+                continue
+            if best_fill < fill < want:
                 best, best_fill = pair_id, fill
-                if fill == self.overlap - 1:  # cannot do better than the last slot
+                if fill == want - 1:  # cannot do better than the last slot
                     break
+        if best is None and fresh:
+            best, how = self.policy.choose(fresh)
+            self._how[best] = how
         return best
 
     def _lease(self, person: _Annotator, annotator: str, pair: Pair, left: str, now: float) -> Assignment:
         self._leases.setdefault(pair.pair_id, {})[annotator] = now
+        how = self._how.get(pair.pair_id)
+        if how is not None:   # the vote records how its pair was picked
+            pair = with_selection(pair, how)
         person.current = Assignment(pair=pair, annotator=annotator, left=left, shown_at=now)
         return person.current
 
@@ -238,8 +311,9 @@ class AssignmentQueue:
             self._release(a.annotator, pair_id)
             voters = self._votes.setdefault(pair_id, set())
             voters.add(a.annotator)
-            if len(voters) >= self.overlap:
+            if len(voters) >= self._wanted(pair_id):
                 self._open.pop(pair_id, None)
+                self._want.pop(pair_id, None)   # a relabel request is answered
             person = self._person(a.annotator)
             person.voted.add(pair_id)
             person.history.append(record)
@@ -288,7 +362,7 @@ class AssignmentQueue:
                 pair = pair_from_row({k: record.get(k) for k in (
                     "prompt", "response_a", "response_b", "model_a", "model_b", "pair_id",
                     "prompt_id", "gen_params")} | {"prompt": json.loads(record["prompt"])})
-            elif len(voters) < self.overlap and pair_id not in self._open:
+            elif len(voters) < self._wanted(pair_id) and pair_id not in self._open:
                 self._open[pair_id] = None
             if person.current is not None:
                 self._release(annotator, person.current.pair.pair_id)
@@ -323,7 +397,7 @@ class AssignmentQueue:
         for pair_id in self._open:
             if person is not None and not self._can_take(annotator, person, pair_id):
                 continue
-            if self._fill(pair_id, now) < self.overlap:
+            if self._fill(pair_id, now) < self._wanted(pair_id):
                 n += 1
                 if n >= limit:
                     break
@@ -341,7 +415,7 @@ class AssignmentQueue:
             now = self.clock()
             person = self._people.get(annotator) or _Annotator()
             return sum(1 for pair_id in self._open if self._can_take(annotator, person, pair_id)
-                       and self._fill(pair_id, now) >= self.overlap)
+                       and self._fill(pair_id, now) >= self._wanted(pair_id))
 
     def needs_pairs(self, per_annotator: int = 2) -> bool:
         """True while some active annotator has fewer than `per_annotator` pairs ready,
@@ -357,7 +431,7 @@ class AssignmentQueue:
             want = per_annotator * len(active)
             free = 0
             for pair_id in self._open:
-                free += max(0, self.overlap - self._fill(pair_id, now))
+                free += max(0, self._wanted(pair_id) - self._fill(pair_id, now))
                 if free >= want:
                     return False
             return True
@@ -376,7 +450,7 @@ class AssignmentQueue:
         """Numbers about the pool as a whole (for the dashboard)."""
         with self._lock:
             now = self.clock()
-            complete = sum(1 for p in self._pairs if len(self._votes.get(p, ())) >= self.overlap)
+            complete = sum(1 for p in self._pairs if len(self._votes.get(p, ())) >= self._wanted(p))
             in_progress = sum(1 for p, leases in self._leases.items()
                               if any(now - t < self.lease_s for t in leases.values()))
             return {"pairs": len(self._pairs), "complete": complete, "open": len(self._open),
