@@ -1,0 +1,310 @@
+"""The run launcher of the Train tab (annotate/launcher.py) and the arena's added models
+(Generator.add_model, arena.json): real trainer subprocesses on a small real store, with
+the tiny model, so each run takes seconds.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from annotate.launcher import (DEAD_MESSAGE, Launcher, LaunchError, MetricsReader, add_to_arena, read_arena,
+                               restore_arena, trainer_identity)
+from annotate.store import ComparisonStore
+from trainer.comparisons import messages_to_json
+
+TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep"]
+
+
+def make_store(path: Path, n: int = 24) -> Path:
+    """n votes, a few per prompt; the chosen answer mentions bananas."""
+    with ComparisonStore(path) as store:
+        for i in range(n):
+            prompt = messages_to_json([{"role": "user", "content": f"Question {i % 8} about {TOPICS[i % 8 % 6]}?"}])
+            good, bad = f"banana answer number {i}", f"plain answer number {i}"
+            a, b = (good, bad) if i % 2 else (bad, good)
+            tie = i % 7 == 0
+            store.append({"kind": "vote", "pair_id": f"pair-{i}", "prompt_id": f"p{i % 8}", "prompt": prompt,
+                          "response_a": a, "response_b": b, "model_a": "m1", "model_b": "m2", "left": "a",
+                          "choice": "tie" if tie else "a" if a == good else "b",
+                          "strength": None if tie else 1 + i % 2, "annotator": "tester", "decision_ms": 1000})
+    return path
+
+
+TINY_REWARD = dict(model="tiny", epochs=1, batch_size=8, max_length=96, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def done_reward(tmp_path_factory):
+    """One finished reward run, started through the launcher: (launcher, store, run_id)."""
+    tmp = tmp_path_factory.mktemp("launch")
+    store = make_store(tmp / "store")
+    launcher = Launcher(tmp / "runs")
+    info = launcher.start_reward(store, ties="include", **TINY_REWARD)
+    assert info.state == "queued" and info.kind == "reward"   # listed at once, before torch loads
+    final = launcher.wait(info.run_id, timeout=240)
+    assert final.state == "done", launcher.log_tail(info.run_id)
+    return launcher, store, info.run_id
+
+
+def test_a_reward_run_started_from_the_launcher_finishes(done_reward):
+    launcher, store, run_id = done_reward
+    (info,) = launcher.runs()
+    assert info.run_id == run_id and info.kind == "reward" and info.state == "done"
+    assert info.progress == 1.0 and "validation accuracy" in info.message
+    assert info.trained_reward and launcher.reward_models() == [run_id]
+    launch = json.loads((info.path / "launch.json").read_text())
+    assert launch["argv"][1:3] == ["-m", "trainer.reward"] and "--ties" in launch["argv"]
+    config = json.loads((info.path / "config.json").read_text())["config"]
+    assert config["ties"] == "include" and config["model"] == "tiny" and config["data"] == str(store.resolve())
+    assert "done:" in launcher.log_tail(run_id)       # the trainer's output went to log.txt
+    reader = launcher.metrics(run_id)
+    loss = reader.series("train", "loss")
+    assert [s for s, _ in loss] == list(range(1, len(loss) + 1)) and len(loss) >= 2
+    assert reader.series("eval", "val_acc")
+    rows = reader.rows([("train", "loss", "train"), ("eval", "val_loss", "validation")])
+    assert {r["series"] for r in rows} == {"train", "validation"}
+    # The pid of a finished run is gone, reaped: no zombie is left behind.
+    assert trainer_identity(info.pid, info.path, info.updated_at) == "dead"
+    assert not Path(f"/proc/{info.pid}").exists()
+
+
+def test_a_policy_run_on_the_finished_reward_model(done_reward):
+    launcher, store, reward_id = done_reward
+    # No base model given: the policy starts from the reward model's (tiny), same tokenizer.
+    info = launcher.start_policy(reward_id, algo="rloo", steps=2, lr=1e-5, kl_coef=0.1, model="",
+                                 batch_size=2, max_new_tokens=4)
+    assert info.kind == "policy"
+    final = launcher.wait(info.run_id, timeout=240)
+    assert final.state == "done", launcher.log_tail(info.run_id)
+    assert final.servable and final.progress == 1.0
+    config = json.loads((info.path / "config.json").read_text())["config"]
+    assert (config["algo"], config["steps"], config["kl_coef"], config["model"]) == ("rloo", 2, 0.1, "tiny")
+    assert config["reward"] == str(launcher.runs_dir / reward_id)
+    assert config["prompts"].endswith("data/prompts.jsonl")
+    reader = launcher.metrics(info.run_id)
+    assert [s for s, _ in reader.series("train", "reward_mean")] == [1.0, 2.0]
+    assert len(reader.series("train", "kl")) == 2
+    assert [r.run_id for r in launcher.runs()] == [info.run_id, reward_id]   # newest first
+
+
+def test_cancel_sends_sigterm_and_the_run_ends_cancelled(tmp_path):
+    store = make_store(tmp_path / "store")
+    launcher = Launcher(tmp_path / "runs")
+    info = launcher.start_reward(store, **{**TINY_REWARD, "epochs": 400, "batch_size": 2})
+    run_id = info.run_id
+    deadline = time.time() + 180
+    while time.time() < deadline:   # until it trains (SIGTERM then means save and stop)
+        if len(launcher.metrics(run_id).series("train", "loss")) >= 2:
+            break
+        assert launcher.info(run_id).active, launcher.log_tail(run_id)
+        time.sleep(0.2)
+    running = launcher.info(run_id)
+    assert running.state == "running" and running.progress < 1   # status.json is throttled: maybe still 0
+    assert trainer_identity(running.pid, running.path, running.updated_at) == "trainer"
+    assert "cancel requested" in launcher.cancel(run_id)
+    final = launcher.wait(run_id, timeout=120)
+    assert final.state == "cancelled", (final, launcher.log_tail(run_id))
+    assert "resume" in final.message and (final.path / "checkpoint").is_dir()
+    assert not Path(f"/proc/{running.pid}").exists()            # reaped
+    assert "already cancelled" in launcher.cancel(run_id)        # nothing left to signal
+
+
+def test_a_killed_trainer_shows_as_failed(tmp_path):
+    """Killed (-9) before it could write a final state: the launcher that started it
+    says so; a run whose pid is gone (started by another server, or the CLI) too."""
+    store = make_store(tmp_path / "store", n=8)
+    launcher = Launcher(tmp_path / "runs")
+    info = launcher.start_reward(store, **TINY_REWARD)
+    os.kill(info.pid, signal.SIGKILL)
+    final = launcher.wait(info.run_id, timeout=60)
+    assert final.state == "failed" and "exited with code -9 without a final status" in final.message
+
+    # A run directory from elsewhere: status "running", but the pid has exited.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = launcher.runs_dir / "reward-orphan"
+    orphan.mkdir()
+    (orphan / "status.json").write_text(json.dumps({"state": "running", "progress": 0.4, "message": "step 4",
+                                                    "pid": dead.pid, "updated_at": time.time()}))
+    (orphan / "config.json").write_text(json.dumps({"config": {"model": "tiny", "ties": "exclude"},
+                                                    "created_at": time.time()}))
+    shown = launcher.info("reward-orphan")
+    assert shown.kind == "reward" and shown.state == "failed" and shown.message == DEAD_MESSAGE
+    assert "already failed" in launcher.cancel("reward-orphan")
+    # A live pid that is some other program (a reused pid) is not that run's trainer either.
+    (orphan / "status.json").write_text(json.dumps({"state": "running", "progress": 0.4, "message": "step 4",
+                                                    "pid": os.getpid(), "updated_at": time.time() - 3600}))
+    assert launcher.info("reward-orphan").state == "failed"
+    assert trainer_identity(os.getpid(), orphan, time.time()) == "dead"
+
+
+def test_bad_form_input_names_the_field_and_starts_nothing(done_reward, tmp_path):
+    store = make_store(tmp_path / "store", n=4)
+    launcher = Launcher(tmp_path / "runs")
+    bad_reward = [
+        (dict(epochs=0), "Epochs: must be at least 1"),
+        (dict(epochs="two"), "Epochs: 'two' is not a number"),
+        (dict(epochs=1.5), "Epochs: 1.5 is not a whole number"),
+        (dict(lr=0), "Learning rate: must be positive"),
+        (dict(lr=None), "Learning rate: give a number"),
+        (dict(ties="sometimes"), "Ties: must be one of exclude, include"),
+        (dict(lora_r=-1), "LoRA rank: must be at least 0"),
+        (dict(model=""), "Base model: give a model"),
+        (dict(model="no-such-model"), "Base model: 'no-such-model' is not smollm2, tiny"),
+        (dict(model=str(tmp_path)), "is a directory but not a model"),
+    ]
+    for change, expected in bad_reward:
+        with pytest.raises(LaunchError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            launcher.start_reward(store, **{**TINY_REWARD, **change})
+    with pytest.raises(LaunchError, match="Data: .* does not exist"):
+        launcher.start_reward(tmp_path / "nothing-here", **TINY_REWARD)
+    with pytest.raises(LaunchError, match="Reward model: choose a finished reward run"):
+        launcher.start_policy("")
+    with pytest.raises(LaunchError, match="Reward model: there is no run 'nope'"):
+        launcher.start_policy("nope")
+    other, _, reward_id = done_reward
+    good = dict(algo="ppo", steps=2, model="tiny")
+    for change, expected in [(dict(algo="dpo"), "Algorithm: must be one of ppo, rloo"),
+                             (dict(steps=0), "Steps: must be at least 1"),
+                             (dict(kl_coef=-0.1), "KL coefficient: must be at least 0"),
+                             (dict(prompts="no/such/prompts.jsonl"), "Prompts file: no/such/prompts.jsonl does not"),
+                             (dict(lr="fast"), "Learning rate: 'fast' is not a number")]:
+        with pytest.raises(LaunchError, match=expected):
+            other.start_policy(reward_id, **{**good, **change})
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert len(other.runs()) == len({r.run_id for r in other.runs()})
+    # A run that is not a finished reward model cannot be a policy's reward.
+    unfinished = other.runs_dir / "reward-unfinished"
+    unfinished.mkdir()
+    (unfinished / "status.json").write_text(json.dumps({"state": "failed", "progress": 0, "message": "x"}))
+    (unfinished / "launch.json").write_text(json.dumps({"kind": "reward", "created_at": 0}))
+    with pytest.raises(LaunchError, match="reward-unfinished is not a finished reward run"):
+        other.start_policy("reward-unfinished", **good)
+    shutil.rmtree(unfinished)
+
+
+def test_metrics_reader_reads_increments_and_waits_for_a_half_written_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    reader = MetricsReader(path)
+    assert reader.update() == 0 and reader.series("train", "loss") == []
+    lines = [json.dumps({"kind": "train", "step": s, "loss": 1.0 / s, "acc": None}) for s in (1, 2, 3)]
+    with open(path, "w") as f:
+        f.write(lines[0] + "\n" + lines[1] + "\n" + lines[2][:17])   # the last line half-written
+    assert reader.update() == 2
+    assert reader.series("train", "loss") == [(1.0, 1.0), (2.0, 0.5)]
+    assert reader.series("train", "acc") == []                        # None is not a point
+    offset = reader.offset
+    assert reader.update() == 0 and reader.offset == offset           # still half a line
+    with open(path, "a") as f:
+        f.write(lines[2][17:] + "\n" + "{not json\n" + json.dumps({"kind": "eval", "step": 3, "val_acc": 0.75}) + "\n")
+    assert reader.update() == 2 and reader.bad == 1
+    assert reader.series("train", "loss")[-1] == (3.0, 1.0 / 3)
+    assert reader.series("eval", "val_acc") == [(3.0, 0.75)]
+    # A resumed run rewrites the file (steps after its checkpoint forgotten): read again.
+    path.write_text(lines[0] + "\n" + json.dumps({"kind": "resume", "step": 1}) + "\n"
+                    + json.dumps({"kind": "train", "step": 2, "loss": 0.9}) + "\n")
+    reader.update()
+    assert reader.series("train", "loss") == [(1.0, 1.0), (2.0, 0.9)]
+    assert reader.series("eval", "val_acc") == []
+
+
+# --------------------------------------------------------------------------------------
+# The arena: Generator.add_model, arena.json
+# --------------------------------------------------------------------------------------
+
+def _pool(tmp_path: Path, n: int = 3):
+    from trainer.prompts import load_prompt_pool
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Count to {i}."}) + "\n" for i in range(n)))
+    return load_prompt_pool(prompts).prompts
+
+
+def _wait_done(gen, generated: int, timeout: float = 120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = gen.status()
+        if status["state"] == "failed":
+            raise AssertionError(status)
+        if status["state"] == "done" and status["generated"] >= generated:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(gen.status())
+
+
+def test_add_model_turns_one_model_into_a_two_model_arena(tmp_path):
+    from annotate.pairs import Generator
+    from annotate.queue import AssignmentQueue
+    from trainer.models import build_tiny_model
+
+    pool = _pool(tmp_path)
+    q = AssignmentQueue()
+    gen = Generator(["tiny"], pool, q, cache_dir=tmp_path / "pairs", batch_size=3, max_new_tokens=4,
+                    per_annotator=100)
+    gen.run()                                     # one model: two seeds of it per prompt, then done
+    assert gen.status()["state"] == "done"
+    first = list(q._pairs.values())
+    assert len(first) == 3 and all(p.model_a == p.model_b == "tiny" for p in first)
+
+    policy_dir = build_tiny_model()               # stands in for runs/<id>/policy
+    assert gen.add_model(policy_dir, "policy-run-1") is True
+    assert gen.add_model(policy_dir, "policy-run-1") is False          # already there
+    with pytest.raises(ValueError, match="not a model directory"):
+        gen.add_model(tmp_path, "policy-run-2")
+    assert gen.model_names == ["tiny", "policy-run-1"] and q.planned == gen.planned == 6
+    _wait_done(gen, 6)                            # the finished generator started again
+    new = [p for p in q._pairs.values() if p not in first]
+    assert len(new) == 3 and {p.prompt_id for p in new} == {"p0", "p1", "p2"}
+    assert all({p.model_a, p.model_b} == {"tiny", "policy-run-1"} for p in new)
+    # A vote on such a pair carries the run id as its model.
+    from annotate.app import Service
+    with ComparisonStore(tmp_path / "store") as store:
+        service = Service(store, q, data_dir=tmp_path / "store", local_user="me", generator=gen)
+        models = set()
+        view = service.next("me")
+        while view["pair"] is not None:
+            view = service.vote("me", view["pair"]["pair_id"], "left")
+            models |= {view["ack"]["left_model"], view["ack"]["right_model"]}
+    assert models == {"tiny", "policy-run-1"}
+    from trainer.comparisons import read_comparisons
+    votes = read_comparisons(tmp_path / "store").to_pylist()
+    assert sum("policy-run-1" in (v["model_a"], v["model_b"]) for v in votes) == 3
+
+
+def test_add_to_arena_is_remembered_for_the_next_server(tmp_path):
+    from annotate.pairs import Generator
+    from annotate.queue import AssignmentQueue
+    from trainer.models import build_tiny_model
+
+    launcher = Launcher(tmp_path / "runs")
+    run = launcher.runs_dir / "policy-1"
+    shutil.copytree(build_tiny_model(), run / "policy")
+    (run / "status.json").write_text(json.dumps({"state": "done", "progress": 1.0, "message": "done"}))
+    (run / "config.json").write_text(json.dumps({"config": {"reward": "runs/rm", "algo": "ppo", "model": "tiny"}}))
+    data = tmp_path / "store"
+    pool = _pool(tmp_path)
+
+    with pytest.raises(LaunchError, match="pairs from a file"):      # serve --pairs: no arena
+        add_to_arena(None, data, launcher, "policy-1")
+    with pytest.raises(LaunchError, match="no run 'nope'"):
+        add_to_arena(None, data, launcher, "nope")
+
+    gen = Generator(["tiny"], pool, AssignmentQueue(), cache_dir=data / "pairs", max_new_tokens=4)
+    assert "joined the arena" in add_to_arena(gen, data, launcher, "policy-1")
+    assert "already in the arena" in add_to_arena(gen, data, launcher, "policy-1")
+    assert [m["model_id"] for m in read_arena(data)] == ["policy-1"]
+
+    # The next server with the same --data: the same arena, before any pair is generated.
+    again = Generator(["tiny"], pool, AssignmentQueue(), cache_dir=data / "pairs", max_new_tokens=4)
+    notes = restore_arena(again, data)
+    assert again.model_names == ["tiny", "policy-1"] and again.sources["policy-1"] == str(run / "policy")
+    assert again.planned == 2 * len(pool) and "policy-1" in notes[0]
+    shutil.rmtree(run / "policy")                  # a policy deleted since: left out, with a note
+    third = Generator(["tiny"], pool, AssignmentQueue(), cache_dir=data / "pairs", max_new_tokens=4)
+    assert "left out" in restore_arena(third, data)[0] and third.model_names == ["tiny"]

@@ -1,0 +1,180 @@
+"""The Train tab in a real Chromium: an admin launches a tiny reward run from the page,
+sees its progress reach 100% and its loss drawn, the run directory is on disk with state
+done, and a reloaded page shows the same run; bad form input starts nothing; an
+annotator gets no Train tab; a finished policy joins a running arena with one click.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from test_app_api import Server, add_users, write_pairs
+from test_app_browser import CHROMIUM, CHROMIUM_ARGS, login
+from test_launcher import make_store
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
+
+PROGRESS_IS = "t => (document.querySelector('#run-progress .run-pct') || {}).innerText === t"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train-browser")
+    add_users(tmp / "users.toml", ann="annotator", boss="admin")
+    store = make_store(tmp / "store")
+    pairs = write_pairs(tmp / "pairs.jsonl", 2)
+    with Server(tmp, "--pairs", str(pairs), "--data", str(store), "--runs", str(tmp / "runs"),
+                "--auth", str(tmp / "users.toml")) as server:
+        yield server, tmp / "runs"
+
+
+def open_train_tab(page) -> None:
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#start-reward").wait_for(state="visible", timeout=15_000)
+
+
+def test_launch_a_tiny_reward_run_and_watch_it_finish(app, browser):
+    server, runs = app
+    page = login(browser, server.url, "boss")
+    open_train_tab(page)
+    page.locator("#reward-model input, #reward-model textarea").first.fill("tiny")
+    page.locator("#reward-epochs input").fill("2")
+    page.get_by_text("More settings").first.click()
+    page.locator("#reward-max-length input").fill("96")
+    page.locator("#start-reward").click()
+    page.wait_for_function("() => (document.querySelector('#train-message') || {}).innerText"
+                           "?.startsWith('Started reward run')", timeout=15_000)
+    run_id = page.get_attribute("#run-progress", "data-run")
+    assert run_id and run_id.startswith("reward-")
+
+    # The timer polls the run directory until the trainer says done.
+    page.wait_for_function(PROGRESS_IS, arg="100%", timeout=180_000)
+    page.wait_for_selector("#run-progress[data-state=done]", timeout=15_000)
+    assert "validation accuracy" in page.inner_text("#run-progress")
+
+    # The loss is drawn: a line through the points of every step.
+    line = page.locator("#run-plot-a g.mark-line path").first
+    line.wait_for(timeout=15_000)
+    assert "L" in (line.get_attribute("d") or "")              # more than one point
+    assert "Loss" in page.inner_text("#run-plot-a")
+    assert "done:" in page.locator("#run-log textarea").input_value()
+
+    # On disk: the run directory, done, with its checkpoint and metrics.
+    status = json.loads((runs / run_id / "status.json").read_text())
+    assert status["state"] == "done" and status["progress"] == 1.0
+    assert (runs / run_id / "checkpoint" / "config.json").is_file()
+    config = json.loads((runs / run_id / "config.json").read_text())["config"]
+    assert (config["model"], config["epochs"], config["max_length"]) == ("tiny", 2, 96)
+    train_steps = [json.loads(line) for line in (runs / run_id / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "train" for r in train_steps) == status["total_steps"] >= 2
+
+    # The reward model is offered to the policy form.
+    assert page.locator("#policy-reward input").input_value() == run_id
+
+    # A reloaded page shows the same run, read back from its directory.
+    page.reload()
+    page.wait_for_selector("#progress", timeout=30_000)
+    open_train_tab(page)
+    page.wait_for_function(PROGRESS_IS, arg="100%", timeout=15_000)
+    assert page.get_attribute("#run-progress", "data-run") == run_id
+    table = page.inner_text("#runs-table")
+    assert run_id in table and "done" in table and "100%" in table
+    page.locator("#run-plot-a g.mark-line path").first.wait_for(timeout=15_000)
+    page.context.close()
+
+
+def test_bad_form_input_is_reported_and_starts_nothing(app, browser):
+    server, runs = app
+    before = sorted(p.name for p in runs.iterdir()) if runs.exists() else []
+    page = login(browser, server.url, "boss")
+    open_train_tab(page)
+    page.locator("#reward-model input, #reward-model textarea").first.fill("no-such-model")
+    page.locator("#start-reward").click()
+    page.wait_for_function("() => (document.querySelector('#train-message') || {}).innerText"
+                           "?.includes('Base model')", timeout=15_000)
+    assert "no-such-model" in page.inner_text("#train-message")
+    page.locator("#policy-steps input").fill("0")
+    page.locator("#start-policy").click()
+    page.wait_for_function("() => (document.querySelector('#train-message') || {}).innerText"
+                           "?.includes('Steps: must be at least 1')", timeout=15_000)
+    after = sorted(p.name for p in runs.iterdir()) if runs.exists() else []
+    assert after == before
+    page.context.close()
+
+
+def test_annotators_get_no_train_tab(app, browser):
+    server, _ = app
+    page = login(browser, server.url, "ann")
+    page.get_by_role("tab", name="Guidelines").wait_for(timeout=15_000)
+    assert not page.get_by_role("tab", name="Train").is_visible()
+    page.context.close()
+
+
+def test_add_a_finished_policy_to_the_running_arena(tmp_path, browser):
+    """One click puts a finished policy into the arena of a running server (one model
+    before: two after); votes on its answers carry its run id; a restarted server with
+    the same --data keeps it."""
+    import shutil
+
+    from test_app_api import client
+    from trainer.comparisons import read_comparisons
+    from trainer.models import build_tiny_model
+
+    run = tmp_path / "runs" / "policy-demo"    # what a finished `trainer.policy` run leaves
+    shutil.copytree(build_tiny_model(), run / "policy")
+    (run / "status.json").write_text(json.dumps({"state": "done", "progress": 1.0, "message": "done: 2 steps"}))
+    (run / "config.json").write_text(json.dumps({"config": {"reward": "runs/rm", "algo": "ppo", "model": "tiny"}}))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {w}."}) + "\n"
+                               for i, w in enumerate(["hello", "goodbye"])))
+    args = ("--model", "tiny", "--prompts", str(prompts), "--data", str(tmp_path / "store"), "--runs",
+            str(tmp_path / "runs"), "--max-new-tokens", "4", "--batch-size", "2", "--user", "solo")
+    with Server(tmp_path, *args) as server:
+        page = browser.new_context(viewport={"width": 1300, "height": 900}).new_page()
+        page.goto(server.url)
+        page.wait_for_selector("#progress", timeout=30_000)
+        open_train_tab(page)
+        page.wait_for_selector("#run-progress[data-run=policy-demo]", timeout=15_000)
+        page.locator("#run-arena").click()
+        page.wait_for_function("() => (document.querySelector('#train-message') || {}).innerText"
+                               "?.includes('joined the arena')", timeout=15_000)
+        assert "2 models: tiny, policy-demo" in page.inner_text("#train-message")
+        page.wait_for_function("() => document.querySelector('#run-progress')?.innerText.includes('In the arena')",
+                               timeout=15_000)
+        page.context.close()
+
+        c = client(server.url)
+        seen = set()
+        view = c.predict(api_name="/next")
+        for _ in range(600):      # vote on everything, while the new pairs are generated
+            if view["pair"] is not None:
+                view = c.predict(view["pair"]["pair_id"], "left", "", "", api_name="/vote")
+                seen |= {view["ack"]["left_model"], view["ack"]["right_model"]}
+                continue
+            if view["waiting"]["state"] == "done":
+                break
+            time.sleep(0.2)
+            view = c.predict(api_name="/next")
+        assert seen == {"tiny", "policy-demo"}
+        assert view["progress"] == {"done": 4, "assigned": 4}   # 2 prompts x (1 round + 1 for the new model)
+    votes = read_comparisons(tmp_path / "store").to_pylist()
+    with_policy = [v for v in votes if "policy-demo" in (v["model_a"], v["model_b"])]
+    assert len(with_policy) == 2 and all({v["model_a"], v["model_b"]} == {"tiny", "policy-demo"}
+                                         for v in with_policy)
+    assert json.loads((tmp_path / "store" / "arena.json").read_text())["models"][0]["model_id"] == "policy-demo"
+
+    with Server(tmp_path, *args) as again:     # the same --data: the same arena
+        assert "arena: policy-demo" in again.output()
+        view = client(again.url).predict(api_name="/next")
+        assert view["progress"]["done"] == 4 and view["pair"] is None
