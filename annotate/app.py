@@ -15,7 +15,9 @@ The file reads top to bottom:
 3. `build_app`: the gradio page (Annotate, Guidelines, Dashboard) and the JSON API
    (`/next`, `/vote`, `/skip`, `/undo`, `/dashboard`, `/export`). Page and API call
    the same Service methods, and every handler checks the caller's role on the server
-   from gr.Request.username: hiding the dashboard tab is cosmetic, not security;
+   from gr.Request.username: hiding the admin tabs is cosmetic, not security. The admin
+   tabs that close the loop build themselves from their own modules: Leaderboard
+   (leaderboard.py), Review (review.py), Train (train_tab.py, runs via launcher.py);
 4. the command line.
 
 API, for scripts and load tests (gradio_client, logged in with auth=(user, password)):
@@ -502,6 +504,10 @@ def build_app(service: Service, *, title: str = "preflab"):
     """The gradio Blocks: the page and the JSON API. Returns (blocks, launch_kwargs)."""
     import gradio as gr
 
+    from annotate.leaderboard import build_leaderboard_tab
+    from annotate.review import build_review_tab
+    from annotate.train_tab import build_train_tab
+
     logout = service.accounts is not None
 
     def who(request: gr.Request) -> tuple[str, str]:
@@ -584,6 +590,12 @@ def build_app(service: Service, *, title: str = "preflab"):
                     x_report = gr.Markdown(elem_id="export-report")
                     x_files = gr.File(label="Download", file_count="multiple", interactive=False, visible=False,
                                       elem_id="export-files")
+            # The admin tabs that close the loop; each has its own load event (admins only).
+            with gr.Tab("Leaderboard", id="leaderboard", visible=False) as board_tab:
+                build_leaderboard_tab(demo, service, board_tab, admin)   # and the /leaderboard API
+            with gr.Tab("Review", id="review", visible=False) as review_tab:
+                build_review_tab(service, demo, review_tab, admin)
+            build_train_tab(demo, service, admin)
         timer = gr.Timer(1.0, active=False)
 
         # ---- annotate: one render for every action -----------------------------------
@@ -818,6 +830,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--seed", type=int, default=0, help="seeds of the samples and of the arena's model draws")
     gen.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     gen.add_argument("--cache-dir", default=None, help="where converted models are kept")
+    smp = p.add_argument_group("which pair goes out next (annotate/sampling.py)")
+    smp.add_argument("--sampling", choices=("random", "uncertain"), default="random",
+                     help="random: no reward model, pairs go out as they come; uncertain: prefer pairs whose "
+                          "reward-model score gap is smallest, mixed with uniformly random ones")
+    smp.add_argument("--reward-model", metavar="RUN", default=None,
+                     help="a finished reward run (runs/<id>) that scores the pairs for --sampling uncertain")
+    smp.add_argument("--uncertain-mix", type=float, default=None, metavar="F",
+                     help="share of handouts drawn uniformly at random with --sampling uncertain (0.5 if not given); "
+                          "each vote records how its pair was chosen in gen_params['selection']")
 
 
 def _error(message: str) -> int:
@@ -843,6 +864,11 @@ def run(args: argparse.Namespace) -> int:
                         ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             return _error(f"{flag} must be at least 1, got {value}")
+    from annotate.sampling import SamplingError, sampler_from_args
+    try:
+        sampler = sampler_from_args(args)   # --sampling uncertain: checks the reward run, loads no model
+    except SamplingError as e:
+        return _error(str(e))
 
     accounts = None
     if args.auth:
@@ -893,6 +919,9 @@ def run(args: argparse.Namespace) -> int:
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed, device=args.device,
                               model_cache_dir=args.cache_dir)
+        from annotate.launcher import restore_arena   # policies added from the Train tab earlier
+        for note in restore_arena(generator, args.data):
+            print(note, file=sys.stderr)
         queue.add(generator.load_cache())
         queue.planned = generator.planned
         # Leave a core to the web server: generation would otherwise take every core
@@ -900,6 +929,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
+    if sampler is not None:   # scores the pool in the background; a generator's batches before they join it
+        sampler.attach(queue, generator)
     store = ComparisonStore(args.data)
     if votes is not None:
         queue.restore(votes)

@@ -23,8 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("annotate.export", "export votes as a TRL / datasets preference dataset"),
     "train-reward": ("trainer.reward", "fit a Bradley-Terry reward model to the votes (or a TRL preference file)"),
     "train-policy": ("trainer.policy", "fine-tune the policy against a reward model (PPO, RLOO or REINFORCE)"),
+    "eval-policy": ("trainer.evaluate", "reward-model win rate of a trained policy over its reference, "
+                                        "on held-out prompts"),
     "compact": ("annotate.store", "merge small part files of a comparison store"),
     "info": ("annotate.store", "summarise a comparison store: events, votes, files"),
+    "leaderboard": ("annotate.leaderboard", "rank models by Bradley-Terry ratings from the votes, with bootstrap confidence intervals"),
     "user": ("annotate.users", "manage annotator and admin accounts in a users.toml"),
 }
 

@@ -369,6 +369,24 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     before, after = _banana_rate(policy), _banana_rate(out)
     assert after > before + 0.3, (before, after)
 
+    # Held-out prompts (a fifth of 16): never trained on, and the policy met the reference on
+    # them at the end; eval.json is what the Leaderboard tab shows beside the human votes.
+    from trainer.evaluate import read_heldout
+    heldout = read_heldout(run_dir)
+    assert config["prompts"] == {"source": str(prompts), "count": 13, "heldout": 3} and len(heldout) == 3
+    trained_on = {json.dumps(x["prompt"]) for s in samples for x in s["samples"]}
+    assert not trained_on & {json.dumps(h) for h in heldout}
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["policy"] == "ppo" and ev["reference"] == str(policy) and ev["prompts"] == 3
+    assert _records(run_dir, "eval")[0]["rm_win_rate"] == ev["rm_win_rate"]
+    # `preflab eval-policy` on the whole pool: the policy that learned the rule wins clearly
+    from annotate.cli import main as cli
+    assert cli(["eval-policy", "--policy", str(run_dir), "--prompts", str(prompts)]) == 0
+    ev = json.loads((run_dir / "eval.json").read_text())
+    lo, hi = ev["rm_win_rate_ci"]
+    assert ev["prompts"] == 16 and ev["rm_win_rate"] >= 0.75 and lo <= ev["rm_win_rate"] <= hi, ev
+    assert ev["policy_reward_mean"] > ev["reference_reward_mean"]
+
 
 def test_rloo_learns_too(world, tmp_path):
     rm, policy, prompts = world

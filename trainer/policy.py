@@ -45,6 +45,10 @@ A run directory (DESIGN.md) holds:
                       head, optimizer and step (training_state.pt)
     policy/           when done: a plain Hugging Face model directory with the tokenizer and
                       its chat template (LoRA merged in); `preflab serve --model` reads it
+    heldout.jsonl     the `eval_prompts` prompts kept out of training
+    eval.json         when done: the reward model's win rate of the policy over the
+                      reference on those prompts (trainer/evaluate.py; the Leaderboard tab
+                      shows it beside the human win rate)
 
 SIGTERM (or Ctrl-C) finishes the step, saves and stops with state `cancelled`; the same
 command again resumes from the saved step. A NaN, or a KL to the reference above
@@ -137,6 +141,8 @@ class PolicyConfig:
     save_every: int = 25                 # steps between checkpoints; 0: only at the end / on SIGTERM
     sample_every: int = 10               # steps between logged samples; 0: never
     samples: int = 3                     # (prompt, response, reward) samples logged each time
+    eval_prompts: int = 32               # held out of training (at most a fifth of the pool); at the end
+                                         # the reward-model win rate over the reference on them: eval.json
     progress: bool = True
 
 
@@ -438,13 +444,24 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     run.status("queued", 0.0, "reading the prompts")
 
     # ---- inputs, before any model is loaded: bad input fails in seconds -------------------
+    import numpy as np
+    from trainer.evaluate import write_heldout
     rm_path = reward_checkpoint(cfg.reward)
     prompts_path = cfg.prompts or str(DEFAULT_PROMPTS)
     conversations = load_prompts(prompts_path)
+    # Held-out prompts: never trained on; the policy meets the reference on them at the end.
+    # Seeded, so a resumed run holds out the same ones.
+    n_heldout = min(cfg.eval_prompts, len(conversations) // 5)
+    held = set(np.random.default_rng([cfg.seed, 1]).permutation(len(conversations))[:n_heldout].tolist())
+    heldout = [c for i, c in enumerate(conversations) if i in held]
+    conversations = [c for i, c in enumerate(conversations) if i not in held]
     if main and not resuming:
-        write_json(run.path / "config.json", {"config": dataclasses.asdict(cfg), "created_at": time.time(),
-                                              "prompts": {"source": str(prompts_path), "count": len(conversations)},
+        write_json(run.path / "config.json", {"kind": "policy", "config": dataclasses.asdict(cfg),
+                                              "created_at": time.time(),
+                                              "prompts": {"source": str(prompts_path), "count": len(conversations),
+                                                          "heldout": len(heldout)},
                                               "reward_model": str(rm_path)})
+        write_heldout(run.path, heldout)
     accelerator.wait_for_everyone()
 
     # ---- models ----------------------------------------------------------------------------
@@ -454,7 +471,8 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     from transformers import GenerationConfig
 
     from trainer import rl_math
-    from trainer.models import check_model, load_tokenizer, render_prompt
+    from trainer.evaluate import evaluate_policy, write_eval
+    from trainer.models import canonical_name, check_model, load_tokenizer, render_prompt
     from trainer.reward import RewardModel
 
     device = accelerator.device  # cuda:<local rank> under `accelerate launch`, else cuda or cpu
@@ -931,6 +949,19 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
 
     # ---- done: the policy directory, loadable by trainer.models.load_model ----------------------
     save(final=True)
+    if main and heldout:
+        run.status("running", 1.0, f"evaluating: policy against the reference on {len(heldout)} held-out prompts",
+                   step=step, total_steps=cfg.steps)
+        result = evaluate_policy(run.path / POLICY, base_source, reward_model, heldout,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                 device=device)
+        record = write_eval(run.path, reference_id=canonical_name(cfg.model), reward_run=str(cfg.reward),
+                            result=result)
+        run.log({"kind": "eval", "step": step, **{k: record[k] for k in
+                 ("prompts", "rm_win_rate", "rm_win_rate_ci", "policy_reward_mean", "reference_reward_mean")}})
+        tqdm.write(f"reward-model win rate over {record['reference']} on {record['prompts']} held-out prompts: "
+                   f"{record['rm_win_rate']:.3f} (95% CI {record['rm_win_rate_ci'][0]:.3f}-"
+                   f"{record['rm_win_rate_ci'][1]:.3f})", file=sys.stderr)
     summary = {"kind": "summary", "step": step, "prompts": totals["prompts"], "gen_tokens": totals["tokens"],
                "train_seconds": round(totals["seconds"], 3),
                "prompts_per_s": round(totals["prompts"] / totals["seconds"], 4) if totals["seconds"] else None,
@@ -1013,6 +1044,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: at the end)")
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between logged samples (0: never)")
     p.add_argument("--samples", type=int, default=d.samples, help="samples logged each time")
+    p.add_argument("--eval-prompts", type=int, default=d.eval_prompts,
+                   help="prompts held out of training (at most a fifth of the pool); at the end the policy and the "
+                        "reference answer them and the reward model's win rate goes to eval.json (0: none)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

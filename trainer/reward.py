@@ -509,8 +509,8 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         summary = pairs.summary
         if main:
             save_snapshot(pairs, train_idx, val_idx, snapshot)
-            write_json(run.path / "config.json", {"config": dataclasses.asdict(cfg), "data": summary,
-                                                  "created_at": time.time()})
+            write_json(run.path / "config.json", {"kind": "reward", "config": dataclasses.asdict(cfg),
+                                                  "data": summary, "created_at": time.time()})
     accelerator.wait_for_everyone()
     summary = read_json(run.path / "config.json").get("data", {})
     # Every process (and every resume) trains on the snapshot: the same pairs, the same split.

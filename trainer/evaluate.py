@@ -1,0 +1,161 @@
+"""Reward-model win rate of a trained policy over its reference, on held-out prompts.
+
+    preflab eval-policy --policy runs/policy-1                  # the run's own held-out prompts
+    preflab eval-policy --policy runs/policy-1 --prompts data/prompts.jsonl --n 128
+
+The policy trainer keeps `--eval-prompts` prompts out of training (runs/<id>/heldout.jsonl)
+and runs this at its end; the command reruns it, with more prompts or another reward model.
+
+Both models answer every prompt once with the same sampling settings and seed; the reward
+model scores both answers; the policy wins a prompt when its score is higher (equal scores
+count half). The result goes to runs/<id>/eval.json, which the Leaderboard tab shows next
+to the human win rate of the same two models in the arena (the policy's votes carry its
+run id, the reference's its model name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from trainer.runs import read_json, write_json
+
+HELDOUT_FILE = "heldout.jsonl"
+EVAL_FILE = "eval.json"
+
+
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: honest near 0 and 1 and for small n,
+    where the normal approximation runs outside [0, 1]."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def write_heldout(run_dir: Path, conversations: list) -> None:
+    text = "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations)
+    tmp = run_dir / f".{HELDOUT_FILE}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(run_dir / HELDOUT_FILE)
+
+
+def read_heldout(run_dir: Path) -> list:
+    path = run_dir / HELDOUT_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def evaluate_policy(policy, reference, reward_model, conversations: list, *, max_new_tokens: int = 64,
+                    temperature: float = 0.7, top_p: float = 1.0, seed: int = 0, device=None,
+                    batch_size: int = 16, progress: bool = False) -> dict:
+    """Win rate of `policy` over `reference` (model dirs or names) under `reward_model`
+    (a trainer.reward.RewardModel) on `conversations`. Loads one model at a time."""
+    import gc
+
+    import torch
+    from trainer.models import generate, load_model
+
+    answers = {}
+    for side, source in (("policy", policy), ("reference", reference)):
+        model, tokenizer = load_model(str(source), device=device)
+        answers[side] = [a[0] for a in generate(model, tokenizer, conversations, n=1, max_new_tokens=max_new_tokens,
+                                                temperature=temperature, top_p=top_p, seed=seed,
+                                                batch_size=batch_size, progress=progress)]
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    ours = reward_model.score(conversations, answers["policy"])
+    theirs = reward_model.score(conversations, answers["reference"])
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs))
+    n = len(conversations)
+    lo, hi = wilson_interval(wins, n)
+    return {"prompts": n, "rm_win_rate": wins / n if n else None, "rm_win_rate_ci": [lo, hi],
+            "policy_reward_mean": sum(ours) / n if n else None,
+            "reference_reward_mean": sum(theirs) / n if n else None,
+            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+            "examples": [{"prompt": c, "policy": a, "policy_reward": round(x, 4), "reference": b,
+                          "reference_reward": round(y, 4)}
+                         for c, a, b, x, y in list(zip(conversations, answers["policy"], answers["reference"],
+                                                       ours, theirs))[:5]]}
+
+
+def write_eval(run_dir: Path, *, reference_id: str, reward_run: str, result: dict) -> dict:
+    record = {"policy": run_dir.name, "reference": reference_id, "reward_run": str(reward_run),
+              **result, "created_at": time.time()}
+    write_json(run_dir / EVAL_FILE, record)
+    return record
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", required=True, metavar="RUN", help="a finished policy run (runs/<id>)")
+    p.add_argument("--reward", default=None, metavar="RUN",
+                   help="reward model run (default: the one the policy was trained against)")
+    p.add_argument("--reference", default=None, metavar="M",
+                   help="the model to beat (default: the policy's starting model)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompt pool or comparison store (default: the run's held-out prompts)")
+    p.add_argument("--n", type=int, default=0, help="use at most this many prompts (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's setting")
+    p.add_argument("--temperature", type=float, default=None, help="default: the run's setting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.models import canonical_name
+    from trainer.policy import POLICY, PolicyInputError, load_prompts, reward_checkpoint
+    from trainer.reward import RewardModel
+
+    run_dir = Path(args.policy)
+    config = read_json(run_dir / "config.json")
+    if not (run_dir / POLICY).is_dir() or "config" not in config:
+        print(f"error: {run_dir}: not a finished policy run (no {POLICY}/ or config.json)", file=sys.stderr)
+        return 2
+    cfg = config["config"]
+    try:
+        conversations = load_prompts(args.prompts) if args.prompts else read_heldout(run_dir)
+        rm_path = reward_checkpoint(args.reward or config.get("reward_model"))
+    except PolicyInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not conversations:
+        print(f"error: {run_dir}: the run held no prompts out; give --prompts FILE", file=sys.stderr)
+        return 2
+    if args.n:
+        conversations = conversations[:args.n]
+    device = None if args.device == "auto" else args.device
+    reference = args.reference or cfg["model"]
+    result = evaluate_policy(run_dir / POLICY, reference, RewardModel.load(rm_path, device=device), conversations,
+                             max_new_tokens=args.max_new_tokens or cfg["max_new_tokens"],
+                             temperature=args.temperature if args.temperature is not None else cfg["temperature"],
+                             seed=args.seed, device=device, progress=True)
+    reward_run = rm_path.parent if rm_path.name == "checkpoint" else rm_path
+    record = write_eval(run_dir, reference_id=canonical_name(reference), reward_run=str(reward_run), result=result)
+    lo, hi = record["rm_win_rate_ci"]
+    print(f"{run_dir.name} vs {record['reference']} on {record['prompts']} prompts: reward-model win rate "
+          f"{record['rm_win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}); written to {run_dir / EVAL_FILE}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
