@@ -193,6 +193,13 @@ class Service:
             raise Forbidden("please log in")
         return name, role
 
+    def is_admin(self, request) -> bool:
+        """For showing the admin tabs (cosmetic: every admin handler checks again)."""
+        try:
+            return self.identify(request)[1] == "admin"
+        except Forbidden:
+            return False
+
     def require_admin(self, request) -> str:
         name, role = self.identify(request)
         if role != "admin":

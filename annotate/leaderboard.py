@@ -731,7 +731,6 @@ def build_leaderboard_tab(demo, service, tab, admin) -> None:
     defence. Also an API endpoint, /leaderboard, with the numbers as JSON.
     """
     import gradio as gr
-    from annotate.app import Forbidden
 
     gr.Markdown("Bradley-Terry ratings of every model from the human votes (a win counts 1, a tie or "
                 "both-bad half a win to each side), with 95% bootstrap intervals. A model ranks above "
@@ -750,11 +749,7 @@ def build_leaderboard_tab(demo, service, tab, admin) -> None:
         evals = gr.HTML(elem_id="lb-evals", **css)
 
     def on_load(request: gr.Request):
-        try:
-            role = service.identify(request)[1]
-        except Forbidden:
-            role = None
-        return gr.Tab(visible=role == "admin")
+        return gr.Tab(visible=service.is_admin(request))
 
     def on_open(current, request: gr.Request):
         admin(request)

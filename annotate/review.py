@@ -674,7 +674,6 @@ def build_review_tab(service, demo, tab, admin) -> "Reviewer":
     """The Review tab's components and handlers; call inside `with gr.Tab(...) as tab:`.
     `admin(request)` raises gr.Error for anyone but an admin; every handler calls it."""
     import gradio as gr
-    from annotate.app import Forbidden
 
     policy = getattr(service.queue, "policy", None)
     scorer = getattr(policy, "scorer", None)
@@ -731,11 +730,7 @@ def build_review_tab(service, demo, tab, admin) -> "Reviewer":
     kw = dict(api_visibility="private", concurrency_limit=4, concurrency_id="review", show_progress="hidden")
 
     def on_load(request: gr.Request):
-        try:
-            role = service.identify(request)[1]
-        except Forbidden:
-            role = None
-        return gr.Tab(visible=role == "admin")
+        return gr.Tab(visible=service.is_admin(request))
 
     def on_open(current, request: gr.Request):
         admin(request)

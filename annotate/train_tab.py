@@ -198,11 +198,7 @@ def build_train_tab(demo, service, admin):
 
     # ---- handlers (each checks the role) ------------------------------------------------
     def on_load(request: gr.Request):
-        try:
-            _, role = service.identify(request)
-        except Exception:
-            role = None
-        if role != "admin":
+        if not service.is_admin(request):
             return (gr.Tab(visible=False), *[gr.skip()] * len(refresh_outputs))
         return (gr.Tab(visible=True), *refresh(None, None))
 

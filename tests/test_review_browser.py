@@ -14,7 +14,7 @@ import pytest
 from annotate.pairs import load_pairs
 from annotate.store import ComparisonStore
 from test_app_api import Server, add_users, write_pairs
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, login
+from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
 from test_review import train_tiny_reward_run
 from trainer.comparisons import read_comparisons
 
@@ -39,15 +39,6 @@ def review_app(tmp_path_factory):
                     "--auth", str(tmp / "users.toml"), "--sampling", "uncertain", "--reward-model", str(run))
     with server:
         yield server, tmp / "store", run, pairs
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def wait_done(page, timeout=180_000):

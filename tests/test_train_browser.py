@@ -11,21 +11,12 @@ from pathlib import Path
 import pytest
 
 from test_app_api import Server, add_users, write_pairs
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, login
+from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
 from test_launcher import make_store
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
 PROGRESS_IS = "t => (document.querySelector('#run-progress .run-pct') || {}).innerText === t"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
