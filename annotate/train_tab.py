@@ -13,6 +13,8 @@ from typing import Any
 
 from annotate.launcher import (DEFAULT_PROMPTS, PLOTS, REPO, ROW_HEADERS, Launcher, LaunchError, RunInfo,
                                add_to_arena, in_arena)
+from trainer.evaluate import EVAL_FILE
+from trainer.runs import read_json
 
 POLL_S = 2.0
 
@@ -33,6 +35,12 @@ def progress_html(info: RunInfo | None, arena_note: str = "") -> str:
     colour = {"done": "#16a34a", "failed": "#dc2626", "cancelled": "#a1a1aa"}.get(info.state, "#6366f1")
     steps = f" · step {info.step} of {info.total_steps}" if info.total_steps else ""
     note = f'<div class="run-note">{_e(arena_note)}</div>' if arena_note else ""
+    ev = read_json(info.path / EVAL_FILE) if info.kind == "policy" else {}
+    if ev.get("rm_win_rate") is not None:  # trainer/evaluate.py, at the end of a policy run
+        lo, hi = ev.get("rm_win_rate_ci", [0, 1])
+        note += (f'<div class="run-eval">Reward-model win rate over {_e(ev.get("reference"))} on '
+                 f'{_e(ev.get("prompts"))} held-out prompts: <b>{100 * ev["rm_win_rate"]:.0f}%</b> '
+                 f'(95% CI {100 * lo:.0f}–{100 * hi:.0f}%); the human one is on the Leaderboard tab.</div>')
     return (f'<div id="run-progress" class="run-progress" data-state="{_e(info.state)}" '
             f'data-run="{_e(info.run_id)}">'
             f'<div><b>{_e(info.run_id)}</b> · {_e(info.kind)} · <span class="run-state">{_e(info.state)}</span>'

@@ -92,6 +92,11 @@ def test_a_policy_run_on_the_finished_reward_model(done_reward):
     assert [s for s, _ in reader.series("train", "reward_mean")] == [1.0, 2.0]
     assert len(reader.series("train", "kl")) == 2
     assert [r.run_id for r in launcher.runs()] == [info.run_id, reward_id]   # newest first
+    # The policy met its reference on the held-out prompts; the tab says how it went.
+    from annotate.train_tab import progress_html
+    ev = json.loads((info.path / "eval.json").read_text())
+    assert ev["policy"] == info.run_id and ev["reference"] == "tiny" and ev["prompts"] == 32
+    assert "held-out prompts" in progress_html(final) and f"{100 * ev['rm_win_rate']:.0f}%" in progress_html(final)
 
 
 def test_cancel_sends_sigterm_and_the_run_ends_cancelled(tmp_path):
