@@ -638,7 +638,10 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     master = params  # what the optimizer steps
     if mixed:
         master = [p.detach().clone() for p in params]  # fp32: loaded (or resumed) in full precision
-        inner.base_model.to(torch.bfloat16)  # in place: the same Parameters, now bf16; the head stays fp32
+        head = {id(p) for p in inner.score.parameters()}
+        for p in params:  # the same Parameter objects, now holding bf16; the head and buffers stay fp32
+            if id(p) not in head:  # (module.to(bf16) would also round the rotary inv_freq buffer)
+                p.data = p.data.to(torch.bfloat16)
     # No weight decay on biases and norm gains (1-D tensors): decaying them only hurts.
     groups = [{"params": [p for p in master if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in master if p.ndim < 2], "weight_decay": 0.0}]
