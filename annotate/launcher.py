@@ -277,6 +277,11 @@ class RunInfo:
         return (self.kind == "reward" and self.state == "done"
                 and (self.path / REWARD_CHECKPOINT / "config.json").is_file())
 
+    @property
+    def resumable(self) -> bool:
+        """A stopped run started from the page: `Launcher.resume` can start it again."""
+        return self.state in ("cancelled", "failed") and (self.path / LAUNCH_FILE).is_file()
+
     def row(self) -> list[Any]:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created_at))
         return [self.run_id, self.kind, self.state, f"{100 * self.progress:.0f}%", self.message, created]
@@ -463,10 +468,37 @@ class Launcher:
         argv = [self.python, "-m", f"trainer.{kind}", "--run-dir", str(path), "--no-progress", *args]
         launch = {"kind": kind, "argv": argv, "settings": settings, "created_at": time.time(),
                   "started_by": f"preflab serve (pid {os.getpid()})"}
+        return self._spawn(run_id, path, argv, launch, "starting the trainer", 0.0)
+
+    def resume(self, run_id: str, extra: list[str] | None = None) -> RunInfo:
+        """Start a cancelled or failed run again with the command that launched it: the
+        trainer resumes from its last checkpoint (or starts over if it saved none)."""
+        info = self.info(run_id or "")
+        if info is None:
+            raise LaunchError(f"Run: there is no run {run_id!r}")
+        if not info.resumable:
+            raise LaunchError(f"{run_id} is {info.state}; only a cancelled or failed run started from "
+                              f"this page can be resumed" + (" (this one was not)" if info.state in
+                                                            ("cancelled", "failed") else ""))
+        launch = read_json(info.path / LAUNCH_FILE)
+        argv = list(launch.get("argv") or [])
+        # Only ever a trainer on this very run directory, whatever launch.json says.
+        if (argv[1:3] != ["-m", f"trainer.{info.kind}"] or "--run-dir" not in argv
+                or argv[argv.index("--run-dir") + 1:][:1] != [str(info.path)]):
+            raise LaunchError(f"{run_id}: {LAUNCH_FILE} does not hold this run's trainer command; "
+                              f"resume it with the command that started it")
+        with self._lock:
+            self._cancelled.discard(run_id)
+        return self._spawn(run_id, info.path, [self.python, *argv[1:], *(extra or [])],
+                           {**launch, "resumed_at": time.time()}, "resuming from the last checkpoint",
+                           info.progress)
+
+    def _spawn(self, run_id: str, path: Path, argv: list[str], launch: dict, message: str,
+               progress: float) -> RunInfo:
         # Shown at once, before the trainer has even imported torch.
         write_json(path / LAUNCH_FILE, launch)
-        write_json(path / "status.json", {"state": "queued", "progress": 0.0,
-                                          "message": "starting the trainer", "updated_at": time.time()})
+        write_json(path / "status.json", {"state": "queued", "progress": progress,
+                                          "message": message, "updated_at": time.time()})
         env = {**(self.env if self.env is not None else os.environ), "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)

@@ -139,13 +139,14 @@ def build_train_tab(demo, service, admin):
         with gr.Row():
             t_cancel = gr.Button("Cancel run", variant="stop", interactive=False, scale=0, min_width=140,
                                  elem_id="run-cancel")
+            t_resume = gr.Button("Resume run", interactive=False, scale=0, min_width=140, elem_id="run-resume")
             t_arena = gr.Button("Add to arena", interactive=False, scale=0, min_width=140, elem_id="run-arena")
         t_timer = gr.Timer(POLL_S, active=False)
         t_seen = gr.State(None)   # what the plots and log show now: skip re-sending the same
 
     # ---- one refresh for every event ------------------------------------------------
-    refresh_outputs = [t_table, t_run, p_reward, t_progress, t_plot_a, t_plot_b, t_log, t_cancel, t_arena,
-                       t_timer, t_seen]
+    refresh_outputs = [t_table, t_run, p_reward, t_progress, t_plot_a, t_plot_b, t_log, t_cancel, t_resume,
+                       t_arena, t_timer, t_seen]
 
     def arena_note(info: RunInfo) -> str:
         if info.kind != "policy" or info.state != "done":
@@ -200,6 +201,7 @@ def build_train_tab(demo, service, admin):
                 progress_html(info, arena_note(info) if info else ""),
                 *plots, log,
                 gr.Button(interactive=info is not None and info.active),
+                gr.Button(interactive=info is not None and info.resumable),
                 gr.Button(interactive=servable),
                 gr.Timer(active=any(r.active for r in runs)),
                 new_seen)
@@ -253,6 +255,15 @@ def build_train_tab(demo, service, admin):
             text, error = str(e), True
         return (message_html(text, error), *refresh(selected, seen, reward_choice))
 
+    def on_resume(selected, seen, reward_choice, request: gr.Request):
+        admin(request)
+        try:
+            info = launcher.resume(selected)
+            text, error = f"Resumed {info.run_id} at {time.strftime('%H:%M:%S')}.", False
+        except LaunchError as e:
+            text, error = str(e), True
+        return (message_html(text, error), *refresh(selected, None, reward_choice))
+
     def on_arena(selected, seen, reward_choice, request: gr.Request):
         admin(request)
         try:
@@ -274,5 +285,6 @@ def build_train_tab(demo, service, admin):
     p_start.click(on_start_policy, [p_reward, p_algo, p_steps, p_lr, p_kl, p_prompts, p_model, p_batch, p_new,
                                     t_run], [t_message, *refresh_outputs], **kw)
     t_cancel.click(on_cancel, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
+    t_resume.click(on_resume, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
     t_arena.click(on_arena, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
     return tab

@@ -120,6 +120,20 @@ def test_cancel_sends_sigterm_and_the_run_ends_cancelled(tmp_path):
     assert not Path(f"/proc/{running.pid}").exists()            # reaped
     assert "already cancelled" in launcher.cancel(run_id)        # nothing left to signal
 
+    # Resume: the same command again; the trainer goes on from its checkpoint (here told to
+    # stop two steps later, so that the test ends).
+    saved = json.loads((final.path / "checkpoint" / "preflab_reward.json").read_text())["step"]
+    assert final.resumable
+    again = launcher.resume(run_id, extra=["--max-steps", str(saved + 2)])
+    assert again.state == "queued" and again.progress == final.progress
+    done = launcher.wait(run_id, timeout=180)
+    assert done.state == "done", launcher.log_tail(run_id)
+    records = [json.loads(line) for line in (final.path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "resume" and r["step"] == saved for r in records)
+    assert [r["step"] for r in records if r["kind"] == "train"][-2:] == [saved + 1, saved + 2]
+    with pytest.raises(LaunchError, match="only a cancelled or failed run"):
+        launcher.resume(run_id)
+
 
 def test_a_killed_trainer_shows_as_failed(tmp_path):
     """Killed (-9) before it could write a final state: the launcher that started it
