@@ -89,8 +89,13 @@ class ComparisonStore:
         # Take our liveness lock before anything else, so no other process ever
         # mistakes us for a dead writer.
         self._lock_path = self.tail_dir / f"{self.writer_id}.lock"
-        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Locked before it is visible: created under a name recovery ignores, flock'ed, then
+        # renamed into place. Otherwise a recovering writer could flock it between our create
+        # and our flock, take us for dead and delete it, and later our live segments.
+        tmp_lock = self.tail_dir / f".{self.writer_id}.lock.tmp"
+        self._lock_fd = os.open(tmp_lock, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp_lock, self._lock_path)
         self.recovered_events = recover_orphans(self.root)
         self._seq = 0
         self._pending: list[dict[str, Any]] = []
