@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trainer.comparisons import CHOICES, SIDES
+from trainer.evaluate import wilson_interval  # noqa: F401  (one implementation, shared with the policy eval)
 
 Votes = Union[pa.Table, pd.DataFrame]
 
@@ -45,9 +46,6 @@ Votes = Union[pa.Table, pd.DataFrame]
 # was the one on the left" is simply `choice == left`.
 A, B, TIE, BOTH_BAD = range(len(CHOICES))
 N_CHOICES = len(CHOICES)
-
-# The 0.975 quantile of the standard normal: a two-sided 95% interval.
-Z95 = 1.959963984540054
 
 _US_PER_DAY = 86_400 * 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -220,24 +218,6 @@ def _choice_rates(v: _Votes) -> dict[str, float]:
     counts = np.bincount(v.choice[v.choice >= 0], minlength=N_CHOICES)
     shares = _ratio(counts, counts.sum())
     return {name: float(shares[i]) for i, name in enumerate(CHOICES)}
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion k/n (Wilson 1927).
-
-    Unlike the textbook p +- z*sqrt(p(1-p)/n) it stays inside [0, 1] and does not
-    collapse to a point at k = 0 or k = n, which matters for small annotator samples.
-    (nan, nan) when n is 0.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    p = k / n
-    z2 = z * z
-    denominator = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    # Clamp away rounding: at k = 0 the low end is exactly 0, at k = n the high end 1.
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def position_bias(votes: Votes) -> dict[str, float]:

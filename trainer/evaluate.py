@@ -28,15 +28,25 @@ HELDOUT_FILE = "heldout.jsonl"
 EVAL_FILE = "eval.json"
 
 
-def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion: honest near 0 and 1 and for small n,
-    where the normal approximation runs outside [0, 1]."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+Z95 = 1.959963984540054   # the two-sided 95% normal quantile
+
+
+def wilson_interval(k: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n (Wilson 1927).
+
+    Unlike the textbook p +- z*sqrt(p(1-p)/n) it stays inside [0, 1] and does not
+    collapse to a point at k = 0 or k = n, which matters for small samples (annotators
+    in the dashboard, held-out prompts here). (nan, nan) when n is 0.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    p = k / n
+    z2 = z * z
+    denominator = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    # Clamp away rounding: at k = 0 the low end is exactly 0, at k = n the high end 1.
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def write_heldout(run_dir: Path, conversations: list) -> None:
