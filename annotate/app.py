@@ -300,7 +300,7 @@ class Service:
     def dashboard(self) -> dict[str, Any]:
         """Every number of the dashboard. Tables are lists of records (JSON-able)."""
         from annotate import stats
-        from trainer.comparisons import read_comparisons
+        from trainer.store import read_comparisons
 
         votes = read_comparisons(self.data_dir)
         summary = stats.summary(votes)
@@ -319,7 +319,7 @@ class Service:
         """Write the standing votes as a preference dataset (annotate/export.py).
         Returns (files, a one-line report)."""
         from annotate.export import export_preferences, ties_path_for, write_table
-        from trainer.comparisons import read_comparisons
+        from trainer.store import read_comparisons
 
         if filetype not in ("parquet", "jsonl"):
             raise ValueError(f"filetype must be parquet or jsonl, got {filetype!r}")
@@ -854,8 +854,8 @@ def _error(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from annotate.store import ComparisonStore
-    from trainer.comparisons import read_comparisons
+    from trainer.store.directory_writer import DirectoryStore
+    from trainer.store import read_comparisons
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):   # one line per request otherwise
@@ -938,7 +938,7 @@ def run(args: argparse.Namespace) -> int:
 
     if sampler is not None:   # scores the pool in the background; a generator's batches before they join it
         sampler.attach(queue, generator)
-    store = ComparisonStore(args.data)
+    store = DirectoryStore(args.data)
     if votes is not None:
         queue.restore(votes)
     service = Service(store, queue, data_dir=args.data, accounts=accounts,

@@ -25,8 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-policy": ("trainer.policy", "fine-tune the policy against a reward model (PPO, RLOO or REINFORCE)"),
     "eval-policy": ("trainer.evaluate", "reward-model win rate of a trained policy over its reference, "
                                         "on held-out prompts"),
-    "compact": ("annotate.store", "merge small part files of a comparison store"),
-    "info": ("annotate.store", "summarise a comparison store: events, votes, files"),
+    "compact": ("annotate.store_commands", "merge small part files of a comparison store"),
+    "info": ("annotate.store_commands", "summarise a comparison store: events, votes, files"),
     "leaderboard": ("annotate.leaderboard", "rank models by Bradley-Terry ratings from the votes, with bootstrap confidence intervals"),
     "user": ("annotate.users", "manage annotator and admin accounts in a users.toml"),
 }
@@ -55,8 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
+    from trainer.store.errors import StoreError
     try:
         return int(args._run(args) or 0)
+    except StoreError as e:
+        # The one place a store problem (missing, unreadable, full, database down, a
+        # second server) becomes what the user reads: one line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

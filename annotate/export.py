@@ -215,7 +215,7 @@ def export_preferences(
     annotators: list[str] | None = None,
     models: list[str] | None = None,
 ) -> tuple[pa.Table, pa.Table | None, ExportReport]:
-    """Standing votes (`trainer.comparisons.read_comparisons`) -> preference rows.
+    """Standing votes (`trainer.store.read_comparisons`) -> preference rows.
 
     Returns (pairs, ties_table, report). `pairs` has prompt/chosen/rejected (+ margin);
     `ties_table` is None unless ties="separate", when it holds prompt, response_a,
@@ -427,7 +427,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.comparisons import read_comparisons
+    from trainer.store import read_comparisons
 
     t0 = time.perf_counter()
     try:

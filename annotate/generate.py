@@ -6,7 +6,7 @@ lines the annotation app serves:
     prompt        list of chat messages
     response_a/b  the two candidates, in canonical order: sorted by (model, response)
     model_a/b     the model that produced each (aliases spelled out to the full id)
-    pair_id       trainer.comparisons.pair_id_for(prompt JSON, response_a, response_b)
+    pair_id       trainer.store.pair_id_for(prompt JSON, response_a, response_b)
     prompt_id     the pool's id for the prompt
     gen_params    JSON string: {"a": {sampling settings}, "b": {...}}
 
@@ -28,7 +28,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from trainer.comparisons import messages_to_json, pair_id_for, prompt_id_for
+from trainer.store import messages_to_json, pair_id_for, prompt_id_for
 from trainer.models import DEFAULT_MODEL, canonical_name
 
 MODEL_PROMPT = "What is the capital of France? Answer in one sentence."

@@ -29,7 +29,7 @@ strength; anything else leaves it null (a plain preference of unknown strength).
 
 A row that cannot be read is reported as `file:N: reason` (N is the line of a JSON
 Lines file, the item of a JSON array, the row of a Parquet file, counting from 1) and
-skipped. Votes are written with `ComparisonStore.append_many` in chunks, each chunk one
+skipped. Votes are written with `DirectoryStore.append_many` in chunks, each chunk one
 durable part file; a file with no importable row is an error and writes nothing.
 Importing the same file twice imports its votes twice.
 """
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from annotate.export import ASSISTANT_CUE, ROLE_LABELS
-from trainer.comparisons import messages_to_json, pair_id_for, prompt_id_for
+from trainer.store import messages_to_json, pair_id_for, prompt_id_for
 from trainer.rows import BadRow, iter_rows, parse_messages
 
 STYLES = ("standard", "conversational", "implicit", "hh")
@@ -231,7 +231,7 @@ def import_file(path: str | os.PathLike, store_dir: str | os.PathLike, source: s
     Raises ValueError when the file cannot be read at all or holds no importable row
     (nothing is written then; the store is not even created).
     """
-    from annotate.store import ComparisonStore
+    from trainer.store.directory_writer import DirectoryStore
 
     path = Path(path)
     if not source or not source.strip():
@@ -247,7 +247,7 @@ def import_file(path: str | os.PathLike, store_dir: str | os.PathLike, source: s
     def flush():
         nonlocal store
         if store is None:  # opened at the first good chunk: a failed import leaves no store
-            store = ComparisonStore(store_dir)
+            store = DirectoryStore(store_dir)
         store.append_many(chunk, where=str(path))
         report.imported += len(chunk)
         report.parts += 1

@@ -701,7 +701,7 @@ def page(data_dir: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str |
     dropdown) and the anchor in use. A LeaderboardError becomes `message` (ok False) with
     the other parts empty; an anchor that is no longer among the models falls back to the
     mean, with a note."""
-    from trainer.comparisons import read_comparisons
+    from trainer.store import read_comparisons
 
     votes = read_comparisons(data_dir, columns=VOTE_COLUMNS)
     evals = evals_html(policy_evals(runs_dir, votes))
@@ -763,7 +763,7 @@ def build_leaderboard_tab(demo, service, tab, admin) -> None:
     def leaderboard_api(anchor: str = "", request: gr.Request = None) -> dict:
         """Ratings, 95% intervals, ranks, win-rate matrix and vote counts (admins only).
         anchor: the model rated 1000; empty for the mean of the models."""
-        from trainer.comparisons import read_comparisons
+        from trainer.store import read_comparisons
 
         admin(request)
         votes = read_comparisons(service.data_dir, columns=VOTE_COLUMNS)
@@ -810,7 +810,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.comparisons import read_comparisons
+    from trainer.store import read_comparisons
 
     if args.rounds < 0:
         print(f"error: --rounds must be 0 or more, got {args.rounds}", file=sys.stderr)

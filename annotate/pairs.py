@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.comparisons import messages_to_json, pair_id_for, prompt_id_for
+from trainer.store import messages_to_json, pair_id_for, prompt_id_for
 from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, parse_messages
 
 log = logging.getLogger("preflab.pairs")

@@ -119,7 +119,7 @@ def content_key(prompt: str, response_a: str, response_b: str) -> str:
     """What a pair's scores depend on: prompt (canonical JSON) and the two answers. The
     same hash as a default pair_id, but computed, so a pair_id chosen by a pairs file
     never decides which scores a pair gets."""
-    from trainer.comparisons import pair_id_for
+    from trainer.store import pair_id_for
     return pair_id_for(prompt, response_a, response_b)
 
 
@@ -466,7 +466,7 @@ class Reviewer:
         return job.view()
 
     def read_votes(self) -> list[dict[str, Any]]:
-        from trainer.comparisons import read_comparisons
+        from trainer.store import read_comparisons
         if not self.data_dir.is_dir():
             return []
         table = read_comparisons(self.data_dir)

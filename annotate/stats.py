@@ -1,7 +1,7 @@
 """Numbers for the admin dashboard, computed from the standing votes.
 
 Every function takes the votes as a pyarrow Table (what
-`trainer.comparisons.read_comparisons` returns) or a pandas DataFrame with the same
+`trainer.store.read_comparisons` returns) or a pandas DataFrame with the same
 column names, and never changes it. Only the columns a function needs must be present.
 
     votes_by(votes, "annotator" | "model" | "day")  one row per group: counts and rates
@@ -36,7 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trainer.comparisons import CHOICES, SIDES
+from trainer.store import CHOICES, SIDES
 from trainer.evaluate import wilson_interval  # noqa: F401  (one implementation, shared with the policy eval)
 
 Votes = Union[pa.Table, pd.DataFrame]

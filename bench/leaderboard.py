@@ -29,7 +29,7 @@ mean theta)):
   comp_mat[i, j] = wins of i over j + 0.5 * ties, which is exactly the half-win
   likelihood (the pairwise-list functions of choix take (winner, loser) tuples and have
   no way to say "tie"). `choix_s` times the fit only; `ours_fit_s` is ours on the same matrix.
-* the CLI: a real store of `--cli-votes` votes (ComparisonStore.append_many, short
+* the CLI: a real store of `--cli-votes` votes (DirectoryStore.append_many, short
   answers), then `preflab leaderboard --data DIR --rounds R` as a subprocess, end to end
   (interpreter start, imports, reading the store, fit, bootstrap, printing): `cli_s`;
   `cli_phases_s` is the CLI's own breakdown (from a second run with --json).
@@ -146,13 +146,13 @@ def fastchat_bootstrap(matchups, outcomes, weights, n_models, rounds, seed):
 # --------------------------------------------------------------------------------------
 
 def build_store(path: Path, names, a, b, outcome, votes: int) -> float:
-    from annotate.store import ComparisonStore
-    from trainer.comparisons import messages_to_json
+    from trainer.store.directory_writer import DirectoryStore
+    from trainer.store import messages_to_json
 
     prompts = [messages_to_json([{"role": "user", "content": f"Question {k}?"}]) for k in range(100)]
     t0 = time.perf_counter()
     chunk = 100_000
-    with ComparisonStore(path) as store:
+    with DirectoryStore(path) as store:
         for start in range(0, votes, chunk):
             stop = min(votes, start + chunk)
             store.append_many(
@@ -258,7 +258,7 @@ def main() -> None:
         n = min(args.cli_votes, args.battles)
         folder = Path(tempfile.mkdtemp(prefix="preflab-leaderboard-bench-"))
         try:
-            say(f"CLI: building a store of {n} votes with ComparisonStore.append_many")
+            say(f"CLI: building a store of {n} votes with DirectoryStore.append_many")
             result["store_build_s"] = round(build_store(folder / "store", names, a, b, outcome, n), 1)
             say(f"CLI: preflab leaderboard --data {folder / 'store'} --rounds {args.rounds}")
             cli_s, r = time_cli(folder / "store", args.rounds)

@@ -34,8 +34,9 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotate.export import export_preferences, write_table  # noqa: E402
-from annotate.store import ComparisonStore, compact  # noqa: E402
-from trainer.comparisons import SCHEMA, messages_to_json, read_comparisons, read_events  # noqa: E402
+from trainer.store.directory_writer import DirectoryStore  # noqa: E402
+from trainer.store.compaction import compact  # noqa: E402
+from trainer.store import SCHEMA, messages_to_json, read_comparisons, read_events  # noqa: E402
 
 
 def vote_record(i: int, annotator: str) -> dict:
@@ -49,7 +50,7 @@ def vote_record(i: int, annotator: str) -> dict:
 
 
 def writer(store_dir: str, n: int, name: str, queue, start) -> None:
-    store = ComparisonStore(store_dir)
+    store = DirectoryStore(store_dir)
     start.wait()  # every writer has booted: measure appends, not interpreters starting up
     latencies, ids = [], []
     for i in range(n):
@@ -165,10 +166,10 @@ def main() -> None:
         # a store of `--events` votes
         table = synthetic_votes(args.events)
         big = work / "big"
-        with ComparisonStore(big) as store:
+        with DirectoryStore(big) as store:
             for start in range(0, len(table), args.part_rows):
                 # the bulk path writes exactly what an import would
-                from annotate.store import write_part
+                from trainer.store.directory_writer import write_part
                 write_part(table.slice(start, args.part_rows),
                            big / "parts" / f"{store.writer_id}.bench-{start:09d}.parquet")
         n_parts = len(list((big / "parts").glob("*.parquet")))

@@ -191,7 +191,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def stored_event_ids(store: Path) -> set[str]:
-    from trainer.comparisons import read_events
+    from trainer.store import read_events
     return set(read_events(store)["event_id"].to_pylist())
 
 

@@ -19,8 +19,8 @@ import pytest
 from annotate.app import Service, render_markdown, render_prompt
 from annotate.pairs import load_pairs
 from annotate.queue import AssignmentQueue
-from annotate.store import ComparisonStore
-from trainer.comparisons import read_comparisons, read_events
+from trainer.store.directory_writer import DirectoryStore
+from trainer.store import read_comparisons, read_events
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,7 +136,7 @@ def test_service_maps_left_and_right_to_the_canonical_choice(tmp_path):
     pairs, _ = load_pairs(write_pairs(tmp_path / "pairs.jsonl", 40))
     q = AssignmentQueue(seed=3)
     q.add(pairs)
-    with ComparisonStore(tmp_path / "store") as store:
+    with DirectoryStore(tmp_path / "store") as store:
         service = Service(store, q, data_dir=tmp_path / "store", local_user="me")
         view = service.next("me")
         acks = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from test_app_api import Server, add_users, write_pairs
-from trainer.comparisons import read_comparisons, read_events
+from trainer.store import read_comparisons, read_events
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -17,8 +17,8 @@ import pytest
 
 from annotate.export import export_preferences, ties_path_for, write_table
 from annotate.importers import import_file
-from annotate.store import ComparisonStore
-from trainer.comparisons import messages_to_json, pair_id_for, prompt_id_for, read_comparisons
+from trainer.store.directory_writer import DirectoryStore
+from trainer.store import messages_to_json, pair_id_for, prompt_id_for, read_comparisons
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -44,7 +44,7 @@ def vote(messages, a, b, choice, strength=None, annotator="alice", model_a="m1",
 def store(tmp_path):
     """Votes of every kind; appended one by one so their order is their created_at."""
     path = tmp_path / "store"
-    with ComparisonStore(path) as s:
+    with DirectoryStore(path) as s:
         s.append(vote(SKY, "Blue.", "Green.", "a", 2))
         s.append(vote(SKY, "Blue.", "Green.", "b", 1, annotator="bob"))
         s.append(vote(CHAT, "Seven.", "Eight.", "a", None, model_b="m3"))
@@ -142,7 +142,7 @@ def test_margin_is_the_strength(store):
 
 def test_majority_aggregation(tmp_path):
     path = tmp_path / "store"
-    with ComparisonStore(path) as s:
+    with DirectoryStore(path) as s:
         s.append(vote(SKY, "Blue.", "Green.", "a", 2, annotator="u1"))
         s.append(vote(SKY, "Blue.", "Green.", "b", 1, annotator="u2"))
         s.append(vote(SKY, "Blue.", "Green.", "a", 1, annotator="u3"))
@@ -180,7 +180,7 @@ def test_filters(store):
 
 
 def test_export_of_an_empty_store(tmp_path):
-    with ComparisonStore(tmp_path / "store"):
+    with DirectoryStore(tmp_path / "store"):
         pass
     for fmt in ("standard", "conversational"):
         pairs, ties, report = export_preferences(read_comparisons(tmp_path / "store"), format=fmt,
@@ -402,7 +402,7 @@ def test_cli_import_then_export(tmp_path):
 
 def trl_store(tmp_path):
     path = tmp_path / "store"
-    with ComparisonStore(path) as s:
+    with DirectoryStore(path) as s:
         for i in range(4):
             s.append(vote(SKY, f"Blue, {i}.", f"Green, {i}.", "a", 2))
             s.append(vote(CHAT, f"Seven ({i}).", f"Eight ({i}).", "b", 1, annotator="bob"))

@@ -16,15 +16,15 @@ import pytest
 
 from annotate.launcher import (DEAD_MESSAGE, Launcher, LaunchError, MetricsReader, add_to_arena, read_arena,
                                restore_arena, trainer_identity)
-from annotate.store import ComparisonStore
-from trainer.comparisons import messages_to_json
+from trainer.store.directory_writer import DirectoryStore
+from trainer.store import messages_to_json
 
 TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep"]
 
 
 def make_store(path: Path, n: int = 24) -> Path:
     """n votes, a few per prompt; the chosen answer mentions bananas."""
-    with ComparisonStore(path) as store:
+    with DirectoryStore(path) as store:
         for i in range(n):
             prompt = messages_to_json([{"role": "user", "content": f"Question {i % 8} about {TOPICS[i % 8 % 6]}?"}])
             good, bad = f"banana answer number {i}", f"plain answer number {i}"
@@ -283,7 +283,7 @@ def test_add_model_turns_one_model_into_a_two_model_arena(tmp_path):
     assert all({p.model_a, p.model_b} == {"tiny", "policy-run-1"} for p in new)
     # A vote on such a pair carries the run id as its model.
     from annotate.app import Service
-    with ComparisonStore(tmp_path / "store") as store:
+    with DirectoryStore(tmp_path / "store") as store:
         service = Service(store, q, data_dir=tmp_path / "store", local_user="me", generator=gen)
         models = set()
         view = service.next("me")
@@ -291,7 +291,7 @@ def test_add_model_turns_one_model_into_a_two_model_arena(tmp_path):
             view = service.vote("me", view["pair"]["pair_id"], "left")
             models |= {view["ack"]["left_model"], view["ack"]["right_model"]}
     assert models == {"tiny", "policy-run-1"}
-    from trainer.comparisons import read_comparisons
+    from trainer.store import read_comparisons
     votes = read_comparisons(tmp_path / "store").to_pylist()
     assert sum("policy-run-1" in (v["model_a"], v["model_b"]) for v in votes) == 3
 

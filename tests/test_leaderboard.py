@@ -19,8 +19,8 @@ from annotate import cli
 from annotate.leaderboard import (CENTER, SCALE, LeaderboardError, battles_from_votes, fit_bradley_terry,
                                   head_to_head, interval_ranks, leaderboard, matrix_html, page, plot_svg,
                                   policy_evals, table_html)
-from annotate.store import ComparisonStore
-from trainer.comparisons import messages_to_json, read_comparisons
+from trainer.store.directory_writer import DirectoryStore
+from trainer.store import messages_to_json, read_comparisons
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def vote_record(i: int, model_a: str, model_b: str, choice: str) -> dict:
 
 
 def write_store(path: Path, rows) -> Path:
-    with ComparisonStore(path) as store:
+    with DirectoryStore(path) as store:
         store.append_many(vote_record(i, *row) for i, row in enumerate(rows))
     return path
 
@@ -309,7 +309,7 @@ def store(tmp_path):
     rows = list(zip(*(votes[c].to_pylist() for c in ("model_a", "model_b", "choice"))))
     rows += [(name(0), name(0), "a")] * 3 + [(name(1), name(2), "both_bad")] * 4
     path = write_store(tmp_path / "store", rows)
-    with ComparisonStore(path) as s:     # an undo: that vote must not count
+    with DirectoryStore(path) as s:     # an undo: that vote must not count
         first = read_comparisons(path).to_pylist()[0]
         s.retract(first["event_id"], first["annotator"], vote=first)
     return path
@@ -356,7 +356,7 @@ def test_cli_json_and_anchor(store):
 
 def test_cli_errors_exit_2_with_a_clear_message(tmp_path, capsys):
     empty = tmp_path / "empty"
-    ComparisonStore(empty).close()
+    DirectoryStore(empty).close()
     assert cli.main(["leaderboard", "--data", str(empty)]) == 2
     assert "no votes yet" in capsys.readouterr().err
     assert cli.main(["leaderboard", "--data", str(tmp_path / "nowhere")]) == 2
@@ -370,9 +370,9 @@ def test_cli_errors_exit_2_with_a_clear_message(tmp_path, capsys):
 
 
 def test_reading_only_the_vote_columns_still_applies_retractions(store):
-    """The CLI reads model_a, model_b, choice only (trainer.comparisons columns=): same
+    """The CLI reads model_a, model_b, choice only (trainer.store columns=): same
     rows as a full read, retracted votes gone, live tail events included."""
-    with ComparisonStore(store, flush_every=10_000) as s:   # an un-flushed tail: one vote, one undo
+    with DirectoryStore(store, flush_every=10_000) as s:   # an un-flushed tail: one vote, one undo
         kept = s.append(vote_record(9000, name(2), name(0), "a"))
         gone = s.append(vote_record(9001, name(2), name(0), "a"))
         s.retract(gone["event_id"], gone["annotator"], vote=gone)
@@ -397,7 +397,7 @@ def test_help_texts(capsys):
 
 def test_the_tab_view_explains_an_empty_store_and_a_vanished_anchor(store, tmp_path):
     empty = tmp_path / "empty"
-    ComparisonStore(empty).close()
+    DirectoryStore(empty).close()
     view = page(empty, tmp_path / "runs")
     assert not view["ok"] and "no votes yet" in view["message"] and view["table"] == ""
     view = page(store, tmp_path / "runs", anchor="retired-model")

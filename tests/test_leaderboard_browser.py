@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from annotate.store import ComparisonStore
+from trainer.store.directory_writer import DirectoryStore
 from test_app_api import Server, add_users, client, write_pairs
 from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
-from trainer.comparisons import messages_to_json
+from trainer.store import messages_to_json
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
@@ -36,7 +36,7 @@ def seed_votes(store: Path, n: int = 600) -> None:
                         "prompt": messages_to_json([{"role": "user", "content": f"Q{i % 5}"}]),
                         "response_a": "x", "response_b": "y", "model_a": names[a], "model_b": names[b],
                         "left": "a", "choice": choice, "annotator": "import:seed"})
-    with ComparisonStore(store) as s:
+    with DirectoryStore(store) as s:
         s.append_many(records)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from annotate import generate as gen_cli
 from trainer import models
-from trainer.comparisons import messages_to_json, pair_id_for, validate_record
+from trainer.store import messages_to_json, pair_id_for, validate_record
 
 ROOT = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]

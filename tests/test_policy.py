@@ -25,7 +25,7 @@ import torch
 
 from trainer import rl_math
 from trainer_runs import sigterm_mid_run
-from trainer.comparisons import messages_to_json, records_to_table, validate_record
+from trainer.store import messages_to_json, records_to_table, validate_record
 from trainer.policy import PolicyInputError, load_prompts, prompt_rows, train
 
 # The training tests run on the CPU; PREFLAB_TEST_DEVICE=cuda runs them on a GPU instead.

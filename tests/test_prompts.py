@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.comparisons import prompt_id_for
+from trainer.store import prompt_id_for
 from trainer.prompts import Prompt, PromptPoolError, load_prompt_pool
 
 REPO = Path(__file__).resolve().parent.parent

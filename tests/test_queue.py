@@ -14,8 +14,8 @@ import pytest
 
 from annotate.pairs import PairsFileError, load_pairs, pair_from_row
 from annotate.queue import AssignmentQueue, StaleVote
-from annotate.store import ComparisonStore
-from trainer.comparisons import read_comparisons
+from trainer.store.directory_writer import DirectoryStore
+from trainer.store import read_comparisons
 
 
 def make_pairs(n, prefix="q"):
@@ -194,7 +194,7 @@ def test_restore_from_the_store_counts_votes_and_keeps_undo(tmp_path):
     pairs = make_pairs(4)
     q = AssignmentQueue(overlap=2, seed=0)
     q.add(pairs)
-    with ComparisonStore(tmp_path / "store") as store:
+    with DirectoryStore(tmp_path / "store") as store:
         for name in ("ann", "ann", "ben"):
             a = q.next(name)
             q.begin_vote(name, a.pair.pair_id)

@@ -16,10 +16,10 @@ from annotate.pairs import pair_from_row
 from annotate.queue import AssignmentQueue
 from annotate.review import (PairScorer, Reviewer, ReviewError, check_reward_run, disagreements,
                              items_from_votes, review_rows, reward_runs, sigmoid, top_pairs)
-from annotate.store import ComparisonStore
+from trainer.store.directory_writer import DirectoryStore
 from test_reward import TINY, banana_rows, write_jsonl
 from test_sampling import fake_run
-from trainer.comparisons import messages_to_json, read_comparisons
+from trainer.store import messages_to_json, read_comparisons
 
 
 def train_tiny_reward_run(runs_dir: Path, name: str = "rm-tiny") -> Path:
@@ -59,7 +59,7 @@ def test_scores_are_the_reward_models_and_cached_per_run(reward_run, tmp_path):
 
     pairs = [pair_from_row(pair_row(i)) for i in range(5)]
     data = tmp_path / "store"
-    with ComparisonStore(data) as store:
+    with DirectoryStore(data) as store:
         cast(store, pairs[0], "ann", "a", 2)
         cast(store, pairs[0], "ben", "b", 1)   # two votes on one pair: scored once
         cast(store, pairs[1], "ann", "tie")
@@ -91,7 +91,7 @@ def test_scores_are_the_reward_models_and_cached_per_run(reward_run, tmp_path):
         sorted((r["event_id"], r["score_a"], r["score_b"]) for r in rows)
 
     # A new vote on a new pair: only that pair is scored.
-    with ComparisonStore(data) as store:
+    with DirectoryStore(data) as store:
         cast(store, pairs[4], "cat", "a", 1)
     reviewer.start(reward_run.name)
     third = reviewer.wait(reward_run.name)
@@ -165,7 +165,7 @@ def test_disagreements_rank_decisive_votes_by_how_sure_the_model_is_against_them
 def test_requeue_sends_a_pair_to_a_different_annotator_never_the_same_twice(tmp_path):
     pairs = [pair_from_row(pair_row(i)) for i in range(4)]
     data = tmp_path / "store"
-    with ComparisonStore(data) as store:
+    with DirectoryStore(data) as store:
         for p in pairs[:3]:
             cast(store, p, "ann", "a", 2)
         cast(store, pairs[0], "ben", "b")
@@ -190,7 +190,7 @@ def test_requeue_sends_a_pair_to_a_different_annotator_never_the_same_twice(tmp_
     assert b.pair.pair_id == pairs[1].pair_id
     how = json.loads(b.pair.gen_params)["selection"]
     assert how == {"method": "relabel", "reward_run": "rm-x"}
-    with ComparisonStore(data) as store:
+    with DirectoryStore(data) as store:
         q.begin_vote("ben", b.pair.pair_id)
         q.finish_vote(b, cast(store, b.pair, "ben", "b"))
     assert q.next("ben").pair.pair_id == pairs[3].pair_id
@@ -212,7 +212,7 @@ def test_a_pair_outside_the_pool_joins_it_when_sent_back(tmp_path):
     """Votes from an earlier pairs file (or imported ones) can be relabelled too."""
     old = pair_from_row(pair_row(0, prompt="An old question?"))
     data = tmp_path / "store"
-    with ComparisonStore(data) as store:
+    with DirectoryStore(data) as store:
         cast(store, old, "ann", "a")
     q = AssignmentQueue(overlap=1, seed=0)
     q.add([pair_from_row(pair_row(1))])

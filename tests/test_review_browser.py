@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from annotate.pairs import load_pairs
-from annotate.store import ComparisonStore
+from trainer.store.directory_writer import DirectoryStore
 from test_app_api import Server, add_users, write_pairs
 from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
 from test_review import train_tiny_reward_run
-from trainer.comparisons import read_comparisons
+from trainer.store import read_comparisons
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
@@ -30,7 +30,7 @@ def review_app(tmp_path_factory):
     run = train_tiny_reward_run(tmp / "runs")
     pairs_file = write_pairs(tmp / "pairs.jsonl", 4, xss=True)   # 5 pairs; 4 get votes, 1 stays fresh
     pairs, _ = load_pairs(pairs_file)
-    with ComparisonStore(tmp / "store") as store:
+    with DirectoryStore(tmp / "store") as store:
         for i, who, choice, strength in VOTES:
             store.append({**pairs[i].record_fields(), "kind": "vote", "left": "a", "choice": choice,
                           "strength": strength, "annotator": who, "decision_ms": 1500})

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from trainer_runs import sigterm_mid_run
-from trainer.comparisons import messages_to_json, records_to_table, validate_record
+from trainer.store import messages_to_json, records_to_table, validate_record
 from trainer.reward import (RewardModel, expected_calibration_error, preference_loss, train)
 from trainer.reward_data import (RewardDataError, encode_pairs, fit, length_grouped_batches,
                                  read_pairs, split_by_prompt, text_to_messages)

@@ -11,9 +11,9 @@ import pytest
 from annotate.pairs import pair_from_row
 from annotate.queue import AssignmentQueue
 from annotate.sampling import SamplingError, UncertaintySampler, selection_of, with_selection
-from annotate.store import ComparisonStore
+from trainer.store.directory_writer import DirectoryStore
 from test_queue import make_pairs
-from trainer.comparisons import read_comparisons
+from trainer.store import read_comparisons
 
 
 def hand_out_all(q, name="ann"):
@@ -111,7 +111,7 @@ def test_selection_goes_into_the_stored_vote_and_survives_a_restart(tmp_path):
     pairs = [pair_from_row(r) for r in rows]
     gaps = {p.pair_id: float(k) for k, p in enumerate(pairs)}
     q = queue_with(pairs, gaps, mix=0.0, seed=0, overlap=2)
-    with ComparisonStore(tmp_path / "store") as store:
+    with DirectoryStore(tmp_path / "store") as store:
         for _ in range(len(pairs)):   # ann votes on everything; each vote is stored
             a = q.next("ann")
             q.begin_vote("ann", a.pair.pair_id)

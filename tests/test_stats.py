@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from annotate import stats
-from trainer.comparisons import messages_to_json, records_to_table, validate_record
+from trainer.store import messages_to_json, records_to_table, validate_record
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -17,9 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from annotate.store import ComparisonStore, compact, recover_orphans
-from trainer.comparisons import (SCHEMA, RecordError, list_store, read_comparisons,
-                                 read_events, messages_to_json)
+from trainer.store import SCHEMA, RecordError, messages_to_json, read_comparisons, read_events
+from trainer.store.compaction import compact
+from trainer.store.directory_reader import list_store
+from trainer.store.directory_writer import DirectoryStore, recover_orphans
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def vote(**overrides):
 # ---- writing and reading ---------------------------------------------------------------
 
 def test_append_roundtrip_keeps_every_field_and_type(tmp_path):
-    with ComparisonStore(tmp_path) as store:
+    with DirectoryStore(tmp_path) as store:
         acked = store.append(vote())
         store.append(vote(choice="tie", strength=None, rationale=None, decision_ms=None,
                           gen_params=None))
@@ -56,7 +57,7 @@ def test_append_roundtrip_keeps_every_field_and_type(tmp_path):
 
 
 def test_tail_is_visible_before_flush_and_parts_after(tmp_path):
-    store = ComparisonStore(tmp_path, flush_every=3)
+    store = DirectoryStore(tmp_path, flush_every=3)
     for _ in range(2):
         store.append(vote())
     files = list_store(tmp_path)
@@ -73,7 +74,7 @@ def test_tail_is_visible_before_flush_and_parts_after(tmp_path):
 
 
 def test_retractions_cancel_exactly_the_named_vote(tmp_path):
-    with ComparisonStore(tmp_path) as store:
+    with DirectoryStore(tmp_path) as store:
         keep = store.append(vote(choice="a"))
         undo = store.append(vote(choice="b", strength=1))
         store.retract(undo["event_id"], "alice", vote=undo)
@@ -95,7 +96,7 @@ def test_retractions_cancel_exactly_the_named_vote(tmp_path):
     ("colour", "red", "colour"),
 ])
 def test_schema_violations_are_refused_naming_the_field(tmp_path, field, value, needle):
-    with ComparisonStore(tmp_path) as store:
+    with DirectoryStore(tmp_path) as store:
         store.append(vote())
         with pytest.raises(RecordError, match=f"field '{needle}'"):
             store.append(vote(**{field: value}))
@@ -103,7 +104,7 @@ def test_schema_violations_are_refused_naming_the_field(tmp_path, field, value, 
 
 
 def test_strength_on_a_tie_and_retract_without_target_are_refused(tmp_path):
-    with ComparisonStore(tmp_path) as store:
+    with DirectoryStore(tmp_path) as store:
         with pytest.raises(RecordError, match="strength"):
             store.append(vote(choice="tie", strength=1))
         with pytest.raises(RecordError, match="retracts"):
@@ -111,7 +112,7 @@ def test_strength_on_a_tie_and_retract_without_target_are_refused(tmp_path):
 
 
 def test_append_many_is_all_or_nothing_and_names_the_item(tmp_path):
-    with ComparisonStore(tmp_path) as store:
+    with DirectoryStore(tmp_path) as store:
         good = [vote() for _ in range(5)]
         with pytest.raises(RecordError, match=r"hh\.jsonl item 3: field 'choice'"):
             store.append_many(good[:3] + [vote(choice="??")] + good[3:], where="hh.jsonl")
@@ -124,7 +125,7 @@ def test_append_many_is_all_or_nothing_and_names_the_item(tmp_path):
 
 def test_damaged_part_file_is_reported_and_skipped(tmp_path, caplog):
     for _ in range(3):  # three writers -> three part files
-        with ComparisonStore(tmp_path) as store:
+        with DirectoryStore(tmp_path) as store:
             store.append(vote())
             store.append(vote())
     parts = list_store(tmp_path).parts
@@ -137,7 +138,7 @@ def test_damaged_part_file_is_reported_and_skipped(tmp_path, caplog):
 
 
 def test_torn_last_line_of_a_tail_is_dropped_and_the_rest_kept(tmp_path):
-    store = ComparisonStore(tmp_path, flush_every=100)
+    store = DirectoryStore(tmp_path, flush_every=100)
     acked = [store.append(vote())["event_id"] for _ in range(4)]
     segment = list_store(tmp_path).tails[0]
     with open(segment, "ab") as f:
@@ -150,9 +151,9 @@ def test_torn_last_line_of_a_tail_is_dropped_and_the_rest_kept(tmp_path):
 WRITER = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {repo!r})
-    from annotate.store import ComparisonStore
-    from trainer.comparisons import messages_to_json
-    store = ComparisonStore(sys.argv[1], flush_every=int(sys.argv[3]))
+    from trainer.store.directory_writer import DirectoryStore
+    from trainer.store import messages_to_json
+    store = DirectoryStore(sys.argv[1], flush_every=int(sys.argv[3]))
     prompt = messages_to_json([{{"role": "user", "content": "hi"}}])
     for i in range(int(sys.argv[2])):
         rec = store.append(dict(kind="vote", pair_id=f"pair-{{i}}", prompt_id="p", prompt=prompt,
@@ -204,7 +205,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path, flush_every):
     assert len(stored) == len(set(stored))
 
     # The next writer to open the store turns the orphaned tail into part files.
-    with ComparisonStore(tmp_path) as survivor:
+    with DirectoryStore(tmp_path) as survivor:
         if flush_every > 10**6:
             assert survivor.recovered_events == len(stored)
     assert not list_store(tmp_path).tails
@@ -215,7 +216,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path, flush_every):
 
 
 def test_recovery_leaves_live_writers_alone(tmp_path):
-    live = ComparisonStore(tmp_path, flush_every=100)
+    live = DirectoryStore(tmp_path, flush_every=100)
     acked = [live.append(vote())["event_id"] for _ in range(3)]
     assert recover_orphans(tmp_path) == 0
     assert list_store(tmp_path).tails, "a live writer's tail must not be touched"
@@ -225,7 +226,7 @@ def test_recovery_leaves_live_writers_alone(tmp_path):
 
 
 def test_crash_between_part_rename_and_segment_unlink_reads_each_event_once(tmp_path):
-    store = ComparisonStore(tmp_path, flush_every=100)
+    store = DirectoryStore(tmp_path, flush_every=100)
     for _ in range(5):
         store.append(vote())
     segment = list_store(tmp_path).tails[0]
@@ -244,7 +245,7 @@ def canonical(table: pa.Table) -> list[dict]:
 
 def test_compact_merges_parts_without_changing_what_is_read(tmp_path):
     for k in range(6):
-        with ComparisonStore(tmp_path, flush_every=4) as store:
+        with DirectoryStore(tmp_path, flush_every=4) as store:
             for i in range(10):
                 r = store.append(vote(annotator=f"a{k}", choice="ab"[i % 2]))
             store.retract(r["event_id"], f"a{k}", vote=r)
@@ -258,7 +259,7 @@ def test_compact_merges_parts_without_changing_what_is_read(tmp_path):
 
 def test_crash_after_compacted_rename_does_not_duplicate(tmp_path):
     for _ in range(3):
-        with ComparisonStore(tmp_path) as store:
+        with DirectoryStore(tmp_path) as store:
             store.append(vote())
     saved = {p.name: p.read_bytes() for p in list_store(tmp_path).parts}
     compact(tmp_path)
@@ -272,7 +273,7 @@ def test_crash_after_compacted_rename_does_not_duplicate(tmp_path):
 
 def test_compact_leaves_damaged_parts_in_place(tmp_path):
     for _ in range(3):
-        with ComparisonStore(tmp_path) as store:
+        with DirectoryStore(tmp_path) as store:
             store.append(vote())
     bad = list_store(tmp_path).parts[0]
     bad.write_bytes(b"PAR1 garbage")
@@ -310,7 +311,7 @@ def test_missing_store_is_a_clear_error(tmp_path):
 
 def test_cli_compact_and_info(tmp_path):
     for _ in range(3):
-        with ComparisonStore(tmp_path) as store:
+        with DirectoryStore(tmp_path) as store:
             store.append(vote())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "annotate.cli", "compact", "--data", str(tmp_path)],

@@ -119,7 +119,7 @@ def test_add_a_finished_policy_to_the_running_arena(tmp_path, browser):
     import shutil
 
     from test_app_api import client
-    from trainer.comparisons import read_comparisons
+    from trainer.store import read_comparisons
     from trainer.models import build_tiny_model
 
     run = tmp_path / "runs" / "policy-demo"    # what a finished `trainer.policy` run leaves

@@ -202,7 +202,7 @@ def load_prompts(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     from trainer.reward_data import as_messages
     path = Path(path)
     if path.is_dir():
-        from trainer.comparisons import read_comparisons
+        from trainer.store import read_comparisons
         try:
             table = read_comparisons(path)
         except Exception as e:  # not a store, unreadable: say which

@@ -8,7 +8,7 @@ A pool is one file, read by its extension:
 
 Each row gives either `prompt` (a string: one user message) or `messages` (a chat list
 of {"role", "content"}; in CSV a JSON string), and may give `id` (otherwise a hash of
-the messages, `trainer.comparisons.prompt_id_for`) and `tags` (a list of strings, or
+the messages, `trainer.store.prompt_id_for`) and `tags` (a list of strings, or
 one comma-separated string). Other columns are ignored, so a pool can carry notes.
 
 Loading is forgiving, because pools are written by hand and by scripts: a row that
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from trainer.comparisons import messages_to_json, prompt_id_for
+from trainer.store import messages_to_json, prompt_id_for
 from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, line_or_row, parse_messages
 
 log = logging.getLogger("preflab.prompts")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.comparisons import messages_to_json, read_comparisons
+from trainer.store import messages_to_json, read_comparisons
 
 TIE_MODES = ("exclude", "include")
 NEEDED_COLUMNS = ("prompt", "chosen", "rejected")

@@ -1,38 +1,21 @@
-"""The comparison record and how a comparison store is read.
+"""The comparison record: its schema, its validation, and what "standing votes" means.
 
-This module is the contract between the annotation app (which writes a store through
-`annotate.store.ComparisonStore`) and the trainers (which only read). The field names
-and types are fixed by DESIGN.md; see there for their meaning.
-
-A store is a directory:
-
-    <store>/parts/<name>.parquet    immutable zstd Parquet part files, renamed into place
-    <store>/tail/<writer>.<seq>.jsonl  a live writer's un-flushed events, one JSON a line,
-                                     fdatasync'd before the event is acknowledged
-    <store>/tail/<writer>.lock       flock'ed by that writer while it lives
-
-Reading = every part file + every tail segment that has not yet become a part file,
-minus the parts a compacted part says it replaces. Reading never writes.
+This module owns the record (DESIGN.md's table; the field names are binding). Both
+backends (trainer/store/directory_*.py, trainer/store/postgres.py) validate every
+event with `validate_record` before it touches disk or the database, and both readers
+end in `standing()`, so retractions mean the same thing whatever holds the events.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-log = logging.getLogger("preflab.comparisons")
 
 SCHEMA_VERSION = 1
 
@@ -64,13 +47,6 @@ FIELDS = SCHEMA.names
 KINDS = ("vote", "retract")
 CHOICES = ("a", "b", "tie", "both_bad")
 SIDES = ("a", "b")
-
-PARTS_DIR = "parts"
-TAIL_DIR = "tail"
-# Parquet key-value metadata on a compacted part: JSON list of the part names it replaces.
-REPLACES_KEY = b"preflab.replaces"
-
-
 class RecordError(ValueError):
     """A record that breaks the schema. The message names the field."""
 
@@ -213,128 +189,14 @@ def empty_table() -> pa.Table:
 
 
 # --------------------------------------------------------------------------------------
-# Reading a store
+# Reader semantics, shared by both backends
 # --------------------------------------------------------------------------------------
 
-@dataclass
-class StoreFiles:
-    """What a reader sees in a store directory at one moment."""
-
-    parts: list[Path] = field(default_factory=list)      # live part files
-    replaced: list[Path] = field(default_factory=list)   # superseded by a compacted part
-    tails: list[Path] = field(default_factory=list)      # segments not yet turned into parts
-
-
-class _Vanished(Exception):
-    """A file disappeared between listing and reading (a flush or a compaction)."""
-
-
-def tail_part_name(segment: Path) -> str:
-    """The part file a tail segment becomes when it is flushed: same stem."""
-    return segment.stem + ".parquet"
-
-
-def list_store(store: str | os.PathLike) -> StoreFiles:
-    root = Path(store)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such comparison store (a directory)")
-    parts_dir, tail_dir = root / PARTS_DIR, root / TAIL_DIR
-    # Tails are listed BEFORE parts: a writer creates a segment's part before it
-    # unlinks the segment, so in this order an event is always in one of the lists.
-    segments = sorted(tail_dir.glob("*.jsonl")) if tail_dir.is_dir() else []
-    parts = sorted(parts_dir.glob("*.parquet")) if parts_dir.is_dir() else []
-    names = {p.name for p in parts}
-    replaced: set[str] = set()
-    for p in parts:
-        if p.name.startswith("compact-"):
-            try:
-                meta = pq.read_schema(p).metadata or {}
-            except FileNotFoundError:
-                raise _Vanished(p) from None
-            except Exception:  # damaged: reported when read
-                continue
-            replaced.update(json.loads(meta.get(REPLACES_KEY, b"[]")))
-    return StoreFiles(
-        parts=[p for p in parts if p.name not in replaced],
-        replaced=[p for p in parts if p.name in replaced],
-        # A segment whose part already exists crashed (or is) between rename and
-        # unlink: the part holds its events, so the segment is ignored.
-        tails=[s for s in segments if tail_part_name(s) not in names],
-    )
-
-
-def read_tail_segment(path: Path) -> list[dict[str, Any]]:
-    """Parse one tail segment. A torn final line (a writer killed mid-write, or one
-    still writing) holds no acknowledged event and is dropped; a bad line elsewhere is
-    reported with its line number and skipped."""
-    records = []
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    # The last element is b"" when the file ends with a newline, else a torn line.
-    for lineno, line in enumerate(lines[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(validate_record(json.loads(line)))
-        except (json.JSONDecodeError, RecordError) as e:
-            log.warning("%s:%d: skipped a damaged event (%s)", path, lineno, e)
-    return records
-
-
-def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table | None:
-    try:
-        table = pq.read_table(path, schema=SCHEMA, columns=columns)
-        return table.select(columns) if columns is not None else table   # in the order asked
-    except FileNotFoundError:
-        raise _Vanished(path) from None
-    except Exception as e:  # pyarrow raises several types for damaged files
-        log.warning("%s: damaged part file skipped (%s)", path, e)
-        return None
-
-
-def _read_once(store: str | os.PathLike, columns: list[str] | None = None) -> list[pa.Table]:
-    files = list_store(store)
-    tables: list[pa.Table] = []
-    if files.parts:
-        with ThreadPoolExecutor(max_workers=min(8, len(files.parts))) as pool:
-            tables = [t for t in pool.map(lambda p: _read_part(p, columns), files.parts) if t is not None]
-    tail_records = []
-    for segment in files.tails:
-        try:
-            tail_records.extend(read_tail_segment(segment))
-        except FileNotFoundError:
-            # Flushed since we listed it: the writer renamed its part into place
-            # before unlinking the segment, so the events are there.
-            part = _read_part(segment.parent.parent / PARTS_DIR / tail_part_name(segment), columns)
-            if part is not None:
-                tables.append(part)
-    if tail_records:
-        tail = records_to_table(tail_records)
-        tables.append(tail.select(columns) if columns is not None else tail)
-    return tables
-
-
-def _read_tables(store: str | os.PathLike, columns: list[str] | None = None) -> list[pa.Table]:
-    """One table per file. Safe while writers append and a compaction runs: a file
-    that vanishes mid-read means its events moved to a newer file, so start over."""
-    for attempt in range(50):
-        try:
-            return _read_once(store, columns)
-        except _Vanished:
-            time.sleep(0.001 * attempt)
-    raise RuntimeError(f"{store}: files kept moving during 50 read attempts; try again")
-
-
-def _concat(tables: list[pa.Table]) -> pa.Table:
+def concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables) if tables else empty_table()
 
 
-def read_events(store: str | os.PathLike) -> pa.Table:
-    """Every event in the store (votes and retracts), unordered."""
-    return _concat(_read_tables(store))
-
-
-def _standing(tables: list[pa.Table]) -> list[pa.Table]:
+def standing(tables: list[pa.Table]) -> list[pa.Table]:
     """Drop retract events and the votes they name, table by table.
 
     Filtering copies every string, so it runs in parallel per file and skips the files
@@ -357,21 +219,25 @@ def _standing(tables: list[pa.Table]) -> list[pa.Table]:
 
 def apply_retractions(events: pa.Table) -> pa.Table:
     """The votes that stand: vote events not named by any retract event."""
-    return _concat(_standing([events]))
+    return concat(standing([events]))
 
 
-def read_comparisons(store: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """The standing votes of a store as an Arrow table with SCHEMA, retractions applied.
-
-    columns: only these fields, in this order (Parquet reads nothing else: model_a,
-    model_b and choice of a million votes come back without touching the answer text).
-    """
+def check_columns(columns: list[str] | None) -> list[str] | None:
+    """The columns to read so that retractions can be applied: those asked for plus
+    event_id, kind and retracts (None: all). Raises ValueError on an unknown name."""
     if columns is None:
-        return _concat(_standing(_read_tables(store)))
+        return None
     unknown = [c for c in columns if c not in FIELDS]
     if unknown:
         raise ValueError(f"unknown column {unknown[0]!r}; the fields are {', '.join(FIELDS)}")
-    # the fields that retractions are applied with come along, then go
-    needed = list(dict.fromkeys([*columns, "event_id", "kind", "retracts"]))
-    tables = _standing(_read_tables(store, needed))
-    return (pa.concat_tables(tables) if tables else empty_table().select(needed)).select(list(columns))
+    return list(dict.fromkeys([*columns, "event_id", "kind", "retracts"]))
+
+
+def standing_votes(tables: list[pa.Table], columns: list[str] | None) -> pa.Table:
+    """Tables of events (read with `check_columns(columns)`) -> the standing votes, with
+    just `columns` in that order."""
+    kept = standing(tables)
+    if columns is None:
+        return concat(kept)
+    needed = check_columns(columns)
+    return (pa.concat_tables(kept) if kept else empty_table().select(needed)).select(list(columns))

@@ -1,0 +1,85 @@
+"""The comparison store: the record, its readers and writers, two backends.
+
+    from trainer.store import open_store, read_comparisons
+    with open_store("comparisons") as store:              # a directory (the default)
+        store.append({...})                               # durable when it returns
+    votes = read_comparisons("postgresql://me@db:5432/votes")   # or a database
+
+A *target* names a store: a directory path, or a `postgresql://` URL. Everything
+that takes `--data` takes either; the record (trainer/store/record.py) and what the
+readers return (standing votes, retractions applied, the same Arrow schema) are the
+same code for both.
+
+    record.py            the schema, validation, "standing votes"
+    errors.py            StoreError and its kinds (each names what is at fault)
+    directory_reader.py  the directory layout and how it is read
+    directory_writer.py  appending to a directory: tail segments, part files, recovery
+    compaction.py        merging a directory's part files
+    postgres.py          the PostgreSQL backend: events, schema migrations, shared assignment
+    copy.py              moving a store between backends, exactly
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import pyarrow as pa
+
+from trainer.store.errors import (StoreBusy, StoreError, StoreNotFound, StorePermissionError,  # noqa: F401
+                                  StoreUnavailable, StoreWriteError, VoteConflict)
+from trainer.store.record import (CHOICES, FIELDS, KINDS, SCHEMA, SCHEMA_VERSION, SIDES,  # noqa: F401
+                                  RecordError, apply_retractions, messages_to_json, pair_id_for,
+                                  prompt_id_for, records_to_table, validate_record)
+
+_URL = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
+
+
+def is_database(target: str | os.PathLike) -> bool:
+    """True for a `postgresql://` (or `postgres://`) URL, False for a directory path."""
+    return bool(_URL.match(str(target)))
+
+
+def describe(target: str | os.PathLike) -> str:
+    """The target as it may be printed: a URL's password is masked."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(target))
+
+
+def open_store(target: str | os.PathLike, **options: Any):
+    """A writer on the store: `DirectoryStore` for a path, `PostgresStore` for a URL.
+    Options are the backend's (e.g. flush_every for a directory)."""
+    if is_database(target):
+        from trainer.store.postgres import PostgresStore
+        return PostgresStore(str(target), **options)
+    from trainer.store.directory_writer import DirectoryStore
+    return DirectoryStore(target, **options)
+
+
+def store_exists(target: str | os.PathLike) -> bool:
+    """Whether there is a store to read (a database always is, once reachable)."""
+    if is_database(target):
+        return True
+    return os.path.isdir(target)
+
+
+def read_events(target: str | os.PathLike) -> pa.Table:
+    """Every event in the store (votes and retracts), unordered."""
+    if is_database(target):
+        from trainer.store.postgres import read_events as read
+    else:
+        from trainer.store.directory_reader import read_events as read
+    return read(target)
+
+
+def read_comparisons(target: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """The standing votes of a store as an Arrow table with SCHEMA, retractions applied.
+
+    columns: only these fields, in this order (a directory store's Parquet reads nothing
+    else: model_a, model_b and choice of a million votes come back without touching the
+    answer text)."""
+    if is_database(target):
+        from trainer.store.postgres import read_comparisons as read
+    else:
+        from trainer.store.directory_reader import read_comparisons as read
+    return read(target, columns)
