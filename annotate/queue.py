@@ -28,6 +28,11 @@ The rules, all enforced here (the app only asks):
   comparison store, so votes cast before a restart count, and undo still reaches the
   last `history` votes of each annotator. (Leases and skips live in memory: after a
   restart an annotator may see a pair they skipped.)
+* Several servers: with `shared` (a PostgreSQL store, trainer/store/postgres.py) the
+  database has the last word. A pair picked here is claimed there (one of its K slots,
+  row-locked), a vote is stored only if it still fits (VoteConflict otherwise), skips
+  are kept there, and `sync()` folds in the votes other servers took. This queue then
+  only chooses the order; never-twice and K hold across any number of servers.
 
 One lock guards everything; every method is short, so 32 annotators voting at once
 wait on it for microseconds. Nothing here touches the disk: the app writes the store.
@@ -78,7 +83,7 @@ class _Annotator:
 class AssignmentQueue:
     def __init__(self, overlap: int = 1, *, lease_s: float = 1800.0, active_s: float = 300.0,
                  history: int = 50, seed: int | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, shared=None):
         if overlap < 1:
             raise ValueError(f"overlap must be at least 1, got {overlap}")
         self.overlap = overlap
@@ -98,6 +103,9 @@ class AssignmentQueue:
         self.policy = None   # chooses among fresh pairs: .choose(pair_ids) -> (pair_id, how)
         self._want: dict[str, int] = {}    # pair_id -> votes wanted, for pairs sent back (requeue)
         self._how: dict[str, dict] = {}    # pair_id -> how it was picked (gen_params "selection")
+        self.shared = shared               # the database's assignment, with several servers
+        self._cursor = 0                   # last event of the shared store folded in (sync)
+        self._refused: dict[tuple[str, str], float] = {}   # (annotator, pair_id) -> retry after
 
     def _wanted(self, pair_id: str) -> int:
         """Votes this pair should collect: K, or one more than it had when sent back."""
@@ -147,10 +155,17 @@ class AssignmentQueue:
         with self._lock:
             return list(self._pairs.values())
 
-    def restore(self, votes) -> int:
+    def restore(self, votes, *, cursor: int = 0) -> int:
         """Count the standing votes of a comparison store (a table from
         `read_comparisons`, or a list of records): who voted on what, and each
-        annotator's latest votes for undo. Call once at startup, before or after add()."""
+        annotator's latest votes for undo. Call once at startup, before or after add().
+        With a shared store, `cursor` is `shared.cursor()` taken before reading `votes`
+        (sync goes on from there) and the skips kept in the database come back too."""
+        if self.shared is not None:
+            self._cursor = cursor
+            with self._lock:
+                for pair_id, annotator in self.shared.skipped():
+                    self._person(annotator).skipped.add(pair_id)
         if hasattr(votes, "column_names"):   # an Arrow table: only the tail rows become dicts
             rows = self._latest_rows(votes)
             pairs_and_people = zip(votes.column("pair_id").to_pylist(), votes.column("annotator").to_pylist())
@@ -218,7 +233,8 @@ class AssignmentQueue:
 
     def _can_take(self, annotator: str, person: _Annotator, pair_id: str) -> bool:
         return (pair_id not in person.voted and pair_id not in person.skipped
-                and annotator not in self._leases.get(pair_id, ()))
+                and annotator not in self._leases.get(pair_id, ())
+                and self._refused.get((annotator, pair_id), -math.inf) <= self.clock())
 
     def _pick(self, annotator: str, person: _Annotator, now: float) -> str | None:
         """The open pair this annotator should do next: one sent back for relabelling;
@@ -264,17 +280,94 @@ class AssignmentQueue:
     def next(self, annotator: str) -> Assignment | None:
         """The annotator's current pair, or a new one; None when there is nothing left
         for them (for now: a generator may still add pairs)."""
+        for _ in range(50):   # with a shared store, each refused claim rules one pair out
+            with self._lock:
+                now = self.clock()
+                person = self._person(annotator)
+                person.last_seen = now
+                self._changed.notify_all()   # a generator waiting for demand looks again
+                if person.current is not None:
+                    return person.current
+                pair_id = self._pick(annotator, person, now)
+                if pair_id is None:
+                    return None
+                a = self._lease(person, annotator, self._pairs[pair_id], self._rng.choice("ab"), now)
+                if self.shared is None:
+                    return a
+                want = self._wanted(pair_id)
+            # The database call runs outside the lock: other annotators are not held up by it.
+            ok, voters = self.shared.claim(pair_id, annotator, want, self.lease_s)
+            with self._lock:
+                self._learn_voters(pair_id, voters)
+                if ok:
+                    return a
+                if person.current is a:
+                    person.current = None
+                self._release(annotator, pair_id)
+                # Held by other servers' annotators, or skipped there: look again later.
+                self._refused[(annotator, pair_id)] = self.clock() + min(60.0, self.lease_s)
+        return None
+
+    # ---- several servers on one (shared) store ---------------------------------------
+
+    def _learn_voters(self, pair_id: str, voters: set[str]) -> None:
+        """The database's standing voters of a pair replace what this server knew."""
+        known = self._votes.setdefault(pair_id, set())
+        for gone in known - voters:
+            self._person(gone).voted.discard(pair_id)
+        for new in voters - known:
+            self._person(new).voted.add(pair_id)
+        self._votes[pair_id] = set(voters)
+        if pair_id in self._pairs:
+            if len(voters) >= self._wanted(pair_id):
+                self._open.pop(pair_id, None)
+            else:
+                self._open.setdefault(pair_id, None)
+
+    # Events can commit out of their sequence order (two servers' transactions), so each
+    # sync reads back this many events before its cursor too; applying events again, in
+    # order, leaves the same state.
+    SYNC_OVERLAP = 500
+
+    def sync(self) -> int:
+        """Fold in the votes and retracts stored since the last sync, by any server (a
+        no-op without a shared store). Returns the events seen."""
+        if self.shared is None:
+            return 0
+        start = self._cursor
+        events, cursor = self.shared.changes_since(max(0, start - self.SYNC_OVERLAP))
         with self._lock:
-            now = self.clock()
-            person = self._person(annotator)
-            person.last_seen = now
-            self._changed.notify_all()   # a generator waiting for demand looks again
-            if person.current is not None:
-                return person.current
-            pair_id = self._pick(annotator, person, now)
-            if pair_id is None:
-                return None
-            return self._lease(person, annotator, self._pairs[pair_id], self._rng.choice("ab"), now)
+            if start != self._cursor:   # another sync got there first
+                return 0
+            self._cursor = max(start, cursor)
+            for e in events:   # a retract is made by the voter it cancels (Service.undo)
+                if e["annotator"].startswith("import:"):
+                    continue
+                voters = set(self._votes.get(e["pair_id"], ()))
+                (voters.add if e["kind"] == "vote" else voters.discard)(e["annotator"])
+                self._learn_voters(e["pair_id"], voters)
+            self._changed.notify_all()
+        return len(events)
+
+    def record_vote(self, a: Assignment, record: dict[str, Any], store) -> dict[str, Any]:
+        """Store the vote (durable when this returns) and count it. With a shared store
+        the database checks that it still fits (VoteConflict: nothing stored, the pair
+        dropped for this annotator); otherwise `store.append`. Other errors propagate
+        with the assignment untouched: the caller cancels the vote."""
+        if self.shared is None:
+            stored = store.append(record)
+        else:
+            from trainer.store.errors import VoteConflict
+            try:
+                stored = self.shared.vote(record, self._wanted(a.pair.pair_id))
+            except VoteConflict:
+                with self._lock:
+                    self._release(a.annotator, a.pair.pair_id)
+                    self._refused[(a.annotator, a.pair.pair_id)] = self.clock() + self.lease_s
+                self.sync()   # learn what the other servers did with it
+                raise
+        self.finish_vote(a, stored)
+        return stored
 
     def current(self, annotator: str) -> Assignment | None:
         with self._lock:
@@ -331,7 +424,9 @@ class AssignmentQueue:
             person.skipped.add(pair_id)
             self._release(annotator, pair_id)
             self._changed.notify_all()
-            return True
+        if self.shared is not None:   # kept in the database: every server, and a restart, knows
+            self.shared.skip(pair_id, annotator)
+        return True
 
     def begin_undo(self, annotator: str) -> dict[str, Any] | None:
         """The annotator's latest standing vote record, taken off their undo history

@@ -137,7 +137,7 @@ def test_service_maps_left_and_right_to_the_canonical_choice(tmp_path):
     q = AssignmentQueue(seed=3)
     q.add(pairs)
     with DirectoryStore(tmp_path / "store") as store:
-        service = Service(store, q, data_dir=tmp_path / "store", local_user="me")
+        service = Service(store, q, data=tmp_path / "store", local_user="me")
         view = service.next("me")
         acks = []
         for i in range(40):

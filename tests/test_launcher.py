@@ -284,7 +284,7 @@ def test_add_model_turns_one_model_into_a_two_model_arena(tmp_path):
     # A vote on such a pair carries the run id as its model.
     from annotate.app import Service
     with DirectoryStore(tmp_path / "store") as store:
-        service = Service(store, q, data_dir=tmp_path / "store", local_user="me", generator=gen)
+        service = Service(store, q, data=tmp_path / "store", local_user="me", generator=gen)
         models = set()
         view = service.next("me")
         while view["pair"] is not None:

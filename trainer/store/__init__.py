@@ -46,6 +46,13 @@ def describe(target: str | os.PathLike) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(target))
 
 
+def target_key(target: str | os.PathLike) -> str:
+    """A short stable name for a store (its password left out): for local files that
+    belong with a database store, such as a server's pair cache."""
+    import hashlib
+    return "pg-" + hashlib.sha256(describe(target).encode()).hexdigest()[:12]
+
+
 def open_store(target: str | os.PathLike, **options: Any):
     """A writer on the store: `DirectoryStore` for a path, `PostgresStore` for a URL.
     Options are the backend's (e.g. flush_every for a directory)."""
