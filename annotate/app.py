@@ -49,6 +49,7 @@ from typing import Any
 
 from annotate.pairs import Generator, PairsFileError, load_pairs
 from annotate.queue import Assignment, AssignmentQueue, StaleVote
+from trainer.store.errors import StoreWriteError, VoteConflict
 
 log = logging.getLogger("preflab.app")
 
@@ -167,13 +168,17 @@ class Service:
     returns as is.
     """
 
-    def __init__(self, store, queue: AssignmentQueue, *, data_dir: str | os.PathLike,
+    def __init__(self, store, queue: AssignmentQueue, *, data: str | os.PathLike,
+                 state_dir: str | os.PathLike | None = None,
                  accounts: Accounts | None = None, local_user: str = "local",
                  generator: Generator | None = None, guidelines: str = "",
                  runs_dir: str | os.PathLike = "runs"):
         self.store = store
         self.queue = queue
-        self.data_dir = Path(data_dir)
+        self.data = str(data)   # the store's target: a directory or a postgresql:// URL
+        # Local files that are not votes (the arena's arena.json, pair caches): the
+        # store's directory itself, or a directory of the server's for a database.
+        self.state_dir = Path(state_dir if state_dir is not None else data)
         self.accounts = accounts
         self.local_user = local_user
         self.generator = generator
@@ -263,11 +268,20 @@ class Service:
                   "rationale": (rationale or "").strip() or None, "annotator": user,
                   "decision_ms": max(0, min(decision_ms, 2**31 - 1))}
         try:
-            stored = self.store.append(record)   # durable when it returns
+            stored = self.queue.record_vote(a, record, self.store)   # durable when it returns
+        except VoteConflict:
+            # Another server's annotators took the last slot (or this annotator voted on
+            # the pair there): nothing was stored; the queue already moved on.
+            return self._view(user, self.queue.next(user), ok=False,
+                              message="That pair was completed meanwhile; here is another one. Nothing was saved.")
+        except StoreWriteError as e:
+            self.queue.cancel_vote(a)
+            log.error("%s", e)
+            return self._view(user, a, ok=False,
+                              message="Not saved: the store could not write your vote. Please try again.")
         except Exception:
             self.queue.cancel_vote(a)
             raise
-        self.queue.finish_vote(a, stored)
         ack = {"event_id": stored["event_id"], "choice": choice, "decision_ms": record["decision_ms"],
                "left_model": a.pair.model(a.left), "right_model": a.pair.model(a.right)}
         return self._view(user, self.queue.next(user), ack=ack, message="Saved.")
@@ -284,6 +298,11 @@ class Service:
             return self._view(user, self.queue.next(user), ok=False, message="Nothing to undo.")
         try:
             self.store.retract(record["event_id"], user, vote=record)
+        except StoreWriteError as e:
+            self.queue.cancel_undo(user, record)
+            log.error("%s", e)
+            return self._view(user, self.queue.current(user), ok=False,
+                              message="Not undone: the store could not write it. Please try again.")
         except Exception:
             self.queue.cancel_undo(user, record)
             raise
@@ -302,7 +321,7 @@ class Service:
         from annotate import stats
         from trainer.store import read_comparisons
 
-        votes = read_comparisons(self.data_dir)
+        votes = read_comparisons(self.data)
         summary = stats.summary(votes)
         for key in ("first_vote", "last_vote"):
             if summary[key] is not None:
@@ -323,7 +342,7 @@ class Service:
 
         if filetype not in ("parquet", "jsonl"):
             raise ValueError(f"filetype must be parquet or jsonl, got {filetype!r}")
-        votes = read_comparisons(self.data_dir)
+        votes = read_comparisons(self.data)
         pairs, ties_table, report = export_preferences(votes, format=format, margin=margin,
                                                        ties=ties, aggregate=aggregate)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -815,7 +834,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="sample pairs from this model in the background (once: two samples per "
                           "prompt; repeated: arena, a random pair of different models per prompt)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), metavar="FILE", help="prompt pool for --model")
-    p.add_argument("--data", default="comparisons", metavar="DIR", help="the comparison store votes go to")
+    p.add_argument("--data", default="comparisons", metavar="STORE",
+                   help="the comparison store votes go to: a directory (one server), or "
+                        "postgresql://user@host:port/db (any number of servers share assignment and overlap K)")
     p.add_argument("--runs", default="runs", metavar="DIR",
                    help="run directories: trainings started from the Train tab, policies for the arena")
     p.add_argument("--auth", metavar="USERS.toml",
@@ -854,8 +875,8 @@ def _error(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.store.directory_writer import DirectoryStore
-    from trainer.store import read_comparisons
+    from trainer.store import describe, is_database, open_store, read_comparisons, store_exists, target_key
+    from trainer.store.errors import StoreError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):   # one line per request otherwise
@@ -890,12 +911,27 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             return _error(f"{args.guidelines}: cannot read the guidelines ({e.strerror or e})")
 
-    queue = AssignmentQueue(overlap=args.overlap)
-    generator = None
+    # One store, one assignment. A directory store's assignment lives in this process, so
+    # a second server on it refuses to start (ServeLock); a database shares it.
+    serve_lock = store = None
+    shared = is_database(args.data)
     try:
-        votes = read_comparisons(args.data) if Path(args.data).is_dir() else None
-    except Exception as e:
-        return _error(f"{args.data}: cannot read the comparison store ({e})")
+        if shared:
+            store = open_store(args.data)
+            state_dir = Path(args.runs) / "serve-state" / target_key(args.data)
+            cursor = store.cursor()   # before reading: sync goes on from here
+        else:
+            from trainer.store.directory_writer import ServeLock
+            serve_lock = ServeLock(args.data, f"preflab serve on {args.host}:{args.port}")
+            state_dir = Path(args.data)
+            cursor = 0
+        votes = read_comparisons(args.data) if store_exists(args.data) else None
+    except StoreError as e:
+        if store is not None:
+            store.close()
+        return _error(str(e))
+    queue = AssignmentQueue(overlap=args.overlap, shared=store if shared else None)
+    generator = None
 
     if args.pairs:
         try:
@@ -921,13 +957,13 @@ def run(args: argparse.Namespace) -> int:
         if votes is not None and votes.num_rows:
             for row in votes.group_by("prompt_id").aggregate([("prompt_id", "count")]).to_pylist():
                 voted_prompts[row["prompt_id"]] = row["prompt_id_count"]
-        generator = Generator(names, pool.prompts, queue, cache_dir=Path(args.data) / "pairs",
+        generator = Generator(names, pool.prompts, queue, cache_dir=state_dir / "pairs",
                               voted_prompts=voted_prompts, rounds=args.rounds, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed, device=args.device,
                               model_cache_dir=args.cache_dir)
         from annotate.launcher import restore_arena   # policies added from the Train tab earlier
-        for note in restore_arena(generator, args.data):
+        for note in restore_arena(generator, state_dir):
             print(note, file=sys.stderr)
         queue.add(generator.load_cache())
         queue.planned = generator.planned
@@ -938,10 +974,14 @@ def run(args: argparse.Namespace) -> int:
 
     if sampler is not None:   # scores the pool in the background; a generator's batches before they join it
         sampler.attach(queue, generator)
-    store = DirectoryStore(args.data)
+    if store is None:
+        try:
+            store = open_store(args.data)
+        except StoreError as e:
+            return _error(str(e))
     if votes is not None:
-        queue.restore(votes)
-    service = Service(store, queue, data_dir=args.data, accounts=accounts,
+        queue.restore(votes, cursor=cursor)
+    service = Service(store, queue, data=args.data, state_dir=state_dir, accounts=accounts,
                       local_user=args.user or _login_name(), generator=generator, guidelines=guidelines,
                       runs_dir=args.runs)
     demo, launch_kwargs = build_app(service)
@@ -950,6 +990,8 @@ def run(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if shared:   # fold in the other servers' votes every second or two
+        threading.Thread(target=_sync_forever, args=(queue, stop), daemon=True, name="preflab-sync").start()
     try:
         try:
             demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
@@ -961,7 +1003,7 @@ def run(args: argparse.Namespace) -> int:
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
         mode = ("pairs from " + args.pairs) if args.pairs else (
             "arena of " + ", ".join(args.model) if len(args.model) > 1 else "model " + args.model[0])
-        print(f"preflab serve: {mode}; votes go to {args.data}/; "
+        print(f"preflab serve: {mode}; votes go to {describe(args.data)}; "
               f"{'accounts from ' + args.auth if args.auth else 'single local user ' + service.local_user}",
               file=sys.stderr)
         print(f"open {url}", flush=True)
@@ -974,7 +1016,17 @@ def run(args: argparse.Namespace) -> int:
             generator.stop()
         demo.close()
         store.close()
+        if serve_lock is not None:
+            serve_lock.release()
     return 0
+
+
+def _sync_forever(queue: AssignmentQueue, stop: threading.Event, every_s: float = 1.5) -> None:
+    while not stop.wait(every_s):
+        try:
+            queue.sync()
+        except Exception as e:   # the database away for a moment: the next round catches up
+            log.warning("sync with the shared store failed (%s); retrying", e)
 
 
 def _login_name() -> str:
