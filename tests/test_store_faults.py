@@ -288,3 +288,52 @@ def test_a_read_only_store_refuses_writes_with_a_clear_error(shared_tmp):
     r = as_nobody("info", "--data", str(store_dir))   # reading still works
     assert r.returncode == 0 and "1 standing" in r.stdout
 
+
+
+# ---- 4. a second server on one directory store ----------------------------------------
+
+def serve_cmd(store_dir: Path, pairs: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "annotate.cli", "serve", "--pairs", str(pairs), "--data", str(store_dir),
+            "--port", str(port), "--host", "127.0.0.1", "--overlap", "2"]
+
+
+def test_a_second_server_on_a_directory_store_refuses_and_names_the_first(tmp_path):
+    import socket
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response_a": f"a{i}", "response_b": f"b{i}"}) + "\n"
+                             for i in range(3)))
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    store_dir = tmp_path / "store"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(serve_cmd(store_dir, pairs, ports[0]), cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:          # up and serving
+            if line.startswith("open http"):
+                break
+        else:
+            pytest.fail("the first server did not start")
+        second = subprocess.run(serve_cmd(store_dir, pairs, ports[1]), cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"pid {first.pid}" in second.stderr and f"127.0.0.1:{ports[0]}" in second.stderr
+        assert "postgresql://" in second.stderr and "Traceback" not in second.stderr
+        # readers and imports stay free to run alongside the server
+        with DirectoryStore(store_dir) as importer:
+            importer.append(vote(1, annotator="import:side"))
+        assert "ev-00001" in stored_ids(store_dir)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+    # once the first server is gone, the store serves again
+    again = subprocess.Popen(serve_cmd(store_dir, pairs, ports[1]), cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert any(line.startswith("open http") for line in again.stdout)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(timeout=30)
