@@ -919,13 +919,12 @@ def run(args: argparse.Namespace) -> int:
         if shared:
             store = open_store(args.data)
             state_dir = Path(args.runs) / "serve-state" / target_key(args.data)
-            cursor = store.cursor()   # before reading: sync goes on from here
+            votes, cursor = store.snapshot()   # one instant: sync goes on exactly from here
         else:
             from trainer.store.directory_writer import ServeLock
             serve_lock = ServeLock(args.data, f"preflab serve on {args.host}:{args.port}")
             state_dir = Path(args.data)
-            cursor = 0
-        votes = read_comparisons(args.data) if store_exists(args.data) else None
+            votes, cursor = read_comparisons(args.data) if store_exists(args.data) else None, None
     except StoreError as e:
         if store is not None:
             store.close()

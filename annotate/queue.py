@@ -104,7 +104,7 @@ class AssignmentQueue:
         self._want: dict[str, int] = {}    # pair_id -> votes wanted, for pairs sent back (requeue)
         self._how: dict[str, dict] = {}    # pair_id -> how it was picked (gen_params "selection")
         self.shared = shared               # the database's assignment, with several servers
-        self._cursor = 0                   # last event of the shared store folded in (sync)
+        self._cursor = None                # where sync goes on in the shared store (opaque)
         self._refused: dict[tuple[str, str], float] = {}   # (annotator, pair_id) -> retry after
 
     def _wanted(self, pair_id: str) -> int:
@@ -155,12 +155,12 @@ class AssignmentQueue:
         with self._lock:
             return list(self._pairs.values())
 
-    def restore(self, votes, *, cursor: int = 0) -> int:
+    def restore(self, votes, *, cursor: Any = None) -> int:
         """Count the standing votes of a comparison store (a table from
         `read_comparisons`, or a list of records): who voted on what, and each
         annotator's latest votes for undo. Call once at startup, before or after add().
-        With a shared store, `cursor` is `shared.cursor()` taken before reading `votes`
-        (sync goes on from there) and the skips kept in the database come back too."""
+        With a shared store, `votes` and `cursor` come from `shared.snapshot()` (the same
+        instant: sync goes on exactly from there) and the database's skips come back too."""
         if self.shared is not None:
             self._cursor = cursor
             with self._lock:
@@ -324,22 +324,18 @@ class AssignmentQueue:
             else:
                 self._open.setdefault(pair_id, None)
 
-    # Events can commit out of their sequence order (two servers' transactions), so each
-    # sync reads back this many events before its cursor too; applying events again, in
-    # order, leaves the same state.
-    SYNC_OVERLAP = 500
-
     def sync(self) -> int:
         """Fold in the votes and retracts stored since the last sync, by any server (a
-        no-op without a shared store). Returns the events seen."""
+        no-op without a shared store). Returns the events seen. The store's cursor is
+        opaque (a database snapshot): each committed event comes back exactly once."""
         if self.shared is None:
             return 0
         start = self._cursor
-        events, cursor = self.shared.changes_since(max(0, start - self.SYNC_OVERLAP))
+        events, cursor = self.shared.changes_since(start)
         with self._lock:
             if start != self._cursor:   # another sync got there first
                 return 0
-            self._cursor = max(start, cursor)
+            self._cursor = cursor
             for e in events:   # a retract is made by the voter it cancels (Service.undo)
                 if e["annotator"].startswith("import:"):
                     continue

@@ -1,17 +1,13 @@
 """`preflab serve` through its API: a real server process, driven with gradio_client.
 
-The helpers at the top (Server, write_pairs, add_users) are used by
-test_app_browser.py too.
+The server helpers (Server, write_pairs, add_users, client) live in conftest.py.
 """
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,100 +16,11 @@ from annotate.app import Service, render_markdown, render_prompt
 from annotate.pairs import load_pairs
 from annotate.queue import AssignmentQueue
 from trainer.store.directory_writer import DirectoryStore
+from conftest import XSS_LEFT, XSS_RIGHT, Server, add_users, client, write_pairs
 from trainer.store import read_comparisons, read_events
 
 REPO = Path(__file__).resolve().parent.parent
 
-XSS_LEFT = ("<script>window.__pwned = 1; document.title = 'pwned'</script> "
-            "<img src=x onerror=\"window.__pwned = 2; document.title = 'pwned'\">")
-XSS_RIGHT = "Click [here](javascript:window.__pwned=3) or <a href=\"javascript:window.__pwned=4\">here</a>."
-
-
-# --------------------------------------------------------------------------------------
-# helpers (shared with the browser tests)
-# --------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_pairs(path: Path, n: int, *, xss: bool = False) -> Path:
-    """n plain pairs (answers say which side and model they are), XSS payloads first."""
-    rows = []
-    if xss:
-        rows.append({"prompt": "Show me something dangerous.", "response_a": XSS_LEFT,
-                     "response_b": XSS_RIGHT, "model_a": "evil-a", "model_b": "evil-b"})
-    for i in range(n):
-        rows.append({"prompt": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}],
-                     "response_a": f"alpha answer {i}", "response_b": f"beta answer {i}",
-                     "model_a": "alpha", "model_b": "beta"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def add_users(path: Path, **roles: str) -> dict[str, str]:
-    """Accounts name -> role; every password is '<name>-pw'. Returns name -> password."""
-    from annotate.users import add_user
-    for name, role in roles.items():
-        add_user(path, name, role, f"{name}-pw")
-    return {name: f"{name}-pw" for name in roles}
-
-
-class Server:
-    """`python -m annotate.cli serve ...` as a real process on a free port."""
-
-    def __init__(self, tmp: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.args = [*args, "--port", str(self.port), "--host", "127.0.0.1"]
-        self.log_path = tmp / f"server-{self.port}.log"
-        self.proc = None
-
-    def start(self, timeout: float = 120) -> "Server":
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-               "PYTHONUNBUFFERED": "1"}
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "annotate.cli", "serve", *self.args],
-                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"server did not answer within {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None:
-            self.log.close()
-        self.proc = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def client(url: str, user: str | None = None):
-    from gradio_client import Client
-    return Client(url, auth=(user, f"{user}-pw") if user else None, verbose=False)
 
 
 # --------------------------------------------------------------------------------------

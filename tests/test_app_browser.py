@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app_api import Server, add_users, write_pairs
+from conftest import Server, add_users, write_pairs
 from trainer.store import read_comparisons, read_events
 
 CHROMIUM = "/usr/bin/chromium"

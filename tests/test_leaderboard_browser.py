@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from trainer.store.directory_writer import DirectoryStore
-from test_app_api import Server, add_users, client, write_pairs
+from conftest import Server, add_users, client, write_pairs
 from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
 from trainer.store import messages_to_json
 

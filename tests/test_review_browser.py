@@ -13,7 +13,7 @@ import pytest
 
 from annotate.pairs import load_pairs
 from trainer.store.directory_writer import DirectoryStore
-from test_app_api import Server, add_users, write_pairs
+from conftest import Server, add_users, write_pairs
 from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
 from test_review import train_tiny_reward_run
 from trainer.store import read_comparisons

@@ -160,7 +160,7 @@ def fake_run(path, state="done", reward=True):
                                   "reward_model_without_uncertain", "mix_without_uncertain"])
 def test_serve_flag_errors(tmp_path, case, capsys):
     from annotate.cli import main as preflab
-    from test_app_api import write_pairs
+    from conftest import write_pairs
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
     args = ["serve", "--pairs", str(pairs), "--data", str(tmp_path / "store"), "--port", "1"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app_api import Server, add_users, write_pairs
+from conftest import Server, add_users, write_pairs
 from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
 from test_launcher import make_store
 
@@ -118,7 +118,7 @@ def test_add_a_finished_policy_to_the_running_arena(tmp_path, browser):
     the same --data keeps it."""
     import shutil
 
-    from test_app_api import client
+    from conftest import client
     from trainer.store import read_comparisons
     from trainer.models import build_tiny_model
 

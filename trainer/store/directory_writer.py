@@ -319,7 +319,7 @@ def recover_orphans(root: Path) -> int:
     (disk full) stays where it is, still read; one with bytes that held no event goes
     to quarantine once its events are safe in a part.
     """
-    tail_dir, parts_dir = root / TAIL_DIR, root / PARTS_DIR
+    tail_dir = root / TAIL_DIR
     recovered = 0
     by_writer: dict[str, list[Path]] = {}
     for seg in tail_dir.glob("*.jsonl"):
