@@ -337,3 +337,29 @@ def test_a_second_server_on_a_directory_store_refuses_and_names_the_first(tmp_pa
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(timeout=30)
+
+
+@needs_root
+def test_the_annotator_is_told_not_saved_and_keeps_the_pair(tiny_disk):
+    from annotate.app import Service
+    from annotate.pairs import load_pairs
+    from annotate.queue import AssignmentQueue
+    from conftest import write_pairs
+
+    pairs, _ = load_pairs(write_pairs(tiny_disk / "pairs.jsonl", 5))
+    queue = AssignmentQueue(seed=1)
+    queue.add(pairs)
+    store_dir = tiny_disk / "store"
+    with DirectoryStore(store_dir, flush_every=10**9) as store:
+        service = Service(store, queue, data=store_dir, local_user="me")
+        view = service.next("me")
+        filler = fill(tiny_disk, leave=0)
+        long_reason = "because " * 2000    # more than the disk has left
+        failed = service.vote("me", view["pair"]["pair_id"], "left", "", long_reason)
+        assert failed["ok"] is False and "Not saved" in failed["message"] and "try again" in failed["message"]
+        assert failed["pair"]["pair_id"] == view["pair"]["pair_id"], "the same pair stays on screen"
+        assert failed["ack"] is None
+        filler.unlink()
+        saved = service.vote("me", view["pair"]["pair_id"], "left", "", long_reason)
+        assert saved["ok"] and saved["ack"]
+    assert stored_ids(store_dir) == [saved["ack"]["event_id"]]
