@@ -1,6 +1,7 @@
 """Export standing votes as a preference dataset that TRL and `datasets` read unchanged.
 
     preflab export --data comparisons --out prefs.parquet --format conversational --margin
+    preflab export --data postgresql://me@db:5432/votes --out audit.parquet --format records
 
 Two row formats (TRL's "preference" type with an explicit prompt):
 
@@ -8,6 +9,15 @@ Two row formats (TRL's "preference" type with an explicit prompt):
     conversational  {"prompt": [{"role", "content"}, ...],
                      "chosen": [{"role": "assistant", "content": str}],
                      "rejected": [{"role": "assistant", "content": str}]}
+
+and one for audits and tests, not for training:
+
+    records         every standing vote (ties and both-bad included) with exactly the
+                    record's fields (trainer/store/record.py SCHEMA), oldest first; in
+                    Parquet with the record's types, in JSON Lines with created_at as an
+                    ISO 8601 UTC string. The same votes give the same file whichever
+                    backend holds them. --annotator / --model filter it; --margin,
+                    --ties separate and --aggregate majority do not apply.
 
 How a chat prompt becomes plain text in the standard format:
 
@@ -50,6 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 FORMATS = ("standard", "conversational")
+RECORDS = "records"                      # --format records: the votes as stored, every field
 TIES_MODES = ("exclude", "separate")
 AGGREGATES = ("none", "majority")
 
@@ -205,6 +216,48 @@ def _majority(votes: pa.Table) -> pa.Table:
     return pa.table({"row": g["row_min"], "outcome": outcome, "margin": pc.fill_null(margin, 0.0)})
 
 
+def _filter_votes(votes: pa.Table, annotators: list[str] | None, models: list[str] | None,
+                  report: ExportReport) -> pa.Table:
+    """The votes kept by the --annotator / --model filters, counted in `report`."""
+    report.votes = len(votes)
+    if annotators:
+        kept = votes.filter(pc.is_in(votes["annotator"], value_set=pa.array(annotators, pa.string())))
+        report.dropped_by_annotator, votes = len(votes) - len(kept), kept
+    if models:
+        wanted = pa.array(models, pa.string())
+        kept = votes.filter(pc.or_(pc.is_in(votes["model_a"], value_set=wanted),
+                                   pc.is_in(votes["model_b"], value_set=wanted)))
+        report.dropped_by_model, votes = len(votes) - len(kept), kept
+    report.used = len(votes)
+    return votes
+
+
+def export_records(votes: pa.Table, *, annotators: list[str] | None = None,
+                   models: list[str] | None = None) -> tuple[pa.Table, ExportReport]:
+    """Standing votes -> the same votes with exactly the record's fields (SCHEMA, in its
+    order and types), oldest first (ties broken by event_id), so that the same votes give
+    the same table whichever backend they were read from. Returns (records, report)."""
+    from trainer.store import SCHEMA
+
+    report = ExportReport(units="votes")
+    is_vote = pc.equal(votes["kind"], "vote")
+    if not pc.all(is_vote).as_py():
+        votes = votes.filter(is_vote)
+    votes = _filter_votes(votes, annotators, models, report)
+    order = pc.sort_indices(votes, [("created_at", "ascending"), ("event_id", "ascending")])
+    records = votes.select(SCHEMA.names).take(order).cast(SCHEMA)
+    report.rows = records.num_rows
+    return records, report
+
+
+def records_for_json(records: pa.Table) -> pa.Table:
+    """The records as JSON Lines holds them: created_at as an ISO 8601 UTC string
+    (2024-05-01T12:00:00.123456Z); every other field as it is."""
+    i = records.schema.get_field_index("created_at")
+    stamps = pc.strftime(records["created_at"], format="%Y-%m-%dT%H:%M:%SZ")
+    return records.set_column(i, pa.field("created_at", pa.string(), nullable=False), stamps)
+
+
 def export_preferences(
     votes: pa.Table,
     *,
@@ -234,16 +287,7 @@ def export_preferences(
     is_vote = pc.equal(votes["kind"], "vote")
     if not pc.all(is_vote).as_py():
         votes = votes.filter(is_vote)
-    report.votes = len(votes)
-    if annotators:
-        kept = votes.filter(pc.is_in(votes["annotator"], value_set=pa.array(annotators, pa.string())))
-        report.dropped_by_annotator, votes = len(votes) - len(kept), kept
-    if models:
-        wanted = pa.array(models, pa.string())
-        kept = votes.filter(pc.or_(pc.is_in(votes["model_a"], value_set=wanted),
-                                   pc.is_in(votes["model_b"], value_set=wanted)))
-        report.dropped_by_model, votes = len(votes) - len(kept), kept
-    report.used = len(votes)
+    votes = _filter_votes(votes, annotators, models, report)
 
     plan = _majority(votes) if aggregate == "majority" else _per_vote(votes)
     report.ties = pc.sum(pc.equal(plan["outcome"], "tie")).as_py() or 0
@@ -409,11 +453,15 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="DIR", help="the comparison store directory")
+    p.add_argument("--data", required=True, metavar="STORE",
+                   help="the comparison store: a directory, or postgresql://user@host:port/db")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output file: .parquet, or .jsonl / .json for JSON Lines")
-    p.add_argument("--format", choices=FORMATS, default="standard",
-                   help="plain strings, or lists of chat messages")
+    p.add_argument("--format", choices=(*FORMATS, RECORDS), default="standard",
+                   help="standard: plain strings; conversational: lists of chat messages (both TRL "
+                        "preference datasets); records: every standing vote, ties and both-bad included, "
+                        "with exactly the comparison record's fields, oldest first (for audits and tests; "
+                        "--margin, --ties separate and --aggregate majority do not apply)")
     p.add_argument("--margin", action="store_true",
                    help="add a float `margin` column from the votes' strength (TRL's RewardTrainer uses it)")
     p.add_argument("--ties", choices=TIES_MODES, default="exclude",
@@ -426,23 +474,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep only pairs where either side's model is one of these (repeatable)")
 
 
+def run_records(args: argparse.Namespace, votes: pa.Table, t0: float) -> int:
+    records, report = export_records(votes, annotators=args.annotator, models=args.model)
+    table = records if output_kind(args.out) == "parquet" else records_for_json(records)
+    path = write_table(table, args.out)
+    print(f"read      {report.votes} standing votes")
+    if report.dropped_by_annotator or report.dropped_by_model:
+        print(f"filtered  {report.dropped_by_annotator} by annotator, "
+              f"{report.dropped_by_model} by model; {report.used} votes left")
+    print(f"wrote     {report.rows} records ({len(records.column_names)} fields each) to {path}")
+    print(f"done      in {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    from trainer.store import read_comparisons
+    from trainer.store import describe, read_comparisons
 
     t0 = time.perf_counter()
     try:
         output_kind(args.out)
-        votes = read_comparisons(args.data)
-    except (ValueError, FileNotFoundError) as e:
+        if args.format == RECORDS:
+            not_for_records = [flag for flag, given in (("--margin", args.margin),
+                                                        ("--ties separate", args.ties == "separate"),
+                                                        ("--aggregate majority", args.aggregate == "majority"))
+                               if given]
+            if not_for_records:
+                raise ValueError(f"--format records writes the votes as stored; "
+                                 f"{', '.join(not_for_records)} does not apply to it")
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # A store problem (missing, unreadable, database down) is a StoreError: annotate/cli.py
+    # prints it as one line and exits 2.
+    votes = read_comparisons(args.data)
+    if args.format == RECORDS:
+        return run_records(args, votes, t0)
     pairs, ties_table, report = export_preferences(
         votes, format=args.format, margin=args.margin, ties=args.ties,
         aggregate=args.aggregate, annotators=args.annotator, models=args.model)
     if report.rows == 0:
         for line in report.lines():
             print(line, file=sys.stderr)
-        print(f"error: no preference rows to export from {args.data}; nothing written", file=sys.stderr)
+        print(f"error: no preference rows to export from {describe(args.data)}; nothing written",
+              file=sys.stderr)
         return 1
     report.path = str(write_table(pairs, args.out))
     if ties_table is not None:

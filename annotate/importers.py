@@ -29,8 +29,9 @@ strength; anything else leaves it null (a plain preference of unknown strength).
 
 A row that cannot be read is reported as `file:N: reason` (N is the line of a JSON
 Lines file, the item of a JSON array, the row of a Parquet file, counting from 1) and
-skipped. Votes are written with `DirectoryStore.append_many` in chunks, each chunk one
-durable part file; a file with no importable row is an error and writes nothing.
+skipped. Votes are written with the store's `append_many` in chunks, each chunk one
+durable part file (a directory store) or one transaction (PostgreSQL); a file with no
+importable row is an error and writes nothing.
 Importing the same file twice imports its votes twice.
 """
 
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from annotate.export import ASSISTANT_CUE, ROLE_LABELS
-from trainer.store import messages_to_json, pair_id_for, prompt_id_for
+from trainer.store import describe, is_database, messages_to_json, pair_id_for, prompt_id_for
 from trainer.rows import BadRow, iter_rows, parse_messages
 
 STYLES = ("standard", "conversational", "implicit", "hh")
@@ -219,19 +220,21 @@ class ImportReport:
     style: str | None = None
     rows: int = 0                                    # rows read (good and bad)
     imported: int = 0
-    parts: int = 0                                   # part files written
+    parts: int = 0                                   # chunks written (part files / transactions)
     bad: list[str] = field(default_factory=list)     # "file:N: reason", the first SHOW_BAD
     bad_count: int = 0
 
 
-def import_file(path: str | os.PathLike, store_dir: str | os.PathLike, source: str, *,
+def import_file(path: str | os.PathLike, target: str | os.PathLike, source: str, *,
                 style: str | None = None, chunk_rows: int = CHUNK_ROWS) -> ImportReport:
-    """Import one file into the store at `store_dir` as votes by `import:<source>`.
+    """Import one file into the store `target` (a directory, or a postgresql:// URL)
+    as votes by `import:<source>`.
 
     Raises ValueError when the file cannot be read at all or holds no importable row
-    (nothing is written then; the store is not even created).
+    (nothing is written then; the store is not even created). Store problems raise
+    trainer.store.StoreError.
     """
-    from trainer.store.directory_writer import DirectoryStore
+    from trainer.store import open_store
 
     path = Path(path)
     if not source or not source.strip():
@@ -247,7 +250,7 @@ def import_file(path: str | os.PathLike, store_dir: str | os.PathLike, source: s
     def flush():
         nonlocal store
         if store is None:  # opened at the first good chunk: a failed import leaves no store
-            store = DirectoryStore(store_dir)
+            store = open_store(target)
         store.append_many(chunk, where=str(path))
         report.imported += len(chunk)
         report.parts += 1
@@ -283,13 +286,14 @@ def import_file(path: str | os.PathLike, store_dir: str | os.PathLike, source: s
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="a .parquet, .jsonl or .json file of preferences")
-    p.add_argument("--data", required=True, metavar="DIR", help="the comparison store directory")
+    p.add_argument("--data", required=True, metavar="STORE",
+                   help="the comparison store: a directory, or postgresql://user@host:port/db")
     p.add_argument("--source", required=True, metavar="NAME",
                    help="where the data comes from; votes are by annotator import:NAME")
     p.add_argument("--style", choices=STYLES, default=None,
                    help="force the row style instead of detecting it from the first row")
     p.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, metavar="N",
-                   help="votes per durable part file")
+                   help="votes per durable part file (per transaction with PostgreSQL)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,8 +309,9 @@ def run(args: argparse.Namespace) -> int:
     if report.bad_count > len(report.bad):
         print(f"... and {report.bad_count - len(report.bad)} more bad rows", file=sys.stderr)
     print(f"read      {report.rows} rows from {report.path} (style {report.style})")
-    print(f"imported  {report.imported} votes by import:{args.source} into {args.data} "
-          f"({report.parts} part files)")
+    unit = ("transaction" if is_database(args.data) else "part file") + ("" if report.parts == 1 else "s")
+    print(f"imported  {report.imported} votes by import:{args.source} into {describe(args.data)} "
+          f"({report.parts} {unit})")
     print(f"skipped   {report.bad_count} bad rows")
     print(f"done      in {time.perf_counter() - t0:.2f}s")
     return 0

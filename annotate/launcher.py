@@ -17,8 +17,10 @@ failed ("process exited without a final status"). Cancel sends SIGTERM, after ch
 that the pid is still that run's trainer; the trainer saves and stops as `cancelled`.
 
 The arena: `add_to_arena` puts a finished policy (runs/<id>/policy) into the running
-Generator under the name <id>, and records it in <data>/arena.json so that a restarted
-server with the same --data serves it again (`restore_arena`).
+Generator under the name <id>, and records it in <state>/arena.json so that a restarted
+server with the same --data serves it again (`restore_arena`). <state> is the server's
+local state directory (`service.state_dir`): the store directory itself for a directory
+store; for a PostgreSQL store, a local directory of the server's (arena.json is not a vote).
 
 Nothing heavy is imported here: the server stays light, the trainers load torch.
 """
@@ -398,11 +400,20 @@ class Launcher:
                      lr: Any = 2e-5, ties: Any = "exclude", both_bad: Any = "exclude", lora_r: Any = 0,
                      batch_size: Any = 8, max_length: Any = 1024, run_id: str | None = None,
                      extra: list[str] | None = None) -> RunInfo:
-        """Validate the form and start `python -m trainer.reward` on the store `data`.
-        Raises LaunchError (naming the field) and starts nothing when a value is bad."""
-        data_path = Path(data).resolve() if data else None
-        if data_path is None or not data_path.exists():
-            raise LaunchError(f"Data: {data} does not exist; there are no votes to train on yet")
+        """Validate the form and start `python -m trainer.reward` on the store `data`
+        (a directory, made absolute for the trainer, or a postgresql:// URL, passed on
+        unchanged). Raises LaunchError (naming the field) and starts nothing when a value
+        is bad."""
+        from trainer.store import describe, is_database, store_exists
+
+        if not data:
+            raise LaunchError("Data: no comparison store given; there are no votes to train on yet")
+        if is_database(data):
+            target = str(data)      # reachability is the trainer's to report, in its log
+        else:
+            target = str(Path(data).resolve())
+            if not store_exists(target):
+                raise LaunchError(f"Data: {data} does not exist; there are no votes to train on yet")
         settings = {
             "model": check_model_field(model, "Base model"),
             "epochs": int_field(epochs, "Epochs", minimum=1),
@@ -413,11 +424,11 @@ class Launcher:
             "batch_size": int_field(batch_size, "Batch size", minimum=1),
             "max_length": int_field(max_length, "Max length", minimum=8),
         }
-        argv = ["--data", str(data_path), "--model", settings["model"], "--epochs", str(settings["epochs"]),
+        argv = ["--data", target, "--model", settings["model"], "--epochs", str(settings["epochs"]),
                 "--lr", repr(settings["lr"]), "--ties", settings["ties"], "--both-bad", settings["both_bad"],
                 "--lora-r", str(settings["lora_r"]), "--batch-size", str(settings["batch_size"]),
                 "--max-length", str(settings["max_length"]), *(extra or [])]
-        return self._start("reward", argv, {**settings, "data": str(data_path)}, run_id)
+        return self._start("reward", argv, {**settings, "data": describe(target)}, run_id)
 
     def start_policy(self, reward_run: Any, *, algo: Any = "ppo", steps: Any = 100, lr: Any = 3e-6,
                      kl_coef: Any = 0.05, prompts: Any = "data/prompts.jsonl", model: Any = None,
@@ -504,7 +515,9 @@ class Launcher:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         try:
             with open(path / LOG_FILE, "ab") as log:
-                log.write(("$ " + " ".join(argv) + "\n").encode())
+                # A store URL's password stays out of the log (describe masks it).
+                from trainer.store import describe
+                log.write(("$ " + " ".join(map(describe, argv)) + "\n").encode())
                 log.flush()
                 # Its own session: Ctrl-C or SIGTERM to the server never reaches the run.
                 proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -677,16 +690,25 @@ def check_model_field(value: Any, name: str) -> str:
 # The arena: finished policies served next to the models the server started with
 # --------------------------------------------------------------------------------------
 
-def read_arena(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The models added to the arena of this store: [{"model_id", "path", "added_at"}]."""
-    models = read_json(Path(data_dir) / ARENA_FILE).get("models")
+def arena_file(state_dir: str | os.PathLike) -> Path:
+    """<state_dir>/arena.json. state_dir is the server's local state directory
+    (`service.state_dir`), never a store URL: arena.json is a file, not a vote."""
+    from trainer.store import is_database
+    if is_database(state_dir):
+        raise ValueError("the arena is kept in a local state directory, not in a database URL")
+    return Path(state_dir) / ARENA_FILE
+
+
+def read_arena(state_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The models added to the arena of this server: [{"model_id", "path", "added_at"}]."""
+    models = read_json(arena_file(state_dir)).get("models")
     return [m for m in models if isinstance(m, dict) and m.get("model_id") and m.get("path")] \
         if isinstance(models, list) else []
 
 
-def add_to_arena(generator, data_dir: str | os.PathLike, launcher: Launcher, run_id: str) -> str:
+def add_to_arena(generator, state_dir: str | os.PathLike, launcher: Launcher, run_id: str) -> str:
     """Put the finished policy of run `run_id` into the arena (votes on it carry the
-    model id `run_id`) and remember it in <data>/arena.json. Returns a message; raises
+    model id `run_id`) and remember it in <state_dir>/arena.json. Returns a message; raises
     LaunchError when it cannot be done."""
     info = launcher.info(run_id or "")
     if info is None:
@@ -707,23 +729,23 @@ def add_to_arena(generator, data_dir: str | os.PathLike, launcher: Launcher, run
         raise LaunchError(str(e)) from None
     if not added:
         return f"{run_id} is already in the arena"
-    data_dir = Path(data_dir)
-    models = [m for m in read_arena(data_dir) if m["model_id"] != run_id]
+    file = arena_file(state_dir)
+    models = [m for m in read_arena(state_dir) if m["model_id"] != run_id]
     models.append({"model_id": run_id, "path": str(path), "added_at": time.time()})
-    data_dir.mkdir(parents=True, exist_ok=True)
-    write_json(data_dir / ARENA_FILE, {"models": models})
+    file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(file, {"models": models})
     names = ", ".join(generator.model_names)
     return f"{run_id} joined the arena ({len(generator.model_names)} models: {names}); its pairs are being generated"
 
 
-def restore_arena(generator, data_dir: str | os.PathLike) -> list[str]:
-    """At startup: put the models of <data>/arena.json back into the arena. Returns notes
+def restore_arena(generator, state_dir: str | os.PathLike) -> list[str]:
+    """At startup: put the models of <state_dir>/arena.json back into the arena. Returns notes
     (one per model, and one per model that could not be restored)."""
     notes = []
-    for m in read_arena(data_dir):
+    for m in read_arena(state_dir):
         try:
             if generator.add_model(m["path"], m["model_id"]):
-                notes.append(f"arena: {m['model_id']} ({m['path']}) from {Path(data_dir) / ARENA_FILE}")
+                notes.append(f"arena: {m['model_id']} ({m['path']}) from {arena_file(state_dir)}")
         except ValueError as e:
             notes.append(f"arena: {m['model_id']} left out: {e}")
     return notes

@@ -4,6 +4,7 @@ intervals, on an Elo-like scale.
     preflab leaderboard --data comparisons                      # table, centred on 1000
     preflab leaderboard --data comparisons --anchor smollm2     # smollm2 is rated 1000
     preflab leaderboard --data comparisons --json --runs runs   # machine-readable, with policy evals
+    preflab leaderboard --data postgresql://me@db:5432/votes    # a PostgreSQL store, the same
 
 The file reads top to bottom:
 
@@ -695,15 +696,20 @@ LEADERBOARD_CSS = """
 MEAN_ANCHOR = "(mean of all models)"
 
 
-def page(data_dir: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str | None = None,
+def page(data: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str | None = None,
          rounds: int = 100, seed: int = 0) -> dict[str, Any]:
-    """Everything the Leaderboard tab shows: HTML strings, the model names (for the anchor
-    dropdown) and the anchor in use. A LeaderboardError becomes `message` (ok False) with
+    """Everything the Leaderboard tab shows for the store `data` (a directory, or a
+    postgresql:// URL): HTML strings, the model names (for the anchor dropdown) and the
+    anchor in use. A LeaderboardError becomes `message` (ok False) with
     the other parts empty; an anchor that is no longer among the models falls back to the
     mean, with a note."""
-    from trainer.store import read_comparisons
+    from trainer.store import StoreError, read_comparisons
 
-    votes = read_comparisons(data_dir, columns=VOTE_COLUMNS)
+    try:
+        votes = read_comparisons(data, columns=VOTE_COLUMNS)
+    except StoreError as e:   # e.g. the database is down: said on the tab, like the CLI says it
+        return {"ok": False, "message": str(e), "models": [], "anchor": None, "table": "",
+                "plot": "", "matrix": "", "evals": "", "board": None}
     evals = evals_html(policy_evals(runs_dir, votes))
     anchor = None if anchor in (None, "", MEAN_ANCHOR) else anchor
     battles = battles_from_votes(votes)
@@ -753,7 +759,7 @@ def build_leaderboard_tab(demo, service, tab, admin) -> None:
 
     def on_open(current, request: gr.Request):
         admin(request)
-        view = page(service.data_dir, service.runs_dir, current)
+        view = page(service.data, service.runs_dir, current)
         cls = "lb-note" if view["ok"] else "lb-note lb-error"
         stamp = time.strftime("%H:%M:%S")
         return (gr.Dropdown(choices=[MEAN_ANCHOR, *view["models"]], value=view["anchor"] or MEAN_ANCHOR),
@@ -766,7 +772,7 @@ def build_leaderboard_tab(demo, service, tab, admin) -> None:
         from trainer.store import read_comparisons
 
         admin(request)
-        votes = read_comparisons(service.data_dir, columns=VOTE_COLUMNS)
+        votes = read_comparisons(service.data, columns=VOTE_COLUMNS)
         try:
             out = leaderboard(votes, anchor=anchor or None).to_dict()
         except LeaderboardError as e:
@@ -794,7 +800,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Elo-like scale: 1000 is the mean of the models (or the --anchor model), +400 points "
         "means 10:1 odds of winning. A model ranks above another only when its interval is clear "
         "of the other's. Votes comparing a model with itself are left out.")
-    p.add_argument("--data", required=True, metavar="DIR", help="the comparison store directory")
+    p.add_argument("--data", required=True, metavar="STORE",
+                   help="the comparison store: a directory, or postgresql://user@host:port/db")
     p.add_argument("--anchor", metavar="MODEL", default=None,
                    help="the model rated exactly 1000; without it the mean of all models is 1000")
     p.add_argument("--rounds", type=int, default=100, metavar="N",
@@ -810,15 +817,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.store import read_comparisons
+    from trainer.store import describe, read_comparisons
 
     if args.rounds < 0:
         print(f"error: --rounds must be 0 or more, got {args.rounds}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
+        # A store problem (missing, unreadable, database down) is a StoreError, which
+        # annotate/cli.py prints as one line; this is the directory reader's "try again".
         votes = read_comparisons(args.data, columns=VOTE_COLUMNS)
-    except (OSError, RuntimeError) as e:
+    except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     read_s = time.perf_counter() - t0
@@ -826,7 +835,7 @@ def run(args: argparse.Namespace) -> int:
         board = leaderboard(votes, anchor=args.anchor, rounds=args.rounds, seed=args.seed,
                             both_bad=args.both_bad)
     except LeaderboardError as e:
-        print(f"error: {args.data}: {e}", file=sys.stderr)
+        print(f"error: {describe(args.data)}: {e}", file=sys.stderr)
         return 2
     board.timings = {"read": read_s, **board.timings}
     evals = policy_evals(args.runs, votes) if args.runs else None

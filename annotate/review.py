@@ -406,9 +406,11 @@ class Reviewer:
     """What the Review tab does, without gradio: list reward runs, score the votes with
     one (a background job; `status` to poll), send pairs back to the queue."""
 
-    def __init__(self, data_dir: str | os.PathLike, runs_dir: str | os.PathLike, queue=None,
+    def __init__(self, data: str | os.PathLike, runs_dir: str | os.PathLike, queue=None,
                  *, device: Any = None, extra_runs: Sequence[str | os.PathLike] = ()):
-        self.data_dir = Path(data_dir)
+        # The store target as given (a directory, or a postgresql:// URL): never a Path,
+        # which would fold a URL's "//".
+        self.data = data
         self.runs_dir = Path(runs_dir)
         self.queue = queue
         self.device = device
@@ -466,10 +468,10 @@ class Reviewer:
         return job.view()
 
     def read_votes(self) -> list[dict[str, Any]]:
-        from trainer.store import read_comparisons
-        if not self.data_dir.is_dir():
+        from trainer.store import read_comparisons, store_exists
+        if not store_exists(self.data):
             return []
-        table = read_comparisons(self.data_dir)
+        table = read_comparisons(self.data, columns=list(VOTE_COLUMNS))
         return table.select(list(VOTE_COLUMNS)).to_pylist()
 
     def _work(self, job: Job, path: Path) -> None:
@@ -677,7 +679,7 @@ def build_review_tab(service, demo, tab, admin) -> "Reviewer":
 
     policy = getattr(service.queue, "policy", None)
     scorer = getattr(policy, "scorer", None)
-    reviewer = Reviewer(service.data_dir, service.runs_dir, service.queue,
+    reviewer = Reviewer(service.data, service.runs_dir, service.queue,
                         extra_runs=[scorer.run_dir] if scorer is not None else ())
 
     gr.Markdown("Every voted pair scored by a reward model, beside the human vote: "

@@ -15,6 +15,7 @@ from annotate.launcher import (DEFAULT_PROMPTS, PLOTS, REPO, ROW_HEADERS, Launch
                                add_to_arena, in_arena)
 from trainer.evaluate import EVAL_FILE
 from trainer.runs import read_json
+from trainer.store import describe
 
 POLL_S = 2.0
 
@@ -76,7 +77,7 @@ def build_train_tab(demo, service, admin):
     with gr.Tab("Train", id="train", visible=False) as tab:
         gr.Markdown(f"Trainings run as separate processes and write to `{launcher.runs_dir}`; they keep "
                     f"running when this page or the server goes away. Reward models train on the votes in "
-                    f"`{service.data_dir}`.")
+                    f"`{describe(service.data)}`.")
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel"):
                 gr.Markdown("**Reward model** (Bradley-Terry, on the votes)")
@@ -229,7 +230,7 @@ def build_train_tab(demo, service, admin):
                         request: gr.Request):
         admin(request)
         try:
-            info = launcher.start_reward(service.data_dir, model=model, epochs=epochs, lr=lr, ties=ties,
+            info = launcher.start_reward(service.data, model=model, epochs=epochs, lr=lr, ties=ties,
                                          both_bad=both_bad, lora_r=lora, batch_size=batch, max_length=maxlen)
         except LaunchError as e:
             return (message_html(str(e), error=True), *refresh(selected, None, reward_choice))
@@ -267,7 +268,7 @@ def build_train_tab(demo, service, admin):
     def on_arena(selected, seen, reward_choice, request: gr.Request):
         admin(request)
         try:
-            text, error = add_to_arena(service.generator, service.data_dir, launcher, selected), False
+            text, error = add_to_arena(service.generator, service.state_dir, launcher, selected), False
         except LaunchError as e:
             text, error = str(e), True
         return (message_html(text, error), *refresh(selected, seen, reward_choice))

@@ -77,6 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.runs import CHECKPOINT, Run, config_from_args, read_json, supervise, write_json  # CHECKPOINT: resumable state, while the run is not done
+from trainer.store.errors import StoreError
 
 ALGOS = ("ppo", "rloo", "reinforce")
 POLICY = "policy"                       # the result: a plain HF model directory
@@ -197,19 +198,25 @@ def check_config(cfg: PolicyConfig) -> None:
 
 def load_prompts(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     """Chat message lists from a prompt pool file (trainer.prompts) or from the prompts of a
-    comparison store (its `prompt` column, each distinct prompt once)."""
+    comparison store, a directory or a postgresql:// URL (its `prompt` column, each
+    distinct prompt once). A store that cannot be read raises trainer.store.StoreError."""
     from trainer.prompts import PromptPoolError, load_prompt_pool
     from trainer.reward_data import as_messages
-    path = Path(path)
-    if path.is_dir():
+    from trainer.store import StoreError, describe, is_database
+    database = is_database(path)
+    if not database:
+        path = Path(path)       # never a URL: Path would fold its "//"
+    if database or path.is_dir():
         from trainer.store import read_comparisons
         try:
-            table = read_comparisons(path)
-        except Exception as e:  # not a store, unreadable: say which
-            raise PolicyInputError(f"{path}: cannot read it as a comparison store ({e})") from None
+            table = read_comparisons(path, columns=["prompt"])
+        except StoreError:      # names the store and what to do; the run's error as it is
+            raise
+        except Exception as e:  # not a store: say which
+            raise PolicyInputError(f"{describe(path)}: cannot read it as a comparison store ({e})") from None
         distinct = list(dict.fromkeys(table.column("prompt").to_pylist())) if table.num_rows else []
         if not distinct:
-            raise PolicyInputError(f"{path}: the comparison store holds no votes, so no prompts")
+            raise PolicyInputError(f"{describe(path)}: the comparison store holds no votes, so no prompts")
         return [as_messages(p) for p in distinct]
     try:
         return [p.messages for p in load_prompt_pool(path).prompts]
@@ -432,7 +439,7 @@ def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
 
     return supervise(run_path, cfg.device, lambda: check_config(cfg),
                      lambda run, accelerator, stop: _train(cfg, run, accelerator, stop),
-                     (PolicyInputError,))
+                     (PolicyInputError, StoreError))
 
 
 def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
@@ -983,7 +990,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = PolicyConfig()
     p.add_argument("--reward", default=None, help="reward model: the run directory of `preflab train-reward`")
     p.add_argument("--prompts", default=None,
-                   help=f"prompt pool file (.jsonl/.csv/.parquet) or comparison store directory "
+                   help=f"prompt pool file (.jsonl/.csv/.parquet) or a comparison store: a directory, "
+                        f"or postgresql://user@host:port/db "
                         f"(default: {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[1])})")
     p.add_argument("--model", default=d.model,
                    help="starting policy: smollm2 (default), tiny, a model dir or a cached HF id")

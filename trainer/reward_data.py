@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.store import messages_to_json, read_comparisons
+from trainer.store import describe, is_database, messages_to_json, read_comparisons
 
 TIE_MODES = ("exclude", "include")
 NEEDED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -201,7 +201,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         names = sorted({k for r in rows if isinstance(r, dict) for k in r})
         return names, rows
     raise RewardDataError(f"{path}: unknown file type {suffix!r}; give a comparison store "
-                          f"(a directory), a .parquet, or a .jsonl file")
+                          f"(a directory or a postgresql:// URL), a .parquet, or a .jsonl file")
 
 
 def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) -> Pairs:
@@ -235,9 +235,14 @@ def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) ->
 
 def read_pairs(path, *, ties: str = "exclude", both_bad: str = "exclude", margin: bool = False,
                margin_scale: float = 1.0) -> Pairs:
-    """Pairs from a comparison store (a directory) or a TRL-format file."""
+    """Pairs from a comparison store (a directory, or a postgresql:// URL) or a
+    TRL-format file. A database that cannot be reached raises trainer.store.StoreError."""
     if ties not in TIE_MODES or both_bad not in TIE_MODES:
         raise RewardDataError(f"ties / both-bad must be one of {TIE_MODES}")
+    if is_database(path):     # a URL is a store, never a file (Path would fold its "//")
+        votes = read_comparisons(str(path), columns=["prompt", "response_a", "response_b", "choice", "strength"])
+        return pairs_from_votes(votes, ties=ties, both_bad=both_bad, margin=margin,
+                                margin_scale=margin_scale, source=describe(path))
     p = Path(path)
     if p.is_dir():
         try:
