@@ -153,6 +153,9 @@ class DirectoryStore:
         self._oldest_pending = 0.0
         self._closed = False
         self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preflab-flush")
+        # pyarrow imports pandas on its first array (~0.2-0.3 s, holding the GIL): pay that
+        # now, not in the first background flush while appends wait on the GIL.
+        records_to_table([])
 
     # ---- writing ---------------------------------------------------------------------
 
