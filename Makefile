@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup system-packages demo test bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/preflab serve --model smollm2 --prompts data/prompts.jsonl --data comparisons
 
-test: setup
+# Debian packages the tests need (PostgreSQL's server binaries, Chromium), where missing.
+system-packages:
+	bash scripts/system-packages.sh
+
+test: setup system-packages
 	$(PY) -m pytest
 
 bench: setup

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                         "on held-out prompts"),
     "compact": ("annotate.store_commands", "merge small part files of a comparison store"),
     "info": ("annotate.store_commands", "summarise a comparison store: events, votes, files"),
+    "copy": ("trainer.store.copy", "copy every event between two stores (directory or PostgreSQL), exactly; reruns skip what is there"),
     "leaderboard": ("annotate.leaderboard", "rank models by Bradley-Terry ratings from the votes, with bootstrap confidence intervals"),
     "user": ("annotate.users", "manage annotator and admin accounts in a users.toml"),
 }

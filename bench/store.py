@@ -39,6 +39,7 @@ from annotate.export import export_preferences, write_table  # noqa: E402
 from trainer.store.directory_writer import DirectoryStore  # noqa: E402
 from trainer.store.compaction import compact  # noqa: E402
 from trainer.store import SCHEMA, messages_to_json, read_comparisons, read_events  # noqa: E402
+import store_postgres  # noqa: E402  (bench/store_postgres.py, beside this file)
 
 
 def vote_record(i: int, annotator: str) -> dict:
@@ -157,9 +158,16 @@ def main() -> None:
     ap.add_argument("--pace", type=float, default=100.0, metavar="VOTES_PER_S",
                     help="votes per second per writer in the paced 8-writer phase (100 x 8 writers = 800 "
                          "votes/s, the pace of ~3,000 annotators voting every 4 s)")
+    ap.add_argument("--backend", choices=["directory", "postgres", "all"], default="directory",
+                    help="which store to measure: the directory store, PostgreSQL (bench/store_postgres.py: "
+                         "acknowledged votes, 4 servers x 8 clients, through claim + vote), or both")
+    store_postgres.add_arguments(ap)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="preflab-bench-"))
     result: dict = {"bench": "store", "machine": f"{platform.machine()} {os.cpu_count()} cores"}
+    if args.backend == "postgres":
+        print(json.dumps({**result, **store_postgres.run(args, synthetic_votes)}))
+        return
+    work = Path(tempfile.mkdtemp(prefix="preflab-bench-"))
     try:
         # 1 and 8 writer processes
         lat1, ids1, wall1 = run_writers(str(work / "one"), 1, args.appends)
@@ -219,6 +227,8 @@ def main() -> None:
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.backend == "all":
+        result.update(store_postgres.run(args, synthetic_votes))
     print(json.dumps(result))
 
 

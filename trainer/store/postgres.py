@@ -1,0 +1,454 @@
+"""The PostgreSQL backend: events in a table, schema migrations, the shared assignment.
+
+    from trainer.store.postgres import PostgresStore, read_comparisons
+    with PostgresStore("postgresql://me@db:5432/votes") as store:   # migrates the schema
+        ok, voters = store.claim(pair_id, "alice", want=2, lease_s=1800)
+        if ok:
+            store.vote(record, want=2)         # returns once the transaction committed
+    votes = read_comparisons("postgresql://me@db:5432/votes")       # same table as a directory's
+
+Several `preflab serve` processes share one database; what makes that safe:
+
+* Acknowledged = committed. Every event goes in with `ON CONFLICT (event_id) DO
+  NOTHING`, so running a write again is harmless: a retried append returns the stored
+  record and never duplicates. That is what lets us retry a transaction whose
+  connection broke (PostgreSQL restarted, a network blip) on a fresh connection for up
+  to `retry_s` seconds, even when we cannot tell whether the COMMIT got through.
+  After that: StoreWriteError "... not saved, try again".
+* The assignment (overlap K, never twice) lives in the database: `claim` and `vote`
+  lock the pair's row in `pair_slots` (SELECT ... FOR UPDATE), so everything that
+  decides about one pair queues up, in every server, while other pairs go on in
+  parallel. Leases expire by the database's clock, so servers never disagree on time.
+* `changes_since(cursor)` tells a server what the other servers stored. The cursor is
+  a PostgreSQL snapshot (`pg_current_snapshot()`, opaque text), not a sequence number:
+  `seq` values are taken at INSERT but become visible at COMMIT, in another order, so
+  "seq > last seen" would miss a slow transaction's event forever. "Not visible in the
+  previous snapshot, visible now" hands out each committed event exactly once.
+
+Reading goes through COPY ... TO STDOUT (CSV) straight into pyarrow's CSV reader, then
+the same `standing_votes` as the directory reader: same schema, same retractions.
+Tables and migrations: trainer/store/postgres_schema.py.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+
+from trainer.store import describe
+from trainer.store.errors import StoreError, StoreUnavailable, StoreWriteError, VoteConflict
+from trainer.store.postgres_schema import VOTE_CONFLICT, has_events_table, migrate
+from trainer.store.record import (FIELDS, SCHEMA, SCHEMA_VERSION, RecordError, check_columns, empty_table,
+                                  standing_votes, validate_record)
+
+try:  # the optional extra `preflab[postgres]`
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.types.json import Jsonb
+    from psycopg_pool import ConnectionPool
+except ImportError:  # pragma: no cover - reported when a database is first opened
+    psycopg = None
+
+log = logging.getLogger("preflab.store.postgres")
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_TEXT_FIELDS = [f.name for f in SCHEMA if pa.types.is_string(f.type)]
+
+
+def _column(name: str) -> str:
+    """How a field is read: created_at as exact integer microseconds (what
+    validate_record returns), the rest as they are. "left" is an SQL keyword: quote all."""
+    if name == "created_at":
+        return "round(extract(epoch FROM created_at) * 1000000)::int8 AS created_at"
+    return f'"{name}"'
+
+
+_INSERT_COLUMNS = ", ".join(f'"{f}"' for f in FIELDS)
+_SELECT_COLUMNS = ", ".join(_column(f) for f in FIELDS)
+# The columns' PostgreSQL types, for binary COPY (postgres_schema.py's events table).
+_COPY_TYPES = [{"schema_version": "int2", "strength": "int2", "decision_ms": "int4",
+                "created_at": "timestamptz"}.get(f, "text") for f in FIELDS]
+
+
+def _row_values(rec: dict[str, Any]) -> tuple:
+    """A validated record as the row it is inserted as (created_at exact to the µs)."""
+    return tuple(EPOCH + timedelta(microseconds=rec[f]) if f == "created_at" else rec[f] for f in FIELDS)
+
+
+def _as_record(row: tuple) -> dict[str, Any]:
+    return dict(zip(FIELDS, row))
+
+
+# --------------------------------------------------------------------------------------
+# Connecting, and saying clearly why we could not
+# --------------------------------------------------------------------------------------
+
+def _require_driver(target: str) -> None:
+    if psycopg is None:
+        raise StoreUnavailable(f"{describe(target)}: PostgreSQL support is not installed: "
+                               "pip install 'preflab[postgres]'")
+
+
+def explain(error: Exception, target: str) -> str:
+    """One line saying why a connection failed, from psycopg's several-line message."""
+    text = str(error)
+    for known in (r'password authentication failed for user "[^"]*"', r'database "[^"]*" does not exist',
+                  r'role "[^"]*" does not exist', r"no pg_hba\.conf entry[^\n]*",
+                  r"the database system is (starting up|shutting down|in recovery mode)",
+                  r"terminating connection due to administrator command"):
+        found = re.search(known, text)
+        if found:
+            return found.group(0)
+    try:
+        info = conninfo_to_dict(target)
+    except Exception:
+        info = {}
+    where = f"{info.get('host') or 'localhost'}:{info.get('port') or 5432}"
+    if "Connection refused" in text or "No such file or directory" in text:
+        return f"connection refused: is PostgreSQL running on {where}?"
+    if "timeout expired" in text:
+        return f"no answer from {where} within the connect timeout"
+    if "could not translate host name" in text:
+        return f"unknown host {info.get('host')!r}"
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return re.sub(r"^(connection failed: )?(connection to server .*? failed: )?(FATAL:\s+)?", "", first)
+
+
+def _connect(target: str, connect_timeout: float) -> "psycopg.Connection":
+    """One autocommit connection, or StoreUnavailable naming the target and the cause."""
+    _require_driver(target)
+    try:
+        return psycopg.connect(target, autocommit=True, **_connect_options(connect_timeout))
+    except psycopg.OperationalError as e:
+        raise StoreUnavailable(f"{describe(target)}: cannot connect: {explain(e, target)}") from None
+
+
+def _connect_options(connect_timeout: float) -> dict[str, Any]:
+    # libpq counts the timeout in whole seconds and treats anything under 2 as 2.
+    return {"connect_timeout": max(2, math.ceil(connect_timeout)), "application_name": "preflab",
+            "client_encoding": "utf8"}
+
+
+# --------------------------------------------------------------------------------------
+# Reading: COPY into Arrow
+# --------------------------------------------------------------------------------------
+
+class _CopyStream(io.RawIOBase):
+    """The rows of a `COPY ... TO STDOUT` as a readable byte stream, for pyarrow."""
+
+    def __init__(self, copy):
+        self._copy, self._pending, self._done, self.bytes_read = copy, bytearray(), False, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        wanted = len(buffer)
+        read = self._copy.read
+        while len(self._pending) < wanted and not self._done:
+            block = read()   # one row per call: libpq hands COPY data over row by row
+            if not block:
+                self._done = True
+            self._pending += block
+        n = min(wanted, len(self._pending))
+        buffer[:n] = self._pending[:n]
+        del self._pending[:n]
+        self.bytes_read += n
+        return n
+
+
+def _copy_to_arrow(conn, fields: list[str]) -> pa.Table:
+    """Events (only `fields`) as an Arrow table with SCHEMA's types for those fields."""
+    schema = pa.schema([SCHEMA.field(f) for f in fields])
+    types = {f: pa.int64() if f == "created_at" else SCHEMA.field(f).type for f in fields}
+    options = dict(
+        read_options=pa_csv.ReadOptions(column_names=fields, block_size=1 << 24),
+        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+        # PostgreSQL's CSV writes NULL as nothing and an empty string as "": only the
+        # unquoted empty field is null (never "NA" and friends, pyarrow's defaults).
+        convert_options=pa_csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
+                                              quoted_strings_can_be_null=False))
+    query = f"COPY (SELECT {', '.join(_column(f) for f in fields)} FROM events) TO STDOUT (FORMAT csv)"
+    with conn.cursor() as cur, cur.copy(query) as copy:
+        stream = _CopyStream(copy)
+        try:
+            table = pa_csv.read_csv(stream, **options)
+        except pa.ArrowInvalid:
+            if stream.bytes_read == 0:   # no events: pyarrow calls an empty input an error
+                return empty_table().select(fields)
+            raise
+    return table.cast(schema)
+
+
+def _read(target: str, fields: list[str] | None) -> pa.Table:
+    fields = list(fields or FIELDS)
+    with _connect(target, 5.0) as conn:
+        if not has_events_table(conn):   # a database never opened as a store: nothing in it
+            return empty_table().select(fields)
+        return _copy_to_arrow(conn, fields)
+
+
+def read_events(target: str) -> pa.Table:
+    """Every event in the database (votes and retracts), unordered, with SCHEMA."""
+    return _read(target, None)
+
+
+def read_comparisons(target: str, columns: list[str] | None = None) -> pa.Table:
+    """The standing votes, retractions applied; `columns`: only these, in this order
+    (the others are never sent by the server)."""
+    return standing_votes([_read(target, check_columns(columns))], columns)
+
+
+# --------------------------------------------------------------------------------------
+# The writer, and the shared assignment
+# --------------------------------------------------------------------------------------
+
+class PostgresStore:
+    """A writer on a PostgreSQL store, with a connection pool. Thread-safe: share one
+    per process.
+
+    connect_timeout: seconds to wait for the server when connecting; retry_s: how long
+    a write whose connection broke is retried before StoreWriteError."""
+
+    recovered_events = 0   # the database replays its own journal; nothing for us to do
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 5.0,
+                 retry_s: float = 15.0):
+        self.target = url
+        self.retry_s = retry_s
+        with _connect(url, connect_timeout) as conn:   # first contact: clear errors, then the schema
+            try:
+                migrate(conn, describe(url))
+            except psycopg.Error as e:   # e.g. a role that may not create tables
+                raise StoreError(f"{describe(url)}: cannot set up the store's tables: "
+                                 f"{e.diag.message_primary or e}") from None
+        self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
+                                    timeout=connect_timeout, name="preflab",
+                                    kwargs={"autocommit": True, **_connect_options(connect_timeout)})
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except psycopg.OperationalError as e:
+            self._pool.close()
+            raise StoreUnavailable(f"{describe(url)}: cannot connect: {explain(e, url)}") from None
+
+    # ---- running work on a connection, again if the connection broke ----------------
+
+    def _retrying(self, work: Callable[[Any], Any], what: str, *, reading: bool = False) -> Any:
+        """work(conn) on a pooled autocommit connection (one statement is one
+        transaction; work opens `conn.transaction()` for several). On a broken
+        connection, again on a fresh one, for up to retry_s seconds: safe, because
+        every write here is idempotent (events by event_id, leases and skips by key)."""
+        deadline = time.monotonic() + self.retry_s
+        pause = 0.05
+        while True:
+            try:
+                with self._pool.connection(timeout=max(0.5, deadline - time.monotonic())) as conn:
+                    return work(conn)
+            except psycopg.OperationalError as e:
+                # Lost connection, server restarting, deadlock or serialization abort:
+                # nothing happened, or it committed and we did not hear. Both retry.
+                if time.monotonic() + pause >= deadline:
+                    reason = explain(e, self.target)
+                    if reading:
+                        raise StoreUnavailable(f"{describe(self.target)}: {what} failed: {reason}") from None
+                    raise StoreWriteError(f"{describe(self.target)}: {what} not saved, try again ({reason})") from None
+                log.warning("%s: %s: %s; retrying", describe(self.target), what, explain(e, self.target))
+                time.sleep(pause)
+                pause = min(2 * pause, 1.0)
+
+    def _validated(self, record: dict[str, Any], where: str = "") -> dict[str, Any]:
+        record = dict(record)
+        record.setdefault("schema_version", SCHEMA_VERSION)
+        record.setdefault("event_id", str(uuid.uuid4()))
+        if record.get("created_at") is None:
+            record["created_at"] = time.time_ns() // 1000
+        rec = validate_record(record, where)
+        for f in _TEXT_FIELDS:   # the one thing Parquet takes and PostgreSQL text does not
+            if rec[f] is not None and "\x00" in rec[f]:
+                raise RecordError(f, "contains a NUL character, which PostgreSQL text cannot hold", where)
+        return rec
+
+    @staticmethod
+    def _stored(conn, event_ids: list[str]) -> dict[str, dict[str, Any]]:
+        rows = conn.execute(f"SELECT {_SELECT_COLUMNS} FROM events WHERE event_id = ANY(%s)", (event_ids,))
+        return {r["event_id"]: r for r in map(_as_record, rows)}
+
+    @staticmethod
+    def _insert(conn, rec: dict[str, Any]) -> dict[str, Any]:
+        """Insert one validated event; if its event_id is already there, the stored one."""
+        placeholders = ", ".join(["%s"] * len(FIELDS))
+        inserted = conn.execute(f"INSERT INTO events ({_INSERT_COLUMNS}) VALUES ({placeholders}) "
+                                "ON CONFLICT (event_id) DO NOTHING RETURNING event_id", _row_values(rec)).fetchone()
+        return rec if inserted else PostgresStore._stored(conn, [rec["event_id"]])[rec["event_id"]]
+
+    @staticmethod
+    def _copy_in(conn, table: str, recs: list[dict[str, Any]]) -> None:
+        with conn.cursor() as cur, cur.copy(f"COPY {table} ({_INSERT_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(_COPY_TYPES)
+            for rec in recs:
+                copy.write_row(_row_values(rec))
+
+    # ---- the store interface (the same as the directory writer's) --------------------
+
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Validate and commit one event; returns the stored record (created_at in µs)."""
+        rec = self._validated(record)
+        return self._retrying(lambda conn: self._insert(conn, rec), f"event {rec['event_id']}")
+
+    def append_many(self, records: Iterable[dict[str, Any]], where: str = "") -> list[dict[str, Any]]:
+        """Validate every record first, then commit them all in one transaction (COPY).
+        Nothing is stored unless all are valid; event_ids already stored are kept as
+        they are (and returned as stored)."""
+        prefix = f"{where} " if where else ""
+        recs = [self._validated(r, f"{prefix}item {i}") for i, r in enumerate(records)]
+        if not recs:
+            return []
+
+        def work(conn):
+            with conn.transaction():
+                try:   # the usual case, all new: straight into the table (one pass, not two)
+                    with conn.transaction():   # a savepoint, so a clash undoes just this
+                        self._copy_in(conn, "events", recs)
+                    return recs
+                except psycopg.errors.UniqueViolation:
+                    pass
+                # Some are stored already (a retry, a rerun copy): through a scratch table.
+                conn.execute(f"CREATE TEMP TABLE preflab_incoming ON COMMIT DROP AS "
+                             f"SELECT {_INSERT_COLUMNS} FROM events WITH NO DATA")
+                self._copy_in(conn, "preflab_incoming", recs)
+                inserted = {row[0] for row in conn.execute(
+                    f"INSERT INTO events ({_INSERT_COLUMNS}) SELECT {_INSERT_COLUMNS} FROM preflab_incoming "
+                    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id")}
+                if len(inserted) == len(recs):
+                    return recs
+                stored = self._stored(conn, [r["event_id"] for r in recs if r["event_id"] not in inserted])
+                return [stored.get(r["event_id"], r) for r in recs]
+
+        return self._retrying(work, f"{len(recs)} events")
+
+    def retract(self, event_id: str, annotator: str, vote: dict[str, Any] | None = None,
+                **pair_fields: Any) -> dict[str, Any]:
+        """Cancel an earlier vote with a `retract` event. It carries the vote's pair
+        fields (the record requires them): pass the vote, or the fields themselves."""
+        vote = vote or {}
+        fields = {k: vote.get(k, pair_fields.get(k)) for k in
+                  ("pair_id", "prompt_id", "prompt", "response_a", "response_b", "model_a", "model_b", "left")}
+        return self.append({**fields, "kind": "retract", "retracts": event_id, "choice": None,
+                            "strength": None, "annotator": annotator})
+
+    def flush(self) -> None:
+        """Nothing to do: every acknowledged event is already committed."""
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> "PostgresStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the shared assignment (its rules: preflab_claim, preflab_vote in postgres_schema.py)
+
+    def claim(self, pair_id: str, annotator: str, want: int, lease_s: float) -> tuple[bool, set[str]]:
+        """Lease one of the pair's `want` slots to `annotator` for `lease_s` seconds.
+
+        True when leased now, or they already hold a live lease on it. False when they
+        have a standing vote on it, skipped it, or the standing votes and others' live
+        leases fill it. Also returns the pair's standing voters (imports left out)."""
+        ok, voters = self._retrying(lambda conn: conn.execute(
+            "SELECT ok, voters FROM preflab_claim(%s, %s, %s, %s)",
+            (pair_id, annotator, want, float(lease_s))).fetchone(), f"claim of {pair_id} for {annotator}")
+        return ok, set(voters)
+
+    def release(self, pair_id: str, annotator: str) -> None:
+        """Drop the annotator's lease on the pair (a cancelled vote): the slot is free."""
+        self._retrying(lambda conn: conn.execute(
+            "DELETE FROM leases WHERE pair_id = %s AND annotator = %s", (pair_id, annotator)),
+            f"release of {pair_id} by {annotator}")
+
+    def skip(self, pair_id: str, annotator: str) -> None:
+        """Drop their lease and remember the skip: they never get this pair again."""
+        self._retrying(lambda conn: conn.execute(
+            "WITH released AS (DELETE FROM leases WHERE pair_id = %(pair)s AND annotator = %(who)s) "
+            "INSERT INTO skips (pair_id, annotator) VALUES (%(pair)s, %(who)s) ON CONFLICT DO NOTHING",
+            {"pair": pair_id, "who": annotator}), f"skip of {pair_id} by {annotator}")
+
+    def skipped(self) -> set[tuple[str, str]]:
+        """Every (pair_id, annotator) skip, for a restarted server."""
+        rows = self._retrying(lambda conn: conn.execute("SELECT pair_id, annotator FROM skips").fetchall(),
+                              "reading skips", reading=True)
+        return {(p, a) for p, a in rows}
+
+    def vote(self, record: dict[str, Any], want: int) -> dict[str, Any]:
+        """Store a vote if the pair has room for it, in one transaction; returns the
+        stored record once committed.
+
+        VoteConflict (nothing stored) when the annotator already has a standing vote on
+        the pair, or when the pair is full: without a live lease of their own, standing
+        votes plus others' live leases reach `want`; with one, standing votes do. A
+        retry of an event already committed returns it (no conflict)."""
+        rec = self._validated(record)
+        if rec["kind"] != "vote":
+            raise ValueError(f"vote() takes a vote, got kind {rec['kind']!r}: use retract()")
+        # As JSON for preflab_vote; created_at as an ISO string, exact to the µs.
+        as_json = Jsonb({**rec, "created_at": (EPOCH + timedelta(microseconds=rec["created_at"])).isoformat()})
+
+        def work(conn):
+            try:
+                stored_now = conn.execute("SELECT preflab_vote(%s, %s)", (as_json, want)).fetchone()[0]
+            except psycopg.DatabaseError as e:
+                if e.sqlstate == VOTE_CONFLICT:
+                    raise VoteConflict(e.diag.message_primary) from None
+                raise
+            return rec if stored_now else self._stored(conn, [rec["event_id"]])[rec["event_id"]]
+
+        return self._retrying(work, f"vote {rec['event_id']}")
+
+    # ---- what the other servers did ----------------------------------------------------
+
+    def cursor(self) -> str:
+        """A cursor for "now": changes_since(it) returns what is committed after this."""
+        return self._retrying(lambda conn: conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0],
+                              "reading the cursor", reading=True)
+
+    def changes_since(self, cursor: str | int | None) -> tuple[list[dict[str, Any]], str]:
+        """Events (votes and retracts) committed since `cursor` (0 or None: all), as
+        records, oldest first; and the cursor to pass next time. Each committed event
+        comes back exactly once over a chain of calls."""
+        def work(conn):
+            with conn.transaction():
+                # REPEATABLE READ: one snapshot for both statements, so rows and cursor agree.
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                now = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+                if not cursor:
+                    rows = conn.execute(f"SELECT {_SELECT_COLUMNS} FROM events ORDER BY seq")
+                else:   # committed since: not visible in the cursor's snapshot, visible in ours
+                    rows = conn.execute(f"SELECT {_SELECT_COLUMNS} FROM events "
+                                        "WHERE txid >= pg_snapshot_xmin(%(c)s::pg_snapshot) "
+                                        "AND NOT pg_visible_in_snapshot(txid, %(c)s::pg_snapshot) ORDER BY seq",
+                                        {"c": str(cursor)})
+                return [_as_record(r) for r in rows], now
+
+        return self._retrying(work, "reading changes", reading=True)
+
+    def snapshot(self, columns: list[str] | None = None) -> tuple[pa.Table, str]:
+        """The standing votes and the cursor of the same instant, for a starting server:
+        changes_since(cursor) then continues exactly where this table ends."""
+        def work(conn):
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                now = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+                return _copy_to_arrow(conn, list(check_columns(columns) or FIELDS)), now
+
+        table, now = self._retrying(work, "reading the store", reading=True)
+        return standing_votes([table], columns), now
