@@ -455,10 +455,17 @@ class AssignmentQueue:
                     "prompt_id", "gen_params")} | {"prompt": json.loads(record["prompt"])})
             elif len(voters) < self._wanted(pair_id) and pair_id not in self._open:
                 self._open[pair_id] = None
-            if person.current is not None:
-                self._release(annotator, person.current.pair.pair_id)
+            previous = person.current.pair.pair_id if person.current is not None else None
+            if previous is not None:
+                self._release(annotator, previous)
             self._changed.notify_all()
-            return self._lease(person, annotator, pair, record["left"], now)
+            a = self._lease(person, annotator, pair, record["left"], now)
+            want = self._wanted(pair_id)
+        if self.shared is not None:   # the database's leases follow: one freed, one taken
+            if previous is not None:
+                self.shared.release(previous, annotator)
+            self.shared.claim(pair_id, annotator, want, self.lease_s)
+        return a
 
     # ---- what the page and the generator ask -----------------------------------------
 

@@ -102,3 +102,34 @@ def test_kill_9_of_one_server_mid_load_loses_nothing_and_a_restart_goes_on(tmp_p
     finally:
         for s in servers:
             s.stop()
+
+
+def test_undo_on_a_shared_store_frees_the_slot_and_takes_it_back(tmp_path, pg_url):
+    servers = team_servers(tmp_path, pg_url, n_servers=2, n_pairs=3)
+    for s in servers:
+        s.start()
+    try:
+        ann = client(servers[0].url, "ann")
+        first = ann.predict(api_name="/next")["pair"]
+        ann.predict(first["pair_id"], "left", "", "", api_name="/vote")
+        back = ann.predict(api_name="/undo")
+        assert back["ok"] and back["pair"]["pair_id"] == first["pair_id"], "undo brings the pair back"
+        again = ann.predict(first["pair_id"], "right", "", "", api_name="/vote")
+        assert again["ok"], again["message"]
+        votes = read_comparisons(pg_url).to_pylist()
+        assert [(v["pair_id"], v["annotator"]) for v in votes] == [(first["pair_id"], "ann")]
+        assert len(read_events(pg_url)) == 3          # vote, retract, vote
+        # the other server knows it too: ann is never given that pair there
+        other = client(servers[1].url, "ann")
+        seen = []
+        for _ in range(4):
+            pair = other.predict(api_name="/next")["pair"]
+            if pair is None:
+                break
+            seen.append(pair["pair_id"])
+            other.predict(pair["pair_id"], "left", "", "", api_name="/vote")
+        assert first["pair_id"] not in seen and len(seen) == 2
+        check_invariants(pg_url, 3, complete=False)
+    finally:
+        for s in servers:
+            s.stop()
