@@ -427,8 +427,9 @@ def _write_jsonl(table: pa.Table, f, batch_rows: int = 100_000) -> None:
 
 
 # Exports are written with snappy, the codec pyarrow, pandas and `datasets` write by
-# default: 1.6x faster to write than zstd here, for files about 1.45x larger (1M votes:
-# 3.1 s / 382 MB against 4.9 s / 261 MB). The store's own part files stay zstd.
+# default: about 2x faster to write than zstd here, for files about 1.45x larger (1M
+# votes of bench/store.py: 2.2 s / 382 MB against 4.8 s / 261 MB). The store's own part
+# files stay zstd.
 EXPORT_COMPRESSION = "snappy"
 COMPRESSIONS = ("snappy", "zstd", "lz4", "gzip", "none")
 
@@ -471,7 +472,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--margin, --ties separate and --aggregate majority do not apply)")
     p.add_argument("--compression", choices=COMPRESSIONS, default=EXPORT_COMPRESSION,
                    help="Parquet codec: snappy (the ecosystem default, fastest to write), zstd (about "
-                        "1.45x smaller, 1.6x slower to write), lz4, gzip, none")
+                        "1.45x smaller, about 2x slower to write), lz4, gzip, none")
     p.add_argument("--margin", action="store_true",
                    help="add a float `margin` column from the votes' strength (TRL's RewardTrainer uses it)")
     p.add_argument("--ties", choices=TIES_MODES, default="exclude",
