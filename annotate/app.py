@@ -49,7 +49,7 @@ from typing import Any
 
 from annotate.pairs import Generator, PairsFileError, load_pairs
 from annotate.queue import Assignment, AssignmentQueue, StaleVote
-from trainer.store.errors import StoreWriteError, VoteConflict
+from trainer.store.errors import StoreError, StoreWriteError, VoteConflict
 
 log = logging.getLogger("preflab.app")
 
@@ -240,11 +240,20 @@ class Service:
                 "progress": self.queue.progress(user),
                 "waiting": None if a is not None else self._waiting(user)}
 
+    def _next(self, user: str) -> tuple[Assignment | None, str]:
+        """The annotator's next pair, or (None, why) when a shared store cannot be asked
+        right now: whatever was just stored stays stored, the page says so."""
+        try:
+            return self.queue.next(user), ""
+        except StoreError as e:
+            log.error("%s", e)
+            return None, "The vote store cannot be reached right now; your next pair comes when it is back."
+
     def next(self, user: str) -> dict[str, Any]:
-        a = self.queue.next(user)
+        a, problem = self._next(user)
         if a is not None:
             a.shown_at = self.queue.clock()   # shown (again) now: decision time starts here
-        return self._view(user, a)
+        return self._view(user, a, ok=not problem, message=problem)
 
     # ---- acting on a pair ------------------------------------------------------------
 
@@ -258,11 +267,13 @@ class Service:
         try:
             a = self.queue.begin_vote(user, pair_id)
         except StaleVote:
-            return self._view(user, self.queue.next(user), ok=False,
-                              message="That pair was already answered (another tab?); here is your current one.")
+            a, problem = self._next(user)
+            return self._view(user, a, ok=False, message=problem or
+                              "That pair was already answered (another tab?); here is your current one.")
         decision_ms = int((self.queue.clock() - a.shown_at) * 1000)
         canonical = {"left": a.left, "right": a.right}.get(choice, choice)
-        record = {**a.pair.record_fields(), "kind": "vote", "left": a.left, "choice": canonical,
+        record = {**a.pair.record_fields(), "event_id": a.event_id, "kind": "vote", "left": a.left,
+                  "choice": canonical,
                   # strength only qualifies a preference (the record refuses it on a tie)
                   "strength": STRENGTHS.get(strength) if canonical in ("a", "b") else None,
                   "rationale": (rationale or "").strip() or None, "annotator": user,
@@ -272,8 +283,9 @@ class Service:
         except VoteConflict:
             # Another server's annotators took the last slot (or this annotator voted on
             # the pair there): nothing was stored; the queue already moved on.
-            return self._view(user, self.queue.next(user), ok=False,
-                              message="That pair was completed meanwhile; here is another one. Nothing was saved.")
+            nxt, problem = self._next(user)
+            return self._view(user, nxt, ok=False, message=problem or
+                              "That pair was completed meanwhile; here is another one. Nothing was saved.")
         except StoreWriteError as e:
             self.queue.cancel_vote(a)
             log.error("%s", e)
@@ -284,18 +296,21 @@ class Service:
             raise
         ack = {"event_id": stored["event_id"], "choice": choice, "decision_ms": record["decision_ms"],
                "left_model": a.pair.model(a.left), "right_model": a.pair.model(a.right)}
-        return self._view(user, self.queue.next(user), ack=ack, message="Saved.")
+        nxt, problem = self._next(user)
+        return self._view(user, nxt, ack=ack, message="Saved." + (f" {problem}" if problem else ""))
 
     def skip(self, user: str, pair_id: str) -> dict[str, Any]:
         skipped = self.queue.skip(user, pair_id)
-        return self._view(user, self.queue.next(user), ok=skipped,
-                          message="Skipped; it goes to someone else." if skipped else
-                          "That pair is no longer yours to skip.")
+        a, problem = self._next(user)
+        return self._view(user, a, ok=skipped and not problem,
+                          message=problem or ("Skipped; it goes to someone else." if skipped else
+                                              "That pair is no longer yours to skip."))
 
     def undo(self, user: str) -> dict[str, Any]:
         record = self.queue.begin_undo(user)
         if record is None:
-            return self._view(user, self.queue.next(user), ok=False, message="Nothing to undo.")
+            a, problem = self._next(user)
+            return self._view(user, a, ok=False, message=problem or "Nothing to undo.")
         try:
             self.store.retract(record["event_id"], user, vote=record)
         except StoreWriteError as e:

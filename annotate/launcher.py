@@ -313,10 +313,17 @@ class Launcher:
     """Starts, lists and cancels the trainings of one runs directory."""
 
     def __init__(self, runs_dir: str | os.PathLike, *, python: str = sys.executable,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, store: str | os.PathLike | None = None):
         self.runs_dir = Path(runs_dir).resolve()
         self.python = python
         self.env = env
+        # Database passwords by the URL without them: trainers get the URL on their
+        # command line and in launch.json / config.json, the password only in their
+        # environment. `store` (the server's --data) is known from the start, so a
+        # Resume after a server restart has it too.
+        self._passwords: dict[str, str] = {}
+        if store is not None:
+            self._remember_password(store)
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}      # runs started by this process
         self._waiters: dict[str, threading.Thread] = {}    # their reapers
@@ -409,7 +416,7 @@ class Launcher:
         if not data:
             raise LaunchError("Data: no comparison store given; there are no votes to train on yet")
         if is_database(data):
-            target = str(data)      # reachability is the trainer's to report, in its log
+            target = self._remember_password(data)   # reachability is the trainer's to report, in its log
         else:
             target = str(Path(data).resolve())
             if not store_exists(target):
@@ -463,6 +470,14 @@ class Launcher:
                 "--max-new-tokens", str(settings["max_new_tokens"]), *(extra or [])]
         return self._start("policy", argv, settings, run_id)
 
+    def _remember_password(self, target: str | os.PathLike) -> str:
+        """The target without its password; the password kept for the trainers' env."""
+        from trainer.store import without_password
+        clean, password = without_password(target)
+        if password is not None:
+            self._passwords[clean] = password
+        return clean
+
     def _new_id(self, kind: str) -> str:
         return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -513,6 +528,9 @@ class Launcher:
         env = {**(self.env if self.env is not None else os.environ), "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        data = argv[argv.index("--data") + 1] if "--data" in argv[:-1] else None
+        if data in self._passwords:   # libpq reads it; it never touches the run directory
+            env["PGPASSWORD"] = self._passwords[data]
         try:
             with open(path / LOG_FILE, "ab") as log:
                 # A store URL's password stays out of the log (describe masks it).

@@ -823,13 +823,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --rounds must be 0 or more, got {args.rounds}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    try:
-        # A store problem (missing, unreadable, database down) is a StoreError, which
-        # annotate/cli.py prints as one line; this is the directory reader's "try again".
-        votes = read_comparisons(args.data, columns=VOTE_COLUMNS)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # A store problem (missing, unreadable, database down) is a StoreError, which
+    # annotate/cli.py prints as one line.
+    votes = read_comparisons(args.data, columns=VOTE_COLUMNS)
     read_s = time.perf_counter() - t0
     try:
         board = leaderboard(votes, anchor=args.anchor, rounds=args.rounds, seed=args.seed,

@@ -41,15 +41,19 @@ wait on it for microseconds. Nothing here touches the disk: the app writes the s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from annotate.pairs import Pair, pair_from_row
 from annotate.sampling import selection_of, with_selection
+
+log = logging.getLogger("preflab.queue")
 
 
 class StaleVote(Exception):
@@ -65,6 +69,10 @@ class Assignment:
     annotator: str
     left: str          # "a" or "b": which canonical candidate is shown on the left
     shown_at: float    # clock() when it was last shown; decision time runs from here
+    # The event_id its vote is stored under: a retry after "not saved" (which may have been
+    # saved after all, when a database's COMMIT reply was lost) reuses it, so the store
+    # returns the stored vote instead of taking a second one.
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     @property
     def right(self) -> str:
@@ -296,7 +304,14 @@ class AssignmentQueue:
                     return a
                 want = self._wanted(pair_id)
             # The database call runs outside the lock: other annotators are not held up by it.
-            ok, voters = self.shared.claim(pair_id, annotator, want, self.lease_s)
+            try:
+                ok, voters = self.shared.claim(pair_id, annotator, want, self.lease_s)
+            except Exception:   # the database away: no lease there, so none here either
+                with self._lock:
+                    if person.current is a:
+                        person.current = None
+                    self._release(annotator, pair_id)
+                raise
             with self._lock:
                 self._learn_voters(pair_id, voters)
                 if ok:
@@ -342,6 +357,9 @@ class AssignmentQueue:
                 voters = set(self._votes.get(e["pair_id"], ()))
                 (voters.add if e["kind"] == "vote" else voters.discard)(e["annotator"])
                 self._learn_voters(e["pair_id"], voters)
+                if e["kind"] == "retract":   # undone on another server: not undoable here again
+                    history = self._person(e["annotator"]).history
+                    history[:] = [r for r in history if r["event_id"] != e["retracts"]]
             self._changed.notify_all()
         return len(events)
 
@@ -360,7 +378,10 @@ class AssignmentQueue:
                 with self._lock:
                     self._release(a.annotator, a.pair.pair_id)
                     self._refused[(a.annotator, a.pair.pair_id)] = self.clock() + self.lease_s
-                self.sync()   # learn what the other servers did with it
+                try:
+                    self.sync()   # learn what the other servers did with it
+                except Exception as e:   # the conflict is the news; the next sync catches up
+                    log.warning("sync after a vote conflict failed (%s)", e)
                 raise
         self.finish_vote(a, stored)
         return stored
@@ -421,7 +442,10 @@ class AssignmentQueue:
             self._release(annotator, pair_id)
             self._changed.notify_all()
         if self.shared is not None:   # kept in the database: every server, and a restart, knows
-            self.shared.skip(pair_id, annotator)
+            try:
+                self.shared.skip(pair_id, annotator)
+            except Exception as e:   # skipped here all the same; the lease there runs out
+                log.warning("could not record the skip of %s by %s in the shared store (%s)", pair_id, annotator, e)
         return True
 
     def begin_undo(self, annotator: str) -> dict[str, Any] | None:
@@ -462,9 +486,12 @@ class AssignmentQueue:
             a = self._lease(person, annotator, pair, record["left"], now)
             want = self._wanted(pair_id)
         if self.shared is not None:   # the database's leases follow: one freed, one taken
-            if previous is not None:
-                self.shared.release(previous, annotator)
-            self.shared.claim(pair_id, annotator, want, self.lease_s)
+            try:
+                if previous is not None:
+                    self.shared.release(previous, annotator)
+                self.shared.claim(pair_id, annotator, want, self.lease_s)
+            except Exception as e:   # the retract is stored; the vote on it will be checked anyway
+                log.warning("could not move %s's lease in the shared store after an undo (%s)", annotator, e)
         return a
 
     # ---- what the page and the generator ask -----------------------------------------

@@ -67,7 +67,7 @@ def build_train_tab(demo, service, admin):
     import gradio as gr
     import pandas as pd
 
-    launcher = Launcher(service.runs_dir)
+    launcher = Launcher(service.runs_dir, store=service.data)
     service.launcher = launcher
     try:
         prompts_default = str(DEFAULT_PROMPTS.relative_to(REPO))

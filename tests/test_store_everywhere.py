@@ -306,3 +306,17 @@ def test_a_password_in_the_url_is_never_printed(pg_url, tmp_path):
     assert r.returncode == 2 and "cannot connect" in r.stderr
     runs.append(r)
     assert all("s3cret-pw" not in r.stdout + r.stderr for r in runs)
+
+
+def test_a_trainer_started_from_the_page_never_writes_the_password(pg_url, tmp_path):
+    url = with_password(pg_url, "s3cret-pw")
+    fill(pg_url)
+    launcher = Launcher(tmp_path / "runs", store=url)
+    info = launcher.start_reward(url, model="tiny", epochs=1, batch_size=8, max_length=64, lr=1e-3,
+                                 extra=["--max-steps", "1", "--device", TRAIN_DEVICE])
+    final = launcher.wait(info.run_id, timeout=300)
+    assert final.state == "done", launcher.log_tail(info.run_id)
+    argv = json.loads((info.path / "launch.json").read_text())["argv"]
+    assert argv[argv.index("--data") + 1] == pg_url            # the URL, less its password
+    leaks = [p for p in info.path.rglob("*") if p.is_file() and b"s3cret-pw" in p.read_bytes()]
+    assert not leaks, f"the password is in {leaks}"

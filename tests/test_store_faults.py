@@ -285,6 +285,11 @@ def test_a_read_only_store_refuses_writes_with_a_clear_error(shared_tmp):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "permission denied" in r.stderr and str(store_dir) in r.stderr
     assert "Traceback" not in r.stderr
+    pairs = shared_tmp / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "hi", "response_a": "a", "response_b": "b"}) + "\n")
+    pairs.chmod(0o644)
+    r = as_nobody("serve", "--pairs", str(pairs), "--data", str(store_dir), "--port", "1")
+    assert r.returncode == 2 and "permission denied" in r.stderr and "Traceback" not in r.stderr
     r = as_nobody("info", "--data", str(store_dir))   # reading still works
     assert r.returncode == 0 and "1 standing" in r.stdout
 

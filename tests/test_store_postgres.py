@@ -172,9 +172,17 @@ def test_claim_and_vote_rules(pg_url):
         assert restarted.skipped() == {("s", "x")}
 
 
-def test_two_servers_keep_overlap_and_never_twice(pg_url):
+@pytest.mark.parametrize("db_default", ["read committed", "repeatable read"])
+def test_two_servers_keep_overlap_and_never_twice(pg_url, db_default):
     """Six annotators, each using both "servers" at random, 15 pairs, overlap 2, plus a
-    rogue client that votes without claiming: no pair over 2, nobody twice."""
+    rogue client that votes without claiming: no pair over 2, nobody twice. Also when
+    the database's default isolation is one under which the pair's state would be read
+    from a snapshot older than its row lock."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        dbname = conn.info.dbname
+        conn.execute(f"ALTER DATABASE \"{dbname}\" SET default_transaction_isolation = '{db_default}'")
+    with psycopg.connect(pg_url, autocommit=True) as conn:   # a plain connection gets the default
+        assert conn.execute("SHOW transaction_isolation").fetchone()[0] == db_default
     servers = [PostgresStore(pg_url, max_size=4), PostgresStore(pg_url, max_size=4)]
     pairs = [f"pair-{i}" for i in range(15)]
     conflicts = Counter()
@@ -421,3 +429,24 @@ def test_copy_between_backends_is_exact_and_rerunnable(pg_url, postgres_server, 
     assert "copied 0 events" in result.stdout and "(13 already there)" in result.stdout
     with pytest.raises(ValueError, match="same store"):
         copy_store(source, str(source) + "/")
+
+
+def test_a_role_that_may_only_read_and_write_opens_a_store_set_up_by_another(pg_url):
+    PostgresStore(pg_url).close()      # the owner creates the tables
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    url = pg_url.replace("postgres@", f"{role}@", 1)
+    assert f"{role}@" in url
+    with PostgresStore(url) as store:
+        acked = store.append(vote())
+        ok, _ = store.claim("pair-2", "bob", 2, 60)
+        assert ok
+    assert acked["event_id"] in read_events(url)["event_id"].to_pylist()
+    with psycopg.connect(pg_url, autocommit=True) as conn:   # the fixture drops the database
+        conn.execute(f"REASSIGN OWNED BY {role} TO postgres")
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")

@@ -512,7 +512,11 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         summary = pairs.summary
         if main:
             save_snapshot(pairs, train_idx, val_idx, snapshot)
-            write_json(run.path / "config.json", {"kind": "reward", "config": dataclasses.asdict(cfg),
+            # A database password never goes to disk: the saved --data has it taken out (a
+            # resume gets it from PGPASSWORD or ~/.pgpass, as libpq does).
+            from trainer.store import without_password
+            saved = {**dataclasses.asdict(cfg), "data": without_password(cfg.data)[0] if cfg.data else cfg.data}
+            write_json(run.path / "config.json", {"kind": "reward", "config": saved,
                                                   "data": summary, "created_at": time.time()})
     accelerator.wait_for_everyone()
     summary = read_json(run.path / "config.json").get("data", {})

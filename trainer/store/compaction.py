@@ -51,6 +51,8 @@ def compact(path: str | os.PathLike) -> dict[str, int]:
             try:
                 tables.append(pq.read_table(p, schema=SCHEMA))
                 sources.append(p)
+            except PermissionError as e:
+                raise permission_error(p, e, "compacting the store") from None
             except Exception as e:
                 log.warning("%s: damaged part file left out of compaction (%s)", p, e)
         if len(sources) < 2:

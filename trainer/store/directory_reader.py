@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainer.store.errors import StoreNotFound, StorePermissionError
+from trainer.store.errors import StoreError, StoreNotFound, StorePermissionError
 from trainer.store.record import (SCHEMA, RecordError, check_columns, concat, records_to_table,
                                   standing_votes, validate_record)
 
@@ -199,7 +199,8 @@ def read_tables(store: str | os.PathLike, columns: list[str] | None = None) -> l
             return _read_once(store, columns)
         except _Vanished:
             time.sleep(0.001 * attempt)
-    raise RuntimeError(f"{store}: files kept moving during 50 read attempts; try again")
+    raise StoreError(f"{store}: files kept moving during 50 read attempts (a compaction or many flushes "
+                     f"at once); try again")
 
 
 def read_events(store: str | os.PathLike) -> pa.Table:

@@ -55,7 +55,7 @@ from trainer.store.directory_reader import (PARTS_DIR, QUARANTINE_DIR, SERVE_LOC
                                             parse_tail_segment, permission_error, segment_writer,
                                             tail_part_name)
 from trainer.store.errors import StoreBusy, StoreWriteError
-from trainer.store.record import SCHEMA_VERSION, records_to_table, validate_record
+from trainer.store.record import complete_record, records_to_table, retract_record, validate_record
 
 log = logging.getLogger("preflab.store")
 
@@ -168,20 +168,11 @@ class DirectoryStore:
         self._segment_size = 0
         fsync_dir(self.tail_dir)  # the new name itself must survive a crash
 
-    @staticmethod
-    def _complete(record: dict[str, Any]) -> dict[str, Any]:
-        record = dict(record)
-        record.setdefault("schema_version", SCHEMA_VERSION)
-        record.setdefault("event_id", str(uuid.uuid4()))
-        if record.get("created_at") is None:
-            record["created_at"] = datetime.now(timezone.utc)
-        return record
-
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Validate, write, fdatasync; return the stored record (created_at in µs).
         Raises StoreWriteError (nothing acknowledged, nothing stored touched) when the
         event could not be made durable."""
-        rec = validate_record(self._complete(record))
+        rec = validate_record(complete_record(record))
         line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
         with self._mutex:
             if self._closed:
@@ -222,7 +213,7 @@ class DirectoryStore:
         For bulk imports: nothing is written unless all records are valid.
         """
         prefix = f"{where} " if where else ""
-        recs = [validate_record(self._complete(r), where=f"{prefix}item {i}")
+        recs = [validate_record(complete_record(r), where=f"{prefix}item {i}")
                 for i, r in enumerate(records)]
         if not recs:
             return []
@@ -274,16 +265,6 @@ class DirectoryStore:
         self.close()
 
 
-def retract_record(event_id: str, annotator: str, **context: Any) -> dict[str, Any]:
-    """The retract event for a vote; `vote=` (the vote record) or the pair fields."""
-    vote = context.pop("vote", None) or {}
-    fields = {k: vote.get(k, context.get(k)) for k in
-              ("pair_id", "prompt_id", "prompt", "response_a", "response_b",
-               "model_a", "model_b", "left")}
-    return {**fields, "kind": "retract", "retracts": event_id,
-            "choice": None, "strength": None, "annotator": annotator}
-
-
 def _quarantine(segment: Path, why: str) -> None:
     """Keep a segment's raw bytes out of the way of readers, never deleting them."""
     target_dir = segment.parent.parent / QUARANTINE_DIR
@@ -333,9 +314,12 @@ def recover_orphans(root: Path) -> int:
         fd = None
         if lock_path is not None:
             try:
-                fd = os.open(lock_path, os.O_RDWR)
+                # Read-only is enough for flock, and works on another user's lock file.
+                fd = os.open(lock_path, os.O_RDONLY)
             except FileNotFoundError:  # another process just recovered it
                 continue
+            except PermissionError as e:
+                raise permission_error(lock_path, e, "checking whether its writer is alive") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # alive
@@ -393,8 +377,13 @@ class ServeLock:
 
     def __init__(self, root: str | os.PathLike, description: str = ""):
         self.path = Path(root) / SERVE_LOCK
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as e:
+            raise permission_error(Path(e.filename or self.path), e, "opening the store for serving") from None
+        except OSError as e:   # not a directory, a read-only file system, ...
+            raise StoreWriteError(f"{self.path.parent}: cannot serve from this store ({e.strerror or e})") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -37,7 +37,6 @@ import logging
 import math
 import re
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
 
@@ -45,10 +44,10 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from trainer.store import describe
-from trainer.store.errors import StoreError, StoreUnavailable, StoreWriteError, VoteConflict
+from trainer.store.errors import StoreError, StorePermissionError, StoreUnavailable, StoreWriteError, VoteConflict
 from trainer.store.postgres_schema import VOTE_CONFLICT, has_events_table, migrate
-from trainer.store.record import (FIELDS, SCHEMA, SCHEMA_VERSION, RecordError, check_columns, empty_table,
-                                  standing_votes, validate_record)
+from trainer.store.record import (FIELDS, SCHEMA, RecordError, check_columns, complete_record, empty_table,
+                                  retract_record, standing_votes, validate_record)
 
 try:  # the optional extra `preflab[postgres]`
     import psycopg
@@ -134,8 +133,12 @@ def _connect(target: str, connect_timeout: float) -> "psycopg.Connection":
 
 def _connect_options(connect_timeout: float) -> dict[str, Any]:
     # libpq counts the timeout in whole seconds and treats anything under 2 as 2.
+    # READ COMMITTED whatever the database's default: preflab_claim / preflab_vote read
+    # a pair's state after taking its row lock, and only a fresh snapshot per statement
+    # sees what the lock's previous holder committed (under REPEATABLE READ two servers
+    # would both see room in the last slot).
     return {"connect_timeout": max(2, math.ceil(connect_timeout)), "application_name": "preflab",
-            "client_encoding": "utf8"}
+            "client_encoding": "utf8", "options": "-c default_transaction_isolation=read\\ committed"}
 
 
 # --------------------------------------------------------------------------------------
@@ -191,10 +194,16 @@ def _copy_to_arrow(conn, fields: list[str]) -> pa.Table:
 
 def _read(target: str, fields: list[str] | None) -> pa.Table:
     fields = list(fields or FIELDS)
-    with _connect(target, 5.0) as conn:
-        if not has_events_table(conn):   # a database never opened as a store: nothing in it
-            return empty_table().select(fields)
-        return _copy_to_arrow(conn, fields)
+    try:
+        with _connect(target, 5.0) as conn:
+            if not has_events_table(conn):   # a database never opened as a store: nothing in it
+                return empty_table().select(fields)
+            return _copy_to_arrow(conn, fields)
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise StorePermissionError(f"{describe(target)}: permission denied reading the votes "
+                                   f"({e.diag.message_primary}); grant this role SELECT on the store's tables") from None
+    except psycopg.Error as e:
+        raise StoreUnavailable(f"{describe(target)}: reading the votes failed: {explain(e, target)}") from None
 
 
 def read_events(target: str) -> pa.Table:
@@ -266,12 +275,7 @@ class PostgresStore:
                 pause = min(2 * pause, 1.0)
 
     def _validated(self, record: dict[str, Any], where: str = "") -> dict[str, Any]:
-        record = dict(record)
-        record.setdefault("schema_version", SCHEMA_VERSION)
-        record.setdefault("event_id", str(uuid.uuid4()))
-        if record.get("created_at") is None:
-            record["created_at"] = time.time_ns() // 1000
-        rec = validate_record(record, where)
+        rec = validate_record(complete_record(record), where)
         for f in _TEXT_FIELDS:   # the one thing Parquet takes and PostgreSQL text does not
             if rec[f] is not None and "\x00" in rec[f]:
                 raise RecordError(f, "contains a NUL character, which PostgreSQL text cannot hold", where)
@@ -337,13 +341,8 @@ class PostgresStore:
 
     def retract(self, event_id: str, annotator: str, vote: dict[str, Any] | None = None,
                 **pair_fields: Any) -> dict[str, Any]:
-        """Cancel an earlier vote with a `retract` event. It carries the vote's pair
-        fields (the record requires them): pass the vote, or the fields themselves."""
-        vote = vote or {}
-        fields = {k: vote.get(k, pair_fields.get(k)) for k in
-                  ("pair_id", "prompt_id", "prompt", "response_a", "response_b", "model_a", "model_b", "left")}
-        return self.append({**fields, "kind": "retract", "retracts": event_id, "choice": None,
-                            "strength": None, "annotator": annotator})
+        """Cancel an earlier vote with a `retract` event (record.retract_record)."""
+        return self.append(retract_record(event_id, annotator, vote, **pair_fields))
 
     def flush(self) -> None:
         """Nothing to do: every acknowledged event is already committed."""

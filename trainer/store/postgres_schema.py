@@ -176,6 +176,12 @@ LATEST = len(MIGRATIONS)
 def migrate(conn, target: str) -> int:
     """Bring the database behind `conn` (autocommit mode) to LATEST; returns the
     version it was at before. `target` (password masked) is for error messages."""
+    # Up to date already: just look, so a role that may only read and write the
+    # tables (no CREATE on the schema) can open a store someone else set up.
+    if conn.execute("SELECT to_regclass('preflab_schema_version') IS NOT NULL").fetchone()[0]:
+        current = conn.execute("SELECT coalesce(max(version), 0) FROM preflab_schema_version").fetchone()[0]
+        if current == LATEST:
+            return current
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute("""CREATE TABLE IF NOT EXISTS preflab_schema_version (

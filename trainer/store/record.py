@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -169,6 +170,28 @@ def validate_record(record: dict[str, Any], where: str = "") -> dict[str, Any]:
             raise RecordError(e.field, e.reason, where) from None
         raise
     return r
+
+
+def complete_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy with what the store fills in when the caller did not: schema_version, a
+    fresh uuid4 event_id, created_at = now (UTC). Every backend's writer starts here."""
+    record = dict(record)
+    record.setdefault("schema_version", SCHEMA_VERSION)
+    record.setdefault("event_id", str(uuid.uuid4()))
+    if record.get("created_at") is None:
+        record["created_at"] = datetime.now(timezone.utc)
+    return record
+
+
+def retract_record(event_id: str, annotator: str, vote: dict[str, Any] | None = None,
+                   **pair_fields: Any) -> dict[str, Any]:
+    """The retract event cancelling vote `event_id`. It carries the vote's pair fields
+    (the record requires them): pass the vote, or the fields themselves."""
+    vote = vote or {}
+    fields = {k: vote.get(k, pair_fields.get(k)) for k in
+              ("pair_id", "prompt_id", "prompt", "response_a", "response_b", "model_a", "model_b", "left")}
+    return {**fields, "kind": "retract", "retracts": event_id, "choice": None, "strength": None,
+            "annotator": annotator}
 
 
 def records_to_table(records: Iterable[dict[str, Any]]) -> pa.Table:
