@@ -52,6 +52,7 @@ import json
 import os
 import sys
 import time
+from typing import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,7 +268,8 @@ def export_preferences(
     aggregate: str = "none",
     annotators: list[str] | None = None,
     models: list[str] | None = None,
-) -> tuple[pa.Table, pa.Table | None, ExportReport]:
+    slice_rows: int = 0,
+) -> tuple[pa.Table | Iterator[pa.Table], pa.Table | None, ExportReport]:
     """Standing votes (`trainer.store.read_comparisons`) -> preference rows.
 
     Returns (pairs, ties_table, report). `pairs` has prompt/chosen/rejected (+ margin);
@@ -275,6 +277,8 @@ def export_preferences(
     response_b and label ("tie" or "both_bad") in the same format.
     `annotators` keeps the votes of those annotators; `models` keeps the pairs where
     either side's model is one of them. Filters apply before aggregation.
+    `slice_rows` > 0: `pairs` comes as an iterator of tables of that many rows (for
+    write_table, which then compresses one slice while the next is gathered).
     """
     for name, value, allowed in (("format", format, FORMATS), ("ties", ties, TIES_MODES),
                                  ("aggregate", aggregate, AGGREGATES)):
@@ -314,15 +318,23 @@ def export_preferences(
         return rendered.take(codes), (transcript.take(codes) if transcript is not None else None)
 
     prefs = plan.filter(is_pref)
-    rows, b_wins = _column(prefs["row"]), _column(pc.equal(prefs["outcome"], "b"))
-    prompt, tr = prompts_of(rows)
-    pairs = {"prompt": prompt,
-             "chosen": _answers(gather(rows, b_wins), format, tr),
-             "rejected": _answers(gather(rows, pc.invert(b_wins)), format, tr)}
-    if margin:
-        pairs["margin"] = _column(prefs["margin"])
-    pairs = pa.table(pairs)
-    report.rows = pairs.num_rows
+    report.rows = prefs.num_rows
+
+    def pair_slices(size: int) -> Iterator[pa.Table]:
+        """The preference rows, `size` at a time: gathering the answer text of one slice
+        can run while the previous one is being compressed (write_table)."""
+        for start in range(0, max(prefs.num_rows, 1), size):
+            part = prefs.slice(start, size)
+            rows, b_wins = _column(part["row"]), _column(pc.equal(part["outcome"], "b"))
+            prompt, tr = prompts_of(rows)
+            columns = {"prompt": prompt,
+                       "chosen": _answers(gather(rows, b_wins), format, tr),
+                       "rejected": _answers(gather(rows, pc.invert(b_wins)), format, tr)}
+            if margin:
+                columns["margin"] = _column(part["margin"])
+            yield pa.table(columns)
+
+    pairs = pair_slices(slice_rows) if slice_rows else pa.concat_tables(pair_slices(max(prefs.num_rows, 1)))
 
     ties_table = None
     if ties == "separate":
@@ -434,22 +446,58 @@ EXPORT_COMPRESSION = "snappy"
 COMPRESSIONS = ("snappy", "zstd", "lz4", "gzip", "none")
 
 
-def write_table(table: pa.Table, path: str | os.PathLike, compression: str = EXPORT_COMPRESSION) -> Path:
-    """Write `table` as Parquet (.parquet) or JSON Lines (.jsonl, .json), chosen by the
-    extension, atomically (temporary name, then rename): a reader never sees half a
-    file. `datasets.load_dataset("parquet" | "json", data_files=path)` reads either."""
+def _ahead(tables: Iterable[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
+    """The same tables, produced in a background thread up to `depth` ahead: pyarrow
+    releases the GIL, so on two cores one slice is gathered while the last is written."""
+    import queue
+    import threading
+
+    done = object()
+    box: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce():
+        try:
+            for t in tables:
+                box.put(t)
+            box.put(done)
+        except BaseException as e:   # handed to the consumer, raised there
+            box.put(e)
+
+    threading.Thread(target=produce, daemon=True, name="preflab-export").start()
+    while (item := box.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+SLICE_ROWS = 100_000   # preference rows gathered (and written as one row group) at a time
+
+
+def write_table(table: pa.Table | Iterable[pa.Table], path: str | os.PathLike,
+                compression: str = EXPORT_COMPRESSION) -> Path:
+    """Write `table` (or tables of one schema, in order) as Parquet (.parquet) or JSON
+    Lines (.jsonl, .json), chosen by the extension, atomically (temporary name, then
+    rename): a reader never sees half a file. `datasets.load_dataset("parquet" | "json",
+    data_files=path)` reads either."""
     import pyarrow.parquet as pq
 
     path = Path(path)
     kind = output_kind(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tables = [table] if isinstance(table, pa.Table) else _ahead(table)
     try:
         with open(tmp, "wb") as f:
-            if kind == "parquet":
-                pq.write_table(table, f, compression=compression)
-            else:
-                _write_jsonl(table, f)
+            writer = None
+            for t in tables:
+                if kind != "parquet":
+                    _write_jsonl(t, f)
+                    continue
+                if writer is None:
+                    writer = pq.ParquetWriter(f, t.schema, compression=compression)
+                writer.write_table(t)
+            if writer is not None:
+                writer.close()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -522,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
         return run_records(args, votes, t0)
     pairs, ties_table, report = export_preferences(
         votes, format=args.format, margin=args.margin, ties=args.ties,
-        aggregate=args.aggregate, annotators=args.annotator, models=args.model)
+        aggregate=args.aggregate, annotators=args.annotator, models=args.model, slice_rows=SLICE_ROWS)
     if report.rows == 0:
         for line in report.lines():
             print(line, file=sys.stderr)

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotate.export import export_preferences, write_table  # noqa: E402
+from annotate.export import SLICE_ROWS, export_preferences, write_table  # noqa: E402
 from trainer.store.directory_writer import DirectoryStore  # noqa: E402
 from trainer.store.compaction import compact  # noqa: E402
 from trainer.store import SCHEMA, messages_to_json, read_comparisons, read_events  # noqa: E402
@@ -210,10 +210,11 @@ def main() -> None:
         read_compacted_s, votes = best_of(3, lambda: read_comparisons(big))
         out = work / "export.parquet"
 
-        def export():
-            pairs, _ties, _report = export_preferences(read_comparisons(big), format="standard")
+        def export():   # what `preflab export` does: gather a slice while the last is written
+            pairs, _ties, report = export_preferences(read_comparisons(big), format="standard",
+                                                      slice_rows=SLICE_ROWS)
             write_table(pairs, out)
-            return len(pairs)
+            return report.rows
 
         export_s, exported = best_of(2, export)
         result.update(
