@@ -40,6 +40,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.store.directory_writer import fsync_dir
+
 ROLES = ("annotator", "admin")
 DEFAULT_PATH = "users.toml"
 
@@ -257,12 +259,7 @@ def _write_users(path: Path, users: dict[str, User]) -> None:
         except FileNotFoundError:
             pass
         raise
-    # Make the rename itself durable.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(directory)   # make the rename itself durable
 
 
 def _check_password_text(password: str) -> None:
