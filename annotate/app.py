@@ -891,7 +891,6 @@ def _error(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from trainer.store import describe, is_database, open_store, read_comparisons, store_exists, target_key
-    from trainer.store.errors import StoreError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):   # one line per request otherwise

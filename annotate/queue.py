@@ -26,8 +26,8 @@ The rules, all enforced here (the app only asks):
   How a pair was picked goes into the gen_params of its votes ("selection").
 * Restart-safe: `restore(votes)` rebuilds all of this from the standing votes in the
   comparison store, so votes cast before a restart count, and undo still reaches the
-  last `history` votes of each annotator. (Leases and skips live in memory: after a
-  restart an annotator may see a pair they skipped.)
+  last `history` votes of each annotator. (On a directory store leases and skips live
+  in memory: after a restart an annotator may see a pair they skipped.)
 * Several servers: with `shared` (a PostgreSQL store, trainer/store/postgres.py) the
   database has the last word. A pair picked here is claimed there (one of its K slots,
   row-locked), a vote is stored only if it still fits (VoteConflict otherwise), skips
@@ -35,7 +35,9 @@ The rules, all enforced here (the app only asks):
   only chooses the order; never-twice and K hold across any number of servers.
 
 One lock guards everything; every method is short, so 32 annotators voting at once
-wait on it for microseconds. Nothing here touches the disk: the app writes the store.
+wait on it for microseconds. The only store calls are `record_vote` (the app hands it
+the vote to store) and, with a shared store, the database's claims, skips and sync,
+all made outside the lock.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from typing import Any, Callable, Iterable
 
 from annotate.pairs import Pair, pair_from_row
 from annotate.sampling import selection_of, with_selection
+from trainer.store.errors import VoteConflict
 
 log = logging.getLogger("preflab.queue")
 
@@ -239,23 +242,23 @@ class AssignmentQueue:
         live = sum(1 for t in leases.values() if now - t < self.lease_s) if leases else 0
         return len(self._votes.get(pair_id, ())) + live
 
-    def _can_take(self, annotator: str, person: _Annotator, pair_id: str) -> bool:
+    def _can_take(self, annotator: str, person: _Annotator, pair_id: str, now: float) -> bool:
         return (pair_id not in person.voted and pair_id not in person.skipped
                 and annotator not in self._leases.get(pair_id, ())
-                and self._refused.get((annotator, pair_id), -math.inf) <= self.clock())
+                and (not self._refused or self._refused.get((annotator, pair_id), -math.inf) <= now))
 
     def _pick(self, annotator: str, person: _Annotator, now: float) -> str | None:
         """The open pair this annotator should do next: one sent back for relabelling;
         else the fullest one they may take (finish agreement sets first), earliest on a
         tie; among fresh pairs (none taken) the policy chooses, when there is one."""
         for pair_id, want in self._want.items():   # few: pairs sent back from the Review tab
-            if (pair_id in self._open and self._can_take(annotator, person, pair_id)
+            if (pair_id in self._open and self._can_take(annotator, person, pair_id, now)
                     and self._fill(pair_id, now) < want):
                 return pair_id
         best, best_fill = None, -1
         fresh: list[str] | None = [] if self.policy is not None else None
         for pair_id in self._open:
-            if not self._can_take(annotator, person, pair_id):
+            if not self._can_take(annotator, person, pair_id, now):
                 continue
             fill, want = self._fill(pair_id, now), self._wanted(pair_id)
             if fresh is not None and fill == 0:
@@ -371,7 +374,6 @@ class AssignmentQueue:
         if self.shared is None:
             stored = store.append(record)
         else:
-            from trainer.store.errors import VoteConflict
             try:
                 stored = self.shared.vote(record, self._wanted(a.pair.pair_id))
             except VoteConflict:
@@ -520,7 +522,7 @@ class AssignmentQueue:
         person = self._people.get(annotator) if annotator else None
         n = 0
         for pair_id in self._open:
-            if person is not None and not self._can_take(annotator, person, pair_id):
+            if person is not None and not self._can_take(annotator, person, pair_id, now):
                 continue
             if self._fill(pair_id, now) < self._wanted(pair_id):
                 n += 1
@@ -539,7 +541,7 @@ class AssignmentQueue:
         with self._lock:
             now = self.clock()
             person = self._people.get(annotator) or _Annotator()
-            return sum(1 for pair_id in self._open if self._can_take(annotator, person, pair_id)
+            return sum(1 for pair_id in self._open if self._can_take(annotator, person, pair_id, now)
                        and self._fill(pair_id, now) >= self._wanted(pair_id))
 
     def needs_pairs(self, per_annotator: int = 2) -> bool:

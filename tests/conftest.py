@@ -7,7 +7,6 @@ Server helpers: `Server` runs `preflab serve` as a real process on a free port;
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,10 +26,7 @@ XSS_LEFT = ("<script>window.__pwned = 1; document.title = 'pwned'</script> "
 XSS_RIGHT = "Click [here](javascript:window.__pwned=3) or <a href=\"javascript:window.__pwned=4\">here</a>."
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer.store.pg_testserver import free_port  # noqa: E402,F401  (one helper for free ports)
 
 
 def write_pairs(path: Path, n: int, *, xss: bool = False) -> Path:

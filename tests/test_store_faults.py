@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from trainer.store import messages_to_json, read_events
 from trainer.store.directory_reader import list_store
 from trainer.store.directory_writer import DirectoryStore
@@ -303,15 +304,10 @@ def serve_cmd(store_dir: Path, pairs: Path, port: int) -> list[str]:
 
 
 def test_a_second_server_on_a_directory_store_refuses_and_names_the_first(tmp_path):
-    import socket
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response_a": f"a{i}", "response_b": f"b{i}"}) + "\n"
                              for i in range(3)))
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = [free_port(), free_port()]
     store_dir = tmp_path / "store"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(serve_cmd(store_dir, pairs, ports[0]), cwd=REPO, env=env,

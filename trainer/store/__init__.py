@@ -90,13 +90,13 @@ def store_exists(target: str | os.PathLike) -> bool:
     return os.path.isdir(target)
 
 
-def read_events(target: str | os.PathLike) -> pa.Table:
-    """Every event in the store (votes and retracts), unordered."""
+def read_events(target: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Every event in the store (votes and retracts), unordered; `columns`: only these."""
     if is_database(target):
         from trainer.store.postgres import read_events as read
     else:
         from trainer.store.directory_reader import read_events as read
-    return read(target)
+    return read(target, columns)
 
 
 def read_comparisons(target: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

@@ -20,20 +20,16 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from trainer.store import describe, is_database, open_store, read_events, store_exists
+from trainer.store import describe, open_store, read_events, store_exists
 
 CHUNK = 50_000
 
 
 def _event_ids(target: str) -> set[str]:
     """The event_ids a store already holds (only that column is read)."""
-    if is_database(target):
-        from trainer.store.postgres import _read
-        return set(_read(target, ["event_id"])["event_id"].to_pylist())
     if not store_exists(target):
         return set()
-    from trainer.store.directory_reader import read_tables
-    return {i for t in read_tables(target, ["event_id"]) for i in t["event_id"].to_pylist()}
+    return set(read_events(target, ["event_id"])["event_id"].to_pylist())
 
 
 def copy_store(src: str, dst: str, *, chunk: int = CHUNK,

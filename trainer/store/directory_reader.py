@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.store.errors import StoreError, StoreNotFound, StorePermissionError
-from trainer.store.record import (SCHEMA, RecordError, check_columns, concat, records_to_table,
+from trainer.store.record import (SCHEMA, RecordError, check_columns, concat, empty_table, records_to_table,
                                   standing_votes, validate_record)
 
 log = logging.getLogger("preflab.store")
@@ -203,9 +203,11 @@ def read_tables(store: str | os.PathLike, columns: list[str] | None = None) -> l
                      f"at once); try again")
 
 
-def read_events(store: str | os.PathLike) -> pa.Table:
-    """Every event in the store (votes and retracts), unordered."""
-    return concat(read_tables(store))
+def read_events(store: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Every event in the store (votes and retracts), unordered; `columns`: only these."""
+    tables = read_tables(store, columns)
+    return concat(tables) if columns is None else (
+        pa.concat_tables(tables) if tables else empty_table().select(columns))
 
 
 def read_comparisons(store: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

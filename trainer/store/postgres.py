@@ -206,9 +206,10 @@ def _read(target: str, fields: list[str] | None) -> pa.Table:
         raise StoreUnavailable(f"{describe(target)}: reading the votes failed: {explain(e, target)}") from None
 
 
-def read_events(target: str) -> pa.Table:
-    """Every event in the database (votes and retracts), unordered, with SCHEMA."""
-    return _read(target, None)
+def read_events(target: str, columns: list[str] | None = None) -> pa.Table:
+    """Every event in the database (votes and retracts), unordered, with SCHEMA;
+    `columns`: only these (the others are never sent by the server)."""
+    return _read(target, columns)
 
 
 def read_comparisons(target: str, columns: list[str] | None = None) -> pa.Table:
