@@ -60,6 +60,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trainer.store import DATA_HELP
+
 FORMATS = ("standard", "conversational")
 RECORDS = "records"                      # --format records: the votes as stored, every field
 TIES_MODES = ("exclude", "separate")
@@ -510,7 +512,7 @@ def write_table(table: pa.Table | Iterable[pa.Table], path: str | os.PathLike,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="STORE",
-                   help="the comparison store: a directory, or postgresql://user@host:port/db")
+                   help=DATA_HELP)
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output file: .parquet, or .jsonl / .json for JSON Lines")
     p.add_argument("--format", choices=(*FORMATS, RECORDS), default="standard",

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from annotate.export import ASSISTANT_CUE, ROLE_LABELS
-from trainer.store import describe, is_database, messages_to_json, pair_id_for, prompt_id_for
+from trainer.store import DATA_HELP, describe, is_database, messages_to_json, pair_id_for, prompt_id_for
 from trainer.rows import BadRow, iter_rows, parse_messages
 
 STYLES = ("standard", "conversational", "implicit", "hh")
@@ -287,7 +287,7 @@ def import_file(path: str | os.PathLike, target: str | os.PathLike, source: str,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="a .parquet, .jsonl or .json file of preferences")
     p.add_argument("--data", required=True, metavar="STORE",
-                   help="the comparison store: a directory, or postgresql://user@host:port/db")
+                   help=DATA_HELP)
     p.add_argument("--source", required=True, metavar="NAME",
                    help="where the data comes from; votes are by annotator import:NAME")
     p.add_argument("--style", choices=STYLES, default=None,

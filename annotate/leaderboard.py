@@ -49,6 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trainer.store import DATA_HELP
+
 log = logging.getLogger("preflab.leaderboard")
 
 # 400 rating points = a factor of 10 in the odds, as in chess Elo. theta is in natural
@@ -801,7 +803,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "means 10:1 odds of winning. A model ranks above another only when its interval is clear "
         "of the other's. Votes comparing a model with itself are left out.")
     p.add_argument("--data", required=True, metavar="STORE",
-                   help="the comparison store: a directory, or postgresql://user@host:port/db")
+                   help=DATA_HELP)
     p.add_argument("--anchor", metavar="MODEL", default=None,
                    help="the model rated exactly 1000; without it the mean of all models is 1000")
     p.add_argument("--rounds", type=int, default=100, metavar="N",

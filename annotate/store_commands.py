@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from trainer.store import StoreError, apply_retractions, describe, is_database, read_events
-
-DATA_HELP = "the comparison store: a directory, or a postgresql://user@host:port/db URL"
+from trainer.store import DATA_HELP, StoreError, apply_retractions, describe, is_database, read_events
 
 
 def add_compact_arguments(p: argparse.ArgumentParser) -> None:

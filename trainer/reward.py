@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.runs import CHECKPOINT, Run, config_from_args, read_json, supervise, write_json
+from trainer.store import DATA_HELP
 from trainer.store.errors import StoreError
 from trainer.reward_data import (RewardDataError, as_messages, as_response, collate, encode_pairs,
                                  encode_texts, length_grouped_batches, load_snapshot, pack, read_pairs,
@@ -948,8 +949,8 @@ class RewardModel:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RewardConfig()
     p.add_argument("--data", default=None, metavar="STORE_OR_FILE",
-                   help="the comparison store: a directory, or postgresql://user@host:port/db; or a "
-                        "TRL-format .parquet/.jsonl (prompt, chosen, rejected[, margin]); optional when resuming")
+                   help=f"{DATA_HELP}; or a TRL-format .parquet/.jsonl (prompt, chosen, rejected[, margin]); "
+                        "optional when resuming")
     p.add_argument("--model", default=d.model, help="backbone: smollm2 (default), tiny, a model dir or a cached HF id")
     p.add_argument("--run-dir", default=None, help="run directory; the same one again resumes the run")
     p.add_argument("--runs-dir", default=d.runs_dir, help="parent of new run directories")

@@ -33,6 +33,9 @@ from trainer.store.record import (CHOICES, FIELDS, KINDS, SCHEMA, SCHEMA_VERSION
                                   RecordError, apply_retractions, messages_to_json, pair_id_for,
                                   prompt_id_for, records_to_table, validate_record)
 
+# What `--data` means, for every command's --help.
+DATA_HELP = "the comparison store: a directory, or postgresql://user@host:port/db"
+
 _URL = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
 
 
