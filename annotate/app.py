@@ -34,7 +34,6 @@ and which one was on the left. Model names are revealed in the acknowledgement o
 
 import argparse
 import getpass
-import html
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from annotate.web.html import escape as _e, metric_card, pct as _pct, render_markdown, render_prompt
 from annotate.pairs import Generator, PairsFileError, load_pairs
 from annotate.queue import Assignment, AssignmentQueue, StaleVote
 from trainer.store.errors import StoreError, StoreWriteError, VoteConflict
@@ -61,54 +61,6 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 SHOWN_CHOICES = ("left", "right", "tie", "both_bad")
 STRENGTHS = {"slightly": 1, "clearly": 2}
 CHOICE_WORDS = {"left": "A is better", "right": "B is better", "tie": "Tie", "both_bad": "Both bad"}
-
-
-# --------------------------------------------------------------------------------------
-# 1. Rendering model text safely
-# --------------------------------------------------------------------------------------
-
-_markdown = None
-SAFE_SCHEMES = ("http:", "https:", "mailto:")
-
-
-def _md():
-    """markdown-it with raw HTML off: every `<tag>` in model text is shown as text,
-    never parsed. Links survive only with http(s)/mailto targets (a `javascript:` link
-    stays literal text); images are off (no request leaves the page for model text)."""
-    global _markdown
-    if _markdown is None:
-        from markdown_it import MarkdownIt
-        md = MarkdownIt("commonmark", {"html": False, "breaks": True})
-        md.enable(["table", "strikethrough"]).disable("image")
-        md.validateLink = lambda url: url.strip().lower().startswith(SAFE_SCHEMES)
-
-        def link_open(renderer, tokens, idx, options, env):
-            tokens[idx].attrSet("target", "_blank")
-            tokens[idx].attrSet("rel", "noopener noreferrer nofollow")
-            return renderer.renderToken(tokens, idx, options, env)
-
-        md.add_render_rule("link_open", link_open)
-        _markdown = md
-    return _markdown
-
-
-def render_markdown(text: str) -> str:
-    """Model text -> HTML that runs nothing: Markdown, raw HTML escaped."""
-    if not text.strip():
-        return '<p class="empty">(empty answer)</p>'
-    return _md().render(text)
-
-
-def render_prompt(messages: list[dict[str, str]]) -> str:
-    """A chat prompt as HTML: one block per message, the role as a label."""
-    parts = []
-    single = len(messages) == 1 and messages[0]["role"] == "user"   # no label needed
-    for m in messages:
-        role = m["role"] if m["role"] in ("system", "user", "assistant") else "other"
-        label = "" if single else f'<div class="role">{html.escape(m["role"])}</div>'
-        parts.append(f'<div class="turn turn-{role}">{label}'
-                     f'<div class="text">{render_markdown(m["content"])}</div></div>')
-    return '<div class="chat">' + "".join(parts) + "</div>"
 
 
 # --------------------------------------------------------------------------------------
@@ -492,14 +444,6 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
 """
 
 
-def _e(text: Any) -> str:
-    return html.escape(str(text))
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
-
-
 def topbar_html(view: dict[str, Any], *, role: str, logout: bool) -> str:
     done, assigned = view["progress"]["done"], view["progress"]["assigned"]
     width = 100 * done / assigned if assigned else 0
@@ -780,9 +724,7 @@ def build_app(service: Service, *, title: str = "preflab"):
 
 
 def metrics_html(s: dict[str, Any], q: dict[str, Any]) -> str:
-    def metric(label: str, value: str, note: str = "") -> str:
-        return (f'<div class="metric"><div class="label">{_e(label)}</div>'
-                f'<div class="value">{_e(value)}</div><div class="note">{_e(note)}</div></div>')
+    metric = metric_card
 
     def num(x, fmt="{:.2f}"):
         return "–" if x is None else fmt.format(x)

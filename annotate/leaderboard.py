@@ -34,7 +34,6 @@ bootstrap rounds takes about as long as reading the store.
 """
 
 import argparse
-import html
 import json
 import logging
 import math
@@ -49,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from annotate.web.html import escape as _e, pct
 from trainer.store import DATA_HELP
 
 log = logging.getLogger("preflab.leaderboard")
@@ -536,7 +536,7 @@ def policy_evals(runs_dir: str | os.PathLike, votes: pa.Table | None) -> list[di
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+    return pct(x, 1)
 
 
 def human_text(h: dict[str, Any]) -> str:
@@ -562,10 +562,6 @@ def evals_table(evals: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------
 # 7. the Leaderboard tab (every model name escaped in HTML: names come from pair files)
 # --------------------------------------------------------------------------------------
-
-def _e(text: Any) -> str:
-    return html.escape(str(text))
-
 
 def table_html(board: Leaderboard) -> str:
     head = ("<tr><th>rank</th><th>model</th><th>rating</th><th>95% CI</th><th>votes</th>"

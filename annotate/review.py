@@ -579,7 +579,7 @@ def _excerpt(prompt_json: str, width: int = 90) -> str:
 
 def _pair_details(row: dict[str, Any]) -> str:
     """The pair in full, folded: the prompt and both answers rendered safely."""
-    from annotate.app import _e, render_markdown, render_prompt
+    from annotate.web.html import escape as _e, render_markdown, render_prompt
     try:
         prompt = render_prompt(json.loads(row["prompt"]))
     except (ValueError, KeyError, TypeError):
@@ -593,7 +593,7 @@ def _pair_details(row: dict[str, Any]) -> str:
 
 def votes_html(rows: list[dict[str, Any]], limit: int = SHOW_VOTES) -> str:
     """Each vote with the model's scores beside it, newest first."""
-    from annotate.app import _e
+    from annotate.web.html import escape as _e
     if not rows:
         return '<p class="review-note">No votes yet.</p>'
     body = []
@@ -616,7 +616,7 @@ def votes_html(rows: list[dict[str, Any]], limit: int = SHOW_VOTES) -> str:
 
 
 def disagreements_html(rows: list[dict[str, Any]], limit: int = SHOW_DISAGREEMENTS) -> str:
-    from annotate.app import _e
+    from annotate.web.html import escape as _e
     worst = disagreements(rows, limit)
     if not worst:
         return '<p class="review-note">No decisive votes (A or B better) to compare with.</p>'
@@ -637,7 +637,7 @@ def disagreements_html(rows: list[dict[str, Any]], limit: int = SHOW_DISAGREEMEN
 
 
 def summary_html(job: dict[str, Any]) -> str:
-    from annotate.app import _e, _pct
+    from annotate.web.html import escape as _e, pct as _pct
     s = summary(job["rows"] or [])
 
     def metric(label: str, value: str, note: str = "") -> str:
@@ -656,7 +656,7 @@ def summary_html(job: dict[str, Any]) -> str:
 
 
 def progress_html(job: dict[str, Any] | None) -> str:
-    from annotate.app import _e
+    from annotate.web.html import escape as _e
     if job is None:
         return '<div class="review-note" id="review-state" data-state="idle">Pick a finished reward run.</div>'
     state = job["state"]

@@ -7,10 +7,10 @@ server (hiding the tab is cosmetic). All it shows is read from the run directori
 same runs, progress and plots; a gr.Timer polls while a run is queued or running.
 """
 
-import html
 import time
 from typing import Any
 
+from annotate.web.html import escape as _e
 from annotate.launcher import (DEFAULT_PROMPTS, PLOTS, REPO, ROW_HEADERS, Launcher, LaunchError, RunInfo,
                                add_to_arena, in_arena)
 from trainer.evaluate import EVAL_FILE
@@ -18,10 +18,6 @@ from trainer.runs import read_json
 from trainer.store import describe
 
 POLL_S = 2.0
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text))
 
 
 def message_html(text: str, error: bool = False) -> str:

@@ -6,8 +6,10 @@ command line prints it as one line (`error: ...`) and the page shows it as it is
 
 from __future__ import annotations
 
+from trainer.errors import PreflabError
 
-class StoreError(Exception):
+
+class StoreError(PreflabError):
     """Base of every store problem a user can act on."""
 
 

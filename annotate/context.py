@@ -1,0 +1,26 @@
+"""What a running `preflab serve` is made of, handed to every tab in one object.
+
+`annotate/serve.py` is the only place that builds these objects (the composition
+root); the web layer receives a `ServeContext` and never constructs services itself.
+Field types are named as strings so this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ServeContext:
+    service: Any                 # annotate.service.Service: the annotation workflow
+    data: str                    # the store's target: a directory or a postgresql:// URL
+    state_dir: Path              # local files that are not votes (arena.json, pair caches)
+    runs_dir: Path               # where trainings started from the page go (Train tab)
+    queue: Any                   # annotate.queue.AssignmentQueue
+    generator: Any = None        # annotate.pairs.Generator, when serving models (--model)
+    launcher: Any = None         # annotate.launcher.Launcher: trainer subprocesses
+    reviewer: Any = None         # annotate.review.Reviewer: reward-model scoring of the votes
+    guidelines: str = ""         # Markdown shown in the Guidelines tab
+    title: str = "preflab"

@@ -1,0 +1,16 @@
+"""The one base class of every error a user can act on.
+
+A `PreflabError` carries a message meant for the person at the keyboard: it names the
+file, line, field, run or flag at fault and says what to do. The command line catches
+it once (`annotate/cli.py`: `error: <message>`, exit 2) and the web layer maps it once
+(`annotate/web/guard.py`: a `gr.Error` with the same text). Anything else that escapes
+is a bug and keeps its traceback.
+
+It lives in `trainer` because `trainer` never imports `annotate`, and both raise it.
+"""
+
+from __future__ import annotations
+
+
+class PreflabError(Exception):
+    """A problem the user can fix; `str(e)` is the whole message, one line."""
