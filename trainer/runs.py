@@ -1,13 +1,20 @@
-"""Run directories (DESIGN.md): the contract between the trainers and the UI.
+"""Run directories (docs/design.md): the contract between the trainers and the UI.
 
-    runs/<run_id>/config.json    the settings (a resumed run keeps them)
+    runs/<run_id>/config.json    {"kind": reward|policy, "config": the settings, ...}; a resume keeps them
     runs/<run_id>/status.json    {"state": queued|running|done|failed|cancelled, "progress", "message"}
     runs/<run_id>/metrics.jsonl  one JSON object a step
-    runs/<run_id>/checkpoint/    the last good checkpoint (a Hugging Face model directory)
+    runs/<run_id>/checkpoint/    the last good checkpoint (a Hugging Face model directory);
+                                 for a reward run also the finished model, with preflab_reward.json
+    runs/<run_id>/policy/        a policy run's finished policy (a Hugging Face model directory)
+    runs/<run_id>/eval.json      a policy run's evaluation against its reference
+    runs/<run_id>/launch.json    how the page started it (only runs started from the Train tab)
+    runs/<run_id>/log.txt        their stdout and stderr
 
-`supervise` is the life of a run around a trainer's loop, shared by the reward and the
-policy trainer: one writer among several processes, SIGTERM turns into a clean stop,
-bad input into state `failed` with exit code 2.
+This module owns those names: nobody else spells them. `RunDir` is the read side
+(what a run is, whether it finished, where its model is); `Run` the write side a
+trainer uses; `supervise` the life of a run around a trainer's loop, shared by the
+reward and the policy trainer: one writer among several processes, SIGTERM turns into
+a clean stop, bad input into state `failed` with exit code 2.
 """
 
 from __future__ import annotations
@@ -21,7 +28,29 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from trainer.errors import PreflabError
+
+CONFIG_FILE = "config.json"          # also the marker of a Hugging Face model directory
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
+POLICY_DIR = "policy"
+EVAL_FILE = "eval.json"
+HELDOUT_FILE = "heldout.jsonl"       # a policy run's held-out prompts, for its evaluation
+LAUNCH_FILE = "launch.json"
+LOG_FILE = "log.txt"
+STATE_FILE = "training_state.pt"     # inside checkpoint/: what a resume needs besides the weights
+REWARD_META_FILE = "preflab_reward.json"   # inside a reward model: normalisation, max_length, provenance
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA checkpoint holds this instead of config.json
+
+KINDS = ("reward", "policy")
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("done", "failed", "cancelled")
+
+
+class RunDirError(PreflabError):
+    """A run directory that cannot be used for what was asked (missing, not finished,
+    the wrong kind); the message names the directory and says what to pass instead."""
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -35,10 +64,125 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object file, or {} where it is missing, unreadable, torn or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return {}
+    return value if isinstance(value, dict) else {}
+
+
+def is_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory (full weights or a LoRA adapter)."""
+    return (path / CONFIG_FILE).is_file() or (path / ADAPTER_CONFIG_FILE).is_file()
+
+
+class RunDir:
+    """The read side of one run directory: cheap, never raises for a missing file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    def status(self) -> dict:
+        return read_json(self.path / STATUS_FILE)
+
+    def config_record(self) -> dict:
+        """config.json as the trainer wrote it: {"kind", "config": settings, ...}."""
+        return read_json(self.path / CONFIG_FILE)
+
+    def settings(self) -> dict:
+        return self.config_record().get("config") or {}
+
+    def launch(self) -> dict:
+        return read_json(self.path / LAUNCH_FILE)
+
+    @property
+    def state(self) -> str:
+        return self.status().get("state") or "unknown"
+
+    def kind(self) -> str:
+        """reward | policy | unknown: what the trainer wrote, else told by the settings
+        (runs from before the trainers wrote their kind)."""
+        config, launch = self.config_record(), self.launch()
+        for source in (launch, config):
+            if source.get("kind") in KINDS:
+                return source["kind"]
+        settings = config.get("config") or {}
+        if "reward" in settings or "algo" in settings or "reward_model" in config:
+            return "policy"
+        if "ties" in settings or "data" in config:
+            return "reward"
+        return "unknown"
+
+    def checkpoint(self) -> Path | None:
+        """The last good checkpoint: `checkpoint/`, or `checkpoint.old/` when a save was
+        interrupted between its two renames."""
+        for name in (CHECKPOINT, CHECKPOINT + ".old"):
+            if is_model_dir(self.path / name):
+                return self.path / name
+        return None
+
+    def reward_model(self) -> Path | None:
+        """The finished reward model of a done reward run, else None."""
+        model = self.path / CHECKPOINT
+        if self.state == "done" and (model / REWARD_META_FILE).is_file() and is_model_dir(model):
+            return model
+        return None
+
+    def policy_model(self) -> Path | None:
+        """The finished policy of a done policy run, else None."""
+        model = self.path / POLICY_DIR
+        return model if self.state == "done" and is_model_dir(model) else None
+
+    def eval(self) -> dict:
+        return read_json(self.path / EVAL_FILE)
+
+
+def reward_model_path(path: str | os.PathLike) -> Path:
+    """The one answer to "is this a finished reward run": its reward model directory, or
+    RunDirError saying why not. Accepts the run directory or the model directory itself
+    (a checkpoint copied elsewhere: a model directory with preflab_reward.json)."""
+    path = Path(path)
+    if is_model_dir(path) and (path / REWARD_META_FILE).is_file():
+        return path
+    if not path.is_dir():
+        raise RunDirError(f"{path}: no such run directory")
+    run = RunDir(path)
+    if not (path / STATUS_FILE).is_file():
+        raise RunDirError(f"{path}: not a run directory (no {STATUS_FILE})")
+    status = run.status()
+    state = status.get("state", "unknown")
+    if state != "done":
+        note = f" ({status['message']})" if status.get("message") else ""
+        raise RunDirError(f"{path}: the reward run is {state}, not done{note}; "
+                          "wait until it is done, or pick a finished run")
+    model = run.reward_model()
+    if model is None:
+        raise RunDirError(f"{path}: not a reward model run (no {CHECKPOINT}/{REWARD_META_FILE}; "
+                          "a policy run cannot score pairs); pass the run directory of a "
+                          "finished `preflab train-reward`")
+    return model
+
+
+def reward_runs(runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Finished reward runs under runs_dir, newest first: {"id", "path", "message", "finished"}."""
+    runs_dir = Path(runs_dir)
+    found = []
+    if not runs_dir.is_dir():
+        return found
+    for path in runs_dir.iterdir():
+        run = RunDir(path)
+        if run.reward_model() is None:
+            continue
+        status = run.status()
+        finished = status.get("updated_at") or (path / STATUS_FILE).stat().st_mtime
+        found.append({"id": path.name, "path": str(path), "message": status.get("message", ""),
+                      "finished": float(finished)})
+    return sorted(found, key=lambda r: (-r["finished"], r["id"]))
 
 
 class Run:
@@ -52,19 +196,19 @@ class Run:
         if not self.main or (throttle and time.time() - self.last_status < 2.0):
             return
         self.last_status = time.time()
-        write_json(self.path / "status.json", {"state": state, "progress": round(min(max(progress, 0.0), 1.0), 4),
+        write_json(self.path / STATUS_FILE, {"state": state, "progress": round(min(max(progress, 0.0), 1.0), 4),
                                               "message": message, "updated_at": time.time(),
                                               "pid": os.getpid(), **extra})
 
     def log(self, record: dict) -> None:
         if self.main:
-            with open(self.path / "metrics.jsonl", "a") as f:
+            with open(self.path / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
         """Forget metrics of steps after the checkpoint: a crash may have logged steps
         whose weights were never saved, and the resumed run will redo them."""
-        path = self.path / "metrics.jsonl"
+        path = self.path / METRICS_FILE
         if not self.main or not path.exists():
             return
         kept = [line for line in path.read_text().splitlines()
@@ -72,12 +216,7 @@ class Run:
         path.write_text("".join(line + "\n" for line in kept))
 
     def checkpoint(self) -> Path | None:
-        """The last good checkpoint: `checkpoint/`, or `checkpoint.old/` when a save was
-        interrupted between its two renames."""
-        for name in (CHECKPOINT, CHECKPOINT + ".old"):
-            if (self.path / name / "config.json").exists() or (self.path / name / "adapter_config.json").exists():
-                return self.path / name
-        return None
+        return RunDir(self.path).checkpoint()
 
 
 def config_from_args(config_class, args) -> tuple[Any, set[str]]:
@@ -102,7 +241,7 @@ def supervise(run_path: Path, device: str, check: Callable[[], None],
     if main:
         run_path.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    prior = read_json(run_path / "status.json")
+    prior = read_json(run_path / STATUS_FILE)
     if prior.get("state") == "done":
         if main:
             print(f"{run_path}: already done ({prior.get('message', '')})", file=sys.stderr)
