@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from annotate import stats
+from annotate import agreement, stats
 from trainer.store import messages_to_json, records_to_table, validate_record
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -204,7 +204,7 @@ KAPPA_ROWS = [
 
 
 def test_cohens_kappa_matches_the_hand_computed_value():
-    k = stats.cohens_kappa(votes_table(KAPPA_ROWS))
+    k = agreement.cohens_kappa(votes_table(KAPPA_ROWS))
     assert list(k.columns) == ["annotator_1", "annotator_2", "n_shared", "agreement", "kappa", "note"]
     assert len(k) == 1
     row = k.iloc[0]
@@ -220,7 +220,7 @@ def test_cohens_kappa_takes_each_annotators_latest_vote_on_a_pair():
     # Counting the old votes would lift agreement to 9/10.
     rows = KAPPA_ROWS + [("p3", "alice", "b", "a", "m1", "m2", -10),
                          ("p7", "bob", "b", "a", "m1", "m2", -10)]
-    row = stats.cohens_kappa(votes_table(rows)).iloc[0]
+    row = agreement.cohens_kappa(votes_table(rows)).iloc[0]
     assert (row["n_shared"], row["agreement"]) == (10, pytest.approx(0.7))
     assert row["kappa"] == pytest.approx(19 / 34)
 
@@ -233,7 +233,7 @@ def test_cohens_kappa_degenerate_pairs_are_nan_with_a_note():
         # Dave labels a pair nobody else did: he appears in no row.
         ("p99", "dave", "a", "a"),
     ]
-    k = stats.cohens_kappa(votes_table(rows))
+    k = agreement.cohens_kappa(votes_table(rows))
     pairs = list(zip(k["annotator_1"], k["annotator_2"]))
     assert pairs == [("alice", "bob"), ("alice", "carol"), ("bob", "carol")]
     for _, row in k.iloc[1:].iterrows():
@@ -246,12 +246,12 @@ def test_cohens_kappa_of_constant_but_opposite_annotators_is_zero_not_nan():
     # Each uses one category, but different ones: p_o = 0, p_e = 0, kappa = 0.
     t = votes_table([("p1", "x", "a", "a"), ("p1", "y", "b", "a"),
                      ("p2", "x", "a", "a"), ("p2", "y", "b", "a")])
-    row = stats.cohens_kappa(t).iloc[0]
+    row = agreement.cohens_kappa(t).iloc[0]
     assert (row["agreement"], row["kappa"], row["note"]) == (0.0, 0.0, "")
 
 
 def test_cohens_kappa_without_shared_pairs_is_an_empty_table():
-    k = stats.cohens_kappa(votes_table([("p1", "x", "a", "a"), ("p2", "y", "a", "a")]))
+    k = agreement.cohens_kappa(votes_table([("p1", "x", "a", "a"), ("p2", "y", "a", "a")]))
     assert k.empty and "kappa" in k.columns
 
 
@@ -273,7 +273,7 @@ def test_nominal_alpha_reproduces_krippendorffs_worked_example():
             if value is not None:
                 units.append(unit)
                 values.append(value)
-    result = stats.nominal_alpha(units, values)
+    result = agreement.nominal_alpha(units, values)
     assert result["alpha"] == pytest.approx(0.743, abs=5e-4)
     assert (result["n_units"], result["n_values"]) == (11, 40)
 
@@ -291,7 +291,7 @@ def test_krippendorff_alpha_from_votes_matches_the_hand_computed_value():
         ("p3", "x", "b", "a"),
         ("p4", "y", "a", "a"), ("p4", "y", "b", "a"),
     ])
-    assert stats.krippendorff_alpha(t) == {"alpha": pytest.approx(0.5), "n_units": 2, "n_values": 5}
+    assert agreement.krippendorff_alpha(t) == {"alpha": pytest.approx(0.5), "n_units": 2, "n_values": 5}
 
 
 def test_krippendorff_alpha_takes_each_annotators_latest_vote():
@@ -308,17 +308,17 @@ def test_krippendorff_alpha_takes_each_annotators_latest_vote():
         ("p3", "y", "a", "a", "m1", "m2", 40),   # the later vote, listed first
         ("p3", "y", "b", "a", "m1", "m2", 30),
     ])
-    assert stats.krippendorff_alpha(t) == {"alpha": pytest.approx(0.25), "n_units": 3, "n_values": 7}
+    assert agreement.krippendorff_alpha(t) == {"alpha": pytest.approx(0.25), "n_units": 3, "n_values": 7}
 
 
 def test_krippendorff_alpha_perfect_and_undefined():
     perfect = votes_table([("p1", "x", "a", "a"), ("p1", "y", "a", "a"),
                            ("p2", "x", "tie", "a"), ("p2", "y", "tie", "a")])
-    assert stats.krippendorff_alpha(perfect)["alpha"] == pytest.approx(1.0)
+    assert agreement.krippendorff_alpha(perfect)["alpha"] == pytest.approx(1.0)
     # One value everywhere: no variation, expected disagreement 0, alpha undefined.
     constant = votes_table([("p1", "x", "a", "a"), ("p1", "y", "a", "a")])
-    assert math.isnan(stats.krippendorff_alpha(constant)["alpha"])
-    assert math.isnan(stats.krippendorff_alpha(votes_table([]))["alpha"])
+    assert math.isnan(agreement.krippendorff_alpha(constant)["alpha"])
+    assert math.isnan(agreement.krippendorff_alpha(votes_table([]))["alpha"])
 
 
 # ---- the header, and the real record schema ------------------------------------------
@@ -347,7 +347,7 @@ def test_summary_over_a_table_with_the_record_schema():
     assert s["median_decision_ms"] == 800
     assert s["mean_kappa"] == pytest.approx(19 / 34) and s["kappa_pairs"] == 1
     assert s["alpha_units"] == 10 and s["alpha_values"] == 20
-    assert s["alpha"] == pytest.approx(stats.krippendorff_alpha(t)["alpha"])
+    assert s["alpha"] == pytest.approx(agreement.krippendorff_alpha(t)["alpha"])
 
 
 def test_a_pandas_frame_gives_the_same_numbers_as_the_arrow_table():
@@ -356,7 +356,7 @@ def test_a_pandas_frame_gives_the_same_numbers_as_the_arrow_table():
     df["choice"] = df["choice"].astype("category")   # dashboards often hold categoricals
     for by in stats.BY:
         pd.testing.assert_frame_equal(stats.votes_by(df, by), stats.votes_by(t, by))
-    pd.testing.assert_frame_equal(stats.cohens_kappa(df), stats.cohens_kappa(t))
+    pd.testing.assert_frame_equal(agreement.cohens_kappa(df), agreement.cohens_kappa(t))
     a, b = stats.summary(df), stats.summary(t)
     assert a.keys() == b.keys()
     for key in a:
