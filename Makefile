@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-packages demo test bench clean
+.PHONY: setup system-packages demo test lint format bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,16 @@ system-packages:
 
 test: setup system-packages
 	$(PY) -m pytest
+
+# ruff: the linter and the formatter, configured in pyproject.toml. `make format` fixes
+# what it can; `make lint` only checks (CI runs it before the tests).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: setup
 	$(PY) bench/store.py
