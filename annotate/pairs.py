@@ -36,6 +36,7 @@ from typing import Any
 
 from trainer.store import messages_to_json, pair_id_for, prompt_id_for
 from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, parse_messages
+from trainer.errors import PreflabError
 
 log = logging.getLogger("preflab.pairs")
 
@@ -132,7 +133,7 @@ def pair_from_row(row: Any) -> Pair:
 # A pairs file -> Pairs
 # --------------------------------------------------------------------------------------
 
-class PairsFileError(ValueError):
+class PairsFileError(PreflabError, ValueError):
     """A pairs file that cannot be used at all. The message names the file."""
 
 

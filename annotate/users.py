@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.store.directory_writer import fsync_dir
+from trainer.errors import PreflabError
 
 ROLES = ("annotator", "admin")
 DEFAULT_PATH = "users.toml"
@@ -62,7 +63,7 @@ NAME_RULE = "1-64 letters, digits, '-', '_' or '.', starting with a letter or di
 USER_KEYS = ("role", "password")
 
 
-class AccountError(ValueError):
+class AccountError(PreflabError, ValueError):
     """A problem with an account or the users file; the message names the file and,
     where there is one, the user."""
 

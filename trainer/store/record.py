@@ -18,6 +18,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trainer.errors import PreflabError
+
 SCHEMA_VERSION = 1
 
 SCHEMA = pa.schema(
@@ -48,7 +50,7 @@ FIELDS = SCHEMA.names
 KINDS = ("vote", "retract")
 CHOICES = ("a", "b", "tie", "both_bad")
 SIDES = ("a", "b")
-class RecordError(ValueError):
+class RecordError(PreflabError, ValueError):
     """A record that breaks the schema. The message names the field."""
 
     def __init__(self, field_name: str, reason: str, where: str = ""):
