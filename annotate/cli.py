@@ -56,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
-    from trainer.store.errors import StoreError
+    from trainer.errors import PreflabError
     try:
         return int(args._run(args) or 0)
-    except StoreError as e:
-        # The one place a store problem (missing, unreadable, full, database down, a
-        # second server) becomes what the user reads: one line, no traceback.
+    except PreflabError as e:
+        # The one place an error the user can act on (a store missing, unreadable, full
+        # or down; a bad file, setting or run directory) becomes what they read: one
+        # line, no traceback, exit code 2.
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

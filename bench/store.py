@@ -35,7 +35,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotate.export import SLICE_ROWS, export_preferences, write_table  # noqa: E402
+from annotate.export import export_preferences  # noqa: E402
+from annotate.table_files import SLICE_ROWS, write_table  # noqa: E402
 from trainer.store.directory_writer import DirectoryStore  # noqa: E402
 from trainer.store.compaction import compact  # noqa: E402
 from trainer.store import SCHEMA, messages_to_json, read_comparisons, read_events  # noqa: E402
