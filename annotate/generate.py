@@ -14,22 +14,24 @@ With one model the two candidates are two samples with different seeds (seed, se
 with several, each prompt gets a random pair of two different models (drawn with the
 seed), and each model answers only the prompts it was drawn for.
 
-torch / transformers are imported inside the functions: `preflab --help` stays fast.
+Only the command line: pairs are built by annotate/pair_building.py, models loaded (with
+a word on stderr about what takes the time) by annotate/model_loading.py. torch /
+transformers are imported inside the functions: `preflab --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-from trainer.store import messages_to_json, pair_id_for, prompt_id_for
+from annotate.model_loading import announce_conversion, load_announced, quiet_transformers
+from annotate.pair_building import make_pair, plan_sides, write_jsonl_atomic
 from trainer.models import DEFAULT_MODEL, canonical_name
+from trainer.runs import CONFIG_FILE
 
 MODEL_PROMPT = "What is the capital of France? Answer in one sentence."
 # cli.py formats help with ArgumentDefaultsHelpFormatter, which appends "(default: None)"
@@ -67,34 +69,6 @@ def _add_load_arguments(p: argparse.ArgumentParser) -> None:
                         + OWN_DEFAULT)
 
 
-def _quiet_transformers() -> None:
-    # The per-file "Loading weights" bars and advisory warnings drown the output that
-    # matters here; our own messages say what is being loaded and how long it took.
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-def _announce_conversion(name: str, cache_dir) -> bool:
-    """Say so before the default model's first use converts it (which takes a while)."""
-    from trainer.models import default_model_dir
-    target = default_model_dir(cache_dir)
-    if canonical_name(name) != DEFAULT_MODEL or (target / "config.json").is_file():
-        return False
-    print(f"converting the shipped SmolLM2 GGUF into {target} (once; about half a minute on a CPU)",
-          file=sys.stderr)
-    return True
-
-
-def _load(name: str, args) -> tuple:
-    from trainer import models
-    t0 = time.perf_counter()
-    model, tokenizer = models.load_model(name, device=args.device, cache_dir=args.cache_dir)
-    print(f"loaded {canonical_name(name)} in {time.perf_counter() - t0:.1f}s "
-          f"({model.device}, {str(model.dtype).removeprefix('torch.')})", file=sys.stderr)
-    return model, tokenizer
-
-
 # --------------------------------------------------------------------------------------
 # preflab generate
 # --------------------------------------------------------------------------------------
@@ -122,42 +96,6 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences generated together (lower it if memory runs out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_load_arguments(p)
-
-
-def plan_sides(prompts, model_names: list[str], seed: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
-    """For each prompt, the two (model, seed) sides that answer it."""
-    if len(model_names) == 1:
-        return [((model_names[0], seed), (model_names[0], seed + 1)) for _ in prompts]
-    rng = random.Random(seed)
-    return [tuple((m, seed) for m in rng.sample(model_names, 2)) for _ in prompts]
-
-
-def make_pair(prompt, side_x: dict, side_y: dict) -> dict:
-    """One pairs-file row; sides are {"model", "response", "params"}."""
-    a, b = sorted([side_x, side_y], key=lambda s: (s["model"], s["response"]))
-    prompt_json = messages_to_json(prompt.messages)
-    return {
-        "prompt": prompt.messages,
-        "response_a": a["response"],
-        "response_b": b["response"],
-        "model_a": a["model"],
-        "model_b": b["model"],
-        "pair_id": pair_id_for(prompt_json, a["response"], b["response"]),
-        "prompt_id": prompt.id or prompt_id_for(prompt.messages),
-        "gen_params": json.dumps({"a": a["params"], "b": b["params"]}, sort_keys=True),
-    }
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Write to a temp file and rename, so a reader never sees half a pairs file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def print_pairs(rows: list[dict]) -> None:
@@ -194,10 +132,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     # The recorded name of a model is its canonical one; a model named twice counts once.
     model_names = list(dict.fromkeys(canonical_name(m) for m in (args.model or [DEFAULT_MODEL])))
-    _quiet_transformers()
+    quiet_transformers()
     try:
         for name in model_names:  # fail on a bad name now, not after an hour of sampling
-            _announce_conversion(name, args.cache_dir)
+            announce_conversion(name, args.cache_dir)
             check_model(name, args.cache_dir)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -211,7 +149,7 @@ def run_generate(args: argparse.Namespace) -> int:
             jobs.setdefault(side, []).append(i)
     answers: dict[tuple[int, tuple[str, int]], str] = {}
     for name in model_names:
-        model, tokenizer = _load(name, args)
+        model, tokenizer = load_announced(name, device=args.device, cache_dir=args.cache_dir)
         for (job_model, seed), indices in sorted(jobs.items()):
             if job_model != name:
                 continue
@@ -259,11 +197,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def run_model(args: argparse.Namespace) -> int:
     from trainer import models
 
-    _quiet_transformers()
+    quiet_transformers()
     name = canonical_name(args.name)
     cache = {DEFAULT_MODEL: models.default_model_dir, models.TINY_MODEL: models.tiny_model_dir}.get(name)
-    built = cache is not None and not (cache(args.cache_dir) / "config.json").is_file()
-    _announce_conversion(name, args.cache_dir)
+    built = cache is not None and not (cache(args.cache_dir) / CONFIG_FILE).is_file()
+    announce_conversion(name, args.cache_dir)
     # Import first, so that the times below are loading, not Python importing torch.
     t0 = time.perf_counter()
     import torch  # noqa: F401

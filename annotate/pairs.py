@@ -379,7 +379,7 @@ class Generator(threading.Thread):
     def _run(self) -> None:
         from transformers.utils import logging as hf_logging
 
-        from annotate.generate import make_pair
+        from annotate.pair_building import make_pair
         from trainer import models
 
         hf_logging.disable_progress_bar()   # the page shows progress; the log needs no bars

@@ -27,9 +27,14 @@ first (agreement sets complete), and those votes carry the selection the pair go
 it was first handed out. Cost: one pass over the open pairs per handout, under the
 queue's lock (a few milliseconds for 10^4 open pairs).
 
-Scores come from annotate.review.PairScorer (cached per reward run): a pairs file is
-scored in a background thread at start (pairs not scored yet can go out only as random
-or unscored), a generator's batches are scored before they enter the queue.
+Scores come from annotate.scoring.PairScorer (cached per reward run, shared with the
+Review tab): a pairs file is scored in a background thread at start (pairs not scored
+yet can go out only as random or unscored), a generator's batches are scored before
+they enter the queue.
+
+    sampler = make_sampler("uncertain", reward_run="runs/rm-1", mix=0.5)   # None for "random"
+    if sampler is not None:
+        sampler.attach(queue, generator)
 """
 
 from __future__ import annotations
@@ -39,14 +44,19 @@ import json
 import logging
 import random
 import threading
+from pathlib import Path
 from typing import Any, Iterable
+
+from annotate.scoring import items_from_pairs, scorer_for
+from trainer.errors import PreflabError
+from trainer.runs import RunDirError
 
 log = logging.getLogger("preflab.sampling")
 
 DEFAULT_MIX = 0.5
 
 
-class SamplingError(ValueError):
+class SamplingError(PreflabError, ValueError):
     """Bad sampling settings; the message says what to pass instead."""
 
 
@@ -134,7 +144,6 @@ class UncertaintySampler:
     def score_pairs(self, pairs: Iterable[Any]) -> int:
         """Score pairs now (cached ones are free) and add their gaps; returns how many
         have a gap. Used by the background thread and by the generator for each batch."""
-        from annotate.review import items_from_pairs
         items = items_from_pairs(pairs)
         self.set_gaps(self._gaps_of(items, self.scorer.cached(items)))
 
@@ -184,31 +193,38 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 6)
 
 
-def sampler_from_args(args) -> UncertaintySampler | None:
-    """The sampler `preflab serve` asked for (None for --sampling random), or
-    SamplingError with a message for the command line. Loads no model."""
-    from annotate.review import ReviewError, check_reward_run, scorer_for
-
-    sampling = getattr(args, "sampling", "random") or "random"
-    reward_model = getattr(args, "reward_model", None)
-    mix = getattr(args, "uncertain_mix", None)
-    if sampling == "random":
-        if reward_model:
+def make_sampler(kind: str = "random", *, reward_run: str | None = None, mix: float | None = None,
+                 device: str | None = None, seed: int | None = None) -> UncertaintySampler | None:
+    """The sampler for `kind` (None for "random"), or SamplingError whose message names
+    the `preflab serve` flag at fault. reward_run: a finished reward run (--reward-model),
+    checked here, once; mix: the random share (--uncertain-mix, DEFAULT_MIX if None);
+    device: where the reward model will run ("auto" or None: its own choice). Loads no
+    model: the scorer loads it with the first pair to score."""
+    kind = kind or "random"
+    if kind == "random":
+        if reward_run:
             raise SamplingError("--reward-model is for --sampling uncertain; add --sampling uncertain, "
                                 "or leave --reward-model out")
         if mix is not None:
             raise SamplingError("--uncertain-mix is for --sampling uncertain")
         return None
-    if sampling != "uncertain":
-        raise SamplingError(f"--sampling must be random or uncertain, got {sampling!r}")
-    if not reward_model:
+    if kind != "uncertain":
+        raise SamplingError(f"--sampling must be random or uncertain, got {kind!r}")
+    if not reward_run:
         raise SamplingError("--sampling uncertain needs --reward-model runs/<id>: a finished reward run "
                             "(preflab train-reward) whose scores rank the pairs")
     try:
-        path = check_reward_run(reward_model)
-    except ReviewError as e:
+        scorer = scorer_for(reward_run, None if device in (None, "auto") else device)
+    except RunDirError as e:
         raise SamplingError(f"--reward-model {e}") from None
-    sampler = UncertaintySampler(DEFAULT_MIX if mix is None else mix, reward_run=path.name)
-    device = getattr(args, "device", None)
-    sampler.scorer = scorer_for(path, None if device in (None, "auto") else device)
+    sampler = UncertaintySampler(DEFAULT_MIX if mix is None else mix, reward_run=Path(reward_run).name,
+                                  seed=seed)
+    sampler.scorer = scorer
     return sampler
+
+
+def sampler_from_args(args) -> UncertaintySampler | None:
+    """make_sampler from `preflab serve`'s parsed flags (--sampling, --reward-model,
+    --uncertain-mix, --device)."""
+    return make_sampler(getattr(args, "sampling", "random"), reward_run=getattr(args, "reward_model", None),
+                        mix=getattr(args, "uncertain_mix", None), device=getattr(args, "device", None))

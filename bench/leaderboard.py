@@ -13,7 +13,7 @@ truth is sampling error only.
 Compared, on the same battles and the same scale (rating = 1000 + 400/ln10 * (theta -
 mean theta)):
 
-* ours: annotate.leaderboard.leaderboard() from an Arrow table of battles (aggregation
+* ours: annotate.ratings.leaderboard() from an Arrow table of battles (aggregation
   into a K x K score matrix, batched Newton); `ours_s` is the point estimate,
   `bootstrap_s` the 100-round bootstrap on top.
 * FastChat (the peer), reimplemented from the description of its Bradley-Terry
@@ -59,8 +59,8 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from annotate.leaderboard import (CENTER, SCALE, battles_from_votes, bootstrap_thetas,  # noqa: E402
-                                  fit_bradley_terry, leaderboard, to_ratings)
+from annotate.ratings import (CENTER, SCALE, battles_from_votes, bootstrap_thetas,  # noqa: E402
+                              fit_bradley_terry, leaderboard, to_ratings)
 
 
 def say(*args) -> None:

@@ -16,9 +16,11 @@ import pyarrow as pa
 import pytest
 
 from annotate import cli
-from annotate.leaderboard import (CENTER, SCALE, LeaderboardError, battles_from_votes, fit_bradley_terry,
-                                  head_to_head, interval_ranks, leaderboard, matrix_html, page, plot_svg,
-                                  policy_evals, table_html)
+from annotate.policy_evals import head_to_head, policy_evals
+from annotate.ratings import (CENTER, SCALE, LeaderboardError, battles_from_votes, fit_bradley_terry,
+                              interval_ranks, leaderboard)
+from annotate.web.leaderboard_html import matrix_html, plot_svg, table_html
+from annotate.web.leaderboard_tab import page
 from trainer.store.directory_writer import DirectoryStore
 from trainer.store import messages_to_json, read_comparisons
 

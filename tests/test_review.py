@@ -1,5 +1,5 @@
-"""Review (annotate/review.py): voted pairs scored by a real (tiny) reward model, the
-score cache per reward run, the disagreement ranking, and sending pairs back to the
+"""Review (annotate/review.py, scoring in annotate/scoring.py): voted pairs scored by a
+real (tiny) reward model, the score cache per reward run, the disagreement ranking, and sending pairs back to the
 queue for one more vote by someone else.
 
 The reward model is the tiny random Llama of test_reward.py, trained for a few steps:
@@ -14,11 +14,12 @@ import pytest
 
 from annotate.pairs import pair_from_row
 from annotate.queue import AssignmentQueue
-from annotate.review import (PairScorer, Reviewer, ReviewError, check_reward_run, disagreements,
-                             items_from_votes, review_rows, reward_runs, sigmoid, top_pairs)
+from annotate.review import Reviewer, disagreements, review_rows, sigmoid, top_pairs
+from annotate.scoring import PairScorer, content_key, item, items_from_pairs, items_from_votes
 from trainer.store.directory_writer import DirectoryStore
 from test_reward import TINY, banana_rows, write_jsonl
 from test_sampling import fake_run
+from trainer.runs import CHECKPOINT, RunDirError, reward_model_path, reward_runs
 from trainer.store import messages_to_json, read_comparisons
 
 
@@ -110,7 +111,6 @@ def test_cache_belongs_to_one_checkpoint(reward_run, tmp_path):
     """Scores cached for other weights are never served for these."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from annotate.review import item
 
     it = item("p-x", messages_to_json([{"role": "user", "content": "hi"}]), "yes", "no")
     copy = tmp_path / "runs" / "rm-copy"
@@ -144,7 +144,6 @@ def test_disagreements_rank_decisive_votes_by_how_sure_the_model_is_against_them
     scores = {}
     for s, (i, sa, sb) in zip(votes, [(1, 3.0, -1.0), (2, -2.0, 2.0), (3, 0.3, 0.0), (4, 0.0, 5.0),
                                       (2, -2.0, 2.0), (6, 1.0, 1.0), (7, -1.0, 0.5)]):
-        from annotate.review import content_key
         scores[content_key(s["prompt"], s["response_a"], s["response_b"])] = (sa, sb)
     rows = review_rows(votes, scores)
     by_event = {r["event_id"]: r for r in rows}
@@ -233,15 +232,15 @@ def test_only_finished_reward_runs_are_offered(tmp_path):
     fake_run(runs / "policy-1", reward=False)
     (runs / "notes").mkdir()
     assert [r["id"] for r in reward_runs(runs)] == ["rm-done"]
-    assert check_reward_run(runs / "rm-done") == runs / "rm-done"
-    with pytest.raises(ReviewError, match="running, not done .training: step 4 of 10."):
-        check_reward_run(runs / "rm-busy")
-    with pytest.raises(ReviewError, match="not a reward model run"):
-        check_reward_run(runs / "policy-1")
-    with pytest.raises(ReviewError, match="not a run directory"):
-        check_reward_run(runs / "notes")
+    assert reward_model_path(runs / "rm-done") == runs / "rm-done" / CHECKPOINT
+    with pytest.raises(RunDirError, match="running, not done .training: step 4 of 10."):
+        reward_model_path(runs / "rm-busy")
+    with pytest.raises(RunDirError, match="not a reward model run"):
+        reward_model_path(runs / "policy-1")
+    with pytest.raises(RunDirError, match="not a run directory"):
+        reward_model_path(runs / "notes")
     reviewer = Reviewer(tmp_path / "store", runs)
-    with pytest.raises(ReviewError, match="running, not done"):
+    with pytest.raises(RunDirError, match="running, not done"):
         reviewer.start("rm-busy")
 
 
@@ -250,7 +249,6 @@ def test_only_finished_reward_runs_are_offered(tmp_path):
 # --------------------------------------------------------------------------------------
 
 def test_sampler_scores_a_pairs_file_in_the_background(reward_run):
-    from annotate.review import items_from_pairs
     from annotate.sampling import UncertaintySampler, selection_of
 
     pairs = [pair_from_row(pair_row(i, prompt=f"Sampler question {i}?")) for i in range(6)]   # not cached yet

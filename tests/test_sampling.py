@@ -1,6 +1,7 @@
 """Uncertainty sampling (annotate/sampling.py) through the assignment queue, and the
 `preflab serve` flags that turn it on. No model: gaps are set by hand here; the
-reward-model scoring itself is tested in test_review.py and test_review_browser.py.
+reward-model scoring itself (annotate/scoring.py) is tested in test_review.py and
+test_review_browser.py.
 """
 
 import json
@@ -147,8 +148,11 @@ def test_mix_must_be_a_share():
 # --------------------------------------------------------------------------------------
 
 def fake_run(path, state="done", reward=True):
-    """A run directory as far as the flag checks look (no model is ever loaded here)."""
+    """A run directory as far as the flag checks look (no model is ever loaded here):
+    a status, and a checkpoint that is a model directory (config.json), with the reward
+    model's normalisation for a reward run."""
     (path / "checkpoint").mkdir(parents=True)
+    (path / "checkpoint" / "config.json").write_text("{}")
     (path / "status.json").write_text(json.dumps({"state": state, "progress": 0.4 if state != "done" else 1.0,
                                                   "message": "training: step 4 of 10" if state == "running" else ""}))
     if reward:

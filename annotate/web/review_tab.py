@@ -1,0 +1,249 @@
+"""The Review tab of `preflab serve` (admins): every voted pair scored by a reward model
+beside the human vote, the disagreements, and sending pairs back for one more vote.
+
+    from annotate.web.review_tab import build_review_tab
+    with gr.Tabs():
+        build_review_tab(demo, ctx, guard)   # ctx.reviewer: annotate.review.Reviewer
+
+The HTML here escapes everything that comes from a vote, a pairs file or a model
+(annotate.web.html); the work (scoring jobs, the ranking, the requeue) is the
+Reviewer's. (No `from __future__ import annotations` here: gradio reads the handlers'
+`request: gr.Request` annotations as objects.)
+"""
+
+import json
+from typing import Any
+
+from annotate.review import DECISIVE, disagreements, summary, top_pairs
+from annotate.web.html import escape, metric_card, pct, render_markdown, render_prompt
+
+SHOW_VOTES = 200          # latest votes listed on the page
+SHOW_DISAGREEMENTS = 25   # disagreements listed (and offered for sending back)
+
+REVIEW_CSS = """
+.review-table { width: 100%; border-collapse: collapse; font-size: 0.92em; }
+.review-table th, .review-table td { border-bottom: 1px solid var(--border-color-primary);
+  padding: 4px 6px; text-align: left; vertical-align: top; }
+.review-table td.num { font-variant-numeric: tabular-nums; white-space: nowrap; width: 1%; }
+.review-table th { white-space: nowrap; }
+.review-table td:last-child { width: 55%; }
+.review-table tr.disagree td.p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
+.review-table details summary { cursor: pointer; }
+.review-table .pair-body { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; margin: 6px 0; }
+.review-table .pair-body .card { max-height: 40vh; overflow-y: auto; }
+.review-table .pair-body .prompt-card { grid-column: 1 / span 2; }
+.review-note { color: var(--body-text-color-subdued); font-size: 0.9em; margin: 4px 0; }
+"""
+
+
+def _vote_words(row: dict[str, Any]) -> str:
+    choice = row.get("choice")
+    if choice in DECISIVE:
+        strength = {1: " (slightly)", 2: " (clearly)"}.get(row.get("strength"), "")
+        return f"{choice.upper()} better{strength}"
+    return {"tie": "tie", "both_bad": "both bad"}.get(choice, str(choice))
+
+
+def _excerpt(prompt_json: str, width: int = 90) -> str:
+    try:
+        messages = json.loads(prompt_json)
+        text = " ".join(str(m.get("content", "")) for m in messages if m.get("role") == "user") or \
+            " ".join(str(m.get("content", "")) for m in messages)
+    except (ValueError, AttributeError, TypeError):
+        text = prompt_json
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _pair_details(row: dict[str, Any]) -> str:
+    """The pair in full, folded: the prompt and both answers rendered safely."""
+    try:
+        prompt = render_prompt(json.loads(row["prompt"]))
+    except (ValueError, KeyError, TypeError):
+        prompt = f"<pre>{escape(row['prompt'])}</pre>"
+    return (f'<details><summary>{escape(_excerpt(row["prompt"]))}</summary><div class="pair-body">'
+            f'<div class="card prompt-card"><h4>Prompt</h4>{prompt}</div>'
+            f'<div class="card answer"><h4>A · {escape(row["model_a"])}</h4>{render_markdown(row["response_a"])}</div>'
+            f'<div class="card answer"><h4>B · {escape(row["model_b"])}</h4>{render_markdown(row["response_b"])}</div>'
+            f'</div></details>')
+
+
+def votes_html(rows: list[dict[str, Any]], limit: int = SHOW_VOTES) -> str:
+    """Each vote with the model's scores beside it, newest first."""
+    if not rows:
+        return '<p class="review-note">No votes yet.</p>'
+    body = []
+    for r in rows[:limit]:
+        cls = "disagree" if r["agree"] is False else ""
+        when = r["created_at"].strftime("%Y-%m-%d %H:%M") if hasattr(r["created_at"], "strftime") else ""
+        agree = "–" if r["agree"] is None else ("yes" if r["agree"] else "no")
+        body.append(
+            f'<tr class="{cls}" data-pair-id="{escape(r["pair_id"])}" data-event-id="{escape(r["event_id"])}" '
+            f'data-choice="{escape(r["choice"])}" data-p-a="{r["p_a"]:.4f}">'
+            f'<td class="num">{escape(when)}</td><td>{escape(r["annotator"])}</td><td class="vote">{escape(_vote_words(r))}</td>'
+            f'<td class="num score-a">{r["score_a"]:+.2f}</td><td class="num score-b">{r["score_b"]:+.2f}</td>'
+            f'<td class="num p p-a">{r["p_a"]:.2f}</td><td class="agree">{agree}</td>'
+            f'<td>{_pair_details(r)}</td></tr>')
+    more = (f'<p class="review-note">Showing the latest {limit} of {len(rows)} votes.</p>'
+            if len(rows) > limit else "")
+    return (f'{more}<table class="review-table" id="review-votes-table"><thead><tr><th>when (UTC)</th>'
+            f'<th>annotator</th><th>human vote</th><th>score A</th><th>score B</th><th>P(A beats B)</th>'
+            f'<th>model agrees</th><th>pair</th></tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def disagreements_html(rows: list[dict[str, Any]], limit: int = SHOW_DISAGREEMENTS) -> str:
+    worst = disagreements(rows, limit)
+    if not worst:
+        return '<p class="review-note">No decisive votes (A or B better) to compare with.</p>'
+    body = []
+    for k, r in enumerate(worst, start=1):
+        cls = "disagree" if not r["agree"] else ""
+        body.append(
+            f'<tr class="{cls}" data-pair-id="{escape(r["pair_id"])}" data-event-id="{escape(r["event_id"])}" '
+            f'data-p-human="{r["p_human"]:.4f}"><td class="num">{k}</td>'
+            f'<td class="num p">{r["p_human"]:.2f}</td><td class="vote">{escape(_vote_words(r))}</td>'
+            f'<td>{escape(r["annotator"])}</td><td class="num">{r["score_a"]:+.2f}</td>'
+            f'<td class="num">{r["score_b"]:+.2f}</td><td>{_pair_details(r)}</td></tr>')
+    return ('<p class="review-note">Decisive votes, the ones the reward model doubts most first: '
+            'P(human\'s side) is the probability it gives the answer the annotator chose.</p>'
+            '<table class="review-table" id="review-disagreements-table"><thead><tr><th>#</th>'
+            '<th>P(human\'s side)</th><th>human vote</th><th>annotator</th><th>score A</th><th>score B</th>'
+            f'<th>pair</th></tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def summary_html(job: dict[str, Any]) -> str:
+    s = summary(job["rows"] or [])
+
+    mean = "–" if s["mean_p_human"] is None else f"{s['mean_p_human']:.2f}"
+    return '<div class="metrics" id="review-metrics">' + "".join([
+        metric_card("Votes scored", str(s["votes"]), f"{s['pairs']} pairs"),
+        metric_card("Decisive votes", str(s["decisive"]), "A or B better"),
+        metric_card("Model agrees", pct(s["agreement"]) if s["agreement"] is not None else "–",
+               f"{s['agree']} of {s['decisive']} decisive votes"),
+        metric_card("Mean P(human's side)", mean),
+        metric_card("Newly scored", str(job["new"]), f"pairs, in {job['seconds']:.1f} s"),
+    ]) + "</div>"
+
+
+def progress_html(job: dict[str, Any] | None) -> str:
+    if job is None:
+        return '<div class="review-note" id="review-state" data-state="idle">Pick a finished reward run.</div>'
+    state = job["state"]
+    if state == "failed":
+        return (f'<div class="status error" id="review-state" data-state="failed">Scoring failed: '
+                f'{escape(job["message"])}</div>')
+    if state == "done":
+        return (f'<div class="review-note" id="review-state" data-state="done">{escape(job["run_id"])}: '
+                f'{escape(job["message"])}.</div>')
+    width = 100 * job["done"] / job["total"] if job["total"] else 0
+    return (f'<div class="progress-box review-note" id="review-state" data-state="{escape(state)}">'
+            f'{escape(job["run_id"])}: {escape(job["message"])} '
+            f'<span class="progress-bar"><span style="width:{width:.1f}%"></span></span></div>')
+
+
+def build_review_tab(demo, ctx, guard, _tab=None) -> None:  # TEMP _tab: the old page's tab
+    """The Review tab: a hidden `gr.Tab` shown on load to admins; call inside the page's
+    `gr.Tabs()`. Uses `ctx.reviewer` (built by annotate/serve.py); every handler checks
+    `guard.admin(request)` first, so hiding the tab is not the only defence."""
+    import gradio as gr
+
+    reviewer = ctx.reviewer
+    import contextlib  # TEMP
+    with (contextlib.nullcontext(_tab) if _tab is not None else gr.Tab("Review", id="review", visible=False)) as tab:
+        gr.Markdown("Every voted pair scored by a reward model, beside the human vote: "
+                    "**P(A beats B)** = sigmoid(score A − score B). Scores are kept with the reward run, "
+                    "so only votes new since the last look are scored.")
+        with gr.Row():
+            r_run = gr.Dropdown(label="Reward run (finished)", choices=[], value=None, elem_id="review-run",
+                                scale=3, interactive=True)
+            r_score = gr.Button("Score votes", variant="primary", elem_id="review-score", scale=0,
+                                min_width=140)
+        r_progress = gr.HTML(progress_html(None), elem_id="review-progress", js_on_load=None)
+        r_summary = gr.HTML(elem_id="review-summary", js_on_load=None)
+        with gr.Accordion("Disagreements: votes to relabel", open=True):
+            r_disagree = gr.HTML(elem_id="review-disagreements", js_on_load=None, css_template=REVIEW_CSS)
+            r_pick = gr.CheckboxGroup(label="Pairs to send back (by rank)", choices=[], value=[],
+                                      elem_id="review-pick")
+            with gr.Row():
+                r_topn = gr.Number(value=5, precision=0, minimum=1, label="N", scale=0, min_width=90,
+                                   elem_id="review-topn")
+                r_send_top = gr.Button("Send the top N back for one more vote", elem_id="review-send-top")
+                r_send_sel = gr.Button("Send the selected back", elem_id="review-send-selected")
+            r_report = gr.Markdown(elem_id="review-report")
+        with gr.Accordion("Voted pairs, newest first", open=True):
+            r_votes = gr.HTML(elem_id="review-votes", js_on_load=None, css_template=REVIEW_CSS)
+        r_timer = gr.Timer(1.0, active=False)
+
+    def show(job: dict[str, Any] | None):
+        """(progress, summary, disagreements, pick, votes, timer) for a job's state."""
+        running = job is not None and job["state"] not in ("done", "failed")
+        if job is None or job["rows"] is None:
+            tables = ("", "", gr.CheckboxGroup(choices=[], value=[]), "")
+        elif running:   # the previous result stays on screen until the new one is ready
+            tables = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
+        else:
+            rows = job["rows"]
+            picks = []
+            for r in disagreements(rows, SHOW_DISAGREEMENTS):
+                if r["pair_id"] not in [v for _, v in picks]:
+                    picks.append((f"#{len(picks) + 1} · P={r['p_human']:.2f} · {r['pair_id'][:18]}", r["pair_id"]))
+            tables = (summary_html(job), disagreements_html(rows), gr.CheckboxGroup(choices=picks, value=[]),
+                      votes_html(rows))
+        return (progress_html(job), tables[0], tables[1], tables[2], tables[3], gr.Timer(active=running))
+
+    outputs = [r_progress, r_summary, r_disagree, r_pick, r_votes, r_timer]
+    kw = dict(api_visibility="private", concurrency_limit=4, concurrency_id="review", show_progress="hidden")
+
+    def on_load(request: gr.Request):
+        return gr.Tab(visible=guard.is_admin(request))
+
+    def on_open(current, request: gr.Request):
+        guard.admin(request)
+        with guard.errors():
+            runs = reviewer.runs()
+            ids = [r["id"] for r in runs]
+            run_id = current if current in ids else (ids[0] if ids else None)
+            dropdown = gr.Dropdown(choices=[(r["id"], r["id"]) for r in runs], value=run_id)
+            if run_id is None:
+                return (dropdown, '<div class="review-note" id="review-state" data-state="none">No finished '
+                        f'reward run under {escape(ctx.runs_dir)}/ yet: train one (preflab train-reward) '
+                        'first.</div>', "", "", gr.CheckboxGroup(choices=[], value=[]), "", gr.Timer(active=False))
+            return (dropdown, *show(reviewer.start(run_id)))
+
+    def on_score(run_id, request: gr.Request):
+        guard.admin(request)
+        if not run_id:
+            raise gr.Error("pick a reward run first")
+        with guard.errors():
+            return show(reviewer.start(run_id))
+
+    def on_tick(run_id, request: gr.Request):
+        guard.admin(request)
+        return show(reviewer.status(run_id) if run_id else None)
+
+    def send(run_id, pair_ids) -> str:
+        if not run_id:
+            raise gr.Error("pick a reward run first")
+        if not pair_ids:
+            return "Nothing selected."
+        with guard.errors():
+            return reviewer.requeue(run_id, pair_ids)["message"]
+
+    def on_send_top(run_id, n, request: gr.Request):
+        guard.admin(request)
+        job = reviewer.status(run_id) if run_id else None
+        if job is None or job["rows"] is None:
+            raise gr.Error("score the votes first")
+        return send(run_id, top_pairs(job["rows"], max(1, int(n or 1))))
+
+    def on_send_selected(run_id, picked, request: gr.Request):
+        guard.admin(request)
+        return send(run_id, picked or [])
+
+    demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
+    tab.select(on_open, [r_run], [r_run, *outputs], **kw)
+    r_run.input(on_score, [r_run], outputs, **kw)
+    r_score.click(on_score, [r_run], outputs, **kw)
+    r_timer.tick(on_tick, [r_run], outputs, **kw)
+    r_send_top.click(on_send_top, [r_run, r_topn], [r_report], **kw)
+    r_send_sel.click(on_send_selected, [r_run, r_pick], [r_report], **kw)
