@@ -22,7 +22,7 @@ import pytest
 
 from annotate import cli as preflab
 from annotate.launcher import Launcher, LaunchError, arena_file
-from annotate.leaderboard import page
+from annotate.web.leaderboard_tab import page
 from annotate.review import Reviewer
 from trainer.policy import PolicyInputError, load_prompts
 from trainer.reward_data import read_pairs
