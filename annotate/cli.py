@@ -2,8 +2,9 @@
 
 Each module named in COMMANDS exposes `add_arguments(parser)` and `run(args) -> int`
 (or `add_<command>_arguments` / `run_<command>` where one module serves several),
-and keeps heavy imports (torch, transformers, gradio) inside its functions so that
-`preflab --help` answers instantly.
+raises `trainer.errors.PreflabError` for what the user can fix (reported here, once:
+`error: <message>`, exit 2), and keeps heavy imports (torch, transformers, gradio)
+inside its functions so that `preflab --help` answers instantly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("annotate.generate", "load a model once (converting the default GGUF to a cache) and report load times"),
     "prompts": ("trainer.prompts", "check a prompt pool file and report what would be loaded"),
     "import": ("annotate.importers", "import TRL / Anthropic-HH preference data as votes"),
-    "serve": ("annotate.app", "open the annotation app: rank pairs of answers in the browser"),
+    "serve": ("annotate.serve", "open the annotation app: rank pairs of answers in the browser"),
     "export": ("annotate.export", "export votes as a TRL / datasets preference dataset"),
     "train-reward": ("trainer.reward", "fit a Bradley-Terry reward model to the votes (or a TRL preference file)"),
     "train-policy": ("trainer.policy", "fine-tune the policy against a reward model (PPO, RLOO or REINFORCE)"),
@@ -56,12 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
-    from trainer.store.errors import StoreError
+    from trainer.errors import PreflabError
     try:
         return int(args._run(args) or 0)
-    except StoreError as e:
-        # The one place a store problem (missing, unreadable, full, database down, a
-        # second server) becomes what the user reads: one line, no traceback.
+    except PreflabError as e:
+        # The one place a problem the user can fix (a flag, a file, a run; a store that
+        # is missing, unreadable, full, a database down, a second server: StoreError)
+        # becomes what they read: one line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
