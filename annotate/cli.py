@@ -2,8 +2,9 @@
 
 Each module named in COMMANDS exposes `add_arguments(parser)` and `run(args) -> int`
 (or `add_<command>_arguments` / `run_<command>` where one module serves several),
-and keeps heavy imports (torch, transformers, gradio) inside its functions so that
-`preflab --help` answers instantly.
+raises `trainer.errors.PreflabError` for what the user can fix (reported here, once:
+`error: <message>`, exit 2), and keeps heavy imports (torch, transformers, gradio)
+inside its functions so that `preflab --help` answers instantly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("annotate.generate", "load a model once (converting the default GGUF to a cache) and report load times"),
     "prompts": ("trainer.prompts", "check a prompt pool file and report what would be loaded"),
     "import": ("annotate.importers", "import TRL / Anthropic-HH preference data as votes"),
-    "serve": ("annotate.app", "open the annotation app: rank pairs of answers in the browser"),
+    "serve": ("annotate.serve", "open the annotation app: rank pairs of answers in the browser"),
     "export": ("annotate.export", "export votes as a TRL / datasets preference dataset"),
     "train-reward": ("trainer.reward", "fit a Bradley-Terry reward model to the votes (or a TRL preference file)"),
     "train-policy": ("trainer.policy", "fine-tune the policy against a reward model (PPO, RLOO or REINFORCE)"),
@@ -60,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except PreflabError as e:
-        # The one place an error the user can act on (a store missing, unreadable, full
-        # or down; a bad file, setting or run directory) becomes what they read: one
-        # line, no traceback, exit code 2.
+        # The one place a problem the user can fix (a flag, a file, a run; a store that
+        # is missing, unreadable, full, a database down, a second server: StoreError)
+        # becomes what they read: one line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

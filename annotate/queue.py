@@ -28,11 +28,9 @@ The rules, all enforced here (the app only asks):
   comparison store, so votes cast before a restart count, and undo still reaches the
   last `history` votes of each annotator. (On a directory store leases and skips live
   in memory: after a restart an annotator may see a pair they skipped.)
-* Several servers: with `shared` (a PostgreSQL store, trainer/store/postgres.py) the
-  database has the last word. A pair picked here is claimed there (one of its K slots,
-  row-locked), a vote is stored only if it still fits (VoteConflict otherwise), skips
-  are kept there, and `sync()` folds in the votes other servers took. This queue then
-  only chooses the order; never-twice and K hold across any number of servers.
+* Several servers: with `shared` (a PostgreSQL store) the database has the last word
+  on claims, votes and skips, and `sync()` folds in the votes other servers took; this
+  queue then only chooses the order (annotate/queue_shared.py).
 
 One lock guards everything; every method is short, so 32 annotators voting at once
 wait on it for microseconds. The only store calls are `record_vote` (the app hands it
@@ -43,7 +41,6 @@ all made outside the lock.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import threading
@@ -53,13 +50,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from annotate.pairs import Pair, pair_from_row
+from annotate.queue_shared import SharedMode
 from annotate.sampling import selection_of, with_selection
-from trainer.store.errors import VoteConflict
-
-log = logging.getLogger("preflab.queue")
+from trainer.errors import PreflabError
 
 
-class StaleVote(Exception):
+class StaleVote(PreflabError):
     """The pair named is not the one this annotator holds (already answered in another
     tab, or never given to them). The app shows them their current pair instead."""
 
@@ -91,7 +87,9 @@ class _Annotator:
     last_seen: float = -math.inf
 
 
-class AssignmentQueue:
+class AssignmentQueue(SharedMode):
+    """The queue (see the module docstring); the shared mode's part is annotate/queue_shared.py."""
+
     def __init__(self, overlap: int = 1, *, lease_s: float = 1800.0, active_s: float = 300.0,
                  history: int = 50, seed: int | None = None,
                  clock: Callable[[], float] = time.monotonic, shared=None):
@@ -173,10 +171,7 @@ class AssignmentQueue:
         With a shared store, `votes` and `cursor` come from `shared.snapshot()` (the same
         instant: sync goes on exactly from there) and the database's skips come back too."""
         if self.shared is not None:
-            self._cursor = cursor
-            with self._lock:
-                for pair_id, annotator in self.shared.skipped():
-                    self._person(annotator).skipped.add(pair_id)
+            self._restore_shared(cursor)
         if hasattr(votes, "column_names"):   # an Arrow table: only the tail rows become dicts
             rows = self._latest_rows(votes)
             pairs_and_people = zip(votes.column("pair_id").to_pylist(), votes.column("annotator").to_pylist())
@@ -306,85 +301,16 @@ class AssignmentQueue:
                 if self.shared is None:
                     return a
                 want = self._wanted(pair_id)
-            # The database call runs outside the lock: other annotators are not held up by it.
-            try:
-                ok, voters = self.shared.claim(pair_id, annotator, want, self.lease_s)
-            except Exception:   # the database away: no lease there, so none here either
-                with self._lock:
-                    if person.current is a:
-                        person.current = None
-                    self._release(annotator, pair_id)
-                raise
-            with self._lock:
-                self._learn_voters(pair_id, voters)
-                if ok:
-                    return a
-                if person.current is a:
-                    person.current = None
-                self._release(annotator, pair_id)
-                # Held by other servers' annotators, or skipped there: look again later.
-                self._refused[(annotator, pair_id)] = self.clock() + min(60.0, self.lease_s)
+            if self._claim_shared(person, a, pair_id, want):   # outside the lock: others are not held up
+                return a
         return None
-
-    # ---- several servers on one (shared) store ---------------------------------------
-
-    def _learn_voters(self, pair_id: str, voters: set[str]) -> None:
-        """The database's standing voters of a pair replace what this server knew."""
-        known = self._votes.setdefault(pair_id, set())
-        for gone in known - voters:
-            self._person(gone).voted.discard(pair_id)
-        for new in voters - known:
-            self._person(new).voted.add(pair_id)
-        self._votes[pair_id] = set(voters)
-        if pair_id in self._pairs:
-            if len(voters) >= self._wanted(pair_id):
-                self._open.pop(pair_id, None)
-            else:
-                self._open.setdefault(pair_id, None)
-
-    def sync(self) -> int:
-        """Fold in the votes and retracts stored since the last sync, by any server (a
-        no-op without a shared store). Returns the events seen. The store's cursor is
-        opaque (a database snapshot): each committed event comes back exactly once."""
-        if self.shared is None:
-            return 0
-        start = self._cursor
-        events, cursor = self.shared.changes_since(start)
-        with self._lock:
-            if start != self._cursor:   # another sync got there first
-                return 0
-            self._cursor = cursor
-            for e in events:   # a retract is made by the voter it cancels (Service.undo)
-                if e["annotator"].startswith("import:"):
-                    continue
-                voters = set(self._votes.get(e["pair_id"], ()))
-                (voters.add if e["kind"] == "vote" else voters.discard)(e["annotator"])
-                self._learn_voters(e["pair_id"], voters)
-                if e["kind"] == "retract":   # undone on another server: not undoable here again
-                    history = self._person(e["annotator"]).history
-                    history[:] = [r for r in history if r["event_id"] != e["retracts"]]
-            self._changed.notify_all()
-        return len(events)
 
     def record_vote(self, a: Assignment, record: dict[str, Any], store) -> dict[str, Any]:
         """Store the vote (durable when this returns) and count it. With a shared store
         the database checks that it still fits (VoteConflict: nothing stored, the pair
         dropped for this annotator); otherwise `store.append`. Other errors propagate
         with the assignment untouched: the caller cancels the vote."""
-        if self.shared is None:
-            stored = store.append(record)
-        else:
-            try:
-                stored = self.shared.vote(record, self._wanted(a.pair.pair_id))
-            except VoteConflict:
-                with self._lock:
-                    self._release(a.annotator, a.pair.pair_id)
-                    self._refused[(a.annotator, a.pair.pair_id)] = self.clock() + self.lease_s
-                try:
-                    self.sync()   # learn what the other servers did with it
-                except Exception as e:   # the conflict is the news; the next sync catches up
-                    log.warning("sync after a vote conflict failed (%s)", e)
-                raise
+        stored = store.append(record) if self.shared is None else self._vote_shared(a, record)
         self.finish_vote(a, stored)
         return stored
 
@@ -444,10 +370,7 @@ class AssignmentQueue:
             self._release(annotator, pair_id)
             self._changed.notify_all()
         if self.shared is not None:   # kept in the database: every server, and a restart, knows
-            try:
-                self.shared.skip(pair_id, annotator)
-            except Exception as e:   # skipped here all the same; the lease there runs out
-                log.warning("could not record the skip of %s by %s in the shared store (%s)", pair_id, annotator, e)
+            self._skip_shared(pair_id, annotator)
         return True
 
     def begin_undo(self, annotator: str) -> dict[str, Any] | None:
@@ -488,12 +411,7 @@ class AssignmentQueue:
             a = self._lease(person, annotator, pair, record["left"], now)
             want = self._wanted(pair_id)
         if self.shared is not None:   # the database's leases follow: one freed, one taken
-            try:
-                if previous is not None:
-                    self.shared.release(previous, annotator)
-                self.shared.claim(pair_id, annotator, want, self.lease_s)
-            except Exception as e:   # the retract is stored; the vote on it will be checked anyway
-                log.warning("could not move %s's lease in the shared store after an undo (%s)", annotator, e)
+            self._move_shared_lease(annotator, previous, pair_id, want)
         return a
 
     # ---- what the page and the generator ask -----------------------------------------

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from annotate.app import Service, render_markdown, render_prompt
+from annotate.service import Service
+from annotate.web.html import render_markdown, render_prompt
 from annotate.pairs import load_pairs
 from annotate.queue import AssignmentQueue
 from trainer.store.directory_writer import DirectoryStore

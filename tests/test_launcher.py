@@ -282,7 +282,7 @@ def test_add_model_turns_one_model_into_a_two_model_arena(tmp_path):
     assert len(new) == 3 and {p.prompt_id for p in new} == {"p0", "p1", "p2"}
     assert all({p.model_a, p.model_b} == {"tiny", "policy-run-1"} for p in new)
     # A vote on such a pair carries the run id as its model.
-    from annotate.app import Service
+    from annotate.service import Service
     with DirectoryStore(tmp_path / "store") as store:
         service = Service(store, q, data=tmp_path / "store", local_user="me", generator=gen)
         models = set()

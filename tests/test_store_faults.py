@@ -342,7 +342,7 @@ def test_a_second_server_on_a_directory_store_refuses_and_names_the_first(tmp_pa
 
 @needs_root
 def test_the_annotator_is_told_not_saved_and_keeps_the_pair(tiny_disk):
-    from annotate.app import Service
+    from annotate.service import Service
     from annotate.pairs import load_pairs
     from annotate.queue import AssignmentQueue
     from conftest import write_pairs

@@ -1,6 +1,6 @@
 """The one gate every handler of the page and the API goes through.
 
-    guard = Guard(service.identify)
+    guard = Guard(service.identify)         # annotate.accounts.identify for this server
     def on_export(fmt, request: gr.Request):
         guard.admin(request)                 # gr.Error unless the caller is an admin
         with guard.errors():                 # PreflabError / bad input -> gr.Error
@@ -17,11 +17,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator
 
+from annotate.accounts import Forbidden, require_admin
 from trainer.errors import PreflabError
-
-
-class Forbidden(PreflabError):
-    """The caller may not do this (not logged in, or not an admin)."""
 
 
 class Guard:
@@ -38,10 +35,8 @@ class Guard:
     def admin(self, request) -> str:
         """The caller's name if an admin; gr.Error otherwise."""
         name, role = self.user(request)
-        if role != "admin":
-            import gradio as gr
-            raise gr.Error(f"{name} is an annotator; this is for admins")
-        return name
+        with self.errors():   # the decision is annotate.accounts', the message too
+            return require_admin(name, role)
 
     def is_admin(self, request) -> bool:
         """For showing the admin tabs (cosmetic: every admin handler checks again)."""

@@ -1,0 +1,98 @@
+"""Who is asking, and what they may do: the one place for authorization decisions on
+the service side of `preflab serve`.
+
+    accounts = Accounts("users.toml")        # re-read when the file changes
+    name, role = identify(request, accounts, local_user="me")   # Forbidden if unknown
+    require_admin(name, role)                 # Forbidden unless role == "admin"
+
+Without `--auth` there are no accounts: one local user, an admin (the server only
+listens on 127.0.0.1 then). The web layer (`annotate/web/guard.py`) turns `Forbidden`
+into `gr.Error`; the service raises it itself where it decides (admin-only calls).
+No gradio here: `request` is anything with a `username` attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import PreflabError
+
+log = logging.getLogger("preflab.accounts")
+
+ADMIN = "admin"
+
+
+class Forbidden(PreflabError):
+    """The caller may not do this (not logged in, or not an admin)."""
+
+
+class Accounts:
+    """users.toml, re-read when the file changes (so `preflab user add` works on a
+    running server)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from annotate import users
+        self.users = users
+        self.path = Path(path)
+        self._mtime = None
+        self._accounts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._reload()
+        if not self._accounts:
+            raise ValueError(f"{self.path}: no accounts; add one with `preflab user add`")
+
+    def _reload(self) -> None:
+        with self._lock:
+            try:
+                mtime = self.path.stat().st_mtime_ns
+            except FileNotFoundError:
+                return
+            if mtime == self._mtime:
+                return
+            try:
+                self._accounts = self.users.load_users(self.path)
+            except ValueError as e:   # a half-edited file: keep the accounts we had
+                if self._mtime is None:
+                    raise
+                log.warning("%s; keeping the accounts loaded before", e)
+            self._mtime = mtime
+
+    def verify(self, name: str, password: str) -> bool:
+        self._reload()
+        return self.users.verify(self._accounts, name, password) is not None
+
+    def role(self, name: str) -> str | None:
+        self._reload()
+        account = self._accounts.get(name)
+        return account.role if account is not None else None
+
+
+def role_of(name: str | None, accounts: Accounts | None, local_user: str) -> str | None:
+    """The role of an account name; None for nobody we know. Without accounts the
+    local user is the one admin."""
+    if accounts is None:
+        return ADMIN if name == local_user else None
+    return accounts.role(name) if name else None
+
+
+def identify(request: Any, accounts: Accounts | None, local_user: str) -> tuple[str, str]:
+    """(name, role) of the caller of a request (its `username`, as the login set it).
+    Without accounts every request is the local user's."""
+    if accounts is None:
+        return local_user, ADMIN
+    name = getattr(request, "username", None)
+    role = role_of(name, accounts, local_user)
+    if role is None:
+        raise Forbidden("please log in")
+    return name, role
+
+
+def require_admin(name: str, role: str | None) -> str:
+    """`name` if `role` is admin; Forbidden otherwise."""
+    if role != ADMIN:
+        raise Forbidden(f"{name} is an annotator; this is for admins")
+    return name

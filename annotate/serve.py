@@ -1,0 +1,302 @@
+"""`preflab serve`: the annotation app, where people rank pairs of model answers; and
+the one place that builds what a running server is made of (the composition root).
+
+    preflab serve --pairs pairs.jsonl                     # pre-generated candidates
+    preflab serve --model smollm2                         # two samples of one model
+    preflab serve --model smollm2 --model ./my-sft        # arena: random pair of models
+    preflab serve --pairs pairs.jsonl --auth users.toml --overlap 2 --host 0.0.0.0
+
+`run` checks the flags, then builds the store, the assignment queue, the generator
+(with --model), the accounts (with --auth), the sampler (--sampling uncertain), the
+Review tab's reviewer and the Train tab's launcher into one
+`annotate.context.ServeContext`, builds the page from it (annotate/web/page.py) and
+serves until SIGTERM or Ctrl-C. Nothing else constructs these objects. Problems the
+user can fix are raised as `ServeError` (a PreflabError: `error: ...`, exit 2, from
+annotate/cli.py); what the server has to say goes through `logging`, except the
+`open URL` line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from trainer.errors import PreflabError
+
+log = logging.getLogger("preflab.serve")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PROMPTS = REPO / "data" / "prompts.jsonl"
+DEFAULT_GUIDELINES = REPO / "data" / "guidelines.md"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class ServeError(PreflabError):
+    """`preflab serve` cannot start: a flag, a file or the port; the message says which."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("where pairs come from (one of)")
+    src.add_argument("--pairs", metavar="FILE", help="pre-generated pairs (.jsonl or .parquet): "
+                     "prompt, response_a, response_b [, model_a, model_b, pair_id]; no model is loaded")
+    src.add_argument("--model", action="append", metavar="M", default=None,
+                     help="sample pairs from this model in the background (once: two samples per "
+                          "prompt; repeated: arena, a random pair of different models per prompt)")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), metavar="FILE", help="prompt pool for --model")
+    p.add_argument("--data", default="comparisons", metavar="STORE",
+                   help="the comparison store votes go to: a directory (one server), or "
+                        "postgresql://user@host:port/db (any number of servers share assignment and overlap K)")
+    p.add_argument("--runs", default="runs", metavar="DIR",
+                   help="run directories: trainings started from the Train tab, policies for the arena")
+    p.add_argument("--auth", metavar="USERS.toml",
+                   help="accounts file (preflab user add); without it there is one local user "
+                        "and the app only listens on 127.0.0.1")
+    p.add_argument("--user", default=None, help="without --auth: the name votes are recorded under; "
+                   "None means your login name")
+    p.add_argument("--overlap", type=int, default=1, metavar="K", help="each pair goes to K different annotators")
+    p.add_argument("--guidelines", default=str(DEFAULT_GUIDELINES), metavar="FILE",
+                   help="annotator guidelines (Markdown), one click away on the page")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    gen = p.add_argument_group("generation (with --model)")
+    gen.add_argument("--rounds", type=int, default=1, help="pairs per prompt (each round samples anew)")
+    gen.add_argument("--batch-size", type=int, default=4, help="prompts generated per batch")
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    gen.add_argument("--seed", type=int, default=0, help="seeds of the samples and of the arena's model draws")
+    gen.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
+    gen.add_argument("--cache-dir", default=None, help="where converted models are kept")
+    smp = p.add_argument_group("which pair goes out next (annotate/sampling.py)")
+    smp.add_argument("--sampling", choices=("random", "uncertain"), default="random",
+                     help="random: no reward model, pairs go out as they come; uncertain: prefer pairs whose "
+                          "reward-model score gap is smallest, mixed with uniformly random ones")
+    smp.add_argument("--reward-model", metavar="RUN", default=None,
+                     help="a finished reward run (runs/<id>) that scores the pairs for --sampling uncertain")
+    smp.add_argument("--uncertain-mix", type=float, default=None, metavar="F",
+                     help="share of handouts drawn uniformly at random with --sampling uncertain (0.5 if not given); "
+                          "each vote records how its pair was chosen in gen_params['selection']")
+
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags that are wrong on their own, before anything is opened."""
+    if bool(args.pairs) == bool(args.model):
+        raise ServeError("give either --pairs FILE or --model M (repeat --model for an arena)")
+    if not args.auth and args.host not in LOCAL_HOSTS:
+        raise ServeError(f"refusing to listen on {args.host} without --auth: anyone who can reach this "
+                         f"machine could vote, read the votes and export them. Create accounts with "
+                         f"`preflab user add NAME --role annotator --auth users.toml` and pass --auth users.toml, "
+                         f"or listen on 127.0.0.1 (the default).")
+    for flag, value in (("--overlap", args.overlap), ("--rounds", args.rounds), ("--batch-size", args.batch_size),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise ServeError(f"{flag} must be at least 1, got {value}")
+
+
+def _accounts_and_guidelines(args: argparse.Namespace):
+    from annotate.accounts import Accounts
+
+    accounts = None
+    if args.auth:
+        try:
+            accounts = Accounts(args.auth)
+        except (OSError, ValueError) as e:
+            raise ServeError(str(e)) from None
+    guidelines = ""
+    if args.guidelines:
+        try:
+            guidelines = Path(args.guidelines).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ServeError(f"{args.guidelines}: cannot read the guidelines ({e.strerror or e})") from None
+    return accounts, guidelines
+
+
+class _Opened:
+    """What `run` has to close again: the store, then the serve lock."""
+
+    def __init__(self):
+        self.store = None
+        self.serve_lock = None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self.serve_lock is not None:
+            self.serve_lock.release()
+
+
+def _open_store(args: argparse.Namespace, opened: _Opened):
+    """(state_dir, standing votes or None, sync cursor). One store, one assignment: a
+    directory store's assignment lives in this process, so a second server on it
+    refuses to start (ServeLock); a database shares it."""
+    from trainer.store import is_database, open_store, read_comparisons, store_exists, target_key
+
+    # A StoreError here (a second server, a database away) is a PreflabError: the CLI reports it.
+    if is_database(args.data):
+        opened.store = open_store(args.data)
+        state_dir = Path(args.runs) / "serve-state" / target_key(args.data)
+        votes, cursor = opened.store.snapshot()   # one instant: sync goes on exactly from here
+    else:
+        from trainer.store.directory_writer import ServeLock
+        opened.serve_lock = ServeLock(args.data, f"preflab serve on {args.host}:{args.port}")
+        state_dir = Path(args.data)
+        votes, cursor = read_comparisons(args.data) if store_exists(args.data) else None, None
+    return state_dir, votes, cursor
+
+
+def _fill_from_pairs_file(args: argparse.Namespace, queue) -> None:
+    from annotate.pairs import PairsFileError, load_pairs
+
+    try:
+        pairs, problems = load_pairs(args.pairs)
+    except PairsFileError as e:
+        raise ServeError(str(e)) from None
+    for problem in problems:
+        log.warning("skipped %s", problem)
+    queue.add(pairs)
+    log.info("%s: %d pairs loaded, %d rows skipped", args.pairs, len(pairs), len(problems))
+
+
+def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
+    """The background generator of --model, with the arena restored and its cached
+    pairs in the queue."""
+    from annotate.launcher import restore_arena   # policies added from the Train tab earlier
+    from annotate.pairs import Generator
+    from trainer.models import ModelLoadError, canonical_name, check_model
+    from trainer.prompts import PromptPoolError, load_prompt_pool
+
+    try:
+        pool = load_prompt_pool(args.prompts)
+        names = list(dict.fromkeys(canonical_name(m) for m in args.model))
+        for name in names:  # a bad name fails now, not in the background thread
+            check_model(name, args.cache_dir)
+    except (PromptPoolError, ModelLoadError) as e:
+        raise ServeError(str(e)) from None
+    log.info("%s", pool.report.summary())
+    voted_prompts: dict[str, int] = {}
+    if votes is not None and votes.num_rows:
+        for row in votes.group_by("prompt_id").aggregate([("prompt_id", "count")]).to_pylist():
+            voted_prompts[row["prompt_id"]] = row["prompt_id_count"]
+    generator = Generator(names, pool.prompts, queue, cache_dir=state_dir / "pairs",
+                          voted_prompts=voted_prompts, rounds=args.rounds, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, device=args.device,
+                          model_cache_dir=args.cache_dir)
+    for note in restore_arena(generator, state_dir):
+        log.info("%s", note)
+    queue.add(generator.load_cache())
+    queue.planned = generator.planned
+    # Leave a core to the web server: generation would otherwise take every core
+    # and make each click wait for a matrix multiply.
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    return generator
+
+
+def build_context(args: argparse.Namespace, opened: _Opened):
+    """Every object of a running server, built once, in one ServeContext."""
+    from annotate.context import ServeContext
+    from annotate.launcher import Launcher
+    from annotate.queue import AssignmentQueue
+    from annotate.review import Reviewer
+    from annotate.sampling import SamplingError, sampler_from_args
+    from annotate.service import Service
+    from trainer.store import is_database, open_store
+
+    try:
+        sampler = sampler_from_args(args)   # --sampling uncertain: checks the reward run, loads no model
+    except SamplingError as e:
+        raise ServeError(str(e)) from None
+    accounts, guidelines = _accounts_and_guidelines(args)
+    state_dir, votes, cursor = _open_store(args, opened)
+    shared = is_database(args.data)
+    queue = AssignmentQueue(overlap=args.overlap, shared=opened.store if shared else None)
+    generator = None
+    if args.pairs:
+        _fill_from_pairs_file(args, queue)
+    else:
+        generator = _generator(args, queue, state_dir, votes)
+    if sampler is not None:   # scores the pool in the background; a generator's batches before they join it
+        sampler.attach(queue, generator)
+    if opened.store is None:
+        opened.store = open_store(args.data)
+    if votes is not None:
+        queue.restore(votes, cursor=cursor)
+    service = Service(opened.store, queue, data=args.data, accounts=accounts,
+                      local_user=args.user or _login_name(), generator=generator)
+    scorer = getattr(sampler, "scorer", None)   # serve --reward-model may lie outside --runs
+    reviewer = Reviewer(service.data, args.runs, queue, extra_runs=[scorer.run_dir] if scorer is not None else ())
+    launcher = Launcher(args.runs, store=service.data)
+    return ServeContext(service=service, data=service.data, state_dir=state_dir, runs_dir=Path(args.runs),
+                        queue=queue, generator=generator, launcher=launcher, reviewer=reviewer,
+                        guidelines=guidelines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from annotate.web.page import build_app
+    from trainer.store import describe, is_database
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3"):   # one line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    check_flags(args)
+    opened = _Opened()
+    try:
+        ctx = build_context(args, opened)
+        demo, launch_kwargs = build_app(ctx)
+    except BaseException:
+        opened.close()
+        raise
+    accounts = ctx.service.accounts
+    if ctx.generator is not None:
+        ctx.generator.start()
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if is_database(args.data):   # fold in the other servers' votes every second or two
+        threading.Thread(target=_sync_forever, args=(ctx.queue, stop), daemon=True, name="preflab-sync").start()
+    try:
+        try:
+            demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
+                        auth=accounts.verify if accounts else None,
+                        auth_message="preflab: log in with the account your admin gave you.",
+                        **launch_kwargs)
+        except OSError as e:
+            raise ServeError(f"cannot listen on {args.host}:{args.port} ({e}); try another --port") from None
+        url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
+        mode = ("pairs from " + args.pairs) if args.pairs else (
+            "arena of " + ", ".join(args.model) if len(args.model) > 1 else "model " + args.model[0])
+        log.info("preflab serve: %s; votes go to %s; %s", mode, describe(args.data),
+                 "accounts from " + args.auth if args.auth else "single local user " + ctx.service.local_user)
+        print(f"open {url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if ctx.generator is not None:
+            ctx.generator.stop()
+        demo.close()
+        opened.close()
+    return 0
+
+
+def _sync_forever(queue, stop: threading.Event, every_s: float = 1.5) -> None:
+    while not stop.wait(every_s):
+        try:
+            queue.sync()
+        except Exception as e:   # the database away for a moment: the next round catches up
+            log.warning("sync with the shared store failed (%s); retrying", e)
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "local"

@@ -1,0 +1,256 @@
+"""The page of `preflab serve`: its shell, the Annotate and Guidelines tabs, and the
+JSON API, over `annotate.service.Service`.
+
+    demo, launch_kwargs = build_app(ctx)      # ctx: annotate.context.ServeContext
+    demo.launch(**launch_kwargs, ...)         # annotate/serve.py
+
+Page and API call the same Service methods, and every handler goes through one
+`Guard` (annotate/web/guard.py) that resolves the caller from gr.Request.username and
+checks the role on the server: hiding the admin tabs is cosmetic, not security. The
+admin tabs (Dashboard, Leaderboard, Review, Train) build themselves from their own
+modules, each `build_x_tab(demo, ctx, guard)`.
+
+API, for scripts and load tests (gradio_client, logged in with auth=(user, password)):
+
+    client.predict(api_name="/next")  -> {"pair": {"pair_id", "prompt", "left", "right"}, "progress", ...}
+    client.predict(pair_id, "left" | "right" | "tie" | "both_bad", "slightly" | "clearly" | "",
+                   "rationale", api_name="/vote")   -> {"ack": {"event_id", ...}, "pair": next pair, ...}
+    client.predict(pair_id, api_name="/skip"); client.predict(api_name="/undo")
+    client.predict(api_name="/dashboard")            (admins; /export too, from the Dashboard tab)
+"""
+
+# No `from __future__ import annotations` here: gradio reads the handlers' type hints
+# (gr.Request, the API's parameter types) at run time.
+
+from typing import Any
+
+from annotate.web.assets import CSS, KEYS_JS
+from annotate.web.guard import Guard
+from annotate.web.html import escape, render_markdown, render_prompt
+
+CHOICE_WORDS = {"left": "A is better", "right": "B is better", "tie": "Tie", "both_bad": "Both bad"}
+KEYS = (("1", "A"), ("2", "B"), ("3", "tie"), ("4", "both bad"), ("s", "skip"), ("u", "undo"))
+
+
+def topbar_html(view: dict[str, Any], *, role: str, logout: bool) -> str:
+    done, assigned = view["progress"]["done"], view["progress"]["assigned"]
+    width = 100 * done / assigned if assigned else 0
+    keys = " ".join(f"<kbd>{k}</kbd> {w}" for k, w in KEYS)
+    logout_link = '<a href="/logout">log out</a>' if logout else ""
+    return (f'<div id="topbar"><span class="brand">preflab</span>'
+            f'<span class="who">{escape(view["user"])} · {escape(role)}</span>'
+            f'<span class="progress-box">done <b id="progress">{done} / {assigned}</b>'
+            f'<span class="progress-bar"><span style="width:{width:.1f}%"></span></span></span>'
+            f'<span class="spacer"></span><span class="keys">{keys}</span>{logout_link}</div>')
+
+
+def status_html(view: dict[str, Any]) -> str:
+    """The line under the buttons: what just happened, and after a vote, who wrote what."""
+    ack = view.get("ack")
+    cls = "status" if view.get("ok", True) else "status error"
+    if ack:
+        if ack["left_model"] == ack["right_model"]:
+            models = f"Both answers were by <b>{escape(ack['left_model'])}</b>."
+        else:
+            models = f"A was <b>{escape(ack['left_model'])}</b>, B was <b>{escape(ack['right_model'])}</b>."
+        return (f'<div class="{cls}" id="status">Saved: {escape(CHOICE_WORDS[ack["choice"]])} '
+                f'({ack["decision_ms"] / 1000:.1f}s). {models}</div>')
+    return f'<div class="{cls}" id="status">{escape(view.get("message", ""))}</div>'
+
+
+def waiting_html(waiting: dict[str, Any] | None) -> str:
+    if not waiting:
+        return ""
+    if waiting["state"] == "done":
+        return f'<div class="waiting" id="waiting">{escape(waiting["message"])}</div>'
+    if waiting["state"] == "failed":
+        return f'<div class="waiting status error" id="waiting">{escape(waiting["message"])}</div>'
+    if waiting["state"] == "held":
+        return f'<div class="waiting" id="waiting"><span class="spinner"></span>{escape(waiting["message"])}</div>'
+    return (f'<div class="waiting" id="waiting"><span class="spinner"></span>'
+            f'Preparing pairs: {escape(waiting["message"])} ({waiting["seconds"]}s). '
+            f'The first pair appears here as soon as it is ready.</div>')
+
+
+def build_app(ctx) -> tuple[Any, dict[str, Any]]:
+    """The gradio Blocks: the page and the JSON API. Returns (blocks, launch_kwargs)."""
+    import gradio as gr
+
+    from annotate.web.dashboard_tab import build_dashboard_tab
+    from annotate.web.leaderboard_tab import build_leaderboard_tab
+    from annotate.web.review_tab import build_review_tab
+    from annotate.web.train_tab import build_train_tab
+
+    guard = Guard(ctx.service.identify)
+    with gr.Blocks(title=ctx.title) as demo:
+        topbar = gr.HTML(elem_id="topbar-box", js_on_load=None)
+        with gr.Tabs():
+            annotate = _build_annotate_tab(ctx, guard)
+            with gr.Tab("Guidelines", id="guidelines"):
+                gr.Markdown(ctx.guidelines or "No guidelines were given.")
+            build_dashboard_tab(demo, ctx, guard)   # and the /export API
+            # The admin tabs that close the loop; each has its own load event (admins only).
+            build_leaderboard_tab(demo, ctx, guard)   # and the /leaderboard API
+            build_review_tab(demo, ctx, guard)
+            build_train_tab(demo, ctx, guard)
+        timer = gr.Timer(1.0, active=False)
+        _wire_annotate_tab(demo, ctx, guard, annotate, topbar, timer)
+        _register_api(ctx, guard)
+
+    demo.queue(default_concurrency_limit=None)
+    launch_kwargs = dict(css=CSS, head=KEYS_JS, theme=gr.themes.Default(
+                             primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"]),
+                         ssr_mode=False, run_history=False, enable_monitoring=False,
+                         footer_links=["api"], max_threads=64)
+    return demo, launch_kwargs
+
+
+def _build_annotate_tab(ctx, guard) -> dict[str, Any]:
+    """The Annotate tab's components, by name (wired by `_wire_annotate_tab`)."""
+    import gradio as gr
+
+    c: dict[str, Any] = {}
+    with gr.Tab("Annotate", id="annotate"):
+        c["waiting"] = gr.HTML(js_on_load=None, visible=False)
+        with gr.Column(visible=False) as c["pair_box"]:
+            c["prompt"] = gr.HTML(elem_id="prompt", js_on_load=None)
+            with gr.Row(equal_height=True):
+                c["left"] = gr.HTML(elem_id="answer-left", js_on_load=None)
+                c["right"] = gr.HTML(elem_id="answer-right", js_on_load=None)
+            with gr.Row(elem_id="vote-row"):
+                c["b_left"] = gr.Button("A is better  [1]", elem_id="vote-left", variant="primary")
+                c["b_right"] = gr.Button("B is better  [2]", elem_id="vote-right", variant="primary")
+                c["b_tie"] = gr.Button("Tie  [3]", elem_id="vote-tie")
+                c["b_bad"] = gr.Button("Both bad  [4]", elem_id="vote-both-bad")
+            with gr.Row():
+                c["strength"] = gr.Radio(["slightly", "clearly"], value=None, scale=1,
+                                         label="How much better? (optional, with A or B)")
+                c["rationale"] = gr.Textbox(label="Rationale (optional; Esc leaves the box)", scale=3,
+                                            lines=1, max_lines=4, elem_id="rationale",
+                                            placeholder="The deciding reason, in one sentence")
+        with gr.Row():
+            c["status"] = gr.HTML(js_on_load=None)
+            c["b_skip"] = gr.Button("Skip  [s]", elem_id="skip", size="sm", scale=0, min_width=110)
+            c["b_undo"] = gr.Button("Undo  [u]", elem_id="undo", size="sm", scale=0, min_width=110)
+    return c
+
+
+def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer) -> None:
+    """One render for every action of the Annotate tab: load, vote, skip, undo, tick."""
+    import gradio as gr
+
+    service = ctx.service
+    logout = service.accounts is not None
+    shown = gr.State(None)   # pair_id on screen: a vote names it, so a stale tab cannot vote blind
+    ui_outputs = [shown, topbar, c["waiting"], c["pair_box"], c["prompt"], c["left"], c["right"], c["status"],
+                  c["strength"], c["rationale"], timer, c["b_skip"]]
+
+    def render(view: dict[str, Any], role: str, *, keep_inputs: bool = False,
+               strength_value=None, rationale_value=""):
+        pair = view["pair"]
+        inputs = (gr.skip(), gr.skip()) if keep_inputs else (strength_value, rationale_value)
+        return (pair["pair_id"] if pair else None,
+                topbar_html(view, role=role, logout=logout),
+                gr.HTML(waiting_html(view["waiting"]), visible=pair is None),
+                gr.Column(visible=pair is not None),
+                (f'<div class="card prompt-card" data-pair-id="{escape(pair["pair_id"])}"><h4>Prompt</h4>'
+                 f'{render_prompt(pair["prompt"])}</div>') if pair else "",
+                f'<div class="card answer"><h4>Answer A</h4>{render_markdown(pair["left"])}</div>' if pair else "",
+                f'<div class="card answer"><h4>Answer B</h4>{render_markdown(pair["right"])}</div>' if pair else "",
+                status_html(view),
+                *inputs,
+                # poll once a second while there is nothing to show but more may come
+                gr.Timer(active=pair is None and view["waiting"]["state"] not in ("done", "failed")),
+                gr.Button(visible=pair is not None))
+
+    def on_load(request: gr.Request):
+        user, role = guard.user(request)
+        with guard.errors():
+            return render(service.next(user), role)
+
+    def on_vote(choice):
+        def handler(pair_id, strength_value, rationale_value, request: gr.Request):
+            user, role = guard.user(request)
+            with guard.errors():   # bad input from an API caller is the caller's error
+                if not pair_id:
+                    return render(service.next(user), role, keep_inputs=True)
+                view = service.vote(user, pair_id, choice, strength_value or "", rationale_value or "")
+            # a stale vote keeps what was typed, so nothing is lost
+            return render(view, role, keep_inputs=not view["ok"])
+        handler.__name__ = f"vote_{choice}"
+        return handler
+
+    def on_skip(pair_id, request: gr.Request):
+        user, role = guard.user(request)
+        with guard.errors():
+            return render(service.skip(user, pair_id or ""), role)
+
+    def on_undo(request: gr.Request):
+        user, role = guard.user(request)
+        with guard.errors():
+            view = service.undo(user)
+        undone = view.get("undone")
+        if undone:  # the pair comes back with the strength and rationale it had
+            return render(view, role, strength_value=undone["strength"], rationale_value=undone["rationale"])
+        return render(view, role, keep_inputs=True)
+
+    def on_tick(pair_id, request: gr.Request):
+        user, role = guard.user(request)
+        with guard.errors():
+            return render(service.next(user), role, keep_inputs=True)
+
+    ui = dict(outputs=ui_outputs, show_progress="hidden", api_visibility="private",
+              concurrency_limit=None, trigger_mode="once")
+    demo.load(on_load, None, ui_outputs, show_progress="hidden", api_visibility="private", concurrency_limit=None)
+    for button, choice in (("b_left", "left"), ("b_right", "right"), ("b_tie", "tie"), ("b_bad", "both_bad")):
+        c[button].click(on_vote(choice), [shown, c["strength"], c["rationale"]], **ui)
+    c["b_skip"].click(on_skip, [shown], **ui)
+    c["b_undo"].click(on_undo, None, **ui)
+    timer.tick(on_tick, [shown], **ui)
+
+
+def _register_api(ctx, guard: Guard) -> None:
+    """The JSON API: the same Service calls as the page, through the same guard."""
+    import gradio as gr
+
+    service = ctx.service
+
+    def next_pair(request: gr.Request) -> dict:
+        """Your current pair (or a new one), with your progress."""
+        user, _ = guard.user(request)
+        with guard.errors():
+            return service.next(user)
+
+    def vote(pair_id: str, choice: str, strength: str = "", rationale: str = "",
+             request: gr.Request = None) -> dict:
+        """Vote on the pair you hold: choice is left, right, tie or both_bad (as shown);
+        strength slightly, clearly or empty. Returns the acknowledgement and your next pair."""
+        user, _ = guard.user(request)
+        with guard.errors():
+            return service.vote(user, pair_id, choice, strength, rationale)
+
+    def skip(pair_id: str, request: gr.Request = None) -> dict:
+        """Give the pair back; returns your next pair."""
+        user, _ = guard.user(request)
+        with guard.errors():
+            return service.skip(user, pair_id)
+
+    def undo(request: gr.Request = None) -> dict:
+        """Take back your latest vote; that pair becomes your current pair again."""
+        user, _ = guard.user(request)
+        with guard.errors():
+            return service.undo(user)
+
+    def dashboard(request: gr.Request = None) -> dict:
+        """All dashboard numbers (admins only)."""
+        name = guard.admin(request)
+        with guard.errors():
+            return service.dashboard(name)
+
+    api = dict(concurrency_limit=None)
+    gr.api(next_pair, api_name="next", **api)
+    gr.api(vote, api_name="vote", **api)
+    gr.api(skip, api_name="skip", **api)
+    gr.api(undo, api_name="undo", **api)
+    gr.api(dashboard, api_name="dashboard", concurrency_limit=2, concurrency_id="admin")
