@@ -83,17 +83,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nread {t['read']:.2f}s, counted {t['aggregate']:.2f}s, fit {t['fit']:.3f}s, "
           f"bootstrap {t['bootstrap']:.2f}s", file=sys.stderr)
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# TEMP old-signature wrapper: annotate/app.py calls this until annotate/web/page.py
-# calls the new builder with (demo, ctx, guard). Dropped at the merge.
-# --------------------------------------------------------------------------------------
-
-def build_leaderboard_tab(demo, service, tab, admin) -> None:
-    """TEMP: the old signature, inside the old page's `with gr.Tab(...) as tab:`."""
-    from annotate.review import _temp_context_and_guard
-    from annotate.web.leaderboard_tab import build_leaderboard_tab as build
-
-    ctx, guard = _temp_context_and_guard(service)
-    build(demo, ctx, guard, _tab=tab)

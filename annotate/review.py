@@ -266,37 +266,3 @@ class Reviewer:
         if unknown:
             parts.append(f"{unknown} not found among the votes")
         return {"queued": queued, "waiting": waiting, "unknown": unknown, "message": "; ".join(parts) + "."}
-
-
-# --------------------------------------------------------------------------------------
-# TEMP old-signature wrapper: annotate/app.py calls this until annotate/web/page.py
-# calls the new builder with (demo, ctx, guard). Dropped at the merge.
-# --------------------------------------------------------------------------------------
-
-def _temp_context_and_guard(service, reviewer=None):
-    from annotate.app import Forbidden as AppForbidden
-    from annotate.context import ServeContext
-    from annotate.web.guard import Forbidden, Guard
-
-    def identify(request):
-        try:
-            return service.identify(request)
-        except AppForbidden as e:
-            raise Forbidden(str(e)) from None
-
-    ctx = ServeContext(service=service, data=service.data, state_dir=service.state_dir,
-                       runs_dir=service.runs_dir, queue=service.queue, generator=service.generator,
-                       reviewer=reviewer, guidelines=service.guidelines)
-    return ctx, Guard(identify)
-
-
-def build_review_tab(service, demo, tab, admin) -> "Reviewer":
-    """TEMP: the old signature, inside the old page's `with gr.Tab(...) as tab:`."""
-    from annotate.web.review_tab import build_review_tab as build
-
-    scorer = getattr(getattr(service.queue, "policy", None), "scorer", None)
-    reviewer = Reviewer(service.data, service.runs_dir, service.queue,
-                        extra_runs=[scorer.run_dir] if scorer is not None else ())
-    ctx, guard = _temp_context_and_guard(service, reviewer)
-    build(demo, ctx, guard, _tab=tab)
-    return reviewer

@@ -56,7 +56,7 @@ def page(data: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str | Non
             "evals": evals, "board": board}
 
 
-def build_leaderboard_tab(demo, ctx, guard, _tab=None) -> None:  # TEMP _tab: the old page's tab
+def build_leaderboard_tab(demo, ctx, guard) -> None:
     """The Leaderboard tab: a hidden `gr.Tab` shown on load to admins; call inside the
     page's `gr.Tabs()`. Also an API endpoint, /leaderboard, with the numbers as JSON."""
     import gradio as gr
@@ -73,8 +73,7 @@ def build_leaderboard_tab(demo, ctx, guard, _tab=None) -> None:  # TEMP _tab: th
             out["policy_evals"] = policy_evals(ctx.runs_dir, votes)
         return out
 
-    import contextlib  # TEMP
-    with (contextlib.nullcontext(_tab) if _tab is not None else gr.Tab("Leaderboard", id="leaderboard", visible=False)) as tab:
+    with gr.Tab("Leaderboard", id="leaderboard", visible=False) as tab:
         gr.Markdown("Bradley-Terry ratings of every model from the human votes (a win counts 1, a tie or "
                     "both-bad half a win to each side), with 95% bootstrap intervals. A model ranks above "
                     "another only when its interval is clear of the other's.")

@@ -141,15 +141,14 @@ def progress_html(job: dict[str, Any] | None) -> str:
             f'<span class="progress-bar"><span style="width:{width:.1f}%"></span></span></div>')
 
 
-def build_review_tab(demo, ctx, guard, _tab=None) -> None:  # TEMP _tab: the old page's tab
+def build_review_tab(demo, ctx, guard) -> None:
     """The Review tab: a hidden `gr.Tab` shown on load to admins; call inside the page's
     `gr.Tabs()`. Uses `ctx.reviewer` (built by annotate/serve.py); every handler checks
     `guard.admin(request)` first, so hiding the tab is not the only defence."""
     import gradio as gr
 
     reviewer = ctx.reviewer
-    import contextlib  # TEMP
-    with (contextlib.nullcontext(_tab) if _tab is not None else gr.Tab("Review", id="review", visible=False)) as tab:
+    with gr.Tab("Review", id="review", visible=False) as tab:
         gr.Markdown("Every voted pair scored by a reward model, beside the human vote: "
                     "**P(A beats B)** = sigmoid(score A − score B). Scores are kept with the reward run, "
                     "so only votes new since the last look are scored.")
