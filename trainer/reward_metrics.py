@@ -19,6 +19,7 @@ import numpy as np
 
 from trainer.reward_data import collate, pack
 
+
 def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float = 0.0):
     """Per-pair Bradley-Terry loss (a tensor of shape [pairs]); see the module docstring.
     The caller sums and divides by the pairs in the optimizer step, so that gradient

@@ -31,6 +31,7 @@ from trainer.checkpoints import swap_in
 from trainer.reward_data import as_messages, as_response, encode_texts
 from trainer.runs import CHECKPOINT, REWARD_META_FILE, STATE_FILE, Run, read_json, write_json
 
+
 def reward_net(seqcls, causal: bool):
     """The module that training runs (and DDP wraps): rewards for a right-padded batch."""
     import torch
