@@ -26,7 +26,10 @@ import torch
 from trainer import rl_math
 from trainer_runs import sigterm_mid_run
 from trainer.store import messages_to_json, records_to_table, validate_record
-from trainer.policy import PolicyInputError, load_prompts, prompt_rows, train
+from trainer.errors import PolicyInputError
+from trainer.policy import train
+from trainer.policy_run import prompt_rows
+from trainer.prompts import load_prompts
 
 # The training tests run on the CPU; PREFLAB_TEST_DEVICE=cuda runs them on a GPU instead.
 TRAIN_DEVICE = os.environ.get("PREFLAB_TEST_DEVICE", "cpu")
@@ -168,6 +171,30 @@ def test_adaptive_kl_controller():
     assert ctl.update(5.4, 1000) == pytest.approx(0.1 * 1.00512 * (1 - 0.1 * 0.1))
 
 
+def test_explained_variance_by_hand():
+    values = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    returns = torch.tensor([[1.0, 3.0, 5.0, -7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding: its 9 and -7 count for nothing
+    # returns [1, 3, 5]: Var 8/3; returns - values [0, 1, 2]: Var 2/3 -> 1 - (2/3) / (8/3) = 0.75
+    # (the same with n - 1 in both variances: the ratio does not depend on it).
+    assert rl_math.explained_variance(values, returns, mask) == pytest.approx(0.75)
+    assert rl_math.explained_variance(returns, returns, mask) == pytest.approx(1.0)   # a perfect value head
+    assert rl_math.explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0)  # PPO's first step
+    assert rl_math.explained_variance(-returns, returns, mask) == pytest.approx(-3.0)  # worse than the mean
+    # Returns that do not vary (or a single token): undefined, NaN rather than a division by zero.
+    assert math.isnan(rl_math.explained_variance(values, torch.full((1, 4), 2.0), mask))
+    assert math.isnan(rl_math.explained_variance(values, returns, torch.tensor([[1.0, 0.0, 0.0, 0.0]])))
+    # Pooled over "processes": the halves reduced together give the whole's value.
+    halves = [(values[:, :2], returns[:, :2], mask[:, :2]), (values[:, 2:], returns[:, 2:], mask[:, 2:])]
+    sums = {}
+    for name, x in (("returns", lambda v, r: r), ("error", lambda v, r: r - v)):
+        sums[name] = sum(torch.stack([m.double().sum(), (x(v, r) * m).double().sum(),
+                                      (x(v, r) ** 2 * m).double().sum()]) for v, r, m in halves)
+    pooled = iter([sums["returns"], sums["error"]])
+    assert rl_math.explained_variance(values[:, :2], returns[:, :2], mask[:, :2],
+                                      reduce=lambda _: next(pooled)) == pytest.approx(0.75)
+
+
 def test_prompt_schedule_covers_the_pool_once_per_pass():
     seen = [p for step in range(4) for p in prompt_rows(step, 0, 1, batch_size=5, n_prompts=10, seed=3)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
@@ -180,7 +207,7 @@ def test_shared_prompt_forward_computes_what_separate_rows_do():
     """k answers to one prompt: running the prompt once and its KV cache under all k answers
     gives the log-probs, entropies, values and gradients of k separate rows."""
     from trainer.models import build_tiny_model
-    from trainer.policy import load_causal_lm, policy_net
+    from trainer.policy_model import load_causal_lm, policy_net
     lm = load_causal_lm(str(build_tiny_model()), torch.float32)
     head = torch.nn.Linear(lm.config.hidden_size, 1)
     torch.nn.init.normal_(head.weight)
@@ -346,6 +373,9 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     for key in ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
                 "pg_loss", "response_len", "eos_rate", "tokens_per_s", "step_s", "gen_s", "grad_norm"):
         assert all(r[key] is not None and math.isfinite(r[key]) for r in train_records), key
+    # The value head's explained variance: 0 at step 1 (it starts at zero), logged every step.
+    assert train_records[0]["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+    assert all(r["explained_variance"] is None or -50 < r["explained_variance"] <= 1 for r in train_records)
     first = sum(r["reward_mean"] for r in train_records[:3]) / 3
     last = sum(r["reward_mean"] for r in train_records[-5:]) / 5
     assert last > first + 0.6, (first, last)                 # the reward rises clearly...
@@ -399,7 +429,7 @@ def test_rloo_learns_too(world, tmp_path):
     first = sum(r["reward_mean"] for r in records[:3]) / 3
     last = sum(r["reward_mean"] for r in records[-5:]) / 5
     assert last > first + 0.4, (first, last)
-    assert all(r["value_loss"] is None for r in records)  # no value head
+    assert all(r["value_loss"] is None and r["explained_variance"] is None for r in records)  # no value head
     assert records[-1]["prompts"] == 4 and records[-1]["rows"] == 16
 
 
@@ -438,7 +468,7 @@ def test_nan_and_exploding_kl_fail_clearly(world, tmp_path, monkeypatch):
     assert state["step"] == status["step"]
 
     # A reward model that answers NaN.
-    from trainer.reward import RewardModel
+    from trainer.reward_model import RewardModel
     monkeypatch.setattr(RewardModel, "score", lambda self, p, r, **kw: [float("nan")] * len(r))
     run_dir = tmp_path / "nan"
     assert train({**common, "run_dir": str(run_dir), "steps": 3, "lr": 1e-4}) == 1

@@ -23,7 +23,9 @@ import torch
 
 from trainer_runs import sigterm_mid_run
 from trainer.store import messages_to_json, records_to_table, validate_record
-from trainer.reward import (RewardModel, expected_calibration_error, preference_loss, train)
+from trainer.reward import train
+from trainer.reward_metrics import expected_calibration_error, preference_loss
+from trainer.reward_model import RewardModel
 from trainer.reward_data import (RewardDataError, encode_pairs, fit, length_grouped_batches,
                                  read_pairs, split_by_prompt, text_to_messages)
 
@@ -221,7 +223,7 @@ def test_long_prompts_are_cut_from_the_left_and_counted():
     assert fit([1, 2], [7, 8, 9, 10, 11, 99], 4) == ([7, 8, 9, 99], 2)  # answer head + its EOS
 
     from trainer.models import load_tokenizer
-    from trainer.reward import choose_pad_token
+    from trainer.reward_model import choose_pad_token
     tok = load_tokenizer("tiny")
     choose_pad_token(tok)
     from trainer.reward_data import Pairs
@@ -265,7 +267,7 @@ def test_packed_layout_computes_what_separate_sequences_do():
     """Shared-prompt packing (prompt once, rejected masked from chosen, positions restarted)
     must give the rewards of scoring each prompt + answer on its own, padded."""
     from trainer.models import check_model, load_tokenizer
-    from trainer.reward import choose_pad_token, load_backbone, reward_net
+    from trainer.reward_model import choose_pad_token, load_backbone, reward_net
     from trainer.reward_data import Pairs, collate, pack
     tok = load_tokenizer("tiny")
     choose_pad_token(tok)

@@ -14,3 +14,9 @@ from __future__ import annotations
 
 class PreflabError(Exception):
     """A problem the user can fix; `str(e)` is the whole message, one line."""
+
+
+class PolicyInputError(PreflabError, ValueError):
+    """Input a policy cannot be trained on (a setting, the prompts, the reward model). The
+    message says what to change. Here, not in trainer/policy.py, because the prompt loader
+    (trainer/prompts.py) and the policy's model side raise it too."""

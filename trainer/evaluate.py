@@ -22,10 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.runs import read_json, write_json
-
-HELDOUT_FILE = "heldout.jsonl"
-EVAL_FILE = "eval.json"
+from trainer.runs import EVAL_FILE, HELDOUT_FILE, read_json, write_json
 
 
 Z95 = 1.959963984540054   # the two-sided 95% normal quantile
@@ -67,7 +64,7 @@ def evaluate_policy(policy, reference, reward_model, conversations: list, *, max
                     temperature: float = 0.7, top_p: float = 1.0, seed: int = 0, device=None,
                     batch_size: int = 16, progress: bool = False) -> dict:
     """Win rate of `policy` over `reference` (model dirs or names) under `reward_model`
-    (a trainer.reward.RewardModel) on `conversations`. Loads one model at a time."""
+    (a trainer.reward_model.RewardModel) on `conversations`. Loads one model at a time."""
     import gc
 
     import torch
@@ -126,8 +123,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trainer.models import canonical_name
-    from trainer.policy import POLICY, PolicyInputError, load_prompts, reward_checkpoint
-    from trainer.reward import RewardModel
+    from trainer.errors import PolicyInputError
+    from trainer.policy_model import reward_model_dir as reward_checkpoint  # trainer.runs.reward_model_path's check
+    from trainer.prompts import load_prompts
+    from trainer.reward_model import RewardModel
+    from trainer.runs import POLICY_DIR as POLICY
 
     run_dir = Path(args.policy)
     config = read_json(run_dir / "config.json")

@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import PreflabError
+from trainer.runs import CONFIG_FILE
+
 log = logging.getLogger("preflab.models")
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -53,7 +56,7 @@ TINY_SEED = 0
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PreflabError, RuntimeError):
     """A model could not be loaded; the message says why and what to do instead."""
 
 
@@ -105,7 +108,7 @@ def pick_dtype(device, dtype: Any = None):
 
 
 def _is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
+    return (path / CONFIG_FILE).is_file()
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -284,7 +287,7 @@ def _load_error(name: str, where: str, err: BaseException) -> ModelLoadError:
         f"cannot load model {name!r}: it is not a local directory, and it could not be loaded "
         f"from the local Hugging Face cache (the hub is offline or unreachable; preflab runs "
         f"with HF_HUB_OFFLINE=1). Pass a local path instead, e.g. `--model /path/to/model_dir` "
-        f"(a directory containing config.json and the weights), or use the default "
+        f"(a directory containing {CONFIG_FILE} and the weights), or use the default "
         f"{DEFAULT_MODEL!r} (alias 'smollm2'), which ships with preflab and works offline. "
         f"[{type(err).__name__}: {first_line}]")
 
@@ -296,7 +299,7 @@ def resolve_model(name_or_path: str | None, cache_dir=None) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not _is_model_dir(path):
-            raise ModelLoadError(f"{path}: is a directory but has no config.json, so it is not a "
+            raise ModelLoadError(f"{path}: is a directory but has no {CONFIG_FILE}, so it is not a "
                                  f"Hugging Face model directory")
         return str(path)
     if name == DEFAULT_MODEL:

@@ -5,10 +5,11 @@
     accelerate launch -m trainer.policy --reward runs/rm-1 ...        # several GPUs (DDP)
     preflab serve --model runs/pol-1/policy                           # the result, in the arena
 
-One file, read top to bottom (CleanRL style): every implementation detail is in the
-training loop below with a comment naming it; the pure math (GAE, whitening, KL
-estimators, the RLOO baseline, the clipped losses, the adaptive KL controller) is in
-trainer/rl_math.py.
+The training loop, read top to bottom (CleanRL style): every implementation detail of a
+step is in the loop below with a comment naming it. The model side (causal LM + value
+head, log-probs of the sampled tokens, sampling, LoRA, the reward scorer, saving) is in
+trainer/policy_model.py; the pure math (GAE, whitening, KL estimators, the RLOO baseline,
+the clipped losses, explained variance, the adaptive KL controller) in trainer/rl_math.py.
 
 One step of training:
 
@@ -34,13 +35,13 @@ One step of training:
    the whole answer's probability (with one pass, this is exactly REINFORCE).
 6. The adaptive KL coefficient (when `kl_target` > 0) moves toward the target KL.
 
-A run directory (DESIGN.md) holds:
+A run directory (trainer/runs.py) holds:
     config.json       the settings, what was read, the schedule
     status.json       {"state": queued|running|done|failed|cancelled, "progress": 0..1, "message"}
     metrics.jsonl     one {"kind": "train"} object per step (reward, KL, entropy, clip
-                      fraction, approx KL, value loss, length, EOS rate, tokens/s, step
-                      time...), {"kind": "samples"} every `sample_every` steps (prompt,
-                      response, reward), {"kind": "resume"}, and a final {"kind": "summary"}
+                      fraction, approx KL, value loss, explained variance, length, EOS rate,
+                      tokens/s, step time...), {"kind": "samples"} every `sample_every` steps
+                      (prompt, response, reward), {"kind": "resume"}, and a final {"kind": "summary"}
     checkpoint/       while the run can be resumed: the model (or LoRA adapter), the value
                       head, optimizer and step (training_state.pt)
     policy/           when done: a plain Hugging Face model directory with the tokenizer and
@@ -65,33 +66,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from trainer.runs import CHECKPOINT, Run, config_from_args, read_json, supervise, write_json  # CHECKPOINT: resumable state, while the run is not done
+from trainer.errors import PolicyInputError
+from trainer.policy_model import (Sampler, add_lora, autocast_for, eos_token_ids, forward_rows, load_causal_lm,
+                                  load_reward_scorer, make_value_head, policy_net, reward_model_dir, unit_rows)
+from trainer.policy_run import (RolloutSums, UpdateSums, peak_memory_mb, fail, finish_cancelled, policy_meta,
+                                prompt_rows, reduce_sum, save_checkpoint, save_final, seed_for)
+from trainer.prompts import load_prompts
+from trainer.runs import CONFIG_FILE, POLICY_DIR, STATE_FILE, Run, config_from_args, read_json, supervise, write_json
 from trainer.store.errors import StoreError
 
 ALGOS = ("ppo", "rloo", "reinforce")
-POLICY = "policy"                       # the result: a plain HF model directory
-STATE_FILE = "training_state.pt"        # optimizer, step, KL coefficient, baseline
-VALUE_HEAD_FILE = "value_head.pt"
-META_FILE = "preflab_policy.json"       # provenance: base model, reward model, algorithm, step
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
 # Settings that may change when a run is resumed; the rest stay what the run began with.
 RESUMABLE_OVERRIDES = ("steps", "save_every", "sample_every", "progress", "device", "lr", "max_grad_norm",
                        "max_kl", "kl_coef", "reward_batch_size", "gen_batch", "compile_generation")
-
-
-class PolicyInputError(ValueError):
-    """Input a policy cannot be trained on. The message says what to change."""
 
 
 @dataclass
@@ -191,171 +189,8 @@ def check_config(cfg: PolicyConfig) -> None:
     if problems:
         raise PolicyInputError("; ".join(problems))
 
-
 # --------------------------------------------------------------------------------------
-# Inputs: prompts and the reward model
-# --------------------------------------------------------------------------------------
-
-def load_prompts(path: str | os.PathLike) -> list[list[dict[str, str]]]:
-    """Chat message lists from a prompt pool file (trainer.prompts) or from the prompts of a
-    comparison store, a directory or a postgresql:// URL (its `prompt` column, each
-    distinct prompt once). A store that cannot be read raises trainer.store.StoreError."""
-    from trainer.prompts import PromptPoolError, load_prompt_pool
-    from trainer.reward_data import as_messages
-    from trainer.store import StoreError, describe, is_database
-    database = is_database(path)
-    if not database:
-        path = Path(path)       # never a URL: Path would fold its "//"
-    if database or path.is_dir():
-        from trainer.store import read_comparisons
-        try:
-            table = read_comparisons(path, columns=["prompt"])
-        except StoreError:      # names the store and what to do; the run's error as it is
-            raise
-        except Exception as e:  # not a store: say which
-            raise PolicyInputError(f"{describe(path)}: cannot read it as a comparison store ({e})") from None
-        distinct = list(dict.fromkeys(table.column("prompt").to_pylist())) if table.num_rows else []
-        if not distinct:
-            raise PolicyInputError(f"{describe(path)}: the comparison store holds no votes, so no prompts")
-        return [as_messages(p) for p in distinct]
-    try:
-        return [p.messages for p in load_prompt_pool(path).prompts]
-    except PromptPoolError as e:
-        raise PolicyInputError(str(e)) from None
-
-
-def reward_checkpoint(path: str | os.PathLike | None) -> Path:
-    """The reward model's checkpoint dir, checked before any model is loaded."""
-    if not path:
-        raise PolicyInputError("no reward model: pass --reward RUN_DIR (a run of `preflab train-reward`)")
-    path = Path(path)
-    if (path / "checkpoint" / "config.json").is_file():
-        return path / "checkpoint"
-    if (path / "config.json").is_file() and (path / "preflab_reward.json").is_file():
-        return path
-    state = read_json(path / "status.json").get("state")
-    why = f" (its state is {state!r})" if state else ""
-    raise PolicyInputError(f"{path}: no trained reward model here{why}; pass the run directory of a "
-                           f"finished `preflab train-reward`")
-
-
-# --------------------------------------------------------------------------------------
-# The model: causal LM + value head; log-probs of the sampled tokens in one forward
-# --------------------------------------------------------------------------------------
-
-def head_logits(inner, hidden):
-    """The LM head on some hidden states, with the logit scaling / soft-capping that a few
-    architectures apply in their own forward (Cohere, Gemma 2)."""
-    import torch
-    logits = inner.get_output_embeddings()(hidden)
-    text = inner.config.get_text_config()
-    if getattr(text, "logit_scale", None):
-        logits = logits * text.logit_scale
-    cap = getattr(text, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def policy_net(lm, value_head=None):
-    """The module that training runs (and DDP wraps): the causal LM and, for PPO, a value
-    head on its last hidden state."""
-    import torch
-
-    class PolicyNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = lm                  # registered here so DDP and the optimizer see every parameter
-            self.value_head = value_head
-
-        @property
-        def inner(self):
-            # With LoRA the layers are patched in place: call the inner model, not the PeftModel.
-            return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-
-        def forward(self, input_ids, attention_mask, position_ids, n_prompt: int, temperature: float,
-                    with_values: bool = False, with_entropy: bool = False, group: int = 1):
-            """Log-probs [rows, R] of the answer tokens input_ids[:, n_prompt:] (R of them)
-            at sampling temperature, and optionally the entropy and the values there.
-            group > 1: rows come in runs of `group` answers to one prompt (RLOO's k samples)."""
-            inner = self.inner
-            backbone = inner.base_model
-            if group > 1:
-                # Shared prompt: run each prompt once, copy its KV cache to its k answers, and
-                # run only the answers on top: the prompt's share of the work drops k-fold.
-                first = backbone(input_ids=input_ids[::group, :n_prompt],
-                                 attention_mask=attention_mask[::group, :n_prompt],
-                                 position_ids=position_ids[::group, :n_prompt], use_cache=True)
-                cache = first.past_key_values
-                cache.batch_repeat_interleave(group)
-                rest = backbone(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
-                                position_ids=position_ids[:, n_prompt:], past_key_values=cache,
-                                use_cache=True).last_hidden_state
-                last_prompt = first.last_hidden_state[:, -1:].repeat_interleave(group, dim=0)
-                h = torch.cat([last_prompt, rest[:, :-1]], dim=1)
-            else:
-                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state
-                # Position n_prompt - 1 + t has seen the prompt and answer[:t]: it predicts token t
-                # (and is the state s_t the value head rates).
-                h = hidden[:, n_prompt - 1:-1]
-            # Logits only for the answer's positions, in fp32, divided by the sampling temperature.
-            logits = head_logits(inner, h).float() / temperature
-            lse = torch.logsumexp(logits, dim=-1)
-            logp = logits.gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1) - lse
-            entropy = values = None
-            if with_entropy:
-                with torch.no_grad():  # a diagnostic: H = logsumexp - E_p[logit]
-                    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-            if with_values:
-                values = self.value_head(h).squeeze(-1).float()
-            return logp, entropy, values
-
-    return PolicyNet()
-
-
-def disable_dropout(model) -> None:
-    """Dropout off: with it, the log-probs of the rollout, of the reference and of the update
-    would come from different random sub-networks, and the ratio would be noise."""
-    import torch
-    text = model.config.get_text_config()
-    for key, value in text.to_dict().items():
-        if "dropout" in key and isinstance(value, float):
-            setattr(text, key, 0.0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def load_causal_lm(source: str, dtype):
-    import transformers
-    from transformers import AutoModelForCausalLM
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    disable_dropout(lm)
-    return lm
-
-
-def merge_lora_in_fp32(peft_lm, base_source: str):
-    """The trained adapters merged into a fresh fp32 copy of the base. With LoRA on CUDA the
-    frozen base sits in bf16; merging into it would round every weight of the saved policy
-    (the untouched ones too) to bf16."""
-    import copy
-
-    import torch
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    adapters = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(peft_lm).items()}
-    fresh = get_peft_model(load_causal_lm(base_source, torch.float32), copy.deepcopy(peft_lm.peft_config["default"]))
-    set_peft_model_state_dict(fresh, adapters)
-    return fresh.merge_and_unload()
-
-
-# --------------------------------------------------------------------------------------
-# Run directory: config, checkpoints
+# Run directory: the settings a run (or its resume) runs with
 # --------------------------------------------------------------------------------------
 
 def resolve_config(cfg: PolicyConfig, explicit: set[str]) -> tuple[PolicyConfig, Path]:
@@ -366,7 +201,7 @@ def resolve_config(cfg: PolicyConfig, explicit: set[str]) -> tuple[PolicyConfig,
     else:
         run_id = cfg.run_id or time.strftime("policy-%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
         path = Path(cfg.runs_dir) / run_id
-    saved = read_json(path / "config.json").get("config")
+    saved = read_json(path / CONFIG_FILE).get("config")
     if saved:
         merged = {**saved}
         for key in explicit:
@@ -381,47 +216,6 @@ def resolve_config(cfg: PolicyConfig, explicit: set[str]) -> tuple[PolicyConfig,
         cfg = PolicyConfig(**{k: v for k, v in merged.items() if k in fields})
     cfg.run_dir = str(path)
     return finalize_config(cfg), path
-
-
-def swap_in(tmp: Path, final: Path) -> None:
-    """Replace `final` by the fully written `tmp` with renames: the previous directory stays
-    intact until the new one is complete (a kill mid-save loses nothing)."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def seed_for(seed: int, step: int, rank: int) -> int:
-    """Each step (and each process) samples from its own seed: a resumed run draws what an
-    uninterrupted one would have, and DDP processes never draw the same answers."""
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63)
-
-
-def prompt_rows(step: int, rank: int, world: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
-    """The prompts of one step on one process: consecutive slices of a seeded permutation of
-    the pool, a fresh permutation each pass. A function of the step alone, so resume needs
-    no sampler state."""
-    import numpy as np
-    out, perms = [], {}
-    first = (step * world + rank) * batch_size
-    for g in range(first, first + batch_size):
-        epoch, i = divmod(g, n_prompts)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_prompts)
-        out.append(int(perms[epoch][i]))
-    return out
-
-
-def _peak_memory_mb(device) -> float:
-    import resource
-
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 # --------------------------------------------------------------------------------------
@@ -453,7 +247,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     # ---- inputs, before any model is loaded: bad input fails in seconds -------------------
     import numpy as np
     from trainer.evaluate import write_heldout
-    rm_path = reward_checkpoint(cfg.reward)
+    rm_path = reward_model_dir(cfg.reward)
     prompts_path = cfg.prompts or str(DEFAULT_PROMPTS)
     conversations = load_prompts(prompts_path)
     # Held-out prompts: never trained on; the policy meets the reference on them at the end.
@@ -463,24 +257,21 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     heldout = [c for i, c in enumerate(conversations) if i in held]
     conversations = [c for i, c in enumerate(conversations) if i not in held]
     if main and not resuming:
-        write_json(run.path / "config.json", {"kind": "policy", "config": dataclasses.asdict(cfg),
-                                              "created_at": time.time(),
-                                              "prompts": {"source": str(prompts_path), "count": len(conversations),
-                                                          "heldout": len(heldout)},
-                                              "reward_model": str(rm_path)})
+        write_json(run.path / CONFIG_FILE, {"kind": "policy", "config": dataclasses.asdict(cfg),
+                                            "created_at": time.time(),
+                                            "prompts": {"source": str(prompts_path), "count": len(conversations),
+                                                        "heldout": len(heldout)},
+                                            "reward_model": str(rm_path)})
         write_heldout(run.path, heldout)
     accelerator.wait_for_everyone()
 
     # ---- models ----------------------------------------------------------------------------
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
     from trainer import rl_math
     from trainer.evaluate import evaluate_policy, write_eval
     from trainer.models import canonical_name, check_model, load_tokenizer, render_prompt
-    from trainer.reward import RewardModel
 
     device = accelerator.device  # cuda:<local rank> under `accelerate launch`, else cuda or cpu
     cuda = device.type == "cuda"
@@ -492,10 +283,8 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     # updates away). With LoRA the base is frozen, so it can sit in bf16 on CUDA.
     weight_dtype = torch.bfloat16 if cfg.dtype == "bf16" or (lora and cuda) else torch.float32
     ref_dtype = torch.bfloat16 if cuda else torch.float32
-
-    def autocast():
-        # bf16 autocast on CUDA: matmuls on tensor cores, weights and optimizer state in fp32.
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = autocast_for(device)
+    reduce = partial(reduce_sum, accelerator)
 
     run.status("queued", 0.0, f"loading {cfg.model} and the reward model")
     base_source = check_model(cfg.model)  # resolves smollm2 / tiny (built once) / dirs / ids
@@ -506,13 +295,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         # Recompute activations in backward: memory per layer O(1), ~30% more compute.
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
-        from peft import LoraConfig, PeftModel, get_peft_model
-        if resuming:
-            lm = PeftModel.from_pretrained(lm, str(ckpt), is_trainable=True)
-        else:
-            lm = get_peft_model(lm, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r,
-                                               lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
-                                               lora_dropout=0.0, target_modules="all-linear"))
+        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, ckpt if resuming else None)
     lm.to(device)
     inner = lm.get_base_model() if lora else lm
     hidden_size = inner.config.get_text_config().hidden_size
@@ -521,32 +304,10 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     ref = None
     if not lora:
         ref = load_causal_lm(base_source, ref_dtype).to(device).eval().requires_grad_(False)
-
-    # Value head (PPO): one linear layer on the last hidden state, initialised to zero, so
-    # the first values are 0 and the first advantages are the rewards-to-go.
-    value_head = None
-    if ppo:
-        value_head = torch.nn.Linear(hidden_size, 1, device=device, dtype=torch.float32)
-        torch.nn.init.zeros_(value_head.weight)
-        torch.nn.init.zeros_(value_head.bias)
-        if resuming:
-            value_head.load_state_dict(torch.load(ckpt / VALUE_HEAD_FILE, map_location=device))
+    value_head = make_value_head(hidden_size, device, ckpt if resuming else None) if ppo else None
     net = policy_net(lm, value_head)
     ref_net = policy_net(ref) if ref is not None else None
-
-    # Generation copy (CUDA, full fine-tuning): bf16 weights, so that each decoding step reads
-    # half the bytes and skips autocast's per-step weight casts. Refreshed after every update.
-    gen_lm = lm
-    if cuda and not lora and weight_dtype != torch.bfloat16:
-        gen_lm = copy.deepcopy(lm).to(torch.bfloat16).eval().requires_grad_(False)
-
-    def sync_gen_copy():
-        if gen_lm is not lm:
-            with torch.no_grad():
-                for g, p in zip(gen_lm.parameters(), lm.parameters()):
-                    g.copy_(p)
-
-    reward_model = RewardModel.load(rm_path, device=device)
+    reward_model = load_reward_scorer(rm_path, device)
 
     # ---- prompts -> token ids (chat template, assistant turn opened; oldest tokens cut) -----
     texts = [render_prompt(tokenizer, c) for c in conversations]
@@ -555,28 +316,13 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     prompts_cut = sum(len(ids) > cfg.max_prompt_length for ids in full_ids)
     prompt_ids = [ids[-cfg.max_prompt_length:] for ids in full_ids]
 
-    # EOS: the tokenizer's and the generation config's (chat models often have two).
-    eos_ids = {tokenizer.eos_token_id}
-    gen_eos = inner.generation_config.eos_token_id
-    eos_ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    eos_ids.discard(None)
-    eos_tensor = torch.tensor(sorted(eos_ids), device=device)
-    # Pure sampling at temperature T: no top-k / top-p / repetition penalty, so that the
-    # sampling distribution is exactly softmax(logits / T), the one the log-probs are of.
-    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                    max_new_tokens=cfg.max_new_tokens, eos_token_id=sorted(eos_ids), pad_token_id=pad_id,
-                    bos_token_id=tokenizer.bos_token_id, use_cache=True)
-    gen_config = GenerationConfig(**sampling)
-    # Compiled decoding (CUDA): a static KV cache lets transformers torch.compile the decoding
-    # step (CUDA graphs: one launch per token instead of hundreds). Every generate call then
-    # has one shape: prompts are left-padded to the pool's longest, so it compiles once.
-    compile_gen = cfg.compile_generation if cfg.compile_generation is not None else gen_lm is not lm
-    gen_width = max(len(ids) for ids in prompt_ids)
-    if compile_gen:
-        from transformers import CompileConfig
-        compile_config = CompileConfig()
-        compile_config._compile_all_devices = True  # also on CPU, when asked for explicitly
-        gen_config = GenerationConfig(**sampling, cache_implementation="static", compile_config=compile_config)
+    # Generation: a bf16 copy of the weights on CUDA with full fine-tuning (see Sampler).
+    eos_ids = eos_token_ids(tokenizer, inner)
+    eos_tensor = torch.tensor(eos_ids, device=device)
+    sampler = Sampler(lm, tokenizer, eos_ids, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                      width=max(len(ids) for ids in prompt_ids),
+                      bf16_copy=cuda and not lora and weight_dtype != torch.bfloat16,
+                      compile=cfg.compile_generation)
 
     # ---- optimizer -----------------------------------------------------------------------
     params = [p for p in net.parameters() if p.requires_grad]
@@ -602,55 +348,12 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
 
     ddp_net = accelerator.prepare_model(net)  # DDP under `accelerate launch`; unchanged otherwise
     net = accelerator.unwrap_model(ddp_net)
-    sync_gen_copy()
+    sampler.sync()
 
-    def reduce_sum(t):
-        return accelerator.reduce(t, reduction="sum") if world > 1 else t
-
-    def meta() -> dict:
-        return {"format": 1, "algo": cfg.algo, "base_model": cfg.model, "base_source": base_source,
-                "reward_model": str(rm_path), "step": step, "lora": lora, "kl_coef": kl_ctl.value}
-
-    def save(final: bool = False) -> None:
-        """Checkpoint (resumable) or, at the end, the policy: a plain HF model directory."""
-        if main:
-            name = POLICY if final else CHECKPOINT
-            tmp = run.path / (name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model = net.lm
-            if final and lora:  # a plain model: loadable without peft
-                model = model.merge_and_unload() if weight_dtype == torch.float32 \
-                    else merge_lora_in_fp32(model, base_source)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)  # with the chat template: the arena renders prompts alike
-            write_json(tmp / META_FILE, meta())
-            if not final:
-                if value_head is not None:
-                    torch.save(value_head.state_dict(), tmp / VALUE_HEAD_FILE)
-                torch.save({"step": step, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                            "kl_coef_setting": cfg.kl_coef, "baseline": baseline, "totals": totals},
-                           tmp / STATE_FILE)
-            swap_in(tmp, run.path / name)
-            if final:  # the policy is the result; the resumable state is no longer needed
-                shutil.rmtree(run.path / CHECKPOINT, ignore_errors=True)
-                shutil.rmtree(run.path / (CHECKPOINT + ".old"), ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    def fail(message: str) -> int:
-        kept = run.checkpoint()
-        message = f"{message}. Last good checkpoint: {kept or 'none (no checkpoint was saved yet)'}"
-        run.status("failed", step / cfg.steps, message, step=step, total_steps=cfg.steps)
-        if main:
-            tqdm.write(f"error: {message}", file=sys.stderr)
-        return 1
-
-    def finish_cancelled() -> int:
-        save()
-        msg = f"cancelled at step {step} of {cfg.steps}; run the same command again to resume"
-        run.status("cancelled", step / cfg.steps, msg, step=step, total_steps=cfg.steps)
-        if main:
-            tqdm.write(msg, file=sys.stderr)
-        return 128 + stop["signal"]
+    def checkpoint() -> None:  # this step's resumable state (the loop's variables, read when called)
+        save_checkpoint(run, accelerator, net, tokenizer, policy_meta(cfg, base_source, rm_path, step, kl_ctl.value),
+                        {"step": step, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+                         "kl_coef_setting": cfg.kl_coef, "baseline": baseline, "totals": totals})
 
     rows_per_step = cfg.batch_size * cfg.k
     # Units of work: with k > 1 and prompt sharing, the k answers to one prompt always travel
@@ -658,40 +361,23 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     g_roll = cfg.k if cfg.k > 1 and cfg.share_prompt else 1
     g_train = g_roll if not cfg.grad_checkpointing else 1  # checkpointed layers run without a KV cache
     minibatch_rows = math.ceil(rows_per_step / g_train / cfg.minibatches) * g_train
-
-    def unit_rows(units, g):
-        """Row indices of some units (rows are prompt-major: row = prompt * k + sample)."""
-        return (units[:, None] * g + torch.arange(g, device=units.device)).reshape(-1)
-    config_record = read_json(run.path / "config.json")
+    config_record = read_json(run.path / CONFIG_FILE)
     config_record.update(config=dataclasses.asdict(cfg), processes=world, device=str(device),
                          rows_per_step=rows_per_step * world, minibatch_rows=minibatch_rows,
                          shared_prompt_forward={"rollout": g_roll > 1, "update": g_train > 1},
                          optimizer_steps_per_step=cfg.epochs * cfg.minibatches,
                          reference="adapters off" if lora else "frozen copy",
-                         generation=("bf16 copy" if gen_lm is not lm else "training weights")
-                         + (", static cache, compiled" if compile_gen else ", dynamic cache"),
-                         eos_token_ids=sorted(eos_ids))
+                         generation=("bf16 copy" if sampler.separate_copy else "training weights")
+                         + (", static cache, compiled" if sampler.compiled else ", dynamic cache"),
+                         eos_token_ids=eos_ids)
     if main:
         if prompts_cut:
             config_record["prompts_cut"] = prompts_cut
-        write_json(run.path / "config.json", config_record)
+        write_json(run.path / CONFIG_FILE, config_record)
     run.status("running", step / cfg.steps, f"training: step {step} of {cfg.steps}", step=step, total_steps=cfg.steps)
     if stop:
-        return finish_cancelled()
-
-    def forward_rows(model, rows, query, query_mask, response, resp_mask, **kw):
-        """One forward on some rows (whole groups of `group` answers to one prompt, when
-        given), trimmed to their own longest prompt and answer. Returns log-probs (and
-        entropy / values) of width = their longest answer."""
-        qm = query_mask[rows]
-        start = int((qm.sum(0) > 0).nonzero()[0])  # left padding: drop columns that are all pad
-        width = int(resp_mask[rows].sum(1).max())
-        ids = torch.cat([query[rows, start:], response[rows, :width]], dim=1)
-        mask = torch.cat([qm[:, start:], resp_mask[rows, :width].long()], dim=1)
-        # Positions count real tokens only, as in generation (exact for absolute-position models).
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        with autocast():
-            return model(ids, mask, position_ids, query.shape[1] - start, cfg.temperature, **kw), width
+        checkpoint()
+        return finish_cancelled(run, stop["signal"], step, cfg.steps)
 
     # ---- the loop --------------------------------------------------------------------------
     bar = tqdm(total=cfg.steps, initial=step, desc=f"policy ({cfg.algo})", unit="step",
@@ -717,35 +403,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
             query[i, P - lengths_p[i]:] = torch.tensor(prompt_ids[p])
             query_mask[i, P - lengths_p[i]:] = 1
         query, query_mask = query.to(device), query_mask.to(device)
-
-        gen_lm.eval()
-        out = torch.full((n, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
-        # Rows sorted by prompt length, so each generate call pads little (when cut in chunks).
-        order = sorted(range(n), key=lambda i: lengths_p[i])
-        chunk = cfg.gen_batch or n
-        gq, gm, width = query, query_mask, P
-        if compile_gen:  # one shape for every call: left-pad to the pool's longest prompt
-            gq = torch.nn.functional.pad(query, (gen_width - P, 0), value=pad_id)
-            gm = torch.nn.functional.pad(query_mask, (gen_width - P, 0), value=0)
-            width = gen_width
-        with torch.no_grad(), (contextlib.nullcontext() if gen_lm is not lm else autocast()):
-            for c in range(0, n, chunk):
-                rows = torch.tensor(order[c:c + chunk], device=device)
-                start = 0 if compile_gen else width - max(lengths_p[i] for i in order[c:c + chunk])
-                try:
-                    seq = gen_lm.generate(input_ids=gq[rows, start:], attention_mask=gm[rows, start:],
-                                          generation_config=gen_config)  # KV cache on
-                except Exception as e:
-                    if not compile_gen:
-                        raise
-                    # Compiled decoding is an optimisation: never let it cost the run.
-                    tqdm.write(f"warning: compiled generation failed ({type(e).__name__}: {str(e)[:200]}); "
-                               f"generating without it", file=sys.stderr)
-                    compile_gen, gen_config = False, GenerationConfig(**sampling)
-                    seq = gen_lm.generate(input_ids=gq[rows, start:], attention_mask=gm[rows, start:],
-                                          generation_config=gen_config)
-                new = seq[:, width - start:]
-                out[rows, :new.shape[1]] = new
+        out = sampler.sample(query, query_mask, lengths_p, cfg.gen_batch or n, autocast)
         # An answer ends at its first EOS (included: the policy chose to stop there); one
         # without EOS ran to max_new_tokens and was cut off.
         is_eos = torch.isin(out, eos_tensor)
@@ -761,6 +419,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
 
         # 2. Log-probs of the sampled tokens: policy (+ values, entropy) and reference, one
         #    batched forward each (in micro-batches of rows), no gradient.
+        rollout = (query, query_mask, response, resp_mask, cfg.temperature, autocast)
         old_logp = torch.zeros(n, R, device=device)
         ref_logp = torch.zeros(n, R, device=device)
         old_values = torch.zeros(n, R, device=device)
@@ -772,17 +431,16 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         with torch.no_grad():
             for c in range(0, len(by_length), fwd_units):
                 rows = unit_rows(by_length[c:c + fwd_units], g_roll)
-                (lp, ent, val), w = forward_rows(net, rows, query, query_mask, response, resp_mask,
-                                                 with_values=ppo, with_entropy=True, group=g_roll)
+                (lp, ent, val), w = forward_rows(net, rows, *rollout, with_values=ppo, with_entropy=True,
+                                                 group=g_roll)
                 old_logp[rows, :w], entropy[rows, :w] = lp, ent
                 if ppo:
                     old_values[rows, :w] = val
                 if ref_net is not None:
-                    (lp, _, _), w = forward_rows(ref_net, rows, query, query_mask, response, resp_mask, group=g_roll)
+                    (lp, _, _), w = forward_rows(ref_net, rows, *rollout, group=g_roll)
                 else:
                     with net.lm.disable_adapter():  # LoRA: the reference is the base, adapters off
-                        (lp, _, _), w = forward_rows(net, rows, query, query_mask, response, resp_mask,
-                                                     group=g_roll)
+                        (lp, _, _), w = forward_rows(net, rows, *rollout, group=g_roll)
                 ref_logp[rows, :w] = lp
         old_logp, ref_logp = old_logp * resp_mask, ref_logp * resp_mask
 
@@ -802,36 +460,39 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         kl_seq = kl_tokens.sum(1)
         k1_seq = ((old_logp - ref_logp) * resp_mask).sum(1)  # logged: the usual "KL" of RLHF
         beta = kl_ctl.value
-        stats = torch.stack([raw.sum(), (raw * raw).sum(), score.sum(), k1_seq.sum(), kl_seq.sum(),
-                             (entropy * resp_mask).sum(), resp_mask.sum(), ended.float().sum(),
-                             torch.tensor(float(n), device=device)]).double()
-        g = reduce_sum(stats).tolist()
-        count, tokens = g[8], g[6]
-        reward_mean = g[0] / count
-        reward_std = math.sqrt(max(g[1] / count - reward_mean ** 2, 0.0))
-        kl_mean = g[3] / count
+        roll = RolloutSums.gather(reduce, reward=raw.sum(), reward_sq=(raw * raw).sum(), score=score.sum(),
+                                  kl=k1_seq.sum(), kl_penalty=kl_seq.sum(), entropy=(entropy * resp_mask).sum(),
+                                  tokens=resp_mask.sum(), eos=ended.float().sum(),
+                                  answers=torch.tensor(float(n), device=device))
+        count, tokens = roll.answers, roll.tokens
+        reward_mean = roll.reward / count
+        reward_std = math.sqrt(max(roll.reward_sq / count - reward_mean ** 2, 0.0))
+        kl_mean = roll.kl / count
 
         # Guards: NaN in the rollout, or a policy that ran away from the reference.
-        if not all(math.isfinite(x) for x in g):
+        if not all(math.isfinite(x) for x in dataclasses.astuple(roll)):
             bar.close()
-            return fail(f"non-finite values in the rollout at step {step + 1} (reward mean {reward_mean}, "
-                        f"KL {kl_mean}); stopped. Try a lower --lr or --max-grad-norm")
+            return fail(run, f"non-finite values in the rollout at step {step + 1} (reward mean {reward_mean}, "
+                        f"KL {kl_mean}); stopped. Try a lower --lr or --max-grad-norm", step, cfg.steps)
         if cfg.max_kl and kl_mean > cfg.max_kl:
             bar.close()
-            return fail(f"the KL to the reference exploded at step {step + 1}: {kl_mean:.2f} nats per answer "
+            return fail(run, f"the KL to the reference exploded at step {step + 1}: {kl_mean:.2f} nats per answer "
                         f"> --max-kl {cfg.max_kl}; stopped. Try a lower --lr or a higher --kl-coef "
-                        f"(now {beta:.4g}), or raise --max-kl if this KL is intended")
+                        f"(now {beta:.4g}), or raise --max-kl if this KL is intended", step, cfg.steps)
 
         # 4. Advantages.
+        explained_var = None
         if ppo:
             # Per-token reward: -beta * KL_t everywhere, plus the score at the last token.
             rewards = -beta * kl_tokens
             rewards[torch.arange(n, device=device), lengths - 1] += score
             if cfg.whiten_rewards:
-                rewards = rl_math.masked_whiten(rewards, resp_mask, shift_mean=False, reduce=reduce_sum)
+                rewards = rl_math.masked_whiten(rewards, resp_mask, shift_mean=False, reduce=reduce)
             advantages, returns = rl_math.gae(rewards, old_values, resp_mask, cfg.gamma, cfg.lam)
+            # How much of the returns' variance the value head predicted (1 = all; <= 0 = none).
+            explained_var = rl_math.explained_variance(old_values, returns, resp_mask, reduce=reduce)
             if cfg.whiten_advantages:
-                advantages = rl_math.masked_whiten(advantages, resp_mask, reduce=reduce_sum)
+                advantages = rl_math.masked_whiten(advantages, resp_mask, reduce=reduce)
         else:
             # Sequence-level reward with the KL penalty summed over the answer.
             seq_reward = score - beta * kl_seq
@@ -840,20 +501,20 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
             else:
                 # REINFORCE with a moving-average baseline (of the KL-penalised reward), as in
                 # Ahmadian et al. (2024); the first batch is its own baseline.
-                batch_mean = float(reduce_sum(seq_reward.sum().double())) / count
+                batch_mean = float(reduce(seq_reward.sum().double())) / count
                 b = batch_mean if baseline is None else baseline
                 advantages = seq_reward - b
                 baseline = batch_mean if baseline is None else \
                     cfg.baseline_decay * baseline + (1 - cfg.baseline_decay) * batch_mean
             if cfg.whiten_advantages:
                 ones = torch.ones_like(advantages)
-                advantages = rl_math.masked_whiten(advantages, ones, reduce=reduce_sum)
+                advantages = rl_math.masked_whiten(advantages, ones, reduce=reduce)
             returns = None
 
         # 5. Update: `epochs` passes, each over shuffled minibatches; one optimizer step each.
         t_train = time.perf_counter()
         net.train()
-        acc = torch.zeros(7, dtype=torch.float64, device=device)  # pg, vf, clipped, vclipped, approx_kl, tok, seqs
+        acc = UpdateSums.zeros(device)
         grad_norms = []
         for epoch in range(cfg.epochs):
             perm = unit_rows(torch.randperm(n // g_train, device=device), g_train)  # shuffled, groups intact
@@ -866,8 +527,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
                     sync = j == len(micro) - 1
                     # Gradient accumulation: DDP all-reduces gradients only on the last micro-batch.
                     with contextlib.nullcontext() if sync else accelerator.no_sync(ddp_net):
-                        (logp, _, values), w = forward_rows(ddp_net, rows, query, query_mask, response, resp_mask,
-                                                            with_values=ppo, group=g_train)
+                        (logp, _, values), w = forward_rows(ddp_net, rows, *rollout, with_values=ppo, group=g_train)
                         m = resp_mask[rows, :w]
                         if ppo:
                             pg, clipped, approx_kl = rl_math.ppo_policy_loss(
@@ -884,6 +544,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
                             vf = vclipped = torch.zeros((), device=device)
                             loss = pg / len(mb)  # mean over the minibatch's answers
                         loss.backward()
+                    # In UpdateSums' field order: pg, vf, clipped, vclipped, approx_kl, tokens, answers.
                     acc += torch.stack([pg.detach(), vf.detach(), clipped, vclipped, approx_kl, m.sum(),
                                         torch.tensor(float(len(rows)), device=device)]).double()
                 # Gradient clipping by global norm. A NaN/inf loss makes the (all-reduced) gradient
@@ -892,14 +553,14 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
                 if not torch.isfinite(grad_norm):
                     optimizer.zero_grad(set_to_none=True)
                     bar.close()
-                    return fail(f"the loss or its gradient became non-finite at step {step + 1} (grad norm "
+                    return fail(run, f"the loss or its gradient became non-finite at step {step + 1} (grad norm "
                                 f"{float(grad_norm)}); stopped without applying it. Try a lower --lr or "
-                                f"--max-grad-norm")
+                                f"--max-grad-norm", step, cfg.steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(float(grad_norm))
         net.eval()
-        sync_gen_copy()  # the next rollout samples from the updated weights
+        sampler.sync()  # the next rollout samples from the updated weights
         t_train = time.perf_counter() - t_train
 
         # 6. Adaptive KL coefficient (no-op when fixed), from this batch's KL per answer.
@@ -908,26 +569,30 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         # ---- bookkeeping: metrics, samples, status, checkpoint, stop -------------------------
         step += 1
         dt = time.perf_counter() - t0
-        a = reduce_sum(acc).tolist()
-        tok_updates, seq_updates = max(a[5], 1.0), max(a[6], 1.0)
+        upd = UpdateSums(*reduce(acc).tolist())
+        tok_updates, seq_updates = max(upd.tokens, 1.0), max(upd.answers, 1.0)
         totals["prompts"] += int(count) // cfg.k
         totals["tokens"] += int(tokens)
         totals["seconds"] += dt
         record = {
             "kind": "train", "step": step,
             "reward_mean": reward_mean, "reward_std": reward_std,            # the reward model's normalised score
-            "score_mean": g[2] / count,                                     # after the missing-EOS penalty
-            "objective": g[2] / count - beta * g[4] / count,                # what is maximised: score - beta * KL
+            "score_mean": roll.score / count,                               # after the missing-EOS penalty
+            "objective": roll.score / count - beta * roll.kl_penalty / count,  # what is maximised: score - beta * KL
             "kl": kl_mean,                                                  # sum_t log pi/ref per answer (k1)
-            "kl_penalty": g[4] / count,                                     # the estimator in use, per answer
+            "kl_penalty": roll.kl_penalty / count,                          # the estimator in use, per answer
             "kl_coef": beta,
-            "entropy": g[5] / max(tokens, 1.0),                             # per token, at temperature T
-            "clip_frac": a[2] / (tok_updates if ppo else seq_updates),
-            "approx_kl": a[4] / tok_updates,                                # 0.5 E[(log pi/pi_old)^2] over updates
-            "pg_loss": a[0] / (tok_updates if ppo else seq_updates),
-            "value_loss": a[1] / tok_updates if ppo else None,
-            "value_clip_frac": a[3] / tok_updates if ppo else None,
-            "response_len": tokens / count, "eos_rate": g[7] / count,
+            "entropy": roll.entropy / max(tokens, 1.0),                     # per token, at temperature T
+            "clip_frac": upd.clipped / (tok_updates if ppo else seq_updates),
+            "approx_kl": upd.approx_kl / tok_updates,                       # 0.5 E[(log pi/pi_old)^2] over updates
+            "pg_loss": upd.pg_loss / (tok_updates if ppo else seq_updates),
+            "value_loss": upd.value_loss / tok_updates if ppo else None,
+            "value_clip_frac": upd.value_clipped / tok_updates if ppo else None,
+            # PPO: 1 - Var(returns - values) / Var(returns) of the rollout; None without a value
+            # head, or when the returns did not vary (it is undefined then).
+            "explained_variance": explained_var if explained_var is not None and math.isfinite(explained_var)
+            else None,
+            "response_len": tokens / count, "eos_rate": roll.eos / count,
             "gen_tokens": int(tokens), "prompts": int(count) // cfg.k, "rows": int(count),
             "tokens_per_s": round(tokens / dt, 2), "prompts_per_s": round(count / cfg.k / dt, 4),
             "step_s": round(dt, 4), "cpu_s": round(time.process_time() - c0, 4),
@@ -945,21 +610,23 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         run.status("running", step / cfg.steps, f"training: step {step} of {cfg.steps}, reward {reward_mean:+.3f}, "
                    f"KL {kl_mean:.3f}", throttle=True, step=step, total_steps=cfg.steps)
         # Every process must agree to stop (one small all-reduce).
-        stop_now = reduce_sum(torch.tensor([float(bool(stop))], device=device)).item() > 0
+        stop_now = reduce(torch.tensor([float(bool(stop))], device=device)).item() > 0
         if stop_now and step < cfg.steps:
             bar.close()
             stop.setdefault("signal", signal.SIGTERM)
-            return finish_cancelled()
+            checkpoint()
+            return finish_cancelled(run, stop["signal"], step, cfg.steps)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            save()
+            checkpoint()
     bar.close()
 
     # ---- done: the policy directory, loadable by trainer.models.load_model ----------------------
-    save(final=True)
+    save_final(run, accelerator, net, tokenizer, policy_meta(cfg, base_source, rm_path, step, kl_ctl.value),
+               weight_dtype, base_source)
     if main and heldout:
         run.status("running", 1.0, f"evaluating: policy against the reference on {len(heldout)} held-out prompts",
                    step=step, total_steps=cfg.steps)
-        result = evaluate_policy(run.path / POLICY, base_source, reward_model, heldout,
+        result = evaluate_policy(run.path / POLICY_DIR, base_source, reward_model, heldout,
                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                  device=device)
         record = write_eval(run.path, reference_id=canonical_name(cfg.model), reward_run=str(cfg.reward),
@@ -973,9 +640,9 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
                "train_seconds": round(totals["seconds"], 3),
                "prompts_per_s": round(totals["prompts"] / totals["seconds"], 4) if totals["seconds"] else None,
                "tokens_per_s": round(totals["tokens"] / totals["seconds"], 2) if totals["seconds"] else None,
-               "peak_memory_mb": round(_peak_memory_mb(device), 1), "wall_s": round(time.time() - t_start, 2)}
+               "peak_memory_mb": round(peak_memory_mb(device), 1), "wall_s": round(time.time() - t_start, 2)}
     run.log(summary)
-    msg = f"done: {step} steps; policy in {run.path / POLICY}"
+    msg = f"done: {step} steps; policy in {run.path / POLICY_DIR}"
     run.status("done", 1.0, msg, step=step, total_steps=cfg.steps)
     if main:
         print(msg, file=sys.stderr)

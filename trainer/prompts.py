@@ -15,7 +15,8 @@ Loading is forgiving, because pools are written by hand and by scripts: a row th
 cannot be used is reported as `file:line: reason` and skipped, and only a file with
 nothing usable in it is an error. The annotation app and the policy trainer both read
 pools through `load_prompt_pool`, which is why this lives in `trainer` (the trainer
-may not import `annotate`). It imports nothing heavy: `preflab prompts` must answer
+may not import `annotate`). `load_prompts` is what a policy trains on (and is evaluated
+on): a pool's prompts, or the distinct prompts of a comparison store. It imports nothing heavy: `preflab prompts` must answer
 at once.
 """
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from trainer.errors import PreflabError
 from trainer.store import messages_to_json, prompt_id_for
 from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, line_or_row, parse_messages
 
@@ -39,7 +41,7 @@ DEFAULT_MAX_CHARS = 32_000
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
-class PromptPoolError(ValueError):
+class PromptPoolError(PreflabError, ValueError):
     """A pool that cannot be used at all. The message names the file.
 
     `report` holds what was found when the file could be read but had no usable
@@ -232,6 +234,35 @@ def load_prompt_pool(path: str | os.PathLike, *, max_chars: int = DEFAULT_MAX_CH
     if not prompts:
         raise PromptPoolError(f"{name}: no usable prompts ({report.summary()})", report)
     return PromptPool(prompts=prompts, report=report)
+
+
+def load_prompts(path: str | os.PathLike) -> list[list[dict[str, str]]]:
+    """Chat message lists for training a policy (and evaluating it): from a prompt pool file
+    or from the prompts of a comparison store, a directory or a postgresql:// URL (its
+    `prompt` column, each distinct prompt once). A store that cannot be read raises
+    trainer.store.StoreError; anything else unusable, PolicyInputError."""
+    from trainer.errors import PolicyInputError
+    from trainer.reward_data import as_messages
+    from trainer.store import StoreError, describe, is_database
+    database = is_database(path)
+    if not database:
+        path = Path(path)       # never a URL: Path would fold its "//"
+    if database or path.is_dir():
+        from trainer.store import read_comparisons
+        try:
+            table = read_comparisons(path, columns=["prompt"])
+        except StoreError:      # names the store and what to do; the run's error as it is
+            raise
+        except Exception as e:  # not a store: say which
+            raise PolicyInputError(f"{describe(path)}: cannot read it as a comparison store ({e})") from None
+        distinct = list(dict.fromkeys(table.column("prompt").to_pylist())) if table.num_rows else []
+        if not distinct:
+            raise PolicyInputError(f"{describe(path)}: the comparison store holds no votes, so no prompts")
+        return [as_messages(p) for p in distinct]
+    try:
+        return [p.messages for p in load_prompt_pool(path).prompts]
+    except PromptPoolError as e:
+        raise PolicyInputError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------

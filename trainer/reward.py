@@ -1,25 +1,18 @@
-"""Fit a Bradley-Terry reward model to the votes.
+"""Fit a Bradley-Terry reward model to the votes: the training script.
 
     preflab train-reward --data comparisons/ --run-dir runs/rm-1
     python -m trainer.reward --data prefs.parquet --model tiny --epochs 2
     accelerate launch -m trainer.reward --data comparisons/ ...   # several GPUs (DDP)
 
-    from trainer.reward import RewardModel
-    rm = RewardModel.load("runs/rm-1")
-    rm.score(["How do I boil an egg?"] * 2, ["Boil it for 8 minutes.", "No idea."])  # normalised
+Read top to bottom: the settings (RewardConfig), then `train`: the data (read, split by
+prompt, snapshotted), the model, the tokens, batches and schedule, the loop, the final
+evaluation and save; the command line last. Elsewhere:
 
-The model: a causal LM (or sequence-classification) backbone with a scalar head
-`score` read at the last real token of prompt + answer + EOS. It is saved as a
-`*ForSequenceClassification` checkpoint with a pad token that is not the EOS, so the plain
-Hugging Face forward reads the very same token and `from_pretrained` gives the same rewards.
-
-The loss, for a pair with rewards r_c (chosen) and r_r (rejected), label y (1 = a vote,
-0.5 = a tie or both-bad vote) and margin m (vote strength, when asked for):
-
-    d    = r_c - r_r - m
-    loss = -[y log sigmoid(d) + (1 - y) log sigmoid(-d)] + center * (r_c + r_r)^2
-
-With y = 1 this is TRL's RewardTrainer loss exactly (tests check it numerically).
+    trainer/reward_model.py     the model (RewardModel, reward_net, packed attention, saving)
+    trainer/reward_metrics.py   the loss (preference_loss) and the validation metrics
+    trainer/reward_data.py      pairs from a store or a file, tokens, packing, batches
+    trainer/reward_state.py     fp32 master weights (mixed precision), restoring training_state.pt
+    trainer/checkpoints.py      crash-safe checkpoint swaps and the RNG state of a resume
 
 Where the speed comes from (see bench/reward_vs_trl.py):
   * shared-prompt packing (reward_data.pack): each pair is one segment
@@ -30,7 +23,7 @@ Where the speed comes from (see bench/reward_vs_trl.py):
   * batches grouped by length, so rows are nearly full (~5% padding);
   * the head on the 2B read-out vectors only; fused AdamW; bf16 autocast + TF32 on CUDA.
 
-A run directory (DESIGN.md) holds:
+A run directory (trainer/runs.py) holds:
     config.json       the run's settings and what was read
     status.json       {"state": queued|running|done|failed|cancelled, "progress": 0..1, "message"}
     metrics.jsonl     one JSON object per optimizer step ("kind": "train"), per evaluation
@@ -54,8 +47,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -63,16 +54,18 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.runs import CHECKPOINT, Run, config_from_args, read_json, supervise, write_json
+from trainer.checkpoints import rng_state
+from trainer.reward_data import (RewardDataError, collate, encode_pairs, length_grouped_batches, load_snapshot,
+                                 pack, read_pairs, save_snapshot, split_by_prompt)
+from trainer.reward_metrics import evaluate, preference_loss, to_device
+from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
+from trainer.reward_state import fp32_masters, masters_in_place, restore_training_state
+from trainer.reward_model import RewardModel  # noqa: F401  (still imported from here by annotate/review.py)
+from trainer.runs import (CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, STATE_FILE, Run, config_from_args, read_json,
+                          supervise, write_json)
 from trainer.store import DATA_HELP
 from trainer.store.errors import StoreError
-from trainer.reward_data import (RewardDataError, as_messages, as_response, collate, encode_pairs,
-                                 encode_texts, length_grouped_batches, load_snapshot, pack, read_pairs,
-                                 save_snapshot, split_by_prompt)
 
-STATES = ("queued", "running", "done", "failed", "cancelled")
-META_FILE = "preflab_reward.json"      # gain/bias of the normalisation, max_length, provenance
-STATE_FILE = "training_state.pt"       # what a resume needs besides the weights
 # Settings that may change when a run is resumed; the rest must stay what the run began with.
 # (A lower --lr or --max-grad-norm is how one continues a run that stopped on a NaN.)
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "save_every", "progress", "device", "lr", "max_grad_norm")
@@ -113,314 +106,6 @@ class RewardConfig:
     max_steps: int = 0                   # stop after this many optimizer steps (0: all epochs)
     progress: bool = True
 
-
-# --------------------------------------------------------------------------------------
-# The loss
-# --------------------------------------------------------------------------------------
-
-def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float = 0.0):
-    """Per-pair Bradley-Terry loss (a tensor of shape [pairs]); see the module docstring.
-    The caller sums and divides by the pairs in the optimizer step, so that gradient
-    accumulation gives the same update as one big batch."""
-    import torch.nn.functional as F
-    d = r_chosen - r_rejected
-    if margin is not None:
-        d = d - margin  # ask for a gap of at least `margin` (a clear preference: wider)
-    if label is None:
-        loss = -F.logsigmoid(d)
-    else:
-        # Soft label: a tie (y = 0.5) is minimised at d = 0, i.e. equal rewards.
-        loss = -(label * F.logsigmoid(d) + (1 - label) * F.logsigmoid(-d))
-    if center:
-        # Reward centering: keeps rewards near 0 without changing what is preferred.
-        loss = loss + center * (r_chosen + r_rejected) ** 2
-    return loss
-
-
-def expected_calibration_error(p_chosen: np.ndarray, bins: int = 10) -> float:
-    """ECE of P(chosen beats rejected) = sigmoid(r_c - r_r) on votes: confidence is
-    max(p, 1 - p), correct is p > 0.5; the bin-weighted gap between the two."""
-    if len(p_chosen) == 0:
-        return float("nan")
-    conf = np.maximum(p_chosen, 1 - p_chosen)
-    correct = (p_chosen > 0.5).astype(np.float64)
-    which = np.minimum(((conf - 0.5) * 2 * bins).astype(np.int64), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return 0.0
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-# --------------------------------------------------------------------------------------
-# The model: backbone + scalar head, read at the last real token
-# --------------------------------------------------------------------------------------
-
-def reward_net(seqcls, causal: bool):
-    """The module that training runs (and DDP wraps): rewards for a right-padded batch."""
-    import torch
-
-    class RewardNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.seqcls = seqcls  # registered here so DDP and the optimizer see every parameter
-            self.causal = causal
-
-        @property
-        def inner(self):
-            # With LoRA the layers are patched in place: call the inner model, not the PeftModel.
-            s = self.seqcls
-            return s.get_base_model() if hasattr(s, "get_base_model") else s
-
-        def forward(self, input_ids, read_row, read_col, attention_mask=None, position_ids=None,
-                    segment=None, branch=None):
-            """Rewards read at (read_row, read_col): for a pair batch, B chosen then B rejected."""
-            if segment is not None:  # shared-prompt packing (reward_data.pack)
-                mask = packed_attention_mask(segment, branch, eager=self.eager)
-            elif self.causal:
-                # Causal backbone + right padding: real tokens never attend to the pads
-                # after them, so no mask is needed; attention then takes its plain causal
-                # path (flash / is_causal kernels) instead of a materialised [T, T] mask.
-                mask = None
-            else:
-                mask = attention_mask
-            hidden = self.inner.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                           use_cache=False).last_hidden_state
-            # Each reward is read at its answer's EOS, a token that has seen prompt and answer;
-            # the head runs on those vectors only, not on every position (as the HF forward does).
-            h = hidden[read_row, read_col]
-            head = self.inner.score
-            # The head in its own precision (fp32), outside autocast: bf16 keeps ~3 significant
-            # digits, too coarse for rewards whose differences drive the loss and, later, the
-            # policy gradient.
-            with torch.autocast(h.device.type, enabled=False):
-                return head(h.to(next(head.parameters()).dtype)).squeeze(-1).float()
-
-        @property
-        def eager(self):
-            return self.inner.config._attn_implementation == "eager"
-
-        @property
-        def can_pack(self):
-            # Packing needs a causal model and an attention that takes a custom 4-D mask.
-            return self.causal and self.inner.config._attn_implementation in ("sdpa", "eager")
-
-    return RewardNet()
-
-
-def packed_attention_mask(segment, branch, eager: bool = False):
-    """[rows, 1, W, W] mask for shared-prompt packing: query q may attend key k when both
-    belong to one pair (segment), k is not after q (causal), and q is not in the rejected
-    answer looking at the chosen one (a sibling branch, not its past). Boolean for SDPA;
-    additive (0 / -inf) for eager attention, which adds the mask to its scores."""
-    import torch
-    idx = torch.arange(segment.shape[1], device=segment.device)
-    causal = idx[:, None] >= idx[None, :]
-    same_pair = segment[:, :, None] == segment[:, None, :]
-    sibling = (branch[:, :, None] == 2) & (branch[:, None, :] == 1)
-    mask = (same_pair & causal & ~sibling)[:, None]
-    if eager:
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    return mask
-
-
-GQA_SDPA = "preflab_gqa_sdpa"
-
-
-def gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA that keeps grouped-query attention native under a custom mask. (Transformers'
-    own SDPA path copies K and V once per query head whenever a mask is given: a copy in
-    forward and a sum in backward, ~20% of the attention time on a CPU.) Registered with
-    transformers' AttentionInterface and used only for the packed layout."""
-    import torch.nn.functional as F
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, is_causal=attention_mask is None and query.shape[2] > 1,
-                                         enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
-
-
-def choose_pad_token(tokenizer) -> None:
-    """Pad with a token that is not the EOS (here the reward is read at the EOS): then the
-    saved checkpoint's own HF forward, which reads the last non-pad token, reads the EOS too."""
-    eos = tokenizer.eos_token
-    for candidate in (tokenizer.pad_token, tokenizer.unk_token, "<|endoftext|>", "<pad>"):
-        if candidate and candidate != eos and candidate in tokenizer.get_vocab():
-            tokenizer.pad_token = candidate
-            break
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = eos
-    tokenizer.padding_side = "right"
-
-
-def is_causal(backbone, device) -> bool:
-    """Whether position i ignores positions > i. Tested, not guessed from the model's
-    name: the mask-free trick above is exact only for causal backbones."""
-    import torch
-    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 10]], device=device)
-    with torch.no_grad():
-        h = backbone(input_ids=ids, use_cache=False).last_hidden_state.float()
-    return bool(torch.allclose(h[0, :2], h[1, :2], atol=1e-4))
-
-
-def load_backbone(source: str, tokenizer, dtype, *, init_head: bool):
-    """A *ForSequenceClassification model with one output, dropout off."""
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = AutoConfig.from_pretrained(source, num_labels=1)
-    text = config.get_text_config()
-    # Dropout off: with it on, chosen and rejected would be scored by different random
-    # sub-networks and the difference r_c - r_r would be mostly noise.
-    for key, value in text.to_dict().items():
-        if "dropout" in key and isinstance(value, float):
-            setattr(text, key, 0.0)
-    text.pad_token_id = tokenizer.pad_token_id
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "score.weight newly initialised" is expected
-    try:
-        seqcls = AutoModelForSequenceClassification.from_pretrained(source, config=config, dtype=dtype)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    for module in seqcls.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if init_head:
-        # Head init N(0, 1/(d+1)) (Stiennon et al. 2020): initial rewards have unit scale
-        # whatever the hidden size, instead of the ~0.02 * sqrt(d) of the default init.
-        d = seqcls.score.weight.shape[1]
-        torch.nn.init.normal_(seqcls.score.weight, mean=0.0, std=1.0 / math.sqrt(d + 1))
-        if getattr(seqcls.score, "bias", None) is not None:
-            torch.nn.init.zeros_(seqcls.score.bias)
-    return seqcls
-
-
-def has_trained_head(source: str) -> bool:
-    """A sequence-classification checkpoint with one label already has a reward head."""
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(source)
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == 1
-
-
-# --------------------------------------------------------------------------------------
-# Run directory: status, metrics, checkpoints
-# --------------------------------------------------------------------------------------
-
-def save_checkpoint(run: Run, model, tokenizer, meta: dict, training_state: dict | None) -> None:
-    """Write into a temp dir, then swap it in with renames: the previous checkpoint stays
-    intact until the new one is complete (a kill mid-save loses nothing)."""
-    import torch
-    if not run.main:
-        return
-    tmp, final, old = run.path / (CHECKPOINT + ".tmp"), run.path / CHECKPOINT, run.path / (CHECKPOINT + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / META_FILE, meta)
-    if training_state is not None:
-        torch.save(training_state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def rng_state() -> dict:
-    import torch
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import torch
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------
-
-def to_device(batch: dict, device) -> dict:
-    """The model's inputs from a pack()/collate() batch, on the device."""
-    keys = ("input_ids", "read_row", "read_col", "attention_mask", "position_ids", "segment", "branch")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
-
-
-def predict(net, enc, idx, batch_size: int, pad_id: int, device, autocast, accelerator=None, packed=True):
-    """Rewards (r_chosen, r_rejected) for the pairs `idx`, in that order. Pairs are run
-    longest first in length-sorted batches (little padding); under DDP each process scores
-    every world-size-th batch and the results are gathered."""
-    import torch
-    idx = np.asarray(idx, dtype=np.int64)
-    layout = pack if packed else collate
-    order = idx[np.argsort(-enc.lengths(packed)[idx], kind="stable")]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
-    row_of = np.zeros(len(enc), dtype=np.int64)
-    row_of[idx] = np.arange(len(idx))  # pair index -> its row in the result
-    rc = np.full(len(idx), np.nan, dtype=np.float64)
-    rr = np.full(len(idx), np.nan, dtype=np.float64)
-    with torch.inference_mode(), autocast():
-        for b in batches[rank::world]:
-            r = net(**to_device(layout(enc, b, pad_id), device))
-            c, j = r.chunk(2)
-            rc[row_of[b]], rr[row_of[b]] = c.cpu().numpy(), j.cpu().numpy()
-    if world > 1:
-        # Each process filled its own rows (NaN elsewhere); gather and take the filled value.
-        both = torch.tensor(np.stack([rc, rr]), device=device)
-        gathered = accelerator.gather(both[None]).cpu().numpy()  # [world, 2, pairs]
-        filled = ~np.isnan(gathered)
-        merged = np.where(filled, gathered, 0.0).sum(axis=0)
-        rc, rr = merged[0], merged[1]
-    return rc, rr
-
-
-def evaluate(net, enc, idx, cfg: RewardConfig, pad_id, device, autocast, accelerator=None,
-             packed: bool = True) -> dict:
-    """Validation metrics: loss (as trained), accuracy and calibration on votes, reward
-    scale, and length bias (does the reward just count tokens?)."""
-    import torch
-    if len(idx) == 0:
-        return {}
-    net.eval()
-    rc, rr = predict(net, enc, idx, cfg.eval_batch_size, pad_id, device, autocast, accelerator, packed)
-    net.train()
-    label, margin = enc.label[idx], enc.margin[idx]
-    loss = preference_loss(torch.tensor(rc), torch.tensor(rr), torch.tensor(label, dtype=torch.float64),
-                           torch.tensor(margin, dtype=torch.float64) if cfg.margin else None, cfg.center)
-    votes = label == 1.0  # accuracy and calibration are about votes; ties have no right answer
-    p = 1.0 / (1.0 + np.exp(-(rc - rr)))
-    rewards = np.concatenate([rc, rr])
-    lengths = np.concatenate([enc.chosen_len[idx], enc.rejected_len[idx]]).astype(np.float64)
-    longer_wins = np.where(enc.chosen_len[idx] >= enc.rejected_len[idx], rc > rr, rr > rc)
-    return {
-        "val_pairs": int(len(idx)),
-        "val_loss": float(loss.mean()),
-        "val_acc": float((rc[votes] > rr[votes]).mean()) if votes.any() else float("nan"),
-        "val_ece": expected_calibration_error(p[votes]),
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
-        "length_corr": pearson(rewards, lengths),          # reward vs answer length in tokens
-        "longer_preferred": float(longer_wins.mean()),      # how often the longer answer scores higher
-        "_rewards": rewards,                                # for the normalisation (not logged)
-    }
-
-
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
@@ -433,7 +118,7 @@ def resolve_config(cfg: RewardConfig, explicit: set[str]) -> tuple[RewardConfig,
     else:
         run_id = cfg.run_id or time.strftime("reward-%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
         path = Path(cfg.runs_dir) / run_id
-    saved = read_json(path / "config.json").get("config")
+    saved = read_json(path / CONFIG_FILE).get("config")
     resuming = Run(path).checkpoint() is not None
     if saved:
         merged = {**saved}
@@ -498,7 +183,7 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
 def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict) -> int:
     t_start = time.time()
     main = accelerator.is_main_process
-    snapshot = run.path / "data.parquet"
+    snapshot = run.path / SNAPSHOT_FILE
     ckpt = run.checkpoint()
     resuming = resuming and ckpt is not None and (ckpt / STATE_FILE).exists()
     run.status("queued", 0.0, "reading the data")
@@ -517,10 +202,10 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             # resume gets it from PGPASSWORD or ~/.pgpass, as libpq does).
             from trainer.store import without_password
             saved = {**dataclasses.asdict(cfg), "data": without_password(cfg.data)[0] if cfg.data else cfg.data}
-            write_json(run.path / "config.json", {"kind": "reward", "config": saved,
+            write_json(run.path / CONFIG_FILE, {"kind": "reward", "config": saved,
                                                   "data": summary, "created_at": time.time()})
     accelerator.wait_for_everyone()
-    summary = read_json(run.path / "config.json").get("data", {})
+    summary = read_json(run.path / CONFIG_FILE).get("data", {})
     # Every process (and every resume) trains on the snapshot: the same pairs, the same split.
     pairs, train_idx, val_idx = load_snapshot(snapshot, summary)
     if len(val_idx) == 0 and main:
@@ -529,8 +214,6 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
 
     # ---- model ---------------------------------------------------------------------------
     import torch
-    from transformers import AutoTokenizer
-    from trainer.models import check_model, load_tokenizer
 
     device = accelerator.device  # cuda:<local rank> under `accelerate launch`, else cuda or cpu
     cuda = device.type == "cuda"
@@ -555,46 +238,14 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             else contextlib.nullcontext()
 
     run.status("queued", 0.0, f"loading {cfg.model}")
-    base_source = check_model(cfg.model)  # resolves smollm2 / tiny (built once) / dirs / ids
-    if resuming:
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    else:
-        tokenizer = load_tokenizer(cfg.model)
-    choose_pad_token(tokenizer)
+    tokenizer, net, base_source = load_for_training(cfg, ckpt if resuming else None, device, weight_dtype)
     pad_id = tokenizer.pad_token_id
-    torch.manual_seed(cfg.seed)  # the head init (and nothing else random) depends on it
-    if resuming and not lora:
-        seqcls = load_backbone(str(ckpt), tokenizer, weight_dtype, init_head=False)
-    else:
-        seqcls = load_backbone(base_source, tokenizer, weight_dtype, init_head=not has_trained_head(base_source))
-    if cfg.grad_checkpointing:
-        # Recompute activations in backward: memory O(layers) -> O(1) per layer, ~30% more compute.
-        # (newer transformers call it activation checkpointing; older ones, gradient checkpointing.)
-        enable = getattr(seqcls, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            seqcls.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora:
-        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-        if resuming:
-            seqcls = PeftModel.from_pretrained(seqcls, str(ckpt), is_trainable=True)
-        else:
-            # SEQ_CLS task: peft also trains (and saves) the `score` head in full.
-            seqcls = get_peft_model(seqcls, LoraConfig(
-                task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
-                lora_dropout=0.0, target_modules="all-linear"))
-    seqcls.to(device)
-    inner = seqcls.get_base_model() if lora else seqcls
-    causal = is_causal(inner.base_model, device)
-    net = reward_net(seqcls, causal)
+    inner, causal = net.inner, net.causal
     net.train()
     packed = cfg.pack and net.can_pack
     layout = pack if packed else collate
-    if packed and inner.config._attn_implementation == "sdpa":
-        from transformers import AttentionInterface
-        AttentionInterface.register(GQA_SDPA, gqa_sdpa)
-        inner.set_attn_implementation(GQA_SDPA)  # not saved: the checkpoint says sdpa as before
+    if packed:
+        use_packed_attention(inner)
     if cfg.pack and not packed and accelerator.is_main_process:
         print(f"note: shared-prompt packing needs a causal backbone with sdpa or eager attention "
               f"(this one: causal={causal}, {inner.config._attn_implementation}); using plain padding",
@@ -643,13 +294,8 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     params = [p for p in net.parameters() if p.requires_grad]
-    master = params  # what the optimizer steps
-    if mixed:
-        master = [p.detach().clone() for p in params]  # fp32: loaded (or resumed) in full precision
-        head = {id(p) for p in inner.score.parameters()}
-        for p in params:  # the same Parameter objects, now holding bf16; the head and buffers stay fp32
-            if id(p) not in head:  # (module.to(bf16) would also round the rotary inv_freq buffer)
-                p.data = p.data.to(torch.bfloat16)
+    # What the optimizer steps: the parameters themselves, or their fp32 masters (mixed).
+    master = fp32_masters(params, keep_fp32=inner.score.parameters()) if mixed else params
     # No weight decay on biases and norm gains (1-D tensors): decaying them only hurts.
     groups = [{"params": [p for p in master if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in master if p.ndim < 2], "weight_decay": 0.0}]
@@ -661,15 +307,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     step, train_seconds, train_cpu_seconds, pairs_seen = 0, 0.0, 0.0, 0
     norm, last_eval = {"gain": 1.0, "bias": 0.0}, {}
     if resuming:
-        # weights_only=False: our own file, holding Python RNG state next to the tensors.
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scheduler.lr_lambdas[0] = lr_factor  # the schedule follows the (maybe longer) run
-        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)  # and a new --lr, if given
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(state["step"])
-        set_rng_state(state["rng"])
+        state = restore_training_state(ckpt / STATE_FILE, optimizer, scheduler, lr_factor, cfg.lr)
         step, train_seconds, pairs_seen = state["step"], state["train_seconds"], state["pairs_seen"]
         train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
         norm, last_eval = state.get("norm", norm), state.get("last_eval", {})
@@ -695,15 +333,8 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             "pairs_seen": pairs_seen, "norm": norm,
             "last_eval": {k: v for k, v in last_eval.items() if not k.startswith("_")},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-        compute = [p.data for p in params]
-        if mixed:  # save the fp32 masters: point the Parameters at them for the write (no copy)
-            for p, m in zip(params, master):
-                p.data = m
-        try:
+        with masters_in_place(params, master if mixed else None):  # save the fp32 masters
             save_checkpoint(run, model, tokenizer, meta(), training_state)
-        finally:
-            for p, c in zip(params, compute):
-                p.data = c
         accelerator.wait_for_everyone()
 
     def do_eval(epoch: float) -> dict:
@@ -735,14 +366,14 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         return 128 + stop["signal"]
 
     from tqdm.auto import tqdm
-    config_record = read_json(run.path / "config.json")
+    config_record = read_json(run.path / CONFIG_FILE)
     config_record.update(total_steps=total_steps, steps_per_epoch=steps_per_epoch, warmup_steps=warmup_steps,
                          effective_batch=cfg.batch_size * cfg.grad_accum * world, processes=world,
                          device=str(device), max_length=max_length, truncation=cut_note,
                          prompts_cut=enc.prompts_cut, responses_cut=enc.responses_cut, causal_backbone=causal,
                          layout="packed" if packed else "padded", precision=precision)
     if main:
-        write_json(run.path / "config.json", config_record)
+        write_json(run.path / CONFIG_FILE, config_record)
     run.status("running", step / total_steps, f"training: step {step} of {total_steps}",
                step=step, total_steps=total_steps)
     if stop:
@@ -864,84 +495,6 @@ def _peak_rss() -> float:
     """Peak resident memory of this process in bytes (Linux reports KiB)."""
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-
-
-# --------------------------------------------------------------------------------------
-# Using a trained reward model
-# --------------------------------------------------------------------------------------
-
-class RewardModel:
-    """A trained reward model: `RewardModel.load(run_or_checkpoint_dir).score(prompts, responses)`.
-
-    Prompts are chat message lists, strings (one user message, or an HH transcript), or the
-    store's JSON spelling; responses are strings. Scores are normalised (mean 0, std 1 on the
-    run's validation set) unless `normalize=False`. Inputs are formatted and truncated exactly
-    as in training.
-    """
-
-    def __init__(self, seqcls, tokenizer, meta: dict, device, path: Path | None = None):
-        import torch
-        self.tokenizer, self.meta, self.device, self.path = tokenizer, meta, device, path
-        self.gain, self.bias = float(meta.get("gain", 1.0)), float(meta.get("bias", 0.0))
-        self.max_length = int(meta.get("max_length", 1024))
-        self.model = seqcls.to(device).eval()
-        self.model.score.float()  # a bf16 backbone is fine for scoring; the head's output keeps fp32 digits
-        causal = meta.get("causal")
-        self.net = reward_net(self.model, is_causal(self.model.base_model, device) if causal is None else causal)
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
-            else contextlib.nullcontext
-
-    @classmethod
-    def load(cls, path, device=None, dtype=None) -> "RewardModel":
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        from trainer.models import pick_device, pick_dtype
-        path = Path(path)
-        if (path / CHECKPOINT).is_dir():  # a run directory: its checkpoint
-            path = path / CHECKPOINT
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no reward model here (a run directory or a checkpoint)")
-        device = pick_device(device)
-        meta = read_json(path / META_FILE)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        choose_pad_token(tokenizer)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=pick_dtype(device, dtype))
-        return cls(model, tokenizer, meta, device, path)
-
-    def encode(self, prompts, responses) -> tuple[list[list[int]], int]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts] * len(responses)  # one prompt, several answers
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        messages = [as_messages(p) for p in prompts]
-        answers = [as_response(r) for r in responses]
-        ids, _, _ = encode_texts(self.tokenizer, messages, answers, self.max_length)
-        return ids, self.tokenizer.pad_token_id
-
-    def score(self, prompts, responses, *, normalize: bool = True, batch_size: int = 16) -> list[float]:
-        """One reward per (prompt, response); normalised unless normalize=False."""
-        import torch
-        ids, pad_id = self.encode(prompts, responses)
-        out = np.zeros(len(ids), dtype=np.float64)
-        order = np.argsort([-len(s) for s in ids], kind="stable")  # similar lengths together
-        with torch.inference_mode(), self.autocast():
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
-                width = max(len(ids[i]) for i in rows)
-                x = torch.full((len(rows), width), pad_id, dtype=torch.long)
-                mask = torch.zeros_like(x)
-                for k, i in enumerate(rows):
-                    x[k, :len(ids[i])] = torch.tensor(ids[i])
-                    mask[k, :len(ids[i])] = 1
-                last = mask.sum(1) - 1  # right padding: the last real token (the answer's EOS)
-                r = self.net(input_ids=x.to(self.device), attention_mask=mask.to(self.device),
-                             read_row=torch.arange(len(rows), device=self.device), read_col=last.to(self.device))
-                out[rows] = r.cpu().numpy()
-        if normalize:
-            out = self.gain * out + self.bias
-        return out.tolist()
-
-
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer.errors import PreflabError
 from trainer.store import describe, is_database, messages_to_json, read_comparisons
 
 TIE_MODES = ("exclude", "include")
@@ -38,7 +39,7 @@ HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
 HH_CUE = "\n\nAssistant:"
 
 
-class RewardDataError(ValueError):
+class RewardDataError(PreflabError, ValueError):
     """Input that a reward model cannot be trained on. The message says what to change."""
 
 

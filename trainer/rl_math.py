@@ -10,6 +10,7 @@ Sequence-level tensors are [rows].
     rloo_advantages(rewards, k)                   leave-one-out baseline over k samples of a prompt
     ppo_policy_loss / ppo_value_loss              the clipped surrogate objectives
     sequence_policy_loss                          the same on whole answers (RLOO / REINFORCE)
+    explained_variance(values, returns, mask)     how much of the returns the value head predicts
     AdaptiveKLController                          Ziegler et al. (2019): steer the KL to a target
 
 References: Schulman et al. 2016 (GAE), Schulman et al. 2017 (PPO), Ziegler et al. 2019
@@ -167,6 +168,19 @@ def sequence_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages:
     with torch.no_grad():
         clipped = (loss_clipped > loss_unclipped).float().sum()
     return loss.sum(), clipped
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       reduce: Reduce = None) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (pooled over processes
+    when `reduce` is given), as CleanRL logs it: 1 when the value head predicts the returns
+    exactly, 0 when it does no better than their mean, below 0 when worse. NaN when the
+    returns do not vary (or there are fewer than two tokens): the ratio is undefined then."""
+    _, var_returns = _moments(returns, mask, reduce)
+    _, var_error = _moments(returns - values, mask, reduce)
+    if not float(var_returns) > 0:
+        return float("nan")
+    return float(1.0 - var_error / var_returns)
 
 
 class AdaptiveKLController:

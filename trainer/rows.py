@@ -18,15 +18,17 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from trainer.errors import PreflabError
+
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-class BadRow(ValueError):
+class BadRow(PreflabError, ValueError):
     """One row that cannot be used; the message is the reason shown to the user."""
 
 
-class RowFileError(ValueError):
+class RowFileError(PreflabError, ValueError):
     """A file that cannot be read as rows at all. The message names the file."""
 
 

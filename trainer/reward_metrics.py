@@ -1,0 +1,131 @@
+"""The Bradley-Terry loss of a reward model and its validation metrics.
+
+    per_pair = preference_loss(r_chosen, r_rejected, label, margin, center)
+    metrics = evaluate(net, enc, val_idx, cfg, pad_id, device, autocast)   # val_loss, val_acc, val_ece...
+
+For a pair with rewards r_c (chosen) and r_r (rejected), label y (1 = a vote, 0.5 = a tie
+or both-bad vote) and margin m (vote strength, when asked for):
+
+    d    = r_c - r_r - m
+    loss = -[y log sigmoid(d) + (1 - y) log sigmoid(-d)] + center * (r_c + r_r)^2
+
+With y = 1 this is TRL's RewardTrainer loss exactly (tests check it numerically).
+Used by the training script (trainer/reward.py). torch is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer.reward_data import collate, pack
+
+
+def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float = 0.0):
+    """Per-pair Bradley-Terry loss (a tensor of shape [pairs]); see the module docstring.
+    The caller sums and divides by the pairs in the optimizer step, so that gradient
+    accumulation gives the same update as one big batch."""
+    import torch.nn.functional as F
+    d = r_chosen - r_rejected
+    if margin is not None:
+        d = d - margin  # ask for a gap of at least `margin` (a clear preference: wider)
+    if label is None:
+        loss = -F.logsigmoid(d)
+    else:
+        # Soft label: a tie (y = 0.5) is minimised at d = 0, i.e. equal rewards.
+        loss = -(label * F.logsigmoid(d) + (1 - label) * F.logsigmoid(-d))
+    if center:
+        # Reward centering: keeps rewards near 0 without changing what is preferred.
+        loss = loss + center * (r_chosen + r_rejected) ** 2
+    return loss
+
+
+def expected_calibration_error(p_chosen: np.ndarray, bins: int = 10) -> float:
+    """ECE of P(chosen beats rejected) = sigmoid(r_c - r_r) on votes: confidence is
+    max(p, 1 - p), correct is p > 0.5; the bin-weighted gap between the two."""
+    if len(p_chosen) == 0:
+        return float("nan")
+    conf = np.maximum(p_chosen, 1 - p_chosen)
+    correct = (p_chosen > 0.5).astype(np.float64)
+    which = np.minimum(((conf - 0.5) * 2 * bins).astype(np.int64), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+def to_device(batch: dict, device) -> dict:
+    """The model's inputs from a pack()/collate() batch, on the device."""
+    keys = ("input_ids", "read_row", "read_col", "attention_mask", "position_ids", "segment", "branch")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+
+
+def predict(net, enc, idx, batch_size: int, pad_id: int, device, autocast, accelerator=None, packed=True):
+    """Rewards (r_chosen, r_rejected) for the pairs `idx`, in that order. Pairs are run
+    longest first in length-sorted batches (little padding); under DDP each process scores
+    every world-size-th batch and the results are gathered."""
+    import torch
+    idx = np.asarray(idx, dtype=np.int64)
+    layout = pack if packed else collate
+    order = idx[np.argsort(-enc.lengths(packed)[idx], kind="stable")]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    row_of = np.zeros(len(enc), dtype=np.int64)
+    row_of[idx] = np.arange(len(idx))  # pair index -> its row in the result
+    rc = np.full(len(idx), np.nan, dtype=np.float64)
+    rr = np.full(len(idx), np.nan, dtype=np.float64)
+    with torch.inference_mode(), autocast():
+        for b in batches[rank::world]:
+            r = net(**to_device(layout(enc, b, pad_id), device))
+            c, j = r.chunk(2)
+            rc[row_of[b]], rr[row_of[b]] = c.cpu().numpy(), j.cpu().numpy()
+    if world > 1:
+        # Each process filled its own rows (NaN elsewhere); gather and take the filled value.
+        both = torch.tensor(np.stack([rc, rr]), device=device)
+        gathered = accelerator.gather(both[None]).cpu().numpy()  # [world, 2, pairs]
+        filled = ~np.isnan(gathered)
+        merged = np.where(filled, gathered, 0.0).sum(axis=0)
+        rc, rr = merged[0], merged[1]
+    return rc, rr
+
+
+def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None,
+             packed: bool = True) -> dict:
+    """Validation metrics: loss (as trained), accuracy and calibration on votes, reward
+    scale, and length bias (does the reward just count tokens?). `cfg`: the run's
+    RewardConfig (its eval_batch_size, margin and center)."""
+    import torch
+    if len(idx) == 0:
+        return {}
+    net.eval()
+    rc, rr = predict(net, enc, idx, cfg.eval_batch_size, pad_id, device, autocast, accelerator, packed)
+    net.train()
+    label, margin = enc.label[idx], enc.margin[idx]
+    loss = preference_loss(torch.tensor(rc), torch.tensor(rr), torch.tensor(label, dtype=torch.float64),
+                           torch.tensor(margin, dtype=torch.float64) if cfg.margin else None, cfg.center)
+    votes = label == 1.0  # accuracy and calibration are about votes; ties have no right answer
+    p = 1.0 / (1.0 + np.exp(-(rc - rr)))
+    rewards = np.concatenate([rc, rr])
+    lengths = np.concatenate([enc.chosen_len[idx], enc.rejected_len[idx]]).astype(np.float64)
+    longer_wins = np.where(enc.chosen_len[idx] >= enc.rejected_len[idx], rc > rr, rr > rc)
+    return {
+        "val_pairs": int(len(idx)),
+        "val_loss": float(loss.mean()),
+        "val_acc": float((rc[votes] > rr[votes]).mean()) if votes.any() else float("nan"),
+        "val_ece": expected_calibration_error(p[votes]),
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "length_corr": pearson(rewards, lengths),          # reward vs answer length in tokens
+        "longer_preferred": float(longer_wins.mean()),      # how often the longer answer scores higher
+        "_rewards": rewards,                                # for the normalisation (not logged)
+    }
