@@ -33,7 +33,7 @@ def head_to_head(votes: pa.Table | None, model_x: str, model_y: str, both_bad: s
     Counts every standing vote whose two sides are x and y, in either order. n is the
     number of votes used; win_rate and ci are None when n is 0.
     """
-    from annotate.stats import wilson_interval
+    from trainer.evaluate import wilson_interval
 
     wins = losses = ties = 0
     if votes is not None and votes.num_rows:

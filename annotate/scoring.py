@@ -173,7 +173,7 @@ class PairScorer:
                 self._model = self._loader(self.run_dir)
             else:
                 import torch
-                from trainer.reward import RewardModel
+                from trainer.reward_model import RewardModel
                 cores = os.cpu_count() or 1
                 if cores > 1 and torch.get_num_threads() >= cores:
                     torch.set_num_threads(cores - 1)   # leave a core to the web server's requests

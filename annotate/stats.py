@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from annotate.agreement import _krippendorff_alpha, cohens_kappa
 from annotate.vote_arrays import A, B, BOTH_BAD, N_CHOICES, TIE, VoteArrays, Votes, ratio
 from trainer.store import CHOICES
-from trainer.evaluate import wilson_interval  # noqa: F401  (one implementation, shared with the policy eval)
+from trainer.evaluate import wilson_interval
 
 _US_PER_DAY = 86_400 * 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

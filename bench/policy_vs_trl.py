@@ -123,7 +123,7 @@ def run_trl(kind: str, args, source: str, reward: Path, prompts, work: Path, cud
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from trainer.reward import RewardModel
+    from trainer.reward_model import RewardModel
 
     hf_logging.set_verbosity_error()
     rm = RewardModel.load(reward)

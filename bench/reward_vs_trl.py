@@ -224,7 +224,8 @@ def prepare_split(args, data_path: Path, model: str, work: Path) -> Path:
     """Write what run_trl reads (the split snapshot, config, tokenizer) without training:
     the same split and tokenizer set-up our trainer makes."""
     from trainer.models import load_tokenizer
-    from trainer.reward import choose_pad_token, write_json
+    from trainer.reward_model import choose_pad_token
+    from trainer.runs import write_json
     from trainer.reward_data import read_pairs, save_snapshot, split_by_prompt
     run_dir = work / "split"
     (run_dir / "checkpoint").mkdir(parents=True)

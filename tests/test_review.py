@@ -56,7 +56,7 @@ def cast(store, pair, annotator, choice, strength=None, left="a"):
 # --------------------------------------------------------------------------------------
 
 def test_scores_are_the_reward_models_and_cached_per_run(reward_run, tmp_path):
-    from trainer.reward import RewardModel
+    from trainer.reward_model import RewardModel
 
     pairs = [pair_from_row(pair_row(i)) for i in range(5)]
     data = tmp_path / "store"

@@ -47,7 +47,7 @@ def wait_done(page, timeout=180_000):
 
 
 def test_review_tab_shows_reward_scores_beside_the_human_vote(review_app, browser):
-    from trainer.reward import RewardModel
+    from trainer.reward_model import RewardModel
 
     server, store, run, pairs = review_app
     page = login(browser, server.url, "boss")

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from annotate import agreement, stats
+from trainer.evaluate import wilson_interval
 from trainer.store import messages_to_json, records_to_table, validate_record
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -64,13 +65,13 @@ def test_choice_rates_of_no_votes_are_nan_not_an_error():
     (50, 100, 0.40383, 0.59617),
 ])
 def test_wilson_interval_matches_hand_computed_values(k, n, low, high):
-    got_low, got_high = stats.wilson_interval(k, n)
+    got_low, got_high = wilson_interval(k, n)
     assert got_low == pytest.approx(low, abs=1e-5)
     assert got_high == pytest.approx(high, abs=1e-5)
 
 
 def test_wilson_interval_of_nothing_is_nan():
-    assert all(math.isnan(x) for x in stats.wilson_interval(0, 0))
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
 
 
 def test_position_bias_counts_the_chosen_side_against_the_left_side():
@@ -86,7 +87,7 @@ def test_position_bias_counts_the_chosen_side_against_the_left_side():
     bias = stats.position_bias(t)
     assert bias["n"] == 5
     assert bias["share_left"] == pytest.approx(3 / 5)
-    low, high = stats.wilson_interval(3, 5)
+    low, high = wilson_interval(3, 5)
     assert (bias["low"], bias["high"]) == (pytest.approx(low), pytest.approx(high))
     # 3/5 with n = 5 is far from significant: the interval must contain 0.5.
     assert bias["low"] < 0.5 < bias["high"]

@@ -24,7 +24,8 @@ from annotate import cli as preflab
 from annotate.launcher import Launcher, LaunchError, arena_file
 from annotate.web.leaderboard_tab import page
 from annotate.review import Reviewer
-from trainer.policy import PolicyInputError, load_prompts
+from trainer.errors import PolicyInputError
+from trainer.prompts import load_prompts
 from trainer.reward_data import read_pairs
 from trainer.store import (SCHEMA, describe, messages_to_json, open_store, pair_id_for, prompt_id_for,
                            read_comparisons)

@@ -60,7 +60,6 @@ from trainer.reward_data import (RewardDataError, collate, encode_pairs, length_
 from trainer.reward_metrics import evaluate, preference_loss, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
 from trainer.reward_state import fp32_masters, masters_in_place, restore_training_state
-from trainer.reward_model import RewardModel  # noqa: F401  (still imported from here by annotate/review.py)
 from trainer.runs import (CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, STATE_FILE, Run, config_from_args, read_json,
                           supervise, write_json)
 from trainer.store import DATA_HELP

@@ -71,7 +71,7 @@ def metrics_html(s: dict[str, Any], q: dict[str, Any]) -> str:
 
 
 def annotator_table(by_annotator):
-    from annotate.stats import wilson_interval
+    from trainer.evaluate import wilson_interval
 
     out = by_annotator.copy()
     # Position bias per annotator with its 95% interval: a narrow interval away from 50%

@@ -11,6 +11,7 @@ readers return (standing votes, retractions applied, the same Arrow schema) are 
 same code for both.
 
     record.py            the schema, validation, "standing votes"
+    targets.py           what a target names, printed without its password
     errors.py            StoreError and its kinds (each names what is at fault)
     directory_reader.py  the directory layout and how it is read
     directory_writer.py  appending to a directory: tail segments, part files, recovery
@@ -22,7 +23,6 @@ same code for both.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import pyarrow as pa
@@ -33,48 +33,10 @@ from trainer.store.record import (CHOICES, FIELDS, KINDS, SCHEMA, SCHEMA_VERSION
                                   RecordError, apply_retractions, messages_to_json, pair_id_for,
                                   prompt_id_for, records_to_table, validate_record)
 
+from trainer.store.targets import describe, is_database, target_key, without_password  # noqa: F401
+
 # What `--data` means, for every command's --help.
 DATA_HELP = "the comparison store: a directory, or postgresql://user@host:port/db"
-
-_URL = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
-
-
-def is_database(target: str | os.PathLike) -> bool:
-    """True for a `postgresql://` (or `postgres://`) URL, False for a directory path."""
-    return bool(_URL.match(str(target)))
-
-
-def describe(target: str | os.PathLike) -> str:
-    """The target as it may be printed: a URL's password is masked, in the user part
-    (`user:pw@`, `:pw@`) and as a `password=` parameter."""
-    text = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(target))
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", text, flags=re.IGNORECASE)
-
-
-def without_password(target: str | os.PathLike) -> tuple[str, str | None]:
-    """(the target with its password taken out, the password or None). A trainer started
-    by the page gets the first on its command line and in its run directory, and the
-    password in its environment (PGPASSWORD, which libpq reads), never on disk."""
-    text = str(target)
-    if not is_database(text):
-        return text, None
-    from urllib.parse import unquote
-    found = re.search(r"(://[^:/@]*):([^@/]*)@", text)
-    if found:
-        return text[:found.start()] + found.group(1) + "@" + text[found.end():], unquote(found.group(2))
-    found = re.search(r"([?&])password=([^&]*)&?", text, flags=re.IGNORECASE)
-    if found:
-        rest = text[:found.start()] + (found.group(1) if text[found.end():] else "") + text[found.end():]
-        return rest.rstrip("?&"), unquote(found.group(2))
-    return text, None
-
-
-def target_key(target: str | os.PathLike) -> str:
-    """A short stable name for a store (its password left out): for local files that
-    belong with a database store, such as a server's pair cache."""
-    import hashlib
-    return "pg-" + hashlib.sha256(describe(target).encode()).hexdigest()[:12]
-
 
 def open_store(target: str | os.PathLike, **options: Any):
     """A writer on the store: `DirectoryStore` for a path, `PostgresStore` for a URL.

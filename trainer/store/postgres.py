@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from trainer.store import describe
+from trainer.store.targets import describe
 from trainer.store.errors import StoreError, StorePermissionError, StoreUnavailable, StoreWriteError, VoteConflict
 from trainer.store.postgres_schema import VOTE_CONFLICT, has_events_table, migrate
 from trainer.store.record import (FIELDS, SCHEMA, RecordError, check_columns, complete_record, empty_table,
