@@ -1,23 +1,37 @@
 """The Train tab (admins): start reward and policy trainings, watch them, cancel them,
 and put a finished policy into the arena.
 
-Built inside app.build_app's `gr.Tabs()`; every handler checks the caller's role on the
-server (hiding the tab is cosmetic). All it shows is read from the run directories
-(annotate/launcher.py), so a reload, a second browser or a restarted server shows the
-same runs, progress and plots; a gr.Timer polls while a run is queued or running.
+    build_train_tab(demo, ctx, guard)     # inside the page's gr.Tabs(); ctx.launcher runs the trainers
+
+Built inside the page's `gr.Tabs()`; every handler checks the caller's role on the server
+(hiding the tab is cosmetic). The form's defaults, choices and the names its errors use
+come from the trainers' config dataclasses (trainer.reward.RewardConfig,
+trainer.policy.PolicyConfig), and its values go through their check (annotate.launcher).
+All it shows is read from the run directories, so a reload, a second browser or a
+restarted server shows the same runs, progress and plots; a gr.Timer polls while a run is
+queued or running.
 """
+
+from __future__ import annotations
 
 import time
 from typing import Any
 
+from annotate.arena import add_to_arena, in_arena
+from annotate.launcher import REPO, ROW_HEADERS, LaunchError, RunInfo
 from annotate.web.html import escape as _e
-from annotate.launcher import (DEFAULT_PROMPTS, PLOTS, REPO, ROW_HEADERS, Launcher, LaunchError, RunInfo,
-                               add_to_arena, in_arena)
-from trainer.evaluate import EVAL_FILE
-from trainer.runs import read_json
+from trainer.runs import LOG_FILE, POLICY_DIR, RunDir
 from trainer.store import describe
 
 POLL_S = 2.0
+
+# What the tab plots, per kind: (title, [(record kind, key, series label), ...]).
+PLOTS = {
+    "reward": [("Loss", [("train", "loss", "train"), ("eval", "val_loss", "validation")]),
+               ("Accuracy", [("train", "acc", "train"), ("eval", "val_acc", "validation")])],
+    "policy": [("Reward", [("train", "reward_mean", "reward (mean)"), ("train", "objective", "reward - beta KL")]),
+               ("KL to the reference", [("train", "kl", "KL per answer")])],
+}
 
 
 def message_html(text: str, error: bool = False) -> str:
@@ -32,7 +46,7 @@ def progress_html(info: RunInfo | None, arena_note: str = "") -> str:
     colour = {"done": "#16a34a", "failed": "#dc2626", "cancelled": "#a1a1aa"}.get(info.state, "#6366f1")
     steps = f" · step {info.step} of {info.total_steps}" if info.total_steps else ""
     note = f'<div class="run-note">{_e(arena_note)}</div>' if arena_note else ""
-    ev = read_json(info.path / EVAL_FILE) if info.kind == "policy" else {}
+    ev = RunDir(info.path).eval() if info.kind == "policy" else {}
     if ev.get("rm_win_rate") is not None:  # trainer/evaluate.py, at the end of a policy run
         lo, hi = ev.get("rm_win_rate_ci", [0, 1])
         note += (f'<div class="run-eval">Reward-model win rate over {_e(ev.get("reference"))} on '
@@ -58,13 +72,19 @@ def plot_frame(rows: list[dict[str, Any]]):
                          "series": pd.Series([r["series"] for r in rows], dtype="string")})
 
 
-def build_train_tab(demo, service, admin):
-    """The tab and its events. `admin(request)` raises gr.Error unless the caller is an admin."""
+def build_train_tab(demo, ctx, guard) -> None:
+    """The tab and its events. `ctx.launcher` starts the runs; `guard.admin(request)`
+    raises gr.Error unless the caller is an admin."""
     import gradio as gr
     import pandas as pd
 
-    launcher = Launcher(service.runs_dir, store=service.data)
-    service.launcher = launcher
+    from trainer.config import field_meta
+    from trainer.policy import DEFAULT_PROMPTS, PolicyConfig
+    from trainer.reward import RewardConfig
+
+    launcher = ctx.launcher
+    r_defaults, p_defaults = RewardConfig(), PolicyConfig()     # the form's defaults are the trainers'
+    r_meta, p_meta = field_meta(RewardConfig), field_meta(PolicyConfig)
     try:
         prompts_default = str(DEFAULT_PROMPTS.relative_to(REPO))
     except ValueError:
@@ -73,47 +93,49 @@ def build_train_tab(demo, service, admin):
     with gr.Tab("Train", id="train", visible=False) as tab:
         gr.Markdown(f"Trainings run as separate processes and write to `{launcher.runs_dir}`; they keep "
                     f"running when this page or the server goes away. Reward models train on the votes in "
-                    f"`{describe(service.data)}`.")
+                    f"`{describe(ctx.data)}`.")
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel"):
                 gr.Markdown("**Reward model** (Bradley-Terry, on the votes)")
-                r_model = gr.Textbox("smollm2", label="Base model", elem_id="reward-model",
+                r_model = gr.Textbox(r_defaults.model, label=r_meta["model"]["label"], elem_id="reward-model",
                                      info="smollm2 (default), tiny, a model directory or a cached HF id")
                 with gr.Row():
-                    r_epochs = gr.Number(1, label="Epochs", precision=0, elem_id="reward-epochs")
-                    r_lr = gr.Number(2e-5, label="Learning rate", elem_id="reward-lr")
-                    r_lora = gr.Number(0, label="LoRA rank (0: all weights)", precision=0,
+                    r_epochs = gr.Number(r_defaults.epochs, label=r_meta["epochs"]["label"], precision=0, elem_id="reward-epochs")
+                    r_lr = gr.Number(r_defaults.lr, label=r_meta["lr"]["label"], elem_id="reward-lr")
+                    r_lora = gr.Number(r_defaults.lora_r, label=f"{r_meta['lora_r']['label']} (0: all weights)", precision=0,
                                        elem_id="reward-lora")
                 with gr.Row():
-                    r_ties = gr.Radio(["exclude", "include"], value="exclude", label="Ties",
+                    r_ties = gr.Radio(list(r_meta["ties"]["choices"]), value=r_defaults.ties, label=r_meta["ties"]["label"],
                                       info="include: a soft label 0.5 (equal rewards)", elem_id="reward-ties")
-                    r_both_bad = gr.Radio(["exclude", "include"], value="exclude", label="Both-bad votes",
+                    r_both_bad = gr.Radio(list(r_meta["both_bad"]["choices"]), value=r_defaults.both_bad,
+                                          label=r_meta["both_bad"]["label"],
                                           info="include: a soft label 0.5", elem_id="reward-both-bad")
                 with gr.Accordion("More settings", open=False):
                     with gr.Row():
-                        r_batch = gr.Number(8, label="Batch size (pairs)", precision=0,
+                        r_batch = gr.Number(r_defaults.batch_size, label=f"{r_meta['batch_size']['label']} (pairs)", precision=0,
                                             elem_id="reward-batch")
-                        r_maxlen = gr.Number(1024, label="Max length (tokens)", precision=0,
+                        r_maxlen = gr.Number(r_defaults.max_length, label=f"{r_meta['max_length']['label']} (tokens)", precision=0,
                                              elem_id="reward-max-length")
                 r_start = gr.Button("Train reward model", variant="primary", elem_id="start-reward")
             with gr.Column(variant="panel"):
                 gr.Markdown("**Policy** (RL against a finished reward model)")
-                p_reward = gr.Dropdown([], value=None, label="Reward model (a finished reward run)",
+                p_reward = gr.Dropdown([], value=None, label=f"{p_meta['reward']['label']} (a finished reward run)",
                                        elem_id="policy-reward", allow_custom_value=False)
                 with gr.Row():
-                    p_algo = gr.Radio(["ppo", "rloo"], value="ppo", label="Algorithm", elem_id="policy-algo")
-                    p_steps = gr.Number(100, label="Steps", precision=0, elem_id="policy-steps")
+                    p_algo = gr.Radio(list(p_meta["algo"]["choices"]), value=p_defaults.algo, label=p_meta["algo"]["label"],
+                                      elem_id="policy-algo")
+                    p_steps = gr.Number(p_defaults.steps, label=p_meta["steps"]["label"], precision=0, elem_id="policy-steps")
                 with gr.Row():
-                    p_lr = gr.Number(3e-6, label="Learning rate", elem_id="policy-lr")
-                    p_kl = gr.Number(0.05, label="KL coefficient", elem_id="policy-kl")
-                p_prompts = gr.Textbox(prompts_default, label="Prompts file", elem_id="policy-prompts")
-                p_model = gr.Textbox("", label="Base model (the starting policy)", elem_id="policy-model",
+                    p_lr = gr.Number(p_defaults.lr, label=p_meta["lr"]["label"], elem_id="policy-lr")
+                    p_kl = gr.Number(p_defaults.kl_coef, label=p_meta["kl_coef"]["label"], elem_id="policy-kl")
+                p_prompts = gr.Textbox(prompts_default, label=p_meta["prompts"]["label"], elem_id="policy-prompts")
+                p_model = gr.Textbox("", label=f"{p_meta['model']['label']} (the starting policy)", elem_id="policy-model",
                                      placeholder="blank: the reward model's base model")
                 with gr.Accordion("More settings", open=False):
                     with gr.Row():
-                        p_batch = gr.Number(16, label="Prompts per step", precision=0,
+                        p_batch = gr.Number(p_defaults.batch_size, label="Prompts per step", precision=0,
                                             elem_id="policy-batch")
-                        p_new = gr.Number(64, label="Max new tokens", precision=0,
+                        p_new = gr.Number(p_defaults.max_new_tokens, label=p_meta["max_new_tokens"]["label"], precision=0,
                                           elem_id="policy-max-new-tokens")
                 p_start = gr.Button("Train policy", variant="primary", elem_id="start-policy")
         t_message = gr.HTML(message_html(""), js_on_load=None)
@@ -131,7 +153,7 @@ def build_train_tab(demo, service, admin):
                                    elem_id="run-plot-a")
             t_plot_b = gr.LinePlot(empty, x="step", y="value", color="series", title="Metrics", height=280,
                                    elem_id="run-plot-b")
-        t_log = gr.Textbox("", label="Log (last lines of log.txt)", lines=10, max_lines=10, interactive=False,
+        t_log = gr.Textbox("", label=f"Log (last lines of {LOG_FILE})", lines=10, max_lines=10, interactive=False,
                            elem_id="run-log", autoscroll=True)
         with gr.Row():
             t_cancel = gr.Button("Cancel run", variant="stop", interactive=False, scale=0, min_width=140,
@@ -150,10 +172,10 @@ def build_train_tab(demo, service, admin):
             return ""
         if not info.servable:
             return "This run has no policy directory to serve."
-        if service.generator is None:
+        if ctx.generator is None:
             return ("This server shows pairs from a file (--pairs): there is no arena to add the policy to; "
-                    f"serve it with `preflab serve --model {info.path / 'policy'}`.")
-        if in_arena(service.generator, info.run_id):
+                    f"serve it with `preflab serve --model {info.path / POLICY_DIR}`.")
+        if in_arena(ctx.generator, info.run_id):
             return f"In the arena: votes on its answers are recorded as model {info.run_id}."
         return "Add to arena: its answers are then paired with the other models'."
 
@@ -185,7 +207,7 @@ def build_train_tab(demo, service, admin):
                 plots = (plot_update(info, 0, reader), plot_update(info, 1, reader))
             if not seen or seen.get("run") != info.run_id or seen.get("log") != tail:
                 log = tail
-        servable = info is not None and info.servable and not in_arena(service.generator, info.run_id)
+        servable = info is not None and info.servable and not in_arena(ctx.generator, info.run_id)
         # The dropdowns only when they change: an update closes one the user has open.
         lists = [ids, selected, rewards, reward_value]
         if new_seen is not None:
@@ -204,70 +226,79 @@ def build_train_tab(demo, service, admin):
                 new_seen)
 
     # ---- handlers (each checks the role) ------------------------------------------------
+    def outcome(action, *args) -> tuple[Any, str | None]:
+        """(result, None), or (None, the message) when the launcher refuses: a launch
+        problem is reported in the tab's message line under the form, where the user
+        fixes the field it names (anything else goes through guard.errors())."""
+        try:
+            return action(*args), None
+        except LaunchError as e:
+            return None, str(e)
+
     def on_load(request: gr.Request):
-        if not service.is_admin(request):
+        if not guard.is_admin(request):
             return (gr.Tab(visible=False), *[gr.skip()] * len(refresh_outputs))
-        return (gr.Tab(visible=True), *refresh(None, None))
+        with guard.errors():
+            return (gr.Tab(visible=True), *refresh(None, None))
 
     def on_refresh(selected, seen, reward_choice, request: gr.Request):
-        admin(request)
-        return refresh(selected, seen, reward_choice)
+        guard.admin(request)
+        with guard.errors():
+            return refresh(selected, seen, reward_choice)
 
     def on_select(selected, reward_choice, request: gr.Request):
-        admin(request)
-        return refresh(selected, None, reward_choice)
+        guard.admin(request)
+        with guard.errors():
+            return refresh(selected, None, reward_choice)
 
     def on_row(seen, reward_choice, evt: gr.SelectData, request: gr.Request):
-        admin(request)
+        guard.admin(request)
         row = evt.row_value or []
-        return refresh(row[0] if row else None, None, reward_choice)
+        with guard.errors():
+            return refresh(row[0] if row else None, None, reward_choice)
 
     def on_start_reward(model, epochs, lr, ties, both_bad, lora, batch, maxlen, selected, reward_choice,
                         request: gr.Request):
-        admin(request)
-        try:
-            info = launcher.start_reward(service.data, model=model, epochs=epochs, lr=lr, ties=ties,
-                                         both_bad=both_bad, lora_r=lora, batch_size=batch, max_length=maxlen)
-        except LaunchError as e:
-            return (message_html(str(e), error=True), *refresh(selected, None, reward_choice))
-        return (message_html(f"Started reward run {info.run_id} at {time.strftime('%H:%M:%S')}."),
-                *refresh(info.run_id, None, reward_choice))
+        guard.admin(request)
+        with guard.errors():
+            info, problem = outcome(lambda: launcher.start_reward(
+                ctx.data, model=model, epochs=epochs, lr=lr, ties=ties, both_bad=both_bad, lora_r=lora,
+                batch_size=batch, max_length=maxlen))
+            if problem:
+                return (message_html(problem, error=True), *refresh(selected, None, reward_choice))
+            return (message_html(f"Started reward run {info.run_id} at {time.strftime('%H:%M:%S')}."),
+                    *refresh(info.run_id, None, reward_choice))
 
     def on_start_policy(reward, algo, steps, lr, kl, prompts, model, batch, new_tokens, selected,
                         request: gr.Request):
-        admin(request)
-        try:
-            info = launcher.start_policy(reward, algo=algo, steps=steps, lr=lr, kl_coef=kl, prompts=prompts,
-                                         model=model, batch_size=batch, max_new_tokens=new_tokens)
-        except LaunchError as e:
-            return (message_html(str(e), error=True), *refresh(selected, None, reward))
-        return (message_html(f"Started policy run {info.run_id} at {time.strftime('%H:%M:%S')}."),
-                *refresh(info.run_id, None, reward))
+        guard.admin(request)
+        with guard.errors():
+            info, problem = outcome(lambda: launcher.start_policy(
+                reward, algo=algo, steps=steps, lr=lr, kl_coef=kl, prompts=prompts, model=model,
+                batch_size=batch, max_new_tokens=new_tokens))
+            if problem:
+                return (message_html(problem, error=True), *refresh(selected, None, reward))
+            return (message_html(f"Started policy run {info.run_id} at {time.strftime('%H:%M:%S')}."),
+                    *refresh(info.run_id, None, reward))
 
     def on_cancel(selected, seen, reward_choice, request: gr.Request):
-        admin(request)
-        try:
-            text, error = launcher.cancel(selected), False
-        except LaunchError as e:
-            text, error = str(e), True
-        return (message_html(text, error), *refresh(selected, seen, reward_choice))
+        guard.admin(request)
+        with guard.errors():
+            text, problem = outcome(launcher.cancel, selected)
+            return (message_html(problem or text, bool(problem)), *refresh(selected, seen, reward_choice))
 
     def on_resume(selected, seen, reward_choice, request: gr.Request):
-        admin(request)
-        try:
-            info = launcher.resume(selected)
-            text, error = f"Resumed {info.run_id} at {time.strftime('%H:%M:%S')}.", False
-        except LaunchError as e:
-            text, error = str(e), True
-        return (message_html(text, error), *refresh(selected, None, reward_choice))
+        guard.admin(request)
+        with guard.errors():
+            info, problem = outcome(launcher.resume, selected)
+            text = problem or f"Resumed {info.run_id} at {time.strftime('%H:%M:%S')}."
+            return (message_html(text, bool(problem)), *refresh(selected, None, reward_choice))
 
     def on_arena(selected, seen, reward_choice, request: gr.Request):
-        admin(request)
-        try:
-            text, error = add_to_arena(service.generator, service.state_dir, launcher, selected), False
-        except LaunchError as e:
-            text, error = str(e), True
-        return (message_html(text, error), *refresh(selected, seen, reward_choice))
+        guard.admin(request)
+        with guard.errors():
+            text, problem = outcome(add_to_arena, ctx.generator, ctx.state_dir, launcher, selected)
+            return (message_html(problem or text, bool(problem)), *refresh(selected, seen, reward_choice))
 
     kw = dict(api_visibility="private", concurrency_limit=4, concurrency_id="train")
     quiet = dict(kw, show_progress="hidden")
@@ -284,4 +315,3 @@ def build_train_tab(demo, service, admin):
     t_cancel.click(on_cancel, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
     t_resume.click(on_resume, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
     t_arena.click(on_arena, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
-    return tab
