@@ -256,7 +256,7 @@ def typed_values(config_class: type, raw: dict[str, Any]) -> dict[str, Any]:
         except ValueError as e:
             problems.append((name, str(e)))
     if problems:
-        raise ConfigError(problems, config_class)
+        raise getattr(config_class, "error", ConfigError)(problems, config_class)
     return out
 
 

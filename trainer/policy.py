@@ -205,7 +205,7 @@ class PolicyConfig(Config):
         yield "gamma", not 0 <= cfg.gamma <= 1, "must be in [0, 1]"
         yield "lam", not 0 <= cfg.lam <= 1, "must be in [0, 1]"
         yield "clip", not cfg.clip > 0, "must be positive"
-        yield "kl_coef", cfg.kl_coef < 0, "must be >= 0"
+        yield "kl_coef", cfg.kl_coef < 0, "must be at least 0"
         yield "kl_target", cfg.kl_target < 0, "must be >= 0"
         yield "baseline_decay", not 0 <= cfg.baseline_decay < 1, "must be in [0, 1)"
         yield "max_kl", cfg.max_kl < 0, "must be >= 0 (0 turns the check off)"
