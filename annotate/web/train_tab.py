@@ -10,9 +10,10 @@ trainer.policy.PolicyConfig), and its values go through their check (annotate.la
 All it shows is read from the run directories, so a reload, a second browser or a
 restarted server shows the same runs, progress and plots; a gr.Timer polls while a run is
 queued or running.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: gradio reads the handlers' `gr.Request`
+annotations at runtime.
+"""
 
 import time
 from typing import Any
