@@ -143,3 +143,19 @@ def test_form_values_are_typed_by_the_annotation():
                                             "data": ""})
     assert (cfg.epochs, cfg.lr, cfg.ties, cfg.margin, cfg.data) == (2, 1e-4, "include", True, None)
     assert all(field_meta(c)[f]["help"] for c in CONFIGS for f in field_meta(c))
+
+
+def test_eval_policy_flags_come_from_its_dataclass():
+    from trainer.evaluate import EvalConfig, add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    by_dest = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(by_dest) == {f.name for f in dataclasses.fields(EvalConfig)}
+    assert all(a.help and a.default == getattr(EvalConfig(), name) for name, a in by_dest.items())
+    assert [s for a in parser._actions for s in a.option_strings][2:] == [
+        "--policy", "--reward", "--reference", "--prompts", "--n", "--max-new-tokens", "--temperature", "--seed",
+        "--device"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([])                       # --policy is required
+    args = parser.parse_args(["--policy", "runs/p", "--n", "8", "--temperature", "0.5"])
+    assert (args.policy, args.n, args.temperature, args.max_new_tokens) == ("runs/p", 8, 0.5, None)

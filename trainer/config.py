@@ -15,7 +15,8 @@ help text, choices and bounds, and everything else made from it.
 
 Fields use `dataclasses.field(default=..., metadata={...})` (TRL style). Metadata keys: "help" (required: the flag's --help sentence),
 "choices", "metavar", "flag" (the option strings, when not --field-name), "label" (what
-the Train tab calls it; errors shown there name the field by it).
+the Train tab calls it; errors shown there name the field by it), "required" (the
+command line refuses to run without it).
 
 The command line follows the annotation: int, float, str, Optional[...] (a blank value is
 None), `bool` with default False is a store_true flag, with default True a `--no-x` flag,
@@ -177,6 +178,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
         meta, value = f.metadata, getattr(default, f.name)
         kind, optional = _base_type(types[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "default": value, "help": meta.get("help") or None}
+        if meta.get("required"):
+            kwargs["required"] = True
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         flags = flags_of(config_class, f.name)
