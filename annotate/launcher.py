@@ -216,7 +216,9 @@ class Launcher:
         if "model" in form:
             values["model"] = _absolute(form["model"], model=True)
         config = _checked(RewardConfig, values)
-        return self._start("reward", config, values, {"data": describe(target)}, run_id, extra)
+        # The store is the server's, not a form value: on the command line, as before.
+        return self._start("reward", config, form, {"data": describe(target)}, run_id,
+                           ["--data", target, *(extra or [])])
 
     def start_policy(self, reward_run: Any, *, run_id: str | None = None, extra: list[str] | None = None,
                      **form: Any) -> RunInfo:
@@ -257,8 +259,8 @@ class Launcher:
 
     def _start(self, kind: str, config, values: dict, shown: dict, run_id: str | None,
                extra: list[str] | None) -> RunInfo:
-        """The checked config into runs/<id>/launch-config.json (the fields the form gave),
-        and the trainer started on it."""
+        """The checked config into runs/<id>/launch-config.json (the fields `values` the
+        form gave), and the trainer started on it; `extra` flags override the file."""
         run_id = run_id or self._new_id(kind)
         if "/" in run_id or run_id.startswith(".") or not run_id.strip():
             raise LaunchError(f"Run id: {run_id!r} is not a plain directory name")
@@ -309,10 +311,7 @@ class Launcher:
         env = {**(self.env if self.env is not None else os.environ), "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        # The store's URL: in the launch config (or, for runs launched before there was
-        # one, on the command line).
-        data = argv[argv.index("--data") + 1] if "--data" in argv[:-1] else \
-            read_json(path / LAUNCH_CONFIG_FILE).get("data")
+        data = argv[argv.index("--data") + 1] if "--data" in argv[:-1] else None
         if data in self._passwords:   # libpq reads it; it never touches the run directory
             env["PGPASSWORD"] = self._passwords[data]
         try:
