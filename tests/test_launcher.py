@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from annotate.launcher import (DEAD_MESSAGE, Launcher, LaunchError, MetricsReader, add_to_arena, read_arena,
-                               restore_arena, trainer_identity)
+from annotate.arena import add_to_arena, read_arena, restore_arena
+from annotate.launcher import DEAD_MESSAGE, Launcher, LaunchError
+from annotate.processes import trainer_identity
+from annotate.run_metrics import MetricsReader
 from trainer.store.directory_writer import DirectoryStore
 from trainer.store import messages_to_json
 
@@ -60,7 +62,10 @@ def test_a_reward_run_started_from_the_launcher_finishes(done_reward):
     assert info.progress == 1.0 and "validation accuracy" in info.message
     assert info.trained_reward and launcher.reward_models() == [run_id]
     launch = json.loads((info.path / "launch.json").read_text())
-    assert launch["argv"][1:3] == ["-m", "trainer.reward"] and "--ties" in launch["argv"]
+    # The form's settings went to the trainer as a config file the launcher checked.
+    assert launch["argv"][1:3] == ["-m", "trainer.reward"] and "--config" in launch["argv"]
+    assert launch["argv"][launch["argv"].index("--config") + 1] == str(info.path / "launch-config.json")
+    assert json.loads((info.path / "launch-config.json").read_text())["ties"] == "include"
     config = json.loads((info.path / "config.json").read_text())["config"]
     assert config["ties"] == "include" and config["model"] == "tiny" and config["data"] == str(store.resolve())
     assert "done:" in launcher.log_tail(run_id)       # the trainer's output went to log.txt
@@ -93,7 +98,7 @@ def test_a_policy_run_on_the_finished_reward_model(done_reward):
     assert len(reader.series("train", "kl")) == 2
     assert [r.run_id for r in launcher.runs()] == [info.run_id, reward_id]   # newest first
     # The policy met its reference on the held-out prompts; the tab says how it went.
-    from annotate.train_tab import progress_html
+    from annotate.web.train_tab import progress_html
     ev = json.loads((info.path / "eval.json").read_text())
     assert ev["policy"] == info.run_id and ev["reference"] == "tiny" and ev["prompts"] == 32
     assert "held-out prompts" in progress_html(final) and f"{100 * ev['rm_win_rate']:.0f}%" in progress_html(final)

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotate import cli as preflab
-from annotate.launcher import Launcher, LaunchError, arena_file
+from annotate.arena import arena_file
+from annotate.launcher import Launcher, LaunchError
 from annotate.web.leaderboard_tab import page
 from annotate.review import Reviewer
 from trainer.errors import PolicyInputError

@@ -20,8 +20,10 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.config import add_config_arguments
 from trainer.runs import EVAL_FILE, HELDOUT_FILE, read_json, write_json
 
 
@@ -106,19 +108,27 @@ def write_eval(run_dir: Path, *, reference_id: str, reward_run: str, result: dic
 # Command line
 # --------------------------------------------------------------------------------------
 
+@dataclass
+class EvalConfig:
+    """eval-policy's settings: the one place of their defaults and --help text."""
+
+    policy: str | None = field(default=None, metadata={
+        "help": "a finished policy run (runs/<id>)", "metavar": "RUN", "required": True})
+    reward: str | None = field(default=None, metadata={
+        "help": "reward model run (default: the one the policy was trained against)", "metavar": "RUN"})
+    reference: str | None = field(default=None, metadata={
+        "help": "the model to beat (default: the policy's starting model)", "metavar": "M"})
+    prompts: str | None = field(default=None, metadata={
+        "help": "prompt pool or comparison store (default: the run's held-out prompts)", "metavar": "FILE"})
+    n: int = field(default=0, metadata={"help": "use at most this many prompts (0: all)"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "default: the run's setting"})
+    temperature: float | None = field(default=None, metadata={"help": "default: the run's setting"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (both models draw with it)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", required=True, metavar="RUN", help="a finished policy run (runs/<id>)")
-    p.add_argument("--reward", default=None, metavar="RUN",
-                   help="reward model run (default: the one the policy was trained against)")
-    p.add_argument("--reference", default=None, metavar="M",
-                   help="the model to beat (default: the policy's starting model)")
-    p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="prompt pool or comparison store (default: the run's held-out prompts)")
-    p.add_argument("--n", type=int, default=0, help="use at most this many prompts (0: all)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's setting")
-    p.add_argument("--temperature", type=float, default=None, help="default: the run's setting")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_config_arguments(p, EvalConfig, config_file=False)
 
 
 def run(args: argparse.Namespace) -> int:

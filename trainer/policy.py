@@ -72,17 +72,18 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from trainer.config import Config, ConfigError, add_config_arguments, config_from_namespace, model_problem
 from trainer.errors import PolicyInputError
 from trainer.policy_model import (Sampler, add_lora, autocast_for, eos_token_ids, forward_rows, load_causal_lm,
                                   load_reward_scorer, make_value_head, policy_net, reward_model_dir, unit_rows)
 from trainer.policy_run import (RolloutSums, UpdateSums, peak_memory_mb, fail, finish_cancelled, policy_meta,
                                 prompt_rows, reduce_sum, save_checkpoint, save_final, seed_for)
 from trainer.prompts import load_prompts
-from trainer.runs import CONFIG_FILE, POLICY_DIR, STATE_FILE, Run, config_from_args, read_json, supervise, write_json
+from trainer.runs import CONFIG_FILE, POLICY_DIR, STATE_FILE, Run, read_json, supervise, write_json
 from trainer.store.errors import StoreError
 
 ALGOS = ("ppo", "rloo", "reinforce")
@@ -92,57 +93,125 @@ RESUMABLE_OVERRIDES = ("steps", "save_every", "sample_every", "progress", "devic
                        "max_kl", "kl_coef", "reward_batch_size", "gen_batch", "compile_generation")
 
 
+class PolicyConfigError(ConfigError, PolicyInputError):
+    """Settings the policy trainer cannot run with; the message names the flag."""
+
+
 @dataclass
-class PolicyConfig:
-    reward: str | None = None            # reward-model run dir (trainer.reward) or its checkpoint dir
-    prompts: str | None = None           # prompt pool file, or a comparison store dir (its prompts)
-    model: str = "smollm2"               # the starting policy: smollm2 (default), tiny, dir or id
-    algo: str = "ppo"                    # ppo | rloo | reinforce
-    run_dir: str | None = None           # default: <runs_dir>/<run_id>
-    runs_dir: str = "runs"
-    run_id: str | None = None            # default: policy-<time>
-    steps: int = 100                     # rollout + update iterations
-    batch_size: int = 16                 # prompts per step (per process)
-    k: int = 0                           # samples per prompt; 0: 4 for rloo, 1 otherwise
-    max_new_tokens: int = 64
-    max_prompt_length: int = 512         # longer prompts lose their oldest tokens
-    temperature: float = 0.7
-    lr: float = 3e-6
-    anneal_lr: bool = False              # linear decay of the learning rate to 0
-    epochs: int = 0                      # passes over each batch; 0: 4 for ppo, 1 otherwise
-    minibatches: int = 0                 # optimizer steps per pass; 0: 2 for ppo, 1 otherwise
-    micro_batch: int = 8                 # rows per forward/backward (gradient accumulation)
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2                    # ratio clip
-    clip_value: float = 0.2              # value clip
-    vf_coef: float = 0.1
-    kl_coef: float = 0.05                # beta
-    kl_estimator: str = "k1"             # k1 | k3
-    kl_target: float = 0.0               # > 0: adaptive beta steering the KL per answer to this
-    kl_horizon: int = 10000
-    whiten_rewards: bool = False         # PPO: scale the per-token rewards to unit variance
-    whiten_advantages: bool | None = None  # None: on for ppo, off for rloo / reinforce
-    missing_eos_penalty: float = 1.0     # subtracted from the score of an answer cut off without EOS
-    baseline_decay: float = 0.9          # REINFORCE: moving-average baseline
-    max_kl: float = 50.0                 # mean KL per answer (nats) above which the run fails; 0: off
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    lora_r: int = 0                      # > 0: train LoRA adapters; the reference is adapters-off
-    lora_alpha: float = 0.0              # 0: 2 * lora_r
-    grad_checkpointing: bool = False
-    dtype: str = "auto"                  # auto: fp32 weights (+ bf16 autocast on CUDA); bf16: bf16 weights
-    device: str = "auto"
-    gen_batch: int = 0                   # rows per generate call; 0: the whole batch at once
-    share_prompt: bool = True            # k > 1: each prompt's forward runs once for its k answers
-    compile_generation: bool | None = None  # static KV cache + torch.compile'd decoding; None: on with CUDA
-    reward_batch_size: int = 32
-    save_every: int = 25                 # steps between checkpoints; 0: only at the end / on SIGTERM
-    sample_every: int = 10               # steps between logged samples; 0: never
-    samples: int = 3                     # (prompt, response, reward) samples logged each time
-    eval_prompts: int = 32               # held out of training (at most a fifth of the pool); at the end
-                                         # the reward-model win rate over the reference on them: eval.json
-    progress: bool = True
+class PolicyConfig(Config):
+    """The policy trainer's settings: the one place of their defaults, --help text and checks."""
+
+    reward: str | None = field(default=None, metadata={   # or the reward run's checkpoint dir
+        "help": "reward model: the run directory of `preflab train-reward`", "label": "Reward model"})
+    prompts: str | None = field(default=None, metadata={   # None: DEFAULT_PROMPTS
+        "help": f"prompt pool file (.jsonl/.csv/.parquet) or a comparison store: a directory, "
+                f"or postgresql://user@host:port/db "
+                f"(default: {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[1])})", "label": "Prompts file"})
+    model: str = field(default="smollm2", metadata={
+        "help": "starting policy: smollm2 (default), tiny, a model dir or a cached HF id", "label": "Base model"})
+    algo: str = field(default="ppo", metadata={
+        "help": "ppo (value head + GAE), rloo (k samples, leave-one-out baseline) or reinforce "
+                "(moving-average baseline)", "choices": ALGOS, "label": "Algorithm"})
+    run_dir: str | None = field(default=None, metadata={
+        "help": "run directory; the same one again resumes the run"})
+    runs_dir: str = field(default="runs", metadata={"help": "parent of new run directories"})
+    run_id: str | None = field(default=None, metadata={
+        "help": "name of a new run directory (default: policy-<time>)"})
+    steps: int = field(default=100, metadata={"help": "rollout + update iterations", "label": "Steps"})
+    batch_size: int = field(default=16, metadata={
+        "help": "prompts per step (per process)", "label": "Batch size"})
+    k: int = field(default=0, metadata={"help": "samples per prompt (0: 4 for rloo, 1 otherwise)"})
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "longest answer, in tokens", "label": "Max new tokens"})
+    max_prompt_length: int = field(default=512, metadata={"help": "longer prompts lose their oldest tokens"})
+    temperature: float = field(default=0.7, metadata={
+        "help": "sampling temperature (also applied to the log-probs)"})
+    lr: float = field(default=3e-6, metadata={"help": "learning rate (AdamW)", "label": "Learning rate"})
+    anneal_lr: bool = field(default=False, metadata={"help": "decay the learning rate linearly to 0"})
+    epochs: int = field(default=0, metadata={"help": "passes over each batch (0: 4 for ppo, 1 otherwise)"})
+    minibatches: int = field(default=0, metadata={
+        "help": "optimizer steps per pass (0: 2 for ppo, 1 otherwise)"})
+    micro_batch: int = field(default=8, metadata={   # gradient accumulation
+        "help": "rows per forward/backward"})
+    gamma: float = field(default=1.0, metadata={"help": "PPO discount"})
+    lam: float = field(default=0.95, metadata={"help": "PPO GAE lambda"})
+    clip: float = field(default=0.2, metadata={"help": "ratio clip range"})
+    clip_value: float = field(default=0.2, metadata={"help": "PPO value clip range"})
+    vf_coef: float = field(default=0.1, metadata={"help": "PPO value loss weight"})
+    kl_coef: float = field(default=0.05, metadata={
+        "help": "KL penalty coefficient beta (initial, with --kl-target)", "label": "KL coefficient"})
+    kl_estimator: str = field(default="k1", metadata={
+        "help": "k1 = log(pi/ref); k3 = (ref/pi - 1) - log(ref/pi), always >= 0", "choices": ("k1", "k3")})
+    kl_target: float = field(default=0.0, metadata={
+        "help": "adaptive KL: steer the KL per answer to this many nats (0: fixed coefficient)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL horizon, in answers"})
+    whiten_rewards: bool = field(default=False, metadata={
+        "help": "PPO: scale per-token rewards to unit variance"})
+    whiten_advantages: bool | None = field(default=None, metadata={
+        "help": "normalise advantages over the batch (default: on for ppo, off otherwise)"})
+    missing_eos_penalty: float = field(default=1.0, metadata={
+        "help": "subtracted from the score of an answer cut off without EOS"})
+    baseline_decay: float = field(default=0.9, metadata={"help": "reinforce: moving-average decay"})
+    max_kl: float = field(default=50.0, metadata={
+        "help": "fail when the mean KL per answer exceeds this many nats (0: never)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    seed: int = field(default=0, metadata={"help": "random seed (held-out prompts, prompt order, sampling)"})
+    lora_r: int = field(default=0, metadata={   # the reference is then the model with adapters off
+        "help": "LoRA rank (0: train all weights)"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0: 2 * rank)"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (big models)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: fp32 weights, bf16 autocast on CUDA; bf16: bf16 weights too (less memory)",
+        "choices": ("auto", "bf16")})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    gen_batch: int = field(default=0, metadata={"help": "rows per generate call (0: all at once)"})
+    share_prompt: bool = field(default=True, metadata={
+        "help": "with k > 1: run each answer's prompt separately (default: once per prompt, KV cache shared)"})
+    compile_generation: bool | None = field(default=None, metadata={
+        "help": "static KV cache + torch.compile'd decoding (default: on with CUDA; the first step compiles)"})
+    reward_batch_size: int = field(default=32, metadata={"help": "answers per reward-model forward"})
+    save_every: int = field(default=25, metadata={"help": "steps between checkpoints (0: at the end)"})
+    sample_every: int = field(default=10, metadata={"help": "steps between logged samples (0: never)"})
+    samples: int = field(default=3, metadata={"help": "samples logged each time"})
+    eval_prompts: int = field(default=32, metadata={
+        "help": "prompts held out of training (at most a fifth of the pool); at the end the policy and the "
+                "reference answer them and the reward model's win rate goes to eval.json (0: none)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    error = PolicyConfigError
+
+    def problems(self):
+        """The rules besides `choices`, on the settings that run (finalize_config's):
+        (field, is it bad, why)."""
+        cfg = finalize_config(dataclasses.replace(self))
+        rows = cfg.batch_size * cfg.k
+        units = cfg.batch_size if cfg.k > 1 and cfg.share_prompt else rows  # what minibatches are cut from
+        yield from (("model", True, why) for why in model_problem(cfg.model))
+        yield "prompts", cfg.prompts is not None and not _prompts_exist(cfg.prompts), f"{cfg.prompts} does not exist"
+        yield "steps", cfg.steps < 1, "must be at least 1"
+        yield "batch_size", cfg.batch_size < 1, "must be at least 1"
+        yield "k", cfg.k < 1, "must be at least 1"
+        yield "k", cfg.algo == "rloo" and cfg.k < 2, "must be at least 2 for RLOO (the baseline is the other samples)"
+        yield "max_new_tokens", cfg.max_new_tokens < 1, "must be at least 1"
+        yield "max_prompt_length", cfg.max_prompt_length < 1, "must be at least 1"
+        yield "temperature", not cfg.temperature > 0, "must be positive (the log-probabilities are those of sampling)"
+        yield "lr", not cfg.lr > 0, "must be positive"
+        yield "epochs", cfg.epochs < 1, "must be at least 1"
+        yield "minibatches", not 1 <= cfg.minibatches <= units, (
+            f"must be between 1 and {units} (the {'prompts' if units < rows else 'answers'} per step)")
+        yield "micro_batch", cfg.micro_batch < 1, "must be at least 1"
+        yield "gamma", not 0 <= cfg.gamma <= 1, "must be in [0, 1]"
+        yield "lam", not 0 <= cfg.lam <= 1, "must be in [0, 1]"
+        yield "clip", not cfg.clip > 0, "must be positive"
+        yield "kl_coef", cfg.kl_coef < 0, "must be at least 0"
+        yield "kl_target", cfg.kl_target < 0, "must be >= 0"
+        yield "baseline_decay", not 0 <= cfg.baseline_decay < 1, "must be in [0, 1)"
+        yield "max_kl", cfg.max_kl < 0, "must be >= 0 (0 turns the check off)"
+
+
+def _prompts_exist(prompts: str) -> bool:
+    from trainer.store import is_database
+    return is_database(prompts) or Path(prompts).expanduser().exists()
 
 
 def finalize_config(cfg: PolicyConfig) -> PolicyConfig:
@@ -161,33 +230,8 @@ def finalize_config(cfg: PolicyConfig) -> PolicyConfig:
 
 
 def check_config(cfg: PolicyConfig) -> None:
-    rows = cfg.batch_size * cfg.k
-    units = cfg.batch_size if cfg.k > 1 and cfg.share_prompt else rows  # what minibatches are cut from
-    problems = [f"--{name.replace('_', '-')} {why}" for name, bad, why in (
-        ("algo", cfg.algo not in ALGOS, f"must be one of {', '.join(ALGOS)}"),
-        ("steps", cfg.steps < 1, "must be at least 1"),
-        ("batch_size", cfg.batch_size < 1, "must be at least 1"),
-        ("k", cfg.k < 1, "must be at least 1"),
-        ("k", cfg.algo == "rloo" and cfg.k < 2, "must be at least 2 for RLOO (the baseline is the other samples)"),
-        ("max_new_tokens", cfg.max_new_tokens < 1, "must be at least 1"),
-        ("max_prompt_length", cfg.max_prompt_length < 1, "must be at least 1"),
-        ("temperature", not cfg.temperature > 0, "must be positive (the log-probabilities are those of sampling)"),
-        ("lr", not cfg.lr > 0, "must be positive"),
-        ("epochs", cfg.epochs < 1, "must be at least 1"),
-        ("minibatches", not 1 <= cfg.minibatches <= units, f"must be between 1 and {units} (the "
-         f"{'prompts' if units < rows else 'answers'} per step)"),
-        ("micro_batch", cfg.micro_batch < 1, "must be at least 1"),
-        ("gamma", not 0 <= cfg.gamma <= 1, "must be in [0, 1]"),
-        ("lam", not 0 <= cfg.lam <= 1, "must be in [0, 1]"),
-        ("clip", not cfg.clip > 0, "must be positive"),
-        ("kl_coef", cfg.kl_coef < 0, "must be >= 0"),
-        ("kl_estimator", cfg.kl_estimator not in ("k1", "k3"), "must be k1 or k3"),
-        ("kl_target", cfg.kl_target < 0, "must be >= 0"),
-        ("baseline_decay", not 0 <= cfg.baseline_decay < 1, "must be in [0, 1)"),
-        ("max_kl", cfg.max_kl < 0, "must be >= 0 (0 turns the check off)"),
-    ) if bad]
-    if problems:
-        raise PolicyInputError("; ".join(problems))
+    """PolicyConfigError (naming the flags) unless the settings can run: PolicyConfig.check."""
+    cfg.check()
 
 # --------------------------------------------------------------------------------------
 # Run directory: the settings a run (or its resume) runs with
@@ -654,81 +698,13 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
 # --------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = PolicyConfig()
-    p.add_argument("--reward", default=None, help="reward model: the run directory of `preflab train-reward`")
-    p.add_argument("--prompts", default=None,
-                   help=f"prompt pool file (.jsonl/.csv/.parquet) or a comparison store: a directory, "
-                        f"or postgresql://user@host:port/db "
-                        f"(default: {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[1])})")
-    p.add_argument("--model", default=d.model,
-                   help="starting policy: smollm2 (default), tiny, a model dir or a cached HF id")
-    p.add_argument("--algo", choices=ALGOS, default=d.algo, help="ppo (value head + GAE), rloo (k samples, "
-                   "leave-one-out baseline) or reinforce (moving-average baseline)")
-    p.add_argument("--run-dir", default=None, help="run directory; the same one again resumes the run")
-    p.add_argument("--runs-dir", default=d.runs_dir, help="parent of new run directories")
-    p.add_argument("--run-id", default=None, help="name of a new run directory (default: policy-<time>)")
-    p.add_argument("--steps", type=int, default=d.steps, help="rollout + update iterations")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="prompts per step (per process)")
-    p.add_argument("--k", type=int, default=d.k, help="samples per prompt (0: 4 for rloo, 1 otherwise)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest answer, in tokens")
-    p.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length,
-                   help="longer prompts lose their oldest tokens")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (also applied "
-                   "to the log-probs)")
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (AdamW)")
-    p.add_argument("--anneal-lr", action="store_true", help="decay the learning rate linearly to 0")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over each batch (0: 4 for ppo, 1 otherwise)")
-    p.add_argument("--minibatches", type=int, default=d.minibatches,
-                   help="optimizer steps per pass (0: 2 for ppo, 1 otherwise)")
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="rows per forward/backward")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="PPO discount")
-    p.add_argument("--lam", type=float, default=d.lam, help="PPO GAE lambda")
-    p.add_argument("--clip", type=float, default=d.clip, help="ratio clip range")
-    p.add_argument("--clip-value", type=float, default=d.clip_value, help="PPO value clip range")
-    p.add_argument("--vf-coef", type=float, default=d.vf_coef, help="PPO value loss weight")
-    p.add_argument("--kl-coef", type=float, default=d.kl_coef, help="KL penalty coefficient beta (initial, "
-                   "with --kl-target)")
-    p.add_argument("--kl-estimator", choices=("k1", "k3"), default=d.kl_estimator,
-                   help="k1 = log(pi/ref); k3 = (ref/pi - 1) - log(ref/pi), always >= 0")
-    p.add_argument("--kl-target", type=float, default=d.kl_target,
-                   help="adaptive KL: steer the KL per answer to this many nats (0: fixed coefficient)")
-    p.add_argument("--kl-horizon", type=int, default=d.kl_horizon, help="adaptive KL horizon, in answers")
-    p.add_argument("--whiten-rewards", action="store_true", help="PPO: scale per-token rewards to unit variance")
-    p.add_argument("--whiten-advantages", action=argparse.BooleanOptionalAction, default=None,
-                   help="normalise advantages over the batch (default: on for ppo, off otherwise)")
-    p.add_argument("--missing-eos-penalty", type=float, default=d.missing_eos_penalty,
-                   help="subtracted from the score of an answer cut off without EOS")
-    p.add_argument("--baseline-decay", type=float, default=d.baseline_decay, help="reinforce: moving-average decay")
-    p.add_argument("--max-kl", type=float, default=d.max_kl,
-                   help="fail when the mean KL per answer exceeds this many nats (0: never)")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (0: train all weights)")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (0: 2 * rank)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory (big models)")
-    p.add_argument("--dtype", choices=("auto", "bf16"), default=d.dtype,
-                   help="auto: fp32 weights, bf16 autocast on CUDA; bf16: bf16 weights too (less memory)")
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--gen-batch", type=int, default=d.gen_batch, help="rows per generate call (0: all at once)")
-    p.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
-                   help="with k > 1: run each answer's prompt separately (default: once per prompt, KV cache shared)")
-    p.add_argument("--compile-generation", action=argparse.BooleanOptionalAction, default=None,
-                   help="static KV cache + torch.compile'd decoding (default: on with CUDA; the first step "
-                        "compiles)")
-    p.add_argument("--reward-batch-size", type=int, default=d.reward_batch_size)
-    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: at the end)")
-    p.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between logged samples (0: never)")
-    p.add_argument("--samples", type=int, default=d.samples, help="samples logged each time")
-    p.add_argument("--eval-prompts", type=int, default=d.eval_prompts,
-                   help="prompts held out of training (at most a fifth of the pool); at the end the policy and the "
-                        "reference answer them and the reward model's win rate goes to eval.json (0: none)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_config_arguments(p, PolicyConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg, explicit = config_from_args(PolicyConfig, args)
+    cfg, explicit = config_from_namespace(PolicyConfig, args)
     if not cfg.reward and not (cfg.run_dir and (Path(cfg.run_dir) / "config.json").exists()):
         print("error: pass --reward RUN_DIR (a reward model from `preflab train-reward`), or --run-dir of a "
               "run to resume", file=sys.stderr)
@@ -740,7 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.policy", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except ConfigError as e:    # a --config file that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

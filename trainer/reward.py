@@ -49,18 +49,19 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trainer.checkpoints import rng_state
+from trainer.config import Config, ConfigError, add_config_arguments, config_from_namespace, model_problem
 from trainer.reward_data import (RewardDataError, collate, encode_pairs, length_grouped_batches, load_snapshot,
                                  pack, read_pairs, save_snapshot, split_by_prompt)
 from trainer.reward_metrics import evaluate, preference_loss, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
 from trainer.reward_state import fp32_masters, masters_in_place, restore_training_state
-from trainer.runs import (CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, STATE_FILE, Run, config_from_args, read_json,
+from trainer.runs import (CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, STATE_FILE, Run, read_json,
                           supervise, write_json)
 from trainer.store import DATA_HELP
 from trainer.store.errors import StoreError
@@ -70,40 +71,79 @@ from trainer.store.errors import StoreError
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "save_every", "progress", "device", "lr", "max_grad_norm")
 
 
+class RewardConfigError(ConfigError, RewardDataError):
+    """Settings the reward trainer cannot run with; the message names the flag."""
+
+
 @dataclass
-class RewardConfig:
-    data: str | None = None              # comparison store dir, or a TRL .parquet/.jsonl
-    model: str = "smollm2"               # trainer.models name: smollm2 (default), tiny, dir or id
-    run_dir: str | None = None           # default: <runs_dir>/<run_id>
-    runs_dir: str = "runs"
-    run_id: str | None = None            # default: reward-<time>
-    epochs: int = 1
-    lr: float = 2e-5
-    batch_size: int = 8                  # pairs per forward (2x sequences: chosen + rejected)
-    grad_accum: int = 1                  # forwards per optimizer step
-    eval_batch_size: int = 16
-    max_length: int = 1024               # tokens of prompt + answer + EOS
-    val_fraction: float = 0.1
-    seed: int = 0
-    warmup: float = 0.1                  # fraction of the optimizer steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    margin: bool = False                 # use vote strength (or the file's margin column)
-    margin_scale: float = 1.0
-    ties: str = "exclude"                # exclude | include (as a soft label 0.5)
-    both_bad: str = "exclude"            # exclude | include (as a soft label 0.5)
-    center: float = 0.0                  # reward-centering coefficient (Eisenstein et al.: 0.01)
-    pack: bool = True                    # shared-prompt packing (causal backbones); else padding
-    grad_checkpointing: bool = False
-    lora_r: int = 0                      # >0: train LoRA adapters (peft) + the head only
-    lora_alpha: float = 0.0              # 0: 2 * lora_r
-    dtype: str = "auto"                  # auto: mixed on CUDA (LoRA: autocast), fp32 on CPU; mixed: bf16
-                                         # weights + fp32 master weights; autocast: fp32 weights + bf16
-                                         # autocast on CUDA; bf16: bf16 weights only (least memory)
-    device: str = "auto"
-    save_every: int = 0                  # optimizer steps between checkpoints; 0: each epoch
-    max_steps: int = 0                   # stop after this many optimizer steps (0: all epochs)
-    progress: bool = True
+class RewardConfig(Config):
+    """The reward trainer's settings: the one place of their defaults, --help text and checks."""
+
+    data: str | None = field(default=None, metadata={
+        "help": f"{DATA_HELP}; or a TRL-format .parquet/.jsonl (prompt, chosen, rejected[, margin]); "
+                "optional when resuming", "metavar": "STORE_OR_FILE", "label": "Data"})
+    model: str = field(default="smollm2", metadata={
+        "help": "backbone: smollm2 (default), tiny, a model dir or a cached HF id", "label": "Base model"})
+    run_dir: str | None = field(default=None, metadata={
+        "help": "run directory; the same one again resumes the run"})
+    runs_dir: str = field(default="runs", metadata={"help": "parent of new run directories"})
+    run_id: str | None = field(default=None, metadata={
+        "help": "name of a new run directory (default: reward-<time>)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training pairs", "label": "Epochs"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate (AdamW)", "label": "Learning rate"})
+    batch_size: int = field(default=8, metadata={   # 2x sequences per forward: chosen + rejected
+        "help": "pairs per forward", "label": "Batch size"})
+    grad_accum: int = field(default=1, metadata={"help": "forwards per optimizer step"})
+    eval_batch_size: int = field(default=16, metadata={"help": "pairs per forward when evaluating"})
+    max_length: int = field(default=1024, metadata={
+        "help": "tokens of prompt + answer; longer prompts are cut from the left", "label": "Max length"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of pairs held out, by prompt"})
+    seed: int = field(default=0, metadata={"help": "random seed (split, head initialisation, batch order)"})
+    warmup: float = field(default=0.1, metadata={
+        "help": "warmup share of the steps (then linear decay to 0)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    margin: bool = field(default=False, metadata={   # or the file's margin column
+        "help": "ask for a reward gap of the vote's strength (1 or 2)"})
+    margin_scale: float = field(default=1.0, metadata={"help": "multiplies the margin"})
+    ties: str = field(default="exclude", metadata={
+        "help": "ties: left out, or soft label 0.5", "choices": ("exclude", "include"), "label": "Ties"})
+    both_bad: str = field(default="exclude", metadata={
+        "help": "both-bad votes: left out, or soft label 0.5", "choices": ("exclude", "include"),
+        "label": "Both-bad votes"})
+    center: float = field(default=0.0, metadata={   # Eisenstein et al.
+        "help": "reward-centering coefficient (e.g. 0.01)"})
+    pack: bool = field(default=True, metadata={    # shared-prompt packing needs a causal backbone
+        "help": "plain right padding instead of shared-prompt packing"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "trade compute for memory (big backbones)"})
+    lora_r: int = field(default=0, metadata={   # >0: LoRA adapters (peft) + the head only
+        "help": "LoRA rank (0: train all weights)", "label": "LoRA rank"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0: 2 * rank)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: mixed on CUDA (autocast with LoRA), fp32 on a CPU; mixed: bf16 weights for "
+                "forward/backward + fp32 master weights for the optimizer (fastest); autocast: fp32 "
+                "weights + bf16 autocast on CUDA; bf16: bf16 weights only (least memory; small "
+                "updates round away)", "choices": ("auto", "mixed", "autocast", "bf16")})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: each epoch)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: all epochs)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    error = RewardConfigError
+
+    def problems(self):
+        """The rules besides `choices`: (field, is it bad, why)."""
+        yield from (("model", True, why) for why in model_problem(self.model))
+        yield "epochs", self.epochs < 1, "must be at least 1"
+        yield "batch_size", self.batch_size < 1, "must be at least 1"
+        yield "grad_accum", self.grad_accum < 1, "must be at least 1"
+        yield "eval_batch_size", self.eval_batch_size < 1, "must be at least 1"
+        yield "max_length", self.max_length < 8, "must be at least 8 tokens"
+        yield "val_fraction", not 0 <= self.val_fraction < 1, "must be in [0, 1)"
+        yield "warmup", not 0 <= self.warmup <= 1, "must be in [0, 1]"
+        yield "lr", not self.lr > 0, "must be positive"
+        yield "lora_r", self.lora_r < 0, "must be at least 0"
 
 # --------------------------------------------------------------------------------------
 # Training
@@ -135,20 +175,8 @@ def resolve_config(cfg: RewardConfig, explicit: set[str]) -> tuple[RewardConfig,
 
 
 def check_config(cfg: RewardConfig) -> None:
-    problems = [f"--{name.replace('_', '-')} {why}" for name, bad, why in (
-        ("epochs", cfg.epochs < 1, "must be at least 1"),
-        ("batch_size", cfg.batch_size < 1, "must be at least 1"),
-        ("grad_accum", cfg.grad_accum < 1, "must be at least 1"),
-        ("eval_batch_size", cfg.eval_batch_size < 1, "must be at least 1"),
-        ("max_length", cfg.max_length < 8, "must be at least 8 tokens"),
-        ("val_fraction", not 0 <= cfg.val_fraction < 1, "must be in [0, 1)"),
-        ("warmup", not 0 <= cfg.warmup <= 1, "must be in [0, 1]"),
-        ("lr", not cfg.lr > 0, "must be positive"),
-        ("ties", cfg.ties not in ("exclude", "include"), "must be exclude or include"),
-        ("both_bad", cfg.both_bad not in ("exclude", "include"), "must be exclude or include"),
-    ) if bad]
-    if problems:
-        raise RewardDataError("; ".join(problems))
+    """RewardConfigError (naming the flags) unless the settings can run: RewardConfig.check."""
+    cfg.check()
 
 
 def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
@@ -499,52 +527,13 @@ def _peak_rss() -> float:
 # --------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = RewardConfig()
-    p.add_argument("--data", default=None, metavar="STORE_OR_FILE",
-                   help=f"{DATA_HELP}; or a TRL-format .parquet/.jsonl (prompt, chosen, rejected[, margin]); "
-                        "optional when resuming")
-    p.add_argument("--model", default=d.model, help="backbone: smollm2 (default), tiny, a model dir or a cached HF id")
-    p.add_argument("--run-dir", default=None, help="run directory; the same one again resumes the run")
-    p.add_argument("--runs-dir", default=d.runs_dir, help="parent of new run directories")
-    p.add_argument("--run-id", default=None, help="name of a new run directory (default: reward-<time>)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per forward")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="forwards per optimizer step")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--max-length", type=int, default=d.max_length,
-                   help="tokens of prompt + answer; longer prompts are cut from the left")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of pairs held out, by prompt")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--warmup", type=float, default=d.warmup, help="warmup share of the steps (then linear decay to 0)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--margin", action="store_true", help="ask for a reward gap of the vote's strength (1 or 2)")
-    p.add_argument("--margin-scale", type=float, default=d.margin_scale, help="multiplies the margin")
-    p.add_argument("--ties", choices=("exclude", "include"), default=d.ties, help="ties: left out, or soft label 0.5")
-    p.add_argument("--both-bad", choices=("exclude", "include"), default=d.both_bad,
-                   help="both-bad votes: left out, or soft label 0.5")
-    p.add_argument("--center", type=float, default=d.center, help="reward-centering coefficient (e.g. 0.01)")
-    p.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="plain right padding instead of shared-prompt packing")
-    p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory (big backbones)")
-    p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (0: train all weights)")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (0: 2 * rank)")
-    p.add_argument("--dtype", choices=("auto", "mixed", "autocast", "bf16"), default=d.dtype,
-                   help="auto: mixed on CUDA (autocast with LoRA), fp32 on a CPU; mixed: bf16 weights for "
-                        "forward/backward + fp32 master weights for the optimizer (fastest); autocast: fp32 "
-                        "weights + bf16 autocast on CUDA; bf16: bf16 weights only (least memory; small "
-                        "updates round away)")
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: each epoch)")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (0: all epochs)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_config_arguments(p, RewardConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg, explicit = config_from_args(RewardConfig, args)
+    cfg, explicit = config_from_namespace(RewardConfig, args)
     if not cfg.data and not cfg.run_dir:
         print("error: pass --data (a comparison store or a preference file), or --run-dir to resume",
               file=sys.stderr)
@@ -556,7 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.reward", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except ConfigError as e:    # a --config file that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ EVAL_FILE = "eval.json"
 HELDOUT_FILE = "heldout.jsonl"       # a policy run's held-out prompts, for its evaluation
 LAUNCH_FILE = "launch.json"
 LOG_FILE = "log.txt"
+LAUNCH_CONFIG_FILE = "launch-config.json"   # written by the Train tab: the settings it checked (--config)
 STATE_FILE = "training_state.pt"     # inside checkpoint/: what a resume needs besides the weights
 REWARD_META_FILE = "preflab_reward.json"   # inside a reward model: normalisation, max_length, provenance
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA checkpoint holds this instead of config.json
@@ -222,16 +223,6 @@ class Run:
 
     def checkpoint(self) -> Path | None:
         return RunDir(self.path).checkpoint()
-
-
-def config_from_args(config_class, args) -> tuple[Any, set[str]]:
-    """A trainer's config dataclass from its parsed arguments, and which settings were
-    given (differ from the defaults): on a resume only those may override the run's own."""
-    import dataclasses
-    default = config_class()
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
-    explicit = {k for k, v in values.items() if v != getattr(default, k)}
-    return config_class(**values), explicit
 
 
 def supervise(run_path: Path, device: str, check: Callable[[], None],
