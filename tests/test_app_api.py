@@ -1,12 +1,10 @@
 """`preflab serve` through its API: a real server process, driven with gradio_client.
 
-The server helpers (Server, write_pairs, add_users, client) live in conftest.py.
+The server helpers (Server, write_pairs, add_users, client) live in helpers.py.
 """
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,10 +15,8 @@ from annotate.web.html import render_markdown, render_prompt
 from annotate.pairs import load_pairs
 from annotate.queue import AssignmentQueue
 from trainer.store.directory_writer import DirectoryStore
-from conftest import XSS_LEFT, XSS_RIGHT, Server, add_users, client, write_pairs
+from helpers import XSS_LEFT, XSS_RIGHT, Server, add_users, client, preflab, write_pairs
 from trainer.store import read_comparisons, read_events
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 
@@ -72,9 +68,7 @@ def test_service_maps_left_and_right_to_the_canonical_choice(tmp_path):
 
 def test_refuses_to_listen_publicly_without_auth(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
-    r = subprocess.run([sys.executable, "-m", "annotate.cli", "serve", "--pairs", str(pairs),
-                        "--host", "0.0.0.0", "--data", str(tmp_path / "store")],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = preflab("serve", "--pairs", pairs, "--host", "0.0.0.0", "--data", tmp_path / "store", timeout=60)
     assert r.returncode == 2
     assert "refusing to listen on 0.0.0.0 without --auth" in r.stderr
     assert not (tmp_path / "store").exists()

@@ -9,12 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server, add_users, write_pairs
+from helpers import CHROMIUM, Server, add_users, login, write_pairs
 from trainer.store import read_comparisons, read_events
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
@@ -29,25 +25,6 @@ def app(tmp_path_factory):
     with Server(tmp, "--pairs", str(pairs), "--data", str(tmp / "store"),
                 "--auth", str(tmp / "users.toml"), "--overlap", "2") as server:
         yield server, tmp / "store"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def login(browser, url: str, user: str):
-    page = browser.new_context(viewport={"width": 1300, "height": 900}).new_page()
-    page.goto(url)
-    page.locator("input[type=text]").fill(user)
-    page.locator("input[type=password]").fill(f"{user}-pw")
-    page.get_by_role("button", name="Login").click()
-    page.wait_for_selector("#progress", timeout=30_000)
-    return page
 
 
 def shown(page) -> dict:

@@ -6,11 +6,7 @@ import sys
 import pytest
 
 from annotate.cli import COMMANDS
-
-
-def preflab(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "annotate.cli", *args],
-                          capture_output=True, text=True, timeout=timeout)
+from helpers import preflab
 
 
 def test_top_level_help_lists_every_command():

@@ -6,8 +6,6 @@ exported files, unchanged, with a tiny random model: the proof that the format i
 
 import json
 import math
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +17,7 @@ from annotate.export import export_preferences, ties_path_for, write_table
 from annotate.importers import import_file
 from trainer.store.directory_writer import DirectoryStore
 from trainer.store import messages_to_json, pair_id_for, prompt_id_for, read_comparisons
-
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
+from helpers import preflab as cli, vote_record as vote, write_jsonl
 
 SKY = [{"role": "user", "content": 'What colour is the sky?\nAnswer in one "word".'}]
 CHAT = [{"role": "system", "content": "Be brief."},
@@ -31,13 +27,6 @@ CHAT = [{"role": "system", "content": "Be brief."},
 SUM = [{"role": "user", "content": "2+2?"}]
 CHAT_TEXT = ("\n\nSystem: Be brief.\n\nHuman: Hi!\n\nAssistant: Hello. How can I help?"
              "\n\nHuman: Name a prime.\n\nAssistant:")
-
-
-def vote(messages, a, b, choice, strength=None, annotator="alice", model_a="m1", model_b="m2"):
-    prompt = messages_to_json(messages)
-    return dict(kind="vote", pair_id=pair_id_for(prompt, a, b), prompt_id=prompt_id_for(messages),
-                prompt=prompt, response_a=a, response_b=b, model_a=model_a, model_b=model_b,
-                left="a", choice=choice, strength=strength, annotator=annotator)
 
 
 @pytest.fixture
@@ -222,11 +211,6 @@ def test_jsonl_escapes_like_json(tmp_path):
 
 # ---- import ----------------------------------------------------------------------------
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def votes_of(store_dir):
     return sorted(read_comparisons(store_dir).to_pylist(), key=lambda r: (r["prompt"], r["response_a"]))
 
@@ -376,11 +360,6 @@ def test_round_trip(tmp_path, fmt):
 
 
 # ---- command line ----------------------------------------------------------------------
-
-def cli(*args):
-    return subprocess.run([PY, "-m", "annotate.cli", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
 
 def test_cli_export_help():
     r = cli("export", "--help")

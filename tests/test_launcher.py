@@ -19,24 +19,7 @@ from annotate.launcher import DEAD_MESSAGE, Launcher, LaunchError
 from annotate.processes import trainer_identity
 from annotate.run_metrics import MetricsReader
 from trainer.store.directory_writer import DirectoryStore
-from trainer.store import messages_to_json
-
-TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep"]
-
-
-def make_store(path: Path, n: int = 24) -> Path:
-    """n votes, a few per prompt; the chosen answer mentions bananas."""
-    with DirectoryStore(path) as store:
-        for i in range(n):
-            prompt = messages_to_json([{"role": "user", "content": f"Question {i % 8} about {TOPICS[i % 8 % 6]}?"}])
-            good, bad = f"banana answer number {i}", f"plain answer number {i}"
-            a, b = (good, bad) if i % 2 else (bad, good)
-            tie = i % 7 == 0
-            store.append({"kind": "vote", "pair_id": f"pair-{i}", "prompt_id": f"p{i % 8}", "prompt": prompt,
-                          "response_a": a, "response_b": b, "model_a": "m1", "model_b": "m2", "left": "a",
-                          "choice": "tie" if tie else "a" if a == good else "b",
-                          "strength": None if tie else 1 + i % 2, "annotator": "tester", "decision_ms": 1000})
-    return path
+from helpers import banana_store
 
 
 TINY_REWARD = dict(model="tiny", epochs=1, batch_size=8, max_length=96, lr=1e-3)
@@ -46,7 +29,7 @@ TINY_REWARD = dict(model="tiny", epochs=1, batch_size=8, max_length=96, lr=1e-3)
 def done_reward(tmp_path_factory):
     """One finished reward run, started through the launcher: (launcher, store, run_id)."""
     tmp = tmp_path_factory.mktemp("launch")
-    store = make_store(tmp / "store")
+    store = banana_store(tmp / "store")
     launcher = Launcher(tmp / "runs")
     info = launcher.start_reward(store, ties="include", **TINY_REWARD)
     assert info.state == "queued" and info.kind == "reward"   # listed at once, before torch loads
@@ -105,7 +88,7 @@ def test_a_policy_run_on_the_finished_reward_model(done_reward):
 
 
 def test_cancel_sends_sigterm_and_the_run_ends_cancelled(tmp_path):
-    store = make_store(tmp_path / "store")
+    store = banana_store(tmp_path / "store")
     launcher = Launcher(tmp_path / "runs")
     info = launcher.start_reward(store, **{**TINY_REWARD, "epochs": 400, "batch_size": 2})
     run_id = info.run_id
@@ -143,7 +126,7 @@ def test_cancel_sends_sigterm_and_the_run_ends_cancelled(tmp_path):
 def test_a_killed_trainer_shows_as_failed(tmp_path):
     """Killed (-9) before it could write a final state: the launcher that started it
     says so; a run whose pid is gone (started by another server, or the CLI) too."""
-    store = make_store(tmp_path / "store", n=8)
+    store = banana_store(tmp_path / "store", n=8)
     launcher = Launcher(tmp_path / "runs")
     info = launcher.start_reward(store, **TINY_REWARD)
     os.kill(info.pid, signal.SIGKILL)
@@ -170,7 +153,7 @@ def test_a_killed_trainer_shows_as_failed(tmp_path):
 
 
 def test_bad_form_input_names_the_field_and_starts_nothing(done_reward, tmp_path):
-    store = make_store(tmp_path / "store", n=4)
+    store = banana_store(tmp_path / "store", n=4)
     launcher = Launcher(tmp_path / "runs")
     bad_reward = [
         (dict(epochs=0), "Epochs: must be at least 1"),

@@ -7,7 +7,6 @@ real store.
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import choix
@@ -22,9 +21,8 @@ from annotate.ratings import (CENTER, SCALE, LeaderboardError, battles_from_vote
 from annotate.web.leaderboard_html import matrix_html, plot_svg, table_html
 from annotate.web.leaderboard_tab import page
 from trainer.store.directory_writer import DirectoryStore
-from trainer.store import messages_to_json, read_comparisons
-
-REPO = Path(__file__).resolve().parent.parent
+from trainer.store import read_comparisons
+from helpers import preflab, vote_record, write_store
 
 
 # --------------------------------------------------------------------------------------
@@ -77,24 +75,22 @@ def true_ratings(theta) -> dict[str, float]:
     return {name(k): CENTER + SCALE * (t - theta.mean()) for k, t in enumerate(theta)}
 
 
-def vote_record(i: int, model_a: str, model_b: str, choice: str) -> dict:
-    return {"kind": "vote", "pair_id": f"pair-{i}", "prompt_id": f"p-{i % 7}",
-            "prompt": messages_to_json([{"role": "user", "content": f"Question {i % 7}?"}]),
-            "response_a": f"answer a {i}", "response_b": f"answer b {i}", "model_a": model_a,
-            "model_b": model_b, "left": "ab"[i % 2], "choice": choice, "annotator": f"judge{i % 3}"}
+def battle(i: int, model_a: str, model_b: str, choice: str) -> dict:
+    """Vote number i of a battle between two models, by one of three judges."""
+    return vote_record(f"Question {i % 7}?", f"answer a {i}", f"answer b {i}", choice, pair_id=f"pair-{i}",
+                       prompt_id=f"p-{i % 7}", model_a=model_a, model_b=model_b, left="ab"[i % 2],
+                       annotator=f"judge{i % 3}")
 
 
-def write_store(path: Path, rows) -> Path:
-    with DirectoryStore(path) as store:
-        store.append_many(vote_record(i, *row) for i, row in enumerate(rows))
-    return path
+def write_battles(path: Path, rows) -> Path:
+    """A store of (model_a, model_b, choice) battles."""
+    return write_store(path, (battle(i, *row) for i, row in enumerate(rows)))
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "annotate.cli", "leaderboard", *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=120,
-                          env={"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-                               "PATH": "/usr/bin:/bin"})
+    """`preflab leaderboard ...` with nothing in its environment but the bare minimum."""
+    return preflab("leaderboard", *argv, timeout=120,
+                   env={"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PATH": "/usr/bin:/bin"})
 
 
 THETA = np.array([1.2, 0.8, 0.3, 0.0, -0.2, -0.7, -1.1, -1.6])
@@ -310,7 +306,7 @@ def store(tmp_path):
     votes = simulated_votes([0.9, 0.2, -0.4], 600, seed=11)
     rows = list(zip(*(votes[c].to_pylist() for c in ("model_a", "model_b", "choice"))))
     rows += [(name(0), name(0), "a")] * 3 + [(name(1), name(2), "both_bad")] * 4
-    path = write_store(tmp_path / "store", rows)
+    path = write_battles(tmp_path / "store", rows)
     with DirectoryStore(path) as s:     # an undo: that vote must not count
         first = read_comparisons(path).to_pylist()[0]
         s.retract(first["event_id"], first["annotator"], vote=first)
@@ -363,10 +359,10 @@ def test_cli_errors_exit_2_with_a_clear_message(tmp_path, capsys):
     assert "no votes yet" in capsys.readouterr().err
     assert cli.main(["leaderboard", "--data", str(tmp_path / "nowhere")]) == 2
     assert "no such comparison store" in capsys.readouterr().err
-    one = write_store(tmp_path / "one", [("solo", "solo", "a")])
+    one = write_battles(tmp_path / "one", [("solo", "solo", "a")])
     assert cli.main(["leaderboard", "--data", str(one)]) == 2
     assert "compares two different models" in capsys.readouterr().err
-    two = write_store(tmp_path / "two", [("x", "y", "a"), ("y", "x", "a")])
+    two = write_battles(tmp_path / "two", [("x", "y", "a"), ("y", "x", "a")])
     assert cli.main(["leaderboard", "--data", str(two), "--anchor", "z"]) == 2
     assert "unknown anchor 'z'; the models are: x, y" in capsys.readouterr().err
 
@@ -375,8 +371,8 @@ def test_reading_only_the_vote_columns_still_applies_retractions(store):
     """The CLI reads model_a, model_b, choice only (trainer.store columns=): same
     rows as a full read, retracted votes gone, live tail events included."""
     with DirectoryStore(store, flush_every=10_000) as s:   # an un-flushed tail: one vote, one undo
-        kept = s.append(vote_record(9000, name(2), name(0), "a"))
-        gone = s.append(vote_record(9001, name(2), name(0), "a"))
+        kept = s.append(battle(9000, name(2), name(0), "a"))
+        gone = s.append(battle(9001, name(2), name(0), "a"))
         s.retract(gone["event_id"], gone["annotator"], vote=gone)
         full = read_comparisons(store)
         slim = read_comparisons(store, columns=["choice", "model_a", "model_b"])

@@ -11,10 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.store.directory_writer import DirectoryStore
-from conftest import Server, add_users, client, write_pairs
-from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
-from trainer.store import messages_to_json
+from helpers import CHROMIUM, Server, add_users, client, login, vote_record, write_pairs, write_store
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
@@ -32,12 +29,9 @@ def seed_votes(store: Path, n: int = 600) -> None:
         a, b = rng.choice(len(names), 2, replace=False)
         p = 1 / (1 + np.exp(STRENGTH[names[b]] - STRENGTH[names[a]]))
         choice = "tie" if rng.random() < 0.1 else ("a" if rng.random() < p else "b")
-        records.append({"kind": "vote", "pair_id": f"seed-{i}", "prompt_id": f"p-{i % 5}",
-                        "prompt": messages_to_json([{"role": "user", "content": f"Q{i % 5}"}]),
-                        "response_a": "x", "response_b": "y", "model_a": names[a], "model_b": names[b],
-                        "left": "a", "choice": choice, "annotator": "import:seed"})
-    with DirectoryStore(store) as s:
-        s.append_many(records)
+        records.append(vote_record(f"Q{i % 5}", "x", "y", choice, pair_id=f"seed-{i}", prompt_id=f"p-{i % 5}",
+                                   model_a=names[a], model_b=names[b], annotator="import:seed"))
+    write_store(store, records)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def ranked(page) -> list[dict]:
         model: tr.dataset.model, rank: tr.cells[0].innerText, rating: parseFloat(tr.cells[2].innerText)}))""")
 
 
-def test_admin_sees_the_leaderboard_and_annotators_do_not(arena, browser):  # noqa: F811
+def test_admin_sees_the_leaderboard_and_annotators_do_not(arena, browser):
     ann = login(browser, arena.url, "ann")
     assert ann.get_by_role("tab", name="Annotate").is_visible()
     assert not ann.get_by_role("tab", name="Leaderboard").is_visible()

@@ -6,20 +6,16 @@ shipped SmolLM2 GGUF is exercised on every run (about half a minute on a 2-core 
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from annotate import generate as gen_cli
 from trainer import models
-from trainer.store import messages_to_json, pair_id_for, validate_record
+from trainer.store import messages_to_json, pair_id_for
+from helpers import child_env, preflab, vote_record
 
-ROOT = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 
 
@@ -277,20 +273,16 @@ def check_pairs(rows, prompt_ids):
         params = json.loads(r["gen_params"])
         assert set(params) == {"a", "b"}
         # Everything a vote record needs from the pair is valid there.
-        validate_record(dict(schema_version=1, event_id="e", kind="vote", pair_id=r["pair_id"],
-                             prompt_id=r["prompt_id"], prompt=messages_to_json(r["prompt"]),
-                             response_a=r["response_a"], response_b=r["response_b"],
-                             model_a=r["model_a"], model_b=r["model_b"], left="a", choice="a",
-                             annotator="t", created_at=0, gen_params=r["gen_params"]))
+        vote_record(r["prompt"], r["response_a"], r["response_b"], pair_id=r["pair_id"],
+                    prompt_id=r["prompt_id"], model_a=r["model_a"], model_b=r["model_b"],
+                    gen_params=r["gen_params"])
 
 
 def test_cli_generate_writes_pairs(tiny, cache_dir, pool, tmp_path):
     out = tmp_path / "pairs.jsonl"
-    env = dict(os.environ, PREFLAB_CACHE=str(cache_dir))
-    proc = subprocess.run(
-        [sys.executable, "-m", "annotate.cli", "generate", "--model", "tiny", "--prompts", str(pool),
-         "--limit", "3", "--out", str(out), "--max-new-tokens", "6", "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = preflab("generate", "--model", "tiny", "--prompts", pool, "--limit", "3", "--out", out,
+                   "--max-new-tokens", "6", "--no-progress", env=child_env(PREFLAB_CACHE=str(cache_dir)),
+                   timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     check_pairs(rows, ["p1", "p2", "p3"])
@@ -359,7 +351,6 @@ def test_cli_model_reports_load_times(tiny, cache_dir, capsys):
 
 @pytest.mark.parametrize("command,option", [("generate", "--temperature"), ("model", "--cache-dir")])
 def test_cli_help(command, option):
-    proc = subprocess.run([sys.executable, "-m", "annotate.cli", command, "--help"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = preflab(command, "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert option in proc.stdout and "--device" in proc.stdout

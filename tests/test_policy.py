@@ -15,26 +15,17 @@ import random
 import signal
 import subprocess
 import sys
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from trainer import rl_math
-from trainer_runs import sigterm_mid_run
-from trainer.store import messages_to_json, records_to_table, validate_record
+from helpers import REPO, TRAIN_DEVICE, sigterm_mid_run, vote_record, write_store
 from trainer.errors import PolicyInputError
 from trainer.policy import train
 from trainer.policy_run import prompt_rows
 from trainer.prompts import load_prompts
-
-# The training tests run on the CPU; PREFLAB_TEST_DEVICE=cuda runs them on a GPU instead.
-TRAIN_DEVICE = os.environ.get("PREFLAB_TEST_DEVICE", "cpu")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = ("the a of to and in is it you that for on with as are this be at or by from have "
          "not can but your will more some what so water light soil day week").split()
@@ -239,23 +230,12 @@ def test_shared_prompt_forward_computes_what_separate_rows_do():
 # Inputs
 # --------------------------------------------------------------------------------------
 
-def _vote(prompt, a, b):
-    return validate_record({
-        "schema_version": 1, "event_id": str(uuid.uuid4()), "kind": "vote", "retracts": None,
-        "pair_id": f"pair-{uuid.uuid4().hex[:8]}", "prompt_id": f"p-{abs(hash(prompt)) % 10**8}",
-        "prompt": messages_to_json([{"role": "user", "content": prompt}]), "response_a": a, "response_b": b,
-        "model_a": "m1", "model_b": "m2", "left": "a", "choice": "a", "strength": 1, "rationale": None,
-        "annotator": "tester", "created_at": datetime.now(timezone.utc), "decision_ms": 1000, "gen_params": None})
-
-
 def test_prompts_from_a_pool_or_a_store(tmp_path):
     pool = tmp_path / "pool.jsonl"
     pool.write_text('{"prompt": "one"}\n{"messages": [{"role": "user", "content": "two"}]}\nnot json\n')
     assert load_prompts(pool) == [[{"role": "user", "content": "one"}], [{"role": "user", "content": "two"}]]
-    store = tmp_path / "store"
-    (store / "parts").mkdir(parents=True)
-    pq.write_table(records_to_table([_vote("q1", "a", "b"), _vote("q2", "c", "d"), _vote("q1", "e", "f")]),
-                   store / "parts" / "part-0.parquet")
+    store = write_store(tmp_path / "store", [vote_record("q1", "a", "b"), vote_record("q2", "c", "d"),
+                                             vote_record("q1", "e", "f")])
     assert load_prompts(store) == [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
     with pytest.raises(PolicyInputError, match="no such prompt pool"):
         load_prompts(tmp_path / "missing.jsonl")
@@ -512,6 +492,6 @@ def test_sigterm_saves_cancelled_and_rerun_resumes(world, tmp_path):
     assert tok.chat_template and tok.padding_side == "left"
     assert len(generate(model, tok, ["Question 1 about plants: what should I do?"], n=2, max_new_tokens=6,
                         progress=False)[0]) == 2
-    help_out = subprocess.run([sys.executable, "-m", "annotate.cli", "serve", "--help"], cwd=ROOT, env=env,
+    help_out = subprocess.run([sys.executable, "-m", "annotate.cli", "serve", "--help"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=120)
     assert help_out.returncode == 0 and "--model" in help_out.stdout

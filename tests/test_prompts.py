@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,8 +13,8 @@ import pytest
 
 from trainer.store import prompt_id_for
 from trainer.prompts import Prompt, PromptPoolError, load_prompt_pool
+from helpers import REPO, preflab
 
-REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "data" / "prompts.jsonl"
 CATEGORIES = ("advice", "coding", "writing", "facts", "reasoning", "maths", "refusal")
 
@@ -374,13 +372,8 @@ def test_shipped_prompt_pool_loads_cleanly_with_every_category():
 # `preflab prompts`
 # --------------------------------------------------------------------------------------
 
-def preflab(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "annotate.cli", "prompts", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-
-
 def test_cli_reports_the_shipped_pool():
-    result = preflab("data/prompts.jsonl", "--show", "3")
+    result = preflab("prompts", "data/prompts.jsonl", "--show", "3")
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
     assert out[0].startswith("data/prompts.jsonl: ")
@@ -393,18 +386,18 @@ def test_cli_reports_the_shipped_pool():
 
 def test_cli_lists_problems_and_fails_on_an_unusable_file(tmp_path):
     mixed = write_lines(tmp_path / "mixed.jsonl", [row(id="ok", prompt="fine"), "{oops"])
-    result = preflab(str(mixed))
+    result = preflab("prompts", str(mixed))
     assert result.returncode == 0, result.stderr
     assert f"{mixed}:2: invalid JSON" in result.stdout
     assert "1 prompt loaded; skipped 1 bad line" in result.stdout
 
     bad = write_lines(tmp_path / "bad.jsonl", ["{oops"])
-    result = preflab(str(bad))
+    result = preflab("prompts", str(bad))
     assert result.returncode == 1
     assert f"{bad}: no usable prompts" in result.stderr
     assert "Traceback" not in result.stderr
 
-    result = preflab(str(tmp_path / "missing.csv"))
+    result = preflab("prompts", str(tmp_path / "missing.csv"))
     assert result.returncode == 1
     assert "missing.csv: no such prompt pool file" in result.stderr
     assert "Traceback" not in result.stderr

@@ -12,15 +12,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from annotate.pairs import PairsFileError, load_pairs, pair_from_row
+from annotate.pairs import PairsFileError, load_pairs
 from annotate.queue import AssignmentQueue, StaleVote
 from trainer.store.directory_writer import DirectoryStore
 from trainer.store import read_comparisons
-
-
-def make_pairs(n, prefix="q"):
-    return [pair_from_row({"prompt": f"{prefix} {i}?", "response_a": f"a{i}", "response_b": f"b{i}",
-                           "model_a": "m1", "model_b": "m2"}) for i in range(n)]
+from helpers import make_pairs
 
 
 def vote(q, name, choice="a"):

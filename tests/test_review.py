@@ -2,13 +2,13 @@
 real (tiny) reward model, the score cache per reward run, the disagreement ranking, and sending pairs back to the
 queue for one more vote by someone else.
 
-The reward model is the tiny random Llama of test_reward.py, trained for a few steps:
-it does not need to be good, only real (scores come from RewardModel.score).
+The reward model is the tiny random Llama, trained for a few steps
+(helpers.train_tiny_reward_run): it does not need to be good, only real (scores come
+from RewardModel.score).
 """
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -17,21 +17,9 @@ from annotate.queue import AssignmentQueue
 from annotate.review import Reviewer, disagreements, review_rows, sigmoid, top_pairs
 from annotate.scoring import PairScorer, content_key, item, items_from_pairs, items_from_votes
 from trainer.store.directory_writer import DirectoryStore
-from test_reward import TINY, banana_rows, write_jsonl
-from test_sampling import fake_run
+from helpers import fake_run, train_tiny_reward_run
 from trainer.runs import CHECKPOINT, RunDirError, reward_model_path, reward_runs
 from trainer.store import messages_to_json, read_comparisons
-
-
-def train_tiny_reward_run(runs_dir: Path, name: str = "rm-tiny") -> Path:
-    """A finished reward run (done status, checkpoint with normalisation) in seconds."""
-    from trainer.reward import train
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(runs_dir.parent / f"{name}-prefs.jsonl", banana_rows(48))
-    run_dir = runs_dir / name
-    assert train({**TINY, "data": str(data), "run_dir": str(run_dir), "batch_size": 16, "lr": 3e-3,
-                  "val_fraction": 0.25}) == 0
-    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,7 @@ import pytest
 
 from annotate.pairs import load_pairs
 from trainer.store.directory_writer import DirectoryStore
-from conftest import Server, add_users, write_pairs
-from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
-from test_review import train_tiny_reward_run
+from helpers import CHROMIUM, Server, add_users, login, train_tiny_reward_run, write_pairs
 from trainer.store import read_comparisons
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")

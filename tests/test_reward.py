@@ -7,12 +7,9 @@ file runs in well under two minutes on a laptop CPU.
 import json
 import math
 import os
-import random
 import signal
 import sys
-import uuid
 from collections import defaultdict
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,69 +18,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainer_runs import sigterm_mid_run
-from trainer.store import messages_to_json, records_to_table, validate_record
+from helpers import (TINY, TRAIN_DEVICE, banana_rows, retraction, sigterm_mid_run, vote_record, write_jsonl,
+                     write_store)
+from trainer.store import messages_to_json
 from trainer.reward import train
 from trainer.reward_metrics import expected_calibration_error, preference_loss
 from trainer.reward_model import RewardModel
 from trainer.reward_data import (RewardDataError, encode_pairs, fit, length_grouped_batches,
                                  read_pairs, split_by_prompt, text_to_messages)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# --------------------------------------------------------------------------------------
-# Simulated annotators with a hidden rule: they prefer the answer that mentions "banana".
-# --------------------------------------------------------------------------------------
-
-WORDS = ("the a of to and in is it you that for on with as are this be at or by from have "
-         "not can but your will more some what so water light soil day week").split()
-TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep", "travel", "music"]
-
-
-def _answer(rng, target: bool) -> str:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 30))]
-    if target:
-        words.insert(rng.randrange(len(words) + 1), "banana")
-    return " ".join(words)
-
-
-def banana_rows(n: int, seed: int = 0, prompts_per_topic: int = 40):
-    """n TRL-standard rows; a few rows share each prompt (so the split by prompt matters)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        prompt = f"Question {i % prompts_per_topic} about {TOPICS[i % len(TOPICS)]}: what should I do?"
-        rows.append({"prompt": prompt, "chosen": _answer(rng, True), "rejected": _answer(rng, False)})
-    return rows
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def vote(prompt, a, b, choice, strength=None, **extra):
-    messages = [{"role": "user", "content": prompt}]
-    r = {"schema_version": 1, "event_id": str(uuid.uuid4()), "kind": "vote", "retracts": None,
-         "pair_id": f"pair-{uuid.uuid4().hex[:8]}", "prompt_id": f"p-{abs(hash(prompt)) % 10**8}",
-         "prompt": messages_to_json(messages), "response_a": a, "response_b": b, "model_a": "m1",
-         "model_b": "m2", "left": "a", "choice": choice, "strength": strength, "rationale": None,
-         "annotator": "tester", "created_at": datetime.now(timezone.utc), "decision_ms": 1000,
-         "gen_params": None}
-    r.update(extra)
-    return validate_record(r)
-
-
-def write_store(path: Path, records) -> Path:
-    (path / "parts").mkdir(parents=True)
-    if records:
-        pq.write_table(records_to_table(records), path / "parts" / "part-0.parquet")
-    return path
-
-
-# The training tests run on the CPU; PREFLAB_TEST_DEVICE=cuda runs them on a GPU instead.
-TRAIN_DEVICE = os.environ.get("PREFLAB_TEST_DEVICE", "cpu")
-TINY = dict(model="tiny", progress=False, max_length=96, seed=0, device=TRAIN_DEVICE)
+# Simulated annotators with a hidden rule (helpers.banana_rows): they prefer the answer
+# that mentions "banana". TINY: the reward trainer's settings for the tiny model.
 
 
 # --------------------------------------------------------------------------------------
@@ -160,12 +105,11 @@ def test_calibration_error():
 # --------------------------------------------------------------------------------------
 
 def test_votes_become_oriented_pairs_with_ties_and_margins(tmp_path):
-    records = [vote("q1", "A1", "B1", "a", 2), vote("q1", "A2", "B2", "b", 1),
-               vote("q2", "A3", "B3", "tie"), vote("q2", "A4", "B4", "both_bad"),
-               vote("q3", "A5", "B5", "a")]
-    retract_me = vote("q3", "A6", "B6", "b", 2)
-    retract = validate_record({**retract_me, "event_id": str(uuid.uuid4()), "kind": "retract",
-                               "retracts": retract_me["event_id"], "choice": None, "strength": None})
+    records = [vote_record("q1", "A1", "B1", "a", 2), vote_record("q1", "A2", "B2", "b", 1),
+               vote_record("q2", "A3", "B3", "tie"), vote_record("q2", "A4", "B4", "both_bad"),
+               vote_record("q3", "A5", "B5", "a")]
+    retract_me = vote_record("q3", "A6", "B6", "b", 2)
+    retract = retraction(retract_me)
     store = write_store(tmp_path / "store", records + [retract_me, retract])
 
     pairs = read_pairs(store)
@@ -316,7 +260,7 @@ def test_bad_input_fails_clearly_before_loading_a_model(tmp_path, case, no_model
     if case == "empty_store":
         data, expect = write_store(tmp_path / "s", []), "no standing votes"
     elif case == "only_ties":
-        data = write_store(tmp_path / "s", [vote("q", "a", "b", "tie"), vote("q", "c", "d", "both_bad")])
+        data = write_store(tmp_path / "s", [vote_record("q", "a", "b", "tie"), vote_record("q", "c", "d", "both_bad")])
         expect = "none of the 2 votes prefers one answer"
     elif case == "missing_columns":
         data = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "chosen": "a", "answer": "b"}])

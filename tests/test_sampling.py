@@ -13,7 +13,7 @@ from annotate.pairs import pair_from_row
 from annotate.queue import AssignmentQueue
 from annotate.sampling import SamplingError, UncertaintySampler, selection_of, with_selection
 from trainer.store.directory_writer import DirectoryStore
-from test_queue import make_pairs
+from helpers import fake_run, make_pairs, write_pairs
 from trainer.store import read_comparisons
 
 
@@ -147,24 +147,10 @@ def test_mix_must_be_a_share():
 # preflab serve flags
 # --------------------------------------------------------------------------------------
 
-def fake_run(path, state="done", reward=True):
-    """A run directory as far as the flag checks look (no model is ever loaded here):
-    a status, and a checkpoint that is a model directory (config.json), with the reward
-    model's normalisation for a reward run."""
-    (path / "checkpoint").mkdir(parents=True)
-    (path / "checkpoint" / "config.json").write_text("{}")
-    (path / "status.json").write_text(json.dumps({"state": state, "progress": 0.4 if state != "done" else 1.0,
-                                                  "message": "training: step 4 of 10" if state == "running" else ""}))
-    if reward:
-        (path / "checkpoint" / "preflab_reward.json").write_text(json.dumps({"gain": 1.0, "bias": 0.0}))
-    return path
-
-
 @pytest.mark.parametrize("case", ["no_reward_model", "not_done", "policy_run", "no_such_run", "bad_mix",
                                   "reward_model_without_uncertain", "mix_without_uncertain"])
 def test_serve_flag_errors(tmp_path, case, capsys):
     from annotate.cli import main as preflab
-    from conftest import write_pairs
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
     args = ["serve", "--pairs", str(pairs), "--data", str(tmp_path / "store"), "--port", "1"]

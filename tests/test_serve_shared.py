@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 from collections import Counter
 
-from conftest import Server, add_users, client, write_pairs
+from helpers import Server, add_users, client, write_pairs
 from trainer.store import read_comparisons, read_events
 
 PEOPLE = ("ann", "ben", "cat")

@@ -13,7 +13,7 @@ from annotate.accounts import Forbidden
 from annotate.pairs import load_pairs
 from annotate.queue import AssignmentQueue
 from annotate.service import Service
-from conftest import add_users, write_pairs
+from helpers import add_users, write_pairs
 from trainer.store import read_comparisons, read_events
 from trainer.store.directory_writer import DirectoryStore
 

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pytest
 
 from annotate import agreement, stats
+from helpers import vote_record
 from trainer.evaluate import wilson_interval
-from trainer.store import messages_to_json, records_to_table, validate_record
+from trainer.store import records_to_table
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -325,14 +326,11 @@ def test_krippendorff_alpha_perfect_and_undefined():
 # ---- the header, and the real record schema ------------------------------------------
 
 def full_record(pair_id, annotator, choice, left, minutes, decision_ms=800):
-    return validate_record(dict(
-        schema_version=1, event_id=f"e-{pair_id}-{annotator}-{minutes}", kind="vote",
-        pair_id=pair_id, prompt_id="prompt-" + pair_id,
-        prompt=messages_to_json([{"role": "user", "content": "hi"}]),
-        response_a="x", response_b="y", model_a="base", model_b="tuned", left=left,
-        choice=choice, strength=None if choice in ("tie", "both_bad") else 1,
-        annotator=annotator, created_at=T0 + timedelta(minutes=minutes),
-        decision_ms=decision_ms))
+    return vote_record("hi", "x", "y", choice, None if choice in ("tie", "both_bad") else 1,
+                       event_id=f"e-{pair_id}-{annotator}-{minutes}", pair_id=pair_id,
+                       prompt_id="prompt-" + pair_id, model_a="base", model_b="tuned", left=left,
+                       annotator=annotator, created_at=T0 + timedelta(minutes=minutes),
+                       decision_ms=decision_ms)
 
 
 def test_summary_over_a_table_with_the_record_schema():

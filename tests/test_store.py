@@ -17,24 +17,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.store import SCHEMA, RecordError, messages_to_json, read_comparisons, read_events
+from trainer.store import SCHEMA, RecordError, read_comparisons, read_events
 from trainer.store.compaction import compact
 from trainer.store.directory_reader import list_store
 from trainer.store.directory_writer import DirectoryStore, recover_orphans
+from helpers import preflab, vote_record
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def vote(**overrides):
-    record = dict(
-        kind="vote", pair_id="pair-1", prompt_id="p-1",
-        prompt=messages_to_json([{"role": "user", "content": "Name a prime number."}]),
-        response_a="7", response_b="Nine is prime.", model_a="m1", model_b="m2",
-        left="b", choice="a", strength=2, rationale="b is wrong", annotator="alice",
-        decision_ms=1234, gen_params=json.dumps({"a": {"temperature": 0.7}}),
-    )
-    record.update(overrides)
-    return record
+    """A vote with every optional field set. The overrides go on top of the checked
+    record unchecked: several tests hand the store a broken one on purpose."""
+    record = vote_record("Name a prime number.", "7", "Nine is prime.", "a", 2, pair_id="pair-1",
+                         prompt_id="p-1", left="b", rationale="b is wrong", decision_ms=1234,
+                         gen_params=json.dumps({"a": {"temperature": 0.7}}))
+    return {**record, **overrides}
 
 
 # ---- writing and reading ---------------------------------------------------------------
@@ -313,12 +311,9 @@ def test_cli_compact_and_info(tmp_path):
     for _ in range(3):
         with DirectoryStore(tmp_path) as store:
             store.append(vote())
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", "annotate.cli", "compact", "--data", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = preflab("compact", "--data", tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "3 part files -> 1" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "annotate.cli", "info", "--data", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = preflab("info", "--data", tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "3 standing" in out.stdout

@@ -9,12 +9,8 @@ records export, leaderboard, pairs and prompts.
 """
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,19 +24,11 @@ from annotate.review import Reviewer
 from trainer.errors import PolicyInputError
 from trainer.prompts import load_prompts
 from trainer.reward_data import read_pairs
-from trainer.store import (SCHEMA, describe, messages_to_json, open_store, pair_id_for, prompt_id_for,
-                           read_comparisons)
+from trainer.store import SCHEMA, describe, messages_to_json, read_comparisons
 from trainer.store.pg_testserver import free_port
+from helpers import TRAIN_DEVICE, preflab as cli, retraction, vote_record, write_store
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-TRAIN_DEVICE = os.environ.get("PREFLAB_TEST_DEVICE", "cpu")
 MODELS = ("alpha", "beta", "gamma")
-
-
-def cli(*args, timeout=180):
-    return subprocess.run([PY, "-m", "annotate.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def with_password(url: str, password: str) -> str:
@@ -67,35 +55,23 @@ def events() -> list[dict]:
         messages = [{"role": "user", "content": f"Question {i % 12}: how do I water a plant?"}]
         if i % 5 == 0:
             messages.insert(0, {"role": "system", "content": "Be brief."})
-        prompt = messages_to_json(messages)
         a, b = f"answer {i} from one side", f"answer {i} from the other side"
         model_a, model_b = MODELS[i % 3], MODELS[(i + 1 + i // 3) % 3]
         if model_a == model_b:
             model_b = MODELS[(i + 2) % 3]
         choice = choices[i % len(choices)]
-        out.append({
-            "schema_version": 1, "event_id": str(uuid.UUID(int=i + 1)), "kind": "vote", "retracts": None,
-            "pair_id": pair_id_for(prompt, a, b), "prompt_id": prompt_id_for(messages), "prompt": prompt,
-            "response_a": a, "response_b": b, "model_a": model_a, "model_b": model_b,
-            "left": "ab"[i % 2], "choice": choice,
-            "strength": (1 + i % 2) if choice in ("a", "b") else None,
-            "rationale": "clearer" if i % 4 == 0 else None, "annotator": f"ann{i % 2}",
-            "created_at": T0 + timedelta(seconds=i, microseconds=17 * i), "decision_ms": 900 + i,
-            "gen_params": json.dumps({"a": {"seed": i}, "b": {"seed": i + 1}}) if i % 3 else None,
-        })
-    first = out[0]
-    out.append({**{k: first[k] for k in ("schema_version", "pair_id", "prompt_id", "prompt", "response_a",
-                                         "response_b", "model_a", "model_b", "left", "annotator")},
-                "event_id": str(uuid.UUID(int=999)), "kind": "retract", "retracts": first["event_id"],
-                "choice": None, "strength": None, "rationale": None, "decision_ms": None, "gen_params": None,
-                "created_at": T0 + timedelta(minutes=5)})
+        out.append(vote_record(
+            messages, a, b, choice, (1 + i % 2) if choice in ("a", "b") else None,
+            event_id=str(uuid.UUID(int=i + 1)), model_a=model_a, model_b=model_b, left="ab"[i % 2],
+            rationale="clearer" if i % 4 == 0 else None, annotator=f"ann{i % 2}",
+            created_at=T0 + timedelta(seconds=i, microseconds=17 * i), decision_ms=900 + i,
+            gen_params=json.dumps({"a": {"seed": i}, "b": {"seed": i + 1}}) if i % 3 else None))
+    out.append(retraction(out[0], event_id=str(uuid.UUID(int=999)), created_at=T0 + timedelta(minutes=5)))
     return out
 
 
 def fill(target, evs=None):
-    with open_store(target) as store:
-        store.append_many(evs if evs is not None else events())
-    return target
+    return write_store(target, evs if evs is not None else events())
 
 
 @pytest.fixture

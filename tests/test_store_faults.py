@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-from trainer.store import messages_to_json, read_events
+from helpers import child_env, vote_record, write_pairs
+from trainer.store.pg_testserver import free_port
+from trainer.store import read_events
 from trainer.store.directory_reader import list_store
 from trainer.store.directory_writer import DirectoryStore
 from trainer.store.errors import StoreWriteError
@@ -33,14 +34,10 @@ ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root: namespaces, mounts and setpriv")
 
 
-def vote(i: int, **overrides) -> dict:
-    record = dict(
-        event_id=f"ev-{i:05d}", kind="vote", pair_id=f"pair-{i}", prompt_id="p-1",
-        prompt=messages_to_json([{"role": "user", "content": "Name a prime number."}]),
-        response_a="7", response_b="Nine.", model_a="m1", model_b="m2", left="a", choice="a",
-        annotator="alice")
-    record.update(overrides)
-    return record
+def vote(i: int, **fields) -> dict:
+    """Vote number i, with the event id ev-<i>."""
+    return vote_record("Name a prime number.", "7", "Nine.", event_id=f"ev-{i:05d}", pair_id=f"pair-{i}",
+                       prompt_id="p-1", **fields)
 
 
 def stored_ids(store_dir) -> list[str]:
@@ -309,7 +306,7 @@ def test_a_second_server_on_a_directory_store_refuses_and_names_the_first(tmp_pa
                              for i in range(3)))
     ports = [free_port(), free_port()]
     store_dir = tmp_path / "store"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = child_env()
     first = subprocess.Popen(serve_cmd(store_dir, pairs, ports[0]), cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -345,7 +342,6 @@ def test_the_annotator_is_told_not_saved_and_keeps_the_pair(tiny_disk):
     from annotate.service import Service
     from annotate.pairs import load_pairs
     from annotate.queue import AssignmentQueue
-    from conftest import write_pairs
 
     pairs, _ = load_pairs(write_pairs(tiny_disk / "pairs.jsonl", 5))
     queue = AssignmentQueue(seed=1)

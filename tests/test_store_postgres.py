@@ -28,17 +28,17 @@ from trainer.store.pg_testserver import free_port
 from trainer.store.postgres import PostgresStore
 from trainer.store.postgres_schema import LATEST
 from trainer.store.record import SCHEMA, RecordError, messages_to_json
+from helpers import preflab, vote_record
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def vote(pair: str = "pair-1", annotator: str = "alice", **over) -> dict:
-    rec = dict(kind="vote", pair_id=pair, prompt_id="p-1",
-               prompt=messages_to_json([{"role": "user", "content": "Which is better?"}]),
-               response_a="first answer", response_b="second answer", model_a="m-a", model_b="m-b",
-               left="a", choice="a", strength=2, annotator=annotator, decision_ms=1200)
-    rec.update(over)
-    return rec
+    """A vote on `pair` by `annotator`. The overrides go on top of the checked record
+    unchecked: some tests hand the store a broken one on purpose."""
+    rec = vote_record("Which is better?", "first answer", "second answer", "a", 2, pair_id=pair,
+                      prompt_id="p-1", model_a="m-a", model_b="m-b", annotator=annotator, decision_ms=1200)
+    return {**rec, **over}
 
 
 def awkward_records() -> list[dict]:
@@ -374,14 +374,12 @@ def test_copy_command_with_the_server_down_is_one_line(tmp_path):
     port = free_port()
     for args in (["--from", f"postgresql://me:hunter2@127.0.0.1:{port}/votes", "--to", str(tmp_path / "d")],
                  ["--from", str(tmp_path / "missing"), "--to", "postgresql://x@127.0.0.1:1/y"]):
-        result = subprocess.run([sys.executable, "-m", "annotate.cli", "copy", *args], cwd=REPO,
-                                capture_output=True, text=True, timeout=60)
+        result = preflab("copy", *args, timeout=60)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
         assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
-    assert "connection refused: is PostgreSQL running on" in subprocess.run(
-        [sys.executable, "-m", "annotate.cli", "copy", "--from", f"postgresql://me@127.0.0.1:{port}/v",
-         "--to", str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True).stderr
+    assert "connection refused: is PostgreSQL running on" in preflab(
+        "copy", "--from", f"postgresql://me@127.0.0.1:{port}/v", "--to", str(tmp_path / "d")).stderr
 
 
 # ---- schema migrations ------------------------------------------------------------------------
@@ -423,8 +421,7 @@ def test_copy_between_backends_is_exact_and_rerunnable(pg_url, postgres_server, 
         assert sort(read_events(target)).equals(original), target
     assert sort(read_comparisons(back)).equals(sort(read_comparisons(source)))
 
-    result = subprocess.run([sys.executable, "-m", "annotate.cli", "copy", "--from", str(source), "--to", other],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = preflab("copy", "--from", str(source), "--to", other, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "copied 0 events" in result.stdout and "(13 already there)" in result.stdout
     with pytest.raises(ValueError, match="same store"):
@@ -436,7 +433,7 @@ def test_a_role_that_may_only_read_and_write_opens_a_store_set_up_by_another(pg_
     role = f"app_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
         conn.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
     url = pg_url.replace("postgres@", f"{role}@", 1)

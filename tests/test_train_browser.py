@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server, add_users, write_pairs
-from test_app_browser import CHROMIUM, browser, login  # noqa: F401  (browser is a fixture)
-from test_launcher import make_store
+from helpers import CHROMIUM, Server, add_users, banana_store, login, write_pairs
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
@@ -23,7 +21,7 @@ PROGRESS_IS = "t => (document.querySelector('#run-progress .run-pct') || {}).inn
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train-browser")
     add_users(tmp / "users.toml", ann="annotator", boss="admin")
-    store = make_store(tmp / "store")
+    store = banana_store(tmp / "store")
     pairs = write_pairs(tmp / "pairs.jsonl", 2)
     with Server(tmp, "--pairs", str(pairs), "--data", str(store), "--runs", str(tmp / "runs"),
                 "--auth", str(tmp / "users.toml")) as server:
@@ -118,7 +116,7 @@ def test_add_a_finished_policy_to_the_running_arena(tmp_path, browser):
     the same --data keeps it."""
     import shutil
 
-    from conftest import client
+    from helpers import client
     from trainer.store import read_comparisons
     from trainer.models import build_tiny_model
 

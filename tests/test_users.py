@@ -6,8 +6,6 @@ import argparse
 import base64
 import os
 import stat
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -15,8 +13,7 @@ import pytest
 
 from annotate import users as accounts
 from annotate.users import AccountError, User
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import preflab
 
 
 # ---- hashes --------------------------------------------------------------------------
@@ -197,13 +194,6 @@ def test_an_empty_file_has_no_users(tmp_path):
 
 
 # ---- command line --------------------------------------------------------------------
-
-def preflab(*args, stdin: str = "") -> subprocess.CompletedProcess:
-    # A new session has no controlling terminal, so a prompt could never hang the test.
-    return subprocess.run([sys.executable, "-m", "annotate.cli", *args], input=stdin,
-                          capture_output=True, text=True, cwd=REPO, timeout=120,
-                          start_new_session=True)
-
 
 def test_cli_add_list_remove(tmp_path):
     auth = str(tmp_path / "users.toml")

@@ -1,0 +1,308 @@
+"""Plain helpers of the test suite: a module the tests import, not a test module.
+
+    from helpers import preflab, vote_record, write_store
+    r = preflab("info", "--data", store)                     # rc, stdout, stderr
+    store = write_store(tmp_path / "store", [vote_record("q?", "yes", "no", "a")])
+
+Fixtures (the browser, PostgreSQL) live in tests/conftest.py; everything here is a
+function, class or constant that a test calls. No test module imports another: what
+two test files share lives here.
+
+    paths and env   REPO, TRAIN_DEVICE, child_env()
+    the CLI         preflab(*args) -> CompletedProcess (returncode, stdout, stderr)
+    records         vote_record(...), retraction(vote), write_store(target, records)
+    input files     write_jsonl, write_pairs (XSS_LEFT, XSS_RIGHT), make_pairs, banana_rows
+    a server        Server, add_users, client (free ports: trainer.store.pg_testserver.free_port)
+    the browser     CHROMIUM, CHROMIUM_ARGS, login(browser, url, user)
+    trainer runs    TINY, banana_store, train_tiny_reward_run, fake_run, sigterm_mid_run
+
+Application modules are imported inside the helpers that need them, so that importing
+this module costs nothing and a trainer test never loads the annotation app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+from trainer.runs import CHECKPOINT, CONFIG_FILE, METRICS_FILE, REWARD_META_FILE, STATUS_FILE
+from trainer.store import messages_to_json, open_store, pair_id_for, prompt_id_for
+from trainer.store.pg_testserver import free_port
+from trainer.store.record import complete_record, retract_record, validate_record
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The training tests run on the CPU; PREFLAB_TEST_DEVICE=cuda runs them on a GPU instead.
+TRAIN_DEVICE = os.environ.get("PREFLAB_TEST_DEVICE", "cpu")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of the processes a test starts: offline, no analytics, unbuffered."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+# ---- the command line ------------------------------------------------------------------
+
+def preflab(*args: Any, stdin: str = "", env: dict[str, str] | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m annotate.cli ARGS` in the repository, as a user runs it: its returncode,
+    stdout and stderr (text). Arguments may be paths. `env`: the whole environment
+    (default child_env()). In a new session without a terminal, so that a password
+    prompt can never hang a test; stdin is `stdin`."""
+    return subprocess.run([sys.executable, "-m", "annotate.cli", *map(str, args)], input=stdin,
+                          cwd=REPO, env=child_env() if env is None else env, capture_output=True,
+                          text=True, timeout=timeout, start_new_session=True)
+
+
+# ---- comparison records and stores -------------------------------------------------------
+
+def vote_record(prompt: str | list[dict[str, str]] = "Which answer is better?",
+                response_a: str = "first answer", response_b: str = "second answer",
+                choice: str = "a", strength: int | None = None, **fields: Any) -> dict[str, Any]:
+    """One vote as the store keeps it: completed and checked by the record's own code
+    (trainer.store.record: complete_record, validate_record), so a bad field raises
+    RecordError naming it, here, as the store would.
+
+    prompt: the user's message, or a list of chat messages. pair_id and prompt_id are
+    the ids the app derives from the text (pair_id_for, prompt_id_for); model_a/model_b
+    "m1"/"m2", left "a", annotator "alice". Any other field by keyword (event_id,
+    created_at, rationale, decision_ms, gen_params, or the ids themselves). A fresh
+    event_id and created_at = now unless given. Store writers take the result as is."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    prompt_json = messages_to_json(messages)
+    record = {"kind": "vote", "pair_id": pair_id_for(prompt_json, response_a, response_b),
+              "prompt_id": prompt_id_for(messages), "prompt": prompt_json, "response_a": response_a,
+              "response_b": response_b, "model_a": "m1", "model_b": "m2", "left": "a", "choice": choice,
+              "strength": strength, "annotator": "alice", **fields}
+    return validate_record(complete_record(record))
+
+
+def retraction(vote: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The retract event that cancels `vote` (an undo), checked like vote_record."""
+    record = {**retract_record(vote["event_id"], vote["annotator"], vote=vote), **fields}
+    return validate_record(complete_record(record))
+
+
+def write_store(target: str | os.PathLike, records: Iterable[dict[str, Any]]) -> str | os.PathLike:
+    """A store (directory or postgresql:// URL) holding `records`, written through the
+    store's own writer (open_store(...).append_many: all or nothing). Returns target;
+    no records: an empty store."""
+    with open_store(target) as store:
+        store.append_many(records)
+    return target
+
+
+# ---- input files -------------------------------------------------------------------------
+
+XSS_LEFT = ("<script>window.__pwned = 1; document.title = 'pwned'</script> "
+            "<img src=x onerror=\"window.__pwned = 2; document.title = 'pwned'\">")
+XSS_RIGHT = "Click [here](javascript:window.__pwned=3) or <a href=\"javascript:window.__pwned=4\">here</a>."
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    """One JSON document per line (UTF-8)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_pairs(path: Path, n: int, *, xss: bool = False) -> Path:
+    """A pairs file: n plain pairs (answers say which side and model they are), XSS payloads first."""
+    rows = []
+    if xss:
+        rows.append({"prompt": "Show me something dangerous.", "response_a": XSS_LEFT,
+                     "response_b": XSS_RIGHT, "model_a": "evil-a", "model_b": "evil-b"})
+    for i in range(n):
+        rows.append({"prompt": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}],
+                     "response_a": f"alpha answer {i}", "response_b": f"beta answer {i}",
+                     "model_a": "alpha", "model_b": "beta"})
+    return write_jsonl(path, rows)
+
+
+def make_pairs(n: int, prefix: str = "q") -> list:
+    """n distinct in-memory pairs (annotate.pairs.Pair) of models m1 and m2."""
+    from annotate.pairs import pair_from_row
+    return [pair_from_row({"prompt": f"{prefix} {i}?", "response_a": f"a{i}", "response_b": f"b{i}",
+                           "model_a": "m1", "model_b": "m2"}) for i in range(n)]
+
+
+# Simulated annotators with a hidden rule: they prefer the answer that mentions "banana".
+WORDS = ("the a of to and in is it you that for on with as are this be at or by from have "
+         "not can but your will more some what so water light soil day week").split()
+TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep", "travel", "music"]
+
+
+def _answer(rng: random.Random, target: bool) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 30))]
+    if target:
+        words.insert(rng.randrange(len(words) + 1), "banana")
+    return " ".join(words)
+
+
+def banana_rows(n: int, seed: int = 0, prompts_per_topic: int = 40) -> list[dict[str, str]]:
+    """n TRL-standard rows; a few rows share each prompt (so the split by prompt matters)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = f"Question {i % prompts_per_topic} about {TOPICS[i % len(TOPICS)]}: what should I do?"
+        rows.append({"prompt": prompt, "chosen": _answer(rng, True), "rejected": _answer(rng, False)})
+    return rows
+
+
+# ---- a real server ---------------------------------------------------------------------
+
+def add_users(path: Path, **roles: str) -> dict[str, str]:
+    """Accounts name -> role; every password is '<name>-pw'. Returns name -> password."""
+    from annotate.users import add_user
+    for name, role in roles.items():
+        add_user(path, name, role, f"{name}-pw")
+    return {name: f"{name}-pw" for name in roles}
+
+
+class Server:
+    """`python -m annotate.cli serve ...` as a real process on a free port.
+
+        with Server(tmp_path, "--pairs", str(pairs), "--data", str(store)) as server:
+            client(server.url, "ann")
+    """
+
+    def __init__(self, tmp: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.args = [*args, "--port", str(self.port), "--host", "127.0.0.1"]
+        self.log_path = tmp / f"server-{self.port}.log"
+        self.proc = None
+
+    def start(self, timeout: float = 120) -> "Server":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "annotate.cli", "serve", *self.args],
+                                     cwd=REPO, env=child_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not answer within {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.log.close()
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def client(url: str, user: str | None = None):
+    """A gradio_client.Client on the server, logged in as `user` (password '<user>-pw')."""
+    from gradio_client import Client
+    return Client(url, auth=(user, f"{user}-pw") if user else None, verbose=False)
+
+
+# ---- the browser (the `browser` fixture is in conftest.py) ------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def login(browser, url: str, user: str):
+    """A new page of its own context, logged in to the app at `url` as `user`."""
+    page = browser.new_context(viewport={"width": 1300, "height": 900}).new_page()
+    page.goto(url)
+    page.locator("input[type=text]").fill(user)
+    page.locator("input[type=password]").fill(f"{user}-pw")
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#progress", timeout=30_000)
+    return page
+
+
+# ---- trainer runs ----------------------------------------------------------------------
+
+# The reward trainer's settings for the tiny random Llama (with the real SmolLM2 tokenizer).
+TINY = dict(model="tiny", progress=False, max_length=96, seed=0, device=TRAIN_DEVICE)
+
+BANANA_TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep"]
+
+
+def banana_store(path: Path, n: int = 24) -> Path:
+    """A directory store of n votes, a few per prompt; the chosen answer mentions bananas."""
+    records = []
+    for i in range(n):
+        good, bad = f"banana answer number {i}", f"plain answer number {i}"
+        a, b = (good, bad) if i % 2 else (bad, good)
+        tie = i % 7 == 0
+        records.append(vote_record(f"Question {i % 8} about {BANANA_TOPICS[i % 8 % 6]}?", a, b,
+                                   "tie" if tie else "a" if a == good else "b", None if tie else 1 + i % 2,
+                                   pair_id=f"pair-{i}", prompt_id=f"p{i % 8}", annotator="tester",
+                                   decision_ms=1000))
+    return write_store(path, records)
+
+
+def train_tiny_reward_run(runs_dir: Path, name: str = "rm-tiny") -> Path:
+    """A finished reward run (done status, checkpoint with normalisation) in seconds."""
+    from trainer.reward import train
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(runs_dir.parent / f"{name}-prefs.jsonl", banana_rows(48))
+    run_dir = runs_dir / name
+    assert train({**TINY, "data": str(data), "run_dir": str(run_dir), "batch_size": 16, "lr": 3e-3,
+                  "val_fraction": 0.25}) == 0
+    return run_dir
+
+
+def fake_run(path: Path, state: str = "done", reward: bool = True) -> Path:
+    """A run directory as far as the flag checks look (no model is ever loaded here):
+    a status, and a checkpoint that is a model directory (config.json), with the reward
+    model's normalisation for a reward run."""
+    (path / CHECKPOINT).mkdir(parents=True)
+    (path / CHECKPOINT / CONFIG_FILE).write_text("{}")
+    (path / STATUS_FILE).write_text(json.dumps({"state": state, "progress": 0.4 if state != "done" else 1.0,
+                                                "message": "training: step 4 of 10" if state == "running" else ""}))
+    if reward:
+        (path / CHECKPOINT / REWARD_META_FILE).write_text(json.dumps({"gain": 1.0, "bias": 0.0}))
+    return path
+
+
+def sigterm_mid_run(cmd, env, run_dir: Path, ready, timeout: float = 120) -> tuple[int, str, dict]:
+    """Start a trainer, wait until `ready(lines of metrics.jsonl)` holds, send SIGTERM.
+
+    Returns (exit code, combined output, status.json). Fails if the trainer ends on its
+    own before it was ready: then the signal would test nothing.
+    """
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = run_dir / METRICS_FILE
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and ready(metrics.read_text().splitlines()):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    return proc.returncode, out, json.loads((run_dir / STATUS_FILE).read_text())
