@@ -201,7 +201,7 @@ class Launcher:
         for the trainer, or a postgresql:// URL, passed on unchanged). `form`: RewardConfig
         fields as a form gives them (text or numbers; a missing one is the dataclass's
         default). Raises LaunchError (naming the field) and starts nothing when a value is bad."""
-        from trainer.reward import RewardConfig
+        from trainer.reward_config import RewardConfig
         from trainer.store import describe, is_database, store_exists
 
         if not data:
@@ -227,7 +227,7 @@ class Launcher:
         missing: the reward model's base model; `prompts` blank or missing: the trainer's
         default pool. Raises LaunchError (naming the field) and starts nothing when a
         value is bad."""
-        from trainer.policy import DEFAULT_PROMPTS, PolicyConfig
+        from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig
 
         reward_id = str(reward_run or "").strip()
         if not reward_id:

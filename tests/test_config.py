@@ -11,8 +11,9 @@ import pytest
 
 from trainer.config import (ConfigError, add_config_arguments, config_from_namespace, config_from_values,
                             field_meta, flags_of)
-from trainer.policy import PolicyConfig, PolicyInputError
-from trainer.reward import RewardConfig
+from trainer.errors import PolicyInputError
+from trainer.policy_config import PolicyConfig
+from trainer.reward_config import RewardConfig
 from trainer.reward_data import RewardDataError
 
 CONFIGS = [RewardConfig, PolicyConfig]

@@ -5,8 +5,8 @@ and put a finished policy into the arena.
 
 Built inside the page's `gr.Tabs()`; every handler checks the caller's role on the server
 (hiding the tab is cosmetic). The form's defaults, choices and the names its errors use
-come from the trainers' config dataclasses (trainer.reward.RewardConfig,
-trainer.policy.PolicyConfig), and its values go through their check (annotate.launcher).
+come from the trainers' config dataclasses (trainer.reward_config.RewardConfig,
+trainer.policy_config.PolicyConfig), and its values go through their check (annotate.launcher).
 All it shows is read from the run directories, so a reload, a second browser or a
 restarted server shows the same runs, progress and plots; a gr.Timer polls while a run is
 queued or running.
@@ -80,8 +80,8 @@ def build_train_tab(demo, ctx, guard) -> None:
     import pandas as pd
 
     from trainer.config import field_meta
-    from trainer.policy import DEFAULT_PROMPTS, PolicyConfig
-    from trainer.reward import RewardConfig
+    from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig
+    from trainer.reward_config import RewardConfig
 
     launcher = ctx.launcher
     r_defaults, p_defaults = RewardConfig(), PolicyConfig()     # the form's defaults are the trainers'
