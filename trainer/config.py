@@ -30,6 +30,8 @@ Only the main trainer processes import this; it imports nothing heavy.
 
 from __future__ import annotations
 
+import re
+
 import argparse
 import dataclasses
 import json
@@ -314,6 +316,15 @@ def _number(value: Any) -> float:
     return number
 
 
+def _cached_hub_model(repo_id: str) -> bool:
+    """A Hugging Face model whose config is in the local cache (nothing is downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:   # no hub library, or an id it refuses: not a cached model
+        return False
+
+
 def model_problem(value: str | None) -> Iterator[str]:
     """Why `value` cannot name a model (nothing when it can): smollm2 / tiny, a model
     directory, or an org/name Hugging Face id (looked up in the local cache by the trainer)."""
@@ -332,4 +343,6 @@ def model_problem(value: str | None) -> Iterator[str]:
         return
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return      # an org/name id; the trainer says clearly if it is not cached
+    if re.fullmatch(r"[\w-][\w.-]*", text) and _cached_hub_model(text):
+        return      # a legacy id without an org (gpt2), already in the local cache
     yield f"{text!r} is not smollm2, tiny, a model directory or a Hugging Face id"
