@@ -57,15 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
-    from trainer.errors import PreflabError
+    from trainer.errors import exit_code
     try:
-        return int(args._run(args) or 0)
-    except PreflabError as e:
         # The one place a problem the user can fix (a flag, a file, a run; a store that
-        # is missing, unreadable, full, a database down, a second server: StoreError)
-        # becomes what they read: one line, no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # is missing, unreadable, full, a database down, a second server) becomes what
+        # they read: one line, no traceback, exit code 2.
+        return exit_code(args._run, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -2,7 +2,8 @@
 
 A `PreflabError` carries a message meant for the person at the keyboard: it names the
 file, line, field, run or flag at fault and says what to do. The command line catches
-it once (`annotate/cli.py`: `error: <message>`, exit 2) and the web layer maps it once
+it once (`exit_code`, used by `annotate/cli.py` and by the trainers' own `python -m`
+entry points: `error: <message>`, exit 2) and the web layer maps it once
 (`annotate/web/guard.py`: a `gr.Error` with the same text). Anything else that escapes
 is a bug and keeps its traceback.
 
@@ -10,6 +11,9 @@ It lives in `trainer` because `trainer` never imports `annotate`, and both raise
 """
 
 from __future__ import annotations
+
+import sys
+from typing import Any, Callable
 
 
 class PreflabError(Exception):
@@ -20,3 +24,13 @@ class PolicyInputError(PreflabError, ValueError):
     """Input a policy cannot be trained on (a setting, the prompts, the reward model). The
     message says what to change. Here, not in trainer/policy.py, because the prompt loader
     (trainer/prompts.py) and the policy's model side raise it too."""
+
+
+def exit_code(command: Callable[..., Any], *args: Any) -> int:
+    """Run a command's `run(args)` and return its exit code; a PreflabError becomes one
+    line on stderr, `error: <message>`, and exit code 2 (no traceback)."""
+    try:
+        return int(command(*args) or 0)
+    except PreflabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

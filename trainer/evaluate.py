@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import add_config_arguments
+from trainer.errors import exit_code
 from trainer.runs import EVAL_FILE, HELDOUT_FILE, read_json, write_json
 
 
@@ -133,36 +134,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trainer.models import canonical_name
-    from trainer.errors import PolicyInputError
-    from trainer.policy_model import reward_model_dir as reward_checkpoint  # trainer.runs.reward_model_path's check
+    from trainer.policy_model import reward_model_dir   # trainer.runs.reward_model_path's check
     from trainer.prompts import load_prompts
     from trainer.reward_model import RewardModel
-    from trainer.runs import POLICY_DIR as POLICY
+    from trainer.runs import CHECKPOINT, CONFIG_FILE, POLICY_DIR, RunDirError
 
     run_dir = Path(args.policy)
-    config = read_json(run_dir / "config.json")
-    if not (run_dir / POLICY).is_dir() or "config" not in config:
-        print(f"error: {run_dir}: not a finished policy run (no {POLICY}/ or config.json)", file=sys.stderr)
-        return 2
+    config = read_json(run_dir / CONFIG_FILE)
+    if not (run_dir / POLICY_DIR).is_dir() or "config" not in config:
+        raise RunDirError(f"{run_dir}: not a finished policy run (no {POLICY_DIR}/ or {CONFIG_FILE})")
     cfg = config["config"]
-    try:
-        conversations = load_prompts(args.prompts) if args.prompts else read_heldout(run_dir)
-        rm_path = reward_checkpoint(args.reward or config.get("reward_model"))
-    except PolicyInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    conversations = load_prompts(args.prompts) if args.prompts else read_heldout(run_dir)
+    rm_path = reward_model_dir(args.reward or config.get("reward_model"))
     if not conversations:
-        print(f"error: {run_dir}: the run held no prompts out; give --prompts FILE", file=sys.stderr)
-        return 2
+        raise RunDirError(f"{run_dir}: the run held no prompts out; give --prompts FILE")
     if args.n:
         conversations = conversations[:args.n]
     device = None if args.device == "auto" else args.device
     reference = args.reference or cfg["model"]
-    result = evaluate_policy(run_dir / POLICY, reference, RewardModel.load(rm_path, device=device), conversations,
+    result = evaluate_policy(run_dir / POLICY_DIR, reference, RewardModel.load(rm_path, device=device), conversations,
                              max_new_tokens=args.max_new_tokens or cfg["max_new_tokens"],
                              temperature=args.temperature if args.temperature is not None else cfg["temperature"],
                              seed=args.seed, device=device, progress=True)
-    reward_run = rm_path.parent if rm_path.name == "checkpoint" else rm_path
+    reward_run = rm_path.parent if rm_path.name == CHECKPOINT else rm_path
     record = write_eval(run_dir, reference_id=canonical_name(reference), reward_run=str(reward_run), result=result)
     lo, hi = record["rm_win_rate_ci"]
     print(f"{run_dir.name} vs {record['reference']} on {record['prompts']} prompts: reward-model win rate "
@@ -174,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return exit_code(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

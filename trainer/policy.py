@@ -77,7 +77,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from trainer.config import ConfigError, add_config_arguments, config_from_namespace
+from trainer.config import add_config_arguments, config_from_namespace
 from trainer.errors import PolicyInputError
 from trainer.policy_model import (Sampler, add_lora, autocast_for, eos_token_ids, forward_rows, load_causal_lm,
                                   load_reward_scorer, make_value_head, policy_net, reward_model_dir, unit_rows)
@@ -85,6 +85,7 @@ from trainer.policy_run import (RolloutSums, UpdateSums, peak_memory_mb, fail, f
                                 prompt_rows, reduce_sum, save_checkpoint, save_final, seed_for)
 from trainer.prompts import load_prompts
 from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig, check_config, resolve_config
+from trainer.errors import exit_code
 from trainer.runs import CONFIG_FILE, POLICY_DIR, STATE_FILE, Run, read_json, supervise, write_json
 from trainer.store.errors import StoreError
 
@@ -531,10 +532,9 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg, explicit = config_from_namespace(PolicyConfig, args)
-    if not cfg.reward and not (cfg.run_dir and (Path(cfg.run_dir) / "config.json").exists()):
-        print("error: pass --reward RUN_DIR (a reward model from `preflab train-reward`), or --run-dir of a "
-              "run to resume", file=sys.stderr)
-        return 2
+    if not cfg.reward and not (cfg.run_dir and (Path(cfg.run_dir) / CONFIG_FILE).exists()):
+        raise PolicyInputError("pass --reward RUN_DIR (a reward model from `preflab train-reward`), or --run-dir "
+                               "of a run to resume")
     return train(cfg, explicit)
 
 
@@ -542,11 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.policy", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ConfigError as e:    # a --config file that cannot be read
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(run, parser.parse_args(argv))   # a bad --config file, bad input: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -54,13 +54,14 @@ import time
 import numpy as np
 
 from trainer.checkpoints import rng_state
-from trainer.config import ConfigError, add_config_arguments, config_from_namespace
+from trainer.config import add_config_arguments, config_from_namespace
 from trainer.reward_data import (RewardDataError, collate, encode_pairs, length_grouped_batches, load_snapshot,
                                  pack, read_pairs, save_snapshot, split_by_prompt)
 from trainer.reward_metrics import evaluate, preference_loss, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
 from trainer.reward_state import fp32_masters, masters_in_place, restore_training_state
 from trainer.reward_config import RewardConfig, check_config, resolve_config
+from trainer.errors import exit_code
 from trainer.runs import (CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, STATE_FILE, Run, read_json,
                           supervise, write_json)
 from trainer.store.errors import StoreError
@@ -421,9 +422,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg, explicit = config_from_namespace(RewardConfig, args)
     if not cfg.data and not cfg.run_dir:
-        print("error: pass --data (a comparison store or a preference file), or --run-dir to resume",
-              file=sys.stderr)
-        return 2
+        raise RewardDataError("pass --data (a comparison store or a preference file), or --run-dir to resume")
     return train(cfg, explicit)
 
 
@@ -431,11 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.reward", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ConfigError as e:    # a --config file that cannot be read
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(run, parser.parse_args(argv))   # a bad --config file, bad input: one line, exit 2
 
 
 if __name__ == "__main__":
