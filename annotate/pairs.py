@@ -37,6 +37,7 @@ from typing import Any
 from trainer.store import messages_to_json, pair_id_for, prompt_id_for
 from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, parse_messages
 from trainer.errors import PreflabError
+from trainer.runs import CONFIG_FILE
 
 log = logging.getLogger("preflab.pairs")
 
@@ -267,8 +268,8 @@ class Generator(threading.Thread):
         if not model_id:
             raise ValueError("a model added to the arena needs a name (model_id)")
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: not a model directory (no config.json)")
+        if not (path / CONFIG_FILE).is_file():
+            raise ValueError(f"{path}: not a model directory (no {CONFIG_FILE})")
         with self._lock:
             if model_id in self.model_names:
                 return False

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from trainer.runs import REWARD_META_FILE, STATE_FILE, reward_model_path
+from trainer.runs import REVIEW_SCORES_FILE, REWARD_META_FILE, STATE_FILE, reward_model_path
 
 log = logging.getLogger("preflab.scoring")
 
 # The score cache is annotate's file, kept inside the reward run it belongs to (the
-# trainer neither writes nor reads it).
-CACHE_FILE = "review_scores.parquet"
+# trainer neither writes nor reads it); its name is trainer.runs.REVIEW_SCORES_FILE.
+CACHE_FILE = REVIEW_SCORES_FILE
 KEEP_SCORERS = 2   # reward models kept loaded at once (the sampler's and one more to review)
 
 

@@ -45,6 +45,7 @@ LAUNCH_CONFIG_FILE = "launch-config.json"   # written by the Train tab: the sett
 STATE_FILE = "training_state.pt"     # inside checkpoint/: what a resume needs besides the weights
 REWARD_META_FILE = "preflab_reward.json"   # inside a reward model: normalisation, max_length, provenance
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA checkpoint holds this instead of config.json
+REVIEW_SCORES_FILE = "review_scores.parquet"  # in a reward run: the Review tab's cache of pair scores
 SNAPSHOT_FILE = "data.parquet"       # a reward run's exact pairs and split (a resume reads this)
 POLICY_META_FILE = "preflab_policy.json"   # inside a policy model: provenance (base, reward model, algo, step)
 VALUE_HEAD_FILE = "value_head.pt"    # inside a PPO run's checkpoint/
