@@ -36,6 +36,7 @@ class Accounts:
 
     def __init__(self, path: str | os.PathLike):
         from annotate import users
+
         self.users = users
         self.path = Path(path)
         self._mtime = None
@@ -55,7 +56,7 @@ class Accounts:
                 return
             try:
                 self._accounts = self.users.load_users(self.path)
-            except ValueError as e:   # a half-edited file: keep the accounts we had
+            except ValueError as e:  # a half-edited file: keep the accounts we had
                 if self._mtime is None:
                     raise
                 log.warning("%s; keeping the accounts loaded before", e)

@@ -47,8 +47,10 @@ def _pairs_within_units(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(firsts), np.concatenate(seconds)
 
 
-KAPPA_UNDEFINED = ("chance agreement is 1 (both annotators used one and the same "
-                   "category on every shared pair): kappa is undefined")
+KAPPA_UNDEFINED = (
+    "chance agreement is 1 (both annotators used one and the same "
+    "category on every shared pair): kappa is undefined"
+)
 
 
 def cohens_kappa(votes: Votes) -> pd.DataFrame:
@@ -94,14 +96,16 @@ def cohens_kappa(votes: Votes) -> pd.DataFrame:
     kappa = ratio(p_o - p_e, np.where(degenerate, 0.0, 1 - p_e))
 
     names = np.asarray(v.annotators, dtype=object)
-    return pd.DataFrame({
-        "annotator_1": names[keys // n_annotators],
-        "annotator_2": names[keys % n_annotators],
-        "n_shared": n,
-        "agreement": p_o,
-        "kappa": kappa,
-        "note": np.where(degenerate, KAPPA_UNDEFINED, "").astype(object),
-    })
+    return pd.DataFrame(
+        {
+            "annotator_1": names[keys // n_annotators],
+            "annotator_2": names[keys % n_annotators],
+            "n_shared": n,
+            "agreement": p_o,
+            "kappa": kappa,
+            "note": np.where(degenerate, KAPPA_UNDEFINED, "").astype(object),
+        }
+    )
 
 
 def nominal_alpha(units: Any, values: Any) -> dict[str, float]:
@@ -151,7 +155,7 @@ def _nominal_alpha(unit: np.ndarray, value: np.ndarray, n_categories: int) -> di
     n_c = coincidences.sum(axis=1)
     n = float(m.sum())
     disagreeing = coincidences.sum() - np.trace(coincidences)
-    expected_disagreeing = (n_c.sum() ** 2 - (n_c ** 2).sum()) / (n - 1)
+    expected_disagreeing = (n_c.sum() ** 2 - (n_c**2).sum()) / (n - 1)
     alpha = 1 - disagreeing / expected_disagreeing if expected_disagreeing > 0 else math.nan
     return {"alpha": float(alpha), "n_units": int(len(m)), "n_values": int(n)}
 

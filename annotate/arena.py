@@ -30,6 +30,7 @@ def arena_file(state_dir: str | os.PathLike) -> Path:
     """<state_dir>/arena.json. state_dir is the server's local state directory
     (`service.state_dir`), never a store URL: arena.json is a file, not a vote."""
     from trainer.store import is_database
+
     if is_database(state_dir):
         raise ValueError("the arena is kept in a local state directory, not in a database URL")
     return Path(state_dir) / ARENA_FILE
@@ -38,8 +39,11 @@ def arena_file(state_dir: str | os.PathLike) -> Path:
 def read_arena(state_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The models added to the arena of this server: [{"model_id", "path", "added_at"}]."""
     models = read_json(arena_file(state_dir)).get("models")
-    return [m for m in models if isinstance(m, dict) and m.get("model_id") and m.get("path")] \
-        if isinstance(models, list) else []
+    return (
+        [m for m in models if isinstance(m, dict) and m.get("model_id") and m.get("path")]
+        if isinstance(models, list)
+        else []
+    )
 
 
 def add_to_arena(generator, state_dir: str | os.PathLike, launcher: Launcher, run_id: str) -> str:
@@ -50,14 +54,17 @@ def add_to_arena(generator, state_dir: str | os.PathLike, launcher: Launcher, ru
     if info is None:
         raise LaunchError(f"Run: there is no run {run_id!r}")
     if not info.servable:
-        raise LaunchError(f"{run_id} is not a finished policy run (kind {info.kind}, state {info.state}); "
-                          f"only a done policy run has a model to serve")
+        raise LaunchError(
+            f"{run_id} is not a finished policy run (kind {info.kind}, state {info.state}); "
+            f"only a done policy run has a model to serve"
+        )
     if generator is None:
         raise LaunchError(
             f"This server shows pairs from a file (serve --pairs): no model generates answers here, so the "
             f"arena cannot take a model. To compare this policy, restart with "
             f"`preflab serve --model smollm2 --model {info.path / POLICY_DIR}` "
-            f"(or generate a pairs file with `preflab generate`).")
+            f"(or generate a pairs file with `preflab generate`)."
+        )
     path = info.path / POLICY_DIR
     try:
         added = generator.add_model(path, run_id)

@@ -17,19 +17,36 @@ import sys
 # subcommand -> (module, one-line help). Order is the order `--help` lists them in.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("annotate.generate", "sample candidate answer pairs from a model for a prompt pool"),
-    "model": ("annotate.generate", "load a model once (converting the default GGUF to a cache) and report load times"),
+    "model": (
+        "annotate.generate",
+        "load a model once (converting the default GGUF to a cache) and report load times",
+    ),
     "prompts": ("trainer.prompts", "check a prompt pool file and report what would be loaded"),
     "import": ("annotate.importers", "import TRL / Anthropic-HH preference data as votes"),
     "serve": ("annotate.serve", "open the annotation app: rank pairs of answers in the browser"),
     "export": ("annotate.export", "export votes as a TRL / datasets preference dataset"),
-    "train-reward": ("trainer.reward", "fit a Bradley-Terry reward model to the votes (or a TRL preference file)"),
-    "train-policy": ("trainer.policy", "fine-tune the policy against a reward model (PPO, RLOO or REINFORCE)"),
-    "eval-policy": ("trainer.evaluate", "reward-model win rate of a trained policy over its reference, "
-                                        "on held-out prompts"),
+    "train-reward": (
+        "trainer.reward",
+        "fit a Bradley-Terry reward model to the votes (or a TRL preference file)",
+    ),
+    "train-policy": (
+        "trainer.policy",
+        "fine-tune the policy against a reward model (PPO, RLOO or REINFORCE)",
+    ),
+    "eval-policy": (
+        "trainer.evaluate",
+        "reward-model win rate of a trained policy over its reference, on held-out prompts",
+    ),
     "compact": ("annotate.store_commands", "merge small part files of a comparison store"),
     "info": ("annotate.store_commands", "summarise a comparison store: events, votes, files"),
-    "copy": ("trainer.store.copy", "copy every event between two stores (directory or PostgreSQL), exactly; reruns skip what is there"),
-    "leaderboard": ("annotate.leaderboard", "rank models by Bradley-Terry ratings from the votes, with bootstrap confidence intervals"),
+    "copy": (
+        "trainer.store.copy",
+        "copy every event between two stores (directory or PostgreSQL), exactly; reruns skip what is there",
+    ),
+    "leaderboard": (
+        "annotate.leaderboard",
+        "rank models by Bradley-Terry ratings from the votes, with bootstrap confidence intervals",
+    ),
     "user": ("annotate.users", "manage annotator and admin accounts in a users.toml"),
 }
 
@@ -45,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         add = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
         run = getattr(module, f"run_{name}", None) or module.run
         doc = COMMANDS[name][1]
-        p = sub.add_parser(name, help=doc, description=doc,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(
+            name, help=doc, description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         add(p)
         p.set_defaults(_run=run)
     return parser
@@ -58,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
     from trainer.errors import exit_code
+
     try:
         # The one place a problem the user can fix (a flag, a file, a run; a store that
         # is missing, unreadable, full, a database down, a second server) becomes what

@@ -14,13 +14,13 @@ from typing import Any
 
 @dataclass
 class ServeContext:
-    service: Any                 # annotate.service.Service: the annotation workflow
-    data: str                    # the store's target: a directory or a postgresql:// URL
-    state_dir: Path              # local files that are not votes (arena.json, pair caches)
-    runs_dir: Path               # where trainings started from the page go (Train tab)
-    queue: Any                   # annotate.queue.AssignmentQueue
-    generator: Any = None        # annotate.pairs.Generator, when serving models (--model)
-    launcher: Any = None         # annotate.launcher.Launcher: trainer subprocesses
-    reviewer: Any = None         # annotate.review.Reviewer: reward-model scoring of the votes
-    guidelines: str = ""         # Markdown shown in the Guidelines tab
+    service: Any  # annotate.service.Service: the annotation workflow
+    data: str  # the store's target: a directory or a postgresql:// URL
+    state_dir: Path  # local files that are not votes (arena.json, pair caches)
+    runs_dir: Path  # where trainings started from the page go (Train tab)
+    queue: Any  # annotate.queue.AssignmentQueue
+    generator: Any = None  # annotate.pairs.Generator, when serving models (--model)
+    launcher: Any = None  # annotate.launcher.Launcher: trainer subprocesses
+    reviewer: Any = None  # annotate.review.Reviewer: reward-model scoring of the votes
+    guidelines: str = ""  # Markdown shown in the Guidelines tab
     title: str = "preflab"

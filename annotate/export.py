@@ -51,18 +51,25 @@ import argparse
 import json
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from annotate.table_files import COMPRESSIONS, EXPORT_COMPRESSION, SLICE_ROWS, output_kind, ties_path_for, write_table
+from annotate.table_files import (
+    COMPRESSIONS,
+    EXPORT_COMPRESSION,
+    SLICE_ROWS,
+    output_kind,
+    ties_path_for,
+    write_table,
+)
 from trainer.store import DATA_HELP
 
 FORMATS = ("standard", "conversational")
-RECORDS = "records"                      # --format records: the votes as stored, every field
+RECORDS = "records"  # --format records: the votes as stored, every field
 TIES_MODES = ("exclude", "separate")
 AGGREGATES = ("none", "majority")
 
@@ -77,6 +84,7 @@ ASSISTANT_CUE = "\n\nAssistant:"
 # --------------------------------------------------------------------------------------
 # Prompt rendering
 # --------------------------------------------------------------------------------------
+
 
 def render_prompt_text(messages: list[dict[str, str]]) -> tuple[str, bool]:
     """A chat prompt as plain text. Returns (text, is_transcript): a lone user message is
@@ -133,19 +141,20 @@ def _column(values: pa.ChunkedArray | pa.Array) -> pa.Array:
 # From votes to rows
 # --------------------------------------------------------------------------------------
 
+
 @dataclass
 class ExportReport:
     """What an export did, in numbers (printed by the CLI)."""
 
-    votes: int = 0                # standing votes given
+    votes: int = 0  # standing votes given
     dropped_by_annotator: int = 0
     dropped_by_model: int = 0
-    used: int = 0                 # votes left after the filters
+    used: int = 0  # votes left after the filters
     aggregate: str = "none"
-    units: str = "votes"          # what rows/ties count: votes, or pairs when aggregated
-    rows: int = 0                 # preference rows
-    ties: int = 0                 # tie rows (never preferences)
-    both_bad: int = 0             # both-bad rows (never preferences)
+    units: str = "votes"  # what rows/ties count: votes, or pairs when aggregated
+    rows: int = 0  # preference rows
+    ties: int = 0  # tie rows (never preferences)
+    both_bad: int = 0  # both-bad rows (never preferences)
     ties_mode: str = "exclude"
     path: str | None = None
     ties_path: str | None = None
@@ -153,15 +162,19 @@ class ExportReport:
     def lines(self) -> list[str]:
         out = [f"read      {self.votes} standing votes"]
         if self.dropped_by_annotator or self.dropped_by_model:
-            out.append(f"filtered  {self.dropped_by_annotator} by annotator, "
-                       f"{self.dropped_by_model} by model; {self.used} votes left")
+            out.append(
+                f"filtered  {self.dropped_by_annotator} by annotator, "
+                f"{self.dropped_by_model} by model; {self.used} votes left"
+            )
         if self.aggregate == "majority":
             out.append(f"majority  {self.used} votes -> {self.rows + self.ties + self.both_bad} pairs")
         where = "excluded"
         if self.ties_mode == "separate":
             where = f"written to {self.ties_path}" if self.ties_path else "kept apart"
-        out.append(f"ties      {self.ties} tie and {self.both_bad} both-bad {self.units} {where} "
-                   "(never turned into preferences)")
+        out.append(
+            f"ties      {self.ties} tie and {self.both_bad} both-bad {self.units} {where} "
+            "(never turned into preferences)"
+        )
         out.append(f"wrote     {self.rows} preference rows" + (f" to {self.path}" if self.path else ""))
         return out
 
@@ -170,14 +183,17 @@ class ExportReport:
 # `row` (the index of a vote that carries the pair's prompt and answers), `outcome`
 # (a, b, tie, both_bad) and `margin`. The big text columns are gathered once, at the end.
 
+
 def _per_vote(votes: pa.Table) -> pa.Table:
     """One row per vote, oldest first: outcome is the vote's choice, margin its strength."""
     order = pc.sort_indices(votes, [("created_at", "ascending"), ("event_id", "ascending")])
-    return pa.table({
-        "row": order,
-        "outcome": votes["choice"].take(order),
-        "margin": pc.fill_null(pc.cast(votes["strength"], pa.float64()), 0.0).take(order),
-    })
+    return pa.table(
+        {
+            "row": order,
+            "outcome": votes["choice"].take(order),
+            "margin": pc.fill_null(pc.cast(votes["strength"], pa.float64()), 0.0).take(order),
+        }
+    )
 
 
 def _majority(votes: pa.Table) -> pa.Table:
@@ -191,33 +207,51 @@ def _majority(votes: pa.Table) -> pa.Table:
     def count(value):
         return pc.cast(pc.equal(choice, value), pa.int64())
 
-    t = pa.table({
-        "pair_id": votes["pair_id"],
-        "a": count("a"), "b": count("b"), "tie": count("tie"), "both_bad": count("both_bad"),
-        # Each side's vote strengths (null elsewhere); the mean skips the nulls.
-        "strength_a": pc.if_else(pc.equal(choice, "a"), strength, null),
-        "strength_b": pc.if_else(pc.equal(choice, "b"), strength, null),
-        "row": pa.array(np.arange(len(votes), dtype=np.int64)),
-        "created_at": votes["created_at"],
-    })
-    g = t.group_by("pair_id").aggregate([
-        ("a", "sum"), ("b", "sum"), ("tie", "sum"), ("both_bad", "sum"),
-        ("strength_a", "mean"), ("strength_b", "mean"), ("row", "min"), ("created_at", "min"),
-    ])
+    t = pa.table(
+        {
+            "pair_id": votes["pair_id"],
+            "a": count("a"),
+            "b": count("b"),
+            "tie": count("tie"),
+            "both_bad": count("both_bad"),
+            # Each side's vote strengths (null elsewhere); the mean skips the nulls.
+            "strength_a": pc.if_else(pc.equal(choice, "a"), strength, null),
+            "strength_b": pc.if_else(pc.equal(choice, "b"), strength, null),
+            "row": pa.array(np.arange(len(votes), dtype=np.int64)),
+            "created_at": votes["created_at"],
+        }
+    )
+    g = t.group_by("pair_id").aggregate(
+        [
+            ("a", "sum"),
+            ("b", "sum"),
+            ("tie", "sum"),
+            ("both_bad", "sum"),
+            ("strength_a", "mean"),
+            ("strength_b", "mean"),
+            ("row", "min"),
+            ("created_at", "min"),
+        ]
+    )
     g = g.sort_by([("created_at_min", "ascending"), ("pair_id", "ascending")])
     a, b = g["a_sum"], g["b_sum"]
     others = pc.add(pc.add(a, b), g["tie_sum"])
-    outcome = pc.if_else(pc.greater(a, b), "a",
-                         pc.if_else(pc.greater(b, a), "b",
-                                    pc.if_else(pc.greater(g["both_bad_sum"], others), "both_bad", "tie")))
+    outcome = pc.if_else(
+        pc.greater(a, b),
+        "a",
+        pc.if_else(
+            pc.greater(b, a), "b", pc.if_else(pc.greater(g["both_bad_sum"], others), "both_bad", "tie")
+        ),
+    )
     margin = pc.if_else(pc.equal(outcome, "a"), g["strength_a_mean"], g["strength_b_mean"])
     # Every vote of a pair carries the same prompt and answers (pair_id is their hash),
     # so the pair's first row stands for it.
     return pa.table({"row": g["row_min"], "outcome": outcome, "margin": pc.fill_null(margin, 0.0)})
 
 
-def _filter_votes(votes: pa.Table, annotators: list[str] | None, models: list[str] | None,
-                  report: ExportReport) -> pa.Table:
+def _filter_votes(
+    votes: pa.Table, annotators: list[str] | None, models: list[str] | None, report: ExportReport
+) -> pa.Table:
     """The votes kept by the --annotator / --model filters, counted in `report`."""
     report.votes = len(votes)
     if annotators:
@@ -225,15 +259,17 @@ def _filter_votes(votes: pa.Table, annotators: list[str] | None, models: list[st
         report.dropped_by_annotator, votes = len(votes) - len(kept), kept
     if models:
         wanted = pa.array(models, pa.string())
-        kept = votes.filter(pc.or_(pc.is_in(votes["model_a"], value_set=wanted),
-                                   pc.is_in(votes["model_b"], value_set=wanted)))
+        kept = votes.filter(
+            pc.or_(pc.is_in(votes["model_a"], value_set=wanted), pc.is_in(votes["model_b"], value_set=wanted))
+        )
         report.dropped_by_model, votes = len(votes) - len(kept), kept
     report.used = len(votes)
     return votes
 
 
-def export_records(votes: pa.Table, *, annotators: list[str] | None = None,
-                   models: list[str] | None = None) -> tuple[pa.Table, ExportReport]:
+def export_records(
+    votes: pa.Table, *, annotators: list[str] | None = None, models: list[str] | None = None
+) -> tuple[pa.Table, ExportReport]:
     """Standing votes -> the same votes with exactly the record's fields (SCHEMA, in its
     order and types), oldest first (ties broken by event_id), so that the same votes give
     the same table whichever backend they were read from. Returns (records, report)."""
@@ -279,12 +315,16 @@ def export_preferences(
     `slice_rows` > 0: `pairs` comes as an iterator of tables of that many rows (for
     write_table, which then compresses one slice while the next is gathered).
     """
-    for name, value, allowed in (("format", format, FORMATS), ("ties", ties, TIES_MODES),
-                                 ("aggregate", aggregate, AGGREGATES)):
+    for name, value, allowed in (
+        ("format", format, FORMATS),
+        ("ties", ties, TIES_MODES),
+        ("aggregate", aggregate, AGGREGATES),
+    ):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    report = ExportReport(aggregate=aggregate, ties_mode=ties,
-                          units="pairs" if aggregate == "majority" else "votes")
+    report = ExportReport(
+        aggregate=aggregate, ties_mode=ties, units="pairs" if aggregate == "majority" else "votes"
+    )
     # read_comparisons returns votes only; a raw event table is accepted too. (A filter
     # copies every column, so skip it when there is nothing to drop.)
     is_vote = pc.equal(votes["kind"], "vote")
@@ -326,9 +366,11 @@ def export_preferences(
             part = prefs.slice(start, size)
             rows, b_wins = _column(part["row"]), _column(pc.equal(part["outcome"], "b"))
             prompt, tr = prompts_of(rows)
-            columns = {"prompt": prompt,
-                       "chosen": _answers(gather(rows, b_wins), format, tr),
-                       "rejected": _answers(gather(rows, pc.invert(b_wins)), format, tr)}
+            columns = {
+                "prompt": prompt,
+                "chosen": _answers(gather(rows, b_wins), format, tr),
+                "rejected": _answers(gather(rows, pc.invert(b_wins)), format, tr),
+            }
             if margin:
                 columns["margin"] = _column(part["margin"])
             yield pa.table(columns)
@@ -340,12 +382,14 @@ def export_preferences(
         tied = plan.filter(pc.invert(is_pref))
         rows = _column(tied["row"])
         prompt, tr = prompts_of(rows)
-        ties_table = pa.table({
-            "prompt": prompt,
-            "response_a": _answers(gather(rows, False), format, tr),
-            "response_b": _answers(gather(rows, True), format, tr),
-            "label": _column(tied["outcome"]),
-        })
+        ties_table = pa.table(
+            {
+                "prompt": prompt,
+                "response_a": _answers(gather(rows, False), format, tr),
+                "response_b": _answers(gather(rows, True), format, tr),
+                "label": _column(tied["outcome"]),
+            }
+        )
     return pairs, ties_table, report
 
 
@@ -353,29 +397,61 @@ def export_preferences(
 # Command line
 # --------------------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="STORE",
-                   help=DATA_HELP)
-    p.add_argument("--out", required=True, metavar="FILE",
-                   help="output file: .parquet, or .jsonl / .json for JSON Lines")
-    p.add_argument("--format", choices=(*FORMATS, RECORDS), default="standard",
-                   help="standard: plain strings; conversational: lists of chat messages (both TRL "
-                        "preference datasets); records: every standing vote, ties and both-bad included, "
-                        "with exactly the comparison record's fields, oldest first (for audits and tests; "
-                        "--margin, --ties separate and --aggregate majority do not apply)")
-    p.add_argument("--compression", choices=COMPRESSIONS, default=EXPORT_COMPRESSION,
-                   help="Parquet codec: snappy (the ecosystem default, fastest to write), zstd (about "
-                        "1.45x smaller, about 2x slower to write), lz4, gzip, none")
-    p.add_argument("--margin", action="store_true",
-                   help="add a float `margin` column from the votes' strength (TRL's RewardTrainer uses it)")
-    p.add_argument("--ties", choices=TIES_MODES, default="exclude",
-                   help="drop tie / both-bad votes, or write them to <out>.ties.<ext>")
-    p.add_argument("--aggregate", choices=AGGREGATES, default="none",
-                   help="one row per vote, or one row per pair by majority vote")
-    p.add_argument("--annotator", action="extend", nargs="+", metavar="NAME", default=None,
-                   help="keep only these annotators' votes (repeatable)")
-    p.add_argument("--model", action="extend", nargs="+", metavar="NAME", default=None,
-                   help="keep only pairs where either side's model is one of these (repeatable)")
+    p.add_argument("--data", required=True, metavar="STORE", help=DATA_HELP)
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="output file: .parquet, or .jsonl / .json for JSON Lines"
+    )
+    p.add_argument(
+        "--format",
+        choices=(*FORMATS, RECORDS),
+        default="standard",
+        help="standard: plain strings; conversational: lists of chat messages (both TRL "
+        "preference datasets); records: every standing vote, ties and both-bad included, "
+        "with exactly the comparison record's fields, oldest first (for audits and tests; "
+        "--margin, --ties separate and --aggregate majority do not apply)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        default=EXPORT_COMPRESSION,
+        help="Parquet codec: snappy (the ecosystem default, fastest to write), zstd (about "
+        "1.45x smaller, about 2x slower to write), lz4, gzip, none",
+    )
+    p.add_argument(
+        "--margin",
+        action="store_true",
+        help="add a float `margin` column from the votes' strength (TRL's RewardTrainer uses it)",
+    )
+    p.add_argument(
+        "--ties",
+        choices=TIES_MODES,
+        default="exclude",
+        help="drop tie / both-bad votes, or write them to <out>.ties.<ext>",
+    )
+    p.add_argument(
+        "--aggregate",
+        choices=AGGREGATES,
+        default="none",
+        help="one row per vote, or one row per pair by majority vote",
+    )
+    p.add_argument(
+        "--annotator",
+        action="extend",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="keep only these annotators' votes (repeatable)",
+    )
+    p.add_argument(
+        "--model",
+        action="extend",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="keep only pairs where either side's model is one of these (repeatable)",
+    )
 
 
 def run_records(args: argparse.Namespace, votes: pa.Table, t0: float) -> int:
@@ -384,8 +460,10 @@ def run_records(args: argparse.Namespace, votes: pa.Table, t0: float) -> int:
     path = write_table(table, args.out, args.compression)
     print(f"read      {report.votes} standing votes")
     if report.dropped_by_annotator or report.dropped_by_model:
-        print(f"filtered  {report.dropped_by_annotator} by annotator, "
-              f"{report.dropped_by_model} by model; {report.used} votes left")
+        print(
+            f"filtered  {report.dropped_by_annotator} by annotator, "
+            f"{report.dropped_by_model} by model; {report.used} votes left"
+        )
     print(f"wrote     {report.rows} records ({len(records.column_names)} fields each) to {path}")
     print(f"done      in {time.perf_counter() - t0:.2f}s")
     return 0
@@ -398,13 +476,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         output_kind(args.out)
         if args.format == RECORDS:
-            not_for_records = [flag for flag, given in (("--margin", args.margin),
-                                                        ("--ties separate", args.ties == "separate"),
-                                                        ("--aggregate majority", args.aggregate == "majority"))
-                               if given]
+            not_for_records = [
+                flag
+                for flag, given in (
+                    ("--margin", args.margin),
+                    ("--ties separate", args.ties == "separate"),
+                    ("--aggregate majority", args.aggregate == "majority"),
+                )
+                if given
+            ]
             if not_for_records:
-                raise ValueError(f"--format records writes the votes as stored; "
-                                 f"{', '.join(not_for_records)} does not apply to it")
+                raise ValueError(
+                    f"--format records writes the votes as stored; "
+                    f"{', '.join(not_for_records)} does not apply to it"
+                )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -414,13 +499,22 @@ def run(args: argparse.Namespace) -> int:
     if args.format == RECORDS:
         return run_records(args, votes, t0)
     pairs, ties_table, report = export_preferences(
-        votes, format=args.format, margin=args.margin, ties=args.ties,
-        aggregate=args.aggregate, annotators=args.annotator, models=args.model, slice_rows=SLICE_ROWS)
+        votes,
+        format=args.format,
+        margin=args.margin,
+        ties=args.ties,
+        aggregate=args.aggregate,
+        annotators=args.annotator,
+        models=args.model,
+        slice_rows=SLICE_ROWS,
+    )
     if report.rows == 0:
         for line in report.lines():
             print(line, file=sys.stderr)
-        print(f"error: no preference rows to export from {describe(args.data)}; nothing written",
-              file=sys.stderr)
+        print(
+            f"error: no preference rows to export from {describe(args.data)}; nothing written",
+            file=sys.stderr,
+        )
         return 1
     report.path = str(write_table(pairs, args.out, args.compression))
     if ties_table is not None:

@@ -62,38 +62,86 @@ def _top_p(text: str) -> float:
 
 
 def _add_load_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", metavar="DEV",
-                   help="where to run the model: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="where converted models are kept (default: $PREFLAB_CACHE, else ~/.cache/preflab)"
-                        + OWN_DEFAULT)
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEV",
+        help="where to run the model: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="where converted models are kept (default: $PREFLAB_CACHE, else ~/.cache/preflab)" + OWN_DEFAULT,
+    )
 
 
 # --------------------------------------------------------------------------------------
 # preflab generate
 # --------------------------------------------------------------------------------------
 
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", action="append", metavar="M", default=None,
-                   help=f"model to sample from: a local model directory, a Hugging Face id already in "
-                        f"the local cache, 'smollm2' (the built-in {DEFAULT_MODEL}, works offline) or "
-                        f"'tiny' (random, for testing). Repeat to pair different models against "
-                        f"each other (default: smollm2)" + OWN_DEFAULT)
-    p.add_argument("--prompts", required=True, metavar="FILE",
-                   help="prompt pool (.jsonl, .csv or .parquet; see `preflab prompts`)" + OWN_DEFAULT)
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="K",
-                   help="use only the first K prompts of the pool (default: all)" + OWN_DEFAULT)
-    p.add_argument("--out", default=None, metavar="PAIRS.jsonl",
-                   help="write the pairs here as JSON lines (default: print them readably)" + OWN_DEFAULT)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
-                   help="longest answer, in tokens")
-    p.add_argument("--temperature", type=_temperature, default=0.8, metavar="T",
-                   help="sampling temperature; 0 = greedy (then one model gives two equal answers)")
-    p.add_argument("--top-p", type=_top_p, default=0.95, metavar="P", help="nucleus sampling: keep this much probability mass")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="random seed: for sampling, and for drawing model pairs; same seed, same pairs")
-    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
-                   help="sequences generated together (lower it if memory runs out)")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="M",
+        default=None,
+        help=f"model to sample from: a local model directory, a Hugging Face id already in "
+        f"the local cache, 'smollm2' (the built-in {DEFAULT_MODEL}, works offline) or "
+        f"'tiny' (random, for testing). Repeat to pair different models against "
+        f"each other (default: smollm2)" + OWN_DEFAULT,
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE",
+        help="prompt pool (.jsonl, .csv or .parquet; see `preflab prompts`)" + OWN_DEFAULT,
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="use only the first K prompts of the pool (default: all)" + OWN_DEFAULT,
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="PAIRS.jsonl",
+        help="write the pairs here as JSON lines (default: print them readably)" + OWN_DEFAULT,
+    )
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=256, metavar="N", help="longest answer, in tokens"
+    )
+    p.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=0.8,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (then one model gives two equal answers)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=_top_p,
+        default=0.95,
+        metavar="P",
+        help="nucleus sampling: keep this much probability mass",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="random seed: for sampling, and for drawing model pairs; same seed, same pairs",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        metavar="B",
+        help="sequences generated together (lower it if memory runs out)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_load_arguments(p)
 
@@ -104,8 +152,11 @@ def print_pairs(rows: list[dict]) -> None:
         print("=" * width)
         print(f"pair {k}/{len(rows)}  {row['prompt_id']}  {row['pair_id']}")
         for m in row["prompt"]:
-            print(textwrap.fill(m["content"], width, initial_indent=f"{m['role'].upper()}: ",
-                                subsequent_indent="    "))
+            print(
+                textwrap.fill(
+                    m["content"], width, initial_indent=f"{m['role'].upper()}: ", subsequent_indent="    "
+                )
+            )
         params = json.loads(row["gen_params"])
         for side in ("a", "b"):
             print("-" * width)
@@ -153,26 +204,46 @@ def run_generate(args: argparse.Namespace) -> int:
         for (job_model, seed), indices in sorted(jobs.items()):
             if job_model != name:
                 continue
-            texts = generate(model, tokenizer, [prompts[i].messages for i in indices], n=1,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=seed, batch_size=args.batch_size,
-                             progress=not args.no_progress)
+            texts = generate(
+                model,
+                tokenizer,
+                [prompts[i].messages for i in indices],
+                n=1,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=seed,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+            )
             for i, (text,) in zip(indices, texts):
                 answers[i, (name, seed)] = text
         del model, tokenizer  # free the memory before the next model loads
 
     rows = []
     for i, (x, y) in enumerate(sides):
-        side_dicts = [{"model": m, "response": answers[i, (m, s)],
-                       "params": {"temperature": args.temperature, "top_p": args.top_p,
-                                  "max_new_tokens": args.max_new_tokens, "seed": s}}
-                      for m, s in (x, y)]
+        side_dicts = [
+            {
+                "model": m,
+                "response": answers[i, (m, s)],
+                "params": {
+                    "temperature": args.temperature,
+                    "top_p": args.top_p,
+                    "max_new_tokens": args.max_new_tokens,
+                    "seed": s,
+                },
+            }
+            for m, s in (x, y)
+        ]
         rows.append(make_pair(prompts[i], *side_dicts))
 
     same = sum(r["response_a"] == r["response_b"] for r in rows)
     if same:
-        print(f"warning: {same} of {len(rows)} pairs have two identical answers "
-              f"(nothing to choose between; raise --temperature?)", file=sys.stderr)
+        print(
+            f"warning: {same} of {len(rows)} pairs have two identical answers "
+            f"(nothing to choose between; raise --temperature?)",
+            file=sys.stderr,
+        )
     if args.out:
         write_jsonl_atomic(Path(args.out), rows)
         print(f"wrote {len(rows)} pairs to {args.out}", file=sys.stderr)
@@ -185,12 +256,23 @@ def run_generate(args: argparse.Namespace) -> int:
 # preflab model
 # --------------------------------------------------------------------------------------
 
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, metavar="NAME",
-                   help="a local model directory, a Hugging Face id in the local cache, "
-                        "'smollm2' (built in, works offline) or 'tiny'")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=48, metavar="N",
-                   help="length of the sample answer, in tokens")
+    p.add_argument(
+        "name",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        metavar="NAME",
+        help="a local model directory, a Hugging Face id in the local cache, "
+        "'smollm2' (built in, works offline) or 'tiny'",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=48,
+        metavar="N",
+        help="length of the sample answer, in tokens",
+    )
     _add_load_arguments(p)
 
 
@@ -206,6 +288,7 @@ def run_model(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
+
     imports = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
@@ -230,7 +313,14 @@ def run_model(args: argparse.Namespace) -> int:
     print(f"device:       {model.device}")
     print(f"vocabulary:   {len(tokenizer):,} tokens")
     print(f"prompt:       {MODEL_PROMPT}")
-    (answer,), = models.generate(model, tokenizer, [[{"role": "user", "content": MODEL_PROMPT}]], n=1,
-                                 max_new_tokens=args.max_new_tokens, temperature=0, progress=False)
+    ((answer,),) = models.generate(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": MODEL_PROMPT}]],
+        n=1,
+        max_new_tokens=args.max_new_tokens,
+        temperature=0,
+        progress=False,
+    )
     print(f"answer:       {answer or '(empty)'}")
     return 0

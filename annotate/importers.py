@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from annotate.export import ASSISTANT_CUE, ROLE_LABELS
-from trainer.store import DATA_HELP, describe, is_database, messages_to_json, pair_id_for, prompt_id_for
 from trainer.rows import BadRow, iter_rows, parse_messages
+from trainer.store import DATA_HELP, describe, is_database, messages_to_json, pair_id_for, prompt_id_for
 
 STYLES = ("standard", "conversational", "implicit", "hh")
 CHUNK_ROWS = 50_000
@@ -61,6 +61,7 @@ TURN = re.compile(r"\n\n(" + "|".join(LABEL_ROLES) + "):")
 # --------------------------------------------------------------------------------------
 # One row -> (messages, chosen, rejected)
 # --------------------------------------------------------------------------------------
+
 
 def detect_style(row: dict[str, Any]) -> str:
     if "chosen" not in row or "rejected" not in row:
@@ -93,8 +94,7 @@ def _reply(value: Any, key: str) -> str:
         return value
     messages = _messages(value, key)
     if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise BadRow(f"'{key}' must be one assistant message, got roles "
-                     f"{[m['role'] for m in messages]}")
+        raise BadRow(f"'{key}' must be one assistant message, got roles {[m['role'] for m in messages]}")
     return messages[0]["content"]
 
 
@@ -117,14 +117,16 @@ def _drop_space(text: str) -> str:
 
 
 def parse_transcript(text: str) -> list[dict[str, str]]:
-    """"\\n\\nHuman: hi\\n\\nAssistant: hello\\n\\nHuman: bye" -> chat messages."""
+    """ "\\n\\nHuman: hi\\n\\nAssistant: hello\\n\\nHuman: bye" -> chat messages."""
     if text.startswith(tuple(f"{label}:" for label in LABEL_ROLES)):
         text = "\n\n" + text
     parts = TURN.split(text)
     if parts[0].strip():
         raise BadRow("transcript has text before its first 'Human:' turn")
-    messages = [{"role": LABEL_ROLES[label], "content": _drop_space(content)}
-                for label, content in zip(parts[1::2], parts[2::2])]
+    messages = [
+        {"role": LABEL_ROLES[label], "content": _drop_space(content)}
+        for label, content in zip(parts[1::2], parts[2::2])
+    ]
     if not messages:
         raise BadRow("transcript has no 'Human:' / 'Assistant:' turns")
     return messages
@@ -137,14 +139,16 @@ def _is_transcript_prompt(text: str) -> bool:
 def from_standard(row):
     prompt, chosen, rejected = _string(row, "prompt"), _string(row, "chosen"), _string(row, "rejected")
     if _is_transcript_prompt(prompt):
-        return (parse_transcript(prompt[:-len(ASSISTANT_CUE)]),
-                _drop_space(chosen), _drop_space(rejected))
+        return (parse_transcript(prompt[: -len(ASSISTANT_CUE)]), _drop_space(chosen), _drop_space(rejected))
     return [{"role": "user", "content": prompt}], chosen, rejected
 
 
 def from_conversational(row):
-    return (_messages(row.get("prompt"), "prompt"),
-            _reply(row.get("chosen"), "chosen"), _reply(row.get("rejected"), "rejected"))
+    return (
+        _messages(row.get("prompt"), "prompt"),
+        _reply(row.get("chosen"), "chosen"),
+        _reply(row.get("rejected"), "rejected"),
+    )
 
 
 def from_implicit(row):
@@ -173,14 +177,18 @@ def from_hh(row):
     cue = chosen.rfind(ASSISTANT_CUE, 0, common)
     if cue < 0:
         raise BadRow("chosen and rejected share no '\\n\\nAssistant:' turn")
-    answers = [_drop_space(text[cue + len(ASSISTANT_CUE):]) for text in (chosen, rejected)]
+    answers = [_drop_space(text[cue + len(ASSISTANT_CUE) :]) for text in (chosen, rejected)]
     if any(TURN.search(a) for a in answers):
         raise BadRow("chosen and rejected differ before their last assistant turn")
     return parse_transcript(chosen[:cue]), answers[0], answers[1]
 
 
-PARSERS = {"standard": from_standard, "conversational": from_conversational,
-           "implicit": from_implicit, "hh": from_hh}
+PARSERS = {
+    "standard": from_standard,
+    "conversational": from_conversational,
+    "implicit": from_implicit,
+    "hh": from_hh,
+}
 
 
 def strength_of(row: dict[str, Any]) -> int | None:
@@ -204,9 +212,18 @@ def make_vote(messages, chosen: str, rejected: str, strength: int | None, source
     a, b = sorted((chosen, rejected))
     who = f"import:{source}"
     return {
-        "kind": "vote", "pair_id": pair_id_for(prompt, a, b), "prompt_id": prompt_id_for(messages),
-        "prompt": prompt, "response_a": a, "response_b": b, "model_a": who, "model_b": who,
-        "left": "a", "choice": "a" if chosen == a else "b", "strength": strength, "annotator": who,
+        "kind": "vote",
+        "pair_id": pair_id_for(prompt, a, b),
+        "prompt_id": prompt_id_for(messages),
+        "prompt": prompt,
+        "response_a": a,
+        "response_b": b,
+        "model_a": who,
+        "model_b": who,
+        "left": "a",
+        "choice": "a" if chosen == a else "b",
+        "strength": strength,
+        "annotator": who,
     }
 
 
@@ -214,19 +231,26 @@ def make_vote(messages, chosen: str, rejected: str, strength: int | None, source
 # The import
 # --------------------------------------------------------------------------------------
 
+
 @dataclass
 class ImportReport:
     path: str
     style: str | None = None
-    rows: int = 0                                    # rows read (good and bad)
+    rows: int = 0  # rows read (good and bad)
     imported: int = 0
-    parts: int = 0                                   # chunks written (part files / transactions)
-    bad: list[str] = field(default_factory=list)     # "file:N: reason", the first SHOW_BAD
+    parts: int = 0  # chunks written (part files / transactions)
+    bad: list[str] = field(default_factory=list)  # "file:N: reason", the first SHOW_BAD
     bad_count: int = 0
 
 
-def import_file(path: str | os.PathLike, target: str | os.PathLike, source: str, *,
-                style: str | None = None, chunk_rows: int = CHUNK_ROWS) -> ImportReport:
+def import_file(
+    path: str | os.PathLike,
+    target: str | os.PathLike,
+    source: str,
+    *,
+    style: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> ImportReport:
     """Import one file into the store `target` (a directory, or a postgresql:// URL)
     as votes by `import:<source>`.
 
@@ -286,21 +310,32 @@ def import_file(path: str | os.PathLike, target: str | os.PathLike, source: str,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="a .parquet, .jsonl or .json file of preferences")
-    p.add_argument("--data", required=True, metavar="STORE",
-                   help=DATA_HELP)
-    p.add_argument("--source", required=True, metavar="NAME",
-                   help="where the data comes from; votes are by annotator import:NAME")
-    p.add_argument("--style", choices=STYLES, default=None,
-                   help="force the row style instead of detecting it from the first row")
-    p.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, metavar="N",
-                   help="votes per durable part file (per transaction with PostgreSQL)")
+    p.add_argument("--data", required=True, metavar="STORE", help=DATA_HELP)
+    p.add_argument(
+        "--source",
+        required=True,
+        metavar="NAME",
+        help="where the data comes from; votes are by annotator import:NAME",
+    )
+    p.add_argument(
+        "--style",
+        choices=STYLES,
+        default=None,
+        help="force the row style instead of detecting it from the first row",
+    )
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=CHUNK_ROWS,
+        metavar="N",
+        help="votes per durable part file (per transaction with PostgreSQL)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
-        report = import_file(args.file, args.data, args.source, style=args.style,
-                             chunk_rows=args.chunk_rows)
+        report = import_file(args.file, args.data, args.source, style=args.style, chunk_rows=args.chunk_rows)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -310,8 +345,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"... and {report.bad_count - len(report.bad)} more bad rows", file=sys.stderr)
     print(f"read      {report.rows} rows from {report.path} (style {report.style})")
     unit = ("transaction" if is_database(args.data) else "part file") + ("" if report.parts == 1 else "s")
-    print(f"imported  {report.imported} votes by import:{args.source} into {describe(args.data)} "
-          f"({report.parts} {unit})")
+    print(
+        f"imported  {report.imported} votes by import:{args.source} into {describe(args.data)} "
+        f"({report.parts} {unit})"
+    )
     print(f"skipped   {report.bad_count} bad rows")
     print(f"done      in {time.perf_counter() - t0:.2f}s")
     return 0

@@ -44,8 +44,20 @@ from typing import Any
 from annotate.processes import trainer_identity
 from annotate.run_metrics import MetricsReader
 from trainer.errors import PreflabError
-from trainer.runs import (ACTIVE_STATES, FINAL_STATES, LAUNCH_CONFIG_FILE, LAUNCH_FILE, LOG_FILE, METRICS_FILE,
-                          POLICY_DIR, STATUS_FILE, RunDir, is_model_dir, read_json, write_json)
+from trainer.runs import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    LAUNCH_CONFIG_FILE,
+    LAUNCH_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    POLICY_DIR,
+    STATUS_FILE,
+    RunDir,
+    is_model_dir,
+    read_json,
+    write_json,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEAD_MESSAGE = f"process exited without a final status; see {LOG_FILE}"
@@ -59,8 +71,8 @@ class LaunchError(PreflabError, ValueError):
 class RunInfo:
     run_id: str
     path: Path
-    kind: str                  # reward | policy | unknown
-    state: str                 # queued | running | done | failed | cancelled
+    kind: str  # reward | policy | unknown
+    state: str  # queued | running | done | failed | cancelled
     progress: float
     message: str
     created_at: float
@@ -102,11 +114,18 @@ ROW_HEADERS = ["run", "kind", "state", "progress", "message", "created"]
 # The launcher
 # --------------------------------------------------------------------------------------
 
+
 class Launcher:
     """Starts, lists and cancels the trainings of one runs directory."""
 
-    def __init__(self, runs_dir: str | os.PathLike, *, python: str = sys.executable,
-                 env: dict[str, str] | None = None, store: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        runs_dir: str | os.PathLike,
+        *,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+        store: str | os.PathLike | None = None,
+    ):
         self.runs_dir = Path(runs_dir).resolve()
         self.python = python
         self.env = env
@@ -118,8 +137,8 @@ class Launcher:
         if store is not None:
             self._remember_password(store)
         self._lock = threading.Lock()
-        self._procs: dict[str, subprocess.Popen] = {}      # runs started by this process
-        self._waiters: dict[str, threading.Thread] = {}    # their reapers
+        self._procs: dict[str, subprocess.Popen] = {}  # runs started by this process
+        self._waiters: dict[str, threading.Thread] = {}  # their reapers
         self._cancelled: set[str] = set()
         self._readers: dict[str, MetricsReader] = {}
 
@@ -132,7 +151,7 @@ class Launcher:
         run = RunDir(path)
         status, launch, config = run.status(), run.launch(), run.config_record()
         if not (status or launch or config):
-            return None     # some other directory
+            return None  # some other directory
         try:
             created = float(launch.get("created_at") or config.get("created_at") or path.stat().st_mtime)
         except (TypeError, ValueError):
@@ -150,10 +169,21 @@ class Launcher:
             progress = min(max(float(status.get("progress") or 0.0), 0.0), 1.0)
         except (TypeError, ValueError):
             progress = 0.0
-        return RunInfo(run_id=run_id, path=path, kind=run.kind(), state=state,
-                       progress=progress, message=message, created_at=created, updated_at=updated,
-                       pid=pid if isinstance(pid, int) else None, step=status.get("step"),
-                       total_steps=status.get("total_steps"), base_model=settings.get("model"), config=config)
+        return RunInfo(
+            run_id=run_id,
+            path=path,
+            kind=run.kind(),
+            state=state,
+            progress=progress,
+            message=message,
+            created_at=created,
+            updated_at=updated,
+            pid=pid if isinstance(pid, int) else None,
+            step=status.get("step"),
+            total_steps=status.get("total_steps"),
+            base_model=settings.get("model"),
+            config=config,
+        )
 
     def runs(self) -> list[RunInfo]:
         """Every run in the runs directory, newest first."""
@@ -195,8 +225,14 @@ class Launcher:
 
     # ---- starting runs ---------------------------------------------------------------
 
-    def start_reward(self, data: str | os.PathLike, *, run_id: str | None = None,
-                     extra: list[str] | None = None, **form: Any) -> RunInfo:
+    def start_reward(
+        self,
+        data: str | os.PathLike,
+        *,
+        run_id: str | None = None,
+        extra: list[str] | None = None,
+        **form: Any,
+    ) -> RunInfo:
         """Start `python -m trainer.reward` on the store `data` (a directory, made absolute
         for the trainer, or a postgresql:// URL, passed on unchanged). `form`: RewardConfig
         fields as a form gives them (text or numbers; a missing one is the dataclass's
@@ -207,7 +243,7 @@ class Launcher:
         if not data:
             raise LaunchError("Data: no comparison store given; there are no votes to train on yet")
         if is_database(data):
-            target = self._remember_password(data)   # reachability is the trainer's to report, in its log
+            target = self._remember_password(data)  # reachability is the trainer's to report, in its log
         else:
             target = str(Path(data).resolve())
             if not store_exists(target):
@@ -217,11 +253,13 @@ class Launcher:
             values["model"] = _absolute(form["model"], model=True)
         config = _checked(RewardConfig, values)
         # The store is the server's, not a form value: on the command line, as before.
-        return self._start("reward", config, form, {"data": describe(target)}, run_id,
-                           ["--data", target, *(extra or [])])
+        return self._start(
+            "reward", config, form, {"data": describe(target)}, run_id, ["--data", target, *(extra or [])]
+        )
 
-    def start_policy(self, reward_run: Any, *, run_id: str | None = None, extra: list[str] | None = None,
-                     **form: Any) -> RunInfo:
+    def start_policy(
+        self, reward_run: Any, *, run_id: str | None = None, extra: list[str] | None = None, **form: Any
+    ) -> RunInfo:
         """Start `python -m trainer.policy` against a finished reward run. `form`:
         PolicyConfig fields as a form gives them; `model` (the starting policy) blank or
         missing: the reward model's base model; `prompts` blank or missing: the trainer's
@@ -236,19 +274,26 @@ class Launcher:
         if reward is None:
             raise LaunchError(f"Reward model: there is no run {reward_id!r} in {self.runs_dir}")
         if not reward.trained_reward:
-            raise LaunchError(f"Reward model: {reward_id} is not a finished reward run "
-                              f"(kind {reward.kind}, state {reward.state})")
+            raise LaunchError(
+                f"Reward model: {reward_id} is not a finished reward run "
+                f"(kind {reward.kind}, state {reward.state})"
+            )
         model, prompts = form.get("model"), form.get("prompts")
-        values = {**form, "reward": str(reward.path),
-                  "model": _absolute(reward.base_model or PolicyConfig().model if _blank(model) else model,
-                                     model=True),
-                  "prompts": str(DEFAULT_PROMPTS) if _blank(prompts) else _absolute(prompts)}
+        values = {
+            **form,
+            "reward": str(reward.path),
+            "model": _absolute(
+                reward.base_model or PolicyConfig().model if _blank(model) else model, model=True
+            ),
+            "prompts": str(DEFAULT_PROMPTS) if _blank(prompts) else _absolute(prompts),
+        }
         config = _checked(PolicyConfig, values)
         return self._start("policy", config, values, {}, run_id, extra)
 
     def _remember_password(self, target: str | os.PathLike) -> str:
         """The target without its password; the password kept for the trainers' env."""
         from trainer.store import without_password
+
         clean, password = without_password(target)
         if password is not None:
             self._passwords[clean] = password
@@ -257,8 +302,9 @@ class Launcher:
     def _new_id(self, kind: str) -> str:
         return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
-    def _start(self, kind: str, config, values: dict, shown: dict, run_id: str | None,
-               extra: list[str] | None) -> RunInfo:
+    def _start(
+        self, kind: str, config, values: dict, shown: dict, run_id: str | None, extra: list[str] | None
+    ) -> RunInfo:
         """The checked config into runs/<id>/launch-config.json (the fields `values` the
         form gave), and the trainer started on it; `extra` flags override the file."""
         run_id = run_id or self._new_id(kind)
@@ -271,12 +317,27 @@ class Launcher:
         except FileExistsError:
             raise LaunchError(f"Run id: {path} already exists") from None
         from trainer.config import write_config_file
+
         config_file = write_config_file(config, path / LAUNCH_CONFIG_FILE, values)
         settings = {**read_json(config_file), **shown}
-        argv = [self.python, "-m", f"trainer.{kind}", "--run-dir", str(path), "--no-progress",
-                "--config", str(config_file), *(extra or [])]
-        launch = {"kind": kind, "argv": argv, "settings": settings, "created_at": time.time(),
-                  "started_by": f"preflab serve (pid {os.getpid()})"}
+        argv = [
+            self.python,
+            "-m",
+            f"trainer.{kind}",
+            "--run-dir",
+            str(path),
+            "--no-progress",
+            "--config",
+            str(config_file),
+            *(extra or []),
+        ]
+        launch = {
+            "kind": kind,
+            "argv": argv,
+            "settings": settings,
+            "created_at": time.time(),
+            "started_by": f"preflab serve (pid {os.getpid()})",
+        }
         return self._spawn(run_id, path, argv, launch, "starting the trainer", 0.0)
 
     def resume(self, run_id: str, extra: list[str] | None = None) -> RunInfo:
@@ -286,50 +347,85 @@ class Launcher:
         if info is None:
             raise LaunchError(f"Run: there is no run {run_id!r}")
         if not info.resumable:
-            raise LaunchError(f"{run_id} is {info.state}; only a cancelled or failed run started from "
-                              f"this page can be resumed" + (" (this one was not)" if info.state in
-                                                            ("cancelled", "failed") else ""))
+            raise LaunchError(
+                f"{run_id} is {info.state}; only a cancelled or failed run started from "
+                f"this page can be resumed"
+                + (" (this one was not)" if info.state in ("cancelled", "failed") else "")
+            )
         launch = read_json(info.path / LAUNCH_FILE)
         argv = list(launch.get("argv") or [])
         # Only ever a trainer on this very run directory, whatever launch.json says.
-        if (argv[1:3] != ["-m", f"trainer.{info.kind}"] or "--run-dir" not in argv
-                or argv[argv.index("--run-dir") + 1:][:1] != [str(info.path)]):
-            raise LaunchError(f"{run_id}: {LAUNCH_FILE} does not hold this run's trainer command; "
-                              f"resume it with the command that started it")
+        if (
+            argv[1:3] != ["-m", f"trainer.{info.kind}"]
+            or "--run-dir" not in argv
+            or argv[argv.index("--run-dir") + 1 :][:1] != [str(info.path)]
+        ):
+            raise LaunchError(
+                f"{run_id}: {LAUNCH_FILE} does not hold this run's trainer command; "
+                f"resume it with the command that started it"
+            )
         with self._lock:
             self._cancelled.discard(run_id)
-        return self._spawn(run_id, info.path, [self.python, *argv[1:], *(extra or [])],
-                           {**launch, "resumed_at": time.time()}, "resuming from the last checkpoint",
-                           info.progress)
+        return self._spawn(
+            run_id,
+            info.path,
+            [self.python, *argv[1:], *(extra or [])],
+            {**launch, "resumed_at": time.time()},
+            "resuming from the last checkpoint",
+            info.progress,
+        )
 
-    def _spawn(self, run_id: str, path: Path, argv: list[str], launch: dict, message: str,
-               progress: float) -> RunInfo:
+    def _spawn(
+        self, run_id: str, path: Path, argv: list[str], launch: dict, message: str, progress: float
+    ) -> RunInfo:
         # Shown at once, before the trainer has even imported torch.
         write_json(path / LAUNCH_FILE, launch)
-        write_json(path / STATUS_FILE, {"state": "queued", "progress": progress,
-                                          "message": message, "updated_at": time.time()})
-        env = {**(self.env if self.env is not None else os.environ), "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        write_json(
+            path / STATUS_FILE,
+            {"state": "queued", "progress": progress, "message": message, "updated_at": time.time()},
+        )
+        env = {
+            **(self.env if self.env is not None else os.environ),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         data = argv[argv.index("--data") + 1] if "--data" in argv[:-1] else None
-        if data in self._passwords:   # libpq reads it; it never touches the run directory
+        if data in self._passwords:  # libpq reads it; it never touches the run directory
             env["PGPASSWORD"] = self._passwords[data]
         try:
             with open(path / LOG_FILE, "ab") as log:
                 # A store URL's password stays out of the log (describe masks it).
                 from trainer.store import describe
+
                 log.write(("$ " + " ".join(map(describe, argv)) + "\n").encode())
                 log.flush()
                 # Its own session: Ctrl-C or SIGTERM to the server never reaches the run.
-                proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=REPO,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
         except OSError as e:
-            write_json(path / STATUS_FILE, {"state": "failed", "progress": 0.0, "updated_at": time.time(),
-                                              "message": f"could not start the trainer: {e}"})
+            write_json(
+                path / STATUS_FILE,
+                {
+                    "state": "failed",
+                    "progress": 0.0,
+                    "updated_at": time.time(),
+                    "message": f"could not start the trainer: {e}",
+                },
+            )
             raise LaunchError(f"could not start the trainer: {e}") from None
         write_json(path / LAUNCH_FILE, {**launch, "pid": proc.pid})
-        waiter = threading.Thread(target=self._wait, args=(run_id, proc), name=f"preflab-run-{run_id}",
-                                  daemon=True)
+        waiter = threading.Thread(
+            target=self._wait, args=(run_id, proc), name=f"preflab-run-{run_id}", daemon=True
+        )
         with self._lock:
             self._procs[run_id] = proc
             self._waiters[run_id] = waiter
@@ -354,12 +450,17 @@ class Launcher:
         if cancelled and code in (-signal.SIGTERM, 128 + signal.SIGTERM):
             state, message = "cancelled", "cancelled before training started"
         else:
-            state, message = "failed", f"process exited with code {code} without a final status; see {LOG_FILE}"
+            state, message = (
+                "failed",
+                f"process exited with code {code} without a final status; see {LOG_FILE}",
+            )
             last = [line for line in self.log_tail(run_id, lines=5).splitlines() if line.strip()]
             if last:
                 message += f" (last line: {last[-1][:300]})"
-        write_json(path / STATUS_FILE, {**status, "state": state, "message": message,
-                                          "exit_code": code, "updated_at": time.time()})
+        write_json(
+            path / STATUS_FILE,
+            {**status, "state": state, "message": message, "exit_code": code, "updated_at": time.time()},
+        )
 
     def _forget(self, run_id: str) -> None:
         with self._lock:
@@ -370,7 +471,7 @@ class Launcher:
         with self._lock:
             procs = list(self._procs.values())
         for proc in procs:
-            proc.poll()     # the waiter thread reaps too; this just makes it prompt
+            proc.poll()  # the waiter thread reaps too; this just makes it prompt
 
     # ---- cancelling ------------------------------------------------------------------
 
@@ -386,7 +487,9 @@ class Launcher:
             raise LaunchError(f"{run_id}: no process id recorded yet; try again in a moment")
         who = trainer_identity(info.pid, info.path, info.updated_at)
         if who != "trainer":
-            raise LaunchError(f"{run_id}: process {info.pid} is not this run's trainer; nothing was signalled")
+            raise LaunchError(
+                f"{run_id}: process {info.pid} is not this run's trainer; nothing was signalled"
+            )
         with self._lock:
             self._cancelled.add(run_id)
         try:
@@ -401,7 +504,7 @@ class Launcher:
             waiter = self._waiters.get(run_id)
         deadline = time.time() + timeout
         if waiter is not None:
-            waiter.join(timeout)   # the process reaped and its final status written
+            waiter.join(timeout)  # the process reaped and its final status written
         while time.time() < deadline:
             info = self.info(run_id)
             if info is None or not info.active:
@@ -423,6 +526,7 @@ def _absolute(value: Any, model: bool = False) -> Any:
     text = str(value).strip()
     if model:
         from trainer.models import DEFAULT_ALIASES, TINY_MODEL
+
         if text.lower() in DEFAULT_ALIASES or text.lower() == TINY_MODEL:
             return text
     path = Path(text).expanduser()
@@ -436,6 +540,7 @@ def _checked(config_class, values: dict):
     """The form's values as the trainer's config, through the config's own check; its
     error in the words of the form ("Epochs: must be at least 1")."""
     from trainer.config import ConfigError, config_from_values
+
     try:
         return config_from_values(config_class, values)
     except ConfigError as e:

@@ -30,21 +30,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(a win counts 1, a tie half a win to each side), with 95% bootstrap intervals, on an "
         "Elo-like scale: 1000 is the mean of the models (or the --anchor model), +400 points "
         "means 10:1 odds of winning. A model ranks above another only when its interval is clear "
-        "of the other's. Votes comparing a model with itself are left out.")
-    p.add_argument("--data", required=True, metavar="STORE",
-                   help=DATA_HELP)
-    p.add_argument("--anchor", metavar="MODEL", default=None,
-                   help="the model rated exactly 1000; without it the mean of all models is 1000")
-    p.add_argument("--rounds", type=int, default=100, metavar="N",
-                   help="bootstrap rounds for the 95%% intervals (0: no intervals)")
+        "of the other's. Votes comparing a model with itself are left out."
+    )
+    p.add_argument("--data", required=True, metavar="STORE", help=DATA_HELP)
+    p.add_argument(
+        "--anchor",
+        metavar="MODEL",
+        default=None,
+        help="the model rated exactly 1000; without it the mean of all models is 1000",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=100,
+        metavar="N",
+        help="bootstrap rounds for the 95%% intervals (0: no intervals)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    p.add_argument("--both-bad", choices=BOTH_BAD_MODES, default="tie",
-                   help="'both bad' votes: a tie (half a win each, as FastChat does) or left out")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (ratings, intervals, ranks, win-rate matrix, counts) instead of the table")
-    p.add_argument("--runs", metavar="DIR", default=None,
-                   help="also list policy evaluations (DIR/<run_id>/eval.json): the reward model's win rate "
-                        "of a policy over its reference next to the humans' win rate from the votes")
+    p.add_argument(
+        "--both-bad",
+        choices=BOTH_BAD_MODES,
+        default="tie",
+        help="'both bad' votes: a tie (half a win each, as FastChat does) or left out",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (ratings, intervals, ranks, win-rate matrix, counts) instead of the table",
+    )
+    p.add_argument(
+        "--runs",
+        metavar="DIR",
+        default=None,
+        help="also list policy evaluations (DIR/<run_id>/eval.json): the reward model's win rate "
+        "of a policy over its reference next to the humans' win rate from the votes",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     votes = read_comparisons(args.data, columns=VOTE_COLUMNS)
     read_s = time.perf_counter() - t0
     try:
-        board = leaderboard(votes, anchor=args.anchor, rounds=args.rounds, seed=args.seed,
-                            both_bad=args.both_bad)
+        board = leaderboard(
+            votes, anchor=args.anchor, rounds=args.rounds, seed=args.seed, both_bad=args.both_bad
+        )
     except LeaderboardError as e:
         raise LeaderboardError(f"{describe(args.data)}: {e}") from None
     board.timings = {"read": read_s, **board.timings}
@@ -80,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         print("reward model vs humans: win rate of each policy over its reference")
         print(evals_table(evals))
     t = board.timings
-    print(f"\nread {t['read']:.2f}s, counted {t['aggregate']:.2f}s, fit {t['fit']:.3f}s, "
-          f"bootstrap {t['bootstrap']:.2f}s", file=sys.stderr)
+    print(
+        f"\nread {t['read']:.2f}s, counted {t['aggregate']:.2f}s, fit {t['fit']:.3f}s, "
+        f"bootstrap {t['bootstrap']:.2f}s",
+        file=sys.stderr,
+    )
     return 0

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.store import messages_to_json, pair_id_for, prompt_id_for
-from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, parse_messages
 from trainer.errors import PreflabError
+from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, parse_messages
 from trainer.runs import CONFIG_FILE
+from trainer.store import messages_to_json, pair_id_for, prompt_id_for
 
 log = logging.getLogger("preflab.pairs")
 
@@ -50,8 +50,8 @@ class Pair:
 
     pair_id: str
     prompt_id: str
-    prompt: str                 # canonical JSON of the chat messages (the record field)
-    messages: tuple             # the same messages, parsed: ({"role", "content"}, ...)
+    prompt: str  # canonical JSON of the chat messages (the record field)
+    messages: tuple  # the same messages, parsed: ({"role", "content"}, ...)
     response_a: str
     response_b: str
     model_a: str = UNKNOWN_MODEL
@@ -60,9 +60,16 @@ class Pair:
 
     def record_fields(self) -> dict[str, Any]:
         """The fields a vote on this pair carries into the comparison store."""
-        return {"pair_id": self.pair_id, "prompt_id": self.prompt_id, "prompt": self.prompt,
-                "response_a": self.response_a, "response_b": self.response_b,
-                "model_a": self.model_a, "model_b": self.model_b, "gen_params": self.gen_params}
+        return {
+            "pair_id": self.pair_id,
+            "prompt_id": self.prompt_id,
+            "prompt": self.prompt,
+            "response_a": self.response_a,
+            "response_b": self.response_b,
+            "model_a": self.model_a,
+            "model_b": self.model_b,
+            "gen_params": self.gen_params,
+        }
 
     def response(self, side: str) -> str:
         return self.response_a if side == "a" else self.response_b
@@ -74,6 +81,7 @@ class Pair:
 # --------------------------------------------------------------------------------------
 # One row -> one Pair
 # --------------------------------------------------------------------------------------
+
 
 def _messages(value: Any) -> list[dict[str, str]]:
     if isinstance(value, str):  # a plain prompt: one user message
@@ -134,6 +142,7 @@ def pair_from_row(row: Any) -> Pair:
 # A pairs file -> Pairs
 # --------------------------------------------------------------------------------------
 
+
 class PairsFileError(PreflabError, ValueError):
     """A pairs file that cannot be used at all. The message names the file."""
 
@@ -143,8 +152,9 @@ def load_pairs(path: str | os.PathLike) -> tuple[list[Pair], list[str]]:
     for one skipped row. Raises PairsFileError when nothing usable is in the file."""
     path = Path(path)
     if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
-        raise PairsFileError(f"{path}: unknown pairs file type {path.suffix or '(no extension)'!r}; "
-                             "use .jsonl or .parquet")
+        raise PairsFileError(
+            f"{path}: unknown pairs file type {path.suffix or '(no extension)'!r}; use .jsonl or .parquet"
+        )
     if not path.is_file():
         raise PairsFileError(f"{path}: no such pairs file")
     pairs: list[Pair] = []
@@ -174,14 +184,22 @@ def load_pairs(path: str | os.PathLike) -> tuple[list[Pair], list[str]]:
 
 def pair_to_row(pair: Pair) -> dict[str, Any]:
     """The pairs-file row of a Pair (what `preflab generate` writes too)."""
-    return {"prompt": list(pair.messages), "response_a": pair.response_a,
-            "response_b": pair.response_b, "model_a": pair.model_a, "model_b": pair.model_b,
-            "pair_id": pair.pair_id, "prompt_id": pair.prompt_id, "gen_params": pair.gen_params}
+    return {
+        "prompt": list(pair.messages),
+        "response_a": pair.response_a,
+        "response_b": pair.response_b,
+        "model_a": pair.model_a,
+        "model_b": pair.model_b,
+        "pair_id": pair.pair_id,
+        "prompt_id": pair.prompt_id,
+        "gen_params": pair.gen_params,
+    }
 
 
 # --------------------------------------------------------------------------------------
 # Generating pairs in the background
 # --------------------------------------------------------------------------------------
+
 
 class Generator(threading.Thread):
     """Samples pairs for a prompt pool and feeds them to an AssignmentQueue.
@@ -199,11 +217,24 @@ class Generator(threading.Thread):
     had finished starts again for them.
     """
 
-    def __init__(self, model_names: list[str], prompts: list, queue, *, cache_dir: Path | None,
-                 voted_prompts: dict[str, int] | None = None, rounds: int = 1,
-                 batch_size: int = 4, max_new_tokens: int = 256, temperature: float = 0.8,
-                 top_p: float = 0.95, seed: int = 0, per_annotator: int = 2, device: str = "auto",
-                 model_cache_dir: str | None = None):
+    def __init__(
+        self,
+        model_names: list[str],
+        prompts: list,
+        queue,
+        *,
+        cache_dir: Path | None,
+        voted_prompts: dict[str, int] | None = None,
+        rounds: int = 1,
+        batch_size: int = 4,
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        seed: int = 0,
+        per_annotator: int = 2,
+        device: str = "auto",
+        model_cache_dir: str | None = None,
+    ):
         super().__init__(name="preflab-generator", daemon=True)
         self.model_names = list(dict.fromkeys(model_names))
         self.prompts = list(prompts)
@@ -218,11 +249,17 @@ class Generator(threading.Thread):
         self.voted_prompts = voted_prompts or {}
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
-        self._status: dict[str, Any] = {"state": "loading", "message": "starting", "generated": 0,
-                                        "planned": len(self.prompts) * rounds, "started": time.time()}
+        self._status: dict[str, Any] = {
+            "state": "loading",
+            "message": "starting",
+            "generated": 0,
+            "planned": len(self.prompts) * rounds,
+            "started": time.time(),
+        }
         # The cache file is named by what makes pairs comparable: models and settings.
-        key = hashlib.sha256(json.dumps([sorted(self.model_names), self.sampling, seed],
-                                        sort_keys=True).encode()).hexdigest()[:12]
+        key = hashlib.sha256(
+            json.dumps([sorted(self.model_names), self.sampling, seed], sort_keys=True).encode()
+        ).hexdigest()[:12]
         self.cache_path = Path(cache_dir) / f"generated-{key}.jsonl" if cache_dir else None
         self._answered: dict[str, int] = {}  # prompt_id -> pairs generated for it so far
         self._batches = 0
@@ -234,10 +271,10 @@ class Generator(threading.Thread):
         self._base_rounds = rounds
         self._added: list[str] = []
         self._loaded: dict[str, Any] = {}
-        self._rng = random.Random(seed)   # the arena's draws of models
-        self._ran = False        # run() was called (not `_started`: threading.Thread has one)
-        self._working = False    # a thread is generating (or about to); guarded by _lock
-        self.before_add = None   # called with each new batch before it enters the queue
+        self._rng = random.Random(seed)  # the arena's draws of models
+        self._ran = False  # run() was called (not `_started`: threading.Thread has one)
+        self._working = False  # a thread is generating (or about to); guarded by _lock
+        self.before_add = None  # called with each new batch before it enters the queue
 
     # ---- status ----------------------------------------------------------------------
 
@@ -284,10 +321,10 @@ class Generator(threading.Thread):
         if hasattr(self.queue, "planned"):
             self.queue.planned = self.planned
         log.info("arena: added %s (%s)", model_id, path)
-        if restart:   # the thread had run out of work: a new one takes it up
+        if restart:  # the thread had run out of work: a new one takes it up
             threading.Thread(target=self._work, name="preflab-generator-more", daemon=True).start()
         else:
-            self.queue.wake()   # a worker waiting for "need" looks at the plan again
+            self.queue.wake()  # a worker waiting for "need" looks at the plan again
         return True
 
     def _sides(self, prompt, seed: int, rng: random.Random) -> tuple:
@@ -331,10 +368,10 @@ class Generator(threading.Thread):
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         data = "".join(json.dumps(pair_to_row(p), ensure_ascii=False) + "\n" for p in pairs)
-        with open(self.cache_path, "a+b") as f:   # appends go to the end whatever we read
+        with open(self.cache_path, "a+b") as f:  # appends go to the end whatever we read
             if f.tell() > 0:
                 f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":   # a server killed mid-write left a torn line
+                if f.read(1) != b"\n":  # a server killed mid-write left a torn line
                     data = "\n" + data
             f.write(data.encode())
             f.flush()
@@ -345,10 +382,15 @@ class Generator(threading.Thread):
     def _next_prompts(self, size: int) -> list:
         """The next `size` prompts: those with the fewest pairs so far, then the fewest
         votes in the store, then pool order."""
-        order = sorted(range(len(self.prompts)), key=lambda i: (
-            self._answered.get(self.prompts[i].id, 0), self.voted_prompts.get(self.prompts[i].id, 0), i))
-        batch = [self.prompts[i] for i in order
-                 if self._answered.get(self.prompts[i].id, 0) < self.rounds]
+        order = sorted(
+            range(len(self.prompts)),
+            key=lambda i: (
+                self._answered.get(self.prompts[i].id, 0),
+                self.voted_prompts.get(self.prompts[i].id, 0),
+                i,
+            ),
+        )
+        batch = [self.prompts[i] for i in order if self._answered.get(self.prompts[i].id, 0) < self.rounds]
         return batch[:size]
 
     def run(self) -> None:
@@ -369,9 +411,13 @@ class Generator(threading.Thread):
     def _load_new_models(self) -> None:
         """Load every arena model not loaded yet (all at the start; added ones later)."""
         from trainer import models
+
         with self._lock:
-            todo = [(k, n, self.sources[n]) for k, n in enumerate(self.model_names, start=1)
-                    if n not in self._loaded]
+            todo = [
+                (k, n, self.sources[n])
+                for k, n in enumerate(self.model_names, start=1)
+                if n not in self._loaded
+            ]
             total = len(self.model_names)
         for k, name, source in todo:
             self._set(state="loading", message=f"loading model {name} ({k}/{total})")
@@ -383,17 +429,17 @@ class Generator(threading.Thread):
         from annotate.pair_building import make_pair
         from trainer import models
 
-        hf_logging.disable_progress_bar()   # the page shows progress; the log needs no bars
+        hf_logging.disable_progress_bar()  # the page shows progress; the log needs no bars
         hf_logging.set_verbosity_error()
 
         loaded = self._loaded
-        rng = self._rng   # one stream across restarts of the work (add_model)
+        rng = self._rng  # one stream across restarts of the work (add_model)
         while not self._stop_event.is_set():
             self._load_new_models()
             # Cold (nothing to show anyone): one prompt, so the first pair comes soonest.
             batch = self._next_prompts(self.batch_size if self.queue.ready() else 1)
             if not batch:
-                with self._lock:   # add_model may have planned more just now: check under the lock
+                with self._lock:  # add_model may have planned more just now: check under the lock
                     finished = not self._next_prompts(1)
                     if finished:
                         self._working = False
@@ -421,22 +467,34 @@ class Generator(threading.Thread):
             answers: dict[tuple[int, str, int], str] = {}
             for (name, s), indices in sorted(jobs.items()):
                 model, tokenizer = loaded[name]
-                texts = models.generate(model, tokenizer, [batch[i].messages for i in indices], n=1,
-                                        seed=s, batch_size=self.batch_size, progress=False,
-                                        **self.sampling)
+                texts = models.generate(
+                    model,
+                    tokenizer,
+                    [batch[i].messages for i in indices],
+                    n=1,
+                    seed=s,
+                    batch_size=self.batch_size,
+                    progress=False,
+                    **self.sampling,
+                )
                 for i, (text,) in zip(indices, texts):
                     answers[i, name, s] = text
                 if self._stop_event.is_set():
                     return
             new = []
             for i, (x, y) in enumerate(sides):
-                row = make_pair(batch[i], *[{"model": m, "response": answers[i, m, s],
-                                             "params": {**self.sampling, "seed": s}} for m, s in (x, y)])
+                row = make_pair(
+                    batch[i],
+                    *[
+                        {"model": m, "response": answers[i, m, s], "params": {**self.sampling, "seed": s}}
+                        for m, s in (x, y)
+                    ],
+                )
                 new.append(pair_from_row(row))
             self._append_cache(new)
             for p in batch:
                 self._answered[p.id] = self._answered.get(p.id, 0) + 1
-            if self.before_add is not None:   # e.g. reward-model scores for --sampling uncertain
+            if self.before_add is not None:  # e.g. reward-model scores for --sampling uncertain
                 self.before_add(new)
             added = self.queue.add(new)
             self._set(generated=self.status()["generated"] + len(new))

@@ -51,12 +51,28 @@ def head_to_head(votes: pa.Table | None, model_x: str, model_y: str, both_bad: s
             ties += count(x_is_a, "both_bad") + count(x_is_b, "both_bad")
     n = wins + losses + ties
     if n == 0:
-        return {"model": model_x, "opponent": model_y, "n": 0, "wins": 0, "losses": 0, "ties": 0,
-                "win_rate": None, "ci": None}
+        return {
+            "model": model_x,
+            "opponent": model_y,
+            "n": 0,
+            "wins": 0,
+            "losses": 0,
+            "ties": 0,
+            "win_rate": None,
+            "ci": None,
+        }
     points = wins + 0.5 * ties
     low, high = wilson_interval(points, n)
-    return {"model": model_x, "opponent": model_y, "n": n, "wins": wins, "losses": losses, "ties": ties,
-            "win_rate": points / n, "ci": [low, high]}
+    return {
+        "model": model_x,
+        "opponent": model_y,
+        "n": n,
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "win_rate": points / n,
+        "ci": [low, high],
+    }
 
 
 EVAL_KEYS = ("policy", "reference", "prompts", "rm_win_rate", "rm_win_rate_ci", "reward_run")
@@ -84,7 +100,7 @@ def policy_evals(runs_dir: str | os.PathLike, votes: pa.Table | None) -> list[di
             log.warning("%s: skipped (%s)", path, e)
             continue
         entry = {k: record[k] for k in EVAL_KEYS}
-        entry["file"] = str(path)   # not "path": gradio takes a dict with "path" for a file to send
+        entry["file"] = str(path)  # not "path": gradio takes a dict with "path" for a file to send
         entry["human"] = head_to_head(votes, str(record["policy"]), str(record["reference"]))
         out.append(entry)
     return out

@@ -12,18 +12,27 @@ import os
 from pathlib import Path
 
 # Words in a trainer's command line (python -m trainer.x, preflab train-x, a script path).
-TRAINER_WORDS = ("trainer.reward", "trainer.policy", "train-reward", "train-policy",
-                 "trainer/reward.py", "trainer/policy.py")
+TRAINER_WORDS = (
+    "trainer.reward",
+    "trainer.policy",
+    "train-reward",
+    "train-policy",
+    "trainer/reward.py",
+    "trainer/policy.py",
+)
 
 
 def _proc_start_time(pid: int) -> float | None:
     """When the process started (seconds since the epoch), from /proc; None if unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        ticks = int(fields[19])    # field 22, counted from field 3 (the state)
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks = int(fields[19])  # field 22, counted from field 3 (the state)
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
@@ -76,12 +85,12 @@ def trainer_identity(pid: int, run_path: Path, since: float | None) -> str:
         return "dead"
     argv = _proc_cmdline(pid)
     if argv is None:
-        return "unknown"    # no /proc: the pid exists, which is all we can say
+        return "unknown"  # no /proc: the pid exists, which is all we can say
     if not any(w in arg for arg in argv for w in TRAINER_WORDS):
-        return "dead"       # the pid was reused by another program
+        return "dead"  # the pid was reused by another program
     if _names_run(argv, run_path):
         return "trainer"
     started = _proc_start_time(pid)
     if since is not None and started is not None and started <= since + 1.0:
-        return "trainer"    # a trainer that was already running when this run last reported
+        return "trainer"  # a trainer that was already running when this run last reported
     return "dead"

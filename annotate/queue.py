@@ -46,8 +46,9 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from annotate.pairs import Pair, pair_from_row
 from annotate.queue_shared import SharedMode
@@ -66,8 +67,8 @@ class Assignment:
 
     pair: Pair
     annotator: str
-    left: str          # "a" or "b": which canonical candidate is shown on the left
-    shown_at: float    # clock() when it was last shown; decision time runs from here
+    left: str  # "a" or "b": which canonical candidate is shown on the left
+    shown_at: float  # clock() when it was last shown; decision time runs from here
     # The event_id its vote is stored under: a retry after "not saved" (which may have been
     # saved after all, when a database's COMMIT reply was lost) reuses it, so the store
     # returns the stored vote instead of taking a second one.
@@ -80,9 +81,9 @@ class Assignment:
 
 @dataclass
 class _Annotator:
-    voted: set = field(default_factory=set)       # pair_ids with a standing vote
+    voted: set = field(default_factory=set)  # pair_ids with a standing vote
     skipped: set = field(default_factory=set)
-    history: list = field(default_factory=list)   # latest standing vote records, oldest first
+    history: list = field(default_factory=list)  # latest standing vote records, oldest first
     current: Assignment | None = None
     last_seen: float = -math.inf
 
@@ -90,9 +91,17 @@ class _Annotator:
 class AssignmentQueue(SharedMode):
     """The queue (see the module docstring); the shared mode's part is annotate/queue_shared.py."""
 
-    def __init__(self, overlap: int = 1, *, lease_s: float = 1800.0, active_s: float = 300.0,
-                 history: int = 50, seed: int | None = None,
-                 clock: Callable[[], float] = time.monotonic, shared=None):
+    def __init__(
+        self,
+        overlap: int = 1,
+        *,
+        lease_s: float = 1800.0,
+        active_s: float = 300.0,
+        history: int = 50,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        shared=None,
+    ):
         if overlap < 1:
             raise ValueError(f"overlap must be at least 1, got {overlap}")
         self.overlap = overlap
@@ -100,21 +109,21 @@ class AssignmentQueue(SharedMode):
         self.active_s = active_s
         self.history = history
         self.clock = clock
-        self.planned = 0    # pairs a generator will still add (counts towards fair shares)
+        self.planned = 0  # pairs a generator will still add (counts towards fair shares)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._pairs: dict[str, Pair] = {}                 # insertion order = serving order
-        self._open: dict[str, None] = {}                  # pairs with fewer than K votes, in order
-        self._votes: dict[str, set[str]] = {}             # pair_id -> annotators (any pair, pooled or not)
-        self._leases: dict[str, dict[str, float]] = {}    # pair_id -> {annotator: leased at}
+        self._pairs: dict[str, Pair] = {}  # insertion order = serving order
+        self._open: dict[str, None] = {}  # pairs with fewer than K votes, in order
+        self._votes: dict[str, set[str]] = {}  # pair_id -> annotators (any pair, pooled or not)
+        self._leases: dict[str, dict[str, float]] = {}  # pair_id -> {annotator: leased at}
         self._people: dict[str, _Annotator] = {}
-        self.policy = None   # chooses among fresh pairs: .choose(pair_ids) -> (pair_id, how)
-        self._want: dict[str, int] = {}    # pair_id -> votes wanted, for pairs sent back (requeue)
-        self._how: dict[str, dict] = {}    # pair_id -> how it was picked (gen_params "selection")
-        self.shared = shared               # the database's assignment, with several servers
-        self._cursor = None                # where sync goes on in the shared store (opaque)
-        self._refused: dict[tuple[str, str], float] = {}   # (annotator, pair_id) -> retry after
+        self.policy = None  # chooses among fresh pairs: .choose(pair_ids) -> (pair_id, how)
+        self._want: dict[str, int] = {}  # pair_id -> votes wanted, for pairs sent back (requeue)
+        self._how: dict[str, dict] = {}  # pair_id -> how it was picked (gen_params "selection")
+        self.shared = shared  # the database's assignment, with several servers
+        self._cursor = None  # where sync goes on in the shared store (opaque)
+        self._refused: dict[tuple[str, str], float] = {}  # (annotator, pair_id) -> retry after
 
     def _wanted(self, pair_id: str) -> int:
         """Votes this pair should collect: K, or one more than it had when sent back."""
@@ -172,7 +181,7 @@ class AssignmentQueue(SharedMode):
         instant: sync goes on exactly from there) and the database's skips come back too."""
         if self.shared is not None:
             self._restore_shared(cursor)
-        if hasattr(votes, "column_names"):   # an Arrow table: only the tail rows become dicts
+        if hasattr(votes, "column_names"):  # an Arrow table: only the tail rows become dicts
             rows = self._latest_rows(votes)
             pairs_and_people = zip(votes.column("pair_id").to_pylist(), votes.column("annotator").to_pylist())
             selections = self._selections(votes)
@@ -183,7 +192,7 @@ class AssignmentQueue(SharedMode):
         with self._lock:
             n = 0
             for pair_id, annotator in pairs_and_people:
-                if annotator.startswith("import:"):   # imported data is not anyone's work here
+                if annotator.startswith("import:"):  # imported data is not anyone's work here
                     continue
                 self._votes.setdefault(pair_id, set()).add(annotator)
                 self._person(annotator).voted.add(pair_id)
@@ -197,7 +206,7 @@ class AssignmentQueue(SharedMode):
             for pair_id in list(self._open):
                 if len(self._votes.get(pair_id, ())) >= self._wanted(pair_id):
                     del self._open[pair_id]
-            for pair_id, gen_params in selections:   # partly done pairs keep how they were picked
+            for pair_id, gen_params in selections:  # partly done pairs keep how they were picked
                 how = selection_of(gen_params)
                 if how is not None:
                     self._how[pair_id] = how
@@ -207,6 +216,7 @@ class AssignmentQueue(SharedMode):
     def _selections(table) -> list[tuple[str, str]]:
         """(pair_id, gen_params) of the votes whose gen_params record a selection."""
         import pyarrow.compute as pc
+
         if table.num_rows == 0 or "gen_params" not in table.column_names:
             return []
         hit = pc.fill_null(pc.match_substring(table.column("gen_params"), '"selection"'), False)
@@ -219,7 +229,11 @@ class AssignmentQueue(SharedMode):
             return []
         table = table.sort_by([("annotator", "ascending"), ("created_at", "ascending")])
         names = table.column("annotator").to_pylist()
-        keep = [i for i in range(len(names)) if i + self.history >= len(names) or names[i + self.history] != names[i]]
+        keep = [
+            i
+            for i in range(len(names))
+            if i + self.history >= len(names) or names[i + self.history] != names[i]
+        ]
         rows = table.take(keep).to_pylist()
         return sorted(rows, key=lambda r: r["created_at"])
 
@@ -238,17 +252,23 @@ class AssignmentQueue(SharedMode):
         return len(self._votes.get(pair_id, ())) + live
 
     def _can_take(self, annotator: str, person: _Annotator, pair_id: str, now: float) -> bool:
-        return (pair_id not in person.voted and pair_id not in person.skipped
-                and annotator not in self._leases.get(pair_id, ())
-                and (not self._refused or self._refused.get((annotator, pair_id), -math.inf) <= now))
+        return (
+            pair_id not in person.voted
+            and pair_id not in person.skipped
+            and annotator not in self._leases.get(pair_id, ())
+            and (not self._refused or self._refused.get((annotator, pair_id), -math.inf) <= now)
+        )
 
     def _pick(self, annotator: str, person: _Annotator, now: float) -> str | None:
         """The open pair this annotator should do next: one sent back for relabelling;
         else the fullest one they may take (finish agreement sets first), earliest on a
         tie; among fresh pairs (none taken) the policy chooses, when there is one."""
-        for pair_id, want in self._want.items():   # few: pairs sent back from the Review tab
-            if (pair_id in self._open and self._can_take(annotator, person, pair_id, now)
-                    and self._fill(pair_id, now) < want):
+        for pair_id, want in self._want.items():  # few: pairs sent back from the Review tab
+            if (
+                pair_id in self._open
+                and self._can_take(annotator, person, pair_id, now)
+                and self._fill(pair_id, now) < want
+            ):
                 return pair_id
         best, best_fill = None, -1
         fresh: list[str] | None = [] if self.policy is not None else None
@@ -271,7 +291,7 @@ class AssignmentQueue(SharedMode):
     def _lease(self, person: _Annotator, annotator: str, pair: Pair, left: str, now: float) -> Assignment:
         self._leases.setdefault(pair.pair_id, {})[annotator] = now
         how = self._how.get(pair.pair_id)
-        if how is not None:   # the vote records how its pair was picked
+        if how is not None:  # the vote records how its pair was picked
             pair = with_selection(pair, how)
         person.current = Assignment(pair=pair, annotator=annotator, left=left, shown_at=now)
         return person.current
@@ -286,12 +306,12 @@ class AssignmentQueue(SharedMode):
     def next(self, annotator: str) -> Assignment | None:
         """The annotator's current pair, or a new one; None when there is nothing left
         for them (for now: a generator may still add pairs)."""
-        for _ in range(50):   # with a shared store, each refused claim rules one pair out
+        for _ in range(50):  # with a shared store, each refused claim rules one pair out
             with self._lock:
                 now = self.clock()
                 person = self._person(annotator)
                 person.last_seen = now
-                self._changed.notify_all()   # a generator waiting for demand looks again
+                self._changed.notify_all()  # a generator waiting for demand looks again
                 if person.current is not None:
                     return person.current
                 pair_id = self._pick(annotator, person, now)
@@ -301,7 +321,7 @@ class AssignmentQueue(SharedMode):
                 if self.shared is None:
                     return a
                 want = self._wanted(pair_id)
-            if self._claim_shared(person, a, pair_id, want):   # outside the lock: others are not held up
+            if self._claim_shared(person, a, pair_id, want):  # outside the lock: others are not held up
                 return a
         return None
 
@@ -331,7 +351,7 @@ class AssignmentQueue(SharedMode):
             a = person.current
             if a is None or a.pair.pair_id != pair_id:
                 raise StaleVote(pair_id)
-            person.current = None   # the lease stays until finish/cancel: the slot is ours
+            person.current = None  # the lease stays until finish/cancel: the slot is ours
             return a
 
     def cancel_vote(self, a: Assignment) -> None:
@@ -351,7 +371,7 @@ class AssignmentQueue(SharedMode):
             voters.add(a.annotator)
             if len(voters) >= self._wanted(pair_id):
                 self._open.pop(pair_id, None)
-                self._want.pop(pair_id, None)   # a relabel request is answered
+                self._want.pop(pair_id, None)  # a relabel request is answered
             person = self._person(a.annotator)
             person.voted.add(pair_id)
             person.history.append(record)
@@ -369,7 +389,7 @@ class AssignmentQueue(SharedMode):
             person.skipped.add(pair_id)
             self._release(annotator, pair_id)
             self._changed.notify_all()
-        if self.shared is not None:   # kept in the database: every server, and a restart, knows
+        if self.shared is not None:  # kept in the database: every server, and a restart, knows
             self._skip_shared(pair_id, annotator)
         return True
 
@@ -398,10 +418,23 @@ class AssignmentQueue(SharedMode):
             voters.discard(annotator)
             person.voted.discard(pair_id)
             pair = self._pairs.get(pair_id)
-            if pair is None:   # a vote on a pair outside this pool: rebuild it from the record
-                pair = pair_from_row({k: record.get(k) for k in (
-                    "prompt", "response_a", "response_b", "model_a", "model_b", "pair_id",
-                    "prompt_id", "gen_params")} | {"prompt": json.loads(record["prompt"])})
+            if pair is None:  # a vote on a pair outside this pool: rebuild it from the record
+                pair = pair_from_row(
+                    {
+                        k: record.get(k)
+                        for k in (
+                            "prompt",
+                            "response_a",
+                            "response_b",
+                            "model_a",
+                            "model_b",
+                            "pair_id",
+                            "prompt_id",
+                            "gen_params",
+                        )
+                    }
+                    | {"prompt": json.loads(record["prompt"])}
+                )
             elif len(voters) < self._wanted(pair_id) and pair_id not in self._open:
                 self._open[pair_id] = None
             previous = person.current.pair.pair_id if person.current is not None else None
@@ -410,7 +443,7 @@ class AssignmentQueue(SharedMode):
             self._changed.notify_all()
             a = self._lease(person, annotator, pair, record["left"], now)
             want = self._wanted(pair_id)
-        if self.shared is not None:   # the database's leases follow: one freed, one taken
+        if self.shared is not None:  # the database's leases follow: one freed, one taken
             self._move_shared_lease(annotator, previous, pair_id, want)
         return a
 
@@ -422,9 +455,13 @@ class AssignmentQueue(SharedMode):
             person = self._people.get(annotator) or _Annotator()
             done = sum(1 for p in person.voted if p in self._pairs)
             total = len(self._pairs) + max(0, self.planned - len(self._pairs))
-            in_play = sum(1 for name, other in self._people.items()
-                          if other.current is not None or name == annotator
-                          or any(p in self._pairs for p in other.voted))
+            in_play = sum(
+                1
+                for name, other in self._people.items()
+                if other.current is not None
+                or name == annotator
+                or any(p in self._pairs for p in other.voted)
+            )
             share = math.ceil(total * self.overlap / max(in_play, self.overlap))
             possible = total - sum(1 for p in person.skipped if p not in person.voted)
             return {"done": done, "assigned": max(done, min(share, possible))}
@@ -459,8 +496,12 @@ class AssignmentQueue(SharedMode):
         with self._lock:
             now = self.clock()
             person = self._people.get(annotator) or _Annotator()
-            return sum(1 for pair_id in self._open if self._can_take(annotator, person, pair_id, now)
-                       and self._fill(pair_id, now) >= self._wanted(pair_id))
+            return sum(
+                1
+                for pair_id in self._open
+                if self._can_take(annotator, person, pair_id, now)
+                and self._fill(pair_id, now) >= self._wanted(pair_id)
+            )
 
     def needs_pairs(self, per_annotator: int = 2) -> bool:
         """True while some active annotator has fewer than `per_annotator` pairs ready,
@@ -496,9 +537,16 @@ class AssignmentQueue(SharedMode):
         with self._lock:
             now = self.clock()
             complete = sum(1 for p in self._pairs if len(self._votes.get(p, ())) >= self._wanted(p))
-            in_progress = sum(1 for p, leases in self._leases.items()
-                              if any(now - t < self.lease_s for t in leases.values()))
-            return {"pairs": len(self._pairs), "complete": complete, "open": len(self._open),
-                    "in_progress": in_progress, "overlap": self.overlap,
-                    "planned": max(self.planned, len(self._pairs))}
-
+            in_progress = sum(
+                1
+                for p, leases in self._leases.items()
+                if any(now - t < self.lease_s for t in leases.values())
+            )
+            return {
+                "pairs": len(self._pairs),
+                "complete": complete,
+                "open": len(self._open),
+                "in_progress": in_progress,
+                "overlap": self.overlap,
+                "planned": max(self.planned, len(self._pairs)),
+            }

@@ -43,7 +43,7 @@ class SharedMode:
         annotator = a.annotator
         try:
             ok, voters = self.shared.claim(pair_id, annotator, want, self.lease_s)
-        except Exception:   # the database away: no lease there, so none here either
+        except Exception:  # the database away: no lease there, so none here either
             with self._lock:
                 if person.current is a:
                     person.current = None
@@ -83,16 +83,16 @@ class SharedMode:
         start = self._cursor
         events, cursor = self.shared.changes_since(start)
         with self._lock:
-            if start != self._cursor:   # another sync got there first
+            if start != self._cursor:  # another sync got there first
                 return 0
             self._cursor = cursor
-            for e in events:   # a retract is made by the voter it cancels (Service.undo)
+            for e in events:  # a retract is made by the voter it cancels (Service.undo)
                 if e["annotator"].startswith("import:"):
                     continue
                 voters = set(self._votes.get(e["pair_id"], ()))
                 (voters.add if e["kind"] == "vote" else voters.discard)(e["annotator"])
                 self._learn_voters(e["pair_id"], voters)
-                if e["kind"] == "retract":   # undone on another server: not undoable here again
+                if e["kind"] == "retract":  # undone on another server: not undoable here again
                     history = self._person(e["annotator"]).history
                     history[:] = [r for r in history if r["event_id"] != e["retracts"]]
             self._changed.notify_all()
@@ -108,16 +108,18 @@ class SharedMode:
                 self._release(a.annotator, a.pair.pair_id)
                 self._refused[(a.annotator, a.pair.pair_id)] = self.clock() + self.lease_s
             try:
-                self.sync()   # learn what the other servers did with it
-            except Exception as e:   # the conflict is the news; the next sync catches up
+                self.sync()  # learn what the other servers did with it
+            except Exception as e:  # the conflict is the news; the next sync catches up
                 log.warning("sync after a vote conflict failed (%s)", e)
             raise
 
     def _skip_shared(self, pair_id: str, annotator: str) -> None:
         try:
             self.shared.skip(pair_id, annotator)
-        except Exception as e:   # skipped here all the same; the lease there runs out
-            log.warning("could not record the skip of %s by %s in the shared store (%s)", pair_id, annotator, e)
+        except Exception as e:  # skipped here all the same; the lease there runs out
+            log.warning(
+                "could not record the skip of %s by %s in the shared store (%s)", pair_id, annotator, e
+            )
 
     def _move_shared_lease(self, annotator: str, previous: str | None, pair_id: str, want: int) -> None:
         """After an undo: free the lease of the pair they were looking at, take the one
@@ -126,5 +128,5 @@ class SharedMode:
             if previous is not None:
                 self.shared.release(previous, annotator)
             self.shared.claim(pair_id, annotator, want, self.lease_s)
-        except Exception as e:   # the retract is stored; the vote on it will be checked anyway
+        except Exception as e:  # the retract is stored; the vote on it will be checked anyway
             log.warning("could not move %s's lease in the shared store after an undo (%s)", annotator, e)

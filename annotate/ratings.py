@@ -60,7 +60,7 @@ RIDGE = 1e-3
 BOTH_BAD_MODES = ("tie", "drop")
 # outcome codes of a battle, from model_a's point of view
 A_WINS, B_WINS, TIE, BOTH_BAD = 0, 1, 2, 3
-CHOICE_CODES = ("a", "b", "tie", "both_bad")   # index = outcome code
+CHOICE_CODES = ("a", "b", "tie", "both_bad")  # index = outcome code
 # All a leaderboard reads of a vote: the store reads nothing else (no answer text).
 VOTE_COLUMNS = ["model_a", "model_b", "choice"]
 
@@ -73,6 +73,7 @@ class LeaderboardError(PreflabError, ValueError):
 # --------------------------------------------------------------------------------------
 # 1. votes -> battles
 # --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Battles:
@@ -87,9 +88,9 @@ class Battles:
     wins: np.ndarray
     ties: np.ndarray
     both_bad: np.ndarray
-    votes: int = 0              # standing votes read
-    self_pairs: int = 0         # left out: model_a == model_b
-    both_bad_dropped: int = 0   # left out with both_bad="drop"
+    votes: int = 0  # standing votes read
+    self_pairs: int = 0  # left out: model_a == model_b
+    both_bad_dropped: int = 0  # left out with both_bad="drop"
 
     @property
     def scores(self) -> np.ndarray:
@@ -122,7 +123,7 @@ def battles_from_votes(votes: pa.Table, both_bad: str = "tie") -> Battles:
     ib = pc.index_in(b, value_set=value_set).to_numpy().astype(np.int64)
     outcome = pc.fill_null(pc.index_in(votes["choice"], value_set=pa.array(CHOICE_CODES)), -1)
     outcome = outcome.to_numpy().astype(np.int64)
-    if (outcome < 0).any():   # the record schema forbids it; a hand-made table might not
+    if (outcome < 0).any():  # the record schema forbids it; a hand-made table might not
         raise ValueError(f"{int((outcome < 0).sum())} votes have a choice outside {CHOICE_CODES}")
 
     K = len(models)
@@ -147,19 +148,20 @@ def battles_from_votes(votes: pa.Table, both_bad: str = "tie") -> Battles:
 # 2. the Bradley-Terry fit
 # --------------------------------------------------------------------------------------
 
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))   # no overflow for any x
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for any x
 
 
 def _log_likelihood(theta: np.ndarray, scores: np.ndarray, ridge: float) -> np.ndarray:
     """sum_ij scores_ij * log sigmoid(theta_i - theta_j) - ridge/2 |theta|^2, per batch row."""
     diff = theta[:, :, None] - theta[:, None, :]
-    return (-(scores * np.logaddexp(0.0, -diff)).sum(axis=(1, 2))
-            - 0.5 * ridge * (theta * theta).sum(axis=1))
+    return -(scores * np.logaddexp(0.0, -diff)).sum(axis=(1, 2)) - 0.5 * ridge * (theta * theta).sum(axis=1)
 
 
-def fit_bradley_terry(scores: np.ndarray, ridge: float = RIDGE, tol: float = 1e-8,
-                      max_iter: int = 100) -> np.ndarray:
+def fit_bradley_terry(
+    scores: np.ndarray, ridge: float = RIDGE, tol: float = 1e-8, max_iter: int = 100
+) -> np.ndarray:
     """Maximum-likelihood Bradley-Terry strengths (natural log-odds) from a score matrix.
 
     scores: (K, K) or a batch (B, K, K); scores[i, j] = points i took from j (ties 0.5).
@@ -177,19 +179,19 @@ def fit_bradley_terry(scores: np.ndarray, ridge: float = RIDGE, tol: float = 1e-
     tol: stop when no theta moved more than this (1e-8 is 2e-6 rating points; below
     ~1e-10, rounding in sums over a million votes is what moves).
     """
-    S = np.array(scores, dtype=np.float64)   # a copy: the diagonal is cleared below
+    S = np.array(scores, dtype=np.float64)  # a copy: the diagonal is cleared below
     single = S.ndim == 2
     if single:
         S = S[None]
     B, K, _ = S.shape
-    S[:, np.arange(K), np.arange(K)] = 0.0   # a model against itself carries no information
+    S[:, np.arange(K), np.arange(K)] = 0.0  # a model against itself carries no information
     games = S + S.transpose(0, 2, 1)
     points = S.sum(axis=2)
     theta = np.zeros((B, K))
     f = _log_likelihood(theta, S, ridge)
     diagonal = np.arange(K)
     for _ in range(max_iter):
-        p = _sigmoid(theta[:, :, None] - theta[:, None, :])          # P(i beats j)
+        p = _sigmoid(theta[:, :, None] - theta[:, None, :])  # P(i beats j)
         grad = points - (games * p).sum(axis=2) - ridge * theta
         # minus the Hessian: Laplacian of the weights n_ij p_ij (1 - p_ij), plus the ridge
         w = games * p * (1.0 - p)
@@ -218,8 +220,8 @@ def fit_bradley_terry(scores: np.ndarray, ridge: float = RIDGE, tol: float = 1e-
 # 3. bootstrap intervals
 # --------------------------------------------------------------------------------------
 
-def bootstrap_thetas(battles: Battles, rounds: int = 100, seed: int = 0,
-                     ridge: float = RIDGE) -> np.ndarray:
+
+def bootstrap_thetas(battles: Battles, rounds: int = 100, seed: int = 0, ridge: float = RIDGE) -> np.ndarray:
     """theta of every bootstrap round, shape (rounds, K); NaN for a model with no battle
     in a round (it has no rating there, rather than the prior's 0).
 
@@ -230,13 +232,14 @@ def bootstrap_thetas(battles: Battles, rounds: int = 100, seed: int = 0,
     K = len(battles.models)
     upper_i, upper_j = np.triu_indices(K, k=1)
     # cells per unordered pair: i beat j, j beat i, tie (both_bad included when counted)
-    cells = np.concatenate([battles.wins[upper_i, upper_j], battles.wins[upper_j, upper_i],
-                            battles.ties[upper_i, upper_j]]).astype(np.float64)
+    cells = np.concatenate(
+        [battles.wins[upper_i, upper_j], battles.wins[upper_j, upper_i], battles.ties[upper_i, upper_j]]
+    ).astype(np.float64)
     n = int(cells.sum())
     rng = np.random.default_rng(seed)
     draws = rng.multinomial(n, cells / n, size=rounds).astype(np.float64)
     P = len(upper_i)
-    i_won, j_won, tied = draws[:, :P], draws[:, P:2 * P], draws[:, 2 * P:]
+    i_won, j_won, tied = draws[:, :P], draws[:, P : 2 * P], draws[:, 2 * P :]
     S = np.zeros((rounds, K, K))
     S[:, upper_i, upper_j] = i_won + 0.5 * tied
     S[:, upper_j, upper_i] = j_won + 0.5 * tied
@@ -249,6 +252,7 @@ def bootstrap_thetas(battles: Battles, rounds: int = 100, seed: int = 0,
 # 4. the scale and the ranks
 # --------------------------------------------------------------------------------------
 
+
 def to_ratings(theta: np.ndarray, anchor: int | None = None) -> np.ndarray:
     """theta (K,) or (B, K) -> Elo-like ratings: the anchor model at exactly 1000, or
     (anchor None) the mean of the models at 1000. Each bootstrap round is anchored on
@@ -257,7 +261,7 @@ def to_ratings(theta: np.ndarray, anchor: int | None = None) -> np.ndarray:
     if anchor is None:
         zero = np.nanmean(theta, axis=-1, keepdims=True)
     else:
-        zero = theta[..., anchor:anchor + 1]
+        zero = theta[..., anchor : anchor + 1]
     return CENTER + SCALE * (theta - zero)
 
 
@@ -267,13 +271,14 @@ def interval_ranks(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     So a model ranks above another only when its interval is clear of it; models whose
     intervals overlap can share a rank (as LMSYS's arena ranks them)."""
     low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
-    clear_above = low[None, :] > high[:, None]            # [i, j]: j is clear above i
+    clear_above = low[None, :] > high[:, None]  # [i, j]: j is clear above i
     return 1 + clear_above.sum(axis=1)
 
 
 # --------------------------------------------------------------------------------------
 # 5. the leaderboard
 # --------------------------------------------------------------------------------------
+
 
 def components(games: np.ndarray) -> list[list[int]]:
     """Connected groups of models in the comparison graph (an edge = at least one battle)."""
@@ -301,23 +306,23 @@ class Leaderboard:
 
     models: list[str]
     rating: np.ndarray
-    low: np.ndarray            # 95% bootstrap interval
+    low: np.ndarray  # 95% bootstrap interval
     high: np.ndarray
-    rank: np.ndarray           # interval-respecting
-    wins: np.ndarray           # per model, against the field
+    rank: np.ndarray  # interval-respecting
+    wins: np.ndarray  # per model, against the field
     losses: np.ndarray
     ties: np.ndarray
-    scores: np.ndarray         # [i, j] points i took from j (win 1, tie 0.5)
-    games: np.ndarray          # [i, j] battles between i and j
+    scores: np.ndarray  # [i, j] points i took from j (win 1, tie 0.5)
+    games: np.ndarray  # [i, j] battles between i and j
     anchor: str | None
     rounds: int
     seed: int
     both_bad: str
-    votes: int                 # standing votes read
-    used: int                  # battles in the fit
+    votes: int  # standing votes read
+    used: int  # battles in the fit
     self_pairs: int
     both_bad_dropped: int
-    unrated: list[str] = field(default_factory=list)   # seen, but never against another model
+    unrated: list[str] = field(default_factory=list)  # seen, but never against another model
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -337,15 +342,19 @@ class Leaderboard:
 
     def scale_note(self) -> str:
         anchor = f"{self.anchor} = {CENTER:.0f}" if self.anchor else f"mean of the models = {CENTER:.0f}"
-        return (f"Elo-like scale: {anchor}; +400 points = 10:1 odds of winning. "
-                f"95% intervals from {self.rounds} bootstrap rounds (seed {self.seed}).")
+        return (
+            f"Elo-like scale: {anchor}; +400 points = 10:1 odds of winning. "
+            f"95% intervals from {self.rounds} bootstrap rounds (seed {self.seed})."
+        )
 
     def notes(self) -> list[str]:
         """What went into the numbers and what was left out."""
         lines = [f"{self.used} battles between {len(self.models)} models, from {self.votes} standing votes"]
         if self.self_pairs:
-            lines.append(f"{self.self_pairs} votes left out: both answers from the same model "
-                         "(they say nothing about ratings)")
+            lines.append(
+                f"{self.self_pairs} votes left out: both answers from the same model "
+                "(they say nothing about ratings)"
+            )
         if self.both_bad == "drop":
             lines.append(f"{self.both_bad_dropped} both-bad votes left out (--both-bad drop)")
         else:
@@ -359,33 +368,64 @@ class Leaderboard:
             x = float(x)
             return None if math.isnan(x) else round(x, digits)
 
-        rows = [{"rank": int(self.rank[k]), "model": m, "rating": num(self.rating[k]),
-                 "ci": [num(self.low[k]), num(self.high[k])], "votes": int(self.played[k]),
-                 "wins": int(self.wins[k]), "losses": int(self.losses[k]), "ties": int(self.ties[k]),
-                 "win_rate": num(self.win_rate[k], 4)}
-                for k, m in enumerate(self.models)]
-        return {"models": rows, "anchor": self.anchor, "scale": {"center": CENTER, "points_per_logit": SCALE},
-                "rounds": self.rounds, "seed": self.seed, "both_bad": self.both_bad,
-                "votes": self.votes, "battles": self.used, "self_pairs_ignored": self.self_pairs,
-                "both_bad_dropped": self.both_bad_dropped, "unrated": list(self.unrated),
-                "pairs": {"models": list(self.models),
-                          "win_rate": [[num(x, 4) for x in row] for row in self.win_matrix],
-                          "games": self.games.astype(int).tolist()},
-                "timings_s": {k: round(v, 4) for k, v in self.timings.items()}}
+        rows = [
+            {
+                "rank": int(self.rank[k]),
+                "model": m,
+                "rating": num(self.rating[k]),
+                "ci": [num(self.low[k]), num(self.high[k])],
+                "votes": int(self.played[k]),
+                "wins": int(self.wins[k]),
+                "losses": int(self.losses[k]),
+                "ties": int(self.ties[k]),
+                "win_rate": num(self.win_rate[k], 4),
+            }
+            for k, m in enumerate(self.models)
+        ]
+        return {
+            "models": rows,
+            "anchor": self.anchor,
+            "scale": {"center": CENTER, "points_per_logit": SCALE},
+            "rounds": self.rounds,
+            "seed": self.seed,
+            "both_bad": self.both_bad,
+            "votes": self.votes,
+            "battles": self.used,
+            "self_pairs_ignored": self.self_pairs,
+            "both_bad_dropped": self.both_bad_dropped,
+            "unrated": list(self.unrated),
+            "pairs": {
+                "models": list(self.models),
+                "win_rate": [[num(x, 4) for x in row] for row in self.win_matrix],
+                "games": self.games.astype(int).tolist(),
+            },
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+        }
 
     def table(self) -> str:
         """The ranked table as fixed-width text."""
         width = max([5] + [len(m) for m in self.models])
-        lines = [f"{'rank':>4}  {'model':<{width}}  {'rating':>7}  {'95% CI':^17}  {'votes':>8}  {'win rate':>8}"]
+        lines = [
+            f"{'rank':>4}  {'model':<{width}}  {'rating':>7}  {'95% CI':^17}  {'votes':>8}  {'win rate':>8}"
+        ]
         for k, m in enumerate(self.models):
             ci = "–" if math.isnan(self.low[k]) else f"{self.low[k]:7.1f} – {self.high[k]:7.1f}"
-            lines.append(f"{int(self.rank[k]):>4}  {m:<{width}}  {self.rating[k]:7.1f}  {ci:^17}  "
-                         f"{int(self.played[k]):>8}  {100 * self.win_rate[k]:7.1f}%")
+            lines.append(
+                f"{int(self.rank[k]):>4}  {m:<{width}}  {self.rating[k]:7.1f}  {ci:^17}  "
+                f"{int(self.played[k]):>8}  {100 * self.win_rate[k]:7.1f}%"
+            )
         return "\n".join(lines)
 
 
-def leaderboard(votes: pa.Table | Battles, *, anchor: str | None = None, rounds: int = 100,
-                seed: int = 0, both_bad: str = "tie", ridge: float = RIDGE) -> Leaderboard:
+def leaderboard(
+    votes: pa.Table | Battles,
+    *,
+    anchor: str | None = None,
+    rounds: int = 100,
+    seed: int = 0,
+    both_bad: str = "tie",
+    ridge: float = RIDGE,
+) -> Leaderboard:
     """Ratings, intervals and ranks from a votes table (or already counted Battles).
 
     Raises LeaderboardError when the votes cannot rank anything: no votes, fewer than two
@@ -405,22 +445,30 @@ def leaderboard(votes: pa.Table | Battles, *, anchor: str | None = None, rounds:
             why.append(f"{battles.self_pairs} compare a model with itself")
         if battles.both_bad_dropped:
             why.append(f"{battles.both_bad_dropped} are both-bad votes, dropped")
-        raise LeaderboardError(f"none of the {battles.votes} votes compares two different models "
-                               f"({'; '.join(why)}); ratings need votes between models. Models seen: "
-                               + ", ".join(models))
+        raise LeaderboardError(
+            f"none of the {battles.votes} votes compares two different models "
+            f"({'; '.join(why)}); ratings need votes between models. Models seen: " + ", ".join(models)
+        )
     games = battles.games
     active = games.sum(axis=1) > 0
     if active.sum() < 2:
-        raise LeaderboardError(f"only one model ({models[int(np.flatnonzero(active)[0])]}) has votes "
-                               "against another: a rating needs at least two models")
+        raise LeaderboardError(
+            f"only one model ({models[int(np.flatnonzero(active)[0])]}) has votes "
+            "against another: a rating needs at least two models"
+        )
     unrated = [models[k] for k in np.flatnonzero(~active)]
     if unrated:
         # a model seen only in self-pairs (or only in dropped both-bad votes) has no rating
         keep = np.flatnonzero(active)
-        battles = Battles([models[k] for k in keep], battles.wins[np.ix_(keep, keep)],
-                          battles.ties[np.ix_(keep, keep)], battles.both_bad[np.ix_(keep, keep)],
-                          votes=battles.votes, self_pairs=battles.self_pairs,
-                          both_bad_dropped=battles.both_bad_dropped)
+        battles = Battles(
+            [models[k] for k in keep],
+            battles.wins[np.ix_(keep, keep)],
+            battles.ties[np.ix_(keep, keep)],
+            battles.both_bad[np.ix_(keep, keep)],
+            votes=battles.votes,
+            self_pairs=battles.self_pairs,
+            both_bad_dropped=battles.both_bad_dropped,
+        )
         models, games = battles.models, battles.games
     groups = components(games)
     if len(groups) > 1:
@@ -428,7 +476,8 @@ def leaderboard(votes: pa.Table | Battles, *, anchor: str | None = None, rounds:
         raise LeaderboardError(
             f"the comparison graph is not connected: {len(groups)} groups of models were never compared "
             f"with each other, so their ratings are not comparable: {listed}. "
-            "Collect votes between models of different groups (e.g. serve an arena with models from each).")
+            "Collect votes between models of different groups (e.g. serve an arena with models from each)."
+        )
     anchor_index = None
     if anchor:
         if anchor not in models:
@@ -449,13 +498,28 @@ def leaderboard(votes: pa.Table | Battles, *, anchor: str | None = None, rounds:
     timings["bootstrap"] = time.perf_counter() - t0
     rank = interval_ranks(np.nan_to_num(low, nan=-np.inf), np.nan_to_num(high, nan=np.inf))
 
-    order = np.lexsort((np.arange(len(models)), -rating))   # best first; stable on equal ratings
+    order = np.lexsort((np.arange(len(models)), -rating))  # best first; stable on equal ratings
     ox = np.ix_(order, order)
     wins = battles.wins.sum(axis=1)
     return Leaderboard(
-        models=[models[k] for k in order], rating=rating[order], low=low[order], high=high[order],
-        rank=rank[order], wins=wins[order], losses=battles.wins.sum(axis=0)[order],
-        ties=battles.ties.sum(axis=1)[order], scores=battles.scores[ox], games=games[ox],
-        anchor=anchor or None, rounds=rounds, seed=seed, both_bad=both_bad, votes=battles.votes,
-        used=battles.used, self_pairs=battles.self_pairs, both_bad_dropped=battles.both_bad_dropped,
-        unrated=unrated, timings=timings)
+        models=[models[k] for k in order],
+        rating=rating[order],
+        low=low[order],
+        high=high[order],
+        rank=rank[order],
+        wins=wins[order],
+        losses=battles.wins.sum(axis=0)[order],
+        ties=battles.ties.sum(axis=1)[order],
+        scores=battles.scores[ox],
+        games=games[ox],
+        anchor=anchor or None,
+        rounds=rounds,
+        seed=seed,
+        both_bad=both_bad,
+        votes=battles.votes,
+        used=battles.used,
+        self_pairs=battles.self_pairs,
+        both_bad_dropped=battles.both_bad_dropped,
+        unrated=unrated,
+        timings=timings,
+    )

@@ -30,8 +30,9 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from annotate.scoring import content_key, items_from_votes, scorer_for
 from trainer.errors import PreflabError
@@ -40,8 +41,22 @@ from trainer.runs import RunDirError, reward_model_path, reward_runs
 log = logging.getLogger("preflab.review")
 
 DECISIVE = ("a", "b")
-VOTE_COLUMNS = ("event_id", "pair_id", "prompt_id", "prompt", "response_a", "response_b", "model_a",
-                "model_b", "left", "choice", "strength", "annotator", "created_at", "gen_params")
+VOTE_COLUMNS = (
+    "event_id",
+    "pair_id",
+    "prompt_id",
+    "prompt",
+    "response_a",
+    "response_b",
+    "model_a",
+    "model_b",
+    "left",
+    "choice",
+    "strength",
+    "annotator",
+    "created_at",
+    "gen_params",
+)
 
 
 class ReviewError(PreflabError, ValueError):
@@ -52,11 +67,14 @@ class ReviewError(PreflabError, ValueError):
 # Votes beside scores; the disagreements
 # --------------------------------------------------------------------------------------
 
+
 def sigmoid(x: float) -> float:
-    return 0.5 * (1.0 + math.tanh(0.5 * x))   # no overflow for any x
+    return 0.5 * (1.0 + math.tanh(0.5 * x))  # no overflow for any x
 
 
-def review_rows(votes: Iterable[dict[str, Any]], scores: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
+def review_rows(
+    votes: Iterable[dict[str, Any]], scores: dict[str, tuple[float, float]]
+) -> list[dict[str, Any]]:
     """Each vote with the model's view of its pair: score_a, score_b, p_a = P(a beats b),
     p_human = the probability the model gives the side the human chose (None for ties
     and both-bad), agree = p_human > 0.5. Votes whose pair has no score are left out."""
@@ -68,8 +86,16 @@ def review_rows(votes: Iterable[dict[str, Any]], scores: dict[str, tuple[float, 
         p_a = sigmoid(s[0] - s[1])
         choice = v.get("choice")
         p_human = p_a if choice == "a" else (1.0 - p_a if choice == "b" else None)
-        rows.append({**{k: v.get(k) for k in VOTE_COLUMNS}, "score_a": s[0], "score_b": s[1], "p_a": p_a,
-                     "p_human": p_human, "agree": None if p_human is None else p_human > 0.5})
+        rows.append(
+            {
+                **{k: v.get(k) for k in VOTE_COLUMNS},
+                "score_a": s[0],
+                "score_b": s[1],
+                "p_a": p_a,
+                "p_human": p_human,
+                "agree": None if p_human is None else p_human > 0.5,
+            }
+        )
     return rows
 
 
@@ -95,14 +121,20 @@ def top_pairs(rows: Iterable[dict[str, Any]], n: int) -> list[str]:
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     decisive = [r for r in rows if r["p_human"] is not None]
     agree = sum(1 for r in decisive if r["agree"])
-    return {"votes": len(rows), "pairs": len({r["pair_id"] for r in rows}), "decisive": len(decisive),
-            "agree": agree, "agreement": agree / len(decisive) if decisive else None,
-            "mean_p_human": sum(r["p_human"] for r in decisive) / len(decisive) if decisive else None}
+    return {
+        "votes": len(rows),
+        "pairs": len({r["pair_id"] for r in rows}),
+        "decisive": len(decisive),
+        "agree": agree,
+        "agreement": agree / len(decisive) if decisive else None,
+        "mean_p_human": sum(r["p_human"] for r in decisive) / len(decisive) if decisive else None,
+    }
 
 
 # --------------------------------------------------------------------------------------
 # The Review tab's background jobs
 # --------------------------------------------------------------------------------------
+
 
 class Job:
     """Scoring the store's votes with one reward run, in a thread."""
@@ -110,11 +142,11 @@ class Job:
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.lock = threading.Lock()
-        self.state = "starting"        # starting | loading | scoring | done | failed
+        self.state = "starting"  # starting | loading | scoring | done | failed
         self.done = self.total = 0
         self.message = "starting"
         self.rows: list[dict[str, Any]] | None = None
-        self.new = 0                   # pairs this job scored with the model
+        self.new = 0  # pairs this job scored with the model
         self.started = time.time()
         self.finished: float | None = None
         self.thread: threading.Thread | None = None
@@ -126,9 +158,16 @@ class Job:
 
     def view(self) -> dict[str, Any]:
         with self.lock:
-            return {"run_id": self.run_id, "state": self.state, "done": self.done, "total": self.total,
-                    "message": self.message, "new": self.new, "rows": self.rows,
-                    "seconds": round((self.finished or time.time()) - self.started, 1)}
+            return {
+                "run_id": self.run_id,
+                "state": self.state,
+                "done": self.done,
+                "total": self.total,
+                "message": self.message,
+                "new": self.new,
+                "rows": self.rows,
+                "seconds": round((self.finished or time.time()) - self.started, 1),
+            }
 
     @property
     def running(self) -> bool:
@@ -139,15 +178,22 @@ class Reviewer:
     """What the Review tab does, without gradio: list reward runs, score the votes with
     one (a background job; `status` to poll), send pairs back to the queue."""
 
-    def __init__(self, data: str | os.PathLike, runs_dir: str | os.PathLike, queue=None,
-                 *, device: Any = None, extra_runs: Sequence[str | os.PathLike] = ()):
+    def __init__(
+        self,
+        data: str | os.PathLike,
+        runs_dir: str | os.PathLike,
+        queue=None,
+        *,
+        device: Any = None,
+        extra_runs: Sequence[str | os.PathLike] = (),
+    ):
         # The store target as given (a directory, or a postgresql:// URL): never a Path,
         # which would fold a URL's "//".
         self.data = data
         self.runs_dir = Path(runs_dir)
         self.queue = queue
         self.device = device
-        self.extra_runs = [Path(p) for p in extra_runs]   # e.g. serve --reward-model outside --runs
+        self.extra_runs = [Path(p) for p in extra_runs]  # e.g. serve --reward-model outside --runs
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -182,9 +228,10 @@ class Reviewer:
             previous = job
             job = self._jobs[run_id] = Job(run_id)
             if previous is not None and previous.rows is not None:
-                job.rows = previous.rows          # the old table stays on screen meanwhile
-            job.thread = threading.Thread(target=self._work, args=(job, path), daemon=True,
-                                          name=f"preflab-review-{run_id}")
+                job.rows = previous.rows  # the old table stays on screen meanwhile
+            job.thread = threading.Thread(
+                target=self._work, args=(job, path), daemon=True, name=f"preflab-review-{run_id}"
+            )
             job.thread.start()
             return job.view()
 
@@ -202,6 +249,7 @@ class Reviewer:
 
     def read_votes(self) -> list[dict[str, Any]]:
         from trainer.store import read_comparisons, store_exists
+
         if not store_exists(self.data):
             return []
         table = read_comparisons(self.data, columns=list(VOTE_COLUMNS))
@@ -215,8 +263,11 @@ class Reviewer:
             job.update(message=f"loading the reward model {job.run_id}")
             scorer = scorer_for(path, self.device)
             todo = len(scorer.missing(items))
-            job.update(state="scoring", total=todo,
-                       message=f"{len(items) - todo} of {len(items)} pairs scored before; scoring {todo}")
+            job.update(
+                state="scoring",
+                total=todo,
+                message=f"{len(items) - todo} of {len(items)} pairs scored before; scoring {todo}",
+            )
             before = scorer.computed
 
             def progress(done: int, total: int) -> None:
@@ -225,9 +276,15 @@ class Reviewer:
             scores = scorer.score(items, progress=progress)
             rows = review_rows(votes, scores)
             rows.sort(key=lambda r: r["created_at"], reverse=True)
-            job.update(state="done", rows=rows, new=scorer.computed - before, done=todo, total=todo,
-                       finished=time.time(),
-                       message=f"{len(rows)} votes on {len(items)} pairs; {todo} pairs newly scored")
+            job.update(
+                state="done",
+                rows=rows,
+                new=scorer.computed - before,
+                done=todo,
+                total=todo,
+                finished=time.time(),
+                message=f"{len(rows)} votes on {len(items)} pairs; {todo} pairs newly scored",
+            )
         except Exception as e:
             log.exception("review scoring with %s failed", job.run_id)
             job.update(state="failed", finished=time.time(), message=f"{type(e).__name__}: {e}")
@@ -253,14 +310,33 @@ class Reviewer:
                 unknown += 1
                 continue
             try:
-                pairs.append(pair_from_row({"prompt": json.loads(r["prompt"]), **{k: r.get(k) for k in (
-                    "response_a", "response_b", "model_a", "model_b", "pair_id", "prompt_id", "gen_params")}}))
+                pairs.append(
+                    pair_from_row(
+                        {
+                            "prompt": json.loads(r["prompt"]),
+                            **{
+                                k: r.get(k)
+                                for k in (
+                                    "response_a",
+                                    "response_b",
+                                    "model_a",
+                                    "model_b",
+                                    "pair_id",
+                                    "prompt_id",
+                                    "gen_params",
+                                )
+                            },
+                        }
+                    )
+                )
             except (BadRow, ValueError):
                 unknown += 1
         report = self.queue.requeue(pairs, how={"method": "relabel", "reward_run": run_id})
         queued, waiting = report["queued"], report["waiting"]
-        parts = [f"Queued {queued} pair{'s' if queued != 1 else ''} for one more vote by an annotator "
-                 "who has not voted on them"]
+        parts = [
+            f"Queued {queued} pair{'s' if queued != 1 else ''} for one more vote by an annotator "
+            "who has not voted on them"
+        ]
         if waiting:
             parts.append(f"{waiting} already waiting for a vote")
         if unknown:

@@ -34,7 +34,7 @@ class MetricsReader:
 
     def _reset(self) -> None:
         self.offset = 0
-        self.last_line = b""     # the last complete line read: seen again at offset, or the file was rewritten
+        self.last_line = b""  # the last complete line read: seen again at offset, or the file was rewritten
         self.records = 0
         self.bad = 0
         self.points: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -56,7 +56,7 @@ class MetricsReader:
                 data = f.read()
             end = data.rfind(b"\n")
             if end < 0:
-                return 0        # nothing complete yet (or only a half-written line)
+                return 0  # nothing complete yet (or only a half-written line)
             lines = data[:end].split(b"\n")
             new = 0
             for line in lines:

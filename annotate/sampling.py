@@ -44,8 +44,9 @@ import json
 import logging
 import random
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from annotate.scoring import items_from_pairs, scorer_for
 from trainer.errors import PreflabError
@@ -117,7 +118,7 @@ class UncertaintySampler:
             return pick, {"method": "random", "gap": _round(self.gaps.get(pick)), **base}
         gaps = self.gaps
         best, best_gap = None, None
-        for pair_id in candidates:   # first in queue order on equal gaps
+        for pair_id in candidates:  # first in queue order on equal gaps
             gap = gaps.get(pair_id)
             if gap is not None and (best_gap is None or gap < best_gap):
                 best, best_gap = pair_id, gap
@@ -126,7 +127,7 @@ class UncertaintySampler:
         return best, {"method": "uncertain", "gap": _round(best_gap), **base}
 
     def set_gaps(self, gaps: dict[str, float]) -> None:
-        self.gaps.update(gaps)   # one dict update: choose() in another thread sees old or new
+        self.gaps.update(gaps)  # one dict update: choose() in another thread sees old or new
 
     # ---- scoring the pool ------------------------------------------------------------------
 
@@ -164,7 +165,9 @@ class UncertaintySampler:
             self._set(total=self.status()["total"] + len(pairs))
             self.score_pairs(pairs)
         except Exception:
-            log.exception("scoring a generated batch with %s failed; its pairs go out unscored", self.reward_run)
+            log.exception(
+                "scoring a generated batch with %s failed; its pairs go out unscored", self.reward_run
+            )
 
     def attach(self, queue, generator=None) -> None:
         """Become the queue's policy; score the pairs already in it in a background
@@ -173,7 +176,9 @@ class UncertaintySampler:
         pool = queue.pool()
         if generator is not None:
             generator.before_add = self.score_batch
-        self._set(state="scoring", total=len(pool), message=f"scoring {len(pool)} pairs with {self.reward_run}")
+        self._set(
+            state="scoring", total=len(pool), message=f"scoring {len(pool)} pairs with {self.reward_run}"
+        )
 
         def work() -> None:
             try:
@@ -193,8 +198,14 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 6)
 
 
-def make_sampler(kind: str = "random", *, reward_run: str | None = None, mix: float | None = None,
-                 device: str | None = None, seed: int | None = None) -> UncertaintySampler | None:
+def make_sampler(
+    kind: str = "random",
+    *,
+    reward_run: str | None = None,
+    mix: float | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+) -> UncertaintySampler | None:
     """The sampler for `kind` (None for "random"), or SamplingError whose message names
     the `preflab serve` flag at fault. reward_run: a finished reward run (--reward-model),
     checked here, once; mix: the random share (--uncertain-mix, DEFAULT_MIX if None);
@@ -203,22 +214,27 @@ def make_sampler(kind: str = "random", *, reward_run: str | None = None, mix: fl
     kind = kind or "random"
     if kind == "random":
         if reward_run:
-            raise SamplingError("--reward-model is for --sampling uncertain; add --sampling uncertain, "
-                                "or leave --reward-model out")
+            raise SamplingError(
+                "--reward-model is for --sampling uncertain; add --sampling uncertain, "
+                "or leave --reward-model out"
+            )
         if mix is not None:
             raise SamplingError("--uncertain-mix is for --sampling uncertain")
         return None
     if kind != "uncertain":
         raise SamplingError(f"--sampling must be random or uncertain, got {kind!r}")
     if not reward_run:
-        raise SamplingError("--sampling uncertain needs --reward-model runs/<id>: a finished reward run "
-                            "(preflab train-reward) whose scores rank the pairs")
+        raise SamplingError(
+            "--sampling uncertain needs --reward-model runs/<id>: a finished reward run "
+            "(preflab train-reward) whose scores rank the pairs"
+        )
     try:
         scorer = scorer_for(reward_run, None if device in (None, "auto") else device)
     except RunDirError as e:
         raise SamplingError(f"--reward-model {e}") from None
-    sampler = UncertaintySampler(DEFAULT_MIX if mix is None else mix, reward_run=Path(reward_run).name,
-                                  seed=seed)
+    sampler = UncertaintySampler(
+        DEFAULT_MIX if mix is None else mix, reward_run=Path(reward_run).name, seed=seed
+    )
     sampler.scorer = scorer
     return sampler
 
@@ -226,5 +242,9 @@ def make_sampler(kind: str = "random", *, reward_run: str | None = None, mix: fl
 def sampler_from_args(args) -> UncertaintySampler | None:
     """make_sampler from `preflab serve`'s parsed flags (--sampling, --reward-model,
     --uncertain-mix, --device)."""
-    return make_sampler(getattr(args, "sampling", "random"), reward_run=getattr(args, "reward_model", None),
-                        mix=getattr(args, "uncertain_mix", None), device=getattr(args, "device", None))
+    return make_sampler(
+        getattr(args, "sampling", "random"),
+        reward_run=getattr(args, "reward_model", None),
+        mix=getattr(args, "uncertain_mix", None),
+        device=getattr(args, "device", None),
+    )

@@ -25,9 +25,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from trainer.runs import REVIEW_SCORES_FILE, REWARD_META_FILE, STATE_FILE, reward_model_path
 
@@ -36,7 +37,7 @@ log = logging.getLogger("preflab.scoring")
 # The score cache is annotate's file, kept inside the reward run it belongs to (the
 # trainer neither writes nor reads it); its name is trainer.runs.REVIEW_SCORES_FILE.
 CACHE_FILE = REVIEW_SCORES_FILE
-KEEP_SCORERS = 2   # reward models kept loaded at once (the sampler's and one more to review)
+KEEP_SCORERS = 2  # reward models kept loaded at once (the sampler's and one more to review)
 
 
 def checkpoint_fingerprint(model_dir: Path) -> str:
@@ -56,6 +57,7 @@ def content_key(prompt: str, response_a: str, response_b: str) -> str:
     same hash as a default pair_id, but computed, so a pair_id chosen by a pairs file
     never decides which scores a pair gets."""
     from trainer.store import pair_id_for
+
     return pair_id_for(prompt, response_a, response_b)
 
 
@@ -65,7 +67,7 @@ class Item:
 
     key: str
     pair_id: str
-    prompt: str          # canonical JSON of the chat messages
+    prompt: str  # canonical JSON of the chat messages
     response_a: str
     response_b: str
 
@@ -97,8 +99,14 @@ class PairScorer:
     wrote meanwhile). Thread-safe: one model, one lock around each chunk.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, device: Any = None, chunk: int = 32,
-                 loader: Callable[[Path], Any] | None = None):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        device: Any = None,
+        chunk: int = 32,
+        loader: Callable[[Path], Any] | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.model_dir = reward_model_path(self.run_dir)
         self.run_id = self.run_dir.name
@@ -113,7 +121,7 @@ class PairScorer:
         self._pair_ids: dict[str, str] = {}
         self._unsaved = 0
         self._cache_mtime: int | None = None
-        self.computed = 0      # pairs this scorer ran through the model (not from the cache)
+        self.computed = 0  # pairs this scorer ran through the model (not from the cache)
         with self._lock:
             self._merge_from_disk()
 
@@ -121,6 +129,7 @@ class PairScorer:
 
     def _merge_from_disk(self) -> None:
         import pyarrow.parquet as pq
+
         try:
             mtime = self.cache_path.stat().st_mtime_ns
         except FileNotFoundError:
@@ -129,13 +138,14 @@ class PairScorer:
             return
         try:
             table = pq.read_table(self.cache_path)
-        except Exception as e:   # a damaged cache costs a rescore, never the review
+        except Exception as e:  # a damaged cache costs a rescore, never the review
             log.warning("%s: unreadable score cache, ignored (%s)", self.cache_path, e)
             self._cache_mtime = mtime
             return
         cols = table.to_pydict()
-        for key, pid, ckpt, a, b in zip(cols["key"], cols["pair_id"], cols["checkpoint"],
-                                        cols["score_a"], cols["score_b"]):
+        for key, pid, ckpt, a, b in zip(
+            cols["key"], cols["pair_id"], cols["checkpoint"], cols["score_a"], cols["score_b"]
+        ):
             if ckpt == self.fingerprint and key not in self._scores:
                 self._scores[key] = (a, b)
                 self._pair_ids[key] = pid
@@ -145,20 +155,25 @@ class PairScorer:
         """Write every score we know to the cache file (under self._lock)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         if not self._unsaved:
             return
         self._merge_from_disk()
         keys = list(self._scores)
-        table = pa.table({"key": pa.array(keys, pa.string()),
-                          "pair_id": pa.array([self._pair_ids.get(k, k) for k in keys], pa.string()),
-                          "checkpoint": pa.array([self.fingerprint] * len(keys), pa.string()),
-                          "score_a": pa.array([self._scores[k][0] for k in keys], pa.float64()),
-                          "score_b": pa.array([self._scores[k][1] for k in keys], pa.float64())})
+        table = pa.table(
+            {
+                "key": pa.array(keys, pa.string()),
+                "pair_id": pa.array([self._pair_ids.get(k, k) for k in keys], pa.string()),
+                "checkpoint": pa.array([self.fingerprint] * len(keys), pa.string()),
+                "score_a": pa.array([self._scores[k][0] for k in keys], pa.float64()),
+                "score_b": pa.array([self._scores[k][1] for k in keys], pa.float64()),
+            }
+        )
         tmp = self.cache_path.with_name(f".{CACHE_FILE}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
             pq.write_table(table, tmp, compression="zstd")
             os.replace(tmp, self.cache_path)
-        except OSError as e:   # a read-only run dir: scores stay in memory
+        except OSError as e:  # a read-only run dir: scores stay in memory
             log.warning("%s: cannot write the score cache (%s)", self.cache_path, e)
             tmp.unlink(missing_ok=True)
             return
@@ -173,10 +188,12 @@ class PairScorer:
                 self._model = self._loader(self.run_dir)
             else:
                 import torch
+
                 from trainer.reward_model import RewardModel
+
                 cores = os.cpu_count() or 1
                 if cores > 1 and torch.get_num_threads() >= cores:
-                    torch.set_num_threads(cores - 1)   # leave a core to the web server's requests
+                    torch.set_num_threads(cores - 1)  # leave a core to the web server's requests
                 self._model = RewardModel.load(self.model_dir, device=self.device)
         return self._model
 
@@ -195,9 +212,12 @@ class PairScorer:
                     out.append(it)
             return out
 
-    def score(self, items: Sequence[Item], progress: Callable[[int, int], None] | None = None,
-              on_chunk: Callable[[dict[str, tuple[float, float]]], None] | None = None
-              ) -> dict[str, tuple[float, float]]:
+    def score(
+        self,
+        items: Sequence[Item],
+        progress: Callable[[int, int], None] | None = None,
+        on_chunk: Callable[[dict[str, tuple[float, float]]], None] | None = None,
+    ) -> dict[str, tuple[float, float]]:
         """Scores of every item; only the ones not in the cache go through the model,
         `chunk` pairs at a time. progress(done, total) is called after each chunk (and
         once before the first); on_chunk gets each chunk's new scores."""
@@ -207,7 +227,7 @@ class PairScorer:
             progress(0, total)
         last_save = time.monotonic()
         for start in range(0, total, self.chunk):
-            part = todo[start:start + self.chunk]
+            part = todo[start : start + self.chunk]
             with self._lock:
                 model = self._load_model()
                 prompts = [it.prompt for it in part] * 2
@@ -220,7 +240,7 @@ class PairScorer:
                 self._scores.update(new)
                 self.computed += len(part)
                 self._unsaved += len(part)
-                if time.monotonic() - last_save > 2.0:   # a long job keeps what it did so far
+                if time.monotonic() - last_save > 2.0:  # a long job keeps what it did so far
                     self._save()
                     last_save = time.monotonic()
             if on_chunk:

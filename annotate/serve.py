@@ -42,25 +42,54 @@ class ServeError(PreflabError):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("where pairs come from (one of)")
-    src.add_argument("--pairs", metavar="FILE", help="pre-generated pairs (.jsonl or .parquet): "
-                     "prompt, response_a, response_b [, model_a, model_b, pair_id]; no model is loaded")
-    src.add_argument("--model", action="append", metavar="M", default=None,
-                     help="sample pairs from this model in the background (once: two samples per "
-                          "prompt; repeated: arena, a random pair of different models per prompt)")
+    src.add_argument(
+        "--pairs",
+        metavar="FILE",
+        help="pre-generated pairs (.jsonl or .parquet): "
+        "prompt, response_a, response_b [, model_a, model_b, pair_id]; no model is loaded",
+    )
+    src.add_argument(
+        "--model",
+        action="append",
+        metavar="M",
+        default=None,
+        help="sample pairs from this model in the background (once: two samples per "
+        "prompt; repeated: arena, a random pair of different models per prompt)",
+    )
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), metavar="FILE", help="prompt pool for --model")
-    p.add_argument("--data", default="comparisons", metavar="STORE",
-                   help="the comparison store votes go to: a directory (one server), or "
-                        "postgresql://user@host:port/db (any number of servers share assignment and overlap K)")
-    p.add_argument("--runs", default="runs", metavar="DIR",
-                   help="run directories: trainings started from the Train tab, policies for the arena")
-    p.add_argument("--auth", metavar="USERS.toml",
-                   help="accounts file (preflab user add); without it there is one local user "
-                        "and the app only listens on 127.0.0.1")
-    p.add_argument("--user", default=None, help="without --auth: the name votes are recorded under; "
-                   "None means your login name")
-    p.add_argument("--overlap", type=int, default=1, metavar="K", help="each pair goes to K different annotators")
-    p.add_argument("--guidelines", default=str(DEFAULT_GUIDELINES), metavar="FILE",
-                   help="annotator guidelines (Markdown), one click away on the page")
+    p.add_argument(
+        "--data",
+        default="comparisons",
+        metavar="STORE",
+        help="the comparison store votes go to: a directory (one server), or "
+        "postgresql://user@host:port/db (any number of servers share assignment and overlap K)",
+    )
+    p.add_argument(
+        "--runs",
+        default="runs",
+        metavar="DIR",
+        help="run directories: trainings started from the Train tab, policies for the arena",
+    )
+    p.add_argument(
+        "--auth",
+        metavar="USERS.toml",
+        help="accounts file (preflab user add); without it there is one local user "
+        "and the app only listens on 127.0.0.1",
+    )
+    p.add_argument(
+        "--user",
+        default=None,
+        help="without --auth: the name votes are recorded under; None means your login name",
+    )
+    p.add_argument(
+        "--overlap", type=int, default=1, metavar="K", help="each pair goes to K different annotators"
+    )
+    p.add_argument(
+        "--guidelines",
+        default=str(DEFAULT_GUIDELINES),
+        metavar="FILE",
+        help="annotator guidelines (Markdown), one click away on the page",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     gen = p.add_argument_group("generation (with --model)")
@@ -69,19 +98,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    gen.add_argument("--seed", type=int, default=0, help="seeds of the samples and of the arena's model draws")
+    gen.add_argument(
+        "--seed", type=int, default=0, help="seeds of the samples and of the arena's model draws"
+    )
     gen.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
     gen.add_argument("--cache-dir", default=None, help="where converted models are kept")
     smp = p.add_argument_group("which pair goes out next (annotate/sampling.py)")
-    smp.add_argument("--sampling", choices=("random", "uncertain"), default="random",
-                     help="random: no reward model, pairs go out as they come; uncertain: prefer pairs whose "
-                          "reward-model score gap is smallest, mixed with uniformly random ones")
-    smp.add_argument("--reward-model", metavar="RUN", default=None,
-                     help="a finished reward run (runs/<id>) that scores the pairs for --sampling uncertain")
-    smp.add_argument("--uncertain-mix", type=float, default=None, metavar="F",
-                     help="share of handouts drawn uniformly at random with --sampling uncertain (0.5 if not given); "
-                          "each vote records how its pair was chosen in gen_params['selection']")
-
+    smp.add_argument(
+        "--sampling",
+        choices=("random", "uncertain"),
+        default="random",
+        help="random: no reward model, pairs go out as they come; uncertain: prefer pairs whose "
+        "reward-model score gap is smallest, mixed with uniformly random ones",
+    )
+    smp.add_argument(
+        "--reward-model",
+        metavar="RUN",
+        default=None,
+        help="a finished reward run (runs/<id>) that scores the pairs for --sampling uncertain",
+    )
+    smp.add_argument(
+        "--uncertain-mix",
+        type=float,
+        default=None,
+        metavar="F",
+        help="share of handouts drawn uniformly at random with --sampling uncertain (0.5 if not given); "
+        "each vote records how its pair was chosen in gen_params['selection']",
+    )
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -89,12 +132,18 @@ def check_flags(args: argparse.Namespace) -> None:
     if bool(args.pairs) == bool(args.model):
         raise ServeError("give either --pairs FILE or --model M (repeat --model for an arena)")
     if not args.auth and args.host not in LOCAL_HOSTS:
-        raise ServeError(f"refusing to listen on {args.host} without --auth: anyone who can reach this "
-                         f"machine could vote, read the votes and export them. Create accounts with "
-                         f"`preflab user add NAME --role annotator --auth users.toml` and pass --auth users.toml, "
-                         f"or listen on 127.0.0.1 (the default).")
-    for flag, value in (("--overlap", args.overlap), ("--rounds", args.rounds), ("--batch-size", args.batch_size),
-                        ("--max-new-tokens", args.max_new_tokens)):
+        raise ServeError(
+            f"refusing to listen on {args.host} without --auth: anyone who can reach this "
+            f"machine could vote, read the votes and export them. Create accounts with "
+            f"`preflab user add NAME --role annotator --auth users.toml` and pass --auth users.toml, "
+            f"or listen on 127.0.0.1 (the default)."
+        )
+    for flag, value in (
+        ("--overlap", args.overlap),
+        ("--rounds", args.rounds),
+        ("--batch-size", args.batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
         if value < 1:
             raise ServeError(f"{flag} must be at least 1, got {value}")
 
@@ -141,9 +190,10 @@ def _open_store(args: argparse.Namespace, opened: _Opened):
     if is_database(args.data):
         opened.store = open_store(args.data)
         state_dir = Path(args.runs) / "serve-state" / target_key(args.data)
-        votes, cursor = opened.store.snapshot()   # one instant: sync goes on exactly from here
+        votes, cursor = opened.store.snapshot()  # one instant: sync goes on exactly from here
     else:
         from trainer.store.directory_writer import ServeLock
+
         opened.serve_lock = ServeLock(args.data, f"preflab serve on {args.host}:{args.port}")
         state_dir = Path(args.data)
         votes, cursor = read_comparisons(args.data) if store_exists(args.data) else None, None
@@ -166,7 +216,7 @@ def _fill_from_pairs_file(args: argparse.Namespace, queue) -> None:
 def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
     """The background generator of --model, with the arena restored and its cached
     pairs in the queue."""
-    from annotate.arena import restore_arena   # policies added from the Train tab earlier
+    from annotate.arena import restore_arena  # policies added from the Train tab earlier
     from annotate.pairs import Generator
     from trainer.models import ModelLoadError, canonical_name, check_model
     from trainer.prompts import PromptPoolError, load_prompt_pool
@@ -183,11 +233,21 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
     if votes is not None and votes.num_rows:
         for row in votes.group_by("prompt_id").aggregate([("prompt_id", "count")]).to_pylist():
             voted_prompts[row["prompt_id"]] = row["prompt_id_count"]
-    generator = Generator(names, pool.prompts, queue, cache_dir=state_dir / "pairs",
-                          voted_prompts=voted_prompts, rounds=args.rounds, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, device=args.device,
-                          model_cache_dir=args.cache_dir)
+    generator = Generator(
+        names,
+        pool.prompts,
+        queue,
+        cache_dir=state_dir / "pairs",
+        voted_prompts=voted_prompts,
+        rounds=args.rounds,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+        model_cache_dir=args.cache_dir,
+    )
     for note in restore_arena(generator, state_dir):
         log.info("%s", note)
     queue.add(generator.load_cache())
@@ -195,6 +255,7 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
     # Leave a core to the web server: generation would otherwise take every core
     # and make each click wait for a matrix multiply.
     import torch
+
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     return generator
 
@@ -210,7 +271,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     from trainer.store import is_database, open_store
 
     try:
-        sampler = sampler_from_args(args)   # --sampling uncertain: checks the reward run, loads no model
+        sampler = sampler_from_args(args)  # --sampling uncertain: checks the reward run, loads no model
     except SamplingError as e:
         raise ServeError(str(e)) from None
     accounts, guidelines = _accounts_and_guidelines(args)
@@ -222,20 +283,36 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         _fill_from_pairs_file(args, queue)
     else:
         generator = _generator(args, queue, state_dir, votes)
-    if sampler is not None:   # scores the pool in the background; a generator's batches before they join it
+    if sampler is not None:  # scores the pool in the background; a generator's batches before they join it
         sampler.attach(queue, generator)
     if opened.store is None:
         opened.store = open_store(args.data)
     if votes is not None:
         queue.restore(votes, cursor=cursor)
-    service = Service(opened.store, queue, data=args.data, accounts=accounts,
-                      local_user=args.user or _login_name(), generator=generator)
-    scorer = getattr(sampler, "scorer", None)   # serve --reward-model may lie outside --runs
-    reviewer = Reviewer(service.data, args.runs, queue, extra_runs=[scorer.run_dir] if scorer is not None else ())
+    service = Service(
+        opened.store,
+        queue,
+        data=args.data,
+        accounts=accounts,
+        local_user=args.user or _login_name(),
+        generator=generator,
+    )
+    scorer = getattr(sampler, "scorer", None)  # serve --reward-model may lie outside --runs
+    reviewer = Reviewer(
+        service.data, args.runs, queue, extra_runs=[scorer.run_dir] if scorer is not None else ()
+    )
     launcher = Launcher(args.runs, store=service.data)
-    return ServeContext(service=service, data=service.data, state_dir=state_dir, runs_dir=Path(args.runs),
-                        queue=queue, generator=generator, launcher=launcher, reviewer=reviewer,
-                        guidelines=guidelines)
+    return ServeContext(
+        service=service,
+        data=service.data,
+        state_dir=state_dir,
+        runs_dir=Path(args.runs),
+        queue=queue,
+        generator=generator,
+        launcher=launcher,
+        reviewer=reviewer,
+        guidelines=guidelines,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.store import describe, is_database
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3"):   # one line per request otherwise
+    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     check_flags(args)
     opened = _Opened()
@@ -259,21 +336,35 @@ def run(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    if is_database(args.data):   # fold in the other servers' votes every second or two
-        threading.Thread(target=_sync_forever, args=(ctx.queue, stop), daemon=True, name="preflab-sync").start()
+    if is_database(args.data):  # fold in the other servers' votes every second or two
+        threading.Thread(
+            target=_sync_forever, args=(ctx.queue, stop), daemon=True, name="preflab-sync"
+        ).start()
     try:
         try:
-            demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
-                        auth=accounts.verify if accounts else None,
-                        auth_message="preflab: log in with the account your admin gave you.",
-                        **launch_kwargs)
+            demo.launch(
+                server_name=args.host,
+                server_port=args.port,
+                prevent_thread_lock=True,
+                quiet=True,
+                auth=accounts.verify if accounts else None,
+                auth_message="preflab: log in with the account your admin gave you.",
+                **launch_kwargs,
+            )
         except OSError as e:
             raise ServeError(f"cannot listen on {args.host}:{args.port} ({e}); try another --port") from None
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
-        mode = ("pairs from " + args.pairs) if args.pairs else (
-            "arena of " + ", ".join(args.model) if len(args.model) > 1 else "model " + args.model[0])
-        log.info("preflab serve: %s; votes go to %s; %s", mode, describe(args.data),
-                 "accounts from " + args.auth if args.auth else "single local user " + ctx.service.local_user)
+        mode = (
+            ("pairs from " + args.pairs)
+            if args.pairs
+            else ("arena of " + ", ".join(args.model) if len(args.model) > 1 else "model " + args.model[0])
+        )
+        log.info(
+            "preflab serve: %s; votes go to %s; %s",
+            mode,
+            describe(args.data),
+            "accounts from " + args.auth if args.auth else "single local user " + ctx.service.local_user,
+        )
         print(f"open {url}", flush=True)
         while not stop.wait(0.5):
             pass
@@ -291,7 +382,7 @@ def _sync_forever(queue, stop: threading.Event, every_s: float = 1.5) -> None:
     while not stop.wait(every_s):
         try:
             queue.sync()
-        except Exception as e:   # the database away for a moment: the next round catches up
+        except Exception as e:  # the database away for a moment: the next round catches up
             log.warning("sync with the shared store failed (%s); retrying", e)
 
 

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +40,22 @@ EXPORT_FILETYPES = ("parquet", "jsonl")
 class Service:
     """The annotation workflow, independent of gradio (the tests call it directly too)."""
 
-    def __init__(self, store, queue: AssignmentQueue, *, data: str | os.PathLike,
-                 accounts: Accounts | None = None, local_user: str = "local",
-                 generator: Generator | None = None):
+    def __init__(
+        self,
+        store,
+        queue: AssignmentQueue,
+        *,
+        data: str | os.PathLike,
+        accounts: Accounts | None = None,
+        local_user: str = "local",
+        generator: Generator | None = None,
+    ):
         self.store = store
         self.queue = queue
-        self.data = str(data)   # the store's target: a directory or a postgresql:// URL
+        self.data = str(data)  # the store's target: a directory or a postgresql:// URL
         self.accounts = accounts
         self.local_user = local_user
-        self.generator = generator   # with --model: why there is no pair yet
+        self.generator = generator  # with --model: why there is no pair yet
 
     # ---- who is asking ---------------------------------------------------------------
 
@@ -68,25 +75,44 @@ class Service:
             status = self.generator.status()
             if status["state"] in ("loading", "generating", "waiting"):
                 seconds = int(time.time() - status["started"])
-                return {"state": status["state"], "message": status["message"], "seconds": seconds,
-                        "generated": status["generated"], "planned": status["planned"]}
+                return {
+                    "state": status["state"],
+                    "message": status["message"],
+                    "seconds": seconds,
+                    "generated": status["generated"],
+                    "planned": status["planned"],
+                }
             if status["state"] == "failed":
                 return {"state": "failed", "message": status["message"]}
         held = self.queue.held_by_others(user)
         if held:
-            return {"state": "held", "message": f"The last {held} pair{'s are' if held > 1 else ' is'} "
-                    "with other annotators right now; if one comes free it appears here."}
+            return {
+                "state": "held",
+                "message": f"The last {held} pair{'s are' if held > 1 else ' is'} "
+                "with other annotators right now; if one comes free it appears here.",
+            }
         return {"state": "done", "message": "Nothing left for you to annotate. Thank you!"}
 
-    def _view(self, user: str, a: Assignment | None, *, ok: bool = True, message: str = "",
-              ack: dict | None = None) -> dict[str, Any]:
+    def _view(
+        self, user: str, a: Assignment | None, *, ok: bool = True, message: str = "", ack: dict | None = None
+    ) -> dict[str, Any]:
         pair = None
         if a is not None:
-            pair = {"pair_id": a.pair.pair_id, "prompt": list(a.pair.messages),
-                    "left": a.pair.response(a.left), "right": a.pair.response(a.right)}
-        return {"ok": ok, "message": message, "user": user, "ack": ack, "pair": pair,
-                "progress": self.queue.progress(user),
-                "waiting": None if a is not None else self._waiting(user)}
+            pair = {
+                "pair_id": a.pair.pair_id,
+                "prompt": list(a.pair.messages),
+                "left": a.pair.response(a.left),
+                "right": a.pair.response(a.right),
+            }
+        return {
+            "ok": ok,
+            "message": message,
+            "user": user,
+            "ack": ack,
+            "pair": pair,
+            "progress": self.queue.progress(user),
+            "waiting": None if a is not None else self._waiting(user),
+        }
 
     def _next(self, user: str) -> tuple[Assignment | None, str]:
         """The annotator's next pair, or (None, why) when a shared store cannot be asked
@@ -100,13 +126,14 @@ class Service:
     def next(self, user: str) -> dict[str, Any]:
         a, problem = self._next(user)
         if a is not None:
-            a.shown_at = self.queue.clock()   # shown (again) now: decision time starts here
+            a.shown_at = self.queue.clock()  # shown (again) now: decision time starts here
         return self._view(user, a, ok=not problem, message=problem)
 
     # ---- acting on a pair ------------------------------------------------------------
 
-    def vote(self, user: str, pair_id: str, choice: str, strength: str = "",
-             rationale: str = "") -> dict[str, Any]:
+    def vote(
+        self, user: str, pair_id: str, choice: str, strength: str = "", rationale: str = ""
+    ) -> dict[str, Any]:
         if choice not in SHOWN_CHOICES:
             raise ValueError(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {choice!r}")
         strength = (strength or "").strip().lower()
@@ -116,43 +143,68 @@ class Service:
             a = self.queue.begin_vote(user, pair_id)
         except StaleVote:
             a, problem = self._next(user)
-            return self._view(user, a, ok=False, message=problem or
-                              "That pair was already answered (another tab?); here is your current one.")
+            return self._view(
+                user,
+                a,
+                ok=False,
+                message=problem or "That pair was already answered (another tab?); here is your current one.",
+            )
         decision_ms = int((self.queue.clock() - a.shown_at) * 1000)
         canonical = {"left": a.left, "right": a.right}.get(choice, choice)
-        record = {**a.pair.record_fields(), "event_id": a.event_id, "kind": "vote", "left": a.left,
-                  "choice": canonical,
-                  # strength only qualifies a preference (the record refuses it on a tie)
-                  "strength": STRENGTHS.get(strength) if canonical in ("a", "b") else None,
-                  "rationale": (rationale or "").strip() or None, "annotator": user,
-                  "decision_ms": max(0, min(decision_ms, 2**31 - 1))}
+        record = {
+            **a.pair.record_fields(),
+            "event_id": a.event_id,
+            "kind": "vote",
+            "left": a.left,
+            "choice": canonical,
+            # strength only qualifies a preference (the record refuses it on a tie)
+            "strength": STRENGTHS.get(strength) if canonical in ("a", "b") else None,
+            "rationale": (rationale or "").strip() or None,
+            "annotator": user,
+            "decision_ms": max(0, min(decision_ms, 2**31 - 1)),
+        }
         try:
-            stored = self.queue.record_vote(a, record, self.store)   # durable when it returns
+            stored = self.queue.record_vote(a, record, self.store)  # durable when it returns
         except VoteConflict:
             # Another server's annotators took the last slot (or this annotator voted on
             # the pair there): nothing was stored; the queue already moved on.
             nxt, problem = self._next(user)
-            return self._view(user, nxt, ok=False, message=problem or
-                              "That pair was completed meanwhile; here is another one. Nothing was saved.")
+            return self._view(
+                user,
+                nxt,
+                ok=False,
+                message=problem
+                or "That pair was completed meanwhile; here is another one. Nothing was saved.",
+            )
         except StoreWriteError as e:
             self.queue.cancel_vote(a)
             log.error("%s", e)
-            return self._view(user, a, ok=False,
-                              message="Not saved: the store could not write your vote. Please try again.")
+            return self._view(
+                user, a, ok=False, message="Not saved: the store could not write your vote. Please try again."
+            )
         except Exception:
             self.queue.cancel_vote(a)
             raise
-        ack = {"event_id": stored["event_id"], "choice": choice, "decision_ms": record["decision_ms"],
-               "left_model": a.pair.model(a.left), "right_model": a.pair.model(a.right)}
+        ack = {
+            "event_id": stored["event_id"],
+            "choice": choice,
+            "decision_ms": record["decision_ms"],
+            "left_model": a.pair.model(a.left),
+            "right_model": a.pair.model(a.right),
+        }
         nxt, problem = self._next(user)
         return self._view(user, nxt, ack=ack, message="Saved." + (f" {problem}" if problem else ""))
 
     def skip(self, user: str, pair_id: str) -> dict[str, Any]:
         skipped = self.queue.skip(user, pair_id)
         a, problem = self._next(user)
-        return self._view(user, a, ok=skipped and not problem,
-                          message=problem or ("Skipped; it goes to someone else." if skipped else
-                                              "That pair is no longer yours to skip."))
+        return self._view(
+            user,
+            a,
+            ok=skipped and not problem,
+            message=problem
+            or ("Skipped; it goes to someone else." if skipped else "That pair is no longer yours to skip."),
+        )
 
     def undo(self, user: str) -> dict[str, Any]:
         record = self.queue.begin_undo(user)
@@ -164,17 +216,24 @@ class Service:
         except StoreWriteError as e:
             self.queue.cancel_undo(user, record)
             log.error("%s", e)
-            return self._view(user, self.queue.current(user), ok=False,
-                              message="Not undone: the store could not write it. Please try again.")
+            return self._view(
+                user,
+                self.queue.current(user),
+                ok=False,
+                message="Not undone: the store could not write it. Please try again.",
+            )
         except Exception:
             self.queue.cancel_undo(user, record)
             raise
         a = self.queue.finish_undo(user, record)
         view = self._view(user, a, message="Vote taken back; here is that pair again.")
         shown = {a.left: "left", a.right: "right"}.get(record["choice"], record["choice"])
-        view["undone"] = {"event_id": record["event_id"], "choice": shown,
-                          "strength": {1: "slightly", 2: "clearly"}.get(record.get("strength")),
-                          "rationale": record.get("rationale") or ""}
+        view["undone"] = {
+            "event_id": record["event_id"],
+            "choice": shown,
+            "strength": {1: "slightly", 2: "clearly"}.get(record.get("strength")),
+            "rationale": record.get("rationale") or "",
+        }
         return view
 
     # ---- admins ----------------------------------------------------------------------
@@ -196,8 +255,16 @@ class Service:
         tables["choices"] = outcomes_as_shown(votes)
         return {"summary": _clean(summary), "queue": self.queue.overview(), "tables": tables}
 
-    def export(self, user: str, folder: str | os.PathLike, format: str = "standard", margin: bool = False,
-               ties: str = "exclude", aggregate: str = "none", filetype: str = "parquet") -> tuple[list[str], str]:
+    def export(
+        self,
+        user: str,
+        folder: str | os.PathLike,
+        format: str = "standard",
+        margin: bool = False,
+        ties: str = "exclude",
+        aggregate: str = "none",
+        filetype: str = "parquet",
+    ) -> tuple[list[str], str]:
         """Write the standing votes as a preference dataset (annotate/export.py) into
         `folder`, under a new name each time (admins). Returns (files, a one-line report)."""
         from annotate.export import export_preferences, ties_path_for, write_table
@@ -207,9 +274,10 @@ class Service:
         if filetype not in EXPORT_FILETYPES:
             raise ValueError(f"filetype must be parquet or jsonl, got {filetype!r}")
         votes = read_comparisons(self.data)
-        pairs, ties_table, report = export_preferences(votes, format=format, margin=margin,
-                                                       ties=ties, aggregate=aggregate)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        pairs, ties_table, report = export_preferences(
+            votes, format=format, margin=margin, ties=ties, aggregate=aggregate
+        )
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         out = Path(folder) / f"preferences-{format}-{stamp}-{os.urandom(3).hex()}.{filetype}"
         files = [str(write_table(pairs, out))]
         if ties_table is not None:
@@ -231,8 +299,10 @@ def outcomes_as_shown(votes) -> list[dict[str, Any]]:
     tie = pc.sum(pc.equal(votes["choice"], "tie")).as_py() or 0
     both_bad = pc.sum(pc.equal(votes["choice"], "both_bad")).as_py() or 0
     names = ("A (left) better", "B (right) better", "Tie", "Both bad")
-    return [{"choice": name, "share": count / n if n else None, "votes": count}
-            for name, count in zip(names, (left, right, tie, both_bad))]
+    return [
+        {"choice": name, "share": count / n if n else None, "votes": count}
+        for name, count in zip(names, (left, right, tie, both_bad))
+    ]
 
 
 def _clean(value: Any) -> Any:

@@ -24,7 +24,7 @@ million votes take a fraction of a second. No Python loop runs per vote.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -32,12 +32,12 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from annotate.agreement import _krippendorff_alpha, cohens_kappa
-from annotate.vote_arrays import A, B, BOTH_BAD, N_CHOICES, TIE, VoteArrays, Votes, ratio
-from trainer.store import CHOICES
+from annotate.vote_arrays import BOTH_BAD, N_CHOICES, TIE, A, B, VoteArrays, Votes, ratio
 from trainer.evaluate import wilson_interval
+from trainer.store import CHOICES
 
 _US_PER_DAY = 86_400 * 1_000_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 BY = ("annotator", "model", "day")
 
@@ -45,6 +45,7 @@ BY = ("annotator", "model", "day")
 # --------------------------------------------------------------------------------------
 # Shares and rates
 # --------------------------------------------------------------------------------------
+
 
 def choice_rates(votes: Votes) -> dict[str, float]:
     """{"a": share, "b": share, "tie": share, "both_bad": share}, summing to 1
@@ -95,6 +96,7 @@ def _median_decision_ms(v: VoteArrays) -> float:
 # Counts per annotator, model or day
 # --------------------------------------------------------------------------------------
 
+
 def votes_by(votes: Votes, by: str) -> pd.DataFrame:
     """One row per annotator, model or UTC day.
 
@@ -142,18 +144,21 @@ def votes_by(votes: Votes, by: str) -> pd.DataFrame:
     n = count()
     ties, both_bad = count(choice == TIE), count(choice == BOTH_BAD)
     # Median per group: pandas' grouped median skips NaN and is vectorised.
-    medians = (pd.Series(v.decision_ms[rows]).groupby(groups).median()
-               .reindex(range(size)).to_numpy(dtype=float))
-    table = pd.DataFrame({
-        by: labels,
-        "votes": n,
-        "ties": ties,
-        "both_bad": both_bad,
-        "tie_rate": ratio(ties, n),
-        "both_bad_rate": ratio(both_bad, n),
-        "left_share": ratio(count(decisive & (choice == left)), count(decisive)),
-        "median_decision_ms": medians,
-    })
+    medians = (
+        pd.Series(v.decision_ms[rows]).groupby(groups).median().reindex(range(size)).to_numpy(dtype=float)
+    )
+    table = pd.DataFrame(
+        {
+            by: labels,
+            "votes": n,
+            "ties": ties,
+            "both_bad": both_bad,
+            "tie_rate": ratio(ties, n),
+            "both_bad_rate": ratio(both_bad, n),
+            "left_share": ratio(count(decisive & (choice == left)), count(decisive)),
+            "median_decision_ms": medians,
+        }
+    )
     table = table[table["votes"] > 0]
     if by != "day":
         table = table.sort_values(["votes", by], ascending=[False, True], kind="stable")
@@ -163,6 +168,7 @@ def votes_by(votes: Votes, by: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------
 # The dashboard header
 # --------------------------------------------------------------------------------------
+
 
 def _utc(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(us))

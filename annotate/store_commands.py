@@ -18,8 +18,12 @@ from trainer.store import DATA_HELP, StoreError, apply_retractions, describe, is
 
 
 def add_compact_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="DIR",
-                   help="the comparison store directory (a PostgreSQL store needs no compaction)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="the comparison store directory (a PostgreSQL store needs no compaction)",
+    )
 
 
 def run_compact(args: argparse.Namespace) -> int:
@@ -30,9 +34,11 @@ def run_compact(args: argparse.Namespace) -> int:
     before = read_events(args.data)
     t0 = time.perf_counter()
     result = compact(args.data)
-    print(f"{args.data}: {result['parts_before']} part files -> {result['parts_after']} "
-          f"({result['events']} events, {time.perf_counter() - t0:.2f}s); "
-          f"{len(before)} events read before and {len(read_events(args.data))} after")
+    print(
+        f"{args.data}: {result['parts_before']} part files -> {result['parts_after']} "
+        f"({result['events']} events, {time.perf_counter() - t0:.2f}s); "
+        f"{len(before)} events read before and {len(read_events(args.data))} after"
+    )
     return 0
 
 
@@ -50,6 +56,7 @@ def run_info(args: argparse.Namespace) -> int:
         print("backend    PostgreSQL")
     else:
         from trainer.store.directory_reader import list_store
+
         files = list_store(args.data)
         print(f"files      {len(files.parts)} part files, {len(files.tails)} live tail segments")
     retracts = len(events) - pc.sum(pc.equal(events["kind"], "vote")).as_py() if len(events) else 0
@@ -58,8 +65,9 @@ def run_info(args: argparse.Namespace) -> int:
     if len(votes):
         for column in ("choice", "annotator", "model_a"):
             counts = votes[column].value_counts().to_pylist()
-            shown = ", ".join(f"{c['values']}: {c['counts']}" for c in
-                              sorted(counts, key=lambda c: -c["counts"])[:10])
+            shown = ", ".join(
+                f"{c['values']}: {c['counts']}" for c in sorted(counts, key=lambda c: -c["counts"])[:10]
+            )
             print(f"{column:<10} {shown}")
         first, last = pc.min_max(votes["created_at"]).values()
         print(f"span       {first} .. {last}")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -24,13 +24,13 @@ import pyarrow.compute as pc
 SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
 
-
 def output_kind(path: str | os.PathLike) -> str:
-    """"parquet" or "json" from the file extension; anything else is refused up front."""
+    """ "parquet" or "json" from the file extension; anything else is refused up front."""
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: unknown output type {suffix or '(no extension)'!r}; "
-                         f"use one of {', '.join(SUFFIXES)}")
+        raise ValueError(
+            f"{path}: unknown output type {suffix or '(no extension)'!r}; use one of {', '.join(SUFFIXES)}"
+        )
     return SUFFIXES[suffix]
 
 
@@ -81,7 +81,11 @@ def _json_parts(values: pa.Array) -> list:
         parts.append("}")
     elif pa.types.is_list(t) or pa.types.is_large_list(t):
         items = _json_parts(values.flatten())
-        if len(values) and not values.null_count and pc.all(pc.equal(pc.list_value_length(values), 1)).as_py():
+        if (
+            len(values)
+            and not values.null_count
+            and pc.all(pc.equal(pc.list_value_length(values), 1)).as_py()
+        ):
             return ["[", *items, "]"]
         offsets = pc.subtract(values.offsets, values.offsets[0])
         items = pc.binary_join_element_wise(*items, "") if len(items) > 1 else items[0]
@@ -105,8 +109,8 @@ def _write_jsonl(table: pa.Table, f, batch_rows: int = 100_000) -> None:
         lines = pc.binary_join_element_wise(*parts, "}\n", "")
         # The lines lie end to end in the array's data buffer: write that directly.
         _, offsets, data = lines.buffers()
-        offsets = np.frombuffer(offsets, np.int32)[lines.offset:lines.offset + len(lines) + 1]
-        f.write(memoryview(data)[offsets[0]:offsets[-1]])
+        offsets = np.frombuffer(offsets, np.int32)[lines.offset : lines.offset + len(lines) + 1]
+        f.write(memoryview(data)[offsets[0] : offsets[-1]])
 
 
 # Exports are written with snappy, the codec pyarrow, pandas and `datasets` write by
@@ -131,7 +135,7 @@ def _ahead(tables: Iterable[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
             for t in tables:
                 box.put(t)
             box.put(done)
-        except BaseException as e:   # handed to the consumer, raised there
+        except BaseException as e:  # handed to the consumer, raised there
             box.put(e)
 
     threading.Thread(target=produce, daemon=True, name="preflab-export").start()
@@ -141,11 +145,12 @@ def _ahead(tables: Iterable[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
         yield item
 
 
-SLICE_ROWS = 100_000   # preference rows gathered (and written as one row group) at a time
+SLICE_ROWS = 100_000  # preference rows gathered (and written as one row group) at a time
 
 
-def write_table(table: pa.Table | Iterable[pa.Table], path: str | os.PathLike,
-                compression: str = EXPORT_COMPRESSION) -> Path:
+def write_table(
+    table: pa.Table | Iterable[pa.Table], path: str | os.PathLike, compression: str = EXPORT_COMPRESSION
+) -> Path:
     """Write `table` (or tables of one schema, in order) as Parquet (.parquet) or JSON
     Lines (.jsonl, .json), chosen by the extension, atomically (temporary name, then
     rename): a reader never sees half a file. `datasets.load_dataset("parquet" | "json",

@@ -40,8 +40,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.store.directory_writer import fsync_dir
 from trainer.errors import PreflabError
+from trainer.store.directory_writer import fsync_dir
 
 ROLES = ("annotator", "admin")
 DEFAULT_PATH = "users.toml"
@@ -83,6 +83,7 @@ class User:
 # Password hashes
 # --------------------------------------------------------------------------------------
 
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -90,8 +91,9 @@ def _b64(data: bytes) -> str:
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
     # OpenSSL needs 128*r*(n + p + 2) bytes; its default ceiling (32 MiB) would make
     # stronger parameters than ours fail, so the ceiling is set from the parameters.
-    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p,
-                          maxmem=128 * r * (n + p + 2) + 2**20, dklen=length)
+    return hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=128 * r * (n + p + 2) + 2**20, dklen=length
+    )
 
 
 def hash_password(password: str) -> str:
@@ -134,13 +136,15 @@ def check_password(password: str, stored: str) -> bool:
 # Checked against when a login names an unknown user, so that the answer takes as long
 # as for a known user and does not reveal which names exist. No password matches it:
 # its "hash" is random bytes, not the hash of anything.
-_DUMMY_HASH = (f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}$"
-               f"{_b64(os.urandom(SALT_BYTES))}${_b64(os.urandom(HASH_BYTES))}")
+_DUMMY_HASH = (
+    f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(os.urandom(SALT_BYTES))}${_b64(os.urandom(HASH_BYTES))}"
+)
 
 
 # --------------------------------------------------------------------------------------
 # The users file
 # --------------------------------------------------------------------------------------
+
 
 def check_name(name: str) -> str:
     """`name` if it is a valid account name, else AccountError saying the rule."""
@@ -167,8 +171,9 @@ def load_users(path: str | os.PathLike) -> dict[str, User]:
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise AccountError(f"{path}: no such users file (create it with "
-                           f"`preflab user add NAME --role admin --auth {path}`)") from None
+        raise AccountError(
+            f"{path}: no such users file (create it with `preflab user add NAME --role admin --auth {path}`)"
+        ) from None
     except UnicodeDecodeError:
         raise AccountError(f"{path}: not a users file (not UTF-8 text)") from None
     except OSError as e:
@@ -180,8 +185,9 @@ def load_users(path: str | os.PathLike) -> dict[str, User]:
 
     extra = sorted(set(document) - {"users"})
     if extra:
-        raise AccountError(f"{path}: unexpected top-level key {extra[0]!r} "
-                           f"(only [users.NAME] tables belong here)")
+        raise AccountError(
+            f"{path}: unexpected top-level key {extra[0]!r} (only [users.NAME] tables belong here)"
+        )
     table = document.get("users", {})
     if not isinstance(table, dict):
         raise AccountError(f"{path}: 'users' must be a table of [users.NAME] entries")
@@ -209,16 +215,16 @@ def load_users(path: str | os.PathLike) -> dict[str, User]:
         try:
             _parse_hash(password)
         except ValueError as e:
-            raise AccountError(f"{where}: password is not a scrypt hash written by "
-                               f"`preflab user add` ({e})") from None
+            raise AccountError(
+                f"{where}: password is not a scrypt hash written by `preflab user add` ({e})"
+            ) from None
         users[name] = User(name, role, password)
     return users
 
 
 def _toml_string(value: str) -> str:
     """A TOML basic string: quotes, backslashes and control characters escaped."""
-    escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
-               "\f": "\\f", "\r": "\\r"}
+    escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
     out = []
     for ch in value:
         if ch in escapes:
@@ -231,13 +237,19 @@ def _toml_string(value: str) -> str:
 
 
 def _render(users: dict[str, User]) -> str:
-    lines = ["# preflab accounts, written by `preflab user add | remove`.",
-             "# The passwords are scrypt hashes; never put a plain password here.", ""]
+    lines = [
+        "# preflab accounts, written by `preflab user add | remove`.",
+        "# The passwords are scrypt hashes; never put a plain password here.",
+        "",
+    ]
     for user in users.values():
         # Quoted keys: a bare TOML key may not contain ".", which names may.
-        lines += [f"[users.{_toml_string(user.name)}]",
-                  f"role = {_toml_string(user.role)}",
-                  f"password = {_toml_string(user.password_hash)}", ""]
+        lines += [
+            f"[users.{_toml_string(user.name)}]",
+            f"role = {_toml_string(user.role)}",
+            f"password = {_toml_string(user.password_hash)}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -260,7 +272,7 @@ def _write_users(path: Path, users: dict[str, User]) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(directory)   # make the rename itself durable
+    fsync_dir(directory)  # make the rename itself durable
 
 
 def _check_password_text(password: str) -> None:
@@ -270,8 +282,7 @@ def _check_password_text(password: str) -> None:
         raise AccountError(f"password longer than {MAX_PASSWORD_LENGTH} characters refused")
 
 
-def add_user(path: str | os.PathLike, name: str, role: str, password: str,
-             replace: bool = False) -> User:
+def add_user(path: str | os.PathLike, name: str, role: str, password: str, replace: bool = False) -> User:
     """Add an account (creating the file if missing) and return it.
 
     An existing name is refused unless `replace` (to reset a password or change a
@@ -283,8 +294,9 @@ def add_user(path: str | os.PathLike, name: str, role: str, password: str,
     _check_password_text(password)
     users = load_users(path) if path.exists() else {}
     if name in users and not replace:
-        raise AccountError(f"{path}: user {name!r} already exists "
-                           f"(replace it with --replace to change the password or role)")
+        raise AccountError(
+            f"{path}: user {name!r} already exists (replace it with --replace to change the password or role)"
+        )
     user = User(name, role, hash_password(password))
     users[name] = user
     _write_users(path, users)
@@ -322,23 +334,35 @@ def is_admin(users: dict[str, User], name: str) -> bool:
 # Command line: preflab user add | remove | list
 # --------------------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="user_action", metavar="ACTION", required=True)
 
     def action(name: str, doc: str) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=doc, description=doc)
-        sub.add_argument("--auth", default=DEFAULT_PATH, metavar="FILE",
-                         help=f"the users file that `preflab serve --auth` reads (default: {DEFAULT_PATH})")
+        sub.add_argument(
+            "--auth",
+            default=DEFAULT_PATH,
+            metavar="FILE",
+            help=f"the users file that `preflab serve --auth` reads (default: {DEFAULT_PATH})",
+        )
         return sub
 
     add = action("add", "add an account (asks for its password twice)")
     add.add_argument("name", metavar="NAME", help=NAME_RULE)
-    add.add_argument("--role", required=True, choices=ROLES,
-                     help="annotators vote; admins also see the dashboard")
-    add.add_argument("--password-stdin", action="store_true",
-                     help="read the password from the first line of standard input instead of prompting")
-    add.add_argument("--replace", action="store_true",
-                     help="overwrite an existing account (to reset its password or change its role)")
+    add.add_argument(
+        "--role", required=True, choices=ROLES, help="annotators vote; admins also see the dashboard"
+    )
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input instead of prompting",
+    )
+    add.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite an existing account (to reset its password or change its role)",
+    )
 
     remove = action("remove", "remove an account")
     remove.add_argument("name", metavar="NAME")
@@ -368,8 +392,9 @@ def _run_add(args: argparse.Namespace) -> None:
     # Refuse an existing name (or a broken file) before asking for a password.
     existing = load_users(path) if path.exists() else {}
     if args.name in existing and not args.replace:
-        raise AccountError(f"{path}: user {args.name!r} already exists "
-                           f"(use --replace to change the password or role)")
+        raise AccountError(
+            f"{path}: user {args.name!r} already exists (use --replace to change the password or role)"
+        )
     user = add_user(path, args.name, args.role, _read_password(args), replace=args.replace)
     done = "replaced {} {!r} in {}" if args.name in existing else "added {} {!r} to {}"
     print(done.format(user.role, user.name, path))
@@ -381,8 +406,11 @@ def _run_remove(args: argparse.Namespace) -> None:
     print(f"removed {args.name!r} from {path}")
     users = load_users(path)
     if not any(u.is_admin for u in users.values()):
-        print(f"warning: {path} has no admin left; add one with "
-              f"`preflab user add NAME --role admin --auth {path}`", file=sys.stderr)
+        print(
+            f"warning: {path} has no admin left; add one with "
+            f"`preflab user add NAME --role admin --auth {path}`",
+            file=sys.stderr,
+        )
 
 
 def _run_list(args: argparse.Namespace) -> None:

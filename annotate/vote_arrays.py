@@ -11,7 +11,6 @@ over whole columns. Used by annotate/stats.py and annotate/agreement.py.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -20,7 +19,7 @@ import pyarrow.compute as pc
 
 from trainer.store import CHOICES, SIDES
 
-Votes = Union[pa.Table, pd.DataFrame]
+Votes = pa.Table | pd.DataFrame
 
 # Integer codes of the choices, in the order of CHOICES ("a", "b", "tie", "both_bad").
 # The codes of `left` use the same numbers for "a" and "b", so that "the chosen side
@@ -30,8 +29,18 @@ N_CHOICES = len(CHOICES)
 
 # The columns any function here may read; a DataFrame is cut down to these before it
 # is handed to Arrow, so that prompts and responses are never copied.
-_USED_COLUMNS = ("pair_id", "prompt_id", "annotator", "choice", "left", "model_a",
-                 "model_b", "created_at", "decision_ms")
+_USED_COLUMNS = (
+    "pair_id",
+    "prompt_id",
+    "annotator",
+    "choice",
+    "left",
+    "model_a",
+    "model_b",
+    "created_at",
+    "decision_ms",
+)
+
 
 def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den as floats, NaN where den is 0 (a rate over no votes is undefined)."""
@@ -53,10 +62,12 @@ class VoteArrays:
     def __init__(self, votes: Votes):
         if isinstance(votes, pd.DataFrame):
             votes = pa.Table.from_pandas(
-                votes[[c for c in _USED_COLUMNS if c in votes.columns]], preserve_index=False)
+                votes[[c for c in _USED_COLUMNS if c in votes.columns]], preserve_index=False
+            )
         elif not isinstance(votes, pa.Table):
-            raise TypeError(f"votes must be a pyarrow Table or a pandas DataFrame, "
-                            f"not {type(votes).__name__}")
+            raise TypeError(
+                f"votes must be a pyarrow Table or a pandas DataFrame, not {type(votes).__name__}"
+            )
         self.table = votes
         self.n = votes.num_rows
 
@@ -69,8 +80,9 @@ class VoteArrays:
 
     def column(self, name: str) -> pa.Array:
         if not self.has(name):
-            raise ValueError(f"the votes have no column {name!r} "
-                             f"(columns: {', '.join(self.table.column_names)})")
+            raise ValueError(
+                f"the votes have no column {name!r} (columns: {', '.join(self.table.column_names)})"
+            )
         col = self.table.column(name).combine_chunks()
         # pandas 3 strings arrive as large_string, categoricals as dictionaries; one
         # plain type keeps the Arrow kernels below simple.
@@ -135,7 +147,7 @@ class VoteArrays:
         # Both sides share one dictionary, so a model has the same code on either side.
         both = pa.concat_arrays([self.column("model_a"), self.column("model_b")])
         codes, labels = self._encode(both, sort=True)
-        return codes[: self.n], codes[self.n:], labels
+        return codes[: self.n], codes[self.n :], labels
 
     @property
     def model_a(self) -> np.ndarray:

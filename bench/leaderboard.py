@@ -59,8 +59,15 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from annotate.ratings import (CENTER, SCALE, battles_from_votes, bootstrap_thetas,  # noqa: E402
-                              fit_bradley_terry, leaderboard, to_ratings)
+from annotate.ratings import (  # noqa: E402
+    CENTER,
+    SCALE,
+    battles_from_votes,
+    bootstrap_thetas,
+    fit_bradley_terry,
+    leaderboard,
+    to_ratings,
+)
 
 
 def say(*args) -> None:
@@ -71,14 +78,15 @@ def say(*args) -> None:
 # simulated battles
 # --------------------------------------------------------------------------------------
 
+
 def simulate(models: int, battles: int, tie_share: float, seed: int):
     """(names, true theta, model_a index, model_b index, outcome 'a' | 'b' | 'tie')."""
     rng = np.random.default_rng(seed)
     theta = rng.normal(0.0, 1.0, models)
     a = rng.integers(0, models, battles)
-    b = (a + rng.integers(1, models, battles)) % models        # never the same model
+    b = (a + rng.integers(1, models, battles)) % models  # never the same model
     p = 1.0 / (1.0 + np.exp(-(theta[a] - theta[b])))
-    q = tie_share * 2.0 * np.minimum(p, 1.0 - p)               # P(tie), at most tie_share
+    q = tie_share * 2.0 * np.minimum(p, 1.0 - p)  # P(tie), at most tie_share
     u = rng.random(battles)
     # tie with probability q; else a wins with probability (p - q/2) / (1 - q): E[score_a] = p
     outcome = np.where(u < q, "tie", np.where(rng.random(battles) < (p - q / 2) / (1 - q), "a", "b"))
@@ -94,13 +102,14 @@ def centred(ratings: np.ndarray) -> np.ndarray:
 # the peer: FastChat's Bradley-Terry method, reimplemented from its description
 # --------------------------------------------------------------------------------------
 
+
 def fastchat_preprocess(df):
     """Unique (model_a, model_b, outcome) rows and how often each occurs."""
     import pandas as pd
 
     n = len(df)
     codes, models = pd.factorize(pd.concat([df["model_a"], df["model_b"]]))
-    schedule = np.ones((n, 3), dtype=np.int32)                 # outcome 1 = tie (x2)
+    schedule = np.ones((n, 3), dtype=np.int32)  # outcome 1 = tie (x2)
     schedule[:, 0], schedule[:, 1] = codes[:n], codes[n:]
     schedule[(df["winner"] == "model_a").to_numpy(), 2] = 2
     schedule[(df["winner"] == "model_b").to_numpy(), 2] = 0
@@ -121,11 +130,20 @@ def fastchat_loss_and_grad(r, matchups, outcomes, weights, alpha):
     return loss, grad
 
 
-def fastchat_fit(matchups, outcomes, weights, n_models, alpha=math.log(10.0), tol=1e-6):
+LOG10 = math.log(10.0)  # FastChat's scale: ratings in base-10 log-odds (x 400 later)
+
+
+def fastchat_fit(matchups, outcomes, weights, n_models, alpha=LOG10, tol=1e-6):
     from scipy.optimize import minimize
 
-    result = minimize(fastchat_loss_and_grad, np.zeros(n_models), args=(matchups, outcomes, weights, alpha),
-                      jac=True, method="L-BFGS-B", options={"maxiter": 100, "gtol": tol})
+    result = minimize(
+        fastchat_loss_and_grad,
+        np.zeros(n_models),
+        args=(matchups, outcomes, weights, alpha),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 100, "gtol": tol},
+    )
     return result.x
 
 
@@ -137,17 +155,19 @@ def fastchat_bootstrap(matchups, outcomes, weights, n_models, rounds, seed):
     rng = np.random.default_rng(seed)
     n = int(weights.sum())
     draws = rng.multinomial(n, weights / n, size=rounds)
-    return np.stack([fastchat_ratings(fastchat_fit(matchups, outcomes, w.astype(np.float64), n_models))
-                     for w in draws])
+    return np.stack(
+        [fastchat_ratings(fastchat_fit(matchups, outcomes, w.astype(np.float64), n_models)) for w in draws]
+    )
 
 
 # --------------------------------------------------------------------------------------
 # the CLI on a real store
 # --------------------------------------------------------------------------------------
 
+
 def build_store(path: Path, names, a, b, outcome, votes: int) -> float:
-    from trainer.store.directory_writer import DirectoryStore
     from trainer.store import messages_to_json
+    from trainer.store.directory_writer import DirectoryStore
 
     prompts = [messages_to_json([{"role": "user", "content": f"Question {k}?"}]) for k in range(100)]
     t0 = time.perf_counter()
@@ -156,10 +176,21 @@ def build_store(path: Path, names, a, b, outcome, votes: int) -> float:
         for start in range(0, votes, chunk):
             stop = min(votes, start + chunk)
             store.append_many(
-                {"kind": "vote", "pair_id": f"pair-{i}", "prompt_id": f"p-{i % 100}", "prompt": prompts[i % 100],
-                 "response_a": "Answer A.", "response_b": "Answer B.", "model_a": names[a[i]],
-                 "model_b": names[b[i]], "left": "ab"[i % 2], "choice": outcome[i], "annotator": "sim"}
-                for i in range(start, stop))
+                {
+                    "kind": "vote",
+                    "pair_id": f"pair-{i}",
+                    "prompt_id": f"p-{i % 100}",
+                    "prompt": prompts[i % 100],
+                    "response_a": "Answer A.",
+                    "response_b": "Answer B.",
+                    "model_a": names[a[i]],
+                    "model_b": names[b[i]],
+                    "left": "ab"[i % 2],
+                    "choice": outcome[i],
+                    "annotator": "sim",
+                }
+                for i in range(start, stop)
+            )
             say(f"  store: {stop} / {votes} votes written")
     return time.perf_counter() - t0
 
@@ -167,8 +198,23 @@ def build_store(path: Path, names, a, b, outcome, votes: int) -> float:
 def time_cli(store: Path, rounds: int, *extra: str) -> tuple[float, subprocess.CompletedProcess]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "annotate.cli", "leaderboard", "--data", str(store),
-                        "--rounds", str(rounds), *extra], cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "annotate.cli",
+            "leaderboard",
+            "--data",
+            str(store),
+            "--rounds",
+            str(rounds),
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"preflab leaderboard failed ({r.returncode}):\n{r.stderr}")
@@ -177,16 +223,25 @@ def time_cli(store: Path, rounds: int, *extra: str) -> tuple[float, subprocess.C
 
 # --------------------------------------------------------------------------------------
 
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=int, default=50, help="number of simulated models")
     p.add_argument("--battles", type=int, default=1_000_000, help="number of simulated battles")
     p.add_argument("--rounds", type=int, default=100, help="bootstrap rounds (ours and the peer's)")
-    p.add_argument("--tie-share", type=float, default=0.3,
-                   help="tie probability between equal models (less for unequal ones); ~15%% ties overall")
+    p.add_argument(
+        "--tie-share",
+        type=float,
+        default=0.3,
+        help="tie probability between equal models (less for unequal ones); ~15%% ties overall",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation and of the bootstraps")
-    p.add_argument("--cli-votes", type=int, default=1_000_000,
-                   help="votes in the real store the CLI is timed on (0: skip that phase)")
+    p.add_argument(
+        "--cli-votes",
+        type=int,
+        default=1_000_000,
+        help="votes in the real store the CLI is timed on (0: skip that phase)",
+    )
     p.add_argument("--repeat", type=int, default=3, help="timings are the best of this many runs")
     args = p.parse_args()
     import choix
@@ -195,9 +250,14 @@ def main() -> None:
     say(f"simulating {args.battles} battles between {args.models} models")
     names, theta, a, b, outcome = simulate(args.models, args.battles, args.tie_share, args.seed)
     table = pa.table({"model_a": names[a], "model_b": names[b], "choice": outcome})
-    df = pd.DataFrame({"model_a": names[a], "model_b": names[b],
-                       "winner": np.select([outcome == "a", outcome == "b"], ["model_a", "model_b"], "tie")})
-    truth = centred(SCALE * theta)                      # index = model number
+    df = pd.DataFrame(
+        {
+            "model_a": names[a],
+            "model_b": names[b],
+            "winner": np.select([outcome == "a", outcome == "b"], ["model_a", "model_b"], "tie"),
+        }
+    )
+    truth = centred(SCALE * theta)  # index = model number
     by_name = {n: k for k, n in enumerate(names)}
 
     def best(fn):
@@ -236,17 +296,25 @@ def main() -> None:
     peer_ratings[[by_name[m] for m in peer_models]] = centred(peer_r)
     say(f"FastChat-style: bootstrap, {args.rounds} rounds")
     matchups, outcomes, _, weights = fastchat_preprocess(df)
-    peer_bootstrap_s, _ = best(lambda: fastchat_bootstrap(matchups, outcomes, weights, len(peer_models),
-                                                          args.rounds, args.seed))
+    peer_bootstrap_s, _ = best(
+        lambda: fastchat_bootstrap(matchups, outcomes, weights, len(peer_models), args.rounds, args.seed)
+    )
 
     result = {
-        "bench": "leaderboard", "models": args.models, "battles": args.battles, "rounds": args.rounds,
+        "bench": "leaderboard",
+        "models": args.models,
+        "battles": args.battles,
+        "rounds": args.rounds,
         "ties": int((outcome == "tie").sum()),
-        "ours_s": round(ours_s, 4), "peer_s": round(peer_s, 4), "ratio": round(peer_s / ours_s, 2),
+        "ours_s": round(ours_s, 4),
+        "peer_s": round(peer_s, 4),
+        "ratio": round(peer_s / ours_s, 2),
         "max_abs_rating_diff": float(f"{np.abs(ours - peer_ratings).max():.3g}"),
-        "choix_s": round(choix_s, 4), "ours_fit_s": round(ours_fit_s, 5),
+        "choix_s": round(choix_s, 4),
+        "ours_fit_s": round(ours_fit_s, 5),
         "choix_max_abs_rating_diff": float(f"{np.abs(ours - choix_ratings).max():.3g}"),
-        "bootstrap_s": round(bootstrap_s, 4), "peer_bootstrap_s": round(peer_bootstrap_s, 3),
+        "bootstrap_s": round(bootstrap_s, 4),
+        "peer_bootstrap_s": round(peer_bootstrap_s, 3),
         "bootstrap_ratio": round(peer_bootstrap_s / bootstrap_s, 1),
         "ours_max_abs_err_vs_true": round(float(np.abs(ours - truth).max()), 2),
         "peer_max_abs_err_vs_true": round(float(np.abs(peer_ratings - truth).max()), 2),
@@ -265,8 +333,9 @@ def main() -> None:
             say("\n".join(r.stdout.splitlines()[:8]) + "\n  ...\n" + r.stderr.strip())
             # once more with --json, for the breakdown (read, aggregate, fit, bootstrap)
             _, r = time_cli(folder / "store", args.rounds, "--json")
-            result.update({"cli_votes": n, "cli_s": round(cli_s, 2),
-                           "cli_phases_s": json.loads(r.stdout)["timings_s"]})
+            result.update(
+                {"cli_votes": n, "cli_s": round(cli_s, 2), "cli_phases_s": json.loads(r.stdout)["timings_s"]}
+            )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

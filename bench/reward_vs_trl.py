@@ -55,12 +55,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Larger random-initialised Llama shapes for GPU runs (`--config NAME`, or a JSON object).
 PRESETS = {
-    "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                 num_attention_heads=15, num_key_value_heads=5),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8),
-    "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                 num_attention_heads=32, num_key_value_heads=32),
+    "360m": dict(
+        hidden_size=960,
+        intermediate_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    "1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
 }
 
 
@@ -68,9 +83,11 @@ PRESETS = {
 # Data
 # --------------------------------------------------------------------------------------
 
+
 def shipped_prompts() -> list[list[dict[str, str]]]:
     """The shipped prompt pool as chat messages (some have a system turn or several turns)."""
     from trainer.prompts import load_prompt_pool
+
     return [p.messages for p in load_prompt_pool(ROOT / "data" / "prompts.jsonl")]
 
 
@@ -99,14 +116,20 @@ def make_pairs(n: int, seed: int) -> list[dict]:
             words += len(s)
         return " ".join(out)
 
-    return [{"prompt": prompts[i % len(prompts)],
-             "chosen": [{"role": "assistant", "content": answer(0.0)}],
-             "rejected": [{"role": "assistant", "content": answer(0.5)}]} for i in range(n)]
+    return [
+        {
+            "prompt": prompts[i % len(prompts)],
+            "chosen": [{"role": "assistant", "content": answer(0.0)}],
+            "rejected": [{"role": "assistant", "content": answer(0.5)}],
+        }
+        for i in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------
+
 
 class PeakMemory:
     """Peak CUDA memory allocated, or peak resident memory sampled every 20 ms on a CPU."""
@@ -116,6 +139,7 @@ class PeakMemory:
 
     def __enter__(self):
         import torch
+
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -133,6 +157,7 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         import torch
+
         if self.cuda:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
@@ -149,23 +174,43 @@ class PeakMemory:
 # The two trainers
 # --------------------------------------------------------------------------------------
 
+
 def run_ours(args, data_path: Path, model: str, work: Path, cuda: bool) -> dict:
     from trainer.reward import train
+
     run_dir = work / "ours"
     with PeakMemory(cuda) as mem:
-        code = train({"data": str(data_path), "model": model, "run_dir": str(run_dir), "epochs": args.epochs,
-                      "lr": args.lr, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-                      "max_length": args.max_length, "val_fraction": args.val_fraction, "seed": args.seed,
-                      "warmup": args.warmup, "max_grad_norm": 1.0, "eval_batch_size": args.batch_size * 2,
-                      "progress": not args.quiet})
+        code = train(
+            {
+                "data": str(data_path),
+                "model": model,
+                "run_dir": str(run_dir),
+                "epochs": args.epochs,
+                "lr": args.lr,
+                "batch_size": args.batch_size,
+                "grad_accum": args.grad_accum,
+                "max_length": args.max_length,
+                "val_fraction": args.val_fraction,
+                "seed": args.seed,
+                "warmup": args.warmup,
+                "max_grad_norm": 1.0,
+                "eval_batch_size": args.batch_size * 2,
+                "progress": not args.quiet,
+            }
+        )
     if code != 0:
         raise SystemExit(f"our trainer failed with exit code {code}; see {run_dir}/status.json")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = records[-1]
-    return {"pairs_per_s": summary["train_pairs_per_s"], "train_s": summary["train_seconds"],
-            "cpu_s": summary["train_cpu_seconds"],
-            "val_acc": summary["val_acc"], "peak_mb": mem.mb, "run_dir": run_dir,
-            "padding": float(np.mean([r["padding"] for r in records if r["kind"] == "train"]))}
+    return {
+        "pairs_per_s": summary["train_pairs_per_s"],
+        "train_s": summary["train_seconds"],
+        "cpu_s": summary["train_cpu_seconds"],
+        "val_acc": summary["val_acc"],
+        "peak_mb": mem.mb,
+        "run_dir": run_dir,
+        "padding": float(np.mean([r["padding"] for r in records if r["kind"] == "train"])),
+    }
 
 
 def run_trl(args, run_dir: Path, model_source: str, work: Path, cuda: bool) -> dict:
@@ -182,19 +227,40 @@ def run_trl(args, run_dir: Path, model_source: str, work: Path, cuda: bool) -> d
     config = json.loads((run_dir / "config.json").read_text())
     pairs, train_idx, val_idx = load_snapshot(run_dir / "data.parquet")
     enc = encode_pairs(pairs, tokenizer, config["max_length"])
-    train_ds = Dataset.from_dict({"chosen_ids": [enc.chosen[i] for i in train_idx],
-                                  "rejected_ids": [enc.rejected[i] for i in train_idx]})
+    train_ds = Dataset.from_dict(
+        {
+            "chosen_ids": [enc.chosen[i] for i in train_idx],
+            "rejected_ids": [enc.rejected[i] for i in train_idx],
+        }
+    )
     torch.manual_seed(args.seed)
     hf_logging.set_verbosity_error()
-    model = AutoModelForSequenceClassification.from_pretrained(model_source, num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_source, num_labels=1, dtype=torch.float32
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     trl_args = RewardConfig(
-        output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, num_train_epochs=args.epochs,
-        lr_scheduler_type="linear", warmup_steps=args.warmup, weight_decay=0.0, max_grad_norm=1.0,
-        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda, max_length=None, seed=args.seed,
-        save_strategy="no", eval_strategy="no", report_to="none", logging_steps=10,
-        disable_tqdm=args.quiet, dataloader_num_workers=0)
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        gradient_checkpointing=False,
+        bf16=cuda,
+        use_cpu=not cuda,
+        max_length=None,
+        seed=args.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        disable_tqdm=args.quiet,
+        dataloader_num_workers=0,
+    )
     trainer = RewardTrainer(model=model, args=trl_args, train_dataset=train_ds, processing_class=tokenizer)
     with PeakMemory(cuda) as mem:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -207,26 +273,35 @@ def run_trl(args, run_dir: Path, model_source: str, work: Path, cuda: bool) -> d
     model = trainer.model.eval()
     device = next(model.parameters()).device
     correct = 0
-    with torch.inference_mode(), (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)):
+    with (
+        torch.inference_mode(),
+        torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False),
+    ):
         for s in range(0, len(val_idx), args.batch_size):
-            b = val_idx[s:s + args.batch_size]
-            batch = tokenizer.pad({"input_ids": [enc.chosen[i] for i in b] + [enc.rejected[i] for i in b]},
-                                  return_tensors="pt")
+            b = val_idx[s : s + args.batch_size]
+            batch = tokenizer.pad(
+                {"input_ids": [enc.chosen[i] for i in b] + [enc.rejected[i] for i in b]}, return_tensors="pt"
+            )
             r = model(**{k: v.to(device) for k, v in batch.items()}).logits.squeeze(-1).float()
             rc, rr = r.chunk(2)
             correct += int((rc > rr).sum())
-    return {"pairs_per_s": round(len(train_idx) * args.epochs / seconds, 3), "train_s": round(seconds, 3),
-            "cpu_s": round(cpu_seconds, 3),
-            "val_acc": correct / len(val_idx), "peak_mb": mem.mb}
+    return {
+        "pairs_per_s": round(len(train_idx) * args.epochs / seconds, 3),
+        "train_s": round(seconds, 3),
+        "cpu_s": round(cpu_seconds, 3),
+        "val_acc": correct / len(val_idx),
+        "peak_mb": mem.mb,
+    }
 
 
 def prepare_split(args, data_path: Path, model: str, work: Path) -> Path:
     """Write what run_trl reads (the split snapshot, config, tokenizer) without training:
     the same split and tokenizer set-up our trainer makes."""
     from trainer.models import load_tokenizer
+    from trainer.reward_data import read_pairs, save_snapshot, split_by_prompt
     from trainer.reward_model import choose_pad_token
     from trainer.runs import write_json
-    from trainer.reward_data import read_pairs, save_snapshot, split_by_prompt
+
     run_dir = work / "split"
     (run_dir / "checkpoint").mkdir(parents=True)
     pairs = read_pairs(data_path)
@@ -241,6 +316,7 @@ def prepare_split(args, data_path: Path, model: str, work: Path) -> Path:
 
 def free(cuda: bool) -> None:
     import torch
+
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -250,7 +326,9 @@ def random_model(spec: str, work: Path) -> str:
     """A random-initialised Llama of a preset (or JSON) shape with the SmolLM2 tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
     from trainer.models import check_model, load_tokenizer
+
     shape = PRESETS.get(spec) or json.loads(spec)
     base = check_model("smollm2")
     config = AutoConfig.from_pretrained(base)
@@ -262,8 +340,10 @@ def random_model(spec: str, work: Path) -> str:
     out = work / f"random-{spec if spec in PRESETS else 'custom'}"
     model.save_pretrained(out)
     load_tokenizer("smollm2").save_pretrained(out)
-    print(f"random-initialised model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters",
-          file=sys.stderr)
+    print(
+        f"random-initialised model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters",
+        file=sys.stderr,
+    )
     del model
     return str(out)
 
@@ -271,7 +351,9 @@ def random_model(spec: str, work: Path) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="backbone for both (trainer.models name or dir)")
-    p.add_argument("--config", default=None, help=f"random-initialised Llama instead: {', '.join(PRESETS)} or JSON")
+    p.add_argument(
+        "--config", default=None, help=f"random-initialised Llama instead: {', '.join(PRESETS)} or JSON"
+    )
     p.add_argument("--pairs", type=int, default=1024)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
@@ -282,19 +364,28 @@ def main(argv=None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--order", choices=("ours-first", "trl-first"), default="ours-first",
-                   help="which trainer runs first (TRL needs our run's tokenization, made either way)")
+    p.add_argument(
+        "--order",
+        choices=("ours-first", "trl-first"),
+        default="ours-first",
+        help="which trainer runs first (TRL needs our run's tokenization, made either way)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
     import torch
     import trl
+
     from trainer.models import check_model
+
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, " \
-                                                       f"{torch.get_num_threads()} threads)"
+    device = (
+        torch.cuda.get_device_name()
+        if cuda
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as tmp:
         work = Path(tmp)
         model = random_model(args.config, work) if args.config else args.model
@@ -315,21 +406,33 @@ def main(argv=None) -> int:
 
     ratio = ours["pairs_per_s"] / theirs["pairs_per_s"]
     result = {
-        "bench": "reward_vs_trl", "model": args.config or args.model, "pairs": args.pairs,
-        "max_length": args.max_length, "effective_batch": args.batch_size * args.grad_accum,
-        "epochs": args.epochs, "lr": args.lr,
-        "ours_pairs_per_s": ours["pairs_per_s"], "trl_pairs_per_s": theirs["pairs_per_s"],
-        "ratio": round(ratio, 3), "peer_pairs_per_s": theirs["pairs_per_s"],
-        "ours_train_s": ours["train_s"], "trl_train_s": theirs["train_s"],
+        "bench": "reward_vs_trl",
+        "model": args.config or args.model,
+        "pairs": args.pairs,
+        "max_length": args.max_length,
+        "effective_batch": args.batch_size * args.grad_accum,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "ours_pairs_per_s": ours["pairs_per_s"],
+        "trl_pairs_per_s": theirs["pairs_per_s"],
+        "ratio": round(ratio, 3),
+        "peer_pairs_per_s": theirs["pairs_per_s"],
+        "ours_train_s": ours["train_s"],
+        "trl_train_s": theirs["train_s"],
         # Process CPU seconds of the same phases: on a shared CPU box, less sensitive to
         # other jobs than wall time (on a GPU, wall time is what counts).
-        "ours_cpu_s": ours["cpu_s"], "trl_cpu_s": theirs["cpu_s"],
+        "ours_cpu_s": ours["cpu_s"],
+        "trl_cpu_s": theirs["cpu_s"],
         "ratio_cpu_time": round(theirs["cpu_s"] / ours["cpu_s"], 3),  # same pairs: CPU s per pair
-        "ours_val_acc": round(ours["val_acc"], 4), "trl_val_acc": round(theirs["val_acc"], 4),
-        "ours_peak_mem_mb": ours["peak_mb"], "trl_peak_mem_mb": theirs["peak_mb"],
+        "ours_val_acc": round(ours["val_acc"], 4),
+        "trl_val_acc": round(theirs["val_acc"], 4),
+        "ours_peak_mem_mb": ours["peak_mb"],
+        "trl_peak_mem_mb": theirs["peak_mb"],
         "memory": "cuda max allocated" if cuda else "peak process RSS during the phase",
         "ours_padding": round(ours["padding"], 4),
-        "trl_version": trl.__version__, "torch_version": torch.__version__, "device": device,
+        "trl_version": trl.__version__,
+        "torch_version": torch.__version__,
+        "device": device,
     }
     print(json.dumps(result))
     return 0

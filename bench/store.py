@@ -35,21 +35,30 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import store_postgres  # noqa: E402  (bench/store_postgres.py, beside this file)
+
 from annotate.export import export_preferences  # noqa: E402
 from annotate.table_files import SLICE_ROWS, write_table  # noqa: E402
-from trainer.store.directory_writer import DirectoryStore  # noqa: E402
-from trainer.store.compaction import compact  # noqa: E402
 from trainer.store import SCHEMA, messages_to_json, read_comparisons, read_events  # noqa: E402
-import store_postgres  # noqa: E402  (bench/store_postgres.py, beside this file)
+from trainer.store.compaction import compact  # noqa: E402
+from trainer.store.directory_writer import DirectoryStore  # noqa: E402
 
 
 def vote_record(i: int, annotator: str) -> dict:
     return dict(
-        kind="vote", pair_id=f"pair-{i % 5000}", prompt_id=f"p-{i % 700}",
+        kind="vote",
+        pair_id=f"pair-{i % 5000}",
+        prompt_id=f"p-{i % 700}",
         prompt=messages_to_json([{"role": "user", "content": f"Question {i % 700}: explain it."}]),
-        response_a="An answer of moderate length. " * 12, response_b="Another answer. " * 20,
-        model_a="model-x", model_b="model-y", left="ab"[i % 2], choice="ab"[(i // 3) % 2],
-        strength=1 + i % 2, annotator=annotator, decision_ms=2000 + i % 5000,
+        response_a="An answer of moderate length. " * 12,
+        response_b="Another answer. " * 20,
+        model_a="model-x",
+        model_b="model-y",
+        left="ab"[i % 2],
+        choice="ab"[(i // 3) % 2],
+        strength=1 + i % 2,
+        annotator=annotator,
+        decision_ms=2000 + i % 5000,
     )
 
 
@@ -76,11 +85,15 @@ def writer(store_dir: str, n: int, name: str, queue, start, pace_per_s: float = 
     queue.put((latencies, ids))
 
 
-def run_writers(store_dir: str, procs: int, n: int, pace_per_s: float = 0.0) -> tuple[np.ndarray, list[str], float]:
+def run_writers(
+    store_dir: str, procs: int, n: int, pace_per_s: float = 0.0
+) -> tuple[np.ndarray, list[str], float]:
     ctx = mp.get_context("spawn")  # fresh interpreters, like separate servers
     queue, start = ctx.Queue(), ctx.Barrier(procs + 1)
-    workers = [ctx.Process(target=writer, args=(store_dir, n, f"w{k}", queue, start, pace_per_s))
-               for k in range(procs)]
+    workers = [
+        ctx.Process(target=writer, args=(store_dir, n, f"w{k}", queue, start, pace_per_s))
+        for k in range(procs)
+    ]
     for w in workers:
         w.start()
     start.wait()
@@ -99,16 +112,18 @@ def synthetic_votes(n: int, seed: int = 0) -> pa.Table:
     log-normal length with a median of 500 characters (a 256-token answer is ~1000),
     prompts a median of 150."""
     rng = np.random.default_rng(seed)
-    words = np.array("the a model answer because therefore python list value should could "
-                     "first second result error function data people time year way "
-                     "example great simple careful question explain why how what".split())
+    words = np.array(
+        "the a model answer because therefore python list value should could "
+        "first second result error function data people time year way "
+        "example great simple careful question explain why how what".split()
+    )
     corpus = " ".join(rng.choice(words, 400_000))
     n_pairs, n_prompts = max(1, n // 3), max(1, n // 30)
 
     def texts(count, median, high):
         lengths = np.clip(rng.lognormal(np.log(median), 0.7, count), 1, high).astype(int)
         starts = rng.integers(0, len(corpus) - high, count)
-        return [corpus[s:s + l] for s, l in zip(starts, lengths)]
+        return [corpus[s : s + n] for s, n in zip(starts, lengths)]
 
     prompts = [messages_to_json([{"role": "user", "content": t}]) for t in texts(n_prompts, 150, 4000)]
     resp_a, resp_b = texts(n_pairs, 500, 6000), texts(n_pairs, 500, 6000)
@@ -135,7 +150,9 @@ def synthetic_votes(n: int, seed: int = 0) -> pa.Table:
         "strength": pa.array(strength.astype(np.int8), mask=strength == 0),
         "rationale": pa.nulls(n, pa.string()),
         "annotator": pa.array(np.char.add("annotator-", rng.integers(0, 40, n).astype(str))),
-        "created_at": pa.array(now - np.arange(n)[::-1] * 1000, pa.int64()).cast(SCHEMA.field("created_at").type),
+        "created_at": pa.array(now - np.arange(n)[::-1] * 1000, pa.int64()).cast(
+            SCHEMA.field("created_at").type
+        ),
         "decision_ms": pa.array(rng.integers(800, 60_000, n).astype(np.int32)),
         "gen_params": pa.nulls(n, pa.string()),
     }
@@ -156,12 +173,21 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000, help="size of the read/export store")
     ap.add_argument("--appends", type=int, default=2000, help="appends per writer process")
     ap.add_argument("--part-rows", type=int, default=10_000, help="events per part file before compaction")
-    ap.add_argument("--pace", type=float, default=100.0, metavar="VOTES_PER_S",
-                    help="votes per second per writer in the paced 8-writer phase (100 x 8 writers = 800 "
-                         "votes/s, the pace of ~3,000 annotators voting every 4 s)")
-    ap.add_argument("--backend", choices=["directory", "postgres", "all"], default="directory",
-                    help="which store to measure: the directory store, PostgreSQL (bench/store_postgres.py: "
-                         "acknowledged votes, 4 servers x 8 clients, through claim + vote), or both")
+    ap.add_argument(
+        "--pace",
+        type=float,
+        default=100.0,
+        metavar="VOTES_PER_S",
+        help="votes per second per writer in the paced 8-writer phase (100 x 8 writers = 800 "
+        "votes/s, the pace of ~3,000 annotators voting every 4 s)",
+    )
+    ap.add_argument(
+        "--backend",
+        choices=["directory", "postgres", "all"],
+        default="directory",
+        help="which store to measure: the directory store, PostgreSQL (bench/store_postgres.py: "
+        "acknowledged votes, 4 servers x 8 clients, through claim + vote), or both",
+    )
     store_postgres.add_arguments(ap)
     args = ap.parse_args()
     result: dict = {"bench": "store", "machine": f"{platform.machine()} {os.cpu_count()} cores"}
@@ -189,9 +215,12 @@ def main() -> None:
             append_p99_ms_8procs_paced=round(float(np.percentile(lat8p, 99)), 3),
             append_events_per_s_8procs_paced=round(len(ids8p) / wall8p, 1),
         )
-        print(f"appends: 1 proc p50 {result['append_p50_ms']} ms p99 {result['append_p99_ms']} ms; "
-              f"8 procs p50 {result['append_p50_ms_8procs']} ms p99 {result['append_p99_ms_8procs']} ms; "
-              f"8 procs at {args.pace:g}/s each p99 {result['append_p99_ms_8procs_paced']} ms", file=sys.stderr)
+        print(
+            f"appends: 1 proc p50 {result['append_p50_ms']} ms p99 {result['append_p99_ms']} ms; "
+            f"8 procs p50 {result['append_p50_ms_8procs']} ms p99 {result['append_p99_ms_8procs']} ms; "
+            f"8 procs at {args.pace:g}/s each p99 {result['append_p99_ms_8procs_paced']} ms",
+            file=sys.stderr,
+        )
 
         # a store of `--events` votes
         table = synthetic_votes(args.events)
@@ -200,8 +229,11 @@ def main() -> None:
             for start in range(0, len(table), args.part_rows):
                 # the bulk path writes exactly what an import would
                 from trainer.store.directory_writer import write_part
-                write_part(table.slice(start, args.part_rows),
-                           big / "parts" / f"{store.writer_id}.bench-{start:09d}.parquet")
+
+                write_part(
+                    table.slice(start, args.part_rows),
+                    big / "parts" / f"{store.writer_id}.bench-{start:09d}.parquet",
+                )
         n_parts = len(list((big / "parts").glob("*.parquet")))
         read_s, votes = best_of(3, lambda: read_comparisons(big))
         assert len(votes) == args.events, (len(votes), args.events)
@@ -211,20 +243,24 @@ def main() -> None:
         read_compacted_s, votes = best_of(3, lambda: read_comparisons(big))
         out = work / "export.parquet"
 
-        def export():   # what `preflab export` does: gather a slice while the last is written
-            pairs, _ties, report = export_preferences(read_comparisons(big), format="standard",
-                                                      slice_rows=SLICE_ROWS)
+        def export():  # what `preflab export` does: gather a slice while the last is written
+            pairs, _ties, report = export_preferences(
+                read_comparisons(big), format="standard", slice_rows=SLICE_ROWS
+            )
             write_table(pairs, out)
             return report.rows
 
         export_s, exported = best_of(2, export)
         result.update(
-            events=args.events, part_files=n_parts,
+            events=args.events,
+            part_files=n_parts,
             data_mb=round(table.nbytes / 2**20, 1),
             store_mb=round(sum(p.stat().st_size for p in (big / "parts").glob("*")) / 2**20, 1),
-            read_1m_s=round(read_s, 3), compact_s=round(compact_s, 3),
+            read_1m_s=round(read_s, 3),
+            compact_s=round(compact_s, 3),
             read_1m_compacted_s=round(read_compacted_s, 3),
-            export_1m_s=round(export_s, 3), exported_rows=exported,
+            export_1m_s=round(export_s, 3),
+            exported_rows=exported,
             lost=lost,
         )
     finally:

@@ -47,29 +47,52 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pg-servers", type=int, default=4, help="server processes sharing the database")
     ap.add_argument("--pg-clients", type=int, default=8, help="annotator threads per server process")
     ap.add_argument("--pg-seconds", type=float, default=8.0, help="length of each PostgreSQL phase")
-    ap.add_argument("--pg-warmup", type=float, default=1.0,
-                    help="seconds at the start of each phase left out of the numbers (connections warming up)")
-    ap.add_argument("--pg-pace", type=float, default=10.0, metavar="VOTES_PER_S",
-                    help="votes per second per client in the paced phase (10 x 32 clients = 320 votes/s)")
-    ap.add_argument("--pg-read-events", type=int, default=100_000,
-                    help="realistic votes loaded into PostgreSQL and read back (1000000 for the full figure)")
+    ap.add_argument(
+        "--pg-warmup",
+        type=float,
+        default=1.0,
+        help="seconds at the start of each phase left out of the numbers (connections warming up)",
+    )
+    ap.add_argument(
+        "--pg-pace",
+        type=float,
+        default=10.0,
+        metavar="VOTES_PER_S",
+        help="votes per second per client in the paced phase (10 x 32 clients = 320 votes/s)",
+    )
+    ap.add_argument(
+        "--pg-read-events",
+        type=int,
+        default=100_000,
+        help="realistic votes loaded into PostgreSQL and read back (1000000 for the full figure)",
+    )
 
 
 def _vote(i: int, annotator: str, pair_id: str) -> dict:
     """A vote like bench/store.py's: a short prompt, answers of a few hundred characters."""
     from trainer.store.record import messages_to_json
+
     return dict(
-        kind="vote", pair_id=pair_id, prompt_id=f"p-{i % 700}",
+        kind="vote",
+        pair_id=pair_id,
+        prompt_id=f"p-{i % 700}",
         prompt=messages_to_json([{"role": "user", "content": f"Question {i % 700}: explain it."}]),
-        response_a="An answer of moderate length. " * 12, response_b="Another answer. " * 20,
-        model_a="model-x", model_b="model-y", left="ab"[i % 2], choice="ab"[(i // 3) % 2],
-        strength=1 + i % 2, annotator=annotator, decision_ms=2000 + i % 5000)
+        response_a="An answer of moderate length. " * 12,
+        response_b="Another answer. " * 20,
+        model_a="model-x",
+        model_b="model-y",
+        left="ab"[i % 2],
+        choice="ab"[(i // 3) % 2],
+        strength=1 + i % 2,
+        annotator=annotator,
+        decision_ms=2000 + i % 5000,
+    )
 
 
 def _client(store, name: str, next_pair, seconds: float, pace: float, out: list) -> None:
     from trainer.store.errors import VoteConflict
 
-    votes, claims, ids, conflicts = [], [], [], 0   # votes, claims: (seconds into the phase, latency)
+    votes, claims, ids, conflicts = [], [], [], 0  # votes, claims: (seconds into the phase, latency)
     t_begin = t_start = time.perf_counter()
     deadline = t_start + seconds
     if pace:
@@ -84,7 +107,7 @@ def _client(store, name: str, next_pair, seconds: float, pace: float, out: list)
         if pace:
             due = t_start + len(ids) / pace
             time.sleep(max(0.0, due - time.perf_counter()))
-            t0 = max(due, t0)   # late because the claim was slow: that counts too
+            t0 = max(due, t0)  # late because the claim was slow: that counts too
         else:
             t0 = time.perf_counter()
         try:
@@ -104,13 +127,15 @@ def _server(url: str, index: int, clients: int, seconds: float, pace: float, que
     out: list = []
     pairs, pairs_lock = itertools.count(), threading.Lock()
 
-    def next_pair() -> int:   # this server's queue: each pair to one of its clients
+    def next_pair() -> int:  # this server's queue: each pair to one of its clients
         with pairs_lock:
             return next(pairs)
 
-    threads = [threading.Thread(target=_client, args=(store, f"s{index}-c{k}", next_pair, seconds, pace, out))
-               for k in range(clients)]
-    start.wait()   # every server has booted and connected: measure votes, not start-up
+    threads = [
+        threading.Thread(target=_client, args=(store, f"s{index}-c{k}", next_pair, seconds, pace, out))
+        for k in range(clients)
+    ]
+    start.wait()  # every server has booted and connected: measure votes, not start-up
     for t in threads:
         t.start()
     for t in threads:
@@ -120,10 +145,12 @@ def _server(url: str, index: int, clients: int, seconds: float, pace: float, que
 
 
 def _phase(url: str, args, pace: float) -> dict:
-    ctx = mp.get_context("spawn")   # fresh interpreters, like separate servers
+    ctx = mp.get_context("spawn")  # fresh interpreters, like separate servers
     queue, start = ctx.Queue(), ctx.Barrier(args.pg_servers + 1)
-    procs = [ctx.Process(target=_server, args=(url, i, args.pg_clients, args.pg_seconds, pace, queue, start))
-             for i in range(args.pg_servers)]
+    procs = [
+        ctx.Process(target=_server, args=(url, i, args.pg_clients, args.pg_seconds, pace, queue, start))
+        for i in range(args.pg_servers)
+    ]
     for p in procs:
         p.start()
     start.wait()
@@ -132,15 +159,21 @@ def _phase(url: str, args, pace: float) -> dict:
     wall = time.perf_counter() - t0
     for p in procs:
         p.join()
-    def measured(samples) -> np.ndarray:   # latencies in ms, after the warm-up
+
+    def measured(samples) -> np.ndarray:  # latencies in ms, after the warm-up
         a = np.array(samples, dtype=float).reshape(-1, 2)
         return a[a[:, 0] >= args.pg_warmup, 1] * 1000
 
     votes = np.concatenate([measured(r[0]) for r in results])
     claims = np.concatenate([measured(r[1]) for r in results])
-    return {"votes": votes, "claims": claims, "ids": [i for r in results for i in r[2]],
-            "conflicts": sum(r[3] for r in results), "wall": wall,
-            "votes_per_s": round(len(votes) / max(1e-9, args.pg_seconds - args.pg_warmup), 1)}
+    return {
+        "votes": votes,
+        "claims": claims,
+        "ids": [i for r in results for i in r[2]],
+        "conflicts": sum(r[3] for r in results),
+        "wall": wall,
+        "votes_per_s": round(len(votes) / max(1e-9, args.pg_seconds - args.pg_warmup), 1),
+    }
 
 
 def _ms(values: np.ndarray, q: float) -> float:
@@ -157,7 +190,7 @@ def run(args, synthetic_votes) -> dict:
     with ThrowawayPostgres() as server:
         flat_url, paced_url, read_url = (server.create_database(n) for n in ("flat", "paced", "read"))
         for url in (flat_url, paced_url):
-            PostgresStore(url).close()   # the schema, before the servers race for it
+            PostgresStore(url).close()  # the schema, before the servers race for it
         flat = _phase(flat_url, args, 0.0)
         paced = _phase(paced_url, args, args.pg_pace)
         lost = violations = 0
@@ -169,20 +202,28 @@ def run(args, synthetic_votes) -> dict:
             violations += sum(1 for n in Counter(pairs).values() if n > 2)
             violations += sum(1 for n in pairs_people.values() if n > 1)
         result.update(
-            pg_servers=args.pg_servers, pg_clients_per_server=args.pg_clients,
-            pg_vote_p50_ms=_ms(flat["votes"], 50), pg_vote_p99_ms=_ms(flat["votes"], 99),
+            pg_servers=args.pg_servers,
+            pg_clients_per_server=args.pg_clients,
+            pg_vote_p50_ms=_ms(flat["votes"], 50),
+            pg_vote_p99_ms=_ms(flat["votes"], 99),
             pg_votes_per_s=flat["votes_per_s"],
-            pg_claim_p50_ms=_ms(flat["claims"], 50), pg_claim_p99_ms=_ms(flat["claims"], 99),
-            pg_vote_p50_ms_paced=_ms(paced["votes"], 50), pg_vote_p99_ms_paced=_ms(paced["votes"], 99),
+            pg_claim_p50_ms=_ms(flat["claims"], 50),
+            pg_claim_p99_ms=_ms(flat["claims"], 99),
+            pg_vote_p50_ms_paced=_ms(paced["votes"], 50),
+            pg_vote_p99_ms_paced=_ms(paced["votes"], 99),
             pg_votes_per_s_paced=paced["votes_per_s"],
             pg_pace_per_client=args.pg_pace,
             pg_conflicts=flat["conflicts"] + paced["conflicts"],
-            pg_overlap_violations=violations, pg_lost=lost,
+            pg_overlap_violations=violations,
+            pg_lost=lost,
         )
-        print(f"postgres, {args.pg_servers} servers x {args.pg_clients} clients: flat out "
-              f"{result['pg_votes_per_s']} votes/s, vote p50 {result['pg_vote_p50_ms']} ms "
-              f"p99 {result['pg_vote_p99_ms']} ms; paced at {args.pg_pace:g}/s each: p99 "
-              f"{result['pg_vote_p99_ms_paced']} ms; lost {lost}", file=sys.stderr)
+        print(
+            f"postgres, {args.pg_servers} servers x {args.pg_clients} clients: flat out "
+            f"{result['pg_votes_per_s']} votes/s, vote p50 {result['pg_vote_p50_ms']} ms "
+            f"p99 {result['pg_vote_p99_ms']} ms; paced at {args.pg_pace:g}/s each: p99 "
+            f"{result['pg_vote_p99_ms_paced']} ms; lost {lost}",
+            file=sys.stderr,
+        )
 
         if args.pg_read_events:
             table = synthetic_votes(args.pg_read_events)
@@ -201,8 +242,11 @@ def run(args, synthetic_votes) -> dict:
             assert votes.num_rows == args.pg_read_events
             t0 = time.perf_counter()
             read_comparisons(read_url, ["model_a", "model_b", "choice"])
-            result.update(pg_read_events=args.pg_read_events, pg_load_s=round(load_s, 3),
-                          pg_read_s=round(min(times), 3),
-                          pg_read_3_columns_s=round(time.perf_counter() - t0, 3),
-                          pg_events_total=read_events(read_url).num_rows)
+            result.update(
+                pg_read_events=args.pg_read_events,
+                pg_load_s=round(load_s, 3),
+                pg_read_s=round(min(times), 3),
+                pg_read_3_columns_s=round(time.perf_counter() - t0, 3),
+                pg_events_total=read_events(read_url).num_rows,
+            )
     return result

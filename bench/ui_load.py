@@ -44,9 +44,11 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-PARAGRAPH = ("The quick answer is that it depends on what you measure. **First**, check the "
-             "units: a kilogram of bricks weighs what a kilogram of cotton weighs. Second, "
-             "consider the `edge cases` and say what you assume. ")
+PARAGRAPH = (
+    "The quick answer is that it depends on what you measure. **First**, check the "
+    "units: a kilogram of bricks weighs what a kilogram of cotton weighs. Second, "
+    "consider the `edge cases` and say what you assume. "
+)
 
 
 def write_pairs(path: Path, n: int) -> None:
@@ -54,10 +56,21 @@ def write_pairs(path: Path, n: int) -> None:
     rng = random.Random(0)
     with open(path, "w") as f:
         for i in range(n):
-            answers = [PARAGRAPH * rng.randint(2, 8) + f"\n\n- point {i}\n- point {i + 1}\n" for _ in range(2)]
-            f.write(json.dumps({"prompt": f"Question {i}: explain the difference, briefly.",
-                                "response_a": answers[0], "response_b": answers[1] + " (b)",
-                                "model_a": "model-x", "model_b": "model-y"}) + "\n")
+            answers = [
+                PARAGRAPH * rng.randint(2, 8) + f"\n\n- point {i}\n- point {i + 1}\n" for _ in range(2)
+            ]
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Question {i}: explain the difference, briefly.",
+                        "response_a": answers[0],
+                        "response_b": answers[1] + " (b)",
+                        "model_a": "model-x",
+                        "model_b": "model-y",
+                    }
+                )
+                + "\n"
+            )
 
 
 def free_port() -> int:
@@ -69,8 +82,9 @@ def free_port() -> int:
 def start_server(args: list[str], url: str, log_path: Path) -> tuple[subprocess.Popen, float]:
     t0 = time.perf_counter()
     log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "annotate.cli", "serve", *args], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "annotate.cli", "serve", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+    )
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited:\n{log_path.read_text()[-3000:]}")
@@ -84,8 +98,16 @@ def start_server(args: list[str], url: str, log_path: Path) -> tuple[subprocess.
 class Annotator(threading.Thread):
     """One simulated annotator, for one phase (one server life)."""
 
-    def __init__(self, name: str, url: str, think_ms: float, stop: threading.Event, seed: int,
-                 skip_rate: float = 0.05, reload_rate: float = 0.05):
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        think_ms: float,
+        stop: threading.Event,
+        seed: int,
+        skip_rate: float = 0.05,
+        reload_rate: float = 0.05,
+    ):
         super().__init__(daemon=True)
         self.name_, self.url, self.think_ms, self.stop = name, url, think_ms, stop
         self.rng = random.Random(seed)
@@ -98,14 +120,14 @@ class Annotator(threading.Thread):
 
     def connect(self) -> None:
         from gradio_client import Client
+
         # http on loopback: ssl_verify=False only spares loading a CA bundle per request
-        self.client = Client(self.url, auth=(self.name_, f"{self.name_}-pw"), verbose=False,
-                             ssl_verify=False)
+        self.client = Client(self.url, auth=(self.name_, f"{self.name_}-pw"), verbose=False, ssl_verify=False)
         # A client's first call also opens its event stream and reads the API schema:
         # that is client start-up (a browser does it on page load), not a pair fetch.
         self.first_view = self.client.predict(api_name="/next")
 
-    in_flight = 0   # calls under way, all annotators together (read by the killer)
+    in_flight = 0  # calls under way, all annotators together (read by the killer)
 
     def _timed(self, into: list[float], *args, api_name: str) -> dict:
         Annotator.in_flight += 1
@@ -133,8 +155,14 @@ class Annotator(threading.Thread):
                     view = self._timed(self.next_ms, pair["pair_id"], api_name="/skip")
                 else:
                     choice = self.rng.choice(("left", "right", "left", "right", "tie", "both_bad"))
-                    view = self._timed(self.vote_ms, pair["pair_id"], choice,
-                                       self.rng.choice(("", "slightly", "clearly")), "", api_name="/vote")
+                    view = self._timed(
+                        self.vote_ms,
+                        pair["pair_id"],
+                        choice,
+                        self.rng.choice(("", "slightly", "clearly")),
+                        "",
+                        api_name="/vote",
+                    )
                     if view["ack"]:
                         self.acked.append(view["ack"]["event_id"])
         except Exception:
@@ -148,8 +176,15 @@ class Annotator(threading.Thread):
                     pass
 
 
-def run_phase(url: str, names: list[str], think_ms: float, seconds: float, seed: int,
-              proc: subprocess.Popen, kill_at_end: bool) -> tuple[list[Annotator], float, float | None]:
+def run_phase(
+    url: str,
+    names: list[str],
+    think_ms: float,
+    seconds: float,
+    seed: int,
+    proc: subprocess.Popen,
+    kill_at_end: bool,
+) -> tuple[list[Annotator], float, float | None]:
     stop = threading.Event()
     annotators = [Annotator(name, url, think_ms, stop, seed + i) for i, name in enumerate(names)]
     connectors = [threading.Thread(target=a.connect) for a in annotators]
@@ -159,12 +194,12 @@ def run_phase(url: str, names: list[str], think_ms: float, seconds: float, seed:
     t0 = time.perf_counter()
     [a.start() for a in annotators]
     time.sleep(seconds)
-    cpu1 = cpu_seconds(proc.pid)   # before a kill; the few calls after it are not counted
+    cpu1 = cpu_seconds(proc.pid)  # before a kill; the few calls after it are not counted
     if kill_at_end:
         deadline = time.perf_counter() + 2
         while Annotator.in_flight == 0 and time.perf_counter() < deadline:
             time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)   # mid-run: calls are in flight right now
+        proc.send_signal(signal.SIGKILL)  # mid-run: calls are in flight right now
         proc.wait()
     stop.set()
     elapsed = time.perf_counter() - t0
@@ -192,6 +227,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 def stored_event_ids(store: Path) -> set[str]:
     from trainer.store import read_events
+
     return set(read_events(store)["event_id"].to_pylist())
 
 
@@ -199,8 +235,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=32, help="simulated annotators")
     p.add_argument("--duration", type=float, default=30, help="seconds of voting in all (two halves)")
-    p.add_argument("--think-ms", type=float, default=1000,
-                   help="mean pause between an annotator's actions (people take 5-30 s)")
+    p.add_argument(
+        "--think-ms",
+        type=float,
+        default=1000,
+        help="mean pause between an annotator's actions (people take 5-30 s)",
+    )
     p.add_argument("--pairs", type=int, default=5000, help="pairs in the generated pairs file")
     p.add_argument("--overlap", type=int, default=1)
     p.add_argument("--no-kill", action="store_true", help="do not kill -9 the server half way")
@@ -217,23 +257,37 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     store = tmp / "store"
-    server_args = ["--pairs", str(tmp / "pairs.jsonl"), "--data", str(store), "--auth", str(tmp / "users.toml"),
-                   "--overlap", str(args.overlap), "--port", str(port), "--host", "127.0.0.1"]
+    server_args = [
+        "--pairs",
+        str(tmp / "pairs.jsonl"),
+        "--data",
+        str(store),
+        "--auth",
+        str(tmp / "users.toml"),
+        "--overlap",
+        str(args.overlap),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
     log = tmp / "server.log"
 
     phases = []
     proc, _ = start_server(server_args, url, log)
     try:
-        first, t_first, cpu_first = run_phase(url, names, args.think_ms, args.duration / 2, 0, proc,
-                                              kill_at_end=not args.no_kill)
+        first, t_first, cpu_first = run_phase(
+            url, names, args.think_ms, args.duration / 2, 0, proc, kill_at_end=not args.no_kill
+        )
         phases.append((first, t_first))
         acked = {e for a in first for e in a.acked}
         lost_after_kill = len(acked - stored_event_ids(store))
         restart_s = None
         if not args.no_kill:
             proc, restart_s = start_server(server_args, url, log)
-        second, t_second, cpu_second = run_phase(url, names, args.think_ms, args.duration / 2, 1000, proc,
-                                                 kill_at_end=False)
+        second, t_second, cpu_second = run_phase(
+            url, names, args.think_ms, args.duration / 2, 1000, proc, kill_at_end=False
+        )
         phases.append((second, t_second))
     finally:
         if proc.poll() is None:
@@ -264,17 +318,23 @@ def main() -> None:
         "restart_s": round(restart_s, 2) if restart_s is not None else None,
         "client_errors": sum(a.errors for a in everyone),
         # server process CPU while voting, per acknowledged vote (skips and reloads included)
-        "server_cpu_ms_per_vote": (round(1000 * (cpu_first + cpu_second) / len(acked), 2)
-                                   if acked and cpu_first is not None and cpu_second is not None else None),
+        "server_cpu_ms_per_vote": (
+            round(1000 * (cpu_first + cpu_second) / len(acked), 2)
+            if acked and cpu_first is not None and cpu_second is not None
+            else None
+        ),
         "vote_mean_ms": round(statistics.fmean(vote_ms), 1) if vote_ms else None,
         "cpus": os.cpu_count(),
     }
-    print(f"{args.n} annotators, {seconds:.0f}s, think {args.think_ms:.0f} ms: {len(acked)} votes acknowledged, "
-          f"{lost} lost; vote p50/p99 {result['vote_p50_ms']}/{result['vote_p99_ms']} ms, next pair "
-          f"p50/p99 {result['next_p50_ms']}/{result['next_p99_ms']} ms"
-          + (f"; server killed with SIGKILL half way, back in {restart_s:.1f}s" if restart_s else ""))
+    print(
+        f"{args.n} annotators, {seconds:.0f}s, think {args.think_ms:.0f} ms: {len(acked)} votes acknowledged, "
+        f"{lost} lost; vote p50/p99 {result['vote_p50_ms']}/{result['vote_p99_ms']} ms, next pair "
+        f"p50/p99 {result['next_p50_ms']}/{result['next_p99_ms']} ms"
+        + (f"; server killed with SIGKILL half way, back in {restart_s:.1f}s" if restart_s else "")
+    )
     if not args.keep:
         import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         print(f"kept {tmp}")

@@ -21,16 +21,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # ---- a real, throwaway PostgreSQL for the store's tests --------------------------------
 
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """One PostgreSQL cluster for the session (initdb + pg_ctl from Debian's package, on
     a free port of 127.0.0.1, fsync on), stopped at the end. `.url(dbname)`, `.stop()`
     and `.start()` (restart tests: start it again before you finish)."""
     from trainer.store.pg_testserver import PostgresMissing, ThrowawayPostgres
+
     try:
         server = ThrowawayPostgres()
     except PostgresMissing as e:
-        pytest.fail(str(e), pytrace=False)   # never a silent skip: `make test` installs it
+        pytest.fail(str(e), pytrace=False)  # never a silent skip: `make test` installs it
     try:
         server.start()
         yield server
@@ -42,7 +44,7 @@ def postgres_server():
 def pg_url(postgres_server):
     """A fresh empty database on the session's server, dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
-    if not postgres_server.running:   # a restart test that failed half-way
+    if not postgres_server.running:  # a restart test that failed half-way
         postgres_server.start()
     url = postgres_server.create_database(name)
     yield url
@@ -52,13 +54,14 @@ def pg_url(postgres_server):
 
 # ---- a headless Chromium for the browser tests -----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def browser():
     """Chromium (/usr/bin/chromium) driven by playwright, one per test module; the browser
     test modules skip themselves where it is missing."""
+    from helpers import CHROMIUM, CHROMIUM_ARGS
     from playwright.sync_api import sync_playwright
 
-    from helpers import CHROMIUM, CHROMIUM_ARGS
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b

@@ -30,8 +30,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from trainer.runs import CHECKPOINT, CONFIG_FILE, METRICS_FILE, REWARD_META_FILE, STATUS_FILE
 from trainer.store import messages_to_json, open_store, pair_id_for, prompt_id_for
@@ -46,28 +47,48 @@ TRAIN_DEVICE = os.environ.get("PREFLAB_TEST_DEVICE", "cpu")
 
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of the processes a test starts: offline, no analytics, unbuffered."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-            "PYTHONUNBUFFERED": "1", **extra}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
 
 
 # ---- the command line ------------------------------------------------------------------
 
-def preflab(*args: Any, stdin: str = "", env: dict[str, str] | None = None,
-            timeout: float = 180) -> subprocess.CompletedProcess:
+
+def preflab(
+    *args: Any, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """`python -m annotate.cli ARGS` in the repository, as a user runs it: its returncode,
     stdout and stderr (text). Arguments may be paths. `env`: the whole environment
     (default child_env()). In a new session without a terminal, so that a password
     prompt can never hang a test; stdin is `stdin`."""
-    return subprocess.run([sys.executable, "-m", "annotate.cli", *map(str, args)], input=stdin,
-                          cwd=REPO, env=child_env() if env is None else env, capture_output=True,
-                          text=True, timeout=timeout, start_new_session=True)
+    return subprocess.run(
+        [sys.executable, "-m", "annotate.cli", *map(str, args)],
+        input=stdin,
+        cwd=REPO,
+        env=child_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
 
 
 # ---- comparison records and stores -------------------------------------------------------
 
-def vote_record(prompt: str | list[dict[str, str]] = "Which answer is better?",
-                response_a: str = "first answer", response_b: str = "second answer",
-                choice: str = "a", strength: int | None = None, **fields: Any) -> dict[str, Any]:
+
+def vote_record(
+    prompt: str | list[dict[str, str]] = "Which answer is better?",
+    response_a: str = "first answer",
+    response_b: str = "second answer",
+    choice: str = "a",
+    strength: int | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
     """One vote as the store keeps it: completed and checked by the record's own code
     (trainer.store.record: complete_record, validate_record), so a bad field raises
     RecordError naming it, here, as the store would.
@@ -79,10 +100,21 @@ def vote_record(prompt: str | list[dict[str, str]] = "Which answer is better?",
     event_id and created_at = now unless given. Store writers take the result as is."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     prompt_json = messages_to_json(messages)
-    record = {"kind": "vote", "pair_id": pair_id_for(prompt_json, response_a, response_b),
-              "prompt_id": prompt_id_for(messages), "prompt": prompt_json, "response_a": response_a,
-              "response_b": response_b, "model_a": "m1", "model_b": "m2", "left": "a", "choice": choice,
-              "strength": strength, "annotator": "alice", **fields}
+    record = {
+        "kind": "vote",
+        "pair_id": pair_id_for(prompt_json, response_a, response_b),
+        "prompt_id": prompt_id_for(messages),
+        "prompt": prompt_json,
+        "response_a": response_a,
+        "response_b": response_b,
+        "model_a": "m1",
+        "model_b": "m2",
+        "left": "a",
+        "choice": choice,
+        "strength": strength,
+        "annotator": "alice",
+        **fields,
+    }
     return validate_record(complete_record(record))
 
 
@@ -103,9 +135,11 @@ def write_store(target: str | os.PathLike, records: Iterable[dict[str, Any]]) ->
 
 # ---- input files -------------------------------------------------------------------------
 
-XSS_LEFT = ("<script>window.__pwned = 1; document.title = 'pwned'</script> "
-            "<img src=x onerror=\"window.__pwned = 2; document.title = 'pwned'\">")
-XSS_RIGHT = "Click [here](javascript:window.__pwned=3) or <a href=\"javascript:window.__pwned=4\">here</a>."
+XSS_LEFT = (
+    "<script>window.__pwned = 1; document.title = 'pwned'</script> "
+    "<img src=x onerror=\"window.__pwned = 2; document.title = 'pwned'\">"
+)
+XSS_RIGHT = 'Click [here](javascript:window.__pwned=3) or <a href="javascript:window.__pwned=4">here</a>.'
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
@@ -118,25 +152,51 @@ def write_pairs(path: Path, n: int, *, xss: bool = False) -> Path:
     """A pairs file: n plain pairs (answers say which side and model they are), XSS payloads first."""
     rows = []
     if xss:
-        rows.append({"prompt": "Show me something dangerous.", "response_a": XSS_LEFT,
-                     "response_b": XSS_RIGHT, "model_a": "evil-a", "model_b": "evil-b"})
+        rows.append(
+            {
+                "prompt": "Show me something dangerous.",
+                "response_a": XSS_LEFT,
+                "response_b": XSS_RIGHT,
+                "model_a": "evil-a",
+                "model_b": "evil-b",
+            }
+        )
     for i in range(n):
-        rows.append({"prompt": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}],
-                     "response_a": f"alpha answer {i}", "response_b": f"beta answer {i}",
-                     "model_a": "alpha", "model_b": "beta"})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}],
+                "response_a": f"alpha answer {i}",
+                "response_b": f"beta answer {i}",
+                "model_a": "alpha",
+                "model_b": "beta",
+            }
+        )
     return write_jsonl(path, rows)
 
 
 def make_pairs(n: int, prefix: str = "q") -> list:
     """n distinct in-memory pairs (annotate.pairs.Pair) of models m1 and m2."""
     from annotate.pairs import pair_from_row
-    return [pair_from_row({"prompt": f"{prefix} {i}?", "response_a": f"a{i}", "response_b": f"b{i}",
-                           "model_a": "m1", "model_b": "m2"}) for i in range(n)]
+
+    return [
+        pair_from_row(
+            {
+                "prompt": f"{prefix} {i}?",
+                "response_a": f"a{i}",
+                "response_b": f"b{i}",
+                "model_a": "m1",
+                "model_b": "m2",
+            }
+        )
+        for i in range(n)
+    ]
 
 
 # Simulated annotators with a hidden rule: they prefer the answer that mentions "banana".
-WORDS = ("the a of to and in is it you that for on with as are this be at or by from have "
-         "not can but your will more some what so water light soil day week").split()
+WORDS = (
+    "the a of to and in is it you that for on with as are this be at or by from have "
+    "not can but your will more some what so water light soil day week"
+).split()
 TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep", "travel", "music"]
 
 
@@ -159,9 +219,11 @@ def banana_rows(n: int, seed: int = 0, prompts_per_topic: int = 40) -> list[dict
 
 # ---- a real server ---------------------------------------------------------------------
 
+
 def add_users(path: Path, **roles: str) -> dict[str, str]:
     """Accounts name -> role; every password is '<name>-pw'. Returns name -> password."""
     from annotate.users import add_user
+
     for name, role in roles.items():
         add_user(path, name, role, f"{name}-pw")
     return {name: f"{name}-pw" for name in roles}
@@ -170,8 +232,8 @@ def add_users(path: Path, **roles: str) -> dict[str, str]:
 class Server:
     """`python -m annotate.cli serve ...` as a real process on a free port.
 
-        with Server(tmp_path, "--pairs", str(pairs), "--data", str(store)) as server:
-            client(server.url, "ann")
+    with Server(tmp_path, "--pairs", str(pairs), "--data", str(store)) as server:
+        client(server.url, "ann")
     """
 
     def __init__(self, tmp: Path, *args: str):
@@ -181,10 +243,15 @@ class Server:
         self.log_path = tmp / f"server-{self.port}.log"
         self.proc = None
 
-    def start(self, timeout: float = 120) -> "Server":
+    def start(self, timeout: float = 120) -> Server:
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "annotate.cli", "serve", *self.args],
-                                     cwd=REPO, env=child_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "annotate.cli", "serve", *self.args],
+            cwd=REPO,
+            env=child_env(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -222,14 +289,21 @@ class Server:
 def client(url: str, user: str | None = None):
     """A gradio_client.Client on the server, logged in as `user` (password '<user>-pw')."""
     from gradio_client import Client
+
     return Client(url, auth=(user, f"{user}-pw") if user else None, verbose=False)
 
 
 # ---- the browser (the `browser` fixture is in conftest.py) ------------------------------
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def login(browser, url: str, user: str):
@@ -258,21 +332,42 @@ def banana_store(path: Path, n: int = 24) -> Path:
         good, bad = f"banana answer number {i}", f"plain answer number {i}"
         a, b = (good, bad) if i % 2 else (bad, good)
         tie = i % 7 == 0
-        records.append(vote_record(f"Question {i % 8} about {BANANA_TOPICS[i % 8 % 6]}?", a, b,
-                                   "tie" if tie else "a" if a == good else "b", None if tie else 1 + i % 2,
-                                   pair_id=f"pair-{i}", prompt_id=f"p{i % 8}", annotator="tester",
-                                   decision_ms=1000))
+        records.append(
+            vote_record(
+                f"Question {i % 8} about {BANANA_TOPICS[i % 8 % 6]}?",
+                a,
+                b,
+                "tie" if tie else "a" if a == good else "b",
+                None if tie else 1 + i % 2,
+                pair_id=f"pair-{i}",
+                prompt_id=f"p{i % 8}",
+                annotator="tester",
+                decision_ms=1000,
+            )
+        )
     return write_store(path, records)
 
 
 def train_tiny_reward_run(runs_dir: Path, name: str = "rm-tiny") -> Path:
     """A finished reward run (done status, checkpoint with normalisation) in seconds."""
     from trainer.reward import train
+
     runs_dir.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(runs_dir.parent / f"{name}-prefs.jsonl", banana_rows(48))
     run_dir = runs_dir / name
-    assert train({**TINY, "data": str(data), "run_dir": str(run_dir), "batch_size": 16, "lr": 3e-3,
-                  "val_fraction": 0.25}) == 0
+    assert (
+        train(
+            {
+                **TINY,
+                "data": str(data),
+                "run_dir": str(run_dir),
+                "batch_size": 16,
+                "lr": 3e-3,
+                "val_fraction": 0.25,
+            }
+        )
+        == 0
+    )
     return run_dir
 
 
@@ -282,8 +377,15 @@ def fake_run(path: Path, state: str = "done", reward: bool = True) -> Path:
     model's normalisation for a reward run."""
     (path / CHECKPOINT).mkdir(parents=True)
     (path / CHECKPOINT / CONFIG_FILE).write_text("{}")
-    (path / STATUS_FILE).write_text(json.dumps({"state": state, "progress": 0.4 if state != "done" else 1.0,
-                                                "message": "training: step 4 of 10" if state == "running" else ""}))
+    (path / STATUS_FILE).write_text(
+        json.dumps(
+            {
+                "state": state,
+                "progress": 0.4 if state != "done" else 1.0,
+                "message": "training: step 4 of 10" if state == "running" else "",
+            }
+        )
+    )
     if reward:
         (path / CHECKPOINT / REWARD_META_FILE).write_text(json.dumps({"gain": 1.0, "bias": 0.0}))
     return path

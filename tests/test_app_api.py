@@ -9,27 +9,28 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import XSS_LEFT, XSS_RIGHT, Server, add_users, client, preflab, write_pairs
 
-from annotate.service import Service
-from annotate.web.html import render_markdown, render_prompt
 from annotate.pairs import load_pairs
 from annotate.queue import AssignmentQueue
-from trainer.store.directory_writer import DirectoryStore
-from helpers import XSS_LEFT, XSS_RIGHT, Server, add_users, client, preflab, write_pairs
+from annotate.service import Service
+from annotate.web.html import render_markdown, render_prompt
 from trainer.store import read_comparisons, read_events
-
-
+from trainer.store.directory_writer import DirectoryStore
 
 # --------------------------------------------------------------------------------------
 # without a server: rendering and the Service
 # --------------------------------------------------------------------------------------
 
+
 def test_model_text_is_markdown_with_every_tag_escaped():
-    out = render_markdown(XSS_LEFT + "\n\n" + XSS_RIGHT + "\n\n**bold** and `code <b>`\n\n"
-                          "[fine](https://example.com) ![pixel](https://example.com/p.png)")
-    assert "<script" not in out and "<img" not in out and "<a href=\"javascript" not in out.lower()
+    out = render_markdown(
+        XSS_LEFT + "\n\n" + XSS_RIGHT + "\n\n**bold** and `code <b>`\n\n"
+        "[fine](https://example.com) ![pixel](https://example.com/p.png)"
+    )
+    assert "<script" not in out and "<img" not in out and '<a href="javascript' not in out.lower()
     assert "&lt;script&gt;" in out and "&lt;img src=x onerror=" in out
-    assert "[here](javascript:window.__pwned=3)" in out          # left as plain text
+    assert "[here](javascript:window.__pwned=3)" in out  # left as plain text
     assert "<strong>bold</strong>" in out and "<code>code &lt;b&gt;</code>" in out
     assert '<a href="https://example.com" target="_blank" rel="noopener noreferrer nofollow">fine</a>' in out
     chat = render_prompt([{"role": "user", "content": "<b>hi</b>"}])
@@ -54,17 +55,18 @@ def test_service_maps_left_and_right_to_the_canonical_choice(tmp_path):
     for choice, shown_left, event_id in acks:
         r = votes[event_id]
         lefts.add(r["left"])
-        assert r[f"response_{r['left']}"] == shown_left   # `left` says what was on the left
+        assert r[f"response_{r['left']}"] == shown_left  # `left` says what was on the left
         other = "b" if r["left"] == "a" else "a"
         assert r["choice"] == {"left": r["left"], "right": other}.get(choice, choice)
         assert r["strength"] == (2 if choice in ("left", "right") else None)
         assert r["decision_ms"] >= 0 and r["annotator"] == "me"
-    assert lefts == {"a", "b"}   # the side shown on the left is random
+    assert lefts == {"a", "b"}  # the side shown on the left is random
 
 
 # --------------------------------------------------------------------------------------
 # the server
 # --------------------------------------------------------------------------------------
+
 
 def test_refuses_to_listen_publicly_without_auth(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
@@ -82,8 +84,17 @@ def team(tmp_path_factory):
     pairs = write_pairs(tmp / "pairs.jsonl", 6)
     with pairs.open("a") as f:
         f.write("{not json\n")
-    server = Server(tmp, "--pairs", str(pairs), "--data", str(tmp / "store"),
-                    "--auth", str(tmp / "users.toml"), "--overlap", "2")
+    server = Server(
+        tmp,
+        "--pairs",
+        str(pairs),
+        "--data",
+        str(tmp / "store"),
+        "--auth",
+        str(tmp / "users.toml"),
+        "--overlap",
+        "2",
+    )
     with server:
         yield server, tmp / "store"
 
@@ -95,10 +106,12 @@ def test_bad_pairs_rows_are_reported_with_file_and_line(team):
 
 def test_login_is_required(team):
     server, _ = team
-    with pytest.raises(Exception):
-        client(server.url)
     from gradio_client import Client
-    with pytest.raises(Exception):
+    from gradio_client.exceptions import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        client(server.url)
+    with pytest.raises(AuthenticationError):
         Client(server.url, auth=("ann", "wrong"), verbose=False)
 
 
@@ -108,13 +121,13 @@ def test_two_annotators_with_overlap_two(team):
     seen = {"ann": [], "ben": []}
     views = {"ann": ann.predict(api_name="/next"), "ben": ben.predict(api_name="/next")}
     assert views["ann"]["progress"] == {"done": 0, "assigned": 6}
-    for _ in range(8):   # interleaved, until both run out
+    for _ in range(8):  # interleaved, until both run out
         for name, c in (("ann", ann), ("ben", ben)):
             pair = views[name]["pair"]
             if pair is None:
                 continue
             seen[name].append(pair["pair_id"])
-            assert set(pair) == {"pair_id", "prompt", "left", "right"}   # no model names before the vote
+            assert set(pair) == {"pair_id", "prompt", "left", "right"}  # no model names before the vote
             views[name] = c.predict(pair["pair_id"], "left", "slightly", "", api_name="/vote")
             assert views[name]["ok"] and views[name]["ack"]["left_model"] in ("alpha", "beta")
     assert views["ann"]["pair"] is None and views["ann"]["waiting"]["state"] == "done"
@@ -131,7 +144,10 @@ def test_two_annotators_with_overlap_two(team):
 def test_annotators_are_refused_admin_endpoints(team):
     server, store = team
     ann = client(server.url, "ann")
-    for api_name, args in (("/dashboard", ()), ("/export", ("standard", "exclude", "none", "parquet", False))):
+    for api_name, args in (
+        ("/dashboard", ()),
+        ("/export", ("standard", "exclude", "none", "parquet", False)),
+    ):
         with pytest.raises(Exception, match="admins"):
             ann.predict(*args, api_name=api_name)
     boss = client(server.url, "boss")
@@ -159,14 +175,14 @@ def test_restart_after_kill_rebuilds_assignment_from_the_store(tmp_path):
             voted.append(view["pair"]["pair_id"])
             view = c.predict(view["pair"]["pair_id"], choice, "", "", api_name="/vote")
     finally:
-        server.stop(signal.SIGKILL)   # acknowledged votes must survive this
+        server.stop(signal.SIGKILL)  # acknowledged votes must survive this
     server = Server(tmp_path, *args).start()
     try:
         c = client(server.url)
         view = c.predict(api_name="/next")
         assert view["progress"]["done"] == 2
         assert view["pair"]["pair_id"] not in voted
-        undone = c.predict(api_name="/undo")   # undo reaches a vote cast before the restart
+        undone = c.predict(api_name="/undo")  # undo reaches a vote cast before the restart
         assert undone["pair"]["pair_id"] == voted[1] and undone["undone"]["choice"] == "tie"
         assert undone["progress"]["done"] == 1
     finally:
@@ -179,14 +195,31 @@ def test_restart_after_kill_rebuilds_assignment_from_the_store(tmp_path):
 
 def test_generation_worker_with_the_tiny_model(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {w}."}) + "\n"
-                               for i, w in enumerate(["hello", "goodbye", "thanks"])))
-    server = Server(tmp_path, "--model", "tiny", "--prompts", str(prompts), "--data", str(tmp_path / "store"),
-                    "--max-new-tokens", "6", "--batch-size", "2", "--user", "solo")
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"Say {w}."}) + "\n"
+            for i, w in enumerate(["hello", "goodbye", "thanks"])
+        )
+    )
+    server = Server(
+        tmp_path,
+        "--model",
+        "tiny",
+        "--prompts",
+        str(prompts),
+        "--data",
+        str(tmp_path / "store"),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--user",
+        "solo",
+    )
     with server:
         c = client(server.url)
         states = []
-        for _ in range(600):   # cold start: the page reports progress until a pair is ready
+        for _ in range(600):  # cold start: the page reports progress until a pair is ready
             view = c.predict(api_name="/next")
             if view["pair"] is not None:
                 break
@@ -196,7 +229,7 @@ def test_generation_worker_with_the_tiny_model(tmp_path):
         assert view["pair"] is not None, states
         done = c.predict(view["pair"]["pair_id"], "right", "clearly", "", api_name="/vote")
         assert done["ack"]["left_model"] == done["ack"]["right_model"] == "tiny"
-        for _ in range(600):   # the rest of the pool arrives in the background
+        for _ in range(600):  # the rest of the pool arrives in the background
             if done["pair"] is not None or done["waiting"]["state"] == "done":
                 break
             time.sleep(0.2)
@@ -216,18 +249,29 @@ def test_arena_generator_pairs_two_different_models_and_caches_its_pairs(tmp_pat
     from trainer.prompts import load_prompt_pool
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Count to {i}."}) + "\n" for i in range(4)))
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": f"Count to {i}."}) + "\n" for i in range(4))
+    )
     pool = load_prompt_pool(prompts).prompts
-    other = str(build_tiny_model())   # the same weights under a second name: a two-model arena
+    other = str(build_tiny_model())  # the same weights under a second name: a two-model arena
     q = AssignmentQueue()
-    gen = Generator(["tiny", other], pool, q, cache_dir=tmp_path / "pairs", batch_size=2,
-                    max_new_tokens=4, per_annotator=100)   # never "enough": run to the end
+    gen = Generator(
+        ["tiny", other],
+        pool,
+        q,
+        cache_dir=tmp_path / "pairs",
+        batch_size=2,
+        max_new_tokens=4,
+        per_annotator=100,
+    )  # never "enough": run to the end
     gen.run()
     assert gen.status()["state"] == "done", gen.status()
     pairs = [q._pairs[p] for p in q._pairs]
     assert len(pairs) == 4 and {p.prompt_id for p in pairs} == {"p0", "p1", "p2", "p3"}
     assert all({p.model_a, p.model_b} == {"tiny", other} for p in pairs)
     # a restarted server reads the same pairs back instead of generating again
-    again = Generator(["tiny", other], pool, AssignmentQueue(), cache_dir=tmp_path / "pairs", max_new_tokens=4)
+    again = Generator(
+        ["tiny", other], pool, AssignmentQueue(), cache_dir=tmp_path / "pairs", max_new_tokens=4
+    )
     assert sorted(p.pair_id for p in again.load_cache()) == sorted(p.pair_id for p in pairs)
     assert again._next_prompts(2) == []

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import CHROMIUM, Server, add_users, login, write_pairs
+
 from trainer.store import read_comparisons, read_events
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
-N_PAIRS = 5   # plus the XSS pair, which comes first
+N_PAIRS = 5  # plus the XSS pair, which comes first
 
 
 @pytest.fixture(scope="module")
@@ -22,35 +22,55 @@ def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     add_users(tmp / "users.toml", ann="annotator", ben="annotator", boss="admin")
     pairs = write_pairs(tmp / "pairs.jsonl", N_PAIRS, xss=True)
-    with Server(tmp, "--pairs", str(pairs), "--data", str(tmp / "store"),
-                "--auth", str(tmp / "users.toml"), "--overlap", "2") as server:
+    with Server(
+        tmp,
+        "--pairs",
+        str(pairs),
+        "--data",
+        str(tmp / "store"),
+        "--auth",
+        str(tmp / "users.toml"),
+        "--overlap",
+        "2",
+    ) as server:
         yield server, tmp / "store"
 
 
 def shown(page) -> dict:
     """What the page shows now: pair id, the text of both answers, the progress."""
+
     def text(side):
         parts = page.locator(f"#answer-{side} .answer > :not(h4)").all_inner_texts()
         return "\n".join(parts).strip()
-    return {"pair_id": page.get_attribute(".prompt-card", "data-pair-id"),
-            "left": text("left"), "right": text("right"), "progress": page.inner_text("#progress")}
+
+    return {
+        "pair_id": page.get_attribute(".prompt-card", "data-pair-id"),
+        "left": text("left"),
+        "right": text("right"),
+        "progress": page.inner_text("#progress"),
+    }
 
 
 def wait_for_new_pair(page, old_id: str | None) -> dict:
     page.wait_for_function(
         "old => { const c = document.querySelector('.prompt-card');"
-        " return c && c.getAttribute('data-pair-id') !== old; }", arg=old_id, timeout=15_000)
+        " return c && c.getAttribute('data-pair-id') !== old; }",
+        arg=old_id,
+        timeout=15_000,
+    )
     return shown(page)
 
 
 def wait_for_status(page, text: str) -> None:
-    page.wait_for_function("t => (document.querySelector('#status') || {}).innerText?.includes(t)",
-                           arg=text, timeout=15_000)
+    page.wait_for_function(
+        "t => (document.querySelector('#status') || {}).innerText?.includes(t)", arg=text, timeout=15_000
+    )
 
 
 def events_of(store: Path, user: str) -> list[dict]:
-    return sorted((e for e in read_events(store).to_pylist() if e["annotator"] == user),
-                  key=lambda e: e["created_at"])
+    return sorted(
+        (e for e in read_events(store).to_pylist() if e["annotator"] == user), key=lambda e: e["created_at"]
+    )
 
 
 def test_one_annotator_votes_with_mouse_and_keyboard_undoes_and_skips(app, browser):
@@ -59,14 +79,19 @@ def test_one_annotator_votes_with_mouse_and_keyboard_undoes_and_skips(app, brows
 
     # -- the first pair is the XSS pair: shown as text, nothing runs ------------------
     first = shown(page)
-    time.sleep(0.7)   # time for an onerror handler to fire, were there an <img>
+    time.sleep(0.7)  # time for an onerror handler to fire, were there an <img>
     assert page.evaluate("window.__pwned") is None
     assert page.title() == "preflab"
     both = first["left"] + "\n" + first["right"]
     assert "<script>window.__pwned = 1;" in both and "<img src=x onerror=" in both
     assert "[here](javascript:window.__pwned=3)" in both and '<a href="javascript:' in both
-    assert page.locator("#answer-left script, #answer-right script, #answer-left img, #answer-right img,"
-                        " #answer-left a, #answer-right a").count() == 0
+    assert (
+        page.locator(
+            "#answer-left script, #answer-right script, #answer-left img, #answer-right img,"
+            " #answer-left a, #answer-right a"
+        ).count()
+        == 0
+    )
     # the keys are on the page, the progress too, and the guidelines one click away
     assert first["progress"] == f"0 / {N_PAIRS + 1}"
     top = page.inner_text("#topbar")
@@ -79,7 +104,7 @@ def test_one_annotator_votes_with_mouse_and_keyboard_undoes_and_skips(app, brows
     page.locator("#vote-left").click()
     second = wait_for_new_pair(page, first["pair_id"])
     wait_for_status(page, "Saved: A is better")
-    assert "A was evil-" in page.inner_text("#status")   # models revealed after the vote
+    assert "A was evil-" in page.inner_text("#status")  # models revealed after the vote
     assert second["progress"] == f"1 / {N_PAIRS + 1}"
 
     # -- keyboard: keys typed in the rationale are text, not votes ---------------------
@@ -102,7 +127,7 @@ def test_one_annotator_votes_with_mouse_and_keyboard_undoes_and_skips(app, brows
     assert back["progress"] == f"2 / {N_PAIRS + 1}"
     page.keyboard.press("4")
     after = wait_for_new_pair(page, third["pair_id"])
-    assert after["pair_id"] == fourth["pair_id"]     # the pair on screen before the undo
+    assert after["pair_id"] == fourth["pair_id"]  # the pair on screen before the undo
 
     # -- skip: the pair goes away, nothing is recorded -------------------------------
     n_before = len(events_of(store, "ann"))
@@ -116,8 +141,12 @@ def test_one_annotator_votes_with_mouse_and_keyboard_undoes_and_skips(app, brows
     events = events_of(store, "ann")
     votes = [e for e in events if e["kind"] == "vote"]
     (retract,) = [e for e in events if e["kind"] == "retract"]
-    assert [v["pair_id"] for v in votes] == [first["pair_id"], second["pair_id"], third["pair_id"],
-                                             third["pair_id"]]
+    assert [v["pair_id"] for v in votes] == [
+        first["pair_id"],
+        second["pair_id"],
+        third["pair_id"],
+        third["pair_id"],
+    ]
     xss, keyed, tie, both_bad = votes
 
     def canonical(v, shown_side):
@@ -148,11 +177,13 @@ def test_second_annotator_with_overlap_two(app, browser):
         page.wait_for_function(
             "old => { const c = document.querySelector('.prompt-card');"
             " return !c || c.offsetParent === null || c.getAttribute('data-pair-id') !== old; }",
-            arg=view["pair_id"], timeout=15_000)
+            arg=view["pair_id"],
+            timeout=15_000,
+        )
         visible = page.locator(".prompt-card").is_visible()
         view = shown(page) if visible else {"pair_id": None}
     assert "Nothing left for you" in page.inner_text("#waiting")
-    assert len(seen) == len(set(seen)) == N_PAIRS + 1      # ben gets every pair, each once
+    assert len(seen) == len(set(seen)) == N_PAIRS + 1  # ben gets every pair, each once
     page.context.close()
     votes = read_comparisons(store).select(["pair_id", "annotator"]).to_pylist()
     by_pair = {}

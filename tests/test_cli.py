@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import preflab
 
 from annotate.cli import COMMANDS
-from helpers import preflab
 
 
 def test_top_level_help_lists_every_command():
@@ -26,8 +26,10 @@ def test_every_command_explains_itself(command):
 
 def test_help_does_not_import_torch_or_gradio():
     # `preflab --help` must answer at once: heavy libraries load only when a command runs.
-    code = ("import sys; from annotate.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'transformers', 'gradio', 'trl') if m in sys.modules))")
+    code = (
+        "import sys; from annotate.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'gradio', 'trl') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -9,8 +9,14 @@ import json
 
 import pytest
 
-from trainer.config import (ConfigError, add_config_arguments, config_from_namespace, config_from_values,
-                            field_meta, flags_of)
+from trainer.config import (
+    ConfigError,
+    add_config_arguments,
+    config_from_namespace,
+    config_from_values,
+    field_meta,
+    flags_of,
+)
 from trainer.errors import PolicyInputError
 from trainer.policy_config import PolicyConfig
 from trainer.reward_config import RewardConfig
@@ -51,16 +57,16 @@ def test_every_field_has_a_flag_with_help_and_the_dataclass_default(config_class
 # The flags of the hand-written command lines the generated ones replaced.
 FLAGS = {
     RewardConfig: "--data --model --run-dir --runs-dir --run-id --epochs --lr --batch-size --grad-accum "
-                  "--eval-batch-size --max-length --val-fraction --seed --warmup --weight-decay --max-grad-norm "
-                  "--margin --margin-scale --ties --both-bad --center --no-pack --grad-checkpointing --lora-r "
-                  "--lora-alpha --dtype --device --save-every --max-steps --no-progress",
+    "--eval-batch-size --max-length --val-fraction --seed --warmup --weight-decay --max-grad-norm "
+    "--margin --margin-scale --ties --both-bad --center --no-pack --grad-checkpointing --lora-r "
+    "--lora-alpha --dtype --device --save-every --max-steps --no-progress",
     PolicyConfig: "--reward --prompts --model --algo --run-dir --runs-dir --run-id --steps --batch-size --k "
-                  "--max-new-tokens --max-prompt-length --temperature --lr --anneal-lr --epochs --minibatches "
-                  "--micro-batch --gamma --lam --clip --clip-value --vf-coef --kl-coef --kl-estimator --kl-target "
-                  "--kl-horizon --whiten-rewards --whiten-advantages --no-whiten-advantages --missing-eos-penalty "
-                  "--baseline-decay --max-kl --max-grad-norm --seed --lora-r --lora-alpha --grad-checkpointing "
-                  "--dtype --device --gen-batch --no-share-prompt --compile-generation --no-compile-generation "
-                  "--reward-batch-size --save-every --sample-every --samples --eval-prompts --no-progress",
+    "--max-new-tokens --max-prompt-length --temperature --lr --anneal-lr --epochs --minibatches "
+    "--micro-batch --gamma --lam --clip --clip-value --vf-coef --kl-coef --kl-estimator --kl-target "
+    "--kl-horizon --whiten-rewards --whiten-advantages --no-whiten-advantages --missing-eos-penalty "
+    "--baseline-decay --max-kl --max-grad-norm --seed --lora-r --lora-alpha --grad-checkpointing "
+    "--dtype --device --gen-batch --no-share-prompt --compile-generation --no-compile-generation "
+    "--reward-batch-size --save-every --sample-every --samples --eval-prompts --no-progress",
 }
 
 
@@ -73,10 +79,32 @@ def test_the_command_line_has_the_flags_it_had(config_class):
 def test_the_flags_keep_their_names_and_kinds():
     """What the hand-written command lines had: store_true, --no-x, --x/--no-x, choices."""
     reward = parser_for(RewardConfig)
-    args = reward.parse_args(["--margin", "--no-pack", "--no-progress", "--grad-checkpointing", "--lr", "1e-4",
-                              "--epochs", "3", "--ties", "include", "--both-bad", "include", "--dtype", "bf16"])
+    args = reward.parse_args(
+        [
+            "--margin",
+            "--no-pack",
+            "--no-progress",
+            "--grad-checkpointing",
+            "--lr",
+            "1e-4",
+            "--epochs",
+            "3",
+            "--ties",
+            "include",
+            "--both-bad",
+            "include",
+            "--dtype",
+            "bf16",
+        ]
+    )
     assert (args.margin, args.pack, args.progress, args.grad_checkpointing) == (True, False, False, True)
-    assert (args.lr, args.epochs, args.ties, args.both_bad, args.dtype) == (1e-4, 3, "include", "include", "bf16")
+    assert (args.lr, args.epochs, args.ties, args.both_bad, args.dtype) == (
+        1e-4,
+        3,
+        "include",
+        "include",
+        "bf16",
+    )
     with pytest.raises(SystemExit):
         reward.parse_args(["--ties", "sometimes"])
     policy = parser_for(PolicyConfig)
@@ -88,17 +116,29 @@ def test_the_flags_keep_their_names_and_kinds():
     assert policy.parse_args(["--algo", "rloo", "--k", "4", "--kl-coef", "0.1"]).algo == "rloo"
 
 
-@pytest.mark.parametrize("config_class,file,argv,expected", [
-    (RewardConfig, {"lr": 1e-4, "epochs": 3, "ties": "include", "model": "tiny"}, ["--epochs", "1", "--no-pack"],
-     dict(lr=1e-4, epochs=1, ties="include", model="tiny", pack=False)),
-    (PolicyConfig, {"algo": "rloo", "k": 4, "steps": 10}, ["--steps", "5", "--kl-coef", "0.2"],
-     dict(algo="rloo", k=4, steps=5, kl_coef=0.2)),
-])
+@pytest.mark.parametrize(
+    "config_class,file,argv,expected",
+    [
+        (
+            RewardConfig,
+            {"lr": 1e-4, "epochs": 3, "ties": "include", "model": "tiny"},
+            ["--epochs", "1", "--no-pack"],
+            dict(lr=1e-4, epochs=1, ties="include", model="tiny", pack=False),
+        ),
+        (
+            PolicyConfig,
+            {"algo": "rloo", "k": 4, "steps": 10},
+            ["--steps", "5", "--kl-coef", "0.2"],
+            dict(algo="rloo", k=4, steps=5, kl_coef=0.2),
+        ),
+    ],
+)
 def test_a_config_file_with_a_flag_override(tmp_path, config_class, file, argv, expected):
     path = tmp_path / "settings.json"
     path.write_text(json.dumps(file))
-    cfg, explicit = config_from_namespace(config_class, parser_for(config_class).parse_args(["--config", str(path),
-                                                                                            *argv]))
+    cfg, explicit = config_from_namespace(
+        config_class, parser_for(config_class).parse_args(["--config", str(path), *argv])
+    )
     assert cfg == dataclasses.replace(config_class(), **expected)
     # What a resume may take over its own settings: the file's keys and the flags that changed.
     assert explicit == set(file) | {k for k, v in expected.items() if v != getattr(config_class(), k)}
@@ -108,9 +148,12 @@ def test_a_config_file_with_a_flag_override(tmp_path, config_class, file, argv, 
 def test_a_bad_config_file_is_refused_naming_the_file_or_key(tmp_path):
     parser = parser_for(RewardConfig)
     bad = tmp_path / "bad.json"
-    for text, expect in [("{not json", "not JSON"), ('["lr"]', "a JSON object"),
-                         ('{"learning_rate": 1}', "unknown setting learning_rate"),
-                         ('{"epochs": "two"}', "--epochs 'two' is not a number")]:
+    for text, expect in [
+        ("{not json", "not JSON"),
+        ('["lr"]', "a JSON object"),
+        ('{"learning_rate": 1}', "unknown setting learning_rate"),
+        ('{"epochs": "two"}', "--epochs 'two' is not a number"),
+    ]:
         bad.write_text(text)
         with pytest.raises(ConfigError, match=expect):
             config_from_namespace(RewardConfig, parser.parse_args(["--config", str(bad)]))
@@ -118,19 +161,51 @@ def test_a_bad_config_file_is_refused_naming_the_file_or_key(tmp_path):
         config_from_namespace(RewardConfig, parser.parse_args(["--config", str(tmp_path / "missing.json")]))
 
 
-@pytest.mark.parametrize("config_class,values,flag,label", [
-    (RewardConfig, {"epochs": 0}, "--epochs must be at least 1", "Epochs: must be at least 1"),
-    (RewardConfig, {"lr": 0}, "--lr must be positive", "Learning rate: must be positive"),
-    (RewardConfig, {"ties": "sometimes"}, "--ties must be one of exclude, include", "Ties: must be one of"),
-    (RewardConfig, {"max_length": 4}, "--max-length must be at least 8 tokens", "Max length: must be at least 8"),
-    (RewardConfig, {"model": ""}, "--model give a model", "Base model: give a model"),
-    (RewardConfig, {"epochs": 1.5}, "--epochs 1.5 is not a whole number", "Epochs: 1.5 is not a whole number"),
-    (PolicyConfig, {"algo": "dpo"}, "--algo must be one of ppo, rloo, reinforce", "Algorithm: must be one of"),
-    (PolicyConfig, {"algo": "rloo", "k": 1}, "--k must be at least 2 for RLOO", "--k: must be at least 2"),
-    (PolicyConfig, {"kl_coef": -1}, "--kl-coef must be at least 0", "KL coefficient: must be at least 0"),
-    (PolicyConfig, {"prompts": "no/such.jsonl"}, "--prompts no/such.jsonl does not exist",
-     "Prompts file: no/such.jsonl does not exist"),
-])
+@pytest.mark.parametrize(
+    "config_class,values,flag,label",
+    [
+        (RewardConfig, {"epochs": 0}, "--epochs must be at least 1", "Epochs: must be at least 1"),
+        (RewardConfig, {"lr": 0}, "--lr must be positive", "Learning rate: must be positive"),
+        (
+            RewardConfig,
+            {"ties": "sometimes"},
+            "--ties must be one of exclude, include",
+            "Ties: must be one of",
+        ),
+        (
+            RewardConfig,
+            {"max_length": 4},
+            "--max-length must be at least 8 tokens",
+            "Max length: must be at least 8",
+        ),
+        (RewardConfig, {"model": ""}, "--model give a model", "Base model: give a model"),
+        (
+            RewardConfig,
+            {"epochs": 1.5},
+            "--epochs 1.5 is not a whole number",
+            "Epochs: 1.5 is not a whole number",
+        ),
+        (
+            PolicyConfig,
+            {"algo": "dpo"},
+            "--algo must be one of ppo, rloo, reinforce",
+            "Algorithm: must be one of",
+        ),
+        (
+            PolicyConfig,
+            {"algo": "rloo", "k": 1},
+            "--k must be at least 2 for RLOO",
+            "--k: must be at least 2",
+        ),
+        (PolicyConfig, {"kl_coef": -1}, "--kl-coef must be at least 0", "KL coefficient: must be at least 0"),
+        (
+            PolicyConfig,
+            {"prompts": "no/such.jsonl"},
+            "--prompts no/such.jsonl does not exist",
+            "Prompts file: no/such.jsonl does not exist",
+        ),
+    ],
+)
 def test_a_bad_value_is_refused_naming_the_field(config_class, values, flag, label):
     with pytest.raises(ConfigError) as raised:
         config_from_values(config_class, values)
@@ -140,23 +215,33 @@ def test_a_bad_value_is_refused_naming_the_field(config_class, values, flag, lab
 
 
 def test_form_values_are_typed_by_the_annotation():
-    cfg = config_from_values(RewardConfig, {"epochs": "2", "lr": "1e-4", "ties": " Include ", "margin": "true",
-                                            "data": ""})
+    cfg = config_from_values(
+        RewardConfig, {"epochs": "2", "lr": "1e-4", "ties": " Include ", "margin": "true", "data": ""}
+    )
     assert (cfg.epochs, cfg.lr, cfg.ties, cfg.margin, cfg.data) == (2, 1e-4, "include", True, None)
     assert all(field_meta(c)[f]["help"] for c in CONFIGS for f in field_meta(c))
 
 
 def test_eval_policy_flags_come_from_its_dataclass():
     from trainer.evaluate import EvalConfig, add_arguments
+
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     by_dest = {a.dest: a for a in parser._actions if a.dest != "help"}
     assert set(by_dest) == {f.name for f in dataclasses.fields(EvalConfig)}
     assert all(a.help and a.default == getattr(EvalConfig(), name) for name, a in by_dest.items())
     assert [s for a in parser._actions for s in a.option_strings][2:] == [
-        "--policy", "--reward", "--reference", "--prompts", "--n", "--max-new-tokens", "--temperature", "--seed",
-        "--device"]
+        "--policy",
+        "--reward",
+        "--reference",
+        "--prompts",
+        "--n",
+        "--max-new-tokens",
+        "--temperature",
+        "--seed",
+        "--device",
+    ]
     with pytest.raises(SystemExit):
-        parser.parse_args([])                       # --policy is required
+        parser.parse_args([])  # --policy is required
     args = parser.parse_args(["--policy", "runs/p", "--n", "8", "--temperature", "0.5"])
     assert (args.policy, args.n, args.temperature, args.max_new_tokens) == ("runs/p", 8, 0.5, None)

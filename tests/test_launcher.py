@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import banana_store
 
 from annotate.arena import add_to_arena, read_arena, restore_arena
 from annotate.launcher import DEAD_MESSAGE, Launcher, LaunchError
 from annotate.processes import trainer_identity
 from annotate.run_metrics import MetricsReader
 from trainer.store.directory_writer import DirectoryStore
-from helpers import banana_store
-
 
 TINY_REWARD = dict(model="tiny", epochs=1, batch_size=8, max_length=96, lr=1e-3)
 
@@ -32,7 +31,7 @@ def done_reward(tmp_path_factory):
     store = banana_store(tmp / "store")
     launcher = Launcher(tmp / "runs")
     info = launcher.start_reward(store, ties="include", **TINY_REWARD)
-    assert info.state == "queued" and info.kind == "reward"   # listed at once, before torch loads
+    assert info.state == "queued" and info.kind == "reward"  # listed at once, before torch loads
     final = launcher.wait(info.run_id, timeout=240)
     assert final.state == "done", launcher.log_tail(info.run_id)
     return launcher, store, info.run_id
@@ -50,8 +49,10 @@ def test_a_reward_run_started_from_the_launcher_finishes(done_reward):
     assert launch["argv"][launch["argv"].index("--config") + 1] == str(info.path / "launch-config.json")
     assert json.loads((info.path / "launch-config.json").read_text())["ties"] == "include"
     config = json.loads((info.path / "config.json").read_text())["config"]
-    assert config["ties"] == "include" and config["model"] == "tiny" and config["data"] == str(store.resolve())
-    assert "done:" in launcher.log_tail(run_id)       # the trainer's output went to log.txt
+    assert (
+        config["ties"] == "include" and config["model"] == "tiny" and config["data"] == str(store.resolve())
+    )
+    assert "done:" in launcher.log_tail(run_id)  # the trainer's output went to log.txt
     reader = launcher.metrics(run_id)
     loss = reader.series("train", "loss")
     assert [s for s, _ in loss] == list(range(1, len(loss) + 1)) and len(loss) >= 2
@@ -66,8 +67,9 @@ def test_a_reward_run_started_from_the_launcher_finishes(done_reward):
 def test_a_policy_run_on_the_finished_reward_model(done_reward):
     launcher, store, reward_id = done_reward
     # No base model given: the policy starts from the reward model's (tiny), same tokenizer.
-    info = launcher.start_policy(reward_id, algo="rloo", steps=2, lr=1e-5, kl_coef=0.1, model="",
-                                 batch_size=2, max_new_tokens=4)
+    info = launcher.start_policy(
+        reward_id, algo="rloo", steps=2, lr=1e-5, kl_coef=0.1, model="", batch_size=2, max_new_tokens=4
+    )
     assert info.kind == "policy"
     final = launcher.wait(info.run_id, timeout=240)
     assert final.state == "done", launcher.log_tail(info.run_id)
@@ -79,12 +81,15 @@ def test_a_policy_run_on_the_finished_reward_model(done_reward):
     reader = launcher.metrics(info.run_id)
     assert [s for s, _ in reader.series("train", "reward_mean")] == [1.0, 2.0]
     assert len(reader.series("train", "kl")) == 2
-    assert [r.run_id for r in launcher.runs()] == [info.run_id, reward_id]   # newest first
+    assert [r.run_id for r in launcher.runs()] == [info.run_id, reward_id]  # newest first
     # The policy met its reference on the held-out prompts; the tab says how it went.
     from annotate.web.train_tab import progress_html
+
     ev = json.loads((info.path / "eval.json").read_text())
     assert ev["policy"] == info.run_id and ev["reference"] == "tiny" and ev["prompts"] == 32
-    assert "held-out prompts" in progress_html(final) and f"{100 * ev['rm_win_rate']:.0f}%" in progress_html(final)
+    assert "held-out prompts" in progress_html(final) and f"{100 * ev['rm_win_rate']:.0f}%" in progress_html(
+        final
+    )
 
 
 def test_cancel_sends_sigterm_and_the_run_ends_cancelled(tmp_path):
@@ -93,20 +98,20 @@ def test_cancel_sends_sigterm_and_the_run_ends_cancelled(tmp_path):
     info = launcher.start_reward(store, **{**TINY_REWARD, "epochs": 400, "batch_size": 2})
     run_id = info.run_id
     deadline = time.time() + 180
-    while time.time() < deadline:   # until it trains (SIGTERM then means save and stop)
+    while time.time() < deadline:  # until it trains (SIGTERM then means save and stop)
         if len(launcher.metrics(run_id).series("train", "loss")) >= 2:
             break
         assert launcher.info(run_id).active, launcher.log_tail(run_id)
         time.sleep(0.2)
     running = launcher.info(run_id)
-    assert running.state == "running" and running.progress < 1   # status.json is throttled: maybe still 0
+    assert running.state == "running" and running.progress < 1  # status.json is throttled: maybe still 0
     assert trainer_identity(running.pid, running.path, running.updated_at) == "trainer"
     assert "cancel requested" in launcher.cancel(run_id)
     final = launcher.wait(run_id, timeout=120)
     assert final.state == "cancelled", (final, launcher.log_tail(run_id))
     assert "resume" in final.message and (final.path / "checkpoint").is_dir()
-    assert not Path(f"/proc/{running.pid}").exists()            # reaped
-    assert "already cancelled" in launcher.cancel(run_id)        # nothing left to signal
+    assert not Path(f"/proc/{running.pid}").exists()  # reaped
+    assert "already cancelled" in launcher.cancel(run_id)  # nothing left to signal
 
     # Resume: the same command again; the trainer goes on from its checkpoint (here told to
     # stop two steps later, so that the test ends).
@@ -138,16 +143,35 @@ def test_a_killed_trainer_shows_as_failed(tmp_path):
     dead.wait()
     orphan = launcher.runs_dir / "reward-orphan"
     orphan.mkdir()
-    (orphan / "status.json").write_text(json.dumps({"state": "running", "progress": 0.4, "message": "step 4",
-                                                    "pid": dead.pid, "updated_at": time.time()}))
-    (orphan / "config.json").write_text(json.dumps({"config": {"model": "tiny", "ties": "exclude"},
-                                                    "created_at": time.time()}))
+    (orphan / "status.json").write_text(
+        json.dumps(
+            {
+                "state": "running",
+                "progress": 0.4,
+                "message": "step 4",
+                "pid": dead.pid,
+                "updated_at": time.time(),
+            }
+        )
+    )
+    (orphan / "config.json").write_text(
+        json.dumps({"config": {"model": "tiny", "ties": "exclude"}, "created_at": time.time()})
+    )
     shown = launcher.info("reward-orphan")
     assert shown.kind == "reward" and shown.state == "failed" and shown.message == DEAD_MESSAGE
     assert "already failed" in launcher.cancel("reward-orphan")
     # A live pid that is some other program (a reused pid) is not that run's trainer either.
-    (orphan / "status.json").write_text(json.dumps({"state": "running", "progress": 0.4, "message": "step 4",
-                                                    "pid": os.getpid(), "updated_at": time.time() - 3600}))
+    (orphan / "status.json").write_text(
+        json.dumps(
+            {
+                "state": "running",
+                "progress": 0.4,
+                "message": "step 4",
+                "pid": os.getpid(),
+                "updated_at": time.time() - 3600,
+            }
+        )
+    )
     assert launcher.info("reward-orphan").state == "failed"
     assert trainer_identity(os.getpid(), orphan, time.time()) == "dead"
 
@@ -178,11 +202,13 @@ def test_bad_form_input_names_the_field_and_starts_nothing(done_reward, tmp_path
         launcher.start_policy("nope")
     other, _, reward_id = done_reward
     good = dict(algo="ppo", steps=2, model="tiny")
-    for change, expected in [(dict(algo="dpo"), "Algorithm: must be one of ppo, rloo"),
-                             (dict(steps=0), "Steps: must be at least 1"),
-                             (dict(kl_coef=-0.1), "KL coefficient: must be at least 0"),
-                             (dict(prompts="no/such/prompts.jsonl"), "Prompts file: no/such/prompts.jsonl does not"),
-                             (dict(lr="fast"), "Learning rate: 'fast' is not a number")]:
+    for change, expected in [
+        (dict(algo="dpo"), "Algorithm: must be one of ppo, rloo"),
+        (dict(steps=0), "Steps: must be at least 1"),
+        (dict(kl_coef=-0.1), "KL coefficient: must be at least 0"),
+        (dict(prompts="no/such/prompts.jsonl"), "Prompts file: no/such/prompts.jsonl does not"),
+        (dict(lr="fast"), "Learning rate: 'fast' is not a number"),
+    ]:
         with pytest.raises(LaunchError, match=expected):
             other.start_policy(reward_id, **{**good, **change})
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -203,20 +229,32 @@ def test_metrics_reader_reads_increments_and_waits_for_a_half_written_line(tmp_p
     assert reader.update() == 0 and reader.series("train", "loss") == []
     lines = [json.dumps({"kind": "train", "step": s, "loss": 1.0 / s, "acc": None}) for s in (1, 2, 3)]
     with open(path, "w") as f:
-        f.write(lines[0] + "\n" + lines[1] + "\n" + lines[2][:17])   # the last line half-written
+        f.write(lines[0] + "\n" + lines[1] + "\n" + lines[2][:17])  # the last line half-written
     assert reader.update() == 2
     assert reader.series("train", "loss") == [(1.0, 1.0), (2.0, 0.5)]
-    assert reader.series("train", "acc") == []                        # None is not a point
+    assert reader.series("train", "acc") == []  # None is not a point
     offset = reader.offset
-    assert reader.update() == 0 and reader.offset == offset           # still half a line
+    assert reader.update() == 0 and reader.offset == offset  # still half a line
     with open(path, "a") as f:
-        f.write(lines[2][17:] + "\n" + "{not json\n" + json.dumps({"kind": "eval", "step": 3, "val_acc": 0.75}) + "\n")
+        f.write(
+            lines[2][17:]
+            + "\n"
+            + "{not json\n"
+            + json.dumps({"kind": "eval", "step": 3, "val_acc": 0.75})
+            + "\n"
+        )
     assert reader.update() == 2 and reader.bad == 1
     assert reader.series("train", "loss")[-1] == (3.0, 1.0 / 3)
     assert reader.series("eval", "val_acc") == [(3.0, 0.75)]
     # A resumed run rewrites the file (steps after its checkpoint forgotten): read again.
-    path.write_text(lines[0] + "\n" + json.dumps({"kind": "resume", "step": 1}) + "\n"
-                    + json.dumps({"kind": "train", "step": 2, "loss": 0.9}) + "\n")
+    path.write_text(
+        lines[0]
+        + "\n"
+        + json.dumps({"kind": "resume", "step": 1})
+        + "\n"
+        + json.dumps({"kind": "train", "step": 2, "loss": 0.9})
+        + "\n"
+    )
     reader.update()
     assert reader.series("train", "loss") == [(1.0, 1.0), (2.0, 0.9)]
     assert reader.series("eval", "val_acc") == []
@@ -226,10 +264,14 @@ def test_metrics_reader_reads_increments_and_waits_for_a_half_written_line(tmp_p
 # The arena: Generator.add_model, arena.json
 # --------------------------------------------------------------------------------------
 
+
 def _pool(tmp_path: Path, n: int = 3):
     from trainer.prompts import load_prompt_pool
+
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Count to {i}."}) + "\n" for i in range(n)))
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": f"Count to {i}."}) + "\n" for i in range(n))
+    )
     return load_prompt_pool(prompts).prompts
 
 
@@ -252,25 +294,27 @@ def test_add_model_turns_one_model_into_a_two_model_arena(tmp_path):
 
     pool = _pool(tmp_path)
     q = AssignmentQueue()
-    gen = Generator(["tiny"], pool, q, cache_dir=tmp_path / "pairs", batch_size=3, max_new_tokens=4,
-                    per_annotator=100)
-    gen.run()                                     # one model: two seeds of it per prompt, then done
+    gen = Generator(
+        ["tiny"], pool, q, cache_dir=tmp_path / "pairs", batch_size=3, max_new_tokens=4, per_annotator=100
+    )
+    gen.run()  # one model: two seeds of it per prompt, then done
     assert gen.status()["state"] == "done"
     first = list(q._pairs.values())
     assert len(first) == 3 and all(p.model_a == p.model_b == "tiny" for p in first)
 
-    policy_dir = build_tiny_model()               # stands in for runs/<id>/policy
+    policy_dir = build_tiny_model()  # stands in for runs/<id>/policy
     assert gen.add_model(policy_dir, "policy-run-1") is True
-    assert gen.add_model(policy_dir, "policy-run-1") is False          # already there
+    assert gen.add_model(policy_dir, "policy-run-1") is False  # already there
     with pytest.raises(ValueError, match="not a model directory"):
         gen.add_model(tmp_path, "policy-run-2")
     assert gen.model_names == ["tiny", "policy-run-1"] and q.planned == gen.planned == 6
-    _wait_done(gen, 6)                            # the finished generator started again
+    _wait_done(gen, 6)  # the finished generator started again
     new = [p for p in q._pairs.values() if p not in first]
     assert len(new) == 3 and {p.prompt_id for p in new} == {"p0", "p1", "p2"}
     assert all({p.model_a, p.model_b} == {"tiny", "policy-run-1"} for p in new)
     # A vote on such a pair carries the run id as its model.
     from annotate.service import Service
+
     with DirectoryStore(tmp_path / "store") as store:
         service = Service(store, q, data=tmp_path / "store", local_user="me", generator=gen)
         models = set()
@@ -280,6 +324,7 @@ def test_add_model_turns_one_model_into_a_two_model_arena(tmp_path):
             models |= {view["ack"]["left_model"], view["ack"]["right_model"]}
     assert models == {"tiny", "policy-run-1"}
     from trainer.store import read_comparisons
+
     votes = read_comparisons(tmp_path / "store").to_pylist()
     assert sum("policy-run-1" in (v["model_a"], v["model_b"]) for v in votes) == 3
 
@@ -293,11 +338,13 @@ def test_add_to_arena_is_remembered_for_the_next_server(tmp_path):
     run = launcher.runs_dir / "policy-1"
     shutil.copytree(build_tiny_model(), run / "policy")
     (run / "status.json").write_text(json.dumps({"state": "done", "progress": 1.0, "message": "done"}))
-    (run / "config.json").write_text(json.dumps({"config": {"reward": "runs/rm", "algo": "ppo", "model": "tiny"}}))
+    (run / "config.json").write_text(
+        json.dumps({"config": {"reward": "runs/rm", "algo": "ppo", "model": "tiny"}})
+    )
     data = tmp_path / "store"
     pool = _pool(tmp_path)
 
-    with pytest.raises(LaunchError, match="pairs from a file"):      # serve --pairs: no arena
+    with pytest.raises(LaunchError, match="pairs from a file"):  # serve --pairs: no arena
         add_to_arena(None, data, launcher, "policy-1")
     with pytest.raises(LaunchError, match="no run 'nope'"):
         add_to_arena(None, data, launcher, "nope")
@@ -312,6 +359,6 @@ def test_add_to_arena_is_remembered_for_the_next_server(tmp_path):
     notes = restore_arena(again, data)
     assert again.model_names == ["tiny", "policy-1"] and again.sources["policy-1"] == str(run / "policy")
     assert again.planned == 2 * len(pool) and "policy-1" in notes[0]
-    shutil.rmtree(run / "policy")                  # a policy deleted since: left out, with a note
+    shutil.rmtree(run / "policy")  # a policy deleted since: left out, with a note
     third = Generator(["tiny"], pool, AssignmentQueue(), cache_dir=data / "pairs", max_new_tokens=4)
     assert "left out" in restore_arena(third, data)[0] and third.model_names == ["tiny"]

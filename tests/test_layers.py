@@ -40,7 +40,7 @@ def _imports(name: str, path: Path) -> list[tuple[str, int, bool]]:
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:   # relative: resolve against this module's package
+            if node.level:  # relative: resolve against this module's package
                 package = name.split(".")[: len(name.split(".")) - node.level + (path.name == "__init__.py")]
                 base = ".".join([*package, base] if base else package)
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
@@ -68,8 +68,13 @@ def _where(name: str, line: int) -> str:
 
 
 def test_the_library_never_imports_the_app_or_gradio():
-    bad = [f"{_where(m, line)} imports {t}" for m, imports in GRAPH.items() if m.startswith("trainer")
-           for t, line, _ in imports if t.split(".")[0] in ("annotate", "gradio")]
+    bad = [
+        f"{_where(m, line)} imports {t}"
+        for m, imports in GRAPH.items()
+        if m.startswith("trainer")
+        for t, line, _ in imports
+        if t.split(".")[0] in ("annotate", "gradio")
+    ]
     assert not bad, "trainer must not depend on the app:\n" + "\n".join(bad)
 
 
@@ -78,13 +83,18 @@ def test_the_service_layer_never_imports_the_web_layer_or_gradio():
     for m, imports in GRAPH.items():
         if not m.startswith("annotate") or m.startswith("annotate.web") or m in MAY_USE_THE_WEB:
             continue
-        bad += [f"{_where(m, line)} imports {t}" for t, line, _ in imports
-                if t.split(".")[0] == "gradio" or t.startswith("annotate.web")]
+        bad += [
+            f"{_where(m, line)} imports {t}"
+            for t, line, _ in imports
+            if t.split(".")[0] == "gradio" or t.startswith("annotate.web")
+        ]
     assert not bad, "service-layer modules must not depend on gradio or annotate.web:\n" + "\n".join(bad)
 
 
 def test_no_import_circles():
-    edges = {m: sorted({o for t, _, _ in imports if (o := _ours(t)) and o != m}) for m, imports in GRAPH.items()}
+    edges = {
+        m: sorted({o for t, _, _ in imports if (o := _ours(t)) and o != m}) for m, imports in GRAPH.items()
+    }
     # A package's __init__ importing its own submodules is how packages work, not a circle.
     edges = {m: [o for o in out if not o.startswith(m + ".")] for m, out in edges.items()}
     cycles, state = [], {}
@@ -94,7 +104,7 @@ def test_no_import_circles():
         stack.append(m)
         for o in edges[m]:
             if state.get(o) == "open":
-                cycles.append(" -> ".join(stack[stack.index(o):] + [o]))
+                cycles.append(" -> ".join(stack[stack.index(o) :] + [o]))
             elif o not in state:
                 visit(o, stack)
         stack.pop()

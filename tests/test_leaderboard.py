@@ -13,21 +13,28 @@ import choix
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import preflab, vote_record, write_store
 
 from annotate import cli
 from annotate.policy_evals import head_to_head, policy_evals
-from annotate.ratings import (CENTER, SCALE, LeaderboardError, battles_from_votes, fit_bradley_terry,
-                              interval_ranks, leaderboard)
+from annotate.ratings import (
+    CENTER,
+    SCALE,
+    LeaderboardError,
+    battles_from_votes,
+    fit_bradley_terry,
+    interval_ranks,
+    leaderboard,
+)
 from annotate.web.leaderboard_html import matrix_html, plot_svg, table_html
 from annotate.web.leaderboard_tab import page
-from trainer.store.directory_writer import DirectoryStore
 from trainer.store import read_comparisons
-from helpers import preflab, vote_record, write_store
-
+from trainer.store.directory_writer import DirectoryStore
 
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
+
 
 def simulate(theta, battles: int, seed: int, tie_share: float = 0.3):
     """Battles between random pairs of different models with known strengths theta.
@@ -44,8 +51,9 @@ def simulate(theta, battles: int, seed: int, tie_share: float = 0.3):
     b = (a + rng.integers(1, K, battles)) % K
     p = 1 / (1 + np.exp(-(theta[a] - theta[b])))
     q = tie_share * 2 * np.minimum(p, 1 - p)
-    choice = np.where(rng.random(battles) < q, "tie",
-                      np.where(rng.random(battles) < (p - q / 2) / (1 - q), "a", "b"))
+    choice = np.where(
+        rng.random(battles) < q, "tie", np.where(rng.random(battles) < (p - q / 2) / (1 - q), "a", "b")
+    )
     return a, b, choice
 
 
@@ -56,8 +64,13 @@ def name(k: int) -> str:
 def votes_table(rows) -> pa.Table:
     """(model_a, model_b, choice) tuples -> the three columns the leaderboard reads."""
     a, b, c = zip(*rows) if rows else ((), (), ())
-    return pa.table({"model_a": pa.array(a, pa.string()), "model_b": pa.array(b, pa.string()),
-                     "choice": pa.array(c, pa.string())})
+    return pa.table(
+        {
+            "model_a": pa.array(a, pa.string()),
+            "model_b": pa.array(b, pa.string()),
+            "choice": pa.array(c, pa.string()),
+        }
+    )
 
 
 def simulated_votes(theta, battles, seed, **kw) -> pa.Table:
@@ -77,9 +90,18 @@ def true_ratings(theta) -> dict[str, float]:
 
 def battle(i: int, model_a: str, model_b: str, choice: str) -> dict:
     """Vote number i of a battle between two models, by one of three judges."""
-    return vote_record(f"Question {i % 7}?", f"answer a {i}", f"answer b {i}", choice, pair_id=f"pair-{i}",
-                       prompt_id=f"p-{i % 7}", model_a=model_a, model_b=model_b, left="ab"[i % 2],
-                       annotator=f"judge{i % 3}")
+    return vote_record(
+        f"Question {i % 7}?",
+        f"answer a {i}",
+        f"answer b {i}",
+        choice,
+        pair_id=f"pair-{i}",
+        prompt_id=f"p-{i % 7}",
+        model_a=model_a,
+        model_b=model_b,
+        left="ab"[i % 2],
+        annotator=f"judge{i % 3}",
+    )
 
 
 def write_battles(path: Path, rows) -> Path:
@@ -89,8 +111,12 @@ def write_battles(path: Path, rows) -> Path:
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
     """`preflab leaderboard ...` with nothing in its environment but the bare minimum."""
-    return preflab("leaderboard", *argv, timeout=120,
-                   env={"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PATH": "/usr/bin:/bin"})
+    return preflab(
+        "leaderboard",
+        *argv,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PATH": "/usr/bin:/bin"},
+    )
 
 
 THETA = np.array([1.2, 0.8, 0.3, 0.0, -0.2, -0.7, -1.1, -1.6])
@@ -99,6 +125,7 @@ THETA = np.array([1.2, 0.8, 0.3, 0.0, -0.2, -0.7, -1.1, -1.6])
 # --------------------------------------------------------------------------------------
 # the fit
 # --------------------------------------------------------------------------------------
+
 
 def test_ratings_match_choix_on_battles_without_ties():
     """choix's ILSR on the raw (winner, loser) list: an independent path from the votes to
@@ -131,14 +158,14 @@ def test_ratings_match_choix_with_ties_as_half_wins_and_recover_the_true_strengt
         assert rating_of(board, name(k)) == pytest.approx(theirs[k], abs=0.01)
         # ~5k battles a model: a standard error of ~4 points; 25 is > 5 of them
         assert rating_of(board, name(k)) == pytest.approx(truth[name(k)], abs=25)
-    assert board.models == [name(k) for k in range(len(THETA))]   # strongest first
+    assert board.models == [name(k) for k in range(len(THETA))]  # strongest first
 
 
 def test_batched_fit_equals_one_fit_per_matrix_and_an_undefeated_model_stays_finite():
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 30, (5, 6, 6)).astype(float)
     batch[:, np.arange(6), np.arange(6)] = 0
-    batch[2, :, 0] = 0        # model 0 never loses in matrix 2
+    batch[2, :, 0] = 0  # model 0 never loses in matrix 2
     together = fit_bradley_terry(batch)
     for k in range(5):
         assert np.allclose(together[k], fit_bradley_terry(batch[k]), atol=1e-8)
@@ -149,6 +176,7 @@ def test_batched_fit_equals_one_fit_per_matrix_and_an_undefeated_model_stays_fin
 # --------------------------------------------------------------------------------------
 # intervals, ranks, anchor
 # --------------------------------------------------------------------------------------
+
 
 def test_bootstrap_intervals_cover_the_true_strengths():
     """Fixed seeds, so never flaky. Four simulated arenas of 8 models: 32 intervals of
@@ -161,7 +189,7 @@ def test_bootstrap_intervals_cover_the_true_strengths():
         board = leaderboard(simulated_votes(THETA, 30_000, seed=20 + seed), rounds=200, seed=seed)
         covered += [bool(board.low[k] <= truth[m] <= board.high[k]) for k, m in enumerate(board.models)]
         width = board.high - board.low
-        assert (width > 5).all() and (width < 40).all(), width   # ~4 points of standard error
+        assert (width > 5).all() and (width < 40).all(), width  # ~4 points of standard error
     assert sum(covered) >= 28, covered
     # a well-sampled model of one arena: its true rating lies inside its interval
     board = leaderboard(simulated_votes(THETA, 30_000, seed=3), rounds=200, seed=4)
@@ -195,7 +223,7 @@ def test_anchor_is_exactly_1000_and_only_shifts_the_ratings():
     anchored = leaderboard(votes, anchor=name(2), rounds=30, seed=1)
     k = anchored.models.index(name(2))
     assert anchored.rating[k] == 1000.0
-    assert anchored.low[k] == anchored.high[k] == 1000.0    # the distance to itself is certain
+    assert anchored.low[k] == anchored.high[k] == 1000.0  # the distance to itself is certain
     assert centred.rating.mean() == pytest.approx(1000.0, abs=1e-9)
     assert centred.models == anchored.models
     assert np.allclose(np.diff(centred.rating), np.diff(anchored.rating))
@@ -207,8 +235,14 @@ def test_anchor_is_exactly_1000_and_only_shifts_the_ratings():
 # what counts: ties, both bad, self-pairs
 # --------------------------------------------------------------------------------------
 
+
 def test_ties_are_half_wins_and_both_bad_is_a_tie_or_dropped():
-    rows = [("A", "B", "a")] * 3 + [("B", "A", "a")] + [("A", "B", "both_bad")] * 2 + [("B", "A", "both_bad")] * 2
+    rows = (
+        [("A", "B", "a")] * 3
+        + [("B", "A", "a")]
+        + [("A", "B", "both_bad")] * 2
+        + [("B", "A", "both_bad")] * 2
+    )
     votes = votes_table(rows)
     as_tie = leaderboard(votes, rounds=0)
     dropped = leaderboard(votes, rounds=0, both_bad="drop")
@@ -231,7 +265,7 @@ def test_self_pairs_are_left_out_and_counted():
     rows = [("A", "B", "a"), ("A", "B", "b"), ("B", "C", "a"), ("C", "A", "tie"), ("A", "B", "a")]
     selfish = rows + [("A", "A", "a")] * 5 + [("C", "C", "b")] * 2 + [("D", "D", "tie")]
     plain, board = leaderboard(votes_table(rows), rounds=0), leaderboard(votes_table(selfish), rounds=0)
-    assert board.models == plain.models == ["A", "B", "C"]    # D only met itself: no rating
+    assert board.models == plain.models == ["A", "B", "C"]  # D only met itself: no rating
     assert np.allclose(board.rating, plain.rating)
     assert board.self_pairs == 8 and board.votes == len(selfish) and board.used == len(rows)
     assert any("8 votes left out: both answers from the same model" in n for n in board.notes())
@@ -243,6 +277,7 @@ def test_self_pairs_are_left_out_and_counted():
 # --------------------------------------------------------------------------------------
 # errors that make a leaderboard meaningless
 # --------------------------------------------------------------------------------------
+
 
 def test_disconnected_graph_is_an_error_naming_the_groups():
     rows = [("A", "B", "a"), ("B", "A", "tie"), ("C", "D", "b"), ("D", "E", "a")]
@@ -263,9 +298,14 @@ def test_empty_and_single_model_votes_are_clear_errors():
 # head to head, policy evaluations
 # --------------------------------------------------------------------------------------
 
+
 def test_head_to_head_and_policy_evals_next_to_the_human_win_rate(tmp_path, caplog):
-    rows = ([("policy-1", "ref", "a")] * 6 + [("ref", "policy-1", "a")] * 2 + [("ref", "policy-1", "tie")] * 2
-            + [("ref", "other", "a")] * 3)
+    rows = (
+        [("policy-1", "ref", "a")] * 6
+        + [("ref", "policy-1", "a")] * 2
+        + [("ref", "policy-1", "tie")] * 2
+        + [("ref", "other", "a")] * 3
+    )
     votes = votes_table(rows)
     h = head_to_head(votes, "policy-1", "ref")
     assert (h["n"], h["wins"], h["losses"], h["ties"]) == (10, 6, 2, 2)
@@ -276,12 +316,21 @@ def test_head_to_head_and_policy_evals_next_to_the_human_win_rate(tmp_path, capl
     runs = tmp_path / "runs"
     for run_id, rate in (("policy-1", 0.81), ("policy-2", 0.64)):
         (runs / run_id).mkdir(parents=True)
-        (runs / run_id / "eval.json").write_text(json.dumps(
-            {"policy": run_id, "reference": "ref", "prompts": 50, "rm_win_rate": rate,
-             "rm_win_rate_ci": [rate - 0.1, rate + 0.1], "reward_run": "runs/reward-1"}))
+        (runs / run_id / "eval.json").write_text(
+            json.dumps(
+                {
+                    "policy": run_id,
+                    "reference": "ref",
+                    "prompts": 50,
+                    "rm_win_rate": rate,
+                    "rm_win_rate_ci": [rate - 0.1, rate + 0.1],
+                    "reward_run": "runs/reward-1",
+                }
+            )
+        )
     (runs / "broken").mkdir()
     (runs / "broken" / "eval.json").write_text("{not json")
-    (runs / "reward-1").mkdir()   # no eval.json: not a policy run
+    (runs / "reward-1").mkdir()  # no eval.json: not a policy run
     evals = policy_evals(runs, votes)
     assert [e["policy"] for e in evals] == ["policy-1", "policy-2"]
     assert evals[0]["rm_win_rate"] == 0.81 and evals[0]["human"]["win_rate"] == pytest.approx(0.7)
@@ -301,13 +350,14 @@ def test_html_escapes_model_names():
 # the command line on a real store
 # --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def store(tmp_path):
     votes = simulated_votes([0.9, 0.2, -0.4], 600, seed=11)
     rows = list(zip(*(votes[c].to_pylist() for c in ("model_a", "model_b", "choice"))))
     rows += [(name(0), name(0), "a")] * 3 + [(name(1), name(2), "both_bad")] * 4
     path = write_battles(tmp_path / "store", rows)
-    with DirectoryStore(path) as s:     # an undo: that vote must not count
+    with DirectoryStore(path) as s:  # an undo: that vote must not count
         first = read_comparisons(path).to_pylist()[0]
         s.retract(first["event_id"], first["annotator"], vote=first)
     return path
@@ -316,9 +366,18 @@ def store(tmp_path):
 def test_cli_prints_the_ranked_table(store, tmp_path):
     runs = tmp_path / "runs"
     (runs / "pol").mkdir(parents=True)
-    (runs / "pol" / "eval.json").write_text(json.dumps(
-        {"policy": "pol", "reference": name(0), "prompts": 20, "rm_win_rate": 0.55,
-         "rm_win_rate_ci": [0.4, 0.7], "reward_run": "runs/rw"}))
+    (runs / "pol" / "eval.json").write_text(
+        json.dumps(
+            {
+                "policy": "pol",
+                "reference": name(0),
+                "prompts": 20,
+                "rm_win_rate": 0.55,
+                "rm_win_rate_ci": [0.4, 0.7],
+                "reward_run": "runs/rw",
+            }
+        )
+    )
     r = run_cli("--data", str(store), "--rounds", "50", "--runs", str(runs))
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -327,7 +386,7 @@ def test_cli_prints_the_ranked_table(store, tmp_path):
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("rank"))
     assert "rating" in lines[header] and "95% CI" in lines[header] and "win rate" in lines[header]
-    table = [line.split() for line in lines[header + 1:header + 4]]
+    table = [line.split() for line in lines[header + 1 : header + 4]]
     assert [row[1] for row in table] == [name(0), name(1), name(2)]
     assert [row[0] for row in table] == ["1", "2", "3"]
     ratings = [float(row[2]) for row in table]
@@ -370,16 +429,20 @@ def test_cli_errors_exit_2_with_a_clear_message(tmp_path, capsys):
 def test_reading_only_the_vote_columns_still_applies_retractions(store):
     """The CLI reads model_a, model_b, choice only (trainer.store columns=): same
     rows as a full read, retracted votes gone, live tail events included."""
-    with DirectoryStore(store, flush_every=10_000) as s:   # an un-flushed tail: one vote, one undo
+    with DirectoryStore(store, flush_every=10_000) as s:  # an un-flushed tail: one vote, one undo
         kept = s.append(battle(9000, name(2), name(0), "a"))
         gone = s.append(battle(9001, name(2), name(0), "a"))
         s.retract(gone["event_id"], gone["annotator"], vote=gone)
         full = read_comparisons(store)
         slim = read_comparisons(store, columns=["choice", "model_a", "model_b"])
     assert slim.column_names == ["choice", "model_a", "model_b"]
-    assert sorted(zip(*(slim[c].to_pylist() for c in ("model_a", "model_b", "choice")))) == \
-        sorted(zip(*(full[c].to_pylist() for c in ("model_a", "model_b", "choice"))))
-    assert kept["event_id"] in full["event_id"].to_pylist() and gone["event_id"] not in full["event_id"].to_pylist()
+    assert sorted(zip(*(slim[c].to_pylist() for c in ("model_a", "model_b", "choice")))) == sorted(
+        zip(*(full[c].to_pylist() for c in ("model_a", "model_b", "choice")))
+    )
+    assert (
+        kept["event_id"] in full["event_id"].to_pylist()
+        and gone["event_id"] not in full["event_id"].to_pylist()
+    )
     with pytest.raises(ValueError, match="unknown column 'modle_a'"):
         read_comparisons(store, columns=["modle_a"])
 
@@ -399,6 +462,10 @@ def test_the_tab_view_explains_an_empty_store_and_a_vanished_anchor(store, tmp_p
     view = page(empty, tmp_path / "runs")
     assert not view["ok"] and "no votes yet" in view["message"] and view["table"] == ""
     view = page(store, tmp_path / "runs", anchor="retired-model")
-    assert view["ok"] and view["anchor"] is None and view["message"].startswith("The anchor retired-model has no votes")
+    assert (
+        view["ok"]
+        and view["anchor"] is None
+        and view["message"].startswith("The anchor retired-model has no votes")
+    )
     assert view["models"] == [name(0), name(1), name(2)] and "<svg" in view["plot"]
     assert page(store, tmp_path / "runs", anchor=name(2))["board"].rating[-1] == 1000.0

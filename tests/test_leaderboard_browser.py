@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import CHROMIUM, Server, add_users, client, login, vote_record, write_pairs, write_store
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
@@ -29,8 +28,19 @@ def seed_votes(store: Path, n: int = 600) -> None:
         a, b = rng.choice(len(names), 2, replace=False)
         p = 1 / (1 + np.exp(STRENGTH[names[b]] - STRENGTH[names[a]]))
         choice = "tie" if rng.random() < 0.1 else ("a" if rng.random() < p else "b")
-        records.append(vote_record(f"Q{i % 5}", "x", "y", choice, pair_id=f"seed-{i}", prompt_id=f"p-{i % 5}",
-                                   model_a=names[a], model_b=names[b], annotator="import:seed"))
+        records.append(
+            vote_record(
+                f"Q{i % 5}",
+                "x",
+                "y",
+                choice,
+                pair_id=f"seed-{i}",
+                prompt_id=f"p-{i % 5}",
+                model_a=names[a],
+                model_b=names[b],
+                annotator="import:seed",
+            )
+        )
     write_store(store, records)
 
 
@@ -40,12 +50,30 @@ def arena(tmp_path_factory):
     add_users(tmp / "users.toml", ann="annotator", boss="admin")
     seed_votes(tmp / "store")
     (tmp / "runs" / "policy-7").mkdir(parents=True)
-    (tmp / "runs" / "policy-7" / "eval.json").write_text(json.dumps(
-        {"policy": "policy-7", "reference": "alpha", "prompts": 40, "rm_win_rate": 0.625,
-         "rm_win_rate_ci": [0.47, 0.76], "reward_run": "runs/reward-1"}))
+    (tmp / "runs" / "policy-7" / "eval.json").write_text(
+        json.dumps(
+            {
+                "policy": "policy-7",
+                "reference": "alpha",
+                "prompts": 40,
+                "rm_win_rate": 0.625,
+                "rm_win_rate_ci": [0.47, 0.76],
+                "reward_run": "runs/reward-1",
+            }
+        )
+    )
     pairs = write_pairs(tmp / "pairs.jsonl", 3)
-    with Server(tmp, "--pairs", str(pairs), "--data", str(tmp / "store"), "--runs", str(tmp / "runs"),
-                "--auth", str(tmp / "users.toml")) as server:
+    with Server(
+        tmp,
+        "--pairs",
+        str(pairs),
+        "--data",
+        str(tmp / "store"),
+        "--runs",
+        str(tmp / "runs"),
+        "--auth",
+        str(tmp / "users.toml"),
+    ) as server:
         yield server
 
 
@@ -66,9 +94,9 @@ def test_admin_sees_the_leaderboard_and_annotators_do_not(arena, browser):
     page.get_by_role("tab", name="Leaderboard").click()
     page.wait_for_selector("#lb-ranked tbody tr", timeout=30_000)
     rows = ranked(page)
-    assert [r["model"] for r in rows] == list(STRENGTH)          # strongest first, as simulated
+    assert [r["model"] for r in rows] == list(STRENGTH)  # strongest first, as simulated
     assert rows[0]["rank"] == "1" and rows[-1]["rank"] != "1"
-    assert abs(sum(r["rating"] for r in rows) / len(rows) - 1000) < 1   # centred on the mean
+    assert abs(sum(r["rating"] for r in rows) / len(rows) - 1000) < 1  # centred on the mean
     assert "600 battles between 4 models" in page.inner_text("#lb-message")
 
     # the plot: an inline SVG with one dot and one interval bar per model
@@ -89,8 +117,10 @@ def test_admin_sees_the_leaderboard_and_annotators_do_not(arena, browser):
     # anchor on beta: beta at exactly 1000, the order unchanged
     page.locator("#lb-anchor input").click()
     page.get_by_role("option", name="beta", exact=True).click()
-    page.wait_for_function("() => (document.querySelector('#lb-message') || {}).innerText?.includes('beta = 1000')",
-                           timeout=30_000)
+    page.wait_for_function(
+        "() => (document.querySelector('#lb-message') || {}).innerText?.includes('beta = 1000')",
+        timeout=30_000,
+    )
     rows = ranked(page)
     assert [r["model"] for r in rows] == list(STRENGTH)
     assert next(r for r in rows if r["model"] == "beta")["rating"] == 1000

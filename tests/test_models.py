@@ -10,11 +10,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import child_env, preflab, vote_record
 
 from annotate import generate as gen_cli
 from trainer import models
 from trainer.store import messages_to_json, pair_id_for
-from helpers import child_env, preflab, vote_record
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 
@@ -48,6 +48,7 @@ def gguf(cache_dir):
 # --------------------------------------------------------------------------------------
 # The tiny model
 # --------------------------------------------------------------------------------------
+
 
 def test_tiny_model_has_the_real_tokenizer(tiny):
     model, tok = tiny
@@ -83,6 +84,7 @@ def test_tiny_model_is_cached(tiny, cache_dir, monkeypatch):
 # Prompts and generation
 # --------------------------------------------------------------------------------------
 
+
 def test_chat_template_is_applied(tiny):
     _, tok = tiny
     text = models.render_prompt(tok, HELLO)
@@ -109,8 +111,13 @@ def test_plain_transcript_without_chat_template(tiny):
 CONVERSATIONS = [
     HELLO,
     "Tell me about zebras.",
-    [{"role": "user", "content": "A much longer question, so that the batch needs left padding: "
-                                 "what is the tallest mountain in each of the seven continents?"}],
+    [
+        {
+            "role": "user",
+            "content": "A much longer question, so that the batch needs left padding: "
+            "what is the tallest mountain in each of the seven continents?",
+        }
+    ],
 ]
 
 
@@ -131,7 +138,7 @@ def test_generate_shapes_and_seeds(tiny):
 def test_generate_returns_new_text_only(tiny):
     model, tok = tiny
     out = models.generate(model, tok, CONVERSATIONS, n=1, max_new_tokens=4, progress=False)
-    for conv, (text,) in zip(CONVERSATIONS, out):
+    for (text,) in out:
         assert "zebras" not in text and "tallest mountain" not in text and "Hello there" not in text
         assert "<|im_start|>" not in text and "<|im_end|>" not in text  # special tokens stripped
         assert len(tok(text, add_special_tokens=False).input_ids) <= 4 + 2
@@ -155,6 +162,7 @@ def test_generate_nothing(tiny):
 # --------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------
+
 
 def test_unknown_model_offline_is_a_clear_error(cache_dir):
     with pytest.raises(models.ModelLoadError) as info:
@@ -181,6 +189,7 @@ def test_aliases_name_the_default():
 # The conversion cache (fast: the tiny model stands in for the GGUF-loaded one)
 # --------------------------------------------------------------------------------------
 
+
 def test_failed_conversion_leaves_no_cache(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(models, "load_gguf_model", lambda dtype=None: tiny)
     monkeypatch.setattr(models, "max_logit_diff", lambda *a: 1.0)  # the check fails
@@ -206,6 +215,7 @@ def test_killed_conversion_leftovers_are_removed(tiny, tmp_path, monkeypatch):
 # The real SmolLM2: GGUF -> safetensors cache
 # --------------------------------------------------------------------------------------
 
+
 def test_gguf_loaded_model_is_flagged_quantized(gguf, tmp_path):
     # The reason for the conversion: this is what transformers refuses to save.
     gguf_model, _, _ = gguf
@@ -216,6 +226,7 @@ def test_gguf_loaded_model_is_flagged_quantized(gguf, tmp_path):
 
 def test_converted_cache_is_a_plain_model(gguf, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf_model, gguf_tok, converted = gguf
     assert converted == models.default_model_dir(converted.parents[1])
     assert not [p for p in converted.parent.iterdir() if p.name.startswith(".tmp-")]
@@ -241,14 +252,16 @@ def test_default_model_loads_from_cache_and_answers(gguf, cache_dir, monkeypatch
     monkeypatch.setattr(models, "load_gguf_model", lambda *a, **k: pytest.fail("re-converted"))
     model, tok = models.load_model("smollm2", cache_dir=cache_dir)
     assert models.count_parameters(model) == 134_515_008
-    ((answer,),) = models.generate(model, tok, ["What is the capital of France?"], n=1,
-                                   max_new_tokens=24, temperature=0, progress=False)
+    ((answer,),) = models.generate(
+        model, tok, ["What is the capital of France?"], n=1, max_new_tokens=24, temperature=0, progress=False
+    )
     assert "Paris" in answer
 
 
 # --------------------------------------------------------------------------------------
 # The CLI
 # --------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def pool(tmp_path):
@@ -266,23 +279,51 @@ def pool(tmp_path):
 def check_pairs(rows, prompt_ids):
     assert [r["prompt_id"] for r in rows] == prompt_ids
     for r in rows:
-        assert set(r) == {"prompt", "response_a", "response_b", "model_a", "model_b",
-                          "pair_id", "prompt_id", "gen_params"}
+        assert set(r) == {
+            "prompt",
+            "response_a",
+            "response_b",
+            "model_a",
+            "model_b",
+            "pair_id",
+            "prompt_id",
+            "gen_params",
+        }
         assert (r["model_a"], r["response_a"]) <= (r["model_b"], r["response_b"])  # canonical order
         assert r["pair_id"] == pair_id_for(messages_to_json(r["prompt"]), r["response_a"], r["response_b"])
         params = json.loads(r["gen_params"])
         assert set(params) == {"a", "b"}
         # Everything a vote record needs from the pair is valid there.
-        vote_record(r["prompt"], r["response_a"], r["response_b"], pair_id=r["pair_id"],
-                    prompt_id=r["prompt_id"], model_a=r["model_a"], model_b=r["model_b"],
-                    gen_params=r["gen_params"])
+        vote_record(
+            r["prompt"],
+            r["response_a"],
+            r["response_b"],
+            pair_id=r["pair_id"],
+            prompt_id=r["prompt_id"],
+            model_a=r["model_a"],
+            model_b=r["model_b"],
+            gen_params=r["gen_params"],
+        )
 
 
 def test_cli_generate_writes_pairs(tiny, cache_dir, pool, tmp_path):
     out = tmp_path / "pairs.jsonl"
-    proc = preflab("generate", "--model", "tiny", "--prompts", pool, "--limit", "3", "--out", out,
-                   "--max-new-tokens", "6", "--no-progress", env=child_env(PREFLAB_CACHE=str(cache_dir)),
-                   timeout=300)
+    proc = preflab(
+        "generate",
+        "--model",
+        "tiny",
+        "--prompts",
+        pool,
+        "--limit",
+        "3",
+        "--out",
+        out,
+        "--max-new-tokens",
+        "6",
+        "--no-progress",
+        env=child_env(PREFLAB_CACHE=str(cache_dir)),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     check_pairs(rows, ["p1", "p2", "p3"])
@@ -306,9 +347,23 @@ def test_generate_pairs_different_models(tiny, cache_dir, pool, tmp_path):
     # The tiny model's cache directory, given as a local path, is a second "model".
     local = str(models.tiny_model_dir(cache_dir))
     out = tmp_path / "pairs.jsonl"
-    args = _generate_args("--model", "tiny", "--model", local, "--model", "tiny", "--prompts", str(pool),
-                          "--out", str(out), "--max-new-tokens", "4", "--cache-dir", str(cache_dir),
-                          "--no-progress")
+    args = _generate_args(
+        "--model",
+        "tiny",
+        "--model",
+        local,
+        "--model",
+        "tiny",
+        "--prompts",
+        str(pool),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+    )
     assert gen_cli.run_generate(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     check_pairs(rows, ["p1", "p2", "p3", "p4"])
@@ -320,8 +375,19 @@ def test_generate_pairs_different_models(tiny, cache_dir, pool, tmp_path):
 
 
 def test_generate_prints_pairs_without_out(tiny, cache_dir, pool, capsys):
-    args = _generate_args("--model", "tiny", "--prompts", str(pool), "--limit", "2",
-                          "--max-new-tokens", "3", "--cache-dir", str(cache_dir), "--no-progress")
+    args = _generate_args(
+        "--model",
+        "tiny",
+        "--prompts",
+        str(pool),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--cache-dir",
+        str(cache_dir),
+        "--no-progress",
+    )
     assert gen_cli.run_generate(args) == 0
     printed = capsys.readouterr().out
     assert "pair 1/2" in printed and "pair 2/2" in printed and "pair 3/" not in printed
@@ -329,8 +395,9 @@ def test_generate_prints_pairs_without_out(tiny, cache_dir, pool, capsys):
 
 
 def test_generate_bad_inputs_fail_cleanly(cache_dir, pool, tmp_path, capsys):
-    args = _generate_args("--model", "no-such-org/no-such-model", "--prompts", str(pool),
-                          "--cache-dir", str(cache_dir))
+    args = _generate_args(
+        "--model", "no-such-org/no-such-model", "--prompts", str(pool), "--cache-dir", str(cache_dir)
+    )
     assert gen_cli.run_generate(args) == 1
     assert "--model /path/to/model_dir" in capsys.readouterr().err
     args = _generate_args("--prompts", str(tmp_path / "missing.jsonl"), "--cache-dir", str(cache_dir))
@@ -344,8 +411,14 @@ def test_cli_model_reports_load_times(tiny, cache_dir, capsys):
     args = p.parse_args(["tiny", "--cache-dir", str(cache_dir), "--max-new-tokens", "4"])
     assert gen_cli.run_model(args) == 0
     printed = capsys.readouterr().out
-    for label in ["first load:", "cached load:", "parameters:   3,219,776", "dtype:        float32",
-                  "device:       cpu", "answer:"]:
+    for label in [
+        "first load:",
+        "cached load:",
+        "parameters:   3,219,776",
+        "dtype:        float32",
+        "device:       cpu",
+        "answer:",
+    ]:
         assert label in printed
 
 

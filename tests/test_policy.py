@@ -19,16 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, TRAIN_DEVICE, sigterm_mid_run, vote_record, write_store
 
 from trainer import rl_math
-from helpers import REPO, TRAIN_DEVICE, sigterm_mid_run, vote_record, write_store
 from trainer.errors import PolicyInputError
 from trainer.policy import train
 from trainer.policy_run import prompt_rows
 from trainer.prompts import load_prompts
 
-WORDS = ("the a of to and in is it you that for on with as are this be at or by from have "
-         "not can but your will more some what so water light soil day week").split()
+WORDS = (
+    "the a of to and in is it you that for on with as are this be at or by from have "
+    "not can but your will more some what so water light soil day week"
+).split()
 TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep", "travel", "music"]
 PROMPTS = [f"Question {i} about {TOPICS[i % len(TOPICS)]}: what should I do?" for i in range(16)]
 
@@ -46,6 +48,7 @@ def one_thread():
 # --------------------------------------------------------------------------------------
 # The math, against values computed by hand
 # --------------------------------------------------------------------------------------
+
 
 def test_gae_by_hand():
     rewards = torch.tensor([[0.0, 0.0, 1.0], [0.1, -0.2, 5.0]])
@@ -73,14 +76,16 @@ def test_whitening_by_hand():
     # mean 4, unbiased variance (4 + 0 + 4) / 2 = 4, std 2; the masked 100 is ignored.
     assert torch.allclose(rl_math.masked_whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6)
     # shift_mean=False rescales but keeps the mean (for rewards, whose sign means something).
-    assert torch.allclose(rl_math.masked_whiten(x, mask, shift_mean=False),
-                          torch.tensor([[3.0, 4.0, 5.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(
+        rl_math.masked_whiten(x, mask, shift_mean=False), torch.tensor([[3.0, 4.0, 5.0, 0.0]]), atol=1e-6
+    )
     assert rl_math.masked_mean(x, mask).item() == pytest.approx(4.0)
     assert rl_math.masked_var(x, mask).item() == pytest.approx(4.0)
     # Pooled over "processes": two halves reduced together give the statistics of the whole.
     halves = [(x[:, :2], mask[:, :2]), (x[:, 2:], mask[:, 2:])]
-    total = sum(torch.stack([m.double().sum(), (v * m).double().sum(), (v * v * m).double().sum()])
-                for v, m in halves)
+    total = sum(
+        torch.stack([m.double().sum(), (v * m).double().sum(), (v * v * m).double().sum()]) for v, m in halves
+    )
     pooled = rl_math.masked_whiten(x[:, :2], mask[:, :2], reduce=lambda _: total)
     assert torch.allclose(pooled, torch.tensor([[-1.0, 0.0]]), atol=1e-6)
 
@@ -127,7 +132,7 @@ def test_clipped_losses_by_hand():
     old = torch.zeros(4)
     logp = torch.log(torch.tensor([1.5, 0.5, 0.5, 1.1]))  # ratios 1.5, 0.5, 0.5, 1.1
     adv = torch.tensor([1.0, 1.0, -1.0, 1.0])
-    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])               # the last token is padding
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the last token is padding
     loss, clipped, approx_kl = rl_math.ppo_policy_loss(logp, old, adv, mask, clip=0.2)
     # max(-A r, -A clip(r)): [-1.2 (clipped), -0.5, 0.8 (clipped)]
     assert loss.item() == pytest.approx(-1.2 - 0.5 + 0.8, abs=1e-6)
@@ -169,8 +174,10 @@ def test_explained_variance_by_hand():
     # returns [1, 3, 5]: Var 8/3; returns - values [0, 1, 2]: Var 2/3 -> 1 - (2/3) / (8/3) = 0.75
     # (the same with n - 1 in both variances: the ratio does not depend on it).
     assert rl_math.explained_variance(values, returns, mask) == pytest.approx(0.75)
-    assert rl_math.explained_variance(returns, returns, mask) == pytest.approx(1.0)   # a perfect value head
-    assert rl_math.explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0)  # PPO's first step
+    assert rl_math.explained_variance(returns, returns, mask) == pytest.approx(1.0)  # a perfect value head
+    assert rl_math.explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(
+        0.0
+    )  # PPO's first step
     assert rl_math.explained_variance(-returns, returns, mask) == pytest.approx(-3.0)  # worse than the mean
     # Returns that do not vary (or a single token): undefined, NaN rather than a division by zero.
     assert math.isnan(rl_math.explained_variance(values, torch.full((1, 4), 2.0), mask))
@@ -179,11 +186,14 @@ def test_explained_variance_by_hand():
     halves = [(values[:, :2], returns[:, :2], mask[:, :2]), (values[:, 2:], returns[:, 2:], mask[:, 2:])]
     sums = {}
     for name, x in (("returns", lambda v, r: r), ("error", lambda v, r: r - v)):
-        sums[name] = sum(torch.stack([m.double().sum(), (x(v, r) * m).double().sum(),
-                                      (x(v, r) ** 2 * m).double().sum()]) for v, r, m in halves)
+        sums[name] = sum(
+            torch.stack([m.double().sum(), (x(v, r) * m).double().sum(), (x(v, r) ** 2 * m).double().sum()])
+            for v, r, m in halves
+        )
     pooled = iter([sums["returns"], sums["error"]])
-    assert rl_math.explained_variance(values[:, :2], returns[:, :2], mask[:, :2],
-                                      reduce=lambda _: next(pooled)) == pytest.approx(0.75)
+    assert rl_math.explained_variance(
+        values[:, :2], returns[:, :2], mask[:, :2], reduce=lambda _: next(pooled)
+    ) == pytest.approx(0.75)
 
 
 def test_prompt_schedule_covers_the_pool_once_per_pass():
@@ -199,6 +209,7 @@ def test_shared_prompt_forward_computes_what_separate_rows_do():
     gives the log-probs, entropies, values and gradients of k separate rows."""
     from trainer.models import build_tiny_model
     from trainer.policy_model import load_causal_lm, policy_net
+
     lm = load_causal_lm(str(build_tiny_model()), torch.float32)
     head = torch.nn.Linear(lm.config.hidden_size, 1)
     torch.nn.init.normal_(head.weight)
@@ -210,18 +221,26 @@ def test_shared_prompt_forward_computes_what_separate_rows_do():
     query_mask[:k, :2] = 0  # the first prompt is left-padded
     response = torch.randint(10, 1000, (prompts * k, R), generator=gen)
     resp_mask = torch.ones_like(response)
-    resp_mask[1, 3:] = 0    # answers of different lengths
+    resp_mask[1, 3:] = 0  # answers of different lengths
     resp_mask[4, 1:] = 0
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, resp_mask], 1)
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     results = []
     for group in (1, k):
         net.zero_grad()
-        logp, entropy, values = net(ids, mask, position_ids, P, 0.7, with_values=True, with_entropy=True,
-                                    group=group)
+        logp, entropy, values = net(
+            ids, mask, position_ids, P, 0.7, with_values=True, with_entropy=True, group=group
+        )
         ((logp * resp_mask).sum() + (values * resp_mask).sum()).backward()
-        results.append([logp * resp_mask, entropy * resp_mask, values * resp_mask,
-                        lm.model.layers[0].self_attn.q_proj.weight.grad.clone(), head.weight.grad.clone()])
+        results.append(
+            [
+                logp * resp_mask,
+                entropy * resp_mask,
+                values * resp_mask,
+                lm.model.layers[0].self_attn.q_proj.weight.grad.clone(),
+                head.weight.grad.clone(),
+            ]
+        )
     for separate, shared in zip(*results):
         assert torch.allclose(separate, shared, atol=1e-5), (separate - shared).abs().max()
 
@@ -230,12 +249,15 @@ def test_shared_prompt_forward_computes_what_separate_rows_do():
 # Inputs
 # --------------------------------------------------------------------------------------
 
+
 def test_prompts_from_a_pool_or_a_store(tmp_path):
     pool = tmp_path / "pool.jsonl"
     pool.write_text('{"prompt": "one"}\n{"messages": [{"role": "user", "content": "two"}]}\nnot json\n')
     assert load_prompts(pool) == [[{"role": "user", "content": "one"}], [{"role": "user", "content": "two"}]]
-    store = write_store(tmp_path / "store", [vote_record("q1", "a", "b"), vote_record("q2", "c", "d"),
-                                             vote_record("q1", "e", "f")])
+    store = write_store(
+        tmp_path / "store",
+        [vote_record("q1", "a", "b"), vote_record("q2", "c", "d"), vote_record("q1", "e", "f")],
+    )
     assert load_prompts(store) == [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
     with pytest.raises(PolicyInputError, match="no such prompt pool"):
         load_prompts(tmp_path / "missing.jsonl")
@@ -243,17 +265,24 @@ def test_prompts_from_a_pool_or_a_store(tmp_path):
 
 def test_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
     import trainer.models
+
     monkeypatch.setattr(trainer.models, "check_model", lambda *a, **k: pytest.fail("a model was loaded"))
     pool = tmp_path / "pool.jsonl"
     pool.write_text('{"prompt": "hello"}\n')
-    cases = [({"reward": str(tmp_path / "nothing")}, "no trained reward model here"),
-             ({"reward": None}, "no reward model"),
-             ({"reward": str(tmp_path), "algo": "rloo", "k": 1}, "--k must be at least 2"),
-             ({"reward": str(tmp_path), "algo": "a2c"}, "--algo must be one of")]
+    cases = [
+        ({"reward": str(tmp_path / "nothing")}, "no trained reward model here"),
+        ({"reward": None}, "no reward model"),
+        ({"reward": str(tmp_path), "algo": "rloo", "k": 1}, "--k must be at least 2"),
+        ({"reward": str(tmp_path), "algo": "a2c"}, "--algo must be one of"),
+    ]
     for i, (extra, expect) in enumerate(cases):
         run_dir = tmp_path / f"bad{i}"
-        assert train({"model": "tiny", "prompts": str(pool), "run_dir": str(run_dir), "progress": False,
-                      **extra}) == 2
+        assert (
+            train(
+                {"model": "tiny", "prompts": str(pool), "run_dir": str(run_dir), "progress": False, **extra}
+            )
+            == 2
+        )
         status = json.loads((run_dir / "status.json").read_text())
         assert status["state"] == "failed" and expect in status["message"], status
         assert expect in capsys.readouterr().err
@@ -262,6 +291,7 @@ def test_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------------------
 # The world of the learning tests: a reward model with a hidden rule, a policy in words
 # --------------------------------------------------------------------------------------
+
 
 def _answer(rng, banana: bool) -> str:
     words = [rng.choice(WORDS) for _ in range(rng.randint(1, 6))]
@@ -278,10 +308,17 @@ def word_policy(path: Path, banana_share: float = 0.1, eos_prob: float = 0.25) -
     0 there. So the words get logit ~14, "banana" a tenth of the words' mass, EOS a quarter
     of each step's mass, and the other 49k tokens almost nothing."""
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     from trainer.models import TINY_CONFIG, build_tiny_model, render_prompt
+
     tok = AutoTokenizer.from_pretrained(build_tiny_model())
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **{**TINY_CONFIG, "tie_word_embeddings": False})
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **{**TINY_CONFIG, "tie_word_embeddings": False},
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).eval()
@@ -291,15 +328,20 @@ def word_policy(path: Path, banana_share: float = 0.1, eos_prob: float = 0.25) -
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 1.0
         text = render_prompt(tok, [{"role": "user", "content": PROMPTS[0]}]) + " the day"
-        h0 = model.model(tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-                         ).last_hidden_state[0, :, 0].mean().item()
+        h0 = (
+            model.model(tok(text, add_special_tokens=False, return_tensors="pt").input_ids)
+            .last_hidden_state[0, :, 0]
+            .mean()
+            .item()
+        )
         W = model.lm_head.weight
         W[:, 0] = 0.0
         W[word_ids, 0] = 14.0 / h0
         W[banana, 0] = (14.0 + math.log(banana_share * n / (1 - banana_share))) / h0
         W[tok.eos_token_id, 0] = (14.0 + math.log(eos_prob / (1 - eos_prob) * n / (1 - banana_share))) / h0
-    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                                               pad_token_id=config.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -309,40 +351,89 @@ def word_policy(path: Path, banana_share: float = 0.1, eos_prob: float = 0.25) -
 def world(tmp_path_factory):
     """(reward run dir, policy dir, prompt pool): fitted and built once for this file."""
     from trainer.reward import train as train_reward
+
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("policy-world")
     rng = random.Random(0)
-    rows = [{"prompt": PROMPTS[i % len(PROMPTS)], "chosen": _answer(rng, True), "rejected": _answer(rng, False)}
-            for i in range(192)]
+    rows = [
+        {"prompt": PROMPTS[i % len(PROMPTS)], "chosen": _answer(rng, True), "rejected": _answer(rng, False)}
+        for i in range(192)
+    ]
     data = base / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rm = base / "rm"
-    assert train_reward({"model": "tiny", "data": str(data), "run_dir": str(rm), "epochs": 2, "lr": 3e-3,
-                         "batch_size": 16, "val_fraction": 0.25, "center": 0.01, "max_length": 64,
-                         "progress": False, "seed": 0}) == 0
+    assert (
+        train_reward(
+            {
+                "model": "tiny",
+                "data": str(data),
+                "run_dir": str(rm),
+                "epochs": 2,
+                "lr": 3e-3,
+                "batch_size": 16,
+                "val_fraction": 0.25,
+                "center": 0.01,
+                "max_length": 64,
+                "progress": False,
+                "seed": 0,
+            }
+        )
+        == 0
+    )
     prompts = base / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     return rm, word_policy(base / "word-policy"), prompts
 
 
 def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    return [
+        r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind
+    ]
 
 
 def _banana_rate(model_dir: Path) -> float:
     from trainer.models import generate, load_model
+
     model, tok = load_model(str(model_dir), device="cpu")
-    answers = [a for row in generate(model, tok, PROMPTS, n=4, max_new_tokens=12, temperature=1.0, seed=1,
-                                     batch_size=64, progress=False) for a in row]
+    answers = [
+        a
+        for row in generate(
+            model,
+            tok,
+            PROMPTS,
+            n=4,
+            max_new_tokens=12,
+            temperature=1.0,
+            seed=1,
+            batch_size=64,
+            progress=False,
+        )
+        for a in row
+    ]
     return sum("banana" in a for a in answers) / len(answers)
 
 
 def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     rm, policy, prompts = world
     run_dir = tmp_path / "ppo"
-    code = train({"model": str(policy), "reward": str(rm), "prompts": str(prompts), "run_dir": str(run_dir),
-                  "algo": "ppo", "steps": 25, "batch_size": 16, "max_new_tokens": 12, "temperature": 1.0,
-                  "lr": 5e-4, "sample_every": 10, "device": TRAIN_DEVICE, "progress": False, "seed": 0})
+    code = train(
+        {
+            "model": str(policy),
+            "reward": str(rm),
+            "prompts": str(prompts),
+            "run_dir": str(run_dir),
+            "algo": "ppo",
+            "steps": 25,
+            "batch_size": 16,
+            "max_new_tokens": 12,
+            "temperature": 1.0,
+            "lr": 5e-4,
+            "sample_every": 10,
+            "device": TRAIN_DEVICE,
+            "progress": False,
+            "seed": 0,
+        }
+    )
     assert code == 0
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "done" and status["progress"] == 1.0
@@ -350,16 +441,31 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     assert config["config"]["epochs"] == 4 and config["config"]["minibatches"] == 2  # the PPO defaults
     train_records = _records(run_dir)
     assert [r["step"] for r in train_records] == list(range(1, 26))
-    for key in ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
-                "pg_loss", "response_len", "eos_rate", "tokens_per_s", "step_s", "gen_s", "grad_norm"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "clip_frac",
+        "approx_kl",
+        "value_loss",
+        "pg_loss",
+        "response_len",
+        "eos_rate",
+        "tokens_per_s",
+        "step_s",
+        "gen_s",
+        "grad_norm",
+    ):
         assert all(r[key] is not None and math.isfinite(r[key]) for r in train_records), key
     # The value head's explained variance: 0 at step 1 (it starts at zero), logged every step.
     assert train_records[0]["explained_variance"] == pytest.approx(0.0, abs=1e-6)
     assert all(r["explained_variance"] is None or -50 < r["explained_variance"] <= 1 for r in train_records)
     first = sum(r["reward_mean"] for r in train_records[:3]) / 3
     last = sum(r["reward_mean"] for r in train_records[-5:]) / 5
-    assert last > first + 0.6, (first, last)                 # the reward rises clearly...
-    assert max(r["kl"] for r in train_records) < 20.0         # ...while the KL stays bounded
+    assert last > first + 0.6, (first, last)  # the reward rises clearly...
+    assert max(r["kl"] for r in train_records) < 20.0  # ...while the KL stays bounded
     # step 1: policy == reference, up to rounding summed over the tokens of an answer (fp32 on
     # a CPU; on CUDA the reference is kept in bf16 and the policy runs under bf16 autocast)
     assert train_records[0]["kl"] == pytest.approx(0.0, abs=2e-3 if TRAIN_DEVICE == "cpu" else 2e-2)
@@ -382,6 +488,7 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     # Held-out prompts (a fifth of 16): never trained on, and the policy met the reference on
     # them at the end; eval.json is what the Leaderboard tab shows beside the human votes.
     from trainer.evaluate import read_heldout
+
     heldout = read_heldout(run_dir)
     assert config["prompts"] == {"source": str(prompts), "count": 13, "heldout": 3} and len(heldout) == 3
     trained_on = {json.dumps(x["prompt"]) for s in samples for x in s["samples"]}
@@ -391,6 +498,7 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     assert _records(run_dir, "eval")[0]["rm_win_rate"] == ev["rm_win_rate"]
     # `preflab eval-policy` on the whole pool: the policy that learned the rule wins clearly
     from annotate.cli import main as cli
+
     assert cli(["eval-policy", "--policy", str(run_dir), "--prompts", str(prompts)]) == 0
     ev = json.loads((run_dir / "eval.json").read_text())
     lo, hi = ev["rm_win_rate_ci"]
@@ -401,9 +509,25 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
 def test_rloo_learns_too(world, tmp_path):
     rm, policy, prompts = world
     run_dir = tmp_path / "rloo"
-    code = train({"model": str(policy), "reward": str(rm), "prompts": str(prompts), "run_dir": str(run_dir),
-                  "algo": "rloo", "k": 4, "steps": 25, "batch_size": 4, "max_new_tokens": 12, "temperature": 1.0,
-                  "lr": 5e-4, "kl_estimator": "k3", "device": TRAIN_DEVICE, "progress": False, "seed": 0})
+    code = train(
+        {
+            "model": str(policy),
+            "reward": str(rm),
+            "prompts": str(prompts),
+            "run_dir": str(run_dir),
+            "algo": "rloo",
+            "k": 4,
+            "steps": 25,
+            "batch_size": 4,
+            "max_new_tokens": 12,
+            "temperature": 1.0,
+            "lr": 5e-4,
+            "kl_estimator": "k3",
+            "device": TRAIN_DEVICE,
+            "progress": False,
+            "seed": 0,
+        }
+    )
     assert code == 0
     records = _records(run_dir)
     first = sum(r["reward_mean"] for r in records[:3]) / 3
@@ -417,29 +541,70 @@ def test_rloo_learns_too(world, tmp_path):
 def test_lora_policy_is_merged_into_a_plain_model(world, tmp_path, dtype):
     rm, policy, prompts = world
     run_dir = tmp_path / "lora"
-    assert train({"model": str(policy), "reward": str(rm), "prompts": str(prompts), "run_dir": str(run_dir),
-                  "algo": "reinforce", "steps": 3, "batch_size": 4, "max_new_tokens": 6, "temperature": 1.0,
-                  "lr": 1e-2, "lora_r": 4, "dtype": dtype, "device": TRAIN_DEVICE, "progress": False}) == 0
+    assert (
+        train(
+            {
+                "model": str(policy),
+                "reward": str(rm),
+                "prompts": str(prompts),
+                "run_dir": str(run_dir),
+                "algo": "reinforce",
+                "steps": 3,
+                "batch_size": 4,
+                "max_new_tokens": 6,
+                "temperature": 1.0,
+                "lr": 1e-2,
+                "lora_r": 4,
+                "dtype": dtype,
+                "device": TRAIN_DEVICE,
+                "progress": False,
+            }
+        )
+        == 0
+    )
     config = json.loads((run_dir / "config.json").read_text())
     assert config["reference"] == "adapters off"
     out = run_dir / "policy"
     assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
     from trainer.models import load_model
+
     base, _ = load_model(str(policy), device="cpu")
     tuned, _ = load_model(str(out), device="cpu")
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base.state_dict()[q], tuned.state_dict()[q])  # the adapters, merged in
-    assert torch.equal(base.state_dict()["lm_head.weight"], tuned.state_dict()["lm_head.weight"])  # untouched, bit for bit
+    assert torch.equal(
+        base.state_dict()["lm_head.weight"], tuned.state_dict()["lm_head.weight"]
+    )  # untouched, bit for bit
 
 
 def test_nan_and_exploding_kl_fail_clearly(world, tmp_path, monkeypatch):
     rm, policy, prompts = world
-    common = {"model": str(policy), "reward": str(rm), "prompts": str(prompts), "batch_size": 4,
-              "max_new_tokens": 8, "temperature": 1.0, "device": TRAIN_DEVICE, "progress": False}
+    common = {
+        "model": str(policy),
+        "reward": str(rm),
+        "prompts": str(prompts),
+        "batch_size": 4,
+        "max_new_tokens": 8,
+        "temperature": 1.0,
+        "device": TRAIN_DEVICE,
+        "progress": False,
+    }
     # A policy that runs away: a huge learning rate, and a KL budget of 1 nat.
     run_dir = tmp_path / "kl"
-    assert train({**common, "run_dir": str(run_dir), "steps": 10, "lr": 0.05, "max_kl": 1.0, "kl_coef": 0.0,
-                  "save_every": 1}) == 1
+    assert (
+        train(
+            {
+                **common,
+                "run_dir": str(run_dir),
+                "steps": 10,
+                "lr": 0.05,
+                "max_kl": 1.0,
+                "kl_coef": 0.0,
+                "save_every": 1,
+            }
+        )
+        == 1
+    )
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and "KL to the reference exploded" in status["message"], status
     assert "--max-kl 1.0" in status["message"] and 1 <= status["step"] < 10
@@ -449,6 +614,7 @@ def test_nan_and_exploding_kl_fail_clearly(world, tmp_path, monkeypatch):
 
     # A reward model that answers NaN.
     from trainer.reward_model import RewardModel
+
     monkeypatch.setattr(RewardModel, "score", lambda self, p, r, **kw: [float("nan")] * len(r))
     run_dir = tmp_path / "nan"
     assert train({**common, "run_dir": str(run_dir), "steps": 3, "lr": 1e-4}) == 1
@@ -460,12 +626,39 @@ def test_nan_and_exploding_kl_fail_clearly(world, tmp_path, monkeypatch):
 def test_sigterm_saves_cancelled_and_rerun_resumes(world, tmp_path):
     rm, policy, prompts = world
     run_dir = tmp_path / "runs" / "resume-me"
-    cmd = [sys.executable, "-m", "trainer.policy", "--model", str(policy), "--reward", str(rm), "--prompts",
-           str(prompts), "--run-dir", str(run_dir), "--steps", "500", "--batch-size", "4", "--max-new-tokens", "8",
-           "--lr", "1e-4", "--temperature", "1.0", "--device", TRAIN_DEVICE, "--save-every", "1000", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.policy",
+        "--model",
+        str(policy),
+        "--reward",
+        str(rm),
+        "--prompts",
+        str(prompts),
+        "--run-dir",
+        str(run_dir),
+        "--steps",
+        "500",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--lr",
+        "1e-4",
+        "--temperature",
+        "1.0",
+        "--device",
+        TRAIN_DEVICE,
+        "--save-every",
+        "1000",
+        "--no-progress",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     metrics = run_dir / "metrics.jsonl"
-    code, out, status = sigterm_mid_run(cmd, env, run_dir, lambda lines: sum('"train"' in l for l in lines) >= 2)
+    code, out, status = sigterm_mid_run(
+        cmd, env, run_dir, lambda lines: sum('"train"' in line for line in lines) >= 2
+    )
     assert code == 128 + signal.SIGTERM, out
     assert status["state"] == "cancelled", status
     saved = status["step"]
@@ -475,7 +668,10 @@ def test_sigterm_saves_cancelled_and_rerun_resumes(world, tmp_path):
 
     # The same run dir again (here through `preflab train-policy`) resumes from the saved step.
     from annotate.cli import main as preflab
-    assert preflab(["train-policy", "--run-dir", str(run_dir), "--steps", str(saved + 2), "--no-progress"]) == 0
+
+    assert (
+        preflab(["train-policy", "--run-dir", str(run_dir), "--steps", str(saved + 2), "--no-progress"]) == 0
+    )
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     resume = next(i for i, r in enumerate(records) if r["kind"] == "resume")
     assert records[resume]["step"] == saved
@@ -488,10 +684,28 @@ def test_sigterm_saves_cancelled_and_rerun_resumes(world, tmp_path):
 
     # The policy loads as any model does, and answers; the arena's `serve` takes it as --model.
     from trainer.models import generate, load_model
+
     model, tok = load_model(str(run_dir / "policy"), device="cpu")
     assert tok.chat_template and tok.padding_side == "left"
-    assert len(generate(model, tok, ["Question 1 about plants: what should I do?"], n=2, max_new_tokens=6,
-                        progress=False)[0]) == 2
-    help_out = subprocess.run([sys.executable, "-m", "annotate.cli", "serve", "--help"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)
+    assert (
+        len(
+            generate(
+                model,
+                tok,
+                ["Question 1 about plants: what should I do?"],
+                n=2,
+                max_new_tokens=6,
+                progress=False,
+            )[0]
+        )
+        == 2
+    )
+    help_out = subprocess.run(
+        [sys.executable, "-m", "annotate.cli", "serve", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert help_out.returncode == 0 and "--model" in help_out.stdout

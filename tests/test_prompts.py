@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from trainer.store import prompt_id_for
-from trainer.prompts import Prompt, PromptPoolError, load_prompt_pool
 from helpers import REPO, preflab
+
+from trainer.prompts import Prompt, PromptPoolError, load_prompt_pool
+from trainer.store import prompt_id_for
 
 SHIPPED = REPO / "data" / "prompts.jsonl"
 CATEGORIES = ("advice", "coding", "writing", "facts", "reasoning", "maths", "refusal")
@@ -33,7 +33,7 @@ def problem_lines(report) -> dict[int, str]:
     out = {}
     for p in report.problems:
         assert p.startswith(report.path + ":"), p
-        line, reason = p[len(report.path) + 1:].split(": ", 1)
+        line, reason = p[len(report.path) + 1 :].split(": ", 1)
         out[int(line)] = reason
     return out
 
@@ -42,16 +42,22 @@ def problem_lines(report) -> dict[int, str]:
 # JSONL
 # --------------------------------------------------------------------------------------
 
+
 def test_jsonl_prompt_and_messages_rows(tmp_path):
-    chat = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "What is 2+2?"}]
-    path = write_lines(tmp_path / "pool.jsonl", [
-        row(id="q1", prompt="Why is the sea salty?", tags=["facts"]),
-        row(messages=chat, tags="maths, multi-turn"),
-        row(prompt="No id and no tags", note="extra columns are ignored"),
-    ])
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
+    path = write_lines(
+        tmp_path / "pool.jsonl",
+        [
+            row(id="q1", prompt="Why is the sea salty?", tags=["facts"]),
+            row(messages=chat, tags="maths, multi-turn"),
+            row(prompt="No id and no tags", note="extra columns are ignored"),
+        ],
+    )
     pool = load_prompt_pool(path)
 
     assert len(pool) == 3 and pool.report.loaded == 3 and pool.report.problems == []
@@ -62,7 +68,8 @@ def test_jsonl_prompt_and_messages_rows(tmp_path):
     assert second.tags == ["maths", "multi-turn"]
     assert third.id == prompt_id_for(third.messages) and third.tags == []
     assert pool.report.summary() == (
-        f"{path}: 3 prompts loaded; skipped 0 bad lines, 0 duplicates, 0 empty, 0 oversize")
+        f"{path}: 3 prompts loaded; skipped 0 bad lines, 0 duplicates, 0 empty, 0 oversize"
+    )
 
 
 def test_json_extension_is_read_as_json_lines(tmp_path):
@@ -73,24 +80,24 @@ def test_json_extension_is_read_as_json_lines(tmp_path):
 def test_bad_jsonl_lines_are_reported_with_their_line_and_skipped(tmp_path, caplog):
     user = {"role": "user", "content": "ok?"}
     lines = [
-        row(id="good-1", prompt="first good"),                                 # 1
-        '{"id": "broken", "prompt": "missing brace"',                          # 2
-        row(id="good-2", prompt="right after a bad line"),                     # 3
-        "",                                                                    # 4 blank: ignored
-        row(id="nothing", tags=["x"]),                                         # 5
-        row(messages="not a list at all"),                                     # 6
-        row(messages={"role": "user", "content": "a dict"}),                   # 7
-        row(messages=[{"role": "robot", "content": "beep"}]),                  # 8
-        row(messages=[{"role": "user", "content": 42}]),                       # 9
-        row(messages=[user, {"role": "assistant", "content": "yes"}]),         # 10
-        row(id=17, prompt="numeric id"),                                       # 11
-        row(prompt="tags wrong", tags=3),                                      # 12
-        row(prompt="both", messages=[user]),                                   # 13
-        row(prompt=["a", "list"]),                                             # 14
-        "[1, 2, 3]",                                                           # 15
-        row(messages=[user, {"role": "system", "content": "late"}, user]),     # 16
-        row(messages=[]),                                                      # 17
-        row(id="good-3", prompt="last line"),                                  # 18
+        row(id="good-1", prompt="first good"),  # 1
+        '{"id": "broken", "prompt": "missing brace"',  # 2
+        row(id="good-2", prompt="right after a bad line"),  # 3
+        "",  # 4 blank: ignored
+        row(id="nothing", tags=["x"]),  # 5
+        row(messages="not a list at all"),  # 6
+        row(messages={"role": "user", "content": "a dict"}),  # 7
+        row(messages=[{"role": "robot", "content": "beep"}]),  # 8
+        row(messages=[{"role": "user", "content": 42}]),  # 9
+        row(messages=[user, {"role": "assistant", "content": "yes"}]),  # 10
+        row(id=17, prompt="numeric id"),  # 11
+        row(prompt="tags wrong", tags=3),  # 12
+        row(prompt="both", messages=[user]),  # 13
+        row(prompt=["a", "list"]),  # 14
+        "[1, 2, 3]",  # 15
+        row(messages=[user, {"role": "system", "content": "late"}, user]),  # 16
+        row(messages=[]),  # 17
+        row(id="good-3", prompt="last line"),  # 18
     ]
     path = write_lines(tmp_path / "pool.jsonl", lines)
     with caplog.at_level(logging.WARNING, logger="preflab.prompts"):
@@ -140,20 +147,24 @@ def test_crlf_line_endings_and_a_bom_are_accepted(tmp_path):
 # CSV
 # --------------------------------------------------------------------------------------
 
+
 def test_csv_rows_tags_and_messages_column(tmp_path):
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-            {"role": "user", "content": "Tell me a joke"}]
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Tell me a joke"},
+    ]
     cell = json.dumps(chat).replace('"', '""')
     path = tmp_path / "pool.csv"
     path.write_text(
-        "id,prompt,messages,tags\n"
-        "c1,What is a noun?,,\"writing, grammar\"\n"
-        f",,\"{cell}\",chat\n",
-        encoding="utf-8")
+        f'id,prompt,messages,tags\nc1,What is a noun?,,"writing, grammar"\n,,"{cell}",chat\n',
+        encoding="utf-8",
+    )
     pool = load_prompt_pool(path)
     assert pool.report.problems == []
-    assert pool.prompts[0] == Prompt("c1", [{"role": "user", "content": "What is a noun?"}],
-                                     ["writing", "grammar"])
+    assert pool.prompts[0] == Prompt(
+        "c1", [{"role": "user", "content": "What is a noun?"}], ["writing", "grammar"]
+    )
     assert pool.prompts[1].messages == chat
     assert pool.prompts[1].id == prompt_id_for(chat)  # an empty id cell means no id
     assert pool.prompts[1].tags == ["chat"]
@@ -162,15 +173,16 @@ def test_csv_rows_tags_and_messages_column(tmp_path):
 def test_csv_line_numbers_count_lines_inside_quoted_fields(tmp_path):
     path = tmp_path / "pool.csv"
     path.write_text(
-        "id,prompt,tags\n"                               # 1
-        'a,"first line\nsecond line\nthird line",x\n'    # 2-4
-        "b,too,many,fields\n"                            # 5
-        'c,"two\n\nparagraphs",y\n'                      # 6-8
-        "\n"                                             # 9 blank
-        'd,"bad json does not matter in csv",\n'         # 10
-        "e,only two\n"                                   # 11
-        'f,"spans\nlines",z\n',                          # 12-13
-        encoding="utf-8")
+        "id,prompt,tags\n"  # 1
+        'a,"first line\nsecond line\nthird line",x\n'  # 2-4
+        "b,too,many,fields\n"  # 5
+        'c,"two\n\nparagraphs",y\n'  # 6-8
+        "\n"  # 9 blank
+        'd,"bad json does not matter in csv",\n'  # 10
+        "e,only two\n"  # 11
+        'f,"spans\nlines",z\n',  # 12-13
+        encoding="utf-8",
+    )
     pool = load_prompt_pool(path)
     assert [p.id for p in pool.prompts] == ["a", "c", "d", "f"]
     assert pool.prompts[0].messages[0]["content"] == "first line\nsecond line\nthird line"
@@ -183,11 +195,12 @@ def test_csv_line_numbers_count_lines_inside_quoted_fields(tmp_path):
 def test_csv_bad_messages_cell_is_reported_on_the_row_start_line(tmp_path):
     path = tmp_path / "pool.csv"
     path.write_text(
-        "id,messages\n"                                               # 1
-        'm1,"[{""role"": ""user"",\n  ""content"": ""hi""}]"\n'       # 2-3
-        'm2,"[{""role"": ""user"", ""content"":\n  ""unclosed"""\n'   # 4-5
-        'm3,"[{""role"": ""user"", ""content"": ""bye""}]"\n',        # 6
-        encoding="utf-8")
+        "id,messages\n"  # 1
+        'm1,"[{""role"": ""user"",\n  ""content"": ""hi""}]"\n'  # 2-3
+        'm2,"[{""role"": ""user"", ""content"":\n  ""unclosed"""\n'  # 4-5
+        'm3,"[{""role"": ""user"", ""content"": ""bye""}]"\n',  # 6
+        encoding="utf-8",
+    )
     pool = load_prompt_pool(path)
     assert [p.id for p in pool.prompts] == ["m1", "m3"]
     problems = problem_lines(pool.report)
@@ -198,13 +211,14 @@ def test_csv_bad_messages_cell_is_reported_on_the_row_start_line(tmp_path):
 def test_csv_stray_and_unclosed_quotes_are_bad_rows_not_glued_text(tmp_path):
     path = tmp_path / "pool.csv"
     path.write_text(
-        "id,prompt\n"                          # 1
-        "a,fine\n"                             # 2
-        'b,"stray"quote\n'                     # 3
-        "c,after the stray quote\n"            # 4
-        'd,"opened and never closed\n'         # 5
-        "e,swallowed by the open quote\n",     # 6
-        encoding="utf-8")
+        "id,prompt\n"  # 1
+        "a,fine\n"  # 2
+        'b,"stray"quote\n'  # 3
+        "c,after the stray quote\n"  # 4
+        'd,"opened and never closed\n'  # 5
+        "e,swallowed by the open quote\n",  # 6
+        encoding="utf-8",
+    )
     pool = load_prompt_pool(path)
     assert [p.id for p in pool.prompts] == ["a", "c"]
     problems = problem_lines(pool.report)
@@ -231,15 +245,25 @@ def test_csv_without_a_prompt_column_is_an_error_naming_the_file(tmp_path):
 # Parquet
 # --------------------------------------------------------------------------------------
 
+
 def test_parquet_rows_and_row_numbers(tmp_path):
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-            {"role": "user", "content": "How are you?"}]
-    table = pa.table({
-        "id": ["p1", "p2", None, "p4"],
-        "messages": [chat, [{"role": "user", "content": "Two"}],
-                     [{"role": "assistant", "content": "no user turn"}], [{"role": "user", "content": "Four"}]],
-        "tags": [["chat"], [], None, ["a", "b"]],
-    })
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    table = pa.table(
+        {
+            "id": ["p1", "p2", None, "p4"],
+            "messages": [
+                chat,
+                [{"role": "user", "content": "Two"}],
+                [{"role": "assistant", "content": "no user turn"}],
+                [{"role": "user", "content": "Four"}],
+            ],
+            "tags": [["chat"], [], None, ["a", "b"]],
+        }
+    )
     path = tmp_path / "pool.parquet"
     pq.write_table(table, path)
     pool = load_prompt_pool(path)
@@ -271,20 +295,27 @@ def test_damaged_parquet_is_an_error_naming_the_file(tmp_path):
 # Dropped rows: empty, oversize, duplicates
 # --------------------------------------------------------------------------------------
 
+
 def test_empty_oversize_and_duplicates_are_dropped_with_counts(tmp_path):
     lines = [
-        row(id="a", prompt="Keep me"),                                          # 1
-        row(id="b", prompt="   \n\t"),                                          # 2 empty
-        row(id="c", messages=[{"role": "user", "content": "hi"},
-                              {"role": "assistant", "content": "hello"},
-                              {"role": "user", "content": " "}]),               # 3 empty last turn
-        row(id="d", prompt="x" * 101),                                          # 4 oversize
-        row(id="e", messages=[{"role": "system", "content": "y" * 60},
-                              {"role": "user", "content": "z" * 50}]),          # 5 oversize in all
-        row(id="f", prompt="Keep me"),                                          # 6 same messages as 1
-        row(id="a", prompt="A different prompt"),                               # 7 id clash with 1
-        row(id="g", prompt="x" * 100),                                          # 8 exactly the limit
-        row(prompt="Keep me"),                                                  # 9 same messages, no id
+        row(id="a", prompt="Keep me"),  # 1
+        row(id="b", prompt="   \n\t"),  # 2 empty
+        row(
+            id="c",
+            messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": " "},
+            ],
+        ),  # 3 empty last turn
+        row(id="d", prompt="x" * 101),  # 4 oversize
+        row(
+            id="e", messages=[{"role": "system", "content": "y" * 60}, {"role": "user", "content": "z" * 50}]
+        ),  # 5 oversize in all
+        row(id="f", prompt="Keep me"),  # 6 same messages as 1
+        row(id="a", prompt="A different prompt"),  # 7 id clash with 1
+        row(id="g", prompt="x" * 100),  # 8 exactly the limit
+        row(prompt="Keep me"),  # 9 same messages, no id
     ]
     path = write_lines(tmp_path / "pool.jsonl", lines)
     pool = load_prompt_pool(path, max_chars=100)
@@ -297,18 +328,22 @@ def test_empty_oversize_and_duplicates_are_dropped_with_counts(tmp_path):
     assert "101 characters" in problems[4] and "110 characters" in problems[5]
     assert problems[6] == problems[9] == "duplicate of line 1 (same messages)"
     assert "id 'a' already used on line 1" in problems[7]
-    assert r.summary() == (f"{path}: 2 prompts loaded; skipped 0 bad lines, 2 duplicates, "
-                           "1 id clash, 2 empty, 2 oversize")
+    assert r.summary() == (
+        f"{path}: 2 prompts loaded; skipped 0 bad lines, 2 duplicates, 1 id clash, 2 empty, 2 oversize"
+    )
 
 
 def test_tags_are_parsed_trimmed_and_deduplicated(tmp_path):
-    path = write_lines(tmp_path / "pool.jsonl", [
-        row(prompt="1", tags=" coding , short,,coding "),
-        row(prompt="2", tags=["maths", " maths ", ""]),
-        row(prompt="3", tags=""),
-        row(prompt="4", tags=None),
-        row(prompt="5", tags=["ok", 7]),
-    ])
+    path = write_lines(
+        tmp_path / "pool.jsonl",
+        [
+            row(prompt="1", tags=" coding , short,,coding "),
+            row(prompt="2", tags=["maths", " maths ", ""]),
+            row(prompt="3", tags=""),
+            row(prompt="4", tags=None),
+            row(prompt="5", tags=["ok", 7]),
+        ],
+    )
     pool = load_prompt_pool(path)
     assert [p.tags for p in pool.prompts] == [["coding", "short"], ["maths"], [], []]
     assert list(problem_lines(pool.report)) == [5]
@@ -317,6 +352,7 @@ def test_tags_are_parsed_trimmed_and_deduplicated(tmp_path):
 # --------------------------------------------------------------------------------------
 # Files that cannot be used at all
 # --------------------------------------------------------------------------------------
+
 
 def test_missing_file_is_an_error_naming_it(tmp_path):
     path = tmp_path / "nowhere.jsonl"
@@ -352,6 +388,7 @@ def test_an_empty_file_is_an_error(tmp_path):
 # The shipped pool
 # --------------------------------------------------------------------------------------
 
+
 def test_shipped_prompt_pool_loads_cleanly_with_every_category():
     pool = load_prompt_pool(SHIPPED)
     assert pool.report.problems == []
@@ -371,6 +408,7 @@ def test_shipped_prompt_pool_loads_cleanly_with_every_category():
 # --------------------------------------------------------------------------------------
 # `preflab prompts`
 # --------------------------------------------------------------------------------------
+
 
 def test_cli_reports_the_shipped_pool():
     result = preflab("prompts", "data/prompts.jsonl", "--show", "3")

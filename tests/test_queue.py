@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import make_pairs
 
 from annotate.pairs import PairsFileError, load_pairs
 from annotate.queue import AssignmentQueue, StaleVote
-from trainer.store.directory_writer import DirectoryStore
 from trainer.store import read_comparisons
-from helpers import make_pairs
+from trainer.store.directory_writer import DirectoryStore
 
 
 def vote(q, name, choice="a"):
@@ -25,8 +25,17 @@ def vote(q, name, choice="a"):
     if a is None:
         return None
     q.begin_vote(name, a.pair.pair_id)
-    q.finish_vote(a, {"event_id": f"{name}-{a.pair.pair_id}", "pair_id": a.pair.pair_id,
-                      "left": a.left, "choice": choice, "annotator": name, **a.pair.record_fields()})
+    q.finish_vote(
+        a,
+        {
+            "event_id": f"{name}-{a.pair.pair_id}",
+            "pair_id": a.pair.pair_id,
+            "left": a.left,
+            "choice": choice,
+            "annotator": name,
+            **a.pair.record_fields(),
+        },
+    )
     return a.pair.pair_id
 
 
@@ -41,6 +50,7 @@ class Clock:
 # --------------------------------------------------------------------------------------
 # overlap, never twice, balance
 # --------------------------------------------------------------------------------------
+
 
 def test_overlap_gives_each_pair_to_k_different_annotators_and_balances_work():
     q = AssignmentQueue(overlap=2, seed=0)
@@ -80,8 +90,8 @@ def test_leases_keep_two_annotators_off_the_same_slot():
     q.add(make_pairs(3))
     got = [q.next(name).pair.pair_id for name in ("ann", "ben", "cat")]
     assert len(set(got)) == 3
-    assert q.next("dan") is None          # all three slots are leased
-    assert q.next("ann").pair.pair_id == got[0]   # asking again returns the same pair
+    assert q.next("dan") is None  # all three slots are leased
+    assert q.next("ann").pair.pair_id == got[0]  # asking again returns the same pair
 
 
 def test_an_expired_lease_frees_the_slot_but_its_holder_can_still_vote():
@@ -116,14 +126,15 @@ def test_many_threads_never_get_one_slot_twice():
 # votes, skips, undo
 # --------------------------------------------------------------------------------------
 
+
 def test_a_second_vote_on_the_same_pair_is_stale():
     q = AssignmentQueue(seed=0)
     q.add(make_pairs(2))
     a = q.next("ann")
     q.begin_vote("ann", a.pair.pair_id)
-    with pytest.raises(StaleVote):   # a double click, or a second tab
+    with pytest.raises(StaleVote):  # a double click, or a second tab
         q.begin_vote("ann", a.pair.pair_id)
-    with pytest.raises(StaleVote):   # a pair never given to ann
+    with pytest.raises(StaleVote):  # a pair never given to ann
         q.begin_vote("ann", "pair-made-up")
 
 
@@ -132,7 +143,7 @@ def test_a_cancelled_vote_gives_the_pair_back():
     q.add(make_pairs(2))
     a = q.next("ann")
     q.begin_vote("ann", a.pair.pair_id)
-    q.cancel_vote(a)   # the store refused the write
+    q.cancel_vote(a)  # the store refused the write
     assert q.next("ann").pair.pair_id == a.pair.pair_id
     assert q.progress("ann")["done"] == 0
 
@@ -161,30 +172,31 @@ def test_undo_brings_the_pair_back_the_same_way_round_and_frees_its_slot():
     assert back.pair.pair_id == first.pair.pair_id and back.left == first.left
     assert q.next("ann").pair.pair_id == first.pair.pair_id
     assert q.progress("ann")["done"] == 0
-    assert q.next("ben").pair.pair_id == looking_at   # released when the old pair came back
+    assert q.next("ben").pair.pair_id == looking_at  # released when the old pair came back
     assert q.begin_undo("ann") is None
 
 
 def test_needs_pairs_keeps_two_ready_per_active_annotator():
     clock = Clock()
     q = AssignmentQueue(overlap=1, active_s=300, clock=clock, seed=0)
-    assert q.needs_pairs(2)               # cold start: nothing at all
+    assert q.needs_pairs(2)  # cold start: nothing at all
     q.add(make_pairs(2))
-    assert not q.needs_pairs(2)           # two ready for a first annotator
+    assert not q.needs_pairs(2)  # two ready for a first annotator
     q.next("ann")
-    assert q.needs_pairs(2)               # ann holds one: only one left for her
+    assert q.needs_pairs(2)  # ann holds one: only one left for her
     q.add(make_pairs(3, prefix="more"))
     assert not q.needs_pairs(2)
     q.next("ben")
-    q.next("cat")                          # 3 active, 2 free slots left
+    q.next("cat")  # 3 active, 2 free slots left
     assert q.needs_pairs(2)
-    clock.t += 301                         # they all went away
+    clock.t += 301  # they all went away
     assert not q.needs_pairs(2)
 
 
 # --------------------------------------------------------------------------------------
 # restart: state from the store
 # --------------------------------------------------------------------------------------
+
 
 def test_restore_from_the_store_counts_votes_and_keeps_undo(tmp_path):
     pairs = make_pairs(4)
@@ -194,20 +206,29 @@ def test_restore_from_the_store_counts_votes_and_keeps_undo(tmp_path):
         for name in ("ann", "ann", "ben"):
             a = q.next(name)
             q.begin_vote(name, a.pair.pair_id)
-            rec = store.append({**a.pair.record_fields(), "kind": "vote", "left": a.left, "choice": "a",
-                                "annotator": name, "decision_ms": 5})
+            rec = store.append(
+                {
+                    **a.pair.record_fields(),
+                    "kind": "vote",
+                    "left": a.left,
+                    "choice": "a",
+                    "annotator": name,
+                    "decision_ms": 5,
+                }
+            )
             q.finish_vote(a, rec)
         # and one vote that was taken back: it must not count after the restart
         a = q.next("ben")
         q.begin_vote("ben", a.pair.pair_id)
-        rec = store.append({**a.pair.record_fields(), "kind": "vote", "left": a.left, "choice": "b",
-                            "annotator": "ben"})
+        rec = store.append(
+            {**a.pair.record_fields(), "kind": "vote", "left": a.left, "choice": "b", "annotator": "ben"}
+        )
         store.retract(rec["event_id"], "ben", vote=rec)
     votes = read_comparisons(tmp_path / "store")
     assert votes.num_rows == 3
 
     fresh = AssignmentQueue(overlap=2, seed=1)
-    fresh.restore(votes)    # before add(): a restart may load the votes first
+    fresh.restore(votes)  # before add(): a restart may load the votes first
     fresh.add(pairs)
     ann_voted = set(votes.filter(pc.equal(votes["annotator"], "ann"))["pair_id"].to_pylist())
     assert fresh.progress("ann")["done"] == 2
@@ -234,18 +255,29 @@ def test_restore_keeps_only_the_latest_votes_for_undo():
 # pairs files
 # --------------------------------------------------------------------------------------
 
+
 def test_pairs_file_reports_bad_rows_as_file_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     good = {"prompt": "Hi?", "response_a": "x", "response_b": "y"}
-    lines = [json.dumps(good),
-             "{broken json",
-             json.dumps({"prompt": "no answers"}),
-             "",
-             json.dumps({"prompt": [{"role": "robot", "content": "hi"}], "response_a": "x", "response_b": "y"}),
-             json.dumps(good),   # the same pair again
-             json.dumps({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-                         "response_a": "", "response_b": "Hello", "model_a": "m1", "model_b": "m2",
-                         "pair_id": "custom-1", "gen_params": {"a": {"seed": 1}}})]
+    lines = [
+        json.dumps(good),
+        "{broken json",
+        json.dumps({"prompt": "no answers"}),
+        "",
+        json.dumps({"prompt": [{"role": "robot", "content": "hi"}], "response_a": "x", "response_b": "y"}),
+        json.dumps(good),  # the same pair again
+        json.dumps(
+            {
+                "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                "response_a": "",
+                "response_b": "Hello",
+                "model_a": "m1",
+                "model_b": "m2",
+                "pair_id": "custom-1",
+                "gen_params": {"a": {"seed": 1}},
+            }
+        ),
+    ]
     path.write_text("\n".join(lines) + "\n")
     pairs, problems = load_pairs(path)
     assert [p.pair_id for p in pairs][1] == "custom-1" and len(pairs) == 2
@@ -261,10 +293,15 @@ def test_pairs_file_reports_bad_rows_as_file_line(tmp_path):
 
 def test_pairs_file_parquet_and_errors(tmp_path):
     path = tmp_path / "pairs.parquet"
-    pq.write_table(pa.Table.from_pylist([
-        {"prompt": [{"role": "user", "content": "Q?"}], "response_a": "x", "response_b": "y"},
-        {"prompt": [{"role": "user", "content": "R?"}], "response_a": None, "response_b": "y"},
-    ]), path)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"prompt": [{"role": "user", "content": "Q?"}], "response_a": "x", "response_b": "y"},
+                {"prompt": [{"role": "user", "content": "R?"}], "response_a": None, "response_b": "y"},
+            ]
+        ),
+        path,
+    )
     pairs, problems = load_pairs(path)
     assert len(pairs) == 1 and problems == [f"{path}:row 2: missing 'response_a'"]
     empty = tmp_path / "empty.jsonl"
@@ -283,7 +320,7 @@ def test_imported_votes_do_not_fill_slots_and_held_pairs_are_reported():
     q = AssignmentQueue(overlap=1, seed=0)
     q.restore([{"pair_id": pairs[0].pair_id, "annotator": "import:hh", "created_at": 1, "event_id": "e1"}])
     q.add(pairs)
-    assert q.next("ann").pair.pair_id == pairs[0].pair_id   # an import is no one's work here
+    assert q.next("ann").pair.pair_id == pairs[0].pair_id  # an import is no one's work here
     assert q.begin_undo("import:hh") is None
     q.next("ben")
     assert q.next("cat") is None

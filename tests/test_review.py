@@ -11,15 +11,15 @@ import json
 import math
 
 import pytest
+from helpers import fake_run, train_tiny_reward_run
 
 from annotate.pairs import pair_from_row
 from annotate.queue import AssignmentQueue
 from annotate.review import Reviewer, disagreements, review_rows, sigmoid, top_pairs
 from annotate.scoring import PairScorer, content_key, item, items_from_pairs, items_from_votes
-from trainer.store.directory_writer import DirectoryStore
-from helpers import fake_run, train_tiny_reward_run
 from trainer.runs import CHECKPOINT, RunDirError, reward_model_path, reward_runs
 from trainer.store import messages_to_json, read_comparisons
+from trainer.store.directory_writer import DirectoryStore
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +28,33 @@ def reward_run(tmp_path_factory):
 
 
 def pair_row(i: int, prompt: str | None = None) -> dict:
-    return {"prompt": prompt or f"Question {i} about plants: what should I do?",
-            "response_a": f"water it banana {i}", "response_b": f"the soil of day {i}",
-            "model_a": "m1", "model_b": "m2"}
+    return {
+        "prompt": prompt or f"Question {i} about plants: what should I do?",
+        "response_a": f"water it banana {i}",
+        "response_b": f"the soil of day {i}",
+        "model_a": "m1",
+        "model_b": "m2",
+    }
 
 
 def cast(store, pair, annotator, choice, strength=None, left="a"):
-    return store.append({**pair.record_fields(), "kind": "vote", "left": left, "choice": choice,
-                         "strength": strength if choice in ("a", "b") else None, "annotator": annotator,
-                         "decision_ms": 1000})
+    return store.append(
+        {
+            **pair.record_fields(),
+            "kind": "vote",
+            "left": left,
+            "choice": choice,
+            "strength": strength if choice in ("a", "b") else None,
+            "annotator": annotator,
+            "decision_ms": 1000,
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Scoring and its cache
 # --------------------------------------------------------------------------------------
+
 
 def test_scores_are_the_reward_models_and_cached_per_run(reward_run, tmp_path):
     from trainer.reward_model import RewardModel
@@ -50,7 +63,7 @@ def test_scores_are_the_reward_models_and_cached_per_run(reward_run, tmp_path):
     data = tmp_path / "store"
     with DirectoryStore(data) as store:
         cast(store, pairs[0], "ann", "a", 2)
-        cast(store, pairs[0], "ben", "b", 1)   # two votes on one pair: scored once
+        cast(store, pairs[0], "ben", "b", 1)  # two votes on one pair: scored once
         cast(store, pairs[1], "ann", "tie")
         cast(store, pairs[2], "ann", "b")
         cast(store, pairs[3], "ben", "both_bad")
@@ -59,7 +72,7 @@ def test_scores_are_the_reward_models_and_cached_per_run(reward_run, tmp_path):
     reviewer.start(reward_run.name)
     job = reviewer.wait(reward_run.name)
     assert job["state"] == "done", job
-    assert job["new"] == 4 and job["total"] == 4          # 4 distinct pairs went through the model
+    assert job["new"] == 4 and job["total"] == 4  # 4 distinct pairs went through the model
     rows = job["rows"]
     assert len(rows) == 5
     # the numbers are RewardModel.score's (normalised), and P(a beats b) their sigmoid
@@ -76,8 +89,9 @@ def test_scores_are_the_reward_models_and_cached_per_run(reward_run, tmp_path):
     reviewer.start(reward_run.name)
     again = reviewer.wait(reward_run.name)
     assert again["state"] == "done" and again["new"] == 0 and again["total"] == 0
-    assert sorted((r["event_id"], r["score_a"], r["score_b"]) for r in again["rows"]) == \
-        sorted((r["event_id"], r["score_a"], r["score_b"]) for r in rows)
+    assert sorted((r["event_id"], r["score_a"], r["score_b"]) for r in again["rows"]) == sorted(
+        (r["event_id"], r["score_a"], r["score_b"]) for r in rows
+    )
 
     # A new vote on a new pair: only that pair is scored.
     with DirectoryStore(data) as store:
@@ -89,6 +103,7 @@ def test_scores_are_the_reward_models_and_cached_per_run(reward_run, tmp_path):
     # Another process (a restarted server) finds every score on disk: no model is loaded.
     def refuse(path):
         raise AssertionError("the model was loaded although every score is cached")
+
     fresh = PairScorer(reward_run, loader=refuse)
     votes = read_comparisons(data).to_pylist()
     assert fresh.missing(items_from_votes(votes)) == []
@@ -103,9 +118,20 @@ def test_cache_belongs_to_one_checkpoint(reward_run, tmp_path):
     it = item("p-x", messages_to_json([{"role": "user", "content": "hi"}]), "yes", "no")
     copy = tmp_path / "runs" / "rm-copy"
     import shutil
+
     shutil.copytree(reward_run, copy)
-    pq.write_table(pa.table({"key": [it.key], "pair_id": ["p-x"], "checkpoint": ["someone-else"],
-                             "score_a": [9.0], "score_b": [-9.0]}), copy / "review_scores.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "key": [it.key],
+                "pair_id": ["p-x"],
+                "checkpoint": ["someone-else"],
+                "score_a": [9.0],
+                "score_b": [-9.0],
+            }
+        ),
+        copy / "review_scores.parquet",
+    )
     scorer = PairScorer(copy)
     assert scorer.missing([it]) == [it]
     a, b = scorer.score([it])[it.key]
@@ -116,22 +142,44 @@ def test_cache_belongs_to_one_checkpoint(reward_run, tmp_path):
 # Ranking disagreements (hand-made scores)
 # --------------------------------------------------------------------------------------
 
+
 def test_disagreements_rank_decisive_votes_by_how_sure_the_model_is_against_them():
     def v(event_id, pair_id, choice, i):
-        return {"event_id": event_id, "pair_id": pair_id, "prompt": messages_to_json([{"role": "user", "content": f"q{i}"}]),
-                "response_a": f"a{i}", "response_b": f"b{i}", "choice": choice, "annotator": "ann",
-                "model_a": "m1", "model_b": "m2", "created_at": None}
+        return {
+            "event_id": event_id,
+            "pair_id": pair_id,
+            "prompt": messages_to_json([{"role": "user", "content": f"q{i}"}]),
+            "response_a": f"a{i}",
+            "response_b": f"b{i}",
+            "choice": choice,
+            "annotator": "ann",
+            "model_a": "m1",
+            "model_b": "m2",
+            "created_at": None,
+        }
 
-    votes = [v("e1", "p1", "a", 1),    # model: a far ahead -> agrees
-             v("e2", "p2", "a", 2),    # model: b far ahead -> strong disagreement
-             v("e3", "p3", "b", 3),    # model: a slightly ahead -> mild disagreement
-             v("e4", "p4", "tie", 4),  # no side: never a disagreement
-             v("e5", "p2", "b", 2),    # a second vote on p2, agreeing with the model
-             v("e6", "p6", "both_bad", 6),
-             v("e7", "p7", "b", 7)]    # model: b ahead -> agrees
+    votes = [
+        v("e1", "p1", "a", 1),  # model: a far ahead -> agrees
+        v("e2", "p2", "a", 2),  # model: b far ahead -> strong disagreement
+        v("e3", "p3", "b", 3),  # model: a slightly ahead -> mild disagreement
+        v("e4", "p4", "tie", 4),  # no side: never a disagreement
+        v("e5", "p2", "b", 2),  # a second vote on p2, agreeing with the model
+        v("e6", "p6", "both_bad", 6),
+        v("e7", "p7", "b", 7),
+    ]  # model: b ahead -> agrees
     scores = {}
-    for s, (i, sa, sb) in zip(votes, [(1, 3.0, -1.0), (2, -2.0, 2.0), (3, 0.3, 0.0), (4, 0.0, 5.0),
-                                      (2, -2.0, 2.0), (6, 1.0, 1.0), (7, -1.0, 0.5)]):
+    for s, (_i, sa, sb) in zip(
+        votes,
+        [
+            (1, 3.0, -1.0),
+            (2, -2.0, 2.0),
+            (3, 0.3, 0.0),
+            (4, 0.0, 5.0),
+            (2, -2.0, 2.0),
+            (6, 1.0, 1.0),
+            (7, -1.0, 0.5),
+        ],
+    ):
         scores[content_key(s["prompt"], s["response_a"], s["response_b"])] = (sa, sb)
     rows = review_rows(votes, scores)
     by_event = {r["event_id"]: r for r in rows}
@@ -139,15 +187,16 @@ def test_disagreements_rank_decisive_votes_by_how_sure_the_model_is_against_them
     assert by_event["e3"]["p_human"] == pytest.approx(1 - sigmoid(0.3))
     assert by_event["e4"]["p_human"] is None and by_event["e4"]["agree"] is None
     ranked = [r["event_id"] for r in disagreements(rows)]
-    assert ranked == ["e2", "e3", "e7", "e1", "e5"]     # decisive only, lowest P(human's side) first
+    assert ranked == ["e2", "e3", "e7", "e1", "e5"]  # decisive only, lowest P(human's side) first
     assert [r["agree"] for r in disagreements(rows)] == [False, False, True, True, True]
     assert top_pairs(rows, 2) == ["p2", "p3"]
-    assert top_pairs(rows, 10) == ["p2", "p3", "p7", "p1"]   # p2 counted once
+    assert top_pairs(rows, 10) == ["p2", "p3", "p7", "p1"]  # p2 counted once
 
 
 # --------------------------------------------------------------------------------------
 # Sending pairs back for one more vote
 # --------------------------------------------------------------------------------------
+
 
 def test_requeue_sends_a_pair_to_a_different_annotator_never_the_same_twice(tmp_path):
     pairs = [pair_from_row(pair_row(i)) for i in range(4)]
@@ -165,7 +214,7 @@ def test_requeue_sends_a_pair_to_a_different_annotator_never_the_same_twice(tmp_
     assert (report["queued"], report["unknown"]) == (2, 1)
     assert "Queued 2 pairs" in report["message"]
     again = reviewer.requeue("rm-x", [pairs[1].pair_id])
-    assert again["queued"] == 0 and again["waiting"] == 1   # already waiting: not asked twice
+    assert again["queued"] == 0 and again["waiting"] == 1  # already waiting: not asked twice
 
     # ann voted on both: she gets only the fresh pair, never a requeued one
     a = q.next("ann")
@@ -185,7 +234,7 @@ def test_requeue_sends_a_pair_to_a_different_annotator_never_the_same_twice(tmp_
     c = q.next("cat")
     assert c.pair.pair_id == pairs[0].pair_id
     q.skip("cat", c.pair.pair_id)
-    assert q.next("cat") is None   # pair 1 had its extra vote, pair 3 is with ben
+    assert q.next("cat") is None  # pair 1 had its extra vote, pair 3 is with ben
     votes = read_comparisons(data).to_pylist()
     relabel = [r for r in votes if r["gen_params"] and "relabel" in r["gen_params"]]
     assert [(r["pair_id"], r["annotator"]) for r in relabel] == [(pairs[1].pair_id, "ben")]
@@ -213,6 +262,7 @@ def test_a_pair_outside_the_pool_joins_it_when_sent_back(tmp_path):
 # Which runs can be used
 # --------------------------------------------------------------------------------------
 
+
 def test_only_finished_reward_runs_are_offered(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs / "rm-done")
@@ -236,10 +286,11 @@ def test_only_finished_reward_runs_are_offered(tmp_path):
 # The sampler's scores come from the same scorer (tests of the policy: test_sampling.py)
 # --------------------------------------------------------------------------------------
 
+
 def test_sampler_scores_a_pairs_file_in_the_background(reward_run):
     from annotate.sampling import UncertaintySampler, selection_of
 
-    pairs = [pair_from_row(pair_row(i, prompt=f"Sampler question {i}?")) for i in range(6)]   # not cached yet
+    pairs = [pair_from_row(pair_row(i, prompt=f"Sampler question {i}?")) for i in range(6)]  # not cached yet
     q = AssignmentQueue(overlap=1, seed=0)
     q.add(pairs)
     sampler = UncertaintySampler(0.0, reward_run=reward_run.name, seed=0)
@@ -263,8 +314,9 @@ def test_generated_batches_are_scored_before_they_enter_the_queue(reward_run, tm
     from trainer.prompts import load_prompt_pool
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Name a fruit, {i}."}) + "\n"
-                               for i in range(3)))
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": f"Name a fruit, {i}."}) + "\n" for i in range(3))
+    )
     q = AssignmentQueue()
     sampler = UncertaintySampler(0.0, reward_run=reward_run.name, seed=0)
     sampler.scorer = PairScorer(reward_run)
@@ -277,8 +329,15 @@ def test_generated_batches_are_scored_before_they_enter_the_queue(reward_run, tm
         return add(new)
 
     q.add = checked_add
-    gen = Generator(["tiny"], load_prompt_pool(prompts).prompts, q, cache_dir=None, batch_size=2,
-                    max_new_tokens=4, per_annotator=100)
+    gen = Generator(
+        ["tiny"],
+        load_prompt_pool(prompts).prompts,
+        q,
+        cache_dir=None,
+        batch_size=2,
+        max_new_tokens=4,
+        per_annotator=100,
+    )
     sampler.attach(q, gen)
     gen.run()
     assert gen.status()["state"] == "done", gen.status()

@@ -10,37 +10,66 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import CHROMIUM, Server, add_users, login, train_tiny_reward_run, write_pairs
 
 from annotate.pairs import load_pairs
-from trainer.store.directory_writer import DirectoryStore
-from helpers import CHROMIUM, Server, add_users, login, train_tiny_reward_run, write_pairs
 from trainer.store import read_comparisons
+from trainer.store.directory_writer import DirectoryStore
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
-VOTES = [(0, "ann", "a", 2), (1, "ann", "b", None), (2, "ben", "tie", None), (3, "ben", "a", 1),
-         (1, "ben", "a", 2)]   # pair index (0 is the XSS pair), annotator, choice, strength
+VOTES = [
+    (0, "ann", "a", 2),
+    (1, "ann", "b", None),
+    (2, "ben", "tie", None),
+    (3, "ben", "a", 1),
+    (1, "ben", "a", 2),
+]  # pair index (0 is the XSS pair), annotator, choice, strength
 
 
 @pytest.fixture(scope="module")
 def review_app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("review-browser")
     run = train_tiny_reward_run(tmp / "runs")
-    pairs_file = write_pairs(tmp / "pairs.jsonl", 4, xss=True)   # 5 pairs; 4 get votes, 1 stays fresh
+    pairs_file = write_pairs(tmp / "pairs.jsonl", 4, xss=True)  # 5 pairs; 4 get votes, 1 stays fresh
     pairs, _ = load_pairs(pairs_file)
     with DirectoryStore(tmp / "store") as store:
         for i, who, choice, strength in VOTES:
-            store.append({**pairs[i].record_fields(), "kind": "vote", "left": "a", "choice": choice,
-                          "strength": strength, "annotator": who, "decision_ms": 1500})
+            store.append(
+                {
+                    **pairs[i].record_fields(),
+                    "kind": "vote",
+                    "left": "a",
+                    "choice": choice,
+                    "strength": strength,
+                    "annotator": who,
+                    "decision_ms": 1500,
+                }
+            )
     add_users(tmp / "users.toml", ann="annotator", boss="admin")
-    server = Server(tmp, "--pairs", str(pairs_file), "--data", str(tmp / "store"), "--runs", str(tmp / "runs"),
-                    "--auth", str(tmp / "users.toml"), "--sampling", "uncertain", "--reward-model", str(run))
+    server = Server(
+        tmp,
+        "--pairs",
+        str(pairs_file),
+        "--data",
+        str(tmp / "store"),
+        "--runs",
+        str(tmp / "runs"),
+        "--auth",
+        str(tmp / "users.toml"),
+        "--sampling",
+        "uncertain",
+        "--reward-model",
+        str(run),
+    )
     with server:
         yield server, tmp / "store", run, pairs
 
 
 def wait_done(page, timeout=180_000):
-    page.wait_for_selector("#review-state[data-state=done], #review-state[data-state=failed]", timeout=timeout)
+    page.wait_for_selector(
+        "#review-state[data-state=done], #review-state[data-state=failed]", timeout=timeout
+    )
     assert page.get_attribute("#review-state", "data-state") == "done", page.inner_text("#review-state")
 
 
@@ -49,12 +78,12 @@ def test_review_tab_shows_reward_scores_beside_the_human_vote(review_app, browse
 
     server, store, run, pairs = review_app
     page = login(browser, server.url, "boss")
-    fresh_id = page.get_attribute(".prompt-card", "data-pair-id")   # the one pair nobody voted on
+    fresh_id = page.get_attribute(".prompt-card", "data-pair-id")  # the one pair nobody voted on
     assert fresh_id == pairs[4].pair_id
 
     page.get_by_role("tab", name="Review").click()
     wait_done(page)
-    assert page.input_value("#review-run input") == run.name   # the newest finished run, picked for you
+    assert page.input_value("#review-run input") == run.name  # the newest finished run, picked for you
 
     # -- every vote, with the reward model's numbers beside the human vote -------------
     votes = {r["event_id"]: r for r in read_comparisons(store).to_pylist()}
@@ -74,28 +103,38 @@ def test_review_tab_shows_reward_scores_beside_the_human_vote(review_app, browse
         p_a = 1 / (1 + math.exp(-(a - b)))
         assert float(row.get_attribute("data-p-a")) == pytest.approx(p_a, abs=1e-3)
         assert float(cells.nth(5).inner_text()) == pytest.approx(p_a, abs=0.006)
-        assert cells.nth(6).inner_text() == ("–" if vote["choice"] not in ("a", "b")
-                                              else "yes" if (p_a > 0.5) == (vote["choice"] == "a") else "no")
+        assert cells.nth(6).inner_text() == (
+            "–"
+            if vote["choice"] not in ("a", "b")
+            else "yes"
+            if (p_a > 0.5) == (vote["choice"] == "a")
+            else "no"
+        )
     summary = page.inner_text("#review-metrics")
     assert f"Votes scored\n{len(VOTES)}" in summary and "Decisive votes\n4" in summary
 
     # -- model text is shown, never run --------------------------------------------------
     page.locator(f'#review-votes-table tr[data-pair-id="{pairs[0].pair_id}"] details summary').click()
     assert page.evaluate("window.__pwned") is None and page.title() == "preflab"
-    assert page.locator("#review-votes script, #review-votes img, #review-disagreements script,"
-                        " #review-disagreements img").count() == 0
+    assert (
+        page.locator(
+            "#review-votes script, #review-votes img, #review-disagreements script, #review-disagreements img"
+        ).count()
+        == 0
+    )
     assert "<script>window.__pwned" in page.inner_text("#review-votes")
 
     # -- disagreements: the worst one goes back for one more vote ------------------------
     ranked = page.locator("#review-disagreements-table tbody tr")
-    assert ranked.count() == 4   # the tie is no disagreement
+    assert ranked.count() == 4  # the tie is no disagreement
     p_human = [float(ranked.nth(k).get_attribute("data-p-human")) for k in range(4)]
     assert p_human == sorted(p_human)
     worst = ranked.first.get_attribute("data-pair-id")
     page.locator("#review-topn input").fill("1")
     page.locator("#review-send-top").click()
-    page.wait_for_function("() => (document.querySelector('#review-report') || {}).innerText?.includes('Queued')",
-                           timeout=15_000)
+    page.wait_for_function(
+        "() => (document.querySelector('#review-report') || {}).innerText?.includes('Queued')", timeout=15_000
+    )
     assert "Queued 1 pair for one more vote" in page.inner_text("#review-report")
 
     # -- boss (who voted on nothing) gets it right after the pair on screen ---------------
@@ -103,13 +142,18 @@ def test_review_tab_shows_reward_scores_beside_the_human_vote(review_app, browse
     page.keyboard.press("1")
     page.wait_for_function(
         "old => { const c = document.querySelector('.prompt-card');"
-        " return c && c.getAttribute('data-pair-id') !== old; }", arg=fresh_id, timeout=15_000)
+        " return c && c.getAttribute('data-pair-id') !== old; }",
+        arg=fresh_id,
+        timeout=15_000,
+    )
     assert page.get_attribute(".prompt-card", "data-pair-id") == worst
     page.keyboard.press("2")
     page.wait_for_function(
         "old => { const c = document.querySelector('.prompt-card');"
         " return !c || c.offsetParent === null || c.getAttribute('data-pair-id') !== old; }",
-        arg=worst, timeout=15_000)
+        arg=worst,
+        timeout=15_000,
+    )
 
     # -- the store: how each pair was chosen is in gen_params -----------------------------
     mine = [r for r in read_comparisons(store).to_pylist() if r["annotator"] == "boss"]
@@ -121,8 +165,11 @@ def test_review_tab_shows_reward_scores_beside_the_human_vote(review_app, browse
     # -- a second look: the new votes' pairs were scored already (by the sampler) ---------
     page.get_by_role("tab", name="Review").click()
     page.locator("#review-score").click()
-    page.wait_for_function("n => document.querySelectorAll('#review-votes-table tbody tr').length === n",
-                           arg=len(VOTES) + 2, timeout=120_000)
+    page.wait_for_function(
+        "n => document.querySelectorAll('#review-votes-table tbody tr').length === n",
+        arg=len(VOTES) + 2,
+        timeout=120_000,
+    )
     wait_done(page)
     assert "0 pairs newly scored" in page.inner_text("#review-state")
     assert (run / "review_scores.parquet").is_file()
@@ -131,6 +178,6 @@ def test_review_tab_shows_reward_scores_beside_the_human_vote(review_app, browse
     # -- an annotator gets no Review tab ---------------------------------------------------
     ann = login(browser, server.url, "ann")
     ann.get_by_role("tab", name="Guidelines").wait_for(state="visible", timeout=15_000)
-    time.sleep(1.0)   # the tab's own load event has answered by now
+    time.sleep(1.0)  # the tab's own load event has answered by now
     assert not ann.get_by_role("tab", name="Review").is_visible()
     ann.context.close()

@@ -17,15 +17,30 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import (
+    TINY,
+    TRAIN_DEVICE,
+    banana_rows,
+    retraction,
+    sigterm_mid_run,
+    vote_record,
+    write_jsonl,
+    write_store,
+)
 
-from helpers import (TINY, TRAIN_DEVICE, banana_rows, retraction, sigterm_mid_run, vote_record, write_jsonl,
-                     write_store)
-from trainer.store import messages_to_json
 from trainer.reward import train
+from trainer.reward_data import (
+    RewardDataError,
+    encode_pairs,
+    fit,
+    length_grouped_batches,
+    read_pairs,
+    split_by_prompt,
+    text_to_messages,
+)
 from trainer.reward_metrics import expected_calibration_error, preference_loss
 from trainer.reward_model import RewardModel
-from trainer.reward_data import (RewardDataError, encode_pairs, fit, length_grouped_batches,
-                                 read_pairs, split_by_prompt, text_to_messages)
+from trainer.store import messages_to_json
 
 # Simulated annotators with a hidden rule (helpers.banana_rows): they prefer the answer
 # that mentions "banana". TINY: the reward trainer's settings for the tiny model.
@@ -45,8 +60,10 @@ def test_loss_is_the_bradley_terry_formula():
     expected = [-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(RC.tolist(), RR.tolist())]
     assert torch.allclose(loss, torch.tensor(expected), atol=1e-6)
     with_margin = preference_loss(RC, RR, margin=MARGIN)
-    expected_m = [-math.log(1 / (1 + math.exp(-(c - r - m))))
-                  for c, r, m in zip(RC.tolist(), RR.tolist(), MARGIN.tolist())]
+    expected_m = [
+        -math.log(1 / (1 + math.exp(-(c - r - m))))
+        for c, r, m in zip(RC.tolist(), RR.tolist(), MARGIN.tolist())
+    ]
     assert torch.allclose(with_margin, torch.tensor(expected_m), atol=1e-6)
     centered = preference_loss(RC, RR, center=0.01)
     assert torch.allclose(centered, loss + 0.01 * (RC + RR) ** 2, atol=1e-6)
@@ -62,9 +79,13 @@ def test_loss_equals_trl_reward_trainer_loss():
 
     def trl_loss(margin=None, center=None):
         stub = SimpleNamespace(
-            model=SimpleNamespace(training=True), args=SimpleNamespace(center_rewards_coefficient=center),
+            model=SimpleNamespace(training=True),
+            args=SimpleNamespace(center_rewards_coefficient=center),
             accelerator=SimpleNamespace(gather_for_metrics=lambda x: x, gather=lambda x: x),
-            _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+            _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+            _total_train_tokens=0,
+            _tp_size=1,
+        )
         inputs = {"input_ids": torch.zeros(10, 3, dtype=torch.long), "attention_mask": torch.ones(10, 3)}
         if margin is not None:
             inputs["margin"] = margin
@@ -74,7 +95,9 @@ def test_loss_equals_trl_reward_trainer_loss():
 
     assert preference_loss(RC, RR).mean().item() == pytest.approx(trl_loss(), abs=1e-6)
     assert preference_loss(RC, RR, margin=MARGIN).mean().item() == pytest.approx(trl_loss(MARGIN), abs=1e-6)
-    assert preference_loss(RC, RR, center=0.01).mean().item() == pytest.approx(trl_loss(center=0.01), abs=1e-6)
+    assert preference_loss(RC, RR, center=0.01).mean().item() == pytest.approx(
+        trl_loss(center=0.01), abs=1e-6
+    )
 
 
 def test_ties_and_margins_change_the_loss_as_they_should():
@@ -104,10 +127,15 @@ def test_calibration_error():
 # Data: votes -> pairs, files, split, truncation, batches
 # --------------------------------------------------------------------------------------
 
+
 def test_votes_become_oriented_pairs_with_ties_and_margins(tmp_path):
-    records = [vote_record("q1", "A1", "B1", "a", 2), vote_record("q1", "A2", "B2", "b", 1),
-               vote_record("q2", "A3", "B3", "tie"), vote_record("q2", "A4", "B4", "both_bad"),
-               vote_record("q3", "A5", "B5", "a")]
+    records = [
+        vote_record("q1", "A1", "B1", "a", 2),
+        vote_record("q1", "A2", "B2", "b", 1),
+        vote_record("q2", "A3", "B3", "tie"),
+        vote_record("q2", "A4", "B4", "both_bad"),
+        vote_record("q3", "A5", "B5", "a"),
+    ]
     retract_me = vote_record("q3", "A6", "B6", "b", 2)
     retract = retraction(retract_me)
     store = write_store(tmp_path / "store", records + [retract_me, retract])
@@ -118,18 +146,29 @@ def test_votes_become_oriented_pairs_with_ties_and_margins(tmp_path):
     assert pairs.summary["ties"] == 1 and pairs.summary["both_bad"] == 1 and pairs.summary["votes"] == 5
 
     pairs = read_pairs(store, ties="include", margin=True)
-    got = {(c, r): (l, m) for c, r, l, m in zip(pairs.chosen, pairs.rejected, pairs.label, pairs.margin)}
-    assert got == {("A1", "B1"): (1.0, 2.0), ("B2", "A2"): (1.0, 1.0), ("A3", "B3"): (0.5, 0.0),
-                   ("A5", "B5"): (1.0, 0.0)}
+    got = {
+        (c, r): (label, m) for c, r, label, m in zip(pairs.chosen, pairs.rejected, pairs.label, pairs.margin)
+    }
+    assert got == {
+        ("A1", "B1"): (1.0, 2.0),
+        ("B2", "A2"): (1.0, 1.0),
+        ("A3", "B3"): (0.5, 0.0),
+        ("A5", "B5"): (1.0, 0.0),
+    }
     pairs = read_pairs(store, ties="include", both_bad="include")
     assert sorted(pairs.label) == [0.5, 0.5, 1.0, 1.0, 1.0]
     assert pairs.prompts[0] == [{"role": "user", "content": "q1"}]
 
 
 def test_trl_files_standard_and_conversational(tmp_path):
-    conv = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
-             "chosen": [{"role": "assistant", "content": "Hello."}],
-             "rejected": [{"role": "assistant", "content": "Go away."}], "margin": 2.0}]
+    conv = [
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+            "chosen": [{"role": "assistant", "content": "Hello."}],
+            "rejected": [{"role": "assistant", "content": "Go away."}],
+            "margin": 2.0,
+        }
+    ]
     path = tmp_path / "conv.parquet"
     pq.write_table(__import__("pyarrow").Table.from_pylist(conv), path)
     pairs = read_pairs(path, margin=True)
@@ -141,13 +180,16 @@ def test_trl_files_standard_and_conversational(tmp_path):
     hh = "\n\nSystem: Be brief.\n\nHuman: Hi?\n\nAssistant: Yo.\n\nHuman: And?\n\nAssistant:"
     messages, transcript = text_to_messages(hh)
     assert transcript and [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    pairs = read_pairs(write_jsonl(tmp_path / "hh.jsonl", [{"prompt": hh, "chosen": " Fine.", "rejected": " No."}]))
+    pairs = read_pairs(
+        write_jsonl(tmp_path / "hh.jsonl", [{"prompt": hh, "chosen": " Fine.", "rejected": " No."}])
+    )
     assert pairs.prompts[0][-1] == {"role": "user", "content": "And?"} and pairs.chosen == ["Fine."]
 
 
 def test_split_is_by_prompt_and_seeded():
     rows = banana_rows(300, prompts_per_topic=20)
     from trainer.reward_data import Pairs
+
     pairs = Pairs()
     for r in rows:
         pairs.add(text_to_messages(r["prompt"])[0], r["chosen"], r["rejected"])
@@ -168,9 +210,11 @@ def test_long_prompts_are_cut_from_the_left_and_counted():
 
     from trainer.models import load_tokenizer
     from trainer.reward_model import choose_pad_token
+
     tok = load_tokenizer("tiny")
     choose_pad_token(tok)
     from trainer.reward_data import Pairs
+
     pairs = Pairs()
     pairs.add([{"role": "user", "content": "word " * 200}], "short answer", "another short answer")
     pairs.add([{"role": "user", "content": "hi"}], "ok", "fine")
@@ -182,10 +226,10 @@ def test_long_prompts_are_cut_from_the_left_and_counted():
     # and both sides keep the same prompt tail (what the annotator saw them against).
     for text, seq in (("short answer", enc.chosen[0]), ("another short answer", enc.rejected[0])):
         answer = tok(text + tok.eos_token, add_special_tokens=False).input_ids
-        assert seq[-len(answer):] == answer
+        assert seq[-len(answer) :] == answer
     longer = tok("another short answer" + tok.eos_token, add_special_tokens=False).input_ids
     assert len(enc.rejected[0]) == 40 and enc.shared[0] == 40 - len(longer)
-    assert enc.chosen[0][:enc.shared[0]] == enc.rejected[0][:enc.shared[0]]
+    assert enc.chosen[0][: enc.shared[0]] == enc.rejected[0][: enc.shared[0]]
     # An answer too long by itself: its head and its EOS, and no room left for the prompt.
     assert len(enc.chosen[2]) == 40 and enc.chosen[2][-1] == tok.eos_token_id
     assert enc.rejected[2] == tok("ok" + tok.eos_token, add_special_tokens=False).input_ids
@@ -202,7 +246,10 @@ def test_length_grouped_batches_cover_everything_once_with_little_padding():
     assert not all(np.array_equal(a, b) for a, b in zip(batches, length_grouped_batches(lengths, 8, 3, 1)))
 
     def padding(bs):
-        return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in bs) / sum(len(b) * lengths[b].max() for b in bs)
+        return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in bs) / sum(
+            len(b) * lengths[b].max() for b in bs
+        )
+
     random_batches = np.array_split(rng.permutation(1000), 125)
     assert padding(batches) < 0.1 < padding(random_batches)
 
@@ -211,12 +258,15 @@ def test_packed_layout_computes_what_separate_sequences_do():
     """Shared-prompt packing (prompt once, rejected masked from chosen, positions restarted)
     must give the rewards of scoring each prompt + answer on its own, padded."""
     from trainer.models import check_model, load_tokenizer
-    from trainer.reward_model import choose_pad_token, load_backbone, reward_net
     from trainer.reward_data import Pairs, collate, pack
+    from trainer.reward_model import choose_pad_token, load_backbone, reward_net
+
     tok = load_tokenizer("tiny")
     choose_pad_token(tok)
     torch.manual_seed(0)
-    net = reward_net(load_backbone(check_model("tiny"), tok, torch.float32, init_head=True), causal=True).eval()
+    net = reward_net(
+        load_backbone(check_model("tiny"), tok, torch.float32, init_head=True), causal=True
+    ).eval()
     assert net.can_pack
     pairs = Pairs()
     rows = banana_rows(12, seed=5)
@@ -245,12 +295,14 @@ def test_packed_layout_computes_what_separate_sequences_do():
 # Bad input: a clear error before any model is loaded
 # --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     import trainer.models
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded for input that cannot be trained on")
+
     monkeypatch.setattr(trainer.models, "check_model", refuse)
     monkeypatch.setattr(trainer.models, "load_tokenizer", refuse)
 
@@ -260,7 +312,9 @@ def test_bad_input_fails_clearly_before_loading_a_model(tmp_path, case, no_model
     if case == "empty_store":
         data, expect = write_store(tmp_path / "s", []), "no standing votes"
     elif case == "only_ties":
-        data = write_store(tmp_path / "s", [vote_record("q", "a", "b", "tie"), vote_record("q", "c", "d", "both_bad")])
+        data = write_store(
+            tmp_path / "s", [vote_record("q", "a", "b", "tie"), vote_record("q", "c", "d", "both_bad")]
+        )
         expect = "none of the 2 votes prefers one answer"
     elif case == "missing_columns":
         data = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "chosen": "a", "answer": "b"}])
@@ -280,11 +334,22 @@ def test_bad_input_fails_clearly_before_loading_a_model(tmp_path, case, no_model
 # Training: learning, the run directory, the scoring API
 # --------------------------------------------------------------------------------------
 
+
 def test_learns_the_hidden_rule_and_scores_normalised(tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(320))
     run_dir = tmp_path / "runs" / "rm"
-    code = train({**TINY, "data": str(data), "run_dir": str(run_dir), "epochs": 2, "lr": 3e-3,
-                  "batch_size": 16, "val_fraction": 0.2, "center": 0.01})
+    code = train(
+        {
+            **TINY,
+            "data": str(data),
+            "run_dir": str(run_dir),
+            "epochs": 2,
+            "lr": 3e-3,
+            "batch_size": 16,
+            "val_fraction": 0.2,
+            "center": 0.01,
+        }
+    )
     assert code == 0
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "done" and status["progress"] == 1.0
@@ -305,6 +370,7 @@ def test_learns_the_hidden_rule_and_scores_normalised(tmp_path):
     rm = RewardModel.load(run_dir, device=TRAIN_DEVICE)  # on CUDA: a bf16 backbone, an fp32 head
     exact = rm.device.type == "cpu"
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     hf = AutoModelForSequenceClassification.from_pretrained(run_dir / "checkpoint").eval()
     hf_tok = AutoTokenizer.from_pretrained(run_dir / "checkpoint")
     prompt = [{"role": "user", "content": "Question 3 about sleep: what should I do?"}]
@@ -319,8 +385,10 @@ def test_learns_the_hidden_rule_and_scores_normalised(tmp_path):
     val = [r for r in snap if r["split"] == "val"]
     prompts = [json.loads(r["prompt"]) for r in val] * 2
     scores = np.array(rm.score(prompts, [r["chosen"] for r in val] + [r["rejected"] for r in val]))
-    assert abs(scores.mean()) < (1e-3 if exact else 0.05) and scores.std() == pytest.approx(1.0, abs=1e-3 if exact else 0.05)
-    assert (scores[:len(val)] > scores[len(val):]).mean() >= 0.9
+    assert abs(scores.mean()) < (1e-3 if exact else 0.05) and scores.std() == pytest.approx(
+        1.0, abs=1e-3 if exact else 0.05
+    )
+    assert (scores[: len(val)] > scores[len(val) :]).mean() >= 0.9
     # Strings, chat messages and the store's JSON spelling of a prompt all score the same.
     text = "Question 3 about sleep: what should I do?"
     assert np.allclose(rm.score(text, answers), rm.score([prompt] * 3, answers))
@@ -331,13 +399,29 @@ def test_lora_and_gradient_checkpointing_give_a_plain_checkpoint(tmp_path):
     pytest.importorskip("peft")
     data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(48))
     run_dir = tmp_path / "lora"
-    assert train({**TINY, "data": str(data), "run_dir": str(run_dir), "lr": 1e-3, "batch_size": 8,
-                  "lora_r": 4, "grad_checkpointing": True}) == 0
+    assert (
+        train(
+            {
+                **TINY,
+                "data": str(data),
+                "run_dir": str(run_dir),
+                "lr": 1e-3,
+                "batch_size": 8,
+                "lora_r": 4,
+                "grad_checkpointing": True,
+            }
+        )
+        == 0
+    )
     ckpt = run_dir / "checkpoint"
     assert not (ckpt / "adapter_config.json").exists()  # adapters merged: loadable without peft
-    assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    assert json.loads((ckpt / "config.json").read_text())["architectures"] == [
+        "LlamaForSequenceClassification"
+    ]
     from transformers import AutoModelForCausalLM
+
     from trainer.models import check_model
+
     base = AutoModelForCausalLM.from_pretrained(check_model("tiny"))
     rm = RewardModel.load(run_dir, device="cpu")
     # LoRA changed the backbone's projections (merged in), and the head was trained.
@@ -351,8 +435,21 @@ def test_mixed_precision_learns_and_saves_the_fp32_master_weights(tmp_path):
     # optimizer), forced on the CPU so that it is tested everywhere.
     data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(160))
     run_dir = tmp_path / "mixed"
-    assert train({**TINY, "data": str(data), "run_dir": str(run_dir), "epochs": 2, "lr": 3e-3, "batch_size": 16,
-                  "val_fraction": 0.2, "dtype": "mixed"}) == 0
+    assert (
+        train(
+            {
+                **TINY,
+                "data": str(data),
+                "run_dir": str(run_dir),
+                "epochs": 2,
+                "lr": 3e-3,
+                "batch_size": 16,
+                "val_fraction": 0.2,
+                "dtype": "mixed",
+            }
+        )
+        == 0
+    )
     config = json.loads((run_dir / "config.json").read_text())
     assert config["precision"] == "bf16 weights + fp32 master weights"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -361,10 +458,12 @@ def test_mixed_precision_learns_and_saves_the_fp32_master_weights(tmp_path):
     # The checkpoint holds the fp32 masters, not their bf16 working copies: many of its
     # weights are not representable in bf16.
     from safetensors.torch import load_file
+
     weights = load_file(run_dir / "checkpoint" / "model.safetensors")
     w = weights["model.layers.0.self_attn.q_proj.weight"]
     assert w.dtype == torch.float32 and (w != w.bfloat16().float()).float().mean() > 0.5
     from trainer.models import check_model
+
     base = load_file(Path(check_model("tiny")) / "model.safetensors")
     assert not torch.equal(w, base["model.layers.0.self_attn.q_proj.weight"])  # and they were trained
 
@@ -372,8 +471,18 @@ def test_mixed_precision_learns_and_saves_the_fp32_master_weights(tmp_path):
 def test_nan_loss_fails_and_keeps_the_last_good_checkpoint(tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(64))
     run_dir = tmp_path / "nan"
-    code = train({**TINY, "data": str(data), "run_dir": str(run_dir), "lr": 1e30, "warmup": 0.0,
-                  "batch_size": 8, "save_every": 1, "max_grad_norm": 1e30})
+    code = train(
+        {
+            **TINY,
+            "data": str(data),
+            "run_dir": str(run_dir),
+            "lr": 1e30,
+            "warmup": 0.0,
+            "batch_size": 8,
+            "save_every": 1,
+            "max_grad_norm": 1e30,
+        }
+    )
     assert code == 1
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and "loss became" in status["message"]
@@ -384,9 +493,26 @@ def test_nan_loss_fails_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_sigterm_saves_cancelled_and_rerun_resumes(tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(1600))  # ~700 steps: SIGTERM lands mid-run
     run_dir = tmp_path / "runs" / "resume-me"
-    cmd = [sys.executable, "-m", "trainer.reward", "--data", str(data), "--model", "tiny", "--run-dir",
-           str(run_dir), "--batch-size", "2", "--max-length", "64", "--lr", "1e-3", "--no-progress",
-           "--save-every", "1000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.reward",
+        "--data",
+        str(data),
+        "--model",
+        "tiny",
+        "--run-dir",
+        str(run_dir),
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "--save-every",
+        "1000",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     metrics = run_dir / "metrics.jsonl"
     code, out, status = sigterm_mid_run(cmd, env, run_dir, lambda lines: len(lines) >= 3, timeout=90)
@@ -398,8 +524,11 @@ def test_sigterm_saves_cancelled_and_rerun_resumes(tmp_path):
 
     # The same command again (here through `preflab train-reward`) resumes from the saved step.
     from annotate.cli import main as preflab
-    assert preflab(["train-reward", "--run-dir", str(run_dir), "--max-steps", str(saved + 3),
-                    "--no-progress"]) == 0
+
+    assert (
+        preflab(["train-reward", "--run-dir", str(run_dir), "--max-steps", str(saved + 3), "--no-progress"])
+        == 0
+    )
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     resume = next(i for i, r in enumerate(records) if r["kind"] == "resume")
     assert records[resume]["step"] == saved

@@ -9,6 +9,7 @@ import signal
 from collections import Counter
 
 from helpers import Server, add_users, client, write_pairs
+
 from trainer.store import read_comparisons, read_events
 
 PEOPLE = ("ann", "ben", "cat")
@@ -17,8 +18,18 @@ PEOPLE = ("ann", "ben", "cat")
 def team_servers(tmp_path, pg_url, n_servers=2, n_pairs=10):
     add_users(tmp_path / "users.toml", **{p: "annotator" for p in PEOPLE})
     pairs = write_pairs(tmp_path / "pairs.jsonl", n_pairs)
-    args = ("--pairs", str(pairs), "--data", pg_url, "--auth", str(tmp_path / "users.toml"),
-            "--overlap", "2", "--runs", str(tmp_path / "runs"))
+    args = (
+        "--pairs",
+        str(pairs),
+        "--data",
+        pg_url,
+        "--auth",
+        str(tmp_path / "users.toml"),
+        "--overlap",
+        "2",
+        "--runs",
+        str(tmp_path / "runs"),
+    )
     return [Server(tmp_path, *args) for _ in range(n_servers)]
 
 
@@ -42,7 +53,7 @@ def vote_until_done(clients, acks, rounds=80):
     idle = 0
     for turn in range(rounds):
         idle = 0 if vote_round(clients, acks, turn) else idle + 1
-        if idle >= 2:   # nobody had a pair on either server, twice in a row
+        if idle >= 2:  # nobody had a pair on either server, twice in a row
             return
     raise AssertionError("the annotators never ran out of pairs")
 
@@ -69,7 +80,7 @@ def test_two_servers_with_overlap_two_keep_k_and_never_twice(tmp_path, pg_url):
         votes = check_invariants(pg_url, 10)
         assert len(acks) == len(votes) == 20, "every acknowledged vote is stored, and nothing else"
         assert set(acks) == set(read_events(pg_url)["event_id"].to_pylist())
-        for person in PEOPLE:    # both servers tell everyone they are done
+        for person in PEOPLE:  # both servers tell everyone they are done
             for c in clients[person]:
                 view = c.predict(api_name="/next")
                 assert view["pair"] is None and view["waiting"]["state"] == "done"
@@ -87,13 +98,13 @@ def test_kill_9_of_one_server_mid_load_loses_nothing_and_a_restart_goes_on(tmp_p
         acks = []
         for turn in range(3):
             vote_round(clients, acks, turn)
-        servers[0].stop(signal.SIGKILL)               # acknowledged votes must survive this
+        servers[0].stop(signal.SIGKILL)  # acknowledged votes must survive this
         stored = set(read_events(pg_url)["event_id"].to_pylist())
         assert set(acks) <= stored
-        for turn in range(2):                         # the other server carries on alone
+        for turn in range(2):  # the other server carries on alone
             vote_round(clients, acks, turn, only=1)
         check_invariants(pg_url, 12, complete=False)
-        servers[0].start()                            # back: it rebuilds from the database
+        servers[0].start()  # back: it rebuilds from the database
         clients = {p: [client(s.url, p) for s in servers] for p in PEOPLE}
         vote_until_done(clients, acks)
         votes = check_invariants(pg_url, 12)
@@ -118,7 +129,7 @@ def test_undo_on_a_shared_store_frees_the_slot_and_takes_it_back(tmp_path, pg_ur
         assert again["ok"], again["message"]
         votes = read_comparisons(pg_url).to_pylist()
         assert [(v["pair_id"], v["annotator"]) for v in votes] == [(first["pair_id"], "ann")]
-        assert len(read_events(pg_url)) == 3          # vote, retract, vote
+        assert len(read_events(pg_url)) == 3  # vote, retract, vote
         # the other server knows it too: ann is never given that pair there
         other = client(servers[1].url, "ann")
         seen = []

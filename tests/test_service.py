@@ -8,12 +8,12 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from helpers import add_users, write_pairs
 
 from annotate.accounts import Forbidden
 from annotate.pairs import load_pairs
 from annotate.queue import AssignmentQueue
 from annotate.service import Service
-from helpers import add_users, write_pairs
 from trainer.store import read_comparisons, read_events
 from trainer.store.directory_writer import DirectoryStore
 
@@ -33,16 +33,21 @@ def test_a_vote_is_stored_before_it_is_acknowledged_and_the_next_pair_comes_with
     service, store_dir = setup
     view = service.next("me")
     pair = view["pair"]
-    assert set(pair) == {"pair_id", "prompt", "left", "right"} and view["progress"] == {"done": 0, "assigned": 4}
+    assert set(pair) == {"pair_id", "prompt", "left", "right"} and view["progress"] == {
+        "done": 0,
+        "assigned": 4,
+    }
     after = service.vote("me", pair["pair_id"], "right", "slightly", "  B adds up  ")
     assert after["ok"] and after["message"] == "Saved."
-    assert after["ack"]["choice"] == "right" and {after["ack"]["left_model"], after["ack"]["right_model"]} == {
-        "alpha", "beta"}
+    assert after["ack"]["choice"] == "right" and {
+        after["ack"]["left_model"],
+        after["ack"]["right_model"],
+    } == {"alpha", "beta"}
     assert after["pair"]["pair_id"] != pair["pair_id"] and after["progress"]["done"] == 1
     (stored,) = read_comparisons(store_dir).to_pylist()
     assert stored["event_id"] == after["ack"]["event_id"] and stored["annotator"] == "me"
     assert stored[f"response_{stored['left']}"] == pair["left"]
-    assert stored["choice"] == ("b" if stored["left"] == "a" else "a")     # "right" is the other side
+    assert stored["choice"] == ("b" if stored["left"] == "a" else "a")  # "right" is the other side
     assert stored["strength"] == 1 and stored["rationale"] == "B adds up"
 
 
@@ -54,7 +59,7 @@ def test_bad_choice_or_strength_is_refused_and_nothing_is_stored(setup):
     with pytest.raises(ValueError, match="strength must be"):
         service.vote("me", pair_id, "left", "very")
     assert not store_dir.exists() or read_comparisons(store_dir).num_rows == 0
-    assert service.next("me")["pair"]["pair_id"] == pair_id      # still theirs to vote on
+    assert service.next("me")["pair"]["pair_id"] == pair_id  # still theirs to vote on
 
 
 def test_a_stale_vote_is_not_stored_nor_acknowledged_and_the_pair_is_kept(setup):
@@ -62,9 +67,9 @@ def test_a_stale_vote_is_not_stored_nor_acknowledged_and_the_pair_is_kept(setup)
     first = service.next("me")["pair"]["pair_id"]
     service.vote("me", first, "left")
     current = service.next("me")["pair"]["pair_id"]
-    stale = service.vote("me", first, "tie")          # a second tab, voting on the old pair again
+    stale = service.vote("me", first, "tie")  # a second tab, voting on the old pair again
     assert stale["ok"] is False and stale["ack"] is None and "already answered" in stale["message"]
-    assert stale["pair"]["pair_id"] == current          # the pair they hold stays theirs
+    assert stale["pair"]["pair_id"] == current  # the pair they hold stays theirs
     assert read_comparisons(store_dir).column("pair_id").to_pylist() == [first]
     never_given = service.vote("me", "no-such-pair", "left")
     assert never_given["ok"] is False and never_given["pair"]["pair_id"] == current
@@ -77,6 +82,7 @@ def test_skip_gives_the_pair_to_someone_else_and_only_the_holder_may_skip(setup)
     assert view["ok"] and "Skipped" in view["message"] and view["pair"]["pair_id"] != skipped
     again = service.skip("me", skipped)
     assert again["ok"] is False and "no longer yours" in again["message"]
+
     def votes_until_done(user):
         seen, view = [], service.next(user)
         while view["pair"] is not None:
@@ -84,8 +90,8 @@ def test_skip_gives_the_pair_to_someone_else_and_only_the_holder_may_skip(setup)
             view = service.vote(user, view["pair"]["pair_id"], "tie")
         return seen
 
-    assert skipped not in votes_until_done("me")                 # never back to the one who skipped
-    assert skipped in votes_until_done("you")                    # someone else gets it
+    assert skipped not in votes_until_done("me")  # never back to the one who skipped
+    assert skipped in votes_until_done("you")  # someone else gets it
 
 
 def test_undo_retracts_the_vote_and_the_pair_comes_back_as_it_was(setup):
@@ -93,16 +99,20 @@ def test_undo_retracts_the_vote_and_the_pair_comes_back_as_it_was(setup):
     shown = service.next("me")["pair"]
     voted = service.vote("me", shown["pair_id"], "left", "clearly", "A is right")
     undone = service.undo("me")
-    assert undone["ok"] and undone["pair"] == shown                # same pair, same side on the left
-    assert undone["undone"] == {"event_id": voted["ack"]["event_id"], "choice": "left",
-                                "strength": "clearly", "rationale": "A is right"}
+    assert undone["ok"] and undone["pair"] == shown  # same pair, same side on the left
+    assert undone["undone"] == {
+        "event_id": voted["ack"]["event_id"],
+        "choice": "left",
+        "strength": "clearly",
+        "rationale": "A is right",
+    }
     assert undone["progress"]["done"] == 0
-    assert read_comparisons(store_dir).num_rows == 0              # the vote no longer stands
+    assert read_comparisons(store_dir).num_rows == 0  # the vote no longer stands
     (retract,) = [e for e in read_events(store_dir).to_pylist() if e["kind"] == "retract"]
     assert retract["retracts"] == voted["ack"]["event_id"] and retract["annotator"] == "me"
     nothing = service.undo("me")
     assert nothing["ok"] is False and nothing["message"] == "Nothing to undo."
-    revote = service.vote("me", shown["pair_id"], "tie")          # the pair can be voted on again
+    revote = service.vote("me", shown["pair_id"], "tie")  # the pair can be voted on again
     assert revote["ok"] and read_comparisons(store_dir).column("choice").to_pylist() == ["tie"]
 
 
@@ -113,7 +123,7 @@ def test_dashboard_numbers_from_a_few_votes_are_json(setup):
         for choice in choices:
             view = service.vote(user, view["pair"]["pair_id"], choice)
     d = service.dashboard("me")
-    assert json.loads(json.dumps(d, allow_nan=False)) == d          # JSON-able: no NaN, no numpy, no frames
+    assert json.loads(json.dumps(d, allow_nan=False)) == d  # JSON-able: no NaN, no numpy, no frames
     assert set(d) == {"summary", "queue", "tables"}
     assert d["summary"]["votes"] == 5 and d["summary"]["annotators"] == 2
     assert d["queue"]["overlap"] == 2 and d["queue"]["pairs"] == 4
@@ -142,7 +152,7 @@ def test_export_writes_into_the_folder_it_is_given(setup, tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
     files, report = service.export("me", folder, "standard", False, "separate", "none", "jsonl")
-    assert [p.startswith(str(folder)) for p in files] == [True, True]   # preferences and the ties beside them
+    assert [p.startswith(str(folder)) for p in files] == [True, True]  # preferences and the ties beside them
     rows = [json.loads(line) for line in open(files[0])]
     assert len(rows) == 2 and set(rows[0]) == {"prompt", "chosen", "rejected"}
     assert "standing votes" in report
@@ -166,7 +176,7 @@ def test_annotators_are_refused_what_is_for_admins(tmp_path):
             service.dashboard("ann")
         with pytest.raises(Forbidden, match="for admins"):
             service.export("ann", tmp_path)
-        assert list(tmp_path.glob("preferences-*")) == []            # refused before writing anything
+        assert list(tmp_path.glob("preferences-*")) == []  # refused before writing anything
         assert service.dashboard("boss")["summary"]["votes"] == 0
     # Without accounts the one local user is the admin, and nobody else is.
     with DirectoryStore(tmp_path / "store") as store:

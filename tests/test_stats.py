@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pyarrow as pa
 import pytest
+from helpers import vote_record
 
 from annotate import agreement, stats
-from helpers import vote_record
 from trainer.evaluate import wilson_interval
 from trainer.store import records_to_table
 
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def votes_table(rows, start=T0) -> pa.Table:
@@ -22,29 +22,55 @@ def votes_table(rows, start=T0) -> pa.Table:
 
     Only the columns the statistics read; `minutes` is the offset of created_at from
     `start` (default: the row number, so later rows are later votes)."""
-    columns = {k: [] for k in ("pair_id", "annotator", "choice", "left", "model_a",
-                               "model_b", "created_at", "decision_ms")}
+    columns = {
+        k: []
+        for k in ("pair_id", "annotator", "choice", "left", "model_a", "model_b", "created_at", "decision_ms")
+    }
     for i, row in enumerate(rows):
         pair, annotator, choice, left, *rest = row
         model_a, model_b = rest[:2] if len(rest) >= 2 else ("m1", "m2")
         minutes = rest[2] if len(rest) >= 3 else i
         decision_ms = rest[3] if len(rest) >= 4 else 1000
-        for k, value in zip(columns, (pair, annotator, choice, left, model_a, model_b,
-                                      start + timedelta(minutes=minutes), decision_ms)):
+        for k, value in zip(
+            columns,
+            (
+                pair,
+                annotator,
+                choice,
+                left,
+                model_a,
+                model_b,
+                start + timedelta(minutes=minutes),
+                decision_ms,
+            ),
+        ):
             columns[k].append(value)
-    return pa.table({
-        **{k: pa.array(v, pa.string()) for k, v in columns.items()
-           if k not in ("created_at", "decision_ms")},
-        "created_at": pa.array(columns["created_at"], pa.timestamp("us", tz="UTC")),
-        "decision_ms": pa.array(columns["decision_ms"], pa.int32()),
-    })
+    return pa.table(
+        {
+            **{
+                k: pa.array(v, pa.string())
+                for k, v in columns.items()
+                if k not in ("created_at", "decision_ms")
+            },
+            "created_at": pa.array(columns["created_at"], pa.timestamp("us", tz="UTC")),
+            "decision_ms": pa.array(columns["decision_ms"], pa.int32()),
+        }
+    )
 
 
 # ---- shares and intervals ------------------------------------------------------------
 
+
 def test_choice_rates_are_shares_of_all_votes():
-    t = votes_table([("p1", "x", "a", "a"), ("p2", "x", "a", "b"), ("p3", "x", "b", "a"),
-                     ("p4", "x", "tie", "a"), ("p5", "x", "both_bad", "a")])
+    t = votes_table(
+        [
+            ("p1", "x", "a", "a"),
+            ("p2", "x", "a", "b"),
+            ("p3", "x", "b", "a"),
+            ("p4", "x", "tie", "a"),
+            ("p5", "x", "both_bad", "a"),
+        ]
+    )
     assert stats.choice_rates(t) == {"a": 0.4, "b": 0.2, "tie": 0.2, "both_bad": 0.2}
 
 
@@ -54,17 +80,20 @@ def test_choice_rates_of_no_votes_are_nan_not_an_error():
     assert all(math.isnan(x) for x in rates.values())
 
 
-@pytest.mark.parametrize("k, n, low, high", [
-    # 8/10: center (0.8 + 1.9208/10) / 1.38415 = 0.71674, half-width
-    # 1.95996 / 1.38415 * sqrt(0.016 + 0.0096037) = 0.22658.
-    (8, 10, 0.49016, 0.94332),
-    # 0/10: low is exactly 0, high = (z^2/n) / (1 + z^2/n) = 0.38415 / 1.38415.
-    (0, 10, 0.0, 0.27753),
-    # Symmetric to the case above.
-    (10, 10, 0.72247, 1.0),
-    # 50/100: 0.5 -+ 1.95996/1.038415 * sqrt(0.0025 + 0.000096) = 0.5 -+ 0.09617
-    (50, 100, 0.40383, 0.59617),
-])
+@pytest.mark.parametrize(
+    "k, n, low, high",
+    [
+        # 8/10: center (0.8 + 1.9208/10) / 1.38415 = 0.71674, half-width
+        # 1.95996 / 1.38415 * sqrt(0.016 + 0.0096037) = 0.22658.
+        (8, 10, 0.49016, 0.94332),
+        # 0/10: low is exactly 0, high = (z^2/n) / (1 + z^2/n) = 0.38415 / 1.38415.
+        (0, 10, 0.0, 0.27753),
+        # Symmetric to the case above.
+        (10, 10, 0.72247, 1.0),
+        # 50/100: 0.5 -+ 1.95996/1.038415 * sqrt(0.0025 + 0.000096) = 0.5 -+ 0.09617
+        (50, 100, 0.40383, 0.59617),
+    ],
+)
 def test_wilson_interval_matches_hand_computed_values(k, n, low, high):
     got_low, got_high = wilson_interval(k, n)
     assert got_low == pytest.approx(low, abs=1e-5)
@@ -76,15 +105,17 @@ def test_wilson_interval_of_nothing_is_nan():
 
 
 def test_position_bias_counts_the_chosen_side_against_the_left_side():
-    t = votes_table([
-        ("p1", "x", "a", "a"),          # chose the left one
-        ("p2", "x", "b", "b"),          # b was shown on the left and won: left
-        ("p3", "x", "a", "b"),          # a was on the right: right
-        ("p4", "x", "b", "a"),          # right
-        ("p5", "x", "b", "b"),          # left
-        ("p6", "x", "tie", "a"),        # not decisive: ignored
-        ("p7", "x", "both_bad", "b"),   # ignored
-    ])
+    t = votes_table(
+        [
+            ("p1", "x", "a", "a"),  # chose the left one
+            ("p2", "x", "b", "b"),  # b was shown on the left and won: left
+            ("p3", "x", "a", "b"),  # a was on the right: right
+            ("p4", "x", "b", "a"),  # right
+            ("p5", "x", "b", "b"),  # left
+            ("p6", "x", "tie", "a"),  # not decisive: ignored
+            ("p7", "x", "both_bad", "b"),  # ignored
+        ]
+    )
     bias = stats.position_bias(t)
     assert bias["n"] == 5
     assert bias["share_left"] == pytest.approx(3 / 5)
@@ -95,11 +126,15 @@ def test_position_bias_counts_the_chosen_side_against_the_left_side():
 
 
 def test_median_decision_ms_ignores_missing_times():
-    t = votes_table([("p1", "x", "a", "a", "m1", "m2", 0, 100),
-                     ("p2", "x", "a", "a", "m1", "m2", 1, None),
-                     ("p3", "x", "a", "a", "m1", "m2", 2, 300),
-                     ("p4", "x", "a", "a", "m1", "m2", 3, 4000),
-                     ("p5", "x", "a", "a", "m1", "m2", 4, None)])
+    t = votes_table(
+        [
+            ("p1", "x", "a", "a", "m1", "m2", 0, 100),
+            ("p2", "x", "a", "a", "m1", "m2", 1, None),
+            ("p3", "x", "a", "a", "m1", "m2", 2, 300),
+            ("p4", "x", "a", "a", "m1", "m2", 3, 4000),
+            ("p5", "x", "a", "a", "m1", "m2", 4, None),
+        ]
+    )
     # Of 100, 300, 4000 the median is 300 (with the nulls as 0 it would be 100).
     assert stats.median_decision_ms(t) == 300
     only_nulls = votes_table([("p1", "x", "a", "a", "m1", "m2", 0, None)])
@@ -108,19 +143,30 @@ def test_median_decision_ms_ignores_missing_times():
 
 # ---- per annotator, model, day -------------------------------------------------------
 
+
 def test_votes_by_annotator():
-    t = votes_table([
-        ("p1", "bob", "a", "a", "m1", "m2", 0, 1000),
-        ("p2", "bob", "tie", "a", "m1", "m2", 1, 3000),
-        ("p3", "bob", "both_bad", "a", "m1", "m2", 2, None),
-        ("p4", "bob", "b", "a", "m1", "m2", 3, 2000),
-        ("p1", "amy", "a", "a", "m1", "m2", 4, 500),
-        ("p2", "amy", "a", "a", "m1", "m2", 5, 700),
-    ])
+    t = votes_table(
+        [
+            ("p1", "bob", "a", "a", "m1", "m2", 0, 1000),
+            ("p2", "bob", "tie", "a", "m1", "m2", 1, 3000),
+            ("p3", "bob", "both_bad", "a", "m1", "m2", 2, None),
+            ("p4", "bob", "b", "a", "m1", "m2", 3, 2000),
+            ("p1", "amy", "a", "a", "m1", "m2", 4, 500),
+            ("p2", "amy", "a", "a", "m1", "m2", 5, 700),
+        ]
+    )
     by = stats.votes_by(t, "annotator")
-    assert list(by.columns) == ["annotator", "votes", "ties", "both_bad", "tie_rate",
-                                "both_bad_rate", "left_share", "median_decision_ms"]
-    assert list(by["annotator"]) == ["bob", "amy"]          # most votes first
+    assert list(by.columns) == [
+        "annotator",
+        "votes",
+        "ties",
+        "both_bad",
+        "tie_rate",
+        "both_bad_rate",
+        "left_share",
+        "median_decision_ms",
+    ]
+    assert list(by["annotator"]) == ["bob", "amy"]  # most votes first
     bob, amy = by.iloc[0], by.iloc[1]
     assert (bob["votes"], bob["ties"], bob["both_bad"]) == (4, 1, 1)
     assert (bob["tie_rate"], bob["both_bad_rate"]) == (0.25, 0.25)
@@ -132,28 +178,33 @@ def test_votes_by_annotator():
 
 
 def test_votes_by_model_counts_a_vote_for_each_side_and_a_self_pair_once():
-    t = votes_table([
-        ("p1", "x", "a", "a", "base", "tuned"),
-        ("p2", "x", "tie", "a", "tuned", "base"),
-        ("p3", "x", "b", "a", "tuned", "tuned"),    # a model against itself
-        ("p4", "x", "both_bad", "a", "base", "other"),
-    ])
+    t = votes_table(
+        [
+            ("p1", "x", "a", "a", "base", "tuned"),
+            ("p2", "x", "tie", "a", "tuned", "base"),
+            ("p3", "x", "b", "a", "tuned", "tuned"),  # a model against itself
+            ("p4", "x", "both_bad", "a", "base", "other"),
+        ]
+    )
     by = stats.votes_by(t, "model").set_index("model")
     assert by["votes"].to_dict() == {"tuned": 3, "base": 3, "other": 1}
-    assert list(by.index) == ["base", "tuned", "other"]     # ties in count: by name
+    assert list(by.index) == ["base", "tuned", "other"]  # ties in count: by name
     assert by.loc["base", "ties"] == 1 and by.loc["base", "both_bad"] == 1
     assert by.loc["tuned", "tie_rate"] == pytest.approx(1 / 3)
     assert by.loc["other", "both_bad_rate"] == 1.0
 
 
 def test_votes_by_day_uses_the_utc_date():
-    midnight = datetime(2025, 3, 2, tzinfo=timezone.utc)
-    t = votes_table([
-        ("p1", "x", "a", "a", "m1", "m2", -30),        # 2025-03-01 23:30 UTC
-        ("p2", "x", "tie", "a", "m1", "m2", 30),       # 2025-03-02 00:30 UTC
-        ("p3", "x", "a", "a", "m1", "m2", 60 * 23),    # 2025-03-02 23:00 UTC
-        ("p4", "x", "a", "a", "m1", "m2", 60 * 24 * 3),  # 2025-03-05
-    ], start=midnight)
+    midnight = datetime(2025, 3, 2, tzinfo=UTC)
+    t = votes_table(
+        [
+            ("p1", "x", "a", "a", "m1", "m2", -30),  # 2025-03-01 23:30 UTC
+            ("p2", "x", "tie", "a", "m1", "m2", 30),  # 2025-03-02 00:30 UTC
+            ("p3", "x", "a", "a", "m1", "m2", 60 * 23),  # 2025-03-02 23:00 UTC
+            ("p4", "x", "a", "a", "m1", "m2", 60 * 24 * 3),  # 2025-03-05
+        ],
+        start=midnight,
+    )
     by = stats.votes_by(t, "day")
     assert list(by["day"]) == ["2025-03-01", "2025-03-02", "2025-03-05"]
     assert list(by["votes"]) == [1, 2, 1]
@@ -192,16 +243,26 @@ def test_a_missing_column_is_named():
 # p_e = (5*4 + 3*3 + 1*2 + 1*1) / 100 = 0.32
 # kappa = (0.70 - 0.32) / (1 - 0.32) = 0.38 / 0.68 = 19/34
 KAPPA_ROWS = [
-    ("p1", "alice", "a", "a"), ("p1", "bob", "a", "b"),
-    ("p2", "bob", "a", "a"), ("p2", "alice", "a", "a"),
-    ("p3", "alice", "a", "b"), ("p3", "bob", "b", "a"),
-    ("p4", "bob", "tie", "a"), ("p4", "alice", "a", "b"),
-    ("p5", "alice", "b", "a"), ("p5", "bob", "b", "a"),
-    ("p6", "bob", "b", "b"), ("p6", "alice", "b", "a"),
-    ("p7", "alice", "b", "a"), ("p7", "bob", "a", "a"),
-    ("p8", "bob", "tie", "b"), ("p8", "alice", "tie", "a"),
-    ("p9", "alice", "both_bad", "a"), ("p9", "bob", "both_bad", "a"),
-    ("p10", "bob", "a", "a"), ("p10", "alice", "a", "b"),
+    ("p1", "alice", "a", "a"),
+    ("p1", "bob", "a", "b"),
+    ("p2", "bob", "a", "a"),
+    ("p2", "alice", "a", "a"),
+    ("p3", "alice", "a", "b"),
+    ("p3", "bob", "b", "a"),
+    ("p4", "bob", "tie", "a"),
+    ("p4", "alice", "a", "b"),
+    ("p5", "alice", "b", "a"),
+    ("p5", "bob", "b", "a"),
+    ("p6", "bob", "b", "b"),
+    ("p6", "alice", "b", "a"),
+    ("p7", "alice", "b", "a"),
+    ("p7", "bob", "a", "a"),
+    ("p8", "bob", "tie", "b"),
+    ("p8", "alice", "tie", "a"),
+    ("p9", "alice", "both_bad", "a"),
+    ("p9", "bob", "both_bad", "a"),
+    ("p10", "bob", "a", "a"),
+    ("p10", "alice", "a", "b"),
 ]
 
 
@@ -220,8 +281,7 @@ def test_cohens_kappa_takes_each_annotators_latest_vote_on_a_pair():
     # An older vote of Alice on p3 that agrees with Bob, and an older vote of Bob on
     # p7 placed AFTER his later one in the table: only time decides, not row order.
     # Counting the old votes would lift agreement to 9/10.
-    rows = KAPPA_ROWS + [("p3", "alice", "b", "a", "m1", "m2", -10),
-                         ("p7", "bob", "b", "a", "m1", "m2", -10)]
+    rows = KAPPA_ROWS + [("p3", "alice", "b", "a", "m1", "m2", -10), ("p7", "bob", "b", "a", "m1", "m2", -10)]
     row = agreement.cohens_kappa(votes_table(rows)).iloc[0]
     assert (row["n_shared"], row["agreement"]) == (10, pytest.approx(0.7))
     assert row["kappa"] == pytest.approx(19 / 34)
@@ -231,7 +291,8 @@ def test_cohens_kappa_degenerate_pairs_are_nan_with_a_note():
     rows = KAPPA_ROWS + [
         # Carol shares p1 and p2 with both, and says "a" like them: with only one
         # category in use, chance agreement is 1 and kappa 0/0.
-        ("p1", "carol", "a", "a"), ("p2", "carol", "a", "a"),
+        ("p1", "carol", "a", "a"),
+        ("p2", "carol", "a", "a"),
         # Dave labels a pair nobody else did: he appears in no row.
         ("p99", "dave", "a", "a"),
     ]
@@ -246,8 +307,9 @@ def test_cohens_kappa_degenerate_pairs_are_nan_with_a_note():
 
 def test_cohens_kappa_of_constant_but_opposite_annotators_is_zero_not_nan():
     # Each uses one category, but different ones: p_o = 0, p_e = 0, kappa = 0.
-    t = votes_table([("p1", "x", "a", "a"), ("p1", "y", "b", "a"),
-                     ("p2", "x", "a", "a"), ("p2", "y", "b", "a")])
+    t = votes_table(
+        [("p1", "x", "a", "a"), ("p1", "y", "b", "a"), ("p2", "x", "a", "a"), ("p2", "y", "b", "a")]
+    )
     row = agreement.cohens_kappa(t).iloc[0]
     assert (row["agreement"], row["kappa"], row["note"]) == (0.0, 0.0, "")
 
@@ -258,6 +320,7 @@ def test_cohens_kappa_without_shared_pairs_is_an_empty_table():
 
 
 # ---- Krippendorff's alpha ------------------------------------------------------------
+
 
 def test_nominal_alpha_reproduces_krippendorffs_worked_example():
     # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", the nominal
@@ -287,12 +350,18 @@ def test_krippendorff_alpha_from_votes_matches_the_hand_computed_value():
     # o_tt = 2*1/1 = 2. n_a = 2, n_b = 1, n_tie = 2, n = 5.
     # D_o = (o_ab + o_ba) / n = 2/5;  D_e = (25 - 4 - 1 - 4) / (5 * 4) = 16/20
     # alpha = 1 - 0.4 / 0.8 = 0.5
-    t = votes_table([
-        ("p1", "x", "a", "a"), ("p1", "y", "a", "b"), ("p1", "z", "b", "a"),
-        ("p2", "x", "tie", "a"), ("p2", "y", "tie", "a"),
-        ("p3", "x", "b", "a"),
-        ("p4", "y", "a", "a"), ("p4", "y", "b", "a"),
-    ])
+    t = votes_table(
+        [
+            ("p1", "x", "a", "a"),
+            ("p1", "y", "a", "b"),
+            ("p1", "z", "b", "a"),
+            ("p2", "x", "tie", "a"),
+            ("p2", "y", "tie", "a"),
+            ("p3", "x", "b", "a"),
+            ("p4", "y", "a", "a"),
+            ("p4", "y", "b", "a"),
+        ]
+    )
     assert agreement.krippendorff_alpha(t) == {"alpha": pytest.approx(0.5), "n_units": 2, "n_values": 5}
 
 
@@ -303,19 +372,25 @@ def test_krippendorff_alpha_takes_each_annotators_latest_vote():
     # n_a = 3, n_b = 2, n_tie = 2, n = 7.
     # D_o = 4/7;  D_e = (49 - 9 - 4 - 4) / (7 * 6) = 32/42;  alpha = 1 - (4/7)/(32/42) = 0.25
     # (Taking y's older vote, b, instead would give p3 (b, b) and alpha = 0.625.)
-    t = votes_table([
-        ("p1", "x", "a", "a"), ("p1", "y", "a", "b"), ("p1", "z", "b", "a"),
-        ("p2", "x", "tie", "a"), ("p2", "y", "tie", "a"),
-        ("p3", "x", "b", "a"),
-        ("p3", "y", "a", "a", "m1", "m2", 40),   # the later vote, listed first
-        ("p3", "y", "b", "a", "m1", "m2", 30),
-    ])
+    t = votes_table(
+        [
+            ("p1", "x", "a", "a"),
+            ("p1", "y", "a", "b"),
+            ("p1", "z", "b", "a"),
+            ("p2", "x", "tie", "a"),
+            ("p2", "y", "tie", "a"),
+            ("p3", "x", "b", "a"),
+            ("p3", "y", "a", "a", "m1", "m2", 40),  # the later vote, listed first
+            ("p3", "y", "b", "a", "m1", "m2", 30),
+        ]
+    )
     assert agreement.krippendorff_alpha(t) == {"alpha": pytest.approx(0.25), "n_units": 3, "n_values": 7}
 
 
 def test_krippendorff_alpha_perfect_and_undefined():
-    perfect = votes_table([("p1", "x", "a", "a"), ("p1", "y", "a", "a"),
-                           ("p2", "x", "tie", "a"), ("p2", "y", "tie", "a")])
+    perfect = votes_table(
+        [("p1", "x", "a", "a"), ("p1", "y", "a", "a"), ("p2", "x", "tie", "a"), ("p2", "y", "tie", "a")]
+    )
     assert agreement.krippendorff_alpha(perfect)["alpha"] == pytest.approx(1.0)
     # One value everywhere: no variation, expected disagreement 0, alpha undefined.
     constant = votes_table([("p1", "x", "a", "a"), ("p1", "y", "a", "a")])
@@ -325,12 +400,24 @@ def test_krippendorff_alpha_perfect_and_undefined():
 
 # ---- the header, and the real record schema ------------------------------------------
 
+
 def full_record(pair_id, annotator, choice, left, minutes, decision_ms=800):
-    return vote_record("hi", "x", "y", choice, None if choice in ("tie", "both_bad") else 1,
-                       event_id=f"e-{pair_id}-{annotator}-{minutes}", pair_id=pair_id,
-                       prompt_id="prompt-" + pair_id, model_a="base", model_b="tuned", left=left,
-                       annotator=annotator, created_at=T0 + timedelta(minutes=minutes),
-                       decision_ms=decision_ms)
+    return vote_record(
+        "hi",
+        "x",
+        "y",
+        choice,
+        None if choice in ("tie", "both_bad") else 1,
+        event_id=f"e-{pair_id}-{annotator}-{minutes}",
+        pair_id=pair_id,
+        prompt_id="prompt-" + pair_id,
+        model_a="base",
+        model_b="tuned",
+        left=left,
+        annotator=annotator,
+        created_at=T0 + timedelta(minutes=minutes),
+        decision_ms=decision_ms,
+    )
 
 
 def test_summary_over_a_table_with_the_record_schema():
@@ -352,11 +439,13 @@ def test_summary_over_a_table_with_the_record_schema():
 def test_a_pandas_frame_gives_the_same_numbers_as_the_arrow_table():
     t = votes_table(KAPPA_ROWS + [("p1", "carol", "tie", "b", "m2", "m3", 30, None)])
     df = t.to_pandas()
-    df["choice"] = df["choice"].astype("category")   # dashboards often hold categoricals
+    df["choice"] = df["choice"].astype("category")  # dashboards often hold categoricals
     for by in stats.BY:
         pd.testing.assert_frame_equal(stats.votes_by(df, by), stats.votes_by(t, by))
     pd.testing.assert_frame_equal(agreement.cohens_kappa(df), agreement.cohens_kappa(t))
     a, b = stats.summary(df), stats.summary(t)
     assert a.keys() == b.keys()
     for key in a:
-        assert a[key] == b[key] or (isinstance(a[key], float) and math.isnan(a[key]) and math.isnan(b[key])), key
+        assert a[key] == b[key] or (
+            isinstance(a[key], float) and math.isnan(a[key]) and math.isnan(b[key])
+        ), key

@@ -9,19 +9,19 @@ import signal
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import preflab, vote_record
 
 from trainer.store import SCHEMA, RecordError, read_comparisons, read_events
 from trainer.store.compaction import compact
 from trainer.store.directory_reader import list_store
 from trainer.store.directory_writer import DirectoryStore, recover_orphans
-from helpers import preflab, vote_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,19 +29,29 @@ REPO = Path(__file__).resolve().parents[1]
 def vote(**overrides):
     """A vote with every optional field set. The overrides go on top of the checked
     record unchecked: several tests hand the store a broken one on purpose."""
-    record = vote_record("Name a prime number.", "7", "Nine is prime.", "a", 2, pair_id="pair-1",
-                         prompt_id="p-1", left="b", rationale="b is wrong", decision_ms=1234,
-                         gen_params=json.dumps({"a": {"temperature": 0.7}}))
+    record = vote_record(
+        "Name a prime number.",
+        "7",
+        "Nine is prime.",
+        "a",
+        2,
+        pair_id="pair-1",
+        prompt_id="p-1",
+        left="b",
+        rationale="b is wrong",
+        decision_ms=1234,
+        gen_params=json.dumps({"a": {"temperature": 0.7}}),
+    )
     return {**record, **overrides}
 
 
 # ---- writing and reading ---------------------------------------------------------------
 
+
 def test_append_roundtrip_keeps_every_field_and_type(tmp_path):
     with DirectoryStore(tmp_path) as store:
         acked = store.append(vote())
-        store.append(vote(choice="tie", strength=None, rationale=None, decision_ms=None,
-                          gen_params=None))
+        store.append(vote(choice="tie", strength=None, rationale=None, decision_ms=None, gen_params=None))
     table = read_events(tmp_path)
     assert table.schema.equals(SCHEMA, check_metadata=False)
     rows = {r["event_id"]: r for r in table.to_pylist()}
@@ -50,7 +60,7 @@ def test_append_roundtrip_keeps_every_field_and_type(tmp_path):
     assert json.loads(row["prompt"]) == [{"role": "user", "content": "Name a prime number."}]
     assert (row["choice"], row["strength"], row["left"], row["decision_ms"]) == ("a", 2, "b", 1234)
     assert row["created_at"].tzinfo is not None
-    assert abs((datetime.now(timezone.utc) - row["created_at"]).total_seconds()) < 600
+    assert abs((datetime.now(UTC) - row["created_at"]).total_seconds()) < 600
     assert sorted(r["choice"] for r in rows.values()) == ["a", "tie"]
 
 
@@ -81,18 +91,21 @@ def test_retractions_cancel_exactly_the_named_vote(tmp_path):
     assert len(read_events(tmp_path)) == 3
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("choice", "c", "choice"),
-    ("strength", 3, "strength"),
-    ("left", "middle", "left"),
-    ("prompt", "not json", "prompt"),
-    ("prompt", json.dumps([{"role": "user"}]), "prompt"),
-    ("annotator", "", "annotator"),
-    ("decision_ms", -5, "decision_ms"),
-    ("kind", "upvote", "kind"),
-    ("gen_params", "{broken", "gen_params"),
-    ("colour", "red", "colour"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("choice", "c", "choice"),
+        ("strength", 3, "strength"),
+        ("left", "middle", "left"),
+        ("prompt", "not json", "prompt"),
+        ("prompt", json.dumps([{"role": "user"}]), "prompt"),
+        ("annotator", "", "annotator"),
+        ("decision_ms", -5, "decision_ms"),
+        ("kind", "upvote", "kind"),
+        ("gen_params", "{broken", "gen_params"),
+        ("colour", "red", "colour"),
+    ],
+)
 def test_schema_violations_are_refused_naming_the_field(tmp_path, field, value, needle):
     with DirectoryStore(tmp_path) as store:
         store.append(vote())
@@ -120,6 +133,7 @@ def test_append_many_is_all_or_nothing_and_names_the_item(tmp_path):
 
 
 # ---- damage ------------------------------------------------------------------------------
+
 
 def test_damaged_part_file_is_reported_and_skipped(tmp_path, caplog):
     for _ in range(3):  # three writers -> three part files
@@ -165,14 +179,26 @@ WRITER = textwrap.dedent("""
 
 def start_writer(store_dir, n, flush_every, name, close=True):
     code = WRITER.format(repo=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", code, str(store_dir), str(n), str(flush_every),
-                             name, "close" if close else "keep"],
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(store_dir),
+            str(n),
+            str(flush_every),
+            name,
+            "close" if close else "keep",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_concurrent_writer_processes_lose_and_duplicate_nothing(tmp_path):
-    writers = [start_writer(tmp_path, 300, flush_every, f"w{k}")
-               for k, flush_every in enumerate((7, 50, 1000, 13))]
+    writers = [
+        start_writer(tmp_path, 300, flush_every, f"w{k}") for k, flush_every in enumerate((7, 50, 1000, 13))
+    ]
     acked = []
     for w in writers:
         out, _ = w.communicate(timeout=120)
@@ -236,6 +262,7 @@ def test_crash_between_part_rename_and_segment_unlink_reads_each_event_once(tmp_
 
 
 # ---- compaction --------------------------------------------------------------------------
+
 
 def canonical(table: pa.Table) -> list[dict]:
     return sorted(table.to_pylist(), key=lambda r: r["event_id"])

@@ -10,23 +10,24 @@ records export, leaderboard, pairs and prompts.
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import TRAIN_DEVICE, retraction, vote_record, write_store
+from helpers import preflab as cli
 
 from annotate import cli as preflab
 from annotate.arena import arena_file
 from annotate.launcher import Launcher, LaunchError
-from annotate.web.leaderboard_tab import page
 from annotate.review import Reviewer
+from annotate.web.leaderboard_tab import page
 from trainer.errors import PolicyInputError
 from trainer.prompts import load_prompts
 from trainer.reward_data import read_pairs
 from trainer.store import SCHEMA, describe, messages_to_json, read_comparisons
 from trainer.store.pg_testserver import free_port
-from helpers import TRAIN_DEVICE, preflab as cli, retraction, vote_record, write_store
 
 MODELS = ("alpha", "beta", "gamma")
 
@@ -43,7 +44,7 @@ def with_password(url: str, password: str) -> str:
 # The same events, written to either backend
 # --------------------------------------------------------------------------------------
 
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def events() -> list[dict]:
@@ -60,12 +61,24 @@ def events() -> list[dict]:
         if model_a == model_b:
             model_b = MODELS[(i + 2) % 3]
         choice = choices[i % len(choices)]
-        out.append(vote_record(
-            messages, a, b, choice, (1 + i % 2) if choice in ("a", "b") else None,
-            event_id=str(uuid.UUID(int=i + 1)), model_a=model_a, model_b=model_b, left="ab"[i % 2],
-            rationale="clearer" if i % 4 == 0 else None, annotator=f"ann{i % 2}",
-            created_at=T0 + timedelta(seconds=i, microseconds=17 * i), decision_ms=900 + i,
-            gen_params=json.dumps({"a": {"seed": i}, "b": {"seed": i + 1}}) if i % 3 else None))
+        out.append(
+            vote_record(
+                messages,
+                a,
+                b,
+                choice,
+                (1 + i % 2) if choice in ("a", "b") else None,
+                event_id=str(uuid.UUID(int=i + 1)),
+                model_a=model_a,
+                model_b=model_b,
+                left="ab"[i % 2],
+                rationale="clearer" if i % 4 == 0 else None,
+                annotator=f"ann{i % 2}",
+                created_at=T0 + timedelta(seconds=i, microseconds=17 * i),
+                decision_ms=900 + i,
+                gen_params=json.dumps({"a": {"seed": i}, "b": {"seed": i + 1}}) if i % 3 else None,
+            )
+        )
     out.append(retraction(out[0], event_id=str(uuid.UUID(int=999)), created_at=T0 + timedelta(minutes=5)))
     return out
 
@@ -88,11 +101,14 @@ def sorted_by_event(table: pa.Table) -> pa.Table:
 # import, info, export
 # --------------------------------------------------------------------------------------
 
+
 def test_import_info_and_export_on_postgres(pg_url, tmp_path):
-    rows = [{"prompt": "p1", "chosen": "good", "rejected": "bad", "margin": 2},
-            {"prompt": "p2", "chosen": "yes", "rejected": "no"},
-            {"prompt": "p3", "chosen": "same", "rejected": "same"},            # bad: skipped
-            {"prompt": "p4", "chosen": "short", "rejected": "long and wrong", "margin": 1}]
+    rows = [
+        {"prompt": "p1", "chosen": "good", "rejected": "bad", "margin": 2},
+        {"prompt": "p2", "chosen": "yes", "rejected": "no"},
+        {"prompt": "p3", "chosen": "same", "rejected": "same"},  # bad: skipped
+        {"prompt": "p4", "chosen": "short", "rejected": "long and wrong", "margin": 1},
+    ]
     src = tmp_path / "prefs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -110,16 +126,23 @@ def test_import_info_and_export_on_postgres(pg_url, tmp_path):
     r = cli("export", "--data", pg_url, "--out", out, "--margin")
     assert r.returncode == 0, r.stderr
     assert f"wrote     3 preference rows to {out}" in r.stdout
-    got = sorted((x["prompt"], x["chosen"], x["rejected"], x["margin"])
-                 for x in map(json.loads, out.read_text().splitlines()))
-    assert got == [("p1", "good", "bad", 2.0), ("p2", "yes", "no", 0.0), ("p4", "short", "long and wrong", 1.0)]
+    got = sorted(
+        (x["prompt"], x["chosen"], x["rejected"], x["margin"])
+        for x in map(json.loads, out.read_text().splitlines())
+    )
+    assert got == [
+        ("p1", "good", "bad", 2.0),
+        ("p2", "yes", "no", 0.0),
+        ("p4", "short", "long and wrong", 1.0),
+    ]
 
     # The same file through a directory store exports the same rows.
     assert cli("import", src, "--data", tmp_path / "dir", "--source", "trl").returncode == 0
     r = cli("export", "--data", tmp_path / "dir", "--out", tmp_path / "dir.jsonl", "--margin")
     assert r.returncode == 0, r.stderr
-    assert sorted(map(json.loads, (tmp_path / "dir.jsonl").read_text().splitlines()), key=json.dumps) == \
-        sorted(map(json.loads, out.read_text().splitlines()), key=json.dumps)
+    assert sorted(
+        map(json.loads, (tmp_path / "dir.jsonl").read_text().splitlines()), key=json.dumps
+    ) == sorted(map(json.loads, out.read_text().splitlines()), key=json.dumps)
 
 
 def test_records_export_from_postgres_equals_the_directory_one(both, tmp_path):
@@ -131,7 +154,7 @@ def test_records_export_from_postgres_equals_the_directory_one(both, tmp_path):
         assert r.returncode == 0, r.stderr
         assert f"wrote     29 records (19 fields each) to {out}" in r.stdout
         tables[name] = pq.read_table(out)
-        assert tables[name].schema.equals(SCHEMA), tables[name].schema    # exactly the record's fields
+        assert tables[name].schema.equals(SCHEMA), tables[name].schema  # exactly the record's fields
     assert sorted_by_event(tables["pg"]).equals(sorted_by_event(tables["dir"]))
     # Every standing vote, ties and both-bad too; the retracted vote and the retract not.
     records = tables["dir"]
@@ -139,7 +162,7 @@ def test_records_export_from_postgres_equals_the_directory_one(both, tmp_path):
     assert set(records["kind"].to_pylist()) == {"vote"}
     assert {"tie", "both_bad"} <= set(records["choice"].to_pylist())
     assert sorted_by_event(records).equals(sorted_by_event(read_comparisons(directory)))
-    assert records["created_at"].to_pylist() == sorted(records["created_at"].to_pylist())   # oldest first
+    assert records["created_at"].to_pylist() == sorted(records["created_at"].to_pylist())  # oldest first
 
     # JSON Lines: the same records, created_at as ISO 8601 UTC.
     lines = {}
@@ -167,6 +190,7 @@ def test_records_format_is_in_the_help():
 # leaderboard, Review, train-reward, the launcher, train-policy's prompts
 # --------------------------------------------------------------------------------------
 
+
 def test_leaderboard_json_on_postgres_matches_the_directory(both, tmp_path):
     url, directory = both
     boards = []
@@ -180,7 +204,7 @@ def test_leaderboard_json_on_postgres_matches_the_directory(both, tmp_path):
     assert sorted(m["model"] for m in boards[0]["models"]) == sorted(MODELS)
     assert boards[0]["votes"] == 29
 
-    view = page(url, tmp_path / "runs", rounds=10)      # the Leaderboard tab, on the database
+    view = page(url, tmp_path / "runs", rounds=10)  # the Leaderboard tab, on the database
     assert view["ok"] and view["models"] == sorted(MODELS) and "alpha" in view["table"]
 
 
@@ -195,15 +219,35 @@ def test_reviewer_reads_the_votes_of_a_database(both, tmp_path):
 
 def test_train_reward_on_a_postgres_store(both, tmp_path):
     url, directory = both
-    key = lambda p: (json.dumps(p[0]), p[1], p[2], p[3])    # noqa: E731
+    key = lambda p: (json.dumps(p[0]), p[1], p[2], p[3])  # noqa: E731
     pg_pairs, dir_pairs = (read_pairs(t, ties="include") for t in (url, directory))
-    assert sorted(map(key, zip(pg_pairs.prompts, pg_pairs.chosen, pg_pairs.rejected, pg_pairs.label))) == \
-        sorted(map(key, zip(dir_pairs.prompts, dir_pairs.chosen, dir_pairs.rejected, dir_pairs.label)))
+    assert sorted(
+        map(key, zip(pg_pairs.prompts, pg_pairs.chosen, pg_pairs.rejected, pg_pairs.label))
+    ) == sorted(map(key, zip(dir_pairs.prompts, dir_pairs.chosen, dir_pairs.rejected, dir_pairs.label)))
 
     run_dir = tmp_path / "runs" / "rm-pg"
-    code = preflab.main(["train-reward", "--data", url, "--model", "tiny", "--run-dir", str(run_dir),
-                         "--max-length", "64", "--batch-size", "4", "--max-steps", "2", "--lr", "1e-3",
-                         "--device", TRAIN_DEVICE, "--no-progress"])
+    code = preflab.main(
+        [
+            "train-reward",
+            "--data",
+            url,
+            "--model",
+            "tiny",
+            "--run-dir",
+            str(run_dir),
+            "--max-length",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--device",
+            TRAIN_DEVICE,
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
     data = json.loads((run_dir / "config.json").read_text())["data"]
@@ -214,8 +258,15 @@ def test_train_reward_on_a_postgres_store(both, tmp_path):
 def test_launcher_passes_the_url_to_the_trainer_unchanged(pg_url, tmp_path):
     launcher = Launcher(tmp_path / "runs")
     fill(pg_url)
-    info = launcher.start_reward(pg_url, model="tiny", epochs=1, batch_size=8, max_length=64, lr=1e-3,
-                                 extra=["--max-steps", "1", "--device", TRAIN_DEVICE])
+    info = launcher.start_reward(
+        pg_url,
+        model="tiny",
+        epochs=1,
+        batch_size=8,
+        max_length=64,
+        lr=1e-3,
+        extra=["--max-steps", "1", "--device", TRAIN_DEVICE],
+    )
     argv = json.loads((info.path / "launch.json").read_text())["argv"]
     assert argv[argv.index("--data") + 1] == pg_url
     final = launcher.wait(info.run_id, timeout=300)
@@ -232,7 +283,7 @@ def test_launcher_passes_the_url_to_the_trainer_unchanged(pg_url, tmp_path):
 def test_policy_prompts_from_a_store_url(both):
     url, directory = both
     prompts = load_prompts(url)
-    standing = {e["prompt"] for e in events()[1:30]}          # the first vote is retracted
+    standing = {e["prompt"] for e in events()[1:30]}  # the first vote is retracted
     assert sorted(map(messages_to_json, prompts)) == sorted(standing) and len(prompts) == 17
     assert sorted(map(json.dumps, prompts)) == sorted(map(json.dumps, load_prompts(directory)))
 
@@ -246,12 +297,17 @@ def test_policy_prompts_from_an_empty_database(pg_url):
 # A server that cannot be reached: one line, exit 2
 # --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", ["info", "export", "leaderboard", "import", "train-reward"])
 def test_unreachable_server_is_one_clear_line(command, tmp_path):
     target = f"postgresql://127.0.0.1:{free_port()}/x"
-    args = {"info": [], "export": ["--out", tmp_path / "out.parquet"], "leaderboard": [],
-            "import": ["--source", "s"],
-            "train-reward": ["--model", "tiny", "--run-dir", tmp_path / "run", "--device", "cpu"]}[command]
+    args = {
+        "info": [],
+        "export": ["--out", tmp_path / "out.parquet"],
+        "leaderboard": [],
+        "import": ["--source", "s"],
+        "train-reward": ["--model", "tiny", "--run-dir", tmp_path / "run", "--device", "cpu"],
+    }[command]
     if command == "import":
         (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "y"}) + "\n")
         args = [tmp_path / "in.jsonl", *args]
@@ -259,11 +315,13 @@ def test_unreachable_server_is_one_clear_line(command, tmp_path):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: {target}: cannot connect: connection refused: is PostgreSQL running on "
-                      f"127.0.0.1:{target.split(':')[2].split('/')[0]}?"], r.stderr
+    assert errors == [
+        f"error: {target}: cannot connect: connection refused: is PostgreSQL running on "
+        f"127.0.0.1:{target.split(':')[2].split('/')[0]}?"
+    ], r.stderr
     if command == "train-reward":
         status = json.loads((tmp_path / "run" / "status.json").read_text())
-        assert status["state"] == "failed" and status["message"] == errors[0][len("error: "):]
+        assert status["state"] == "failed" and status["message"] == errors[0][len("error: ") :]
     assert not (tmp_path / "out.parquet").exists()
 
 
@@ -290,11 +348,18 @@ def test_a_trainer_started_from_the_page_never_writes_the_password(pg_url, tmp_p
     url = with_password(pg_url, "s3cret-pw")
     fill(pg_url)
     launcher = Launcher(tmp_path / "runs", store=url)
-    info = launcher.start_reward(url, model="tiny", epochs=1, batch_size=8, max_length=64, lr=1e-3,
-                                 extra=["--max-steps", "1", "--device", TRAIN_DEVICE])
+    info = launcher.start_reward(
+        url,
+        model="tiny",
+        epochs=1,
+        batch_size=8,
+        max_length=64,
+        lr=1e-3,
+        extra=["--max-steps", "1", "--device", TRAIN_DEVICE],
+    )
     final = launcher.wait(info.run_id, timeout=300)
     assert final.state == "done", launcher.log_tail(info.run_id)
     argv = json.loads((info.path / "launch.json").read_text())["argv"]
-    assert argv[argv.index("--data") + 1] == pg_url            # the URL, less its password
+    assert argv[argv.index("--data") + 1] == pg_url  # the URL, less its password
     leaks = [p for p in info.path.rglob("*") if p.is_file() and b"s3cret-pw" in p.read_bytes()]
     assert not leaks, f"the password is in {leaks}"

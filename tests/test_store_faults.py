@@ -21,13 +21,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import child_env, vote_record, write_pairs
-from trainer.store.pg_testserver import free_port
+
 from trainer.store import read_events
 from trainer.store.directory_reader import list_store
 from trainer.store.directory_writer import DirectoryStore
 from trainer.store.errors import StoreWriteError
+from trainer.store.pg_testserver import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = os.geteuid() == 0
@@ -36,8 +36,15 @@ needs_root = pytest.mark.skipif(not ROOT, reason="needs root: namespaces, mounts
 
 def vote(i: int, **fields) -> dict:
     """Vote number i, with the event id ev-<i>."""
-    return vote_record("Name a prime number.", "7", "Nine.", event_id=f"ev-{i:05d}", pair_id=f"pair-{i}",
-                       prompt_id="p-1", **fields)
+    return vote_record(
+        "Name a prime number.",
+        "7",
+        "Nine.",
+        event_id=f"ev-{i:05d}",
+        pair_id=f"pair-{i}",
+        prompt_id="p-1",
+        **fields,
+    )
 
 
 def stored_ids(store_dir) -> list[str]:
@@ -78,8 +85,12 @@ class Writer:
 
     def __init__(self, store_dir, *, prefix=(), tag="w", pad=0):
         code = WRITER.format(repo=str(REPO))
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-c", code, str(store_dir), tag, "x", str(pad)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-c", code, str(store_dir), tag, "x", str(pad)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         first = self.proc.stdout.readline().split()
         assert first and first[0] == "writer", f"writer did not start: {first}"
         self.writer_id = first[1]
@@ -104,15 +115,18 @@ class Writer:
 
 # ---- 1. a hostname with dots ----------------------------------------------------------
 
+
 @needs_root
 def test_a_dotted_hostname_does_not_make_a_live_writer_look_dead(tmp_path):
     """The report: on node-7.rack-2.cluster.local a second writer opening the store
     "recovered" the live server's segment, and kill -9 then lost half its votes."""
-    server = Writer(tmp_path, prefix=("unshare", "--uts", "sh", "-c",
-                                      'hostname node-7.rack-2.cluster.local && exec "$0" "$@"'))
+    server = Writer(
+        tmp_path,
+        prefix=("unshare", "--uts", "sh", "-c", 'hostname node-7.rack-2.cluster.local && exec "$0" "$@"'),
+    )
     assert "." not in server.writer_id and server.writer_id.startswith("node-7-rack-2-cluster-local-")
     server.append(6)
-    with DirectoryStore(tmp_path) as importer:      # `preflab import` opening the same store
+    with DirectoryStore(tmp_path) as importer:  # `preflab import` opening the same store
         assert importer.recovered_events == 0, "a live writer's segment was taken for an orphan"
         importer.append(vote(0, annotator="import:x"))
     assert list_store(tmp_path).tails, "the live writer's segment must still be there"
@@ -120,7 +134,7 @@ def test_a_dotted_hostname_does_not_make_a_live_writer_look_dead(tmp_path):
     server.kill()
     assert len(server.acked) == 12
     assert set(server.acked) <= set(stored_ids(tmp_path))
-    with DirectoryStore(tmp_path) as survivor:       # the dead writer's tail becomes a part
+    with DirectoryStore(tmp_path) as survivor:  # the dead writer's tail becomes a part
         assert survivor.recovered_events == 12
     assert sorted(stored_ids(tmp_path)) == sorted([*server.acked, "ev-00000"])
 
@@ -132,12 +146,14 @@ def test_a_writer_id_with_a_dot_is_refused(tmp_path):
 
 # ---- 2. a full disk -------------------------------------------------------------------
 
+
 @pytest.fixture
 def tiny_disk():
     """A 512 KiB tmpfs (unmounted afterwards) and a filler file to eat its space."""
     mount = Path(tempfile.mkdtemp(prefix="preflab-tiny-"))
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -161,14 +177,14 @@ def test_a_full_disk_acknowledges_nothing_it_did_not_keep(tiny_disk):
     """The report: with ~40 KB free a vote that did not fit was acknowledged, the next
     was glued onto the torn line, and recovery deleted the segment."""
     store_dir = tiny_disk / "store"
-    writer = Writer(store_dir, pad=3000)       # ~3 KB a vote
+    writer = Writer(store_dir, pad=3000)  # ~3 KB a vote
     writer.append(3)
     filler = fill(tiny_disk, leave=8 * 1024)
-    writer.append(8)                           # some fit, then the disk is full
+    writer.append(8)  # some fit, then the disk is full
     assert writer.failed, "the disk never filled up"
     acked_before = list(writer.acked)
-    filler.unlink()                            # space comes back
-    writer.append(3)                           # the writer goes on, on a fresh segment
+    filler.unlink()  # space comes back
+    writer.append(3)  # the writer goes on, on a fresh segment
     assert len(writer.acked) == len(acked_before) + 3
     writer.kill()
 
@@ -176,12 +192,12 @@ def test_a_full_disk_acknowledges_nothing_it_did_not_keep(tiny_disk):
     assert set(writer.acked) <= set(stored), f"lost {set(writer.acked) - set(stored)}"
     assert not set(writer.failed) & set(stored), "an event reported as not saved was kept"
     assert len(stored) == len(set(stored))
-    with DirectoryStore(store_dir):            # recovery of the dead writer
+    with DirectoryStore(store_dir):  # recovery of the dead writer
         pass
     assert sorted(stored_ids(store_dir)) == sorted(writer.acked)
     quarantined = list((store_dir / "quarantine").glob("*")) if (store_dir / "quarantine").exists() else []
     assert not list(store_dir.glob("tail/*.jsonl")), "every segment was turned into a part or kept aside"
-    for q in quarantined:                      # kept aside, never deleted: raw bytes still there
+    for q in quarantined:  # kept aside, never deleted: raw bytes still there
         assert q.stat().st_size > 0
 
 
@@ -191,14 +207,14 @@ def test_a_part_write_that_fails_leaves_no_temp_file_and_loses_nothing(tiny_disk
     store = DirectoryStore(store_dir, flush_every=10**9)
     acked = [store.append(vote(i, rationale="y" * 2000))["event_id"] for i in range(20)]
     filler = fill(tiny_disk, leave=4 * 1024)
-    store.flush()                              # the part does not fit: the segment stays
+    store.flush()  # the part does not fit: the segment stays
     assert not list((store_dir / "parts").glob(".*.tmp")), "a failed part write left its temp file"
     assert sorted(stored_ids(store_dir)) == sorted(acked)
     with pytest.raises(StoreWriteError, match="not saved"):
         store.append(vote(99, rationale="z" * 8000))
     filler.unlink()
     store.close()
-    with DirectoryStore(store_dir) as again:   # the left-over segment becomes a part now
+    with DirectoryStore(store_dir) as again:  # the left-over segment becomes a part now
         assert again.recovered_events == 20
     assert sorted(stored_ids(store_dir)) == sorted(acked)
     assert not list(store_dir.glob("tail/*.jsonl"))
@@ -208,7 +224,7 @@ def test_a_dead_writers_temp_files_are_cleaned_up(tmp_path):
     writer = Writer(tmp_path)
     writer.append(2)
     leftover = tmp_path / "parts" / f".{writer.writer_id}.000000.parquet.{uuid.uuid4().hex[:8]}.tmp"
-    leftover.write_bytes(b"half a part")       # as if killed in the middle of a part write
+    leftover.write_bytes(b"half a part")  # as if killed in the middle of a part write
     writer.kill()
     with DirectoryStore(tmp_path) as survivor:
         assert survivor.recovered_events == 2
@@ -233,11 +249,26 @@ def test_recovery_keeps_the_bytes_it_cannot_read(tmp_path):
 
 # ---- 3. permissions -------------------------------------------------------------------
 
+
 def as_nobody(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           sys.executable, "-m", "annotate.cli", *argv],
-                          capture_output=True, text=True, env=env, cwd="/", timeout=120)
+    return subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "annotate.cli",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -288,35 +319,65 @@ def test_a_read_only_store_refuses_writes_with_a_clear_error(shared_tmp):
     pairs.chmod(0o644)
     r = as_nobody("serve", "--pairs", str(pairs), "--data", str(store_dir), "--port", "1")
     assert r.returncode == 2 and "permission denied" in r.stderr and "Traceback" not in r.stderr
-    r = as_nobody("info", "--data", str(store_dir))   # reading still works
+    r = as_nobody("info", "--data", str(store_dir))  # reading still works
     assert r.returncode == 0 and "1 standing" in r.stdout
-
 
 
 # ---- 4. a second server on one directory store ----------------------------------------
 
+
 def serve_cmd(store_dir: Path, pairs: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "annotate.cli", "serve", "--pairs", str(pairs), "--data", str(store_dir),
-            "--port", str(port), "--host", "127.0.0.1", "--overlap", "2"]
+    return [
+        sys.executable,
+        "-m",
+        "annotate.cli",
+        "serve",
+        "--pairs",
+        str(pairs),
+        "--data",
+        str(store_dir),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--overlap",
+        "2",
+    ]
 
 
 def test_a_second_server_on_a_directory_store_refuses_and_names_the_first(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response_a": f"a{i}", "response_b": f"b{i}"}) + "\n"
-                             for i in range(3)))
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"q{i}", "response_a": f"a{i}", "response_b": f"b{i}"}) + "\n"
+            for i in range(3)
+        )
+    )
     ports = [free_port(), free_port()]
     store_dir = tmp_path / "store"
     env = child_env()
-    first = subprocess.Popen(serve_cmd(store_dir, pairs, ports[0]), cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        serve_cmd(store_dir, pairs, ports[0]),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        for line in first.stdout:          # up and serving
+        for line in first.stdout:  # up and serving
             if line.startswith("open http"):
                 break
         else:
             pytest.fail("the first server did not start")
-        second = subprocess.run(serve_cmd(store_dir, pairs, ports[1]), cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            serve_cmd(store_dir, pairs, ports[1]),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 2
         assert f"pid {first.pid}" in second.stderr and f"127.0.0.1:{ports[0]}" in second.stderr
         assert "postgresql://" in second.stderr and "Traceback" not in second.stderr
@@ -328,8 +389,14 @@ def test_a_second_server_on_a_directory_store_refuses_and_names_the_first(tmp_pa
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=30)
     # once the first server is gone, the store serves again
-    again = subprocess.Popen(serve_cmd(store_dir, pairs, ports[1]), cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    again = subprocess.Popen(
+        serve_cmd(store_dir, pairs, ports[1]),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert any(line.startswith("open http") for line in again.stdout)
     finally:
@@ -339,9 +406,9 @@ def test_a_second_server_on_a_directory_store_refuses_and_names_the_first(tmp_pa
 
 @needs_root
 def test_the_annotator_is_told_not_saved_and_keeps_the_pair(tiny_disk):
-    from annotate.service import Service
     from annotate.pairs import load_pairs
     from annotate.queue import AssignmentQueue
+    from annotate.service import Service
 
     pairs, _ = load_pairs(write_pairs(tiny_disk / "pairs.jsonl", 5))
     queue = AssignmentQueue(seed=1)
@@ -351,7 +418,7 @@ def test_the_annotator_is_told_not_saved_and_keeps_the_pair(tiny_disk):
         service = Service(store, queue, data=store_dir, local_user="me")
         view = service.next("me")
         filler = fill(tiny_disk, leave=0)
-        long_reason = "because " * 2000    # more than the disk has left
+        long_reason = "because " * 2000  # more than the disk has left
         failed = service.vote("me", view["pair"]["pair_id"], "left", "", long_reason)
         assert failed["ok"] is False and "Not saved" in failed["message"] and "try again" in failed["message"]
         assert failed["pair"]["pair_id"] == view["pair"]["pair_id"], "the same pair stays on screen"

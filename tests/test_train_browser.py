@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import CHROMIUM, Server, add_users, banana_store, login, write_pairs
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
@@ -23,8 +22,17 @@ def app(tmp_path_factory):
     add_users(tmp / "users.toml", ann="annotator", boss="admin")
     store = banana_store(tmp / "store")
     pairs = write_pairs(tmp / "pairs.jsonl", 2)
-    with Server(tmp, "--pairs", str(pairs), "--data", str(store), "--runs", str(tmp / "runs"),
-                "--auth", str(tmp / "users.toml")) as server:
+    with Server(
+        tmp,
+        "--pairs",
+        str(pairs),
+        "--data",
+        str(store),
+        "--runs",
+        str(tmp / "runs"),
+        "--auth",
+        str(tmp / "users.toml"),
+    ) as server:
         yield server, tmp / "runs"
 
 
@@ -42,8 +50,10 @@ def test_launch_a_tiny_reward_run_and_watch_it_finish(app, browser):
     page.get_by_text("More settings").first.click()
     page.locator("#reward-max-length input").fill("96")
     page.locator("#start-reward").click()
-    page.wait_for_function("() => (document.querySelector('#train-message') || {}).innerText"
-                           "?.startsWith('Started reward run')", timeout=15_000)
+    page.wait_for_function(
+        "() => (document.querySelector('#train-message') || {}).innerText?.startsWith('Started reward run')",
+        timeout=15_000,
+    )
     run_id = page.get_attribute("#run-progress", "data-run")
     assert run_id and run_id.startswith("reward-")
 
@@ -55,7 +65,7 @@ def test_launch_a_tiny_reward_run_and_watch_it_finish(app, browser):
     # The loss is drawn: a line through the points of every step.
     line = page.locator("#run-plot-a g.mark-line path").first
     line.wait_for(timeout=15_000)
-    assert "L" in (line.get_attribute("d") or "")              # more than one point
+    assert "L" in (line.get_attribute("d") or "")  # more than one point
     assert "Loss" in page.inner_text("#run-plot-a")
     assert "done:" in page.locator("#run-log textarea").input_value()
 
@@ -90,13 +100,18 @@ def test_bad_form_input_is_reported_and_starts_nothing(app, browser):
     open_train_tab(page)
     page.locator("#reward-model input, #reward-model textarea").first.fill("no-such-model")
     page.locator("#start-reward").click()
-    page.wait_for_function("() => (document.querySelector('#train-message') || {}).innerText"
-                           "?.includes('Base model')", timeout=15_000)
+    page.wait_for_function(
+        "() => (document.querySelector('#train-message') || {}).innerText?.includes('Base model')",
+        timeout=15_000,
+    )
     assert "no-such-model" in page.inner_text("#train-message")
     page.locator("#policy-steps input").fill("0")
     page.locator("#start-policy").click()
-    page.wait_for_function("() => (document.querySelector('#train-message') || {}).innerText"
-                           "?.includes('Steps: must be at least 1')", timeout=15_000)
+    page.wait_for_function(
+        "() => (document.querySelector('#train-message') || {}).innerText"
+        "?.includes('Steps: must be at least 1')",
+        timeout=15_000,
+    )
     after = sorted(p.name for p in runs.iterdir()) if runs.exists() else []
     assert after == before
     page.context.close()
@@ -117,18 +132,41 @@ def test_add_a_finished_policy_to_the_running_arena(tmp_path, browser):
     import shutil
 
     from helpers import client
-    from trainer.store import read_comparisons
-    from trainer.models import build_tiny_model
 
-    run = tmp_path / "runs" / "policy-demo"    # what a finished `trainer.policy` run leaves
+    from trainer.models import build_tiny_model
+    from trainer.store import read_comparisons
+
+    run = tmp_path / "runs" / "policy-demo"  # what a finished `trainer.policy` run leaves
     shutil.copytree(build_tiny_model(), run / "policy")
-    (run / "status.json").write_text(json.dumps({"state": "done", "progress": 1.0, "message": "done: 2 steps"}))
-    (run / "config.json").write_text(json.dumps({"config": {"reward": "runs/rm", "algo": "ppo", "model": "tiny"}}))
+    (run / "status.json").write_text(
+        json.dumps({"state": "done", "progress": 1.0, "message": "done: 2 steps"})
+    )
+    (run / "config.json").write_text(
+        json.dumps({"config": {"reward": "runs/rm", "algo": "ppo", "model": "tiny"}})
+    )
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {w}."}) + "\n"
-                               for i, w in enumerate(["hello", "goodbye"])))
-    args = ("--model", "tiny", "--prompts", str(prompts), "--data", str(tmp_path / "store"), "--runs",
-            str(tmp_path / "runs"), "--max-new-tokens", "4", "--batch-size", "2", "--user", "solo")
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"Say {w}."}) + "\n"
+            for i, w in enumerate(["hello", "goodbye"])
+        )
+    )
+    args = (
+        "--model",
+        "tiny",
+        "--prompts",
+        str(prompts),
+        "--data",
+        str(tmp_path / "store"),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+        "--user",
+        "solo",
+    )
     with Server(tmp_path, *args) as server:
         page = browser.new_context(viewport={"width": 1300, "height": 900}).new_page()
         page.goto(server.url)
@@ -136,17 +174,21 @@ def test_add_a_finished_policy_to_the_running_arena(tmp_path, browser):
         open_train_tab(page)
         page.wait_for_selector("#run-progress[data-run=policy-demo]", timeout=15_000)
         page.locator("#run-arena").click()
-        page.wait_for_function("() => (document.querySelector('#train-message') || {}).innerText"
-                               "?.includes('joined the arena')", timeout=15_000)
+        page.wait_for_function(
+            "() => (document.querySelector('#train-message') || {}).innerText?.includes('joined the arena')",
+            timeout=15_000,
+        )
         assert "2 models: tiny, policy-demo" in page.inner_text("#train-message")
-        page.wait_for_function("() => document.querySelector('#run-progress')?.innerText.includes('In the arena')",
-                               timeout=15_000)
+        page.wait_for_function(
+            "() => document.querySelector('#run-progress')?.innerText.includes('In the arena')",
+            timeout=15_000,
+        )
         page.context.close()
 
         c = client(server.url)
         seen = set()
         view = c.predict(api_name="/next")
-        for _ in range(600):      # vote on everything, while the new pairs are generated
+        for _ in range(600):  # vote on everything, while the new pairs are generated
             if view["pair"] is not None:
                 view = c.predict(view["pair"]["pair_id"], "left", "", "", api_name="/vote")
                 seen |= {view["ack"]["left_model"], view["ack"]["right_model"]}
@@ -156,14 +198,17 @@ def test_add_a_finished_policy_to_the_running_arena(tmp_path, browser):
             time.sleep(0.2)
             view = c.predict(api_name="/next")
         assert seen == {"tiny", "policy-demo"}
-        assert view["progress"] == {"done": 4, "assigned": 4}   # 2 prompts x (1 round + 1 for the new model)
+        assert view["progress"] == {"done": 4, "assigned": 4}  # 2 prompts x (1 round + 1 for the new model)
     votes = read_comparisons(tmp_path / "store").to_pylist()
     with_policy = [v for v in votes if "policy-demo" in (v["model_a"], v["model_b"])]
-    assert len(with_policy) == 2 and all({v["model_a"], v["model_b"]} == {"tiny", "policy-demo"}
-                                         for v in with_policy)
-    assert json.loads((tmp_path / "store" / "arena.json").read_text())["models"][0]["model_id"] == "policy-demo"
+    assert len(with_policy) == 2 and all(
+        {v["model_a"], v["model_b"]} == {"tiny", "policy-demo"} for v in with_policy
+    )
+    assert (
+        json.loads((tmp_path / "store" / "arena.json").read_text())["models"][0]["model_id"] == "policy-demo"
+    )
 
-    with Server(tmp_path, *args) as again:     # the same --data: the same arena
+    with Server(tmp_path, *args) as again:  # the same --data: the same arena
         assert "arena: policy-demo" in again.output()
         view = client(again.url).predict(api_name="/next")
         assert view["progress"]["done"] == 4 and view["pair"] is None

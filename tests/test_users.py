@@ -10,13 +10,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import preflab
 
 from annotate import users as accounts
 from annotate.users import AccountError, User
-from helpers import preflab
-
 
 # ---- hashes --------------------------------------------------------------------------
+
 
 def test_hash_round_trip_and_wrong_password():
     stored = accounts.hash_password("correct horse")
@@ -37,6 +37,7 @@ def test_hash_format_carries_its_parameters_and_a_fresh_salt():
 def test_a_hash_with_other_parameters_still_verifies():
     # Raising the cost later must not lock out accounts hashed before.
     import hashlib
+
     salt = b"0123456789abcdef"
     digest = hashlib.scrypt(b"pw", salt=salt, n=2**10, r=4, p=2, dklen=24)
     stored = f"scrypt$1024$4$2${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
@@ -44,17 +45,23 @@ def test_a_hash_with_other_parameters_still_verifies():
     assert not accounts.check_password("pw2", stored)
 
 
-@pytest.mark.parametrize("stored", [
-    "", "plain-text-password", "scrypt$16384$8$1$c2FsdA==",
-    "scrypt$1000$8$1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA==",      # n not a power of 2
-    "scrypt$1048576$8$1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA==",   # 1 GiB of memory
-    "scrypt$16384$8$1$!!!$aGFzaGhhc2hoYXNoaGFzaA==",
-])
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "",
+        "plain-text-password",
+        "scrypt$16384$8$1$c2FsdA==",
+        "scrypt$1000$8$1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA==",  # n not a power of 2
+        "scrypt$1048576$8$1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaA==",  # 1 GiB of memory
+        "scrypt$16384$8$1$!!!$aGFzaGhhc2hoYXNoaGFzaA==",
+    ],
+)
 def test_a_malformed_hash_matches_nothing(stored):
     assert not accounts.check_password("anything", stored)
 
 
 # ---- the users file ------------------------------------------------------------------
+
 
 def test_add_load_verify(tmp_path):
     path = tmp_path / "users.toml"
@@ -65,7 +72,7 @@ def test_add_load_verify(tmp_path):
     assert users["alice"].role == "admin" and users["bob.smith"].role == "annotator"
 
     assert accounts.verify(users, "alice", "s3cret") == users["alice"]
-    assert accounts.verify(users, "alice", "hunter2") is None       # bob's password
+    assert accounts.verify(users, "alice", "hunter2") is None  # bob's password
     assert accounts.verify(users, "bob.smith", "hunter2") == users["bob.smith"]
     assert accounts.verify(users, "carol", "s3cret") is None
     assert accounts.is_admin(users, "alice")
@@ -105,8 +112,9 @@ def test_file_is_plain_toml_with_the_documented_layout(tmp_path):
     assert document == {"users": {"a.b-c_1": {"role": "annotator", "password": user.password_hash}}}
 
 
-@pytest.mark.parametrize("text", ['say "hi"', "back\\slash", "new\nline", "tab\tand\x01ctl\x7f",
-                                  "ünï©ødé", "'single'", "$dollar$"])
+@pytest.mark.parametrize(
+    "text", ['say "hi"', "back\\slash", "new\nline", "tab\tand\x01ctl\x7f", "ünï©ødé", "'single'", "$dollar$"]
+)
 def test_toml_strings_round_trip_through_tomllib(text):
     assert tomllib.loads(f"x = {accounts._toml_string(text)}")["x"] == text
 
@@ -140,8 +148,9 @@ def test_valid_names(name):
     assert accounts.check_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "bad name", "import:hh", "x" * 65, ".hidden", "-flag",
-                                  "ünï", "a/b", "a\nb"])
+@pytest.mark.parametrize(
+    "name", ["", "bad name", "import:hh", "x" * 65, ".hidden", "-flag", "ünï", "a/b", "a\nb"]
+)
 def test_invalid_names_are_refused_with_the_rule(tmp_path, name):
     with pytest.raises(AccountError, match="letters, digits"):
         accounts.add_user(tmp_path / "users.toml", name, "annotator", "pw")
@@ -160,17 +169,26 @@ def test_unknown_role_and_empty_password_are_refused(tmp_path):
 GOOD_HASH = accounts.hash_password("pw")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("[users.alice\nrole = 'admin'", r"not valid TOML"),
-    (f'[users.alice]\nrole = "owner"\npassword = "{GOOD_HASH}"\n', r"user 'alice': unknown role 'owner'"),
-    ('[users.alice]\nrole = "admin"\n', r"user 'alice': missing 'password'"),
-    ('[users.alice]\nrole = "admin"\npassword = "hunter2"\n', r"user 'alice': password is not a scrypt hash"),
-    (f'[users.alice]\nrole = "admin"\npassword = "{GOOD_HASH}"\nemail = "a@b"\n', r"user 'alice': unknown key 'email'"),
-    (f'[users."bad name"]\nrole = "admin"\npassword = "{GOOD_HASH}"\n', r"user 'bad name': invalid name"),
-    ('users = "alice"\n', r"'users' must be a table"),
-    ('[server]\nport = 1\n', r"unexpected top-level key 'server'"),
-    ('[users]\nalice = "admin"\n', r"user 'alice': must be a table"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[users.alice\nrole = 'admin'", r"not valid TOML"),
+        (f'[users.alice]\nrole = "owner"\npassword = "{GOOD_HASH}"\n', r"user 'alice': unknown role 'owner'"),
+        ('[users.alice]\nrole = "admin"\n', r"user 'alice': missing 'password'"),
+        (
+            '[users.alice]\nrole = "admin"\npassword = "hunter2"\n',
+            r"user 'alice': password is not a scrypt hash",
+        ),
+        (
+            f'[users.alice]\nrole = "admin"\npassword = "{GOOD_HASH}"\nemail = "a@b"\n',
+            r"user 'alice': unknown key 'email'",
+        ),
+        (f'[users."bad name"]\nrole = "admin"\npassword = "{GOOD_HASH}"\n', r"user 'bad name': invalid name"),
+        ('users = "alice"\n', r"'users' must be a table"),
+        ("[server]\nport = 1\n", r"unexpected top-level key 'server'"),
+        ('[users]\nalice = "admin"\n', r"user 'alice': must be a table"),
+    ],
+)
 def test_malformed_files_name_the_file_and_the_user(tmp_path, content, message):
     path = tmp_path / "auth.toml"
     path.write_text(content)
@@ -195,14 +213,25 @@ def test_an_empty_file_has_no_users(tmp_path):
 
 # ---- command line --------------------------------------------------------------------
 
+
 def test_cli_add_list_remove(tmp_path):
     auth = str(tmp_path / "users.toml")
-    done = preflab("user", "add", "alice", "--role", "admin", "--auth", auth,
-                   "--password-stdin", stdin="pass with spaces \n")
+    done = preflab(
+        "user",
+        "add",
+        "alice",
+        "--role",
+        "admin",
+        "--auth",
+        auth,
+        "--password-stdin",
+        stdin="pass with spaces \n",
+    )
     assert done.returncode == 0, done.stderr
     assert "added admin 'alice'" in done.stdout
-    done = preflab("user", "add", "bob", "--role", "annotator", "--auth", auth,
-                   "--password-stdin", stdin="hunter2\n")
+    done = preflab(
+        "user", "add", "bob", "--role", "annotator", "--auth", auth, "--password-stdin", stdin="hunter2\n"
+    )
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(os.stat(auth).st_mode) == 0o600
 
@@ -223,12 +252,15 @@ def test_cli_add_list_remove(tmp_path):
     assert list(accounts.load_users(auth)) == ["bob"]
 
 
-@pytest.mark.parametrize("args, stdin, message", [
-    (["add", "bob", "--role", "annotator", "--password-stdin"], "x\n", "'bob' already exists"),
-    (["add", "carol", "--role", "admin", "--password-stdin"], "\n", "empty password"),
-    (["add", "bad name", "--role", "admin", "--password-stdin"], "x\n", "invalid user name"),
-    (["remove", "nobody"], "", "no user 'nobody'"),
-])
+@pytest.mark.parametrize(
+    "args, stdin, message",
+    [
+        (["add", "bob", "--role", "annotator", "--password-stdin"], "x\n", "'bob' already exists"),
+        (["add", "carol", "--role", "admin", "--password-stdin"], "\n", "empty password"),
+        (["add", "bad name", "--role", "admin", "--password-stdin"], "x\n", "invalid user name"),
+        (["remove", "nobody"], "", "no user 'nobody'"),
+    ],
+)
 def test_cli_errors_are_one_line_and_non_zero(tmp_path, args, stdin, message):
     auth = str(tmp_path / "users.toml")
     accounts.add_user(auth, "bob", "annotator", "pw")
@@ -248,6 +280,7 @@ def test_cli_list_of_a_missing_file_fails_cleanly(tmp_path):
 
 
 # The interactive prompt, in process (getpass replaced; a real one needs a terminal).
+
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()

@@ -31,6 +31,7 @@ def swap_in(tmp: Path, final: Path) -> None:
 
 def rng_state() -> dict:
     import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -39,6 +40,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

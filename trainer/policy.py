@@ -78,20 +78,42 @@ from functools import partial
 from pathlib import Path
 
 from trainer.config import add_config_arguments, config_from_namespace
-from trainer.errors import PolicyInputError
-from trainer.policy_model import (Sampler, add_lora, autocast_for, eos_token_ids, forward_rows, load_causal_lm,
-                                  load_reward_scorer, make_value_head, policy_net, reward_model_dir, unit_rows)
-from trainer.policy_run import (RolloutSums, UpdateSums, peak_memory_mb, fail, finish_cancelled, policy_meta,
-                                prompt_rows, reduce_sum, save_checkpoint, save_final, seed_for)
-from trainer.prompts import load_prompts
+from trainer.errors import PolicyInputError, exit_code
 from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig, check_config, resolve_config
-from trainer.errors import exit_code
+from trainer.policy_model import (
+    Sampler,
+    add_lora,
+    autocast_for,
+    eos_token_ids,
+    forward_rows,
+    load_causal_lm,
+    load_reward_scorer,
+    make_value_head,
+    policy_net,
+    reward_model_dir,
+    unit_rows,
+)
+from trainer.policy_run import (
+    RolloutSums,
+    UpdateSums,
+    fail,
+    finish_cancelled,
+    peak_memory_mb,
+    policy_meta,
+    prompt_rows,
+    reduce_sum,
+    save_checkpoint,
+    save_final,
+    seed_for,
+)
+from trainer.prompts import load_prompts
 from trainer.runs import CONFIG_FILE, POLICY_DIR, STATE_FILE, Run, read_json, supervise, write_json
 from trainer.store.errors import StoreError
 
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
+
 
 def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
     """Run (or resume) one policy training. Returns the process exit code:
@@ -102,9 +124,13 @@ def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
     explicit = {f.name for f in dataclasses.fields(PolicyConfig)} if explicit is None else explicit
     cfg, run_path = resolve_config(cfg, explicit)
 
-    return supervise(run_path, cfg.device, lambda: check_config(cfg),
-                     lambda run, accelerator, stop: _train(cfg, run, accelerator, stop),
-                     (PolicyInputError, StoreError))
+    return supervise(
+        run_path,
+        cfg.device,
+        lambda: check_config(cfg),
+        lambda run, accelerator, stop: _train(cfg, run, accelerator, stop),
+        (PolicyInputError, StoreError),
+    )
 
 
 def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
@@ -117,7 +143,9 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
 
     # ---- inputs, before any model is loaded: bad input fails in seconds -------------------
     import numpy as np
+
     from trainer.evaluate import write_heldout
+
     rm_path = reward_model_dir(cfg.reward)
     prompts_path = cfg.prompts or str(DEFAULT_PROMPTS)
     conversations = load_prompts(prompts_path)
@@ -128,11 +156,20 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     heldout = [c for i, c in enumerate(conversations) if i in held]
     conversations = [c for i, c in enumerate(conversations) if i not in held]
     if main and not resuming:
-        write_json(run.path / CONFIG_FILE, {"kind": "policy", "config": dataclasses.asdict(cfg),
-                                            "created_at": time.time(),
-                                            "prompts": {"source": str(prompts_path), "count": len(conversations),
-                                                        "heldout": len(heldout)},
-                                            "reward_model": str(rm_path)})
+        write_json(
+            run.path / CONFIG_FILE,
+            {
+                "kind": "policy",
+                "config": dataclasses.asdict(cfg),
+                "created_at": time.time(),
+                "prompts": {
+                    "source": str(prompts_path),
+                    "count": len(conversations),
+                    "heldout": len(heldout),
+                },
+                "reward_model": str(rm_path),
+            },
+        )
         write_heldout(run.path, heldout)
     accelerator.wait_for_everyone()
 
@@ -185,21 +222,28 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     add_special = not getattr(tokenizer, "chat_template", None)
     full_ids = tokenizer(texts, add_special_tokens=add_special).input_ids
     prompts_cut = sum(len(ids) > cfg.max_prompt_length for ids in full_ids)
-    prompt_ids = [ids[-cfg.max_prompt_length:] for ids in full_ids]
+    prompt_ids = [ids[-cfg.max_prompt_length :] for ids in full_ids]
 
     # Generation: a bf16 copy of the weights on CUDA with full fine-tuning (see Sampler).
     eos_ids = eos_token_ids(tokenizer, inner)
     eos_tensor = torch.tensor(eos_ids, device=device)
-    sampler = Sampler(lm, tokenizer, eos_ids, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                      width=max(len(ids) for ids in prompt_ids),
-                      bf16_copy=cuda and not lora and weight_dtype != torch.bfloat16,
-                      compile=cfg.compile_generation)
+    sampler = Sampler(
+        lm,
+        tokenizer,
+        eos_ids,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        width=max(len(ids) for ids in prompt_ids),
+        bf16_copy=cuda and not lora and weight_dtype != torch.bfloat16,
+        compile=cfg.compile_generation,
+    )
 
     # ---- optimizer -----------------------------------------------------------------------
     params = [p for p in net.parameters() if p.requires_grad]
     # eps 1e-5 (CleanRL / the PPO reference implementations); fused: one kernel for all tensors.
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0,
-                                  fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, eps=1e-5, weight_decay=0.0, fused=device.type in ("cuda", "cpu")
+    )
     kl_ctl = rl_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
     step, baseline = 0, None
     totals = {"prompts": 0, "tokens": 0, "seconds": 0.0}
@@ -222,9 +266,21 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     sampler.sync()
 
     def checkpoint() -> None:  # this step's resumable state (the loop's variables, read when called)
-        save_checkpoint(run, accelerator, net, tokenizer, policy_meta(cfg, base_source, rm_path, step, kl_ctl.value),
-                        {"step": step, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                         "kl_coef_setting": cfg.kl_coef, "baseline": baseline, "totals": totals})
+        save_checkpoint(
+            run,
+            accelerator,
+            net,
+            tokenizer,
+            policy_meta(cfg, base_source, rm_path, step, kl_ctl.value),
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "kl_coef": kl_ctl.value,
+                "kl_coef_setting": cfg.kl_coef,
+                "baseline": baseline,
+                "totals": totals,
+            },
+        )
 
     rows_per_step = cfg.batch_size * cfg.k
     # Units of work: with k > 1 and prompt sharing, the k answers to one prompt always travel
@@ -233,26 +289,39 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     g_train = g_roll if not cfg.grad_checkpointing else 1  # checkpointed layers run without a KV cache
     minibatch_rows = math.ceil(rows_per_step / g_train / cfg.minibatches) * g_train
     config_record = read_json(run.path / CONFIG_FILE)
-    config_record.update(config=dataclasses.asdict(cfg), processes=world, device=str(device),
-                         rows_per_step=rows_per_step * world, minibatch_rows=minibatch_rows,
-                         shared_prompt_forward={"rollout": g_roll > 1, "update": g_train > 1},
-                         optimizer_steps_per_step=cfg.epochs * cfg.minibatches,
-                         reference="adapters off" if lora else "frozen copy",
-                         generation=("bf16 copy" if sampler.separate_copy else "training weights")
-                         + (", static cache, compiled" if sampler.compiled else ", dynamic cache"),
-                         eos_token_ids=eos_ids)
+    config_record.update(
+        config=dataclasses.asdict(cfg),
+        processes=world,
+        device=str(device),
+        rows_per_step=rows_per_step * world,
+        minibatch_rows=minibatch_rows,
+        shared_prompt_forward={"rollout": g_roll > 1, "update": g_train > 1},
+        optimizer_steps_per_step=cfg.epochs * cfg.minibatches,
+        reference="adapters off" if lora else "frozen copy",
+        generation=("bf16 copy" if sampler.separate_copy else "training weights")
+        + (", static cache, compiled" if sampler.compiled else ", dynamic cache"),
+        eos_token_ids=eos_ids,
+    )
     if main:
         if prompts_cut:
             config_record["prompts_cut"] = prompts_cut
         write_json(run.path / CONFIG_FILE, config_record)
-    run.status("running", step / cfg.steps, f"training: step {step} of {cfg.steps}", step=step, total_steps=cfg.steps)
+    run.status(
+        "running", step / cfg.steps, f"training: step {step} of {cfg.steps}", step=step, total_steps=cfg.steps
+    )
     if stop:
         checkpoint()
         return finish_cancelled(run, stop["signal"], step, cfg.steps)
 
     # ---- the loop --------------------------------------------------------------------------
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"policy ({cfg.algo})", unit="step",
-               disable=not (cfg.progress and main), dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc=f"policy ({cfg.algo})",
+        unit="step",
+        disable=not (cfg.progress and main),
+        dynamic_ncols=True,
+    )
     lr_now = cfg.lr
     while step < cfg.steps:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -271,16 +340,17 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         query = torch.full((n, P), pad_id, dtype=torch.long)
         query_mask = torch.zeros((n, P), dtype=torch.long)
         for i, p in enumerate(row_prompt):  # left padding: every prompt ends at column P - 1
-            query[i, P - lengths_p[i]:] = torch.tensor(prompt_ids[p])
-            query_mask[i, P - lengths_p[i]:] = 1
+            query[i, P - lengths_p[i] :] = torch.tensor(prompt_ids[p])
+            query_mask[i, P - lengths_p[i] :] = 1
         query, query_mask = query.to(device), query_mask.to(device)
         out = sampler.sample(query, query_mask, lengths_p, cfg.gen_batch or n, autocast)
         # An answer ends at its first EOS (included: the policy chose to stop there); one
         # without EOS ran to max_new_tokens and was cut off.
         is_eos = torch.isin(out, eos_tensor)
         ended = is_eos.any(1)
-        lengths = torch.where(ended, is_eos.int().argmax(1) + 1, torch.full_like(ended, cfg.max_new_tokens,
-                                                                               dtype=torch.long))
+        lengths = torch.where(
+            ended, is_eos.int().argmax(1) + 1, torch.full_like(ended, cfg.max_new_tokens, dtype=torch.long)
+        )
         R = int(lengths.max())
         response = out[:, :R]
         positions = torch.arange(R, device=device)
@@ -301,9 +371,10 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         by_length = torch.argsort(lengths.view(-1, g_roll).max(1).values)
         with torch.no_grad():
             for c in range(0, len(by_length), fwd_units):
-                rows = unit_rows(by_length[c:c + fwd_units], g_roll)
-                (lp, ent, val), w = forward_rows(net, rows, *rollout, with_values=ppo, with_entropy=True,
-                                                 group=g_roll)
+                rows = unit_rows(by_length[c : c + fwd_units], g_roll)
+                (lp, ent, val), w = forward_rows(
+                    net, rows, *rollout, with_values=ppo, with_entropy=True, group=g_roll
+                )
                 old_logp[rows, :w], entropy[rows, :w] = lp, ent
                 if ppo:
                     old_values[rows, :w] = val
@@ -317,10 +388,22 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
 
         # 3. Rewards: the reward model's normalised score of (prompt, decoded answer).
         t_score = time.perf_counter()
-        answers = [t.strip() for t in tokenizer.batch_decode(
-            [response[i, :int(lengths[i])].tolist() for i in range(n)], skip_special_tokens=True)]
-        raw = torch.tensor(reward_model.score([conversations[p] for p in row_prompt], answers, normalize=True,
-                                              batch_size=cfg.reward_batch_size), device=device, dtype=torch.float32)
+        answers = [
+            t.strip()
+            for t in tokenizer.batch_decode(
+                [response[i, : int(lengths[i])].tolist() for i in range(n)], skip_special_tokens=True
+            )
+        ]
+        raw = torch.tensor(
+            reward_model.score(
+                [conversations[p] for p in row_prompt],
+                answers,
+                normalize=True,
+                batch_size=cfg.reward_batch_size,
+            ),
+            device=device,
+            dtype=torch.float32,
+        )
         # Penalty for answers cut off without EOS: the reward model may like a long ramble;
         # the policy should still learn to finish.
         score = raw - cfg.missing_eos_penalty * (~ended).float()
@@ -331,25 +414,43 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         kl_seq = kl_tokens.sum(1)
         k1_seq = ((old_logp - ref_logp) * resp_mask).sum(1)  # logged: the usual "KL" of RLHF
         beta = kl_ctl.value
-        roll = RolloutSums.gather(reduce, reward=raw.sum(), reward_sq=(raw * raw).sum(), score=score.sum(),
-                                  kl=k1_seq.sum(), kl_penalty=kl_seq.sum(), entropy=(entropy * resp_mask).sum(),
-                                  tokens=resp_mask.sum(), eos=ended.float().sum(),
-                                  answers=torch.tensor(float(n), device=device))
+        roll = RolloutSums.gather(
+            reduce,
+            reward=raw.sum(),
+            reward_sq=(raw * raw).sum(),
+            score=score.sum(),
+            kl=k1_seq.sum(),
+            kl_penalty=kl_seq.sum(),
+            entropy=(entropy * resp_mask).sum(),
+            tokens=resp_mask.sum(),
+            eos=ended.float().sum(),
+            answers=torch.tensor(float(n), device=device),
+        )
         count, tokens = roll.answers, roll.tokens
         reward_mean = roll.reward / count
-        reward_std = math.sqrt(max(roll.reward_sq / count - reward_mean ** 2, 0.0))
+        reward_std = math.sqrt(max(roll.reward_sq / count - reward_mean**2, 0.0))
         kl_mean = roll.kl / count
 
         # Guards: NaN in the rollout, or a policy that ran away from the reference.
         if not all(math.isfinite(x) for x in dataclasses.astuple(roll)):
             bar.close()
-            return fail(run, f"non-finite values in the rollout at step {step + 1} (reward mean {reward_mean}, "
-                        f"KL {kl_mean}); stopped. Try a lower --lr or --max-grad-norm", step, cfg.steps)
+            return fail(
+                run,
+                f"non-finite values in the rollout at step {step + 1} (reward mean {reward_mean}, "
+                f"KL {kl_mean}); stopped. Try a lower --lr or --max-grad-norm",
+                step,
+                cfg.steps,
+            )
         if cfg.max_kl and kl_mean > cfg.max_kl:
             bar.close()
-            return fail(run, f"the KL to the reference exploded at step {step + 1}: {kl_mean:.2f} nats per answer "
-                        f"> --max-kl {cfg.max_kl}; stopped. Try a lower --lr or a higher --kl-coef "
-                        f"(now {beta:.4g}), or raise --max-kl if this KL is intended", step, cfg.steps)
+            return fail(
+                run,
+                f"the KL to the reference exploded at step {step + 1}: {kl_mean:.2f} nats per answer "
+                f"> --max-kl {cfg.max_kl}; stopped. Try a lower --lr or a higher --kl-coef "
+                f"(now {beta:.4g}), or raise --max-kl if this KL is intended",
+                step,
+                cfg.steps,
+            )
 
         # 4. Advantages.
         explained_var = None
@@ -375,8 +476,11 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
                 batch_mean = float(reduce(seq_reward.sum().double())) / count
                 b = batch_mean if baseline is None else baseline
                 advantages = seq_reward - b
-                baseline = batch_mean if baseline is None else \
-                    cfg.baseline_decay * baseline + (1 - cfg.baseline_decay) * batch_mean
+                baseline = (
+                    batch_mean
+                    if baseline is None
+                    else cfg.baseline_decay * baseline + (1 - cfg.baseline_decay) * batch_mean
+                )
             if cfg.whiten_advantages:
                 ones = torch.ones_like(advantages)
                 advantages = rl_math.masked_whiten(advantages, ones, reduce=reduce)
@@ -387,46 +491,65 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         net.train()
         acc = UpdateSums.zeros(device)
         grad_norms = []
-        for epoch in range(cfg.epochs):
+        for _epoch in range(cfg.epochs):
             perm = unit_rows(torch.randperm(n // g_train, device=device), g_train)  # shuffled, groups intact
             micro_rows = max(1, cfg.micro_batch // g_train) * g_train
             for mb_start in range(0, n, minibatch_rows):
-                mb = perm[mb_start:mb_start + minibatch_rows]
+                mb = perm[mb_start : mb_start + minibatch_rows]
                 mb_tokens = resp_mask[mb].sum().clamp(min=1)
-                micro = [mb[i:i + micro_rows] for i in range(0, len(mb), micro_rows)]
+                micro = [mb[i : i + micro_rows] for i in range(0, len(mb), micro_rows)]
                 for j, rows in enumerate(micro):
                     sync = j == len(micro) - 1
                     # Gradient accumulation: DDP all-reduces gradients only on the last micro-batch.
                     with contextlib.nullcontext() if sync else accelerator.no_sync(ddp_net):
-                        (logp, _, values), w = forward_rows(ddp_net, rows, *rollout, with_values=ppo, group=g_train)
+                        (logp, _, values), w = forward_rows(
+                            ddp_net, rows, *rollout, with_values=ppo, group=g_train
+                        )
                         m = resp_mask[rows, :w]
                         if ppo:
                             pg, clipped, approx_kl = rl_math.ppo_policy_loss(
-                                logp, old_logp[rows, :w], advantages[rows, :w], m, cfg.clip)
+                                logp, old_logp[rows, :w], advantages[rows, :w], m, cfg.clip
+                            )
                             vf, vclipped = rl_math.ppo_value_loss(
-                                values, old_values[rows, :w], returns[rows, :w], m, cfg.clip_value)
+                                values, old_values[rows, :w], returns[rows, :w], m, cfg.clip_value
+                            )
                             # Token-level mean over the minibatch, however it is cut into micro-batches.
                             loss = (pg + cfg.vf_coef * vf) / mb_tokens
                         else:
                             pg, clipped = rl_math.sequence_policy_loss(
-                                logp, old_logp[rows, :w], advantages[rows], m, cfg.clip)
+                                logp, old_logp[rows, :w], advantages[rows], m, cfg.clip
+                            )
                             with torch.no_grad():
                                 approx_kl = rl_math.masked_sum(0.5 * (logp - old_logp[rows, :w]) ** 2, m)
                             vf = vclipped = torch.zeros((), device=device)
                             loss = pg / len(mb)  # mean over the minibatch's answers
                         loss.backward()
                     # In UpdateSums' field order: pg, vf, clipped, vclipped, approx_kl, tokens, answers.
-                    acc += torch.stack([pg.detach(), vf.detach(), clipped, vclipped, approx_kl, m.sum(),
-                                        torch.tensor(float(len(rows)), device=device)]).double()
+                    acc += torch.stack(
+                        [
+                            pg.detach(),
+                            vf.detach(),
+                            clipped,
+                            vclipped,
+                            approx_kl,
+                            m.sum(),
+                            torch.tensor(float(len(rows)), device=device),
+                        ]
+                    ).double()
                 # Gradient clipping by global norm. A NaN/inf loss makes the (all-reduced) gradient
                 # non-finite on every process alike, so all of them stop here together.
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     optimizer.zero_grad(set_to_none=True)
                     bar.close()
-                    return fail(run, f"the loss or its gradient became non-finite at step {step + 1} (grad norm "
-                                f"{float(grad_norm)}); stopped without applying it. Try a lower --lr or "
-                                f"--max-grad-norm", step, cfg.steps)
+                    return fail(
+                        run,
+                        f"the loss or its gradient became non-finite at step {step + 1} (grad norm "
+                        f"{float(grad_norm)}); stopped without applying it. Try a lower --lr or "
+                        f"--max-grad-norm",
+                        step,
+                        cfg.steps,
+                    )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(float(grad_norm))
@@ -446,40 +569,72 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         totals["tokens"] += int(tokens)
         totals["seconds"] += dt
         record = {
-            "kind": "train", "step": step,
-            "reward_mean": reward_mean, "reward_std": reward_std,            # the reward model's normalised score
-            "score_mean": roll.score / count,                               # after the missing-EOS penalty
-            "objective": roll.score / count - beta * roll.kl_penalty / count,  # what is maximised: score - beta * KL
-            "kl": kl_mean,                                                  # sum_t log pi/ref per answer (k1)
-            "kl_penalty": roll.kl_penalty / count,                          # the estimator in use, per answer
+            "kind": "train",
+            "step": step,
+            "reward_mean": reward_mean,
+            "reward_std": reward_std,  # the reward model's normalised score
+            "score_mean": roll.score / count,  # after the missing-EOS penalty
+            "objective": roll.score / count
+            - beta * roll.kl_penalty / count,  # what is maximised: score - beta * KL
+            "kl": kl_mean,  # sum_t log pi/ref per answer (k1)
+            "kl_penalty": roll.kl_penalty / count,  # the estimator in use, per answer
             "kl_coef": beta,
-            "entropy": roll.entropy / max(tokens, 1.0),                     # per token, at temperature T
+            "entropy": roll.entropy / max(tokens, 1.0),  # per token, at temperature T
             "clip_frac": upd.clipped / (tok_updates if ppo else seq_updates),
-            "approx_kl": upd.approx_kl / tok_updates,                       # 0.5 E[(log pi/pi_old)^2] over updates
+            "approx_kl": upd.approx_kl / tok_updates,  # 0.5 E[(log pi/pi_old)^2] over updates
             "pg_loss": upd.pg_loss / (tok_updates if ppo else seq_updates),
             "value_loss": upd.value_loss / tok_updates if ppo else None,
             "value_clip_frac": upd.value_clipped / tok_updates if ppo else None,
             # PPO: 1 - Var(returns - values) / Var(returns) of the rollout; None without a value
             # head, or when the returns did not vary (it is undefined then).
-            "explained_variance": explained_var if explained_var is not None and math.isfinite(explained_var)
+            "explained_variance": explained_var
+            if explained_var is not None and math.isfinite(explained_var)
             else None,
-            "response_len": tokens / count, "eos_rate": roll.eos / count,
-            "gen_tokens": int(tokens), "prompts": int(count) // cfg.k, "rows": int(count),
-            "tokens_per_s": round(tokens / dt, 2), "prompts_per_s": round(count / cfg.k / dt, 4),
-            "step_s": round(dt, 4), "cpu_s": round(time.process_time() - c0, 4),
-            "gen_s": round(t_gen, 4), "score_s": round(t_score, 4),
-            "train_s": round(t_train, 4), "lr": lr_now, "grad_norm": float(np.mean(grad_norms)),
+            "response_len": tokens / count,
+            "eos_rate": roll.eos / count,
+            "gen_tokens": int(tokens),
+            "prompts": int(count) // cfg.k,
+            "rows": int(count),
+            "tokens_per_s": round(tokens / dt, 2),
+            "prompts_per_s": round(count / cfg.k / dt, 4),
+            "step_s": round(dt, 4),
+            "cpu_s": round(time.process_time() - c0, 4),
+            "gen_s": round(t_gen, 4),
+            "score_s": round(t_score, 4),
+            "train_s": round(t_train, 4),
+            "lr": lr_now,
+            "grad_norm": float(np.mean(grad_norms)),
             "elapsed_s": round(time.time() - t_start, 2),
         }
         run.log(record)
         if cfg.sample_every and cfg.samples and (step == 1 or step % cfg.sample_every == 0):
-            run.log({"kind": "samples", "step": step, "samples": [
-                {"prompt": conversations[row_prompt[i]], "response": answers[i], "reward": float(raw[i]),
-                 "eos": bool(ended[i])} for i in range(0, n, max(1, n // cfg.samples))[:cfg.samples]]})
+            run.log(
+                {
+                    "kind": "samples",
+                    "step": step,
+                    "samples": [
+                        {
+                            "prompt": conversations[row_prompt[i]],
+                            "response": answers[i],
+                            "reward": float(raw[i]),
+                            "eos": bool(ended[i]),
+                        }
+                        for i in range(0, n, max(1, n // cfg.samples))[: cfg.samples]
+                    ],
+                }
+            )
         bar.update(1)
-        bar.set_postfix(reward=f"{reward_mean:+.3f}", kl=f"{kl_mean:.3f}", len=f"{tokens / count:.1f}", refresh=False)
-        run.status("running", step / cfg.steps, f"training: step {step} of {cfg.steps}, reward {reward_mean:+.3f}, "
-                   f"KL {kl_mean:.3f}", throttle=True, step=step, total_steps=cfg.steps)
+        bar.set_postfix(
+            reward=f"{reward_mean:+.3f}", kl=f"{kl_mean:.3f}", len=f"{tokens / count:.1f}", refresh=False
+        )
+        run.status(
+            "running",
+            step / cfg.steps,
+            f"training: step {step} of {cfg.steps}, reward {reward_mean:+.3f}, KL {kl_mean:.3f}",
+            throttle=True,
+            step=step,
+            total_steps=cfg.steps,
+        )
         # Every process must agree to stop (one small all-reduce).
         stop_now = reduce(torch.tensor([float(bool(stop))], device=device)).item() > 0
         if stop_now and step < cfg.steps:
@@ -492,26 +647,69 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     bar.close()
 
     # ---- done: the policy directory, loadable by trainer.models.load_model ----------------------
-    save_final(run, accelerator, net, tokenizer, policy_meta(cfg, base_source, rm_path, step, kl_ctl.value),
-               weight_dtype, base_source)
+    save_final(
+        run,
+        accelerator,
+        net,
+        tokenizer,
+        policy_meta(cfg, base_source, rm_path, step, kl_ctl.value),
+        weight_dtype,
+        base_source,
+    )
     if main and heldout:
-        run.status("running", 1.0, f"evaluating: policy against the reference on {len(heldout)} held-out prompts",
-                   step=step, total_steps=cfg.steps)
-        result = evaluate_policy(run.path / POLICY_DIR, base_source, reward_model, heldout,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                 device=device)
-        record = write_eval(run.path, reference_id=canonical_name(cfg.model), reward_run=str(cfg.reward),
-                            result=result)
-        run.log({"kind": "eval", "step": step, **{k: record[k] for k in
-                 ("prompts", "rm_win_rate", "rm_win_rate_ci", "policy_reward_mean", "reference_reward_mean")}})
-        tqdm.write(f"reward-model win rate over {record['reference']} on {record['prompts']} held-out prompts: "
-                   f"{record['rm_win_rate']:.3f} (95% CI {record['rm_win_rate_ci'][0]:.3f}-"
-                   f"{record['rm_win_rate_ci'][1]:.3f})", file=sys.stderr)
-    summary = {"kind": "summary", "step": step, "prompts": totals["prompts"], "gen_tokens": totals["tokens"],
-               "train_seconds": round(totals["seconds"], 3),
-               "prompts_per_s": round(totals["prompts"] / totals["seconds"], 4) if totals["seconds"] else None,
-               "tokens_per_s": round(totals["tokens"] / totals["seconds"], 2) if totals["seconds"] else None,
-               "peak_memory_mb": round(peak_memory_mb(device), 1), "wall_s": round(time.time() - t_start, 2)}
+        run.status(
+            "running",
+            1.0,
+            f"evaluating: policy against the reference on {len(heldout)} held-out prompts",
+            step=step,
+            total_steps=cfg.steps,
+        )
+        result = evaluate_policy(
+            run.path / POLICY_DIR,
+            base_source,
+            reward_model,
+            heldout,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            device=device,
+        )
+        record = write_eval(
+            run.path, reference_id=canonical_name(cfg.model), reward_run=str(cfg.reward), result=result
+        )
+        run.log(
+            {
+                "kind": "eval",
+                "step": step,
+                **{
+                    k: record[k]
+                    for k in (
+                        "prompts",
+                        "rm_win_rate",
+                        "rm_win_rate_ci",
+                        "policy_reward_mean",
+                        "reference_reward_mean",
+                    )
+                },
+            }
+        )
+        tqdm.write(
+            f"reward-model win rate over {record['reference']} on {record['prompts']} held-out prompts: "
+            f"{record['rm_win_rate']:.3f} (95% CI {record['rm_win_rate_ci'][0]:.3f}-"
+            f"{record['rm_win_rate_ci'][1]:.3f})",
+            file=sys.stderr,
+        )
+    summary = {
+        "kind": "summary",
+        "step": step,
+        "prompts": totals["prompts"],
+        "gen_tokens": totals["tokens"],
+        "train_seconds": round(totals["seconds"], 3),
+        "prompts_per_s": round(totals["prompts"] / totals["seconds"], 4) if totals["seconds"] else None,
+        "tokens_per_s": round(totals["tokens"] / totals["seconds"], 2) if totals["seconds"] else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "wall_s": round(time.time() - t_start, 2),
+    }
     run.log(summary)
     msg = f"done: {step} steps; policy in {run.path / POLICY_DIR}"
     run.status("done", 1.0, msg, step=step, total_steps=cfg.steps)
@@ -524,6 +722,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
 # Command line
 # --------------------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, PolicyConfig)
 
@@ -533,16 +732,21 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg, explicit = config_from_namespace(PolicyConfig, args)
     if not cfg.reward and not (cfg.run_dir and (Path(cfg.run_dir) / CONFIG_FILE).exists()):
-        raise PolicyInputError("pass --reward RUN_DIR (a reward model from `preflab train-reward`), or --run-dir "
-                               "of a run to resume")
+        raise PolicyInputError(
+            "pass --reward RUN_DIR (a reward model from `preflab train-reward`), or --run-dir "
+            "of a run to resume"
+        )
     return train(cfg, explicit)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.policy", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.policy",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_arguments(parser)
-    return exit_code(run, parser.parse_args(argv))   # a bad --config file, bad input: one line, exit 2
+    return exit_code(run, parser.parse_args(argv))  # a bad --config file, bad input: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -26,8 +26,20 @@ from trainer.runs import CONFIG_FILE, read_json
 ALGOS = ("ppo", "rloo", "reinforce")
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
 # Settings that may change when a run is resumed; the rest stay what the run began with.
-RESUMABLE_OVERRIDES = ("steps", "save_every", "sample_every", "progress", "device", "lr", "max_grad_norm",
-                       "max_kl", "kl_coef", "reward_batch_size", "gen_batch", "compile_generation")
+RESUMABLE_OVERRIDES = (
+    "steps",
+    "save_every",
+    "sample_every",
+    "progress",
+    "device",
+    "lr",
+    "max_grad_norm",
+    "max_kl",
+    "kl_coef",
+    "reward_batch_size",
+    "gen_batch",
+    "compile_generation",
+)
 
 
 class PolicyConfigError(ConfigError, PolicyInputError):
@@ -38,81 +50,151 @@ class PolicyConfigError(ConfigError, PolicyInputError):
 class PolicyConfig(Config):
     """The policy trainer's settings: the one place of their defaults, --help text and checks."""
 
-    reward: str | None = field(default=None, metadata={   # or the reward run's checkpoint dir
-        "help": "reward model: the run directory of `preflab train-reward`", "label": "Reward model"})
-    prompts: str | None = field(default=None, metadata={   # None: DEFAULT_PROMPTS
-        "help": f"prompt pool file (.jsonl/.csv/.parquet) or a comparison store: a directory, "
-                f"or postgresql://user@host:port/db "
-                f"(default: {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[1])})", "label": "Prompts file"})
-    model: str = field(default="smollm2", metadata={
-        "help": "starting policy: smollm2 (default), tiny, a model dir or a cached HF id", "label": "Base model"})
-    algo: str = field(default="ppo", metadata={
-        "help": "ppo (value head + GAE), rloo (k samples, leave-one-out baseline) or reinforce "
-                "(moving-average baseline)", "choices": ALGOS, "label": "Algorithm"})
-    run_dir: str | None = field(default=None, metadata={
-        "help": "run directory; the same one again resumes the run"})
+    reward: str | None = field(
+        default=None,
+        metadata={  # or the reward run's checkpoint dir
+            "help": "reward model: the run directory of `preflab train-reward`",
+            "label": "Reward model",
+        },
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={  # None: DEFAULT_PROMPTS
+            "help": f"prompt pool file (.jsonl/.csv/.parquet) or a comparison store: a directory, "
+            f"or postgresql://user@host:port/db "
+            f"(default: {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[1])})",
+            "label": "Prompts file",
+        },
+    )
+    model: str = field(
+        default="smollm2",
+        metadata={
+            "help": "starting policy: smollm2 (default), tiny, a model dir or a cached HF id",
+            "label": "Base model",
+        },
+    )
+    algo: str = field(
+        default="ppo",
+        metadata={
+            "help": "ppo (value head + GAE), rloo (k samples, leave-one-out baseline) or reinforce "
+            "(moving-average baseline)",
+            "choices": ALGOS,
+            "label": "Algorithm",
+        },
+    )
+    run_dir: str | None = field(
+        default=None, metadata={"help": "run directory; the same one again resumes the run"}
+    )
     runs_dir: str = field(default="runs", metadata={"help": "parent of new run directories"})
-    run_id: str | None = field(default=None, metadata={
-        "help": "name of a new run directory (default: policy-<time>)"})
+    run_id: str | None = field(
+        default=None, metadata={"help": "name of a new run directory (default: policy-<time>)"}
+    )
     steps: int = field(default=100, metadata={"help": "rollout + update iterations", "label": "Steps"})
-    batch_size: int = field(default=16, metadata={
-        "help": "prompts per step (per process)", "label": "Batch size"})
+    batch_size: int = field(
+        default=16, metadata={"help": "prompts per step (per process)", "label": "Batch size"}
+    )
     k: int = field(default=0, metadata={"help": "samples per prompt (0: 4 for rloo, 1 otherwise)"})
-    max_new_tokens: int = field(default=64, metadata={
-        "help": "longest answer, in tokens", "label": "Max new tokens"})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "longest answer, in tokens", "label": "Max new tokens"}
+    )
     max_prompt_length: int = field(default=512, metadata={"help": "longer prompts lose their oldest tokens"})
-    temperature: float = field(default=0.7, metadata={
-        "help": "sampling temperature (also applied to the log-probs)"})
+    temperature: float = field(
+        default=0.7, metadata={"help": "sampling temperature (also applied to the log-probs)"}
+    )
     lr: float = field(default=3e-6, metadata={"help": "learning rate (AdamW)", "label": "Learning rate"})
     anneal_lr: bool = field(default=False, metadata={"help": "decay the learning rate linearly to 0"})
     epochs: int = field(default=0, metadata={"help": "passes over each batch (0: 4 for ppo, 1 otherwise)"})
-    minibatches: int = field(default=0, metadata={
-        "help": "optimizer steps per pass (0: 2 for ppo, 1 otherwise)"})
-    micro_batch: int = field(default=8, metadata={   # gradient accumulation
-        "help": "rows per forward/backward"})
+    minibatches: int = field(
+        default=0, metadata={"help": "optimizer steps per pass (0: 2 for ppo, 1 otherwise)"}
+    )
+    micro_batch: int = field(
+        default=8,
+        metadata={  # gradient accumulation
+            "help": "rows per forward/backward"
+        },
+    )
     gamma: float = field(default=1.0, metadata={"help": "PPO discount"})
     lam: float = field(default=0.95, metadata={"help": "PPO GAE lambda"})
     clip: float = field(default=0.2, metadata={"help": "ratio clip range"})
     clip_value: float = field(default=0.2, metadata={"help": "PPO value clip range"})
     vf_coef: float = field(default=0.1, metadata={"help": "PPO value loss weight"})
-    kl_coef: float = field(default=0.05, metadata={
-        "help": "KL penalty coefficient beta (initial, with --kl-target)", "label": "KL coefficient"})
-    kl_estimator: str = field(default="k1", metadata={
-        "help": "k1 = log(pi/ref); k3 = (ref/pi - 1) - log(ref/pi), always >= 0", "choices": ("k1", "k3")})
-    kl_target: float = field(default=0.0, metadata={
-        "help": "adaptive KL: steer the KL per answer to this many nats (0: fixed coefficient)"})
+    kl_coef: float = field(
+        default=0.05,
+        metadata={
+            "help": "KL penalty coefficient beta (initial, with --kl-target)",
+            "label": "KL coefficient",
+        },
+    )
+    kl_estimator: str = field(
+        default="k1",
+        metadata={
+            "help": "k1 = log(pi/ref); k3 = (ref/pi - 1) - log(ref/pi), always >= 0",
+            "choices": ("k1", "k3"),
+        },
+    )
+    kl_target: float = field(
+        default=0.0,
+        metadata={"help": "adaptive KL: steer the KL per answer to this many nats (0: fixed coefficient)"},
+    )
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL horizon, in answers"})
-    whiten_rewards: bool = field(default=False, metadata={
-        "help": "PPO: scale per-token rewards to unit variance"})
-    whiten_advantages: bool | None = field(default=None, metadata={
-        "help": "normalise advantages over the batch (default: on for ppo, off otherwise)"})
-    missing_eos_penalty: float = field(default=1.0, metadata={
-        "help": "subtracted from the score of an answer cut off without EOS"})
+    whiten_rewards: bool = field(
+        default=False, metadata={"help": "PPO: scale per-token rewards to unit variance"}
+    )
+    whiten_advantages: bool | None = field(
+        default=None,
+        metadata={"help": "normalise advantages over the batch (default: on for ppo, off otherwise)"},
+    )
+    missing_eos_penalty: float = field(
+        default=1.0, metadata={"help": "subtracted from the score of an answer cut off without EOS"}
+    )
     baseline_decay: float = field(default=0.9, metadata={"help": "reinforce: moving-average decay"})
-    max_kl: float = field(default=50.0, metadata={
-        "help": "fail when the mean KL per answer exceeds this many nats (0: never)"})
+    max_kl: float = field(
+        default=50.0, metadata={"help": "fail when the mean KL per answer exceeds this many nats (0: never)"}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
     seed: int = field(default=0, metadata={"help": "random seed (held-out prompts, prompt order, sampling)"})
-    lora_r: int = field(default=0, metadata={   # the reference is then the model with adapters off
-        "help": "LoRA rank (0: train all weights)"})
+    lora_r: int = field(
+        default=0,
+        metadata={  # the reference is then the model with adapters off
+            "help": "LoRA rank (0: train all weights)"
+        },
+    )
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0: 2 * rank)"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (big models)"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto: fp32 weights, bf16 autocast on CUDA; bf16: bf16 weights too (less memory)",
-        "choices": ("auto", "bf16")})
+    grad_checkpointing: bool = field(
+        default=False, metadata={"help": "trade compute for memory (big models)"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: fp32 weights, bf16 autocast on CUDA; bf16: bf16 weights too (less memory)",
+            "choices": ("auto", "bf16"),
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     gen_batch: int = field(default=0, metadata={"help": "rows per generate call (0: all at once)"})
-    share_prompt: bool = field(default=True, metadata={
-        "help": "with k > 1: run each answer's prompt separately (default: once per prompt, KV cache shared)"})
-    compile_generation: bool | None = field(default=None, metadata={
-        "help": "static KV cache + torch.compile'd decoding (default: on with CUDA; the first step compiles)"})
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "with k > 1: run each answer's prompt separately (default: once per prompt, KV cache shared)"
+        },
+    )
+    compile_generation: bool | None = field(
+        default=None,
+        metadata={
+            "help": "static KV cache + torch.compile'd decoding (default: on with CUDA; the first step compiles)"
+        },
+    )
     reward_batch_size: int = field(default=32, metadata={"help": "answers per reward-model forward"})
     save_every: int = field(default=25, metadata={"help": "steps between checkpoints (0: at the end)"})
     sample_every: int = field(default=10, metadata={"help": "steps between logged samples (0: never)"})
     samples: int = field(default=3, metadata={"help": "samples logged each time"})
-    eval_prompts: int = field(default=32, metadata={
-        "help": "prompts held out of training (at most a fifth of the pool); at the end the policy and the "
-                "reference answer them and the reward model's win rate goes to eval.json (0: none)"})
+    eval_prompts: int = field(
+        default=32,
+        metadata={
+            "help": "prompts held out of training (at most a fifth of the pool); at the end the policy and the "
+            "reference answer them and the reward model's win rate goes to eval.json (0: none)"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "no progress bar"})
 
     error = PolicyConfigError
@@ -124,18 +206,33 @@ class PolicyConfig(Config):
         rows = cfg.batch_size * cfg.k
         units = cfg.batch_size if cfg.k > 1 and cfg.share_prompt else rows  # what minibatches are cut from
         yield from (("model", True, why) for why in model_problem(cfg.model))
-        yield "prompts", cfg.prompts is not None and not _prompts_exist(cfg.prompts), f"{cfg.prompts} does not exist"
+        yield (
+            "prompts",
+            cfg.prompts is not None and not _prompts_exist(cfg.prompts),
+            f"{cfg.prompts} does not exist",
+        )
         yield "steps", cfg.steps < 1, "must be at least 1"
         yield "batch_size", cfg.batch_size < 1, "must be at least 1"
         yield "k", cfg.k < 1, "must be at least 1"
-        yield "k", cfg.algo == "rloo" and cfg.k < 2, "must be at least 2 for RLOO (the baseline is the other samples)"
+        yield (
+            "k",
+            cfg.algo == "rloo" and cfg.k < 2,
+            "must be at least 2 for RLOO (the baseline is the other samples)",
+        )
         yield "max_new_tokens", cfg.max_new_tokens < 1, "must be at least 1"
         yield "max_prompt_length", cfg.max_prompt_length < 1, "must be at least 1"
-        yield "temperature", not cfg.temperature > 0, "must be positive (the log-probabilities are those of sampling)"
+        yield (
+            "temperature",
+            not cfg.temperature > 0,
+            "must be positive (the log-probabilities are those of sampling)",
+        )
         yield "lr", not cfg.lr > 0, "must be positive"
         yield "epochs", cfg.epochs < 1, "must be at least 1"
-        yield "minibatches", not 1 <= cfg.minibatches <= units, (
-            f"must be between 1 and {units} (the {'prompts' if units < rows else 'answers'} per step)")
+        yield (
+            "minibatches",
+            not 1 <= cfg.minibatches <= units,
+            (f"must be between 1 and {units} (the {'prompts' if units < rows else 'answers'} per step)"),
+        )
         yield "micro_batch", cfg.micro_batch < 1, "must be at least 1"
         yield "gamma", not 0 <= cfg.gamma <= 1, "must be in [0, 1]"
         yield "lam", not 0 <= cfg.lam <= 1, "must be in [0, 1]"
@@ -148,6 +245,7 @@ class PolicyConfig(Config):
 
 def _prompts_exist(prompts: str) -> bool:
     from trainer.store import is_database
+
     return is_database(prompts) or Path(prompts).expanduser().exists()
 
 
@@ -170,9 +268,11 @@ def check_config(cfg: PolicyConfig) -> None:
     """PolicyConfigError (naming the flags) unless the settings can run: PolicyConfig.check."""
     cfg.check()
 
+
 # --------------------------------------------------------------------------------------
 # Run directory: the settings a run (or its resume) runs with
 # --------------------------------------------------------------------------------------
+
 
 def resolve_config(cfg: PolicyConfig, explicit: set[str]) -> tuple[PolicyConfig, Path]:
     """(config to run, run dir). A run dir that already has a config is that run: its
@@ -189,8 +289,11 @@ def resolve_config(cfg: PolicyConfig, explicit: set[str]) -> tuple[PolicyConfig,
             value = getattr(cfg, key)
             if key not in RESUMABLE_OVERRIDES and value != saved.get(key):
                 if key not in ("run_dir", "runs_dir", "run_id"):
-                    print(f"note: {key}={value!r} ignored: resuming {path}, which runs with "
-                          f"{key}={saved.get(key)!r}", file=sys.stderr)
+                    print(
+                        f"note: {key}={value!r} ignored: resuming {path}, which runs with "
+                        f"{key}={saved.get(key)!r}",
+                        file=sys.stderr,
+                    )
                 continue
             merged[key] = value
         fields = {f.name for f in dataclasses.fields(PolicyConfig)}

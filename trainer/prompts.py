@@ -16,8 +16,8 @@ cannot be used is reported as `file:line: reason` and skipped, and only a file w
 nothing usable in it is an error. The annotation app and the policy trainer both read
 pools through `load_prompt_pool`, which is why this lives in `trainer` (the trainer
 may not import `annotate`). `load_prompts` is what a policy trains on (and is evaluated
-on): a pool's prompts, or the distinct prompts of a comparison store. It imports nothing heavy: `preflab prompts` must answer
-at once.
+on): a pool's prompts, or the distinct prompts of a comparison store. It imports nothing
+heavy: `preflab prompts` must answer at once.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import logging
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from trainer.errors import PreflabError
-from trainer.store import messages_to_json, prompt_id_for
 from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, line_or_row, parse_messages
+from trainer.store import messages_to_json, prompt_id_for
 
 log = logging.getLogger("preflab.prompts")
 
@@ -70,11 +71,11 @@ class PoolReport:
 
     path: str
     loaded: int = 0
-    bad: int = 0            # unusable rows: broken JSON, wrong types, malformed chat
-    empty: int = 0          # nothing to answer (blank prompt or blank last user turn)
-    oversize: int = 0       # more than max_chars characters in all messages together
-    duplicate: int = 0      # same messages as an earlier row
-    duplicate_id: int = 0   # same id as an earlier row, different messages
+    bad: int = 0  # unusable rows: broken JSON, wrong types, malformed chat
+    empty: int = 0  # nothing to answer (blank prompt or blank last user turn)
+    oversize: int = 0  # more than max_chars characters in all messages together
+    duplicate: int = 0  # same messages as an earlier row
+    duplicate_id: int = 0  # same id as an earlier row, different messages
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -109,6 +110,7 @@ class PromptPool:
 # --------------------------------------------------------------------------------------
 # One row -> one Prompt
 # --------------------------------------------------------------------------------------
+
 
 def _parse_messages(value: Any) -> list[dict[str, str]]:
     # Extra keys (name, tool calls...) are dropped: the record holds role and content.
@@ -173,6 +175,7 @@ def _parse_row(row: Any) -> Prompt:
 # Loading
 # --------------------------------------------------------------------------------------
 
+
 def load_prompt_pool(path: str | os.PathLike, *, max_chars: int = DEFAULT_MAX_CHARS) -> PromptPool:
     """Read a prompt pool, skipping (and reporting) every row that cannot be used.
 
@@ -182,8 +185,10 @@ def load_prompt_pool(path: str | os.PathLike, *, max_chars: int = DEFAULT_MAX_CH
     path = Path(path)
     name = str(path)
     if path.suffix.lower() not in FORMATS:
-        raise PromptPoolError(f"{name}: unknown prompt pool format {path.suffix or '(no extension)'!r}; "
-                              f"use {', '.join(FORMATS)}")
+        raise PromptPoolError(
+            f"{name}: unknown prompt pool format {path.suffix or '(no extension)'!r}; "
+            f"use {', '.join(FORMATS)}"
+        )
     if not path.exists():
         raise PromptPoolError(f"{name}: no such prompt pool file")
     report = PoolReport(path=name)
@@ -221,8 +226,11 @@ def load_prompt_pool(path: str | os.PathLike, *, max_chars: int = DEFAULT_MAX_CH
                 skip(where, "duplicate", f"duplicate of {line_or_row(seen_messages[key])} (same messages)")
                 continue
             if prompt.id in seen_ids:
-                skip(where, "duplicate_id",
-                     f"id {prompt.id!r} already used on {line_or_row(seen_ids[prompt.id])} for a different prompt")
+                skip(
+                    where,
+                    "duplicate_id",
+                    f"id {prompt.id!r} already used on {line_or_row(seen_ids[prompt.id])} for a different prompt",
+                )
                 continue
             seen_messages[key] = where
             seen_ids[prompt.id] = where
@@ -244,14 +252,16 @@ def load_prompts(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     from trainer.errors import PolicyInputError
     from trainer.reward_data import as_messages
     from trainer.store import StoreError, describe, is_database
+
     database = is_database(path)
     if not database:
-        path = Path(path)       # never a URL: Path would fold its "//"
+        path = Path(path)  # never a URL: Path would fold its "//"
     if database or path.is_dir():
         from trainer.store import read_comparisons
+
         try:
             table = read_comparisons(path, columns=["prompt"])
-        except StoreError:      # names the store and what to do; the run's error as it is
+        except StoreError:  # names the store and what to do; the run's error as it is
             raise
         except Exception as e:  # not a store: say which
             raise PolicyInputError(f"{describe(path)}: cannot read it as a comparison store ({e})") from None
@@ -269,11 +279,16 @@ def load_prompts(path: str | os.PathLike) -> list[list[dict[str, str]]]:
 # `preflab prompts FILE`
 # --------------------------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="prompt pool: .jsonl, .json (lines), .csv or .parquet")
     p.add_argument("--show", type=int, default=5, metavar="N", help="print the first N prompts")
-    p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
-                   help="drop prompts longer than this many characters in all")
+    p.add_argument(
+        "--max-chars",
+        type=int,
+        default=DEFAULT_MAX_CHARS,
+        help="drop prompts longer than this many characters in all",
+    )
 
 
 def _one_line(text: str, width: int) -> str:

@@ -55,16 +55,34 @@ import numpy as np
 
 from trainer.checkpoints import rng_state
 from trainer.config import add_config_arguments, config_from_namespace
-from trainer.reward_data import (RewardDataError, collate, encode_pairs, length_grouped_batches, load_snapshot,
-                                 pack, read_pairs, save_snapshot, split_by_prompt)
+from trainer.errors import exit_code
+from trainer.reward_config import RewardConfig, check_config, resolve_config
+from trainer.reward_data import (
+    RewardDataError,
+    collate,
+    encode_pairs,
+    length_grouped_batches,
+    load_snapshot,
+    pack,
+    read_pairs,
+    save_snapshot,
+    split_by_prompt,
+)
 from trainer.reward_metrics import evaluate, preference_loss, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
 from trainer.reward_state import fp32_masters, masters_in_place, restore_training_state
-from trainer.reward_config import RewardConfig, check_config, resolve_config
-from trainer.errors import exit_code
-from trainer.runs import (CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, STATE_FILE, Run, read_json,
-                          supervise, write_json)
+from trainer.runs import (
+    CHECKPOINT,
+    CONFIG_FILE,
+    SNAPSHOT_FILE,
+    STATE_FILE,
+    Run,
+    read_json,
+    supervise,
+    write_json,
+)
 from trainer.store.errors import StoreError
+
 
 def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
     """Run (or resume) one reward-model training. Returns the process exit code:
@@ -81,6 +99,7 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
         # on an H100 that doubled the step time of SmolLM2-135M. Flash and memory-efficient
         # attention need no plan. Process-wide, so restored afterwards.
         import torch
+
         cudnn = torch.backends.cuda.cudnn_sdp_enabled()
         torch.backends.cuda.enable_cudnn_sdp(False)
         try:
@@ -90,8 +109,13 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
 
     # A store that cannot be read (missing, database down) is bad input too: its message
     # names the store and says what to do, as the run's status and one line of the log.
-    return supervise(run_path, cfg.device, lambda: check_config(cfg), train_without_cudnn_attention,
-                     (RewardDataError, StoreError))
+    return supervise(
+        run_path,
+        cfg.device,
+        lambda: check_config(cfg),
+        train_without_cudnn_attention,
+        (RewardDataError, StoreError),
+    )
 
 
 def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict) -> int:
@@ -106,8 +130,9 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     if not (resuming and snapshot.exists()):
         if not cfg.data:
             raise RewardDataError("no data: pass --data (a comparison store or a preference file)")
-        pairs = read_pairs(cfg.data, ties=cfg.ties, both_bad=cfg.both_bad, margin=cfg.margin,
-                           margin_scale=cfg.margin_scale)
+        pairs = read_pairs(
+            cfg.data, ties=cfg.ties, both_bad=cfg.both_bad, margin=cfg.margin, margin_scale=cfg.margin_scale
+        )
         train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
         summary = pairs.summary
         if main:
@@ -115,16 +140,25 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             # A database password never goes to disk: the saved --data has it taken out (a
             # resume gets it from PGPASSWORD or ~/.pgpass, as libpq does).
             from trainer.store import without_password
-            saved = {**dataclasses.asdict(cfg), "data": without_password(cfg.data)[0] if cfg.data else cfg.data}
-            write_json(run.path / CONFIG_FILE, {"kind": "reward", "config": saved,
-                                                  "data": summary, "created_at": time.time()})
+
+            saved = {
+                **dataclasses.asdict(cfg),
+                "data": without_password(cfg.data)[0] if cfg.data else cfg.data,
+            }
+            write_json(
+                run.path / CONFIG_FILE,
+                {"kind": "reward", "config": saved, "data": summary, "created_at": time.time()},
+            )
     accelerator.wait_for_everyone()
     summary = read_json(run.path / CONFIG_FILE).get("data", {})
     # Every process (and every resume) trains on the snapshot: the same pairs, the same split.
     pairs, train_idx, val_idx = load_snapshot(snapshot, summary)
     if len(val_idx) == 0 and main:
-        print("warning: no validation pairs (one prompt only, or --val-fraction 0): "
-              "metrics and normalisation use the training pairs", file=sys.stderr)
+        print(
+            "warning: no validation pairs (one prompt only, or --val-fraction 0): "
+            "metrics and normalisation use the training pairs",
+            file=sys.stderr,
+        )
 
     # ---- model ---------------------------------------------------------------------------
     import torch
@@ -143,13 +177,23 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     # that cost 2.3x in step time. Plain bf16 weights are no substitute: at learning rates
     # ~1e-5 most updates round away (validation accuracy 0.59 against 1.00, same run).
     mixed = not lora and (cfg.dtype == "mixed" or (cfg.dtype == "auto" and cuda))
-    precision = ("bf16 weights + fp32 master weights" if mixed else "bf16 weights" if cfg.dtype == "bf16"
-                 else "fp32 weights + bf16 autocast" if cuda else "fp32")
+    precision = (
+        "bf16 weights + fp32 master weights"
+        if mixed
+        else "bf16 weights"
+        if cfg.dtype == "bf16"
+        else "fp32 weights + bf16 autocast"
+        if cuda
+        else "fp32"
+    )
 
     def autocast():
         # LoRA and fp32 runs on CUDA: bf16 autocast (matmuls on tensor cores, weights in fp32).
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not mixed and cfg.dtype != "bf16" \
+        return (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cuda and not mixed and cfg.dtype != "bf16"
             else contextlib.nullcontext()
+        )
 
     run.status("queued", 0.0, f"loading {cfg.model}")
     tokenizer, net, base_source = load_for_training(cfg, ckpt if resuming else None, device, weight_dtype)
@@ -161,23 +205,38 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     if packed:
         use_packed_attention(inner)
     if cfg.pack and not packed and accelerator.is_main_process:
-        print(f"note: shared-prompt packing needs a causal backbone with sdpa or eager attention "
-              f"(this one: causal={causal}, {inner.config._attn_implementation}); using plain padding",
-              file=sys.stderr)
+        print(
+            f"note: shared-prompt packing needs a causal backbone with sdpa or eager attention "
+            f"(this one: causal={causal}, {inner.config._attn_implementation}); using plain padding",
+            file=sys.stderr,
+        )
 
     # ---- tokens --------------------------------------------------------------------------
-    max_length = min(cfg.max_length, getattr(inner.config.get_text_config(), "max_position_embeddings", None)
-                     or cfg.max_length)
+    max_length = min(
+        cfg.max_length,
+        getattr(inner.config.get_text_config(), "max_position_embeddings", None) or cfg.max_length,
+    )
     enc = encode_pairs(pairs, tokenizer, max_length)
-    cut_note = (f"{enc.prompts_cut} of {len(pairs)} pairs had their prompt cut from the left (both answers "
-                f"keep the same prompt tail); {enc.responses_cut} answers were longer than --max-length "
-                f"{max_length} by themselves and were cut at their end")
+    cut_note = (
+        f"{enc.prompts_cut} of {len(pairs)} pairs had their prompt cut from the left (both answers "
+        f"keep the same prompt tail); {enc.responses_cut} answers were longer than --max-length "
+        f"{max_length} by themselves and were cut at their end"
+    )
     if main:
         s = summary
-        votes = (f"; of {s['votes']} votes, {s['ties']} ties were {s['ties_mode']}d and "
-                 f"{s['both_bad']} both-bad {s['both_bad_mode']}d") if s.get("kind") == "store" else ""
-        print(f"data: {len(pairs)} pairs ({len(train_idx)} train / {len(val_idx)} val, split by prompt) "
-              f"from {s.get('source')}{votes}", file=sys.stderr)
+        votes = (
+            (
+                f"; of {s['votes']} votes, {s['ties']} ties were {s['ties_mode']}d and "
+                f"{s['both_bad']} both-bad {s['both_bad_mode']}d"
+            )
+            if s.get("kind") == "store"
+            else ""
+        )
+        print(
+            f"data: {len(pairs)} pairs ({len(train_idx)} train / {len(val_idx)} val, split by prompt) "
+            f"from {s.get('source')}{votes}",
+            file=sys.stderr,
+        )
         print(f"truncation: {cut_note}", file=sys.stderr)
 
     # ---- batches and schedule ------------------------------------------------------------
@@ -211,11 +270,14 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     # What the optimizer steps: the parameters themselves, or their fp32 masters (mixed).
     master = fp32_masters(params, keep_fp32=inner.score.parameters()) if mixed else params
     # No weight decay on biases and norm gains (1-D tensors): decaying them only hurts.
-    groups = [{"params": [p for p in master if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in master if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in master if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in master if p.ndim < 2], "weight_decay": 0.0},
+    ]
     # fused: one kernel (CUDA) / one vectorised loop (CPU) over all parameters at once.
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cuda", "cpu")
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
     step, train_seconds, train_cpu_seconds, pairs_seen = 0, 0.0, 0.0, 0
@@ -233,20 +295,38 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     unwrapped = accelerator.unwrap_model(net)
 
     def meta() -> dict:
-        return {"format": 1, **norm, "max_length": max_length, "base_model": cfg.model,
-                "base_source": base_source, "step": step, "lora": lora, "causal": causal,
-                "val": {k: v for k, v in last_eval.items() if not k.startswith("_")}}
+        return {
+            "format": 1,
+            **norm,
+            "max_length": max_length,
+            "base_model": cfg.model,
+            "base_source": base_source,
+            "step": step,
+            "lora": lora,
+            "causal": causal,
+            "val": {k: v for k, v in last_eval.items() if not k.startswith("_")},
+        }
 
     def save(final: bool = False) -> None:
         model = unwrapped.seqcls
         if final and lora:
             model = model.merge_and_unload()  # a plain model: loadable without peft
         model.config.get_text_config().pad_token_id = pad_id
-        training_state = None if final else {
-            "step": step, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
-            "pairs_seen": pairs_seen, "norm": norm,
-            "last_eval": {k: v for k, v in last_eval.items() if not k.startswith("_")},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        training_state = (
+            None
+            if final
+            else {
+                "step": step,
+                "train_seconds": train_seconds,
+                "train_cpu_seconds": train_cpu_seconds,
+                "pairs_seen": pairs_seen,
+                "norm": norm,
+                "last_eval": {k: v for k, v in last_eval.items() if not k.startswith("_")},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+            }
+        )
         with masters_in_place(params, master if mixed else None):  # save the fp32 masters
             save_checkpoint(run, model, tokenizer, meta(), training_state)
         accelerator.wait_for_everyone()
@@ -255,20 +335,30 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         nonlocal norm, last_eval
         idx = val_idx if len(val_idx) else train_idx
         # The unwrapped module: evaluation is forward-only, no DDP gradient bookkeeping.
-        last_eval = {**evaluate(unwrapped, enc, idx, cfg, pad_id, device, autocast, accelerator, packed),
-                     "step": step}
+        last_eval = {
+            **evaluate(unwrapped, enc, idx, cfg, pad_id, device, autocast, accelerator, packed),
+            "step": step,
+        }
         rewards = last_eval["_rewards"]
         # Normalisation: gain and bias so that validation rewards have mean 0 and std 1;
         # scores from different runs then share one scale (the policy trainer and the UI).
         std = float(rewards.std()) or 1.0
         norm = {"gain": 1.0 / std, "bias": -float(rewards.mean()) / std}
-        record = {"kind": "eval", **{k: v for k, v in last_eval.items() if not k.startswith("_")},
-                  "epoch": round(epoch, 4), "split": "val" if len(val_idx) else "train", **norm}
+        record = {
+            "kind": "eval",
+            **{k: v for k, v in last_eval.items() if not k.startswith("_")},
+            "epoch": round(epoch, 4),
+            "split": "val" if len(val_idx) else "train",
+            **norm,
+        }
         run.log(record)
         if main:
-            tqdm.write(f"eval @ step {step}: acc {record['val_acc']:.3f}  loss {record['val_loss']:.4f}  "
-                       f"ece {record['val_ece']:.3f}  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  "
-                       f"length corr {record['length_corr']:+.2f}", file=sys.stderr)
+            tqdm.write(
+                f"eval @ step {step}: acc {record['val_acc']:.3f}  loss {record['val_loss']:.4f}  "
+                f"ece {record['val_ece']:.3f}  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  "
+                f"length corr {record['length_corr']:+.2f}",
+                file=sys.stderr,
+            )
         return record
 
     def finish_cancelled() -> int:
@@ -280,22 +370,44 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         return 128 + stop["signal"]
 
     from tqdm.auto import tqdm
+
     config_record = read_json(run.path / CONFIG_FILE)
-    config_record.update(total_steps=total_steps, steps_per_epoch=steps_per_epoch, warmup_steps=warmup_steps,
-                         effective_batch=cfg.batch_size * cfg.grad_accum * world, processes=world,
-                         device=str(device), max_length=max_length, truncation=cut_note,
-                         prompts_cut=enc.prompts_cut, responses_cut=enc.responses_cut, causal_backbone=causal,
-                         layout="packed" if packed else "padded", precision=precision)
+    config_record.update(
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=warmup_steps,
+        effective_batch=cfg.batch_size * cfg.grad_accum * world,
+        processes=world,
+        device=str(device),
+        max_length=max_length,
+        truncation=cut_note,
+        prompts_cut=enc.prompts_cut,
+        responses_cut=enc.responses_cut,
+        causal_backbone=causal,
+        layout="packed" if packed else "padded",
+        precision=precision,
+    )
     if main:
         write_json(run.path / CONFIG_FILE, config_record)
-    run.status("running", step / total_steps, f"training: step {step} of {total_steps}",
-               step=step, total_steps=total_steps)
+    run.status(
+        "running",
+        step / total_steps,
+        f"training: step {step} of {total_steps}",
+        step=step,
+        total_steps=total_steps,
+    )
     if stop:
         return finish_cancelled()
 
     # ---- the loop ------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, initial=step, desc="reward model", unit="step",
-               disable=not (cfg.progress and main), dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="reward model",
+        unit="step",
+        disable=not (cfg.progress and main),
+        dynamic_ncols=True,
+    )
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         batches = epoch_batches(epoch)
@@ -305,7 +417,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             if step >= total_steps:
                 break
             t0, c0 = time.perf_counter(), time.process_time()
-            group = batches[g:g + cfg.grad_accum]
+            group = batches[g : g + cfg.grad_accum]
             n_pairs = sum(len(b) for b in group)
             stats = torch.zeros(5, dtype=torch.float64, device=device)  # loss, correct, votes, pairs, gap
             tokens = slots = 0
@@ -316,7 +428,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
                 tokens, slots = tokens + batch["tokens"], slots + batch["slots"]
                 # Gradient accumulation: DDP all-reduces gradients only on the last micro-batch.
                 sync = j == len(group) - 1
-                with (contextlib.nullcontext() if sync else accelerator.no_sync(net)):
+                with contextlib.nullcontext() if sync else accelerator.no_sync(net):
                     with autocast():
                         rewards = net(**inputs)  # chosen and rejected in one forward
                     r_c, r_r = rewards.chunk(2)
@@ -325,9 +437,15 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
                     (per_pair.sum() / n_pairs).backward()
                 with torch.no_grad():
                     votes = label == 1.0
-                    stats += torch.stack([per_pair.sum().double(), ((r_c > r_r) & votes).sum().double(),
-                                          votes.sum().double(), torch.tensor(len(b), device=device, dtype=torch.float64),
-                                          (r_c - r_r).sum().double()])
+                    stats += torch.stack(
+                        [
+                            per_pair.sum().double(),
+                            ((r_c > r_r) & votes).sum().double(),
+                            votes.sum().double(),
+                            torch.tensor(len(b), device=device, dtype=torch.float64),
+                            (r_c - r_r).sum().double(),
+                        ]
+                    )
             if mixed:  # bf16 gradients (summed over the step's micro-batches) -> fp32 masters
                 for p, m in zip(params, master):
                     m.grad, p.grad = (p.grad.float() if p.grad is not None else None), None
@@ -343,9 +461,11 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
                 optimizer.zero_grad(set_to_none=True)
                 bar.close()
                 kept = run.checkpoint()
-                msg = (f"loss became {loss} (grad norm {float(grad_norm)}) at step {step + 1}; stopped. "
-                       f"Last good checkpoint: {kept or 'none (no checkpoint was saved yet)'}. "
-                       f"Try a lower --lr or --max-grad-norm.")
+                msg = (
+                    f"loss became {loss} (grad norm {float(grad_norm)}) at step {step + 1}; stopped. "
+                    f"Last good checkpoint: {kept or 'none (no checkpoint was saved yet)'}. "
+                    f"Try a lower --lr or --max-grad-norm."
+                )
                 run.status("failed", step / total_steps, msg, step=step, total_steps=total_steps)
                 if main:
                     print(f"error: {msg}", file=sys.stderr)
@@ -360,17 +480,33 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             train_seconds += dt
             train_cpu_seconds += time.process_time() - c0  # CPU time: steadier than wall on a busy box
             pairs_seen += int(pairs_n)
-            record = {"kind": "train", "step": step, "epoch": round(epoch + (g + len(group)) / len(batches), 4),
-                      "loss": loss, "acc": correct / votes_n if votes_n else None, "reward_gap": gap_sum / pairs_n,
-                      "lr": lr, "grad_norm": float(grad_norm), "pairs": int(pairs_n),
-                      "tokens": tokens * world, "padding": round(1 - tokens / slots, 4),  # this process's
-                      "step_s": round(dt, 4), "pairs_per_s": round(pairs_n / dt, 3),
-                      "elapsed_s": round(time.time() - t_start, 2)}
+            record = {
+                "kind": "train",
+                "step": step,
+                "epoch": round(epoch + (g + len(group)) / len(batches), 4),
+                "loss": loss,
+                "acc": correct / votes_n if votes_n else None,
+                "reward_gap": gap_sum / pairs_n,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "pairs": int(pairs_n),
+                "tokens": tokens * world,
+                "padding": round(1 - tokens / slots, 4),  # this process's
+                "step_s": round(dt, 4),
+                "pairs_per_s": round(pairs_n / dt, 3),
+                "elapsed_s": round(time.time() - t_start, 2),
+            }
             run.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{record['acc'] or 0:.2f}", refresh=False)
-            run.status("running", step / total_steps, f"training: step {step} of {total_steps}, loss {loss:.4f}",
-                       throttle=True, step=step, total_steps=total_steps)
+            run.status(
+                "running",
+                step / total_steps,
+                f"training: step {step} of {total_steps}, loss {loss:.4f}",
+                throttle=True,
+                step=step,
+                total_steps=total_steps,
+            )
             if stop_n:
                 bar.close()
                 return finish_cancelled()
@@ -392,13 +528,26 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     save(final=True)
     peak = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()) / 2**20
     final = {k: v for k, v in last_eval.items() if not k.startswith("_")}
-    run.log({"kind": "summary", "step": step, "train_pairs": pairs_seen, "train_seconds": round(train_seconds, 3),
-             "train_pairs_per_s": round(pairs_seen / train_seconds, 3) if train_seconds else None,
-             "train_cpu_seconds": round(train_cpu_seconds, 3),
-             "peak_memory_mb": round(peak, 1), "prompts_cut": enc.prompts_cut,
-             "responses_cut": enc.responses_cut, **final, **norm, "wall_s": round(time.time() - t_start, 2)})
-    msg = (f"done: {step} steps, validation accuracy {final.get('val_acc', float('nan')):.3f}; "
-           f"checkpoint in {run.path / CHECKPOINT}")
+    run.log(
+        {
+            "kind": "summary",
+            "step": step,
+            "train_pairs": pairs_seen,
+            "train_seconds": round(train_seconds, 3),
+            "train_pairs_per_s": round(pairs_seen / train_seconds, 3) if train_seconds else None,
+            "train_cpu_seconds": round(train_cpu_seconds, 3),
+            "peak_memory_mb": round(peak, 1),
+            "prompts_cut": enc.prompts_cut,
+            "responses_cut": enc.responses_cut,
+            **final,
+            **norm,
+            "wall_s": round(time.time() - t_start, 2),
+        }
+    )
+    msg = (
+        f"done: {step} steps, validation accuracy {final.get('val_acc', float('nan')):.3f}; "
+        f"checkpoint in {run.path / CHECKPOINT}"
+    )
     run.status("done", 1.0, msg, step=step, total_steps=total_steps)
     if main:
         print(msg, file=sys.stderr)
@@ -408,10 +557,14 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
 def _peak_rss() -> float:
     """Peak resident memory of this process in bytes (Linux reports KiB)."""
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, RewardConfig)
@@ -427,10 +580,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.reward", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.reward",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_arguments(parser)
-    return exit_code(run, parser.parse_args(argv))   # a bad --config file, bad input: one line, exit 2
+    return exit_code(run, parser.parse_args(argv))  # a bad --config file, bad input: one line, exit 2
 
 
 if __name__ == "__main__":

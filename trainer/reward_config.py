@@ -36,52 +36,110 @@ class RewardConfigError(ConfigError, RewardDataError):
 class RewardConfig(Config):
     """The reward trainer's settings: the one place of their defaults, --help text and checks."""
 
-    data: str | None = field(default=None, metadata={
-        "help": f"{DATA_HELP}; or a TRL-format .parquet/.jsonl (prompt, chosen, rejected[, margin]); "
-                "optional when resuming", "metavar": "STORE_OR_FILE", "label": "Data"})
-    model: str = field(default="smollm2", metadata={
-        "help": "backbone: smollm2 (default), tiny, a model dir or a cached HF id", "label": "Base model"})
-    run_dir: str | None = field(default=None, metadata={
-        "help": "run directory; the same one again resumes the run"})
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": f"{DATA_HELP}; or a TRL-format .parquet/.jsonl (prompt, chosen, rejected[, margin]); "
+            "optional when resuming",
+            "metavar": "STORE_OR_FILE",
+            "label": "Data",
+        },
+    )
+    model: str = field(
+        default="smollm2",
+        metadata={
+            "help": "backbone: smollm2 (default), tiny, a model dir or a cached HF id",
+            "label": "Base model",
+        },
+    )
+    run_dir: str | None = field(
+        default=None, metadata={"help": "run directory; the same one again resumes the run"}
+    )
     runs_dir: str = field(default="runs", metadata={"help": "parent of new run directories"})
-    run_id: str | None = field(default=None, metadata={
-        "help": "name of a new run directory (default: reward-<time>)"})
+    run_id: str | None = field(
+        default=None, metadata={"help": "name of a new run directory (default: reward-<time>)"}
+    )
     epochs: int = field(default=1, metadata={"help": "passes over the training pairs", "label": "Epochs"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate (AdamW)", "label": "Learning rate"})
-    batch_size: int = field(default=8, metadata={   # 2x sequences per forward: chosen + rejected
-        "help": "pairs per forward", "label": "Batch size"})
+    batch_size: int = field(
+        default=8,
+        metadata={  # 2x sequences per forward: chosen + rejected
+            "help": "pairs per forward",
+            "label": "Batch size",
+        },
+    )
     grad_accum: int = field(default=1, metadata={"help": "forwards per optimizer step"})
     eval_batch_size: int = field(default=16, metadata={"help": "pairs per forward when evaluating"})
-    max_length: int = field(default=1024, metadata={
-        "help": "tokens of prompt + answer; longer prompts are cut from the left", "label": "Max length"})
+    max_length: int = field(
+        default=1024,
+        metadata={
+            "help": "tokens of prompt + answer; longer prompts are cut from the left",
+            "label": "Max length",
+        },
+    )
     val_fraction: float = field(default=0.1, metadata={"help": "share of pairs held out, by prompt"})
     seed: int = field(default=0, metadata={"help": "random seed (split, head initialisation, batch order)"})
-    warmup: float = field(default=0.1, metadata={
-        "help": "warmup share of the steps (then linear decay to 0)"})
+    warmup: float = field(
+        default=0.1, metadata={"help": "warmup share of the steps (then linear decay to 0)"}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
-    margin: bool = field(default=False, metadata={   # or the file's margin column
-        "help": "ask for a reward gap of the vote's strength (1 or 2)"})
+    margin: bool = field(
+        default=False,
+        metadata={  # or the file's margin column
+            "help": "ask for a reward gap of the vote's strength (1 or 2)"
+        },
+    )
     margin_scale: float = field(default=1.0, metadata={"help": "multiplies the margin"})
-    ties: str = field(default="exclude", metadata={
-        "help": "ties: left out, or soft label 0.5", "choices": ("exclude", "include"), "label": "Ties"})
-    both_bad: str = field(default="exclude", metadata={
-        "help": "both-bad votes: left out, or soft label 0.5", "choices": ("exclude", "include"),
-        "label": "Both-bad votes"})
-    center: float = field(default=0.0, metadata={   # Eisenstein et al.
-        "help": "reward-centering coefficient (e.g. 0.01)"})
-    pack: bool = field(default=True, metadata={    # shared-prompt packing needs a causal backbone
-        "help": "plain right padding instead of shared-prompt packing"})
-    grad_checkpointing: bool = field(default=False, metadata={
-        "help": "trade compute for memory (big backbones)"})
-    lora_r: int = field(default=0, metadata={   # >0: LoRA adapters (peft) + the head only
-        "help": "LoRA rank (0: train all weights)", "label": "LoRA rank"})
+    ties: str = field(
+        default="exclude",
+        metadata={
+            "help": "ties: left out, or soft label 0.5",
+            "choices": ("exclude", "include"),
+            "label": "Ties",
+        },
+    )
+    both_bad: str = field(
+        default="exclude",
+        metadata={
+            "help": "both-bad votes: left out, or soft label 0.5",
+            "choices": ("exclude", "include"),
+            "label": "Both-bad votes",
+        },
+    )
+    center: float = field(
+        default=0.0,
+        metadata={  # Eisenstein et al.
+            "help": "reward-centering coefficient (e.g. 0.01)"
+        },
+    )
+    pack: bool = field(
+        default=True,
+        metadata={  # shared-prompt packing needs a causal backbone
+            "help": "plain right padding instead of shared-prompt packing"
+        },
+    )
+    grad_checkpointing: bool = field(
+        default=False, metadata={"help": "trade compute for memory (big backbones)"}
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={  # >0: LoRA adapters (peft) + the head only
+            "help": "LoRA rank (0: train all weights)",
+            "label": "LoRA rank",
+        },
+    )
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0: 2 * rank)"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto: mixed on CUDA (autocast with LoRA), fp32 on a CPU; mixed: bf16 weights for "
-                "forward/backward + fp32 master weights for the optimizer (fastest); autocast: fp32 "
-                "weights + bf16 autocast on CUDA; bf16: bf16 weights only (least memory; small "
-                "updates round away)", "choices": ("auto", "mixed", "autocast", "bf16")})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: mixed on CUDA (autocast with LoRA), fp32 on a CPU; mixed: bf16 weights for "
+            "forward/backward + fp32 master weights for the optimizer (fastest); autocast: fp32 "
+            "weights + bf16 autocast on CUDA; bf16: bf16 weights only (least memory; small "
+            "updates round away)",
+            "choices": ("auto", "mixed", "autocast", "bf16"),
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: each epoch)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: all epochs)"})
@@ -102,9 +160,11 @@ class RewardConfig(Config):
         yield "lr", not self.lr > 0, "must be positive"
         yield "lora_r", self.lora_r < 0, "must be at least 0"
 
+
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
+
 
 def resolve_config(cfg: RewardConfig, explicit: set[str]) -> tuple[RewardConfig, Path, bool]:
     """(config to run, run dir, resuming?). A run dir that already has a config is that
@@ -121,8 +181,11 @@ def resolve_config(cfg: RewardConfig, explicit: set[str]) -> tuple[RewardConfig,
         for key in explicit:
             value = getattr(cfg, key)
             if resuming and key not in RESUMABLE_OVERRIDES and value != saved.get(key):
-                print(f"note: {key}={value!r} ignored: resuming {path}, which runs with "
-                      f"{key}={saved.get(key)!r}", file=sys.stderr)
+                print(
+                    f"note: {key}={value!r} ignored: resuming {path}, which runs with "
+                    f"{key}={saved.get(key)!r}",
+                    file=sys.stderr,
+                )
                 continue
             merged[key] = value
         fields = {f.name for f in dataclasses.fields(RewardConfig)}

@@ -50,7 +50,7 @@ class Pairs:
     prompts: list[list[dict[str, str]]] = field(default_factory=list)  # chat messages
     chosen: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
-    label: list[float] = field(default_factory=list)   # P(chosen beats rejected): 1.0 or 0.5
+    label: list[float] = field(default_factory=list)  # P(chosen beats rejected): 1.0 or 0.5
     margin: list[float] = field(default_factory=list)  # asked-for reward gap (0 = plain BT)
     summary: dict[str, Any] = field(default_factory=dict)  # what was read, used, dropped
 
@@ -64,7 +64,7 @@ class Pairs:
         self.label.append(float(label))
         self.margin.append(float(margin))
 
-    def subset(self, idx) -> "Pairs":
+    def subset(self, idx) -> Pairs:
         out = Pairs(summary=dict(self.summary))
         for i in idx:
             out.add(self.prompts[i], self.chosen[i], self.rejected[i], self.label[i], self.margin[i])
@@ -78,6 +78,7 @@ class Pairs:
 # --------------------------------------------------------------------------------------
 # Prompts and answers in the shapes people hand us
 # --------------------------------------------------------------------------------------
+
 
 def text_to_messages(prompt: str) -> tuple[list[dict[str, str]], bool]:
     """A string prompt as chat messages. Returns (messages, is_transcript).
@@ -111,12 +112,19 @@ def as_messages(prompt: Any, where: str = "") -> list[dict[str, str]]:
             except (json.JSONDecodeError, RewardDataError):
                 pass  # text that merely looks like JSON: it is a user message
         return text_to_messages(prompt)[0]
-    if isinstance(prompt, (list, tuple)) and prompt and all(
+    if (
+        isinstance(prompt, (list, tuple))
+        and prompt
+        and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt):
+            for m in prompt
+        )
+    ):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise RewardDataError(f"{where}prompt must be a string or a non-empty list of "
-                          f"{{'role', 'content'}} messages, got {str(prompt)[:80]!r}")
+    raise RewardDataError(
+        f"{where}prompt must be a string or a non-empty list of "
+        f"{{'role', 'content'}} messages, got {str(prompt)[:80]!r}"
+    )
 
 
 def as_response(value: Any, transcript: bool = False, where: str = "") -> str:
@@ -124,20 +132,34 @@ def as_response(value: Any, transcript: bool = False, where: str = "") -> str:
     if isinstance(value, str):
         # Answers to an HH transcript carry the space that follows "Assistant:".
         return value[1:] if transcript and value.startswith(" ") else value
-    if isinstance(value, (list, tuple)) and value and all(
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(
             isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str)
-            for m in value):
+            for m in value
+        )
+    ):
         return "".join(m["content"] for m in value)
-    raise RewardDataError(f"{where}an answer must be a string or a list of assistant messages, "
-                          f"got {str(value)[:80]!r}")
+    raise RewardDataError(
+        f"{where}an answer must be a string or a list of assistant messages, got {str(value)[:80]!r}"
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Reading: a comparison store or a file
 # --------------------------------------------------------------------------------------
 
-def pairs_from_votes(votes, *, ties: str = "exclude", both_bad: str = "exclude",
-                     margin: bool = False, margin_scale: float = 1.0, source: str = "") -> Pairs:
+
+def pairs_from_votes(
+    votes,
+    *,
+    ties: str = "exclude",
+    both_bad: str = "exclude",
+    margin: bool = False,
+    margin_scale: float = 1.0,
+    source: str = "",
+) -> Pairs:
     """Standing votes (an Arrow table with the comparison schema) -> oriented pairs.
 
     One pair per vote: several votes on one pair count several times, which is what the
@@ -147,8 +169,9 @@ def pairs_from_votes(votes, *, ties: str = "exclude", both_bad: str = "exclude",
     parsed: dict[str, list[dict[str, str]]] = {}  # parse each distinct prompt's JSON once
     pairs = Pairs()
     counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
-    for prompt, a, b, choice, strength in zip(cols["prompt"], cols["response_a"], cols["response_b"],
-                                              cols["choice"], cols["strength"]):
+    for prompt, a, b, choice, strength in zip(
+        cols["prompt"], cols["response_a"], cols["response_b"], cols["choice"], cols["strength"]
+    ):
         counts[choice] = counts.get(choice, 0) + 1
         if prompt not in parsed:
             parsed[prompt] = as_messages(json.loads(prompt))
@@ -162,15 +185,26 @@ def pairs_from_votes(votes, *, ties: str = "exclude", both_bad: str = "exclude",
             pairs.add(parsed[prompt], a, b, 0.5, 0.0)
     votes_n = sum(counts.values())
     if votes_n == 0:
-        raise RewardDataError(f"{source}: the comparison store holds no standing votes yet; "
-                              f"collect some votes (or `preflab import` a preference file) first")
+        raise RewardDataError(
+            f"{source}: the comparison store holds no standing votes yet; "
+            f"collect some votes (or `preflab import` a preference file) first"
+        )
     if counts["a"] + counts["b"] == 0:
         raise RewardDataError(
             f"{source}: none of the {votes_n} votes prefers one answer ({counts['tie']} ties, "
-            f"{counts['both_bad']} both-bad); a reward model needs votes for 'a' or 'b'")
-    pairs.summary = {"source": source, "kind": "store", "votes": votes_n, "preferences":
-                     counts["a"] + counts["b"], "ties": counts["tie"], "both_bad": counts["both_bad"],
-                     "ties_mode": ties, "both_bad_mode": both_bad, "pairs": len(pairs)}
+            f"{counts['both_bad']} both-bad); a reward model needs votes for 'a' or 'b'"
+        )
+    pairs.summary = {
+        "source": source,
+        "kind": "store",
+        "votes": votes_n,
+        "preferences": counts["a"] + counts["b"],
+        "ties": counts["tie"],
+        "both_bad": counts["both_bad"],
+        "ties_mode": ties,
+        "both_bad_mode": both_bad,
+        "pairs": len(pairs),
+    }
     return pairs
 
 
@@ -179,6 +213,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
+
         try:
             table = pq.read_table(path)
         except Exception as e:
@@ -201,8 +236,10 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
                         raise RewardDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         names = sorted({k for r in rows if isinstance(r, dict) for k in r})
         return names, rows
-    raise RewardDataError(f"{path}: unknown file type {suffix!r}; give a comparison store "
-                          f"(a directory or a postgresql:// URL), a .parquet, or a .jsonl file")
+    raise RewardDataError(
+        f"{path}: unknown file type {suffix!r}; give a comparison store "
+        f"(a directory or a postgresql:// URL), a .parquet, or a .jsonl file"
+    )
 
 
 def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) -> Pairs:
@@ -214,7 +251,8 @@ def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) ->
     if missing:
         raise RewardDataError(
             f"{path}: needs the columns {', '.join(NEEDED_COLUMNS)} (TRL's preference format with an "
-            f"explicit prompt); missing {', '.join(missing)}; found {', '.join(names) or 'no columns'}")
+            f"explicit prompt); missing {', '.join(missing)}; found {', '.join(names) or 'no columns'}"
+        )
     if not rows:
         raise RewardDataError(f"{path}: has the right columns but no rows")
     pairs = Pairs()
@@ -226,32 +264,54 @@ def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) ->
         m = margin_scale * float(row.get("margin") or 0.0) if has_margin else 0.0
         if not math.isfinite(m):
             raise RewardDataError(f"{where}margin must be a finite number, got {row.get('margin')!r}")
-        pairs.add(as_messages(prompt, where), as_response(row.get("chosen"), transcript, where),
-                  as_response(row.get("rejected"), transcript, where), 1.0, m)
-    pairs.summary = {"source": str(path), "kind": "file", "rows": len(rows), "preferences": len(rows),
-                     "ties": 0, "both_bad": 0, "pairs": len(pairs),
-                     "margin_column": "margin" in names}
+        pairs.add(
+            as_messages(prompt, where),
+            as_response(row.get("chosen"), transcript, where),
+            as_response(row.get("rejected"), transcript, where),
+            1.0,
+            m,
+        )
+    pairs.summary = {
+        "source": str(path),
+        "kind": "file",
+        "rows": len(rows),
+        "preferences": len(rows),
+        "ties": 0,
+        "both_bad": 0,
+        "pairs": len(pairs),
+        "margin_column": "margin" in names,
+    }
     return pairs
 
 
-def read_pairs(path, *, ties: str = "exclude", both_bad: str = "exclude", margin: bool = False,
-               margin_scale: float = 1.0) -> Pairs:
+def read_pairs(
+    path, *, ties: str = "exclude", both_bad: str = "exclude", margin: bool = False, margin_scale: float = 1.0
+) -> Pairs:
     """Pairs from a comparison store (a directory, or a postgresql:// URL) or a
     TRL-format file. A database that cannot be reached raises trainer.store.StoreError."""
     if ties not in TIE_MODES or both_bad not in TIE_MODES:
         raise RewardDataError(f"ties / both-bad must be one of {TIE_MODES}")
-    if is_database(path):     # a URL is a store, never a file (Path would fold its "//")
-        votes = read_comparisons(str(path), columns=["prompt", "response_a", "response_b", "choice", "strength"])
-        return pairs_from_votes(votes, ties=ties, both_bad=both_bad, margin=margin,
-                                margin_scale=margin_scale, source=describe(path))
+    if is_database(path):  # a URL is a store, never a file (Path would fold its "//")
+        votes = read_comparisons(
+            str(path), columns=["prompt", "response_a", "response_b", "choice", "strength"]
+        )
+        return pairs_from_votes(
+            votes,
+            ties=ties,
+            both_bad=both_bad,
+            margin=margin,
+            margin_scale=margin_scale,
+            source=describe(path),
+        )
     p = Path(path)
     if p.is_dir():
         try:
             votes = read_comparisons(p)
         except FileNotFoundError as e:
             raise RewardDataError(str(e)) from None
-        return pairs_from_votes(votes, ties=ties, both_bad=both_bad, margin=margin,
-                                margin_scale=margin_scale, source=str(p))
+        return pairs_from_votes(
+            votes, ties=ties, both_bad=both_bad, margin=margin, margin_scale=margin_scale, source=str(p)
+        )
     if p.is_file():
         return pairs_from_file(p, margin=margin, margin_scale=margin_scale)
     raise RewardDataError(f"{path}: no such comparison store or preference file")
@@ -260,6 +320,7 @@ def read_pairs(path, *, ties: str = "exclude", both_bad: str = "exclude", margin
 # --------------------------------------------------------------------------------------
 # Train / validation split by prompt
 # --------------------------------------------------------------------------------------
+
 
 def split_by_prompt(pairs: Pairs, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Index arrays (train, val). All pairs of one prompt land on the same side, so the
@@ -287,19 +348,20 @@ def split_by_prompt(pairs: Pairs, val_fraction: float, seed: int) -> tuple[np.nd
 # Tokenization with left truncation of the prompt
 # --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Encoded:
     """Token ids of both sides of every pair: prompt + answer + EOS, at most max_length."""
 
     chosen: list[list[int]]
     rejected: list[list[int]]
-    chosen_len: np.ndarray        # answer length in tokens before any cut (for length bias)
+    chosen_len: np.ndarray  # answer length in tokens before any cut (for length bias)
     rejected_len: np.ndarray
     label: np.ndarray
     margin: np.ndarray
-    shared: np.ndarray = None     # tokens both sides begin with (the prompt, at least), < both lengths
-    prompts_cut: int = 0          # pairs whose prompt lost tokens on the left
-    responses_cut: int = 0        # answers that alone were too long (cut at their end)
+    shared: np.ndarray = None  # tokens both sides begin with (the prompt, at least), < both lengths
+    prompts_cut: int = 0  # pairs whose prompt lost tokens on the left
+    responses_cut: int = 0  # answers that alone were too long (cut at their end)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -325,6 +387,7 @@ def render_prompts(tokenizer, prompts: list[list[dict[str, str]]]) -> tuple[list
     """Prompt texts (the chat template with the assistant turn opened) and whether the
     tokenizer must add special tokens itself (only when there is no chat template)."""
     from trainer.models import render_prompt
+
     has_template = bool(getattr(tokenizer, "chat_template", None))
     return [render_prompt(tokenizer, p) for p in prompts], not has_template
 
@@ -338,24 +401,25 @@ def fit(prompt_ids: list[int], answer_ids: list[int], max_length: int) -> tuple[
         return prompt_ids + answer_ids, 0
     if len(answer_ids) <= max_length:
         keep = max_length - len(answer_ids)
-        return prompt_ids[len(prompt_ids) - keep:] + answer_ids, 1
+        return prompt_ids[len(prompt_ids) - keep :] + answer_ids, 1
     return answer_ids[: max_length - 1] + answer_ids[-1:], 2
 
 
-def encode_texts(tokenizer, prompts: list[list[dict[str, str]]], answers: list[str],
-                 max_length: int) -> tuple[list[list[int]], np.ndarray, list[int]]:
+def encode_texts(
+    tokenizer, prompts: list[list[dict[str, str]]], answers: list[str], max_length: int
+) -> tuple[list[list[int]], np.ndarray, list[int]]:
     """(ids, answer token lengths, cut codes) for prompt/answer pairs, as the reward model
     reads them in training and in `RewardModel.score` alike."""
     keys = [messages_to_json(p) for p in prompts]
     distinct = list(dict.fromkeys(keys))  # tokenize each distinct prompt once
     by_key = dict(zip(keys, prompts))
     texts, add_special = render_prompts(tokenizer, [by_key[k] for k in distinct])
-    prompt_ids = dict(zip(distinct, tokenizer(texts, add_special_tokens=add_special).input_ids)) \
-        if distinct else {}
+    prompt_ids = (
+        dict(zip(distinct, tokenizer(texts, add_special_tokens=add_special).input_ids)) if distinct else {}
+    )
     # The answer closes with EOS, the token the reward is read at: it has seen the whole answer.
     eos = tokenizer.eos_token or ""
-    answer_ids = tokenizer([a + eos for a in answers], add_special_tokens=False).input_ids \
-        if answers else []
+    answer_ids = tokenizer([a + eos for a in answers], add_special_tokens=False).input_ids if answers else []
     out, cuts = [], []
     for k, a in zip(keys, answer_ids):
         ids, cut = fit(prompt_ids[k], a, max_length)
@@ -365,8 +429,9 @@ def encode_texts(tokenizer, prompts: list[list[dict[str, str]]], answers: list[s
     return out, lengths, cuts
 
 
-def fit_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
-             max_length: int) -> tuple[list[int], list[int], bool, int]:
+def fit_pair(
+    prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int
+) -> tuple[list[int], list[int], bool, int]:
     """Both sides of a pair in at most max_length tokens each, with ONE prompt tail: the
     prompt is cut (from the left) to fit the longer answer, so both answers are judged
     against the same visible context (the one the annotator compared them in), and the
@@ -376,7 +441,7 @@ def fit_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[in
     if len(prompt_ids) + longest <= max_length:
         return prompt_ids + chosen_ids, prompt_ids + rejected_ids, False, 0
     keep = max(0, max_length - longest)
-    tail = prompt_ids[len(prompt_ids) - keep:] if keep else []
+    tail = prompt_ids[len(prompt_ids) - keep :] if keep else []
     (c, cut_c), (r, cut_r) = fit(tail, chosen_ids, max_length), fit(tail, rejected_ids, max_length)
     return c, r, True, (cut_c == 2) + (cut_r == 2)
 
@@ -386,12 +451,16 @@ def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
     distinct = list(dict.fromkeys(keys))  # tokenize each distinct prompt once
     by_key = dict(zip(keys, pairs.prompts))
     texts, add_special = render_prompts(tokenizer, [by_key[k] for k in distinct])
-    prompt_ids = dict(zip(distinct, tokenizer(texts, add_special_tokens=add_special).input_ids)) \
-        if distinct else {}
+    prompt_ids = (
+        dict(zip(distinct, tokenizer(texts, add_special_tokens=add_special).input_ids)) if distinct else {}
+    )
     # All answers in one batched tokenizer call; each closes with EOS, where the reward is read.
     eos = tokenizer.eos_token or ""
-    answers = tokenizer([a + eos for a in pairs.chosen + pairs.rejected], add_special_tokens=False).input_ids \
-        if len(pairs) else []
+    answers = (
+        tokenizer([a + eos for a in pairs.chosen + pairs.rejected], add_special_tokens=False).input_ids
+        if len(pairs)
+        else []
+    )
     n = len(pairs)
     chosen, rejected, prompts_cut, answers_cut = [], [], 0, 0
     for k, a_c, a_r in zip(keys, answers[:n], answers[n:]):
@@ -401,19 +470,27 @@ def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
         prompts_cut += prompt_cut
         answers_cut += answer_cuts
     lengths = np.array([len(a) - (1 if eos else 0) for a in answers], dtype=np.int64)
-    return Encoded(chosen=chosen, rejected=rejected, chosen_len=lengths[:n], rejected_len=lengths[n:],
-                   label=np.asarray(pairs.label, dtype=np.float32),
-                   margin=np.asarray(pairs.margin, dtype=np.float32),
-                   shared=np.array([shared_prefix(c, r) for c, r in zip(chosen, rejected)], dtype=np.int64),
-                   prompts_cut=prompts_cut, responses_cut=answers_cut)
+    return Encoded(
+        chosen=chosen,
+        rejected=rejected,
+        chosen_len=lengths[:n],
+        rejected_len=lengths[n:],
+        label=np.asarray(pairs.label, dtype=np.float32),
+        margin=np.asarray(pairs.margin, dtype=np.float32),
+        shared=np.array([shared_prefix(c, r) for c, r in zip(chosen, rejected)], dtype=np.int64),
+        prompts_cut=prompts_cut,
+        responses_cut=answers_cut,
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Batches grouped by length, and padding
 # --------------------------------------------------------------------------------------
 
-def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
-                           megabatch: int = 64) -> list[np.ndarray]:
+
+def length_grouped_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, megabatch: int = 64
+) -> list[np.ndarray]:
     """The epoch's batches of pair indices, each holding pairs of similar length.
 
     Length grouping: shuffle, cut into megabatches of `megabatch` batches, sort each
@@ -427,9 +504,9 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int, epoc
     size = batch_size * megabatch
     batches = []
     for start in range(0, len(order), size):
-        chunk = order[start:start + size]
+        chunk = order[start : start + size]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     perm = rng.permutation(len(batches))
     batches = [batches[i] for i in perm]
     if batches:
@@ -447,11 +524,19 @@ def collate(enc: Encoded, batch, pad_id: int) -> dict[str, Any]:
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for row, s in enumerate(seqs):
-        ids[row, :len(s)] = s
-        mask[row, :len(s)] = 1
+        ids[row, : len(s)] = s
+        mask[row, : len(s)] = 1
     lengths = mask.sum(1)
-    return _tensors(enc, batch, input_ids=ids, attention_mask=mask, read_row=np.arange(len(seqs)),
-                    read_col=lengths - 1, tokens=int(lengths.sum()), slots=ids.size)
+    return _tensors(
+        enc,
+        batch,
+        input_ids=ids,
+        attention_mask=mask,
+        read_row=np.arange(len(seqs)),
+        read_col=lengths - 1,
+        tokens=int(lengths.sum()),
+        slots=ids.size,
+    )
 
 
 def pack(enc: Encoded, batch, pad_id: int) -> dict[str, Any]:
@@ -471,7 +556,7 @@ def pack(enc: Encoded, batch, pad_id: int) -> dict[str, Any]:
     P = enc.shared[batch]
     sizes = enc.lengths(packed=True)[batch]
     width = int(sizes.max())
-    rows: list[list[int]] = []   # positions k (into batch) of the pairs in each row
+    rows: list[list[int]] = []  # positions k (into batch) of the pairs in each row
     room: list[int] = []
     for k in np.argsort(-sizes, kind="stable"):
         row = next((j for j, free in enumerate(room) if free >= sizes[k]), None)
@@ -495,23 +580,38 @@ def pack(enc: Encoded, batch, pad_id: int) -> dict[str, Any]:
             c, r = enc.chosen[i], enc.rejected[i][p:]
             n_c, end = len(c), start + len(c) + len(r)
             ids[row, start:end] = c + r
-            pos[row, start:start + n_c] = np.arange(n_c)
-            pos[row, start + n_c:end] = np.arange(p, p + len(r))
+            pos[row, start : start + n_c] = np.arange(n_c)
+            pos[row, start + n_c : end] = np.arange(p, p + len(r))
             segment[row, start:end] = k
-            branch[row, start + p:start + n_c] = 1
-            branch[row, start + n_c:end] = 2
-            read_row[k], read_col[k] = row, start + n_c - 1                    # chosen's EOS
+            branch[row, start + p : start + n_c] = 1
+            branch[row, start + n_c : end] = 2
+            read_row[k], read_col[k] = row, start + n_c - 1  # chosen's EOS
             read_row[len(batch) + k], read_col[len(batch) + k] = row, end - 1  # rejected's EOS
             start = end
-    return _tensors(enc, batch, input_ids=ids, position_ids=pos, segment=segment, branch=branch,
-                    read_row=read_row, read_col=read_col, tokens=int(sizes.sum()), slots=ids.size)
+    return _tensors(
+        enc,
+        batch,
+        input_ids=ids,
+        position_ids=pos,
+        segment=segment,
+        branch=branch,
+        read_row=read_row,
+        read_col=read_col,
+        tokens=int(sizes.sum()),
+        slots=ids.size,
+    )
 
 
 def _tensors(enc: Encoded, batch, *, tokens: int, slots: int, **arrays) -> dict[str, Any]:
     import torch
+
     out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    out.update(label=torch.from_numpy(enc.label[batch]), margin=torch.from_numpy(enc.margin[batch]),
-               tokens=tokens, slots=slots)
+    out.update(
+        label=torch.from_numpy(enc.label[batch]),
+        margin=torch.from_numpy(enc.margin[batch]),
+        tokens=tokens,
+        slots=slots,
+    )
     return out
 
 
@@ -519,17 +619,26 @@ def _tensors(enc: Encoded, batch, *, tokens: int, slots: int, **arrays) -> dict[
 # The run's own copy of its data
 # --------------------------------------------------------------------------------------
 
+
 def save_snapshot(pairs: Pairs, train_idx, val_idx, path) -> None:
     """The exact pairs and split a run trains on, written once into its run directory:
     a resumed run reads this, not the store (which may have new votes by then), so it
     continues the very same optimisation; and one can always tell what a model saw."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     split = np.array(["train"] * len(pairs), dtype=object)
     split[np.asarray(val_idx, dtype=np.int64)] = "val"
-    table = pa.table({"prompt": pairs.prompt_keys(), "chosen": pairs.chosen, "rejected": pairs.rejected,
-                      "label": pa.array(pairs.label, pa.float32()),
-                      "margin": pa.array(pairs.margin, pa.float32()), "split": split.tolist()})
+    table = pa.table(
+        {
+            "prompt": pairs.prompt_keys(),
+            "chosen": pairs.chosen,
+            "rejected": pairs.rejected,
+            "label": pa.array(pairs.label, pa.float32()),
+            "margin": pa.array(pairs.margin, pa.float32()),
+            "split": split.tolist(),
+        }
+    )
     tmp = Path(f"{path}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
@@ -537,12 +646,15 @@ def save_snapshot(pairs: Pairs, train_idx, val_idx, path) -> None:
 
 def load_snapshot(path, summary: dict | None = None) -> tuple[Pairs, np.ndarray, np.ndarray]:
     import pyarrow.parquet as pq
+
     cols = pq.read_table(path).to_pydict()
     pairs = Pairs(summary=dict(summary or {}))
     parsed: dict[str, list[dict[str, str]]] = {}
-    for p, c, r, l, m in zip(cols["prompt"], cols["chosen"], cols["rejected"], cols["label"], cols["margin"]):
+    for p, c, r, label, m in zip(
+        cols["prompt"], cols["chosen"], cols["rejected"], cols["label"], cols["margin"]
+    ):
         if p not in parsed:
             parsed[p] = json.loads(p)
-        pairs.add(parsed[p], c, r, l, m)
+        pairs.add(parsed[p], c, r, label, m)
     split = np.array(cols["split"])
     return pairs, np.flatnonzero(split == "train"), np.flatnonzero(split == "val")

@@ -25,6 +25,7 @@ def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float
     The caller sums and divides by the pairs in the optimizer step, so that gradient
     accumulation gives the same update as one big batch."""
     import torch.nn.functional as F
+
     d = r_chosen - r_rejected
     if margin is not None:
         d = d - margin  # ask for a gap of at least `margin` (a clear preference: wider)
@@ -60,9 +61,11 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
         return 0.0
     return float(np.corrcoef(x, y)[0, 1])
 
+
 # --------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------
+
 
 def to_device(batch: dict, device) -> dict:
     """The model's inputs from a pack()/collate() batch, on the device."""
@@ -75,10 +78,11 @@ def predict(net, enc, idx, batch_size: int, pad_id: int, device, autocast, accel
     longest first in length-sorted batches (little padding); under DDP each process scores
     every world-size-th batch and the results are gathered."""
     import torch
+
     idx = np.asarray(idx, dtype=np.int64)
     layout = pack if packed else collate
     order = idx[np.argsort(-enc.lengths(packed)[idx], kind="stable")]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     row_of = np.zeros(len(enc), dtype=np.int64)
     row_of[idx] = np.arange(len(idx))  # pair index -> its row in the result
@@ -99,20 +103,25 @@ def predict(net, enc, idx, batch_size: int, pad_id: int, device, autocast, accel
     return rc, rr
 
 
-def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None,
-             packed: bool = True) -> dict:
+def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None, packed: bool = True) -> dict:
     """Validation metrics: loss (as trained), accuracy and calibration on votes, reward
     scale, and length bias (does the reward just count tokens?). `cfg`: the run's
     RewardConfig (its eval_batch_size, margin and center)."""
     import torch
+
     if len(idx) == 0:
         return {}
     net.eval()
     rc, rr = predict(net, enc, idx, cfg.eval_batch_size, pad_id, device, autocast, accelerator, packed)
     net.train()
     label, margin = enc.label[idx], enc.margin[idx]
-    loss = preference_loss(torch.tensor(rc), torch.tensor(rr), torch.tensor(label, dtype=torch.float64),
-                           torch.tensor(margin, dtype=torch.float64) if cfg.margin else None, cfg.center)
+    loss = preference_loss(
+        torch.tensor(rc),
+        torch.tensor(rr),
+        torch.tensor(label, dtype=torch.float64),
+        torch.tensor(margin, dtype=torch.float64) if cfg.margin else None,
+        cfg.center,
+    )
     votes = label == 1.0  # accuracy and calibration are about votes; ties have no right answer
     p = 1.0 / (1.0 + np.exp(-(rc - rr)))
     rewards = np.concatenate([rc, rr])
@@ -125,7 +134,7 @@ def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None,
         "val_ece": expected_calibration_error(p[votes]),
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
-        "length_corr": pearson(rewards, lengths),          # reward vs answer length in tokens
-        "longer_preferred": float(longer_wins.mean()),      # how often the longer answer scores higher
-        "_rewards": rewards,                                # for the normalisation (not logged)
+        "length_corr": pearson(rewards, lengths),  # reward vs answer length in tokens
+        "longer_preferred": float(longer_wins.mean()),  # how often the longer answer scores higher
+        "_rewards": rewards,  # for the normalisation (not logged)
     }

@@ -48,8 +48,16 @@ def reward_net(seqcls, causal: bool):
             s = self.seqcls
             return s.get_base_model() if hasattr(s, "get_base_model") else s
 
-        def forward(self, input_ids, read_row, read_col, attention_mask=None, position_ids=None,
-                    segment=None, branch=None):
+        def forward(
+            self,
+            input_ids,
+            read_row,
+            read_col,
+            attention_mask=None,
+            position_ids=None,
+            segment=None,
+            branch=None,
+        ):
             """Rewards read at (read_row, read_col): for a pair batch, B chosen then B rejected."""
             if segment is not None:  # shared-prompt packing (reward_data.pack)
                 mask = packed_attention_mask(segment, branch, eager=self.eager)
@@ -60,8 +68,9 @@ def reward_net(seqcls, causal: bool):
                 mask = None
             else:
                 mask = attention_mask
-            hidden = self.inner.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                           use_cache=False).last_hidden_state
+            hidden = self.inner.base_model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
             # Each reward is read at its answer's EOS, a token that has seen prompt and answer;
             # the head runs on those vectors only, not on every position (as the HF forward does).
             h = hidden[read_row, read_col]
@@ -90,6 +99,7 @@ def packed_attention_mask(segment, branch, eager: bool = False):
     answer looking at the chosen one (a sibling branch, not its past). Boolean for SDPA;
     additive (0 / -inf) for eager attention, which adds the mask to its scores."""
     import torch
+
     idx = torch.arange(segment.shape[1], device=segment.device)
     causal = idx[:, None] >= idx[None, :]
     same_pair = segment[:, :, None] == segment[:, None, :]
@@ -109,9 +119,17 @@ def gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=Non
     forward and a sum in backward, ~20% of the attention time on a CPU.) Registered with
     transformers' AttentionInterface and used only for the packed layout."""
     import torch.nn.functional as F
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, is_causal=attention_mask is None and query.shape[2] > 1,
-                                         enable_gqa=query.shape[1] != key.shape[1])
+
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=attention_mask is None and query.shape[2] > 1,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -132,6 +150,7 @@ def is_causal(backbone, device) -> bool:
     """Whether position i ignores positions > i. Tested, not guessed from the model's
     name: the mask-free trick above is exact only for causal backbones."""
     import torch
+
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 10]], device=device)
     with torch.no_grad():
         h = backbone(input_ids=ids, use_cache=False).last_hidden_state.float()
@@ -174,6 +193,7 @@ def load_backbone(source: str, tokenizer, dtype, *, init_head: bool):
 def has_trained_head(source: str) -> bool:
     """A sequence-classification checkpoint with one label already has a reward head."""
     from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(source)
     archs = getattr(config, "architectures", None) or []
     return any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == 1
@@ -185,7 +205,9 @@ def load_for_training(cfg, resume_from: Path | None, device, weight_dtype):
     on the device. `resume_from`: the checkpoint a resumed run continues from."""
     import torch
     from transformers import AutoTokenizer
+
     from trainer.models import check_model, load_tokenizer
+
     lora = cfg.lora_r > 0
     base_source = check_model(cfg.model)  # resolves smollm2 / tiny (built once) / dirs / ids
     if resume_from is not None:
@@ -197,7 +219,9 @@ def load_for_training(cfg, resume_from: Path | None, device, weight_dtype):
     if resume_from is not None and not lora:
         seqcls = load_backbone(str(resume_from), tokenizer, weight_dtype, init_head=False)
     else:
-        seqcls = load_backbone(base_source, tokenizer, weight_dtype, init_head=not has_trained_head(base_source))
+        seqcls = load_backbone(
+            base_source, tokenizer, weight_dtype, init_head=not has_trained_head(base_source)
+        )
     if cfg.grad_checkpointing:
         # Recompute activations in backward: memory O(layers) -> O(1) per layer, ~30% more compute.
         # (newer transformers call it activation checkpointing; older ones, gradient checkpointing.)
@@ -208,13 +232,21 @@ def load_for_training(cfg, resume_from: Path | None, device, weight_dtype):
             seqcls.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
         if resume_from is not None:
             seqcls = PeftModel.from_pretrained(seqcls, str(resume_from), is_trainable=True)
         else:
             # SEQ_CLS task: peft also trains (and saves) the `score` head in full.
-            seqcls = get_peft_model(seqcls, LoraConfig(
-                task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
-                lora_dropout=0.0, target_modules="all-linear"))
+            seqcls = get_peft_model(
+                seqcls,
+                LoraConfig(
+                    task_type=TaskType.SEQ_CLS,
+                    r=cfg.lora_r,
+                    lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+                    lora_dropout=0.0,
+                    target_modules="all-linear",
+                ),
+            )
     seqcls.to(device)
     inner = seqcls.get_base_model() if lora else seqcls
     return tokenizer, reward_net(seqcls, is_causal(inner.base_model, device)), base_source
@@ -224,6 +256,7 @@ def use_packed_attention(inner) -> None:
     """Run the packed layout's custom mask through gqa_sdpa (when the model uses SDPA)."""
     if inner.config._attn_implementation == "sdpa":
         from transformers import AttentionInterface
+
         AttentionInterface.register(GQA_SDPA, gqa_sdpa)
         inner.set_attn_implementation(GQA_SDPA)  # not saved: the checkpoint says sdpa as before
 
@@ -232,10 +265,12 @@ def use_packed_attention(inner) -> None:
 # Saving, and the trained model in use
 # --------------------------------------------------------------------------------------
 
+
 def save_checkpoint(run: Run, model, tokenizer, meta: dict, training_state: dict | None) -> None:
     """The reward model (weights, tokenizer, its preflab_reward.json) and, while the run can be
     resumed, training_state.pt: written into a temp dir, then swapped in (trainer.checkpoints)."""
     import torch
+
     if not run.main:
         return
     tmp = run.path / (CHECKPOINT + ".tmp")
@@ -259,20 +294,28 @@ class RewardModel:
 
     def __init__(self, seqcls, tokenizer, meta: dict, device, path: Path | None = None):
         import torch
+
         self.tokenizer, self.meta, self.device, self.path = tokenizer, meta, device, path
         self.gain, self.bias = float(meta.get("gain", 1.0)), float(meta.get("bias", 0.0))
         self.max_length = int(meta.get("max_length", 1024))
         self.model = seqcls.to(device).eval()
         self.model.score.float()  # a bf16 backbone is fine for scoring; the head's output keeps fp32 digits
         causal = meta.get("causal")
-        self.net = reward_net(self.model, is_causal(self.model.base_model, device) if causal is None else causal)
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+        self.net = reward_net(
+            self.model, is_causal(self.model.base_model, device) if causal is None else causal
+        )
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if device.type == "cuda"
             else contextlib.nullcontext
+        )
 
     @classmethod
-    def load(cls, path, device=None, dtype=None) -> "RewardModel":
+    def load(cls, path, device=None, dtype=None) -> RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         from trainer.models import pick_device, pick_dtype
+
         path = Path(path)
         if (path / CHECKPOINT).is_dir():  # a run directory: its checkpoint
             path = path / CHECKPOINT
@@ -286,7 +329,9 @@ class RewardModel:
         return cls(model, tokenizer, meta, device, path)
 
     def encode(self, prompts, responses) -> tuple[list[list[int]], int]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+        ):
             prompts = [prompts] * len(responses)  # one prompt, several answers
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -298,21 +343,26 @@ class RewardModel:
     def score(self, prompts, responses, *, normalize: bool = True, batch_size: int = 16) -> list[float]:
         """One reward per (prompt, response); normalised unless normalize=False."""
         import torch
+
         ids, pad_id = self.encode(prompts, responses)
         out = np.zeros(len(ids), dtype=np.float64)
         order = np.argsort([-len(s) for s in ids], kind="stable")  # similar lengths together
         with torch.inference_mode(), self.autocast():
             for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
+                rows = order[start : start + batch_size]
                 width = max(len(ids[i]) for i in rows)
                 x = torch.full((len(rows), width), pad_id, dtype=torch.long)
                 mask = torch.zeros_like(x)
                 for k, i in enumerate(rows):
-                    x[k, :len(ids[i])] = torch.tensor(ids[i])
-                    mask[k, :len(ids[i])] = 1
+                    x[k, : len(ids[i])] = torch.tensor(ids[i])
+                    mask[k, : len(ids[i])] = 1
                 last = mask.sum(1) - 1  # right padding: the last real token (the answer's EOS)
-                r = self.net(input_ids=x.to(self.device), attention_mask=mask.to(self.device),
-                             read_row=torch.arange(len(rows), device=self.device), read_col=last.to(self.device))
+                r = self.net(
+                    input_ids=x.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    read_row=torch.arange(len(rows), device=self.device),
+                    read_col=last.to(self.device),
+                )
                 out[rows] = r.cpu().numpy()
         if normalize:
             out = self.gain * out + self.bias

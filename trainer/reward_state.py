@@ -24,6 +24,7 @@ def fp32_masters(params: list, keep_fp32) -> list:
     the same Parameter objects then hold bf16, except those in `keep_fp32` (the head).
     Buffers stay fp32 (module.to(bf16) would also round the rotary inv_freq buffer)."""
     import torch
+
     master = [p.detach().clone() for p in params]
     keep = {id(p) for p in keep_fp32}
     for p in params:
@@ -50,6 +51,7 @@ def restore_training_state(path: Path, optimizer, scheduler, lr_factor, lr: floa
     """Load training_state.pt into the optimizer, the scheduler and the RNGs; return it (the
     step and the counters). The schedule follows the (maybe longer) run, and a new --lr."""
     import torch
+
     # weights_only=False: our own file, holding Python RNG state next to the tensors.
     state = torch.load(path, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])

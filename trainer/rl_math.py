@@ -21,7 +21,7 @@ implementation details of RLHF with PPO".
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -58,8 +58,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = None) -> to
     return _moments(x, mask, reduce)[1].to(x.dtype)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  reduce: Reduce = None) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce: Reduce = None
+) -> torch.Tensor:
     """(x - mean) / std over the masked entries. shift_mean=False only rescales (used for
     rewards: their sign carries meaning, their scale should not). Masked-out entries -> 0."""
     mean, var = _moments(x, mask, reduce)
@@ -85,8 +86,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1 or k3")
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over each answer (Schulman et al. 2016).
 
         delta_t = r_t + gamma * V_{t+1} - V_t           (V after the last token is 0)
@@ -124,8 +126,13 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baseline).view(-1)
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float = 0.2):
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+):
     """Token-level clipped surrogate (PPO). Returns (loss summed over tokens, clipped
     token count, sum of the approx-KL terms 0.5 * (log ratio)^2): sums, so that the caller
     can divide by the tokens of a whole minibatch however it is cut into micro-batches."""
@@ -140,8 +147,13 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     return masked_sum(loss, mask), clipped, approx_kl
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   mask: torch.Tensor, clip: float = 0.2):
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+):
     """Clipped value loss: the new prediction may move at most `clip` from the rollout's,
     and the worse of the clipped and unclipped squared errors counts. Returns (loss summed
     over tokens, clipped token count)."""
@@ -154,8 +166,13 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     return masked_sum(loss, mask), clipped
 
 
-def sequence_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                         mask: torch.Tensor, clip: float = 0.2):
+def sequence_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+):
     """The clipped surrogate on whole answers (RLOO, REINFORCE): the ratio is that of the
     answer's probability, exp(sum_t log pi - log pi_old), and `advantages` is one number per
     answer. On-policy (one pass, ratio 1) its gradient is -A * grad log pi(answer): plain
@@ -170,8 +187,9 @@ def sequence_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages:
     return loss.sum(), clipped
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       reduce: Reduce = None) -> float:
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = None
+) -> float:
     """1 - Var(returns - values) / Var(returns) over the masked tokens (pooled over processes
     when `reduce` is given), as CleanRL logs it: 1 when the value head predicts the returns
     exactly, 0 when it does no better than their mean, below 0 when worse. NaN when the

@@ -15,8 +15,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from trainer.errors import PreflabError
 
@@ -41,6 +42,7 @@ def line_or_row(where: str) -> str:
 # Values inside a row
 # --------------------------------------------------------------------------------------
 
+
 def check_utf8(text: str, what: str) -> str:
     # Text files are decoded with surrogateescape, so one undecodable byte costs one row,
     # not the file; such text (lone surrogates) could never be written to Parquet.
@@ -51,8 +53,9 @@ def check_utf8(text: str, what: str) -> str:
     return text
 
 
-def parse_messages(value: Any, what: str = "'messages'", *,
-                   roles: tuple[str, ...] | None = ROLES) -> list[dict[str, str]]:
+def parse_messages(
+    value: Any, what: str = "'messages'", *, roles: tuple[str, ...] | None = ROLES
+) -> list[dict[str, str]]:
     """A chat (a list of {"role", "content"}, or its JSON spelling, as a CSV cell holds
     it) -> a clean list of messages with only those two keys. `roles=None` takes any."""
     if isinstance(value, str):
@@ -82,7 +85,10 @@ def parse_messages(value: Any, what: str = "'messages'", *,
 # Files -> rows
 # --------------------------------------------------------------------------------------
 
-def iter_rows(path: str | os.PathLike, *, needs_any: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
+
+def iter_rows(
+    path: str | os.PathLike, *, needs_any: tuple[str, ...] = ()
+) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
     """Yield (where, row) for each row, or (where, BadRow) for one that cannot be parsed.
 
     `needs_any`: column names of which a CSV or Parquet file must have at least one
@@ -91,8 +97,9 @@ def iter_rows(path: str | os.PathLike, *, needs_any: tuple[str, ...] = ()) -> It
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise RowFileError(f"{path}: unknown file type {suffix or '(no extension)'!r}; "
-                           f"use {', '.join(SUFFIXES)}")
+        raise RowFileError(
+            f"{path}: unknown file type {suffix or '(no extension)'!r}; use {', '.join(SUFFIXES)}"
+        )
     if not path.exists():
         raise RowFileError(f"{path}: no such file")
     if path.is_dir():
@@ -148,8 +155,10 @@ def _csv_rows(path: Path, needs_any: tuple[str, ...]) -> Iterator[tuple[str, Any
         except csv.Error as e:
             raise RowFileError(f"{path}: cannot read the CSV header ({e})") from None
         if needs_any and not set(needs_any) & set(header):
-            raise RowFileError(f"{path}: the CSV header has no {' or '.join(repr(c) for c in needs_any)} "
-                               f"column (found: {', '.join(header) or 'nothing'})")
+            raise RowFileError(
+                f"{path}: the CSV header has no {' or '.join(repr(c) for c in needs_any)} "
+                f"column (found: {', '.join(header) or 'nothing'})"
+            )
         # reader.line_num is the physical line reached after a whole record; a quoted
         # field can span lines, so a record starts on the line after the previous one
         # ended, not at line_num.
@@ -168,8 +177,13 @@ def _csv_rows(path: Path, needs_any: tuple[str, ...]) -> Iterator[tuple[str, Any
             if not cells:  # a blank line
                 continue
             if len(cells) != len(header):
-                yield str(start), BadRow(f"expected {len(header)} fields, got {len(cells)} "
-                                         "(an unquoted comma or a missing quote?)")
+                yield (
+                    str(start),
+                    BadRow(
+                        f"expected {len(header)} fields, got {len(cells)} "
+                        "(an unquoted comma or a missing quote?)"
+                    ),
+                )
                 continue
             # Every CSV cell is text; an empty one means the column is not used here.
             yield str(start), {h: (c if c != "" else None) for h, c in zip(header, cells)}
@@ -184,8 +198,10 @@ def _parquet_rows(path: Path, needs_any: tuple[str, ...]) -> Iterator[tuple[str,
         raise RowFileError(f"{path}: not a readable Parquet file ({e})") from None
     names = parquet.schema_arrow.names
     if needs_any and not set(needs_any) & set(names):
-        raise RowFileError(f"{path}: no {' or '.join(repr(c) for c in needs_any)} column "
-                           f"(found: {', '.join(names) or 'nothing'})")
+        raise RowFileError(
+            f"{path}: no {' or '.join(repr(c) for c in needs_any)} column "
+            f"(found: {', '.join(names) or 'nothing'})"
+        )
     n = 0
     try:
         for batch in parquet.iter_batches(batch_size=10_000):

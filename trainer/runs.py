@@ -27,28 +27,29 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from trainer.errors import PreflabError
 
-CONFIG_FILE = "config.json"          # also the marker of a Hugging Face model directory
+CONFIG_FILE = "config.json"  # also the marker of a Hugging Face model directory
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
 POLICY_DIR = "policy"
 EVAL_FILE = "eval.json"
-HELDOUT_FILE = "heldout.jsonl"       # a policy run's held-out prompts, for its evaluation
+HELDOUT_FILE = "heldout.jsonl"  # a policy run's held-out prompts, for its evaluation
 LAUNCH_FILE = "launch.json"
 LOG_FILE = "log.txt"
-LAUNCH_CONFIG_FILE = "launch-config.json"   # written by the Train tab: the settings it checked (--config)
-STATE_FILE = "training_state.pt"     # inside checkpoint/: what a resume needs besides the weights
-REWARD_META_FILE = "preflab_reward.json"   # inside a reward model: normalisation, max_length, provenance
+LAUNCH_CONFIG_FILE = "launch-config.json"  # written by the Train tab: the settings it checked (--config)
+STATE_FILE = "training_state.pt"  # inside checkpoint/: what a resume needs besides the weights
+REWARD_META_FILE = "preflab_reward.json"  # inside a reward model: normalisation, max_length, provenance
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA checkpoint holds this instead of config.json
 REVIEW_SCORES_FILE = "review_scores.parquet"  # in a reward run: the Review tab's cache of pair scores
-SNAPSHOT_FILE = "data.parquet"       # a reward run's exact pairs and split (a resume reads this)
-POLICY_META_FILE = "preflab_policy.json"   # inside a policy model: provenance (base, reward model, algo, step)
-VALUE_HEAD_FILE = "value_head.pt"    # inside a PPO run's checkpoint/
+SNAPSHOT_FILE = "data.parquet"  # a reward run's exact pairs and split (a resume reads this)
+POLICY_META_FILE = "preflab_policy.json"  # inside a policy model: provenance (base, reward model, algo, step)
+VALUE_HEAD_FILE = "value_head.pt"  # inside a PPO run's checkpoint/
 
 KINDS = ("reward", "policy")
 ACTIVE_STATES = ("queued", "running")
@@ -165,13 +166,17 @@ def reward_model_path(path: str | os.PathLike) -> Path:
     state = status.get("state", "unknown")
     if state != "done":
         note = f" ({status['message']})" if status.get("message") else ""
-        raise RunDirError(f"{path}: the reward run is {state}, not done{note}; "
-                          "wait until it is done, or pick a finished run")
+        raise RunDirError(
+            f"{path}: the reward run is {state}, not done{note}; "
+            "wait until it is done, or pick a finished run"
+        )
     model = run.reward_model()
     if model is None:
-        raise RunDirError(f"{path}: not a reward model run (no {CHECKPOINT}/{REWARD_META_FILE}; "
-                          "a policy run cannot score pairs); pass the run directory of a "
-                          "finished `preflab train-reward`")
+        raise RunDirError(
+            f"{path}: not a reward model run (no {CHECKPOINT}/{REWARD_META_FILE}; "
+            "a policy run cannot score pairs); pass the run directory of a "
+            "finished `preflab train-reward`"
+        )
     return model
 
 
@@ -187,8 +192,14 @@ def reward_runs(runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
             continue
         status = run.status()
         finished = status.get("updated_at") or (path / STATUS_FILE).stat().st_mtime
-        found.append({"id": path.name, "path": str(path), "message": status.get("message", ""),
-                      "finished": float(finished)})
+        found.append(
+            {
+                "id": path.name,
+                "path": str(path),
+                "message": status.get("message", ""),
+                "finished": float(finished),
+            }
+        )
     return sorted(found, key=lambda r: (-r["finished"], r["id"]))
 
 
@@ -203,9 +214,17 @@ class Run:
         if not self.main or (throttle and time.time() - self.last_status < 2.0):
             return
         self.last_status = time.time()
-        write_json(self.path / STATUS_FILE, {"state": state, "progress": round(min(max(progress, 0.0), 1.0), 4),
-                                              "message": message, "updated_at": time.time(),
-                                              "pid": os.getpid(), **extra})
+        write_json(
+            self.path / STATUS_FILE,
+            {
+                "state": state,
+                "progress": round(min(max(progress, 0.0), 1.0), 4),
+                "message": message,
+                "updated_at": time.time(),
+                "pid": os.getpid(),
+                **extra,
+            },
+        )
 
     def log(self, record: dict) -> None:
         if self.main:
@@ -218,20 +237,29 @@ class Run:
         path = self.path / METRICS_FILE
         if not self.main or not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         path.write_text("".join(line + "\n" for line in kept))
 
     def checkpoint(self) -> Path | None:
         return RunDir(self.path).checkpoint()
 
 
-def supervise(run_path: Path, device: str, check: Callable[[], None],
-              body: Callable[["Run", Any, dict], int], input_errors: tuple[type[Exception], ...]) -> int:
+def supervise(
+    run_path: Path,
+    device: str,
+    check: Callable[[], None],
+    body: Callable[[Run, Any, dict], int],
+    input_errors: tuple[type[Exception], ...],
+) -> int:
     """Run `body(run, accelerator, stop)` as one run of `run_path`. Returns the exit code:
     0 done (or already done), 1 failed, 2 bad input, 128 + signal when cancelled (the
     body returns that after it saw `stop["signal"]` and saved)."""
     from accelerate import Accelerator
+
     accelerator = Accelerator(cpu=device == "cpu")
     main = accelerator.is_main_process
     run = Run(run_path, main)
@@ -255,6 +283,7 @@ def supervise(run_path: Path, device: str, check: Callable[[], None],
     if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     from transformers.utils import logging as hf_logging
+
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading weights" bars would tear through ours
     try:

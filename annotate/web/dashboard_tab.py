@@ -31,7 +31,15 @@ EXPORT_KEEP_S = 3600
 BY_COLUMNS = ("votes", "ties", "both_bad", "tie_rate", "both_bad_rate", "left_share", "median_decision_ms")
 KAPPA_COLUMNS = ("annotator_1", "annotator_2", "n_shared", "agreement", "kappa", "note")
 CHOICE_COLUMNS = ("choice", "share", "votes")
-FLOAT_COLUMNS = ("tie_rate", "both_bad_rate", "left_share", "median_decision_ms", "agreement", "kappa", "share")
+FLOAT_COLUMNS = (
+    "tie_rate",
+    "both_bad_rate",
+    "left_share",
+    "median_decision_ms",
+    "agreement",
+    "kappa",
+    "share",
+)
 COUNT_COLUMNS = ("votes", "ties", "both_bad", "n_shared")
 
 
@@ -57,13 +65,18 @@ def metrics_html(s: dict[str, Any], q: dict[str, Any]) -> str:
         bias_note += "no sign of bias" if s["left_low"] <= 0.5 <= s["left_high"] else "biased"
     cards = [
         metric_card("Votes", str(s["votes"]), f"{s['annotators']} annotators · {s['models']} models"),
-        metric_card("Pairs complete", f"{q['complete']} / {q['planned']}",
-                    f"overlap {q['overlap']} · {q['in_progress']} in progress"),
+        metric_card(
+            "Pairs complete",
+            f"{q['complete']} / {q['planned']}",
+            f"overlap {q['overlap']} · {q['in_progress']} in progress",
+        ),
         metric_card("Tie rate", pct(s["share_tie"])),
         metric_card("Both-bad rate", pct(s["share_both_bad"])),
         metric_card("Left answer wins", bias, bias_note),
-        metric_card("Median decision time",
-                    num(s["median_decision_ms"] and s["median_decision_ms"] / 1000, "{:.1f} s")),
+        metric_card(
+            "Median decision time",
+            num(s["median_decision_ms"] and s["median_decision_ms"] / 1000, "{:.1f} s"),
+        ),
         metric_card("Krippendorff's α", num(s["alpha"]), f"{s['alpha_units']} pairs with 2+ votes"),
         metric_card("Mean Cohen's κ", num(s["mean_kappa"]), f"{s['kappa_pairs']} annotator pairs"),
     ]
@@ -88,17 +101,26 @@ def annotator_table(by_annotator):
     for c in ("tie_rate", "both_bad_rate"):
         out[c] = out[c].map(pct)
     out["median_decision_ms"] = out["median_decision_ms"].map(
-        lambda x: "–" if math.isnan(x) else f"{x / 1000:.1f} s")
-    return out.rename(columns={"median_decision_ms": "median time", "left_share": "left wins (95% CI)",
-                               "tie_rate": "tie rate", "both_bad_rate": "both-bad rate", "both_bad": "both bad"})
+        lambda x: "–" if math.isnan(x) else f"{x / 1000:.1f} s"
+    )
+    return out.rename(
+        columns={
+            "median_decision_ms": "median time",
+            "left_share": "left wins (95% CI)",
+            "tie_rate": "tie rate",
+            "both_bad_rate": "both-bad rate",
+            "both_bad": "both bad",
+        }
+    )
 
 
 def kappa_table(kappa):
     out = kappa.copy()
     out["agreement"] = out["agreement"].map(pct)
     out["kappa"] = out["kappa"].map(lambda x: "–" if math.isnan(x) else f"{x:.2f}")
-    return out.rename(columns={"annotator_1": "annotator", "annotator_2": "and annotator",
-                               "n_shared": "shared pairs"})
+    return out.rename(
+        columns={"annotator_1": "annotator", "annotator_2": "and annotator", "n_shared": "shared pairs"}
+    )
 
 
 def export_folder() -> Path:
@@ -108,7 +130,7 @@ def export_folder() -> Path:
         try:
             if time.time() - old.stat().st_mtime > EXPORT_KEEP_S:
                 old.unlink()
-        except FileNotFoundError:   # another server cleaned it first
+        except FileNotFoundError:  # another server cleaned it first
             pass
     return EXPORT_DIR
 
@@ -119,26 +141,40 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
 
     service = ctx.service
     with gr.Tab("Dashboard", id="dashboard", visible=False) as tab:
-        counts = dict(y_axis_format="d", height=260)   # y_lim comes with the data
+        counts = dict(y_axis_format="d", height=260)  # y_lim comes with the data
         with gr.Row():
             d_refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
             d_updated = gr.Markdown()
         d_metrics = gr.HTML(js_on_load=None)
         with gr.Row():
-            p_annotator = gr.BarPlot(x="annotator", y="votes", title="Votes by annotator", sort="-y", **counts)
-            p_model = gr.BarPlot(x="model", y="votes", title="Votes by model (a vote counts for both sides)",
-                                 sort="-y", **counts)
+            p_annotator = gr.BarPlot(
+                x="annotator", y="votes", title="Votes by annotator", sort="-y", **counts
+            )
+            p_model = gr.BarPlot(
+                x="model",
+                y="votes",
+                title="Votes by model (a vote counts for both sides)",
+                sort="-y",
+                **counts,
+            )
         with gr.Row():
             p_day = gr.BarPlot(x="day", y="votes", title="Votes by day (UTC)", **counts)
             p_choice = gr.BarPlot(x="choice", y="share", title="Outcomes", y_lim=[0, 1], height=260)
         with gr.Row():
-            p_bias = gr.BarPlot(x="annotator", y="left_share", y_lim=[0, 1], height=260,
-                                title="Position bias: share of decisive votes for the LEFT answer (0.5 = none)")
-            p_time = gr.BarPlot(x="annotator", y="median_s", title="Median decision time (s)",
-                                y_lim=[0, None], height=260)
+            p_bias = gr.BarPlot(
+                x="annotator",
+                y="left_share",
+                y_lim=[0, 1],
+                height=260,
+                title="Position bias: share of decisive votes for the LEFT answer (0.5 = none)",
+            )
+            p_time = gr.BarPlot(
+                x="annotator", y="median_s", title="Median decision time (s)", y_lim=[0, None], height=260
+            )
         t_annotators = gr.Dataframe(label="Annotators", interactive=False)
-        t_kappa = gr.Dataframe(label="Agreement: Cohen's kappa per annotator pair (shared pairs only)",
-                               interactive=False)
+        t_kappa = gr.Dataframe(
+            label="Agreement: Cohen's kappa per annotator pair (shared pairs only)", interactive=False
+        )
         with gr.Accordion("Export a preference dataset (TRL / datasets)", open=True):
             with gr.Row():
                 x_format = gr.Radio(["standard", "conversational"], value="standard", label="Format")
@@ -148,8 +184,13 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
                 x_margin = gr.Checkbox(label="margin column (from strength)", value=False)
             x_button = gr.Button("Export", variant="primary", scale=0)
             x_report = gr.Markdown(elem_id="export-report")
-            x_files = gr.File(label="Download", file_count="multiple", interactive=False, visible=False,
-                              elem_id="export-files")
+            x_files = gr.File(
+                label="Download",
+                file_count="multiple",
+                interactive=False,
+                visible=False,
+                elem_id="export-files",
+            )
 
     def count_plot(table):
         # The axis runs from 0 to at least 5, so small counts get whole-number ticks.
@@ -166,27 +207,49 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         tables = d["tables"]
         by_annotator = frame(tables["by_annotator"], ("annotator", *BY_COLUMNS))
         kappa = frame(tables["kappa"], KAPPA_COLUMNS)
-        return (f"Updated {datetime.now().strftime('%H:%M:%S')}",
-                metrics_html(d["summary"], d["queue"]),
-                count_plot(by_annotator), count_plot(frame(tables["by_model"], ("model", *BY_COLUMNS))),
-                count_plot(frame(tables["by_day"], ("day", *BY_COLUMNS))),
-                frame(tables["choices"], CHOICE_COLUMNS),
-                by_annotator, by_annotator.assign(median_s=by_annotator["median_decision_ms"] / 1000),
-                annotator_table(by_annotator), kappa_table(kappa))
+        return (
+            f"Updated {datetime.now().strftime('%H:%M:%S')}",
+            metrics_html(d["summary"], d["queue"]),
+            count_plot(by_annotator),
+            count_plot(frame(tables["by_model"], ("model", *BY_COLUMNS))),
+            count_plot(frame(tables["by_day"], ("day", *BY_COLUMNS))),
+            frame(tables["choices"], CHOICE_COLUMNS),
+            by_annotator,
+            by_annotator.assign(median_s=by_annotator["median_decision_ms"] / 1000),
+            annotator_table(by_annotator),
+            kappa_table(kappa),
+        )
 
     def on_export(format, ties, aggregate, filetype, margin, request: gr.Request):
         name = guard.admin(request)
         with guard.errors():
-            files, report = service.export(name, export_folder(), format, bool(margin), ties, aggregate, filetype)
+            files, report = service.export(
+                name, export_folder(), format, bool(margin), ties, aggregate, filetype
+            )
         return report, files
 
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
-    dash_outputs = [d_updated, d_metrics, p_annotator, p_model, p_day, p_choice, p_bias, p_time,
-                    t_annotators, t_kappa]
+    dash_outputs = [
+        d_updated,
+        d_metrics,
+        p_annotator,
+        p_model,
+        p_day,
+        p_choice,
+        p_bias,
+        p_time,
+        t_annotators,
+        t_kappa,
+    ]
     admin_kw = dict(api_visibility="private", concurrency_limit=2, concurrency_id="admin")
     tab.select(on_dashboard, None, dash_outputs, **admin_kw)
     d_refresh.click(on_dashboard, None, dash_outputs, **admin_kw)
     # The files go out plain (API callers get paths); showing the box is a second step.
-    x_button.click(on_export, [x_format, x_ties, x_aggregate, x_filetype, x_margin], [x_report, x_files],
-                   api_name="export", concurrency_limit=2, concurrency_id="admin").success(
-        lambda: gr.File(visible=True), None, x_files, api_visibility="private", show_progress="hidden")
+    x_button.click(
+        on_export,
+        [x_format, x_ties, x_aggregate, x_filetype, x_margin],
+        [x_report, x_files],
+        api_name="export",
+        concurrency_limit=2,
+        concurrency_id="admin",
+    ).success(lambda: gr.File(visible=True), None, x_files, api_visibility="private", show_progress="hidden")

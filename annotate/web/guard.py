@@ -15,7 +15,8 @@ a bug, logged with its traceback by gradio.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from annotate.accounts import Forbidden, require_admin
 from trainer.errors import PreflabError
@@ -35,7 +36,7 @@ class Guard:
     def admin(self, request) -> str:
         """The caller's name if an admin; gr.Error otherwise."""
         name, role = self.user(request)
-        with self.errors():   # the decision is annotate.accounts', the message too
+        with self.errors():  # the decision is annotate.accounts', the message too
             return require_admin(name, role)
 
     def is_admin(self, request) -> bool:
@@ -52,6 +53,7 @@ class Guard:
             yield
         except (PreflabError, ValueError) as e:
             import gradio as gr
+
             raise gr.Error(str(e)) from None
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

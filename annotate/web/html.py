@@ -27,8 +27,10 @@ def pct(x: float | None, digits: int = 0) -> str:
 
 def metric_card(label: str, value: str, note: str = "") -> str:
     """One number with its label and a note under it (the `.metric` cards of the page CSS)."""
-    return (f'<div class="metric"><div class="label">{escape(label)}</div>'
-            f'<div class="value">{escape(value)}</div><div class="note">{escape(note)}</div></div>')
+    return (
+        f'<div class="metric"><div class="label">{escape(label)}</div>'
+        f'<div class="value">{escape(value)}</div><div class="note">{escape(note)}</div></div>'
+    )
 
 
 def _md():
@@ -38,6 +40,7 @@ def _md():
     global _markdown
     if _markdown is None:
         from markdown_it import MarkdownIt
+
         md = MarkdownIt("commonmark", {"html": False, "breaks": True})
         md.enable(["table", "strikethrough"]).disable("image")
         md.validateLink = lambda url: url.strip().lower().startswith(SAFE_SCHEMES)
@@ -62,10 +65,12 @@ def render_markdown(text: str) -> str:
 def render_prompt(messages: list[dict[str, str]]) -> str:
     """A chat prompt as HTML: one block per message, the role as a label."""
     parts = []
-    single = len(messages) == 1 and messages[0]["role"] == "user"   # no label needed
+    single = len(messages) == 1 and messages[0]["role"] == "user"  # no label needed
     for m in messages:
         role = m["role"] if m["role"] in ("system", "user", "assistant") else "other"
         label = "" if single else f'<div class="role">{escape(m["role"])}</div>'
-        parts.append(f'<div class="turn turn-{role}">{label}'
-                     f'<div class="text">{render_markdown(m["content"])}</div></div>')
+        parts.append(
+            f'<div class="turn turn-{role}">{label}'
+            f'<div class="text">{render_markdown(m["content"])}</div></div>'
+        )
     return '<div class="chat">' + "".join(parts) + "</div>"

@@ -17,19 +17,24 @@ from annotate.ratings import CENTER, Leaderboard
 from annotate.web.html import escape
 
 
-
 def table_html(board: Leaderboard) -> str:
-    head = ("<tr><th>rank</th><th>model</th><th>rating</th><th>95% CI</th><th>votes</th>"
-            "<th>W / L / T</th><th>win rate</th></tr>")
+    head = (
+        "<tr><th>rank</th><th>model</th><th>rating</th><th>95% CI</th><th>votes</th>"
+        "<th>W / L / T</th><th>win rate</th></tr>"
+    )
     rows = []
     for k, m in enumerate(board.models):
         ci = "–" if math.isnan(board.low[k]) else f"{board.low[k]:.0f} – {board.high[k]:.0f}"
         anchor = ' class="anchor"' if m == board.anchor else ""
-        rows.append(f'<tr{anchor} data-model="{escape(m)}"><td>{int(board.rank[k])}</td><td class="model">{escape(m)}</td>'
-                    f"<td>{board.rating[k]:.0f}</td><td>{ci}</td><td>{int(board.played[k])}</td>"
-                    f"<td>{int(board.wins[k])} / {int(board.losses[k])} / {int(board.ties[k])}</td>"
-                    f"<td>{100 * board.win_rate[k]:.1f}%</td></tr>")
-    return f'<table class="lb-table" id="lb-ranked"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+        rows.append(
+            f'<tr{anchor} data-model="{escape(m)}"><td>{int(board.rank[k])}</td><td class="model">{escape(m)}</td>'
+            f"<td>{board.rating[k]:.0f}</td><td>{ci}</td><td>{int(board.played[k])}</td>"
+            f"<td>{int(board.wins[k])} / {int(board.losses[k])} / {int(board.ties[k])}</td>"
+            f"<td>{100 * board.win_rate[k]:.1f}%</td></tr>"
+        )
+    return (
+        f'<table class="lb-table" id="lb-ranked"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+    )
 
 
 def _nice_step(span: float) -> float:
@@ -55,29 +60,41 @@ def plot_svg(board: Leaderboard) -> str:
     def x(v: float) -> float:
         return label_w + (v - lo) / (hi - lo) * plot_w
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lb-plot" viewBox="0 0 {width} {height}" '
-             f'width="{width}" height="{height}" role="img" aria-label="ratings with 95% intervals" '
-             f'font-family="ui-sans-serif, system-ui, sans-serif" font-size="12">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="lb-plot" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" aria-label="ratings with 95% intervals" '
+        f'font-family="ui-sans-serif, system-ui, sans-serif" font-size="12">'
+    ]
     tick = lo
     while tick <= hi + 1e-9:
-        parts.append(f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top - 4}" y2="{top + K * row_h}" '
-                     f'stroke="#e4e4e7"/><text x="{x(tick):.1f}" y="{top + K * row_h + 16}" '
-                     f'text-anchor="middle" fill="#71717a">{tick:g}</text>')
+        parts.append(
+            f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top - 4}" y2="{top + K * row_h}" '
+            f'stroke="#e4e4e7"/><text x="{x(tick):.1f}" y="{top + K * row_h + 16}" '
+            f'text-anchor="middle" fill="#71717a">{tick:g}</text>'
+        )
         tick += step
-    parts.append(f'<line x1="{x(CENTER):.1f}" x2="{x(CENTER):.1f}" y1="{top - 4}" y2="{top + K * row_h}" '
-                 f'stroke="#a1a1aa" stroke-dasharray="4 3"/>')
-    parts.append(f'<text x="{label_w + plot_w / 2}" y="{height - 4}" text-anchor="middle" fill="#52525b">'
-                 f'rating (95% bootstrap interval)</text>')
+    parts.append(
+        f'<line x1="{x(CENTER):.1f}" x2="{x(CENTER):.1f}" y1="{top - 4}" y2="{top + K * row_h}" '
+        f'stroke="#a1a1aa" stroke-dasharray="4 3"/>'
+    )
+    parts.append(
+        f'<text x="{label_w + plot_w / 2}" y="{height - 4}" text-anchor="middle" fill="#52525b">'
+        f"rating (95% bootstrap interval)</text>"
+    )
     for k, m in enumerate(board.models):
         y = top + k * row_h + row_h / 2
         short = m if len(m) <= 28 else m[:27] + "…"
-        parts.append(f'<g class="lb-row" data-model="{escape(m)}"><title>{escape(m)}: {board.rating[k]:.0f}'
-                     + ("" if math.isnan(board.low[k]) else f" ({board.low[k]:.0f}–{board.high[k]:.0f})")
-                     + f'</title><text x="{label_w - 8}" y="{y + 4:.1f}" text-anchor="end" fill="#27272a">'
-                     f'{escape(short)}</text>')
+        parts.append(
+            f'<g class="lb-row" data-model="{escape(m)}"><title>{escape(m)}: {board.rating[k]:.0f}'
+            + ("" if math.isnan(board.low[k]) else f" ({board.low[k]:.0f}–{board.high[k]:.0f})")
+            + f'</title><text x="{label_w - 8}" y="{y + 4:.1f}" text-anchor="end" fill="#27272a">'
+            f"{escape(short)}</text>"
+        )
         if not math.isnan(board.low[k]):
-            parts.append(f'<line x1="{x(board.low[k]):.1f}" x2="{x(board.high[k]):.1f}" y1="{y:.1f}" '
-                         f'y2="{y:.1f}" stroke="#6366f1" stroke-width="3" stroke-linecap="round"/>')
+            parts.append(
+                f'<line x1="{x(board.low[k]):.1f}" x2="{x(board.high[k]):.1f}" y1="{y:.1f}" '
+                f'y2="{y:.1f}" stroke="#6366f1" stroke-width="3" stroke-linecap="round"/>'
+            )
         parts.append(f'<circle cx="{x(board.rating[k]):.1f}" cy="{y:.1f}" r="4.5" fill="#312e81"/></g>')
     parts.append("</svg>")
     return '<div class="lb-plot-box">' + "".join(parts) + "</div>"
@@ -107,34 +124,47 @@ def matrix_html(board: Leaderboard) -> str:
             elif games[i, j] == 0:
                 cells.append(f'<td class="none" title="{escape(m)} vs {escape(other)}: no votes">–</td>')
             else:
-                cells.append(f'<td style="background:{_cell_colour(rates[i, j])}" '
-                             f'title="{escape(m)} vs {escape(other)}: {100 * rates[i, j]:.1f}% of {int(games[i, j])} votes">'
-                             f'{100 * rates[i, j]:.0f}%<small>{int(games[i, j])}</small></td>')
+                cells.append(
+                    f'<td style="background:{_cell_colour(rates[i, j])}" '
+                    f'title="{escape(m)} vs {escape(other)}: {100 * rates[i, j]:.1f}% of {int(games[i, j])} votes">'
+                    f"{100 * rates[i, j]:.0f}%<small>{int(games[i, j])}</small></td>"
+                )
         rows.append(f'<tr><th class="row">{escape(m)}</th>{"".join(cells)}</tr>')
-    return (f'<div class="lb-matrix-box"><table class="lb-matrix"><thead><tr><th></th>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div>')
+    return (
+        f'<div class="lb-matrix-box"><table class="lb-matrix"><thead><tr><th></th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
 
 
 def evals_html(evals: list[dict[str, Any]]) -> str:
     if not evals:
-        return ('<p class="lb-note">No policy evaluations yet: a policy run writes '
-                '<code>runs/&lt;id&gt;/eval.json</code> with its reward-model win rate over the reference.</p>')
-    rows = "".join(f"<tr><td>{escape(e['policy'])}</td><td>{escape(e['reference'])}</td><td>{escape(rm_text(e))}</td>"
-                   f"<td>{escape(human_text(e['human']))}</td></tr>" for e in evals)
-    return ('<table class="lb-table lb-evals"><thead><tr><th>policy</th><th>reference</th>'
-            '<th>reward model win rate (held-out prompts)</th><th>human win rate (arena votes)</th></tr></thead>'
-            f"<tbody>{rows}</tbody></table>")
+        return (
+            '<p class="lb-note">No policy evaluations yet: a policy run writes '
+            "<code>runs/&lt;id&gt;/eval.json</code> with its reward-model win rate over the reference.</p>"
+        )
+    rows = "".join(
+        f"<tr><td>{escape(e['policy'])}</td><td>{escape(e['reference'])}</td><td>{escape(rm_text(e))}</td>"
+        f"<td>{escape(human_text(e['human']))}</td></tr>"
+        for e in evals
+    )
+    return (
+        '<table class="lb-table lb-evals"><thead><tr><th>policy</th><th>reference</th>'
+        "<th>reward model win rate (held-out prompts)</th><th>human win rate (arena votes)</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
 
 
 LEADERBOARD_CSS = """
 .lb-table { border-collapse: collapse; font-variant-numeric: tabular-nums; width: auto; min-width: 60%; }
-.lb-table th, .lb-table td { padding: 4px 10px; border-bottom: 1px solid var(--border-color-primary); text-align: right; }
+.lb-table th, .lb-table td { padding: 4px 10px; border-bottom: 1px solid var(--border-color-primary);
+  text-align: right; }
 .lb-table th:nth-child(2), .lb-table td.model, .lb-evals td, .lb-evals th { text-align: left; }
 .lb-table tr.anchor td { font-weight: 650; }
 .lb-plot-box, .lb-matrix-box { overflow-x: auto; }
 .lb-plot { max-width: 100%; height: auto; }
 .lb-matrix { border-collapse: collapse; font-size: 0.8em; font-variant-numeric: tabular-nums; }
-.lb-matrix td { width: 46px; min-width: 46px; text-align: center; padding: 3px 2px; border: 1px solid #fff; color: #18181b; }
+.lb-matrix td { width: 46px; min-width: 46px; text-align: center; padding: 3px 2px; border: 1px solid #fff;
+  color: #18181b; }
 .lb-matrix td small { display: block; font-size: 0.8em; color: #52525b; }
 .lb-matrix td.self { background: #f4f4f5; }
 .lb-matrix td.none { color: #a1a1aa; }

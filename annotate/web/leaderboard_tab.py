@@ -24,8 +24,13 @@ from annotate.web.leaderboard_html import LEADERBOARD_CSS, evals_html, matrix_ht
 MEAN_ANCHOR = "(mean of all models)"
 
 
-def page(data: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str | None = None,
-         rounds: int = 100, seed: int = 0) -> dict[str, Any]:
+def page(
+    data: str | os.PathLike,
+    runs_dir: str | os.PathLike,
+    anchor: str | None = None,
+    rounds: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Everything the Leaderboard tab shows for the store `data` (a directory, or a
     postgresql:// URL): HTML strings, the model names (for the anchor dropdown) and the
     anchor in use. A LeaderboardError becomes `message` (ok False) with
@@ -35,9 +40,18 @@ def page(data: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str | Non
 
     try:
         votes = read_comparisons(data, columns=VOTE_COLUMNS)
-    except StoreError as e:   # e.g. the database is down: said on the tab, like the CLI says it
-        return {"ok": False, "message": str(e), "models": [], "anchor": None, "table": "",
-                "plot": "", "matrix": "", "evals": "", "board": None}
+    except StoreError as e:  # e.g. the database is down: said on the tab, like the CLI says it
+        return {
+            "ok": False,
+            "message": str(e),
+            "models": [],
+            "anchor": None,
+            "table": "",
+            "plot": "",
+            "matrix": "",
+            "evals": "",
+            "board": None,
+        }
     evals = evals_html(policy_evals(runs_dir, votes))
     anchor = None if anchor in (None, "", MEAN_ANCHOR) else anchor
     battles = battles_from_votes(votes)
@@ -48,12 +62,29 @@ def page(data: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str | Non
     try:
         board = leaderboard(battles, anchor=anchor, rounds=rounds, seed=seed)
     except LeaderboardError as e:
-        return {"ok": False, "message": str(e), "models": battles.models, "anchor": None, "table": "",
-                "plot": "", "matrix": "", "evals": evals, "board": None}
+        return {
+            "ok": False,
+            "message": str(e),
+            "models": battles.models,
+            "anchor": None,
+            "table": "",
+            "plot": "",
+            "matrix": "",
+            "evals": evals,
+            "board": None,
+        }
     message = note + " · ".join([*board.notes(), board.scale_note()])
-    return {"ok": True, "message": message, "models": sorted(board.models), "anchor": board.anchor,
-            "table": table_html(board), "plot": plot_svg(board), "matrix": matrix_html(board),
-            "evals": evals, "board": board}
+    return {
+        "ok": True,
+        "message": message,
+        "models": sorted(board.models),
+        "anchor": board.anchor,
+        "table": table_html(board),
+        "plot": plot_svg(board),
+        "matrix": matrix_html(board),
+        "evals": evals,
+        "board": board,
+    }
 
 
 def build_leaderboard_tab(demo, ctx, guard) -> None:
@@ -74,18 +105,28 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
         return out
 
     with gr.Tab("Leaderboard", id="leaderboard", visible=False) as tab:
-        gr.Markdown("Bradley-Terry ratings of every model from the human votes (a win counts 1, a tie or "
-                    "both-bad half a win to each side), with 95% bootstrap intervals. A model ranks above "
-                    "another only when its interval is clear of the other's.")
+        gr.Markdown(
+            "Bradley-Terry ratings of every model from the human votes (a win counts 1, a tie or "
+            "both-bad half a win to each side), with 95% bootstrap intervals. A model ranks above "
+            "another only when its interval is clear of the other's."
+        )
         with gr.Row():
-            anchor = gr.Dropdown(label="Anchor: the model rated 1000", choices=[MEAN_ANCHOR], value=MEAN_ANCHOR,
-                                 elem_id="lb-anchor", scale=3, interactive=True)
+            anchor = gr.Dropdown(
+                label="Anchor: the model rated 1000",
+                choices=[MEAN_ANCHOR],
+                value=MEAN_ANCHOR,
+                elem_id="lb-anchor",
+                scale=3,
+                interactive=True,
+            )
             refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="lb-refresh")
         css = dict(js_on_load=None, css_template=LEADERBOARD_CSS)
         status = gr.HTML(elem_id="lb-status", **css)
         table = gr.HTML(elem_id="lb-table", **css)
         plot = gr.HTML(elem_id="lb-plot", **css)
-        with gr.Accordion("Win rates: row model against column model (ties 0.5), votes under each", open=True):
+        with gr.Accordion(
+            "Win rates: row model against column model (ties 0.5), votes under each", open=True
+        ):
             matrix = gr.HTML(elem_id="lb-matrix", **css)
         with gr.Accordion("Reward model vs humans: each policy against its reference", open=True):
             evals = gr.HTML(elem_id="lb-evals", **css)
@@ -101,9 +142,14 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
             view = page(ctx.data, ctx.runs_dir, current)
         cls = "lb-note" if view["ok"] else "lb-note lb-error"
         stamp = time.strftime("%H:%M:%S")
-        return (gr.Dropdown(choices=[MEAN_ANCHOR, *view["models"]], value=view["anchor"] or MEAN_ANCHOR),
-                f'<p class="{cls}" id="lb-message">{escape(view["message"])} (updated {stamp})</p>',
-                view["table"], view["plot"], view["matrix"], view["evals"])
+        return (
+            gr.Dropdown(choices=[MEAN_ANCHOR, *view["models"]], value=view["anchor"] or MEAN_ANCHOR),
+            f'<p class="{cls}" id="lb-message">{escape(view["message"])} (updated {stamp})</p>',
+            view["table"],
+            view["plot"],
+            view["matrix"],
+            view["evals"],
+        )
 
     outputs = [anchor, status, table, plot, matrix, evals]
     kw = dict(api_visibility="private", concurrency_limit=2, concurrency_id="leaderboard")

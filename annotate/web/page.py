@@ -37,11 +37,13 @@ def topbar_html(view: dict[str, Any], *, role: str, logout: bool) -> str:
     width = 100 * done / assigned if assigned else 0
     keys = " ".join(f"<kbd>{k}</kbd> {w}" for k, w in KEYS)
     logout_link = '<a href="/logout">log out</a>' if logout else ""
-    return (f'<div id="topbar"><span class="brand">preflab</span>'
-            f'<span class="who">{escape(view["user"])} · {escape(role)}</span>'
-            f'<span class="progress-box">done <b id="progress">{done} / {assigned}</b>'
-            f'<span class="progress-bar"><span style="width:{width:.1f}%"></span></span></span>'
-            f'<span class="spacer"></span><span class="keys">{keys}</span>{logout_link}</div>')
+    return (
+        f'<div id="topbar"><span class="brand">preflab</span>'
+        f'<span class="who">{escape(view["user"])} · {escape(role)}</span>'
+        f'<span class="progress-box">done <b id="progress">{done} / {assigned}</b>'
+        f'<span class="progress-bar"><span style="width:{width:.1f}%"></span></span></span>'
+        f'<span class="spacer"></span><span class="keys">{keys}</span>{logout_link}</div>'
+    )
 
 
 def status_html(view: dict[str, Any]) -> str:
@@ -53,8 +55,10 @@ def status_html(view: dict[str, Any]) -> str:
             models = f"Both answers were by <b>{escape(ack['left_model'])}</b>."
         else:
             models = f"A was <b>{escape(ack['left_model'])}</b>, B was <b>{escape(ack['right_model'])}</b>."
-        return (f'<div class="{cls}" id="status">Saved: {escape(CHOICE_WORDS[ack["choice"]])} '
-                f'({ack["decision_ms"] / 1000:.1f}s). {models}</div>')
+        return (
+            f'<div class="{cls}" id="status">Saved: {escape(CHOICE_WORDS[ack["choice"]])} '
+            f"({ack['decision_ms'] / 1000:.1f}s). {models}</div>"
+        )
     return f'<div class="{cls}" id="status">{escape(view.get("message", ""))}</div>'
 
 
@@ -67,9 +71,11 @@ def waiting_html(waiting: dict[str, Any] | None) -> str:
         return f'<div class="waiting status error" id="waiting">{escape(waiting["message"])}</div>'
     if waiting["state"] == "held":
         return f'<div class="waiting" id="waiting"><span class="spinner"></span>{escape(waiting["message"])}</div>'
-    return (f'<div class="waiting" id="waiting"><span class="spinner"></span>'
-            f'Preparing pairs: {escape(waiting["message"])} ({waiting["seconds"]}s). '
-            f'The first pair appears here as soon as it is ready.</div>')
+    return (
+        f'<div class="waiting" id="waiting"><span class="spinner"></span>'
+        f"Preparing pairs: {escape(waiting['message'])} ({waiting['seconds']}s). "
+        f"The first pair appears here as soon as it is ready.</div>"
+    )
 
 
 def build_app(ctx) -> tuple[Any, dict[str, Any]]:
@@ -88,9 +94,9 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
             annotate = _build_annotate_tab(ctx, guard)
             with gr.Tab("Guidelines", id="guidelines"):
                 gr.Markdown(ctx.guidelines or "No guidelines were given.")
-            build_dashboard_tab(demo, ctx, guard)   # and the /export API
+            build_dashboard_tab(demo, ctx, guard)  # and the /export API
             # The admin tabs that close the loop; each has its own load event (admins only).
-            build_leaderboard_tab(demo, ctx, guard)   # and the /leaderboard API
+            build_leaderboard_tab(demo, ctx, guard)  # and the /leaderboard API
             build_review_tab(demo, ctx, guard)
             build_train_tab(demo, ctx, guard)
         timer = gr.Timer(1.0, active=False)
@@ -98,11 +104,20 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
         _register_api(ctx, guard)
 
     demo.queue(default_concurrency_limit=None)
-    launch_kwargs = dict(css=CSS, head=KEYS_JS, theme=gr.themes.Default(
-                             primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"]),
-                         ssr_mode=False, run_history=False, enable_monitoring=False,
-                         footer_links=["api"], max_threads=64)
+    launch_kwargs = dict(
+        css=CSS,
+        head=KEYS_JS,
+        theme=gr.themes.Default(
+            primary_hue="indigo",
+            font=["ui-sans-serif", "system-ui", "sans-serif"],
+            font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
+        ),
+        ssr_mode=False,
+        run_history=False,
+        enable_monitoring=False,
+        footer_links=["api"],
+        max_threads=64,
+    )
     return demo, launch_kwargs
 
 
@@ -124,11 +139,20 @@ def _build_annotate_tab(ctx, guard) -> dict[str, Any]:
                 c["b_tie"] = gr.Button("Tie  [3]", elem_id="vote-tie")
                 c["b_bad"] = gr.Button("Both bad  [4]", elem_id="vote-both-bad")
             with gr.Row():
-                c["strength"] = gr.Radio(["slightly", "clearly"], value=None, scale=1,
-                                         label="How much better? (optional, with A or B)")
-                c["rationale"] = gr.Textbox(label="Rationale (optional; Esc leaves the box)", scale=3,
-                                            lines=1, max_lines=4, elem_id="rationale",
-                                            placeholder="The deciding reason, in one sentence")
+                c["strength"] = gr.Radio(
+                    ["slightly", "clearly"],
+                    value=None,
+                    scale=1,
+                    label="How much better? (optional, with A or B)",
+                )
+                c["rationale"] = gr.Textbox(
+                    label="Rationale (optional; Esc leaves the box)",
+                    scale=3,
+                    lines=1,
+                    max_lines=4,
+                    elem_id="rationale",
+                    placeholder="The deciding reason, in one sentence",
+                )
         with gr.Row():
             c["status"] = gr.HTML(js_on_load=None)
             c["b_skip"] = gr.Button("Skip  [s]", elem_id="skip", size="sm", scale=0, min_width=110)
@@ -142,27 +166,50 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
 
     service = ctx.service
     logout = service.accounts is not None
-    shown = gr.State(None)   # pair_id on screen: a vote names it, so a stale tab cannot vote blind
-    ui_outputs = [shown, topbar, c["waiting"], c["pair_box"], c["prompt"], c["left"], c["right"], c["status"],
-                  c["strength"], c["rationale"], timer, c["b_skip"]]
+    shown = gr.State(None)  # pair_id on screen: a vote names it, so a stale tab cannot vote blind
+    ui_outputs = [
+        shown,
+        topbar,
+        c["waiting"],
+        c["pair_box"],
+        c["prompt"],
+        c["left"],
+        c["right"],
+        c["status"],
+        c["strength"],
+        c["rationale"],
+        timer,
+        c["b_skip"],
+    ]
 
-    def render(view: dict[str, Any], role: str, *, keep_inputs: bool = False,
-               strength_value=None, rationale_value=""):
+    def render(
+        view: dict[str, Any], role: str, *, keep_inputs: bool = False, strength_value=None, rationale_value=""
+    ):
         pair = view["pair"]
         inputs = (gr.skip(), gr.skip()) if keep_inputs else (strength_value, rationale_value)
-        return (pair["pair_id"] if pair else None,
-                topbar_html(view, role=role, logout=logout),
-                gr.HTML(waiting_html(view["waiting"]), visible=pair is None),
-                gr.Column(visible=pair is not None),
-                (f'<div class="card prompt-card" data-pair-id="{escape(pair["pair_id"])}"><h4>Prompt</h4>'
-                 f'{render_prompt(pair["prompt"])}</div>') if pair else "",
-                f'<div class="card answer"><h4>Answer A</h4>{render_markdown(pair["left"])}</div>' if pair else "",
-                f'<div class="card answer"><h4>Answer B</h4>{render_markdown(pair["right"])}</div>' if pair else "",
-                status_html(view),
-                *inputs,
-                # poll once a second while there is nothing to show but more may come
-                gr.Timer(active=pair is None and view["waiting"]["state"] not in ("done", "failed")),
-                gr.Button(visible=pair is not None))
+        return (
+            pair["pair_id"] if pair else None,
+            topbar_html(view, role=role, logout=logout),
+            gr.HTML(waiting_html(view["waiting"]), visible=pair is None),
+            gr.Column(visible=pair is not None),
+            (
+                f'<div class="card prompt-card" data-pair-id="{escape(pair["pair_id"])}"><h4>Prompt</h4>'
+                f"{render_prompt(pair['prompt'])}</div>"
+            )
+            if pair
+            else "",
+            f'<div class="card answer"><h4>Answer A</h4>{render_markdown(pair["left"])}</div>'
+            if pair
+            else "",
+            f'<div class="card answer"><h4>Answer B</h4>{render_markdown(pair["right"])}</div>'
+            if pair
+            else "",
+            status_html(view),
+            *inputs,
+            # poll once a second while there is nothing to show but more may come
+            gr.Timer(active=pair is None and view["waiting"]["state"] not in ("done", "failed")),
+            gr.Button(visible=pair is not None),
+        )
 
     def on_load(request: gr.Request):
         user, role = guard.user(request)
@@ -172,12 +219,13 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
     def on_vote(choice):
         def handler(pair_id, strength_value, rationale_value, request: gr.Request):
             user, role = guard.user(request)
-            with guard.errors():   # bad input from an API caller is the caller's error
+            with guard.errors():  # bad input from an API caller is the caller's error
                 if not pair_id:
                     return render(service.next(user), role, keep_inputs=True)
                 view = service.vote(user, pair_id, choice, strength_value or "", rationale_value or "")
             # a stale vote keeps what was typed, so nothing is lost
             return render(view, role, keep_inputs=not view["ok"])
+
         handler.__name__ = f"vote_{choice}"
         return handler
 
@@ -200,9 +248,16 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
         with guard.errors():
             return render(service.next(user), role, keep_inputs=True)
 
-    ui = dict(outputs=ui_outputs, show_progress="hidden", api_visibility="private",
-              concurrency_limit=None, trigger_mode="once")
-    demo.load(on_load, None, ui_outputs, show_progress="hidden", api_visibility="private", concurrency_limit=None)
+    ui = dict(
+        outputs=ui_outputs,
+        show_progress="hidden",
+        api_visibility="private",
+        concurrency_limit=None,
+        trigger_mode="once",
+    )
+    demo.load(
+        on_load, None, ui_outputs, show_progress="hidden", api_visibility="private", concurrency_limit=None
+    )
     for button, choice in (("b_left", "left"), ("b_right", "right"), ("b_tie", "tie"), ("b_bad", "both_bad")):
         c[button].click(on_vote(choice), [shown, c["strength"], c["rationale"]], **ui)
     c["b_skip"].click(on_skip, [shown], **ui)
@@ -222,8 +277,9 @@ def _register_api(ctx, guard: Guard) -> None:
         with guard.errors():
             return service.next(user)
 
-    def vote(pair_id: str, choice: str, strength: str = "", rationale: str = "",
-             request: gr.Request = None) -> dict:
+    def vote(
+        pair_id: str, choice: str, strength: str = "", rationale: str = "", request: gr.Request = None
+    ) -> dict:
         """Vote on the pair you hold: choice is left, right, tie or both_bad (as shown);
         strength slightly, clearly or empty. Returns the acknowledgement and your next pair."""
         user, _ = guard.user(request)

@@ -17,8 +17,8 @@ from typing import Any
 from annotate.review import DECISIVE, disagreements, summary, top_pairs
 from annotate.web.html import escape, metric_card, pct, render_markdown, render_prompt
 
-SHOW_VOTES = 200          # latest votes listed on the page
-SHOW_DISAGREEMENTS = 25   # disagreements listed (and offered for sending back)
+SHOW_VOTES = 200  # latest votes listed on the page
+SHOW_DISAGREEMENTS = 25  # disagreements listed (and offered for sending back)
 
 REVIEW_CSS = """
 .review-table { width: 100%; border-collapse: collapse; font-size: 0.92em; }
@@ -47,8 +47,9 @@ def _vote_words(row: dict[str, Any]) -> str:
 def _excerpt(prompt_json: str, width: int = 90) -> str:
     try:
         messages = json.loads(prompt_json)
-        text = " ".join(str(m.get("content", "")) for m in messages if m.get("role") == "user") or \
-            " ".join(str(m.get("content", "")) for m in messages)
+        text = " ".join(str(m.get("content", "")) for m in messages if m.get("role") == "user") or " ".join(
+            str(m.get("content", "")) for m in messages
+        )
     except (ValueError, AttributeError, TypeError):
         text = prompt_json
     text = " ".join(text.split())
@@ -61,11 +62,13 @@ def _pair_details(row: dict[str, Any]) -> str:
         prompt = render_prompt(json.loads(row["prompt"]))
     except (ValueError, KeyError, TypeError):
         prompt = f"<pre>{escape(row['prompt'])}</pre>"
-    return (f'<details><summary>{escape(_excerpt(row["prompt"]))}</summary><div class="pair-body">'
-            f'<div class="card prompt-card"><h4>Prompt</h4>{prompt}</div>'
-            f'<div class="card answer"><h4>A · {escape(row["model_a"])}</h4>{render_markdown(row["response_a"])}</div>'
-            f'<div class="card answer"><h4>B · {escape(row["model_b"])}</h4>{render_markdown(row["response_b"])}</div>'
-            f'</div></details>')
+    return (
+        f'<details><summary>{escape(_excerpt(row["prompt"]))}</summary><div class="pair-body">'
+        f'<div class="card prompt-card"><h4>Prompt</h4>{prompt}</div>'
+        f'<div class="card answer"><h4>A · {escape(row["model_a"])}</h4>{render_markdown(row["response_a"])}</div>'
+        f'<div class="card answer"><h4>B · {escape(row["model_b"])}</h4>{render_markdown(row["response_b"])}</div>'
+        f"</div></details>"
+    )
 
 
 def votes_html(rows: list[dict[str, Any]], limit: int = SHOW_VOTES) -> str:
@@ -80,15 +83,22 @@ def votes_html(rows: list[dict[str, Any]], limit: int = SHOW_VOTES) -> str:
         body.append(
             f'<tr class="{cls}" data-pair-id="{escape(r["pair_id"])}" data-event-id="{escape(r["event_id"])}" '
             f'data-choice="{escape(r["choice"])}" data-p-a="{r["p_a"]:.4f}">'
-            f'<td class="num">{escape(when)}</td><td>{escape(r["annotator"])}</td><td class="vote">{escape(_vote_words(r))}</td>'
+            f'<td class="num">{escape(when)}</td><td>{escape(r["annotator"])}</td>'
+            f'<td class="vote">{escape(_vote_words(r))}</td>'
             f'<td class="num score-a">{r["score_a"]:+.2f}</td><td class="num score-b">{r["score_b"]:+.2f}</td>'
             f'<td class="num p p-a">{r["p_a"]:.2f}</td><td class="agree">{agree}</td>'
-            f'<td>{_pair_details(r)}</td></tr>')
-    more = (f'<p class="review-note">Showing the latest {limit} of {len(rows)} votes.</p>'
-            if len(rows) > limit else "")
-    return (f'{more}<table class="review-table" id="review-votes-table"><thead><tr><th>when (UTC)</th>'
-            f'<th>annotator</th><th>human vote</th><th>score A</th><th>score B</th><th>P(A beats B)</th>'
-            f'<th>model agrees</th><th>pair</th></tr></thead><tbody>{"".join(body)}</tbody></table>')
+            f"<td>{_pair_details(r)}</td></tr>"
+        )
+    more = (
+        f'<p class="review-note">Showing the latest {limit} of {len(rows)} votes.</p>'
+        if len(rows) > limit
+        else ""
+    )
+    return (
+        f'{more}<table class="review-table" id="review-votes-table"><thead><tr><th>when (UTC)</th>'
+        f"<th>annotator</th><th>human vote</th><th>score A</th><th>score B</th><th>P(A beats B)</th>"
+        f"<th>model agrees</th><th>pair</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 def disagreements_html(rows: list[dict[str, Any]], limit: int = SHOW_DISAGREEMENTS) -> str:
@@ -103,42 +113,62 @@ def disagreements_html(rows: list[dict[str, Any]], limit: int = SHOW_DISAGREEMEN
             f'data-p-human="{r["p_human"]:.4f}"><td class="num">{k}</td>'
             f'<td class="num p">{r["p_human"]:.2f}</td><td class="vote">{escape(_vote_words(r))}</td>'
             f'<td>{escape(r["annotator"])}</td><td class="num">{r["score_a"]:+.2f}</td>'
-            f'<td class="num">{r["score_b"]:+.2f}</td><td>{_pair_details(r)}</td></tr>')
-    return ('<p class="review-note">Decisive votes, the ones the reward model doubts most first: '
-            'P(human\'s side) is the probability it gives the answer the annotator chose.</p>'
-            '<table class="review-table" id="review-disagreements-table"><thead><tr><th>#</th>'
-            '<th>P(human\'s side)</th><th>human vote</th><th>annotator</th><th>score A</th><th>score B</th>'
-            f'<th>pair</th></tr></thead><tbody>{"".join(body)}</tbody></table>')
+            f'<td class="num">{r["score_b"]:+.2f}</td><td>{_pair_details(r)}</td></tr>'
+        )
+    return (
+        '<p class="review-note">Decisive votes, the ones the reward model doubts most first: '
+        "P(human's side) is the probability it gives the answer the annotator chose.</p>"
+        '<table class="review-table" id="review-disagreements-table"><thead><tr><th>#</th>'
+        "<th>P(human's side)</th><th>human vote</th><th>annotator</th><th>score A</th><th>score B</th>"
+        f"<th>pair</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 def summary_html(job: dict[str, Any]) -> str:
     s = summary(job["rows"] or [])
 
     mean = "–" if s["mean_p_human"] is None else f"{s['mean_p_human']:.2f}"
-    return '<div class="metrics" id="review-metrics">' + "".join([
-        metric_card("Votes scored", str(s["votes"]), f"{s['pairs']} pairs"),
-        metric_card("Decisive votes", str(s["decisive"]), "A or B better"),
-        metric_card("Model agrees", pct(s["agreement"]) if s["agreement"] is not None else "–",
-               f"{s['agree']} of {s['decisive']} decisive votes"),
-        metric_card("Mean P(human's side)", mean),
-        metric_card("Newly scored", str(job["new"]), f"pairs, in {job['seconds']:.1f} s"),
-    ]) + "</div>"
+    return (
+        '<div class="metrics" id="review-metrics">'
+        + "".join(
+            [
+                metric_card("Votes scored", str(s["votes"]), f"{s['pairs']} pairs"),
+                metric_card("Decisive votes", str(s["decisive"]), "A or B better"),
+                metric_card(
+                    "Model agrees",
+                    pct(s["agreement"]) if s["agreement"] is not None else "–",
+                    f"{s['agree']} of {s['decisive']} decisive votes",
+                ),
+                metric_card("Mean P(human's side)", mean),
+                metric_card("Newly scored", str(job["new"]), f"pairs, in {job['seconds']:.1f} s"),
+            ]
+        )
+        + "</div>"
+    )
 
 
 def progress_html(job: dict[str, Any] | None) -> str:
     if job is None:
-        return '<div class="review-note" id="review-state" data-state="idle">Pick a finished reward run.</div>'
+        return (
+            '<div class="review-note" id="review-state" data-state="idle">Pick a finished reward run.</div>'
+        )
     state = job["state"]
     if state == "failed":
-        return (f'<div class="status error" id="review-state" data-state="failed">Scoring failed: '
-                f'{escape(job["message"])}</div>')
+        return (
+            f'<div class="status error" id="review-state" data-state="failed">Scoring failed: '
+            f"{escape(job['message'])}</div>"
+        )
     if state == "done":
-        return (f'<div class="review-note" id="review-state" data-state="done">{escape(job["run_id"])}: '
-                f'{escape(job["message"])}.</div>')
+        return (
+            f'<div class="review-note" id="review-state" data-state="done">{escape(job["run_id"])}: '
+            f"{escape(job['message'])}.</div>"
+        )
     width = 100 * job["done"] / job["total"] if job["total"] else 0
-    return (f'<div class="progress-box review-note" id="review-state" data-state="{escape(state)}">'
-            f'{escape(job["run_id"])}: {escape(job["message"])} '
-            f'<span class="progress-bar"><span style="width:{width:.1f}%"></span></span></div>')
+    return (
+        f'<div class="progress-box review-note" id="review-state" data-state="{escape(state)}">'
+        f"{escape(job['run_id'])}: {escape(job['message'])} "
+        f'<span class="progress-bar"><span style="width:{width:.1f}%"></span></span></div>'
+    )
 
 
 def build_review_tab(demo, ctx, guard) -> None:
@@ -149,23 +179,34 @@ def build_review_tab(demo, ctx, guard) -> None:
 
     reviewer = ctx.reviewer
     with gr.Tab("Review", id="review", visible=False) as tab:
-        gr.Markdown("Every voted pair scored by a reward model, beside the human vote: "
-                    "**P(A beats B)** = sigmoid(score A − score B). Scores are kept with the reward run, "
-                    "so only votes new since the last look are scored.")
+        gr.Markdown(
+            "Every voted pair scored by a reward model, beside the human vote: "
+            "**P(A beats B)** = sigmoid(score A − score B). Scores are kept with the reward run, "
+            "so only votes new since the last look are scored."
+        )
         with gr.Row():
-            r_run = gr.Dropdown(label="Reward run (finished)", choices=[], value=None, elem_id="review-run",
-                                scale=3, interactive=True)
-            r_score = gr.Button("Score votes", variant="primary", elem_id="review-score", scale=0,
-                                min_width=140)
+            r_run = gr.Dropdown(
+                label="Reward run (finished)",
+                choices=[],
+                value=None,
+                elem_id="review-run",
+                scale=3,
+                interactive=True,
+            )
+            r_score = gr.Button(
+                "Score votes", variant="primary", elem_id="review-score", scale=0, min_width=140
+            )
         r_progress = gr.HTML(progress_html(None), elem_id="review-progress", js_on_load=None)
         r_summary = gr.HTML(elem_id="review-summary", js_on_load=None)
         with gr.Accordion("Disagreements: votes to relabel", open=True):
             r_disagree = gr.HTML(elem_id="review-disagreements", js_on_load=None, css_template=REVIEW_CSS)
-            r_pick = gr.CheckboxGroup(label="Pairs to send back (by rank)", choices=[], value=[],
-                                      elem_id="review-pick")
+            r_pick = gr.CheckboxGroup(
+                label="Pairs to send back (by rank)", choices=[], value=[], elem_id="review-pick"
+            )
             with gr.Row():
-                r_topn = gr.Number(value=5, precision=0, minimum=1, label="N", scale=0, min_width=90,
-                                   elem_id="review-topn")
+                r_topn = gr.Number(
+                    value=5, precision=0, minimum=1, label="N", scale=0, min_width=90, elem_id="review-topn"
+                )
                 r_send_top = gr.Button("Send the top N back for one more vote", elem_id="review-send-top")
                 r_send_sel = gr.Button("Send the selected back", elem_id="review-send-selected")
             r_report = gr.Markdown(elem_id="review-report")
@@ -178,16 +219,22 @@ def build_review_tab(demo, ctx, guard) -> None:
         running = job is not None and job["state"] not in ("done", "failed")
         if job is None or job["rows"] is None:
             tables = ("", "", gr.CheckboxGroup(choices=[], value=[]), "")
-        elif running:   # the previous result stays on screen until the new one is ready
+        elif running:  # the previous result stays on screen until the new one is ready
             tables = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
         else:
             rows = job["rows"]
             picks = []
             for r in disagreements(rows, SHOW_DISAGREEMENTS):
                 if r["pair_id"] not in [v for _, v in picks]:
-                    picks.append((f"#{len(picks) + 1} · P={r['p_human']:.2f} · {r['pair_id'][:18]}", r["pair_id"]))
-            tables = (summary_html(job), disagreements_html(rows), gr.CheckboxGroup(choices=picks, value=[]),
-                      votes_html(rows))
+                    picks.append(
+                        (f"#{len(picks) + 1} · P={r['p_human']:.2f} · {r['pair_id'][:18]}", r["pair_id"])
+                    )
+            tables = (
+                summary_html(job),
+                disagreements_html(rows),
+                gr.CheckboxGroup(choices=picks, value=[]),
+                votes_html(rows),
+            )
         return (progress_html(job), tables[0], tables[1], tables[2], tables[3], gr.Timer(active=running))
 
     outputs = [r_progress, r_summary, r_disagree, r_pick, r_votes, r_timer]
@@ -204,9 +251,17 @@ def build_review_tab(demo, ctx, guard) -> None:
             run_id = current if current in ids else (ids[0] if ids else None)
             dropdown = gr.Dropdown(choices=[(r["id"], r["id"]) for r in runs], value=run_id)
             if run_id is None:
-                return (dropdown, '<div class="review-note" id="review-state" data-state="none">No finished '
-                        f'reward run under {escape(ctx.runs_dir)}/ yet: train one (preflab train-reward) '
-                        'first.</div>', "", "", gr.CheckboxGroup(choices=[], value=[]), "", gr.Timer(active=False))
+                return (
+                    dropdown,
+                    '<div class="review-note" id="review-state" data-state="none">No finished '
+                    f"reward run under {escape(ctx.runs_dir)}/ yet: train one (preflab train-reward) "
+                    "first.</div>",
+                    "",
+                    "",
+                    gr.CheckboxGroup(choices=[], value=[]),
+                    "",
+                    gr.Timer(active=False),
+                )
             return (dropdown, *show(reviewer.start(run_id)))
 
     def on_score(run_id, request: gr.Request):

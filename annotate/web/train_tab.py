@@ -28,10 +28,14 @@ POLL_S = 2.0
 
 # What the tab plots, per kind: (title, [(record kind, key, series label), ...]).
 PLOTS = {
-    "reward": [("Loss", [("train", "loss", "train"), ("eval", "val_loss", "validation")]),
-               ("Accuracy", [("train", "acc", "train"), ("eval", "val_acc", "validation")])],
-    "policy": [("Reward", [("train", "reward_mean", "reward (mean)"), ("train", "objective", "reward - beta KL")]),
-               ("KL to the reference", [("train", "kl", "KL per answer")])],
+    "reward": [
+        ("Loss", [("train", "loss", "train"), ("eval", "val_loss", "validation")]),
+        ("Accuracy", [("train", "acc", "train"), ("eval", "val_acc", "validation")]),
+    ],
+    "policy": [
+        ("Reward", [("train", "reward_mean", "reward (mean)"), ("train", "objective", "reward - beta KL")]),
+        ("KL to the reference", [("train", "kl", "KL per answer")]),
+    ],
 }
 
 
@@ -50,27 +54,36 @@ def progress_html(info: RunInfo | None, arena_note: str = "") -> str:
     ev = RunDir(info.path).eval() if info.kind == "policy" else {}
     if ev.get("rm_win_rate") is not None:  # trainer/evaluate.py, at the end of a policy run
         lo, hi = ev.get("rm_win_rate_ci", [0, 1])
-        note += (f'<div class="run-eval">Reward-model win rate over {_e(ev.get("reference"))} on '
-                 f'{_e(ev.get("prompts"))} held-out prompts: <b>{100 * ev["rm_win_rate"]:.0f}%</b> '
-                 f'(95% CI {100 * lo:.0f}–{100 * hi:.0f}%); the human one is on the Leaderboard tab.</div>')
-    return (f'<div id="run-progress" class="run-progress" data-state="{_e(info.state)}" '
-            f'data-run="{_e(info.run_id)}">'
-            f'<div><b>{_e(info.run_id)}</b> · {_e(info.kind)} · <span class="run-state">{_e(info.state)}</span>'
-            f'{_e(steps)}</div>'
-            f'<div style="display:flex;align-items:center;gap:10px;margin:6px 0">'
-            f'<div style="flex:1;height:14px;border-radius:7px;background:#e4e4e7;overflow:hidden">'
-            f'<div class="run-bar" style="height:100%;width:{pct:.1f}%;background:{colour}"></div></div>'
-            f'<span class="run-pct" style="font-variant-numeric:tabular-nums;min-width:3.5em">{pct:.0f}%</span>'
-            f'</div><div class="run-message">{_e(info.message)}</div>{note}</div>')
+        note += (
+            f'<div class="run-eval">Reward-model win rate over {_e(ev.get("reference"))} on '
+            f"{_e(ev.get('prompts'))} held-out prompts: <b>{100 * ev['rm_win_rate']:.0f}%</b> "
+            f"(95% CI {100 * lo:.0f}–{100 * hi:.0f}%); the human one is on the Leaderboard tab.</div>"
+        )
+    return (
+        f'<div id="run-progress" class="run-progress" data-state="{_e(info.state)}" '
+        f'data-run="{_e(info.run_id)}">'
+        f'<div><b>{_e(info.run_id)}</b> · {_e(info.kind)} · <span class="run-state">{_e(info.state)}</span>'
+        f"{_e(steps)}</div>"
+        f'<div style="display:flex;align-items:center;gap:10px;margin:6px 0">'
+        f'<div style="flex:1;height:14px;border-radius:7px;background:#e4e4e7;overflow:hidden">'
+        f'<div class="run-bar" style="height:100%;width:{pct:.1f}%;background:{colour}"></div></div>'
+        f'<span class="run-pct" style="font-variant-numeric:tabular-nums;min-width:3.5em">{pct:.0f}%</span>'
+        f'</div><div class="run-message">{_e(info.message)}</div>{note}</div>'
+    )
 
 
 def plot_frame(rows: list[dict[str, Any]]):
     """Long-format plot data with fixed column types, empty or not: `series` must be text,
     or the plot takes it for a number (pandas makes an empty column float)."""
     import pandas as pd
-    return pd.DataFrame({"step": pd.Series([r["step"] for r in rows], dtype="float64"),
-                         "value": pd.Series([r["value"] for r in rows], dtype="float64"),
-                         "series": pd.Series([r["series"] for r in rows], dtype="string")})
+
+    return pd.DataFrame(
+        {
+            "step": pd.Series([r["step"] for r in rows], dtype="float64"),
+            "value": pd.Series([r["value"] for r in rows], dtype="float64"),
+            "series": pd.Series([r["series"] for r in rows], dtype="string"),
+        }
+    )
 
 
 def build_train_tab(demo, ctx, guard) -> None:
@@ -84,7 +97,7 @@ def build_train_tab(demo, ctx, guard) -> None:
     from trainer.reward_config import RewardConfig
 
     launcher = ctx.launcher
-    r_defaults, p_defaults = RewardConfig(), PolicyConfig()     # the form's defaults are the trainers'
+    r_defaults, p_defaults = RewardConfig(), PolicyConfig()  # the form's defaults are the trainers'
     r_meta, p_meta = field_meta(RewardConfig), field_meta(PolicyConfig)
     try:
         prompts_default = str(DEFAULT_PROMPTS.relative_to(REPO))
@@ -92,81 +105,172 @@ def build_train_tab(demo, ctx, guard) -> None:
         prompts_default = str(DEFAULT_PROMPTS)
 
     with gr.Tab("Train", id="train", visible=False) as tab:
-        gr.Markdown(f"Trainings run as separate processes and write to `{launcher.runs_dir}`; they keep "
-                    f"running when this page or the server goes away. Reward models train on the votes in "
-                    f"`{describe(ctx.data)}`.")
+        gr.Markdown(
+            f"Trainings run as separate processes and write to `{launcher.runs_dir}`; they keep "
+            f"running when this page or the server goes away. Reward models train on the votes in "
+            f"`{describe(ctx.data)}`."
+        )
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel"):
                 gr.Markdown("**Reward model** (Bradley-Terry, on the votes)")
-                r_model = gr.Textbox(r_defaults.model, label=r_meta["model"]["label"], elem_id="reward-model",
-                                     info="smollm2 (default), tiny, a model directory or a cached HF id")
+                r_model = gr.Textbox(
+                    r_defaults.model,
+                    label=r_meta["model"]["label"],
+                    elem_id="reward-model",
+                    info="smollm2 (default), tiny, a model directory or a cached HF id",
+                )
                 with gr.Row():
-                    r_epochs = gr.Number(r_defaults.epochs, label=r_meta["epochs"]["label"], precision=0, elem_id="reward-epochs")
+                    r_epochs = gr.Number(
+                        r_defaults.epochs,
+                        label=r_meta["epochs"]["label"],
+                        precision=0,
+                        elem_id="reward-epochs",
+                    )
                     r_lr = gr.Number(r_defaults.lr, label=r_meta["lr"]["label"], elem_id="reward-lr")
-                    r_lora = gr.Number(r_defaults.lora_r, label=f"{r_meta['lora_r']['label']} (0: all weights)", precision=0,
-                                       elem_id="reward-lora")
+                    r_lora = gr.Number(
+                        r_defaults.lora_r,
+                        label=f"{r_meta['lora_r']['label']} (0: all weights)",
+                        precision=0,
+                        elem_id="reward-lora",
+                    )
                 with gr.Row():
-                    r_ties = gr.Radio(list(r_meta["ties"]["choices"]), value=r_defaults.ties, label=r_meta["ties"]["label"],
-                                      info="include: a soft label 0.5 (equal rewards)", elem_id="reward-ties")
-                    r_both_bad = gr.Radio(list(r_meta["both_bad"]["choices"]), value=r_defaults.both_bad,
-                                          label=r_meta["both_bad"]["label"],
-                                          info="include: a soft label 0.5", elem_id="reward-both-bad")
+                    r_ties = gr.Radio(
+                        list(r_meta["ties"]["choices"]),
+                        value=r_defaults.ties,
+                        label=r_meta["ties"]["label"],
+                        info="include: a soft label 0.5 (equal rewards)",
+                        elem_id="reward-ties",
+                    )
+                    r_both_bad = gr.Radio(
+                        list(r_meta["both_bad"]["choices"]),
+                        value=r_defaults.both_bad,
+                        label=r_meta["both_bad"]["label"],
+                        info="include: a soft label 0.5",
+                        elem_id="reward-both-bad",
+                    )
                 with gr.Accordion("More settings", open=False):
                     with gr.Row():
-                        r_batch = gr.Number(r_defaults.batch_size, label=f"{r_meta['batch_size']['label']} (pairs)", precision=0,
-                                            elem_id="reward-batch")
-                        r_maxlen = gr.Number(r_defaults.max_length, label=f"{r_meta['max_length']['label']} (tokens)", precision=0,
-                                             elem_id="reward-max-length")
+                        r_batch = gr.Number(
+                            r_defaults.batch_size,
+                            label=f"{r_meta['batch_size']['label']} (pairs)",
+                            precision=0,
+                            elem_id="reward-batch",
+                        )
+                        r_maxlen = gr.Number(
+                            r_defaults.max_length,
+                            label=f"{r_meta['max_length']['label']} (tokens)",
+                            precision=0,
+                            elem_id="reward-max-length",
+                        )
                 r_start = gr.Button("Train reward model", variant="primary", elem_id="start-reward")
             with gr.Column(variant="panel"):
                 gr.Markdown("**Policy** (RL against a finished reward model)")
-                p_reward = gr.Dropdown([], value=None, label=f"{p_meta['reward']['label']} (a finished reward run)",
-                                       elem_id="policy-reward", allow_custom_value=False)
+                p_reward = gr.Dropdown(
+                    [],
+                    value=None,
+                    label=f"{p_meta['reward']['label']} (a finished reward run)",
+                    elem_id="policy-reward",
+                    allow_custom_value=False,
+                )
                 with gr.Row():
-                    p_algo = gr.Radio(list(p_meta["algo"]["choices"]), value=p_defaults.algo, label=p_meta["algo"]["label"],
-                                      elem_id="policy-algo")
-                    p_steps = gr.Number(p_defaults.steps, label=p_meta["steps"]["label"], precision=0, elem_id="policy-steps")
+                    p_algo = gr.Radio(
+                        list(p_meta["algo"]["choices"]),
+                        value=p_defaults.algo,
+                        label=p_meta["algo"]["label"],
+                        elem_id="policy-algo",
+                    )
+                    p_steps = gr.Number(
+                        p_defaults.steps, label=p_meta["steps"]["label"], precision=0, elem_id="policy-steps"
+                    )
                 with gr.Row():
                     p_lr = gr.Number(p_defaults.lr, label=p_meta["lr"]["label"], elem_id="policy-lr")
-                    p_kl = gr.Number(p_defaults.kl_coef, label=p_meta["kl_coef"]["label"], elem_id="policy-kl")
-                p_prompts = gr.Textbox(prompts_default, label=p_meta["prompts"]["label"], elem_id="policy-prompts")
-                p_model = gr.Textbox("", label=f"{p_meta['model']['label']} (the starting policy)", elem_id="policy-model",
-                                     placeholder="blank: the reward model's base model")
+                    p_kl = gr.Number(
+                        p_defaults.kl_coef, label=p_meta["kl_coef"]["label"], elem_id="policy-kl"
+                    )
+                p_prompts = gr.Textbox(
+                    prompts_default, label=p_meta["prompts"]["label"], elem_id="policy-prompts"
+                )
+                p_model = gr.Textbox(
+                    "",
+                    label=f"{p_meta['model']['label']} (the starting policy)",
+                    elem_id="policy-model",
+                    placeholder="blank: the reward model's base model",
+                )
                 with gr.Accordion("More settings", open=False):
                     with gr.Row():
-                        p_batch = gr.Number(p_defaults.batch_size, label="Prompts per step", precision=0,
-                                            elem_id="policy-batch")
-                        p_new = gr.Number(p_defaults.max_new_tokens, label=p_meta["max_new_tokens"]["label"], precision=0,
-                                          elem_id="policy-max-new-tokens")
+                        p_batch = gr.Number(
+                            p_defaults.batch_size,
+                            label="Prompts per step",
+                            precision=0,
+                            elem_id="policy-batch",
+                        )
+                        p_new = gr.Number(
+                            p_defaults.max_new_tokens,
+                            label=p_meta["max_new_tokens"]["label"],
+                            precision=0,
+                            elem_id="policy-max-new-tokens",
+                        )
                 p_start = gr.Button("Train policy", variant="primary", elem_id="start-policy")
         t_message = gr.HTML(message_html(""), js_on_load=None)
         with gr.Row():
             gr.Markdown("**Runs**")
             t_refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="runs-refresh")
-        t_table = gr.Dataframe(headers=ROW_HEADERS, interactive=False, wrap=True, elem_id="runs-table",
-                               label="Runs (newest first; click a row to show it)", max_height=320,
-                               column_widths=["22%", "8%", "9%", "8%", "38%", "15%"])
+        t_table = gr.Dataframe(
+            headers=ROW_HEADERS,
+            interactive=False,
+            wrap=True,
+            elem_id="runs-table",
+            label="Runs (newest first; click a row to show it)",
+            max_height=320,
+            column_widths=["22%", "8%", "9%", "8%", "38%", "15%"],
+        )
         t_run = gr.Dropdown([], value=None, label="Run", elem_id="run-select", allow_custom_value=False)
         t_progress = gr.HTML(progress_html(None), js_on_load=None, elem_id="run-progress-box")
         with gr.Row():
             empty = plot_frame([])
-            t_plot_a = gr.LinePlot(empty, x="step", y="value", color="series", title="Metrics", height=280,
-                                   elem_id="run-plot-a")
-            t_plot_b = gr.LinePlot(empty, x="step", y="value", color="series", title="Metrics", height=280,
-                                   elem_id="run-plot-b")
-        t_log = gr.Textbox("", label=f"Log (last lines of {LOG_FILE})", lines=10, max_lines=10, interactive=False,
-                           elem_id="run-log", autoscroll=True)
+            t_plot_a = gr.LinePlot(
+                empty, x="step", y="value", color="series", title="Metrics", height=280, elem_id="run-plot-a"
+            )
+            t_plot_b = gr.LinePlot(
+                empty, x="step", y="value", color="series", title="Metrics", height=280, elem_id="run-plot-b"
+            )
+        t_log = gr.Textbox(
+            "",
+            label=f"Log (last lines of {LOG_FILE})",
+            lines=10,
+            max_lines=10,
+            interactive=False,
+            elem_id="run-log",
+            autoscroll=True,
+        )
         with gr.Row():
-            t_cancel = gr.Button("Cancel run", variant="stop", interactive=False, scale=0, min_width=140,
-                                 elem_id="run-cancel")
-            t_resume = gr.Button("Resume run", interactive=False, scale=0, min_width=140, elem_id="run-resume")
-            t_arena = gr.Button("Add to arena", interactive=False, scale=0, min_width=140, elem_id="run-arena")
+            t_cancel = gr.Button(
+                "Cancel run", variant="stop", interactive=False, scale=0, min_width=140, elem_id="run-cancel"
+            )
+            t_resume = gr.Button(
+                "Resume run", interactive=False, scale=0, min_width=140, elem_id="run-resume"
+            )
+            t_arena = gr.Button(
+                "Add to arena", interactive=False, scale=0, min_width=140, elem_id="run-arena"
+            )
         t_timer = gr.Timer(POLL_S, active=False)
-        t_seen = gr.State(None)   # what the plots and log show now: skip re-sending the same
+        t_seen = gr.State(None)  # what the plots and log show now: skip re-sending the same
 
     # ---- one refresh for every event ------------------------------------------------
-    refresh_outputs = [t_table, t_run, p_reward, t_progress, t_plot_a, t_plot_b, t_log, t_cancel, t_resume,
-                       t_arena, t_timer, t_seen]
+    refresh_outputs = [
+        t_table,
+        t_run,
+        p_reward,
+        t_progress,
+        t_plot_a,
+        t_plot_b,
+        t_log,
+        t_cancel,
+        t_resume,
+        t_arena,
+        t_timer,
+        t_seen,
+    ]
 
     def arena_note(info: RunInfo) -> str:
         if info.kind != "policy" or info.state != "done":
@@ -174,15 +278,22 @@ def build_train_tab(demo, ctx, guard) -> None:
         if not info.servable:
             return "This run has no policy directory to serve."
         if ctx.generator is None:
-            return ("This server shows pairs from a file (--pairs): there is no arena to add the policy to; "
-                    f"serve it with `preflab serve --model {info.path / POLICY_DIR}`.")
+            return (
+                "This server shows pairs from a file (--pairs): there is no arena to add the policy to; "
+                f"serve it with `preflab serve --model {info.path / POLICY_DIR}`."
+            )
         if in_arena(ctx.generator, info.run_id):
             return f"In the arena: votes on its answers are recorded as model {info.run_id}."
         return "Add to arena: its answers are then paired with the other models'."
 
     def plot_update(info: RunInfo, which: int, reader):
         title, specs = PLOTS.get(info.kind, PLOTS["reward"])[which]
-        return gr.LinePlot(value=plot_frame(reader.rows(specs)), title=f"{title} · {info.run_id}", x_title="step", y_title=title.lower())
+        return gr.LinePlot(
+            value=plot_frame(reader.rows(specs)),
+            title=f"{title} · {info.run_id}",
+            x_title="step",
+            y_title=title.lower(),
+        )
 
     def refresh(selected: str | None, seen, reward_choice: str | None = None):
         runs = launcher.runs()
@@ -215,16 +326,19 @@ def build_train_tab(demo, ctx, guard) -> None:
             new_seen.update(lists=lists, rows=rows)
         same = bool(seen) and seen.get("lists") == lists
         same_rows = bool(seen) and seen.get("rows") == rows
-        return (gr.skip() if same_rows else pd.DataFrame(rows, columns=ROW_HEADERS),
-                gr.skip() if same else gr.Dropdown(choices=ids, value=selected),
-                gr.skip() if same else gr.Dropdown(choices=rewards, value=reward_value),
-                progress_html(info, arena_note(info) if info else ""),
-                *plots, log,
-                gr.Button(interactive=info is not None and info.active),
-                gr.Button(interactive=info is not None and info.resumable),
-                gr.Button(interactive=servable),
-                gr.Timer(active=any(r.active for r in runs)),
-                new_seen)
+        return (
+            gr.skip() if same_rows else pd.DataFrame(rows, columns=ROW_HEADERS),
+            gr.skip() if same else gr.Dropdown(choices=ids, value=selected),
+            gr.skip() if same else gr.Dropdown(choices=rewards, value=reward_value),
+            progress_html(info, arena_note(info) if info else ""),
+            *plots,
+            log,
+            gr.Button(interactive=info is not None and info.active),
+            gr.Button(interactive=info is not None and info.resumable),
+            gr.Button(interactive=servable),
+            gr.Timer(active=any(r.active for r in runs)),
+            new_seen,
+        )
 
     # ---- handlers (each checks the role) ------------------------------------------------
     def outcome(action, *args) -> tuple[Any, str | None]:
@@ -258,29 +372,55 @@ def build_train_tab(demo, ctx, guard) -> None:
         with guard.errors():
             return refresh(row[0] if row else None, None, reward_choice)
 
-    def on_start_reward(model, epochs, lr, ties, both_bad, lora, batch, maxlen, selected, reward_choice,
-                        request: gr.Request):
+    def on_start_reward(
+        model, epochs, lr, ties, both_bad, lora, batch, maxlen, selected, reward_choice, request: gr.Request
+    ):
         guard.admin(request)
         with guard.errors():
-            info, problem = outcome(lambda: launcher.start_reward(
-                ctx.data, model=model, epochs=epochs, lr=lr, ties=ties, both_bad=both_bad, lora_r=lora,
-                batch_size=batch, max_length=maxlen))
+            info, problem = outcome(
+                lambda: launcher.start_reward(
+                    ctx.data,
+                    model=model,
+                    epochs=epochs,
+                    lr=lr,
+                    ties=ties,
+                    both_bad=both_bad,
+                    lora_r=lora,
+                    batch_size=batch,
+                    max_length=maxlen,
+                )
+            )
             if problem:
                 return (message_html(problem, error=True), *refresh(selected, None, reward_choice))
-            return (message_html(f"Started reward run {info.run_id} at {time.strftime('%H:%M:%S')}."),
-                    *refresh(info.run_id, None, reward_choice))
+            return (
+                message_html(f"Started reward run {info.run_id} at {time.strftime('%H:%M:%S')}."),
+                *refresh(info.run_id, None, reward_choice),
+            )
 
-    def on_start_policy(reward, algo, steps, lr, kl, prompts, model, batch, new_tokens, selected,
-                        request: gr.Request):
+    def on_start_policy(
+        reward, algo, steps, lr, kl, prompts, model, batch, new_tokens, selected, request: gr.Request
+    ):
         guard.admin(request)
         with guard.errors():
-            info, problem = outcome(lambda: launcher.start_policy(
-                reward, algo=algo, steps=steps, lr=lr, kl_coef=kl, prompts=prompts, model=model,
-                batch_size=batch, max_new_tokens=new_tokens))
+            info, problem = outcome(
+                lambda: launcher.start_policy(
+                    reward,
+                    algo=algo,
+                    steps=steps,
+                    lr=lr,
+                    kl_coef=kl,
+                    prompts=prompts,
+                    model=model,
+                    batch_size=batch,
+                    max_new_tokens=new_tokens,
+                )
+            )
             if problem:
                 return (message_html(problem, error=True), *refresh(selected, None, reward))
-            return (message_html(f"Started policy run {info.run_id} at {time.strftime('%H:%M:%S')}."),
-                    *refresh(info.run_id, None, reward))
+            return (
+                message_html(f"Started policy run {info.run_id} at {time.strftime('%H:%M:%S')}."),
+                *refresh(info.run_id, None, reward),
+            )
 
     def on_cancel(selected, seen, reward_choice, request: gr.Request):
         guard.admin(request)
@@ -303,16 +443,30 @@ def build_train_tab(demo, ctx, guard) -> None:
 
     kw = dict(api_visibility="private", concurrency_limit=4, concurrency_id="train")
     quiet = dict(kw, show_progress="hidden")
-    demo.load(on_load, None, [tab, *refresh_outputs], show_progress="hidden", api_visibility="private",
-              concurrency_limit=None)
+    demo.load(
+        on_load,
+        None,
+        [tab, *refresh_outputs],
+        show_progress="hidden",
+        api_visibility="private",
+        concurrency_limit=None,
+    )
     t_refresh.click(on_refresh, [t_run, t_seen, p_reward], refresh_outputs, **kw)
     t_timer.tick(on_refresh, [t_run, t_seen, p_reward], refresh_outputs, **quiet)
     t_run.input(on_select, [t_run, p_reward], refresh_outputs, **quiet)
     t_table.select(on_row, [t_seen, p_reward], refresh_outputs, **quiet)
-    r_start.click(on_start_reward, [r_model, r_epochs, r_lr, r_ties, r_both_bad, r_lora, r_batch, r_maxlen,
-                                    t_run, p_reward], [t_message, *refresh_outputs], **kw)
-    p_start.click(on_start_policy, [p_reward, p_algo, p_steps, p_lr, p_kl, p_prompts, p_model, p_batch, p_new,
-                                    t_run], [t_message, *refresh_outputs], **kw)
+    r_start.click(
+        on_start_reward,
+        [r_model, r_epochs, r_lr, r_ties, r_both_bad, r_lora, r_batch, r_maxlen, t_run, p_reward],
+        [t_message, *refresh_outputs],
+        **kw,
+    )
+    p_start.click(
+        on_start_policy,
+        [p_reward, p_algo, p_steps, p_lr, p_kl, p_prompts, p_model, p_batch, p_new, t_run],
+        [t_message, *refresh_outputs],
+        **kw,
+    )
     t_cancel.click(on_cancel, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
     t_resume.click(on_resume, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
     t_arena.click(on_arena, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)

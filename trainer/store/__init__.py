@@ -27,24 +27,45 @@ from typing import Any
 
 import pyarrow as pa
 
-from trainer.store.errors import (StoreBusy, StoreError, StoreNotFound, StorePermissionError,  # noqa: F401
-                                  StoreUnavailable, StoreWriteError, VoteConflict)
-from trainer.store.record import (CHOICES, FIELDS, KINDS, SCHEMA, SCHEMA_VERSION, SIDES,  # noqa: F401
-                                  RecordError, apply_retractions, messages_to_json, pair_id_for,
-                                  prompt_id_for, records_to_table, validate_record)
-
+from trainer.store.errors import (  # noqa: F401
+    StoreBusy,
+    StoreError,
+    StoreNotFound,
+    StorePermissionError,
+    StoreUnavailable,
+    StoreWriteError,
+    VoteConflict,
+)
+from trainer.store.record import (  # noqa: F401
+    CHOICES,
+    FIELDS,
+    KINDS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SIDES,
+    RecordError,
+    apply_retractions,
+    messages_to_json,
+    pair_id_for,
+    prompt_id_for,
+    records_to_table,
+    validate_record,
+)
 from trainer.store.targets import describe, is_database, target_key, without_password  # noqa: F401
 
 # What `--data` means, for every command's --help.
 DATA_HELP = "the comparison store: a directory, or postgresql://user@host:port/db"
+
 
 def open_store(target: str | os.PathLike, **options: Any):
     """A writer on the store: `DirectoryStore` for a path, `PostgresStore` for a URL.
     Options are the backend's (e.g. flush_every for a directory)."""
     if is_database(target):
         from trainer.store.postgres import PostgresStore
+
         return PostgresStore(str(target), **options)
     from trainer.store.directory_writer import DirectoryStore
+
     return DirectoryStore(target, **options)
 
 

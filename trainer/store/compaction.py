@@ -56,17 +56,22 @@ def compact(path: str | os.PathLike) -> dict[str, int]:
             except Exception as e:
                 log.warning("%s: damaged part file left out of compaction (%s)", p, e)
         if len(sources) < 2:
-            return {"parts_before": len(files.parts), "parts_after": len(files.parts),
-                    "events": sum(len(t) for t in tables)}
+            return {
+                "parts_before": len(files.parts),
+                "parts_after": len(files.parts),
+                "events": sum(len(t) for t in tables),
+            }
         table = pa.concat_tables(tables).sort_by("created_at")
         # One file (many row groups): one rename makes the whole merge visible at once.
         names = json.dumps([p.name for p in sources]).encode()
-        write_part(table, root / PARTS_DIR / f"compact-{uuid.uuid4().hex}.parquet",
-                   {REPLACES_KEY: names})
+        write_part(table, root / PARTS_DIR / f"compact-{uuid.uuid4().hex}.parquet", {REPLACES_KEY: names})
         for p in sources:
             p.unlink()
         fsync_dir(root / PARTS_DIR)
-        return {"parts_before": len(files.parts), "parts_after": len(files.parts) - len(sources) + 1,
-                "events": len(table)}
+        return {
+            "parts_before": len(files.parts),
+            "parts_after": len(files.parts) - len(sources) + 1,
+            "events": len(table),
+        }
     finally:
         os.close(lock_fd)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from trainer.store import describe, open_store, read_events, store_exists
 
@@ -32,8 +33,9 @@ def _event_ids(target: str) -> set[str]:
     return set(read_events(target, ["event_id"])["event_id"].to_pylist())
 
 
-def copy_store(src: str, dst: str, *, chunk: int = CHUNK,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def copy_store(
+    src: str, dst: str, *, chunk: int = CHUNK, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
     """Copy every event of `src` that `dst` lacks. progress(done, total) after each chunk.
     Returns {"source", "target", "events", "copied", "skipped"}."""
     import pyarrow as pa
@@ -48,7 +50,9 @@ def copy_store(src: str, dst: str, *, chunk: int = CHUNK,
     have = _event_ids(dst)
     todo = events
     if have:
-        todo = events.filter(pc.invert(pc.is_in(events["event_id"], value_set=pa.array(sorted(have), pa.string()))))
+        todo = events.filter(
+            pc.invert(pc.is_in(events["event_id"], value_set=pa.array(sorted(have), pa.string())))
+        )
     # Integer microseconds, not datetimes, go to append_many: no rounding on the way.
     at = todo.schema.get_field_index("created_at")
     todo = todo.set_column(at, "created_at", todo["created_at"].cast(pa.int64()))
@@ -60,20 +64,37 @@ def copy_store(src: str, dst: str, *, chunk: int = CHUNK,
             copied += len(records)
             if progress:
                 progress(copied, todo.num_rows)
-    return {"source": describe(src), "target": describe(dst), "events": events.num_rows,
-            "copied": copied, "skipped": events.num_rows - todo.num_rows}
+    return {
+        "source": describe(src),
+        "target": describe(dst),
+        "events": events.num_rows,
+        "copied": copied,
+        "skipped": events.num_rows - todo.num_rows,
+    }
 
 
 # ---- `preflab copy` ------------------------------------------------------------------
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="src", required=True, metavar="SRC",
-                   help="the store to copy: a directory or a postgresql://user@host:port/db URL")
-    p.add_argument("--to", dest="dst", required=True, metavar="DST",
-                   help="where the events go (created if it is a directory that does not exist; "
-                        "a database gets its tables on first use); events it already has are skipped")
-    p.add_argument("--chunk", type=int, default=CHUNK,
-                   help="events per write (a directory gets one part file per chunk)")
+    p.add_argument(
+        "--from",
+        dest="src",
+        required=True,
+        metavar="SRC",
+        help="the store to copy: a directory or a postgresql://user@host:port/db URL",
+    )
+    p.add_argument(
+        "--to",
+        dest="dst",
+        required=True,
+        metavar="DST",
+        help="where the events go (created if it is a directory that does not exist; "
+        "a database gets its tables on first use); events it already has are skipped",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=CHUNK, help="events per write (a directory gets one part file per chunk)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,12 +115,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         report = copy_store(args.src, args.dst, chunk=args.chunk, progress=progress)
-    except (StoreError, ValueError, OSError) as e:   # RecordError is a ValueError
+    except (StoreError, ValueError, OSError) as e:  # RecordError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         if bar is not None:
             bar.close()
-    print(f"copied {report['copied']} events from {report['source']} to {report['target']}"
-          f" ({report['skipped']} already there)")
+    print(
+        f"copied {report['copied']} events from {report['source']} to {report['target']}"
+        f" ({report['skipped']} already there)"
+    )
     return 0

@@ -36,8 +36,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainer.store.errors import StoreError, StoreNotFound, StorePermissionError
-from trainer.store.record import (SCHEMA, RecordError, check_columns, concat, empty_table, records_to_table,
-                                  standing_votes, validate_record)
+from trainer.store.record import (
+    SCHEMA,
+    RecordError,
+    check_columns,
+    concat,
+    empty_table,
+    records_to_table,
+    standing_votes,
+    validate_record,
+)
 
 log = logging.getLogger("preflab.store")
 
@@ -53,9 +61,9 @@ REPLACES_KEY = b"preflab.replaces"
 class StoreFiles:
     """What a reader sees in a store directory at one moment."""
 
-    parts: list[Path] = field(default_factory=list)      # live part files
-    replaced: list[Path] = field(default_factory=list)   # superseded by a compacted part
-    tails: list[Path] = field(default_factory=list)      # segments not yet turned into parts
+    parts: list[Path] = field(default_factory=list)  # live part files
+    replaced: list[Path] = field(default_factory=list)  # superseded by a compacted part
+    tails: list[Path] = field(default_factory=list)  # segments not yet turned into parts
 
 
 class _Vanished(Exception):
@@ -75,7 +83,8 @@ def segment_writer(segment: Path) -> str:
 def permission_error(path: Path, e: OSError, doing: str) -> StorePermissionError:
     return StorePermissionError(
         f"{path}: permission denied {doing} ({e.strerror}); the comparison store's files must be "
-        f"readable and writable by the user running preflab (uid {os.getuid()})")
+        f"readable and writable by the user running preflab (uid {os.getuid()})"
+    )
 
 
 def _listdir(directory: Path, pattern: str) -> list[Path]:
@@ -153,7 +162,7 @@ def read_tail_segment(path: Path) -> list[dict[str, Any]]:
 def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table | None:
     try:
         table = pq.read_table(path, schema=SCHEMA, columns=columns)
-        return table.select(columns) if columns is not None else table   # in the order asked
+        return table.select(columns) if columns is not None else table  # in the order asked
     except FileNotFoundError:
         raise _Vanished(path) from None
     except PermissionError as e:
@@ -199,15 +208,20 @@ def read_tables(store: str | os.PathLike, columns: list[str] | None = None) -> l
             return _read_once(store, columns)
         except _Vanished:
             time.sleep(0.001 * attempt)
-    raise StoreError(f"{store}: files kept moving during 50 read attempts (a compaction or many flushes "
-                     f"at once); try again")
+    raise StoreError(
+        f"{store}: files kept moving during 50 read attempts (a compaction or many flushes "
+        f"at once); try again"
+    )
 
 
 def read_events(store: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """Every event in the store (votes and retracts), unordered; `columns`: only these."""
     tables = read_tables(store, columns)
-    return concat(tables) if columns is None else (
-        pa.concat_tables(tables) if tables else empty_table().select(columns))
+    return (
+        concat(tables)
+        if columns is None
+        else (pa.concat_tables(tables) if tables else empty_table().select(columns))
+    )
 
 
 def read_comparisons(store: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

@@ -43,17 +43,25 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainer.store.directory_reader import (PARTS_DIR, QUARANTINE_DIR, SERVE_LOCK, TAIL_DIR,
-                                            parse_tail_segment, permission_error, segment_writer,
-                                            tail_part_name)
+from trainer.store.directory_reader import (
+    PARTS_DIR,
+    QUARANTINE_DIR,
+    SERVE_LOCK,
+    TAIL_DIR,
+    parse_tail_segment,
+    permission_error,
+    segment_writer,
+    tail_part_name,
+)
 from trainer.store.errors import StoreBusy, StoreWriteError
 from trainer.store.record import complete_record, records_to_table, retract_record, validate_record
 
@@ -117,8 +125,14 @@ def _write_all(fd: int, data: bytes) -> None:
 class DirectoryStore:
     """One writer on a store directory. Thread-safe; one instance per process is plenty."""
 
-    def __init__(self, path: str | os.PathLike, *, flush_every: int = 1000,
-                 flush_after_s: float = 30.0, writer_id: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        flush_every: int = 1000,
+        flush_after_s: float = 30.0,
+        writer_id: str | None = None,
+    ):
         self.root = Path(path)
         self.target = str(path)
         self.parts_dir = self.root / PARTS_DIR
@@ -142,14 +156,18 @@ class DirectoryStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(tmp_lock, self._lock_path)
         except PermissionError as e:
-            raise permission_error(Path(e.filename or self.root), e, "opening the store for writing") from None
+            raise permission_error(
+                Path(e.filename or self.root), e, "opening the store for writing"
+            ) from None
         except OSError as e:
-            raise StoreWriteError(f"{self.root}: cannot open the store for writing ({e.strerror or e})") from None
+            raise StoreWriteError(
+                f"{self.root}: cannot open the store for writing ({e.strerror or e})"
+            ) from None
         self.recovered_events = recover_orphans(self.root)
         self._seq = 0
         self._pending: list[dict[str, Any]] = []
         self._segment_fd: int | None = None
-        self._segment_size = 0            # bytes of acknowledged events in the segment
+        self._segment_size = 0  # bytes of acknowledged events in the segment
         self._oldest_pending = 0.0
         self._closed = False
         self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preflab-flush")
@@ -163,8 +181,7 @@ class DirectoryStore:
         return self.tail_dir / f"{self.writer_id}.{self._seq:06d}.jsonl"
 
     def _open_segment(self) -> None:
-        self._segment_fd = os.open(self._segment_path(),
-                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._segment_fd = os.open(self._segment_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._segment_size = 0
         fsync_dir(self.tail_dir)  # the new name itself must survive a crash
 
@@ -187,11 +204,14 @@ class DirectoryStore:
                 self._abandon_segment_locked()
                 raise StoreWriteError(
                     f"{self.root}: vote not saved ({e.strerror or e}); nothing already stored was "
-                    f"touched; try again") from e
+                    f"touched; try again"
+                ) from e
             self._segment_size += len(line)
             self._pending.append(rec)
-            if (len(self._pending) >= self.flush_every
-                    or time.monotonic() - self._oldest_pending >= self.flush_after_s):
+            if (
+                len(self._pending) >= self.flush_every
+                or time.monotonic() - self._oldest_pending >= self.flush_after_s
+            ):
                 self._rotate_locked()
         return rec
 
@@ -204,7 +224,7 @@ class DirectoryStore:
             os.ftruncate(self._segment_fd, self._segment_size)
             os.fdatasync(self._segment_fd)
         except OSError:
-            pass   # the torn bytes stay; readers drop a torn last line, and the segment is done
+            pass  # the torn bytes stay; readers drop a torn last line, and the segment is done
         self._rotate_locked()
 
     def append_many(self, records: Iterable[dict[str, Any]], where: str = "") -> list[dict[str, Any]]:
@@ -213,8 +233,7 @@ class DirectoryStore:
         For bulk imports: nothing is written unless all records are valid.
         """
         prefix = f"{where} " if where else ""
-        recs = [validate_record(complete_record(r), where=f"{prefix}item {i}")
-                for i, r in enumerate(records)]
+        recs = [validate_record(complete_record(r), where=f"{prefix}item {i}") for i, r in enumerate(records)]
         if not recs:
             return []
         table = records_to_table(recs)
@@ -222,8 +241,10 @@ class DirectoryStore:
             try:
                 write_part(table, self.parts_dir / f"{self.writer_id}.bulk-{uuid.uuid4().hex[:12]}.parquet")
             except OSError as e:
-                raise StoreWriteError(f"{self.root}: {len(recs)} events not saved ({e.strerror or e}); "
-                                      f"nothing already stored was touched") from e
+                raise StoreWriteError(
+                    f"{self.root}: {len(recs)} events not saved ({e.strerror or e}); "
+                    f"nothing already stored was touched"
+                ) from e
         return recs
 
     def retract(self, event_id: str, annotator: str, **context: Any) -> dict[str, Any]:
@@ -258,7 +279,7 @@ class DirectoryStore:
             self._lock_path.unlink(missing_ok=True)
             os.close(self._lock_fd)
 
-    def __enter__(self) -> "DirectoryStore":
+    def __enter__(self) -> DirectoryStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -293,6 +314,7 @@ def _segment_to_part(fd: int, segment: Path, pending: list[dict[str, Any]], size
 
 
 # ---- recovery ------------------------------------------------------------------------
+
 
 def recover_orphans(root: Path) -> int:
     """Turn the tail segments of dead writers into part files. Returns events recovered.
@@ -341,7 +363,7 @@ def _recover_writer(root: Path, writer: str, segments: list[Path], lock_path: Pa
     for seg in segments:
         part = parts_dir / tail_part_name(seg)
         try:
-            if part.exists():        # flushed, then the writer died before the unlink
+            if part.exists():  # flushed, then the writer died before the unlink
                 seg.unlink(missing_ok=True)
                 continue
             records, dropped = parse_tail_segment(seg)
@@ -352,12 +374,12 @@ def _recover_writer(root: Path, writer: str, segments: list[Path], lock_path: Pa
                 _quarantine(seg, f"{dropped} bytes held no complete event")
             else:
                 seg.unlink(missing_ok=True)
-        except FileNotFoundError:    # another writer recovered it first
+        except FileNotFoundError:  # another writer recovered it first
             continue
         except OSError as e:
             kept = True
             log.warning("%s: could not recover it now (%s); it stays and is still read", seg, e.strerror or e)
-    for tmp in parts_dir.glob(f".{writer}.*.tmp"):   # a part write the dead writer never finished
+    for tmp in parts_dir.glob(f".{writer}.*.tmp"):  # a part write the dead writer never finished
         tmp.unlink(missing_ok=True)
     if lock_path is not None and not kept:
         lock_path.unlink(missing_ok=True)
@@ -365,6 +387,7 @@ def _recover_writer(root: Path, writer: str, segments: list[Path], lock_path: Pa
 
 
 # ---- one server per directory store --------------------------------------------------
+
 
 class ServeLock:
     """Held by the one `preflab serve` that assigns pairs from a directory store.
@@ -381,9 +404,13 @@ class ServeLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except PermissionError as e:
-            raise permission_error(Path(e.filename or self.path), e, "opening the store for serving") from None
-        except OSError as e:   # not a directory, a read-only file system, ...
-            raise StoreWriteError(f"{self.path.parent}: cannot serve from this store ({e.strerror or e})") from None
+            raise permission_error(
+                Path(e.filename or self.path), e, "opening the store for serving"
+            ) from None
+        except OSError as e:  # not a directory, a read-only file system, ...
+            raise StoreWriteError(
+                f"{self.path.parent}: cannot serve from this store ({e.strerror or e})"
+            ) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -391,16 +418,23 @@ class ServeLock:
             os.close(self._fd)
             try:
                 who = json.loads(holder)
-                held_by = (f"{who.get('server', 'a server')} (pid {who.get('pid')} on {who.get('host')}, "
-                           f"since {who.get('since')})")
+                held_by = (
+                    f"{who.get('server', 'a server')} (pid {who.get('pid')} on {who.get('host')}, "
+                    f"since {who.get('since')})"
+                )
             except (json.JSONDecodeError, AttributeError):
                 held_by = "another preflab serve"
             raise StoreBusy(
                 f"{self.path.parent}: {held_by} already assigns pairs from this store. One directory "
                 f"store serves one server: stop that one, or keep the votes in PostgreSQL "
-                f"(--data postgresql://user@host:port/db) to run several servers on one store.") from None
-        info = {"server": description or "preflab serve", "pid": os.getpid(), "host": socket.gethostname(),
-                "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                f"(--data postgresql://user@host:port/db) to run several servers on one store."
+            ) from None
+        info = {
+            "server": description or "preflab serve",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(info).encode(), 0)
 

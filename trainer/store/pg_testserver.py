@@ -37,7 +37,8 @@ def find_bin_dir() -> Path:
     if not found:
         raise PostgresMissing(
             "PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): run "
-            "`make test`, which installs them (scripts/system-packages.sh)")
+            "`make test`, which installs them (scripts/system-packages.sh)"
+        )
     newest = max(found, key=lambda p: int(Path(p).parent.parent.name.split(".")[0]))
     return Path(newest).parent
 
@@ -57,18 +58,33 @@ class ThrowawayPostgres:
         self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="preflab-pg-"))
         self.data = self.root / "data"
-        self.sockets = self.root / "sockets"   # the unix socket, kept out of /var/run
+        self.sockets = self.root / "sockets"  # the unix socket, kept out of /var/run
         self.log = self.root / "server.log"
         self.sockets.mkdir()
         # fsync stays on (the default): tests that kill things must mean something.
-        self.settings = {"listen_addresses": "127.0.0.1", "unix_socket_directories": str(self.sockets),
-                         "max_connections": "200", "fsync": "on", **(settings or {})}
+        self.settings = {
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.sockets),
+            "max_connections": "200",
+            "fsync": "on",
+            **(settings or {}),
+        }
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
             shutil.chown(self.sockets, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres",
-                  "-E", "UTF8", "--no-locale", "--no-instructions")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-instructions",
+        )
         self.running = False
 
     def _run(self, tool: str, *args: str) -> None:
@@ -86,10 +102,21 @@ class ThrowawayPostgres:
 
     def start(self) -> None:
         options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-                  "-o", f"-p {self.port} {options}", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} {options}",
+            "start",
+        )
         self.running = True
-        atexit.register(self.close)   # a test run that dies of an exception leaves no server behind
+        atexit.register(self.close)  # a test run that dies of an exception leaves no server behind
 
     def stop(self, mode: str = "fast") -> None:
         """mode "immediate" is a crash: no checkpoint, WAL replay on the next start."""
@@ -100,6 +127,7 @@ class ThrowawayPostgres:
     def execute(self, statement: str, dbname: str = "postgres") -> None:
         """Run one statement outside a transaction (CREATE DATABASE needs that)."""
         import psycopg
+
         with psycopg.connect(self.url(dbname), autocommit=True) as conn:
             conn.execute(statement)
 
@@ -125,7 +153,7 @@ class ThrowawayPostgres:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "ThrowawayPostgres":
+    def __enter__(self) -> ThrowawayPostgres:
         if not self.running:
             self.start()
         return self

@@ -37,17 +37,33 @@ import logging
 import math
 import re
 import time
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from trainer.store.targets import describe
-from trainer.store.errors import StoreError, StorePermissionError, StoreUnavailable, StoreWriteError, VoteConflict
+from trainer.store.errors import (
+    StoreError,
+    StorePermissionError,
+    StoreUnavailable,
+    StoreWriteError,
+    VoteConflict,
+)
 from trainer.store.postgres_schema import VOTE_CONFLICT, has_events_table, migrate
-from trainer.store.record import (FIELDS, SCHEMA, RecordError, check_columns, complete_record, empty_table,
-                                  retract_record, standing_votes, validate_record)
+from trainer.store.record import (
+    FIELDS,
+    SCHEMA,
+    RecordError,
+    check_columns,
+    complete_record,
+    empty_table,
+    retract_record,
+    standing_votes,
+    validate_record,
+)
+from trainer.store.targets import describe
 
 try:  # the optional extra `preflab[postgres]`
     import psycopg
@@ -59,7 +75,7 @@ except ImportError:  # pragma: no cover - reported when a database is first open
 
 log = logging.getLogger("preflab.store.postgres")
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TEXT_FIELDS = [f.name for f in SCHEMA if pa.types.is_string(f.type)]
 
 
@@ -74,8 +90,12 @@ def _column(name: str) -> str:
 _INSERT_COLUMNS = ", ".join(f'"{f}"' for f in FIELDS)
 _SELECT_COLUMNS = ", ".join(_column(f) for f in FIELDS)
 # The columns' PostgreSQL types, for binary COPY (postgres_schema.py's events table).
-_COPY_TYPES = [{"schema_version": "int2", "strength": "int2", "decision_ms": "int4",
-                "created_at": "timestamptz"}.get(f, "text") for f in FIELDS]
+_COPY_TYPES = [
+    {"schema_version": "int2", "strength": "int2", "decision_ms": "int4", "created_at": "timestamptz"}.get(
+        f, "text"
+    )
+    for f in FIELDS
+]
 
 
 def _row_values(rec: dict[str, Any]) -> tuple:
@@ -91,19 +111,25 @@ def _as_record(row: tuple) -> dict[str, Any]:
 # Connecting, and saying clearly why we could not
 # --------------------------------------------------------------------------------------
 
+
 def _require_driver(target: str) -> None:
     if psycopg is None:
-        raise StoreUnavailable(f"{describe(target)}: PostgreSQL support is not installed: "
-                               "pip install 'preflab[postgres]'")
+        raise StoreUnavailable(
+            f"{describe(target)}: PostgreSQL support is not installed: pip install 'preflab[postgres]'"
+        )
 
 
 def explain(error: Exception, target: str) -> str:
     """One line saying why a connection failed, from psycopg's several-line message."""
     text = str(error)
-    for known in (r'password authentication failed for user "[^"]*"', r'database "[^"]*" does not exist',
-                  r'role "[^"]*" does not exist', r"no pg_hba\.conf entry[^\n]*",
-                  r"the database system is (starting up|shutting down|in recovery mode)",
-                  r"terminating connection due to administrator command"):
+    for known in (
+        r'password authentication failed for user "[^"]*"',
+        r'database "[^"]*" does not exist',
+        r'role "[^"]*" does not exist',
+        r"no pg_hba\.conf entry[^\n]*",
+        r"the database system is (starting up|shutting down|in recovery mode)",
+        r"terminating connection due to administrator command",
+    ):
         found = re.search(known, text)
         if found:
             return found.group(0)
@@ -122,7 +148,7 @@ def explain(error: Exception, target: str) -> str:
     return re.sub(r"^(connection failed: )?(connection to server .*? failed: )?(FATAL:\s+)?", "", first)
 
 
-def _connect(target: str, connect_timeout: float) -> "psycopg.Connection":
+def _connect(target: str, connect_timeout: float) -> psycopg.Connection:
     """One autocommit connection, or StoreUnavailable naming the target and the cause."""
     _require_driver(target)
     try:
@@ -137,13 +163,18 @@ def _connect_options(connect_timeout: float) -> dict[str, Any]:
     # a pair's state after taking its row lock, and only a fresh snapshot per statement
     # sees what the lock's previous holder committed (under REPEATABLE READ two servers
     # would both see room in the last slot).
-    return {"connect_timeout": max(2, math.ceil(connect_timeout)), "application_name": "preflab",
-            "client_encoding": "utf8", "options": "-c default_transaction_isolation=read\\ committed"}
+    return {
+        "connect_timeout": max(2, math.ceil(connect_timeout)),
+        "application_name": "preflab",
+        "client_encoding": "utf8",
+        "options": "-c default_transaction_isolation=read\\ committed",
+    }
 
 
 # --------------------------------------------------------------------------------------
 # Reading: COPY into Arrow
 # --------------------------------------------------------------------------------------
+
 
 class _CopyStream(io.RawIOBase):
     """The rows of a `COPY ... TO STDOUT` as a readable byte stream, for pyarrow."""
@@ -158,7 +189,7 @@ class _CopyStream(io.RawIOBase):
         wanted = len(buffer)
         read = self._copy.read
         while len(self._pending) < wanted and not self._done:
-            block = read()   # one row per call: libpq hands COPY data over row by row
+            block = read()  # one row per call: libpq hands COPY data over row by row
             if not block:
                 self._done = True
             self._pending += block
@@ -178,15 +209,17 @@ def _copy_to_arrow(conn, fields: list[str]) -> pa.Table:
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
         # PostgreSQL's CSV writes NULL as nothing and an empty string as "": only the
         # unquoted empty field is null (never "NA" and friends, pyarrow's defaults).
-        convert_options=pa_csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
-                                              quoted_strings_can_be_null=False))
+        convert_options=pa_csv.ConvertOptions(
+            column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
+        ),
+    )
     query = f"COPY (SELECT {', '.join(_column(f) for f in fields)} FROM events) TO STDOUT (FORMAT csv)"
     with conn.cursor() as cur, cur.copy(query) as copy:
         stream = _CopyStream(copy)
         try:
             table = pa_csv.read_csv(stream, **options)
         except pa.ArrowInvalid:
-            if stream.bytes_read == 0:   # no events: pyarrow calls an empty input an error
+            if stream.bytes_read == 0:  # no events: pyarrow calls an empty input an error
                 return empty_table().select(fields)
             raise
     return table.cast(schema)
@@ -196,14 +229,18 @@ def _read(target: str, fields: list[str] | None) -> pa.Table:
     fields = list(fields or FIELDS)
     try:
         with _connect(target, 5.0) as conn:
-            if not has_events_table(conn):   # a database never opened as a store: nothing in it
+            if not has_events_table(conn):  # a database never opened as a store: nothing in it
                 return empty_table().select(fields)
             return _copy_to_arrow(conn, fields)
     except psycopg.errors.InsufficientPrivilege as e:
-        raise StorePermissionError(f"{describe(target)}: permission denied reading the votes "
-                                   f"({e.diag.message_primary}); grant this role SELECT on the store's tables") from None
+        raise StorePermissionError(
+            f"{describe(target)}: permission denied reading the votes "
+            f"({e.diag.message_primary}); grant this role SELECT on the store's tables"
+        ) from None
     except psycopg.Error as e:
-        raise StoreUnavailable(f"{describe(target)}: reading the votes failed: {explain(e, target)}") from None
+        raise StoreUnavailable(
+            f"{describe(target)}: reading the votes failed: {explain(e, target)}"
+        ) from None
 
 
 def read_events(target: str, columns: list[str] | None = None) -> pa.Table:
@@ -222,6 +259,7 @@ def read_comparisons(target: str, columns: list[str] | None = None) -> pa.Table:
 # The writer, and the shared assignment
 # --------------------------------------------------------------------------------------
 
+
 class PostgresStore:
     """A writer on a PostgreSQL store, with a connection pool. Thread-safe: share one
     per process.
@@ -229,21 +267,35 @@ class PostgresStore:
     connect_timeout: seconds to wait for the server when connecting; retry_s: how long
     a write whose connection broke is retried before StoreWriteError."""
 
-    recovered_events = 0   # the database replays its own journal; nothing for us to do
+    recovered_events = 0  # the database replays its own journal; nothing for us to do
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 5.0,
-                 retry_s: float = 15.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        connect_timeout: float = 5.0,
+        retry_s: float = 15.0,
+    ):
         self.target = url
         self.retry_s = retry_s
-        with _connect(url, connect_timeout) as conn:   # first contact: clear errors, then the schema
+        with _connect(url, connect_timeout) as conn:  # first contact: clear errors, then the schema
             try:
                 migrate(conn, describe(url))
-            except psycopg.Error as e:   # e.g. a role that may not create tables
-                raise StoreError(f"{describe(url)}: cannot set up the store's tables: "
-                                 f"{e.diag.message_primary or e}") from None
-        self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
-                                    timeout=connect_timeout, name="preflab",
-                                    kwargs={"autocommit": True, **_connect_options(connect_timeout)})
+            except psycopg.Error as e:  # e.g. a role that may not create tables
+                raise StoreError(
+                    f"{describe(url)}: cannot set up the store's tables: {e.diag.message_primary or e}"
+                ) from None
+        self._pool = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            timeout=connect_timeout,
+            name="preflab",
+            kwargs={"autocommit": True, **_connect_options(connect_timeout)},
+        )
         try:
             self._pool.open(wait=True, timeout=connect_timeout)
         except psycopg.OperationalError as e:
@@ -270,14 +322,16 @@ class PostgresStore:
                     reason = explain(e, self.target)
                     if reading:
                         raise StoreUnavailable(f"{describe(self.target)}: {what} failed: {reason}") from None
-                    raise StoreWriteError(f"{describe(self.target)}: {what} not saved, try again ({reason})") from None
+                    raise StoreWriteError(
+                        f"{describe(self.target)}: {what} not saved, try again ({reason})"
+                    ) from None
                 log.warning("%s: %s: %s; retrying", describe(self.target), what, explain(e, self.target))
                 time.sleep(pause)
                 pause = min(2 * pause, 1.0)
 
     def _validated(self, record: dict[str, Any], where: str = "") -> dict[str, Any]:
         rec = validate_record(complete_record(record), where)
-        for f in _TEXT_FIELDS:   # the one thing Parquet takes and PostgreSQL text does not
+        for f in _TEXT_FIELDS:  # the one thing Parquet takes and PostgreSQL text does not
             if rec[f] is not None and "\x00" in rec[f]:
                 raise RecordError(f, "contains a NUL character, which PostgreSQL text cannot hold", where)
         return rec
@@ -291,13 +345,19 @@ class PostgresStore:
     def _insert(conn, rec: dict[str, Any]) -> dict[str, Any]:
         """Insert one validated event; if its event_id is already there, the stored one."""
         placeholders = ", ".join(["%s"] * len(FIELDS))
-        inserted = conn.execute(f"INSERT INTO events ({_INSERT_COLUMNS}) VALUES ({placeholders}) "
-                                "ON CONFLICT (event_id) DO NOTHING RETURNING event_id", _row_values(rec)).fetchone()
+        inserted = conn.execute(
+            f"INSERT INTO events ({_INSERT_COLUMNS}) VALUES ({placeholders}) "
+            "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            _row_values(rec),
+        ).fetchone()
         return rec if inserted else PostgresStore._stored(conn, [rec["event_id"]])[rec["event_id"]]
 
     @staticmethod
     def _copy_in(conn, table: str, recs: list[dict[str, Any]]) -> None:
-        with conn.cursor() as cur, cur.copy(f"COPY {table} ({_INSERT_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+        with (
+            conn.cursor() as cur,
+            cur.copy(f"COPY {table} ({_INSERT_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy,
+        ):
             copy.set_types(_COPY_TYPES)
             for rec in recs:
                 copy.write_row(_row_values(rec))
@@ -320,19 +380,25 @@ class PostgresStore:
 
         def work(conn):
             with conn.transaction():
-                try:   # the usual case, all new: straight into the table (one pass, not two)
-                    with conn.transaction():   # a savepoint, so a clash undoes just this
+                try:  # the usual case, all new: straight into the table (one pass, not two)
+                    with conn.transaction():  # a savepoint, so a clash undoes just this
                         self._copy_in(conn, "events", recs)
                     return recs
                 except psycopg.errors.UniqueViolation:
                     pass
                 # Some are stored already (a retry, a rerun copy): through a scratch table.
-                conn.execute(f"CREATE TEMP TABLE preflab_incoming ON COMMIT DROP AS "
-                             f"SELECT {_INSERT_COLUMNS} FROM events WITH NO DATA")
+                conn.execute(
+                    f"CREATE TEMP TABLE preflab_incoming ON COMMIT DROP AS "
+                    f"SELECT {_INSERT_COLUMNS} FROM events WITH NO DATA"
+                )
                 self._copy_in(conn, "preflab_incoming", recs)
-                inserted = {row[0] for row in conn.execute(
-                    f"INSERT INTO events ({_INSERT_COLUMNS}) SELECT {_INSERT_COLUMNS} FROM preflab_incoming "
-                    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id")}
+                inserted = {
+                    row[0]
+                    for row in conn.execute(
+                        f"INSERT INTO events ({_INSERT_COLUMNS}) SELECT {_INSERT_COLUMNS} FROM preflab_incoming "
+                        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+                    )
+                }
                 if len(inserted) == len(recs):
                     return recs
                 stored = self._stored(conn, [r["event_id"] for r in recs if r["event_id"] not in inserted])
@@ -340,8 +406,9 @@ class PostgresStore:
 
         return self._retrying(work, f"{len(recs)} events")
 
-    def retract(self, event_id: str, annotator: str, vote: dict[str, Any] | None = None,
-                **pair_fields: Any) -> dict[str, Any]:
+    def retract(
+        self, event_id: str, annotator: str, vote: dict[str, Any] | None = None, **pair_fields: Any
+    ) -> dict[str, Any]:
         """Cancel an earlier vote with a `retract` event (record.retract_record)."""
         return self.append(retract_record(event_id, annotator, vote, **pair_fields))
 
@@ -351,7 +418,7 @@ class PostgresStore:
     def close(self) -> None:
         self._pool.close()
 
-    def __enter__(self) -> "PostgresStore":
+    def __enter__(self) -> PostgresStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -365,28 +432,42 @@ class PostgresStore:
         True when leased now, or they already hold a live lease on it. False when they
         have a standing vote on it, skipped it, or the standing votes and others' live
         leases fill it. Also returns the pair's standing voters (imports left out)."""
-        ok, voters = self._retrying(lambda conn: conn.execute(
-            "SELECT ok, voters FROM preflab_claim(%s, %s, %s, %s)",
-            (pair_id, annotator, want, float(lease_s))).fetchone(), f"claim of {pair_id} for {annotator}")
+        ok, voters = self._retrying(
+            lambda conn: conn.execute(
+                "SELECT ok, voters FROM preflab_claim(%s, %s, %s, %s)",
+                (pair_id, annotator, want, float(lease_s)),
+            ).fetchone(),
+            f"claim of {pair_id} for {annotator}",
+        )
         return ok, set(voters)
 
     def release(self, pair_id: str, annotator: str) -> None:
         """Drop the annotator's lease on the pair (a cancelled vote): the slot is free."""
-        self._retrying(lambda conn: conn.execute(
-            "DELETE FROM leases WHERE pair_id = %s AND annotator = %s", (pair_id, annotator)),
-            f"release of {pair_id} by {annotator}")
+        self._retrying(
+            lambda conn: conn.execute(
+                "DELETE FROM leases WHERE pair_id = %s AND annotator = %s", (pair_id, annotator)
+            ),
+            f"release of {pair_id} by {annotator}",
+        )
 
     def skip(self, pair_id: str, annotator: str) -> None:
         """Drop their lease and remember the skip: they never get this pair again."""
-        self._retrying(lambda conn: conn.execute(
-            "WITH released AS (DELETE FROM leases WHERE pair_id = %(pair)s AND annotator = %(who)s) "
-            "INSERT INTO skips (pair_id, annotator) VALUES (%(pair)s, %(who)s) ON CONFLICT DO NOTHING",
-            {"pair": pair_id, "who": annotator}), f"skip of {pair_id} by {annotator}")
+        self._retrying(
+            lambda conn: conn.execute(
+                "WITH released AS (DELETE FROM leases WHERE pair_id = %(pair)s AND annotator = %(who)s) "
+                "INSERT INTO skips (pair_id, annotator) VALUES (%(pair)s, %(who)s) ON CONFLICT DO NOTHING",
+                {"pair": pair_id, "who": annotator},
+            ),
+            f"skip of {pair_id} by {annotator}",
+        )
 
     def skipped(self) -> set[tuple[str, str]]:
         """Every (pair_id, annotator) skip, for a restarted server."""
-        rows = self._retrying(lambda conn: conn.execute("SELECT pair_id, annotator FROM skips").fetchall(),
-                              "reading skips", reading=True)
+        rows = self._retrying(
+            lambda conn: conn.execute("SELECT pair_id, annotator FROM skips").fetchall(),
+            "reading skips",
+            reading=True,
+        )
         return {(p, a) for p, a in rows}
 
     def vote(self, record: dict[str, Any], want: int) -> dict[str, Any]:
@@ -401,7 +482,9 @@ class PostgresStore:
         if rec["kind"] != "vote":
             raise ValueError(f"vote() takes a vote, got kind {rec['kind']!r}: use retract()")
         # As JSON for preflab_vote; created_at as an ISO string, exact to the µs.
-        as_json = Jsonb({**rec, "created_at": (EPOCH + timedelta(microseconds=rec["created_at"])).isoformat()})
+        as_json = Jsonb(
+            {**rec, "created_at": (EPOCH + timedelta(microseconds=rec["created_at"])).isoformat()}
+        )
 
         def work(conn):
             try:
@@ -418,13 +501,17 @@ class PostgresStore:
 
     def cursor(self) -> str:
         """A cursor for "now": changes_since(it) returns what is committed after this."""
-        return self._retrying(lambda conn: conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0],
-                              "reading the cursor", reading=True)
+        return self._retrying(
+            lambda conn: conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0],
+            "reading the cursor",
+            reading=True,
+        )
 
     def changes_since(self, cursor: str | int | None) -> tuple[list[dict[str, Any]], str]:
         """Events (votes and retracts) committed since `cursor` (0 or None: all), as
         records, oldest first; and the cursor to pass next time. Each committed event
         comes back exactly once over a chain of calls."""
+
         def work(conn):
             with conn.transaction():
                 # REPEATABLE READ: one snapshot for both statements, so rows and cursor agree.
@@ -432,11 +519,13 @@ class PostgresStore:
                 now = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
                 if not cursor:
                     rows = conn.execute(f"SELECT {_SELECT_COLUMNS} FROM events ORDER BY seq")
-                else:   # committed since: not visible in the cursor's snapshot, visible in ours
-                    rows = conn.execute(f"SELECT {_SELECT_COLUMNS} FROM events "
-                                        "WHERE txid >= pg_snapshot_xmin(%(c)s::pg_snapshot) "
-                                        "AND NOT pg_visible_in_snapshot(txid, %(c)s::pg_snapshot) ORDER BY seq",
-                                        {"c": str(cursor)})
+                else:  # committed since: not visible in the cursor's snapshot, visible in ours
+                    rows = conn.execute(
+                        f"SELECT {_SELECT_COLUMNS} FROM events "
+                        "WHERE txid >= pg_snapshot_xmin(%(c)s::pg_snapshot) "
+                        "AND NOT pg_visible_in_snapshot(txid, %(c)s::pg_snapshot) ORDER BY seq",
+                        {"c": str(cursor)},
+                    )
                 return [_as_record(r) for r in rows], now
 
         return self._retrying(work, "reading changes", reading=True)
@@ -444,6 +533,7 @@ class PostgresStore:
     def snapshot(self, columns: list[str] | None = None) -> tuple[pa.Table, str]:
         """The standing votes and the cursor of the same instant, for a starting server:
         changes_since(cursor) then continues exactly where this table ends."""
+
         def work(conn):
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")

@@ -189,8 +189,10 @@ def migrate(conn, target: str) -> int:
                             applied_at timestamptz NOT NULL DEFAULT now())""")
         current = conn.execute("SELECT coalesce(max(version), 0) FROM preflab_schema_version").fetchone()[0]
         if current > LATEST:
-            raise StoreError(f"{target}: the database holds preflab schema version {current}, newer "
-                             f"than this preflab knows ({LATEST}): upgrade preflab")
+            raise StoreError(
+                f"{target}: the database holds preflab schema version {current}, newer "
+                f"than this preflab knows ({LATEST}): upgrade preflab"
+            )
         for version in range(current + 1, LATEST + 1):
             for statement in MIGRATIONS[version - 1]:
                 conn.execute(statement)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,6 +51,8 @@ FIELDS = SCHEMA.names
 KINDS = ("vote", "retract")
 CHOICES = ("a", "b", "tie", "both_bad")
 SIDES = ("a", "b")
+
+
 class RecordError(PreflabError, ValueError):
     """A record that breaks the schema. The message names the field."""
 
@@ -61,8 +64,11 @@ class RecordError(PreflabError, ValueError):
 
 def messages_to_json(messages: list[dict[str, str]]) -> str:
     """The one canonical JSON spelling of a chat prompt (what the `prompt` field holds)."""
-    return json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
-                      ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
 
 
 def prompt_id_for(messages: list[dict[str, str]]) -> str:
@@ -83,8 +89,17 @@ def pair_id_for(prompt_json: str, response_a: str, response_b: str) -> str:
 # Validation of one record (the write path calls this before anything touches disk)
 # --------------------------------------------------------------------------------------
 
-_STRING_FIELDS_REQUIRED = ("event_id", "pair_id", "prompt_id", "prompt", "response_a",
-                           "response_b", "model_a", "model_b", "annotator")
+_STRING_FIELDS_REQUIRED = (
+    "event_id",
+    "pair_id",
+    "prompt_id",
+    "prompt",
+    "response_a",
+    "response_b",
+    "model_a",
+    "model_b",
+    "annotator",
+)
 _STRING_FIELDS_OPTIONAL = ("retracts", "rationale", "gen_params")
 
 
@@ -96,8 +111,7 @@ def _check_messages(value: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise RecordError("prompt", "must be a non-empty JSON list of chat messages")
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise RecordError("prompt", f"message {i} needs string 'role' and 'content'")
 
 
@@ -105,7 +119,7 @@ def to_micros(value: Any) -> int:
     """created_at as integer microseconds since the epoch (UTC)."""
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return int(value.timestamp() * 1_000_000)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -181,19 +195,28 @@ def complete_record(record: dict[str, Any]) -> dict[str, Any]:
     record.setdefault("schema_version", SCHEMA_VERSION)
     record.setdefault("event_id", str(uuid.uuid4()))
     if record.get("created_at") is None:
-        record["created_at"] = datetime.now(timezone.utc)
+        record["created_at"] = datetime.now(UTC)
     return record
 
 
-def retract_record(event_id: str, annotator: str, vote: dict[str, Any] | None = None,
-                   **pair_fields: Any) -> dict[str, Any]:
+def retract_record(
+    event_id: str, annotator: str, vote: dict[str, Any] | None = None, **pair_fields: Any
+) -> dict[str, Any]:
     """The retract event cancelling vote `event_id`. It carries the vote's pair fields
     (the record requires them): pass the vote, or the fields themselves."""
     vote = vote or {}
-    fields = {k: vote.get(k, pair_fields.get(k)) for k in
-              ("pair_id", "prompt_id", "prompt", "response_a", "response_b", "model_a", "model_b", "left")}
-    return {**fields, "kind": "retract", "retracts": event_id, "choice": None, "strength": None,
-            "annotator": annotator}
+    fields = {
+        k: vote.get(k, pair_fields.get(k))
+        for k in ("pair_id", "prompt_id", "prompt", "response_a", "response_b", "model_a", "model_b", "left")
+    }
+    return {
+        **fields,
+        "kind": "retract",
+        "retracts": event_id,
+        "choice": None,
+        "strength": None,
+        "annotator": annotator,
+    }
 
 
 def records_to_table(records: Iterable[dict[str, Any]]) -> pa.Table:
@@ -217,6 +240,7 @@ def empty_table() -> pa.Table:
 # Reader semantics, shared by both backends
 # --------------------------------------------------------------------------------------
 
+
 def concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables) if tables else empty_table()
 
@@ -227,8 +251,9 @@ def standing(tables: list[pa.Table]) -> list[pa.Table]:
     Filtering copies every string, so it runs in parallel per file and skips the files
     that have nothing to drop (most of them, in a store with few undos).
     """
-    retracted = pc.unique(pa.chunked_array(
-        [pc.drop_null(t["retracts"]) for t in tables], pa.string()).combine_chunks())
+    retracted = pc.unique(
+        pa.chunked_array([pc.drop_null(t["retracts"]) for t in tables], pa.string()).combine_chunks()
+    )
 
     def keep(t: pa.Table) -> pa.Table:
         mask = pc.equal(t["kind"], "vote")

@@ -33,12 +33,13 @@ def without_password(target: str | os.PathLike) -> tuple[str, str | None]:
     if not is_database(text):
         return text, None
     from urllib.parse import unquote
+
     found = re.search(r"(://[^:/@]*):([^@/]*)@", text)
     if found:
-        return text[:found.start()] + found.group(1) + "@" + text[found.end():], unquote(found.group(2))
+        return text[: found.start()] + found.group(1) + "@" + text[found.end() :], unquote(found.group(2))
     found = re.search(r"([?&])password=([^&]*)&?", text, flags=re.IGNORECASE)
     if found:
-        rest = text[:found.start()] + (found.group(1) if text[found.end():] else "") + text[found.end():]
+        rest = text[: found.start()] + (found.group(1) if text[found.end() :] else "") + text[found.end() :]
         return rest.rstrip("?&"), unquote(found.group(2))
     return text, None
 
@@ -47,4 +48,5 @@ def target_key(target: str | os.PathLike) -> str:
     """A short stable name for a store (its password left out): for local files that
     belong with a database store, such as a server's pair cache."""
     import hashlib
+
     return "pg-" + hashlib.sha256(describe(target).encode()).hexdigest()[:12]
