@@ -221,7 +221,8 @@ def run_trl(args, run_dir: Path, model_source: str, work: Path, cuda: bool) -> d
     from transformers.utils import logging as hf_logging
     from trl import RewardConfig, RewardTrainer
 
-    from trainer.reward_data import encode_pairs, load_snapshot
+    from trainer.reward_batches import encode_pairs
+    from trainer.reward_data import load_snapshot
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "checkpoint")  # pad = <|endoftext|>, as ours
     config = json.loads((run_dir / "config.json").read_text())

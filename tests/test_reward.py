@@ -29,15 +29,8 @@ from helpers import (
 )
 
 from trainer.reward import train
-from trainer.reward_data import (
-    RewardDataError,
-    encode_pairs,
-    fit,
-    length_grouped_batches,
-    read_pairs,
-    split_by_prompt,
-    text_to_messages,
-)
+from trainer.reward_batches import encode_pairs, fit, length_grouped_batches
+from trainer.reward_data import RewardDataError, read_pairs, split_by_prompt, text_to_messages
 from trainer.reward_metrics import expected_calibration_error, preference_loss
 from trainer.reward_model import RewardModel
 from trainer.store import messages_to_json
@@ -258,7 +251,8 @@ def test_packed_layout_computes_what_separate_sequences_do():
     """Shared-prompt packing (prompt once, rejected masked from chosen, positions restarted)
     must give the rewards of scoring each prompt + answer on its own, padded."""
     from trainer.models import check_model, load_tokenizer
-    from trainer.reward_data import Pairs, collate, pack
+    from trainer.reward_batches import collate, pack
+    from trainer.reward_data import Pairs
     from trainer.reward_model import choose_pad_token, load_backbone, reward_net
 
     tok = load_tokenizer("tiny")

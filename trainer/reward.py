@@ -11,7 +11,8 @@ command line last. Elsewhere:
     trainer/reward_config.py    the settings (RewardConfig): defaults, --help, checks, resume rules
     trainer/reward_model.py     the model (RewardModel, reward_net, packed attention, saving)
     trainer/reward_metrics.py   the loss (preference_loss) and the validation metrics
-    trainer/reward_data.py      pairs from a store or a file, tokens, packing, batches
+    trainer/reward_data.py      pairs from a store or a file, the split, the snapshot
+    trainer/reward_batches.py   tokens (prompt cut from the left), packing, batches by length
     trainer/reward_state.py     fp32 master weights (mixed precision), restoring training_state.pt
     trainer/checkpoints.py      crash-safe checkpoint swaps and the RNG state of a resume
 
@@ -56,18 +57,9 @@ import numpy as np
 from trainer.checkpoints import rng_state
 from trainer.config import add_config_arguments, config_from_namespace
 from trainer.errors import exit_code
+from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
 from trainer.reward_config import RewardConfig, check_config, resolve_config
-from trainer.reward_data import (
-    RewardDataError,
-    collate,
-    encode_pairs,
-    length_grouped_batches,
-    load_snapshot,
-    pack,
-    read_pairs,
-    save_snapshot,
-    split_by_prompt,
-)
+from trainer.reward_data import RewardDataError, load_snapshot, read_pairs, save_snapshot, split_by_prompt
 from trainer.reward_metrics import evaluate, preference_loss, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
 from trainer.reward_state import fp32_masters, masters_in_place, restore_training_state

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.reward_data import collate, pack
+from trainer.reward_batches import collate, pack
 
 
 def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float = 0.0):

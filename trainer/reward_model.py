@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from trainer.checkpoints import swap_in
-from trainer.reward_data import as_messages, as_response, encode_texts
+from trainer.reward_batches import encode_texts
+from trainer.reward_data import as_messages, as_response
 from trainer.runs import CHECKPOINT, REWARD_META_FILE, STATE_FILE, Run, read_json, write_json
 
 
