@@ -95,5 +95,5 @@ def identify(request: Any, accounts: Accounts | None, local_user: str) -> tuple[
 def require_admin(name: str, role: str | None) -> str:
     """`name` if `role` is admin; Forbidden otherwise."""
     if role != ADMIN:
-        raise Forbidden(f"{name} is an annotator; this is for admins")
+        raise Forbidden(f"{name} is an annotator; the dashboard and export are for admins")
     return name

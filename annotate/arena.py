@@ -28,7 +28,7 @@ ARENA_FILE = "arena.json"
 
 def arena_file(state_dir: str | os.PathLike) -> Path:
     """<state_dir>/arena.json. state_dir is the server's local state directory
-    (`service.state_dir`), never a store URL: arena.json is a file, not a vote."""
+    (`ServeContext.state_dir`), never a store URL: arena.json is a file, not a vote."""
     from trainer.store import is_database
 
     if is_database(state_dir):

@@ -2,7 +2,8 @@
 
 `annotate/serve.py` is the only place that builds these objects (the composition
 root); the web layer receives a `ServeContext` and never constructs services itself.
-Field types are named as strings so this module imports nothing heavy.
+Fields are typed `Any` (their classes named in the comments) so that this module
+imports nothing heavy.
 """
 
 from __future__ import annotations

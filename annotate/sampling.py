@@ -45,7 +45,6 @@ import logging
 import random
 import threading
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from annotate.scoring import items_from_pairs, scorer_for
@@ -232,19 +231,6 @@ def make_sampler(
         scorer = scorer_for(reward_run, None if device in (None, "auto") else device)
     except RunDirError as e:
         raise SamplingError(f"--reward-model {e}") from None
-    sampler = UncertaintySampler(
-        DEFAULT_MIX if mix is None else mix, reward_run=Path(reward_run).name, seed=seed
-    )
+    sampler = UncertaintySampler(DEFAULT_MIX if mix is None else mix, reward_run=scorer.run_id, seed=seed)
     sampler.scorer = scorer
     return sampler
-
-
-def sampler_from_args(args) -> UncertaintySampler | None:
-    """make_sampler from `preflab serve`'s parsed flags (--sampling, --reward-model,
-    --uncertain-mix, --device)."""
-    return make_sampler(
-        getattr(args, "sampling", "random"),
-        reward_run=getattr(args, "reward_model", None),
-        mix=getattr(args, "uncertain_mix", None),
-        device=getattr(args, "device", None),
-    )

@@ -5,7 +5,7 @@ uncertainty sampler both read.
     scorer = scorer_for("runs/rm-1")                 # a finished reward run (RunDirError if not)
     scores = scorer.score(items_from_votes(votes))   # {content key: (score_a, score_b)}
 
-* `PairScorer` scores pairs with `trainer.reward.RewardModel` (normalised scores) and
+* `PairScorer` scores pairs with `trainer.reward_model.RewardModel` (normalised scores) and
   keeps every score in `<run>/review_scores.parquet`, keyed by the pair's content (a hash
   of prompt and both answers: the default pair_id) and the checkpoint's fingerprint, so
   a second look at the same votes scores nothing, and only new pairs are scored.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.runs import REVIEW_SCORES_FILE, REWARD_META_FILE, STATE_FILE, reward_model_path
+from trainer.runs import CHECKPOINT, REVIEW_SCORES_FILE, REWARD_META_FILE, STATE_FILE, reward_model_path
 
 log = logging.getLogger("preflab.scoring")
 
@@ -107,8 +107,11 @@ class PairScorer:
         chunk: int = 32,
         loader: Callable[[Path], Any] | None = None,
     ):
-        self.run_dir = Path(run_dir)
-        self.model_dir = reward_model_path(self.run_dir)
+        self.model_dir = reward_model_path(run_dir)
+        # Given the model directory of a run (runs/rm-1/checkpoint), the run is its parent:
+        # votes record the run's name, and the cache lives with the run, not in the model.
+        given = Path(run_dir)
+        self.run_dir = given.parent if given == self.model_dir and given.name == CHECKPOINT else given
         self.run_id = self.run_dir.name
         self.fingerprint = checkpoint_fingerprint(self.model_dir)
         self.cache_path = self.run_dir / CACHE_FILE

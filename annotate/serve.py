@@ -27,11 +27,11 @@ import threading
 from pathlib import Path
 
 from trainer.errors import PreflabError
+from trainer.prompts import DEFAULT_PROMPTS
 
 log = logging.getLogger("preflab.serve")
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_PROMPTS = REPO / "data" / "prompts.jsonl"
 DEFAULT_GUIDELINES = REPO / "data" / "guidelines.md"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -266,14 +266,14 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     from annotate.launcher import Launcher
     from annotate.queue import AssignmentQueue
     from annotate.review import Reviewer
-    from annotate.sampling import SamplingError, sampler_from_args
+    from annotate.sampling import make_sampler
     from annotate.service import Service
     from trainer.store import is_database, open_store
 
-    try:
-        sampler = sampler_from_args(args)  # --sampling uncertain: checks the reward run, loads no model
-    except SamplingError as e:
-        raise ServeError(str(e)) from None
+    # --sampling uncertain: checks the reward run now (SamplingError), loads no model yet.
+    sampler = make_sampler(
+        args.sampling, reward_run=args.reward_model, mix=args.uncertain_mix, device=args.device
+    )
     accounts, guidelines = _accounts_and_guidelines(args)
     state_dir, votes, cursor = _open_store(args, opened)
     shared = is_database(args.data)

@@ -28,6 +28,7 @@ from typing import Any
 from annotate.accounts import Accounts, identify, require_admin, role_of
 from annotate.pairs import Generator
 from annotate.queue import Assignment, AssignmentQueue, StaleVote
+from trainer.errors import PreflabError
 from trainer.store.errors import StoreError, StoreWriteError, VoteConflict
 
 log = logging.getLogger("preflab.service")
@@ -35,6 +36,10 @@ log = logging.getLogger("preflab.service")
 SHOWN_CHOICES = ("left", "right", "tie", "both_bad")
 STRENGTHS = {"slightly": 1, "clearly": 2}
 EXPORT_FILETYPES = ("parquet", "jsonl")
+
+
+class BadRequest(PreflabError, ValueError):
+    """A call the service cannot take as sent (an unknown choice from an API caller)."""
 
 
 class Service:
@@ -135,10 +140,10 @@ class Service:
         self, user: str, pair_id: str, choice: str, strength: str = "", rationale: str = ""
     ) -> dict[str, Any]:
         if choice not in SHOWN_CHOICES:
-            raise ValueError(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {choice!r}")
+            raise BadRequest(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {choice!r}")
         strength = (strength or "").strip().lower()
         if strength and strength not in STRENGTHS:
-            raise ValueError(f"strength must be 'slightly', 'clearly' or empty, got {strength!r}")
+            raise BadRequest(f"strength must be 'slightly', 'clearly' or empty, got {strength!r}")
         try:
             a = self.queue.begin_vote(user, pair_id)
         except StaleVote:
@@ -272,7 +277,7 @@ class Service:
 
         self._require_admin(user)
         if filetype not in EXPORT_FILETYPES:
-            raise ValueError(f"filetype must be parquet or jsonl, got {filetype!r}")
+            raise BadRequest(f"filetype must be parquet or jsonl, got {filetype!r}")
         votes = read_comparisons(self.data)
         pairs, ties_table, report = export_preferences(
             votes, format=format, margin=margin, ties=ties, aggregate=aggregate

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from trainer.config import Config, ConfigError, model_problem
 from trainer.errors import PolicyInputError
+from trainer.prompts import DEFAULT_PROMPTS
 from trainer.runs import CONFIG_FILE, read_json
 
 ALGOS = ("ppo", "rloo", "reinforce")
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
 # Settings that may change when a run is resumed; the rest stay what the run began with.
 RESUMABLE_OVERRIDES = (
     "steps",

@@ -375,14 +375,14 @@ class Sampler:
 
 def reward_model_dir(path: str | os.PathLike | None) -> Path:
     """The reward model a policy trains against, checked before any model is loaded:
-    trainer.runs.reward_model_path (a finished reward run, or its model directory), its
-    refusal as a PolicyInputError."""
+    trainer.runs.reward_model_path (a reward run's checkpoint, finished or not, or a
+    model directory), its refusal as a PolicyInputError."""
     if not path:
         raise PolicyInputError("no reward model: pass --reward RUN_DIR (a run of `preflab train-reward`)")
     try:
-        return reward_model_path(path)
+        return reward_model_path(path, finished=False)
     except RunDirError as e:
-        raise PolicyInputError(f"no trained reward model here: {e}") from None
+        raise PolicyInputError(f"{e} (no trained reward model here)") from None
 
 
 def load_reward_scorer(path: Path, device):

@@ -38,6 +38,9 @@ from trainer.store import messages_to_json, prompt_id_for
 
 log = logging.getLogger("preflab.prompts")
 
+# The pool shipped with preflab: the default of `serve --model` and of train-policy.
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
+
 DEFAULT_MAX_CHARS = 32_000
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 

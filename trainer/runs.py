@@ -102,9 +102,6 @@ class RunDir:
         """config.json as the trainer wrote it: {"kind", "config": settings, ...}."""
         return read_json(self.path / CONFIG_FILE)
 
-    def settings(self) -> dict:
-        return self.config_record().get("config") or {}
-
     def launch(self) -> dict:
         return read_json(self.path / LAUNCH_FILE)
 
@@ -150,16 +147,23 @@ class RunDir:
         return read_json(self.path / EVAL_FILE)
 
 
-def reward_model_path(path: str | os.PathLike) -> Path:
+def reward_model_path(path: str | os.PathLike, *, finished: bool = True) -> Path:
     """The one answer to "is this a finished reward run": its reward model directory, or
     RunDirError saying why not. Accepts the run directory or the model directory itself
-    (a checkpoint copied elsewhere: a model directory with preflab_reward.json)."""
+    (a checkpoint copied elsewhere: a model directory with preflab_reward.json).
+
+    `finished=False` (the policy trainer, eval-policy) also takes the last checkpoint of a
+    reward run that is not done (cancelled, failed after a save, still running): training
+    against it is the user's call, and it has always been allowed."""
     path = Path(path)
     if is_model_dir(path) and (path / REWARD_META_FILE).is_file():
         return path
     if not path.is_dir():
         raise RunDirError(f"{path}: no such run directory")
     run = RunDir(path)
+    latest = path / CHECKPOINT
+    if not finished and is_model_dir(latest) and (latest / REWARD_META_FILE).is_file():
+        return latest
     if not (path / STATUS_FILE).is_file():
         raise RunDirError(f"{path}: not a run directory (no {STATUS_FILE})")
     status = run.status()

@@ -3,13 +3,13 @@
     guard = Guard(service.identify)         # annotate.accounts.identify for this server
     def on_export(fmt, request: gr.Request):
         guard.admin(request)                 # gr.Error unless the caller is an admin
-        with guard.errors():                 # PreflabError / bad input -> gr.Error
+        with guard.errors():                 # PreflabError -> gr.Error, same message
             return service.export(fmt)
 
 Role checks happen here, on the server, from `gr.Request.username`: hiding a tab is
-cosmetic. Errors the user can act on (`PreflabError`, and `ValueError` for bad input
-from an API caller) become `gr.Error` with the same one-line message; anything else is
-a bug, logged with its traceback by gradio.
+cosmetic. Errors the user can act on (`PreflabError`, bad input from an API caller
+included: `annotate.service.BadRequest`) become `gr.Error` with the same one-line
+message; anything else is a bug, logged with its traceback by gradio.
 """
 
 from __future__ import annotations
@@ -51,12 +51,7 @@ class Guard:
         """Turn the project's user-facing errors into gr.Error, message unchanged."""
         try:
             yield
-        except (PreflabError, ValueError) as e:
+        except PreflabError as e:
             import gradio as gr
 
             raise gr.Error(str(e)) from None
-
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """fn(*args, **kwargs) under `errors()`."""
-        with self.errors():
-            return fn(*args, **kwargs)

@@ -14,7 +14,7 @@ Reviewer's. (No `from __future__ import annotations` here: gradio reads the hand
 import json
 from typing import Any
 
-from annotate.review import DECISIVE, disagreements, summary, top_pairs
+from annotate.review import DECISIVE, ReviewError, disagreements, summary, top_pairs
 from annotate.web.html import escape, metric_card, pct, render_markdown, render_prompt
 
 SHOW_VOTES = 200  # latest votes listed on the page
@@ -266,9 +266,9 @@ def build_review_tab(demo, ctx, guard) -> None:
 
     def on_score(run_id, request: gr.Request):
         guard.admin(request)
-        if not run_id:
-            raise gr.Error("pick a reward run first")
         with guard.errors():
+            if not run_id:
+                raise ReviewError("pick a reward run first")
             return show(reviewer.start(run_id))
 
     def on_tick(run_id, request: gr.Request):
@@ -276,18 +276,19 @@ def build_review_tab(demo, ctx, guard) -> None:
         return show(reviewer.status(run_id) if run_id else None)
 
     def send(run_id, pair_ids) -> str:
-        if not run_id:
-            raise gr.Error("pick a reward run first")
-        if not pair_ids:
-            return "Nothing selected."
         with guard.errors():
+            if not run_id:
+                raise ReviewError("pick a reward run first")
+            if not pair_ids:
+                return "Nothing selected."
             return reviewer.requeue(run_id, pair_ids)["message"]
 
     def on_send_top(run_id, n, request: gr.Request):
         guard.admin(request)
         job = reviewer.status(run_id) if run_id else None
-        if job is None or job["rows"] is None:
-            raise gr.Error("score the votes first")
+        with guard.errors():
+            if job is None or job["rows"] is None:
+                raise ReviewError("score the votes first")
         return send(run_id, top_pairs(job["rows"], max(1, int(n or 1))))
 
     def on_send_selected(run_id, picked, request: gr.Request):

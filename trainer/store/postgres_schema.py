@@ -11,7 +11,7 @@ the work done. A database newer than this code is refused rather than guessed at
 Never edit an entry once released; append a new one.
 
 The tables:
-* events       one row per record (DESIGN.md's fields, the same names and types), plus
+* events       one row per record (docs/design.md's fields, the same names and types), plus
                `seq` (insertion order) and `txid` (the writing transaction, which lets
                `changes_since` hand each event out exactly once; see postgres.py).
 * pair_slots   one row per pair that was ever claimed: the row the shared assignment

@@ -1,6 +1,6 @@
 """The comparison record: its schema, its validation, and what "standing votes" means.
 
-This module owns the record (DESIGN.md's table; the field names are binding). Both
+This module owns the record (docs/design.md's table; the field names are binding). Both
 backends (trainer/store/directory_*.py, trainer/store/postgres.py) validate every
 event with `validate_record` before it touches disk or the database, and both readers
 end in `standing()`, so retractions mean the same thing whatever holds the events.
