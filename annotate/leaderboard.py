@@ -6,9 +6,10 @@ from the human votes, with 95% bootstrap intervals, on an Elo-like scale.
     preflab leaderboard --data comparisons --json --runs runs   # machine-readable, with policy evals
     preflab leaderboard --data postgresql://me@db:5432/votes    # a PostgreSQL store, the same
 
-Only the command line: the ratings are annotate/ratings.py's, the policy evaluations
-annotate/policy_evals.py's (the Leaderboard tab of `preflab serve` shows the same numbers:
-annotate/web/leaderboard_tab.py). Bad settings and votes that cannot rank anything raise
+The leaderboard of a store, for the command line and for the Leaderboard tab of
+`preflab serve` (annotate/web/leaderboard_tab.py renders `standings`, its API returns
+`leaderboard_json`): the ratings are annotate/ratings.py's, the policy evaluations
+annotate/policy_evals.py's. Bad settings and votes that cannot rank anything raise
 LeaderboardError, which annotate/cli.py prints as `error: ...` (exit 2).
 """
 
@@ -16,12 +17,58 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from typing import Any
 
 from annotate.policy_evals import evals_table, policy_evals
-from annotate.ratings import BOTH_BAD_MODES, VOTE_COLUMNS, LeaderboardError, leaderboard
+from annotate.ratings import BOTH_BAD_MODES, VOTE_COLUMNS, LeaderboardError, battles_from_votes, leaderboard
 from trainer.store import DATA_HELP
+
+
+def standings(
+    data: str | os.PathLike,
+    runs_dir: str | os.PathLike,
+    *,
+    anchor: str | None = None,
+    rounds: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The leaderboard of the store `data` as the page shows it: {"ok", "message", "models",
+    "board" (a ratings.Leaderboard, or None), "evals" (policy_evals, or None)}. A store
+    that cannot be read or votes that rank nothing give ok False and the reason as
+    `message`, never an exception: the tab says it where the table would be. An anchor
+    that is no longer among the models falls back to the mean, with a note."""
+    from trainer.store import StoreError, read_comparisons
+
+    try:
+        votes = read_comparisons(data, columns=VOTE_COLUMNS)
+    except StoreError as e:  # e.g. the database is down: said on the tab, like the CLI says it
+        return {"ok": False, "message": str(e), "models": [], "board": None, "evals": None}
+    evals = policy_evals(runs_dir, votes)
+    battles = battles_from_votes(votes)
+    note = ""
+    if anchor is not None and anchor not in battles.models:
+        note = f"The anchor {anchor} has no votes now; the mean of the models is 1000 instead. "
+        anchor = None
+    try:
+        board = leaderboard(battles, anchor=anchor, rounds=rounds, seed=seed)
+    except LeaderboardError as e:
+        return {"ok": False, "message": str(e), "models": battles.models, "board": None, "evals": evals}
+    message = note + " · ".join([*board.notes(), board.scale_note()])
+    return {"ok": True, "message": message, "models": battles.models, "board": board, "evals": evals}
+
+
+def leaderboard_json(data: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str | None = None) -> dict:
+    """Ratings, 95% intervals, ranks, win-rate matrix, vote counts and policy evaluations,
+    JSON-able (the /leaderboard API). StoreError / LeaderboardError propagate."""
+    from trainer.store import read_comparisons
+
+    votes = read_comparisons(data, columns=VOTE_COLUMNS)
+    out = leaderboard(votes, anchor=anchor).to_dict()
+    out["policy_evals"] = policy_evals(runs_dir, votes)
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,10 @@
     from annotate.web.leaderboard_tab import build_leaderboard_tab, page
     with gr.Tabs():
         build_leaderboard_tab(demo, ctx, guard)   # the tab, and gr.api /leaderboard
-    view = page(data, runs_dir, anchor="smollm2")  # what the tab shows, without gradio
+    view = page(data, runs_dir, anchor="smollm2")  # what the tab shows, as HTML, without gradio
+
+The numbers come from `annotate.leaderboard` (read the store, fit, policy evaluations);
+this module only renders them and guards the handlers.
 
 Admins only, like the Dashboard: annotators are blind judges and must not see which
 model is winning. The tab is hidden and shown by its own load event, and every handler
@@ -16,8 +19,7 @@ import os
 import time
 from typing import Any
 
-from annotate.policy_evals import policy_evals
-from annotate.ratings import VOTE_COLUMNS, LeaderboardError, battles_from_votes, leaderboard
+from annotate.leaderboard import leaderboard_json, standings
 from annotate.web.html import escape
 from annotate.web.leaderboard_html import LEADERBOARD_CSS, evals_html, matrix_html, plot_svg, table_html
 
@@ -32,57 +34,21 @@ def page(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Everything the Leaderboard tab shows for the store `data` (a directory, or a
-    postgresql:// URL): HTML strings, the model names (for the anchor dropdown) and the
-    anchor in use. A LeaderboardError becomes `message` (ok False) with
-    the other parts empty; an anchor that is no longer among the models falls back to the
-    mean, with a note."""
-    from trainer.store import StoreError, read_comparisons
-
-    try:
-        votes = read_comparisons(data, columns=VOTE_COLUMNS)
-    except StoreError as e:  # e.g. the database is down: said on the tab, like the CLI says it
-        return {
-            "ok": False,
-            "message": str(e),
-            "models": [],
-            "anchor": None,
-            "table": "",
-            "plot": "",
-            "matrix": "",
-            "evals": "",
-            "board": None,
-        }
-    evals = evals_html(policy_evals(runs_dir, votes))
-    anchor = None if anchor in (None, "", MEAN_ANCHOR) else anchor
-    battles = battles_from_votes(votes)
-    note = ""
-    if anchor is not None and anchor not in battles.models:
-        note = f"The anchor {anchor} has no votes now; the mean of the models is 1000 instead. "
-        anchor = None
-    try:
-        board = leaderboard(battles, anchor=anchor, rounds=rounds, seed=seed)
-    except LeaderboardError as e:
-        return {
-            "ok": False,
-            "message": str(e),
-            "models": battles.models,
-            "anchor": None,
-            "table": "",
-            "plot": "",
-            "matrix": "",
-            "evals": evals,
-            "board": None,
-        }
-    message = note + " · ".join([*board.notes(), board.scale_note()])
+    postgresql:// URL): `annotate.leaderboard.standings` as HTML strings, the model names
+    (for the anchor dropdown) and the anchor in use."""
+    view = standings(
+        data, runs_dir, anchor=None if anchor in (None, "", MEAN_ANCHOR) else anchor, rounds=rounds, seed=seed
+    )
+    board = view["board"]
     return {
-        "ok": True,
-        "message": message,
-        "models": sorted(board.models),
-        "anchor": board.anchor,
-        "table": table_html(board),
-        "plot": plot_svg(board),
-        "matrix": matrix_html(board),
-        "evals": evals,
+        "ok": view["ok"],
+        "message": view["message"],
+        "models": sorted(board.models) if board is not None else view["models"],
+        "anchor": board.anchor if board is not None else None,
+        "table": table_html(board) if board is not None else "",
+        "plot": plot_svg(board) if board is not None else "",
+        "matrix": matrix_html(board) if board is not None else "",
+        "evals": evals_html(view["evals"]) if view["evals"] is not None else "",
         "board": board,
     }
 
@@ -95,14 +61,9 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
     def leaderboard_api(anchor: str = "", request: gr.Request = None) -> dict:
         """Ratings, 95% intervals, ranks, win-rate matrix and vote counts (admins only).
         anchor: the model rated 1000; empty for the mean of the models."""
-        from trainer.store import read_comparisons
-
         guard.admin(request)
         with guard.errors():
-            votes = read_comparisons(ctx.data, columns=VOTE_COLUMNS)
-            out = leaderboard(votes, anchor=anchor or None).to_dict()
-            out["policy_evals"] = policy_evals(ctx.runs_dir, votes)
-        return out
+            return leaderboard_json(ctx.data, ctx.runs_dir, anchor=anchor or None)
 
     with gr.Tab("Leaderboard", id="leaderboard", visible=False) as tab:
         gr.Markdown(
