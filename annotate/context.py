@@ -20,7 +20,7 @@ class ServeContext:
     state_dir: Path  # local files that are not votes (arena.json, pair caches)
     runs_dir: Path  # where trainings started from the page go (Train tab)
     queue: Any  # annotate.queue.AssignmentQueue
-    generator: Any = None  # annotate.pairs.Generator, when serving models (--model)
+    generator: Any = None  # annotate.pair_generator.Generator, when serving models (--model)
     launcher: Any = None  # annotate.launcher.Launcher: trainer subprocesses
     reviewer: Any = None  # annotate.review.Reviewer: reward-model scoring of the votes
     guidelines: str = ""  # Markdown shown in the Guidelines tab

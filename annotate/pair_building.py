@@ -7,7 +7,7 @@ pairs-file row from two answers, and writing a pairs file whole.
     write_jsonl_atomic(Path("pairs.jsonl"), rows)
 
 Used by `preflab generate` (annotate/generate.py) and by the serve-time generator
-(annotate/pairs.py `Generator`). The row is the pairs-file shape annotate/pairs.py
+(annotate/pair_generator.py `Generator`). The row is the pairs-file shape annotate/pairs.py
 reads back: the two answers in canonical order (sorted by model, then answer), so the
 same pair always gets the same pair_id.
 """

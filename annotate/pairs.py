@@ -1,45 +1,33 @@
-"""Where the annotation app's pairs come from.
+"""The annotation app's pairs: `Pair`, the one shape every source of pairs gives, and
+the pairs file.
 
-Two sources, one shape (`Pair`):
+    pairs, problems = load_pairs("pairs.jsonl")   # preflab serve --pairs FILE (annotate/serve.py)
+    pair = pair_from_row({"prompt": "Hi", "response_a": "Hello", "response_b": "Hey"})
+    row = pair_to_row(pair)                       # the same row shape, to write back
 
-* a pairs file (`preflab serve --pairs FILE`): candidates generated beforehand, e.g. by
-  `preflab generate`, or brought from elsewhere. JSON Lines or Parquet, one pair a row:
-  `prompt` (a string, taken as one user message, or a list of chat messages),
-  `response_a`, `response_b`, and optionally `model_a`, `model_b`, `pair_id`,
-  `prompt_id`, `gen_params`. A row that cannot be used is reported as `file:line:
-  reason` and skipped; only a file with nothing usable in it is an error.
+A pairs file (`preflab serve --pairs FILE`) holds candidates generated beforehand,
+e.g. by `preflab generate`, or brought from elsewhere. JSON Lines or Parquet, one pair
+a row: `prompt` (a string, taken as one user message, or a list of chat messages),
+`response_a`, `response_b`, and optionally `model_a`, `model_b`, `pair_id`,
+`prompt_id`, `gen_params`. A row that cannot be used is reported as `file:line:
+reason` and skipped; only a file with nothing usable in it is an error.
 
-* a model (`preflab serve --model M [--model M2 ...]`): `Generator`, a background
-  thread that samples pairs in batches and hands them to the assignment queue, keeping
-  it ahead of the annotators: whenever an active annotator has fewer than two pairs
-  ready, the next batch is generated. Every generated pair is also appended (fsync'd)
-  to `<store>/pairs/generated-<key>.jsonl`, where the key names the models and the
-  sampling settings, so a restarted server serves the same pairs again: votes already
-  cast on them still count, and a pair that one of two annotators has voted on can
-  still get its second vote.
-
-Nothing heavy is imported at module level: torch loads only when a Generator starts.
+The other source, pairs sampled from models while the server runs (`preflab serve
+--model M`), is `Generator` in annotate/pair_generator.py; it caches its pairs in
+this row shape and reads them back with `pair_from_row`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
-import random
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer.errors import PreflabError
 from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, parse_messages
-from trainer.runs import CONFIG_FILE
 from trainer.store import messages_to_json, pair_id_for, prompt_id_for
-
-log = logging.getLogger("preflab.pairs")
 
 UNKNOWN_MODEL = "unknown"
 
@@ -194,308 +182,3 @@ def pair_to_row(pair: Pair) -> dict[str, Any]:
         "prompt_id": pair.prompt_id,
         "gen_params": pair.gen_params,
     }
-
-
-# --------------------------------------------------------------------------------------
-# Generating pairs in the background
-# --------------------------------------------------------------------------------------
-
-
-class Generator(threading.Thread):
-    """Samples pairs for a prompt pool and feeds them to an AssignmentQueue.
-
-    With one model the two sides are two samples of it with different seeds; with
-    several, each prompt gets a random pair of two different models. Each prompt is
-    answered once per round, least-voted prompts first; `rounds` rounds in all.
-
-    `status()` says what the thread is doing (for the page's cold-start progress):
-    {"state": "loading" | "generating" | "waiting" | "done" | "failed", "message", ...}.
-
-    `add_model(path, model_id)` puts one more model into the arena while the server runs
-    (the Train tab's "Add to arena"): it gets `rounds` more pairs per prompt, each one
-    the new model against one of the others, recorded under `model_id`. A generator that
-    had finished starts again for them.
-    """
-
-    def __init__(
-        self,
-        model_names: list[str],
-        prompts: list,
-        queue,
-        *,
-        cache_dir: Path | None,
-        voted_prompts: dict[str, int] | None = None,
-        rounds: int = 1,
-        batch_size: int = 4,
-        max_new_tokens: int = 256,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        seed: int = 0,
-        per_annotator: int = 2,
-        device: str = "auto",
-        model_cache_dir: str | None = None,
-    ):
-        super().__init__(name="preflab-generator", daemon=True)
-        self.model_names = list(dict.fromkeys(model_names))
-        self.prompts = list(prompts)
-        self.queue = queue
-        self.rounds = rounds
-        self.batch_size = batch_size
-        self.sampling = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
-        self.seed = seed
-        self.per_annotator = per_annotator
-        self.device = device
-        self.model_cache_dir = model_cache_dir
-        self.voted_prompts = voted_prompts or {}
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self._status: dict[str, Any] = {
-            "state": "loading",
-            "message": "starting",
-            "generated": 0,
-            "planned": len(self.prompts) * rounds,
-            "started": time.time(),
-        }
-        # The cache file is named by what makes pairs comparable: models and settings.
-        key = hashlib.sha256(
-            json.dumps([sorted(self.model_names), self.sampling, seed], sort_keys=True).encode()
-        ).hexdigest()[:12]
-        self.cache_path = Path(cache_dir) / f"generated-{key}.jsonl" if cache_dir else None
-        self._answered: dict[str, int] = {}  # prompt_id -> pairs generated for it so far
-        self._batches = 0
-        # Models added at runtime (add_model): what each model id loads, the rounds the
-        # server started with, and the added ids in order (round base_rounds + i * base_rounds
-        # and the next base_rounds - 1 rounds pit added model i against the others).
-        self.sources: dict[str, str] = {name: name for name in self.model_names}
-        self._base_models = list(self.model_names)
-        self._base_rounds = rounds
-        self._added: list[str] = []
-        self._loaded: dict[str, Any] = {}
-        self._rng = random.Random(seed)  # the arena's draws of models
-        self._ran = False  # run() was called (not `_started`: threading.Thread has one)
-        self._working = False  # a thread is generating (or about to); guarded by _lock
-        self.before_add = None  # called with each new batch before it enters the queue
-
-    # ---- status ----------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._status)
-
-    def _set(self, **fields: Any) -> None:
-        with self._lock:
-            self._status.update(fields)
-
-    @property
-    def planned(self) -> int:
-        return len(self.prompts) * self.rounds
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.queue.wake()
-
-    # ---- more models while the server runs -------------------------------------------
-
-    def add_model(self, path: str | os.PathLike, model_id: str) -> bool:
-        """Add the model in `path` (a Hugging Face model directory) to the arena under the
-        name `model_id`, the name its votes carry. Thread-safe; returns False when that id
-        is already in the arena. Each prompt gets `rounds` more pairs, each one `model_id`
-        against another model; a generator that had finished starts again."""
-        model_id = (model_id or "").strip()
-        if not model_id:
-            raise ValueError("a model added to the arena needs a name (model_id)")
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise ValueError(f"{path}: not a model directory (no {CONFIG_FILE})")
-        with self._lock:
-            if model_id in self.model_names:
-                return False
-            self.model_names.append(model_id)
-            self.sources[model_id] = str(path)
-            self._added.append(model_id)
-            self.rounds += self._base_rounds
-            self._status["planned"] = self.planned
-            restart = self._ran and not self._working and not self._stop_event.is_set()
-            if restart:
-                self._working = True
-        if hasattr(self.queue, "planned"):
-            self.queue.planned = self.planned
-        log.info("arena: added %s (%s)", model_id, path)
-        if restart:  # the thread had run out of work: a new one takes it up
-            threading.Thread(target=self._work, name="preflab-generator-more", daemon=True).start()
-        else:
-            self.queue.wake()  # a worker waiting for "need" looks at the plan again
-        return True
-
-    def _sides(self, prompt, seed: int, rng: random.Random) -> tuple:
-        """The (model, seed) of each side of the next pair for `prompt`. Base rounds: two
-        seeds of the one model, or two different base models; a round of an added model:
-        that model against a random other one."""
-        with self._lock:
-            names, added = list(self.model_names), list(self._added)
-        r = self._answered.get(prompt.id, 0)
-        if r >= self._base_rounds and added:
-            focus = added[min((r - self._base_rounds) // self._base_rounds, len(added) - 1)]
-            return (focus, seed), (rng.choice([m for m in names if m != focus]), seed)
-        if len(self._base_models) == 1:
-            return (self._base_models[0], seed), (self._base_models[0], seed + 1)
-        return tuple((m, seed) for m in rng.sample(self._base_models, 2))
-
-    # ---- the pairs generated by an earlier run ---------------------------------------
-
-    def load_cache(self) -> list[Pair]:
-        """Pairs that an earlier server with the same models and settings generated,
-        for prompts still in the pool. Call before start(); a torn last line (a server
-        killed mid-write) is dropped."""
-        if self.cache_path is None or not self.cache_path.is_file():
-            return []
-        wanted = {p.id for p in self.prompts}
-        pairs = []
-        for raw in self.cache_path.read_bytes().split(b"\n"):
-            try:
-                pair = pair_from_row(json.loads(raw))
-            except (json.JSONDecodeError, BadRow, UnicodeDecodeError):
-                continue
-            if pair.prompt_id in wanted and self._answered.get(pair.prompt_id, 0) < self.rounds:
-                self._answered[pair.prompt_id] = self._answered.get(pair.prompt_id, 0) + 1
-                pairs.append(pair)
-        self._batches = len(pairs)  # seeds keep moving on after a restart
-        self._set(generated=len(pairs))
-        return pairs
-
-    def _append_cache(self, pairs: list[Pair]) -> None:
-        if self.cache_path is None:
-            return
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        data = "".join(json.dumps(pair_to_row(p), ensure_ascii=False) + "\n" for p in pairs)
-        with open(self.cache_path, "a+b") as f:  # appends go to the end whatever we read
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a server killed mid-write left a torn line
-                    data = "\n" + data
-            f.write(data.encode())
-            f.flush()
-            os.fsync(f.fileno())
-
-    # ---- the work --------------------------------------------------------------------
-
-    def _next_prompts(self, size: int) -> list:
-        """The next `size` prompts: those with the fewest pairs so far, then the fewest
-        votes in the store, then pool order."""
-        order = sorted(
-            range(len(self.prompts)),
-            key=lambda i: (
-                self._answered.get(self.prompts[i].id, 0),
-                self.voted_prompts.get(self.prompts[i].id, 0),
-                i,
-            ),
-        )
-        batch = [self.prompts[i] for i in order if self._answered.get(self.prompts[i].id, 0) < self.rounds]
-        return batch[:size]
-
-    def run(self) -> None:
-        with self._lock:
-            self._ran = self._working = True
-        self._work()
-
-    def _work(self) -> None:
-        try:
-            self._run()
-        except Exception as e:  # the page shows it; the server keeps serving what exists
-            log.exception("pair generation failed")
-            with self._lock:
-                self._working = False
-            self._set(state="failed", message=f"generation failed: {type(e).__name__}: {e}")
-            self.queue.wake()
-
-    def _load_new_models(self) -> None:
-        """Load every arena model not loaded yet (all at the start; added ones later)."""
-        from trainer import models
-
-        with self._lock:
-            todo = [
-                (k, n, self.sources[n])
-                for k, n in enumerate(self.model_names, start=1)
-                if n not in self._loaded
-            ]
-            total = len(self.model_names)
-        for k, name, source in todo:
-            self._set(state="loading", message=f"loading model {name} ({k}/{total})")
-            self._loaded[name] = models.load_model(source, device=self.device, cache_dir=self.model_cache_dir)
-
-    def _run(self) -> None:
-        from transformers.utils import logging as hf_logging
-
-        from annotate.pair_building import make_pair
-        from trainer import models
-
-        hf_logging.disable_progress_bar()  # the page shows progress; the log needs no bars
-        hf_logging.set_verbosity_error()
-
-        loaded = self._loaded
-        rng = self._rng  # one stream across restarts of the work (add_model)
-        while not self._stop_event.is_set():
-            self._load_new_models()
-            # Cold (nothing to show anyone): one prompt, so the first pair comes soonest.
-            batch = self._next_prompts(self.batch_size if self.queue.ready() else 1)
-            if not batch:
-                with self._lock:  # add_model may have planned more just now: check under the lock
-                    finished = not self._next_prompts(1)
-                    if finished:
-                        self._working = False
-                        self._status.update(state="done", message=f"all {self.planned} pairs generated")
-                if finished:
-                    self.queue.wake()
-                    return
-                continue
-            if not self.queue.needs_pairs(self.per_annotator):
-                self._set(state="waiting", message="enough pairs ready")
-                self.queue.wait_for_need(self.per_annotator, timeout=1.0)
-                continue
-            done = self.status()["generated"]
-            span = f"pair {done + 1}" if len(batch) == 1 else f"pairs {done + 1}-{done + len(batch)}"
-            self._set(state="generating", message=f"generating {span} of {self.planned}")
-            # Each prompt's two sides: (model, seed). Seeds move on with every batch, so
-            # a second round samples new answers.
-            seed = self.seed + 2 * self._batches
-            self._batches += 1
-            sides = [self._sides(p, seed, rng) for p in batch]
-            jobs: dict[tuple[str, int], list[int]] = {}
-            for i, pair_sides in enumerate(sides):
-                for side in pair_sides:
-                    jobs.setdefault(side, []).append(i)
-            answers: dict[tuple[int, str, int], str] = {}
-            for (name, s), indices in sorted(jobs.items()):
-                model, tokenizer = loaded[name]
-                texts = models.generate(
-                    model,
-                    tokenizer,
-                    [batch[i].messages for i in indices],
-                    n=1,
-                    seed=s,
-                    batch_size=self.batch_size,
-                    progress=False,
-                    **self.sampling,
-                )
-                for i, (text,) in zip(indices, texts):
-                    answers[i, name, s] = text
-                if self._stop_event.is_set():
-                    return
-            new = []
-            for i, (x, y) in enumerate(sides):
-                row = make_pair(
-                    batch[i],
-                    *[
-                        {"model": m, "response": answers[i, m, s], "params": {**self.sampling, "seed": s}}
-                        for m, s in (x, y)
-                    ],
-                )
-                new.append(pair_from_row(row))
-            self._append_cache(new)
-            for p in batch:
-                self._answered[p.id] = self._answered.get(p.id, 0) + 1
-            if self.before_add is not None:  # e.g. reward-model scores for --sampling uncertain
-                self.before_add(new)
-            added = self.queue.add(new)
-            self._set(generated=self.status()["generated"] + len(new))
-            log.info("generated %d pairs (%d new)", len(new), added)

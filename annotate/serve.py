@@ -217,7 +217,7 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
     """The background generator of --model, with the arena restored and its cached
     pairs in the queue."""
     from annotate.arena import restore_arena  # policies added from the Train tab earlier
-    from annotate.pairs import Generator
+    from annotate.pair_generator import Generator
     from trainer.models import ModelLoadError, canonical_name, check_model
     from trainer.prompts import PromptPoolError, load_prompt_pool
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from annotate.accounts import Accounts, identify, require_admin, role_of
-from annotate.pairs import Generator
+from annotate.pair_generator import Generator
 from annotate.queue import Assignment, AssignmentQueue, StaleVote
 from trainer.errors import PreflabError
 from trainer.store.errors import StoreError, StoreWriteError, VoteConflict

@@ -244,7 +244,7 @@ def test_generation_worker_with_the_tiny_model(tmp_path):
 
 
 def test_arena_generator_pairs_two_different_models_and_caches_its_pairs(tmp_path):
-    from annotate.pairs import Generator
+    from annotate.pair_generator import Generator
     from trainer.models import build_tiny_model
     from trainer.prompts import load_prompt_pool
 

@@ -288,7 +288,7 @@ def _wait_done(gen, generated: int, timeout: float = 120):
 
 
 def test_add_model_turns_one_model_into_a_two_model_arena(tmp_path):
-    from annotate.pairs import Generator
+    from annotate.pair_generator import Generator
     from annotate.queue import AssignmentQueue
     from trainer.models import build_tiny_model
 
@@ -330,7 +330,7 @@ def test_add_model_turns_one_model_into_a_two_model_arena(tmp_path):
 
 
 def test_add_to_arena_is_remembered_for_the_next_server(tmp_path):
-    from annotate.pairs import Generator
+    from annotate.pair_generator import Generator
     from annotate.queue import AssignmentQueue
     from trainer.models import build_tiny_model
 

@@ -309,7 +309,7 @@ def test_sampler_scores_a_pairs_file_in_the_background(reward_run):
 
 
 def test_generated_batches_are_scored_before_they_enter_the_queue(reward_run, tmp_path):
-    from annotate.pairs import Generator
+    from annotate.pair_generator import Generator
     from annotate.sampling import UncertaintySampler
     from trainer.prompts import load_prompt_pool
 

@@ -1,0 +1,124 @@
+"""What the assignment queue says about itself: the questions the page, the dashboard
+and the pair generator ask, answered from the queue's own state.
+
+    queue.progress("ann")          # {"done", "assigned"}: the page's progress bar
+    queue.held_by_others("ann")    # why there is nothing to show: others hold the last pairs
+    queue.overview()               # the dashboard's numbers about the pool
+    queue.needs_pairs(2)           # the generator: make the next batch now?
+    queue.wait_for_need(2)         # ... or block until something changed
+
+`QueueStatus` is a base class of `AssignmentQueue` (annotate/queue.py), like its shared
+mode (annotate/queue_shared.py): these methods read the queue's state under its lock
+and change nothing in it; the rules (overlap, never twice, leases, fair shares) are
+the queue's, and so are the helpers used here (`_fill`, `_can_take`, `_wanted`).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class QueueStatus:
+    """The read side of AssignmentQueue (see the module docstring)."""
+
+    def progress(self, annotator: str) -> dict[str, int]:
+        """{"done": pairs of this pool they voted on, "assigned": their fair share}."""
+        with self._lock:
+            person = self._person_or_blank(annotator)
+            done = sum(1 for p in person.voted if p in self._pairs)
+            total = len(self._pairs) + max(0, self.planned - len(self._pairs))
+            in_play = sum(
+                1
+                for name, other in self._people.items()
+                if other.current is not None
+                or name == annotator
+                or any(p in self._pairs for p in other.voted)
+            )
+            share = math.ceil(total * self.overlap / max(in_play, self.overlap))
+            possible = total - sum(1 for p in person.skipped if p not in person.voted)
+            return {"done": done, "assigned": max(done, min(share, possible))}
+
+    def active_annotators(self) -> list[str]:
+        with self._lock:
+            now = self.clock()
+            return [name for name, p in self._people.items() if now - p.last_seen < self.active_s]
+
+    def _available(self, annotator: str | None, limit: int, now: float) -> int:
+        """How many open pairs this annotator could be given now (besides their
+        current one), counting up to `limit`. None: anyone (a slot is free)."""
+        person = self._people.get(annotator) if annotator else None
+        n = 0
+        for pair_id in self._open:
+            if person is not None and not self._can_take(annotator, person, pair_id, now):
+                continue
+            if self._fill(pair_id, now) < self._wanted(pair_id):
+                n += 1
+                if n >= limit:
+                    break
+        return n
+
+    def ready(self, annotator: str | None = None, limit: int = 1) -> int:
+        """Open pairs someone (or this annotator) could be given now, counted up to limit."""
+        with self._lock:
+            return self._available(annotator, limit, self.clock())
+
+    def held_by_others(self, annotator: str) -> int:
+        """Open pairs this annotator may still do that are all leased to others right
+        now: they come free if those annotators skip them or go away."""
+        with self._lock:
+            now = self.clock()
+            person = self._person_or_blank(annotator)
+            return sum(
+                1
+                for pair_id in self._open
+                if self._can_take(annotator, person, pair_id, now)
+                and self._fill(pair_id, now) >= self._wanted(pair_id)
+            )
+
+    def needs_pairs(self, per_annotator: int = 2) -> bool:
+        """True while some active annotator has fewer than `per_annotator` pairs ready,
+        or the free slots of all open pairs are fewer than that per active annotator.
+        With nobody active, keep `per_annotator` pairs ready for the first one."""
+        with self._lock:
+            now = self.clock()
+            active = [name for name, p in self._people.items() if now - p.last_seen < self.active_s]
+            if not active:
+                return self._available(None, per_annotator, now) < per_annotator
+            if any(self._available(name, per_annotator, now) < per_annotator for name in active):
+                return True
+            want = per_annotator * len(active)
+            free = 0
+            for pair_id in self._open:
+                free += max(0, self._wanted(pair_id) - self._fill(pair_id, now))
+                if free >= want:
+                    return False
+            return True
+
+    def wait_for_need(self, per_annotator: int = 2, timeout: float = 1.0) -> bool:
+        """Block until something changed (or timeout); then say whether pairs are needed."""
+        with self._changed:
+            self._changed.wait(timeout)
+        return self.needs_pairs(per_annotator)
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def overview(self) -> dict[str, int]:
+        """Numbers about the pool as a whole (for the dashboard)."""
+        with self._lock:
+            now = self.clock()
+            complete = sum(1 for p in self._pairs if len(self._votes.get(p, ())) >= self._wanted(p))
+            in_progress = sum(
+                1
+                for p, leases in self._leases.items()
+                if any(now - t < self.lease_s for t in leases.values())
+            )
+            return {
+                "pairs": len(self._pairs),
+                "complete": complete,
+                "open": len(self._open),
+                "in_progress": in_progress,
+                "overlap": self.overlap,
+                "planned": max(self.planned, len(self._pairs)),
+            }
