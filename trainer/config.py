@@ -226,6 +226,48 @@ def config_from_namespace(config_class: type, args) -> tuple[Any, set[str]]:
     return config_class(**merged), set(from_file) | changed
 
 
+RUN_LOCATION = ("run_dir", "runs_dir", "run_id")  # where a run is, not how it runs
+
+
+def settings_for_run(
+    cfg: Any, explicit: set[str], *, prefix: str, resumable: Iterable[str], keep_saved: bool | None = None
+) -> tuple[Any, Path]:
+    """(config to run, run dir) for a trainer: `cfg.run_dir`, or a new `<runs_dir>/<run_id>`
+    (default `<prefix>-<time>-<pid>`). A run dir that already holds a config is that run:
+    its settings win over the command line, except the `resumable` ones given explicitly
+    (a note says what was ignored). `keep_saved` False (a reward run with no checkpoint yet,
+    which starts over) lets every explicit setting win."""
+    import os
+    import sys
+    import time
+
+    from trainer.runs import CONFIG_FILE, read_json
+
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    else:
+        run_id = cfg.run_id or time.strftime(f"{prefix}-%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
+        path = Path(cfg.runs_dir) / run_id
+    saved = read_json(path / CONFIG_FILE).get("config")
+    if saved:
+        resumable = set(resumable)
+        merged = {**saved}
+        for key in explicit:
+            value = getattr(cfg, key)
+            if keep_saved is not False and key not in resumable and value != saved.get(key):
+                if key not in RUN_LOCATION:
+                    print(
+                        f"note: {key}={value!r} ignored: resuming {path}, which runs with {key}={saved.get(key)!r}",
+                        file=sys.stderr,
+                    )
+                continue
+            merged[key] = value
+        names = {f.name for f in dataclasses.fields(type(cfg))}
+        cfg = type(cfg)(**{k: v for k, v in merged.items() if k in names})
+    cfg.run_dir = str(path)
+    return cfg, path
+
+
 def read_config_file(config_class: type, path: str | Path) -> dict[str, Any]:
     """The settings of a JSON config file, typed; ConfigError naming the file or the key."""
     path = Path(path)

@@ -13,16 +13,12 @@ per-algorithm defaults (k, epochs, minibatches, whitening) so config.json shows 
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import Config, ConfigError, model_problem
+from trainer.config import Config, ConfigError, model_problem, settings_for_run
 from trainer.errors import PolicyInputError
 from trainer.prompts import DEFAULT_PROMPTS
-from trainer.runs import CONFIG_FILE, read_json
 
 ALGOS = ("ppo", "rloo", "reinforce")
 # Settings that may change when a run is resumed; the rest stay what the run began with.
@@ -275,28 +271,8 @@ def check_config(cfg: PolicyConfig) -> None:
 
 
 def resolve_config(cfg: PolicyConfig, explicit: set[str]) -> tuple[PolicyConfig, Path]:
-    """(config to run, run dir). A run dir that already has a config is that run: its
-    settings win, except the few RESUMABLE_OVERRIDES given explicitly."""
-    if cfg.run_dir:
-        path = Path(cfg.run_dir)
-    else:
-        run_id = cfg.run_id or time.strftime("policy-%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
-        path = Path(cfg.runs_dir) / run_id
-    saved = read_json(path / CONFIG_FILE).get("config")
-    if saved:
-        merged = {**saved}
-        for key in explicit:
-            value = getattr(cfg, key)
-            if key not in RESUMABLE_OVERRIDES and value != saved.get(key):
-                if key not in ("run_dir", "runs_dir", "run_id"):
-                    print(
-                        f"note: {key}={value!r} ignored: resuming {path}, which runs with "
-                        f"{key}={saved.get(key)!r}",
-                        file=sys.stderr,
-                    )
-                continue
-            merged[key] = value
-        fields = {f.name for f in dataclasses.fields(PolicyConfig)}
-        cfg = PolicyConfig(**{k: v for k, v in merged.items() if k in fields})
-    cfg.run_dir = str(path)
+    """(config to run, run dir): `trainer.config.settings_for_run` (a run dir that already
+    has a config is that run: its settings win, except the RESUMABLE_OVERRIDES given
+    explicitly), then the per-algorithm defaults."""
+    cfg, path = settings_for_run(cfg, explicit, prefix="policy", resumable=RESUMABLE_OVERRIDES)
     return finalize_config(cfg), path

@@ -11,16 +11,12 @@ tab reads its defaults, choices and labels from it.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import Config, ConfigError, model_problem
+from trainer.config import Config, ConfigError, model_problem, settings_for_run
 from trainer.reward_data import RewardDataError
-from trainer.runs import CONFIG_FILE, Run, read_json
+from trainer.runs import Run
 from trainer.store import DATA_HELP
 
 # Settings that may change when a run is resumed; the rest must stay what the run began with.
@@ -167,30 +163,14 @@ class RewardConfig(Config):
 
 
 def resolve_config(cfg: RewardConfig, explicit: set[str]) -> tuple[RewardConfig, Path, bool]:
-    """(config to run, run dir, resuming?). A run dir that already has a config is that
-    run: its settings win, except the few RESUMABLE_OVERRIDES given explicitly."""
-    if cfg.run_dir:
-        path = Path(cfg.run_dir)
-    else:
-        run_id = cfg.run_id or time.strftime("reward-%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
-        path = Path(cfg.runs_dir) / run_id
-    saved = read_json(path / CONFIG_FILE).get("config")
-    resuming = Run(path).checkpoint() is not None
-    if saved:
-        merged = {**saved}
-        for key in explicit:
-            value = getattr(cfg, key)
-            if resuming and key not in RESUMABLE_OVERRIDES and value != saved.get(key):
-                print(
-                    f"note: {key}={value!r} ignored: resuming {path}, which runs with "
-                    f"{key}={saved.get(key)!r}",
-                    file=sys.stderr,
-                )
-                continue
-            merged[key] = value
-        fields = {f.name for f in dataclasses.fields(RewardConfig)}
-        cfg = RewardConfig(**{k: v for k, v in merged.items() if k in fields})
-    cfg.run_dir = str(path)
+    """(config to run, run dir, resuming?): `trainer.config.settings_for_run`. A run with a
+    checkpoint resumes with its own settings (but RESUMABLE_OVERRIDES); one without
+    starts over with what was given."""
+    path = Path(cfg.run_dir) if cfg.run_dir else None
+    resuming = path is not None and Run(path).checkpoint() is not None
+    cfg, path = settings_for_run(
+        cfg, explicit, prefix="reward", resumable=RESUMABLE_OVERRIDES, keep_saved=resuming
+    )
     return cfg, path, resuming
 
 
