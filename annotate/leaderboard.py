@@ -6,10 +6,11 @@ from the human votes, with 95% bootstrap intervals, on an Elo-like scale.
     preflab leaderboard --data comparisons --json --runs runs   # machine-readable, with policy evals
     preflab leaderboard --data postgresql://me@db:5432/votes    # a PostgreSQL store, the same
 
-Only the command line: the ratings are annotate/ratings.py's, the policy evaluations
-annotate/policy_evals.py's (the Leaderboard tab of `preflab serve` shows the same numbers:
-annotate/web/leaderboard_tab.py). Bad settings and votes that cannot rank anything raise
-LeaderboardError, which annotate/cli.py prints as `error: ...` (exit 2).
+Only the command line: the ratings are annotate/ratings.py's (on annotate/bradley_terry.py's
+fit), the policy evaluations annotate/policy_evals.py's (the Leaderboard tab of
+`preflab serve` shows the same numbers: annotate/web/leaderboard_tab.py). Bad settings
+and votes that cannot rank anything raise LeaderboardError, which annotate/cli.py prints
+as `error: ...` (exit 2).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import json
 import sys
 import time
 
+from annotate.bradley_terry import BOTH_BAD_MODES, VOTE_COLUMNS
 from annotate.policy_evals import evals_table, policy_evals
-from annotate.ratings import BOTH_BAD_MODES, VOTE_COLUMNS, LeaderboardError, leaderboard
+from annotate.ratings import LeaderboardError, leaderboard
 from trainer.store import DATA_HELP
 
 

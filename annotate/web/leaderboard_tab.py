@@ -16,8 +16,9 @@ import os
 import time
 from typing import Any
 
+from annotate.bradley_terry import VOTE_COLUMNS, battles_from_votes
 from annotate.policy_evals import policy_evals
-from annotate.ratings import VOTE_COLUMNS, LeaderboardError, battles_from_votes, leaderboard
+from annotate.ratings import LeaderboardError, leaderboard
 from annotate.web.html import escape
 from annotate.web.leaderboard_html import LEADERBOARD_CSS, evals_html, matrix_html, plot_svg, table_html
 
