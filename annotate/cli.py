@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prompts": ("trainer.prompts", "check a prompt pool file and report what would be loaded"),
     "import": ("annotate.importers", "import TRL / Anthropic-HH preference data as votes"),
     "serve": ("annotate.serve", "open the annotation app: rank pairs of answers in the browser"),
-    "export": ("annotate.export", "export votes as a TRL / datasets preference dataset"),
+    "export": ("annotate.export_command", "export votes as a TRL / datasets preference dataset"),
     "train-reward": (
         "trainer.reward",
         "fit a Bradley-Terry reward model to the votes (or a TRL preference file)",

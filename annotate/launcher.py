@@ -8,20 +8,11 @@ A run is a subprocess, `python -m trainer.reward ...` or `python -m trainer.poli
 in its own session: the page never waits for it, and stopping or restarting the server
 does not stop it. The form's values become the trainer's config dataclass, checked by the
 config's own check (a bad value: LaunchError naming the field, nothing started), written
-to runs/<id>/launch-config.json and handed to the trainer as `--config FILE`.
-Everything the page shows is read back from the run directory (DESIGN.md, "Run
-directories"; trainer.runs.RunDir), so a reloaded page, a restarted server and a run
-started with the CLI all look the same:
-
-    launch.json          written here: kind, command line, pid, when (not by the CLI)
-    launch-config.json   written here: the settings the form gave, checked
-    status.json          written by the trainer (pre-created here as `queued`)
-    config.json          written by the trainer; says reward or policy for CLI runs
-    metrics.jsonl        read incrementally (annotate.run_metrics.MetricsReader)
-    log.txt              the trainer's stdout and stderr
-
-A run whose process is gone while its status still says queued or running is shown as
-failed ("process exited without a final status"). Cancel sends SIGTERM, after checking
+to runs/<id>/launch-config.json and handed to the trainer as `--config FILE`; the command
+line and pid go to launch.json, and status.json is pre-created as `queued`.
+Everything the page shows is read back from the run directory: Launcher is a RunReader
+(annotate/run_reader.py, which lists the files), so a reloaded page, a restarted server
+and a run started with the CLI all look the same. Cancel sends SIGTERM, after checking
 that the pid is still that run's trainer (annotate.processes); the trainer saves and stops
 as `cancelled`.
 
@@ -37,77 +28,27 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from annotate.processes import trainer_identity
-from annotate.run_metrics import MetricsReader
+from annotate.run_reader import RunInfo, RunReader
 from trainer.errors import PreflabError
 from trainer.runs import (
-    ACTIVE_STATES,
     FINAL_STATES,
     LAUNCH_CONFIG_FILE,
     LAUNCH_FILE,
     LOG_FILE,
-    METRICS_FILE,
-    POLICY_DIR,
     STATUS_FILE,
-    RunDir,
-    is_model_dir,
     read_json,
     write_json,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-DEAD_MESSAGE = f"process exited without a final status; see {LOG_FILE}"
 
 
 class LaunchError(PreflabError, ValueError):
     """A form value or a request that cannot start (or stop) a run. The message names the field."""
-
-
-@dataclass
-class RunInfo:
-    run_id: str
-    path: Path
-    kind: str  # reward | policy | unknown
-    state: str  # queued | running | done | failed | cancelled
-    progress: float
-    message: str
-    created_at: float
-    updated_at: float | None = None
-    pid: int | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    base_model: str | None = None
-    config: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE_STATES
-
-    @property
-    def servable(self) -> bool:
-        """A finished policy the arena can load."""
-        return self.kind == "policy" and self.state == "done" and is_model_dir(self.path / POLICY_DIR)
-
-    @property
-    def trained_reward(self) -> bool:
-        """A finished reward model a policy can be trained against."""
-        return self.kind == "reward" and RunDir(self.path).reward_model() is not None
-
-    @property
-    def resumable(self) -> bool:
-        """A stopped run started from the page: `Launcher.resume` can start it again."""
-        return self.state in ("cancelled", "failed") and (self.path / LAUNCH_FILE).is_file()
-
-    def row(self) -> list[Any]:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created_at))
-        return [self.run_id, self.kind, self.state, f"{100 * self.progress:.0f}%", self.message, created]
-
-
-ROW_HEADERS = ["run", "kind", "state", "progress", "message", "created"]
 
 
 # --------------------------------------------------------------------------------------
@@ -115,7 +56,7 @@ ROW_HEADERS = ["run", "kind", "state", "progress", "message", "created"]
 # --------------------------------------------------------------------------------------
 
 
-class Launcher:
+class Launcher(RunReader):
     """Starts, lists and cancels the trainings of one runs directory."""
 
     def __init__(
@@ -126,7 +67,7 @@ class Launcher:
         env: dict[str, str] | None = None,
         store: str | os.PathLike | None = None,
     ):
-        self.runs_dir = Path(runs_dir).resolve()
+        super().__init__(runs_dir)
         self.python = python
         self.env = env
         # Database passwords by the URL without them: trainers get the URL on their
@@ -136,92 +77,9 @@ class Launcher:
         self._passwords: dict[str, str] = {}
         if store is not None:
             self._remember_password(store)
-        self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}  # runs started by this process
         self._waiters: dict[str, threading.Thread] = {}  # their reapers
         self._cancelled: set[str] = set()
-        self._readers: dict[str, MetricsReader] = {}
-
-    # ---- reading runs ----------------------------------------------------------------
-
-    def info(self, run_id: str) -> RunInfo | None:
-        path = self.runs_dir / run_id
-        if not run_id or "/" in run_id or run_id.startswith(".") or not path.is_dir():
-            return None
-        run = RunDir(path)
-        status, launch, config = run.status(), run.launch(), run.config_record()
-        if not (status or launch or config):
-            return None  # some other directory
-        try:
-            created = float(launch.get("created_at") or config.get("created_at") or path.stat().st_mtime)
-        except (TypeError, ValueError):
-            created = path.stat().st_mtime
-        state = status.get("state") or "queued"
-        message = str(status.get("message") or "")
-        pid = status.get("pid") or launch.get("pid")
-        updated = status.get("updated_at")
-        if state in ACTIVE_STATES and isinstance(pid, int):
-            self._reap()
-            if trainer_identity(pid, path, updated) == "dead":
-                state, message = "failed", DEAD_MESSAGE
-        settings = config.get("config") or launch.get("settings") or {}
-        try:
-            progress = min(max(float(status.get("progress") or 0.0), 0.0), 1.0)
-        except (TypeError, ValueError):
-            progress = 0.0
-        return RunInfo(
-            run_id=run_id,
-            path=path,
-            kind=run.kind(),
-            state=state,
-            progress=progress,
-            message=message,
-            created_at=created,
-            updated_at=updated,
-            pid=pid if isinstance(pid, int) else None,
-            step=status.get("step"),
-            total_steps=status.get("total_steps"),
-            base_model=settings.get("model"),
-            config=config,
-        )
-
-    def runs(self) -> list[RunInfo]:
-        """Every run in the runs directory, newest first."""
-        if not self.runs_dir.is_dir():
-            return []
-        out = []
-        for entry in self.runs_dir.iterdir():
-            if entry.is_dir():
-                info = self.info(entry.name)
-                if info is not None:
-                    out.append(info)
-        out.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
-        return out
-
-    def reward_models(self) -> list[str]:
-        """Finished reward runs (newest first): what a policy can train against."""
-        return [r.run_id for r in self.runs() if r.trained_reward]
-
-    def metrics(self, run_id: str) -> MetricsReader:
-        with self._lock:
-            reader = self._readers.get(run_id)
-            if reader is None:
-                reader = self._readers[run_id] = MetricsReader(self.runs_dir / run_id / METRICS_FILE)
-        reader.update()
-        return reader
-
-    def log_tail(self, run_id: str, lines: int = 25, max_bytes: int = 16384) -> str:
-        path = self.runs_dir / run_id / LOG_FILE
-        try:
-            with open(path, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
-                data = f.read()
-        except OSError:
-            return ""
-        # tqdm-style carriage returns: keep what a terminal would show
-        text = data.decode(errors="replace").replace("\r\n", "\n")
-        shown = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
-        return "\n".join(shown[-lines:]).strip("\n")
 
     # ---- starting runs ---------------------------------------------------------------
 

@@ -8,9 +8,10 @@ from the human votes, with 95% bootstrap intervals, on an Elo-like scale.
 
 The leaderboard of a store, for the command line and for the Leaderboard tab of
 `preflab serve` (annotate/web/leaderboard_tab.py renders `standings`, its API returns
-`leaderboard_json`): the ratings are annotate/ratings.py's, the policy evaluations
-annotate/policy_evals.py's. Bad settings and votes that cannot rank anything raise
-LeaderboardError, which annotate/cli.py prints as `error: ...` (exit 2).
+`leaderboard_json`): the ratings are annotate/ratings.py's (on annotate/bradley_terry.py's
+fit), the policy evaluations annotate/policy_evals.py's. Bad settings and votes that
+cannot rank anything raise LeaderboardError, which annotate/cli.py prints as
+`error: ...` (exit 2).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import sys
 import time
 from typing import Any
 
+from annotate.bradley_terry import BOTH_BAD_MODES, VOTE_COLUMNS, battles_from_votes
 from annotate.policy_evals import evals_table, policy_evals
-from annotate.ratings import BOTH_BAD_MODES, VOTE_COLUMNS, LeaderboardError, battles_from_votes, leaderboard
+from annotate.ratings import LeaderboardError, leaderboard
 from trainer.store import DATA_HELP
 
 

@@ -272,7 +272,8 @@ class Service:
     ) -> tuple[list[str], str]:
         """Write the standing votes as a preference dataset (annotate/export.py) into
         `folder`, under a new name each time (admins). Returns (files, a one-line report)."""
-        from annotate.export import export_preferences, ties_path_for, write_table
+        from annotate.export import export_preferences
+        from annotate.table_files import ties_path_for, write_table
         from trainer.store import read_comparisons
 
         self._require_admin(user)

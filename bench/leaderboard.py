@@ -59,15 +59,8 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from annotate.ratings import (  # noqa: E402
-    CENTER,
-    SCALE,
-    battles_from_votes,
-    bootstrap_thetas,
-    fit_bradley_terry,
-    leaderboard,
-    to_ratings,
-)
+from annotate.bradley_terry import battles_from_votes, fit_bradley_terry  # noqa: E402
+from annotate.ratings import CENTER, SCALE, bootstrap_thetas, leaderboard, to_ratings  # noqa: E402
 
 
 def say(*args) -> None:

@@ -16,8 +16,9 @@ from helpers import preflab as cli
 from helpers import vote_record as vote
 from helpers import write_jsonl
 
-from annotate.export import export_preferences, ties_path_for, write_table
+from annotate.export import export_preferences
 from annotate.importers import import_file
+from annotate.table_files import ties_path_for, write_table
 from trainer.store import messages_to_json, pair_id_for, prompt_id_for, read_comparisons
 from trainer.store.directory_writer import DirectoryStore
 

@@ -16,9 +16,10 @@ import pytest
 from helpers import banana_store
 
 from annotate.arena import add_to_arena, read_arena, restore_arena
-from annotate.launcher import DEAD_MESSAGE, Launcher, LaunchError
+from annotate.launcher import Launcher, LaunchError
 from annotate.processes import trainer_identity
 from annotate.run_metrics import MetricsReader
+from annotate.run_reader import DEAD_MESSAGE
 from trainer.store.directory_writer import DirectoryStore
 
 TINY_REWARD = dict(model="tiny", epochs=1, batch_size=8, max_length=96, lr=1e-3)

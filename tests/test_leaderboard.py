@@ -16,16 +16,9 @@ import pytest
 from helpers import preflab, vote_record, write_store
 
 from annotate import cli
+from annotate.bradley_terry import battles_from_votes, fit_bradley_terry
 from annotate.policy_evals import head_to_head, policy_evals
-from annotate.ratings import (
-    CENTER,
-    SCALE,
-    LeaderboardError,
-    battles_from_votes,
-    fit_bradley_terry,
-    interval_ranks,
-    leaderboard,
-)
+from annotate.ratings import CENTER, SCALE, LeaderboardError, interval_ranks, leaderboard
 from annotate.web.leaderboard_html import matrix_html, plot_svg, table_html
 from annotate.web.leaderboard_tab import page
 from trainer.store import read_comparisons

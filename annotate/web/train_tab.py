@@ -19,7 +19,8 @@ import time
 from typing import Any
 
 from annotate.arena import add_to_arena, in_arena
-from annotate.launcher import REPO, ROW_HEADERS, LaunchError, RunInfo
+from annotate.launcher import REPO, LaunchError
+from annotate.run_reader import ROW_HEADERS, RunInfo
 from annotate.web.html import escape as _e
 from trainer.runs import LOG_FILE, POLICY_DIR, RunDir
 from trainer.store import describe
