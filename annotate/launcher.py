@@ -124,6 +124,7 @@ class Launcher(RunReader):
         default pool. Raises LaunchError (naming the field) and starts nothing when a
         value is bad."""
         from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig
+        from trainer.store import is_database
 
         reward_id = str(reward_run or "").strip()
         if not reward_id:
@@ -137,16 +138,21 @@ class Launcher(RunReader):
                 f"(kind {reward.kind}, state {reward.state})"
             )
         model, prompts = form.get("model"), form.get("prompts")
+        # Prompts from a database: its password goes to the trainer's environment, never
+        # into launch-config.json, launch.json or the trainer's config.json.
+        prompts_store = None
+        if not _blank(prompts) and is_database(str(prompts).strip()):
+            prompts = prompts_store = self._remember_password(str(prompts).strip())
         values = {
             **form,
             "reward": str(reward.path),
             "model": _absolute(
                 reward.base_model or PolicyConfig().model if _blank(model) else model, model=True
             ),
-            "prompts": str(DEFAULT_PROMPTS) if _blank(prompts) else _absolute(prompts),
+            "prompts": str(DEFAULT_PROMPTS) if _blank(prompts) else prompts_store or _absolute(prompts),
         }
         config = _checked(PolicyConfig, values)
-        return self._start("policy", config, values, {}, run_id, extra)
+        return self._start("policy", config, values, {}, run_id, extra, stores=[prompts_store])
 
     def _remember_password(self, target: str | os.PathLike) -> str:
         """The target without its password; the password kept for the trainers' env."""
@@ -161,10 +167,18 @@ class Launcher(RunReader):
         return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
     def _start(
-        self, kind: str, config, values: dict, shown: dict, run_id: str | None, extra: list[str] | None
+        self,
+        kind: str,
+        config,
+        values: dict,
+        shown: dict,
+        run_id: str | None,
+        extra: list[str] | None,
+        stores: list[str | None] = (),
     ) -> RunInfo:
         """The checked config into runs/<id>/launch-config.json (the fields `values` the
-        form gave), and the trainer started on it; `extra` flags override the file."""
+        form gave), and the trainer started on it; `extra` flags override the file.
+        `stores`: database URLs (without passwords) the trainer reads besides --data."""
         run_id = run_id or self._new_id(kind)
         if "/" in run_id or run_id.startswith(".") or not run_id.strip():
             raise LaunchError(f"Run id: {run_id!r} is not a plain directory name")
@@ -192,6 +206,7 @@ class Launcher(RunReader):
         launch = {
             "kind": kind,
             "argv": argv,
+            "stores": [s for s in stores if s],
             "settings": settings,
             "created_at": time.time(),
             "started_by": f"preflab serve (pid {os.getpid()})",
@@ -250,8 +265,10 @@ class Launcher(RunReader):
         }
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         data = argv[argv.index("--data") + 1] if "--data" in argv[:-1] else None
-        if data in self._passwords:  # libpq reads it; it never touches the run directory
-            env["PGPASSWORD"] = self._passwords[data]
+        for target in (data, *(launch.get("stores") or [])):
+            if target in self._passwords:  # libpq reads it; it never touches the run directory
+                env["PGPASSWORD"] = self._passwords[target]
+                break
         try:
             with open(path / LOG_FILE, "ab") as log:
                 # A store URL's password stays out of the log (describe masks it).

@@ -20,6 +20,7 @@ from annotate.launcher import Launcher, LaunchError
 from annotate.processes import trainer_identity
 from annotate.run_metrics import MetricsReader
 from annotate.run_reader import DEAD_MESSAGE
+from trainer.runs import LAUNCH_CONFIG_FILE
 from trainer.store.directory_writer import DirectoryStore
 
 TINY_REWARD = dict(model="tiny", epochs=1, batch_size=8, max_length=96, lr=1e-3)
@@ -363,3 +364,29 @@ def test_add_to_arena_is_remembered_for_the_next_server(tmp_path):
     shutil.rmtree(run / "policy")  # a policy deleted since: left out, with a note
     third = Generator(["tiny"], pool, AssignmentQueue(), cache_dir=data / "pairs", max_new_tokens=4)
     assert "left out" in restore_arena(third, data)[0] and third.model_names == ["tiny"]
+
+
+def test_a_database_password_in_the_prompts_field_stays_out_of_the_run_directory(done_reward, tmp_path):
+    """Prompts from a PostgreSQL store: the URL goes into the run's files without its
+    password, which the trainer gets in its environment (PGPASSWORD) only."""
+    seen = tmp_path / "trainer-env.txt"
+    fake_python = tmp_path / "python"  # stands in for the trainer: records what it was given
+    fake_python.write_text(f'#!/bin/sh\nprintf "%s" "$PGPASSWORD" > {seen}\n')
+    fake_python.chmod(0o755)
+    other, _, reward_id = done_reward
+    launcher = Launcher(other.runs_dir, python=str(fake_python))
+    info = launcher.start_policy(
+        reward_id,
+        run_id="policy-db-prompts",
+        algo="rloo",
+        steps=1,
+        model="tiny",
+        prompts="postgresql://ann:s3cret@127.0.0.1:9/votes",
+    )
+    launcher.wait(info.run_id, timeout=60)
+    files = [p for p in info.path.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if b"s3cret" in p.read_bytes()]
+    config = json.loads((info.path / LAUNCH_CONFIG_FILE).read_text())
+    assert config["prompts"] == "postgresql://ann@127.0.0.1:9/votes"
+    assert seen.read_text() == "s3cret"
+    shutil.rmtree(info.path)
