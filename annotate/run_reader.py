@@ -5,7 +5,7 @@ RunInfo (kind, state, progress, message), with its metrics and the tail of its l
     runs.runs(); runs.info("reward-20250101-120000-ab12"); runs.reward_models()
     runs.metrics(run_id).series("train", "loss"); runs.log_tail(run_id)
 
-Everything is read from the run directory (DESIGN.md, "Run directories";
+Everything is read from the run directory (docs/design.md, "Run directories";
 trainer.runs.RunDir), so a reloaded page, a restarted server and a run started with the
 CLI all look the same:
 
