@@ -9,9 +9,11 @@ The training loop, read top to bottom (CleanRL style): every implementation deta
 step is in the loop below with a comment naming it. The settings (PolicyConfig:
 defaults, --help, checks, resume rules) are in trainer/policy_config.py; the model side
 (causal LM + value head, log-probs of the sampled tokens, sampling, LoRA, the reward
-scorer, saving) in trainer/policy_model.py; a run's bookkeeping (named statistics,
-checkpoints, the final save) in trainer/policy_run.py; the pure math (GAE, whitening, KL estimators, the RLOO baseline,
-the clipped losses, explained variance, the adaptive KL controller) in trainer/rl_math.py.
+scorer, saving) in trainer/policy_model.py; a run's bookkeeping (config.json, named
+statistics, logged samples, checkpoints, the final save, the held-out evaluation, the
+summary) in trainer/policy_run.py; the pure math (GAE, whitening, KL estimators, the RLOO
+baseline, the clipped losses, explained variance, the adaptive KL controller) in
+trainer/rl_math.py.
 
 One step of training:
 
@@ -96,18 +98,22 @@ from trainer.policy_model import (
 from trainer.policy_run import (
     RolloutSums,
     UpdateSums,
+    add_to_config,
+    evaluate_heldout,
     fail,
     finish_cancelled,
-    peak_memory_mb,
+    finish_done,
     policy_meta,
     prompt_rows,
     reduce_sum,
+    samples_record,
     save_checkpoint,
     save_final,
     seed_for,
+    write_start_config,
 )
 from trainer.prompts import load_prompts
-from trainer.runs import CONFIG_FILE, POLICY_DIR, STATE_FILE, Run, read_json, supervise, write_json
+from trainer.runs import CONFIG_FILE, STATE_FILE, Run, supervise
 from trainer.store.errors import StoreError
 
 # --------------------------------------------------------------------------------------
@@ -144,8 +150,6 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     # ---- inputs, before any model is loaded: bad input fails in seconds -------------------
     import numpy as np
 
-    from trainer.evaluate import write_heldout
-
     rm_path = reward_model_dir(cfg.reward)
     prompts_path = cfg.prompts or str(DEFAULT_PROMPTS)
     conversations = load_prompts(prompts_path)
@@ -156,21 +160,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     heldout = [c for i, c in enumerate(conversations) if i in held]
     conversations = [c for i, c in enumerate(conversations) if i not in held]
     if main and not resuming:
-        write_json(
-            run.path / CONFIG_FILE,
-            {
-                "kind": "policy",
-                "config": dataclasses.asdict(cfg),
-                "created_at": time.time(),
-                "prompts": {
-                    "source": str(prompts_path),
-                    "count": len(conversations),
-                    "heldout": len(heldout),
-                },
-                "reward_model": str(rm_path),
-            },
-        )
-        write_heldout(run.path, heldout)
+        write_start_config(run, cfg, prompts_path, len(conversations), heldout, rm_path)
     accelerator.wait_for_everyone()
 
     # ---- models ----------------------------------------------------------------------------
@@ -178,8 +168,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     from tqdm.auto import tqdm
 
     from trainer import rl_math
-    from trainer.evaluate import evaluate_policy, write_eval
-    from trainer.models import canonical_name, check_model, load_tokenizer, render_prompt
+    from trainer.models import check_model, load_tokenizer, render_prompt
 
     device = accelerator.device  # cuda:<local rank> under `accelerate launch`, else cuda or cpu
     cuda = device.type == "cuda"
@@ -288,24 +277,22 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     g_roll = cfg.k if cfg.k > 1 and cfg.share_prompt else 1
     g_train = g_roll if not cfg.grad_checkpointing else 1  # checkpointed layers run without a KV cache
     minibatch_rows = math.ceil(rows_per_step / g_train / cfg.minibatches) * g_train
-    config_record = read_json(run.path / CONFIG_FILE)
-    config_record.update(
-        config=dataclasses.asdict(cfg),
-        processes=world,
-        device=str(device),
-        rows_per_step=rows_per_step * world,
-        minibatch_rows=minibatch_rows,
-        shared_prompt_forward={"rollout": g_roll > 1, "update": g_train > 1},
-        optimizer_steps_per_step=cfg.epochs * cfg.minibatches,
-        reference="adapters off" if lora else "frozen copy",
-        generation=("bf16 copy" if sampler.separate_copy else "training weights")
-        + (", static cache, compiled" if sampler.compiled else ", dynamic cache"),
-        eos_token_ids=eos_ids,
-    )
     if main:
-        if prompts_cut:
-            config_record["prompts_cut"] = prompts_cut
-        write_json(run.path / CONFIG_FILE, config_record)
+        add_to_config(
+            run,
+            prompts_cut,
+            config=dataclasses.asdict(cfg),
+            processes=world,
+            device=str(device),
+            rows_per_step=rows_per_step * world,
+            minibatch_rows=minibatch_rows,
+            shared_prompt_forward={"rollout": g_roll > 1, "update": g_train > 1},
+            optimizer_steps_per_step=cfg.epochs * cfg.minibatches,
+            reference="adapters off" if lora else "frozen copy",
+            generation=("bf16 copy" if sampler.separate_copy else "training weights")
+            + (", static cache, compiled" if sampler.compiled else ", dynamic cache"),
+            eos_token_ids=eos_ids,
+        )
     run.status(
         "running", step / cfg.steps, f"training: step {step} of {cfg.steps}", step=step, total_steps=cfg.steps
     )
@@ -608,21 +595,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         }
         run.log(record)
         if cfg.sample_every and cfg.samples and (step == 1 or step % cfg.sample_every == 0):
-            run.log(
-                {
-                    "kind": "samples",
-                    "step": step,
-                    "samples": [
-                        {
-                            "prompt": conversations[row_prompt[i]],
-                            "response": answers[i],
-                            "reward": float(raw[i]),
-                            "eos": bool(ended[i]),
-                        }
-                        for i in range(0, n, max(1, n // cfg.samples))[: cfg.samples]
-                    ],
-                }
-            )
+            run.log(samples_record(step, conversations, row_prompt, answers, raw, ended, cfg.samples))
         bar.update(1)
         bar.set_postfix(
             reward=f"{reward_mean:+.3f}", kl=f"{kl_mean:.3f}", len=f"{tokens / count:.1f}", refresh=False
@@ -657,65 +630,8 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         base_source,
     )
     if main and heldout:
-        run.status(
-            "running",
-            1.0,
-            f"evaluating: policy against the reference on {len(heldout)} held-out prompts",
-            step=step,
-            total_steps=cfg.steps,
-        )
-        result = evaluate_policy(
-            run.path / POLICY_DIR,
-            base_source,
-            reward_model,
-            heldout,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-            device=device,
-        )
-        record = write_eval(
-            run.path, reference_id=canonical_name(cfg.model), reward_run=str(cfg.reward), result=result
-        )
-        run.log(
-            {
-                "kind": "eval",
-                "step": step,
-                **{
-                    k: record[k]
-                    for k in (
-                        "prompts",
-                        "rm_win_rate",
-                        "rm_win_rate_ci",
-                        "policy_reward_mean",
-                        "reference_reward_mean",
-                    )
-                },
-            }
-        )
-        tqdm.write(
-            f"reward-model win rate over {record['reference']} on {record['prompts']} held-out prompts: "
-            f"{record['rm_win_rate']:.3f} (95% CI {record['rm_win_rate_ci'][0]:.3f}-"
-            f"{record['rm_win_rate_ci'][1]:.3f})",
-            file=sys.stderr,
-        )
-    summary = {
-        "kind": "summary",
-        "step": step,
-        "prompts": totals["prompts"],
-        "gen_tokens": totals["tokens"],
-        "train_seconds": round(totals["seconds"], 3),
-        "prompts_per_s": round(totals["prompts"] / totals["seconds"], 4) if totals["seconds"] else None,
-        "tokens_per_s": round(totals["tokens"] / totals["seconds"], 2) if totals["seconds"] else None,
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "wall_s": round(time.time() - t_start, 2),
-    }
-    run.log(summary)
-    msg = f"done: {step} steps; policy in {run.path / POLICY_DIR}"
-    run.status("done", 1.0, msg, step=step, total_steps=cfg.steps)
-    if main:
-        print(msg, file=sys.stderr)
-    return 0
+        evaluate_heldout(run, cfg, heldout, base_source, reward_model, step, device)
+    return finish_done(run, step, cfg.steps, totals, device, t_start)
 
 
 # --------------------------------------------------------------------------------------

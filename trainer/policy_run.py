@@ -1,11 +1,15 @@
-"""The bookkeeping of a policy run around its loop (trainer/policy.py): which prompts a
-step draws, the statistics of a step, checkpoints and the final policy, failing and
-cancelling cleanly.
+"""The bookkeeping of a policy run around its loop (trainer/policy.py): config.json,
+which prompts a step draws, the statistics of a step, the samples it logs, checkpoints
+and the final policy, its held-out evaluation, finishing, failing and cancelling cleanly.
 
+    write_start_config(run, cfg, prompts_path, len(conversations), heldout, rm_path)
+    add_to_config(run, prompts_cut, device=str(device), ...)            # once the models are loaded
     rows = prompt_rows(step, rank, world, batch_size, n_prompts, seed)   # a function of the step
     roll = RolloutSums.gather(reduce, reward=raw.sum(), ...)             # one all-reduce, named sums
     save_checkpoint(run, accelerator, net, tokenizer, policy_meta(...), state)
     return fail(run, "the KL exploded ...", step, steps)                 # state failed, exit code 1
+    evaluate_heldout(run, cfg, heldout, base_source, reward_model, step, device)   # eval.json
+    return finish_done(run, step, steps, totals, device, t_start)        # state done, exit code 0
 
 torch is imported inside functions.
 """
@@ -15,11 +19,45 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.evaluate import evaluate_policy, write_eval, write_heldout
 from trainer.policy_model import merge_lora_in_fp32, save_policy
-from trainer.runs import CHECKPOINT, POLICY_DIR, Run
+from trainer.runs import CHECKPOINT, CONFIG_FILE, POLICY_DIR, Run, read_json, write_json
+
+
+def write_start_config(
+    run: Run, cfg, prompts_path: str, n_prompts: int, heldout: list, rm_path: Path
+) -> None:
+    """config.json of a new run (`cfg`: its PolicyConfig; the prompts it trains on and holds
+    out; the reward model), and heldout.jsonl."""
+    write_json(
+        run.path / CONFIG_FILE,
+        {
+            "kind": "policy",
+            "config": dataclasses.asdict(cfg),
+            "created_at": time.time(),
+            "prompts": {
+                "source": str(prompts_path),
+                "count": n_prompts,
+                "heldout": len(heldout),
+            },
+            "reward_model": str(rm_path),
+        },
+    )
+    write_heldout(run.path, heldout)
+
+
+def add_to_config(run: Run, prompts_cut: int, **facts) -> None:
+    """config.json with what the run knows once its models are loaded (the schedule, the
+    device, how it generates), and how many prompts were cut, if any."""
+    record = read_json(run.path / CONFIG_FILE)
+    record.update(facts)
+    if prompts_cut:
+        record["prompts_cut"] = prompts_cut
+    write_json(run.path / CONFIG_FILE, record)
 
 
 def seed_for(seed: int, step: int, rank: int) -> int:
@@ -81,6 +119,99 @@ def save_final(run: Run, accelerator, net, tokenizer, meta: dict, weight_dtype, 
         shutil.rmtree(run.path / CHECKPOINT, ignore_errors=True)
         shutil.rmtree(run.path / (CHECKPOINT + ".old"), ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def samples_record(
+    step: int, conversations: list, row_prompt: list, answers: list, raw, ended, samples: int
+) -> dict:
+    """{"kind": "samples"}: `samples` of the step's answers, spread over its rows, with their
+    prompt, raw reward-model score and whether they ended with EOS."""
+    n = len(row_prompt)
+    return {
+        "kind": "samples",
+        "step": step,
+        "samples": [
+            {
+                "prompt": conversations[row_prompt[i]],
+                "response": answers[i],
+                "reward": float(raw[i]),
+                "eos": bool(ended[i]),
+            }
+            for i in range(0, n, max(1, n // samples))[:samples]
+        ],
+    }
+
+
+def evaluate_heldout(run: Run, cfg, heldout: list, base_source: str, reward_model, step: int, device) -> None:
+    """The finished policy (policy/) against the reference on the held-out prompts, scored
+    by the reward model: eval.json, an {"kind": "eval"} record, one line on stderr."""
+    from tqdm.auto import tqdm
+
+    from trainer.models import canonical_name
+
+    run.status(
+        "running",
+        1.0,
+        f"evaluating: policy against the reference on {len(heldout)} held-out prompts",
+        step=step,
+        total_steps=cfg.steps,
+    )
+    result = evaluate_policy(
+        run.path / POLICY_DIR,
+        base_source,
+        reward_model,
+        heldout,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        device=device,
+    )
+    record = write_eval(
+        run.path, reference_id=canonical_name(cfg.model), reward_run=str(cfg.reward), result=result
+    )
+    run.log(
+        {
+            "kind": "eval",
+            "step": step,
+            **{
+                k: record[k]
+                for k in (
+                    "prompts",
+                    "rm_win_rate",
+                    "rm_win_rate_ci",
+                    "policy_reward_mean",
+                    "reference_reward_mean",
+                )
+            },
+        }
+    )
+    tqdm.write(
+        f"reward-model win rate over {record['reference']} on {record['prompts']} held-out prompts: "
+        f"{record['rm_win_rate']:.3f} (95% CI {record['rm_win_rate_ci'][0]:.3f}-"
+        f"{record['rm_win_rate_ci'][1]:.3f})",
+        file=sys.stderr,
+    )
+
+
+def finish_done(run: Run, step: int, steps: int, totals: dict, device, t_start: float) -> int:
+    """After the final save: the {"kind": "summary"} record, state `done`, exit code 0."""
+    summary = {
+        "kind": "summary",
+        "step": step,
+        "prompts": totals["prompts"],
+        "gen_tokens": totals["tokens"],
+        "train_seconds": round(totals["seconds"], 3),
+        "prompts_per_s": round(totals["prompts"] / totals["seconds"], 4) if totals["seconds"] else None,
+        "tokens_per_s": round(totals["tokens"] / totals["seconds"], 2) if totals["seconds"] else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "wall_s": round(time.time() - t_start, 2),
+    }
+    run.log(summary)
+    msg = f"done: {step} steps; policy in {run.path / POLICY_DIR}"
+    run.status("done", 1.0, msg, step=step, total_steps=steps)
+    if run.main:
+        print(msg, file=sys.stderr)
+    return 0
 
 
 def fail(run: Run, message: str, step: int, steps: int) -> int:

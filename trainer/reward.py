@@ -13,7 +13,8 @@ command line last. Elsewhere:
     trainer/reward_metrics.py   the loss (preference_loss) and the validation metrics
     trainer/reward_data.py      pairs from a store or a file, the split, the snapshot
     trainer/reward_batches.py   tokens (prompt cut from the left), packing, batches by length
-    trainer/reward_state.py     fp32 master weights (mixed precision), restoring training_state.pt
+    trainer/reward_state.py     the precision (fp32 master weights), training_state.pt: written, restored
+    trainer/reward_run.py       the data snapshot, the data report, the summary; cuDNN attention off
     trainer/checkpoints.py      crash-safe checkpoint swaps and the RNG state of a resume
 
 Where the speed comes from (see bench/reward_vs_trl.py):
@@ -54,19 +55,23 @@ import time
 
 import numpy as np
 
-from trainer.checkpoints import rng_state
 from trainer.config import add_config_arguments, config_from_namespace
 from trainer.errors import exit_code
 from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
 from trainer.reward_config import RewardConfig, check_config, resolve_config
-from trainer.reward_data import RewardDataError, load_snapshot, read_pairs, save_snapshot, split_by_prompt
+from trainer.reward_data import RewardDataError
 from trainer.reward_metrics import evaluate, preference_loss, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
-from trainer.reward_state import fp32_masters, masters_in_place, restore_training_state
+from trainer.reward_run import cudnn_attention_off, finish_done, peak_memory_mb, report_data, snapshot_data
+from trainer.reward_state import (
+    choose_precision,
+    fp32_masters,
+    masters_in_place,
+    restore_training_state,
+    training_state,
+)
 from trainer.runs import (
-    CHECKPOINT,
     CONFIG_FILE,
-    SNAPSHOT_FILE,
     STATE_FILE,
     Run,
     read_json,
@@ -86,18 +91,8 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
     cfg, run_path, resuming = resolve_config(cfg, explicit)
 
     def train_without_cudnn_attention(run, accelerator, stop):
-        # cuDNN's attention kernels build an execution plan for every new input shape (about
-        # 0.1 s of CPU each), and length-grouped batches bring a new shape nearly every step:
-        # on an H100 that doubled the step time of SmolLM2-135M. Flash and memory-efficient
-        # attention need no plan. Process-wide, so restored afterwards.
-        import torch
-
-        cudnn = torch.backends.cuda.cudnn_sdp_enabled()
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        try:
+        with cudnn_attention_off():
             return _train(cfg, run, accelerator, resuming, stop)
-        finally:
-            torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
     # A store that cannot be read (missing, database down) is bad input too: its message
     # names the store and says what to do, as the run's status and one line of the log.
@@ -113,44 +108,12 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
 def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict) -> int:
     t_start = time.time()
     main = accelerator.is_main_process
-    snapshot = run.path / SNAPSHOT_FILE
     ckpt = run.checkpoint()
     resuming = resuming and ckpt is not None and (ckpt / STATE_FILE).exists()
     run.status("queued", 0.0, "reading the data")
 
     # ---- data, before any model is loaded: bad input fails in seconds -------------------
-    if not (resuming and snapshot.exists()):
-        if not cfg.data:
-            raise RewardDataError("no data: pass --data (a comparison store or a preference file)")
-        pairs = read_pairs(
-            cfg.data, ties=cfg.ties, both_bad=cfg.both_bad, margin=cfg.margin, margin_scale=cfg.margin_scale
-        )
-        train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
-        summary = pairs.summary
-        if main:
-            save_snapshot(pairs, train_idx, val_idx, snapshot)
-            # A database password never goes to disk: the saved --data has it taken out (a
-            # resume gets it from PGPASSWORD or ~/.pgpass, as libpq does).
-            from trainer.store import without_password
-
-            saved = {
-                **dataclasses.asdict(cfg),
-                "data": without_password(cfg.data)[0] if cfg.data else cfg.data,
-            }
-            write_json(
-                run.path / CONFIG_FILE,
-                {"kind": "reward", "config": saved, "data": summary, "created_at": time.time()},
-            )
-    accelerator.wait_for_everyone()
-    summary = read_json(run.path / CONFIG_FILE).get("data", {})
-    # Every process (and every resume) trains on the snapshot: the same pairs, the same split.
-    pairs, train_idx, val_idx = load_snapshot(snapshot, summary)
-    if len(val_idx) == 0 and main:
-        print(
-            "warning: no validation pairs (one prompt only, or --val-fraction 0): "
-            "metrics and normalisation use the training pairs",
-            file=sys.stderr,
-        )
+    pairs, train_idx, val_idx, summary = snapshot_data(cfg, run, resuming, accelerator)
 
     # ---- model ---------------------------------------------------------------------------
     import torch
@@ -160,32 +123,9 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     if cuda:
         # TF32 matmuls for whatever still runs in fp32 (the head, the loss, the optimizer).
         torch.set_float32_matmul_precision("high")
-    weight_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     lora = cfg.lora_r > 0
-    # Mixed precision with fp32 master weights (as Megatron and DeepSpeed do it in bf16): the
-    # model holds bf16 weights that forward and backward run on, the optimizer steps fp32
-    # copies and writes them back once a step. bf16 autocast instead re-casts every weight in
-    # every forward and again in backward; on SmolLM2-135M on an H100 (a launch-bound step)
-    # that cost 2.3x in step time. Plain bf16 weights are no substitute: at learning rates
-    # ~1e-5 most updates round away (validation accuracy 0.59 against 1.00, same run).
-    mixed = not lora and (cfg.dtype == "mixed" or (cfg.dtype == "auto" and cuda))
-    precision = (
-        "bf16 weights + fp32 master weights"
-        if mixed
-        else "bf16 weights"
-        if cfg.dtype == "bf16"
-        else "fp32 weights + bf16 autocast"
-        if cuda
-        else "fp32"
-    )
-
-    def autocast():
-        # LoRA and fp32 runs on CUDA: bf16 autocast (matmuls on tensor cores, weights in fp32).
-        return (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if cuda and not mixed and cfg.dtype != "bf16"
-            else contextlib.nullcontext()
-        )
+    # Mixed: bf16 weights, fp32 masters that the optimizer steps (why: reward_state.py).
+    weight_dtype, mixed, precision, autocast = choose_precision(cfg.dtype, lora, cuda)
 
     run.status("queued", 0.0, f"loading {cfg.model}")
     tokenizer, net, base_source = load_for_training(cfg, ckpt if resuming else None, device, weight_dtype)
@@ -215,21 +155,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         f"{max_length} by themselves and were cut at their end"
     )
     if main:
-        s = summary
-        votes = (
-            (
-                f"; of {s['votes']} votes, {s['ties']} ties were {s['ties_mode']}d and "
-                f"{s['both_bad']} both-bad {s['both_bad_mode']}d"
-            )
-            if s.get("kind") == "store"
-            else ""
-        )
-        print(
-            f"data: {len(pairs)} pairs ({len(train_idx)} train / {len(val_idx)} val, split by prompt) "
-            f"from {s.get('source')}{votes}",
-            file=sys.stderr,
-        )
-        print(f"truncation: {cut_note}", file=sys.stderr)
+        report_data(summary, len(pairs), len(train_idx), len(val_idx), cut_note)
 
     # ---- batches and schedule ------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -304,23 +230,22 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         if final and lora:
             model = model.merge_and_unload()  # a plain model: loadable without peft
         model.config.get_text_config().pad_token_id = pad_id
-        training_state = (
+        resumable = (
             None
             if final
-            else {
-                "step": step,
-                "train_seconds": train_seconds,
-                "train_cpu_seconds": train_cpu_seconds,
-                "pairs_seen": pairs_seen,
-                "norm": norm,
-                "last_eval": {k: v for k, v in last_eval.items() if not k.startswith("_")},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-            }
+            else training_state(
+                step=step,
+                train_seconds=train_seconds,
+                train_cpu_seconds=train_cpu_seconds,
+                pairs_seen=pairs_seen,
+                norm=norm,
+                last_eval=last_eval,
+                optimizer=optimizer,
+                scheduler=scheduler,
+            )
         )
         with masters_in_place(params, master if mixed else None):  # save the fp32 masters
-            save_checkpoint(run, model, tokenizer, meta(), training_state)
+            save_checkpoint(run, model, tokenizer, meta(), resumable)
         accelerator.wait_for_everyone()
 
     def do_eval(epoch: float) -> dict:
@@ -518,39 +443,21 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     if last_eval.get("step") != step:
         do_eval(step / steps_per_epoch)
     save(final=True)
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()) / 2**20
-    final = {k: v for k, v in last_eval.items() if not k.startswith("_")}
-    run.log(
-        {
-            "kind": "summary",
-            "step": step,
-            "train_pairs": pairs_seen,
-            "train_seconds": round(train_seconds, 3),
-            "train_pairs_per_s": round(pairs_seen / train_seconds, 3) if train_seconds else None,
-            "train_cpu_seconds": round(train_cpu_seconds, 3),
-            "peak_memory_mb": round(peak, 1),
-            "prompts_cut": enc.prompts_cut,
-            "responses_cut": enc.responses_cut,
-            **final,
-            **norm,
-            "wall_s": round(time.time() - t_start, 2),
-        }
+    return finish_done(
+        run,
+        main,
+        step=step,
+        total_steps=total_steps,
+        pairs_seen=pairs_seen,
+        train_seconds=train_seconds,
+        train_cpu_seconds=train_cpu_seconds,
+        peak_mb=peak_memory_mb(device),
+        prompts_cut=enc.prompts_cut,
+        responses_cut=enc.responses_cut,
+        final_eval={k: v for k, v in last_eval.items() if not k.startswith("_")},
+        norm=norm,
+        t_start=t_start,
     )
-    msg = (
-        f"done: {step} steps, validation accuracy {final.get('val_acc', float('nan')):.3f}; "
-        f"checkpoint in {run.path / CHECKPOINT}"
-    )
-    run.status("done", 1.0, msg, step=step, total_steps=total_steps)
-    if main:
-        print(msg, file=sys.stderr)
-    return 0
-
-
-def _peak_rss() -> float:
-    """Peak resident memory of this process in bytes (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
 # --------------------------------------------------------------------------------------

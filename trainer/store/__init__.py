@@ -17,6 +17,7 @@ same code for both.
     directory_writer.py  appending to a directory: tail segments, part files, recovery
     compaction.py        merging a directory's part files
     postgres.py          the PostgreSQL backend: events, schema migrations, shared assignment
+    postgres_connect.py  its connections: the retrying pool, why a connection failed
     copy.py              moving a store between backends, exactly
 """
 

@@ -27,17 +27,14 @@ Several `preflab serve` processes share one database; what makes that safe:
 
 Reading goes through COPY ... TO STDOUT (CSV) straight into pyarrow's CSV reader, then
 the same `standing_votes` as the directory reader: same schema, same retractions.
-Tables and migrations: trainer/store/postgres_schema.py.
+Tables and migrations: trainer/store/postgres_schema.py; connecting, the pool and its
+retries, and the one-line reasons a connection failed: trainer/store/postgres_connect.py.
 """
 
 from __future__ import annotations
 
 import io
-import logging
-import math
-import re
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,9 +45,9 @@ from trainer.store.errors import (
     StoreError,
     StorePermissionError,
     StoreUnavailable,
-    StoreWriteError,
     VoteConflict,
 )
+from trainer.store.postgres_connect import RetryingPool, connect, explain
 from trainer.store.postgres_schema import VOTE_CONFLICT, has_events_table, migrate
 from trainer.store.record import (
     FIELDS,
@@ -67,13 +64,9 @@ from trainer.store.targets import describe
 
 try:  # the optional extra `preflab[postgres]`
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict
     from psycopg.types.json import Jsonb
-    from psycopg_pool import ConnectionPool
 except ImportError:  # pragma: no cover - reported when a database is first opened
     psycopg = None
-
-log = logging.getLogger("preflab.store.postgres")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TEXT_FIELDS = [f.name for f in SCHEMA if pa.types.is_string(f.type)]
@@ -105,70 +98,6 @@ def _row_values(rec: dict[str, Any]) -> tuple:
 
 def _as_record(row: tuple) -> dict[str, Any]:
     return dict(zip(FIELDS, row))
-
-
-# --------------------------------------------------------------------------------------
-# Connecting, and saying clearly why we could not
-# --------------------------------------------------------------------------------------
-
-
-def _require_driver(target: str) -> None:
-    if psycopg is None:
-        raise StoreUnavailable(
-            f"{describe(target)}: PostgreSQL support is not installed: pip install 'preflab[postgres]'"
-        )
-
-
-def explain(error: Exception, target: str) -> str:
-    """One line saying why a connection failed, from psycopg's several-line message."""
-    text = str(error)
-    for known in (
-        r'password authentication failed for user "[^"]*"',
-        r'database "[^"]*" does not exist',
-        r'role "[^"]*" does not exist',
-        r"no pg_hba\.conf entry[^\n]*",
-        r"the database system is (starting up|shutting down|in recovery mode)",
-        r"terminating connection due to administrator command",
-    ):
-        found = re.search(known, text)
-        if found:
-            return found.group(0)
-    try:
-        info = conninfo_to_dict(target)
-    except Exception:
-        info = {}
-    where = f"{info.get('host') or 'localhost'}:{info.get('port') or 5432}"
-    if "Connection refused" in text or "No such file or directory" in text:
-        return f"connection refused: is PostgreSQL running on {where}?"
-    if "timeout expired" in text:
-        return f"no answer from {where} within the connect timeout"
-    if "could not translate host name" in text:
-        return f"unknown host {info.get('host')!r}"
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return re.sub(r"^(connection failed: )?(connection to server .*? failed: )?(FATAL:\s+)?", "", first)
-
-
-def _connect(target: str, connect_timeout: float) -> psycopg.Connection:
-    """One autocommit connection, or StoreUnavailable naming the target and the cause."""
-    _require_driver(target)
-    try:
-        return psycopg.connect(target, autocommit=True, **_connect_options(connect_timeout))
-    except psycopg.OperationalError as e:
-        raise StoreUnavailable(f"{describe(target)}: cannot connect: {explain(e, target)}") from None
-
-
-def _connect_options(connect_timeout: float) -> dict[str, Any]:
-    # libpq counts the timeout in whole seconds and treats anything under 2 as 2.
-    # READ COMMITTED whatever the database's default: preflab_claim / preflab_vote read
-    # a pair's state after taking its row lock, and only a fresh snapshot per statement
-    # sees what the lock's previous holder committed (under REPEATABLE READ two servers
-    # would both see room in the last slot).
-    return {
-        "connect_timeout": max(2, math.ceil(connect_timeout)),
-        "application_name": "preflab",
-        "client_encoding": "utf8",
-        "options": "-c default_transaction_isolation=read\\ committed",
-    }
 
 
 # --------------------------------------------------------------------------------------
@@ -228,7 +157,7 @@ def _copy_to_arrow(conn, fields: list[str]) -> pa.Table:
 def _read(target: str, fields: list[str] | None) -> pa.Table:
     fields = list(fields or FIELDS)
     try:
-        with _connect(target, 5.0) as conn:
+        with connect(target, 5.0) as conn:
             if not has_events_table(conn):  # a database never opened as a store: nothing in it
                 return empty_table().select(fields)
             return _copy_to_arrow(conn, fields)
@@ -279,55 +208,16 @@ class PostgresStore:
         retry_s: float = 15.0,
     ):
         self.target = url
-        self.retry_s = retry_s
-        with _connect(url, connect_timeout) as conn:  # first contact: clear errors, then the schema
+        with connect(url, connect_timeout) as conn:  # first contact: clear errors, then the schema
             try:
                 migrate(conn, describe(url))
             except psycopg.Error as e:  # e.g. a role that may not create tables
                 raise StoreError(
                     f"{describe(url)}: cannot set up the store's tables: {e.diag.message_primary or e}"
                 ) from None
-        self._pool = ConnectionPool(
-            url,
-            min_size=min_size,
-            max_size=max_size,
-            open=False,
-            timeout=connect_timeout,
-            name="preflab",
-            kwargs={"autocommit": True, **_connect_options(connect_timeout)},
+        self._pool = RetryingPool(
+            url, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout, retry_s=retry_s
         )
-        try:
-            self._pool.open(wait=True, timeout=connect_timeout)
-        except psycopg.OperationalError as e:
-            self._pool.close()
-            raise StoreUnavailable(f"{describe(url)}: cannot connect: {explain(e, url)}") from None
-
-    # ---- running work on a connection, again if the connection broke ----------------
-
-    def _retrying(self, work: Callable[[Any], Any], what: str, *, reading: bool = False) -> Any:
-        """work(conn) on a pooled autocommit connection (one statement is one
-        transaction; work opens `conn.transaction()` for several). On a broken
-        connection, again on a fresh one, for up to retry_s seconds: safe, because
-        every write here is idempotent (events by event_id, leases and skips by key)."""
-        deadline = time.monotonic() + self.retry_s
-        pause = 0.05
-        while True:
-            try:
-                with self._pool.connection(timeout=max(0.5, deadline - time.monotonic())) as conn:
-                    return work(conn)
-            except psycopg.OperationalError as e:
-                # Lost connection, server restarting, deadlock or serialization abort:
-                # nothing happened, or it committed and we did not hear. Both retry.
-                if time.monotonic() + pause >= deadline:
-                    reason = explain(e, self.target)
-                    if reading:
-                        raise StoreUnavailable(f"{describe(self.target)}: {what} failed: {reason}") from None
-                    raise StoreWriteError(
-                        f"{describe(self.target)}: {what} not saved, try again ({reason})"
-                    ) from None
-                log.warning("%s: %s: %s; retrying", describe(self.target), what, explain(e, self.target))
-                time.sleep(pause)
-                pause = min(2 * pause, 1.0)
 
     def _validated(self, record: dict[str, Any], where: str = "") -> dict[str, Any]:
         rec = validate_record(complete_record(record), where)
@@ -367,7 +257,7 @@ class PostgresStore:
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Validate and commit one event; returns the stored record (created_at in µs)."""
         rec = self._validated(record)
-        return self._retrying(lambda conn: self._insert(conn, rec), f"event {rec['event_id']}")
+        return self._pool.run(lambda conn: self._insert(conn, rec), f"event {rec['event_id']}")
 
     def append_many(self, records: Iterable[dict[str, Any]], where: str = "") -> list[dict[str, Any]]:
         """Validate every record first, then commit them all in one transaction (COPY).
@@ -404,7 +294,7 @@ class PostgresStore:
                 stored = self._stored(conn, [r["event_id"] for r in recs if r["event_id"] not in inserted])
                 return [stored.get(r["event_id"], r) for r in recs]
 
-        return self._retrying(work, f"{len(recs)} events")
+        return self._pool.run(work, f"{len(recs)} events")
 
     def retract(
         self, event_id: str, annotator: str, vote: dict[str, Any] | None = None, **pair_fields: Any
@@ -432,7 +322,7 @@ class PostgresStore:
         True when leased now, or they already hold a live lease on it. False when they
         have a standing vote on it, skipped it, or the standing votes and others' live
         leases fill it. Also returns the pair's standing voters (imports left out)."""
-        ok, voters = self._retrying(
+        ok, voters = self._pool.run(
             lambda conn: conn.execute(
                 "SELECT ok, voters FROM preflab_claim(%s, %s, %s, %s)",
                 (pair_id, annotator, want, float(lease_s)),
@@ -443,7 +333,7 @@ class PostgresStore:
 
     def release(self, pair_id: str, annotator: str) -> None:
         """Drop the annotator's lease on the pair (a cancelled vote): the slot is free."""
-        self._retrying(
+        self._pool.run(
             lambda conn: conn.execute(
                 "DELETE FROM leases WHERE pair_id = %s AND annotator = %s", (pair_id, annotator)
             ),
@@ -452,7 +342,7 @@ class PostgresStore:
 
     def skip(self, pair_id: str, annotator: str) -> None:
         """Drop their lease and remember the skip: they never get this pair again."""
-        self._retrying(
+        self._pool.run(
             lambda conn: conn.execute(
                 "WITH released AS (DELETE FROM leases WHERE pair_id = %(pair)s AND annotator = %(who)s) "
                 "INSERT INTO skips (pair_id, annotator) VALUES (%(pair)s, %(who)s) ON CONFLICT DO NOTHING",
@@ -463,7 +353,7 @@ class PostgresStore:
 
     def skipped(self) -> set[tuple[str, str]]:
         """Every (pair_id, annotator) skip, for a restarted server."""
-        rows = self._retrying(
+        rows = self._pool.run(
             lambda conn: conn.execute("SELECT pair_id, annotator FROM skips").fetchall(),
             "reading skips",
             reading=True,
@@ -495,13 +385,13 @@ class PostgresStore:
                 raise
             return rec if stored_now else self._stored(conn, [rec["event_id"]])[rec["event_id"]]
 
-        return self._retrying(work, f"vote {rec['event_id']}")
+        return self._pool.run(work, f"vote {rec['event_id']}")
 
     # ---- what the other servers did ----------------------------------------------------
 
     def cursor(self) -> str:
         """A cursor for "now": changes_since(it) returns what is committed after this."""
-        return self._retrying(
+        return self._pool.run(
             lambda conn: conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0],
             "reading the cursor",
             reading=True,
@@ -528,7 +418,7 @@ class PostgresStore:
                     )
                 return [_as_record(r) for r in rows], now
 
-        return self._retrying(work, "reading changes", reading=True)
+        return self._pool.run(work, "reading changes", reading=True)
 
     def snapshot(self, columns: list[str] | None = None) -> tuple[pa.Table, str]:
         """The standing votes and the cursor of the same instant, for a starting server:
@@ -540,5 +430,5 @@ class PostgresStore:
                 now = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
                 return _copy_to_arrow(conn, list(check_columns(columns) or FIELDS)), now
 
-        table, now = self._retrying(work, "reading the store", reading=True)
+        table, now = self._pool.run(work, "reading the store", reading=True)
         return standing_votes([table], columns), now

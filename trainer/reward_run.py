@@ -1,0 +1,157 @@
+"""The bookkeeping of a reward run around its loop (trainer/reward.py): the data it
+trains on, snapshotted into the run directory, what it reports about that data, the
+summary it ends with, and the one process-wide setting it runs under.
+
+    with cudnn_attention_off():                                       # around the whole run
+        pairs, train_idx, val_idx, summary = snapshot_data(cfg, run, resuming, accelerator)
+        report_data(summary, len(pairs), len(train_idx), len(val_idx), cut_note)   # main process
+        ...                                                                        # the loop
+        return finish_done(run, main, step=step, ..., peak_mb=peak_memory_mb(device))  # exit 0
+
+torch is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+
+from trainer.reward_config import RewardConfig
+from trainer.reward_data import RewardDataError, load_snapshot, read_pairs, save_snapshot, split_by_prompt
+from trainer.runs import CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, Run, read_json, write_json
+
+
+@contextlib.contextmanager
+def cudnn_attention_off():
+    """cuDNN's attention kernels off for the code inside, then as they were."""
+    # cuDNN's attention kernels build an execution plan for every new input shape (about
+    # 0.1 s of CPU each), and length-grouped batches bring a new shape nearly every step:
+    # on an H100 that doubled the step time of SmolLM2-135M. Flash and memory-efficient
+    # attention need no plan. Process-wide, so restored afterwards.
+    import torch
+
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
+def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> tuple:
+    """The pairs and the train/val split every process (and every resume) trains on:
+    read from --data and saved in the run directory with config.json (main process), or,
+    on a resume, the saved snapshot. Returns (pairs, train_idx, val_idx, data summary)."""
+    main = accelerator.is_main_process
+    snapshot = run.path / SNAPSHOT_FILE
+    if not (resuming and snapshot.exists()):
+        if not cfg.data:
+            raise RewardDataError("no data: pass --data (a comparison store or a preference file)")
+        pairs = read_pairs(
+            cfg.data, ties=cfg.ties, both_bad=cfg.both_bad, margin=cfg.margin, margin_scale=cfg.margin_scale
+        )
+        train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
+        summary = pairs.summary
+        if main:
+            save_snapshot(pairs, train_idx, val_idx, snapshot)
+            # A database password never goes to disk: the saved --data has it taken out (a
+            # resume gets it from PGPASSWORD or ~/.pgpass, as libpq does).
+            from trainer.store import without_password
+
+            saved = {
+                **dataclasses.asdict(cfg),
+                "data": without_password(cfg.data)[0] if cfg.data else cfg.data,
+            }
+            write_json(
+                run.path / CONFIG_FILE,
+                {"kind": "reward", "config": saved, "data": summary, "created_at": time.time()},
+            )
+    accelerator.wait_for_everyone()
+    summary = read_json(run.path / CONFIG_FILE).get("data", {})
+    # Every process (and every resume) trains on the snapshot: the same pairs, the same split.
+    pairs, train_idx, val_idx = load_snapshot(snapshot, summary)
+    if len(val_idx) == 0 and main:
+        print(
+            "warning: no validation pairs (one prompt only, or --val-fraction 0): "
+            "metrics and normalisation use the training pairs",
+            file=sys.stderr,
+        )
+    return pairs, train_idx, val_idx, summary
+
+
+def report_data(summary: dict, n_pairs: int, n_train: int, n_val: int, cut_note: str) -> None:
+    """The two lines on stderr that say what the run trains on and what was cut."""
+    s = summary
+    votes = (
+        (
+            f"; of {s['votes']} votes, {s['ties']} ties were {s['ties_mode']}d and "
+            f"{s['both_bad']} both-bad {s['both_bad_mode']}d"
+        )
+        if s.get("kind") == "store"
+        else ""
+    )
+    print(
+        f"data: {n_pairs} pairs ({n_train} train / {n_val} val, split by prompt) "
+        f"from {s.get('source')}{votes}",
+        file=sys.stderr,
+    )
+    print(f"truncation: {cut_note}", file=sys.stderr)
+
+
+def peak_memory_mb(device) -> float:
+    """The peak memory of this run: allocated on the GPU, or this process's resident set."""
+    import torch
+
+    return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()) / 2**20
+
+
+def _peak_rss() -> float:
+    """Peak resident memory of this process in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def finish_done(
+    run: Run,
+    main: bool,
+    *,
+    step: int,
+    total_steps: int,
+    pairs_seen: int,
+    train_seconds: float,
+    train_cpu_seconds: float,
+    peak_mb: float,
+    prompts_cut: int,
+    responses_cut: int,
+    final_eval: dict,
+    norm: dict,
+    t_start: float,
+) -> int:
+    """The run's "summary" record and its state `done`, once the model is saved; exit code 0."""
+    run.log(
+        {
+            "kind": "summary",
+            "step": step,
+            "train_pairs": pairs_seen,
+            "train_seconds": round(train_seconds, 3),
+            "train_pairs_per_s": round(pairs_seen / train_seconds, 3) if train_seconds else None,
+            "train_cpu_seconds": round(train_cpu_seconds, 3),
+            "peak_memory_mb": round(peak_mb, 1),
+            "prompts_cut": prompts_cut,
+            "responses_cut": responses_cut,
+            **final_eval,
+            **norm,
+            "wall_s": round(time.time() - t_start, 2),
+        }
+    )
+    msg = (
+        f"done: {step} steps, validation accuracy {final_eval.get('val_acc', float('nan')):.3f}; "
+        f"checkpoint in {run.path / CHECKPOINT}"
+    )
+    run.status("done", 1.0, msg, step=step, total_steps=total_steps)
+    if main:
+        print(msg, file=sys.stderr)
+    return 0
