@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trainer.evaluate import evaluate_policy, write_eval, write_heldout
 from trainer.policy_model import merge_lora_in_fp32, save_policy
-from trainer.runs import CHECKPOINT, CONFIG_FILE, POLICY_DIR, Run, read_json, write_json
+from trainer.runs import CHECKPOINT, CONFIG_FILE, POLICY_DIR, Run, peak_memory_mb, read_json, write_json
 
 
 def write_start_config(
@@ -239,16 +239,6 @@ def finish_cancelled(run: Run, signum: int, step: int, steps: int) -> int:
 def reduce_sum(accelerator, t):
     """Sum over the processes (DDP); the tensor itself on one process."""
     return accelerator.reduce(t, reduction="sum") if accelerator.num_processes > 1 else t
-
-
-def peak_memory_mb(device) -> float:
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 # --------------------------------------------------------------------------------------

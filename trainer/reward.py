@@ -62,7 +62,7 @@ from trainer.reward_config import RewardConfig, check_config, resolve_config
 from trainer.reward_data import RewardDataError
 from trainer.reward_metrics import evaluate, preference_loss, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
-from trainer.reward_run import cudnn_attention_off, finish_done, peak_memory_mb, report_data, snapshot_data
+from trainer.reward_run import cudnn_attention_off, finish_done, report_data, snapshot_data
 from trainer.reward_state import (
     choose_precision,
     fp32_masters,
@@ -74,6 +74,7 @@ from trainer.runs import (
     CONFIG_FILE,
     STATE_FILE,
     Run,
+    peak_memory_mb,
     read_json,
     supervise,
     write_json,

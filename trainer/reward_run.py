@@ -100,20 +100,6 @@ def report_data(summary: dict, n_pairs: int, n_train: int, n_val: int, cut_note:
     print(f"truncation: {cut_note}", file=sys.stderr)
 
 
-def peak_memory_mb(device) -> float:
-    """The peak memory of this run: allocated on the GPU, or this process's resident set."""
-    import torch
-
-    return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()) / 2**20
-
-
-def _peak_rss() -> float:
-    """Peak resident memory of this process in bytes (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-
-
 def finish_done(
     run: Run,
     main: bool,

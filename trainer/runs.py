@@ -252,6 +252,18 @@ class Run:
         return RunDir(self.path).checkpoint()
 
 
+def peak_memory_mb(device) -> float:
+    """What a run's summary reports as its peak memory: allocated on the GPU, or this
+    process's peak resident set on the CPU (Linux reports it in KiB)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def supervise(
     run_path: Path,
     device: str,
