@@ -120,3 +120,13 @@ def test_the_checker_sees_imports_inside_functions():
     # The rules above are only as good as the graph: a function-level import must be in it.
     lazy = [(t, top) for t, _, top in GRAPH["annotate.cli"]]
     assert any(not top for _, top in lazy), lazy
+
+
+def test_every_package_is_in_the_wheel():
+    # pyproject.toml lists the packages by hand: a new subpackage missing there works in
+    # the editable install of `make setup` and is absent from a built wheel.
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages == listed, f"packages on disk {sorted(packages)}, in pyproject.toml {sorted(listed)}"
