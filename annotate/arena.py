@@ -4,6 +4,7 @@ started with.
     add_to_arena(generator, state_dir, launcher, "policy-1")   # serve runs/policy-1/policy as "policy-1"
     restore_arena(generator, state_dir)                        # at startup: the same models again
     in_arena(generator, "policy-1")
+    arena_name("runs/policy-1/policy")                         # "policy-1": serve --model names it so too
 
 `add_to_arena` puts a finished policy (runs/<id>/policy) into the running Generator under
 the name <id> (votes on its answers carry that model id), and records it in
@@ -21,9 +22,22 @@ from pathlib import Path
 from typing import Any
 
 from annotate.launcher import Launcher, LaunchError
-from trainer.runs import POLICY_DIR, read_json, write_json
+from trainer.runs import POLICY_DIR, RunDir, is_model_dir, read_json, write_json
 
 ARENA_FILE = "arena.json"
+
+
+def arena_name(source: str) -> str:
+    """The name votes record for a model given to `serve --model`: a policy run's
+    finished policy (runs/<id>/policy) is its run id, as "Add to arena" names it, so the
+    leaderboard and the reward-model-vs-humans table agree on it; anything else its
+    canonical name (the default model's aliases become its full id)."""
+    from trainer.models import canonical_name
+
+    path = Path(source).expanduser()
+    if path.name == POLICY_DIR and is_model_dir(path) and RunDir(path.parent).kind() == "policy":
+        return path.parent.name
+    return canonical_name(source)
 
 
 def arena_file(state_dir: str | os.PathLike) -> Path:

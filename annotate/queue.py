@@ -135,18 +135,25 @@ class AssignmentQueue(SharedMode, QueueStatus):
 
     # ---- filling the pool ------------------------------------------------------------
 
-    def add(self, pairs: Iterable[Pair]) -> int:
-        """Add pairs to the end of the queue (ones already there are ignored); returns
-        how many were new."""
+    def add(self, pairs: Iterable[Pair], *, front: bool = False) -> int:
+        """Add pairs to the end of the queue, or with `front` ahead of every fresh pair
+        already waiting (a model that just joined the arena); ones already there are
+        ignored. Returns how many were new."""
         added = 0
         with self._lock:
+            opened = {}
             for p in pairs:
                 if p.pair_id in self._pairs:
                     continue
                 self._pairs[p.pair_id] = p
                 if len(self._votes.get(p.pair_id, ())) < self._wanted(p.pair_id):
-                    self._open[p.pair_id] = None
+                    opened[p.pair_id] = None
                 added += 1
+            # Serving order is _open's order (partly voted pairs still go first: _pick).
+            if front:
+                self._open = {**opened, **self._open}
+            else:
+                self._open.update(opened)
             self._changed.notify_all()
         return added
 

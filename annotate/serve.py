@@ -96,6 +96,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--rounds", type=int, default=1, help="pairs per prompt (each round samples anew)")
     gen.add_argument("--batch-size", type=int, default=4, help="prompts generated per batch")
     gen.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    gen.add_argument(
+        "--newcomer-share",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="share of the pairs generated for a model that joins the arena (Add to arena, or restored "
+        "at start) while the base rounds are still going; its pairs are handed out first",
+    )
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     gen.add_argument(
@@ -146,6 +154,8 @@ def check_flags(args: argparse.Namespace) -> None:
     ):
         if value < 1:
             raise ServeError(f"{flag} must be at least 1, got {value}")
+    if not 0.0 <= args.newcomer_share <= 1.0:
+        raise ServeError(f"--newcomer-share must be between 0 and 1, got {args.newcomer_share}")
 
 
 def _accounts_and_guidelines(args: argparse.Namespace):
@@ -216,16 +226,20 @@ def _fill_from_pairs_file(args: argparse.Namespace, queue) -> None:
 def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
     """The background generator of --model, with the arena restored and its cached
     pairs in the queue."""
-    from annotate.arena import restore_arena  # policies added from the Train tab earlier
+    from annotate.arena import arena_name, restore_arena  # policies added from the Train tab earlier
     from annotate.pair_generator import Generator
-    from trainer.models import ModelLoadError, canonical_name, check_model
+    from trainer.models import ModelLoadError, check_model
     from trainer.prompts import PromptPoolError, load_prompt_pool
 
     try:
         pool = load_prompt_pool(args.prompts)
-        names = list(dict.fromkeys(canonical_name(m) for m in args.model))
+        # name votes record -> what loads it (runs/<id>/policy is recorded as <id>)
+        sources = {}
+        for m in args.model:
+            sources.setdefault(arena_name(m), m)
+        names = list(sources)
         for name in names:  # a bad name fails now, not in the background thread
-            check_model(name, args.cache_dir)
+            check_model(sources[name], args.cache_dir)
     except (PromptPoolError, ModelLoadError) as e:
         raise ServeError(str(e)) from None
     log.info("%s", pool.report.summary())
@@ -247,6 +261,8 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
         seed=args.seed,
         device=args.device,
         model_cache_dir=args.cache_dir,
+        newcomer_share=args.newcomer_share,
+        sources=sources,
     )
     for note in restore_arena(generator, state_dir):
         log.info("%s", note)

@@ -274,4 +274,4 @@ def test_arena_generator_pairs_two_different_models_and_caches_its_pairs(tmp_pat
         ["tiny", other], pool, AssignmentQueue(), cache_dir=tmp_path / "pairs", max_new_tokens=4
     )
     assert sorted(p.pair_id for p in again.load_cache()) == sorted(p.pair_id for p in pairs)
-    assert again._next_prompts(2) == []
+    assert again._next_jobs(2) == []

@@ -390,3 +390,54 @@ def test_a_database_password_in_the_prompts_field_stays_out_of_the_run_directory
     assert config["prompts"] == "postgresql://ann@127.0.0.1:9/votes"
     assert seen.read_text() == "s3cret"
     shutil.rmtree(info.path)
+
+
+def test_a_policy_that_joins_the_arena_meets_people_in_the_next_pairs(tmp_path):
+    """The last step of the loop: a model added while the base rounds still have most of
+    their pairs to go gets its pairs generated at once and handed out first."""
+    from annotate.pair_generator import Generator
+    from annotate.queue import AssignmentQueue
+    from trainer.models import build_tiny_model
+
+    pool = _pool(tmp_path, n=12)
+    q = AssignmentQueue()
+    gen = Generator(["tiny"], pool, q, cache_dir=None, batch_size=2, max_new_tokens=4, per_annotator=2)
+    gen.start()
+    try:
+        q.next("early")  # an annotator is active: the generator keeps pairs ready
+        deadline = time.time() + 120
+        while len(q._pairs) < 3 and time.time() < deadline:
+            time.sleep(0.1)
+        waiting = list(q._pairs)  # base pairs already in the queue when the newcomer arrives
+        assert 3 <= len(waiting) < len(pool)
+        assert gen.add_model(build_tiny_model(), "policy-run-1")
+        shown = []
+        for _ in range(6):  # one annotator votes (here: takes and skips) pair after pair
+            deadline = time.time() + 120
+            a = q.next("ann")
+            while a is None and time.time() < deadline:
+                time.sleep(0.1)
+                a = q.next("ann")
+            assert a is not None, gen.status()
+            shown.append({a.pair.model_a, a.pair.model_b})
+            q.skip("ann", a.pair.pair_id)
+    finally:
+        gen.stop()
+    # Within a few handouts the newcomer is on screen, ahead of the base pairs that waited.
+    first = next(i for i, models in enumerate(shown) if "policy-run-1" in models)
+    assert first <= 3, shown
+    assert sum("policy-run-1" in models for models in shown) >= 2, shown
+
+
+def test_serve_model_names_a_policy_by_its_run_as_add_to_arena_does(tmp_path):
+    from annotate.arena import arena_name
+    from trainer.models import DEFAULT_MODEL, build_tiny_model
+
+    run = tmp_path / "runs" / "policy-7"
+    shutil.copytree(build_tiny_model(), run / "policy")
+    (run / "config.json").write_text(json.dumps({"kind": "policy", "config": {"algo": "rloo"}}))
+    assert arena_name(str(run / "policy")) == "policy-7"
+    assert arena_name("smollm2") == DEFAULT_MODEL
+    loose = tmp_path / "my-model"  # a model directory that is not a run's policy keeps its path
+    shutil.copytree(build_tiny_model(), loose)
+    assert arena_name(str(loose)) == str(loose)
