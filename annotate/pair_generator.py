@@ -44,7 +44,8 @@ class Generator(threading.Thread):
     answered once per round, least-voted prompts first; `rounds` rounds in all.
 
     `status()` says what the thread is doing (for the page's cold-start progress):
-    {"state": "loading" | "generating" | "waiting" | "done" | "failed", "message", ...}.
+    {"state": "loading" | "generating" | "waiting" | "done" | "failed", "message",
+    "since" (when this step began), "last_batch_s" (how long the last batch took), ...}.
 
     `add_model(path, model_id)` puts one more model into the arena while the server runs
     (the Train tab's "Add to arena", or a restart that restores it): it gets `rounds` more
@@ -98,6 +99,7 @@ class Generator(threading.Thread):
             "generated": 0,
             "planned": len(self.prompts) * rounds,
             "started": time.time(),
+            "since": time.time(),
         }
         # The cache file is named by what makes pairs comparable: models and settings.
         key = hashlib.sha256(
@@ -120,6 +122,10 @@ class Generator(threading.Thread):
         self._added: list[str] = []
         self._loaded: dict[str, Any] = {}
         self._rng = random.Random(seed)  # the arena's draws of models
+        # Prompts go out in a seeded shuffle, not file order: a pool sorted by category
+        # would otherwise show every first annotator nothing but its first category.
+        shuffled = random.Random(f"prompt-order-{seed}").sample(range(len(self.prompts)), len(self.prompts))
+        self._rank = {i: position for position, i in enumerate(shuffled)}
         self._ran = False  # run() was called (not `_started`: threading.Thread has one)
         self._working = False  # a thread is generating (or about to); guarded by _lock
         self.before_add = None  # called with each new batch before it enters the queue
@@ -132,6 +138,8 @@ class Generator(threading.Thread):
 
     def _set(self, **fields: Any) -> None:
         with self._lock:
+            if "message" in fields and fields["message"] != self._status.get("message"):
+                fields.setdefault("since", time.time())  # when this step (loading, a batch) began
             self._status.update(fields)
 
     @property
@@ -235,13 +243,13 @@ class Generator(threading.Thread):
 
     def _todo(self, track: str | None) -> list:
         """The prompts that still need a pair on `track`: fewest pairs so far first, then
-        fewest votes in the store, then pool order."""
+        fewest votes in the store, then the seeded shuffle of the pool."""
         order = sorted(
             range(len(self.prompts)),
             key=lambda i: (
                 self._answered.get((track, self.prompts[i].id), 0),
                 self.voted_prompts.get(self.prompts[i].id, 0),
-                i,
+                self._rank[i],
             ),
         )
         return [
@@ -339,6 +347,7 @@ class Generator(threading.Thread):
             done = self.status()["generated"]
             span = f"pair {done + 1}" if len(batch) == 1 else f"pairs {done + 1}-{done + len(batch)}"
             self._set(state="generating", message=f"generating {span} of {self.planned}")
+            t_batch = time.time()
             # Each prompt's two sides: (model, seed). Seeds move on with every batch, so
             # a second round samples new answers.
             seed = self.seed + 2 * self._batches
@@ -388,5 +397,5 @@ class Generator(threading.Thread):
             newcomer = [pair for pair, (_, track) in zip(new, jobs) if track is not None]
             added = self.queue.add(newcomer, front=True) if newcomer else 0
             added += self.queue.add([pair for pair, (_, track) in zip(new, jobs) if track is None])
-            self._set(generated=self.status()["generated"] + len(new))
+            self._set(generated=self.status()["generated"] + len(new), last_batch_s=time.time() - t_batch)
             log.info("generated %d pairs (%d new)", len(new), added)

@@ -79,10 +79,15 @@ class Service:
         if self.generator is not None:
             status = self.generator.status()
             if status["state"] in ("loading", "generating", "waiting"):
-                seconds = int(time.time() - status["started"])
+                # Seconds into this step (loading a model, this batch), not since the start:
+                # "generating pair 7 (3s)" says how long this pair has been coming.
+                seconds = int(time.time() - status.get("since", status["started"]))
+                message = status["message"]
+                if status["state"] == "generating" and status.get("last_batch_s"):
+                    message += f"; the last batch took {status['last_batch_s']:.0f}s"
                 return {
                     "state": status["state"],
-                    "message": status["message"],
+                    "message": message,
                     "seconds": seconds,
                     "generated": status["generated"],
                     "planned": status["planned"],

@@ -441,3 +441,19 @@ def test_serve_model_names_a_policy_by_its_run_as_add_to_arena_does(tmp_path):
     loose = tmp_path / "my-model"  # a model directory that is not a run's policy keeps its path
     shutil.copytree(build_tiny_model(), loose)
     assert arena_name(str(loose)) == str(loose)
+
+
+def test_prompts_go_out_in_a_seeded_shuffle_not_file_order(tmp_path):
+    from annotate.pair_generator import Generator
+    from annotate.queue import AssignmentQueue
+
+    pool = _pool(tmp_path, n=30)
+
+    def order(seed):
+        gen = Generator(["tiny"], pool, AssignmentQueue(), cache_dir=None, seed=seed)
+        return [p.id for p in gen._todo(None)]
+
+    file_order = [p.id for p in pool]
+    assert sorted(order(0)) == sorted(file_order)  # every prompt, once
+    assert order(0) != file_order
+    assert order(0) == order(0) and order(0) != order(1)  # the same seed, the same order
