@@ -21,6 +21,7 @@ from helpers import (
     TINY,
     TRAIN_DEVICE,
     banana_rows,
+    preflab,
     retraction,
     sigterm_mid_run,
     vote_record,
@@ -534,3 +535,15 @@ def test_sigterm_saves_cancelled_and_rerun_resumes(tmp_path):
     assert status["state"] == "done" and status["step"] == saved + 3
     # A finished run is not trained again.
     assert preflab(["train-reward", "--run-dir", str(run_dir), "--no-progress"]) == 0
+
+
+def test_a_command_that_fails_on_its_input_leaves_no_run_directory(tmp_path):
+    # No --run-dir: the run would have been runs/reward-<time>. Bad input removes it (and
+    # the runs directory this command created); a named --run-dir keeps the failure
+    # (test_bad_input_fails_clearly_before_loading_a_model).
+    r = preflab(
+        "train-reward", "--data", tmp_path / "nothing", "--model", "tiny", "--runs-dir", tmp_path / "runs"
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()

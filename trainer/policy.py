@@ -128,6 +128,7 @@ def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
         explicit = set(cfg) if explicit is None else explicit
         cfg = PolicyConfig(**cfg)
     explicit = {f.name for f in dataclasses.fields(PolicyConfig)} if explicit is None else explicit
+    named = bool(cfg.run_dir)  # the caller named the run directory: a failure is recorded there
     cfg, run_path = resolve_config(cfg, explicit)
 
     return supervise(
@@ -136,6 +137,7 @@ def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
         lambda: check_config(cfg),
         lambda run, accelerator, stop: _train(cfg, run, accelerator, stop),
         (PolicyInputError, StoreError),
+        keep_failed=named,
     )
 
 

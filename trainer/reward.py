@@ -89,6 +89,7 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
         explicit = set(cfg) if explicit is None else explicit
         cfg = RewardConfig(**cfg)
     explicit = {f.name for f in dataclasses.fields(RewardConfig)} if explicit is None else explicit
+    named = bool(cfg.run_dir)  # the caller named the run directory: a failure is recorded there
     cfg, run_path, resuming = resolve_config(cfg, explicit)
 
     def train_without_cudnn_attention(run, accelerator, stop):
@@ -103,6 +104,7 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
         lambda: check_config(cfg),
         train_without_cudnn_attention,
         (RewardDataError, StoreError),
+        keep_failed=named,
     )
 
 

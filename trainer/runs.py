@@ -21,6 +21,7 @@ a clean stop, bad input into state `failed` with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -270,15 +271,25 @@ def supervise(
     check: Callable[[], None],
     body: Callable[[Run, Any, dict], int],
     input_errors: tuple[type[Exception], ...],
+    keep_failed: bool = True,
 ) -> int:
     """Run `body(run, accelerator, stop)` as one run of `run_path`. Returns the exit code:
     0 done (or already done), 1 failed, 2 bad input, 128 + signal when cancelled (the
-    body returns that after it saw `stop["signal"]` and saved)."""
+    body returns that after it saw `stop["signal"]` and saved).
+
+    Bad input in a run directory this call created, with `keep_failed` False (the caller
+    did not name it: `runs/reward-<time>`), removes that directory again: a command that
+    failed before doing anything leaves nothing behind. A named or existing run dir keeps
+    the failure in its status.json (the Train tab shows it from there)."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device == "cpu")
     main = accelerator.is_main_process
     run = Run(run_path, main)
+    created = main and not run_path.exists()
+    first_new = run_path  # the outermost directory this call creates (runs/, then the run)
+    while not first_new.parent.exists():
+        first_new = first_new.parent
     if main:
         run_path.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -306,7 +317,17 @@ def supervise(
         check()
         return body(run, accelerator, stop)
     except input_errors as e:
-        run.status("failed", 0.0, str(e))
+        if created and not keep_failed:
+            import shutil
+
+            shutil.rmtree(run_path, ignore_errors=True)
+            for empty in [run_path, *run_path.parents]:  # runs/ too, if this call made it (and it is empty)
+                if empty == first_new.parent:
+                    break
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
+        else:
+            run.status("failed", 0.0, str(e))
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
