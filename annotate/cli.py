@@ -81,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         # The one place a problem the user can fix (a flag, a file, a run; a store that
         # is missing, unreadable, full, a database down, a second server) becomes what
         # they read: one line, no traceback, exit code 2.
-        return exit_code(args._run, args)
+        code = exit_code(args._run, args)
+        sys.stdout.flush()  # inside the try: a reader that went away is handled below
+        return code
+    except BrokenPipeError:
+        # `preflab info | head`: the reader has what it wanted. Quietly, like any Unix tool
+        # killed by SIGPIPE (128 + 13), and with stdout on /dev/null so that Python's own
+        # flush at exit does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -39,3 +39,21 @@ def test_unknown_command_is_an_error():
     out = preflab("frobnicate")
     assert out.returncode == 2
     assert "invalid choice" in out.stderr
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
+    """`preflab info | head -1`: no BrokenPipeError traceback, the exit code of SIGPIPE."""
+    from helpers import REPO, child_env, vote_record, write_store
+
+    store = write_store(tmp_path / "store", [vote_record("q", "a", "b")])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "annotate.cli", "info", "--data", str(store)],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # gone before the command writes its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
