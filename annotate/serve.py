@@ -19,6 +19,7 @@ annotate/cli.py); what the server has to say goes through `logging`, except the
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import logging
 import os
@@ -156,6 +157,27 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ServeError(f"{flag} must be at least 1, got {value}")
     if not 0.0 <= args.newcomer_share <= 1.0:
         raise ServeError(f"--newcomer-share must be between 0 and 1, got {args.newcomer_share}")
+
+
+def check_port(host: str, port: int) -> None:
+    """ServeError now, before the store is opened or a model loaded, when nothing can
+    listen on host:port (another server has it, or the address is not this machine's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ServeError(
+            f"cannot listen on {host}:{port}: {host} is not an address of this machine ({e})"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            reason = "in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise ServeError(f"cannot listen on {host}:{port} ({reason}); try another --port") from None
 
 
 def _accounts_and_guidelines(args: argparse.Namespace):
@@ -339,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     check_flags(args)
+    check_port(args.host, args.port)  # before anything is opened or created
     opened = _Opened()
     try:
         ctx = build_context(args, opened)
@@ -367,8 +390,10 @@ def run(args: argparse.Namespace) -> int:
                 auth_message="preflab: log in with the account your admin gave you.",
                 **launch_kwargs,
             )
-        except OSError as e:
-            raise ServeError(f"cannot listen on {args.host}:{args.port} ({e}); try another --port") from None
+        except OSError:  # taken between check_port and now; gradio's own text is for developers
+            raise ServeError(
+                f"cannot listen on {args.host}:{args.port} (in use); try another --port"
+            ) from None
         url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/"
         mode = (
             ("pairs from " + args.pairs)

@@ -275,3 +275,23 @@ def test_arena_generator_pairs_two_different_models_and_caches_its_pairs(tmp_pat
     )
     assert sorted(p.pair_id for p in again.load_cache()) == sorted(p.pair_id for p in pairs)
     assert again._next_jobs(2) == []
+
+
+def test_a_port_in_use_is_one_line_and_creates_nothing(tmp_path):
+    import socket
+
+    from trainer.store.pg_testserver import free_port
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 1)
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        r = preflab("serve", "--pairs", pairs, "--data", tmp_path / "store", "--port", str(port), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == f"error: cannot listen on 127.0.0.1:{port} (in use); try another --port"
+    )
+    assert "GRADIO_SERVER_PORT" not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "store").exists()  # failed before doing anything: no store made
