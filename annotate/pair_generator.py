@@ -357,10 +357,10 @@ class Generator(threading.Thread):
             for i, pair_sides in enumerate(sides):
                 for side in pair_sides:
                     rows_of.setdefault(side, []).append(i)
-            answers: dict[tuple[int, str, int], str] = {}
+            answers: dict[tuple[int, str, int], models.Answer] = {}
             for (name, s), indices in sorted(rows_of.items()):
                 model, tokenizer = loaded[name]
-                texts = models.generate(
+                texts = models.generate_answers(
                     model,
                     tokenizer,
                     [batch[i].messages for i in indices],
@@ -370,8 +370,8 @@ class Generator(threading.Thread):
                     progress=False,
                     **self.sampling,
                 )
-                for i, (text,) in zip(indices, texts):
-                    answers[i, name, s] = text
+                for i, (answer,) in zip(indices, texts):
+                    answers[i, name, s] = answer
                 if self._stop_event.is_set():
                     return
             new = []
@@ -379,7 +379,16 @@ class Generator(threading.Thread):
                 row = make_pair(
                     batch[i],
                     *[
-                        {"model": m, "response": answers[i, m, s], "params": {**self.sampling, "seed": s}}
+                        {
+                            "model": m,
+                            "response": answers[i, m, s].text,
+                            # "cut": the token limit stopped it; the page says so next to it
+                            "params": {
+                                **self.sampling,
+                                "seed": s,
+                                **({"cut": True} if answers[i, m, s].cut else {}),
+                            },
+                        }
                         for m, s in (x, y)
                     ],
                 )

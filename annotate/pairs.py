@@ -65,6 +65,15 @@ class Pair:
     def model(self, side: str) -> str:
         return self.model_a if side == "a" else self.model_b
 
+    def cut(self, side: str) -> bool:
+        """The answer on `side` was stopped by the token limit (gen_params[side]["cut"]),
+        so it may end mid-sentence."""
+        try:
+            params = json.loads(self.gen_params or "{}").get(side)
+        except (ValueError, AttributeError):
+            return False
+        return isinstance(params, dict) and params.get("cut") is True
+
 
 # --------------------------------------------------------------------------------------
 # One row -> one Pair

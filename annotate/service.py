@@ -113,6 +113,9 @@ class Service:
                 "prompt": list(a.pair.messages),
                 "left": a.pair.response(a.left),
                 "right": a.pair.response(a.right),
+                # Stopped by the token limit: shown as cut, so it is not judged as rambling off.
+                "left_cut": a.pair.cut(a.left),
+                "right_cut": a.pair.cut(a.right),
             }
         return {
             "ok": ok,

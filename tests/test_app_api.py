@@ -127,7 +127,14 @@ def test_two_annotators_with_overlap_two(team):
             if pair is None:
                 continue
             seen[name].append(pair["pair_id"])
-            assert set(pair) == {"pair_id", "prompt", "left", "right"}  # no model names before the vote
+            assert set(pair) == {
+                "pair_id",
+                "prompt",
+                "left",
+                "right",
+                "left_cut",
+                "right_cut",
+            }  # no model names yet
             views[name] = c.predict(pair["pair_id"], "left", "slightly", "", api_name="/vote")
             assert views[name]["ok"] and views[name]["ack"]["left_model"] in ("alpha", "beta")
     assert views["ann"]["pair"] is None and views["ann"]["waiting"]["state"] == "done"

@@ -427,3 +427,37 @@ def test_cli_help(command, option):
     proc = preflab(command, "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert option in proc.stdout and "--device" in proc.stdout
+
+
+def test_an_answer_the_token_limit_stopped_is_marked_cut(tiny):
+    model, tok = tiny
+    greedy = dict(n=1, max_new_tokens=3, temperature=0, progress=False)
+    [[answer]] = models.generate_answers(model, tok, [HELLO], **greedy)
+    # The oracle: the same greedy continuation, straight from transformers.
+    ids = tok(models.render_prompt(tok, HELLO), add_special_tokens=False, return_tensors="pt").input_ids
+    eos = {
+        tok.eos_token_id,
+        *(
+            [model.generation_config.eos_token_id]
+            if isinstance(model.generation_config.eos_token_id, int)
+            else model.generation_config.eos_token_id or []
+        ),
+    }
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=ids.ne(-1).long(),
+        max_new_tokens=3,
+        do_sample=False,
+        eos_token_id=sorted(e for e in eos if e is not None),
+        pad_token_id=tok.pad_token_id,
+    )
+    assert answer.cut == (not any(t in eos for t in out[0, ids.shape[1] :].tolist()))
+    # Every token an end of sequence: every answer ends on its own, none is cut.
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = list(range(model.config.vocab_size))
+    try:
+        [[ended]] = models.generate_answers(model, tok, [HELLO], **greedy)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert ended.cut is False
+    assert models.generate(model, tok, [HELLO], **greedy) == [[answer.text]]

@@ -33,7 +33,9 @@ def test_a_vote_is_stored_before_it_is_acknowledged_and_the_next_pair_comes_with
     service, store_dir = setup
     view = service.next("me")
     pair = view["pair"]
-    assert set(pair) == {"pair_id", "prompt", "left", "right"} and view["progress"] == {
+    assert set(pair) == {"pair_id", "prompt", "left", "right", "left_cut", "right_cut"} and view[
+        "progress"
+    ] == {
         "done": 0,
         "assigned": 4,
     }
@@ -184,3 +186,26 @@ def test_annotators_are_refused_what_is_for_admins(tmp_path):
         assert local.identify(SimpleNamespace(username="whoever")) == ("me", "admin")
         with pytest.raises(Forbidden):
             local.dashboard("someone-else")
+
+
+def test_an_answer_the_token_limit_cut_is_marked_on_the_side_it_is_shown(tmp_path):
+    from annotate.pairs import pair_from_row
+    from annotate.web.page import CUT_NOTE, answer_html
+
+    cut_b = pair_from_row(
+        {
+            "prompt": "Tell a story",
+            "response_a": "The end.",
+            "response_b": "Once upon a",
+            "gen_params": json.dumps({"a": {"seed": 1}, "b": {"seed": 2, "cut": True}}),
+        }
+    )
+    queue = AssignmentQueue()
+    queue.add([cut_b])
+    with DirectoryStore(tmp_path / "store") as store:
+        view = Service(store, queue, data=tmp_path / "store", local_user="me").next("me")
+    pair = view["pair"]
+    shown_cut = pair["right"] if pair["right_cut"] else pair["left"]
+    assert [pair["left_cut"], pair["right_cut"]].count(True) == 1 and shown_cut == "Once upon a"
+    assert CUT_NOTE in answer_html("B", "Once upon a", True)
+    assert CUT_NOTE not in answer_html("A", "The end.", False)

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -427,7 +428,20 @@ def render_prompt(tokenizer, messages: list[dict[str, str]] | str) -> str:
     return "\n\n".join(turns + ["Assistant:"])
 
 
-def generate(
+@dataclass(frozen=True)
+class Answer:
+    text: str  # the new text only, special tokens stripped
+    cut: bool  # stopped by max_new_tokens, not by the model: it may end mid-sentence
+
+
+def generate(model, tokenizer, conversations, **settings) -> list[list[str]]:
+    """`generate_answers`, the texts only: result[i][j] is answer j to conversation i."""
+    return [
+        [a.text for a in answers] for answers in generate_answers(model, tokenizer, conversations, **settings)
+    ]
+
+
+def generate_answers(
     model,
     tokenizer,
     conversations,
@@ -439,10 +453,10 @@ def generate(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
-) -> list[list[str]]:
+) -> list[list[Answer]]:
     """`n` sampled answers for each conversation (a list of chat messages, or a string
-    taken as one user message): result[i][j] is answer j to conversation i, the new text
-    only, special tokens stripped. `temperature=0` is greedy decoding.
+    taken as one user message): result[i][j] is answer j to conversation i, with whether
+    the token limit cut it off (no end-of-sequence token). `temperature=0` is greedy.
 
     Rows (each conversation repeated n times) are sorted by prompt length and cut into
     batches of `batch_size`, so a batch pads little. The same inputs, seed and batch size
@@ -457,7 +471,7 @@ def generate(
     add_special = not getattr(tokenizer, "chat_template", None)
     prompt_ids = tokenizer(texts, add_special_tokens=add_special).input_ids if texts else []
     rows = sorted(((i, j) for i in range(len(texts)) for j in range(n)), key=lambda r: len(prompt_ids[r[0]]))
-    results: list[list[str]] = [[""] * n for _ in texts]
+    results: list[list[Answer]] = [[Answer("", False)] * n for _ in texts]
 
     eos = {tokenizer.eos_token_id}
     gen_eos = model.generation_config.eos_token_id
@@ -491,6 +505,9 @@ def generate(
                 **settings,
             )
             new = out[:, padded["input_ids"].shape[1] :]  # left padding: prompts end together
-            for (i, j), text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                results[i][j] = text.strip()
+            ended = torch.isin(new, torch.tensor(sorted(eos), device=new.device)).any(dim=1).tolist()
+            for (i, j), text, stopped in zip(
+                batch, tokenizer.batch_decode(new, skip_special_tokens=True), ended
+            ):
+                results[i][j] = Answer(text.strip(), cut=not stopped)
     return results

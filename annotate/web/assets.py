@@ -65,6 +65,7 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
   color: var(--body-text-color-subdued); }
 .chat .turn-assistant .text { border-left: 3px solid #d4d4d8; padding-left: 8px; }
 .chat .turn-system .text { font-style: italic; }
+.cut-note { margin-top: 8px; font-size: 0.85em; color: var(--body-text-color-subdued); font-style: italic; }
 .empty { color: var(--body-text-color-subdued); font-style: italic; }
 #vote-row button { font-size: 1.05em; min-height: 48px; }
 .status { min-height: 1.6em; color: var(--body-text-color-subdued); }

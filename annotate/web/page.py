@@ -12,7 +12,8 @@ modules, each `build_x_tab(demo, ctx, guard)`.
 
 API, for scripts and load tests (gradio_client, logged in with auth=(user, password)):
 
-    client.predict(api_name="/next")  -> {"pair": {"pair_id", "prompt", "left", "right"}, "progress", ...}
+    client.predict(api_name="/next")  -> {"pair": {"pair_id", "prompt", "left", "right", "left_cut", "right_cut"},
+                                          "progress", ...}   (*_cut: the token limit stopped that answer)
     client.predict(pair_id, "left" | "right" | "tie" | "both_bad", "slightly" | "clearly" | "",
                    "rationale", api_name="/vote")   -> {"ack": {"event_id", ...}, "pair": next pair, ...}
     client.predict(pair_id, api_name="/skip"); client.predict(api_name="/undo")
@@ -44,6 +45,17 @@ def topbar_html(view: dict[str, Any], *, role: str, logout: bool) -> str:
         f'<span class="progress-bar"><span style="width:{width:.1f}%"></span></span></span>'
         f'<span class="spacer"></span><span class="keys">{keys}</span>{logout_link}</div>'
     )
+
+
+CUT_NOTE = (
+    '<div class="cut-note" data-cut="true">Cut off at the length limit: this answer did not end '
+    "on its own, so it may stop mid-sentence.</div>"
+)
+
+
+def answer_html(label: str, text: str, cut: bool) -> str:
+    """One answer card; an answer the token limit stopped says so under its text."""
+    return f'<div class="card answer"><h4>Answer {label}</h4>{render_markdown(text)}{CUT_NOTE if cut else ""}</div>'
 
 
 def status_html(view: dict[str, Any]) -> str:
@@ -198,12 +210,8 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
             )
             if pair
             else "",
-            f'<div class="card answer"><h4>Answer A</h4>{render_markdown(pair["left"])}</div>'
-            if pair
-            else "",
-            f'<div class="card answer"><h4>Answer B</h4>{render_markdown(pair["right"])}</div>'
-            if pair
-            else "",
+            answer_html("A", pair["left"], pair.get("left_cut", False)) if pair else "",
+            answer_html("B", pair["right"], pair.get("right_cut", False)) if pair else "",
             status_html(view),
             *inputs,
             # poll once a second while there is nothing to show but more may come
