@@ -174,6 +174,17 @@ def _utc(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=int(us))
 
 
+def cut_votes(votes: Votes) -> int:
+    """Votes on a pair where the token limit stopped at least one answer (its side of
+    gen_params has "cut": true): judged on text that may end mid-sentence. 0 without a
+    gen_params column (imported data)."""
+    v = VoteArrays.of(votes)
+    if not v.n or not v.has("gen_params"):
+        return 0
+    hit = pc.match_substring_regex(v.column("gen_params"), r'"cut"\s*:\s*true')
+    return int(pc.sum(hit.fill_null(False).cast("int64")).as_py() or 0)
+
+
 def summary(votes: Votes) -> dict[str, Any]:
     """Every headline number of the dashboard, in one flat dict:
 
@@ -182,6 +193,7 @@ def summary(votes: Votes) -> dict[str, Any]:
     share_a, share_b, share_tie, share_both_bad        (see choice_rates)
     left_share, left_low, left_high, decisive_votes     (see position_bias)
     median_decision_ms,
+    cut_votes                                           (see cut_votes)
     alpha, alpha_units, alpha_values                    (see krippendorff_alpha)
     mean_kappa: the mean of the defined pairwise Cohen's kappas (Light's kappa), and
     kappa_pairs: how many annotator pairs it averages.
@@ -212,6 +224,7 @@ def summary(votes: Votes) -> dict[str, Any]:
         "left_high": bias["high"],
         "decisive_votes": bias["n"],
         "median_decision_ms": _median_decision_ms(v),
+        "cut_votes": cut_votes(v),
         "alpha": alpha["alpha"],
         "alpha_units": alpha["n_units"],
         "alpha_values": alpha["n_values"],

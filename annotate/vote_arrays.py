@@ -38,6 +38,7 @@ _USED_COLUMNS = (
     "model_a",
     "model_b",
     "created_at",
+    "gen_params",
     "decision_ms",
 )
 

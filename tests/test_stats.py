@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime, timedelta
 
@@ -449,3 +450,13 @@ def test_a_pandas_frame_gives_the_same_numbers_as_the_arrow_table():
         assert a[key] == b[key] or (
             isinstance(a[key], float) and math.isnan(a[key]) and math.isnan(b[key])
         ), key
+
+
+def test_votes_on_cut_answers_are_counted():
+    records = [full_record(p, a, c, left, i) for i, (p, a, c, left) in enumerate(KAPPA_ROWS[:4])]
+    records[0]["gen_params"] = json.dumps({"a": {"seed": 0, "cut": True}, "b": {"seed": 1}})
+    records[1]["gen_params"] = '{"a":{"seed":0},"b":{"seed":1,"cut":true}}'  # compact JSON counts too
+    records[2]["gen_params"] = json.dumps({"a": {"cut": False}, "b": {}})
+    t = records_to_table(records)
+    assert stats.cut_votes(t) == 2 == stats.summary(t)["cut_votes"]
+    assert stats.cut_votes(t.drop_columns(["gen_params"])) == 0  # imported data has none

@@ -77,6 +77,9 @@ def metrics_html(s: dict[str, Any], q: dict[str, Any]) -> str:
             "Median decision time",
             num(s["median_decision_ms"] and s["median_decision_ms"] / 1000, "{:.1f} s"),
         ),
+        metric_card(
+            "Cut answers", str(s["cut_votes"]), "votes on a pair with an answer the token limit stopped"
+        ),
         metric_card("Krippendorff's α", num(s["alpha"]), f"{s['alpha_units']} pairs with 2+ votes"),
         metric_card("Mean Cohen's κ", num(s["mean_kappa"]), f"{s['kappa_pairs']} annotator pairs"),
     ]
