@@ -547,3 +547,27 @@ def test_a_command_that_fails_on_its_input_leaves_no_run_directory(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.25])
+def test_a_small_run_says_how_little_its_accuracy_means(tmp_path, val_fraction, capsys):
+    data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(24, prompts_per_topic=8))
+    run_dir = tmp_path / "run"
+    code = train(
+        {**TINY, "data": str(data), "run_dir": str(run_dir), "val_fraction": val_fraction, "epochs": 1}
+    )
+    assert code == 0
+    message = json.loads((run_dir / "status.json").read_text())["message"]
+    summary = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    if val_fraction == 0:
+        assert "no validation pairs, so no validation accuracy" in message, message
+        assert "warning: no validation pairs (--val-fraction 0)" in capsys.readouterr().err
+        assert summary["split"] == "train"
+    else:
+        n = summary["val_pairs"]
+        assert 0 < n < 50 and summary["split"] == "val"
+        assert f"95% CI {summary['val_acc_low']:.2f}-{summary['val_acc_high']:.2f}, {n} pairs" in message
+        assert "fewer than 50 validation pairs" in message, message
+        assert (
+            summary["val_acc_low"] < summary["val_acc"] <= summary["val_acc_high"] or summary["val_acc"] == 0
+        )

@@ -258,6 +258,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         last_eval = {
             **evaluate(unwrapped, enc, idx, cfg, pad_id, device, autocast, accelerator, packed),
             "step": step,
+            "split": "val" if len(val_idx) else "train",  # no validation pairs: the training ones
         }
         rewards = last_eval["_rewards"]
         # Normalisation: gain and bias so that validation rewards have mean 0 and std 1;
@@ -268,13 +269,14 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             "kind": "eval",
             **{k: v for k, v in last_eval.items() if not k.startswith("_")},
             "epoch": round(epoch, 4),
-            "split": "val" if len(val_idx) else "train",
             **norm,
         }
         run.log(record)
         if main:
             tqdm.write(
-                f"eval @ step {step}: acc {record['val_acc']:.3f}  loss {record['val_loss']:.4f}  "
+                f"eval @ step {step}: acc {record['val_acc']:.3f} (95% CI {record['val_acc_low']:.2f}-"
+                f"{record['val_acc_high']:.2f}, {record['val_pairs']} {record['split']} pairs)  "
+                f"loss {record['val_loss']:.4f}  "
                 f"ece {record['val_ece']:.3f}  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  "
                 f"length corr {record['length_corr']:+.2f}",
                 file=sys.stderr,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.evaluate import wilson_interval
 from trainer.reward_batches import collate, pack
 
 
@@ -127,10 +128,15 @@ def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None, pac
     rewards = np.concatenate([rc, rr])
     lengths = np.concatenate([enc.chosen_len[idx], enc.rejected_len[idx]]).astype(np.float64)
     longer_wins = np.where(enc.chosen_len[idx] >= enc.rejected_len[idx], rc > rr, rr > rc)
+    right = int((rc[votes] > rr[votes]).sum())
+    # The accuracy's 95% Wilson interval: on a few pairs "1.000" is 3 of 3, which says little.
+    low, high = wilson_interval(right, int(votes.sum()))
     return {
         "val_pairs": int(len(idx)),
         "val_loss": float(loss.mean()),
-        "val_acc": float((rc[votes] > rr[votes]).mean()) if votes.any() else float("nan"),
+        "val_acc": right / int(votes.sum()) if votes.any() else float("nan"),
+        "val_acc_low": low,
+        "val_acc_high": high,
         "val_ece": expected_calibration_error(p[votes]),
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),

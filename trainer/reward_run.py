@@ -73,9 +73,15 @@ def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> t
     # Every process (and every resume) trains on the snapshot: the same pairs, the same split.
     pairs, train_idx, val_idx = load_snapshot(snapshot, summary)
     if len(val_idx) == 0 and main:
+        prompts = len(set(pairs.prompt_keys()))
+        if cfg.val_fraction == 0:
+            why = "--val-fraction 0"
+        elif prompts < 2:
+            why = "all pairs share one prompt, and a prompt is never split"
+        else:
+            why = f"{len(pairs)} pairs x --val-fraction {cfg.val_fraction} rounds to none"
         print(
-            "warning: no validation pairs (one prompt only, or --val-fraction 0): "
-            "metrics and normalisation use the training pairs",
+            f"warning: no validation pairs ({why}): metrics and normalisation use the training pairs",
             file=sys.stderr,
         )
     return pairs, train_idx, val_idx, summary
@@ -98,6 +104,24 @@ def report_data(summary: dict, n_pairs: int, n_train: int, n_val: int, cut_note:
         file=sys.stderr,
     )
     print(f"truncation: {cut_note}", file=sys.stderr)
+
+
+FEW_VALIDATION_PAIRS = 50  # below this an accuracy is an estimate with a wide interval
+
+
+def accuracy_words(final: dict) -> str:
+    """The final accuracy as a claim the data can carry: with its interval, on how many
+    pairs; none at all without validation pairs (then it is the training pairs' own)."""
+    acc, n = final.get("val_acc", float("nan")), final.get("val_pairs", 0)
+    interval = (
+        f"95% CI {final.get('val_acc_low', float('nan')):.2f}-{final.get('val_acc_high', float('nan')):.2f}"
+    )
+    if final.get("split") == "train":
+        return f"no validation pairs, so no validation accuracy (on its own training pairs: {acc:.3f})"
+    words = f"validation accuracy {acc:.3f} ({interval}, {n} pairs)"
+    if n < FEW_VALIDATION_PAIRS:
+        words += f"; fewer than {FEW_VALIDATION_PAIRS} validation pairs: an estimate, not a verdict"
+    return words
 
 
 def finish_done(
@@ -133,10 +157,7 @@ def finish_done(
             "wall_s": round(time.time() - t_start, 2),
         }
     )
-    msg = (
-        f"done: {step} steps, validation accuracy {final_eval.get('val_acc', float('nan')):.3f}; "
-        f"checkpoint in {run.path / CHECKPOINT}"
-    )
+    msg = f"done: {step} steps, {accuracy_words(final_eval)}; checkpoint in {run.path / CHECKPOINT}"
     run.status("done", 1.0, msg, step=step, total_steps=total_steps)
     if main:
         print(msg, file=sys.stderr)
