@@ -44,6 +44,9 @@ SCALE = 400.0 / math.log(10.0)
 CENTER = 1000.0
 
 
+PROVISIONAL_VOTES = 10  # battles a model needs before it gets a rank
+
+
 class LeaderboardError(PreflabError, ValueError):
     """No meaningful leaderboard from these votes or settings; the message says why and
     what to do."""
@@ -141,7 +144,7 @@ class Leaderboard:
     rating: np.ndarray
     low: np.ndarray  # 95% bootstrap interval
     high: np.ndarray
-    rank: np.ndarray  # interval-respecting
+    rank: np.ndarray  # interval-respecting; 0 for a provisional model (no rank)
     wins: np.ndarray  # per model, against the field
     losses: np.ndarray
     ties: np.ndarray
@@ -157,6 +160,13 @@ class Leaderboard:
     both_bad_dropped: int
     unrated: list[str] = field(default_factory=list)  # seen, but never against another model
     timings: dict[str, float] = field(default_factory=dict)
+    min_votes: int = 0  # fewer battles than this: provisional
+    no_interval: list[str] = field(default_factory=list)  # the bootstrap could not vary their votes
+
+    @property
+    def provisional(self) -> np.ndarray:
+        """Per model: too few battles for a rank (its interval says more than its rating)."""
+        return self.games.sum(axis=1) < self.min_votes
 
     @property
     def played(self) -> np.ndarray:
@@ -194,6 +204,17 @@ class Leaderboard:
             lines.append("ties and both-bad votes count half a win to each side")
         if self.unrated:
             lines.append(f"no rating for {', '.join(self.unrated)}: no vote against another model")
+        few = [m for m, p in zip(self.models, self.provisional) if p]
+        if few:
+            lines.append(
+                f"provisional, no rank: {', '.join(few)} (fewer than {self.min_votes} votes; "
+                "a rating from so few votes can move a long way)"
+            )
+        if self.no_interval:
+            lines.append(
+                f"no interval for {', '.join(self.no_interval)}: every resampled vote said the same, "
+                "so the bootstrap cannot tell how sure the rating is"
+            )
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,7 +224,8 @@ class Leaderboard:
 
         rows = [
             {
-                "rank": int(self.rank[k]),
+                "rank": None if self.provisional[k] else int(self.rank[k]),
+                "provisional": bool(self.provisional[k]),
                 "model": m,
                 "rating": num(self.rating[k]),
                 "ci": [num(self.low[k]), num(self.high[k])],
@@ -227,6 +249,8 @@ class Leaderboard:
             "self_pairs_ignored": self.self_pairs,
             "both_bad_dropped": self.both_bad_dropped,
             "unrated": list(self.unrated),
+            "provisional_below_votes": self.min_votes,
+            "no_interval": list(self.no_interval),
             "pairs": {
                 "models": list(self.models),
                 "win_rate": [[num(x, 4) for x in row] for row in self.win_matrix],
@@ -243,8 +267,9 @@ class Leaderboard:
         ]
         for k, m in enumerate(self.models):
             ci = "–" if math.isnan(self.low[k]) else f"{self.low[k]:7.1f} – {self.high[k]:7.1f}"
+            rank = "–" if self.provisional[k] else str(int(self.rank[k]))
             lines.append(
-                f"{int(self.rank[k]):>4}  {m:<{width}}  {self.rating[k]:7.1f}  {ci:^17}  "
+                f"{rank:>4}  {m:<{width}}  {self.rating[k]:7.1f}  {ci:^17}  "
                 f"{int(self.played[k]):>8}  {100 * self.win_rate[k]:7.1f}%"
             )
         return "\n".join(lines)
@@ -258,8 +283,12 @@ def leaderboard(
     seed: int = 0,
     both_bad: str = "tie",
     ridge: float = RIDGE,
+    min_votes: int = PROVISIONAL_VOTES,
 ) -> Leaderboard:
     """Ratings, intervals and ranks from a votes table (or already counted Battles).
+    A model with fewer than `min_votes` battles is provisional: rated, but not ranked,
+    and it does not push other models down. An interval the bootstrap could not vary (all
+    resampled votes the same) is left out (NaN), not shown as certainty.
 
     Raises LeaderboardError when the votes cannot rank anything: no votes, fewer than two
     models, an anchor that is not one of the models, or a comparison graph in pieces
@@ -329,7 +358,20 @@ def leaderboard(
     else:
         low = high = np.full(len(models), np.nan)
     timings["bootstrap"] = time.perf_counter() - t0
-    rank = interval_ranks(np.nan_to_num(low, nan=-np.inf), np.nan_to_num(high, nan=np.inf))
+    # Zero width means every bootstrap round saw the same votes (say 3 of 3 one way): the
+    # resampling cannot tell how sure that is, so there is no interval, not a certain one.
+    # (The anchor's interval is zero wide by definition: it is the fixed point of the scale.)
+    degenerate = (np.abs(high - low) < 0.5) & (
+        np.arange(len(models)) != (-1 if anchor_index is None else anchor_index)
+    )
+    low, high = np.where(degenerate, np.nan, low), np.where(degenerate, np.nan, high)
+    provisional = games.sum(axis=1) < min_votes
+    # A provisional model neither gets a rank nor is "clear above" anyone.
+    rank = interval_ranks(
+        np.where(provisional, -np.inf, np.nan_to_num(low, nan=-np.inf)),
+        np.where(provisional, np.inf, np.nan_to_num(high, nan=np.inf)),
+    )
+    rank = np.where(provisional, 0, rank)
 
     order = np.lexsort((np.arange(len(models)), -rating))  # best first; stable on equal ratings
     ox = np.ix_(order, order)
@@ -355,4 +397,6 @@ def leaderboard(
         both_bad_dropped=battles.both_bad_dropped,
         unrated=unrated,
         timings=timings,
+        min_votes=min_votes,
+        no_interval=[models[k] for k in order if degenerate[k]],
     )

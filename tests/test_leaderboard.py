@@ -462,3 +462,25 @@ def test_the_tab_view_explains_an_empty_store_and_a_vanished_anchor(store, tmp_p
     )
     assert view["models"] == [name(0), name(1), name(2)] and "<svg" in view["plot"]
     assert page(store, tmp_path / "runs", anchor=name(2))["board"].rating[-1] == 1000.0
+
+
+def test_few_votes_give_a_provisional_model_and_no_false_certainty():
+    # One vote: both models provisional, no ranks, and no interval (every bootstrap
+    # round resamples the same single vote): nothing on the board claims to be sure.
+    one = leaderboard(votes_table([("big", "small", "a")]), rounds=50)
+    rows = {r["model"]: r for r in one.to_dict()["models"]}
+    assert all(r["provisional"] and r["rank"] is None and r["ci"] == [None, None] for r in rows.values())
+    assert any("provisional" in n for n in one.notes()) and any("no interval" in n for n in one.notes())
+    assert "provisional" in table_html(one) and all(
+        line[:4].strip() in ("rank", "–") for line in one.table().splitlines()
+    )
+    # Two well-voted models and a newcomer with three votes: the newcomer is rated, not ranked,
+    # and the two others are ranked.
+    rows = [("a", "b", "a")] * 14 + [("a", "b", "b")] * 6 + [("c", "a", "b")] * 3
+    board = leaderboard(votes_table(rows), rounds=50)
+    table = {r["model"]: r for r in board.to_dict()["models"]}
+    assert table["c"]["provisional"] and table["c"]["rank"] is None and table["c"]["rating"] is not None
+    assert not table["a"]["provisional"] and not table["b"]["provisional"]
+    assert table["a"]["rank"] == 1 and table["b"]["rank"] in (1, 2)
+    # Counted with no minimum, the newcomer would be ranked on its three votes.
+    assert leaderboard(votes_table(rows), rounds=50, min_votes=0).to_dict()["models"][-1]["rank"] is not None

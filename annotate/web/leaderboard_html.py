@@ -17,6 +17,12 @@ from annotate.ratings import CENTER, Leaderboard
 from annotate.web.html import escape
 
 
+def rank_cell(board: Leaderboard, k: int) -> str:
+    if board.provisional[k]:
+        return f'– <span class="lb-provisional" title="fewer than {board.min_votes} votes">provisional</span>'
+    return str(int(board.rank[k]))
+
+
 def table_html(board: Leaderboard) -> str:
     head = (
         "<tr><th>rank</th><th>model</th><th>rating</th><th>95% CI</th><th>votes</th>"
@@ -27,7 +33,7 @@ def table_html(board: Leaderboard) -> str:
         ci = "–" if math.isnan(board.low[k]) else f"{board.low[k]:.0f} – {board.high[k]:.0f}"
         anchor = ' class="anchor"' if m == board.anchor else ""
         rows.append(
-            f'<tr{anchor} data-model="{escape(m)}"><td>{int(board.rank[k])}</td><td class="model">{escape(m)}</td>'
+            f'<tr{anchor} data-model="{escape(m)}"><td>{rank_cell(board, k)}</td><td class="model">{escape(m)}</td>'
             f"<td>{board.rating[k]:.0f}</td><td>{ci}</td><td>{int(board.played[k])}</td>"
             f"<td>{int(board.wins[k])} / {int(board.losses[k])} / {int(board.ties[k])}</td>"
             f"<td>{100 * board.win_rate[k]:.1f}%</td></tr>"
@@ -160,6 +166,7 @@ LEADERBOARD_CSS = """
   text-align: right; }
 .lb-table th:nth-child(2), .lb-table td.model, .lb-evals td, .lb-evals th { text-align: left; }
 .lb-table tr.anchor td { font-weight: 650; }
+.lb-provisional { font-size: 0.8em; color: var(--body-text-color-subdued); font-style: italic; }
 .lb-plot-box, .lb-matrix-box { overflow-x: auto; }
 .lb-plot { max-width: 100%; height: auto; }
 .lb-matrix { border-collapse: collapse; font-size: 0.8em; font-variant-numeric: tabular-nums; }
