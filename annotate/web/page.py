@@ -18,6 +18,8 @@ API, for scripts and load tests (gradio_client, logged in with auth=(user, passw
                    "rationale", api_name="/vote")   -> {"ack": {"event_id", ...}, "pair": next pair, ...}
     client.predict(pair_id, api_name="/skip"); client.predict(api_name="/undo")
     client.predict(api_name="/dashboard")            (admins; /export too, from the Dashboard tab)
+    /runs, /train_reward, /train_policy, /arena_add: the loop, for scripts (admins;
+    annotate/web/loop_api.py); /leaderboard (admins; annotate/web/leaderboard_tab.py)
 """
 
 # No `from __future__ import annotations` here: gradio reads the handlers' type hints
@@ -96,6 +98,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
 
     from annotate.web.dashboard_tab import build_dashboard_tab
     from annotate.web.leaderboard_tab import build_leaderboard_tab
+    from annotate.web.loop_api import register_loop_api
     from annotate.web.review_tab import build_review_tab
     from annotate.web.train_tab import build_train_tab
 
@@ -114,6 +117,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
         timer = gr.Timer(1.0, active=False)
         _wire_annotate_tab(demo, ctx, guard, annotate, topbar, timer)
         _register_api(ctx, guard)
+        register_loop_api(ctx, guard)
 
     demo.queue(default_concurrency_limit=None)
     launch_kwargs = dict(
