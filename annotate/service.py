@@ -38,6 +38,12 @@ STRENGTHS = {"slightly": 1, "clearly": 2}
 EXPORT_FILETYPES = ("parquet", "jsonl")
 
 
+# What one vote may carry: a rationale is a sentence or a paragraph, never a document (a
+# 30 MB one was once acknowledged and stored); a pair id is a short hash-like name.
+MAX_RATIONALE_CHARS = 2_000
+MAX_PAIR_ID_CHARS = 200
+
+
 class BadRequest(PreflabError, ValueError):
     """A call the service cannot take as sent (an unknown choice from an API caller)."""
 
@@ -148,10 +154,17 @@ class Service:
         self, user: str, pair_id: str, choice: str, strength: str = "", rationale: str = ""
     ) -> dict[str, Any]:
         if choice not in SHOWN_CHOICES:
-            raise BadRequest(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {choice!r}")
+            raise BadRequest(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {str(choice)[:40]!r}")
         strength = (strength or "").strip().lower()
         if strength and strength not in STRENGTHS:
-            raise BadRequest(f"strength must be 'slightly', 'clearly' or empty, got {strength!r}")
+            raise BadRequest(f"strength must be 'slightly', 'clearly' or empty, got {strength[:40]!r}")
+        if len(rationale or "") > MAX_RATIONALE_CHARS:
+            raise BadRequest(
+                f"the rationale is {len(rationale):,} characters; at most {MAX_RATIONALE_CHARS:,} are kept "
+                "with a vote: shorten it (nothing was saved)"
+            )
+        if len(pair_id or "") > MAX_PAIR_ID_CHARS:
+            raise BadRequest(f"pair_id is {len(pair_id):,} characters; no pair has an id that long")
         try:
             a = self.queue.begin_vote(user, pair_id)
         except StaleVote:

@@ -209,3 +209,21 @@ def test_an_answer_the_token_limit_cut_is_marked_on_the_side_it_is_shown(tmp_pat
     assert [pair["left_cut"], pair["right_cut"]].count(True) == 1 and shown_cut == "Once upon a"
     assert CUT_NOTE in answer_html("B", "Once upon a", True)
     assert CUT_NOTE not in answer_html("A", "The end.", False)
+
+
+def test_what_one_vote_may_carry_is_bounded_and_a_refusal_stores_nothing(setup):
+    from annotate.service import MAX_RATIONALE_CHARS, BadRequest
+
+    service, store_dir = setup
+    pair = service.next("me")["pair"]
+    with pytest.raises(BadRequest, match="at most 2,000 are kept"):
+        service.vote("me", pair["pair_id"], "left", "", "x" * (MAX_RATIONALE_CHARS + 1))
+    with pytest.raises(BadRequest, match="no pair has an id that long"):
+        service.vote("me", "p" * 10_000, "left")
+    assert read_events(store_dir).num_rows == 0  # refused before the store was touched
+    ok = service.vote(
+        "me", pair["pair_id"], "left", "", "y" * MAX_RATIONALE_CHARS
+    )  # the limit itself is fine
+    assert ok["ok"] and read_comparisons(store_dir).column("rationale").to_pylist() == [
+        "y" * MAX_RATIONALE_CHARS
+    ]

@@ -27,6 +27,7 @@ API, for scripts and load tests (gradio_client, logged in with auth=(user, passw
 
 from typing import Any
 
+from annotate.service import MAX_RATIONALE_CHARS
 from annotate.web.assets import CSS, KEYS_JS
 from annotate.web.guard import Guard
 from annotate.web.html import escape, render_markdown, render_prompt
@@ -133,6 +134,8 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
         enable_monitoring=False,
         footer_links=["api"],
         max_threads=64,
+        # Nothing on this page uploads files; gradio's upload route still exists, so cap it.
+        max_file_size="1mb",
     )
     return demo, launch_kwargs
 
@@ -166,6 +169,7 @@ def _build_annotate_tab(ctx, guard) -> dict[str, Any]:
                     scale=3,
                     lines=1,
                     max_lines=4,
+                    max_length=MAX_RATIONALE_CHARS,  # the service refuses more, whoever sends it
                     elem_id="rationale",
                     placeholder="The deciding reason, in one sentence",
                 )
