@@ -226,24 +226,31 @@ class Launcher(RunReader):
                 + (" (this one was not)" if info.state in ("cancelled", "failed") else "")
             )
         launch = read_json(info.path / LAUNCH_FILE)
-        argv = list(launch.get("argv") or [])
-        # Only ever a trainer on this very run directory, whatever launch.json says.
-        if (
-            argv[1:3] != ["-m", f"trainer.{info.kind}"]
-            or "--run-dir" not in argv
-            or argv[argv.index("--run-dir") + 1 :][:1] != [str(info.path)]
-        ):
+        saved = list(launch.get("argv") or [])
+        # launch.json is a file in the run directory, which anyone who can write there can
+        # edit: the command is rebuilt from what this launcher itself passes (the trainer on
+        # this very run directory, its checked launch-config.json), and only the store's
+        # name is taken from the file, as a value, never as flags.
+        if saved[1:3] != ["-m", f"trainer.{info.kind}"] or saved.count("--run-dir") != 1:
             raise LaunchError(
                 f"{run_id}: {LAUNCH_FILE} does not hold this run's trainer command; "
                 f"resume it with the command that started it"
             )
+        argv = [self.python, "-m", f"trainer.{info.kind}", "--run-dir", str(info.path), "--no-progress"]
+        if (info.path / LAUNCH_CONFIG_FILE).is_file():
+            argv += ["--config", str(info.path / LAUNCH_CONFIG_FILE)]
+        if "--data" in saved[:-1]:
+            data = saved[saved.index("--data") + 1]
+            if data.startswith("-"):
+                raise LaunchError(f"{run_id}: {LAUNCH_FILE} names no store, but {data!r}")
+            argv += ["--data", data]
         with self._lock:
             self._cancelled.discard(run_id)
         return self._spawn(
             run_id,
             info.path,
-            [self.python, *argv[1:], *(extra or [])],
-            {**launch, "resumed_at": time.time()},
+            [*argv, *(extra or [])],
+            {**launch, "argv": argv, "resumed_at": time.time()},
             "resuming from the last checkpoint",
             info.progress,
         )

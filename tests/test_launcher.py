@@ -457,3 +457,45 @@ def test_prompts_go_out_in_a_seeded_shuffle_not_file_order(tmp_path):
     assert sorted(order(0)) == sorted(file_order)  # every prompt, once
     assert order(0) != file_order
     assert order(0) == order(0) and order(0) != order(1)  # the same seed, the same order
+
+
+def test_resume_runs_the_launchers_own_command_not_what_launch_json_says(tmp_path):
+    """launch.json lives in the run directory, so it is data, not a command: an extra flag
+    in it is not passed on, a second --run-dir is refused."""
+    seen = tmp_path / "argv.txt"
+    fake_python = tmp_path / "python"  # stands in for the trainer: records its command line
+    fake_python.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {seen}\n')
+    fake_python.chmod(0o755)
+    launcher = Launcher(tmp_path / "runs", python=str(fake_python))
+    run = launcher.runs_dir / "reward-planted"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "cancelled", "progress": 0.5, "message": "x"}))
+    planted = [
+        "python",
+        "-m",
+        "trainer.reward",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--lr",
+        "99",
+        "--data",
+        str(tmp_path / "store"),
+    ]
+    (run / "launch.json").write_text(json.dumps({"kind": "reward", "created_at": 0, "argv": planted}))
+    launcher.wait(launcher.resume("reward-planted").run_id, timeout=60)
+    argv = seen.read_text().split("\n")[:-1]
+    assert argv == [
+        "-m",
+        "trainer.reward",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--data",
+        str(tmp_path / "store"),
+    ]
+    (run / "status.json").write_text(json.dumps({"state": "cancelled", "progress": 0.5, "message": "x"}))
+    escape = [*planted, "--run-dir", str(tmp_path / "elsewhere")]
+    (run / "launch.json").write_text(json.dumps({"kind": "reward", "created_at": 0, "argv": escape}))
+    with pytest.raises(LaunchError, match="does not hold this run's trainer command"):
+        launcher.resume("reward-planted")
