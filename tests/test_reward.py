@@ -571,3 +571,38 @@ def test_a_small_run_says_how_little_its_accuracy_means(tmp_path, val_fraction, 
         assert (
             summary["val_acc_low"] < summary["val_acc"] <= summary["val_acc_high"] or summary["val_acc"] == 0
         )
+
+
+# --------------------------------------------------------------------------------------
+# Resume state: data, never code
+# --------------------------------------------------------------------------------------
+
+
+class _Planted:
+    """What an attacker could put in a run directory: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_training_state_is_loaded_as_data_and_a_planted_pickle_runs_nothing(tmp_path):
+    import random
+
+    import numpy as np
+
+    from trainer.checkpoints import CheckpointError, load_training_state, rng_state, set_rng_state
+
+    state = {"step": 3, "baseline": 0.25, "rng": rng_state(), "weights": torch.ones(2)}
+    torch.save(state, tmp_path / "training_state.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(load_training_state(tmp_path / "training_state.pt")["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected  # the same draws
+
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "rng": _Planted(marker)}, tmp_path / "planted.pt")
+    with pytest.raises(CheckpointError, match="not plain training state"):
+        load_training_state(tmp_path / "planted.pt")
+    assert not marker.exists()

@@ -3,6 +3,7 @@
     swap_in(tmp, final)          # tmp fully written: it becomes `final` by two renames
     state = rng_state()          # python, numpy, torch (and CUDA) generators, into training_state.pt
     set_rng_state(state)         # on resume: the run draws what an uninterrupted one would have
+    state = load_training_state(path)   # torch.load(weights_only=True): a file, never code
 
 Shared by the reward and the policy trainer. torch is imported inside the functions.
 """
@@ -15,6 +16,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
+from trainer.errors import PreflabError
+
+
+class CheckpointError(PreflabError):
+    """A checkpoint that cannot be resumed from; the message names the file."""
 
 
 def swap_in(tmp: Path, final: Path) -> None:
@@ -29,10 +36,33 @@ def swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_training_state(path: Path) -> dict:
+    """training_state.pt, loaded as data only (`weights_only=True`: tensors, numbers,
+    strings and containers). The file lives in a run directory, which other people may
+    be able to write to: a pickle planted there must not run code when Resume is clicked.
+    A state that is not plain data is refused with a CheckpointError."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: not plain training state (tensors and numbers), so it is not loaded: "
+            f"{str(e).splitlines()[0]}. A checkpoint saved by a preflab from before 2026-12 "
+            "cannot be resumed; start the run again in a new run directory"
+        ) from None
+
+
 def rng_state() -> dict:
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    keys = np.random.get_state()
+    # numpy's state as plain numbers (its key array as a list): weights_only loading
+    # takes tensors, numbers and containers, not numpy arrays.
+    numpy_state = (keys[0], keys[1].tolist(), int(keys[2]), int(keys[3]), float(keys[4]))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,7 +72,8 @@ def set_rng_state(state: dict) -> None:
     import torch
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

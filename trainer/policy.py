@@ -79,6 +79,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from trainer.checkpoints import CheckpointError, load_training_state
 from trainer.config import add_config_arguments, config_from_namespace
 from trainer.errors import PolicyInputError, exit_code
 from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig, check_config, resolve_config
@@ -136,7 +137,7 @@ def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
         cfg.device,
         lambda: check_config(cfg),
         lambda run, accelerator, stop: _train(cfg, run, accelerator, stop),
-        (PolicyInputError, StoreError),
+        (PolicyInputError, StoreError, CheckpointError),
         keep_failed=named,
     )
 
@@ -239,8 +240,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     step, baseline = 0, None
     totals = {"prompts": 0, "tokens": 0, "seconds": 0.0}
     if resuming:
-        # weights_only=False: our own file, holding Python numbers next to the tensors.
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_training_state(ckpt / STATE_FILE)  # data only: never runs code from the file
         optimizer.load_state_dict(state["optimizer"])
         step, baseline, totals = state["step"], state.get("baseline"), state.get("totals", totals)
         # The coefficient where the run left it (the adaptive controller moves it), unless a

@@ -200,7 +200,9 @@ def make_value_head(hidden_size: int, device, resume_from: Path | None = None):
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
     if resume_from is not None:
-        value_head.load_state_dict(torch.load(resume_from / VALUE_HEAD_FILE, map_location=device))
+        value_head.load_state_dict(
+            torch.load(resume_from / VALUE_HEAD_FILE, map_location=device, weights_only=True)
+        )
     return value_head
 
 

@@ -55,6 +55,7 @@ import time
 
 import numpy as np
 
+from trainer.checkpoints import CheckpointError
 from trainer.config import add_config_arguments, config_from_namespace
 from trainer.errors import exit_code
 from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
@@ -103,7 +104,7 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
         cfg.device,
         lambda: check_config(cfg),
         train_without_cudnn_attention,
-        (RewardDataError, StoreError),
+        (RewardDataError, StoreError, CheckpointError),
         keep_failed=named,
     )
 

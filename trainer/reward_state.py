@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from trainer.checkpoints import rng_state, set_rng_state
+from trainer.checkpoints import load_training_state, rng_state, set_rng_state
 
 
 class Precision(NamedTuple):
@@ -119,10 +119,8 @@ def training_state(
 def restore_training_state(path: Path, optimizer, scheduler, lr_factor, lr: float) -> dict:
     """Load training_state.pt into the optimizer, the scheduler and the RNGs; return it (the
     step and the counters). The schedule follows the (maybe longer) run, and a new --lr."""
-    import torch
 
-    # weights_only=False: our own file, holding Python RNG state next to the tensors.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_training_state(path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scheduler.lr_lambdas[0] = lr_factor  # the schedule follows the (maybe longer) run
