@@ -159,6 +159,18 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ServeError(f"--newcomer-share must be between 0 and 1, got {args.newcomer_share}")
 
 
+def _app_kwargs(accounts) -> dict:
+    """Without accounts the local user is an admin: only requests that name this machine
+    get through (DNS rebinding; annotate/web/host_check.py)."""
+    if accounts is not None:
+        return {}
+    from starlette.middleware import Middleware
+
+    from annotate.web.host_check import LoopbackHostOnly
+
+    return {"middleware": [Middleware(LoopbackHostOnly)]}
+
+
 def check_port(host: str, port: int) -> None:
     """ServeError now, before the store is opened or a model loaded, when nothing can
     listen on host:port (another server has it, or the address is not this machine's)."""
@@ -388,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
                 quiet=True,
                 auth=accounts.verify if accounts else None,
                 auth_message="preflab: log in with the account your admin gave you.",
+                app_kwargs=_app_kwargs(accounts),
                 **launch_kwargs,
             )
         except OSError:  # taken between check_port and now; gradio's own text is for developers

@@ -302,3 +302,35 @@ def test_a_port_in_use_is_one_line_and_creates_nothing(tmp_path):
     )
     assert "GRADIO_SERVER_PORT" not in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "store").exists()  # failed before doing anything: no store made
+
+
+def test_without_accounts_only_requests_that_name_this_machine_get_in(tmp_path):
+    """DNS rebinding: a page elsewhere reaching 127.0.0.1 through its own name sends its
+    own Host; the single-user server, whose user is an admin, answers it with 400."""
+    import urllib.error
+    import urllib.request
+
+    from annotate.web.host_check import host_name
+
+    assert [host_name(h) for h in ("127.0.0.1:7860", "[::1]:7860", "LocalHost", "evil.example.com:80")] == [
+        "127.0.0.1",
+        "::1",
+        "localhost",
+        "evil.example.com",
+    ]
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
+    with Server(tmp_path, "--pairs", str(pairs), "--data", str(tmp_path / "store")) as server:
+        for host, status in (
+            (f"127.0.0.1:{server.port}", 200),
+            (f"localhost:{server.port}", 200),
+            ("evil.example.com", 400),
+            (f"evil.example.com:{server.port}", 400),
+        ):
+            request = urllib.request.Request(server.url + "config", headers={"Host": host})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    got = r.status
+            except urllib.error.HTTPError as e:
+                got = e.code
+            assert got == status, host
+        assert client(server.url).predict(api_name="/next")["pair"] is not None  # the real client still works
