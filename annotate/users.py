@@ -282,6 +282,22 @@ def _check_password_text(password: str) -> None:
         raise AccountError(f"password longer than {MAX_PASSWORD_LENGTH} characters refused")
 
 
+MIN_PASSWORD_LENGTH = 8
+
+
+def check_new_password(name: str, password: str) -> None:
+    """The rule for a password a person chooses (`preflab user add`): at least
+    MIN_PASSWORD_LENGTH characters, and not the account name inside it."""
+    _check_password_text(password)
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise AccountError(
+            f"password of {len(password)} characters refused: use at least {MIN_PASSWORD_LENGTH} "
+            "(a few words are easier to remember than symbols)"
+        )
+    if name.lower() in password.lower():
+        raise AccountError(f"password refused: it contains the account name {name!r}")
+
+
 def add_user(path: str | os.PathLike, name: str, role: str, password: str, replace: bool = False) -> User:
     """Add an account (creating the file if missing) and return it.
 
@@ -395,7 +411,9 @@ def _run_add(args: argparse.Namespace) -> None:
         raise AccountError(
             f"{path}: user {args.name!r} already exists (use --replace to change the password or role)"
         )
-    user = add_user(path, args.name, args.role, _read_password(args), replace=args.replace)
+    password = _read_password(args)
+    check_new_password(args.name, password)
+    user = add_user(path, args.name, args.role, password, replace=args.replace)
     done = "replaced {} {!r} in {}" if args.name in existing else "added {} {!r} to {}"
     print(done.format(user.role, user.name, path))
 

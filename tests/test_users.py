@@ -230,7 +230,15 @@ def test_cli_add_list_remove(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "added admin 'alice'" in done.stdout
     done = preflab(
-        "user", "add", "bob", "--role", "annotator", "--auth", auth, "--password-stdin", stdin="hunter2\n"
+        "user",
+        "add",
+        "bob",
+        "--role",
+        "annotator",
+        "--auth",
+        auth,
+        "--password-stdin",
+        stdin="hunter2-hunter2\n",
     )
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(os.stat(auth).st_mode) == 0o600
@@ -239,7 +247,7 @@ def test_cli_add_list_remove(tmp_path):
     # Only the line end is stripped: the trailing space belongs to the password.
     assert accounts.verify(users, "alice", "pass with spaces ")
     assert not accounts.verify(users, "alice", "pass with spaces")
-    assert accounts.verify(users, "bob", "hunter2")
+    assert accounts.verify(users, "bob", "hunter2-hunter2")
 
     listed = preflab("user", "list", "--auth", auth)
     assert listed.returncode == 0
@@ -258,6 +266,12 @@ def test_cli_add_list_remove(tmp_path):
         (["add", "bob", "--role", "annotator", "--password-stdin"], "x\n", "'bob' already exists"),
         (["add", "carol", "--role", "admin", "--password-stdin"], "\n", "empty password"),
         (["add", "bad name", "--role", "admin", "--password-stdin"], "x\n", "invalid user name"),
+        (["add", "carol", "--role", "admin", "--password-stdin"], "short\n", "use at least 8"),
+        (
+            ["add", "carol", "--role", "admin", "--password-stdin"],
+            "i-am-carol-ok\n",
+            "contains the account name",
+        ),
         (["remove", "nobody"], "", "no user 'nobody'"),
     ],
 )
@@ -296,9 +310,9 @@ def test_prompt_asks_twice_and_refuses_a_mismatch(tmp_path, monkeypatch, capsys)
     assert "differ" in capsys.readouterr().err
     assert not Path(auth).exists()
 
-    answers = iter(["same", "same"])
+    answers = iter(["same-same", "same-same"])
     assert accounts.run(parse("add", "alice", "--role", "admin", "--auth", auth)) == 0
-    assert accounts.verify(accounts.load_users(auth), "alice", "same")
+    assert accounts.verify(accounts.load_users(auth), "alice", "same-same")
 
 
 def test_prompt_refuses_an_empty_password(tmp_path, monkeypatch, capsys):
