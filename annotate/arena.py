@@ -34,7 +34,7 @@ def arena_name(source: str) -> str:
     canonical name (the default model's aliases become its full id)."""
     from trainer.models import canonical_name
 
-    path = Path(source).expanduser()
+    path = Path(source).expanduser().resolve()
     if path.name == POLICY_DIR and is_model_dir(path) and RunDir(path.parent).kind() == "policy":
         return path.parent.name
     return canonical_name(source)

@@ -40,6 +40,7 @@ from trainer.runs import (
     LAUNCH_FILE,
     LOG_FILE,
     STATUS_FILE,
+    RunDir,
     read_json,
     write_json,
 )
@@ -244,13 +245,24 @@ class Launcher(RunReader):
             if data.startswith("-"):
                 raise LaunchError(f"{run_id}: {LAUNCH_FILE} names no store, but {data!r}")
             argv += ["--data", data]
+        # The stores the resumed trainer will open come from the run's own settings, which
+        # win over the command line on a resume: the password goes only where they all point.
+        from trainer.store import is_database
+
+        settings = [
+            RunDir(info.path).config_record().get("config") or {},
+            read_json(info.path / LAUNCH_CONFIG_FILE),
+        ]
+        stores = sorted(
+            {str(s[k]) for s in settings for k in ("data", "prompts") if s.get(k) and is_database(str(s[k]))}
+        )
         with self._lock:
             self._cancelled.discard(run_id)
         return self._spawn(
             run_id,
             info.path,
             [*argv, *(extra or [])],
-            {**launch, "argv": argv, "resumed_at": time.time()},
+            {**launch, "argv": argv, "stores": stores, "resumed_at": time.time()},
             "resuming from the last checkpoint",
             info.progress,
         )
@@ -271,11 +283,14 @@ class Launcher(RunReader):
             "PYTHONUNBUFFERED": "1",
         }
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        # libpq reads PGPASSWORD; it never touches the run directory. It is given only when
+        # every database the trainer may open is one store whose password this server has.
+        from trainer.store import is_database
+
         data = argv[argv.index("--data") + 1] if "--data" in argv[:-1] else None
-        for target in (data, *(launch.get("stores") or [])):
-            if target in self._passwords:  # libpq reads it; it never touches the run directory
-                env["PGPASSWORD"] = self._passwords[target]
-                break
+        targets = {t for t in (data, *(launch.get("stores") or [])) if t and is_database(t)}
+        if len(targets) == 1 and (target := next(iter(targets))) in self._passwords:
+            env["PGPASSWORD"] = self._passwords[target]
         try:
             with open(path / LOG_FILE, "ab") as log:
                 # A store URL's password stays out of the log (describe masks it).

@@ -169,6 +169,7 @@ class Generator(threading.Thread):
             self.model_names.append(model_id)
             self.sources[model_id] = str(path)
             self._added.append(model_id)
+            self._made = {"newcomer": 0, "base": 0}  # the share is measured from this join on
             self.rounds += self._base_rounds
             self._status["planned"] = self.planned
             restart = self._ran and not self._working and not self._stop_event.is_set()
@@ -188,15 +189,25 @@ class Generator(threading.Thread):
         seeds of the one model, or two different base models; a newcomer's round: that
         model against a random other one."""
         if track is not None:
+            # Its opponent: a model that is loaded already (one added this instant is not).
             with self._lock:
-                others = [m for m in self.model_names if m != track]
+                others = [m for m in self.model_names if m != track and m in self._loaded]
             return (track, seed), (rng.choice(others), seed)
         if len(self._base_models) == 1:
             return (self._base_models[0], seed), (self._base_models[0], seed + 1)
         return tuple((m, seed) for m in rng.sample(self._base_models, 2))
 
     def _track_of(self, pair: Pair) -> str | None:
-        """Which rounds a pair belongs to: the newest added model on either side, else base."""
+        """Which rounds a pair belongs to: the newcomer its gen_params name (written since
+        tracks exist), else the newest added model on either side, else base."""
+        try:
+            params = json.loads(pair.gen_params or "{}")
+            named = {side.get("newcomer") for side in params.values() if isinstance(side, dict)} - {None}
+        except (ValueError, AttributeError):
+            named = set()
+        if named:
+            track = named.pop()
+            return track if track in self._added else None
         for model_id in reversed(self._added):
             if model_id in (pair.model_a, pair.model_b):
                 return model_id
@@ -263,7 +274,7 @@ class Generator(threading.Thread):
         each slot goes to it when its share of what was made since it joined is below
         `newcomer_share` (or when the base rounds are done); the newest newcomer first."""
         with self._lock:
-            added = list(self._added)
+            added = [m for m in self._added if m in self._loaded]  # one added this instant: next batch
         todo = {track: self._todo(track) for track in [None, *reversed(added)]}
         newcomers = [t for t in reversed(added) if todo[t]]
         jobs = []
@@ -387,6 +398,8 @@ class Generator(threading.Thread):
                                 **self.sampling,
                                 "seed": s,
                                 **({"cut": True} if answers[i, m, s].cut else {}),
+                                # the newcomer whose rounds this pair belongs to (a restart reads it back)
+                                **({"newcomer": jobs[i][1]} if jobs[i][1] is not None else {}),
                             },
                         }
                         for m, s in (x, y)

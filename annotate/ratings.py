@@ -364,13 +364,14 @@ def leaderboard(
     degenerate = (np.abs(high - low) < 0.5) & (
         np.arange(len(models)) != (-1 if anchor_index is None else anchor_index)
     )
+    # For ranking, such a model stands at its point rating: 30 votes of 30 for a over b still
+    # rank a above b; only the interval is not shown.
+    rank_low = np.where(degenerate, rating, np.nan_to_num(low, nan=-np.inf))
+    rank_high = np.where(degenerate, rating, np.nan_to_num(high, nan=np.inf))
     low, high = np.where(degenerate, np.nan, low), np.where(degenerate, np.nan, high)
     provisional = games.sum(axis=1) < min_votes
     # A provisional model neither gets a rank nor is "clear above" anyone.
-    rank = interval_ranks(
-        np.where(provisional, -np.inf, np.nan_to_num(low, nan=-np.inf)),
-        np.where(provisional, np.inf, np.nan_to_num(high, nan=np.inf)),
-    )
+    rank = interval_ranks(np.where(provisional, -np.inf, rank_low), np.where(provisional, np.inf, rank_high))
     rank = np.where(provisional, 0, rank)
 
     order = np.lexsort((np.arange(len(models)), -rating))  # best first; stable on equal ratings

@@ -176,18 +176,12 @@ def check_port(host: str, port: int) -> None:
     listen on host:port (another server has it, or the address is not this machine's)."""
     import socket
 
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        raise ServeError(
-            f"cannot listen on {host}:{port}: {host} is not an address of this machine ({e})"
-        ) from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
-            probe.bind(address)
-        except OSError as e:
+            probe.bind((host, port))
+        except OSError as e:  # in use, or not an address of this machine
             reason = "in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
             raise ServeError(f"cannot listen on {host}:{port} ({reason}); try another --port") from None
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from annotate.agreement import _krippendorff_alpha, cohens_kappa
@@ -181,7 +182,10 @@ def cut_votes(votes: Votes) -> int:
     v = VoteArrays.of(votes)
     if not v.n or not v.has("gen_params"):
         return 0
-    hit = pc.match_substring_regex(v.column("gen_params"), r'"cut"\s*:\s*true')
+    column = v.column("gen_params")
+    if not pa.types.is_string(column.type):  # all null (a frame without any): nothing was cut
+        column = column.cast(pa.string())
+    hit = pc.match_substring_regex(column, r'"cut"\s*:\s*true')
     return int(pc.sum(hit.fill_null(False).cast("int64")).as_py() or 0)
 
 

@@ -499,3 +499,63 @@ def test_resume_runs_the_launchers_own_command_not_what_launch_json_says(tmp_pat
     (run / "launch.json").write_text(json.dumps({"kind": "reward", "created_at": 0, "argv": escape}))
     with pytest.raises(LaunchError, match="does not hold this run's trainer command"):
         launcher.resume("reward-planted")
+
+
+def test_a_restart_reads_every_newcomer_pair_back_on_its_own_rounds(tmp_path):
+    """A newcomer's opponent may be a later newcomer; its pairs still belong to its own
+    rounds after a restart (the round is written into gen_params), so none is dropped."""
+    from annotate.pair_generator import Generator
+    from annotate.queue import AssignmentQueue
+    from trainer.models import build_tiny_model
+
+    pool = _pool(tmp_path, n=3)
+    policy = build_tiny_model()
+
+    def generator(q):
+        gen = Generator(
+            ["tiny"], pool, q, cache_dir=tmp_path / "pairs", batch_size=3, max_new_tokens=4, per_annotator=100
+        )
+        gen.add_model(policy, "pol-1")
+        gen.add_model(policy, "pol-2")
+        return gen
+
+    first = AssignmentQueue()
+    gen = generator(first)
+    gen.run()
+    made = list(first._pairs)
+    assert len(made) == 9 and gen.status()["state"] == "done"
+    again = generator(AssignmentQueue())
+    assert sorted(p.pair_id for p in again.load_cache()) == sorted(made)  # all nine, none over quota
+    assert not again._has_work()
+
+
+def test_resume_gives_the_password_only_where_the_runs_own_settings_point(tmp_path):
+    """On a resume the run's config.json decides which store the trainer opens: a planted
+    one that is not the server's store gets no password."""
+    seen = tmp_path / "trainer-env.txt"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/bin/sh\nprintf "%s" "$PGPASSWORD" > {seen}\n')
+    fake_python.chmod(0o755)
+    server_store = "postgresql://ann:s3cret@127.0.0.1:9/votes"
+    launcher = Launcher(tmp_path / "runs", python=str(fake_python), store=server_store)
+    run = launcher.runs_dir / "reward-1"
+    run.mkdir(parents=True)
+    argv = [
+        "python",
+        "-m",
+        "trainer.reward",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--data",
+        "postgresql://ann@127.0.0.1:9/votes",
+    ]
+    for planted, expected in (
+        ("postgresql://ann@127.0.0.1:9/votes", "s3cret"),
+        ("postgresql://ann@evil:5432/x", ""),
+    ):
+        (run / "status.json").write_text(json.dumps({"state": "cancelled", "progress": 0.5, "message": "x"}))
+        (run / "launch.json").write_text(json.dumps({"kind": "reward", "created_at": 0, "argv": argv}))
+        (run / "config.json").write_text(json.dumps({"kind": "reward", "config": {"data": planted}}))
+        launcher.wait(launcher.resume("reward-1").run_id, timeout=60)
+        assert seen.read_text() == expected, planted

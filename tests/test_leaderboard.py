@@ -484,3 +484,9 @@ def test_few_votes_give_a_provisional_model_and_no_false_certainty():
     assert table["a"]["rank"] == 1 and table["b"]["rank"] in (1, 2)
     # Counted with no minimum, the newcomer would be ranked on its three votes.
     assert leaderboard(votes_table(rows), rounds=50, min_votes=0).to_dict()["models"][-1]["rank"] is not None
+
+
+def test_a_unanimous_result_keeps_its_ranks_without_a_false_interval():
+    board = leaderboard(votes_table([("a", "b", "a")] * 30), rounds=50)
+    assert board.models == ["a", "b"] and board.rank.tolist() == [1, 2]  # 30 of 30 is a ranking
+    assert board.no_interval == ["a", "b"] and all(r["ci"] == [None, None] for r in board.to_dict()["models"])

@@ -74,6 +74,9 @@ def test_a_script_drives_the_whole_loop_through_the_api(tmp_path):
         # A bad setting names its field and starts nothing.
         with pytest.raises(AppError, match="Epochs: must be at least 1"):
             admin.predict({"model": "tiny", "epochs": 0}, api_name="/train_reward")
+        # Only config fields: the launcher's own arguments (extra trainer flags) are not settings.
+        with pytest.raises(AppError, match="unknown setting 'extra'"):
+            admin.predict({"model": "tiny", "extra": ["--run-dir", str(tmp_path)]}, api_name="/train_reward")
         assert admin.predict(api_name="/runs") == []
 
         rm = admin.predict(

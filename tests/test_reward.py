@@ -606,3 +606,19 @@ def test_training_state_is_loaded_as_data_and_a_planted_pickle_runs_nothing(tmp_
     with pytest.raises(CheckpointError, match="not plain training state"):
         load_training_state(tmp_path / "planted.pt")
     assert not marker.exists()
+
+
+def test_a_training_state_saved_by_an_earlier_version_still_resumes(tmp_path):
+    import numpy as np
+
+    from trainer.checkpoints import load_training_state, set_rng_state
+
+    old = {
+        "python": __import__("random").getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    torch.save({"step": 2, "rng": old}, tmp_path / "training_state.pt")  # numpy's key as an array
+    expected = float(np.random.rand())
+    set_rng_state(load_training_state(tmp_path / "training_state.pt")["rng"])
+    assert float(np.random.rand()) == expected

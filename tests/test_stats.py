@@ -460,3 +460,5 @@ def test_votes_on_cut_answers_are_counted():
     t = records_to_table(records)
     assert stats.cut_votes(t) == 2 == stats.summary(t)["cut_votes"]
     assert stats.cut_votes(t.drop_columns(["gen_params"])) == 0  # imported data has none
+    frame = t.to_pandas().assign(gen_params=None)  # a column of nothing but nulls
+    assert stats.cut_votes(frame) == 0 and stats.summary(frame)["cut_votes"] == 0

@@ -45,13 +45,17 @@ def load_training_state(path: Path) -> dict:
 
     import torch
 
+    # Numpy arrays (the RNG key in states saved by earlier versions) are data too: allowed
+    # by name, as torch's weights-only loader recommends; nothing else is.
+    arrays = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(arrays):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        reason = next((line for line in str(e).splitlines() if "GLOBAL" in line), "it holds objects")
         raise CheckpointError(
-            f"{path}: not plain training state (tensors and numbers), so it is not loaded: "
-            f"{str(e).splitlines()[0]}. A checkpoint saved by a preflab from before 2026-12 "
-            "cannot be resumed; start the run again in a new run directory"
+            f"{path}: not plain training state (tensors, arrays and numbers), so it is not loaded "
+            f"({reason.strip()[:200]}); start the run again in a new run directory"
         ) from None
 
 

@@ -18,8 +18,12 @@ def host_name(header: str) -> str:
     "[::1]:7860" -> "::1", "LocalHost" -> "localhost"."""
     header = header.strip().lower()
     if header.startswith("["):  # an IPv6 literal, maybe with a port after the bracket
-        return header[1 : header.index("]")] if "]" in header else header[1:]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+        name, bracket, rest = header[1:].partition("]")
+        return name if bracket and (not rest or (rest[0] == ":" and rest[1:].isdigit())) else header
+    name, colon, port = header.partition(":")
+    if colon and port.isdigit():
+        return name
+    return header  # a bare IPv6 address, or something odd: compared as it is
 
 
 class LoopbackHostOnly:

@@ -34,6 +34,30 @@ def run_json(info, generator=None) -> dict[str, Any]:
     }
 
 
+def config_settings(config_class, settings: dict | None) -> dict[str, Any]:
+    """The settings a script sent, as config fields only: anything else (the launcher's
+    own arguments, such as extra trainer flags or the store) is refused by name."""
+    import dataclasses
+
+    from annotate.launcher import LaunchError
+
+    settings = dict(settings or {})
+    fields = {f.name for f in dataclasses.fields(config_class)} - {
+        "run_dir",
+        "runs_dir",
+        "run_id",
+        "data",
+        "reward",
+    }
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise LaunchError(
+            f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"the settings are {config_class.__name__} fields: {', '.join(sorted(fields))}"
+        )
+    return settings
+
+
 def register_loop_api(ctx, guard) -> None:
     """/runs, /train_reward, /train_policy, /arena_add; call inside the page's gr.Blocks."""
     import gradio as gr
@@ -51,14 +75,20 @@ def register_loop_api(ctx, guard) -> None:
         (model, epochs, lr, ties, both_bad, lora_r, batch_size, max_length, ...)."""
         guard.admin(request)
         with guard.errors():
-            return run_json(launcher.start_reward(ctx.data, **dict(settings or {})), ctx.generator)
+            from trainer.reward_config import RewardConfig
+
+            fields = config_settings(RewardConfig, settings)
+            return run_json(launcher.start_reward(ctx.data, **fields), ctx.generator)
 
     def train_policy(reward_run: str, settings: dict | None = None, request: gr.Request = None) -> dict:
         """Start a policy run against a finished reward run; settings: PolicyConfig fields
         (algo, steps, lr, kl_coef, prompts, model, batch_size, max_new_tokens, ...)."""
         guard.admin(request)
         with guard.errors():
-            return run_json(launcher.start_policy(reward_run, **dict(settings or {})), ctx.generator)
+            from trainer.policy_config import PolicyConfig
+
+            fields = config_settings(PolicyConfig, settings)
+            return run_json(launcher.start_policy(reward_run, **fields), ctx.generator)
 
     def arena_add(run_id: str, request: gr.Request = None) -> dict:
         """Put a finished policy into the running arena under its run id."""
