@@ -172,8 +172,8 @@ def _app_kwargs(accounts) -> dict:
 
 
 def check_port(host: str, port: int) -> None:
-    """ServeError now, before the store is opened or a model loaded, when nothing can
-    listen on host:port (another server has it, or the address is not this machine's)."""
+    """ServeError now, before the store is opened or a model loaded, when another
+    process already listens on host:port."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it
@@ -181,9 +181,11 @@ def check_port(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
             probe.bind((host, port))
-        except OSError as e:  # in use, or not an address of this machine
-            reason = "in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-            raise ServeError(f"cannot listen on {host}:{port} ({reason}); try another --port") from None
+        except OSError as e:
+            # Only "in use" is certain to stop gradio too; anything else (a privileged port,
+            # an odd address) is left for the launch to report, after the store's own checks.
+            if e.errno == errno.EADDRINUSE:
+                raise ServeError(f"cannot listen on {host}:{port} (in use); try another --port") from None
 
 
 def _accounts_and_guidelines(args: argparse.Namespace):

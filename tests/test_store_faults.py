@@ -418,7 +418,7 @@ def test_the_annotator_is_told_not_saved_and_keeps_the_pair(tiny_disk):
         service = Service(store, queue, data=store_dir, local_user="me")
         view = service.next("me")
         filler = fill(tiny_disk, leave=0)
-        long_reason = "because " * 2000  # more than the disk has left
+        long_reason = "because " * 250  # as long as a rationale may be, and more than the disk has left
         failed = service.vote("me", view["pair"]["pair_id"], "left", "", long_reason)
         assert failed["ok"] is False and "Not saved" in failed["message"] and "try again" in failed["message"]
         assert failed["pair"]["pair_id"] == view["pair"]["pair_id"], "the same pair stays on screen"

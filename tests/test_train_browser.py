@@ -49,6 +49,9 @@ def test_launch_a_tiny_reward_run_and_watch_it_finish(app, browser):
     page.locator("#reward-epochs input").fill("2")
     page.get_by_text("More settings").first.click()
     page.locator("#reward-max-length input").fill("96")
+    page.locator("#reward-max-length input").press(
+        "Tab"
+    )  # leave the field, as a person does: the value is taken
     page.locator("#start-reward").click()
     page.wait_for_function(
         "() => (document.querySelector('#train-message') || {}).innerText?.startsWith('Started reward run')",
