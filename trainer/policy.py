@@ -82,7 +82,7 @@ from pathlib import Path
 from trainer.checkpoints import CheckpointError, load_training_state
 from trainer.config import add_config_arguments, config_from_namespace
 from trainer.errors import PolicyInputError, exit_code
-from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig, check_config, resolve_config
+from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig, resolve_config
 from trainer.policy_model import (
     Sampler,
     add_lora,
@@ -135,7 +135,7 @@ def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
     return supervise(
         run_path,
         cfg.device,
-        lambda: check_config(cfg),
+        cfg.check,  # the config's own check is the only validator
         lambda run, accelerator, stop: _train(cfg, run, accelerator, stop),
         (PolicyInputError, StoreError, CheckpointError),
         keep_failed=named,

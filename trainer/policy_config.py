@@ -260,11 +260,6 @@ def finalize_config(cfg: PolicyConfig) -> PolicyConfig:
     return cfg
 
 
-def check_config(cfg: PolicyConfig) -> None:
-    """PolicyConfigError (naming the flags) unless the settings can run: PolicyConfig.check."""
-    cfg.check()
-
-
 # --------------------------------------------------------------------------------------
 # Run directory: the settings a run (or its resume) runs with
 # --------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from trainer.checkpoints import CheckpointError
 from trainer.config import add_config_arguments, config_from_namespace
 from trainer.errors import exit_code
 from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
-from trainer.reward_config import RewardConfig, check_config, resolve_config
+from trainer.reward_config import RewardConfig, resolve_config
 from trainer.reward_data import RewardDataError
 from trainer.reward_metrics import evaluate, preference_loss, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
@@ -102,7 +102,7 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
     return supervise(
         run_path,
         cfg.device,
-        lambda: check_config(cfg),
+        cfg.check,  # the config's own check is the only validator
         train_without_cudnn_attention,
         (RewardDataError, StoreError, CheckpointError),
         keep_failed=named,

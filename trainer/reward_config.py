@@ -172,8 +172,3 @@ def resolve_config(cfg: RewardConfig, explicit: set[str]) -> tuple[RewardConfig,
         cfg, explicit, prefix="reward", resumable=RESUMABLE_OVERRIDES, keep_saved=resuming
     )
     return cfg, path, resuming
-
-
-def check_config(cfg: RewardConfig) -> None:
-    """RewardConfigError (naming the flags) unless the settings can run: RewardConfig.check."""
-    cfg.check()
