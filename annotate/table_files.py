@@ -163,7 +163,9 @@ def write_table(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tables = [table] if isinstance(table, pa.Table) else _ahead(table)
     try:
-        with open(tmp, "wb") as f:
+        # 0600: an export holds every vote (prompts, answers, annotators); whoever
+        # shares it chmods it
+        with open(tmp, "wb", opener=lambda name, flags: os.open(name, flags, 0o600)) as f:
             writer = None
             for t in tables:
                 if kind != "parquet":

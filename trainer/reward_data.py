@@ -369,7 +369,9 @@ def save_snapshot(pairs: Pairs, train_idx, val_idx, path) -> None:
         }
     )
     tmp = Path(f"{path}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
+    # 0600: the snapshot is the votes themselves, as private as the store they came from
+    with open(tmp, "wb", opener=lambda name, flags: os.open(name, flags, 0o600)) as f:
+        pq.write_table(table, f, compression="zstd")
     os.replace(tmp, path)
 
 

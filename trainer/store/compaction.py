@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from trainer.store.directory_reader import PARTS_DIR, REPLACES_KEY, TAIL_DIR, list_store, permission_error
 from trainer.store.directory_writer import fsync_dir, recover_orphans, write_part
+from trainer.store.file_modes import create_file, make_subdir
 from trainer.store.record import SCHEMA
 
 log = logging.getLogger("preflab.store")
@@ -32,8 +33,8 @@ def compact(path: str | os.PathLike) -> dict[str, int]:
     root = Path(path)
     list_store(root)  # raises a clear error for a missing or unreadable store
     try:
-        (root / TAIL_DIR).mkdir(exist_ok=True)
-        lock_fd = os.open(root / "compact.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        make_subdir(root / TAIL_DIR)
+        lock_fd = create_file(root / "compact.lock", os.O_RDWR)  # 0600, as every store file
     except PermissionError as e:
         raise permission_error(root, e, "compacting the store") from None
     try:

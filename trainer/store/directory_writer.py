@@ -63,6 +63,7 @@ from trainer.store.directory_reader import (
     tail_part_name,
 )
 from trainer.store.errors import StoreBusy, StoreWriteError
+from trainer.store.file_modes import create_file, make_store_root, make_subdir
 from trainer.store.record import complete_record, records_to_table, retract_record, validate_record
 
 log = logging.getLogger("preflab.store")
@@ -92,7 +93,8 @@ def write_part(table: pa.Table, path: Path, metadata: dict[bytes, bytes] | None 
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        # 0600 (trainer/store/file_modes.py): the votes are nobody else's to read
+        with os.fdopen(create_file(tmp, os.O_WRONLY | os.O_EXCL), "wb") as f:
             pq.write_table(table, f, **PARQUET_OPTIONS)
             f.flush()
             os.fsync(f.fileno())
@@ -145,14 +147,15 @@ class DirectoryStore:
             raise ValueError(f"writer id {self.writer_id!r} must not contain a dot")
         self._mutex = threading.Lock()
         try:
-            self.parts_dir.mkdir(parents=True, exist_ok=True)
-            self.tail_dir.mkdir(parents=True, exist_ok=True)
+            make_store_root(self.root)  # 0700 where new (trainer/store/file_modes.py)
+            make_subdir(self.parts_dir)
+            make_subdir(self.tail_dir)
             # Take our liveness lock before anything else, so no other process ever
             # mistakes us for a dead writer. Locked before it is visible: created under a
             # name recovery ignores, flock'ed, then renamed into place.
             self._lock_path = self.tail_dir / f"{self.writer_id}.lock"
             tmp_lock = self.tail_dir / f".{self.writer_id}.lock.tmp"
-            self._lock_fd = os.open(tmp_lock, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = create_file(tmp_lock, os.O_RDWR)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(tmp_lock, self._lock_path)
         except PermissionError as e:
@@ -181,7 +184,7 @@ class DirectoryStore:
         return self.tail_dir / f"{self.writer_id}.{self._seq:06d}.jsonl"
 
     def _open_segment(self) -> None:
-        self._segment_fd = os.open(self._segment_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._segment_fd = create_file(self._segment_path(), os.O_WRONLY | os.O_APPEND)
         self._segment_size = 0
         fsync_dir(self.tail_dir)  # the new name itself must survive a crash
 
@@ -289,7 +292,7 @@ class DirectoryStore:
 def _quarantine(segment: Path, why: str) -> None:
     """Keep a segment's raw bytes out of the way of readers, never deleting them."""
     target_dir = segment.parent.parent / QUARANTINE_DIR
-    target_dir.mkdir(exist_ok=True)
+    make_subdir(target_dir)
     target = target_dir / segment.name
     shutil.move(segment, target)
     fsync_dir(target_dir)
@@ -401,8 +404,8 @@ class ServeLock:
     def __init__(self, root: str | os.PathLike, description: str = ""):
         self.path = Path(root) / SERVE_LOCK
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            make_store_root(self.path.parent)
+            self._fd = create_file(self.path, os.O_RDWR)
         except PermissionError as e:
             raise permission_error(
                 Path(e.filename or self.path), e, "opening the store for serving"
