@@ -171,6 +171,37 @@ def _app_kwargs(accounts) -> dict:
     return {"middleware": [Middleware(LoopbackHostOnly)]}
 
 
+def _private_files(ctx, opened: _Opened) -> dict:
+    """This server's own temporary folder (tempfile.mkdtemp: 0700, a fresh name no other
+    user can have made first), removed when the server stops: gradio's cache
+    (GRADIO_TEMP_DIR, set before gradio builds anything) and the exports go there, so
+    nothing this server writes lies in a shared /tmp. Sets `ctx.exports`; returns the
+    app_kwargs of the admins' download route (annotate/web/downloads.py).
+
+    The download is a route of the app's own router, passed to FastAPI as `routes`:
+    those come before every route gradio adds, and a route runs inside every middleware
+    of app_kwargs (the host check, the login sessions), so it sees who is asking the
+    way gradio's handlers do. A middleware serving the prefix itself would have to be
+    placed after those in the list to see the same."""
+    import tempfile
+
+    from annotate.accounts import role_of
+    from annotate.web.downloads import Exports
+
+    opened.private_dir = Path(tempfile.mkdtemp(prefix="preflab-serve-"))
+    for sub in ("gradio", "exports"):
+        (opened.private_dir / sub).mkdir(mode=0o700)
+    os.environ["GRADIO_TEMP_DIR"] = str(opened.private_dir / "gradio")
+    log.info("gradio's cache and the exports go to %s (0700, removed at stop)", opened.private_dir)
+    service = ctx.service
+    ctx.exports = Exports(
+        opened.private_dir / "exports",
+        lambda name: role_of(name, service.accounts, service.local_user),
+        local_user=None if service.accounts else service.local_user,
+    )
+    return {"routes": [ctx.exports.route()]}
+
+
 def check_port(host: str, port: int) -> None:
     """ServeError now, before the store is opened or a model loaded, when another
     process already listens on host:port."""
@@ -212,12 +243,17 @@ class _Opened:
     def __init__(self):
         self.store = None
         self.serve_lock = None
+        self.private_dir = None
 
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
         if self.serve_lock is not None:
             self.serve_lock.release()
+        if self.private_dir is not None:
+            import shutil
+
+            shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
 def _open_store(args: argparse.Namespace, opened: _Opened):
@@ -373,6 +409,7 @@ def run(args: argparse.Namespace) -> int:
     opened = _Opened()
     try:
         ctx = build_context(args, opened)
+        private_app_kwargs = _private_files(ctx, opened)
         demo, launch_kwargs = build_app(ctx)
     except BaseException:
         opened.close()
@@ -396,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
                 quiet=True,
                 auth=accounts.verify if accounts else None,
                 auth_message="preflab: log in with the account your admin gave you.",
-                app_kwargs=_app_kwargs(accounts),
+                app_kwargs=_app_kwargs(accounts) | private_app_kwargs,
                 **launch_kwargs,
             )
         except OSError:  # taken between check_port and now; gradio's own text is for developers

@@ -12,7 +12,7 @@ two test files share lives here.
     the CLI         preflab(*args) -> CompletedProcess (returncode, stdout, stderr)
     records         vote_record(...), retraction(vote), write_store(target, records)
     input files     write_jsonl, write_pairs (XSS_LEFT, XSS_RIGHT), make_pairs, banana_rows
-    a server        Server, add_users, client (free ports: trainer.store.pg_testserver.free_port)
+    a server        Server, add_users, client, raw_get (free ports: trainer.store.pg_testserver.free_port)
     the browser     CHROMIUM, CHROMIUM_ARGS, login(browser, url, user)
     trainer runs    TINY, banana_store, train_tiny_reward_run, fake_run, sigterm_mid_run
 
@@ -291,6 +291,20 @@ def client(url: str, user: str | None = None):
     from gradio_client import Client
 
     return Client(url, auth=(user, f"{user}-pw") if user else None, verbose=False)
+
+
+def raw_get(url: str, as_client=None, **kwargs):
+    """GET url as plain HTTP (httpx, no redirects followed), with the login cookies of a
+    gradio_client `as_client` if given, as a script or an attacker would send it. A url
+    relative to a client's server (an export link) is joined to it."""
+    from urllib.parse import urljoin
+
+    import httpx
+
+    cookies = as_client.cookies if as_client is not None else None
+    if as_client is not None:
+        url = urljoin(as_client.src, url)
+    return httpx.get(url, cookies=cookies, timeout=30, **kwargs)
 
 
 # ---- the browser (the `browser` fixture is in conftest.py) ------------------------------

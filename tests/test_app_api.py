@@ -6,10 +6,9 @@ The server helpers (Server, write_pairs, add_users, client) live in helpers.py.
 import json
 import signal
 import time
-from pathlib import Path
 
 import pytest
-from helpers import XSS_LEFT, XSS_RIGHT, Server, add_users, client, preflab, write_pairs
+from helpers import XSS_LEFT, XSS_RIGHT, Server, add_users, client, preflab, raw_get, write_pairs
 
 from annotate.pairs import load_pairs
 from annotate.queue import AssignmentQueue
@@ -164,8 +163,12 @@ def test_annotators_are_refused_admin_endpoints(team):
     assert board["queue"]["overlap"] == 2
     report, files = boss.predict("conversational", "separate", "none", "jsonl", True, api_name="/export")
     assert "standing votes" in report
-    paths = [f if isinstance(f, str) else f["path"] if isinstance(f, dict) else f.path for f in files]
-    rows = [json.loads(line) for line in Path(paths[0]).read_text().splitlines()]
+    # links to the admins' download route: a script fetches them with its login cookies
+    assert [f["name"].endswith(".jsonl") for f in files] == [True, True]  # the votes, and the ties
+    download = raw_get(files[0]["url"], boss)
+    assert download.status_code == 200, download.text
+    assert download.headers["content-disposition"].startswith("attachment")
+    rows = [json.loads(line) for line in download.text.splitlines()]
     assert len(rows) == n and set(rows[0]) == {"prompt", "chosen", "rejected", "margin"}
     assert rows[0]["prompt"][0]["role"] == "user"
 

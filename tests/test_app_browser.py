@@ -7,6 +7,7 @@ test reads the comparison store to check what was recorded.
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from helpers import CHROMIUM, Server, add_users, login, write_pairs
 
@@ -205,7 +206,13 @@ def test_dashboard_is_for_admins_only(app, browser):
     n = read_comparisons(store).num_rows
     assert f"Votes\n{n}" in boss.inner_text(".metrics")
     boss.get_by_role("button", name="Export", exact=True).click()
-    boss.locator("#export-files a").first.wait_for(timeout=15_000)
-    assert ".parquet" in boss.inner_text("#export-files")
+    link = boss.locator("#export-links a").first
+    link.wait_for(timeout=15_000)
+    assert ".parquet" in boss.inner_text("#export-links")
     assert "standing votes" in boss.inner_text("#export-report")
+    with boss.expect_download() as download:  # the admins' route, with the page's login cookie
+        link.click()
+    assert download.value.suggested_filename.endswith(".parquet")
+    exported = pq.read_table(download.value.path())
+    assert {"prompt", "chosen", "rejected"} <= set(exported.column_names) and 0 < exported.num_rows <= n
     boss.context.close()

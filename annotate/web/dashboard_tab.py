@@ -3,28 +3,21 @@
     build_dashboard_tab(demo, ctx, guard)     # inside the page's gr.Tabs()
 
 Numbers come from `Service.dashboard` (JSON-able records); this module turns them into
-the cards, plots and tables of the page. The export writes into a folder of this
-module's (gradio serves files from there and copies them into its own cache), and is
-also the `/export` API endpoint. The tab is hidden and shown on load for admins;
-every handler checks the role again.
+the cards, plots and tables of the page. The export writes into this server's private
+export folder and hands out download links of `ctx.exports` (annotate/web/downloads.py:
+admins only, never through gradio's file cache); it is also the `/export` API
+endpoint, which returns (report, [{"name", "url"}]). The tab is hidden and shown on
+load for admins; every handler checks the role again.
 """
 
 # No `from __future__ import annotations` here: gradio reads the handlers' type hints
 # (gr.Request, the API's parameter types) at run time.
 
 import math
-import tempfile
-import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from annotate.web.html import metric_card, pct
-
-# Where exports go: gradio copies a returned file into its own cache, so ours can go
-# an hour later.
-EXPORT_DIR = Path(tempfile.gettempdir()) / "preflab-exports"
-EXPORT_KEEP_S = 3600
+from annotate.web.html import escape, metric_card, pct
 
 # The columns of the dashboard's tables (annotate/stats.py), so that a table without
 # rows still has its columns and a number column that came back as None is NaN again.
@@ -126,23 +119,23 @@ def kappa_table(kappa):
     )
 
 
-def export_folder() -> Path:
-    """The folder exports are written to, with exports older than an hour removed."""
-    EXPORT_DIR.mkdir(exist_ok=True)
-    for old in EXPORT_DIR.iterdir():
-        try:
-            if time.time() - old.stat().st_mtime > EXPORT_KEEP_S:
-                old.unlink()
-        except FileNotFoundError:  # another server cleaned it first
-            pass
-    return EXPORT_DIR
+def links_html(links: list[dict[str, str]] | None) -> str:
+    """The download links of one export (annotate/web/downloads.py); the urls are
+    relative, so they work under a proxy's path too."""
+    if not links:
+        return ""
+    items = "".join(
+        f'<li><a href="{escape(link["url"])}" download="{escape(link["name"])}">{escape(link["name"])}</a></li>'
+        for link in links
+    )
+    return f'<div id="export-links"><b>Download</b> (for an hour, admins only)<ul>{items}</ul></div>'
 
 
 def build_dashboard_tab(demo, ctx, guard) -> None:
     """The Dashboard tab and its handlers, and the /export API endpoint."""
     import gradio as gr
 
-    service = ctx.service
+    service, exports = ctx.service, ctx.exports
     with gr.Tab("Dashboard", id="dashboard", visible=False) as tab:
         counts = dict(y_axis_format="d", height=260)  # y_lim comes with the data
         with gr.Row():
@@ -187,13 +180,9 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
                 x_margin = gr.Checkbox(label="margin column (from strength)", value=False)
             x_button = gr.Button("Export", variant="primary", scale=0)
             x_report = gr.Markdown(elem_id="export-report")
-            x_files = gr.File(
-                label="Download",
-                file_count="multiple",
-                interactive=False,
-                visible=False,
-                elem_id="export-files",
-            )
+            # What the /export API returns; the page shows it as links (x_links).
+            x_files = gr.JSON(visible=False)
+            x_links = gr.HTML(js_on_load=None, elem_id="export-links-box")
 
     def count_plot(table):
         # The axis runs from 0 to at least 5, so small counts get whole-number ticks.
@@ -227,9 +216,9 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         name = guard.admin(request)
         with guard.errors():
             files, report = service.export(
-                name, export_folder(), format, bool(margin), ties, aggregate, filetype
+                name, exports.folder, format, bool(margin), ties, aggregate, filetype
             )
-        return report, files
+        return report, exports.publish(files)
 
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
     dash_outputs = [
@@ -247,7 +236,8 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
     admin_kw = dict(api_visibility="private", concurrency_limit=2, concurrency_id="admin")
     tab.select(on_dashboard, None, dash_outputs, **admin_kw)
     d_refresh.click(on_dashboard, None, dash_outputs, **admin_kw)
-    # The files go out plain (API callers get paths); showing the box is a second step.
+    # API callers get the links as data and download them with their login cookies;
+    # the page renders them in a second step.
     x_button.click(
         on_export,
         [x_format, x_ties, x_aggregate, x_filetype, x_margin],
@@ -255,4 +245,4 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         api_name="export",
         concurrency_limit=2,
         concurrency_id="admin",
-    ).success(lambda: gr.File(visible=True), None, x_files, api_visibility="private", show_progress="hidden")
+    ).success(links_html, x_files, x_links, api_visibility="private", show_progress="hidden")

@@ -17,7 +17,8 @@ API, for scripts and load tests (gradio_client, logged in with auth=(user, passw
     client.predict(pair_id, "left" | "right" | "tie" | "both_bad", "slightly" | "clearly" | "",
                    "rationale", api_name="/vote")   -> {"ack": {"event_id", ...}, "pair": next pair, ...}
     client.predict(pair_id, api_name="/skip"); client.predict(api_name="/undo")
-    client.predict(api_name="/dashboard")            (admins; /export too, from the Dashboard tab)
+    client.predict(api_name="/dashboard")            (admins; /export too, from the Dashboard tab:
+        report, [{"name", "url"}]; GET urljoin(client.src, url) with client.cookies: annotate/web/downloads.py)
     /runs, /train_reward, /train_policy, /arena_add: the loop, for scripts (admins;
     annotate/web/loop_api.py); /leaderboard (admins; annotate/web/leaderboard_tab.py)
 """

@@ -105,12 +105,16 @@ def build_train_tab(demo, ctx, guard) -> None:
     except ValueError:
         prompts_default = str(DEFAULT_PROMPTS)
 
+    # Server paths (the runs folder, the store, the prompts file) reach the page on load,
+    # for admins only: a component's initial value is in /config, which every logged-in
+    # annotator can read.
+    intro = (
+        f"Trainings run as separate processes and write to `{launcher.runs_dir}`; they keep "
+        f"running when this page or the server goes away. Reward models train on the votes in "
+        f"`{describe(ctx.data)}`."
+    )
     with gr.Tab("Train", id="train", visible=False) as tab:
-        gr.Markdown(
-            f"Trainings run as separate processes and write to `{launcher.runs_dir}`; they keep "
-            f"running when this page or the server goes away. Reward models train on the votes in "
-            f"`{describe(ctx.data)}`."
-        )
+        t_intro = gr.Markdown("", elem_id="train-intro")
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel"):
                 gr.Markdown("**Reward model** (Bradley-Terry, on the votes)")
@@ -188,9 +192,7 @@ def build_train_tab(demo, ctx, guard) -> None:
                     p_kl = gr.Number(
                         p_defaults.kl_coef, label=p_meta["kl_coef"]["label"], elem_id="policy-kl"
                     )
-                p_prompts = gr.Textbox(
-                    prompts_default, label=p_meta["prompts"]["label"], elem_id="policy-prompts"
-                )
+                p_prompts = gr.Textbox("", label=p_meta["prompts"]["label"], elem_id="policy-prompts")
                 p_model = gr.Textbox(
                     "",
                     label=f"{p_meta['model']['label']} (the starting policy)",
@@ -353,9 +355,9 @@ def build_train_tab(demo, ctx, guard) -> None:
 
     def on_load(request: gr.Request):
         if not guard.is_admin(request):
-            return (gr.Tab(visible=False), *[gr.skip()] * len(refresh_outputs))
+            return (gr.Tab(visible=False), gr.skip(), gr.skip(), *[gr.skip()] * len(refresh_outputs))
         with guard.errors():
-            return (gr.Tab(visible=True), *refresh(None, None))
+            return (gr.Tab(visible=True), intro, prompts_default, *refresh(None, None))
 
     def on_refresh(selected, seen, reward_choice, request: gr.Request):
         guard.admin(request)
@@ -447,7 +449,7 @@ def build_train_tab(demo, ctx, guard) -> None:
     demo.load(
         on_load,
         None,
-        [tab, *refresh_outputs],
+        [tab, t_intro, p_prompts, *refresh_outputs],
         show_progress="hidden",
         api_visibility="private",
         concurrency_limit=None,
