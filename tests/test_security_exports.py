@@ -2,7 +2,7 @@
 
 Threats covered, one line each:
 - an annotator replays, as raw HTTP with their own login, the export URL an admin received: 403
-- nobody logged in fetches an export URL: 401
+- nobody logged in fetches an export URL: 401; nor does an admin's cookie after logout
 - a made-up token or name, another export's file, or `../` under the export route: 404
 - an annotator fetches the export file through gradio's own file route (file=): refused
 - another local user reads exports or gradio's cache in a shared /tmp: the server's own
@@ -70,6 +70,15 @@ def test_an_annotator_replaying_the_admins_export_url_gets_403(team):
 def test_nobody_logged_in_gets_401(team):
     r = raw_get(team["server"].url + team["links"][0]["url"])
     assert r.status_code == 401 and "answer" not in r.text
+
+
+def test_an_admins_cookie_after_logout_gets_401(team):
+    other = client(team["server"].url, "boss")  # a session of its own, ended alone
+    url = team["links"][0]["url"]
+    assert raw_get(url, other).status_code == 200
+    raw_get("logout?all_session=false", other)
+    assert raw_get(url, other).status_code == 401
+    assert raw_get(url, team["boss"]).status_code == 200  # the admin's other session lives on
 
 
 def test_made_up_and_traversing_paths_find_nothing(team):

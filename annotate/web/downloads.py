@@ -17,8 +17,11 @@ file is found by looking `<token>` and `<name>` up in a map this server keeps: n
 of the URL is ever joined to a path, so `../` and made-up names find nothing. Exports
 are forgotten, and their files deleted, an hour after they were made.
 
-The caller of a raw request is the one gradio's login set (its session cookie, looked
-up the way gradio's own /user route does), and without accounts the local user.
+The caller of a raw request is `request.state.preflab_user`, which the session
+middleware (annotate/web/session_guard.py) sets on every request it lets through: the
+account of a live session, None for nobody (never logged in, or a session that ended),
+and without accounts the local user. The role is asked of the accounts then, so a
+role changed a moment ago counts.
 """
 
 from __future__ import annotations
@@ -43,12 +46,9 @@ KEEP_S = 3600.0  # long enough to click the link and to retry a broken download
 class Exports:
     """The current exports of this server: token -> {file name: path}."""
 
-    def __init__(
-        self, folder: Path, role: Callable[[str | None], str | None], *, local_user: str | None = None
-    ):
+    def __init__(self, folder: Path, role: Callable[[str | None], str | None]):
         self.folder = Path(folder)
-        self._role = role
-        self._local_user = local_user  # without accounts: every request is this user's
+        self._role = role  # annotate.accounts.role_of for this server
         self._lock = threading.Lock()
         self._current: dict[str, tuple[float, dict[str, Path]]] = {}
 
@@ -78,20 +78,11 @@ class Exports:
                 for path in files.values():
                     path.unlink(missing_ok=True)
 
-    def caller(self, request: Any) -> str | None:
-        """The account name behind a raw request, None for nobody logged in."""
-        app = request.app
-        if getattr(app, "auth", None) is None:
-            return self._local_user
-        token = request.cookies.get(f"access-token-{app.cookie_id}") or request.cookies.get(
-            f"access-token-unsecure-{app.cookie_id}"
-        )
-        return app.tokens.get(token)
-
     async def download(self, request: Any):
         from starlette.responses import FileResponse, PlainTextResponse
 
-        name = self.caller(request)
+        # Set by the session middleware; missing (no such middleware) is nobody.
+        name = getattr(request.state, "preflab_user", None)
         role = self._role(name) if name is not None else None
         # Who asks is decided before what is asked for: a non-admin learns nothing about
         # which exports exist.

@@ -32,6 +32,7 @@ from annotate.service import MAX_RATIONALE_CHARS
 from annotate.web.assets import CSS, KEYS_JS
 from annotate.web.guard import Guard
 from annotate.web.html import escape, render_markdown, render_prompt
+from annotate.web.request_limits import MAX_UPLOAD_BYTES
 
 CHOICE_WORDS = {"left": "A is better", "right": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 KEYS = (("1", "A"), ("2", "B"), ("3", "tie"), ("4", "both bad"), ("s", "skip"), ("u", "undo"))
@@ -136,7 +137,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
         footer_links=["api"],
         max_threads=64,
         # Nothing on this page uploads files; gradio's upload route still exists, so cap it.
-        max_file_size="1mb",
+        max_file_size=MAX_UPLOAD_BYTES,
     )
     return demo, launch_kwargs
 
