@@ -3,6 +3,7 @@
 Threats covered, one line each:
 - an annotator replays, as raw HTTP with their own login, the export URL an admin received: 403
 - nobody logged in fetches an export URL: 401; nor does an admin's cookie after logout
+- without accounts, a DNS-rebinding page (another Host) fetches the local admin's export: 400
 - a made-up token or name, another export's file, or `../` under the export route: 404
 - an annotator fetches the export file through gradio's own file route (file=): refused
 - another local user reads exports or gradio's cache in a shared /tmp: the server's own
@@ -151,6 +152,18 @@ def test_the_admins_page_gets_the_paths_on_load(team, browser):
     ann = login(browser, team["server"].url, "ann")
     assert ann.request.get(team["server"].url + team["links"][0]["url"]).status == 403
     ann.context.close()
+
+
+def test_without_accounts_the_local_user_downloads_and_a_rebinding_host_gets_400(tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
+    with Server(tmp_path, "--pairs", str(pairs), "--data", str(tmp_path / "store")) as server:
+        solo = client(server.url)
+        view = solo.predict(api_name="/next")
+        solo.predict(view["pair"]["pair_id"], "left", "", "", api_name="/vote")
+        _, links = solo.predict("standard", "exclude", "none", "jsonl", False, api_name="/export")
+        url = server.url + links[0]["url"]
+        assert raw_get(url).status_code == 200
+        assert raw_get(url, headers={"Host": "evil.example.com"}).status_code == 400
 
 
 # ---- the directory store's files ---------------------------------------------------------
