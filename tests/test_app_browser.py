@@ -1,6 +1,7 @@
 """The annotation page in a real Chromium: log in, vote with the mouse and the keyboard,
 undo, skip; model text that tries to run script runs nothing; two annotators share
-pairs with --overlap 2; an annotator gets no dashboard. After acting in the page, each
+pairs with --overlap 2; an annotator gets no dashboard; the login page says why a
+login failed, lockout included, and logging out ends the session. After acting in the page, each
 test reads the comparison store to check what was recorded.
 """
 
@@ -20,7 +21,7 @@ N_PAIRS = 5  # plus the XSS pair, which comes first
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
-    add_users(tmp / "users.toml", ann="annotator", ben="annotator", boss="admin")
+    add_users(tmp / "users.toml", ann="annotator", ben="annotator", boss="admin", eve="annotator")
     pairs = write_pairs(tmp / "pairs.jsonl", N_PAIRS, xss=True)
     with Server(
         tmp,
@@ -209,3 +210,31 @@ def test_dashboard_is_for_admins_only(app, browser):
     assert ".parquet" in boss.inner_text("#export-files")
     assert "standing votes" in boss.inner_text("#export-report")
     boss.context.close()
+
+
+def test_the_login_page_says_why_and_logout_ends_the_session(app, browser):
+    from annotate.logins import FREE_FAILURES
+
+    server, _ = app
+    page = browser.new_context().new_page()
+    page.goto(server.url)
+    assert page.url.endswith("/login")  # no session: the login page, not the app
+
+    def attempt(password: str) -> str:
+        page.goto(server.url + "login")  # a fresh form (the page's CSP forbids test-side eval)
+        page.locator("input[type=text]").fill("eve")
+        page.locator("input[type=password]").fill(password)
+        page.get_by_role("button", name="Login").click()
+        page.wait_for_selector("#error:not(:empty)", timeout=15_000)
+        return page.inner_text("#error")
+
+    assert attempt("wrong") == "Incorrect credentials."
+    for _ in range(FREE_FAILURES - 1):
+        attempt("wrong")
+    assert "too many failed logins for account 'eve'; try again in" in attempt("eve-pw")
+
+    page = login(browser, server.url, "ann")  # another account is not locked out
+    page.goto(server.url + "logout")
+    page.wait_for_url("**/login", timeout=15_000)
+    page.goto(server.url)
+    assert page.url.endswith("/login")  # the session ended: back to the login page
