@@ -19,6 +19,7 @@ process's command line is a trainer's that names the run.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 # Words in a trainer's command line (python -m trainer.x, preflab train-x, a script path).
@@ -91,7 +92,16 @@ def process_record(pid: int, argv: list[str]) -> dict:
     """What the launcher writes into launch.json right after starting `argv` as `pid`:
     the pid, its start ticks and its command line as /proc shows it (an interpreter a
     script names with #! comes first there), `argv` where there is no /proc."""
-    return {"pid": pid, "pid_start": start_ticks(pid), "cmdline": _proc_cmdline(pid) or list(argv)}
+    # Popen returns once the exec has begun, but /proc may show the new command line a
+    # moment later (empty, or the parent's, until the kernel has set it up): wait until it
+    # ends in our arguments, which only the new program has.
+    cmdline, deadline = None, time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        cmdline = _proc_cmdline(pid)
+        if cmdline is None or (cmdline and cmdline[len(cmdline) - len(argv) + 1 :] == list(argv[1:])):
+            break
+        time.sleep(0.005)
+    return {"pid": pid, "pid_start": start_ticks(pid), "cmdline": cmdline or list(argv)}
 
 
 def _is_runs_trainer(argv: list[str], run_path: Path, kind: str | None) -> bool:
