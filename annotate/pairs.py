@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import PreflabError
-from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, parse_messages
+from trainer.rows import BadRow, RowFileError, check_utf8, check_values, iter_rows, load_json, parse_messages
 from trainer.store import messages_to_json, pair_id_for, prompt_id_for
 
 UNKNOWN_MODEL = "unknown"
@@ -84,7 +84,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
     if isinstance(value, str):  # a plain prompt: one user message
         if not value.strip():
             raise BadRow("'prompt' is empty")
-        return [{"role": "user", "content": check_utf8(value, "the prompt")}]
+        return [{"role": "user", "content": check_utf8(value, "prompt")}]
     return parse_messages(value, "'prompt'")
 
 
@@ -94,7 +94,7 @@ def _optional_text(row: dict, key: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise BadRow(f"'{key}' must be a string, got {type(value).__name__}")
-    return value.strip() or None
+    return check_utf8(value, key).strip() or None
 
 
 def pair_from_row(row: Any) -> Pair:
@@ -110,18 +110,21 @@ def pair_from_row(row: Any) -> Pair:
             raise BadRow(f"missing '{key}'")
         if not isinstance(row[key], str):
             raise BadRow(f"'{key}' must be a string, got {type(row[key]).__name__}")
-        responses.append(check_utf8(row[key], f"'{key}'"))
+        responses.append(check_utf8(row[key], key))
     prompt_json = messages_to_json(messages)
     gen_params = row.get("gen_params")
     if isinstance(gen_params, dict):
+        check_values(gen_params, "gen_params")
         gen_params = json.dumps(gen_params, sort_keys=True)
     elif gen_params is not None:
         if not isinstance(gen_params, str):
             raise BadRow("'gen_params' must be an object or a JSON string")
+        # A JSON string holds escapes ("\\ud800") and nesting the row's own check cannot see.
         try:
-            json.loads(gen_params)
-        except json.JSONDecodeError as e:
-            raise BadRow(f"'gen_params' is not valid JSON ({e.msg})") from None
+            parsed = load_json(gen_params)
+        except BadRow as e:
+            raise BadRow(f"gen_params: {e}") from None
+        check_values(parsed, "gen_params")
     return Pair(
         pair_id=_optional_text(row, "pair_id") or pair_id_for(prompt_json, *responses),
         prompt_id=_optional_text(row, "prompt_id") or prompt_id_for(messages),

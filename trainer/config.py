@@ -77,7 +77,12 @@ class Config:
         for name, meta in field_meta(type(self)).items():
             choices = meta.get("choices")
             value = getattr(self, name)
-            if choices and value is not None and value not in choices:
+            if isinstance(value, str) and value.startswith("-"):
+                # No model, path, store or choice starts with "-"; such a value is a flag
+                # in disguise (`-x`, `--run-dir=...`) wherever it is put on a command line.
+                found.append((name, f"{value[:60]!r} starts with '-'; give a name or a path, not a flag"))
+                seen.add(name)
+            elif choices and value is not None and value not in choices:
                 found.append((name, f"must be one of {', '.join(map(str, choices))}"))
                 seen.add(name)
         for name, bad, why in self.problems():
