@@ -45,7 +45,9 @@ def quantile(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 1)
 
 
-def annotate(url: str, name: str, think_ms: float, stop: threading.Event, phase: list[str], out: dict) -> None:
+def annotate(
+    url: str, name: str, think_ms: float, stop: threading.Event, phase: list[str], out: dict
+) -> None:
     from gradio_client import Client
 
     rng = random.Random(name)
@@ -63,7 +65,9 @@ def annotate(url: str, name: str, think_ms: float, stop: threading.Event, phase:
     c.close()
 
 
-def flood(url: str, index: int, stop: threading.Event, statuses: collections.Counter, one_address: bool) -> None:
+def flood(
+    url: str, index: int, stop: threading.Event, statuses: collections.Counter, one_address: bool
+) -> None:
     import httpx
 
     rng = random.Random(index)
@@ -89,7 +93,9 @@ def main() -> None:
     p.add_argument("--flooders", type=int, default=8, help="threads posting wrong passwords in phase two")
     p.add_argument("--seconds", type=float, default=20, help="length of each phase")
     p.add_argument("--think-ms", type=float, default=200, help="mean pause between an annotator's votes")
-    p.add_argument("--one-address", action="store_true", help="flood from 127.0.0.1 only (the throttle engages)")
+    p.add_argument(
+        "--one-address", action="store_true", help="flood from 127.0.0.1 only (the throttle engages)"
+    )
     args = p.parse_args()
 
     from annotate.users import add_user
@@ -101,7 +107,14 @@ def main() -> None:
     write_pairs(tmp / "pairs.jsonl", 4000)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    serve = ["--pairs", str(tmp / "pairs.jsonl"), "--data", str(tmp / "store"), "--auth", str(tmp / "users.toml")]
+    serve = [
+        "--pairs",
+        str(tmp / "pairs.jsonl"),
+        "--data",
+        str(tmp / "store"),
+        "--auth",
+        str(tmp / "users.toml"),
+    ]
     log = open(tmp / "server.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "annotate.cli", "serve", *serve, "--port", str(port)],
@@ -123,7 +136,9 @@ def main() -> None:
         phase = ["quiet"]
         stop = threading.Event()
         workers = [
-            threading.Thread(target=annotate, args=(url, n, args.think_ms, stop, phase, latencies), daemon=True)
+            threading.Thread(
+                target=annotate, args=(url, n, args.think_ms, stop, phase, latencies), daemon=True
+            )
             for n in names
         ]
         [w.start() for w in workers]
