@@ -8,6 +8,8 @@ Threats covered, one a line:
 - invalid text in a prompt pool (prompt, messages, id, tags) or in an import (and in --source)
 - a deeply nested JSON line (RecursionError) or nesting past 64 levels crashes a loader with a traceback
 - a number too long for Python to convert crashes a loader with a traceback
+- an oversized prompt, answer, id or gen_params in a pairs file fills the page and the store (a pair id
+  longer than a vote may name would make every vote on it fail)
 - a Base model (or any text setting) starting with "-" is taken as a flag by the trainer's argparse
 - Cancel signals a process that launch.json claims (a reused pid, another program, a forged record)
 - Cancel of a run from an older version signals a process whose command line does not name the run
@@ -343,3 +345,31 @@ def test_a_real_trainer_is_cancelled_after_a_server_restart(tmp_path):
     final = first.wait(info.run_id, timeout=120)
     assert final.state == "cancelled", (final, first.log_tail(info.run_id))
     assert not Path(f"/proc/{info.pid}").exists()
+
+
+def test_oversized_fields_of_a_pairs_file_are_refused_row_by_row(tmp_path):
+    from annotate.pairs import MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS
+
+    rows = [
+        _pair(0),
+        _pair(1, prompt="x" * (MAX_PROMPT_CHARS + 1)),
+        _pair(2, response_b="y" * (MAX_RESPONSE_CHARS + 1)),
+        _pair(3, pair_id="i" * (MAX_NAME_CHARS + 1)),
+        _pair(4, model_a="m" * (MAX_NAME_CHARS + 1)),
+        _pair(5, gen_params={"note": "n" * 20_000}),
+        _pair(6, response_a="z" * MAX_RESPONSE_CHARS),  # at the limit: kept
+    ]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    pairs, problems = load_pairs(path)
+    assert [p.response_a for p in pairs] == ["answer 0", "z" * MAX_RESPONSE_CHARS]
+    assert [p.split(": ", 2)[1] for p in problems] == [
+        "prompt",
+        "response_b",
+        "pair_id",
+        "model_a",
+        "gen_params",
+    ]
+    assert (
+        problems[0]
+        == f"{path}:2: prompt: {MAX_PROMPT_CHARS + 1:,} characters, more than the {MAX_PROMPT_CHARS:,} a pair may hold"
+    )
