@@ -44,6 +44,7 @@ def _check_size(text: str, field: str, limit: int) -> str:
         raise BadRow(f"{field}: {len(text):,} characters, more than the {limit:,} a pair may hold")
     return text
 
+
 UNKNOWN_MODEL = "unknown"
 
 

@@ -341,6 +341,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     from annotate.review import Reviewer
     from annotate.sampling import make_sampler
     from annotate.service import Service
+    from annotate.user_admin import UserAdmin
     from trainer.store import is_database, open_store
 
     # --sampling uncertain: checks the reward run now (SamplingError), loads no model yet.
@@ -384,6 +385,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         generator=generator,
         launcher=launcher,
         reviewer=reviewer,
+        user_admin=UserAdmin(accounts) if accounts is not None else None,
         guidelines=guidelines,
     )
 
