@@ -412,7 +412,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
     remove = action("remove", "remove an account")
-    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("name", metavar="NAME", help="the account to remove (its votes stay in the store)")
 
     action("list", "list accounts and roles (never the hashes)")
 

@@ -182,6 +182,25 @@ class _BooleanOptional(argparse.BooleanOptionalAction):
         _given(namespace).add(self.dest)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" only where it tells something: not for on/off flags
+    (the flag's name says what it changes), not for None, and not twice when the help
+    text names its default itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or "default" in text
+            or action.nargs == 0
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser, config_class: type, *, config_file: bool = True
 ) -> None:
