@@ -452,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         if ctx.generator is not None:
-            ctx.generator.stop()
+            ctx.generator.stop(wait_s=20)  # generation ends at its next token
         demo.close()
         if logins is not None:
             logins.close()
