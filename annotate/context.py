@@ -23,6 +23,7 @@ class ServeContext:
     generator: Any = None  # annotate.pair_generator.Generator, when serving models (--model)
     launcher: Any = None  # annotate.launcher.Launcher: trainer subprocesses
     reviewer: Any = None  # annotate.review.Reviewer: reward-model scoring of the votes
+    user_admin: Any = None  # annotate.user_admin.UserAdmin: the Users tab (with --auth only)
     exports: Any = None  # annotate.web.downloads.Exports: the admins' downloads of exports
     guidelines: str = ""  # Markdown shown in the Guidelines tab
     title: str = "preflab"

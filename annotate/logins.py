@@ -114,6 +114,16 @@ class Throttle:
         return entry
 
 
+def _lowest_cpu_priority() -> None:
+    """Run this pool thread at nice 19: on a busy machine the threads serving votes come
+    first and a flood of logins waits (Linux schedules threads one by one; elsewhere
+    the pool keeps the server's priority)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 def _in_words(seconds: float) -> str:
     seconds = max(1, round(seconds))
     return f"{seconds} s" if seconds < 120 else f"{round(seconds / 60)} minutes"
@@ -127,7 +137,9 @@ class Logins:
         self.throttle = Throttle(clock)
         # Half the cores at most: logins must never take the CPU the votes need.
         self.workers = workers or max(1, (os.cpu_count() or 2) // 2)
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="preflab-login")
+        self._pool = ThreadPoolExecutor(
+            self.workers, thread_name_prefix="preflab-login", initializer=_lowest_cpu_priority
+        )
         self._pending = 0
         self._pending_lock = threading.Lock()
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from annotate.pairs import Pair, pair_from_row, pair_to_row
-from trainer.rows import BadRow
+from trainer.rows import BadRow, check_values, load_json
 from trainer.runs import CONFIG_FILE
 
 log = logging.getLogger("preflab.pairs")
@@ -92,6 +92,7 @@ class Generator(threading.Thread):
         self.model_cache_dir = model_cache_dir
         self.voted_prompts = voted_prompts or {}
         self._stop_event = threading.Event()
+        self._extra_workers: list[threading.Thread] = []  # started by add_model after a finish
         self._lock = threading.Lock()
         self._status: dict[str, Any] = {
             "state": "loading",
@@ -146,9 +147,17 @@ class Generator(threading.Thread):
     def planned(self) -> int:
         return len(self.prompts) * self.rounds
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Stop generating; with `wait_s`, wait that long for the worker to finish its
+        token (a process that exits while torch is mid-generate aborts in C++:
+        "terminate called without an active exception")."""
         self._stop_event.set()
         self.queue.wake()
+        if wait_s > 0:
+            deadline = time.monotonic() + wait_s
+            for worker in [self, *self._extra_workers]:
+                if worker.is_alive():
+                    worker.join(max(0.0, deadline - time.monotonic()))
 
     # ---- more models while the server runs -------------------------------------------
 
@@ -179,7 +188,9 @@ class Generator(threading.Thread):
             self.queue.planned = self.planned
         log.info("arena: added %s (%s)", model_id, path)
         if restart:  # the thread had run out of work: a new one takes it up
-            threading.Thread(target=self._work, name="preflab-generator-more", daemon=True).start()
+            worker = threading.Thread(target=self._work, name="preflab-generator-more", daemon=True)
+            self._extra_workers.append(worker)
+            worker.start()
         else:
             self.queue.wake()  # a worker waiting for "need" looks at the plan again
         return True
@@ -225,8 +236,10 @@ class Generator(threading.Thread):
         pairs = []
         for raw in self.cache_path.read_bytes().split(b"\n"):
             try:
-                pair = pair_from_row(json.loads(raw))
-            except (json.JSONDecodeError, BadRow, UnicodeDecodeError):
+                row = load_json(raw)
+                check_values(row)
+                pair = pair_from_row(row)
+            except (BadRow, UnicodeDecodeError):
                 continue
             key = (self._track_of(pair), pair.prompt_id)
             if pair.prompt_id in wanted and self._answered.get(key, 0) < self._base_rounds:
@@ -379,6 +392,7 @@ class Generator(threading.Thread):
                     seed=s,
                     batch_size=self.batch_size,
                     progress=False,
+                    stop=self._stop_event,
                     **self.sampling,
                 )
                 for i, (answer,) in zip(indices, texts):

@@ -375,6 +375,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     from annotate.review import Reviewer
     from annotate.sampling import make_sampler
     from annotate.service import Service
+    from annotate.user_admin import UserAdmin
     from trainer.store import is_database, open_store
 
     # --sampling uncertain: checks the reward run now (SamplingError), loads no model yet.
@@ -418,6 +419,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         generator=generator,
         launcher=launcher,
         reviewer=reviewer,
+        user_admin=UserAdmin(accounts) if accounts is not None else None,
         guidelines=guidelines,
     )
 
@@ -485,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         if ctx.generator is not None:
-            ctx.generator.stop()
+            ctx.generator.stop(wait_s=20)  # generation ends at its next token
         demo.close()
         if logins is not None:
             logins.close()

@@ -336,6 +336,19 @@ def add_user(path: str | os.PathLike, name: str, role: str, password: str, repla
     return user
 
 
+def set_role(path: str | os.PathLike, name: str, role: str) -> User:
+    """Change an account's role, keeping its password; AccountError if there is no such user."""
+    path = Path(path)
+    _check_role(role)
+    with _locked(path):
+        users = load_users(path)
+        if name not in users:
+            raise AccountError(f"{path}: no user {name!r}")
+        users[name] = User(name, role, users[name].password_hash)
+        _write_users(path, users)
+    return users[name]
+
+
 def remove_user(path: str | os.PathLike, name: str) -> None:
     """Remove an account; AccountError if the file has no such user."""
     path = Path(path)
@@ -399,7 +412,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
     remove = action("remove", "remove an account")
-    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("name", metavar="NAME", help="the account to remove (its votes stay in the store)")
 
     action("list", "list accounts and roles (never the hashes)")
 

@@ -337,3 +337,31 @@ def test_without_accounts_only_requests_that_name_this_machine_get_in(tmp_path):
                 got = e.code
             assert got == status, host
         assert client(server.url).predict(api_name="/next")["pair"] is not None  # the real client still works
+
+
+def test_sigterm_during_generation_stops_cleanly(tmp_path):
+    """SIGTERM while the worker is inside model.generate: generation ends at its next
+    token and the server exits 0, without torch's C++ abort ("terminate called without
+    an active exception") that an exit mid-generate gives."""
+    import signal
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": f"Tell story {i}."}) + "\n" for i in range(40))
+    )
+    server = Server(tmp_path, "--model", "tiny", "--prompts", str(prompts), "--data", str(tmp_path / "store"),
+                    "--max-new-tokens", "400", "--batch-size", "4", "--user", "solo")  # fmt: skip
+    with server:
+        c = client(server.url)
+        for _ in range(600):
+            view = c.predict(api_name="/next")
+            if view["pair"] is not None or view["waiting"]["state"] == "generating":
+                break
+            time.sleep(0.2)
+        assert "generating" in json.dumps(view["waiting"]) or view["pair"] is not None
+        time.sleep(1.0)  # well inside a batch of 400-token answers
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(90)
+        output = server.output()
+    assert code == 0, output[-2000:]
+    assert "terminate called" not in output and "Aborted" not in output

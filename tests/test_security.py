@@ -272,6 +272,13 @@ def test_oversized_requests_are_refused_before_gradio_reads_them(team):
     huge = {"data": ["x" * (2 << 20)], "fn_index": 0, "session_hash": "x2"}
     r = httpx.post(server.url + "gradio_api/queue/join", json=huge, cookies=cookies, timeout=30)
     assert r.status_code == 413 and "over the limit" in r.text
+    upload = httpx.post(
+        server.url + "gradio_api/upload",
+        files={"files": ("big.bin", b"x" * (2 << 20))},
+        cookies=cookies,
+        timeout=30,
+    )
+    assert upload.status_code == 413  # the 20 MB upload of the report, at a tenth of that size
 
     def chunks():  # no Content-Length: counted as it arrives
         for _ in range(40):

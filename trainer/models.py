@@ -441,6 +441,18 @@ def generate(model, tokenizer, conversations, **settings) -> list[list[str]]:
     ]
 
 
+def _stop_criteria(event):
+    """transformers' StoppingCriteria: every row done as soon as `event` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhenSet()])
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -453,10 +465,13 @@ def generate_answers(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    stop=None,
 ) -> list[list[Answer]]:
     """`n` sampled answers for each conversation (a list of chat messages, or a string
     taken as one user message): result[i][j] is answer j to conversation i, with whether
     the token limit cut it off (no end-of-sequence token). `temperature=0` is greedy.
+    `stop` (a threading.Event): once set, generation ends at the next token and the
+    answers so far come back (a server shutting down need not wait for a whole batch).
 
     Rows (each conversation repeated n times) are sorted by prompt length and cut into
     batches of `batch_size`, so a batch pads little. The same inputs, seed and batch size
@@ -488,6 +503,9 @@ def generate_answers(
         settings.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
         settings.update(do_sample=False)
+
+    if stop is not None:
+        settings["stopping_criteria"] = _stop_criteria(stop)
 
     device = model.device
     forked = [device.index or 0] if device.type == "cuda" else []

@@ -20,6 +20,8 @@ and pass. Behind a reverse proxy, it must keep the Host header (nginx:
 
 from __future__ import annotations
 
+from annotate.web.asgi import send_answer
+
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -47,21 +49,11 @@ class LoopbackHostOnly:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                     return
-                body = (
+                text = (
                     b"This preflab server answers only requests addressed to this machine "
                     b"(127.0.0.1, localhost or [::1]); it runs without accounts.\n"
                 )
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 400,
-                        "headers": [
-                            (b"content-type", b"text/plain"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                await send_answer(send, 400, text)
                 return
         await self.app(scope, receive, send)
 
@@ -86,17 +78,6 @@ def origin_host(origin: str) -> str | None:
     return _without_default_port(netloc, scheme)
 
 
-def _refuse(status: int, text: bytes):
-    return [
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(text)).encode())],
-        },
-        {"type": "http.response.body", "body": text},
-    ]
-
-
 class SameOriginOnly:
     SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -115,9 +96,8 @@ class SameOriginOnly:
                     if kind == "websocket":
                         await send({"type": "websocket.close", "code": 1008})
                         return
-                    for message in _refuse(
-                        403, b"This preflab server refuses requests sent from another site's page.\n"
-                    ):
-                        await send(message)
+                    await send_answer(
+                        send, 403, b"This preflab server refuses requests sent from another site's page.\n"
+                    )
                     return
         await self.app(scope, receive, send)

@@ -104,6 +104,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
     from annotate.web.loop_api import register_loop_api
     from annotate.web.review_tab import build_review_tab
     from annotate.web.train_tab import build_train_tab
+    from annotate.web.users_tab import build_users_tab
 
     guard = Guard(ctx.service.identify)
     with gr.Blocks(title=ctx.title) as demo:
@@ -117,6 +118,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
             build_leaderboard_tab(demo, ctx, guard)  # and the /leaderboard API
             build_review_tab(demo, ctx, guard)
             build_train_tab(demo, ctx, guard)
+            build_users_tab(demo, ctx, guard)  # with --auth only
         timer = gr.Timer(1.0, active=False)
         _wire_annotate_tab(demo, ctx, guard, annotate, topbar, timer)
         _register_api(ctx, guard)

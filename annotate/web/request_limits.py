@@ -14,6 +14,8 @@ terms.
 
 from __future__ import annotations
 
+from annotate.web.asgi import send_answer
+
 # A vote with the longest rationale is a few kilobytes; the Train tab's settings less.
 MAX_REQUEST_BYTES = 1 << 20
 # preflab's page has no upload field, but gradio's upload route exists: at most this.
@@ -37,17 +39,7 @@ class BodyLimit:
                 too_long = True  # a malformed length is refused rather than trusted
             if too_long:
                 text = f"request body over the limit of {self.max_bytes} bytes\n".encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 413,
-                        "headers": [
-                            (b"content-type", b"text/plain"),
-                            (b"content-length", str(len(text)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": text})
+                await send_answer(send, 413, text)
                 return
 
         seen = 0

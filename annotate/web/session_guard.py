@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from annotate.logins import LoginsBusy, TooManyAttempts
+from annotate.web.asgi import send_answer
 from annotate.web.login_page import login_page
 
 log = logging.getLogger("preflab.sessions")
@@ -133,7 +134,9 @@ class SessionGuard:
                 await self._send_login_page(send)
                 return
             if path == "/" and user is None:
-                await _redirect(send, "login")
+                await send_answer(
+                    send, 302, headers=[(b"location", b"login"), (b"cache-control", b"no-store")]
+                )
                 return
             if path == "/logout" and user is not None:
                 query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -186,20 +189,4 @@ class SessionGuard:
 
     async def _send_login_page(self, send):
         body, headers = login_page(self.login_message)
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-async def _redirect(send, location: str):
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 302,
-            "headers": [
-                (b"location", location.encode()),
-                (b"content-length", b"0"),
-                (b"cache-control", b"no-store"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": b""})
+        await send_answer(send, 200, body, headers)
