@@ -448,7 +448,9 @@ def _stop_criteria(event):
 
     class StopWhenSet(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+            return torch.full(
+                (input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device
+            )
 
     return StoppingCriteriaList([StopWhenSet()])
 
