@@ -12,9 +12,11 @@
 * P(a beats b) = sigmoid(score_a - score_b): the Bradley-Terry probability the reward
   model was trained to give. Next to a vote for `a` it is the probability the model gives
   the human's choice; for `b` it is 1 minus that. Ties and both-bad votes have no side.
-* `disagreements`: decisive votes ranked by that probability, lowest first: the votes
-  the model most confidently calls wrong, worth a second look by another annotator
-  (`Reviewer.requeue`: AssignmentQueue.requeue).
+* `disagreements`: the decisive votes the model calls wrong (that probability below
+  0.5), the most confident first: worth a second look by another annotator
+  (`Reviewer.requeue`: AssignmentQueue.requeue). A vote it agrees with is never one.
+* Each row also says it as the annotator saw it (score_left / score_right, p_left,
+  side), since the page showed them sides, not the stored a/b order.
 * `Reviewer`: what the Review tab (annotate/web/review_tab.py) runs, without gradio.
   Scoring is a background job per reward run (the page polls its progress); a reloaded
   page finds the job, or its result, where it was.
@@ -77,7 +79,11 @@ def review_rows(
 ) -> list[dict[str, Any]]:
     """Each vote with the model's view of its pair: score_a, score_b, p_a = P(a beats b),
     p_human = the probability the model gives the side the human chose (None for ties
-    and both-bad), agree = p_human > 0.5. Votes whose pair has no score are left out."""
+    and both-bad), agree = p_human > 0.5. Votes whose pair has no score are left out.
+
+    And the same as the annotator saw it (`left`: which stored answer was on the left):
+    score_left, score_right, p_left = P(left beats right), side = "left" / "right" for
+    the answer they chose (None for ties and both-bad)."""
     rows = []
     for v in votes:
         s = scores.get(content_key(v["prompt"], v["response_a"], v["response_b"]))
@@ -86,6 +92,7 @@ def review_rows(
         p_a = sigmoid(s[0] - s[1])
         choice = v.get("choice")
         p_human = p_a if choice == "a" else (1.0 - p_a if choice == "b" else None)
+        left_is_a = v.get("left", "a") != "b"
         rows.append(
             {
                 **{k: v.get(k) for k in VOTE_COLUMNS},
@@ -94,17 +101,26 @@ def review_rows(
                 "p_a": p_a,
                 "p_human": p_human,
                 "agree": None if p_human is None else p_human > 0.5,
+                "score_left": s[0] if left_is_a else s[1],
+                "score_right": s[1] if left_is_a else s[0],
+                "p_left": p_a if left_is_a else 1.0 - p_a,
+                "side": None
+                if choice not in DECISIVE
+                else ("left" if (choice == "a") == left_is_a else "right"),
             }
         )
     return rows
 
 
 def disagreements(rows: Iterable[dict[str, Any]], n: int | None = None) -> list[dict[str, Any]]:
-    """Decisive votes, the ones the model disagrees with most confidently first (lowest
-    P(the human's side)); equal probabilities in event_id order, so the list is stable."""
-    decisive = [r for r in rows if r.get("choice") in DECISIVE and r.get("p_human") is not None]
-    decisive.sort(key=lambda r: (r["p_human"], str(r.get("event_id"))))
-    return decisive if n is None else decisive[:n]
+    """The decisive votes the model disagrees with (it gives the human's side less than
+    even odds), the most confident disagreement first (lowest P(the human's side));
+    equal probabilities in event_id order, so the list is stable."""
+    against = [
+        r for r in rows if r.get("choice") in DECISIVE and r.get("p_human") is not None and r["p_human"] < 0.5
+    ]
+    against.sort(key=lambda r: (r["p_human"], str(r.get("event_id"))))
+    return against if n is None else against[:n]
 
 
 def top_pairs(rows: Iterable[dict[str, Any]], n: int) -> list[str]:

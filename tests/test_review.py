@@ -187,10 +187,26 @@ def test_disagreements_rank_decisive_votes_by_how_sure_the_model_is_against_them
     assert by_event["e3"]["p_human"] == pytest.approx(1 - sigmoid(0.3))
     assert by_event["e4"]["p_human"] is None and by_event["e4"]["agree"] is None
     ranked = [r["event_id"] for r in disagreements(rows)]
-    assert ranked == ["e2", "e3", "e7", "e1", "e5"]  # decisive only, lowest P(human's side) first
-    assert [r["agree"] for r in disagreements(rows)] == [False, False, True, True, True]
-    assert top_pairs(rows, 2) == ["p2", "p3"]
-    assert top_pairs(rows, 10) == ["p2", "p3", "p7", "p1"]  # p2 counted once
+    assert ranked == ["e2", "e3"]  # real disagreements only, lowest P(human's side) first
+    assert all(r["agree"] is False for r in disagreements(rows))
+    assert top_pairs(rows, 1) == ["p2"]
+    assert top_pairs(rows, 10) == ["p2", "p3"]  # nothing the model agrees with is sent back
+
+
+def test_review_rows_say_it_as_the_annotator_saw_it():
+    def vote(left, choice):
+        return {"event_id": "e", "pair_id": "p", "prompt": "[]", "response_a": "x", "response_b": "y",
+                "left": left, "choice": choice}  # fmt: skip
+
+    scores = {content_key("[]", "x", "y"): (2.0, -1.0)}  # the model prefers answer a
+    shown_a_left, shown_b_left = review_rows([vote("a", "a"), vote("b", "a")], scores)
+    assert shown_a_left["side"] == "left" and shown_b_left["side"] == "right"  # a was on the right
+    assert shown_a_left["p_left"] == pytest.approx(sigmoid(3.0))
+    assert shown_b_left["p_left"] == pytest.approx(1 - sigmoid(3.0))
+    assert (shown_b_left["score_left"], shown_b_left["score_right"]) == (-1.0, 2.0)
+    assert shown_a_left["p_human"] == shown_b_left["p_human"]  # the same vote, either way shown
+    (tie,) = review_rows([vote("b", "tie")], scores)
+    assert tie["side"] is None and tie["p_human"] is None
 
 
 # --------------------------------------------------------------------------------------

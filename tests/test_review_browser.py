@@ -19,12 +19,12 @@ from trainer.store.directory_writer import DirectoryStore
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
 VOTES = [
-    (0, "ann", "a", 2),
-    (1, "ann", "b", None),
-    (2, "ben", "tie", None),
-    (3, "ben", "a", 1),
-    (1, "ben", "a", 2),
-]  # pair index (0 is the XSS pair), annotator, choice, strength
+    (0, "ann", "a", 2, "a"),
+    (1, "ann", "b", None, "a"),
+    (2, "ben", "tie", None, "b"),
+    (3, "ben", "a", 1, "b"),  # ben saw answer b on the left and chose the right one
+    (1, "ben", "a", 2, "a"),  # against ann's vote on the same pair: the model disagrees with one
+]  # pair index (0 is the XSS pair), annotator, choice, strength, the answer shown on the left
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,12 @@ def review_app(tmp_path_factory):
     pairs_file = write_pairs(tmp / "pairs.jsonl", 4, xss=True)  # 5 pairs; 4 get votes, 1 stays fresh
     pairs, _ = load_pairs(pairs_file)
     with DirectoryStore(tmp / "store") as store:
-        for i, who, choice, strength in VOTES:
+        for i, who, choice, strength, left in VOTES:
             store.append(
                 {
                     **pairs[i].record_fields(),
                     "kind": "vote",
-                    "left": "a",
+                    "left": left,
                     "choice": choice,
                     "strength": strength,
                     "annotator": who,
@@ -90,19 +90,27 @@ def test_review_tab_shows_reward_scores_beside_the_human_vote(review_app, browse
     rows = page.locator("#review-votes-table tbody tr")
     assert rows.count() == len(VOTES)
     rm = RewardModel.load(run)
-    words = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}
+    against = 0  # decisive votes the model gives less than even odds
     for k in range(rows.count()):
         row = rows.nth(k)
         vote = votes[row.get_attribute("data-event-id")]
         cells = row.locator("td")
         assert cells.nth(1).inner_text() == vote["annotator"]
-        assert cells.nth(2).inner_text().startswith(words[vote["choice"]])
         a, b = rm.score([vote["prompt"]] * 2, [vote["response_a"], vote["response_b"]])
-        assert float(cells.nth(3).inner_text()) == pytest.approx(a, abs=0.006)
-        assert float(cells.nth(4).inner_text()) == pytest.approx(b, abs=0.006)
+        left, right = (a, b) if vote["left"] == "a" else (b, a)  # as the annotator saw them
+        if vote["choice"] in ("a", "b"):
+            side = "left" if vote["choice"] == vote["left"] else "right"
+            assert cells.nth(2).inner_text().startswith(f"{side} better")
+            assert cells.nth(2).inner_text().endswith(f"answer {vote['choice'].upper()}")
+            against += (left > right) != (side == "left")
+        else:
+            assert cells.nth(2).inner_text() == {"tie": "tie", "both_bad": "both bad"}[vote["choice"]]
+        assert float(cells.nth(3).inner_text()) == pytest.approx(left, abs=0.006)
+        assert float(cells.nth(4).inner_text()) == pytest.approx(right, abs=0.006)
+        p_left = 1 / (1 + math.exp(-(left - right)))
+        assert float(row.get_attribute("data-p-left")) == pytest.approx(p_left, abs=1e-3)
+        assert float(cells.nth(5).inner_text()) == pytest.approx(p_left, abs=0.006)
         p_a = 1 / (1 + math.exp(-(a - b)))
-        assert float(row.get_attribute("data-p-a")) == pytest.approx(p_a, abs=1e-3)
-        assert float(cells.nth(5).inner_text()) == pytest.approx(p_a, abs=0.006)
         assert cells.nth(6).inner_text() == (
             "–"
             if vote["choice"] not in ("a", "b")
@@ -126,9 +134,9 @@ def test_review_tab_shows_reward_scores_beside_the_human_vote(review_app, browse
 
     # -- disagreements: the worst one goes back for one more vote ------------------------
     ranked = page.locator("#review-disagreements-table tbody tr")
-    assert ranked.count() == 4  # the tie is no disagreement
-    p_human = [float(ranked.nth(k).get_attribute("data-p-human")) for k in range(4)]
-    assert p_human == sorted(p_human)
+    assert against >= 1 and ranked.count() == against  # only real disagreements; no tie
+    p_human = [float(ranked.nth(k).get_attribute("data-p-human")) for k in range(against)]
+    assert p_human == sorted(p_human) and max(p_human) < 0.5
     worst = ranked.first.get_attribute("data-pair-id")
     page.locator("#review-topn input").fill("1")
     page.locator("#review-send-top").click()

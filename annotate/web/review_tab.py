@@ -37,10 +37,12 @@ REVIEW_CSS = """
 
 
 def _vote_words(row: dict[str, Any]) -> str:
+    """The vote as the annotator cast it: by the side they saw ("left better (slightly)"),
+    with the stored answer it was in brackets, for reading the scores beside it."""
     choice = row.get("choice")
     if choice in DECISIVE:
         strength = {1: " (slightly)", 2: " (clearly)"}.get(row.get("strength"), "")
-        return f"{choice.upper()} better{strength}"
+        return f"{row['side']} better{strength} · answer {choice.upper()}"
     return {"tie": "tie", "both_bad": "both bad"}.get(choice, str(choice))
 
 
@@ -57,17 +59,21 @@ def _excerpt(prompt_json: str, width: int = 90) -> str:
 
 
 def _pair_details(row: dict[str, Any]) -> str:
-    """The pair in full, folded: the prompt and both answers rendered safely."""
+    """The pair in full, folded, as the annotator saw it: the prompt, then the left and
+    the right answer, each rendered safely and named by its stored letter and model."""
     try:
         prompt = render_prompt(json.loads(row["prompt"]))
     except (ValueError, KeyError, TypeError):
         prompt = f"<pre>{escape(row['prompt'])}</pre>"
+    order = ("b", "a") if row.get("left") == "b" else ("a", "b")
+    cards = "".join(
+        f'<div class="card answer"><h4>{side} · {letter.upper()} · {escape(row["model_" + letter])}</h4>'
+        f"{render_markdown(row['response_' + letter])}</div>"
+        for side, letter in zip(("Left", "Right"), order)
+    )
     return (
         f'<details><summary>{escape(_excerpt(row["prompt"]))}</summary><div class="pair-body">'
-        f'<div class="card prompt-card"><h4>Prompt</h4>{prompt}</div>'
-        f'<div class="card answer"><h4>A · {escape(row["model_a"])}</h4>{render_markdown(row["response_a"])}</div>'
-        f'<div class="card answer"><h4>B · {escape(row["model_b"])}</h4>{render_markdown(row["response_b"])}</div>'
-        f"</div></details>"
+        f'<div class="card prompt-card"><h4>Prompt</h4>{prompt}</div>{cards}</div></details>'
     )
 
 
@@ -82,11 +88,12 @@ def votes_html(rows: list[dict[str, Any]], limit: int = SHOW_VOTES) -> str:
         agree = "–" if r["agree"] is None else ("yes" if r["agree"] else "no")
         body.append(
             f'<tr class="{cls}" data-pair-id="{escape(r["pair_id"])}" data-event-id="{escape(r["event_id"])}" '
-            f'data-choice="{escape(r["choice"])}" data-p-a="{r["p_a"]:.4f}">'
+            f'data-choice="{escape(r["choice"])}" data-left="{escape(r["left"])}" data-p-left="{r["p_left"]:.4f}">'
             f'<td class="num">{escape(when)}</td><td>{escape(r["annotator"])}</td>'
             f'<td class="vote">{escape(_vote_words(r))}</td>'
-            f'<td class="num score-a">{r["score_a"]:+.2f}</td><td class="num score-b">{r["score_b"]:+.2f}</td>'
-            f'<td class="num p p-a">{r["p_a"]:.2f}</td><td class="agree">{agree}</td>'
+            f'<td class="num score-left">{r["score_left"]:+.2f}</td>'
+            f'<td class="num score-right">{r["score_right"]:+.2f}</td>'
+            f'<td class="num p p-left">{r["p_left"]:.2f}</td><td class="agree">{agree}</td>'
             f"<td>{_pair_details(r)}</td></tr>"
         )
     more = (
@@ -96,30 +103,33 @@ def votes_html(rows: list[dict[str, Any]], limit: int = SHOW_VOTES) -> str:
     )
     return (
         f'{more}<table class="review-table" id="review-votes-table"><thead><tr><th>when (UTC)</th>'
-        f"<th>annotator</th><th>human vote</th><th>score A</th><th>score B</th><th>P(A beats B)</th>"
+        f"<th>annotator</th><th>human vote</th><th>score left</th><th>score right</th><th>P(left beats right)</th>"
         f"<th>model agrees</th><th>pair</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
     )
 
 
 def disagreements_html(rows: list[dict[str, Any]], limit: int = SHOW_DISAGREEMENTS) -> str:
     worst = disagreements(rows, limit)
+    decisive = sum(1 for r in rows if r["p_human"] is not None)
+    if not decisive:
+        return '<p class="review-note">No decisive votes (left or right better) to compare with.</p>'
     if not worst:
-        return '<p class="review-note">No decisive votes (A or B better) to compare with.</p>'
+        return f'<p class="review-note">The reward model agrees with all {decisive} decisive votes.</p>'
     body = []
     for k, r in enumerate(worst, start=1):
-        cls = "disagree" if not r["agree"] else ""
         body.append(
-            f'<tr class="{cls}" data-pair-id="{escape(r["pair_id"])}" data-event-id="{escape(r["event_id"])}" '
+            f'<tr class="disagree" data-pair-id="{escape(r["pair_id"])}" data-event-id="{escape(r["event_id"])}" '
             f'data-p-human="{r["p_human"]:.4f}"><td class="num">{k}</td>'
             f'<td class="num p">{r["p_human"]:.2f}</td><td class="vote">{escape(_vote_words(r))}</td>'
-            f'<td>{escape(r["annotator"])}</td><td class="num">{r["score_a"]:+.2f}</td>'
-            f'<td class="num">{r["score_b"]:+.2f}</td><td>{_pair_details(r)}</td></tr>'
+            f'<td>{escape(r["annotator"])}</td><td class="num">{r["score_left"]:+.2f}</td>'
+            f'<td class="num">{r["score_right"]:+.2f}</td><td>{_pair_details(r)}</td></tr>'
         )
     return (
-        '<p class="review-note">Decisive votes, the ones the reward model doubts most first: '
-        "P(human's side) is the probability it gives the answer the annotator chose.</p>"
+        f'<p class="review-note">The {len(disagreements(rows))} of {decisive} decisive votes the reward '
+        "model disagrees with, the most confident first: P(human's side) is the probability it gives the "
+        "answer the annotator chose (below 0.5: it would have chosen the other).</p>"
         '<table class="review-table" id="review-disagreements-table"><thead><tr><th>#</th>'
-        "<th>P(human's side)</th><th>human vote</th><th>annotator</th><th>score A</th><th>score B</th>"
+        "<th>P(human's side)</th><th>human vote</th><th>annotator</th><th>score left</th><th>score right</th>"
         f"<th>pair</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
     )
 
@@ -133,7 +143,7 @@ def summary_html(job: dict[str, Any]) -> str:
         + "".join(
             [
                 metric_card("Votes scored", str(s["votes"]), f"{s['pairs']} pairs"),
-                metric_card("Decisive votes", str(s["decisive"]), "A or B better"),
+                metric_card("Decisive votes", str(s["decisive"]), "left or right better"),
                 metric_card(
                     "Model agrees",
                     pct(s["agreement"]) if s["agreement"] is not None else "–",
@@ -181,8 +191,9 @@ def build_review_tab(demo, ctx, guard) -> None:
     with gr.Tab("Review", id="review", visible=False) as tab:
         gr.Markdown(
             "Every voted pair scored by a reward model, beside the human vote: "
-            "**P(A beats B)** = sigmoid(score A − score B). Scores are kept with the reward run, "
-            "so only votes new since the last look are scored."
+            "**P(left beats right)** = sigmoid(score left − score right), left and right as the "
+            "annotator saw them. Scores are kept with the reward run, so only votes new since "
+            "the last look are scored."
         )
         with gr.Row():
             r_run = gr.Dropdown(
@@ -254,7 +265,7 @@ def build_review_tab(demo, ctx, guard) -> None:
                 return (
                     dropdown,
                     '<div class="review-note" id="review-state" data-state="none">No finished '
-                    f"reward run under {escape(ctx.runs_dir)}/ yet: train one (preflab train-reward) "
+                    "reward run yet: train one in the Train tab (or with `preflab train-reward`) "
                     "first.</div>",
                     "",
                     "",
