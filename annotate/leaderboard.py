@@ -37,17 +37,19 @@ def standings(
     rounds: int = 100,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The leaderboard of the store `data` as the page shows it: {"ok", "message", "models",
-    "board" (a ratings.Leaderboard, or None), "evals" (policy_evals, or None)}. A store
-    that cannot be read or votes that rank nothing give ok False and the reason as
-    `message`, never an exception: the tab says it where the table would be. An anchor
-    that is no longer among the models falls back to the mean, with a note."""
+    """The leaderboard of the store `data` as the page shows it: {"ok", "error", "message",
+    "models", "board" (a ratings.Leaderboard, or None), "evals" (policy_evals, or None)}.
+    A store that cannot be read gives ok False, error True; votes that rank nothing yet
+    (none, or one model only: the normal start of an arena) ok False, error False; the
+    reason is `message`, never an exception: the tab says it where the table would be,
+    in red only for an error. An anchor that is no longer among the models falls back to
+    the mean, with a note."""
     from trainer.store import StoreError, read_comparisons
 
     try:
         votes = read_comparisons(data, columns=VOTE_COLUMNS)
     except StoreError as e:  # e.g. the database is down: said on the tab, like the CLI says it
-        return {"ok": False, "message": str(e), "models": [], "board": None, "evals": None}
+        return {"ok": False, "error": True, "message": str(e), "models": [], "board": None, "evals": None}
     evals = policy_evals(runs_dir, votes)
     battles = battles_from_votes(votes)
     note = ""
@@ -57,9 +59,23 @@ def standings(
     try:
         board = leaderboard(battles, anchor=anchor, rounds=rounds, seed=seed)
     except LeaderboardError as e:
-        return {"ok": False, "message": str(e), "models": battles.models, "board": None, "evals": evals}
+        return {
+            "ok": False,
+            "error": False,  # not enough votes to rank yet: a state, not a failure
+            "message": str(e),
+            "models": battles.models,
+            "board": None,
+            "evals": evals,
+        }
     message = note + " · ".join([*board.notes(), board.scale_note()])
-    return {"ok": True, "message": message, "models": battles.models, "board": board, "evals": evals}
+    return {
+        "ok": True,
+        "error": False,
+        "message": message,
+        "models": battles.models,
+        "board": board,
+        "evals": evals,
+    }
 
 
 def leaderboard_json(data: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str | None = None) -> dict:

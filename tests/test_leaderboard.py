@@ -454,6 +454,11 @@ def test_the_tab_view_explains_an_empty_store_and_a_vanished_anchor(store, tmp_p
     DirectoryStore(empty).close()
     view = page(empty, tmp_path / "runs")
     assert not view["ok"] and "no votes yet" in view["message"] and view["table"] == ""
+    assert not view["error"]  # an arena's normal start, not a failure: not shown in red
+    unreadable = tmp_path / "not-a-store"
+    unreadable.write_text("a file where the store should be")
+    broken = page(unreadable, tmp_path / "runs")
+    assert not broken["ok"] and broken["error"], broken["message"]
     view = page(store, tmp_path / "runs", anchor="retired-model")
     assert (
         view["ok"]

@@ -42,6 +42,7 @@ def page(
     board = view["board"]
     return {
         "ok": view["ok"],
+        "error": view["error"],
         "message": view["message"],
         "models": sorted(board.models) if board is not None else view["models"],
         "anchor": board.anchor if board is not None else None,
@@ -101,7 +102,7 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
         guard.admin(request)
         with guard.errors():
             view = page(ctx.data, ctx.runs_dir, current)
-        cls = "lb-note" if view["ok"] else "lb-note lb-error"
+        cls = "lb-note lb-error" if view["error"] else "lb-note"  # red for failures only
         stamp = time.strftime("%H:%M:%S")
         return (
             gr.Dropdown(choices=[MEAN_ANCHOR, *view["models"]], value=view["anchor"] or MEAN_ANCHOR),
