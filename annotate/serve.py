@@ -170,63 +170,6 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ServeError(f"--newcomer-share must be between 0 and 1, got {args.newcomer_share}")
 
 
-LOGIN_MESSAGE = "Log in with the account your admin gave you."
-
-
-def _request_guards(args: argparse.Namespace, accounts, local_user: str):
-    """(auth, app_kwargs, logins) for demo.launch: the checks every request passes
-    before gradio, outermost first. Without accounts the local user is an admin, so
-    only requests that name this machine get through (DNS rebinding)."""
-    from starlette.middleware import Middleware
-
-    from annotate.logins import Logins
-    from annotate.sessions import Sessions
-    from annotate.web.host_check import LoopbackHostOnly, SameOriginOnly
-    from annotate.web.request_limits import BodyLimit
-    from annotate.web.session_guard import SessionGuard, login_check
-
-    middleware = [] if accounts is not None else [Middleware(LoopbackHostOnly)]
-    middleware += [Middleware(SameOriginOnly), Middleware(BodyLimit)]
-    if accounts is None:
-        middleware.append(Middleware(SessionGuard, sessions=None, local_user=local_user))
-        return None, {"middleware": middleware}, None
-    logins = Logins(accounts)
-    sessions = Sessions(accounts, idle_s=args.session_idle * 60)
-    middleware.append(
-        Middleware(SessionGuard, sessions=sessions, local_user=None, login_message=LOGIN_MESSAGE)
-    )
-    return login_check(logins), {"middleware": middleware}, logins
-
-
-def _private_files(ctx, opened: _Opened) -> dict:
-    """This server's own temporary folder (tempfile.mkdtemp: 0700, a fresh name no other
-    user can have made first), removed when the server stops: gradio's cache
-    (GRADIO_TEMP_DIR, set before gradio builds anything) and the exports go there, so
-    nothing this server writes lies in a shared /tmp. Sets `ctx.exports`; returns the
-    app_kwargs of the admins' download route (annotate/web/downloads.py).
-
-    The download is a route of the app's own router, passed to FastAPI as `routes`:
-    those come before every route gradio adds, and a route runs inside every middleware
-    of app_kwargs (the host check, the login sessions), so it sees who is asking the
-    way gradio's handlers do. A middleware serving the prefix itself would have to be
-    placed after those in the list to see the same."""
-    import tempfile
-
-    from annotate.accounts import role_of
-    from annotate.web.downloads import Exports
-
-    opened.private_dir = Path(tempfile.mkdtemp(prefix="preflab-serve-"))
-    for sub in ("gradio", "exports"):
-        (opened.private_dir / sub).mkdir(mode=0o700)
-    os.environ["GRADIO_TEMP_DIR"] = str(opened.private_dir / "gradio")
-    log.info("gradio's cache and the exports go to %s (0700, removed at stop)", opened.private_dir)
-    service = ctx.service
-    ctx.exports = Exports(
-        opened.private_dir / "exports", lambda name: role_of(name, service.accounts, service.local_user)
-    )
-    return {"routes": [ctx.exports.route()]}
-
-
 def check_port(host: str, port: int) -> None:
     """ServeError now, before the store is opened or a model loaded, when another
     process already listens on host:port."""
@@ -426,6 +369,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
 
 def run(args: argparse.Namespace) -> int:
     from annotate.web.page import build_app
+    from annotate.web.server_guards import LOGIN_MESSAGE, private_files, request_guards
     from trainer.store import describe, is_database
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -436,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     opened = _Opened()
     try:
         ctx = build_context(args, opened)
-        private_app_kwargs = _private_files(ctx, opened)
+        private_app_kwargs = private_files(ctx, opened)
         demo, launch_kwargs = build_app(ctx)
     except BaseException:
         opened.close()
@@ -451,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
         threading.Thread(
             target=_sync_forever, args=(ctx.queue, stop), daemon=True, name="preflab-sync"
         ).start()
-    auth, app_kwargs, logins = _request_guards(args, accounts, ctx.service.local_user)
+    auth, app_kwargs, logins = request_guards(args, accounts, ctx.service.local_user)
     try:
         try:
             demo.launch(
@@ -460,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
                 prevent_thread_lock=True,
                 quiet=True,
                 auth=auth,
-                auth_message="preflab: " + LOGIN_MESSAGE.lower(),
+                auth_message="preflab: " + LOGIN_MESSAGE.lower(),  # gradio's own form, if ever shown
                 app_kwargs=app_kwargs | private_app_kwargs,
                 **launch_kwargs,
             )
