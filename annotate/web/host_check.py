@@ -96,8 +96,13 @@ class SameOriginOnly:
                     if kind == "websocket":
                         await send({"type": "websocket.close", "code": 1008})
                         return
-                    await send_answer(
-                        send, 403, b"This preflab server refuses requests sent from another site's page.\n"
+                    # Both names in the answer: behind a reverse proxy that rewrites Host
+                    # (nginx's default), this is how an operator sees what to fix.
+                    text = (
+                        f"This preflab server refuses requests sent from another site's page "
+                        f"(Origin {origin.decode('latin-1')!r}, Host {host!r}; behind a reverse proxy, "
+                        f"pass the Host header through).\n"
                     )
+                    await send_answer(send, 403, text.encode("utf-8", "replace"))
                     return
         await self.app(scope, receive, send)
