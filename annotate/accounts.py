@@ -13,6 +13,7 @@ No gradio here: `request` is anything with a `username` attribute.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -40,6 +41,7 @@ class Accounts:
         self.users = users
         self.path = Path(path)
         self._mtime = None
+        self._loaded = False  # a broken file stops the server only at start
         self._accounts: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._reload()
@@ -51,25 +53,51 @@ class Accounts:
             try:
                 mtime = self.path.stat().st_mtime_ns
             except FileNotFoundError:
+                # The file was deleted: nobody may log in, and every session ends (the
+                # users module replaces the file by a rename, so it is never missing
+                # half-way through an edit).
+                if self._accounts:
+                    log.warning("%s is gone: no accounts, every session ends", self.path)
+                self._accounts, self._mtime = {}, None
                 return
             if mtime == self._mtime:
                 return
             try:
                 self._accounts = self.users.load_users(self.path)
             except ValueError as e:  # a half-edited file: keep the accounts we had
-                if self._mtime is None:
+                if not self._loaded:
                     raise
                 log.warning("%s; keeping the accounts loaded before", e)
             self._mtime = mtime
+            self._loaded = True
 
     def verify(self, name: str, password: str) -> bool:
+        return self.check(name, password) is not None
+
+    def check(self, name: str, password: str) -> str | None:
+        """The credentials fingerprint of `name` if `password` is theirs, else None:
+        exactly the account that was checked, for the session to be bound to."""
         self._reload()
-        return self.users.verify(self._accounts, name, password) is not None
+        account = self.users.verify(self._accounts, name, password)
+        return _fingerprint(account) if account is not None else None
+
+    def credentials(self, name: str) -> str | None:
+        """A fingerprint of what `name` logs in with and may do (a digest of the stored
+        password hash and the role); None for no such account. A session is the
+        account's while this stays the same (annotate/sessions.py)."""
+        self._reload()
+        account = self._accounts.get(name)
+        return _fingerprint(account) if account is not None else None
 
     def role(self, name: str) -> str | None:
         self._reload()
         account = self._accounts.get(name)
         return account.role if account is not None else None
+
+
+def _fingerprint(account) -> str:
+    # A new password has a new salt, so the digest changes even for the same password.
+    return hashlib.sha256(f"{account.role}\0{account.password_hash}".encode()).hexdigest()
 
 
 def role_of(name: str | None, accounts: Accounts | None, local_user: str) -> str | None:

@@ -14,6 +14,8 @@ import importlib
 import os
 import sys
 
+from trainer.config import HelpFormatter  # light: dataclasses and argparse
+
 # subcommand -> (module, one-line help). Order is the order `--help` lists them in.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("annotate.generate", "sample candidate answer pairs from a model for a prompt pool"),
@@ -62,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         add = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
         run = getattr(module, f"run_{name}", None) or module.run
         doc = COMMANDS[name][1]
-        p = sub.add_parser(
-            name, help=doc, description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        p = sub.add_parser(name, help=doc, description=doc, formatter_class=HelpFormatter)
         add(p)
         p.set_defaults(_run=run)
     return parser

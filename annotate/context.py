@@ -23,5 +23,6 @@ class ServeContext:
     generator: Any = None  # annotate.pair_generator.Generator, when serving models (--model)
     launcher: Any = None  # annotate.launcher.Launcher: trainer subprocesses
     reviewer: Any = None  # annotate.review.Reviewer: reward-model scoring of the votes
+    user_admin: Any = None  # annotate.user_admin.UserAdmin: the Users tab (with --auth only)
     guidelines: str = ""  # Markdown shown in the Guidelines tab
     title: str = "preflab"

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from annotate.export import ASSISTANT_CUE, ROLE_LABELS
-from trainer.rows import BadRow, iter_rows, parse_messages
+from trainer.rows import BadRow, iter_rows, parse_messages, text_problem
 from trainer.store import DATA_HELP, describe, is_database, messages_to_json, pair_id_for, prompt_id_for
 
 STYLES = ("standard", "conversational", "implicit", "hh")
@@ -263,6 +263,8 @@ def import_file(
     path = Path(path)
     if not source or not source.strip():
         raise ValueError("--source must name where the data comes from")
+    if problem := text_problem(source):  # it becomes every vote's annotator
+        raise ValueError(f"--source: {problem}")
     if style is not None and style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if not path.is_file():

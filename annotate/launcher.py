@@ -9,12 +9,14 @@ in its own session: the page never waits for it, and stopping or restarting the 
 does not stop it. The form's values become the trainer's config dataclass, checked by the
 config's own check (a bad value: LaunchError naming the field, nothing started), written
 to runs/<id>/launch-config.json and handed to the trainer as `--config FILE`; the command
-line and pid go to launch.json, and status.json is pre-created as `queued`.
+line and the process (pid, start ticks, command line as /proc shows it) go to launch.json,
+and status.json is pre-created as `queued`.
 Everything the page shows is read back from the run directory: Launcher is a RunReader
 (annotate/run_reader.py, which lists the files), so a reloaded page, a restarted server
-and a run started with the CLI all look the same. Cancel sends SIGTERM, after checking
-that the pid is still that run's trainer (annotate.processes); the trainer saves and stops
-as `cancelled`.
+and a run started with the CLI all look the same. Cancel sends SIGTERM to the trainer this
+launcher started (its own Popen), or, for a run started before a restart, to the process
+launch.json recorded, after checking its start ticks and command line (annotate.processes);
+the trainer saves and stops as `cancelled`.
 
 Nothing heavy is imported here: the server stays light, the trainers load torch.
 """
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from annotate.processes import trainer_identity
+from annotate.processes import cancel_refusal, process_record
 from annotate.run_reader import RunInfo, RunReader
 from trainer.errors import PreflabError
 from trainer.runs import (
@@ -270,7 +272,9 @@ class Launcher(RunReader):
     def _spawn(
         self, run_id: str, path: Path, argv: list[str], launch: dict, message: str, progress: float
     ) -> RunInfo:
-        # Shown at once, before the trainer has even imported torch.
+        # Shown at once, before the trainer has even imported torch; an earlier process's
+        # record (a resume) is not this one's.
+        launch = {k: v for k, v in launch.items() if k not in ("pid", "pid_start", "cmdline")}
         write_json(path / LAUNCH_FILE, launch)
         write_json(
             path / STATUS_FILE,
@@ -319,7 +323,9 @@ class Launcher(RunReader):
                 },
             )
             raise LaunchError(f"could not start the trainer: {e}") from None
-        write_json(path / LAUNCH_FILE, {**launch, "pid": proc.pid})
+        # Which process this is, for a Cancel after a server restart: pid, start ticks and
+        # command line (annotate/processes.py); this server trusts its own `proc` first.
+        write_json(path / LAUNCH_FILE, {**launch, **process_record(proc.pid, argv)})
         waiter = threading.Thread(
             target=self._wait, args=(run_id, proc), name=f"preflab-run-{run_id}", daemon=True
         )
@@ -373,24 +379,33 @@ class Launcher(RunReader):
     # ---- cancelling ------------------------------------------------------------------
 
     def cancel(self, run_id: str) -> str:
-        """SIGTERM to the run's trainer, which saves and stops as `cancelled`. Checks first
-        that the pid is that run's trainer. Returns what happened, in words."""
+        """SIGTERM to the run's trainer, which saves and stops as `cancelled`. A trainer this
+        launcher started is signalled through its own Popen, whatever the run directory
+        says; any other only when it is the process launch.json recorded (start ticks and
+        command line, annotate.processes.cancel_refusal). Returns what happened, in words."""
         info = self.info(run_id or "")
         if info is None:
             raise LaunchError(f"Run: there is no run {run_id!r}")
         if not info.active:
             return f"{run_id} is already {info.state}; nothing to cancel"
-        if info.pid is None:
-            raise LaunchError(f"{run_id}: no process id recorded yet; try again in a moment")
-        who = trainer_identity(info.pid, info.path, info.updated_at)
-        if who != "trainer":
-            raise LaunchError(
-                f"{run_id}: process {info.pid} is not this run's trainer; nothing was signalled"
-            )
+        with self._lock:
+            proc = self._procs.get(run_id)
+        if proc is not None:
+            if proc.poll() is not None:
+                return f"{run_id}: the trainer had already exited"
+            with self._lock:
+                self._cancelled.add(run_id)
+            proc.send_signal(signal.SIGTERM)  # a no-op once Popen has reaped it
+            return f"{run_id}: cancel requested; the trainer saves its checkpoint and stops"
+        launch = read_json(info.path / LAUNCH_FILE)
+        refusal = cancel_refusal(launch, info.path, info.kind, info.pid)
+        if refusal is not None:
+            raise LaunchError(f"{run_id}: {refusal}; nothing was signalled")
+        pid = launch["pid"] if "pid_start" in launch else info.pid
         with self._lock:
             self._cancelled.add(run_id)
         try:
-            os.kill(info.pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return f"{run_id}: the trainer had already exited"
         return f"{run_id}: cancel requested; the trainer saves its checkpoint and stops"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from annotate.pairs import Pair, pair_from_row, pair_to_row
-from trainer.rows import BadRow
+from trainer.rows import BadRow, check_values, load_json
 from trainer.runs import CONFIG_FILE
 
 log = logging.getLogger("preflab.pairs")
@@ -225,8 +225,10 @@ class Generator(threading.Thread):
         pairs = []
         for raw in self.cache_path.read_bytes().split(b"\n"):
             try:
-                pair = pair_from_row(json.loads(raw))
-            except (json.JSONDecodeError, BadRow, UnicodeDecodeError):
+                row = load_json(raw)
+                check_values(row)
+                pair = pair_from_row(row)
+            except (BadRow, UnicodeDecodeError):
                 continue
             key = (self._track_of(pair), pair.prompt_id)
             if pair.prompt_id in wanted and self._answered.get(key, 0) < self._base_rounds:

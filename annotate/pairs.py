@@ -26,8 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import PreflabError
-from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, parse_messages
+from trainer.prompts import DEFAULT_MAX_CHARS
+from trainer.rows import BadRow, RowFileError, check_utf8, check_values, iter_rows, load_json, parse_messages
 from trainer.store import messages_to_json, pair_id_for, prompt_id_for
+
+# What one row of a pairs file may hold, so that one row cannot fill the page or the
+# store: the prompt as much as a prompt pool's, an answer twice that, names and ids as
+# much as a vote may name (annotate/service.py refuses a longer pair id).
+MAX_PROMPT_CHARS = DEFAULT_MAX_CHARS
+MAX_RESPONSE_CHARS = 2 * DEFAULT_MAX_CHARS
+MAX_NAME_CHARS = 200
+MAX_GEN_PARAMS_CHARS = 16_000
+
+
+def _check_size(text: str, field: str, limit: int) -> str:
+    if len(text) > limit:
+        raise BadRow(f"{field}: {len(text):,} characters, more than the {limit:,} a pair may hold")
+    return text
+
 
 UNKNOWN_MODEL = "unknown"
 
@@ -84,7 +100,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
     if isinstance(value, str):  # a plain prompt: one user message
         if not value.strip():
             raise BadRow("'prompt' is empty")
-        return [{"role": "user", "content": check_utf8(value, "the prompt")}]
+        return [{"role": "user", "content": check_utf8(value, "prompt")}]
     return parse_messages(value, "'prompt'")
 
 
@@ -94,7 +110,7 @@ def _optional_text(row: dict, key: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise BadRow(f"'{key}' must be a string, got {type(value).__name__}")
-    return value.strip() or None
+    return _check_size(check_utf8(value, key), key, MAX_NAME_CHARS).strip() or None
 
 
 def pair_from_row(row: Any) -> Pair:
@@ -110,18 +126,24 @@ def pair_from_row(row: Any) -> Pair:
             raise BadRow(f"missing '{key}'")
         if not isinstance(row[key], str):
             raise BadRow(f"'{key}' must be a string, got {type(row[key]).__name__}")
-        responses.append(check_utf8(row[key], f"'{key}'"))
+        responses.append(_check_size(check_utf8(row[key], key), key, MAX_RESPONSE_CHARS))
+    _check_size("".join(m["content"] for m in messages), "prompt", MAX_PROMPT_CHARS)
     prompt_json = messages_to_json(messages)
     gen_params = row.get("gen_params")
     if isinstance(gen_params, dict):
+        check_values(gen_params, "gen_params")
         gen_params = json.dumps(gen_params, sort_keys=True)
     elif gen_params is not None:
         if not isinstance(gen_params, str):
             raise BadRow("'gen_params' must be an object or a JSON string")
+        # A JSON string holds escapes ("\\ud800") and nesting the row's own check cannot see.
         try:
-            json.loads(gen_params)
-        except json.JSONDecodeError as e:
-            raise BadRow(f"'gen_params' is not valid JSON ({e.msg})") from None
+            parsed = load_json(gen_params)
+        except BadRow as e:
+            raise BadRow(f"gen_params: {e}") from None
+        check_values(parsed, "gen_params")
+    if gen_params is not None:
+        _check_size(gen_params, "gen_params", MAX_GEN_PARAMS_CHARS)
     return Pair(
         pair_id=_optional_text(row, "pair_id") or pair_id_for(prompt_json, *responses),
         prompt_id=_optional_text(row, "prompt_id") or prompt_id_for(messages),

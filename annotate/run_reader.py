@@ -9,7 +9,8 @@ Everything is read from the run directory (docs/design.md, "Run directories";
 trainer.runs.RunDir), so a reloaded page, a restarted server and a run started with the
 CLI all look the same:
 
-    launch.json          written by the launcher: kind, command line, pid, when (not by the CLI)
+    launch.json          written by the launcher: kind, command line, process (pid, start
+                         ticks, cmdline), when (not by the CLI)
     launch-config.json   written by the launcher: the settings the form gave, checked
     status.json          written by the trainer (pre-created by the launcher as `queued`)
     config.json          written by the trainer; says reward or policy for CLI runs
@@ -117,7 +118,7 @@ class RunReader:
         updated = status.get("updated_at")
         if state in ACTIVE_STATES and isinstance(pid, int):
             self._reap()
-            if trainer_identity(pid, path, updated) == "dead":
+            if trainer_identity(pid, path, updated, launch) == "dead":
                 state, message = "failed", DEAD_MESSAGE
         settings = config.get("config") or launch.get("settings") or {}
         try:

@@ -27,6 +27,7 @@ import signal
 import threading
 from pathlib import Path
 
+from annotate.sessions import DEFAULT_IDLE_S
 from trainer.errors import PreflabError
 from trainer.prompts import DEFAULT_PROMPTS
 
@@ -76,6 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="USERS.toml",
         help="accounts file (preflab user add); without it there is one local user "
         "and the app only listens on 127.0.0.1",
+    )
+    p.add_argument(
+        "--session-idle",
+        type=float,
+        default=DEFAULT_IDLE_S / 60,
+        metavar="MINUTES",
+        help="with --auth: a session unused this long ends, and the next request asks to log in "
+        "again (default: %(default)g)",
     )
     p.add_argument(
         "--user",
@@ -147,6 +156,8 @@ def check_flags(args: argparse.Namespace) -> None:
             f"`preflab user add NAME --role annotator --auth users.toml` and pass --auth users.toml, "
             f"or listen on 127.0.0.1 (the default)."
         )
+    if not args.session_idle > 0:
+        raise ServeError(f"--session-idle must be a positive number of minutes, got {args.session_idle}")
     for flag, value in (
         ("--overlap", args.overlap),
         ("--rounds", args.rounds),
@@ -159,16 +170,32 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ServeError(f"--newcomer-share must be between 0 and 1, got {args.newcomer_share}")
 
 
-def _app_kwargs(accounts) -> dict:
-    """Without accounts the local user is an admin: only requests that name this machine
-    get through (DNS rebinding; annotate/web/host_check.py)."""
-    if accounts is not None:
-        return {}
+LOGIN_MESSAGE = "Log in with the account your admin gave you."
+
+
+def _request_guards(args: argparse.Namespace, accounts, local_user: str):
+    """(auth, app_kwargs, logins) for demo.launch: the checks every request passes
+    before gradio, outermost first. Without accounts the local user is an admin, so
+    only requests that name this machine get through (DNS rebinding)."""
     from starlette.middleware import Middleware
 
-    from annotate.web.host_check import LoopbackHostOnly
+    from annotate.logins import Logins
+    from annotate.sessions import Sessions
+    from annotate.web.host_check import LoopbackHostOnly, SameOriginOnly
+    from annotate.web.request_limits import BodyLimit
+    from annotate.web.session_guard import SessionGuard, login_check
 
-    return {"middleware": [Middleware(LoopbackHostOnly)]}
+    middleware = [] if accounts is not None else [Middleware(LoopbackHostOnly)]
+    middleware += [Middleware(SameOriginOnly), Middleware(BodyLimit)]
+    if accounts is None:
+        middleware.append(Middleware(SessionGuard, sessions=None, local_user=local_user))
+        return None, {"middleware": middleware}, None
+    logins = Logins(accounts)
+    sessions = Sessions(accounts, idle_s=args.session_idle * 60)
+    middleware.append(
+        Middleware(SessionGuard, sessions=sessions, local_user=None, login_message=LOGIN_MESSAGE)
+    )
+    return login_check(logins), {"middleware": middleware}, logins
 
 
 def check_port(host: str, port: int) -> None:
@@ -314,6 +341,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     from annotate.review import Reviewer
     from annotate.sampling import make_sampler
     from annotate.service import Service
+    from annotate.user_admin import UserAdmin
     from trainer.store import is_database, open_store
 
     # --sampling uncertain: checks the reward run now (SamplingError), loads no model yet.
@@ -357,6 +385,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         generator=generator,
         launcher=launcher,
         reviewer=reviewer,
+        user_admin=UserAdmin(accounts) if accounts is not None else None,
         guidelines=guidelines,
     )
 
@@ -387,6 +416,7 @@ def run(args: argparse.Namespace) -> int:
         threading.Thread(
             target=_sync_forever, args=(ctx.queue, stop), daemon=True, name="preflab-sync"
         ).start()
+    auth, app_kwargs, logins = _request_guards(args, accounts, ctx.service.local_user)
     try:
         try:
             demo.launch(
@@ -394,9 +424,9 @@ def run(args: argparse.Namespace) -> int:
                 server_port=args.port,
                 prevent_thread_lock=True,
                 quiet=True,
-                auth=accounts.verify if accounts else None,
-                auth_message="preflab: log in with the account your admin gave you.",
-                app_kwargs=_app_kwargs(accounts),
+                auth=auth,
+                auth_message="preflab: " + LOGIN_MESSAGE.lower(),
+                app_kwargs=app_kwargs,
                 **launch_kwargs,
             )
         except OSError:  # taken between check_port and now; gradio's own text is for developers
@@ -424,6 +454,8 @@ def run(args: argparse.Namespace) -> int:
         if ctx.generator is not None:
             ctx.generator.stop()
         demo.close()
+        if logins is not None:
+            logins.close()
         opened.close()
     return 0
 

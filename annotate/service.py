@@ -27,6 +27,7 @@ from typing import Any
 
 from annotate.accounts import Accounts, identify, require_admin, role_of
 from annotate.pair_generator import Generator
+from annotate.pairs import MAX_NAME_CHARS
 from annotate.queue import Assignment, AssignmentQueue, StaleVote
 from trainer.errors import PreflabError
 from trainer.store.errors import StoreError, StoreWriteError, VoteConflict
@@ -41,7 +42,7 @@ EXPORT_FILETYPES = ("parquet", "jsonl")
 # What one vote may carry: a rationale is a sentence or a paragraph, never a document (a
 # 30 MB one was once acknowledged and stored); a pair id is a short hash-like name.
 MAX_RATIONALE_CHARS = 2_000
-MAX_PAIR_ID_CHARS = 200
+MAX_PAIR_ID_CHARS = MAX_NAME_CHARS  # as long as a pairs file may make one
 
 
 class BadRequest(PreflabError, ValueError):

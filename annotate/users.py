@@ -15,9 +15,11 @@ The file is TOML, one table per account, and is only ever written by this module
   votes carry the annotator `import:<source>`.
 * The file is rewritten whole, atomically (a temporary file renamed over it) and with
   mode 0600, so a crash never leaves half a file and other local users cannot read
-  the hashes. Comments in it are not preserved. Two `preflab user` commands run at
-  the same moment may lose one of the two changes: it is an admin's tool, not a
-  database.
+  the hashes. Comments in it are not preserved. Every change holds an exclusive lock
+  (flock on "users.toml.lock" beside it) from reading the file to the rename, so two
+  `preflab user` commands run at the same moment both take effect.
+* A running server notices every change at the next request: a new password, a new
+  role or a removal ends that account's sessions at once (annotate/sessions.py).
 
     preflab user add NAME --role annotator|admin [--auth users.toml] [--password-stdin]
     preflab user remove NAME [--auth users.toml]
@@ -29,6 +31,8 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
+import fcntl
 import getpass
 import hashlib
 import hmac
@@ -298,6 +302,18 @@ def check_new_password(name: str, password: str) -> None:
         raise AccountError(f"password refused: it contains the account name {name!r}")
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold the users file's lock: edits one after the other, none lost. The lock is a
+    file of its own because the users file itself is replaced by each edit."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def add_user(path: str | os.PathLike, name: str, role: str, password: str, replace: bool = False) -> User:
     """Add an account (creating the file if missing) and return it.
 
@@ -308,25 +324,40 @@ def add_user(path: str | os.PathLike, name: str, role: str, password: str, repla
     check_name(name)
     _check_role(role)
     _check_password_text(password)
-    users = load_users(path) if path.exists() else {}
-    if name in users and not replace:
-        raise AccountError(
-            f"{path}: user {name!r} already exists (replace it with --replace to change the password or role)"
-        )
-    user = User(name, role, hash_password(password))
-    users[name] = user
-    _write_users(path, users)
+    user = User(name, role, hash_password(password))  # the slow part, outside the lock
+    with _locked(path):
+        users = load_users(path) if path.exists() else {}
+        if name in users and not replace:
+            raise AccountError(
+                f"{path}: user {name!r} already exists (replace it with --replace to change the password or role)"
+            )
+        users[name] = user
+        _write_users(path, users)
     return user
+
+
+def set_role(path: str | os.PathLike, name: str, role: str) -> User:
+    """Change an account's role, keeping its password; AccountError if there is no such user."""
+    path = Path(path)
+    _check_role(role)
+    with _locked(path):
+        users = load_users(path)
+        if name not in users:
+            raise AccountError(f"{path}: no user {name!r}")
+        users[name] = User(name, role, users[name].password_hash)
+        _write_users(path, users)
+    return users[name]
 
 
 def remove_user(path: str | os.PathLike, name: str) -> None:
     """Remove an account; AccountError if the file has no such user."""
     path = Path(path)
-    users = load_users(path)
-    if name not in users:
-        raise AccountError(f"{path}: no user {name!r}")
-    del users[name]
-    _write_users(path, users)
+    with _locked(path):
+        users = load_users(path)
+        if name not in users:
+            raise AccountError(f"{path}: no user {name!r}")
+        del users[name]
+        _write_users(path, users)
 
 
 def verify(users: dict[str, User], name: str, password: str) -> User | None:
@@ -381,7 +412,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
     remove = action("remove", "remove an account")
-    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("name", metavar="NAME", help="the account to remove (its votes stay in the store)")
 
     action("list", "list accounts and roles (never the hashes)")
 

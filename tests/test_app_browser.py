@@ -1,6 +1,8 @@
 """The annotation page in a real Chromium: log in, vote with the mouse and the keyboard,
 undo, skip; model text that tries to run script runs nothing; two annotators share
-pairs with --overlap 2; an annotator gets no dashboard. After acting in the page, each
+pairs with --overlap 2; an annotator gets no dashboard; the login page says why a
+login failed, lockout included, and logging out ends the session; an admin adds and
+removes an account in the Users tab, and the removed person's open page is logged out. After acting in the page, each
 test reads the comparison store to check what was recorded.
 """
 
@@ -20,7 +22,7 @@ N_PAIRS = 5  # plus the XSS pair, which comes first
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
-    add_users(tmp / "users.toml", ann="annotator", ben="annotator", boss="admin")
+    add_users(tmp / "users.toml", ann="annotator", ben="annotator", boss="admin", eve="annotator")
     pairs = write_pairs(tmp / "pairs.jsonl", N_PAIRS, xss=True)
     with Server(
         tmp,
@@ -209,3 +211,75 @@ def test_dashboard_is_for_admins_only(app, browser):
     assert ".parquet" in boss.inner_text("#export-files")
     assert "standing votes" in boss.inner_text("#export-report")
     boss.context.close()
+
+
+def test_the_login_page_says_why_and_logout_ends_the_session(app, browser):
+    from annotate.logins import FREE_FAILURES
+
+    server, _ = app
+    page = browser.new_context().new_page()
+    page.goto(server.url)
+    assert page.url.endswith("/login")  # no session: the login page, not the app
+
+    def attempt(password: str) -> str:
+        page.goto(server.url + "login")  # a fresh form (the page's CSP forbids test-side eval)
+        page.locator("input[type=text]").fill("eve")
+        page.locator("input[type=password]").fill(password)
+        page.get_by_role("button", name="Login").click()
+        page.wait_for_selector("#error:not(:empty)", timeout=15_000)
+        return page.inner_text("#error")
+
+    assert attempt("wrong") == "Incorrect credentials."
+    for _ in range(FREE_FAILURES - 1):
+        attempt("wrong")
+    assert "too many failed logins for account 'eve'; try again in" in attempt("eve-pw")
+
+    page = login(browser, server.url, "ann")  # another account is not locked out
+    page.goto(server.url + "logout")
+    page.wait_for_url("**/login", timeout=15_000)
+    page.goto(server.url)
+    assert page.url.endswith("/login")  # the session ended: back to the login page
+
+
+def test_an_admin_manages_accounts_in_the_users_tab(app, browser):
+    server, _ = app
+    ann = login(browser, server.url, "ann")
+    assert not ann.get_by_role("tab", name="Users").is_visible()  # admins only
+    ann.context.close()
+
+    boss = login(browser, server.url, "boss")
+    boss.get_by_role("tab", name="Users").click()
+    boss.wait_for_selector("#users-table", timeout=15_000)
+    assert "ann" in boss.inner_text("#users-table")
+
+    def submit(button: str, name: str, password: str = "") -> str:
+        before = boss.inner_text("#users-report").strip()
+        boss.locator("#users-name input").fill(name)
+        boss.locator("#users-password input").fill(password)
+        boss.get_by_role("button", name=button, exact=True).click()
+        boss.wait_for_function(
+            "before => { const t = document.querySelector('#users-report').innerText.trim();"
+            " return t !== before && /^(Done|Refused)/.test(t); }",
+            arg=before,
+            timeout=15_000,
+        )
+        return boss.inner_text("#users-report").strip()
+
+    assert submit("Add", "newbie", "short").startswith("Refused: password of 5 characters refused")
+    assert boss.locator("#users-password input").input_value() == ""  # emptied even when refused
+    assert submit("Add", "newbie", "a fine long password").startswith("Done: added annotator 'newbie'")
+    assert boss.locator('#users-table tr[data-user="newbie"]').count() == 1
+
+    newbie = browser.new_context().new_page()
+    newbie.goto(server.url)
+    newbie.locator("input[type=text]").fill("newbie")
+    newbie.locator("input[type=password]").fill("a fine long password")
+    newbie.get_by_role("button", name="Login").click()
+    newbie.wait_for_selector("#progress", timeout=30_000)
+
+    assert submit("Remove", "newbie").startswith("Done: removed 'newbie'")
+    assert boss.locator('#users-table tr[data-user="newbie"]').count() == 0
+    newbie.reload()
+    newbie.wait_for_url("**/login", timeout=15_000)  # the removed account's session has ended
+    boss.context.close()
+    newbie.context.close()

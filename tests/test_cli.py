@@ -16,6 +16,31 @@ def test_top_level_help_lists_every_command():
         assert name in out.stdout
 
 
+def test_every_flag_of_every_command_has_help_and_honest_defaults():
+    import argparse
+
+    from annotate.cli import build_parser
+
+    def parsers(parser, path=()):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from parsers(sub, (*path, name))
+
+    for path, parser in parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.dest == "help" or isinstance(action, argparse._SubParsersAction):
+                continue
+            where = f"preflab {' '.join(path)} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where}: no help"
+            shown = formatter._expand_help(action)
+            assert shown.count("default") <= 1, f"{where}: {shown!r}"  # never a default said twice
+            for dishonest in ("(default: None)", "(default: True)", "(default: False)"):
+                assert dishonest not in shown, f"{where}: {shown!r}"
+
+
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_explains_itself(command):
     out = preflab(command, "--help")

@@ -102,7 +102,9 @@ def test_file_is_written_with_mode_0600_and_no_temporary_left(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     accounts.remove_user(path, "bob")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.toml"]
+    # The lock file of the edits stays (it holds nothing); no temporary file does.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.toml", "users.toml.lock"]
+    assert stat.S_IMODE((tmp_path / "users.toml.lock").stat().st_mode) == 0o600
 
 
 def test_file_is_plain_toml_with_the_documented_layout(tmp_path):

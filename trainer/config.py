@@ -77,7 +77,12 @@ class Config:
         for name, meta in field_meta(type(self)).items():
             choices = meta.get("choices")
             value = getattr(self, name)
-            if choices and value is not None and value not in choices:
+            if isinstance(value, str) and value.startswith("-"):
+                # No model, path, store or choice starts with "-"; such a value is a flag
+                # in disguise (`-x`, `--run-dir=...`) wherever it is put on a command line.
+                found.append((name, f"{value[:60]!r} starts with '-'; give a name or a path, not a flag"))
+                seen.add(name)
+            elif choices and value is not None and value not in choices:
                 found.append((name, f"must be one of {', '.join(map(str, choices))}"))
                 seen.add(name)
         for name, bad, why in self.problems():
@@ -175,6 +180,25 @@ class _BooleanOptional(argparse.BooleanOptionalAction):
     def __call__(self, parser, namespace, values, option_string=None):
         super().__call__(parser, namespace, values, option_string)
         _given(namespace).add(self.dest)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" only where it tells something: not for on/off flags
+    (the flag's name says what it changes), not for None, and not twice when the help
+    text names its default itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or "default" in text
+            or action.nargs == 0
+        ):
+            return text
+        return super()._get_help_string(action)
 
 
 def add_config_arguments(

@@ -80,7 +80,7 @@ from functools import partial
 from pathlib import Path
 
 from trainer.checkpoints import CheckpointError, load_training_state
-from trainer.config import add_config_arguments, config_from_namespace
+from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
 from trainer.errors import PolicyInputError, exit_code
 from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig, resolve_config
 from trainer.policy_model import (
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.policy",
         description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser)
     return exit_code(run, parser.parse_args(argv))  # a bad --config file, bad input: one line, exit 2

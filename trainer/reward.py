@@ -56,7 +56,7 @@ import time
 import numpy as np
 
 from trainer.checkpoints import CheckpointError
-from trainer.config import add_config_arguments, config_from_namespace
+from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
 from trainer.errors import exit_code
 from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
 from trainer.reward_config import RewardConfig, resolve_config
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.reward",
         description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser)
     return exit_code(run, parser.parse_args(argv))  # a bad --config file, bad input: one line, exit 2

@@ -222,18 +222,30 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         keep = [c for c in (*NEEDED_COLUMNS, "margin") if c in names]
         return names, table.select(keep).to_pylist()
     if suffix in (".jsonl", ".json"):
+        from trainer.rows import BadRow, check_values, load_json
+
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
+        # The rows' checks (trainer/rows.py): JSON that parses, nests sanely, holds valid text.
         if suffix == ".json" and text.lstrip().startswith("["):  # a JSON array of rows
-            rows = json.loads(text)
+            try:
+                rows = load_json(text)
+            except BadRow as e:
+                raise RewardDataError(f"{path}: {e}") from None
+            for i, row in enumerate(rows, start=1):
+                try:
+                    check_values(row)
+                except BadRow as e:
+                    raise RewardDataError(f"{path}:item {i}: {e}") from None
         else:
             for lineno, line in enumerate(text.splitlines(), start=1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise RewardDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                        rows.append(load_json(line))
+                        check_values(rows[-1])
+                    except BadRow as e:
+                        raise RewardDataError(f"{path}:{lineno}: {e}") from None
         names = sorted({k for r in rows if isinstance(r, dict) for k in r})
         return names, rows
     raise RewardDataError(

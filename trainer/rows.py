@@ -8,6 +8,14 @@ a row it cannot use. A file that cannot be read at all raises `RowFileError`.
 Where a row came from is a string: `"12"` (line 12 of a JSONL or CSV file, as an editor
 shows it), `"item 3"` (of a JSON array) or `"row 7"` (of a Parquet file, which has rows
 but no lines), so `f"{path}:{where}: {reason}"` reads naturally for each.
+
+Every row `iter_rows` yields has been checked, whatever its format: each string in it
+(keys and values, however deep in nested objects and lists) is text the store can hold
+(no lone surrogate, which is what an undecodable byte or a `"\\ud800"` escape turns
+into), and it nests at most MAX_DEPTH levels. A row that
+fails is a BadRow `FIELD: reason` (`model_a: not valid text (a lone surrogate \\ud800 at
+character 5)`), so a bad value is reported where it was loaded, never by every vote on it
+later. `load_json` is the JSON parse behind it, for a JSON string inside a row.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,14 +52,88 @@ def line_or_row(where: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def check_utf8(text: str, what: str) -> str:
-    # Text files are decoded with surrogateescape, so one undecodable byte costs one row,
-    # not the file; such text (lone surrogates) could never be written to Parquet.
+MAX_DEPTH = 64  # objects and lists inside one another, in one row; real data needs a few
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` is not valid text, None when it is: a lone surrogate (what surrogateescape
+    makes of an undecodable byte, or what a JSON "\\ud800" escape gives), which UTF-8
+    cannot encode, so no store can hold it. Characters count from 1."""
+    if text.isascii():  # O(1) in CPython: the common case costs nothing
+        return None
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRow(f"{what} is not valid UTF-8 text") from None
+    except UnicodeEncodeError as e:
+        char, at = text[e.start], e.start + 1
+        if 0xDC80 <= ord(char) <= 0xDCFF:  # surrogateescape's spelling of a raw byte
+            return (
+                f"not valid text (a lone surrogate {ascii(char)[1:-1]}, or the invalid UTF-8 byte "
+                f"0x{ord(char) - 0xDC00:02x}, at character {at})"
+            )
+        return f"not valid text (a lone surrogate {ascii(char)[1:-1]} at character {at})"
+    return None
+
+
+def check_utf8(text: str, what: str) -> str:
+    """`text`, or BadRow `WHAT: not valid text (...)`."""
+    problem = text_problem(text)
+    if problem:
+        raise BadRow(f"{what}: {problem}")
     return text
+
+
+def _label(key: Any) -> str:
+    """A key as a field name in a message: printable, and short."""
+    text = key if isinstance(key, str) else repr(key)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def check_values(value: Any, field: str = "") -> None:
+    """BadRow `FIELD: reason` for the first string in `value` (a row: dict keys and values,
+    list items, recursively, in document order) that is not storable text, or for objects
+    and lists nested deeper than MAX_DEPTH. `field` names `value` itself; the fields
+    inside are named `gen_params.a.seed`, `prompt[0].content`."""
+    stack = [(value, field, field, 1)]  # (value, its name, its top-level field, depth)
+    while stack:
+        v, name, top, depth = stack.pop()
+        if isinstance(v, str):
+            problem = text_problem(v)
+            if problem:
+                raise BadRow(f"{name or 'the row'}: {problem}")
+            continue
+        if isinstance(v, dict):
+            items = []
+            for k, item in v.items():
+                key = _label(k)
+                if isinstance(k, str) and (problem := text_problem(k)):
+                    raise BadRow(f"{f'{name}: a key' if name else 'a field name'} is {problem}")
+                items.append((item, f"{name}.{key}" if name else key))
+        elif isinstance(v, (list, tuple)):
+            items = [(item, f"{name}[{i}]") for i, item in enumerate(v)]
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            raise BadRow(f"{top or 'the row'}: nested deeper than {MAX_DEPTH} levels")
+        for item, item_name in reversed(items):
+            stack.append((item, item_name, top or item_name, depth + 1))
+
+
+def load_json(text: str | bytes) -> Any:
+    """json.loads, with every way it can fail as BadRow: not JSON, nested too deeply for
+    the parser (RecursionError) or deeper than MAX_DEPTH, a number too long to convert.
+    The value's text is not checked here (check_values does)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRow(f"invalid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise BadRow(f"nested deeper than {MAX_DEPTH} levels") from None
+    except UnicodeDecodeError as e:  # bytes given, and not UTF-8
+        raise BadRow(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})") from None
+    except ValueError:  # an integer of more than 4300 digits, which Python will not convert
+        raise BadRow("invalid JSON (a number too long to read)") from None
+    return value
 
 
 def parse_messages(
@@ -104,15 +187,47 @@ def iter_rows(
         raise RowFileError(f"{path}: no such file")
     if path.is_dir():
         raise RowFileError(f"{path}: is a directory, not a file")
+    if suffix == ".parquet":
+        rows = _parquet_rows(path, needs_any)
+    elif suffix == ".csv":
+        rows = _csv_rows(path, needs_any)
+    else:
+        rows = _json_rows(path)
     try:
-        if suffix == ".parquet":
-            yield from _parquet_rows(path, needs_any)
-        elif suffix == ".csv":
-            yield from _csv_rows(path, needs_any)
-        else:
-            yield from _json_rows(path)
+        for where, row in rows:
+            if isinstance(row, _Checked):
+                row = row.row
+            elif not isinstance(row, BadRow):
+                try:
+                    check_values(row)
+                except BadRow as e:
+                    row = e
+            yield where, row
     except OSError as e:
         raise RowFileError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+class _Checked:
+    """A row whose line shows it needs no check_values (see _plain)."""
+
+    __slots__ = ("row",)
+
+    def __init__(self, row: Any):
+        self.row = row
+
+
+# A \uD800-\uDFFF escape in JSON text: half a surrogate pair, maybe a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _plain(raw: bytes) -> bool:
+    """Whether a JSON line that decoded as strict UTF-8 cannot hold invalid text or deep
+    nesting: no surrogate escape, and fewer brackets than MAX_DEPTH. Nearly every line
+    is plain, and this costs a fraction of walking the parsed row; one that is not (a
+    bracket in a string, a real surrogate pair) is walked, so nothing is missed."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        return False
+    return b"\\u" not in raw or not _SURROGATE_ESCAPE.search(raw)
 
 
 def _object(row: Any) -> dict[str, Any] | BadRow:
@@ -124,23 +239,59 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if data.startswith(b"\xef\xbb\xbf"):  # a BOM, as some editors on Windows write
         data = data[3:]
     if path.suffix.lower() == ".json" and data.lstrip().startswith(b"["):
+        text = data.decode("utf-8", errors="surrogateescape")
         try:
-            items = json.loads(data.decode("utf-8", errors="surrogateescape"))
+            items = json.loads(text)
         except json.JSONDecodeError as e:
             raise RowFileError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        except RecursionError:  # deeper than the parser goes: say where it got that deep
+            raise RowFileError(
+                f"{path}:{_too_deep_at(text)}: nested deeper than {MAX_DEPTH} levels"
+            ) from None
+        except ValueError:  # an integer of more than 4300 digits, which Python will not convert
+            raise RowFileError(f"{path}: not valid JSON (a number too long to read)") from None
         for i, item in enumerate(items, start=1):
             yield f"item {i}", _object(item)
         return
     # JSON lines. Split on \n only: a JSON string cannot hold a raw newline, so every \n
     # ends a physical line, and the numbers match what an editor shows.
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        line = raw.decode("utf-8", errors="surrogateescape").strip()
+        try:
+            line, strict = raw.decode("utf-8").strip(), True
+        except UnicodeDecodeError:  # kept as surrogates, which check_values reports
+            line, strict = raw.decode("utf-8", errors="surrogateescape").strip(), False
         if not line:
             continue
         try:
-            yield str(lineno), _object(json.loads(line))
-        except json.JSONDecodeError as e:
-            yield str(lineno), BadRow(f"invalid JSON ({e.msg}, column {e.colno})")
+            row = _object(load_json(line))
+        except BadRow as e:
+            row = e
+        yield str(lineno), _Checked(row) if strict and isinstance(row, dict) and _plain(raw) else row
+
+
+def _too_deep_at(text: str) -> int:
+    """The line on which the brackets of a JSON text first nest deeper than MAX_DEPTH
+    (strings skipped). Only run on a text the parser gave up on, so speed does not matter."""
+    depth, line, in_string, escaped = 0, 1, False, False
+    for char in text:
+        if char == "\n":
+            line += 1
+        elif in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return line
+        elif char in "]}":
+            depth -= 1
+    return line
 
 
 def _csv_rows(path: Path, needs_any: tuple[str, ...]) -> Iterator[tuple[str, Any]]:

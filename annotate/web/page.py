@@ -32,6 +32,7 @@ from annotate.service import MAX_RATIONALE_CHARS
 from annotate.web.assets import CSS, KEYS_JS
 from annotate.web.guard import Guard
 from annotate.web.html import escape, render_markdown, render_prompt
+from annotate.web.request_limits import MAX_UPLOAD_BYTES
 
 CHOICE_WORDS = {"left": "A is better", "right": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 KEYS = (("1", "A"), ("2", "B"), ("3", "tie"), ("4", "both bad"), ("s", "skip"), ("u", "undo"))
@@ -103,6 +104,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
     from annotate.web.loop_api import register_loop_api
     from annotate.web.review_tab import build_review_tab
     from annotate.web.train_tab import build_train_tab
+    from annotate.web.users_tab import build_users_tab
 
     guard = Guard(ctx.service.identify)
     with gr.Blocks(title=ctx.title) as demo:
@@ -116,6 +118,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
             build_leaderboard_tab(demo, ctx, guard)  # and the /leaderboard API
             build_review_tab(demo, ctx, guard)
             build_train_tab(demo, ctx, guard)
+            build_users_tab(demo, ctx, guard)  # with --auth only
         timer = gr.Timer(1.0, active=False)
         _wire_annotate_tab(demo, ctx, guard, annotate, topbar, timer)
         _register_api(ctx, guard)
@@ -144,7 +147,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
         footer_links=["api"],
         max_threads=64,
         # Nothing on this page uploads files; gradio's upload route still exists, so cap it.
-        max_file_size="1mb",
+        max_file_size=MAX_UPLOAD_BYTES,
     )
     return demo, launch_kwargs
 
