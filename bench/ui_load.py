@@ -13,10 +13,11 @@ store; everyone logs in again (arriving together once more) and carries on. Each
 sends its annotators' latencies and acknowledged vote ids back to this process over a
 pipe; the summary is computed here.
 
-Why several processes: one Python process cannot be 512 HTTP clients. Its threads share
-one GIL, so a client that is busy parsing a response delays every other client's timer
-and the latencies it reports grow with N on the client side alone; spread over
-processes, what is measured is the server.
+Why several processes: the annotators of one process share one GIL, so past some N the
+client's own parsing delays every other client's timer and the latencies grow on the
+client side alone. Spread over processes, and with client_cpu_s reported beside
+server_cpu_s, a run shows which side spent the time (in issue #12's runs the clients
+used under a tenth of the server's CPU: the server was the limit).
 
 Why raw HTTP by default (--client http): a browser tab logs in (POST /login), reads
 /config once, and for each click POSTs /gradio_api/queue/join and reads the result from
@@ -25,8 +26,10 @@ connection per annotator (http.client, stdlib), calling the same queued /vote, /
 /skip functions as gradio_client. gradio_client is not what a page does: each Client also
 fetches /gradio_api/info (the whole API schema, which a page never asks for), starts
 three thread pools and a heartbeat thread, and gives its start-up requests httpx's 5 s
-timeout; at 256 annotators in one process that start-up alone timed out (issue #12). It
-stays available as --client gradio_client.
+timeout, so a slow login shows up as a failed client rather than as a long wait (at
+--n 256 every Client timed out while the server checked passwords on its event loop).
+It stays available as --client gradio_client. A login answered 503 (all password checks
+taken) or 429 (throttled) is retried after its Retry-After, as a person would.
 
 Reported (the last line is one JSON object):
 
@@ -38,14 +41,19 @@ Reported (the last line is one JSON object):
     logins_ok       annotators logged in, out of n, summed over both halves (2n at best)
     login_p50/p99   from the common arrival to logged in (POST /login, GET /config, the
                     first pair): what a person waits for after pressing "Login"
-    timeouts        requests that got no answer within --timeout seconds (retried)
+    timeouts        requests that got no answer within --timeout seconds (the annotator
+                    reloads and carries on)
+    logins_busy / logins_throttled   logins answered 503 / 429 (then retried)
+    vote_p99_during_logins_ms / vote_p99_after_logins_ms   votes answered while others
+                    were still logging in, and after everyone was in
+    steady_cpu_ms_per_call   server CPU per call once everyone is in (idle work included)
     lost            votes acknowledged to a client but not in the store (must be 0),
                     counted after the kill and again at the end
     restart_s       from starting the killed server again to its first answer
     server_cpu_s / client_cpu_s   CPU seconds of the server and of all workers while
                     voting: on a shared machine, who is spending the cores
 
-Clients and server share this machine's cores.
+Clients and server share this machine's cores; load_avg_1m says what else ran.
 """
 
 import argparse
@@ -64,10 +72,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ui_load_clients import worker  # bench/ is on the path: this script's own folder
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.ui_load_clients import worker  # noqa: E402 (run as a script or imported as bench.ui_load)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -159,7 +168,8 @@ def run_phase(
     deadline = t0 + opts["login_wait"]
     while shared["logged_in"].value < len(names) and time.perf_counter() < deadline:
         time.sleep(0.05)
-    login_s = time.perf_counter() - t0
+    t_all_in = time.perf_counter()
+    login_s = t_all_in - t0
     cpu_in, calls_in = cpu_seconds(proc.pid), shared["calls"].value
     time.sleep(seconds)
     cpu1 = cpu_seconds(proc.pid)  # before a kill; the few calls after it are not counted
@@ -176,8 +186,12 @@ def run_phase(
     for reader, w in zip(pipes, workers, strict=True):
         results.append(reader.recv())
         w.join(30)
+    annotators = [a for r in results for a in r["annotators"]]
+    for a in annotators:  # votes answered while others were still logging in, and after
+        a["vote_ms_storm"] = [ms for ms, at in zip(a["vote_ms"], a["vote_at"], strict=True) if at <= t_all_in]
+        a["vote_ms_after"] = [ms for ms, at in zip(a["vote_ms"], a["vote_at"], strict=True) if at > t_all_in]
     return {
-        "annotators": [a for r in results for a in r["annotators"]],
+        "annotators": annotators,
         "client_cpu_s": sum(r["cpu_s"] for r in results),
         "server_cpu_s": cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None,
         "elapsed": elapsed,
@@ -317,6 +331,10 @@ def main() -> None:
         "votes_per_s": round(len(acked) / seconds, 1),
         "vote_p50_ms": round(pct(vote_ms, 0.5), 1),
         "vote_p99_ms": round(pct(vote_ms, 0.99), 1),
+        # the same votes, split: answered before everyone was in (during the login storm), and after
+        "vote_p99_during_logins_ms": round(pct([x for a in everyone for x in a["vote_ms_storm"]], 0.99), 1),
+        "votes_during_logins": sum(len(a["vote_ms_storm"]) for a in everyone),
+        "vote_p99_after_logins_ms": round(pct([x for a in everyone for x in a["vote_ms_after"]], 0.99), 1),
         "next_p50_ms": round(pct(next_ms, 0.5), 1),
         "next_p99_ms": round(pct(next_ms, 0.99), 1),
         "next_calls": len(next_ms),
@@ -326,6 +344,9 @@ def main() -> None:
         "login_p99_ms": round(pct(login_ms, 0.99), 1),
         "login_all_s": [round(phase["login_s"], 1) for phase in phases],
         "timeouts": sum(a["timeouts"] for a in everyone),
+        # logins answered "busy, retry after N s" (503) or "throttled" (429), each retried as asked
+        "logins_busy": sum(a["refused"].get("503", 0) for a in everyone),
+        "logins_throttled": sum(a["refused"].get("429", 0) for a in everyone),
         "lost_after_kill": lost_after_kill,
         "lost": lost,
         "killed": not args.no_kill,

@@ -22,6 +22,15 @@ class CallFailed(Exception):
     """The server answered, but not with a result (an error message, a non-200 status)."""
 
 
+class LoginRefused(CallFailed):
+    """A login answered 503 (the server's password checks are all taken) or 429 (too many
+    failures), with the seconds its Retry-After asks a client to wait."""
+
+    def __init__(self, status: int, retry_after_s: float, text: str):
+        super().__init__(f"login: {status} {text}")
+        self.status, self.retry_after_s = status, retry_after_s
+
+
 def is_timeout(e: BaseException) -> bool:
     return isinstance(e, TimeoutError | socket.timeout) or "Timeout" in type(e).__name__
 
@@ -82,6 +91,8 @@ class HttpSession:
         form = urllib.parse.urlencode({"username": name, "password": password})
         r = self._request("POST", "/login", form, "application/x-www-form-urlencoded")
         body = self._read(r)
+        if r.status in (429, 503):
+            raise LoginRefused(r.status, float(r.getheader("Retry-After") or 5), repr(body[:200]))
         if r.status != 200:
             raise CallFailed(f"login: {r.status} {body[:200]!r}")
         self.cookie = "; ".join(v.split(";", 1)[0] for k, v in r.getheaders() if k.lower() == "set-cookie")
@@ -170,12 +181,14 @@ class Annotator(threading.Thread):
         self.name_, self.opts, self.stop, self.shared = name, opts, stop, shared
         self.rng = random.Random(seed)
         self.vote_ms: list[float] = []
+        self.vote_at: list[float] = []  # when each vote was answered (time.perf_counter)
         self.next_ms: list[float] = []
         self.acked: list[str] = []
         self.login_ms: float | None = None
         self.errors = 0
         self.timeouts = 0
         self.problems: list[str] = []  # what went wrong, for the summary on stderr
+        self.refused: dict[str, int] = {}  # logins answered 503 (busy) or 429 (throttled), by status
         self.session = None
 
     def _new_session(self):
@@ -201,6 +214,11 @@ class Annotator(threading.Thread):
                 with self.shared["logged_in"].get_lock():
                     self.shared["logged_in"].value += 1
                 return view
+            except LoginRefused as e:
+                # The page says "try again in a few seconds"; people do, not all at once.
+                self.refused[str(e.status)] = self.refused.get(str(e.status), 0) + 1
+                self.session.close()
+                self.stop.wait(e.retry_after_s * self.rng.uniform(1.0, 1.5))
             except Exception as e:
                 self._count(e)
                 self.session.close()
@@ -214,7 +232,10 @@ class Annotator(threading.Thread):
         try:
             t0 = time.perf_counter()
             view = self.session.call(api_name, *args)
-            into.append((time.perf_counter() - t0) * 1000)
+            t1 = time.perf_counter()
+            into.append((t1 - t0) * 1000)
+            if into is self.vote_ms:
+                self.vote_at.append(t1)  # CLOCK_MONOTONIC: the parent's clock too
             return view
         finally:
             with in_flight.get_lock():
@@ -260,12 +281,14 @@ class Annotator(threading.Thread):
     def result(self) -> dict:
         return {
             "vote_ms": self.vote_ms,
+            "vote_at": self.vote_at,
             "next_ms": self.next_ms,
             "acked": self.acked,
             "login_ms": self.login_ms,
             "errors": self.errors,
             "timeouts": self.timeouts,
             "problems": self.problems,
+            "refused": self.refused,
         }
 
 
