@@ -1,31 +1,65 @@
-"""Load test of the annotation app: N simulated annotators vote through the gradio API.
+"""Load test of the annotation app: N simulated annotators arrive together, log in and vote.
 
-    python bench/ui_load.py --n 32 --duration 30
+    python bench/ui_load.py --n 512 --think-ms 10000 --duration 60
+    python bench/ui_load.py --n 32 --client gradio_client     # the old client, to compare
 
-A real `preflab serve --pairs ... --auth ...` process runs on a free port; N threads,
-each a logged-in gradio_client.Client, act like annotators: fetch a pair, think for a
-while (uniform in [0.5, 1.5] x --think-ms), vote, and now and then skip a pair or
-reload the page (a /next call). Half way through, the server is killed with SIGKILL
-while votes are in flight, then started again on the same store; the annotators log
-in again and carry on.
+A real `preflab serve --pairs ... --auth ...` process runs on a free port. The annotators
+are spread over --procs worker processes (default min(8, n/32)), each running its share
+as threads; all of them start at one signal, as at the start of an annotation session.
+Each logs in, fetches a pair, thinks for a while (uniform in [0.5, 1.5] x --think-ms),
+votes, and now and then skips a pair or reloads it (a /next call). Half way through, the
+server is killed with SIGKILL while votes are in flight, then started again on the same
+store; everyone logs in again (arriving together once more) and carries on. Each worker
+sends its annotators' latencies and acknowledged vote ids back to this process over a
+pipe; the summary is computed here.
+
+Why several processes: the annotators of one process share one GIL, so past some N the
+client's own parsing delays every other client's timer and the latencies grow on the
+client side alone. Spread over processes, and with client_cpu_s reported beside
+server_cpu_s, a run shows which side spent the time (in issue #12's runs the clients
+used under a tenth of the server's CPU: the server was the limit).
+
+Why raw HTTP by default (--client http): a browser tab logs in (POST /login), reads
+/config once, and for each click POSTs /gradio_api/queue/join and reads the result from
+the /gradio_api/queue/data event stream. `http` does exactly that with one keep-alive
+connection per annotator (http.client, stdlib), calling the same queued /vote, /next and
+/skip functions as gradio_client. gradio_client is not what a page does: each Client also
+fetches /gradio_api/info (the whole API schema, which a page never asks for), starts
+three thread pools and a heartbeat thread, and gives its start-up requests httpx's 5 s
+timeout, so a slow login shows up as a failed client rather than as a long wait (at
+--n 256 every Client timed out while the server checked passwords on its event loop).
+It stays available as --client gradio_client. A login answered 503 (all password checks
+taken) or 429 (throttled) is retried after its Retry-After, as a person would.
 
 Reported (the last line is one JSON object):
 
-    votes_per_s     acknowledged votes per second of run time (restart not counted)
+    votes_per_s     acknowledged votes per second of run time (from the arrival of all
+                    annotators to the end of each half; the restart itself not counted)
     vote_p50/p99    latency of one vote call: store the vote durably, return the ack
-                    AND the next pair (one round trip)
+                    AND the next pair (one round trip: queue/join + its event stream)
     next_p50/p99    latency of the calls that only fetch a pair: /next and /skip
+    logins_ok       annotators logged in, out of n, summed over both halves (2n at best)
+    login_p50/p99   from the common arrival to logged in (POST /login, GET /config, the
+                    first pair): what a person waits for after pressing "Login"
+    timeouts        requests that got no answer within --timeout seconds (the annotator
+                    reloads and carries on)
+    logins_busy / logins_throttled   logins answered 503 / 429 (then retried)
+    vote_p99_during_logins_ms / vote_p99_after_logins_ms   votes answered while others
+                    were still logging in, and after everyone was in
+    steady_cpu_ms_per_call   server CPU per call once everyone is in (idle work included)
     lost            votes acknowledged to a client but not in the store (must be 0),
                     counted after the kill and again at the end
     restart_s       from starting the killed server again to its first answer
+    server_cpu_s / client_cpu_s   CPU seconds of the server and of all workers while
+                    voting: on a shared machine, who is spending the cores
 
-Latencies are as the client sees them, gradio_client included: that client polls its
-event stream every 50 ms, which sets a floor of a few tens of milliseconds under every
-number here. Clients and server share this machine's cores.
+Clients and server share this machine's cores; load_avg_1m says what else ran.
 """
 
 import argparse
+import collections
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -34,13 +68,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.ui_load_clients import worker  # noqa: E402 (run as a script or imported as bench.ui_load)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -95,118 +131,74 @@ def start_server(args: list[str], url: str, log_path: Path) -> tuple[subprocess.
             time.sleep(0.1)
 
 
-class Annotator(threading.Thread):
-    """One simulated annotator, for one phase (one server life)."""
-
-    def __init__(
-        self,
-        name: str,
-        url: str,
-        think_ms: float,
-        stop: threading.Event,
-        seed: int,
-        skip_rate: float = 0.05,
-        reload_rate: float = 0.05,
-    ):
-        super().__init__(daemon=True)
-        self.name_, self.url, self.think_ms, self.stop = name, url, think_ms, stop
-        self.rng = random.Random(seed)
-        self.skip_rate, self.reload_rate = skip_rate, reload_rate
-        self.vote_ms: list[float] = []
-        self.next_ms: list[float] = []
-        self.acked: list[str] = []
-        self.errors = 0
-        self.client = None
-
-    def connect(self) -> None:
-        from gradio_client import Client
-
-        # http on loopback: ssl_verify=False only spares loading a CA bundle per request
-        self.client = Client(self.url, auth=(self.name_, f"{self.name_}-pw"), verbose=False, ssl_verify=False)
-        # A client's first call also opens its event stream and reads the API schema:
-        # that is client start-up (a browser does it on page load), not a pair fetch.
-        self.first_view = self.client.predict(api_name="/next")
-
-    in_flight = 0  # calls under way, all annotators together (read by the killer)
-
-    def _timed(self, into: list[float], *args, api_name: str) -> dict:
-        Annotator.in_flight += 1
-        try:
-            t0 = time.perf_counter()
-            view = self.client.predict(*args, api_name=api_name)
-            into.append((time.perf_counter() - t0) * 1000)
-            return view
-        finally:
-            Annotator.in_flight -= 1
-
-    def run(self) -> None:
-        try:
-            view = self.first_view
-            while not self.stop.is_set():
-                if self.think_ms:
-                    time.sleep(self.think_ms / 1000 * self.rng.uniform(0.5, 1.5))
-                if self.stop.is_set():
-                    break
-                pair = view["pair"]
-                r = self.rng.random()
-                if pair is None or r < self.reload_rate:
-                    view = self._timed(self.next_ms, api_name="/next")
-                elif r < self.reload_rate + self.skip_rate:
-                    view = self._timed(self.next_ms, pair["pair_id"], api_name="/skip")
-                else:
-                    choice = self.rng.choice(("left", "right", "left", "right", "tie", "both_bad"))
-                    view = self._timed(
-                        self.vote_ms,
-                        pair["pair_id"],
-                        choice,
-                        self.rng.choice(("", "slightly", "clearly")),
-                        "",
-                        api_name="/vote",
-                    )
-                    if view["ack"]:
-                        self.acked.append(view["ack"]["event_id"])
-        except Exception:
-            # The server was killed under us (expected once), or a real failure: counted.
-            self.errors += 1
-        finally:
-            if self.client is not None:
-                try:
-                    self.client.close()
-                except Exception:
-                    pass
-
-
 def run_phase(
-    url: str,
     names: list[str],
-    think_ms: float,
+    opts: dict,
+    procs: int,
     seconds: float,
     seed: int,
     proc: subprocess.Popen,
     kill_at_end: bool,
-) -> tuple[list[Annotator], float, float | None]:
-    stop = threading.Event()
-    annotators = [Annotator(name, url, think_ms, stop, seed + i) for i, name in enumerate(names)]
-    connectors = [threading.Thread(target=a.connect) for a in annotators]
-    [t.start() for t in connectors]
-    [t.join() for t in connectors]
+) -> dict:
+    """One server life: everyone arrives at once, logs in, votes for `seconds` after the
+    last login (or --login-wait), then the server is killed (kill_at_end) or left up."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    shared = {
+        "start": ctx.Event(),
+        "stop": ctx.Event(),
+        "logged_in": ctx.Value("i", 0),
+        "in_flight": ctx.Value("i", 0),
+        "calls": ctx.Value("i", 0, lock=False),  # counted under in_flight's lock
+    }
+    pipes, workers = [], []
+    for i in range(procs):
+        reader, writer = ctx.Pipe(duplex=False)
+        w = ctx.Process(
+            target=worker, args=(names[i::procs], opts, seed + i * len(names), shared, writer), daemon=True
+        )
+        w.start()
+        writer.close()
+        pipes.append(reader)
+        workers.append(w)
+    for reader in pipes:
+        reader.recv()  # "ready": every annotator is a thread waiting for the start
     cpu0 = cpu_seconds(proc.pid)
     t0 = time.perf_counter()
-    [a.start() for a in annotators]
+    shared["start"].set()
+    deadline = t0 + opts["login_wait"]
+    while shared["logged_in"].value < len(names) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    t_all_in = time.perf_counter()
+    login_s = t_all_in - t0
+    cpu_in, calls_in = cpu_seconds(proc.pid), shared["calls"].value
     time.sleep(seconds)
     cpu1 = cpu_seconds(proc.pid)  # before a kill; the few calls after it are not counted
+    calls = shared["calls"].value - calls_in
     if kill_at_end:
         deadline = time.perf_counter() + 2
-        while Annotator.in_flight == 0 and time.perf_counter() < deadline:
+        while shared["in_flight"].value == 0 and time.perf_counter() < deadline:
             time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)  # mid-run: calls are in flight right now
         proc.wait()
-    stop.set()
+    shared["stop"].set()
     elapsed = time.perf_counter() - t0
-    for a in annotators:
-        a.join(60)
-    cpu_used = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
-    return annotators, elapsed, cpu_used
+    results = []
+    for reader, w in zip(pipes, workers, strict=True):
+        results.append(reader.recv())
+        w.join(30)
+    annotators = [a for r in results for a in r["annotators"]]
+    for a in annotators:  # votes answered while others were still logging in, and after
+        a["vote_ms_storm"] = [ms for ms, at in zip(a["vote_ms"], a["vote_at"], strict=True) if at <= t_all_in]
+        a["vote_ms_after"] = [ms for ms, at in zip(a["vote_ms"], a["vote_at"], strict=True) if at > t_all_in]
+    return {
+        "annotators": annotators,
+        "client_cpu_s": sum(r["cpu_s"] for r in results),
+        "server_cpu_s": cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None,
+        "elapsed": elapsed,
+        "login_s": login_s,
+        # once everyone is in: the server's CPU per vote, skip or reload, logins excluded
+        "steady_cpu_ms_per_call": 1000 * (cpu1 - cpu_in) / calls if calls and cpu1 is not None else None,
+    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -234,18 +226,36 @@ def stored_event_ids(store: Path) -> set[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=32, help="simulated annotators")
-    p.add_argument("--duration", type=float, default=30, help="seconds of voting in all (two halves)")
+    p.add_argument(
+        "--duration", type=float, default=30, help="seconds of voting in all (two halves), after the logins"
+    )
     p.add_argument(
         "--think-ms",
         type=float,
         default=1000,
         help="mean pause between an annotator's actions (people take 5-30 s)",
     )
+    p.add_argument(
+        "--procs", type=int, default=None, help="worker processes; default min(8, n/32), at least 1"
+    )
+    p.add_argument(
+        "--client",
+        choices=("http", "gradio_client"),
+        default="http",
+        help="http: the page's own requests; gradio_client: one gradio_client.Client per annotator",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=30, help="seconds a request may take before it counts as a timeout"
+    )
+    p.add_argument(
+        "--login-wait", type=float, default=120, help="longest wait for everyone to log in, per half"
+    )
     p.add_argument("--pairs", type=int, default=5000, help="pairs in the generated pairs file")
     p.add_argument("--overlap", type=int, default=1)
     p.add_argument("--no-kill", action="store_true", help="do not kill -9 the server half way")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args()
+    procs = max(1, min(args.n, args.procs if args.procs else min(8, args.n // 32)))
 
     from annotate.users import add_user
 
@@ -272,64 +282,97 @@ def main() -> None:
         "127.0.0.1",
     ]
     log = tmp / "server.log"
+    opts = {
+        "url": url,
+        "client": args.client,
+        "think_ms": args.think_ms,
+        "timeout": args.timeout,
+        "login_wait": args.login_wait,
+    }
 
     phases = []
     proc, _ = start_server(server_args, url, log)
+    print(f"server pid {proc.pid} at {url}", file=sys.stderr, flush=True)  # for py-spy, top
     try:
-        first, t_first, cpu_first = run_phase(
-            url, names, args.think_ms, args.duration / 2, 0, proc, kill_at_end=not args.no_kill
-        )
-        phases.append((first, t_first))
-        acked = {e for a in first for e in a.acked}
+        first = run_phase(names, opts, procs, args.duration / 2, 0, proc, kill_at_end=not args.no_kill)
+        phases.append(first)
+        acked = {e for a in first["annotators"] for e in a["acked"]}
         lost_after_kill = len(acked - stored_event_ids(store))
         restart_s = None
         if not args.no_kill:
             proc, restart_s = start_server(server_args, url, log)
-        second, t_second, cpu_second = run_phase(
-            url, names, args.think_ms, args.duration / 2, 1000, proc, kill_at_end=False
-        )
-        phases.append((second, t_second))
+            print(f"server pid {proc.pid} (restarted)", file=sys.stderr, flush=True)
+        phases.append(run_phase(names, opts, procs, args.duration / 2, 10**6, proc, kill_at_end=False))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
 
-    everyone = [a for group, _ in phases for a in group]
-    acked = {e for a in everyone for e in a.acked}
+    everyone = [a for phase in phases for a in phase["annotators"]]
+    acked = {e for a in everyone for e in a["acked"]}
     lost = len(acked - stored_event_ids(store))
-    vote_ms = [x for a in everyone for x in a.vote_ms]
-    next_ms = [x for a in everyone for x in a.next_ms]
-    seconds = sum(t for _, t in phases)
+    problems = collections.Counter(p for a in everyone for p in a["problems"])
+    for problem, count in problems.most_common(10):
+        print(f"{count:6d} x {problem}", file=sys.stderr)
+    vote_ms = [x for a in everyone for x in a["vote_ms"]]
+    next_ms = [x for a in everyone for x in a["next_ms"]]
+    login_ms = [a["login_ms"] for a in everyone if a["login_ms"] is not None]
+    seconds = sum(phase["elapsed"] for phase in phases)
+    server_cpu = [phase["server_cpu_s"] for phase in phases]
+    server_cpu_s = sum(server_cpu) if None not in server_cpu else None
     result = {
         "bench": "ui_load",
         "n": args.n,
+        "procs": procs,
+        "client": args.client,
         "think_ms": args.think_ms,
         "duration_s": round(seconds, 1),
         "votes": len(acked),
         "votes_per_s": round(len(acked) / seconds, 1),
         "vote_p50_ms": round(pct(vote_ms, 0.5), 1),
         "vote_p99_ms": round(pct(vote_ms, 0.99), 1),
+        # the same votes, split: answered before everyone was in (during the login storm), and after
+        "vote_p99_during_logins_ms": round(pct([x for a in everyone for x in a["vote_ms_storm"]], 0.99), 1),
+        "votes_during_logins": sum(len(a["vote_ms_storm"]) for a in everyone),
+        "vote_p99_after_logins_ms": round(pct([x for a in everyone for x in a["vote_ms_after"]], 0.99), 1),
         "next_p50_ms": round(pct(next_ms, 0.5), 1),
         "next_p99_ms": round(pct(next_ms, 0.99), 1),
         "next_calls": len(next_ms),
+        "logins_ok": len(login_ms),
+        "logins_wanted": 2 * args.n,
+        "login_p50_ms": round(pct(login_ms, 0.5), 1),
+        "login_p99_ms": round(pct(login_ms, 0.99), 1),
+        "login_all_s": [round(phase["login_s"], 1) for phase in phases],
+        "timeouts": sum(a["timeouts"] for a in everyone),
+        # logins answered "busy, retry after N s" (503) or "throttled" (429), each retried as asked
+        "logins_busy": sum(a["refused"].get("503", 0) for a in everyone),
+        "logins_throttled": sum(a["refused"].get("429", 0) for a in everyone),
         "lost_after_kill": lost_after_kill,
         "lost": lost,
         "killed": not args.no_kill,
         "restart_s": round(restart_s, 2) if restart_s is not None else None,
-        "client_errors": sum(a.errors for a in everyone),
-        # server process CPU while voting, per acknowledged vote (skips and reloads included)
-        "server_cpu_ms_per_vote": (
-            round(1000 * (cpu_first + cpu_second) / len(acked), 2)
-            if acked and cpu_first is not None and cpu_second is not None
-            else None
-        ),
+        "client_errors": sum(a["errors"] for a in everyone),
+        # server process CPU while voting, per acknowledged vote (logins, skips and reloads included)
+        "server_cpu_ms_per_vote": round(1000 * server_cpu_s / len(acked), 2)
+        if acked and server_cpu_s
+        else None,
+        "server_cpu_s": round(server_cpu_s, 1) if server_cpu_s is not None else None,
+        "steady_cpu_ms_per_call": [
+            round(phase["steady_cpu_ms_per_call"], 2) if phase["steady_cpu_ms_per_call"] else None
+            for phase in phases
+        ],
+        "client_cpu_s": round(sum(phase["client_cpu_s"] for phase in phases), 1),
         "vote_mean_ms": round(statistics.fmean(vote_ms), 1) if vote_ms else None,
         "cpus": os.cpu_count(),
+        # the machine's load at the end: other work on a shared machine skews every number here
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     print(
-        f"{args.n} annotators, {seconds:.0f}s, think {args.think_ms:.0f} ms: {len(acked)} votes acknowledged, "
-        f"{lost} lost; vote p50/p99 {result['vote_p50_ms']}/{result['vote_p99_ms']} ms, next pair "
-        f"p50/p99 {result['next_p50_ms']}/{result['next_p99_ms']} ms"
+        f"{args.n} annotators in {procs} processes ({args.client}), {seconds:.0f}s, think {args.think_ms:.0f} ms: "
+        f"{result['logins_ok']}/{2 * args.n} logins (p50/p99 {result['login_p50_ms']}/{result['login_p99_ms']} ms), "
+        f"{len(acked)} votes acknowledged, {lost} lost; vote p50/p99 {result['vote_p50_ms']}/"
+        f"{result['vote_p99_ms']} ms, next pair p50/p99 {result['next_p50_ms']}/{result['next_p99_ms']} ms, "
+        f"{result['timeouts']} timeouts"
         + (f"; server killed with SIGKILL half way, back in {restart_s:.1f}s" if restart_s else "")
     )
     if not args.keep:

@@ -26,6 +26,7 @@ API, for scripts and load tests (gradio_client, logged in with auth=(user, passw
 # No `from __future__ import annotations` here: gradio reads the handlers' type hints
 # (gr.Request, the API's parameter types) at run time.
 
+import os
 from typing import Any
 
 from annotate.service import MAX_RATIONALE_CHARS
@@ -124,6 +125,14 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
         _register_api(ctx, guard)
         register_loop_api(ctx, guard)
 
+    # gradio's queue recomputes a pandas summary of up to 10,000 past events after every
+    # event, for its monitoring dashboard, even with enable_monitoring=False
+    # (queueing.Queue.compute_analytics_summary): 5-20 ms of GIL-held work per vote, more
+    # the longer the server runs; at 512 annotators it was the largest cost of a vote
+    # (bench/ui_load.py, issue #12). The dashboard is off: keep one record, never recompute.
+    # The queue reads these when demo.queue() creates it; a value set by the user wins.
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(2**62))
     demo.queue(default_concurrency_limit=None)
     launch_kwargs = dict(
         css=CSS,
