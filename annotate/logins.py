@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -45,7 +46,11 @@ FREE_FAILURES_PER_ADDRESS = 20
 LOCKOUT_S = 15 * 60  # the longest wait, reached after about ten more failures
 FORGET_S = 60 * 60  # a quiet hour since the last failure and the count starts again
 MAX_TRACKED = 50_000  # names and addresses remembered (oldest forgotten first)
-MAX_PENDING = 64  # password checks waiting for the pool before "busy"
+# Password checks waiting for the pool before "busy". A waiting check costs a coroutine,
+# not CPU (the pool caps that), so a class of 512 arriving at once may all wait in line;
+# beyond it, the answer says how long the line is (Retry-After from the measured check
+# time), so clients come back when there is room instead of every second.
+MAX_PENDING = 1024
 
 
 class TooManyAttempts(PreflabError):
@@ -57,7 +62,12 @@ class TooManyAttempts(PreflabError):
 
 
 class LoginsBusy(PreflabError):
-    """More password checks are waiting than the server takes on."""
+    """More password checks are waiting than the server takes on; `retry_after_s`: about
+    when the line will have room."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -114,12 +124,16 @@ class Throttle:
         return entry
 
 
-def _lowest_cpu_priority() -> None:
-    """Run this pool thread at nice 19: on a busy machine the threads serving votes come
-    first and a flood of logins waits (Linux schedules threads one by one; elsewhere
-    the pool keeps the server's priority)."""
+LOGIN_NICE = 10  # CPU weight about a tenth of the vote-serving threads' when both want it
+
+
+def _lower_cpu_priority() -> None:
+    """Run this pool thread at nice LOGIN_NICE: when the CPU is short, the threads
+    serving votes come first and logins wait, but still progress (at nice 19 a machine
+    busy with anything else starved them for minutes). Linux schedules threads one by
+    one; elsewhere the pool keeps the server's priority."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOGIN_NICE)
     except (AttributeError, OSError):
         pass
 
@@ -138,10 +152,11 @@ class Logins:
         # Half the cores at most: logins must never take the CPU the votes need.
         self.workers = workers or max(1, (os.cpu_count() or 2) // 2)
         self._pool = ThreadPoolExecutor(
-            self.workers, thread_name_prefix="preflab-login", initializer=_lowest_cpu_priority
+            self.workers, thread_name_prefix="preflab-login", initializer=_lower_cpu_priority
         )
         self._pending = 0
         self._pending_lock = threading.Lock()
+        self.check_s = 0.05  # a running mean of one check's time, for Retry-After
 
     def _refuse_if_throttled(self, name: str, address: str | None) -> None:
         waits = [(self.throttle.retry_after(f"name:{name}", FREE_FAILURES), f"account {name!r}")]
@@ -164,11 +179,15 @@ class Logins:
         self._refuse_if_throttled(name, address)
         with self._pending_lock:
             if self._pending >= MAX_PENDING:
-                raise LoginsBusy("the server is busy checking other logins; try again in a few seconds")
+                wait = max(1, math.ceil(self._pending * self.check_s / self.workers))
+                raise LoginsBusy(
+                    f"the server is checking {self._pending} other logins; try again in {_in_words(wait)}",
+                    retry_after_s=wait,
+                )
             self._pending += 1
         try:
             loop = asyncio.get_running_loop()
-            credentials = await loop.run_in_executor(self._pool, self.accounts.check, name, password)
+            credentials = await loop.run_in_executor(self._pool, self._timed_check, name, password)
         finally:
             with self._pending_lock:
                 self._pending -= 1
@@ -181,6 +200,13 @@ class Logins:
             counts = [self.throttle.failed(key) for key in keys]
             log.warning("failed login for %r from %s (%d failures for the name)", name, address, counts[0])
         return credentials
+
+    def _timed_check(self, name: str, password: str) -> str | None:
+        started = time.monotonic()
+        try:
+            return self.accounts.check(name, password)
+        finally:
+            self.check_s = 0.9 * self.check_s + 0.1 * (time.monotonic() - started)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

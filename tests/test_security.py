@@ -131,6 +131,33 @@ def test_password_checks_run_in_the_login_pool_not_on_the_event_loop(tmp_path):
     assert checked_on and all(t.startswith("preflab-login") and t != loop_thread for t in checked_on)
 
 
+def test_a_full_login_line_answers_busy_with_how_long_to_wait(tmp_path, monkeypatch):
+    add_users(tmp_path / "users.toml", ann="annotator")
+    release = threading.Event()
+
+    class Slow(Accounts):
+        def check(self, name, password):
+            release.wait(30)  # a check still running when the next login arrives
+            return super().check(name, password)
+
+    monkeypatch.setattr(logins_module, "MAX_PENDING", 2)
+    logins = Logins(Slow(tmp_path / "users.toml"), workers=1)
+    logins.check_s = 0.4  # as measured on a slow machine
+
+    async def storm():
+        waiting = [asyncio.ensure_future(logins.check("ann", "ann-pw")) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(logins_module.LoginsBusy) as busy:
+            await logins.check("ann", "ann-pw")
+        release.set()
+        return busy.value, await asyncio.gather(*waiting)
+
+    busy, results = asyncio.run(storm())
+    logins.close()
+    assert busy.retry_after_s == 1 and "checking 2 other logins" in str(busy)  # ceil(2 x 0.4 s / 1)
+    assert all(results)  # the ones in line got in
+
+
 def test_wrong_passwords_lock_the_account_even_against_the_right_one(team):
     server, _ = team
     for _ in range(FREE_FAILURES):

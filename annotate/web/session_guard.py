@@ -62,7 +62,7 @@ def login_check(logins):
         except TooManyAttempts as e:
             raise HTTPException(429, detail=str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
         except LoginsBusy as e:
-            raise HTTPException(503, detail=str(e), headers={"Retry-After": "5"}) from None
+            raise HTTPException(503, detail=str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
         if credentials and attempt is not None:
             attempt.name, attempt.credentials = name, credentials
         return credentials is not None
