@@ -1,7 +1,7 @@
 """What the assignment queue says about itself: the questions the page, the dashboard
 and the pair generator ask, answered from the queue's own state.
 
-    queue.progress("ann")          # {"done", "assigned"}: the page's progress bar
+    queue.progress("ann")          # {"done", "assigned", "pool_done", "pool_total"}: the top bar
     queue.held_by_others("ann")    # why there is nothing to show: others hold the last pairs
     queue.overview()               # the dashboard's numbers about the pool
     queue.needs_pairs(2)           # the generator: make the next batch now?
@@ -22,21 +22,32 @@ class QueueStatus:
     """The read side of AssignmentQueue (see the module docstring)."""
 
     def progress(self, annotator: str) -> dict[str, int]:
-        """{"done": pairs of this pool they voted on, "assigned": their fair share}."""
+        """{"done": pairs of this pool they voted on, "assigned": their fair share,
+        "pool_done": pairs with all the votes they want, "pool_total": pairs planned}.
+
+        Everything here comes from votes (restored from the store at a restart), so it
+        reads the same for everyone and after a restart: the share divides the pool
+        among the people who have voted in it (and the one asking), not among whoever
+        holds a pair this minute, so someone logging in moves nobody's target."""
         with self._lock:
             person = self._person_or_blank(annotator)
             done = sum(1 for p in person.voted if p in self._pairs)
-            total = len(self._pairs) + max(0, self.planned - len(self._pairs))
+            total = max(len(self._pairs), self.planned)
             in_play = sum(
                 1
                 for name, other in self._people.items()
-                if other.current is not None
-                or name == annotator
-                or any(p in self._pairs for p in other.voted)
+                if name == annotator or any(p in self._pairs for p in other.voted)
             )
+            in_play += annotator not in self._people
             share = math.ceil(total * self.overlap / max(in_play, self.overlap))
             possible = total - sum(1 for p in person.skipped if p not in person.voted)
-            return {"done": done, "assigned": max(done, min(share, possible))}
+            complete = sum(1 for p in self._pairs if len(self._votes.get(p, ())) >= self._wanted(p))
+            return {
+                "done": done,
+                "assigned": max(done, min(share, possible)),
+                "pool_done": complete,
+                "pool_total": total,
+            }
 
     def active_annotators(self) -> list[str]:
         with self._lock:

@@ -119,7 +119,7 @@ def test_two_annotators_with_overlap_two(team):
     ann, ben = client(server.url, "ann"), client(server.url, "ben")
     seen = {"ann": [], "ben": []}
     views = {"ann": ann.predict(api_name="/next"), "ben": ben.predict(api_name="/next")}
-    assert views["ann"]["progress"] == {"done": 0, "assigned": 6}
+    assert views["ann"]["progress"] == {"done": 0, "assigned": 6, "pool_done": 0, "pool_total": 6}
     for _ in range(8):  # interleaved, until both run out
         for name, c in (("ann", ann), ("ben", ben)):
             pair = views[name]["pair"]
@@ -137,7 +137,8 @@ def test_two_annotators_with_overlap_two(team):
             views[name] = c.predict(pair["pair_id"], "left", "slightly", "", api_name="/vote")
             assert views[name]["ok"] and views[name]["ack"]["left_model"] in ("alpha", "beta")
     assert views["ann"]["pair"] is None and views["ann"]["waiting"]["state"] == "done"
-    assert views["ann"]["progress"] == {"done": 6, "assigned": 6}
+    assert views["ann"]["progress"]["done"] == views["ann"]["progress"]["assigned"] == 6
+    assert views["ben"]["progress"] == {"done": 6, "assigned": 6, "pool_done": 6, "pool_total": 6}  # ben last
     assert sorted(seen["ann"]) == sorted(seen["ben"]) and len(set(seen["ann"])) == 6
     votes = read_comparisons(store)
     assert votes.num_rows == 12

@@ -73,7 +73,27 @@ def test_overlap_gives_each_pair_to_k_different_annotators_and_balances_work():
     for x, y in (("ann", "ben"), ("ann", "cat"), ("ben", "cat")):
         assert set(voted[x]) & set(voted[y])
     assert q.overview()["complete"] == 6 and q.overview()["open"] == 0
-    assert all(q.progress(name) == {"done": 4, "assigned": 4} for name in voted)
+    assert all(
+        q.progress(name) == {"done": 4, "assigned": 4, "pool_done": 6, "pool_total": 6} for name in voted
+    )
+
+
+def test_progress_reads_the_same_when_someone_logs_in_and_after_a_restart():
+    q = AssignmentQueue(overlap=1, seed=0)
+    q.add(make_pairs(12))
+    cast = [("ann", vote(q, "ann")) for _ in range(3)] + [("ben", vote(q, "ben")) for _ in range(3)]
+    before = q.progress("ann")
+    assert before == {"done": 3, "assigned": 6, "pool_done": 6, "pool_total": 12}
+    q.next("cat")  # a third annotator logs in and holds a pair, no vote yet
+    assert q.progress("ann") == before  # nobody's target moved
+    assert q.progress("cat")["assigned"] == 4  # cat's own share counts cat
+    cast.append(("cat", vote(q, "cat")))  # once cat has voted, the pool is shared three ways
+    assert q.progress("ann")["assigned"] == 4
+
+    fresh = AssignmentQueue(overlap=1, seed=0)  # a restart: the same pool, the votes from the store
+    fresh.add(make_pairs(12))
+    fresh.restore([{"pair_id": p, "annotator": who, "created_at": k} for k, (who, p) in enumerate(cast)])
+    assert fresh.progress("ann") == q.progress("ann")
 
 
 def test_partly_done_pairs_go_first():

@@ -44,6 +44,7 @@ CSS = """
 #topbar .spacer { flex: 1; }
 #topbar a { color: var(--body-text-color-subdued); }
 .progress-box { font-variant-numeric: tabular-nums; }
+.pool-progress { font-variant-numeric: tabular-nums; color: var(--body-text-color-subdued); font-size: 0.9em; }
 .progress-bar { display: inline-block; width: 140px; height: 8px; border-radius: 4px;
   background: #e4e4e7; vertical-align: middle; margin-left: 6px; overflow: hidden; }
 .progress-bar > span { display: block; height: 100%; background: #6366f1; }
