@@ -326,7 +326,7 @@ def outcomes_as_shown(votes) -> list[dict[str, Any]]:
     right = (pc.sum(decisive).as_py() or 0) - left
     tie = pc.sum(pc.equal(votes["choice"], "tie")).as_py() or 0
     both_bad = pc.sum(pc.equal(votes["choice"], "both_bad")).as_py() or 0
-    names = ("A (left) better", "B (right) better", "Tie", "Both bad")
+    names = ("A better", "B better", "Tie", "Both bad")  # A: shown left, or on top on a phone
     return [
         {"choice": name, "share": count / n if n else None, "votes": count}
         for name, count in zip(names, (left, right, tie, both_bad))

@@ -13,7 +13,8 @@ two test files share lives here.
     records         vote_record(...), retraction(vote), write_store(target, records)
     input files     write_jsonl, write_pairs (XSS_LEFT, XSS_RIGHT), make_pairs, banana_rows
     a server        Server, add_users, client, raw_get (free ports: trainer.store.pg_testserver.free_port)
-    the browser     CHROMIUM, CHROMIUM_ARGS, login(browser, url, user)
+    the browser     CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, login(browser, url, user),
+                    ARTIFACTS, screenshot(page, name) (PNGs under test-artifacts/screenshots/)
     trainer runs    TINY, banana_store, train_tiny_reward_run, fake_run, sigterm_mid_run
 
 Application modules are imported inside the helpers that need them, so that importing
@@ -320,15 +321,38 @@ CHROMIUM_ARGS = [
 ]
 
 
-def login(browser, url: str, user: str):
-    """A new page of its own context, logged in to the app at `url` as `user`."""
-    page = browser.new_context(viewport={"width": 1300, "height": 900}).new_page()
+# The two screen sizes the page is tested at: a laptop, and a phone (an iPhone 12-15's
+# CSS pixels, with touch and the mobile viewport meta tag honoured).
+DESKTOP = {"viewport": {"width": 1300, "height": 900}}
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
+
+# Where a test run leaves what a person should look at afterwards (git-ignored; CI may
+# point PREFLAB_ARTIFACTS at its own artifacts folder).
+ARTIFACTS = Path(os.environ.get("PREFLAB_ARTIFACTS") or REPO / "test-artifacts")
+
+
+def login(browser, url: str, user: str, screen: dict[str, Any] = DESKTOP):
+    """A new page of its own context (`screen`: DESKTOP or PHONE), logged in to the app
+    at `url` as `user`."""
+    page = browser.new_context(**screen).new_page()
     page.goto(url)
     page.locator("input[type=text]").fill(user)
     page.locator("input[type=password]").fill(f"{user}-pw")
     page.get_by_role("button", name="Login").click()
     page.wait_for_selector("#progress", timeout=30_000)
     return page
+
+
+def screenshot(page, name: str, *, full_page: bool = True) -> Path:
+    """Save what the page shows as ARTIFACTS/screenshots/<name>.png (the whole page,
+    or only the viewport) and return the path. Chromium draws a whole page without
+    growing the window, so a bar that sticks to the window's bottom would be drawn over
+    the middle of the page: for the whole page it is shown where it sits in the flow."""
+    path = ARTIFACTS / "screenshots" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    style = "#vote-row { position: static !important; }" if full_page else None
+    page.screenshot(path=str(path), full_page=full_page, style=style)
+    return path
 
 
 # ---- trainer runs ----------------------------------------------------------------------

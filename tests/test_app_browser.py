@@ -43,7 +43,8 @@ def shown(page) -> dict:
     """What the page shows now: pair id, the text of both answers, the progress."""
 
     def text(side):
-        parts = page.locator(f"#answer-{side} .answer > :not(h4)").all_inner_texts()
+        # the answer's own text: not its heading, nor the "more below" cue of a long one
+        parts = page.locator(f"#answer-{side} .answer > :not(h4, .more-cue)").all_inner_texts()
         return "\n".join(parts).strip()
 
     return {

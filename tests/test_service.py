@@ -133,7 +133,7 @@ def test_dashboard_numbers_from_a_few_votes_are_json(setup):
     assert by_annotator["me"]["votes"] == 3 and by_annotator["me"]["ties"] == 1
     assert by_annotator["you"]["both_bad"] == 1
     choices = {r["choice"]: r for r in d["tables"]["choices"]}
-    assert choices["A (left) better"]["votes"] == 3 and choices["Tie"]["votes"] == 1
+    assert choices["A better"]["votes"] == 3 and choices["Tie"]["votes"] == 1
     assert choices["Both bad"]["share"] == pytest.approx(1 / 5)
     assert sum(r["votes"] for r in d["tables"]["by_day"]) == 5
 

@@ -1,9 +1,12 @@
-"""Static assets of the page: its stylesheet and the keyboard shortcuts' script.
+"""Static assets of the page: its stylesheet and its two scripts (the keyboard
+shortcuts; the "more below" cue of an answer that scrolls).
 
-    gr.Blocks(...).launch(css=CSS, head=KEYS_JS, ...)      # annotate/web/page.py
+    gr.Blocks(...).launch(css=CSS, head=HEAD_HTML, ...)      # annotate/web/page.py
 
 Shared by every tab: the `.metric` cards of annotate/web/html.py, the cards and the
-progress bar of the Annotate tab, the waiting spinner.
+progress bar of the Annotate tab, the waiting spinner, and the narrow-screen layout
+(below 700 px: the answers stacked, a vote bar that stays on screen, tables and plots
+that scroll sideways in their own box instead of running past the screen's edge).
 """
 
 # Keyboard shortcuts: 1-4, s, u click the buttons with these element ids. Keys typed in
@@ -36,6 +39,53 @@ KEYS_JS = """
 </script>
 """
 
+# An answer card taller than its max-height scrolls inside itself; nothing showed that
+# it does. While text is hidden below its bottom edge the card gets data-more, and the
+# CSS shows a fade and the cue (answer_html's MORE_CUE); a tap on the cue shows the
+# whole answer (data-expanded). Checked when a card appears (gradio replaces the HTML
+# for every pair), scrolls or changes size, and once the fonts are in.
+MORE_JS = """
+<script>
+(() => {
+  function check(card) {
+    const hidden = card.scrollHeight - card.scrollTop - card.clientHeight;
+    card.toggleAttribute("data-more", !card.hasAttribute("data-expanded") && hidden > 4);
+  }
+  const watched = new WeakSet();
+  const resized = new ResizeObserver((entries) => entries.forEach((e) => check(e.target)));
+  function scan() {
+    for (const card of document.querySelectorAll(".card.answer")) {
+      if (!watched.has(card)) {
+        watched.add(card);
+        card.addEventListener("scroll", () => check(card), { passive: true });
+        resized.observe(card);
+      }
+      check(card);
+    }
+  }
+  new MutationObserver(scan).observe(document.documentElement, { childList: true, subtree: true });
+  document.fonts && document.fonts.ready.then(scan);
+  document.addEventListener("click", (e) => {
+    const cue = e.target.closest && e.target.closest(".more-cue");
+    const card = cue && cue.closest(".card.answer");
+    if (!card) return;
+    card.setAttribute("data-expanded", "");
+    check(card);
+  });
+})();
+</script>
+"""
+
+# gradio scopes every rule of `css=` inside a media query to its `.contain` box, so a rule
+# for the page's outer frame (its 32 px side margins, too wide on a phone) comes here.
+SHELL_CSS = """
+<style>
+@media (max-width: 700px) { .gradio-container > .main.app { padding: 8px 8px 16px !important; } }
+</style>
+"""
+
+HEAD_HTML = KEYS_JS + MORE_JS + SHELL_CSS
+
 CSS = """
 .gradio-container { max-width: 1400px !important; }
 #topbar { display: flex; flex-wrap: wrap; gap: 6px 18px; align-items: baseline; padding: 2px 4px; }
@@ -59,8 +109,21 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
 .card.prompt-card h4 { color: var(--body-text-color-subdued); }
 .answer { font-size: 1.02em; line-height: 1.5; }
 .answer { min-height: 140px; max-height: 60vh; overflow-y: auto; }
+.answer[data-expanded] { max-height: none; }
 .answer pre, .chat pre { white-space: pre-wrap; background: var(--background-fill-secondary);
-  padding: 8px; border-radius: 6px; }
+  padding: 8px; border-radius: 6px; overflow-x: auto; }
+/* Model tables (annotate/web/html.py wraps them): cells keep their words whole, and a
+   table wider than the card scrolls sideways in this box. */
+.card .table-scroll { overflow-x: auto; margin: 0.5em 0; }
+.card .table-scroll table { margin: 0; }
+.card .table-scroll th, .card .table-scroll td { overflow-wrap: normal; word-break: normal; }
+/* The cue of an answer that scrolls: it sticks to the card's bottom edge over a fade,
+   and takes no room of its own (the negative margin), so showing it moves nothing. */
+.more-cue { display: none; position: sticky; bottom: -10px; z-index: 1; width: calc(100% + 32px);
+  margin: -3.2em -16px -10px; height: 3.2em; padding: 1.4em 0 0.3em; border: 0; cursor: pointer;
+  font: inherit; font-size: 0.85em; font-weight: 600; color: var(--color-accent);
+  background: linear-gradient(to bottom, transparent, var(--background-fill-primary) 55%); }
+.answer[data-more] .more-cue { display: block; }
 .chat .turn { margin: 4px 0 8px 0; }
 .chat .role { font-size: 0.75em; font-weight: 600; text-transform: uppercase; letter-spacing: 0.06em;
   color: var(--body-text-color-subdued); }
@@ -69,6 +132,13 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
 .cut-note { margin-top: 8px; font-size: 0.85em; color: var(--body-text-color-subdued); font-style: italic; }
 .empty { color: var(--body-text-color-subdued); font-style: italic; }
 #vote-row button { font-size: 1.05em; min-height: 48px; }
+/* The vote bar sticks to the bottom of the window when the answers are taller than it
+   (a long prompt, a phone): both answers' buttons are always one tap away. */
+#vote-row { position: sticky; bottom: 0; z-index: 5; background: var(--body-background-fill);
+  padding: 6px 0; }
+/* gradio clips its container with overflow: hidden, which makes it the sticky bar's
+   scroll box (one that never scrolls); clip cuts the same and leaves the window as it. */
+.gradio-container { overflow: clip !important; }
 .status { min-height: 1.6em; color: var(--body-text-color-subdued); }
 .status.error { color: var(--error-text-color, #b91c1c); }
 .waiting { padding: 40px; text-align: center; font-size: 1.1em; }
@@ -81,4 +151,35 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
 .metric .label { font-size: 0.8em; color: var(--body-text-color-subdued); }
 .metric .value { font-size: 1.5em; font-weight: 650; font-variant-numeric: tabular-nums; }
 .metric .note { font-size: 0.8em; color: var(--body-text-color-subdued); }
+/* ---- narrow screens (phones): one column ---------------------------------------------- */
+@media (max-width: 700px) {
+  #topbar .keys { display: none; }       /* no keyboard on a phone; the buttons say it all */
+  #answers-row { flex-direction: column; gap: 10px; }   /* A above B: the same A and B */
+  #answers-row > * { min-width: 0 !important; width: 100%; }
+  .card { padding: 8px 12px; }
+  .more-cue { width: calc(100% + 24px); margin-left: -12px; margin-right: -12px; bottom: -8px;
+    margin-bottom: -8px; }
+  .answer { max-height: 45vh; min-height: 0; }   /* its foot (and cue) above the vote bar */
+  #vote-row { display: grid !important; grid-template-columns: 1fr 1fr; gap: 6px;
+    padding: 6px 0 8px; box-shadow: 0 -6px 8px -6px rgba(0, 0, 0, 0.18); }
+  #vote-row button { min-width: 0 !important; min-height: 44px; font-size: 1em; padding: 4px 6px; }
+  #vote-details { flex-direction: column; }
+  #vote-details > * { min-width: 0 !important; width: 100%; }
+  /* Plots side by side in a row (Dashboard, Train) take a row each: gradio's 160 px
+     minimum (an inline style) would put two 180 px plots with cut titles side by side. */
+  .row > .block:has(.vega-embed) { min-width: 100% !important; }
+  /* Fields that gradio groups in one box share its width down to nothing (the Dashboard's
+     "margin column" checkbox got 26 px); below 160 px they wrap to a line of their own. */
+  .form > .block { min-width: min(160px, 100%) !important; }
+  /* Tables and SVG plots of the admin tabs scroll sideways in their own box. */
+  .html-container .prose { overflow-x: auto; }
+  .lb-plot { max-width: none !important; }      /* its own size (text 12 px), not a third */
+  .lb-table th, .lb-table td { white-space: nowrap; padding: 4px 8px; }
+  /* The runs table: gradio sizes its columns as shares of its box; a wider box scrolls. */
+  #runs-table { overflow-x: auto; }
+  #runs-table .table-container { min-width: 820px; }
+  .review-table { min-width: 620px; }
+  .review-table .pair-body { grid-template-columns: 1fr; }
+  .review-table .pair-body .prompt-card { grid-column: auto; }
+}
 """

@@ -149,7 +149,7 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
             p_model = gr.BarPlot(
                 x="model",
                 y="votes",
-                title="Votes by model (a vote counts for both sides)",
+                title="Votes by model (both sides count)",  # short: a phone cuts a long title
                 sort="-y",
                 **counts,
             )
@@ -162,7 +162,7 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
                 y="left_share",
                 y_lim=[0, 1],
                 height=260,
-                title="Position bias: share of decisive votes for the LEFT answer (0.5 = none)",
+                title="Position bias: A's share of wins (0.5 = none)",
             )
             p_time = gr.BarPlot(
                 x="annotator", y="median_s", title="Median decision time (s)", y_lim=[0, None], height=260

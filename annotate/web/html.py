@@ -51,6 +51,11 @@ def _md():
             return renderer.renderToken(tokens, idx, options, env)
 
         md.add_render_rule("link_open", link_open)
+        # A table wider than its card scrolls sideways in its own box (the `.table-scroll`
+        # of the page CSS) instead of squeezing its cells to a letter a line, or running
+        # past the card's edge on a phone.
+        md.add_render_rule("table_open", lambda *a: '<div class="table-scroll"><table>\n')
+        md.add_render_rule("table_close", lambda *a: "</table></div>\n")
         _markdown = md
     return _markdown
 

@@ -30,7 +30,7 @@ import os
 from typing import Any
 
 from annotate.service import MAX_RATIONALE_CHARS
-from annotate.web.assets import CSS, KEYS_JS
+from annotate.web.assets import CSS, HEAD_HTML
 from annotate.web.guard import Guard
 from annotate.web.html import escape, render_markdown, render_prompt
 from annotate.web.request_limits import MAX_UPLOAD_BYTES
@@ -62,9 +62,19 @@ CUT_NOTE = (
 )
 
 
+# The cue at the foot of an answer that scrolls: shown only while text is hidden below the
+# card's edge (the page's script sets data-more, annotate/web/assets.py); a tap shows the
+# whole answer. Screen readers skip it: the answer's text is all in the page for them.
+MORE_CUE = '<button type="button" class="more-cue" aria-hidden="true" tabindex="-1">more below ↓</button>'
+
+
 def answer_html(label: str, text: str, cut: bool) -> str:
-    """One answer card; an answer the token limit stopped says so under its text."""
-    return f'<div class="card answer"><h4>Answer {label}</h4>{render_markdown(text)}{CUT_NOTE if cut else ""}</div>'
+    """One answer card; an answer the token limit stopped says so under its text. The
+    card scrolls on its own (tabindex: with the arrow keys too) and says when it does."""
+    return (
+        f'<div class="card answer" tabindex="0" role="region" aria-label="Answer {label}">'
+        f"<h4>Answer {label}</h4>{render_markdown(text)}{CUT_NOTE if cut else ''}{MORE_CUE}</div>"
+    )
 
 
 def status_html(view: dict[str, Any]) -> str:
@@ -139,7 +149,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
     demo.queue(default_concurrency_limit=None)
     launch_kwargs = dict(
         css=CSS,
-        head=KEYS_JS,
+        head=HEAD_HTML,
         theme=gr.themes.Default(
             primary_hue="indigo",
             font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -165,7 +175,9 @@ def _build_annotate_tab(ctx, guard) -> dict[str, Any]:
         c["waiting"] = gr.HTML(js_on_load=None, visible=False)
         with gr.Column(visible=False) as c["pair_box"]:
             c["prompt"] = gr.HTML(elem_id="prompt", js_on_load=None)
-            with gr.Row(equal_height=True):
+            # Side by side; on a narrow screen A above B (the CSS of annotate/web/assets.py),
+            # and the vote bar stays on screen at the bottom while the page scrolls.
+            with gr.Row(equal_height=True, elem_id="answers-row"):
                 c["left"] = gr.HTML(elem_id="answer-left", js_on_load=None)
                 c["right"] = gr.HTML(elem_id="answer-right", js_on_load=None)
             with gr.Row(elem_id="vote-row"):
@@ -173,7 +185,7 @@ def _build_annotate_tab(ctx, guard) -> dict[str, Any]:
                 c["b_right"] = gr.Button("B is better  [2]", elem_id="vote-right", variant="primary")
                 c["b_tie"] = gr.Button("Tie  [3]", elem_id="vote-tie")
                 c["b_bad"] = gr.Button("Both bad  [4]", elem_id="vote-both-bad")
-            with gr.Row():
+            with gr.Row(elem_id="vote-details"):
                 c["strength"] = gr.Radio(
                     ["slightly", "clearly"],
                     value=None,
