@@ -124,7 +124,8 @@ class PolicyConfig(Config):
     kl_estimator: str = field(
         default="k1",
         metadata={
-            "help": "k1 = log(pi/ref); k3 = (ref/pi - 1) - log(ref/pi), always >= 0",
+            "help": "the KL penalty in the reward: k1 = log(pi/ref) (can be < 0 per token) or "
+            "k3 = (ref/pi - 1) - log(ref/pi) (always >= 0); the KL logged and shown is k3 either way",
             "choices": ("k1", "k3"),
         },
     )
@@ -145,7 +146,10 @@ class PolicyConfig(Config):
     )
     baseline_decay: float = field(default=0.9, metadata={"help": "reinforce: moving-average decay"})
     max_kl: float = field(
-        default=50.0, metadata={"help": "fail when the mean KL per answer exceeds this many nats (0: never)"}
+        default=50.0,
+        metadata={
+            "help": "fail when the mean KL per answer (k3, as shown) exceeds this many nats (0: never)"
+        },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
     seed: int = field(default=0, metadata={"help": "random seed (held-out prompts, prompt order, sampling)"})
