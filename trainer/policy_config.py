@@ -38,6 +38,31 @@ RESUMABLE_OVERRIDES = (
 )
 
 
+# Settings sized for a CPU: the Train tab's presets (annotate/web/policy_form.py), PPO on
+# SmolLM2-135M against a SmolLM2 reward model. `took` is the CPU time of the whole run
+# (loading, the steps, saving, the held-out evaluation) on the 2-core development machine
+# with one torch thread: what it takes there on one free core; two free cores take less,
+# a busy machine more (the ETA of a running run says how much). Measured with
+# `OMP_NUM_THREADS=1 /usr/bin/time -v preflab train-policy --reward RM --model smollm2
+# --steps S --batch-size B --max-new-tokens T --eval-prompts E --no-progress`:
+#   quick: 4 steps, 165 s CPU (2 min 45 s); 7 min 48 s wall with the machine shared (load 8-12);
+#   real: 3 of its 30 steps, 63 s CPU a step, 72 s for the rest; 30 steps: 72 + 30 x 63 =
+#         1,970 s, about 33 min (3 steps took 10 min 35 s wall, load 6-9).
+# docs/design.md, "Policy training on a CPU". The trainer's own defaults are for a GPU.
+CPU_PRESETS = {
+    "quick": {
+        "name": "Quick look",
+        "took": "about 3 min",
+        "settings": {"algo": "ppo", "steps": 4, "batch_size": 4, "max_new_tokens": 32, "eval_prompts": 8},
+    },
+    "real": {
+        "name": "Real run",
+        "took": "about 35 min",
+        "settings": {"algo": "ppo", "steps": 30, "batch_size": 8, "max_new_tokens": 48, "eval_prompts": 16},
+    },
+}
+
+
 class PolicyConfigError(ConfigError, PolicyInputError):
     """Settings the policy trainer cannot run with; the message names the flag."""
 
