@@ -83,6 +83,9 @@ def test_a_policy_run_on_the_finished_reward_model(done_reward):
     reader = launcher.metrics(info.run_id)
     assert [s for s, _ in reader.series("train", "reward_mean")] == [1.0, 2.0]
     assert len(reader.series("train", "kl")) == 2
+    # The log pane shows progress: one line a step, with the time left.
+    tail = launcher.log_tail(info.run_id)
+    assert "step 1/2 | reward" in tail and "step 2/2 | reward" in tail and "s/step | ETA" in tail, tail
     assert [r.run_id for r in launcher.runs()] == [info.run_id, reward_id]  # newest first
     # The policy met its reference on the held-out prompts; the tab says how it went.
     from annotate.web.train_tab import progress_html
@@ -92,6 +95,31 @@ def test_a_policy_run_on_the_finished_reward_model(done_reward):
     assert "held-out prompts" in progress_html(final) and f"{100 * ev['rm_win_rate']:.0f}%" in progress_html(
         final
     )
+
+
+def test_the_cpu_presets_are_settings_the_trainer_takes():
+    """What the Train tab's presets fill in: PolicyConfig fields and values its check
+    accepts, each labelled with the time it took; the rest of the form keeps the
+    trainer's defaults."""
+    from annotate.web.policy_form import DEFAULTS_CHOICE, POLICY_FIELDS, preset_choices, preset_values
+    from trainer.policy_config import CPU_PRESETS, PolicyConfig
+
+    fields = set(PolicyConfig.__dataclass_fields__)
+    assert set(POLICY_FIELDS) <= fields
+    for preset in CPU_PRESETS.values():
+        assert set(preset["settings"]) <= fields and preset["took"]
+        PolicyConfig(reward="runs/rm", **preset["settings"]).check()
+    labels = list(preset_choices())
+    assert labels[0].startswith("Quick look") and labels[-1] == DEFAULTS_CHOICE
+    assert CPU_PRESETS["real"]["took"] in labels[1]
+    quick = CPU_PRESETS["quick"]["settings"]
+    assert preset_values(labels[0]) == quick
+    defaults = PolicyConfig()
+    assert preset_values(DEFAULTS_CHOICE) == {name: getattr(defaults, name) for name in quick}
+    # Smaller than the trainer's defaults, which mean hours on a CPU.
+    for preset in CPU_PRESETS.values():
+        s = preset["settings"]
+        assert s["steps"] * s["batch_size"] * s["max_new_tokens"] < defaults.steps * defaults.batch_size * 64
 
 
 def test_cancel_sends_sigterm_and_the_run_ends_cancelled(tmp_path):

@@ -113,6 +113,56 @@ def test_kl_estimators_by_hand_and_unbiased():
     assert k3.var() < k1.var()
 
 
+def test_the_kl_shown_is_k3_per_answer_and_never_negative():
+    """What the metrics and the Train tab call "KL": k3 = (r - 1) - log r, r = ref/pi, summed
+    over each answer's tokens (padding excluded), >= 0 where k1 is negative."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    r = (ref - logp).exp()
+    by_formula = (((r - 1) - r.log()) * mask).sum(1)
+    shown = rl_math.kl_per_answer(logp, ref, mask)
+    assert torch.allclose(shown, by_formula, atol=1e-6)
+    # by hand: answer 1 tokens r = e^-0.5, e^1, 1; answer 2 r = e^-0.1, e^2 (the third is padding)
+    by_hand = [
+        math.exp(-0.5) - 1 + 0.5 + math.e - 1 - 1 + 0.0,
+        math.exp(-0.1) - 1 + 0.1 + math.exp(2) - 1 - 2,
+    ]
+    assert shown.tolist() == pytest.approx(by_hand, abs=1e-5)
+    k1 = rl_math.kl_per_answer(logp, ref, mask, "k1")
+    assert k1[0] < 0 < shown[0]  # the reference likes this answer more: k1 says "negative KL"
+    # Never negative, however far apart the two models are; 0 where they agree.
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 20, generator=gen) * 5, torch.randn(64, 20, generator=gen) * 5
+    assert (rl_math.kl_per_answer(a, b, torch.ones(64, 20)) >= 0).all()
+    assert rl_math.kl_per_answer(a, a, torch.ones(64, 20)).abs().max() == 0
+
+
+def test_step_clock_and_the_time_left():
+    from trainer.policy_run import StepClock, format_duration, step_line
+
+    clock = StepClock(rows_per_step=4, heldout=8, window=2)
+    assert clock.step_s is None and clock.eta(10) is None
+    for step_s in (30.0, 10.0, 20.0):  # the last two count
+        clock.add({"step_s": step_s, "gen_s": 3.0, "score_s": 1.0})
+    assert clock.step_s == 15.0
+    # 5 steps left at 15 s, and the held-out evaluation: 2 x 8 prompts / 4 rows x (3 + 1) s
+    assert clock.eta(5) == 5 * 15.0 + 16.0
+    assert [format_duration(s) for s in (None, 0.4, 45, 290, 600, 4320)] == [
+        "unknown",
+        "0 s",
+        "45 s",
+        "4 min 50 s",
+        "10 min",
+        "1 h 12 min",
+    ]
+    record = {"reward_mean": 0.1234, "kl": 0.001234, "loss": -0.03456}
+    assert (
+        step_line(3, 10, record, 41.23, 290)
+        == "step 3/10 | reward +0.123 | KL 0.00123 | loss -0.03456 | 41.2 s/step | ETA 4 min 50 s"
+    )
+
+
 def test_rloo_baseline_by_hand():
     # Group [1, 2, 3, 6]: baselines (2+3+6)/3, (1+3+6)/3, (1+2+6)/3, (1+2+3)/3.
     adv = rl_math.rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), k=4)
@@ -445,6 +495,8 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
         "reward_mean",
         "reward_std",
         "kl",
+        "kl_k1",
+        "loss",
         "kl_coef",
         "entropy",
         "clip_frac",
@@ -466,6 +518,7 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     last = sum(r["reward_mean"] for r in train_records[-5:]) / 5
     assert last > first + 0.6, (first, last)  # the reward rises clearly...
     assert max(r["kl"] for r in train_records) < 20.0  # ...while the KL stays bounded
+    assert all(r["kl"] >= 0 for r in train_records)  # the KL shown (k3) is never negative
     # step 1: policy == reference, up to rounding summed over the tokens of an answer (fp32 on
     # a CPU; on CUDA the reference is kept in bf16 and the policy runs under bf16 autocast)
     assert train_records[0]["kl"] == pytest.approx(0.0, abs=2e-3 if TRAIN_DEVICE == "cpu" else 2e-2)
@@ -621,6 +674,38 @@ def test_nan_and_exploding_kl_fail_clearly(world, tmp_path, monkeypatch):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and "non-finite" in status["message"], status
     assert not (run_dir / "policy").exists()
+
+
+def test_each_step_writes_a_line_to_the_log(world, tmp_path):
+    """The trainer as the Train tab starts it (--no-progress, stdout and stderr into
+    log.txt): one line a step with step/total, reward, KL, loss, s/step and the time left;
+    status.json has the measured step time and the time left too."""
+    import re
+
+    rm, policy, prompts = world
+    run_dir = tmp_path / "two-steps"
+    run_dir.mkdir()
+    cmd = [sys.executable, "-m", "trainer.policy", "--model", str(policy), "--reward", str(rm)]
+    cmd += ["--prompts", str(prompts), "--run-dir", str(run_dir), "--steps", "2", "--batch-size", "2"]
+    cmd += ["--max-new-tokens", "4", "--device", TRAIN_DEVICE, "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    with open(run_dir / "log.txt", "wb") as log:
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    text = (run_dir / "log.txt").read_text()
+    assert code.returncode == 0, text
+    number = r"[-+]?\d+(\.\d+)?(e[-+]\d+)?"
+    line = (
+        rf"step (\d)/2 \| reward {number} \| KL (?P<kl>{number}) \| loss {number} \| "
+        rf"\d+\.\d s/step \| ETA \d+ (s|min)"
+    )
+    found = [m for m in map(re.compile(line).match, text.splitlines()) if m]
+    assert [m.group(1) for m in found] == ["1", "2"], text
+    records = _records(run_dir)
+    assert [float(m.group("kl")) for m in found] == pytest.approx(
+        [r["kl"] for r in records], rel=1e-2, abs=1e-6
+    )
+    assert all(r["kl"] >= 0 and "kl_k1" in r and math.isfinite(r["loss"]) for r in records)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
 
 
 def test_sigterm_saves_cancelled_and_rerun_resumes(world, tmp_path):

@@ -1,7 +1,9 @@
 """The Train tab in a real Chromium: an admin launches a tiny reward run from the page,
 sees its progress reach 100% and its loss drawn, the run directory is on disk with state
 done, and a reloaded page shows the same run; bad form input starts nothing; an
-annotator gets no Train tab; a finished policy joins a running arena with one click.
+annotator gets no Train tab; a finished policy joins a running arena with one click;
+the plots draw a run of one point, show only the selected run's curves (at once, on a
+switch) and its last values as numbers; the presets fill the policy form.
 """
 
 import json
@@ -65,8 +67,8 @@ def test_launch_a_tiny_reward_run_and_watch_it_finish(app, browser):
     page.wait_for_selector("#run-progress[data-state=done]", timeout=15_000)
     assert "validation accuracy" in page.inner_text("#run-progress")
 
-    # The loss is drawn: a line through the points of every step.
-    line = page.locator("#run-plot-a g.mark-line path").first
+    # The loss is drawn: a line through the points of every step, its last value beside it.
+    line = page.locator(f'#run-plot-a .metric-plot[data-run="{run_id}"] .series[data-series=train] path')
     line.wait_for(timeout=15_000)
     assert "L" in (line.get_attribute("d") or "")  # more than one point
     assert "Loss" in page.inner_text("#run-plot-a")
@@ -80,6 +82,8 @@ def test_launch_a_tiny_reward_run_and_watch_it_finish(app, browser):
     assert (config["model"], config["epochs"], config["max_length"]) == ("tiny", 2, 96)
     train_steps = [json.loads(line) for line in (runs / run_id / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "train" for r in train_steps) == status["total_steps"] >= 2
+    last_loss = [r["loss"] for r in train_steps if r["kind"] == "train"][-1]
+    assert float(latest(page, "a", "train")) == pytest.approx(last_loss, rel=1e-3)
 
     # The reward model is offered to the policy form.
     assert page.locator("#policy-reward input").input_value() == run_id
@@ -92,7 +96,134 @@ def test_launch_a_tiny_reward_run_and_watch_it_finish(app, browser):
     assert page.get_attribute("#run-progress", "data-run") == run_id
     table = page.inner_text("#runs-table")
     assert run_id in table and "done" in table and "100%" in table
-    page.locator("#run-plot-a g.mark-line path").first.wait_for(timeout=15_000)
+    page.locator("#run-plot-a .series-line").first.wait_for(timeout=15_000)
+    page.context.close()
+
+
+def latest(page, plot: str, series: str) -> str:
+    """The last value the plot shows beside itself for `series`, as text."""
+    return page.inner_text(f'#run-plot-{plot} .latest[data-series="{series}"] .latest-value')
+
+
+def policy_run(runs: Path, run_id: str, rewards: list[float], created: float) -> None:
+    """A finished policy run as the trainer leaves it, as far as the tab reads it: one
+    train record a step (reward, objective, KL), made `created` seconds after the epoch
+    (long before any run a test starts, so it is never the newest)."""
+    path = runs / run_id
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(
+        json.dumps(
+            {"kind": "policy", "created_at": created, "config": {"model": "tiny", "kl_estimator": "k1"}}
+        )
+    )
+    (path / "status.json").write_text(
+        json.dumps({"state": "done", "progress": 1.0, "message": "done", "step": len(rewards)})
+    )
+    records = [
+        {
+            "kind": "train",
+            "step": i + 1,
+            "reward_mean": r,
+            "objective": r - 0.5,
+            "kl": 0.001 * (i + 1),
+            "kl_k1": -0.002,
+            "score_mean": r - 0.5,
+            "kl_coef": 0.05,
+            "kl_penalty": 0.0,
+            "eos_rate": 0.5,
+        }
+        for i, r in enumerate(rewards)
+    ]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def show_run(page, run_id: str) -> None:
+    """Click the run's row in the runs table, as a person does."""
+    page.locator("#runs-table").get_by_text(run_id, exact=True).locator("visible=true").first.click()
+    page.wait_for_selector(f'#run-progress[data-run="{run_id}"]', timeout=15_000)
+
+
+def test_plots_draw_one_point_reset_on_a_switch_and_show_the_last_values(app, browser):
+    server, runs = app
+    policy_run(runs, "policy-one-step", [0.25], created=1000.0)
+    policy_run(runs, "policy-three-steps", [0.1, 0.3, 0.7], created=1001.0)
+    page = login(browser, server.url, "boss")
+    open_train_tab(page)
+    page.locator("#runs-refresh").click()
+
+    # One point a series: a marker for each, not empty axes; the values beside the plot.
+    show_run(page, "policy-one-step")
+    plot_a = '#run-plot-a .metric-plot[data-run="policy-one-step"]'
+    page.wait_for_selector(plot_a, timeout=15_000)
+    for series in ("reward (mean)", "objective"):
+        assert page.locator(f'{plot_a} .series[data-series="{series}"] circle.point').count() == 1
+    assert latest(page, "a", "reward (mean)") == "0.25" and latest(page, "a", "objective") == "-0.25"
+    assert latest(page, "b", "KL per answer") == "0.001"
+    assert page.locator("#run-plot-b circle.point").count() == 1
+    # The objective is explained under its plot, with this run's numbers.
+    caption = page.inner_text("#run-plot-a .plot-caption")
+    assert "missing-EOS penalty" in caption and "50% of answers cut off" in caption
+    assert "k3" in page.inner_text("#run-plot-b .plot-caption")
+
+    # Another run: its curves replace the first run's in the same update, nothing of the
+    # first is left in either plot.
+    show_run(page, "policy-three-steps")
+    assert page.locator('#run-plot-a .metric-plot[data-run="policy-three-steps"]').count() == 1
+    assert page.locator('.metric-plot[data-run="policy-one-step"]').count() == 0
+    line = page.locator('#run-plot-a .series[data-series="reward (mean)"]')
+    assert line.get_attribute("data-points") == "3" and line.locator("path.series-line").count() == 1
+    assert latest(page, "a", "reward (mean)") == "0.7" and latest(page, "b", "KL per answer") == "0.003"
+
+    # A run with no steps yet: empty plots at once, not the last run's curves.
+    (runs / "policy-queued").mkdir()
+    (runs / "policy-queued" / "status.json").write_text(json.dumps({"state": "cancelled", "progress": 0}))
+    (runs / "policy-queued" / "config.json").write_text(json.dumps({"kind": "policy", "created_at": 999.0}))
+    page.locator("#runs-refresh").click()
+    show_run(page, "policy-queued")
+    assert page.locator('#run-plot-a .metric-plot[data-run="policy-queued"]').count() == 1
+    assert page.locator("#run-plot-a .series, #run-plot-b .series").count() == 0
+    assert "no points yet" in page.inner_text("#run-plot-a")
+    page.context.close()
+
+
+def test_presets_fill_the_policy_form(app, browser):
+    from trainer.policy_config import CPU_PRESETS, PolicyConfig
+
+    server, _ = app
+    page = login(browser, server.url, "boss")
+    open_train_tab(page)
+    fields = {
+        "steps": "#policy-steps input",
+        "batch_size": "#policy-batch input",
+        "max_new_tokens": "#policy-max-new-tokens input",
+        "eval_prompts": "#policy-eval-prompts input",
+    }
+
+    def form() -> dict:
+        return {name: int(page.locator(sel).input_value()) for name, sel in fields.items()}
+
+    page.get_by_text("More settings").nth(1).click()
+    quick, real = CPU_PRESETS["quick"]["settings"], CPU_PRESETS["real"]["settings"]
+    # The form opens on the quick look (the trainer's defaults mean hours on a CPU).
+    assert form() == {name: quick[name] for name in fields}
+    page.locator("#policy-preset").get_by_text("Real run").click()
+    page.wait_for_function(
+        "v => document.querySelector('#policy-steps input').value === v",
+        arg=str(real["steps"]),
+        timeout=15_000,
+    )
+    assert form() == {name: real[name] for name in fields}
+    page.locator("#policy-preset").get_by_text("Trainer defaults").click()
+    defaults = PolicyConfig()
+    page.wait_for_function(
+        "v => document.querySelector('#policy-steps input').value === v",
+        arg=str(defaults.steps),
+        timeout=15_000,
+    )
+    assert form() == {name: getattr(defaults, name) for name in fields}
+    # Each preset's label says what it took here.
+    for preset in CPU_PRESETS.values():
+        assert preset["took"] in page.inner_text("#policy-preset")
     page.context.close()
 
 

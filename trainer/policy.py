@@ -55,6 +55,11 @@ A run directory (trainer/runs.py) holds:
                       reference on those prompts (trainer/evaluate.py; the Leaderboard tab
                       shows it beside the human win rate)
 
+Each step also writes one line to stderr (the Train tab's log pane shows it; in a terminal
+it goes above the progress bar): step/total, reward mean, KL (k3, >= 0), loss, seconds a
+step and the time left, held-out evaluation included (policy_run.StepClock); status.json
+carries the same `step_s` and `eta_s`.
+
 SIGTERM (or Ctrl-C) finishes the step, saves and stops with state `cancelled`; the same
 command again resumes from the saved step. A NaN, or a KL to the reference above
 `max_kl`, stops with state `failed` and a message saying what to change; the last good
@@ -98,12 +103,14 @@ from trainer.policy_model import (
 )
 from trainer.policy_run import (
     RolloutSums,
+    StepClock,
     UpdateSums,
     add_to_config,
     evaluate_heldout,
     fail,
     finish_cancelled,
     finish_done,
+    format_duration,
     policy_meta,
     prompt_rows,
     reduce_sum,
@@ -111,6 +118,7 @@ from trainer.policy_run import (
     save_checkpoint,
     save_final,
     seed_for,
+    step_line,
     write_start_config,
 )
 from trainer.prompts import load_prompts
@@ -312,6 +320,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         dynamic_ncols=True,
     )
     lr_now = cfg.lr
+    clock = StepClock(rows_per_step, len(heldout))  # the time left, from the measured steps
     while step < cfg.steps:
         t0, c0 = time.perf_counter(), time.process_time()
         torch.manual_seed(seed_for(cfg.seed, step, rank))
@@ -398,17 +407,19 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         score = raw - cfg.missing_eos_penalty * (~ended).float()
         t_score = time.perf_counter() - t_score
 
-        # Per-token KL to the reference, and its sum per answer.
+        # Per-token KL to the reference as the reward uses it, and its sum per answer.
         kl_tokens = rl_math.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * resp_mask
         kl_seq = kl_tokens.sum(1)
-        k1_seq = ((old_logp - ref_logp) * resp_mask).sum(1)  # logged: the usual "KL" of RLHF
+        k1_seq = ((old_logp - ref_logp) * resp_mask).sum(1)  # the adaptive controller's
+        shown_seq = rl_math.kl_per_answer(old_logp, ref_logp, resp_mask)  # k3, >= 0: logged and shown
         beta = kl_ctl.value
         roll = RolloutSums.gather(
             reduce,
             reward=raw.sum(),
             reward_sq=(raw * raw).sum(),
             score=score.sum(),
-            kl=k1_seq.sum(),
+            kl=shown_seq.sum(),
+            kl_k1=k1_seq.sum(),
             kl_penalty=kl_seq.sum(),
             entropy=(entropy * resp_mask).sum(),
             tokens=resp_mask.sum(),
@@ -418,7 +429,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         count, tokens = roll.answers, roll.tokens
         reward_mean = roll.reward / count
         reward_std = math.sqrt(max(roll.reward_sq / count - reward_mean**2, 0.0))
-        kl_mean = roll.kl / count
+        kl_mean = roll.kl / count  # k3: what --max-kl is checked against, as the plot shows it
 
         # Guards: NaN in the rollout, or a policy that ran away from the reference.
         if not all(math.isfinite(x) for x in dataclasses.astuple(roll)):
@@ -546,8 +557,9 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         sampler.sync()  # the next rollout samples from the updated weights
         t_train = time.perf_counter() - t_train
 
-        # 6. Adaptive KL coefficient (no-op when fixed), from this batch's KL per answer.
-        kl_ctl.update(kl_mean, int(count))
+        # 6. Adaptive KL coefficient (no-op when fixed), from this batch's KL per answer (k1,
+        #    as in Ziegler et al.: the same KL in expectation, and runs behave as they did).
+        kl_ctl.update(roll.kl_k1 / count, int(count))
 
         # ---- bookkeeping: metrics, samples, status, checkpoint, stop -------------------------
         step += 1
@@ -565,14 +577,19 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
             "score_mean": roll.score / count,  # after the missing-EOS penalty
             "objective": roll.score / count
             - beta * roll.kl_penalty / count,  # what is maximised: score - beta * KL
-            "kl": kl_mean,  # sum_t log pi/ref per answer (k1)
-            "kl_penalty": roll.kl_penalty / count,  # the estimator in use, per answer
+            "kl": kl_mean,  # per answer, k3 (>= 0; rl_math.kl_per_answer)
+            "kl_k1": roll.kl_k1 / count,  # per answer, sum_t log pi/ref (can be < 0)
+            "kl_penalty": roll.kl_penalty / count,  # the estimator the reward uses, per answer
             "kl_coef": beta,
             "entropy": roll.entropy / max(tokens, 1.0),  # per token, at temperature T
             "clip_frac": upd.clipped / (tok_updates if ppo else seq_updates),
             "approx_kl": upd.approx_kl / tok_updates,  # 0.5 E[(log pi/pi_old)^2] over updates
             "pg_loss": upd.pg_loss / (tok_updates if ppo else seq_updates),
             "value_loss": upd.value_loss / tok_updates if ppo else None,
+            # What the update minimised: per token (PPO, with the value loss) or per answer.
+            "loss": (upd.pg_loss + cfg.vf_coef * upd.value_loss) / tok_updates
+            if ppo
+            else upd.pg_loss / seq_updates,
             "value_clip_frac": upd.value_clipped / tok_updates if ppo else None,
             # PPO: 1 - Var(returns - values) / Var(returns) of the rollout; None without a value
             # head, or when the returns did not vary (it is undefined then).
@@ -596,19 +613,26 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
             "elapsed_s": round(time.time() - t_start, 2),
         }
         run.log(record)
+        clock.add(record)
+        eta = clock.eta(cfg.steps - step)
+        if main:  # one line a step in the log (the Train tab's log pane; above the bar in a terminal)
+            tqdm.write(step_line(step, cfg.steps, record, clock.step_s, eta), file=sys.stderr)
         if cfg.sample_every and cfg.samples and (step == 1 or step % cfg.sample_every == 0):
             run.log(samples_record(step, conversations, row_prompt, answers, raw, ended, cfg.samples))
         bar.update(1)
         bar.set_postfix(
-            reward=f"{reward_mean:+.3f}", kl=f"{kl_mean:.3f}", len=f"{tokens / count:.1f}", refresh=False
+            reward=f"{reward_mean:+.3f}", kl=f"{kl_mean:.3g}", len=f"{tokens / count:.1f}", refresh=False
         )
         run.status(
             "running",
             step / cfg.steps,
-            f"training: step {step} of {cfg.steps}, reward {reward_mean:+.3f}, KL {kl_mean:.3f}",
+            f"training: step {step} of {cfg.steps}, reward {reward_mean:+.3f}, KL {kl_mean:.3g}; "
+            f"{clock.step_s:.1f} s a step, about {format_duration(eta)} left",
             throttle=True,
             step=step,
             total_steps=cfg.steps,
+            step_s=round(clock.step_s, 3),
+            eta_s=round(eta, 1),
         )
         # Every process must agree to stop (one small all-reduce).
         stop_now = reduce(torch.tensor([float(bool(stop))], device=device)).item() > 0

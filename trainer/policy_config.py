@@ -38,6 +38,31 @@ RESUMABLE_OVERRIDES = (
 )
 
 
+# Settings sized for a CPU: the Train tab's presets (annotate/web/policy_form.py), PPO on
+# SmolLM2-135M against a SmolLM2 reward model. `took` is the CPU time of the whole run
+# (loading, the steps, saving, the held-out evaluation) on the 2-core development machine
+# with one torch thread: what it takes there on one free core; two free cores take less,
+# a busy machine more (the ETA of a running run says how much). Measured with
+# `OMP_NUM_THREADS=1 /usr/bin/time -v preflab train-policy --reward RM --model smollm2
+# --steps S --batch-size B --max-new-tokens T --eval-prompts E --no-progress`:
+#   quick: 4 steps, 165 s CPU (2 min 45 s); 7 min 48 s wall with the machine shared (load 8-12);
+#   real: 3 of its 30 steps, 63 s CPU a step, 72 s for the rest; 30 steps: 72 + 30 x 63 =
+#         1,970 s, about 33 min (3 steps took 10 min 35 s wall, load 6-9).
+# docs/design.md, "Policy training on a CPU". The trainer's own defaults are for a GPU.
+CPU_PRESETS = {
+    "quick": {
+        "name": "Quick look",
+        "took": "about 3 min",
+        "settings": {"algo": "ppo", "steps": 4, "batch_size": 4, "max_new_tokens": 32, "eval_prompts": 8},
+    },
+    "real": {
+        "name": "Real run",
+        "took": "about 35 min",
+        "settings": {"algo": "ppo", "steps": 30, "batch_size": 8, "max_new_tokens": 48, "eval_prompts": 16},
+    },
+}
+
+
 class PolicyConfigError(ConfigError, PolicyInputError):
     """Settings the policy trainer cannot run with; the message names the flag."""
 
@@ -124,7 +149,8 @@ class PolicyConfig(Config):
     kl_estimator: str = field(
         default="k1",
         metadata={
-            "help": "k1 = log(pi/ref); k3 = (ref/pi - 1) - log(ref/pi), always >= 0",
+            "help": "the KL penalty in the reward: k1 = log(pi/ref) (can be < 0 per token) or "
+            "k3 = (ref/pi - 1) - log(ref/pi) (always >= 0); the KL logged and shown is k3 either way",
             "choices": ("k1", "k3"),
         },
     )
@@ -145,7 +171,10 @@ class PolicyConfig(Config):
     )
     baseline_decay: float = field(default=0.9, metadata={"help": "reinforce: moving-average decay"})
     max_kl: float = field(
-        default=50.0, metadata={"help": "fail when the mean KL per answer exceeds this many nats (0: never)"}
+        default=50.0,
+        metadata={
+            "help": "fail when the mean KL per answer (k3, as shown) exceeds this many nats (0: never)"
+        },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
     seed: int = field(default=0, metadata={"help": "random seed (held-out prompts, prompt order, sampling)"})

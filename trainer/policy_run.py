@@ -10,6 +10,8 @@ and the final policy, its held-out evaluation, finishing, failing and cancelling
     return fail(run, "the KL exploded ...", step, steps)                 # state failed, exit code 1
     evaluate_heldout(run, cfg, heldout, base_source, reward_model, step, device)   # eval.json
     return finish_done(run, step, steps, totals, device, t_start)        # state done, exit code 0
+    clock = StepClock(rows_per_step, len(heldout)); clock.add(record)    # the measured step time
+    tqdm.write(step_line(step, steps, record, clock.step_s, clock.eta(steps - step)))   # a line a step
 
 torch is imported inside functions.
 """
@@ -253,8 +255,9 @@ class RolloutSums:
     reward: float  # the reward model's normalised score
     reward_sq: float  # its square (for the std)
     score: float  # after the missing-EOS penalty
-    kl: float  # sum_t log pi/ref per answer (k1): the usual "KL" of RLHF
-    kl_penalty: float  # the same with the estimator in use
+    kl: float  # the KL shown and checked against --max-kl: k3 summed per answer (rl_math.kl_per_answer)
+    kl_k1: float  # sum_t log pi/ref per answer (k1): the adaptive controller's, as in Ziegler et al.
+    kl_penalty: float  # the same with the estimator the reward uses (--kl-estimator)
     entropy: float  # summed over tokens
     tokens: float  # answer tokens
     eos: float  # answers that ended with EOS
@@ -287,3 +290,64 @@ class UpdateSums:
         import torch
 
         return torch.zeros(len(dataclasses.fields(UpdateSums)), dtype=torch.float64, device=device)
+
+
+# --------------------------------------------------------------------------------------
+# Progress a person reads: the measured step time, the time left, one line a step
+# --------------------------------------------------------------------------------------
+
+
+class StepClock:
+    """Seconds a step, measured in this process, and the time left from them.
+
+    The step time is the mean of the last `window` steps: recent enough to follow a
+    machine whose load changes (a shared CPU), long enough not to jump with one slow
+    step. The time left includes the held-out evaluation at the end, estimated from the
+    same steps: it generates one answer per held-out prompt with the policy and again with
+    the reference, and scores both, so it costs about 2 * heldout / rows_per_step steps'
+    generation and scoring (`gen_s`, `score_s` of the metrics)."""
+
+    def __init__(self, rows_per_step: int, heldout: int, window: int = 10):
+        self.rows_per_step, self.heldout, self.window = max(rows_per_step, 1), heldout, window
+        self.steps: list[tuple[float, float]] = []  # (step_s, gen_s + score_s)
+
+    def add(self, record: dict) -> None:
+        self.steps = [*self.steps, (record["step_s"], record["gen_s"] + record["score_s"])][-self.window :]
+
+    @property
+    def step_s(self) -> float | None:
+        return sum(s for s, _ in self.steps) / len(self.steps) if self.steps else None
+
+    def eta(self, steps_left: int) -> float | None:
+        """Seconds until the run is done, or None before the first step."""
+        if not self.steps:
+            return None
+        rollout_s = sum(r for _, r in self.steps) / len(self.steps)
+        return steps_left * self.step_s + 2 * self.heldout / self.rows_per_step * rollout_s
+
+
+def format_duration(seconds: float | None) -> str:
+    """45 s, 4 min 50 s, 1 h 12 min: how long, to the precision that matters."""
+    if seconds is None:
+        return "unknown"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s" if s < 600 else f"{round(s / 60)} min"
+    return f"{s // 3600} h {round(s % 3600 / 60)} min"
+
+
+def step_line(step: int, steps: int, record: dict, step_s: float | None, eta_s: float | None) -> str:
+    """The one line a step that the log shows (the Train tab's log pane, the CLI):
+    step 3/10 | reward +0.123 | KL 0.00123 | loss -0.0345 | 41.2 s/step | ETA 4 min 50 s
+    (`record`: the step's metrics record; its `loss` is what the update minimised)."""
+    parts = [
+        f"step {step}/{steps}",
+        f"reward {record['reward_mean']:+.3f}",
+        f"KL {record['kl']:.3g}",
+        f"loss {record['loss']:+.4g}",
+        f"{step_s:.1f} s/step" if step_s is not None else "",
+        f"ETA {format_duration(eta_s)}",  # after the last step: the held-out evaluation's
+    ]
+    return " | ".join(p for p in parts if p)

@@ -6,6 +6,7 @@ Sequence-level tensors are [rows].
 
     masked_mean / masked_var / masked_whiten      statistics over the real tokens only
     kl_penalty(logp, ref_logp, "k1" | "k3")       per-token estimators of KL(policy || reference)
+    kl_per_answer(logp, ref_logp, mask)           the KL a person reads: k3 summed over each answer
     gae(rewards, values, mask, gamma, lam)        generalised advantage estimation
     rloo_advantages(rewards, k)                   leave-one-out baseline over k samples of a prompt
     ppo_policy_loss / ppo_value_loss              the clipped surrogate objectives
@@ -84,6 +85,21 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
         # expm1 keeps precision when the ratio is close to 1 (the usual case).
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1 or k3")
+
+
+def kl_per_answer(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3"
+) -> torch.Tensor:
+    """KL(pi || ref) of each answer: the per-token estimate summed over its tokens, [rows].
+
+    What is logged and shown as "KL" uses k3, not k1: both are unbiased, but k1 is
+    negative on any answer the reference likes more than the policy does, so a batch
+    mean near 0 comes out as e.g. -0.002, a "KL" no divergence can have. k3 is >= 0 on
+    every token (x - 1 - log x >= 0), and has the lower variance where the two models are
+    close, which is where a KL-penalised run stays. k2 = 0.5 (log r)^2 is also >= 0 but
+    biased (it is KL only to second order), so it would misreport a run that drifts.
+    """
+    return (kl_penalty(logp, ref_logp, estimator) * mask).sum(-1)
 
 
 def gae(

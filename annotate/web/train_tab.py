@@ -6,7 +6,9 @@ and put a finished policy into the arena.
 Built inside the page's `gr.Tabs()`; every handler checks the caller's role on the server
 (hiding the tab is cosmetic). The form's defaults, choices and the names its errors use
 come from the trainers' config dataclasses (trainer.reward_config.RewardConfig,
-trainer.policy_config.PolicyConfig), and its values go through their check (annotate.launcher).
+trainer.policy_config.PolicyConfig), and its values go through their check (annotate.launcher);
+the policy form and its CPU presets are annotate/web/policy_form.py, the plots
+annotate/web/metric_plots.py.
 All it shows is read from the run directories, so a reload, a second browser or a
 restarted server shows the same runs, progress and plots; a gr.Timer polls while a run is
 queued or running.
@@ -22,22 +24,12 @@ from annotate.arena import add_to_arena, in_arena
 from annotate.launcher import REPO, LaunchError
 from annotate.run_reader import ROW_HEADERS, RunInfo
 from annotate.web.html import escape as _e
+from annotate.web.metric_plots import empty_plot, run_plots
+from annotate.web.policy_form import build_policy_form
 from trainer.runs import LOG_FILE, POLICY_DIR, RunDir
 from trainer.store import describe
 
 POLL_S = 2.0
-
-# What the tab plots, per kind: (title, [(record kind, key, series label), ...]).
-PLOTS = {
-    "reward": [
-        ("Loss", [("train", "loss", "train"), ("eval", "val_loss", "validation")]),
-        ("Accuracy", [("train", "acc", "train"), ("eval", "val_acc", "validation")]),
-    ],
-    "policy": [
-        ("Reward", [("train", "reward_mean", "reward (mean)"), ("train", "objective", "reward - beta KL")]),
-        ("KL to the reference", [("train", "kl", "KL per answer")]),
-    ],
-}
 
 
 def message_html(text: str, error: bool = False) -> str:
@@ -73,20 +65,6 @@ def progress_html(info: RunInfo | None, arena_note: str = "") -> str:
     )
 
 
-def plot_frame(rows: list[dict[str, Any]]):
-    """Long-format plot data with fixed column types, empty or not: `series` must be text,
-    or the plot takes it for a number (pandas makes an empty column float)."""
-    import pandas as pd
-
-    return pd.DataFrame(
-        {
-            "step": pd.Series([r["step"] for r in rows], dtype="float64"),
-            "value": pd.Series([r["value"] for r in rows], dtype="float64"),
-            "series": pd.Series([r["series"] for r in rows], dtype="string"),
-        }
-    )
-
-
 def build_train_tab(demo, ctx, guard) -> None:
     """The tab and its events. `ctx.launcher` starts the runs; `guard.admin(request)`
     raises gr.Error unless the caller is an admin."""
@@ -94,12 +72,11 @@ def build_train_tab(demo, ctx, guard) -> None:
     import pandas as pd
 
     from trainer.config import field_meta
-    from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig
+    from trainer.policy_config import DEFAULT_PROMPTS
     from trainer.reward_config import RewardConfig
 
     launcher = ctx.launcher
-    r_defaults, p_defaults = RewardConfig(), PolicyConfig()  # the form's defaults are the trainers'
-    r_meta, p_meta = field_meta(RewardConfig), field_meta(PolicyConfig)
+    r_defaults, r_meta = RewardConfig(), field_meta(RewardConfig)  # the form's defaults are the trainer's
     try:
         prompts_default = str(DEFAULT_PROMPTS.relative_to(REPO))
     except ValueError:
@@ -169,51 +146,8 @@ def build_train_tab(demo, ctx, guard) -> None:
                         )
                 r_start = gr.Button("Train reward model", variant="primary", elem_id="start-reward")
             with gr.Column(variant="panel"):
-                gr.Markdown("**Policy** (RL against a finished reward model)")
-                p_reward = gr.Dropdown(
-                    [],
-                    value=None,
-                    label=f"{p_meta['reward']['label']} (a finished reward run)",
-                    elem_id="policy-reward",
-                    allow_custom_value=False,
-                )
-                with gr.Row():
-                    p_algo = gr.Radio(
-                        list(p_meta["algo"]["choices"]),
-                        value=p_defaults.algo,
-                        label=p_meta["algo"]["label"],
-                        elem_id="policy-algo",
-                    )
-                    p_steps = gr.Number(
-                        p_defaults.steps, label=p_meta["steps"]["label"], precision=0, elem_id="policy-steps"
-                    )
-                with gr.Row():
-                    p_lr = gr.Number(p_defaults.lr, label=p_meta["lr"]["label"], elem_id="policy-lr")
-                    p_kl = gr.Number(
-                        p_defaults.kl_coef, label=p_meta["kl_coef"]["label"], elem_id="policy-kl"
-                    )
-                p_prompts = gr.Textbox("", label=p_meta["prompts"]["label"], elem_id="policy-prompts")
-                p_model = gr.Textbox(
-                    "",
-                    label=f"{p_meta['model']['label']} (the starting policy)",
-                    elem_id="policy-model",
-                    placeholder="blank: the reward model's base model",
-                )
-                with gr.Accordion("More settings", open=False):
-                    with gr.Row():
-                        p_batch = gr.Number(
-                            p_defaults.batch_size,
-                            label="Prompts per step",
-                            precision=0,
-                            elem_id="policy-batch",
-                        )
-                        p_new = gr.Number(
-                            p_defaults.max_new_tokens,
-                            label=p_meta["max_new_tokens"]["label"],
-                            precision=0,
-                            elem_id="policy-max-new-tokens",
-                        )
-                p_start = gr.Button("Train policy", variant="primary", elem_id="start-policy")
+                p_form = build_policy_form(guard)  # its fields, and the presets that fill them
+                p_reward, p_prompts, p_start = p_form.reward, p_form.prompts, p_form.start
         t_message = gr.HTML(message_html(""), js_on_load=None)
         with gr.Row():
             gr.Markdown("**Runs**")
@@ -229,14 +163,11 @@ def build_train_tab(demo, ctx, guard) -> None:
         )
         t_run = gr.Dropdown([], value=None, label="Run", elem_id="run-select", allow_custom_value=False)
         t_progress = gr.HTML(progress_html(None), js_on_load=None, elem_id="run-progress-box")
-        with gr.Row():
-            empty = plot_frame([])
-            t_plot_a = gr.LinePlot(
-                empty, x="step", y="value", color="series", title="Metrics", height=280, elem_id="run-plot-a"
-            )
-            t_plot_b = gr.LinePlot(
-                empty, x="step", y="value", color="series", title="Metrics", height=280, elem_id="run-plot-b"
-            )
+        with gr.Row(equal_height=False):
+            # Drawn on the server (annotate.web.metric_plots): one point shows, a new run
+            # replaces the last one's curves at once, the last values are numbers beside them.
+            t_plot_a = gr.HTML(empty_plot(), elem_id="run-plot-a", js_on_load=None)
+            t_plot_b = gr.HTML(empty_plot(), elem_id="run-plot-b", js_on_load=None)
         t_log = gr.Textbox(
             "",
             label=f"Log (last lines of {LOG_FILE})",
@@ -289,15 +220,6 @@ def build_train_tab(demo, ctx, guard) -> None:
             return f"In the arena: votes on its answers are recorded as model {info.run_id}."
         return "Add to arena: its answers are then paired with the other models'."
 
-    def plot_update(info: RunInfo, which: int, reader):
-        title, specs = PLOTS.get(info.kind, PLOTS["reward"])[which]
-        return gr.LinePlot(
-            value=plot_frame(reader.rows(specs)),
-            title=f"{title} · {info.run_id}",
-            x_title="step",
-            y_title=title.lower(),
-        )
-
     def refresh(selected: str | None, seen, reward_choice: str | None = None):
         runs = launcher.runs()
         ids = [r.run_id for r in runs]
@@ -312,14 +234,14 @@ def build_train_tab(demo, ctx, guard) -> None:
         if info is None:
             new_seen = None
             if seen is not None:
-                plots = (gr.LinePlot(value=plot_frame([])),) * 2
+                plots = (empty_plot(), empty_plot())
                 log = ""
         else:
             reader = launcher.metrics(info.run_id)
             tail = launcher.log_tail(info.run_id)
             new_seen = {"run": info.run_id, "records": reader.records, "offset": reader.offset, "log": tail}
             if not seen or seen.get("run") != info.run_id or seen.get("offset") != reader.offset:
-                plots = (plot_update(info, 0, reader), plot_update(info, 1, reader))
+                plots = run_plots(info, reader)
             if not seen or seen.get("run") != info.run_id or seen.get("log") != tail:
                 log = tail
         servable = info is not None and info.servable and not in_arena(ctx.generator, info.run_id)
@@ -401,23 +323,33 @@ def build_train_tab(demo, ctx, guard) -> None:
             )
 
     def on_start_policy(
-        reward, algo, steps, lr, kl, prompts, model, batch, new_tokens, selected, request: gr.Request
-    ):
+        reward,
+        algo,
+        steps,
+        lr,
+        kl_coef,
+        prompts,
+        model,
+        batch_size,
+        max_new_tokens,
+        eval_prompts,
+        selected,
+        request: gr.Request,
+    ):  # the form's values in POLICY_FIELDS order, then the selected run
         guard.admin(request)
+        form = dict(
+            algo=algo,
+            steps=steps,
+            lr=lr,
+            kl_coef=kl_coef,
+            prompts=prompts,
+            model=model,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            eval_prompts=eval_prompts,
+        )
         with guard.errors():
-            info, problem = outcome(
-                lambda: launcher.start_policy(
-                    reward,
-                    algo=algo,
-                    steps=steps,
-                    lr=lr,
-                    kl_coef=kl,
-                    prompts=prompts,
-                    model=model,
-                    batch_size=batch,
-                    max_new_tokens=new_tokens,
-                )
-            )
+            info, problem = outcome(lambda: launcher.start_policy(reward, **form))
             if problem:
                 return (message_html(problem, error=True), *refresh(selected, None, reward))
             return (
@@ -466,7 +398,7 @@ def build_train_tab(demo, ctx, guard) -> None:
     )
     p_start.click(
         on_start_policy,
-        [p_reward, p_algo, p_steps, p_lr, p_kl, p_prompts, p_model, p_batch, p_new, t_run],
+        [*p_form.inputs, t_run],
         [t_message, *refresh_outputs],
         **kw,
     )
