@@ -120,6 +120,12 @@ def _is_runs_trainer(argv: list[str], run_path: Path, kind: str | None) -> bool:
         return False
 
 
+def _exited(pid: int) -> bool:
+    """No such process, or a zombie: nothing left to signal."""
+    state = _proc_state(pid)
+    return state is None or state in ("Z", "X")
+
+
 def cancel_refusal(launch: dict, run_path: Path, kind: str | None, pid: int | None = None) -> str | None:
     """Why the process of this run's launch.json may not be signalled (words, for the
     page), None when it may: its start ticks and whole command line must be what the
@@ -128,8 +134,7 @@ def cancel_refusal(launch: dict, run_path: Path, kind: str | None, pid: int | No
     if "pid_start" not in launch:  # launched by an older version: the command line must name the run
         if not isinstance(pid, int):
             return "no process id recorded yet; try again in a moment"
-        state = _proc_state(pid)
-        if state is None or state in ("Z", "X"):
+        if _exited(pid):
             return f"process {pid} has exited"
         argv = _proc_cmdline(pid)
         if argv is None:
@@ -144,8 +149,7 @@ def cancel_refusal(launch: dict, run_path: Path, kind: str | None, pid: int | No
         return "launch.json does not record the process it started (pid, start, command line)"
     if not _is_runs_trainer([str(a) for a in recorded], run_path, kind):
         return "launch.json does not record this run's trainer command"
-    state = _proc_state(pid)
-    if state is None or state in ("Z", "X"):
+    if _exited(pid):
         return f"process {pid} has exited"
     now = start_ticks(pid)
     if now is None:
