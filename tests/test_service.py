@@ -38,6 +38,8 @@ def test_a_vote_is_stored_before_it_is_acknowledged_and_the_next_pair_comes_with
     ] == {
         "done": 0,
         "assigned": 4,
+        "pool_done": 0,
+        "pool_total": 4,
     }
     after = service.vote("me", pair["pair_id"], "right", "slightly", "  B adds up  ")
     assert after["ok"] and after["message"] == "Saved."

@@ -332,7 +332,12 @@ def test_add_a_finished_policy_to_the_running_arena(tmp_path, browser):
             time.sleep(0.2)
             view = c.predict(api_name="/next")
         assert seen == {"tiny", "policy-demo"}
-        assert view["progress"] == {"done": 4, "assigned": 4}  # 2 prompts x (1 round + 1 for the new model)
+        assert view["progress"] == {
+            "done": 4,
+            "assigned": 4,
+            "pool_done": 4,
+            "pool_total": 4,
+        }  # 2 prompts x (1 round + 1 for the new model)
     votes = read_comparisons(tmp_path / "store").to_pylist()
     with_policy = [v for v in votes if "policy-demo" in (v["model_a"], v["model_b"])]
     assert len(with_policy) == 2 and all(
