@@ -259,7 +259,7 @@ TABS = {
     "Dashboard": ".metrics",
     "Leaderboard": "#lb-table table",
     "Review": "#review-votes-table",
-    "Train": "#run-plot-a g.mark-line path",
+    "Train": "#run-plot-a .series-line",
     "Users": "#users-table",
 }
 
