@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -132,6 +133,7 @@ def one_run(extra: list[str], duration: float, every: float) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
     log_text = log_path.read_text(errors="replace")
+    shutil.rmtree(tmp, ignore_errors=True)  # the run's store and log: nothing left in /tmp
     head = [line.split(" INFO ", 1)[-1] for line in log_text.splitlines() if "pregenerated pairs" in line]
     made = [re.search(r"preflab\.pairs INFO generated (\d+) pairs", line) for line in log_text.splitlines()]
     return {
