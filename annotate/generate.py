@@ -8,7 +8,9 @@ lines the annotation app serves:
     model_a/b     the model that produced each (aliases spelled out to the full id)
     pair_id       trainer.store.pair_id_for(prompt JSON, response_a, response_b)
     prompt_id     the pool's id for the prompt
-    gen_params    JSON string: {"a": {sampling settings}, "b": {...}}
+    gen_params    JSON string: {"a": {sampling settings}, "b": {...}}; each side's settings
+                  say "pregenerated": true (made by this command, not by a running
+                  server) and "cut": true where the token limit stopped the answer
 
 With one model the two candidates are two samples with different seeds (seed, seed+1);
 with several, each prompt gets a random pair of two different models (drawn with the
@@ -168,7 +170,7 @@ def print_pairs(rows: list[dict]) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from trainer.models import ModelLoadError, check_model, generate
+    from trainer.models import ModelLoadError, check_model, generate_answers
     from trainer.prompts import PromptPoolError, load_prompt_pool
 
     try:
@@ -198,13 +200,13 @@ def run_generate(args: argparse.Namespace) -> int:
     for i, pair in enumerate(sides):
         for side in pair:
             jobs.setdefault(side, []).append(i)
-    answers: dict[tuple[int, tuple[str, int]], str] = {}
+    answers: dict = {}  # (prompt index, (model, seed)) -> trainer.models.Answer
     for name in model_names:
         model, tokenizer = load_announced(name, device=args.device, cache_dir=args.cache_dir)
         for (job_model, seed), indices in sorted(jobs.items()):
             if job_model != name:
                 continue
-            texts = generate(
+            texts = generate_answers(
                 model,
                 tokenizer,
                 [prompts[i].messages for i in indices],
@@ -216,8 +218,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 progress=not args.no_progress,
             )
-            for i, (text,) in zip(indices, texts):
-                answers[i, (name, seed)] = text
+            for i, (answer,) in zip(indices, texts):
+                answers[i, (name, seed)] = answer
         del model, tokenizer  # free the memory before the next model loads
 
     rows = []
@@ -225,12 +227,17 @@ def run_generate(args: argparse.Namespace) -> int:
         side_dicts = [
             {
                 "model": m,
-                "response": answers[i, (m, s)],
+                "response": answers[i, (m, s)].text,
                 "params": {
                     "temperature": args.temperature,
                     "top_p": args.top_p,
                     "max_new_tokens": args.max_new_tokens,
                     "seed": s,
+                    # Votes on these answers record that they were made ahead of time (a
+                    # server may serve them as if its generator had: annotate/pregenerated.py).
+                    "pregenerated": True,
+                    # the token limit stopped it: the page marks it, the dashboard counts it
+                    **({"cut": True} if answers[i, (m, s)].cut else {}),
                 },
             }
             for m, s in (x, y)

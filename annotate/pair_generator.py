@@ -3,11 +3,13 @@
 
     generator = Generator(["smollm2"], prompts, queue, cache_dir=store / "pairs")   # annotate/serve.py
     queue.add(generator.load_cache())   # what an earlier server generated, before start()
+    queue.add(generator.adopt(pairs))   # pairs made ahead of time (annotate/pregenerated.py)
     generator.start()                   # then it keeps the queue ahead of the annotators
 
 It samples pairs in batches and hands them to the assignment queue, keeping it ahead
 of the annotators: whenever an active annotator has fewer than two pairs ready, the
-next batch is generated. Every generated pair is also appended (fsync'd) to
+next batch is generated (and, after a head start of pairs made ahead of time, whenever
+anyone is voting). Every generated pair is also appended (fsync'd) to
 `<store>/pairs/generated-<key>.jsonl`, where the key names the models and the sampling
 settings, so a restarted server serves the same pairs again: votes already cast on
 them still count, and a pair that one of two annotators has voted on can still get
@@ -34,6 +36,19 @@ from trainer.rows import BadRow, check_values, load_json
 from trainer.runs import CONFIG_FILE
 
 log = logging.getLogger("preflab.pairs")
+
+# The longest answer where nobody chose. On a CPU, sampling is slower than people vote
+# (SmolLM2 on this project's two cores: 16 s or more per 128-token answer, measured for
+# #17), and the length is what sets the wait between pairs: 128 tokens halve it against
+# 256. Most answers are cut at 128 (about 100 words); a cut answer is marked as cut.
+MAX_NEW_TOKENS = 256
+CPU_MAX_NEW_TOKENS = 128
+
+
+def default_max_new_tokens(device: str | None) -> int:
+    from trainer.models import pick_device
+
+    return CPU_MAX_NEW_TOKENS if pick_device(device).type == "cpu" else MAX_NEW_TOKENS
 
 
 class Generator(threading.Thread):
@@ -69,7 +84,7 @@ class Generator(threading.Thread):
         voted_prompts: dict[str, int] | None = None,
         rounds: int = 1,
         batch_size: int = 4,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         temperature: float = 0.8,
         top_p: float = 0.95,
         seed: int = 0,
@@ -130,6 +145,7 @@ class Generator(threading.Thread):
         self._ran = False  # run() was called (not `_started`: threading.Thread has one)
         self._working = False  # a thread is generating (or about to); guarded by _lock
         self.before_add = None  # called with each new batch before it enters the queue
+        self._head_start = False  # adopt() took pairs made ahead of time
 
     # ---- status ----------------------------------------------------------------------
 
@@ -142,6 +158,11 @@ class Generator(threading.Thread):
             if "message" in fields and fields["message"] != self._status.get("message"):
                 fields.setdefault("since", time.time())  # when this step (loading, a batch) began
             self._status.update(fields)
+
+    @property
+    def base_models(self) -> list[str]:
+        """The models the server started with (the base rounds), not those added later."""
+        return list(self._base_models)
 
     @property
     def planned(self) -> int:
@@ -248,6 +269,26 @@ class Generator(threading.Thread):
         self._batches = len(pairs)  # seeds keep moving on after a restart
         self._set(generated=len(pairs))
         return pairs
+
+    def adopt(self, pairs: list[Pair]) -> list[Pair]:
+        """Take pairs made ahead of time (annotate/pregenerated.py checked that this
+        generator could have made them) as base-round pairs of its own: each fills a
+        round of its prompt, so the generator goes on with the prompts and rounds they
+        leave. Returns those taken (none beyond `rounds` per prompt), in the seeded
+        prompt order, so that the first pairs shown are not one category's. Call after
+        load_cache, before start()."""
+        rank = {p.id: self._rank[i] for i, p in enumerate(self.prompts)}
+        taken = []
+        for pair in sorted(pairs, key=lambda p: rank.get(p.prompt_id, len(rank))):
+            key = (None, pair.prompt_id)
+            if pair.prompt_id in rank and self._answered.get(key, 0) < self._base_rounds:
+                self._answered[key] = self._answered.get(key, 0) + 1
+                taken.append(pair)
+        # Seeds move on past them too: a later round of the same prompt samples anew.
+        self._batches += len(taken)
+        self._head_start = self._head_start or bool(taken)
+        self._set(generated=self.status()["generated"] + len(taken))
+        return taken
 
     def _append_cache(self, pairs: list[Pair]) -> None:
         if self.cache_path is None:
@@ -363,7 +404,11 @@ class Generator(threading.Thread):
                     self.queue.wake()
                     return
                 continue
-            if not self.queue.needs_pairs(self.per_annotator):
+            # Pairs made ahead of time (adopt) are a head start to build on, not a reason
+            # to idle: while someone votes, the generator keeps working, so an annotator
+            # faster than the model (SmolLM2 on a CPU) reaches the end of them later.
+            building = self._head_start and self.queue.active_annotators()
+            if not building and not self.queue.needs_pairs(self.per_annotator):
                 self._set(state="waiting", message="enough pairs ready")
                 self.queue.wait_for_need(self.per_annotator, timeout=1.0)
                 continue

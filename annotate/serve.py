@@ -105,7 +105,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen = p.add_argument_group("generation (with --model)")
     gen.add_argument("--rounds", type=int, default=1, help="pairs per prompt (each round samples anew)")
     gen.add_argument("--batch-size", type=int, default=4, help="prompts generated per batch")
-    gen.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    gen.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="longest answer, in tokens; cut answers are marked as such (default: "
+        "128 where the model runs on the CPU, so that answers come about as fast as people read them, "
+        "else 256)",
+    )
+    gen.add_argument(
+        "--pregenerated",
+        metavar="FILE",
+        default=None,
+        help="pairs made by `preflab generate` to serve first, as if generated here; only those with "
+        "this server's models, prompts and sampling settings are used. Default: the shipped "
+        "data/demo-pairs.jsonl with the shipped prompt pool; 'none': no head start",
+    )
     gen.add_argument(
         "--newcomer-share",
         type=float,
@@ -164,7 +179,7 @@ def check_flags(args: argparse.Namespace) -> None:
         ("--batch-size", args.batch_size),
         ("--max-new-tokens", args.max_new_tokens),
     ):
-        if value < 1:
+        if value is not None and value < 1:
             raise ServeError(f"{flag} must be at least 1, got {value}")
     if not 0.0 <= args.newcomer_share <= 1.0:
         raise ServeError(f"--newcomer-share must be between 0 and 1, got {args.newcomer_share}")
@@ -261,7 +276,8 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
     """The background generator of --model, with the arena restored and its cached
     pairs in the queue."""
     from annotate.arena import arena_name, restore_arena  # policies added from the Train tab earlier
-    from annotate.pair_generator import Generator
+    from annotate.pair_generator import Generator, default_max_new_tokens
+    from annotate.pregenerated import head_start
     from trainer.models import ModelLoadError, check_model
     from trainer.prompts import PromptPoolError, load_prompt_pool
 
@@ -281,6 +297,11 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
     if votes is not None and votes.num_rows:
         for row in votes.group_by("prompt_id").aggregate([("prompt_id", "count")]).to_pylist():
             voted_prompts[row["prompt_id"]] = row["prompt_id_count"]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = default_max_new_tokens(args.device)
+        log.info(
+            "answers up to %d tokens (the default here; --max-new-tokens to change)", args.max_new_tokens
+        )
     generator = Generator(
         names,
         pool.prompts,
@@ -301,6 +322,10 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
     for note in restore_arena(generator, state_dir):
         log.info("%s", note)
     queue.add(generator.load_cache())
+    pairs, note = head_start(args.pregenerated, args.prompts, generator)  # rounds the cache left open
+    if note:
+        log.info("%s", note)
+    queue.add(generator.adopt(pairs))
     queue.planned = generator.planned
     # Leave a core to the web server: generation would otherwise take every core
     # and make each click wait for a matrix multiply.
