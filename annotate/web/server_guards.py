@@ -5,7 +5,8 @@ gradio (annotate/serve.py calls these two while it composes the server).
     app_kwargs |= private_files(ctx, opened)       # gradio's cache and the exports, 0700
 
 The middlewares, outermost first: the Host check (without --auth), the Origin check,
-the body ceiling, the session guard; the export download is a route inside them all.
+the body ceiling, the session guard, the page-load gate; the export download is a
+route inside them all.
 """
 
 from __future__ import annotations
@@ -29,19 +30,24 @@ def request_guards(args: argparse.Namespace, accounts, local_user: str):
     from annotate.logins import Logins
     from annotate.sessions import Sessions
     from annotate.web.host_check import LoopbackHostOnly, SameOriginOnly
+    from annotate.web.page_load_gate import PageLoadGate
     from annotate.web.request_limits import BodyLimit
     from annotate.web.session_guard import SessionGuard, login_check
 
     middleware = [] if accounts is not None else [Middleware(LoopbackHostOnly)]
     middleware += [Middleware(SameOriginOnly), Middleware(BodyLimit)]
+    # Page loads in single file, inside the session guard (whose redirects and login page
+    # are cheap): a crowd arriving at once does not stall the votes (page_load_gate.py).
+    gate = Middleware(PageLoadGate, at_once=max(1, (os.cpu_count() or 2) // 2))
     if accounts is None:
-        middleware.append(Middleware(SessionGuard, sessions=None, local_user=local_user))
+        middleware += [Middleware(SessionGuard, sessions=None, local_user=local_user), gate]
         return None, {"middleware": middleware}, None
     logins = Logins(accounts)
     sessions = Sessions(accounts, idle_s=args.session_idle * 60)
-    middleware.append(
-        Middleware(SessionGuard, sessions=sessions, local_user=None, login_message=LOGIN_MESSAGE)
-    )
+    middleware += [
+        Middleware(SessionGuard, sessions=sessions, local_user=None, login_message=LOGIN_MESSAGE),
+        gate,
+    ]
     return login_check(logins), {"middleware": middleware}, logins
 
 
