@@ -49,7 +49,7 @@ class UserAdmin:
 
     def reset_password(self, caller: str, name: str, password: str) -> str:
         accounts = self._check(caller)
-        user = self._existing(accounts, name)
+        user = _existing(users.load_users(accounts.path), name)
         users.check_new_password(user.name, password or "")
         users.add_user(accounts.path, user.name, user.role, password, replace=True)
         after = "log in again with it" if user.name == caller else "their sessions have ended"
@@ -57,36 +57,38 @@ class UserAdmin:
 
     def set_role(self, caller: str, name: str, role: str) -> str:
         accounts = self._check(caller)
-        user = self._existing(accounts, name)
+        listed = users.load_users(accounts.path)
+        user = _existing(listed, name)
         if user.role == role:
             return f"{user.name!r} is already an {role}; nothing changed"
         if user.role == ADMIN:
-            self._keep_an_admin(accounts, user.name, "take the admin role from")
+            _keep_an_admin(listed, user.name, "take the admin role from")
         users.set_role(accounts.path, user.name, role)
         return f"{user.name!r} is now {'an admin' if role == ADMIN else 'an annotator'}; their sessions have ended"
 
     def remove(self, caller: str, name: str) -> str:
         accounts = self._check(caller)
-        user = self._existing(accounts, name)
+        listed = users.load_users(accounts.path)
+        user = _existing(listed, name)
         if user.name == caller:
             raise UserAdminError("you cannot remove your own account; ask another admin")
         if user.role == ADMIN:
-            self._keep_an_admin(accounts, user.name, "remove")
+            _keep_an_admin(listed, user.name, "remove")
         users.remove_user(accounts.path, user.name)
         return f"removed {user.name!r}; their sessions have ended (their votes stay in the store)"
 
-    @staticmethod
-    def _existing(accounts: Accounts, name: str) -> users.User:
-        listed = users.load_users(accounts.path)
-        user = listed.get((name or "").strip())
-        if user is None:
-            raise UserAdminError(f"no user {name!r}")
-        return user
 
-    @staticmethod
-    def _keep_an_admin(accounts: Accounts, name: str, doing: str) -> None:
-        admins = [u for u in users.load_users(accounts.path).values() if u.role == ADMIN]
-        if [u.name for u in admins] == [name]:
-            raise UserAdminError(
-                f"cannot {doing} {name!r}: they are the last admin; make someone else admin first"
-            )
+def _existing(listed: dict[str, users.User], name: str) -> users.User:
+    user = listed.get((name or "").strip())
+    if user is None:
+        raise UserAdminError(f"no user {name!r}")
+    return user
+
+
+def _keep_an_admin(listed: dict[str, users.User], name: str, doing: str) -> None:
+    # Checked on the file as read for this call; two admins demoting each other in the
+    # same instant could both pass (the users file's lock covers each edit, not this).
+    if [u.name for u in listed.values() if u.role == ADMIN] == [name]:
+        raise UserAdminError(
+            f"cannot {doing} {name!r}: they are the last admin; make someone else admin first"
+        )
