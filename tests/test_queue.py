@@ -108,7 +108,9 @@ def test_pool_done_matches_a_count_of_the_votes_through_votes_undos_requeues_and
     names = ["ann", "ben", "cat"]
 
     def counted(queue):
-        return sum(1 for p in queue.pool() if len(queue._votes.get(p.pair_id, ())) >= queue._wanted(p.pair_id))
+        return sum(
+            1 for p in queue.pool() if len(queue._votes.get(p.pair_id, ())) >= queue._wanted(p.pair_id)
+        )
 
     for step in range(120):
         name = rng.choice(names)
@@ -128,7 +130,9 @@ def test_pool_done_matches_a_count_of_the_votes_through_votes_undos_requeues_and
         elif step == 60:
             q.add(pairs[8:])
         assert q.overview()["complete"] == counted(q) == q.progress(name)["pool_done"], f"step {step}"
-    votes = [{**r, "created_at": i} for i, r in enumerate(r for name in names for r in q._person(name).history)]
+    votes = [
+        {**r, "created_at": i} for i, r in enumerate(r for name in names for r in q._person(name).history)
+    ]
     fresh = AssignmentQueue(overlap=2, seed=1)
     fresh.add(q.pool())
     fresh.restore(votes)
