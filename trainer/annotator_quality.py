@@ -89,7 +89,8 @@ def _codes(values: list) -> tuple[np.ndarray, list[str]]:
 
 
 def _timestamps_s(votes) -> np.ndarray:
-    """created_at as float seconds since the epoch (NaN where missing)."""
+    """created_at as float seconds since the epoch (NaN where missing); a record dict may
+    hold a datetime, an ISO string or integer microseconds (trainer.store.record)."""
     if hasattr(votes, "column_names") and "created_at" in votes.column_names:
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -107,6 +108,8 @@ def _timestamps_s(votes) -> np.ndarray:
             from datetime import datetime
 
             out.append(datetime.fromisoformat(v).timestamp())
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out.append(v / 1e6)  # the record's own spelling: microseconds since the epoch (UTC)
         else:
             raise AnnotatorQualityError(f"created_at must be a timestamp, got {v!r}")
     return np.array(out, dtype=float)
