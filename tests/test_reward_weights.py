@@ -71,7 +71,15 @@ def test_bad_weights_fail_before_a_model_is_loaded(tmp_path):
     out = preflab("train-reward", "--data", store, "--weights", "trust-me", "--model", "tiny")
     assert out.returncode == 2 and "--weights" in out.stderr and "invalid choice" in out.stderr
     out = preflab(
-        "train-reward", "--data", store, "--weights", "gold", "--model", "tiny", "--runs-dir", tmp_path / "runs"
+        "train-reward",
+        "--data",
+        store,
+        "--weights",
+        "gold",
+        "--model",
+        "tiny",
+        "--runs-dir",
+        tmp_path / "runs",
     )
     assert out.returncode == 2, out.stderr
     assert "--weights gold: the store holds no gold votes" in out.stderr and "Traceback" not in out.stderr
@@ -133,6 +141,9 @@ def test_competence_weights_beat_unweighted_training_on_a_team_with_bad_annotato
     assert summary["kind"] == "summary" and summary["weights"] == "competence"
     # Validation is unweighted and on every vote as cast: both runs were measured on the
     # same validation votes.
-    assert summary["val_pairs"] == json.loads(
-        (tmp_path / "runs" / "none" / "metrics.jsonl").read_text().splitlines()[-1]
-    )["val_pairs"]
+    assert (
+        summary["val_pairs"]
+        == json.loads((tmp_path / "runs" / "none" / "metrics.jsonl").read_text().splitlines()[-1])[
+            "val_pairs"
+        ]
+    )

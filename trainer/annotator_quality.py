@@ -39,8 +39,7 @@ import numpy as np
 
 from trainer.dawid_skene import N_CLASSES, CodesFit, dawid_skene_codes
 from trainer.errors import PreflabError
-from trainer.evaluate import Z95
-from trainer.evaluate import wilson_interval as _wilson
+from trainer.intervals import wilson_interval
 from trainer.selection import gold_of
 
 CLASSES = ("a", "b", "tie")
@@ -58,12 +57,6 @@ BREAK_S = 30 * 60
 
 class AnnotatorQualityError(PreflabError, ValueError):
     """Votes or settings the quality numbers cannot be computed from; names the flag or field."""
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """95% Wilson score interval of successes / n ((nan, nan) for n = 0): trainer.evaluate's,
-    the one the validation accuracy and the dashboard use."""
-    return _wilson(successes, n, z)
 
 
 # --------------------------------------------------------------------------------------
