@@ -80,9 +80,10 @@ def dawid_skene_codes(
     overlap_votes = np.bincount(annotator, minlength=n_annotators)
 
     # Start: each item's soft majority vote.
-    T = np.zeros((n_items, K))
-    np.add.at(T, (item_row, label), 1.0)
+    T = np.bincount(item_row * K + label, minlength=n_items * K).reshape(n_items, K).astype(float)
     T /= np.maximum(T.sum(axis=1, keepdims=True), 1.0)
+    # Sums over votes are bincounts (one per class), not np.add.at: many times faster.
+    cell = annotator * K + label  # (annotator, label) of each vote
     theta = np.full((n_annotators, K, K), 1.0 / K)
     prior = np.full(K, 1.0 / K)
     converged, iterations, log_lik = n_items == 0, 0, 0.0
@@ -90,13 +91,19 @@ def dawid_skene_codes(
         iterations += 1
         # M step: class prior and confusion rows from the current posteriors.
         prior = (T.sum(axis=0) + PSEUDO_COUNT) / (n_items + K * PSEUDO_COUNT)
-        counts = np.full((n_annotators, K, K), PSEUDO_COUNT)
-        # counts[j, t, l] += T[item, t] for every vote (item, j, l)
-        np.add.at(counts, (annotator, slice(None), label), T[item_row])
+        # counts[j, t, l] = pseudo-count + sum of T[item, t] over the votes (item, j, l)
+        T_votes = T[item_row]
+        counts = np.stack(
+            [np.bincount(cell, T_votes[:, t], n_annotators * K).reshape(n_annotators, K) for t in range(K)],
+            axis=1,
+        )
+        counts += PSEUDO_COUNT
         theta = counts / counts.sum(axis=2, keepdims=True)
         # E step: log posterior of each item's class = log prior + sum of its votes' logs.
-        log_T = np.tile(np.log(prior), (n_items, 1))
-        np.add.at(log_T, item_row, np.log(theta[annotator, :, label]))
+        log_theta = np.log(theta)
+        log_T = np.stack(
+            [np.bincount(item_row, log_theta[annotator, t, label], n_items) for t in range(K)], axis=1
+        ) + np.log(prior)
         top = log_T.max(axis=1, keepdims=True)
         new_T = np.exp(log_T - top)
         norm = new_T.sum(axis=1, keepdims=True)
