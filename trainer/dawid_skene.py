@@ -97,7 +97,7 @@ def dawid_skene_codes(
             [np.bincount(cell, T_votes[:, t], n_annotators * K).reshape(n_annotators, K) for t in range(K)],
             axis=1,
         )
-        counts += PSEUDO_COUNT
+        counts = counts + PSEUDO_COUNT  # (a float array even when there are no votes)
         theta = counts / counts.sum(axis=2, keepdims=True)
         # E step: log posterior of each item's class = log prior + sum of its votes' logs.
         log_theta = np.log(theta)
