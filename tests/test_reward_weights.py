@@ -83,7 +83,31 @@ def test_bad_weights_fail_before_a_model_is_loaded(tmp_path):
     )
     assert out.returncode == 2, out.stderr
     assert "--weights gold: the store holds no gold votes" in out.stderr and "Traceback" not in out.stderr
-    assert "Loading weights" not in out.stderr  # no model was loaded
+    assert not (tmp_path / "runs").exists()  # bad input: no run directory left behind
+
+
+def test_gold_weights_reach_the_pairs(tmp_path):
+    def gold(answer):
+        return json.dumps({"selection": {"method": "gold", "gold": answer}})
+
+    records = team_votes(20)
+    # careful-1 passes 4 of 4 gold checks, the adversary fails all 4
+    for i in range(4):
+        for name, choice in (("careful-1", "a"), ("adversary", "b")):
+            records.append(
+                vote_record(
+                    f"gold {i}?", f"good {i}", f"bad {i}", choice, annotator=name, gen_params=gold("a")
+                )
+            )
+    store = write_store(tmp_path / "store", records)
+    pairs = read_pairs(store, weights="gold")
+    by_answer = {(c, r): w for c, r, w in zip(pairs.chosen, pairs.rejected, pairs.weight)}
+    pooled, prior = 0.5, 4.0  # 4 right of 8; a Beta prior worth 4 checks at that rate
+    assert by_answer[("good 0", "bad 0")] == pytest.approx((4 + prior * pooled) / (4 + prior))
+    assert by_answer[("bad 0", "good 0")] == pytest.approx((0 + prior * pooled) / (4 + prior))
+    # careful-2 and the random clicker have no gold of their own: the team's rate
+    others = sum(r["annotator"] in ("careful-2", "random") for r in records)
+    assert sum(w == pytest.approx(pooled) for w in pairs.weight) == others
 
 
 def true_accuracy(run_dir) -> tuple[float, int]:
