@@ -67,7 +67,7 @@ class AnnotatorQualityError(PreflabError, ValueError):
 def _column(votes, name: str) -> list | np.ndarray:
     if hasattr(votes, "column_names"):  # a pyarrow Table
         if name not in votes.column_names:
-            raise AnnotatorQualityError(f"the votes have no {name!r} field; read them with every field")
+            raise AnnotatorQualityError(f"the votes have no {name!r} field; read them with that column")
         return votes[name].to_pylist()
     try:
         return [v[name] for v in votes]
@@ -83,8 +83,11 @@ def _codes(values: list) -> tuple[np.ndarray, list[str]]:
 
 def _timestamps_s(votes) -> np.ndarray:
     """created_at as float seconds since the epoch (NaN where missing); a record dict may
-    hold a datetime, an ISO string or integer microseconds (trainer.store.record)."""
-    if hasattr(votes, "column_names") and "created_at" in votes.column_names:
+    hold a datetime, an ISO string or integer microseconds (trainer.store.record). Votes
+    without the field at all: all NaN (then the order of the votes says which is latest)."""
+    if hasattr(votes, "column_names"):
+        if "created_at" not in votes.column_names:
+            return np.full(votes.num_rows, np.nan)
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -92,7 +95,7 @@ def _timestamps_s(votes) -> np.ndarray:
         us = pc.cast(col, pa.timestamp("us", tz="UTC")).cast(pa.int64())
         return np.array(us.to_pylist(), dtype=float) / 1e6  # None -> NaN
     out = []
-    for v in _column(votes, "created_at"):
+    for v in (v.get("created_at") for v in votes):
         if v is None:
             out.append(math.nan)
         elif hasattr(v, "timestamp"):
