@@ -1,6 +1,6 @@
 """Preference pairs for the reward model: from votes (or a TRL-format file) to `Pairs`.
 
-    read_pairs(path, ties=, both_bad=, margin=)  -> Pairs        no tokenizer, no model
+    read_pairs(path, ties=, both_bad=, margin=, weights=)  -> Pairs   no tokenizer, no model
     split_by_prompt(pairs, val_fraction, seed)    -> (train, val) index arrays
     save_snapshot / load_snapshot                 the run's own copy of its pairs and split
 
@@ -11,6 +11,8 @@ A pair is oriented so that `chosen` is the answer the annotator preferred and `l
 the probability that chosen beats rejected: 1.0 for a vote, 0.5 for a tie or a both-bad
 vote (when those are included; by default they are left out, as in `preflab export`).
 `margin` is the vote's strength (1 slightly, 2 clearly) times `margin_scale`, or 0.
+`weight` is the vote's weight in the loss (`--weights`: trainer/annotator_quality.py's
+vote_weights over all the store's standing votes), 1 with `--weights none` and for a file.
 
 Everything here runs before any model is loaded, so bad input fails in seconds with a
 RewardDataError that says what is wrong. This module never imports `annotate`.
