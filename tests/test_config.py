@@ -63,7 +63,8 @@ FLAGS = {
     PolicyConfig: "--reward --prompts --model --algo --run-dir --runs-dir --run-id --steps --batch-size --k "
     "--max-new-tokens --max-prompt-length --temperature --lr --anneal-lr --epochs --minibatches "
     "--micro-batch --gamma --lam --clip --clip-value --vf-coef --kl-coef --kl-estimator --kl-target "
-    "--kl-horizon --whiten-rewards --whiten-advantages --no-whiten-advantages --missing-eos-penalty "
+    "--kl-horizon --whiten-rewards --whiten-advantages --no-whiten-advantages --loss-agg --mask-truncated "
+    "--missing-eos-penalty "
     "--baseline-decay --max-kl --max-grad-norm --seed --lora-r --lora-alpha --grad-checkpointing "
     "--dtype --device --gen-batch --no-share-prompt --compile-generation --no-compile-generation "
     "--reward-batch-size --save-every --sample-every --samples --eval-prompts --no-progress",
@@ -194,7 +195,7 @@ def test_a_bad_config_file_is_refused_naming_the_file_or_key(tmp_path):
         (
             PolicyConfig,
             {"algo": "rloo", "k": 1},
-            "--k must be at least 2 for RLOO",
+            "--k must be at least 2 for rloo",
             "--k: must be at least 2",
         ),
         (PolicyConfig, {"kl_coef": -1}, "--kl-coef must be at least 0", "KL coefficient: must be at least 0"),

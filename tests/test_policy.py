@@ -178,6 +178,47 @@ def test_rloo_baseline_by_hand():
         rl_math.rloo_advantages(torch.ones(4), k=1)
 
 
+def test_group_advantages_by_hand():
+    # Group [1, 2, 3]: mean 2, std (Bessel) 1; group [0, 0, 0] teaches nothing.
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 0.0])
+    grpo = rl_math.group_advantages(rewards, k=3)
+    assert torch.allclose(grpo, torch.tensor([-1, 0, 1, 0, 0, 0]) / (1 + 1e-4), atol=1e-6)
+    # Dr. GRPO: no division by the std, so a group that barely varies is not blown up.
+    small = torch.tensor([0.50, 0.51, 5.0, 1.0])
+    assert torch.allclose(
+        rl_math.group_advantages(small, k=2, scale=False), torch.tensor([-0.005, 0.005, 2.0, -2.0])
+    )
+    assert rl_math.group_advantages(small, k=2)[1] == pytest.approx(0.005 / (0.01 / 2**0.5 + 1e-4), rel=1e-4)
+    assert torch.equal(rl_math.group_centred(rewards, k=1), rewards)  # k = 1: no baseline
+    with pytest.raises(ValueError):
+        rl_math.group_advantages(torch.ones(4), k=1)
+    with pytest.raises(ValueError):
+        rl_math.group_centred(torch.ones(5), k=2)
+
+
+def test_returns_to_go_and_loss_aggregation_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 5.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    assert torch.equal(rl_math.returns_to_go(rewards, mask), torch.tensor([[6.0, 5, 3, 0], [9, 5, 0, 0]]))
+    w = rl_math.token_loss_weights
+    assert torch.equal(w(mask, "token", 4), mask)
+    assert torch.allclose(w(mask, "seq", 4), torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0], [0.5, 0.5, 0, 0]]))
+    assert torch.equal(w(mask, "seq_sum", 4), mask / 4)
+    with pytest.raises(ValueError, match="loss aggregation"):
+        w(mask, "mean", 4)
+    # On-policy (ratio 1) each token's loss is -A: with the weights on the advantages, the
+    # clipped surrogate's sum is the aggregation itself.
+    adv = torch.tensor([[2.0, 2.0, 2.0, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    logp = torch.zeros(2, 4)
+    per_answer_mean = ((-2.0 * 3) / 3 + (1.0 * 2) / 2) / 2  # GRPO: each answer's mean, then over answers
+    loss, _, _ = rl_math.ppo_policy_loss(logp, logp, adv * w(mask, "seq", 4), mask)
+    assert float(loss) / 2 == pytest.approx(per_answer_mean)
+    loss, _, _ = rl_math.ppo_policy_loss(logp, logp, adv * w(mask, "token", 4), mask)
+    assert float(loss) / 5 == pytest.approx((-2.0 * 3 + 1.0 * 2) / 5)  # DAPO: over all 5 tokens
+    loss, _, _ = rl_math.ppo_policy_loss(logp, logp, adv * w(mask, "seq_sum", 4), mask)
+    assert float(loss) / 2 == pytest.approx((-6.0 / 4 + 2.0 / 4) / 2)  # Dr. GRPO: sums over max_len
+
+
 def test_clipped_losses_by_hand():
     old = torch.zeros(4)
     logp = torch.log(torch.tensor([1.5, 0.5, 0.5, 1.1]))  # ratios 1.5, 0.5, 0.5, 1.1
@@ -324,6 +365,8 @@ def test_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
         ({"reward": None}, "no reward model"),
         ({"reward": str(tmp_path), "algo": "rloo", "k": 1}, "--k must be at least 2"),
         ({"reward": str(tmp_path), "algo": "a2c"}, "--algo must be one of"),
+        ({"reward": str(tmp_path), "algo": "grpo", "k": 1}, "--k must be at least 2 for grpo"),
+        ({"reward": str(tmp_path), "algo": "ppo", "loss_agg": "seq"}, "--loss-agg applies to grpo"),
     ]
     for i, (extra, expect) in enumerate(cases):
         run_dir = tmp_path / f"bad{i}"
@@ -588,6 +631,64 @@ def test_rloo_learns_too(world, tmp_path):
     assert last > first + 0.4, (first, last)
     assert all(r["value_loss"] is None and r["explained_variance"] is None for r in records)  # no value head
     assert records[-1]["prompts"] == 4 and records[-1]["rows"] == 16
+
+
+def test_grpo_with_token_loss_and_overlong_filtering_learns(world, tmp_path):
+    """GRPO's group advantages with DAPO's token-level loss and overlong filtering: the
+    reward still rises, and the run's config says what ran."""
+    rm, policy, prompts = world
+    run_dir = tmp_path / "grpo"
+    settings = {
+        "model": str(policy),
+        "reward": str(rm),
+        "prompts": str(prompts),
+        "run_dir": str(run_dir),
+        "algo": "grpo",
+        "loss_agg": "token",
+        "mask_truncated": True,
+        "steps": 25,
+        "batch_size": 4,
+        "max_new_tokens": 12,
+        "temperature": 1.0,
+        "lr": 5e-4,
+        "device": TRAIN_DEVICE,
+        "progress": False,
+        "seed": 0,
+    }
+    assert train(settings) == 0
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert config["k"] == 4 and config["loss_agg"] == "token" and config["mask_truncated"] is True
+    records = _records(run_dir)
+    first = sum(r["reward_mean"] for r in records[:3]) / 3
+    last = sum(r["reward_mean"] for r in records[-5:]) / 5
+    assert last > first + 0.4, (first, last)
+    assert all(r["value_loss"] is None and math.isfinite(r["loss"]) for r in records)  # no value head
+
+
+@pytest.mark.parametrize("algo", ["dr_grpo", "reinforce_pp"])
+def test_the_other_grpo_family_members_run_with_their_own_defaults(world, tmp_path, algo):
+    rm, policy, prompts = world
+    run_dir = tmp_path / algo
+    settings = {
+        "model": str(policy),
+        "reward": str(rm),
+        "prompts": str(prompts),
+        "run_dir": str(run_dir),
+        "algo": algo,
+        "steps": 2,
+        "batch_size": 2,
+        "max_new_tokens": 8,
+        "eval_prompts": 0,
+        "device": TRAIN_DEVICE,
+        "progress": False,
+    }
+    assert train(settings) == 0
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert config["k"] == 4 and config["loss_agg"] == {"dr_grpo": "seq_sum", "reinforce_pp": "token"}[algo]
+    for r in _records(run_dir):
+        assert all(
+            math.isfinite(r[key]) for key in ("loss", "pg_loss", "clip_frac", "approx_kl", "grad_norm")
+        )
 
 
 @pytest.mark.parametrize("dtype", ["auto", "bf16"])  # bf16: the frozen base in bf16, as with LoRA on CUDA

@@ -1,4 +1,5 @@
-"""Fine-tune the policy against a trained reward model: PPO, RLOO or REINFORCE.
+"""Fine-tune the policy against a trained reward model: PPO, RLOO, REINFORCE, or the GRPO
+family (GRPO, Dr. GRPO, REINFORCE++).
 
     preflab train-policy --reward runs/rm-1 --prompts data/prompts.jsonl --run-dir runs/pol-1
     python -m trainer.policy --reward runs/rm-1 --prompts comparisons/ --algo rloo --k 4
@@ -33,10 +34,18 @@ One step of training:
      RLOO: k samples per prompt; R = score - beta * sum_t KL_t (sequence-level KL);
            advantage = R minus the mean R of the other k - 1 samples of that prompt.
      REINFORCE: R as for RLOO minus a moving-average baseline of past rewards.
+     GRPO: R as for RLOO minus the mean R of the prompt's k samples, over their std
+           (Dr. GRPO: not divided by the std).
+     REINFORCE++: per-token reward -beta * KL_t plus, on the last token, the score minus
+           the mean score of the prompt's k samples; returns-to-go; whitened over the batch.
 5. Update: `epochs` passes over the batch in `minibatches` shuffled minibatches, each
    an optimizer step (micro-batches of `micro_batch` rows accumulate its gradient).
    PPO: clipped token ratio + clipped value loss. RLOO / REINFORCE: the clipped ratio of
-   the whole answer's probability (with one pass, this is exactly REINFORCE).
+   the whole answer's probability (with one pass, this is exactly REINFORCE). The GRPO
+   family: the clipped token ratio, token losses aggregated by --loss-agg (per token as
+   DAPO, per answer as GRPO, per answer over a constant as Dr. GRPO). --mask-truncated:
+   answers cut off at max_new_tokens give no gradient (DAPO's overlong filtering). The KL
+   penalty is in the reward for every algorithm, so they all maximise the same objective.
 6. The adaptive KL coefficient (when `kl_target` > 0) moves toward the target KL.
 
 A run directory (trainer/runs.py) holds:
@@ -87,7 +96,7 @@ from pathlib import Path
 from trainer.checkpoints import CheckpointError, load_training_state
 from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
 from trainer.errors import PolicyInputError, exit_code
-from trainer.policy_config import DEFAULT_PROMPTS, PolicyConfig, resolve_config
+from trainer.policy_config import DEFAULT_PROMPTS, TOKEN_ALGOS, PolicyConfig, resolve_config
 from trainer.policy_model import (
     Sampler,
     add_lora,
@@ -187,6 +196,8 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 for what still runs in fp32
     lora = cfg.lora_r > 0
     ppo = cfg.algo == "ppo"
+    token_ratio = ppo or cfg.algo in TOKEN_ALGOS  # a ratio per token, not per answer
+    per_token = ppo or cfg.loss_agg == "token"  # the loss is a mean over tokens
     # Master weights in fp32 (RL learning rates are ~1e-6: a bf16 weight would round most
     # updates away). With LoRA the base is frozen, so it can sit in bf16 on CUDA.
     weight_dtype = torch.bfloat16 if cfg.dtype == "bf16" or (lora and cuda) else torch.float32
@@ -465,11 +476,22 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
             explained_var = rl_math.explained_variance(old_values, returns, resp_mask, reduce=reduce)
             if cfg.whiten_advantages:
                 advantages = rl_math.masked_whiten(advantages, resp_mask, reduce=reduce)
+        elif cfg.algo == "reinforce_pp":
+            # REINFORCE++: per-token reward -beta * KL_t, plus on the last token the score minus
+            # the mean score of the prompt's k samples (its "baseline" variant; k = 1: none);
+            # returns-to-go (gamma 1, no critic), whitened over the whole batch (all processes).
+            rewards = -beta * kl_tokens
+            rewards[torch.arange(n, device=device), lengths - 1] += rl_math.group_centred(score, cfg.k)
+            advantages = rl_math.returns_to_go(rewards, resp_mask)
+            advantages = rl_math.masked_whiten(advantages, resp_mask, reduce=reduce)
         else:
             # Sequence-level reward with the KL penalty summed over the answer.
             seq_reward = score - beta * kl_seq
             if cfg.algo == "rloo":
                 advantages = rl_math.rloo_advantages(seq_reward, cfg.k)  # leave-one-out baseline
+            elif cfg.algo in ("grpo", "dr_grpo"):
+                # Group-relative: minus the group's mean, over its std (GRPO) or not (Dr. GRPO).
+                advantages = rl_math.group_advantages(seq_reward, cfg.k, scale=cfg.algo == "grpo")
             else:
                 # REINFORCE with a moving-average baseline (of the KL-penalised reward), as in
                 # Ahmadian et al. (2024); the first batch is its own baseline.
@@ -487,6 +509,14 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
             returns = None
 
         # 5. Update: `epochs` passes, each over shuffled minibatches; one optimizer step each.
+        # Overlong filtering (--mask-truncated): a cut-off answer gives no gradient at all.
+        keep = (ended | (not cfg.mask_truncated)).float()
+        loss_mask = resp_mask * keep[:, None]
+        if cfg.algo in TOKEN_ALGOS:
+            # The GRPO family: a token-level clipped ratio, each token's advantage weighted so
+            # that the loss is the chosen aggregation (rl_math.token_loss_weights).
+            adv_tokens = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(loss_mask)
+            adv_tokens = adv_tokens * rl_math.token_loss_weights(loss_mask, cfg.loss_agg, cfg.max_new_tokens)
         t_train = time.perf_counter()
         net.train()
         acc = UpdateSums.zeros(device)
@@ -496,7 +526,8 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
             micro_rows = max(1, cfg.micro_batch // g_train) * g_train
             for mb_start in range(0, n, minibatch_rows):
                 mb = perm[mb_start : mb_start + minibatch_rows]
-                mb_tokens = resp_mask[mb].sum().clamp(min=1)
+                mb_tokens = loss_mask[mb].sum().clamp(min=1)
+                mb_answers = keep[mb].sum().clamp(min=1)
                 micro = [mb[i : i + micro_rows] for i in range(0, len(mb), micro_rows)]
                 for j, rows in enumerate(micro):
                     sync = j == len(micro) - 1
@@ -505,7 +536,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
                         (logp, _, values), w = forward_rows(
                             ddp_net, rows, *rollout, with_values=ppo, group=g_train
                         )
-                        m = resp_mask[rows, :w]
+                        m = loss_mask[rows, :w]
                         if ppo:
                             pg, clipped, approx_kl = rl_math.ppo_policy_loss(
                                 logp, old_logp[rows, :w], advantages[rows, :w], m, cfg.clip
@@ -515,14 +546,20 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
                             )
                             # Token-level mean over the minibatch, however it is cut into micro-batches.
                             loss = (pg + cfg.vf_coef * vf) / mb_tokens
+                        elif cfg.algo in TOKEN_ALGOS:
+                            pg, clipped, approx_kl = rl_math.ppo_policy_loss(
+                                logp, old_logp[rows, :w], adv_tokens[rows, :w], m, cfg.clip
+                            )
+                            vf = vclipped = torch.zeros((), device=device)
+                            loss = pg / (mb_tokens if cfg.loss_agg == "token" else mb_answers)
                         else:
                             pg, clipped = rl_math.sequence_policy_loss(
-                                logp, old_logp[rows, :w], advantages[rows], m, cfg.clip
+                                logp, old_logp[rows, :w], advantages[rows] * keep[rows], m, cfg.clip
                             )
                             with torch.no_grad():
                                 approx_kl = rl_math.masked_sum(0.5 * (logp - old_logp[rows, :w]) ** 2, m)
                             vf = vclipped = torch.zeros((), device=device)
-                            loss = pg / len(mb)  # mean over the minibatch's answers
+                            loss = pg / mb_answers  # mean over the minibatch's answers
                         loss.backward()
                     # In UpdateSums' field order: pg, vf, clipped, vclipped, approx_kl, tokens, answers.
                     acc += torch.stack(
@@ -533,7 +570,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
                             vclipped,
                             approx_kl,
                             m.sum(),
-                            torch.tensor(float(len(rows)), device=device),
+                            keep[rows].sum(),
                         ]
                     ).double()
                 # Gradient clipping by global norm. A NaN/inf loss makes the (all-reduced) gradient
@@ -582,14 +619,15 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
             "kl_penalty": roll.kl_penalty / count,  # the estimator the reward uses, per answer
             "kl_coef": beta,
             "entropy": roll.entropy / max(tokens, 1.0),  # per token, at temperature T
-            "clip_frac": upd.clipped / (tok_updates if ppo else seq_updates),
+            "clip_frac": upd.clipped / (tok_updates if token_ratio else seq_updates),
             "approx_kl": upd.approx_kl / tok_updates,  # 0.5 E[(log pi/pi_old)^2] over updates
-            "pg_loss": upd.pg_loss / (tok_updates if ppo else seq_updates),
+            "pg_loss": upd.pg_loss / (tok_updates if per_token else seq_updates),
             "value_loss": upd.value_loss / tok_updates if ppo else None,
-            # What the update minimised: per token (PPO, with the value loss) or per answer.
+            # What the update minimised: per token (PPO, with the value loss; --loss-agg token)
+            # or per answer.
             "loss": (upd.pg_loss + cfg.vf_coef * upd.value_loss) / tok_updates
             if ppo
-            else upd.pg_loss / seq_updates,
+            else upd.pg_loss / (tok_updates if per_token else seq_updates),
             "value_clip_frac": upd.value_clipped / tok_updates if ppo else None,
             # PPO: 1 - Var(returns - values) / Var(returns) of the rollout; None without a value
             # head, or when the returns did not vary (it is undefined then).

@@ -20,7 +20,13 @@ from trainer.config import Config, ConfigError, model_problem, settings_for_run
 from trainer.errors import PolicyInputError
 from trainer.prompts import DEFAULT_PROMPTS
 
-ALGOS = ("ppo", "rloo", "reinforce")
+ALGOS = ("ppo", "rloo", "reinforce", "grpo", "dr_grpo", "reinforce_pp")
+# Algorithms whose baseline is the other samples of the same prompt (k >= 2 needed).
+GROUP_ALGOS = ("rloo", "grpo", "dr_grpo")
+# The GRPO family: a token-level clipped ratio without a value head, aggregated by --loss-agg.
+TOKEN_ALGOS = ("grpo", "dr_grpo", "reinforce_pp")
+# Each one's loss aggregation as its paper has it (trainer/rl_math.token_loss_weights).
+DEFAULT_LOSS_AGG = {"grpo": "seq", "dr_grpo": "seq_sum", "reinforce_pp": "token"}
 # Settings that may change when a run is resumed; the rest stay what the run began with.
 RESUMABLE_OVERRIDES = (
     "steps",
@@ -97,8 +103,11 @@ class PolicyConfig(Config):
     algo: str = field(
         default="ppo",
         metadata={
-            "help": "ppo (value head + GAE), rloo (k samples, leave-one-out baseline) or reinforce "
-            "(moving-average baseline)",
+            "help": "ppo (value head + GAE), rloo (k samples, leave-one-out baseline), reinforce "
+            "(moving-average baseline), grpo (k samples, advantage = reward minus the group mean over "
+            "the group std), dr_grpo (the same without the std, and no length normalisation) or "
+            "reinforce_pp (REINFORCE++: per-token KL reward, group-mean baseline, returns whitened "
+            "over the batch)",
             "choices": ALGOS,
             "label": "Algorithm",
         },
@@ -114,7 +123,10 @@ class PolicyConfig(Config):
     batch_size: int = field(
         default=16, metadata={"help": "prompts per step (per process)", "label": "Batch size"}
     )
-    k: int = field(default=0, metadata={"help": "samples per prompt (0: 4 for rloo, 1 otherwise)"})
+    k: int = field(
+        default=0,
+        metadata={"help": "samples per prompt (0: 4 for rloo, grpo, dr_grpo and reinforce_pp, 1 otherwise)"},
+    )
     max_new_tokens: int = field(
         default=64, metadata={"help": "longest answer, in tokens", "label": "Max new tokens"}
     )
@@ -165,6 +177,22 @@ class PolicyConfig(Config):
     whiten_advantages: bool | None = field(
         default=None,
         metadata={"help": "normalise advantages over the batch (default: on for ppo, off otherwise)"},
+    )
+    loss_agg: str = field(
+        default="auto",
+        metadata={
+            "help": "grpo / dr_grpo / reinforce_pp: how token losses make the loss: token (a mean over "
+            "all tokens, DAPO), seq (each answer's mean, then over answers, GRPO), seq_sum (each "
+            "answer's sum over max_new_tokens, Dr. GRPO); auto: the algorithm's own (seq, seq_sum, token)",
+            "choices": ("auto", "token", "seq", "seq_sum"),
+        },
+    )
+    mask_truncated: bool = field(
+        default=False,
+        metadata={
+            "help": "answers cut off at max_new_tokens give no gradient (DAPO's overlong filtering: "
+            "a cut answer is not judged as if it were complete); they still count in the group baseline"
+        },
     )
     missing_eos_penalty: float = field(
         default=1.0, metadata={"help": "subtracted from the score of an answer cut off without EOS"}
@@ -241,8 +269,14 @@ class PolicyConfig(Config):
         yield "k", cfg.k < 1, "must be at least 1"
         yield (
             "k",
-            cfg.algo == "rloo" and cfg.k < 2,
-            "must be at least 2 for RLOO (the baseline is the other samples)",
+            cfg.algo in GROUP_ALGOS and cfg.k < 2,
+            f"must be at least 2 for {cfg.algo} (the baseline is the other samples of the prompt)",
+        )
+        yield (
+            "loss_agg",
+            self.loss_agg != "auto" and cfg.algo not in TOKEN_ALGOS,
+            f"applies to {', '.join(TOKEN_ALGOS)} (ppo's loss is per token; rloo's and reinforce's "
+            "per answer)",
         )
         yield "max_new_tokens", cfg.max_new_tokens < 1, "must be at least 1"
         yield "max_prompt_length", cfg.max_prompt_length < 1, "must be at least 1"
@@ -275,11 +309,13 @@ def _prompts_exist(prompts: str) -> bool:
 
 
 def finalize_config(cfg: PolicyConfig) -> PolicyConfig:
-    """Fill the per-algorithm defaults (k, epochs, minibatches, whitening), so that
+    """Fill the per-algorithm defaults (k, loss aggregation, epochs, minibatches, whitening), so that
     config.json shows what actually runs."""
     ppo = cfg.algo == "ppo"
     if not cfg.k:
-        cfg.k = 4 if cfg.algo == "rloo" else 1
+        cfg.k = 4 if cfg.algo in GROUP_ALGOS or cfg.algo == "reinforce_pp" else 1
+    if cfg.loss_agg == "auto" and cfg.algo in TOKEN_ALGOS:
+        cfg.loss_agg = DEFAULT_LOSS_AGG[cfg.algo]
     if not cfg.epochs:
         cfg.epochs = 4 if ppo else 1
     if not cfg.minibatches:

@@ -9,6 +9,11 @@ Sequence-level tensors are [rows].
     kl_per_answer(logp, ref_logp, mask)           the KL a person reads: k3 summed over each answer
     gae(rewards, values, mask, gamma, lam)        generalised advantage estimation
     rloo_advantages(rewards, k)                   leave-one-out baseline over k samples of a prompt
+    group_advantages(rewards, k, scale)           GRPO (scale by the group's std) / Dr. GRPO (not)
+    group_centred(rewards, k)                     minus the mean of the prompt's k samples
+    returns_to_go(rewards, mask)                  sum of the rewards from each token on (REINFORCE++)
+    token_loss_weights(mask, mode, max_len)       loss aggregation: per token (DAPO), per answer
+                                                  (GRPO), per answer over a constant (Dr. GRPO)
     ppo_policy_loss / ppo_value_loss              the clipped surrogate objectives
     sequence_policy_loss                          the same on whole answers (RLOO / REINFORCE)
     explained_variance(values, returns, mask)     how much of the returns the value head predicts
@@ -17,7 +22,9 @@ Sequence-level tensors are [rows].
 References: Schulman et al. 2016 (GAE), Schulman et al. 2017 (PPO), Ziegler et al. 2019
 (KL-penalised RLHF, adaptive coefficient), Schulman 2020 "Approximating KL divergence"
 (k1/k3), Kool et al. 2019 and Ahmadian et al. 2024 (RLOO), Huang et al. 2024 "The N+
-implementation details of RLHF with PPO".
+implementation details of RLHF with PPO", Shao et al. 2024 (GRPO), Liu et al. 2025
+"Understanding R1-Zero-like training" (Dr. GRPO), Yu et al. 2025 (DAPO: token-level loss,
+overlong filtering), Hu 2025 (REINFORCE++).
 """
 
 from __future__ import annotations
@@ -140,6 +147,59 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     grouped = rewards.view(-1, k)
     baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
     return (grouped - baseline).view(-1)
+
+
+def group_advantages(rewards: torch.Tensor, k: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantage: rows grouped k at a time (k samples of one prompt),
+
+        A_i = (R_i - mean_g R) / (std_g R + eps)        (std with Bessel's correction, as TRL)
+
+    Dr. GRPO (scale=False) keeps only R_i - mean_g R: dividing by the std weights up the
+    prompts whose answers barely differ (all right or all wrong), a bias toward them."""
+    if k < 2:
+        raise ValueError("group advantages need at least 2 samples per prompt")
+    centred = group_centred(rewards, k).view(-1, k)
+    if scale:
+        centred = centred / (rewards.view(-1, k).std(1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+def group_centred(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """R_i minus the mean R of its group of k (the prompt's samples); unchanged for k = 1."""
+    if rewards.numel() % k:
+        raise ValueError(f"{rewards.numel()} rewards are not a whole number of groups of {k}")
+    grouped = rewards.view(-1, k)
+    return (grouped - grouped.mean(1, keepdim=True)).view(-1) if k > 1 else rewards.clone()
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """G_t = sum_{s >= t} r_s over each answer's own tokens (gamma 1, no critic): the
+    advantage of REINFORCE++ before its batch normalisation. Masked-out entries -> 0."""
+    r = rewards * mask
+    return r.flip(1).cumsum(1).flip(1) * mask
+
+
+LOSS_AGGREGATIONS = ("token", "seq", "seq_sum")
+
+
+def token_loss_weights(mask: torch.Tensor, mode: str, max_len: int) -> torch.Tensor:
+    """Per-token weights w such that sum_t w_t * loss_t, divided by the minibatch's count
+    (its tokens for "token", its answers otherwise), is the chosen aggregation:
+
+        token    w = 1           DAPO: a mean over all tokens, so a long answer counts by its length
+        seq      w = 1 / len_i   GRPO: each answer's mean token loss, every answer the same weight
+                                 (so a long wrong answer is pushed down less per token: a length bias)
+        seq_sum  w = 1 / max_len Dr. GRPO: each answer's token sum over one constant, no length bias
+
+    The clipped surrogate is positively homogeneous in the advantage (max(-A r, -A c) scales
+    with A > 0), so these weights can multiply the advantages themselves."""
+    if mode == "token":
+        return mask.clone()
+    if mode == "seq":
+        return mask / mask.sum(1, keepdim=True).clamp(min=1)
+    if mode == "seq_sum":
+        return mask / float(max_len)
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
 
 
 def ppo_policy_loss(
