@@ -33,7 +33,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train-policy": (
         "trainer.policy",
-        "fine-tune the policy against a reward model (PPO, RLOO or REINFORCE)",
+        "fine-tune the policy against a reward model (PPO, RLOO, REINFORCE, GRPO, Dr. GRPO, REINFORCE++)",
+    ),
+    "eval-reward": (
+        "trainer.reward_eval",
+        "a reward model's accuracy on a preference file: per subset, RewardBench sections, best-of-N, "
+        "length bias, calibration",
     ),
     "eval-policy": (
         "trainer.evaluate",

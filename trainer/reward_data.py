@@ -238,8 +238,9 @@ def pairs_from_votes(
     return pairs
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """(column names, rows) of a Parquet or JSON-lines file."""
+def read_rows(path: Path, keep=(*NEEDED_COLUMNS, "margin")) -> tuple[list[str], list[dict[str, Any]]]:
+    """(column names, rows) of a Parquet or JSON-lines file; of a Parquet file only the
+    columns in `keep` are read (trainer/reward_eval.py also wants `subset`)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -249,8 +250,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         except Exception as e:
             raise RewardDataError(f"{path}: not a readable Parquet file ({e})") from None
         names = table.column_names
-        keep = [c for c in (*NEEDED_COLUMNS, "margin") if c in names]
-        return names, table.select(keep).to_pylist()
+        return names, table.select([c for c in keep if c in names]).to_pylist()
     if suffix in (".jsonl", ".json"):
         from trainer.rows import BadRow, check_values, load_json
 
@@ -288,7 +288,7 @@ def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) ->
     """A TRL preference file (standard strings or conversational messages, explicit prompt,
     optional `margin` column) -> pairs. Every row is a preference (label 1)."""
     path = Path(path)
-    names, rows = _read_rows(path)
+    names, rows = read_rows(path)
     missing = [c for c in NEEDED_COLUMNS if c not in names]
     if missing:
         raise RewardDataError(
