@@ -53,6 +53,7 @@ from annotate.bradley_terry import (
     RIDGE,
     VOTE_COLUMNS,
     battles_from_votes,
+    fit_bradley_terry,
 )
 from annotate.ratings import PROVISIONAL_VOTES, SCALE, Leaderboard, checked_battles, leaderboard, ranked_board
 from annotate.style_fit import bootstrap_style, fit_style_bt, style_data
@@ -238,7 +239,10 @@ def style_leaderboard(
     timings["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     data = style_data(np.maximum(ia, 0), np.maximum(ib, 0), score, z, K)
-    params = fit_style_bt(data, ridge=ridge)
+    # Newton from the plain strengths (a K x K fit, nothing next to the battles) and no
+    # style effect: fewer steps over the battles than from zero.
+    start = np.concatenate([fit_bradley_terry(battles.scores, ridge=ridge), np.zeros(z.shape[1])])
+    params = fit_style_bt(data, ridge=ridge, start=start)
     timings["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     boot = bootstrap_style(data, rounds, seed, ridge=ridge, start=params) if rounds > 0 else None
