@@ -289,3 +289,33 @@ def test_the_tab_view_shows_style_control_on_request(store, tmp_path):
     assert 'id="lb-style-coefs"' in view["style"] and "length" in view["style"]
     assert view["table"].index(name(0)) < view["table"].index(name(5))  # the controlled order
     assert "plain" in view["table"]
+
+
+def test_reward_model_markdown_bias_next_to_the_length_bias():
+    from trainer.models import load_tokenizer
+    from trainer.reward_batches import encode_pairs
+    from trainer.reward_data import Pairs
+    from trainer.reward_metrics import markdown_bias
+    from trainer.reward_model import choose_pad_token
+
+    tok = load_tokenizer("tiny")
+    choose_pad_token(tok)
+    pairs = Pairs()
+    pairs.add([{"role": "user", "content": "hi"}], "# Plan\n- one\n- two\n**done**", "plain")
+    pairs.add([{"role": "user", "content": "hi"}], "ok", "## A\n## B\n1. x")
+    enc = encode_pairs(pairs, tok, max_length=64)
+    assert enc.chosen_markdown.tolist() == [[1, 2, 1], [0, 0, 0]]
+    assert enc.rejected_markdown.tolist() == [[0, 0, 0], [2, 1, 0]]
+
+    # rewards that follow the headers exactly, and ignore everything else
+    counts = np.concatenate([enc.chosen_markdown, enc.rejected_markdown])  # as evaluate() stacks them
+    rewards = 0.7 * counts[:, 0] - 0.1
+    bias = markdown_bias(rewards, counts)
+    assert bias["headers_corr"] == pytest.approx(1.0)
+    assert bias["lists_corr"] == pytest.approx(np.corrcoef(rewards, counts[:, 1])[0, 1])
+    assert set(bias) == {"headers_corr", "lists_corr", "bold_corr"}
+    assert markdown_bias(rewards, np.zeros_like(counts)) == {
+        "headers_corr": 0.0,
+        "lists_corr": 0.0,
+        "bold_corr": 0.0,
+    }

@@ -279,7 +279,8 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
                 f"{record['val_acc_high']:.2f}, {record['val_pairs']} {record['split']} pairs)  "
                 f"loss {record['val_loss']:.4f}  "
                 f"ece {record['val_ece']:.3f}  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  "
-                f"length corr {record['length_corr']:+.2f}",
+                f"length corr {record['length_corr']:+.2f} (headers {record.get('headers_corr', 0):+.2f}, "
+                f"lists {record.get('lists_corr', 0):+.2f}, bold {record.get('bold_corr', 0):+.2f})",
                 file=sys.stderr,
             )
         return record

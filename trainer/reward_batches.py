@@ -20,6 +20,7 @@ import numpy as np
 
 from trainer.reward_data import Pairs
 from trainer.store import messages_to_json
+from trainer.style_features import markdown_counts
 
 # --------------------------------------------------------------------------------------
 # Tokenization with left truncation of the prompt
@@ -39,6 +40,10 @@ class Encoded:
     shared: np.ndarray = None  # tokens both sides begin with (the prompt, at least), < both lengths
     prompts_cut: int = 0  # pairs whose prompt lost tokens on the left
     responses_cut: int = 0  # answers that alone were too long (cut at their end)
+    # (pairs, 3): headers, list items, bold spans of each answer (trainer.style_features),
+    # for the markdown bias next to the length bias
+    chosen_markdown: np.ndarray = None
+    rejected_markdown: np.ndarray = None
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -157,6 +162,8 @@ def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
         shared=np.array([shared_prefix(c, r) for c, r in zip(chosen, rejected)], dtype=np.int64),
         prompts_cut=prompts_cut,
         responses_cut=answers_cut,
+        chosen_markdown=markdown_counts(pairs.chosen),
+        rejected_markdown=markdown_counts(pairs.rejected),
     )
 
 

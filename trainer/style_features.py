@@ -116,18 +116,27 @@ def token_counts(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarra
     return out
 
 
+MARKDOWN_FEATURES = FEATURES[1:]
+
+
+def markdown_counts(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(n, 3) int64: per text its markdown headers, list items and bold spans
+    (MARKDOWN_FEATURES), fenced code blocks left out."""
+    arr = as_text_array(texts)
+    out = np.zeros((len(arr), len(MARKDOWN_FEATURES)), np.int64)
+    if len(arr) == 0:
+        return out
+    prose = pc.replace_substring_regex(arr, CODE_BLOCK, "")
+    for k, name in enumerate(MARKDOWN_FEATURES):
+        out[:, k] = pc.count_substring_regex(prose, MARKDOWN_PATTERNS[name]).to_numpy(zero_copy_only=False)
+    return out
+
+
 def style_counts(texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """(n, len(FEATURES)) int64: per text its length in tokens and its markdown headers,
     list items and bold spans (in that order, FEATURES)."""
     arr = as_text_array(texts)
-    out = np.zeros((len(arr), len(FEATURES)), np.int64)
-    if len(arr) == 0:
-        return out
-    out[:, 0] = token_counts(arr)
-    prose = pc.replace_substring_regex(arr, CODE_BLOCK, "")
-    for k, name in enumerate(FEATURES[1:], start=1):
-        out[:, k] = pc.count_substring_regex(prose, MARKDOWN_PATTERNS[name]).to_numpy(zero_copy_only=False)
-    return out
+    return np.column_stack([token_counts(arr), markdown_counts(arr)]).astype(np.int64)
 
 
 def style_differences(counts_a: np.ndarray, counts_b: np.ndarray) -> np.ndarray:
