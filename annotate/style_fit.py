@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.special import expit
@@ -98,26 +98,35 @@ def style_data(
     )
 
 
-def _sigmoid(x: np.ndarray, fast: bool = False) -> np.ndarray:
-    """P(a wins) from the predictor: expit in float64 (no overflow for any x), or with
-    fast=True through float32's vectorised exp, ~5x quicker and right to 1e-7, which is
-    what a bootstrap round needs (its residuals' rounding, summed over a million
-    battles, moves a rating by ~1e-8 logits) and not what the point fit gets."""
-    if not fast:
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """P(a wins) from the predictor, in the predictor's precision: expit in float64 (no
+    overflow for any x); in float32 (the bootstrap rounds) through float32's vectorised
+    exp, several times quicker."""
+    if x.dtype != np.float32:
         return expit(x)
     with np.errstate(over="ignore"):
-        e = np.exp(-x.astype(np.float32))
+        e = np.exp(-x)
         e += 1.0
-        return np.reciprocal(e).astype(np.float64)
+        return np.reciprocal(e, out=e)
 
 
 def _predictor(data: StyleData, params: np.ndarray) -> np.ndarray:
-    """The linear predictor of every battle: theta_a - theta_b (0 for a self-pair) + beta . z."""
-    K = data.K
-    eta = params[K:] @ data.z if data.F else np.zeros(data.n)  # beta @ z: rows contiguous, one gemv
-    diff = params[:K][data.seg_i] - params[:K][data.seg_j]
+    """The linear predictor of every battle, in the data's precision: theta_a - theta_b
+    (0 for a self-pair) + beta . z."""
+    K, dtype = data.K, data.y.dtype
+    # beta @ z: z's rows are contiguous, one gemv
+    eta = params[K:].astype(dtype) @ data.z if data.F else np.zeros(data.n, dtype)
+    diff = (params[:K][data.seg_i] - params[:K][data.seg_j]).astype(dtype)
     eta[: data.rated] += diff[data.seg_of]
     return eta
+
+
+def single_precision(data: StyleData) -> StyleData:
+    """The same battles with y and z in float32, for the bootstrap rounds: half the
+    memory traffic of every pass and float32's vectorised exp. Right where it matters:
+    per-pair sums still accumulate in float64, and the rounding of the float32 sums over
+    a million battles moves a parameter by ~1e-8, a thousandth of the rounds' tolerance."""
+    return replace(data, y=data.y.astype(np.float32), z=data.z.astype(np.float32))
 
 
 def fit_style_bt(
@@ -145,7 +154,7 @@ def _gradient(data: StyleData, r: np.ndarray, params: np.ndarray, ridge: float, 
     (weights included); seg_r: r's per-pair sums when already summed."""
     K, rated = data.K, data.rated
     if seg_r is None:
-        seg_r = np.add.reduceat(r[:rated], data.seg_start) if rated else np.zeros(0)
+        seg_r = np.add.reduceat(r[:rated], data.seg_start, dtype=np.float64) if rated else np.zeros(0)
     grad = np.empty(K + data.F)
     grad[:K] = np.bincount(data.seg_i, seg_r, K) - np.bincount(data.seg_j, seg_r, K)
     grad[K:] = data.z @ r
@@ -161,11 +170,11 @@ def _gradient_hessian(data: StyleData, p: np.ndarray, c: np.ndarray | None, para
         r *= c
         w *= c
     # Per pair of models: the sums of r, w and w * z over its battles, in one pass.
-    sums = np.empty((2 + F, rated))
+    sums = np.empty((2 + F, rated), p.dtype)
     sums[0], sums[1] = r[:rated], w[:rated]
     if F:
         np.multiply(data.z[:, :rated], w[:rated], out=sums[2:])
-    seg = np.add.reduceat(sums, data.seg_start, axis=1) if rated else np.zeros((2 + F, 0))
+    seg = np.add.reduceat(sums, data.seg_start, axis=1, dtype=np.float64) if rated else np.zeros((2 + F, 0))
     grad = _gradient(data, r, params, ridge, seg_r=seg[0])
     # The theta block is the Laplacian of the pair weights, the cross block per model the
     # signed sums of w z, the beta block z' diag(w) z.
@@ -184,7 +193,7 @@ def _gradient_hessian(data: StyleData, p: np.ndarray, c: np.ndarray | None, para
     return grad, H
 
 
-def _line_search(data, c, params, eta, step, slope0, ridge, fast=False):
+def _line_search(data, c, params, eta, step, slope0, ridge):
     """How far along `step` to go, and the predictor and P(a wins) there.
 
     No log-likelihood is needed (two log-sigmoids per battle, the costliest pass there
@@ -193,13 +202,12 @@ def _line_search(data, c, params, eta, step, slope0, ridge, fast=False):
     sigmoid, which the next step reuses. A trial past the maximum (phi'(t) < 0) is
     shortened to just short of where phi' crosses 0 (the secant on [0, t]: near the
     optimum about half of all full Newton steps land a hair past it, and phi' is nearly
-    linear there), after the first at most half the last trial. fast: the sigmoid in
-    float32 (_sigmoid)."""
+    linear there), after the first at most half the last trial."""
     d_eta = _predictor(data, step)
     t = 1.0
     for trial in range(60):
-        eta_t = eta + d_eta if t == 1.0 else eta + t * d_eta
-        p_t = _sigmoid(eta_t, fast)
+        eta_t = eta + d_eta if t == 1.0 else eta + t * d_eta  # a Python float keeps float32 float32
+        p_t = _sigmoid(eta_t)
         r_t = data.y - p_t
         if c is not None:
             r_t *= c
@@ -265,23 +273,23 @@ def bootstrap_style(
     if start is None:
         start = fit_style_bt(data, ridge=ridge)
     start = np.asarray(start, np.float64)
-    eta0 = _predictor(data, start)
-    p0 = _sigmoid(eta0)  # the same start every round: computed once
-    r0 = data.y - p0
-    _, H0 = _gradient_hessian(data, p0, None, start, ridge)
+    _, H0 = _gradient_hessian(data, _sigmoid(_predictor(data, start)), None, start, ridge)
     H0_inv = np.linalg.inv(H0)
+    data = single_precision(data)
+    eta0 = _predictor(data, start)
+    r0 = data.y - _sigmoid(eta0)  # the same start every round: computed once
 
     def one_round(k: int) -> np.ndarray:
         # Each round its own generator from (seed, round): the same numbers however many
         # threads run the rounds. Counts drawn straight in the sorted order: the battles
         # are exchangeable under resampling, so this is the same distribution.
         rng = np.random.default_rng([seed, k])
-        c = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        c = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float32)
         out = _fixed_hessian_fit(data, c, start, eta0, r0 * c, H0_inv, ridge, tol)
         # A model with no battle in this resample has no rating in it (NaN, as the plain
         # bootstrap says), rather than the penalty's pull towards 0.
         if data.rated:
-            seg = np.add.reduceat(c[: data.rated], data.seg_start)
+            seg = np.add.reduceat(c[: data.rated], data.seg_start, dtype=np.float64)
             played = (np.bincount(data.seg_i, seg, K) + np.bincount(data.seg_j, seg, K)) > 0
             out[:K][~played] = np.nan
         return out
@@ -306,7 +314,7 @@ def _fixed_hessian_fit(data, c, params, eta, r, H_inv, ridge, tol, steps: int = 
         step = H_inv @ grad
         if np.abs(step).max() < tol:
             return params + step
-        t, eta, p = _line_search(data, c, params, eta, step, float(grad @ step), ridge, fast=True)
+        t, eta, p = _line_search(data, c, params, eta, step, float(grad @ step), ridge)
         params = params + t * step
         r = (data.y - p) * c
     return _newton(data, c, params, p, ridge, tol, 100)
