@@ -51,8 +51,8 @@ class StyleData:
     model on side a, on side b and the segment's first battle; battles [rated, n) are
     between two answers of one model. y: model_a's score (1, 0.5, 0). z: (F, n)
     standardised style features, a row per feature (contiguous for the sums).
-    seg_of: per battle between models, its segment. order: the battle each row came
-    from (rows = battles[order])."""
+    seg_len: the battles in each segment. order: the battle each row came from (rows =
+    battles[order])."""
 
     K: int
     seg_i: np.ndarray
@@ -61,7 +61,7 @@ class StyleData:
     rated: int
     y: np.ndarray
     z: np.ndarray
-    seg_of: np.ndarray
+    seg_len: np.ndarray
     order: np.ndarray
 
     @property
@@ -93,7 +93,7 @@ def style_data(
         rated=rated,
         y=np.ascontiguousarray(np.asarray(score_a, np.float64)[order]),
         z=np.ascontiguousarray(np.asarray(z, np.float64)[order].T.reshape(-1, len(order))),
-        seg_of=np.repeat(np.arange(len(keys)), np.diff(np.append(starts, rated))),
+        seg_len=np.diff(np.append(starts, rated)),
         order=order,
     )
 
@@ -104,10 +104,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     exp, several times quicker."""
     if x.dtype != np.float32:
         return expit(x)
-    with np.errstate(over="ignore"):
-        e = np.exp(-x)
-        e += 1.0
-        return np.reciprocal(e, out=e)
+    # exp(-x) overflows float32 past 88; clipped at 80 it is still 0 to float32's eyes as
+    # a probability, and no floating-point warning (whose context manager costs more than
+    # the clip) is needed.
+    e = np.minimum(-x, np.float32(80.0))
+    np.exp(e, out=e)
+    e += 1.0
+    return np.reciprocal(e, out=e)
 
 
 def _predictor(data: StyleData, params: np.ndarray) -> np.ndarray:
@@ -117,7 +120,7 @@ def _predictor(data: StyleData, params: np.ndarray) -> np.ndarray:
     # beta @ z: z's rows are contiguous, one gemv
     eta = params[K:].astype(dtype) @ data.z if data.F else np.zeros(data.n, dtype)
     diff = (params[:K][data.seg_i] - params[:K][data.seg_j]).astype(dtype)
-    eta[: data.rated] += diff[data.seg_of]
+    eta[: data.rated] += np.repeat(diff, data.seg_len)  # a segment's battles are contiguous
     return eta
 
 
@@ -197,13 +200,22 @@ def _line_search(data, c, params, eta, step, slope0, ridge):
     """How far along `step` to go, and the predictor and P(a wins) there.
 
     No log-likelihood is needed (two log-sigmoids per battle, the costliest pass there
-    would be): along an ascent direction the penalised log-likelihood phi(t) is concave,
-    so phi'(t) >= 0 means phi rose all the way from 0 to t, and phi'(t) costs one
-    sigmoid, which the next step reuses. A trial past the maximum (phi'(t) < 0) is
-    shortened to just short of where phi' crosses 0 (the secant on [0, t]: near the
-    optimum about half of all full Newton steps land a hair past it, and phi' is nearly
-    linear there), after the first at most half the last trial."""
+    would be); phi'(t), the penalised log-likelihood's slope along the step, costs one
+    sigmoid, which the next step reuses. A trial t is taken when phi provably rose by
+    the Armijo fraction from 0 to t:
+
+    * phi'(t) >= 0: phi is concave, so it rose all the way; or
+    * past the maximum (phi'(t) < 0: near the optimum about half of all full steps land a
+      hair past it), by the trapezoid rule with its error bounded: phi'' is minus a sum
+      of w_i d_eta_i^2 (plus the ridge), and w = p(1 - p) changes by at most a factor
+      e^|x| when eta moves by x (|w'| <= w), so over [0, t] the curvature varies by at
+      most e^(2 M t), M = max |d_eta|, and phi(t) - phi(0) >= t [(phi'(0) + phi'(t)) / 2 -
+      (e^(2 M t) - 1) / 8 (phi'(0) - phi'(t))].
+
+    Otherwise the trial is shortened to just short of where phi' crosses 0 (the secant on
+    [0, t], phi' being nearly linear there), after the first at most half the last."""
     d_eta = _predictor(data, step)
+    spread = float(np.abs(d_eta).max())
     t = 1.0
     for trial in range(60):
         eta_t = eta + d_eta if t == 1.0 else eta + t * d_eta  # a Python float keeps float32 float32
@@ -213,6 +225,9 @@ def _line_search(data, c, params, eta, step, slope0, ridge):
             r_t *= c
         slope = float(r_t @ d_eta) - ridge * float((params + t * step) @ step)
         if slope >= 0.0:
+            break
+        bound = (slope0 + slope) / 2 - np.expm1(2 * spread * t) / 8 * (slope0 - slope)
+        if bound >= 1e-4 * slope0:
             break
         secant = 0.999 * t * slope0 / (slope0 - slope)
         t = secant if trial == 0 else min(secant, 0.5 * t)
@@ -307,14 +322,24 @@ def bootstrap_style(
 
 def _fixed_hessian_fit(data, c, params, eta, r, H_inv, ridge, tol, steps: int = 8) -> np.ndarray:
     """A weighted fit from `params` (predictor `eta`, weighted residuals `r` there) by
-    steps H_inv @ gradient with _line_search; full Newton if `steps` are not enough."""
-    p = None
+    steps H_inv @ gradient with _line_search; full Newton if `steps` are not enough.
+
+    These steps converge linearly: each shrinks the error by about rho = |this step| /
+    |the last one| (~0.01 on a million battles). Once rho is clearly below 1, what is
+    left after taking a step is about rho / (1 - rho) of it; when that is under tol, the
+    step is taken and the fit is done, without the sigmoid and the gradient that would
+    only confirm it."""
+    p, last = None, None
     for _ in range(steps):
         grad = _gradient(data, r, params, ridge)
         step = H_inv @ grad
-        if np.abs(step).max() < tol:
+        size = float(np.abs(step).max())
+        if size < tol:
+            return params + step
+        if last is not None and size < 0.5 * last and size * (size / last) / (1 - size / last) < 0.5 * tol:
             return params + step
         t, eta, p = _line_search(data, c, params, eta, step, float(grad @ step), ridge)
         params = params + t * step
         r = (data.y - p) * c
+        last = t * size
     return _newton(data, c, params, p, ridge, tol, 100)
