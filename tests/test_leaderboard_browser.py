@@ -11,7 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CHROMIUM, Server, add_users, client, login, vote_record, write_pairs, write_store
+from helpers import (
+    CHROMIUM,
+    Server,
+    add_users,
+    client,
+    login,
+    screenshot,
+    vote_record,
+    write_pairs,
+    write_store,
+)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
@@ -153,6 +163,7 @@ def test_style_control_toggle_shows_the_controlled_ratings_and_the_coefficients(
     assert [r["model"] for r in ranked(page)] == list(STRENGTH)
     assert "style-controlled" in page.inner_text("#lb-message")
     assert EVIL in page.inner_text("#lb-ranked") and page.evaluate("window.__pwned") is None
+    screenshot(page, "leaderboard-style-control")  # for a person to look at
     page.locator("#lb-style input").uncheck()
     page.wait_for_function("() => !document.querySelector('#lb-style-coefs')", timeout=30_000)
     assert "plain rating" not in page.inner_text("#lb-ranked thead")

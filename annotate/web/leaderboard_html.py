@@ -41,7 +41,8 @@ def table_html(board: Leaderboard, plain: Leaderboard | None = None) -> str:
         anchor = ' class="anchor"' if m == board.anchor else ""
         extra = ""
         if plain is not None:
-            extra = f"<td>{plain_rating[m]:.0f}</td><td>{board.rating[k] - plain_rating[m]:+.0f}</td>"
+            shift = round(float(board.rating[k] - plain_rating[m]))  # rounded first: never "-0"
+            extra = f"<td>{plain_rating[m]:.0f}</td><td>{shift:+d}</td>"
         rows.append(
             f'<tr{anchor} data-model="{escape(m)}"><td>{rank_cell(board, k)}</td><td class="model">{escape(m)}</td>'
             f"<td>{board.rating[k]:.0f}</td><td>{ci}</td>{extra}<td>{int(board.played[k])}</td>"
@@ -173,7 +174,10 @@ def evals_html(evals: list[dict[str, Any]]) -> str:
 def coefficients_html(style: StyleControl) -> str:
     """The style coefficients: per feature its coefficient with the 95% interval, in
     log-odds and in rating points, and what one spread of the feature difference is."""
-    notes = "".join(f'<p class="lb-note">{escape(line)}</p>' for line in style.notes())
+    # The status line above the table says what style control did; here only what is
+    # missing from this table (the features left out), or everything when nothing was fitted.
+    lines = style.notes() if not style.features else style.notes()[-1:] if style.left_out else []
+    notes = "".join(f'<p class="lb-note">{escape(line)}</p>' for line in lines)
     if not style.features:
         return f'<div id="lb-style-coefs">{notes}</div>'
     rows = []
@@ -205,7 +209,7 @@ LEADERBOARD_CSS = """
 .lb-table th, .lb-table td { padding: 4px 10px; border-bottom: 1px solid var(--border-color-primary);
   text-align: right; }
 .lb-table th:nth-child(2), .lb-table td.model, .lb-evals td, .lb-evals th { text-align: left; }
-.lb-coefs th:first-child, .lb-coefs td.what { text-align: left; }
+.lb-coefs th:first-child, .lb-coefs th:last-child, .lb-coefs td.what { text-align: left; }
 .lb-table tr.anchor td { font-weight: 650; }
 .lb-provisional { font-size: 0.8em; color: var(--body-text-color-subdued); font-style: italic; }
 .lb-plot-box, .lb-matrix-box { overflow-x: auto; }
