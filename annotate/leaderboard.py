@@ -74,7 +74,8 @@ def standings(
     style = None
     try:
         if style_control:
-            style = style_leaderboard(votes, anchor=anchor, rounds=rounds, seed=seed)
+            # one thread: a server's cores are the annotators' too (the CLI takes them all)
+            style = style_leaderboard(votes, anchor=anchor, rounds=rounds, seed=seed, workers=1)
             board = style.board
         else:
             board = leaderboard(battles, anchor=anchor, rounds=rounds, seed=seed)
@@ -115,7 +116,7 @@ def leaderboard_json(
 
     votes = read_comparisons(data, columns=STYLE_COLUMNS if style_control else VOTE_COLUMNS)
     if style_control:
-        style = style_leaderboard(votes, anchor=anchor)
+        style = style_leaderboard(votes, anchor=anchor, workers=1)  # in the server, as standings
         out = style.plain.to_dict()
         out["style_control"] = style.to_dict()
     else:

@@ -212,10 +212,13 @@ def style_leaderboard(
     both_bad: str = "tie",
     ridge: float = RIDGE,
     min_votes: int = PROVISIONAL_VOTES,
+    workers: int | None = None,
 ) -> StyleControl:
     """The style-controlled board of a votes table with STYLE_COLUMNS, and the plain one.
     The same checks as the plain board (LeaderboardError: no votes, one model, an unknown
-    anchor, a comparison graph in pieces); the same models rated, the same counts."""
+    anchor, a comparison graph in pieces); the same models rated, the same counts.
+    workers: threads for the bootstrap rounds (None: one per CPU; the numbers do not
+    depend on it)."""
     missing = [c for c in STYLE_COLUMNS if c not in votes.column_names]
     if missing:
         raise ValueError(f"style control needs the vote columns {STYLE_COLUMNS}; missing {missing}")
@@ -245,7 +248,11 @@ def style_leaderboard(
     params = fit_style_bt(data, ridge=ridge, start=start)
     timings["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    boot = bootstrap_style(data, rounds, seed, ridge=ridge, start=params) if rounds > 0 else None
+    boot = (
+        bootstrap_style(data, rounds, seed, ridge=ridge, start=params, workers=workers)
+        if rounds > 0
+        else None
+    )
     timings["bootstrap"] = time.perf_counter() - t0
     board = ranked_board(
         battles,

@@ -20,15 +20,16 @@ penalises every parameter). A vote between two answers of one model has theta_i 
 theta_j = 0: it informs beta only, and it is kept (in preflab most pairs are two samples
 of one model, and they are the cleanest evidence of what style alone does).
 
-Why Newton again, and how it stays fast on a million battles: K + F parameters (55 for
-50 models), so the exact Hessian is cheap to solve; what costs is the pass over the
-battles. The battles are sorted once by pair of models, so per-pair sums are one
-`np.add.reduceat` over contiguous rows, and every per-battle quantity is a handful of
-vectorised passes (the linear predictor, one sigmoid, one log-sigmoid, the sums). The
-line search moves along the predictor's own direction (eta + t * d_eta), so a trial step
-costs one log-sigmoid, not a new predictor. A bootstrap round is the same fit with
-per-battle counts as weights (a resample of the battles with replacement), started from
-the full fit: 2-3 Newton steps.
+Why Newton again, and how it stays fast on a million battles: K + F parameters (54 for
+50 models and 4 features), so the exact Hessian is cheap to solve; what costs is the pass
+over the battles. The battles are sorted once by pair of models, so per-pair sums are
+one `np.add.reduceat` over contiguous rows and a pair's rating difference is one
+`np.repeat`; every step is a handful of vectorised passes (the linear predictor, one
+sigmoid, the sums). The line search needs no log-likelihood (_line_search says why that
+is safe). A bootstrap round is the same fit with per-battle counts as weights (a
+resample of the battles with replacement), made cheap as `bootstrap_style` explains: one
+Hessian for all rounds, a first step without a sigmoid, float32 passes with float64
+sums, the rounds on threads. Measured: bench/leaderboard.py --only-style-control.
 """
 
 from __future__ import annotations
@@ -280,7 +281,8 @@ def bootstrap_style(
     quasi-Newton step that shrinks the error by about that factor each time, with no
     Hessian to sum over the battles), and the first step needs no sigmoid at all: at the
     start the residuals y - p are the full fit's, only reweighted (the one-step
-    bootstrap; the steps after it make the fit exact). A round that has not converged
+    bootstrap; the steps after it make the fit exact), and its passes run in float32
+    (single_precision) with float64 sums. A round that has not converged
     after a few such steps (a model with few votes, whose curvature a resample changes a
     lot) finishes with full Newton steps. workers: threads running rounds at once (None:
     one per CPU); the result does not depend on it."""
