@@ -41,13 +41,20 @@ class QueueStatus:
             in_play += annotator not in self._people
             share = math.ceil(total * self.overlap / max(in_play, self.overlap))
             possible = total - sum(1 for p in person.skipped if p not in person.voted)
-            complete = sum(1 for p in self._pairs if len(self._votes.get(p, ())) >= self._wanted(p))
+            complete = self._complete_count()
             return {
                 "done": done,
                 "assigned": max(done, min(share, possible)),
                 "pool_done": complete,
                 "pool_total": total,
             }
+
+    def _complete_count(self) -> int:
+        """Pairs of the pool with all the votes they want. queue.py keeps `_open` as exactly
+        the pool's pairs still short of votes (add, vote, undo, requeue, restore, sync), so
+        this is a subtraction, not a scan: progress() runs after every vote, and a scan of
+        a 5,000-pair pool was a tenth of the server's CPU per vote at 512 annotators."""
+        return len(self._pairs) - len(self._open)
 
     def active_annotators(self) -> list[str]:
         with self._lock:
@@ -119,7 +126,7 @@ class QueueStatus:
         """Numbers about the pool as a whole (for the dashboard)."""
         with self._lock:
             now = self.clock()
-            complete = sum(1 for p in self._pairs if len(self._votes.get(p, ())) >= self._wanted(p))
+            complete = self._complete_count()
             in_progress = sum(
                 1
                 for p, leases in self._leases.items()

@@ -101,6 +101,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="annotator guidelines (Markdown), one click away on the page",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDR",
+        help="a reverse proxy (address or network, e.g. 10.0.0.7 or 10.0.0.0/24) whose "
+        "X-Forwarded-For names the real client: logins are throttled per client address, and "
+        "behind an untrusted proxy every client shares the proxy's. Repeat for several; "
+        "'none' trusts no one. Default: 127.0.0.1 and ::1 (a proxy on this machine)",
+    )
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     gen = p.add_argument_group("generation (with --model)")
     gen.add_argument("--rounds", type=int, default=1, help="pairs per prompt (each round samples anew)")
@@ -171,6 +180,9 @@ def check_flags(args: argparse.Namespace) -> None:
             f"`preflab user add NAME --role annotator --auth users.toml` and pass --auth users.toml, "
             f"or listen on 127.0.0.1 (the default)."
         )
+    from annotate.web.server_guards import trusted_proxies
+
+    trusted_proxies(args.trusted_proxy)  # a bad address is refused before anything starts
     if not args.session_idle > 0:
         raise ServeError(f"--session-idle must be a positive number of minutes, got {args.session_idle}")
     for flag, value in (

@@ -30,6 +30,7 @@ from annotate.pair_generator import Generator
 from annotate.pairs import MAX_NAME_CHARS
 from annotate.queue import Assignment, AssignmentQueue, StaleVote
 from trainer.errors import PreflabError
+from trainer.rows import text_problem
 from trainer.store.errors import StoreError, StoreWriteError, VoteConflict
 
 log = logging.getLogger("preflab.service")
@@ -164,6 +165,8 @@ class Service:
                 f"the rationale is {len(rationale):,} characters; at most {MAX_RATIONALE_CHARS:,} are kept "
                 "with a vote: shorten it (nothing was saved)"
             )
+        if problem := text_problem(rationale or ""):  # the one free text a vote carries
+            raise BadRequest(f"the rationale is {problem}: remove that character (nothing was saved)")
         if len(pair_id or "") > MAX_PAIR_ID_CHARS:
             raise BadRequest(f"pair_id is {len(pair_id):,} characters; no pair has an id that long")
         try:

@@ -61,9 +61,7 @@ class UserAdmin:
         user = _existing(listed, name)
         if user.role == role:
             return f"{user.name!r} is already an {role}; nothing changed"
-        if user.role == ADMIN:
-            _keep_an_admin(listed, user.name, "take the admin role from")
-        users.set_role(accounts.path, user.name, role)
+        users.set_role(accounts.path, user.name, role, keep_an_admin=True)
         return f"{user.name!r} is now {'an admin' if role == ADMIN else 'an annotator'}; their sessions have ended"
 
     def remove(self, caller: str, name: str) -> str:
@@ -72,9 +70,7 @@ class UserAdmin:
         user = _existing(listed, name)
         if user.name == caller:
             raise UserAdminError("you cannot remove your own account; ask another admin")
-        if user.role == ADMIN:
-            _keep_an_admin(listed, user.name, "remove")
-        users.remove_user(accounts.path, user.name)
+        users.remove_user(accounts.path, user.name, keep_an_admin=True)
         return f"removed {user.name!r}; their sessions have ended (their votes stay in the store)"
 
 
@@ -83,12 +79,3 @@ def _existing(listed: dict[str, users.User], name: str) -> users.User:
     if user is None:
         raise UserAdminError(f"no user {name!r}")
     return user
-
-
-def _keep_an_admin(listed: dict[str, users.User], name: str, doing: str) -> None:
-    # Checked on the file as read for this call; two admins demoting each other in the
-    # same instant could both pass (the users file's lock covers each edit, not this).
-    if [u.name for u in listed.values() if u.role == ADMIN] == [name]:
-        raise UserAdminError(
-            f"cannot {doing} {name!r}: they are the last admin; make someone else admin first"
-        )

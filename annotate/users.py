@@ -336,26 +336,43 @@ def add_user(path: str | os.PathLike, name: str, role: str, password: str, repla
     return user
 
 
-def set_role(path: str | os.PathLike, name: str, role: str) -> User:
-    """Change an account's role, keeping its password; AccountError if there is no such user."""
+class LastAdmin(AccountError):
+    """An edit that would leave the server without an admin (refused where asked to)."""
+
+
+def _keep_an_admin(users: dict[str, User], name: str, doing: str) -> None:
+    # Decided on the file as read under the lock, so two admins demoting each other at
+    # the same instant cannot both pass: the second one reads the first one's edit.
+    if [u.name for u in users.values() if u.role == "admin"] == [name]:
+        raise LastAdmin(f"cannot {doing} {name!r}: they are the last admin; make someone else admin first")
+
+
+def set_role(path: str | os.PathLike, name: str, role: str, *, keep_an_admin: bool = False) -> User:
+    """Change an account's role, keeping its password; AccountError if there is no such
+    user, LastAdmin (with `keep_an_admin`) if they are the only admin and would stop being one."""
     path = Path(path)
     _check_role(role)
     with _locked(path):
         users = load_users(path)
         if name not in users:
             raise AccountError(f"{path}: no user {name!r}")
+        if keep_an_admin and role != "admin":
+            _keep_an_admin(users, name, "take the admin role from")
         users[name] = User(name, role, users[name].password_hash)
         _write_users(path, users)
     return users[name]
 
 
-def remove_user(path: str | os.PathLike, name: str) -> None:
-    """Remove an account; AccountError if the file has no such user."""
+def remove_user(path: str | os.PathLike, name: str, *, keep_an_admin: bool = False) -> None:
+    """Remove an account; AccountError if the file has no such user, LastAdmin (with
+    `keep_an_admin`) if they are the only admin."""
     path = Path(path)
     with _locked(path):
         users = load_users(path)
         if name not in users:
             raise AccountError(f"{path}: no user {name!r}")
+        if keep_an_admin:
+            _keep_an_admin(users, name, "remove")
         del users[name]
         _write_users(path, users)
 

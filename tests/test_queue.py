@@ -96,6 +96,49 @@ def test_progress_reads_the_same_when_someone_logs_in_and_after_a_restart():
     assert fresh.progress("ann") == q.progress("ann")
 
 
+def test_pool_done_matches_a_count_of_the_votes_through_votes_undos_requeues_and_restore():
+    """progress()/overview() count complete pairs from the queue's open set; after any mix
+    of votes, undos, skips, relabel requests and a restore it must equal a plain count."""
+    import random
+
+    rng = random.Random(7)
+    pairs = make_pairs(12)
+    q = AssignmentQueue(overlap=2, seed=1)
+    q.add(pairs[:8])
+    names = ["ann", "ben", "cat"]
+
+    def counted(queue):
+        return sum(
+            1 for p in queue.pool() if len(queue._votes.get(p.pair_id, ())) >= queue._wanted(p.pair_id)
+        )
+
+    for step in range(120):
+        name = rng.choice(names)
+        move = rng.random()
+        if move < 0.55:
+            vote(q, name)
+        elif move < 0.7:
+            record = q.begin_undo(name)
+            if record is not None:
+                q.finish_undo(name, record)
+        elif move < 0.8:
+            a = q.next(name)
+            if a is not None:
+                q.skip(name, a.pair.pair_id)
+        elif move < 0.9:
+            q.requeue([rng.choice(q.pool())])
+        elif step == 60:
+            q.add(pairs[8:])
+        assert q.overview()["complete"] == counted(q) == q.progress(name)["pool_done"], f"step {step}"
+    votes = [
+        {**r, "created_at": i} for i, r in enumerate(r for name in names for r in q._person(name).history)
+    ]
+    fresh = AssignmentQueue(overlap=2, seed=1)
+    fresh.add(q.pool())
+    fresh.restore(votes)
+    assert fresh.overview()["complete"] == counted(fresh)
+
+
 def test_partly_done_pairs_go_first():
     q = AssignmentQueue(overlap=2, seed=0)
     pairs = make_pairs(5)

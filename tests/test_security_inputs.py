@@ -4,6 +4,7 @@ Real files, the real command line, real stores, real subprocesses and signals.
 Threats covered, one a line:
 - a lone surrogate (a JSON "\\ud800" escape) in any text field of a pairs file loads, then every vote on that pair fails
 - an undecodable byte in a pairs file does the same (it reads as a lone surrogate)
+- a NUL character in a pairs file loads into a directory store, then the store cannot be copied to PostgreSQL
 - invalid text inside gen_params (an object, or a JSON string of one) or inside the prompt's messages
 - invalid text in a prompt pool (prompt, messages, id, tags) or in an import (and in --source)
 - a deeply nested JSON line (RecursionError) or nesting past 64 levels crashes a loader with a traceback
@@ -50,6 +51,8 @@ def test_invalid_text_in_any_pairs_field_is_reported_at_load_and_good_pairs_stil
         _pair(8, model_b="m\ud800", prompt_id="x"),
         _pair(9, prompt_id="\ud801"),
         _pair(10, prompt="\ud800 why?"),
+        _pair(11, response_a="fine\x00"),  # NUL: PostgreSQL's text refuses it
+        _pair(12, gen_params={"a": {"stop\x00": 1}}),
     ]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with open(path, "ab") as f:  # raw bytes that are not UTF-8
@@ -65,7 +68,9 @@ def test_invalid_text_in_any_pairs_field_is_reported_at_load_and_good_pairs_stil
         f"{path}:8: model_b: not valid text (a lone surrogate \\ud800 at character 2)",
         f"{path}:9: prompt_id: not valid text (a lone surrogate \\ud801 at character 1)",
         f"{path}:10: prompt: not valid text (a lone surrogate \\ud800 at character 1)",
-        f"{path}:11: response_a: not valid text (a lone surrogate \\udcff, or the invalid UTF-8 byte 0xff, "
+        f"{path}:11: response_a: not valid text (a NUL character \\x00 at character 5)",
+        f"{path}:12: gen_params.a: a key is not valid text (a NUL character \\x00 at character 5)",
+        f"{path}:13: response_a: not valid text (a lone surrogate \\udcff, or the invalid UTF-8 byte 0xff, "
         "at character 1)",
     ]
     assert [p.response_a for p in pairs] == ["answer 1"]

@@ -222,6 +222,10 @@ def test_what_one_vote_may_carry_is_bounded_and_a_refusal_stores_nothing(setup):
         service.vote("me", pair["pair_id"], "left", "", "x" * (MAX_RATIONALE_CHARS + 1))
     with pytest.raises(BadRequest, match="no pair has an id that long"):
         service.vote("me", "p" * 10_000, "left")
+    with pytest.raises(BadRequest, match=r"a NUL character \\x00 at character 3"):
+        service.vote("me", pair["pair_id"], "left", "", "ok\x00")  # PostgreSQL cannot keep it
+    with pytest.raises(BadRequest, match="a lone surrogate"):
+        service.vote("me", pair["pair_id"], "left", "", "\ud800")  # nor can UTF-8
     assert read_events(store_dir).num_rows == 0  # refused before the store was touched
     ok = service.vote(
         "me", pair["pair_id"], "left", "", "y" * MAX_RATIONALE_CHARS

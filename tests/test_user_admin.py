@@ -2,12 +2,17 @@
 password rule of `preflab user add`, no locking the team out, and changes that the
 running server's Accounts see at once (so sessions end: tests/test_security.py)."""
 
+import fcntl
+import os
+import threading
+import time
+
 import pytest
 from helpers import add_users
 
 from annotate.accounts import Accounts, Forbidden
 from annotate.user_admin import UserAdmin, UserAdminError
-from annotate.users import AccountError, load_users
+from annotate.users import AccountError, LastAdmin, load_users
 
 
 @pytest.fixture
@@ -72,10 +77,38 @@ def test_the_team_cannot_lock_itself_out(admin):
     users, accounts = admin
     with pytest.raises(UserAdminError, match="your own account"):
         users.remove("boss", "boss")
-    with pytest.raises(UserAdminError, match="last admin"):
+    with pytest.raises(LastAdmin, match="last admin"):
         users.set_role("boss", "boss", "annotator")
     users.set_role("boss", "ann", "admin")
     users.set_role("boss", "boss", "annotator")  # another admin now exists
     assert accounts.role("boss") == "annotator"
-    with pytest.raises(UserAdminError, match="last admin"):
+    with pytest.raises(LastAdmin, match="last admin"):
         users.set_role("ann", "ann", "annotator")
+
+
+def test_two_admins_demoting_each_other_at_once_leave_one_admin(tmp_path):
+    """The last-admin rule is decided under the users file's lock: while the lock is
+    held, both demotions start (each has already checked its caller is an admin); when
+    it is released one goes through and the other finds it would leave no admin."""
+    path = tmp_path / "users.toml"
+    add_users(path, ann="admin", boss="admin")
+    admin = UserAdmin(Accounts(path))
+    outcomes = []
+
+    def demote(caller, name):
+        try:
+            outcomes.append(admin.set_role(caller, name, "annotator"))
+        except LastAdmin as e:
+            outcomes.append(e)
+
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as if a third edit were in progress
+    threads = [threading.Thread(target=demote, args=pair) for pair in (("ann", "boss"), ("boss", "ann"))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # both are now waiting on the lock (not a timing assertion: a head start)
+    os.close(fd)
+    for t in threads:
+        t.join(10)
+    assert sum(isinstance(o, LastAdmin) for o in outcomes) == 1, outcomes
+    assert [u.role for u in load_users(path).values()].count("admin") == 1

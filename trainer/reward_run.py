@@ -50,7 +50,12 @@ def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> t
         if not cfg.data:
             raise RewardDataError("no data: pass --data (a comparison store or a preference file)")
         pairs = read_pairs(
-            cfg.data, ties=cfg.ties, both_bad=cfg.both_bad, margin=cfg.margin, margin_scale=cfg.margin_scale
+            cfg.data,
+            ties=cfg.ties,
+            both_bad=cfg.both_bad,
+            margin=cfg.margin,
+            margin_scale=cfg.margin_scale,
+            weights=cfg.weights,
         )
         train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
         summary = pairs.summary
@@ -139,8 +144,10 @@ def finish_done(
     final_eval: dict,
     norm: dict,
     t_start: float,
+    **extra,
 ) -> int:
-    """The run's "summary" record and its state `done`, once the model is saved; exit code 0."""
+    """The run's "summary" record and its state `done`, once the model is saved; exit code 0.
+    `extra`: more of the run's settings the summary should show (e.g. weights)."""
     run.log(
         {
             "kind": "summary",
@@ -155,6 +162,7 @@ def finish_done(
             **final_eval,
             **norm,
             "wall_s": round(time.time() - t_start, 2),
+            **extra,
         }
     )
     msg = f"done: {step} steps, {accuracy_words(final_eval)}; checkpoint in {run.path / CHECKPOINT}"

@@ -12,7 +12,7 @@ but no lines), so `f"{path}:{where}: {reason}"` reads naturally for each.
 Every row `iter_rows` yields has been checked, whatever its format: each string in it
 (keys and values, however deep in nested objects and lists) is text the store can hold
 (no lone surrogate, which is what an undecodable byte or a `"\\ud800"` escape turns
-into), and it nests at most MAX_DEPTH levels. A row that
+into; no NUL character, which PostgreSQL refuses), and it nests at most MAX_DEPTH levels. A row that
 fails is a BadRow `FIELD: reason` (`model_a: not valid text (a lone surrogate \\ud800 at
 character 5)`), so a bad value is reported where it was loaded, never by every vote on it
 later. `load_json` is the JSON parse behind it, for a JSON string inside a row.
@@ -58,7 +58,11 @@ MAX_DEPTH = 64  # objects and lists inside one another, in one row; real data ne
 def text_problem(text: str) -> str | None:
     """Why `text` is not valid text, None when it is: a lone surrogate (what surrogateescape
     makes of an undecodable byte, or what a JSON "\\ud800" escape gives), which UTF-8
-    cannot encode, so no store can hold it. Characters count from 1."""
+    cannot encode, so no store can hold it; or a NUL character, which PostgreSQL's text
+    refuses (a store copied there would fail on it). Characters count from 1."""
+    nul = text.find("\x00")  # memchr: about free next to reading the file
+    if nul >= 0:
+        return f"not valid text (a NUL character \\x00 at character {nul + 1})"
     if text.isascii():  # O(1) in CPython: the common case costs nothing
         return None
     try:
