@@ -319,3 +319,31 @@ def test_reward_model_markdown_bias_next_to_the_length_bias():
         "lists_corr": 0.0,
         "bold_corr": 0.0,
     }
+
+
+def test_self_pair_only_models_and_dropped_both_bad_votes_are_the_plain_boards():
+    """A model seen only against itself has no rating on either board, but its votes still
+    tell the fit about style; with --both-bad drop both boards leave the same votes out."""
+    votes, *_ = simulate(4_000, seed=9)
+    rows = votes.to_pylist()
+    extra = [
+        {
+            "model_a": "loner",
+            "model_b": "loner",
+            "choice": c,
+            "response_a": "w " * la,
+            "response_b": "w " * lb,
+        }
+        for c, la, lb in [("a", 90, 10), ("b", 5, 70), ("both_bad", 20, 20)] * 20
+    ]
+    rows += extra + [{**rows[0], "choice": "both_bad"}] * 7
+    table = pa.Table.from_pylist(rows)
+    for both_bad in ("tie", "drop"):
+        sc = style_leaderboard(table, rounds=20, both_bad=both_bad)
+        assert "loner" not in sc.board.models and sc.board.unrated == sc.plain.unrated == ["loner"]
+        assert sc.board.models == sorted(sc.plain.models, key=sc.board.models.index)
+        assert sc.board.used == sc.plain.used and sc.board.both_bad_dropped == sc.plain.both_bad_dropped
+        n_self = sum(r["model_a"] == r["model_b"] for r in rows)
+        dropped_self = 20 if both_bad == "drop" else 0  # the loner's both-bad votes
+        assert sc.style_only == n_self - dropped_self
+    assert sc.plain.both_bad_dropped == 7  # a self-pair counts as a self-pair, whatever its choice
