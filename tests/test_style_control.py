@@ -347,3 +347,72 @@ def test_self_pair_only_models_and_dropped_both_bad_votes_are_the_plain_boards()
         dropped_self = 20 if both_bad == "drop" else 0  # the loner's both-bad votes
         assert sc.style_only == n_self - dropped_self
     assert sc.plain.both_bad_dropped == 7  # a self-pair counts as a self-pair, whatever its choice
+
+
+def test_style_penalty_is_the_squared_correlation_and_its_gradient_removes_it():
+    import torch
+
+    from trainer.reward_metrics import style_penalty
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(64, 4)).astype(np.float32)
+    s[:, 3] = 0.0  # a feature no pair differs in adds nothing
+    gap = 2.0 * s[:, 0] - 0.5 * s[:, 1] + rng.normal(size=64)
+    r_r = torch.zeros(64, requires_grad=True)
+    r_c = torch.tensor(gap, dtype=torch.float32, requires_grad=True)
+    value = style_penalty(r_c, r_r, torch.from_numpy(s))
+    expected = sum(np.corrcoef(gap, s[:, f])[0, 1] ** 2 for f in range(3))
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-4) and expected > 0.5
+    assert float(style_penalty(r_c[:2], r_r[:2], torch.from_numpy(s[:2])).detach()) == 0.0  # too few pairs
+    # Descending the penalty alone takes the style out of the gap and keeps the rest of it.
+    optimizer = torch.optim.SGD([r_c], lr=5.0)
+    for _ in range(200):
+        optimizer.zero_grad()
+        style_penalty(r_c, r_r, torch.from_numpy(s)).backward()
+        optimizer.step()
+    assert float(style_penalty(r_c, r_r, torch.from_numpy(s)).detach()) < 1e-3
+    noise = gap - 2.0 * s[:, 0] + 0.5 * s[:, 1]
+    assert np.corrcoef(r_c.detach().numpy(), noise)[0, 1] > 0.5
+
+
+def test_train_reward_style_penalty_takes_length_out_of_the_reward_gap(tmp_path):
+    """The hidden rule (a banana in the chosen answer) with a confound: the chosen answer
+    is also the longer one in ~90% of pairs. Unpenalised, the reward gap follows the
+    length difference; with --style-penalty 1 it mostly does not, and the rule is still
+    learned. (Measured: gap-length correlation 0.48 -> 0.14 on the validation pairs.)"""
+    import random
+
+    from helpers import TINY, WORDS, write_jsonl
+
+    from trainer.reward import train
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(320):
+        n_c, n_r = rng.randint(3, 40), rng.randint(3, 40)
+        if rng.random() < 0.8 and n_c < n_r:
+            n_c, n_r = n_r, n_c
+        chosen = [rng.choice(WORDS) for _ in range(n_c)]
+        chosen.insert(rng.randrange(len(chosen) + 1), "banana")
+        rejected = [rng.choice(WORDS) for _ in range(n_r)]
+        rows.append(
+            {
+                "prompt": f"Question {i % 40}: what should I do?",
+                "chosen": " ".join(chosen),
+                "rejected": " ".join(rejected),
+            }
+        )
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    final = {}
+    for penalty in (0.0, 1.0):
+        run = tmp_path / f"rm-{penalty}"
+        settings = dict(epochs=2, lr=3e-3, batch_size=16, val_fraction=0.25, style_penalty=penalty)
+        assert train({**TINY, "data": str(data), "run_dir": str(run), **settings}) == 0
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        final[penalty] = [r for r in records if r["kind"] == "eval"][-1]
+        assert json.loads((run / "config.json").read_text())["config"]["style_penalty"] == penalty
+    plain, penalised = final[0.0], final[1.0]
+    assert plain["length_gap_corr"] > 0.3
+    assert penalised["length_gap_corr"] < 0.5 * plain["length_gap_corr"]
+    assert penalised["val_acc"] >= 0.9 and plain["val_acc"] >= 0.9
+    assert {"headers_gap_corr", "lists_gap_corr", "bold_gap_corr", "headers_corr"} <= set(penalised)

@@ -20,7 +20,7 @@ import numpy as np
 
 from trainer.reward_data import Pairs
 from trainer.store import messages_to_json
-from trainer.style_features import markdown_counts
+from trainer.style_features import markdown_counts, style_differences
 
 # --------------------------------------------------------------------------------------
 # Tokenization with left truncation of the prompt
@@ -48,6 +48,15 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.chosen)
+
+    def style_differences(self, idx) -> np.ndarray:
+        """(len(idx), 4) float32: per pair (chosen - rejected) / (chosen + rejected + 1) of
+        the answers' length in tokens, headers, list items and bold (trainer.style_features's
+        FEATURES order), what --style-penalty decorrelates the reward gap from."""
+        idx = np.asarray(idx, dtype=np.int64)
+        chosen = np.column_stack([self.chosen_len[idx], self.chosen_markdown[idx]])
+        rejected = np.column_stack([self.rejected_len[idx], self.rejected_markdown[idx]])
+        return style_differences(chosen, rejected).astype(np.float32)
 
     def lengths(self, packed: bool = True) -> np.ndarray:
         """A pair's cost in tokens. Packed: shared prefix once + both answers. Padded: twice

@@ -19,7 +19,7 @@ import numpy as np
 
 from trainer.evaluate import wilson_interval
 from trainer.reward_batches import collate, pack
-from trainer.style_features import MARKDOWN_FEATURES
+from trainer.style_features import FEATURES, MARKDOWN_FEATURES
 
 
 def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float = 0.0):
@@ -40,6 +40,30 @@ def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float
         # Reward centering: keeps rewards near 0 without changing what is preferred.
         loss = loss + center * (r_chosen + r_rejected) ** 2
     return loss
+
+
+def style_penalty(r_chosen, r_rejected, style_diff):
+    """Sum over style features of corr(r_chosen - r_rejected, style_diff[:, f])^2 over a
+    micro-batch (a torch scalar, differentiable in the rewards). style_diff: (pairs, F),
+    the answers' (chosen - rejected) / (chosen + rejected + 1) per feature
+    (trainer.style_features). Squared, so that a reward that prefers the shorter answer is
+    penalised like one that prefers the longer; a correlation, so that it does not care
+    how large the rewards are, only whether their gap follows style. A feature the batch's
+    pairs do not differ in adds nothing; fewer than 3 pairs give 0."""
+    import torch
+
+    d = (r_chosen - r_rejected).float()
+    s = style_diff.to(d.device, torch.float32)
+    if len(d) < 3:
+        return d.sum() * 0.0
+    d = d - d.mean()
+    s = s - s.mean(dim=0)
+    s_norm = s.norm(dim=0)
+    varies = s_norm > 1e-6
+    if not bool(varies.any()):
+        return d.sum() * 0.0
+    corr = (d @ s[:, varies]) / (d.norm() * s_norm[varies] + 1e-8)
+    return (corr * corr).sum()
 
 
 def expected_calibration_error(p_chosen: np.ndarray, bins: int = 10) -> float:
@@ -156,6 +180,16 @@ def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None, pac
         "longer_preferred": float(longer_wins.mean()),  # how often the longer answer scores higher
         **(
             markdown_bias(rewards, np.concatenate([enc.chosen_markdown[idx], enc.rejected_markdown[idx]]))
+            if enc.chosen_markdown is not None
+            else {}
+        ),
+        # what --style-penalty works on: the reward gap against each feature's difference
+        **(
+            {
+                f"{name}_gap_corr": pearson(rc - rr, gaps[:, k])
+                for gaps in [enc.style_differences(idx)]
+                for k, name in enumerate(FEATURES)
+            }
             if enc.chosen_markdown is not None
             else {}
         ),
