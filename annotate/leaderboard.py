@@ -5,11 +5,13 @@ from the human votes, with 95% bootstrap intervals, on an Elo-like scale.
     preflab leaderboard --data comparisons --anchor smollm2     # smollm2 is rated 1000
     preflab leaderboard --data comparisons --json --runs runs   # machine-readable, with policy evals
     preflab leaderboard --data postgresql://me@db:5432/votes    # a PostgreSQL store, the same
+    preflab leaderboard --data comparisons --style-control      # length and markdown held equal
 
 The leaderboard of a store, for the command line and for the Leaderboard tab of
 `preflab serve` (annotate/web/leaderboard_tab.py renders `standings`, its API returns
 `leaderboard_json`): the ratings are annotate/ratings.py's (on annotate/bradley_terry.py's
-fit), the policy evaluations annotate/policy_evals.py's. Bad settings and votes that
+fit), the style-controlled ones annotate/style_control.py's, the policy evaluations
+annotate/policy_evals.py's. Bad settings and votes that
 cannot rank anything raise LeaderboardError, which annotate/cli.py prints as
 `error: ...` (exit 2).
 """
@@ -26,6 +28,7 @@ from typing import Any
 from annotate.bradley_terry import BOTH_BAD_MODES, VOTE_COLUMNS, battles_from_votes
 from annotate.policy_evals import evals_table, policy_evals
 from annotate.ratings import LeaderboardError, leaderboard
+from annotate.style_control import STYLE_COLUMNS, style_leaderboard
 from trainer.store import DATA_HELP
 
 
@@ -36,9 +39,13 @@ def standings(
     anchor: str | None = None,
     rounds: int = 100,
     seed: int = 0,
+    style_control: bool = False,
 ) -> dict[str, Any]:
     """The leaderboard of the store `data` as the page shows it: {"ok", "error", "message",
-    "models", "board" (a ratings.Leaderboard, or None), "evals" (policy_evals, or None)}.
+    "models", "board" (a ratings.Leaderboard, or None), "evals" (policy_evals, or None),
+    "style" (a style_control.StyleControl, or None)}. With style_control the board is the
+    style-controlled one (the answers are read too), and "style" holds it with the
+    plain board and the coefficients.
     A store that cannot be read gives ok False, error True; votes that rank nothing yet
     (none, or one model only: the normal start of an arena) ok False, error False; the
     reason is `message`, never an exception: the tab says it where the table would be,
@@ -47,17 +54,31 @@ def standings(
     from trainer.store import StoreError, read_comparisons
 
     try:
-        votes = read_comparisons(data, columns=VOTE_COLUMNS)
+        votes = read_comparisons(data, columns=STYLE_COLUMNS if style_control else VOTE_COLUMNS)
     except StoreError as e:  # e.g. the database is down: said on the tab, like the CLI says it
-        return {"ok": False, "error": True, "message": str(e), "models": [], "board": None, "evals": None}
+        return {
+            "ok": False,
+            "error": True,
+            "message": str(e),
+            "models": [],
+            "board": None,
+            "evals": None,
+            "style": None,
+        }
     evals = policy_evals(runs_dir, votes)
     battles = battles_from_votes(votes)
     note = ""
     if anchor is not None and anchor not in battles.models:
         note = f"The anchor {anchor} has no votes now; the mean of the models is 1000 instead. "
         anchor = None
+    style = None
     try:
-        board = leaderboard(battles, anchor=anchor, rounds=rounds, seed=seed)
+        if style_control:
+            # one thread: a server's cores are the annotators' too (the CLI takes them all)
+            style = style_leaderboard(votes, anchor=anchor, rounds=rounds, seed=seed, workers=1)
+            board = style.board
+        else:
+            board = leaderboard(battles, anchor=anchor, rounds=rounds, seed=seed)
     except LeaderboardError as e:
         return {
             "ok": False,
@@ -66,8 +87,10 @@ def standings(
             "models": battles.models,
             "board": None,
             "evals": evals,
+            "style": None,
         }
-    message = note + " · ".join([*board.notes(), board.scale_note()])
+    notes = [*style.notes(), *board.notes()] if style else board.notes()
+    message = note + " · ".join([*notes, board.scale_note()])
     return {
         "ok": True,
         "error": False,
@@ -75,16 +98,29 @@ def standings(
         "models": battles.models,
         "board": board,
         "evals": evals,
+        "style": style,
     }
 
 
-def leaderboard_json(data: str | os.PathLike, runs_dir: str | os.PathLike, anchor: str | None = None) -> dict:
+def leaderboard_json(
+    data: str | os.PathLike,
+    runs_dir: str | os.PathLike,
+    anchor: str | None = None,
+    style_control: bool = False,
+) -> dict:
     """Ratings, 95% intervals, ranks, win-rate matrix, vote counts and policy evaluations,
-    JSON-able (the /leaderboard API). StoreError / LeaderboardError propagate."""
+    JSON-able (the /leaderboard API); with style_control also "style_control" (the
+    style-controlled board and its coefficients, StyleControl.to_dict). StoreError /
+    LeaderboardError propagate."""
     from trainer.store import read_comparisons
 
-    votes = read_comparisons(data, columns=VOTE_COLUMNS)
-    out = leaderboard(votes, anchor=anchor).to_dict()
+    votes = read_comparisons(data, columns=STYLE_COLUMNS if style_control else VOTE_COLUMNS)
+    if style_control:
+        style = style_leaderboard(votes, anchor=anchor, workers=1)  # in the server, as standings
+        out = style.plain.to_dict()
+        out["style_control"] = style.to_dict()
+    else:
+        out = leaderboard(votes, anchor=anchor).to_dict()
     out["policy_evals"] = policy_evals(runs_dir, votes)
     return out
 
@@ -119,6 +155,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="'both bad' votes: a tie (half a win each, as FastChat does) or left out",
     )
     p.add_argument(
+        "--style-control",
+        action="store_true",
+        help="also fit the ratings with the answers' style held equal (LMArena's style control: "
+        "Bradley-Terry with the length in tokens, markdown headers, list items and bold text of the "
+        "two answers as covariates) and print how much each of those sways the votes; reads the "
+        "answers' text as well",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object (ratings, intervals, ranks, win-rate matrix, counts) instead of the table",
@@ -140,27 +184,43 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # A store problem (missing, unreadable, database down) is a StoreError, and a
     # LeaderboardError the votes' verdict: annotate/cli.py prints either as one line.
-    votes = read_comparisons(args.data, columns=VOTE_COLUMNS)
+    votes = read_comparisons(args.data, columns=STYLE_COLUMNS if args.style_control else VOTE_COLUMNS)
     read_s = time.perf_counter() - t0
+    settings = dict(anchor=args.anchor, rounds=args.rounds, seed=args.seed, both_bad=args.both_bad)
+    style = None
     try:
-        board = leaderboard(
-            votes, anchor=args.anchor, rounds=args.rounds, seed=args.seed, both_bad=args.both_bad
-        )
+        if args.style_control:
+            style = style_leaderboard(votes, **settings)
+            board = style.plain
+        else:
+            board = leaderboard(votes, **settings)
     except LeaderboardError as e:
         raise LeaderboardError(f"{describe(args.data)}: {e}") from None
     board.timings = {"read": read_s, **board.timings}
     evals = policy_evals(args.runs, votes) if args.runs else None
     if args.json:
         out = board.to_dict()
+        if style is not None:
+            out["style_control"] = style.to_dict()
         if evals is not None:
             out["policy_evals"] = evals
         print(json.dumps(out, ensure_ascii=False))
         return 0
-    for line in board.notes():
-        print(line)
-    print(board.scale_note())
-    print()
-    print(board.table())
+    if style is not None:
+        # The style-controlled ranking is what was asked for; the plain rating is a column.
+        for line in [*style.notes(), *board.notes()]:
+            print(line)
+        print(board.scale_note())
+        print()
+        print(style.table())
+        print()
+        print(style.coefficients_table())
+    else:
+        for line in board.notes():
+            print(line)
+        print(board.scale_note())
+        print()
+        print(board.table())
     if evals is not None:
         print()
         print("reward model vs humans: win rate of each policy over its reference")
@@ -171,4 +231,10 @@ def run(args: argparse.Namespace) -> int:
         f"bootstrap {t['bootstrap']:.2f}s",
         file=sys.stderr,
     )
+    if style is not None:
+        t = style.timings
+        print(
+            f"style control: features {t['features']:.2f}s, fit {t['fit']:.3f}s, bootstrap {t['bootstrap']:.2f}s",
+            file=sys.stderr,
+        )
     return 0

@@ -298,6 +298,32 @@ def leaderboard(
     t0 = time.perf_counter()
     battles = votes if isinstance(votes, Battles) else battles_from_votes(votes, both_bad)
     timings["aggregate"] = time.perf_counter() - t0
+    battles, unrated, anchor_index = checked_battles(battles, anchor)
+    t0 = time.perf_counter()
+    theta = fit_bradley_terry(battles.scores, ridge=ridge)
+    timings["fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    boot = bootstrap_thetas(battles, rounds, seed, ridge) if rounds > 0 else None
+    timings["bootstrap"] = time.perf_counter() - t0
+    return ranked_board(
+        battles,
+        theta,
+        boot,
+        anchor=anchor,
+        unrated=unrated,
+        rounds=rounds,
+        seed=seed,
+        both_bad=both_bad,
+        min_votes=min_votes,
+        timings=timings,
+    )
+
+
+def checked_battles(battles: Battles, anchor: str | None) -> tuple[Battles, list[str], int | None]:
+    """The battles of the models that can be rated, the models that cannot (seen, but
+    never against another model) and the anchor's index; LeaderboardError when the votes
+    rank nothing (see `leaderboard`). Shared with the style-controlled fit
+    (annotate/style_control.py), so that both boards rate the same models."""
     models = battles.models
     if battles.votes == 0:
         raise LeaderboardError("no votes yet: the store holds no standing votes to rate models with")
@@ -345,19 +371,33 @@ def leaderboard(
         if anchor not in models:
             raise LeaderboardError(f"unknown anchor {anchor!r}; the models are: {', '.join(models)}")
         anchor_index = models.index(anchor)
+    return battles, unrated, anchor_index
 
-    t0 = time.perf_counter()
-    theta = fit_bradley_terry(battles.scores, ridge=ridge)
-    timings["fit"] = time.perf_counter() - t0
+
+def ranked_board(
+    battles: Battles,
+    theta: np.ndarray,
+    boot: np.ndarray | None,
+    *,
+    anchor: str | None,
+    unrated: list[str],
+    rounds: int,
+    seed: int,
+    both_bad: str,
+    min_votes: int,
+    timings: dict[str, float],
+) -> Leaderboard:
+    """The Leaderboard of fitted strengths `theta` (K,) and bootstrap strengths `boot`
+    (rounds, K; None for no intervals), in battles.models' order: the scale, the
+    intervals, the ranks and the order, whichever fit gave the numbers."""
+    models, games = battles.models, battles.games
+    anchor_index = models.index(anchor) if anchor else None
     rating = to_ratings(theta, anchor_index)
-    t0 = time.perf_counter()
-    if rounds > 0:
-        boot = to_ratings(bootstrap_thetas(battles, rounds, seed, ridge), anchor_index)
+    if boot is not None:
         with np.errstate(all="ignore"):
-            low, high = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+            low, high = np.nanpercentile(to_ratings(boot, anchor_index), [2.5, 97.5], axis=0)
     else:
         low = high = np.full(len(models), np.nan)
-    timings["bootstrap"] = time.perf_counter() - t0
     # Zero width means every bootstrap round saw the same votes (say 3 of 3 one way): the
     # resampling cannot tell how sure that is, so there is no interval, not a certain one.
     # (The anchor's interval is zero wide by definition: it is the fixed point of the scale.)

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/leaderboard.py [--models 50] [--battles 1000000] [--rounds 100]
                                           [--tie-share 0.3] [--seed 0] [--cli-votes 1000000]
+                                          [--style-control] [--only-style-control]
 
 Simulated arena: K models with known strengths theta ~ N(0, 1) (natural log-odds; sd ~174
 rating points); each battle is a uniformly random pair of different models; the outcome
@@ -34,7 +35,24 @@ mean theta)):
   (interpreter start, imports, reading the store, fit, bootstrap, printing): `cli_s`;
   `cli_phases_s` is the CLI's own breakdown (from a second run with --json).
 
-Timings are the best of `--repeat` runs, except the CLI's (one cold run).
+* style control (`--style-control`; `--only-style-control` skips everything above):
+  battles of their own with a planted style preference. Each model has a typical answer
+  length (log-normal around 60-500 tokens) and its own habit of headers, list items and
+  bold (Poisson counts), the weaker models the longer-winded; the outcome follows
+  sigmoid(theta_a - theta_b + gamma . d) with d the four (a - b) / (a + b + 1) and gamma
+  = (2.0, 0.5, 0.3, 0.0), ties as above. Timed: `style_prepare_s` (standardising the
+  features, sorting the battles by pair), `style_fit_s` (the point fit from the plain
+  strengths), `style_bootstrap_s` (the rounds, on `style_workers` threads; one thread:
+  `style_bootstrap_1thread_s`). Checked: the style-controlled and the plain ratings
+  against the truth, the coefficients against the planted ones, and ours against the
+  peer: FastChat's contextual Bradley-Terry reimplemented from its description (L-BFGS-B
+  on the per-battle logistic loss, features as columns, maxiter 100, gtol 1e-6), with
+  our penalty so that both maximise one objective; `peer_style_fit_s` is one fit of it
+  (its bootstrap refits that many times). `style_features_mb_s`: trainer.style_features
+  .style_counts on `--style-texts` generated markdown answers, in MB of text a second.
+
+Timings are the best of `--repeat` runs, except the CLI's (one cold run) and the
+style-control phase's (one run each).
 
 Progress goes to stderr; the last line of stdout is one JSON object.
 """
@@ -61,6 +79,7 @@ sys.path.insert(0, str(REPO))
 
 from annotate.bradley_terry import battles_from_votes, fit_bradley_terry  # noqa: E402
 from annotate.ratings import CENTER, SCALE, bootstrap_thetas, leaderboard, to_ratings  # noqa: E402
+from bench.leaderboard_style import bench_style_control  # noqa: E402
 
 
 def say(*args) -> None:
@@ -236,7 +255,32 @@ def main() -> None:
         help="votes in the real store the CLI is timed on (0: skip that phase)",
     )
     p.add_argument("--repeat", type=int, default=3, help="timings are the best of this many runs")
+    p.add_argument(
+        "--style-control", action="store_true", help="also time and check the style-controlled fit"
+    )
+    p.add_argument(
+        "--only-style-control",
+        action="store_true",
+        help="the style-control phase only (implies --style-control)",
+    )
+    p.add_argument(
+        "--style-texts",
+        type=int,
+        default=100_000,
+        help="generated answers the feature extraction is timed on",
+    )
     args = p.parse_args()
+    if args.only_style_control:
+        result = {
+            "bench": "leaderboard",
+            "models": args.models,
+            "battles": args.battles,
+            "rounds": args.rounds,
+        }
+        result.update(bench_style_control(args, say))
+        result.update({"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__})
+        print(json.dumps(result))
+        return
     import choix
     import pandas as pd
 
@@ -332,6 +376,8 @@ def main() -> None:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    if args.style_control:
+        result.update(bench_style_control(args, say))
     result.update({"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__})
     print(json.dumps(result))
 

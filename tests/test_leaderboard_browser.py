@@ -1,6 +1,7 @@
 """The Leaderboard tab in a real Chromium: an admin sees the ranked models, the SVG plot
 of ratings with intervals, the win-rate matrix and the policy evaluations; the anchor
-dropdown re-anchors; a model name full of HTML is shown as text; an annotator sees no
+dropdown re-anchors; the style-control toggle shows the style-controlled ratings and the
+coefficients; a model name full of HTML is shown as text; an annotator sees no
 Leaderboard tab and is refused the /leaderboard API.
 """
 
@@ -10,7 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CHROMIUM, Server, add_users, client, login, vote_record, write_pairs, write_store
+from helpers import (
+    CHROMIUM,
+    Server,
+    add_users,
+    client,
+    login,
+    screenshot,
+    vote_record,
+    write_pairs,
+    write_store,
+)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs {CHROMIUM}")
 
@@ -28,11 +39,13 @@ def seed_votes(store: Path, n: int = 600) -> None:
         a, b = rng.choice(len(names), 2, replace=False)
         p = 1 / (1 + np.exp(STRENGTH[names[b]] - STRENGTH[names[a]]))
         choice = "tie" if rng.random() < 0.1 else ("a" if rng.random() < p else "b")
+        # answers of random lengths (for the style-control toggle), unrelated to the votes
+        length_a, length_b = rng.integers(5, 80, 2)
         records.append(
             vote_record(
                 f"Q{i % 5}",
-                "x",
-                "y",
+                " ".join(["x"] * int(length_a)),
+                " ".join(["y"] * int(length_b)),
                 choice,
                 pair_id=f"seed-{i}",
                 prompt_id=f"p-{i % 5}",
@@ -130,3 +143,32 @@ def test_admin_sees_the_leaderboard_and_annotators_do_not(arena, browser):
     by_model = {r["model"]: r for r in data["models"]}
     assert by_model["gamma"]["rating"] == 1000.0 and data["votes"] == 600
     assert data["policy_evals"][0]["policy"] == "policy-7"
+
+
+def test_style_control_toggle_shows_the_controlled_ratings_and_the_coefficients(arena, browser):
+    page = login(browser, arena.url, "boss")
+    page.get_by_role("tab", name="Leaderboard").click()
+    page.wait_for_selector("#lb-ranked tbody tr", timeout=30_000)
+    assert page.locator("#lb-style-coefs").count() == 0  # off by default
+    page.locator("#lb-style input").check()
+    page.wait_for_selector("#lb-style-coefs table.lb-coefs", timeout=30_000)
+    # lengths were drawn without regard to the votes: only length varies (no markdown),
+    # and the ranking is the plain one's, the plain rating shown beside each model
+    assert page.locator("#lb-style-coefs tbody tr").count() == 1
+    assert page.locator("#lb-style-coefs tbody tr").get_attribute("data-feature") == "length"
+    assert "left out of the fit, no pair differs in them: headers, lists, bold" in page.inner_text(
+        "#lb-style-coefs"
+    )
+    assert "plain rating" in page.inner_text("#lb-ranked thead")
+    assert [r["model"] for r in ranked(page)] == list(STRENGTH)
+    assert "style-controlled" in page.inner_text("#lb-message")
+    assert EVIL in page.inner_text("#lb-ranked") and page.evaluate("window.__pwned") is None
+    screenshot(page, "leaderboard-style-control")  # for a person to look at
+    page.locator("#lb-style input").uncheck()
+    page.wait_for_function("() => !document.querySelector('#lb-style-coefs')", timeout=30_000)
+    assert "plain rating" not in page.inner_text("#lb-ranked thead")
+    page.context.close()
+
+    data = client(arena.url, "boss").predict("", True, api_name="/leaderboard")
+    assert [c["feature"] for c in data["style_control"]["coefficients"]] == ["length"]
+    assert {r["model"] for r in data["style_control"]["models"]} == set(STRENGTH)

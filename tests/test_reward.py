@@ -357,7 +357,15 @@ def test_learns_the_hidden_rule_and_scores_normalised(tmp_path):
     assert [e["epoch"] for e in evals] == [1.0, 2.0]
     final = evals[-1]
     assert final["val_acc"] >= 0.9, final
-    for key in ("val_loss", "val_ece", "reward_mean", "reward_std", "length_corr"):
+    for key in (
+        "val_loss",
+        "val_ece",
+        "reward_mean",
+        "reward_std",
+        "length_corr",
+        "headers_corr",
+        "bold_corr",
+    ):
         assert math.isfinite(final[key])
     assert records[-1]["kind"] == "summary" and records[-1]["train_pairs"] == 2 * 256
 

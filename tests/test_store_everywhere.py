@@ -203,6 +203,15 @@ def test_leaderboard_json_on_postgres_matches_the_directory(both, tmp_path):
     assert boards[0] == boards[1]
     assert sorted(m["model"] for m in boards[0]["models"]) == sorted(MODELS)
     assert boards[0]["votes"] == 29
+    # style control reads the answers too: the same from either backend
+    styled = []
+    for target in (url, directory):
+        r = cli("leaderboard", "--data", target, "--json", "--rounds", 20, "--style-control")
+        assert r.returncode == 0, r.stderr
+        board = json.loads(r.stdout)["style_control"]
+        board.pop("timings_s")
+        styled.append(board)
+    assert styled[0] == styled[1] and styled[0]["votes"] == 29
 
     view = page(url, tmp_path / "runs", rounds=10)  # the Leaderboard tab, on the database
     assert view["ok"] and view["models"] == sorted(MODELS) and "alpha" in view["table"]

@@ -61,7 +61,7 @@ from trainer.errors import exit_code
 from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
 from trainer.reward_config import RewardConfig, resolve_config
 from trainer.reward_data import RewardDataError
-from trainer.reward_metrics import evaluate, preference_loss, to_device
+from trainer.reward_metrics import evaluate, preference_loss, style_penalty, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
 from trainer.reward_run import cudnn_attention_off, finish_done, report_data, snapshot_data
 from trainer.reward_state import (
@@ -283,7 +283,8 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
                 f"{record['val_acc_high']:.2f}, {record['val_pairs']} {record['split']} pairs)  "
                 f"loss {record['val_loss']:.4f}  "
                 f"ece {record['val_ece']:.3f}  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  "
-                f"length corr {record['length_corr']:+.2f}",
+                f"length corr {record['length_corr']:+.2f} (headers {record.get('headers_corr', 0):+.2f}, "
+                f"lists {record.get('lists_corr', 0):+.2f}, bold {record.get('bold_corr', 0):+.2f})",
                 file=sys.stderr,
             )
         return record
@@ -371,7 +372,14 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
                     # Dividing by the step's own weight sum instead would blow a step of
                     # mostly low-weight votes up to full size. (--weights none: all 1, the
                     # plain mean.)
-                    ((weight * per_pair).sum() / (n_pairs * mean_weight)).backward()
+                    objective = (weight * per_pair).sum() / (n_pairs * mean_weight)
+                    if cfg.style_penalty:
+                        # one correlation per micro-batch, weighted by its share of the step's pairs
+                        style = torch.from_numpy(enc.style_differences(b))
+                        objective = (
+                            objective + cfg.style_penalty * style_penalty(r_c, r_r, style) * len(b) / n_pairs
+                        )
+                    objective.backward()
                 with torch.no_grad():
                     votes = label == 1.0
                     stats += torch.stack(

@@ -20,6 +20,7 @@ import numpy as np
 
 from trainer.reward_data import Pairs
 from trainer.store import messages_to_json
+from trainer.style_features import markdown_counts, style_differences
 
 # --------------------------------------------------------------------------------------
 # Tokenization with left truncation of the prompt
@@ -40,9 +41,22 @@ class Encoded:
     prompts_cut: int = 0  # pairs whose prompt lost tokens on the left
     responses_cut: int = 0  # answers that alone were too long (cut at their end)
     weight: np.ndarray = None  # each vote's weight in the loss (--weights); None: all 1
+    # (pairs, 3): headers, list items, bold spans of each answer (trainer.style_features),
+    # for the markdown bias next to the length bias
+    chosen_markdown: np.ndarray = None
+    rejected_markdown: np.ndarray = None
 
     def __len__(self) -> int:
         return len(self.chosen)
+
+    def style_differences(self, idx) -> np.ndarray:
+        """(len(idx), 4) float32: per pair (chosen - rejected) / (chosen + rejected + 1) of
+        the answers' length in tokens, headers, list items and bold (trainer.style_features's
+        FEATURES order), what --style-penalty decorrelates the reward gap from."""
+        idx = np.asarray(idx, dtype=np.int64)
+        chosen = np.column_stack([self.chosen_len[idx], self.chosen_markdown[idx]])
+        rejected = np.column_stack([self.rejected_len[idx], self.rejected_markdown[idx]])
+        return style_differences(chosen, rejected).astype(np.float32)
 
     def lengths(self, packed: bool = True) -> np.ndarray:
         """A pair's cost in tokens. Packed: shared prefix once + both answers. Padded: twice
@@ -159,6 +173,8 @@ def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
         shared=np.array([shared_prefix(c, r) for c, r in zip(chosen, rejected)], dtype=np.int64),
         prompts_cut=prompts_cut,
         responses_cut=answers_cut,
+        chosen_markdown=markdown_counts(pairs.chosen),
+        rejected_markdown=markdown_counts(pairs.rejected),
     )
 
 

@@ -122,6 +122,16 @@ class RewardConfig(Config):
             "help": "reward-centering coefficient (e.g. 0.01)"
         },
     )
+    style_penalty: float = field(
+        default=0.0,
+        metadata={
+            "help": "debias against style: add this times the sum over style features (length in "
+            "tokens, markdown headers, list items, bold) of the squared correlation, within each "
+            "micro-batch, between the reward gap r_chosen - r_rejected and the answers' feature "
+            "difference (a - b) / (a + b + 1); 0: off. Needs micro-batches of 3 pairs or more",
+            "label": "Style penalty",
+        },
+    )
     pack: bool = field(
         default=True,
         metadata={  # shared-prompt packing needs a causal backbone
@@ -168,6 +178,14 @@ class RewardConfig(Config):
         yield "warmup", not 0 <= self.warmup <= 1, "must be in [0, 1]"
         yield "lr", not self.lr > 0, "must be positive"
         yield "lora_r", self.lora_r < 0, "must be at least 0"
+        yield "style_penalty", not self.style_penalty >= 0, "must be 0 (off) or more"
+        yield (
+            "style_penalty",
+            self.style_penalty > 0 and self.batch_size < 3,
+            (
+                "needs --batch-size 3 or more: a correlation within a micro-batch of fewer pairs is meaningless"
+            ),
+        )
 
 
 # --------------------------------------------------------------------------------------

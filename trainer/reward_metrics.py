@@ -19,6 +19,7 @@ import numpy as np
 
 from trainer.evaluate import wilson_interval
 from trainer.reward_batches import collate, pack
+from trainer.style_features import FEATURES, MARKDOWN_FEATURES
 
 
 def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float = 0.0):
@@ -41,6 +42,30 @@ def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float
     return loss
 
 
+def style_penalty(r_chosen, r_rejected, style_diff):
+    """Sum over style features of corr(r_chosen - r_rejected, style_diff[:, f])^2 over a
+    micro-batch (a torch scalar, differentiable in the rewards). style_diff: (pairs, F),
+    the answers' (chosen - rejected) / (chosen + rejected + 1) per feature
+    (trainer.style_features). Squared, so that a reward that prefers the shorter answer is
+    penalised like one that prefers the longer; a correlation, so that it does not care
+    how large the rewards are, only whether their gap follows style. A feature the batch's
+    pairs do not differ in adds nothing; fewer than 3 pairs give 0."""
+    import torch
+
+    d = (r_chosen - r_rejected).float()
+    s = style_diff.to(d.device, torch.float32)
+    if len(d) < 3:
+        return d.sum() * 0.0
+    d = d - d.mean()
+    s = s - s.mean(dim=0)
+    s_norm = s.norm(dim=0)
+    varies = s_norm > 1e-6
+    if not bool(varies.any()):
+        return d.sum() * 0.0
+    corr = (d @ s[:, varies]) / (d.norm() * s_norm[varies] + 1e-8)
+    return (corr * corr).sum()
+
+
 def expected_calibration_error(p_chosen: np.ndarray, bins: int = 10) -> float:
     """ECE of P(chosen beats rejected) = sigmoid(r_c - r_r) on votes: confidence is
     max(p, 1 - p), correct is p > 0.5; the bin-weighted gap between the two."""
@@ -61,6 +86,16 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
         return 0.0
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def markdown_bias(rewards: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    """Does the reward follow markdown? Per feature (headers, lists, bold: the style
+    features of the style-controlled leaderboard, trainer/style_features.py) the Pearson
+    correlation of the rewards with the answers' counts, as `length_corr` is with their
+    length: `headers_corr`, `lists_corr`, `bold_corr`. 0 where no answer varies in it.
+    rewards (m,), counts (m, 3), the same answers in the same order."""
+    counts = np.asarray(counts, np.float64)
+    return {f"{name}_corr": pearson(rewards, counts[:, k]) for k, name in enumerate(MARKDOWN_FEATURES)}
 
 
 # --------------------------------------------------------------------------------------
@@ -106,7 +141,8 @@ def predict(net, enc, idx, batch_size: int, pad_id: int, device, autocast, accel
 
 def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None, packed: bool = True) -> dict:
     """Validation metrics: loss (as trained), accuracy and calibration on votes, reward
-    scale, and length bias (does the reward just count tokens?). `cfg`: the run's
+    scale, and length and markdown bias (does the reward just count tokens, headers,
+    list items, bold?). `cfg`: the run's
     RewardConfig (its eval_batch_size, margin and center)."""
     import torch
 
@@ -142,5 +178,20 @@ def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None, pac
         "reward_std": float(rewards.std()),
         "length_corr": pearson(rewards, lengths),  # reward vs answer length in tokens
         "longer_preferred": float(longer_wins.mean()),  # how often the longer answer scores higher
+        **(
+            markdown_bias(rewards, np.concatenate([enc.chosen_markdown[idx], enc.rejected_markdown[idx]]))
+            if enc.chosen_markdown is not None
+            else {}
+        ),
+        # what --style-penalty works on: the reward gap against each feature's difference
+        **(
+            {
+                f"{name}_gap_corr": pearson(rc - rr, gaps[:, k])
+                for gaps in [enc.style_differences(idx)]
+                for k, name in enumerate(FEATURES)
+            }
+            if enc.chosen_markdown is not None
+            else {}
+        ),
         "_rewards": rewards,  # for the normalisation (not logged)
     }

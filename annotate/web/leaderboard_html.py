@@ -1,8 +1,10 @@
 """The Leaderboard tab's HTML: the ranked table, an inline SVG of the ratings with their
-intervals, the coloured win-rate matrix, the policy evaluations, and their CSS.
+intervals, the coloured win-rate matrix, the policy evaluations, the style-control
+coefficients, and their CSS.
 
     from annotate.web.leaderboard_html import table_html, plot_svg, matrix_html
     html = table_html(board) + plot_svg(board) + matrix_html(board)   # board: ratings.Leaderboard
+    html = table_html(sc.board, plain=sc.plain) + coefficients_html(sc)   # sc: style_control.StyleControl
 
 Every model name is escaped (annotate.web.html): names come from pairs files.
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 from annotate.policy_evals import human_text, rm_text
 from annotate.ratings import CENTER, Leaderboard
+from annotate.style_control import StyleControl
 from annotate.web.html import escape
 
 
@@ -23,18 +26,26 @@ def rank_cell(board: Leaderboard, k: int) -> str:
     return str(int(board.rank[k]))
 
 
-def table_html(board: Leaderboard) -> str:
+def table_html(board: Leaderboard, plain: Leaderboard | None = None) -> str:
+    """The ranked table; with `plain` (the board without style control) each model's
+    plain rating and how far style control moved it, in two more columns."""
+    extra_head = "<th>plain rating</th><th>shift</th>" if plain is not None else ""
     head = (
-        "<tr><th>rank</th><th>model</th><th>rating</th><th>95% CI</th><th>votes</th>"
-        "<th>W / L / T</th><th>win rate</th></tr>"
+        "<tr><th>rank</th><th>model</th><th>rating</th><th>95% CI</th>"
+        f"{extra_head}<th>votes</th><th>W / L / T</th><th>win rate</th></tr>"
     )
+    plain_rating = dict(zip(plain.models, plain.rating)) if plain is not None else {}
     rows = []
     for k, m in enumerate(board.models):
         ci = "–" if math.isnan(board.low[k]) else f"{board.low[k]:.0f} – {board.high[k]:.0f}"
         anchor = ' class="anchor"' if m == board.anchor else ""
+        extra = ""
+        if plain is not None:
+            shift = round(float(board.rating[k] - plain_rating[m]))  # rounded first: never "-0"
+            extra = f"<td>{plain_rating[m]:.0f}</td><td>{shift:+d}</td>"
         rows.append(
             f'<tr{anchor} data-model="{escape(m)}"><td>{rank_cell(board, k)}</td><td class="model">{escape(m)}</td>'
-            f"<td>{board.rating[k]:.0f}</td><td>{ci}</td><td>{int(board.played[k])}</td>"
+            f"<td>{board.rating[k]:.0f}</td><td>{ci}</td>{extra}<td>{int(board.played[k])}</td>"
             f"<td>{int(board.wins[k])} / {int(board.losses[k])} / {int(board.ties[k])}</td>"
             f"<td>{100 * board.win_rate[k]:.1f}%</td></tr>"
         )
@@ -160,11 +171,45 @@ def evals_html(evals: list[dict[str, Any]]) -> str:
     )
 
 
+def coefficients_html(style: StyleControl) -> str:
+    """The style coefficients: per feature its coefficient with the 95% interval, in
+    log-odds and in rating points, and what one spread of the feature difference is."""
+    # The status line above the table says what style control did; here only what is
+    # missing from this table (the features left out), or everything when nothing was fitted.
+    lines = style.notes() if not style.features else style.notes()[-1:] if style.left_out else []
+    notes = "".join(f'<p class="lb-note">{escape(line)}</p>' for line in lines)
+    if not style.features:
+        return f'<div id="lb-style-coefs">{notes}</div>'
+    rows = []
+    for row in style.coefficients():
+        lo, hi = row["ci"]
+        plo, phi = row["points_ci"]
+        ci = "–" if lo is None else f"{lo:+.3f} – {hi:+.3f}"
+        pci = "–" if plo is None else f"{plo:+.0f} – {phi:+.0f}"
+        spread = f"{row['spread']:.3f}"
+        if row.get("length_ratio"):
+            spread += f" ({row['length_ratio']}x as long)"
+        rows.append(
+            f'<tr data-feature="{escape(row["feature"])}"><td class="model">{escape(row["feature"])}</td>'
+            f"<td>{row['coefficient']:+.3f}</td><td>{ci}</td><td>{row['points']:+.0f}</td><td>{pci}</td>"
+            f'<td>{escape(spread)}</td><td class="what">{escape(row["what"])}</td></tr>'
+        )
+    return (
+        f'<div id="lb-style-coefs">{notes}<table class="lb-table lb-coefs"><thead><tr><th>feature</th>'
+        "<th>coefficient (log-odds per spread)</th><th>95% CI</th><th>rating points</th><th>95% CI</th>"
+        "<th>spread of (a - b) / (a + b + 1)</th><th>what is counted</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        '<p class="lb-note">+ means annotators favour the answer with more of it, whatever the model; '
+        "the ratings above are with it held equal.</p></div>"
+    )
+
+
 LEADERBOARD_CSS = """
 .lb-table { border-collapse: collapse; font-variant-numeric: tabular-nums; width: auto; min-width: 60%; }
 .lb-table th, .lb-table td { padding: 4px 10px; border-bottom: 1px solid var(--border-color-primary);
   text-align: right; }
 .lb-table th:nth-child(2), .lb-table td.model, .lb-evals td, .lb-evals th { text-align: left; }
+.lb-coefs th:first-child, .lb-coefs th:last-child, .lb-coefs td.what { text-align: left; }
 .lb-table tr.anchor td { font-weight: 650; }
 .lb-provisional { font-size: 0.8em; color: var(--body-text-color-subdued); font-style: italic; }
 .lb-plot-box, .lb-matrix-box { overflow-x: auto; }

@@ -4,6 +4,7 @@
     with gr.Tabs():
         build_leaderboard_tab(demo, ctx, guard)   # the tab, and gr.api /leaderboard
     view = page(data, runs_dir, anchor="smollm2")  # what the tab shows, as HTML, without gradio
+    view = page(data, runs_dir, style_control=True)  # the style-controlled board and its coefficients
 
 The numbers come from `annotate.leaderboard` (read the store, fit, policy evaluations);
 this module only renders them and guards the handlers.
@@ -21,7 +22,14 @@ from typing import Any
 
 from annotate.leaderboard import leaderboard_json, standings
 from annotate.web.html import escape
-from annotate.web.leaderboard_html import LEADERBOARD_CSS, evals_html, matrix_html, plot_svg, table_html
+from annotate.web.leaderboard_html import (
+    LEADERBOARD_CSS,
+    coefficients_html,
+    evals_html,
+    matrix_html,
+    plot_svg,
+    table_html,
+)
 
 MEAN_ANCHOR = "(mean of all models)"
 
@@ -32,24 +40,33 @@ def page(
     anchor: str | None = None,
     rounds: int = 100,
     seed: int = 0,
+    style_control: bool = False,
 ) -> dict[str, Any]:
     """Everything the Leaderboard tab shows for the store `data` (a directory, or a
     postgresql:// URL): `annotate.leaderboard.standings` as HTML strings, the model names
-    (for the anchor dropdown) and the anchor in use."""
+    (for the anchor dropdown) and the anchor in use. With style_control the table and the
+    plot are the style-controlled ratings (the table with the plain ones beside them) and
+    `style` the coefficients; without, `style` is empty."""
     view = standings(
-        data, runs_dir, anchor=None if anchor in (None, "", MEAN_ANCHOR) else anchor, rounds=rounds, seed=seed
+        data,
+        runs_dir,
+        anchor=None if anchor in (None, "", MEAN_ANCHOR) else anchor,
+        rounds=rounds,
+        seed=seed,
+        style_control=style_control,
     )
-    board = view["board"]
+    board, style = view["board"], view["style"]
     return {
         "ok": view["ok"],
         "error": view["error"],
         "message": view["message"],
         "models": sorted(board.models) if board is not None else view["models"],
         "anchor": board.anchor if board is not None else None,
-        "table": table_html(board) if board is not None else "",
+        "table": table_html(board, style.plain if style else None) if board is not None else "",
         "plot": plot_svg(board) if board is not None else "",
         "matrix": matrix_html(board) if board is not None else "",
         "evals": evals_html(view["evals"]) if view["evals"] is not None else "",
+        "style": coefficients_html(style) if style is not None else "",
         "board": board,
     }
 
@@ -59,12 +76,15 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
     page's `gr.Tabs()`. Also an API endpoint, /leaderboard, with the numbers as JSON."""
     import gradio as gr
 
-    def leaderboard_api(anchor: str = "", request: gr.Request = None) -> dict:
+    def leaderboard_api(anchor: str = "", style_control: bool = False, request: gr.Request = None) -> dict:
         """Ratings, 95% intervals, ranks, win-rate matrix and vote counts (admins only).
-        anchor: the model rated 1000; empty for the mean of the models."""
+        anchor: the model rated 1000; empty for the mean of the models. style_control:
+        also the style-controlled ratings and the style coefficients."""
         guard.admin(request)
         with guard.errors():
-            return leaderboard_json(ctx.data, ctx.runs_dir, anchor=anchor or None)
+            return leaderboard_json(
+                ctx.data, ctx.runs_dir, anchor=anchor or None, style_control=style_control
+            )
 
     with gr.Tab("Leaderboard", id="leaderboard", visible=False) as tab:
         gr.Markdown(
@@ -81,10 +101,18 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
                 scale=3,
                 interactive=True,
             )
+            style_on = gr.Checkbox(
+                label="Style control: length and markdown held equal",
+                value=False,
+                elem_id="lb-style",
+                scale=2,
+                interactive=True,
+            )
             refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="lb-refresh")
         css = dict(js_on_load=None, css_template=LEADERBOARD_CSS)
         status = gr.HTML(elem_id="lb-status", **css)
         table = gr.HTML(elem_id="lb-table", **css)
+        coefs = gr.HTML(elem_id="lb-style-box", **css)  # empty unless style control is on
         plot = gr.HTML(elem_id="lb-plot", **css)
         with gr.Accordion(
             "Win rates: row model against column model (ties 0.5), votes under each", open=True
@@ -98,24 +126,27 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
     def on_load(request: gr.Request):
         return gr.Tab(visible=guard.is_admin(request))
 
-    def on_open(current, request: gr.Request):
+    def on_open(current, style_control, request: gr.Request):
         guard.admin(request)
         with guard.errors():
-            view = page(ctx.data, ctx.runs_dir, current)
+            view = page(ctx.data, ctx.runs_dir, current, style_control=bool(style_control))
         cls = "lb-note lb-error" if view["error"] else "lb-note"  # red for failures only
         stamp = time.strftime("%H:%M:%S")
         return (
             gr.Dropdown(choices=[MEAN_ANCHOR, *view["models"]], value=view["anchor"] or MEAN_ANCHOR),
             f'<p class="{cls}" id="lb-message">{escape(view["message"])} (updated {stamp})</p>',
             view["table"],
+            view["style"],
             view["plot"],
             view["matrix"],
             view["evals"],
         )
 
-    outputs = [anchor, status, table, plot, matrix, evals]
+    outputs = [anchor, status, table, coefs, plot, matrix, evals]
+    inputs = [anchor, style_on]
     kw = dict(api_visibility="private", concurrency_limit=2, concurrency_id="leaderboard")
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
-    tab.select(on_open, [anchor], outputs, **kw)
-    refresh.click(on_open, [anchor], outputs, **kw)
-    anchor.input(on_open, [anchor], outputs, **kw)
+    tab.select(on_open, inputs, outputs, **kw)
+    refresh.click(on_open, inputs, outputs, **kw)
+    anchor.input(on_open, inputs, outputs, **kw)
+    style_on.input(on_open, inputs, outputs, **kw)
