@@ -296,34 +296,51 @@ def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) ->
     return pairs
 
 
+def _store_votes(target, exclude_flagged: bool) -> tuple[Any, list[str], int]:
+    """(standing votes, the confirmed-flagged annotators left out, their votes dropped)."""
+    from trainer.flags import confirmed_flags, read_flag_events, without_confirmed
+
+    votes = read_comparisons(
+        str(target), columns=["prompt", "response_a", "response_b", "choice", "strength", "annotator"]
+    )
+    if not exclude_flagged:
+        return votes, [], 0
+    excluded = confirmed_flags(read_flag_events(str(target)))
+    votes, dropped = without_confirmed(votes, excluded)
+    return votes, sorted(excluded), dropped
+
+
 def read_pairs(
-    path, *, ties: str = "exclude", both_bad: str = "exclude", margin: bool = False, margin_scale: float = 1.0
+    path,
+    *,
+    ties: str = "exclude",
+    both_bad: str = "exclude",
+    margin: bool = False,
+    margin_scale: float = 1.0,
+    exclude_flagged: bool = True,
 ) -> Pairs:
     """Pairs from a comparison store (a directory, or a postgresql:// URL) or a
-    TRL-format file. A database that cannot be reached raises trainer.store.StoreError."""
+    TRL-format file. A database that cannot be reached raises trainer.store.StoreError.
+    From a store, the votes of annotators whose flag an admin confirmed are left out
+    unless `exclude_flagged` is False (trainer/flags.py); a file has no annotators."""
     if ties not in TIE_MODES or both_bad not in TIE_MODES:
         raise RewardDataError(f"ties / both-bad must be one of {TIE_MODES}")
-    if is_database(path):  # a URL is a store, never a file (Path would fold its "//")
-        votes = read_comparisons(
-            str(path), columns=["prompt", "response_a", "response_b", "choice", "strength"]
-        )
-        return pairs_from_votes(
+    p = None if is_database(path) else Path(path)  # a URL is a store, never a file (Path would fold its "//")
+    if p is None or p.is_dir():
+        try:
+            votes, excluded, dropped = _store_votes(path, exclude_flagged)
+        except FileNotFoundError as e:
+            raise RewardDataError(str(e)) from None
+        pairs = pairs_from_votes(
             votes,
             ties=ties,
             both_bad=both_bad,
             margin=margin,
             margin_scale=margin_scale,
-            source=describe(path),
+            source=describe(path) if p is None else str(p),
         )
-    p = Path(path)
-    if p.is_dir():
-        try:
-            votes = read_comparisons(p)
-        except FileNotFoundError as e:
-            raise RewardDataError(str(e)) from None
-        return pairs_from_votes(
-            votes, ties=ties, both_bad=both_bad, margin=margin, margin_scale=margin_scale, source=str(p)
-        )
+        pairs.summary["excluded_flagged"] = {"annotators": excluded, "votes": dropped}
+        return pairs
     if p.is_file():
         return pairs_from_file(p, margin=margin, margin_scale=margin_scale)
     raise RewardDataError(f"{path}: no such comparison store or preference file")

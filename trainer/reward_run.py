@@ -50,7 +50,12 @@ def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> t
         if not cfg.data:
             raise RewardDataError("no data: pass --data (a comparison store or a preference file)")
         pairs = read_pairs(
-            cfg.data, ties=cfg.ties, both_bad=cfg.both_bad, margin=cfg.margin, margin_scale=cfg.margin_scale
+            cfg.data,
+            ties=cfg.ties,
+            both_bad=cfg.both_bad,
+            margin=cfg.margin,
+            margin_scale=cfg.margin_scale,
+            exclude_flagged=cfg.exclude_flagged,
         )
         train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
         summary = pairs.summary
