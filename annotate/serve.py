@@ -364,6 +364,8 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         queue.gold = gold.gold_items(args)  # before any pair is added: gold items stay out of the pool
     except PreflabError as e:
         raise ServeError(str(e)) from None
+    if queue.gold is not None:
+        log.info("%s: %d gold items, mixed in at %g", args.gold, len(queue.gold), args.gold_rate)
     generator = None
     if args.pairs:
         _fill_from_pairs_file(args, queue)

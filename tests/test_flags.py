@@ -160,6 +160,17 @@ def test_flag_confirm_clear_round_trip_on_postgresql_and_sync_ignores_them(pg_ur
         assert queue.overview()["pairs"] == 0 and "carol" not in queue._people
 
 
+def test_preflab_copy_moves_flag_events_between_backends_exactly(tmp_path, pg_url):
+    from trainer.store.copy import copy_store
+
+    round_trip(tmp_path / "store")
+    assert copy_store(str(tmp_path / "store"), pg_url)["copied"] == 6
+    assert copy_store(pg_url, str(tmp_path / "back"))["copied"] == 6
+    for target in (pg_url, tmp_path / "back"):
+        assert read_flag_events(target) == read_flag_events(tmp_path / "store")
+        assert read_comparisons(target).num_rows == 2
+
+
 def test_a_version_1_directory_store_reads_and_takes_flags(tmp_path):
     store = tmp_path / "old"
     (store / "parts").mkdir(parents=True)
