@@ -101,7 +101,7 @@ def gold_plot_html(rows: list[dict[str, Any]], flag_below: float) -> str:
         )
     svg.append("</svg>")
     return (
-        '<div class="metric-plot" id="gold-plot">'
+        '<div class="metric-plot" id="gold-plot" style="max-width:720px">'
         '<div class="plot-title" style="font-weight:600;margin-bottom:4px">Gold accuracy by annotator '
         "(95% Wilson interval)</div>" + "".join(svg) + '<div class="plot-caption" style="font-size:0.85em;'
         f'opacity:0.8">Dashed: the flag threshold ({pct(flag_below)}); orange: flagged, red: confirmed.</div></div>'
