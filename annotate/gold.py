@@ -23,7 +23,9 @@ about to give, with probability `rate`, at the same moment, with the same random
 the left; what the page and the API receive has the same fields (the selection is in
 gen_params, which never leaves the server). Each annotator gets each gold item at most
 once (a vote or a skip on it ends it for them; with PostgreSQL across every server, as the
-database's claim refuses a pair someone voted on or skipped). Gold votes are outside the
+database's claim refuses a pair someone voted on or skipped; on a directory store skips
+live in memory, as for every pair, so after a restart a skipped gold item may come
+back). Gold votes are outside the
 pool: they never fill a pool pair's K slots, and a pool pair that is also a gold item is
 served as gold only.
 """
@@ -31,6 +33,7 @@ served as gold only.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 from dataclasses import dataclass, replace
@@ -40,6 +43,7 @@ from typing import Any
 from annotate.pairs import Pair, PairsFileError, load_pairs
 from annotate.sampling import with_selection
 from trainer.rows import BadRow, check_utf8, iter_rows
+from trainer.store import pair_id_for
 
 GOLD_LABELS = ("a", "b", "tie")
 MAX_EXPLANATION_CHARS = 4_000
@@ -90,10 +94,6 @@ def canonical_item(pair: Pair, label: str, explanation: str) -> GoldItem:
 
 
 def _swapped(pair: Pair) -> Pair:
-    import json
-
-    from trainer.store import pair_id_for
-
     gen_params = pair.gen_params
     if gen_params:  # per-side settings ({"a": ..., "b": ...}) follow their answer
         try:

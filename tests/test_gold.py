@@ -200,6 +200,17 @@ def test_a_restarted_server_never_gives_a_gold_item_again_and_skips_count(tmp_pa
     assert set(got) - pool <= {first}
 
 
+def test_a_gold_item_is_never_a_pool_pair_nor_sent_back_for_relabelling(tmp_path):
+    gold = gold_items(tmp_path, 2, 0.5)
+    as_pool = [item.pair for item in gold.items.values()]
+    queue = AssignmentQueue()
+    queue.gold = gold
+    assert queue.add([*make_pairs(3), *as_pool]) == 3, "the gold pairs in a pairs file stay gold"
+    assert queue.requeue(as_pool) == {"queued": 0, "waiting": 0}
+    assert {p.pair_id for p in queue.pool()} == {p.pair_id for p in make_pairs(3)}
+    assert queue.overview()["pairs"] == 3
+
+
 def test_what_the_client_receives_is_the_same_for_gold_and_pool_pairs(tmp_path):
     """The view (what the page renders and the API returns) of a gold item has the same
     keys, the same kind of id and the same acknowledgement as a pool pair's."""

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trainer.store.record import FLAG_KINDS
+from trainer.store.record import FLAG_KINDS, to_micros
 
 # Who writes the rule's flags: not an account (an account name has no colon).
 RULE_AUTHOR = "rule:gold"
@@ -58,13 +58,7 @@ def flag_events(events) -> list[dict[str, Any]]:
         hit = pc.is_in(events["kind"], value_set=pa.array(FLAG_KINDS, pa.string()))
         events = events.filter(hit).to_pylist()
     rows = [e for e in events if e.get("kind") in FLAG_KINDS]
-    return sorted(rows, key=lambda e: (_micros(e["created_at"]), e["event_id"]))
-
-
-def _micros(value: Any) -> int:
-    from trainer.store.record import to_micros
-
-    return to_micros(value)
+    return sorted(rows, key=lambda e: (to_micros(e["created_at"]), e["event_id"]))
 
 
 def flag_states(events) -> dict[str, dict[str, Any]]:
@@ -75,7 +69,7 @@ def flag_states(events) -> dict[str, dict[str, Any]]:
         entry = out.setdefault(e["subject"], {"flag": None, "flag_event_id": None})
         entry.update(
             state=STATES[e["kind"]],
-            since=_micros(e["created_at"]),
+            since=to_micros(e["created_at"]),
             by=e["annotator"],
             note=e.get("rationale") or "",
         )
