@@ -29,6 +29,7 @@ from trainer.flags import (
     flag_states,
     read_flag_events,
 )
+from trainer.rows import text_problem
 from trainer.store.record import to_micros
 
 ACTIONS = {"confirm": "flag_confirm", "clear": "flag_clear"}
@@ -80,6 +81,8 @@ class AnnotatorReview:
             raise ReviewError("choose an annotator first")
         if len(note or "") > 2_000:
             raise ReviewError("the note is longer than 2,000 characters; shorten it (nothing was saved)")
+        if problem := text_problem(note or ""):  # what no store can hold (trainer/rows.py)
+            raise ReviewError(f"note: {problem} (nothing was saved)")
         with self._lock:
             state = flag_states(read_flag_events(self.service.data)).get(subject)
             current = state["state"] if state else "not flagged"

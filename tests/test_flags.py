@@ -246,6 +246,8 @@ def test_the_rule_flags_once_an_admin_confirms_or_clears_and_new_evidence_flags_
 
         with pytest.raises(ReviewError, match="ann is not flagged"):
             review.decide("boss", "ann", "confirm")
+        with pytest.raises(ReviewError, match="note: not valid text"):
+            review.decide("boss", "mallory", "confirm", "bad \x00 note")
         with pytest.raises(Forbidden):
             review.decide("mallory", "mallory", "clear")  # not an admin (nor anyone known)
         view = review.decide("boss", "mallory", "confirm", "clicks at random")
