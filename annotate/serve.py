@@ -357,13 +357,14 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         args.sampling, reward_run=args.reward_model, mix=args.uncertain_mix, device=args.device
     )
     accounts, guidelines = _accounts_and_guidelines(args)
+    try:  # a bad gold file stops the server before the store is opened (or created)
+        gold_items = gold.gold_items(args)
+    except PreflabError as e:
+        raise ServeError(str(e)) from None
     state_dir, votes, cursor = _open_store(args, opened)
     shared = is_database(args.data)
     queue = AssignmentQueue(overlap=args.overlap, shared=opened.store if shared else None)
-    try:
-        queue.gold = gold.gold_items(args)  # before any pair is added: gold items stay out of the pool
-    except PreflabError as e:
-        raise ServeError(str(e)) from None
+    queue.gold = gold_items  # before any pair is added: gold items stay out of the pool
     if queue.gold is not None:
         log.info("%s: %d gold items, mixed in at %g", args.gold, len(queue.gold), args.gold_rate)
     generator = None

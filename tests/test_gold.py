@@ -315,3 +315,22 @@ def test_gold_on_a_shared_store_at_the_rate_and_never_twice_across_servers(tmp_p
         if not is_gold(v):
             per_pair[v["pair_id"]] = per_pair.get(v["pair_id"], 0) + 1
     assert set(per_pair.values()) == {2}, "K=2 for every pool pair, gold votes aside"
+
+
+def test_serve_refuses_a_bad_gold_file_before_it_opens_the_store(tmp_path):
+    from helpers import preflab, write_pairs
+
+    from trainer.store.pg_testserver import free_port
+
+    rows = gold_rows(2)
+    rows[1]["gold"] = "B is better"
+    gold = write_jsonl(tmp_path / "gold.jsonl", rows)
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
+    result = preflab(
+        "serve", "--pairs", pairs, "--gold", gold, "--data", tmp_path / "store", "--port", free_port()
+    )
+    assert result.returncode == 2
+    assert f"{gold}:2: gold: must be 'a', 'b' or 'tie'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "store").exists()
+    result = preflab("serve", "--pairs", pairs, "--gold-feedback", "--data", tmp_path / "store")
+    assert result.returncode == 2 and "--gold-feedback needs --gold FILE" in result.stderr
