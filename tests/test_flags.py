@@ -109,6 +109,8 @@ def test_a_flag_event_is_about_a_person_and_version_1_records_still_validate():
     assert old["schema_version"] == 1 and old["subject"] is None
     with pytest.raises(RecordError, match="field 'subject'"):
         validate_record({**vote_record(), "subject": "bob"})
+    with pytest.raises(RecordError, match="field 'detail': must be a JSON object"):
+        validate_record(complete_record({**vote_record(), "detail": "[1]"}))
     with pytest.raises(RecordError, match="field 'pair_id': missing"):
         validate_record(complete_record({**vote_record(), "pair_id": None}))
 

@@ -178,6 +178,7 @@ def validate_record(record: dict[str, Any], where: str = "") -> dict[str, Any]:
             raise RecordError("left", f"must be 'a' or 'b', got {r['left']!r}")
         if r["subject"] is not None:
             raise RecordError("subject", f"only a flag event names one, not a {r['kind']}")
+        _check_detail(r)
         _check_messages(r["prompt"])
         if r["kind"] == "retract":
             if not r["retracts"]:
@@ -221,6 +222,10 @@ def _check_flag_event(r: dict[str, Any]) -> None:
     for f in (*PAIR_FIELDS, "retracts", "choice", "strength", "decision_ms", "gen_params"):
         if r[f] is not None:
             raise RecordError(f, f"must be null on a {r['kind']} event (it is about a person, not a pair)")
+    _check_detail(r)
+
+
+def _check_detail(r: dict[str, Any]) -> None:
     if r["detail"] is not None:
         try:
             detail = json.loads(r["detail"])
