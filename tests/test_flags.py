@@ -305,3 +305,15 @@ def test_train_reward_has_the_include_flagged_switch_and_the_config_default_excl
     assert RewardConfig().exclude_flagged is True
     result = preflab("train-reward", "--help")
     assert "--include-flagged" in result.stdout and "--no-exclude-flagged" not in result.stdout
+
+
+def test_the_dashboard_export_leaves_out_confirmed_annotators_too(tmp_path):
+    data = tmp_path / "store"
+    confirmed_store(data)
+    with open_store(data) as store:
+        service = Service(store, AssignmentQueue(), data=data, local_user="boss")
+        files, report = service.export("boss", tmp_path, format="standard")
+        assert pq.read_table(files[0]).num_rows == 10
+        assert "10 votes of confirmed-flagged annotators left out" in report
+        files, report = service.export("boss", tmp_path, format="standard", include_flagged=True)
+        assert pq.read_table(files[0]).num_rows == 20 and "flagged" not in report
