@@ -21,7 +21,10 @@ record's canonical a/b terms; that is how trainer/annotator_quality.py finds the
 Looking like any other pair: the queue hands a gold item out in place of the pair it was
 about to give, with probability `rate`, at the same moment, with the same random side on
 the left; what the page and the API receive has the same fields (the selection is in
-gen_params, which never leaves the server). Each annotator gets each gold item at most
+gen_params, which never leaves the server). What a gold file itself says is the admin's
+to keep alike: the acknowledgement names the two models after every vote, so a gold row
+should name models the pool has (not `unknown`), and a pool whose pairs file names its
+own pair_ids makes gold items' derived `pair-...` ids stand out. Each annotator gets each gold item at most
 once (a vote or a skip on it ends it for them; with PostgreSQL across every server, as the
 database's claim refuses a pair someone voted on or skipped; on a directory store skips
 live in memory, as for every pair, so after a restart a skipped gold item may come
