@@ -46,7 +46,7 @@ def gold_plot_html(rows: list[dict[str, Any]], flag_below: float) -> str:
     Wilson interval; data-* attributes carry the numbers (what the tests read)."""
     pts = [r for r in rows if (r.get("gold_n") or 0) > 0 and _num(r.get("gold_accuracy")) is not None]
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-    x0, x1 = _domain([float(r["votes"]) for r in pts], 0.05) if pts else (0.0, 1.0)
+    x0, x1 = _domain([float(r["votes"]) for r in pts], 0.08) if pts else (0.0, 1.0)
     x0 = max(0.0, x0)
 
     def px(v: float) -> float:
