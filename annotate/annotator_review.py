@@ -50,7 +50,7 @@ class AnnotatorReview:
     """See the module docstring. `store` is the server's writer; `service` gives the
     store's target and the accounts (for the role check)."""
 
-    def __init__(self, store, service, *, min_failed_gold: int = 2, flag_below: float = 0.6):
+    def __init__(self, store, service, min_failed_gold: int = 2, flag_below: float = 0.6):
         self.store = store
         self.service = service
         self.min_failed_gold = min_failed_gold

@@ -49,6 +49,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "annotate.leaderboard",
         "rank models by Bradley-Terry ratings from the votes, with bootstrap confidence intervals",
     ),
+    "annotators": (
+        "annotate.annotators_command",
+        "which votes to trust: per-annotator gold accuracy, agreement, Dawid-Skene competence, pace, flags",
+    ),
     "user": ("annotate.users", "manage annotator and admin accounts in a users.toml"),
 }
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass, replace
@@ -45,8 +46,11 @@ from typing import Any
 
 from annotate.pairs import Pair, PairsFileError, load_pairs
 from annotate.sampling import with_selection
+from trainer.errors import PreflabError
 from trainer.rows import BadRow, check_utf8, iter_rows
 from trainer.store import pair_id_for
+
+log = logging.getLogger("preflab.gold")
 
 GOLD_LABELS = ("a", "b", "tie")
 MAX_EXPLANATION_CHARS = 4_000
@@ -54,6 +58,10 @@ MAX_EXPLANATION_CHARS = 4_000
 # and a gold item has one per annotator, so it is never full. PostgreSQL's integer max.
 GOLD_WANT = 2**31 - 1
 SHOW_PROBLEMS = 5
+
+
+class GoldError(PreflabError, ValueError):
+    """Gold or flag settings of `preflab serve` that cannot work; the message names the flag."""
 
 
 @dataclass(frozen=True)
@@ -235,21 +243,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def check_arguments(args: argparse.Namespace) -> str | None:
-    """What is wrong with the gold flags on their own, or None."""
+def check_arguments(args: argparse.Namespace) -> None:
+    """GoldError naming the flag when the gold and flag settings are wrong on their own."""
+    problem = None
     if not 0.0 < args.gold_rate <= 1.0:
-        return f"--gold-rate must be more than 0 and at most 1, got {args.gold_rate}"
-    if args.gold_feedback and not args.gold:
-        return "--gold-feedback needs --gold FILE"
-    if args.flag_min_failed_gold < 1:
-        return f"--flag-min-failed-gold must be at least 1, got {args.flag_min_failed_gold}"
-    if not 0.0 < args.flag_below <= 1.0:
-        return f"--flag-below must be more than 0 and at most 1, got {args.flag_below}"
-    return None
+        problem = f"--gold-rate must be more than 0 and at most 1, got {args.gold_rate}"
+    elif args.gold_feedback and not args.gold:
+        problem = "--gold-feedback needs --gold FILE"
+    elif args.flag_min_failed_gold < 1:
+        problem = f"--flag-min-failed-gold must be at least 1, got {args.flag_min_failed_gold}"
+    elif not 0.0 < args.flag_below <= 1.0:
+        problem = f"--flag-below must be more than 0 and at most 1, got {args.flag_below}"
+    if problem:
+        raise GoldError(problem)
 
 
 def gold_items(args: argparse.Namespace) -> GoldItems | None:
     """The server's gold items (--gold), or None; PairsFileError for a bad file."""
     if not args.gold:
         return None
-    return GoldItems(load_gold(args.gold), args.gold_rate, feedback=args.gold_feedback)
+    items = GoldItems(load_gold(args.gold), args.gold_rate, feedback=args.gold_feedback)
+    log.info("%s: %d gold items, mixed in at %g", args.gold, len(items), args.gold_rate)
+    return items

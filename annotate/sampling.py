@@ -50,6 +50,7 @@ from typing import Any
 from annotate.scoring import items_from_pairs, scorer_for
 from trainer.errors import PreflabError
 from trainer.runs import RunDirError
+from trainer.selection import selection_of  # noqa: F401  (its home is the library; re-exported)
 
 log = logging.getLogger("preflab.sampling")
 
@@ -74,18 +75,6 @@ def with_selection(pair, how: dict[str, Any]):
         params = {"original": params}
     params = {**params, "selection": how}
     return dataclasses.replace(pair, gen_params=json.dumps(params, sort_keys=True))
-
-
-def selection_of(gen_params: str | None) -> dict[str, Any] | None:
-    """The "selection" a record's gen_params carries, if any."""
-    if not gen_params or '"selection"' not in gen_params:
-        return None
-    try:
-        params = json.loads(gen_params)
-    except json.JSONDecodeError:
-        return None
-    how = params.get("selection") if isinstance(params, dict) else None
-    return how if isinstance(how, dict) else None
 
 
 class UncertaintySampler:

@@ -102,6 +102,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="annotator guidelines (Markdown), one click away on the page",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDR",
+        help="a reverse proxy (address or network, e.g. 10.0.0.7 or 10.0.0.0/24) whose "
+        "X-Forwarded-For names the real client: logins are throttled per client address, and "
+        "behind an untrusted proxy every client shares the proxy's. Repeat for several; "
+        "'none' trusts no one. Default: 127.0.0.1 and ::1 (a proxy on this machine)",
+    )
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     gen = p.add_argument_group("generation (with --model)")
     gen.add_argument("--rounds", type=int, default=1, help="pairs per prompt (each round samples anew)")
@@ -173,6 +182,9 @@ def check_flags(args: argparse.Namespace) -> None:
             f"`preflab user add NAME --role annotator --auth users.toml` and pass --auth users.toml, "
             f"or listen on 127.0.0.1 (the default)."
         )
+    from annotate.web.server_guards import trusted_proxies
+
+    trusted_proxies(args.trusted_proxy)  # a bad address is refused before anything starts
     if not args.session_idle > 0:
         raise ServeError(f"--session-idle must be a positive number of minutes, got {args.session_idle}")
     for flag, value in (
@@ -185,9 +197,7 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ServeError(f"{flag} must be at least 1, got {value}")
     if not 0.0 <= args.newcomer_share <= 1.0:
         raise ServeError(f"--newcomer-share must be between 0 and 1, got {args.newcomer_share}")
-    problem = gold.check_arguments(args)
-    if problem:
-        raise ServeError(problem)
+    gold.check_arguments(args)  # GoldError, a PreflabError like ServeError
 
 
 def check_port(host: str, port: int) -> None:
@@ -357,16 +367,11 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         args.sampling, reward_run=args.reward_model, mix=args.uncertain_mix, device=args.device
     )
     accounts, guidelines = _accounts_and_guidelines(args)
-    try:  # a bad gold file stops the server before the store is opened (or created)
-        gold_items = gold.gold_items(args)
-    except PreflabError as e:
-        raise ServeError(str(e)) from None
+    gold_items = gold.gold_items(args)  # a bad gold file stops us before the store is opened or created
     state_dir, votes, cursor = _open_store(args, opened)
     shared = is_database(args.data)
     queue = AssignmentQueue(overlap=args.overlap, shared=opened.store if shared else None)
     queue.gold = gold_items  # before any pair is added: gold items stay out of the pool
-    if queue.gold is not None:
-        log.info("%s: %d gold items, mixed in at %g", args.gold, len(queue.gold), args.gold_rate)
     generator = None
     if args.pairs:
         _fill_from_pairs_file(args, queue)
@@ -391,12 +396,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         service.data, args.runs, queue, extra_runs=[scorer.run_dir] if scorer is not None else ()
     )
     launcher = Launcher(args.runs, store=service.data)
-    review = AnnotatorReview(
-        opened.store,
-        service,
-        min_failed_gold=args.flag_min_failed_gold,
-        flag_below=args.flag_below,
-    )
+    review = AnnotatorReview(opened.store, service, args.flag_min_failed_gold, args.flag_below)
     return ServeContext(
         service=service,
         data=service.data,

@@ -12,6 +12,7 @@ two test files share lives here.
     the CLI         preflab(*args) -> CompletedProcess (returncode, stdout, stderr)
     records         vote_record(...), retraction(vote), write_store(target, records)
     input files     write_jsonl, write_pairs (XSS_LEFT, XSS_RIGHT), make_pairs, banana_rows
+    a voting team   TEAM, team_votes(n_pairs): hidden-rule votes of careful, random, adversarial members
     a server        Server, add_users, client, raw_get (free ports: trainer.store.pg_testserver.free_port)
     the browser     CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, login(browser, url, user),
                     ARTIFACTS, screenshot(page, name) (PNGs under test-artifacts/screenshots/)
@@ -216,6 +217,58 @@ def banana_rows(n: int, seed: int = 0, prompts_per_topic: int = 40) -> list[dict
         prompt = f"Question {i % prompts_per_topic} about {TOPICS[i % len(TOPICS)]}: what should I do?"
         rows.append({"prompt": prompt, "chosen": _answer(rng, True), "rejected": _answer(rng, False)})
     return rows
+
+
+# A simulated team on the hidden-rule task: how often each member votes for the answer
+# with the banana (None: a coin flip). Two careful annotators, a random clicker and an
+# adversary who always picks the other answer.
+TEAM = {"careful-1": 1.0, "careful-2": 0.95, "random": None, "adversary": 0.0}
+
+
+def team_votes(
+    n_pairs: int,
+    *,
+    team: dict[str, float | None] = TEAM,
+    per_pair: int = 3,
+    voters=None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Vote records of `team` on n_pairs hidden-rule pairs (banana_rows: a few pairs share
+    each prompt), each pair voted by `per_pair` members drawn at random (overlap, as
+    `serve --overlap` gives), or by `voters(rng)` (a list of names) where given. The
+    banana answer is response_a or response_b at random.
+    Each member works at their own pace: a careful one takes longer on longer pairs (20
+    ms a character), the random clicker a second whatever the length; created_at follows."""
+    from datetime import UTC, datetime, timedelta
+
+    rng = random.Random(seed)
+    clock = dict.fromkeys(team, datetime(2026, 1, 5, 9, tzinfo=UTC))
+    records = []
+    for i, row in enumerate(banana_rows(n_pairs, seed=seed)):
+        good_is_a = rng.random() < 0.5
+        a, b = (row["chosen"], row["rejected"]) if good_is_a else (row["rejected"], row["chosen"])
+        for name in voters(rng) if voters else rng.sample(sorted(team), per_pair):
+            p = team[name]
+            picks_good = rng.random() < 0.5 if p is None else rng.random() < p
+            ms = (
+                1000 + rng.randint(0, 200)
+                if p is None
+                else 3000 + 20 * (len(a) + len(b)) + rng.randint(0, 500)
+            )
+            clock[name] += timedelta(milliseconds=ms + 2000)
+            records.append(
+                vote_record(
+                    row["prompt"],
+                    a,
+                    b,
+                    "a" if picks_good == good_is_a else "b",
+                    annotator=name,
+                    pair_id=f"pair-{i}",
+                    created_at=clock[name],
+                    decision_ms=ms,
+                )
+            )
+    return records
 
 
 # ---- a real server ---------------------------------------------------------------------

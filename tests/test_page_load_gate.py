@@ -90,3 +90,29 @@ def test_a_new_session_is_built_by_the_gate_and_never_replaced_later():
         assert {"s1", "s2"} <= set(app.state_holder.session_data)
     finally:
         demo.close()
+
+
+def test_a_copied_session_is_what_gradios_constructor_builds_and_is_its_own():
+    import gradio as gr
+    from gradio.state_holder import SessionState
+
+    from annotate.web.page_load_gate import SessionMaker
+
+    with gr.Blocks() as demo:
+        with gr.Tab("one"):
+            text = gr.Textbox("hello", label="a")
+            gr.Number(3)
+            gr.Dataframe([[1, 2]], headers=["x", "y"])
+        with gr.Tab("two"):
+            gr.HTML("<b>hi</b>")
+            gr.State({"k": [1]})
+    maker = SessionMaker(demo)
+    assert maker.copying  # this gradio's sessions hold what SessionMaker was written for
+    made, built = maker.new(), SessionState(demo)
+    assert set(vars(made)) == set(vars(built))
+    assert made.config_values == built.config_values and made.state_data == built.state_data == {}
+    assert made.blocks_config.blocks.keys() == built.blocks_config.blocks.keys()
+    other = maker.new()
+    other.config_values[text._id]["props"]["value"] = "changed in one session"
+    assert made.config_values[text._id]["props"]["value"] == "hello"  # each session has its own
+    assert maker.new().config_values[text._id]["props"]["value"] == "hello"

@@ -4,7 +4,8 @@ stop you, real servers, real users files, real `preflab user` processes.
 Threats covered here (SECURITY.md has the whole model):
 - password guessing against one account: backoff, then a temporary lockout that
   refuses even the right password;
-- password guessing across many names from one address;
+- password guessing across many names from one address, and spreading guesses over
+  made-up X-Forwarded-For addresses (only a --trusted-proxy names the client);
 - login floods stalling everyone: the scrypt check runs in a bounded pool, off the
   event loop;
 - sessions outliving their credentials: a password reset, a role change, a removal
@@ -184,6 +185,40 @@ def test_one_address_guessing_many_names_is_throttled(tmp_path):
             assert http_login(server.url, f"name{i}", "guess").status_code == 400
         r = http_login(server.url, "ann", "ann-pw")  # a fresh name, from the same address
         assert r.status_code == 429 and "for 127.0.0.1" in r.json()["detail"]
+
+
+def test_only_a_trusted_proxy_names_the_client_the_throttle_counts(tmp_path):
+    """X-Forwarded-For names the client only when it comes from a --trusted-proxy: from
+    anyone else it is ignored, so a guesser cannot spread failures over made-up
+    addresses; behind a trusted proxy each real client has its own count."""
+    add_users(tmp_path / "users.toml", ann="annotator")
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 2)
+    args = ("--pairs", pairs, "--data", tmp_path / "store", "--auth", tmp_path / "users.toml")
+
+    def guess(url, i, forwarded):
+        r = httpx.post(
+            url + "login",
+            data={"username": f"name{i}", "password": "guess"},
+            headers={"X-Forwarded-For": forwarded},
+            timeout=30,
+        )
+        return r
+
+    with Server(tmp_path, *map(str, args), "--trusted-proxy", "none") as server:
+        for i in range(FREE_FAILURES_PER_ADDRESS):
+            assert guess(server.url, i, f"10.0.{i}.1").status_code == 400  # each "from" elsewhere
+        r = guess(server.url, 99, "10.9.9.9")
+        assert r.status_code == 429 and "for 127.0.0.1" in r.json()["detail"]  # all counted as one
+    with Server(tmp_path, *map(str, args), "--trusted-proxy", "127.0.0.0/8") as server:
+        for i in range(FREE_FAILURES_PER_ADDRESS):
+            assert guess(server.url, i, "10.0.0.1").status_code == 400
+        assert guess(server.url, 98, "10.0.0.2").status_code == 400  # another client: not throttled
+        r = guess(server.url, 99, "10.0.0.1")
+        assert r.status_code == 429 and "for 10.0.0.1" in r.json()["detail"]
+    refused = preflab("serve", *args, "--trusted-proxy", "proxy.example")
+    assert (
+        refused.returncode == 2 and "--trusted-proxy 'proxy.example' is not an IP address" in refused.stderr
+    )
 
 
 # ---- sessions -----------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,27 +24,8 @@ from pathlib import Path
 
 from trainer.config import add_config_arguments
 from trainer.errors import exit_code
+from trainer.intervals import wilson_interval  # here too for its callers: stats, reward_metrics
 from trainer.runs import EVAL_FILE, HELDOUT_FILE, read_json, write_json
-
-Z95 = 1.959963984540054  # the two-sided 95% normal quantile
-
-
-def wilson_interval(k: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion k/n (Wilson 1927).
-
-    Unlike the textbook p +- z*sqrt(p(1-p)/n) it stays inside [0, 1] and does not
-    collapse to a point at k = 0 or k = n, which matters for small samples (annotators
-    in the dashboard, held-out prompts here). (nan, nan) when n is 0.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    p = k / n
-    z2 = z * z
-    denominator = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    # Clamp away rounding: at k = 0 the low end is exactly 0, at k = n the high end 1.
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def write_heldout(run_dir: Path, conversations: list) -> None:

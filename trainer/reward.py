@@ -80,6 +80,7 @@ from trainer.runs import (
     supervise,
     write_json,
 )
+from trainer.store import describe
 from trainer.store.errors import StoreError
 
 
@@ -118,6 +119,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
 
     # ---- data, before any model is loaded: bad input fails in seconds -------------------
     pairs, train_idx, val_idx, summary = snapshot_data(cfg, run, resuming, accelerator)
+    train_idx, mean_weight, weight_note = weigh_training_pairs(cfg, pairs, train_idx)
 
     # ---- model ---------------------------------------------------------------------------
     import torch
@@ -160,6 +162,8 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     )
     if main:
         report_data(summary, len(pairs), len(train_idx), len(val_idx), cut_note)
+        if weight_note:
+            print(f"weights: {weight_note}", file=sys.stderr)
 
     # ---- batches and schedule ------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -309,6 +313,9 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         causal_backbone=causal,
         layout="packed" if packed else "padded",
         precision=precision,
+        weights=cfg.weights,
+        weights_note=weight_note or None,
+        train_pairs=len(train_idx),
     )
     if main:
         write_json(run.path / CONFIG_FILE, config_record)
@@ -342,12 +349,14 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             t0, c0 = time.perf_counter(), time.process_time()
             group = batches[g : g + cfg.grad_accum]
             n_pairs = sum(len(b) for b in group)
-            stats = torch.zeros(5, dtype=torch.float64, device=device)  # loss, correct, votes, pairs, gap
+            # weighted loss, correct, votes, pairs, gap, weight
+            stats = torch.zeros(6, dtype=torch.float64, device=device)
             tokens = slots = 0
             for j, b in enumerate(group):
                 batch = layout(enc, b, pad_id)
                 inputs = to_device(batch, device)
                 label, margin = batch["label"].to(device), batch["margin"].to(device)
+                weight = batch["weight"].to(device)
                 tokens, slots = tokens + batch["tokens"], slots + batch["slots"]
                 # Gradient accumulation: DDP all-reduces gradients only on the last micro-batch.
                 sync = j == len(group) - 1
@@ -356,17 +365,23 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
                         rewards = net(**inputs)  # chosen and rejected in one forward
                     r_c, r_r = rewards.chunk(2)
                     per_pair = preference_loss(r_c, r_r, label, margin if cfg.margin else None, cfg.center)
-                    # Sum / pairs-in-step: equal weight per pair however the step is cut up.
-                    (per_pair.sum() / n_pairs).backward()
+                    # Weighted sum / (pairs in the step x the training set's mean weight):
+                    # the same update however the step is cut up, and on average over the
+                    # batches the gradient of the weighted mean over all training pairs.
+                    # Dividing by the step's own weight sum instead would blow a step of
+                    # mostly low-weight votes up to full size. (--weights none: all 1, the
+                    # plain mean.)
+                    ((weight * per_pair).sum() / (n_pairs * mean_weight)).backward()
                 with torch.no_grad():
                     votes = label == 1.0
                     stats += torch.stack(
                         [
-                            per_pair.sum().double(),
+                            (weight * per_pair).sum().double(),
                             ((r_c > r_r) & votes).sum().double(),
                             votes.sum().double(),
                             torch.tensor(len(b), device=device, dtype=torch.float64),
                             (r_c - r_r).sum().double(),
+                            weight.sum().double(),
                         ]
                     )
             if mixed:  # bf16 gradients (summed over the step's micro-batches) -> fp32 masters
@@ -377,8 +392,8 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             # One small all-reduce: global numbers for the log, and every process agrees to stop.
             stats = torch.cat([stats, torch.tensor([float(bool(stop))], device=device, dtype=torch.float64)])
             stats = accelerator.reduce(stats, reduction="sum") if world > 1 else stats
-            loss_sum, correct, votes_n, pairs_n, gap_sum, stop_n = stats.tolist()
-            loss = loss_sum / max(pairs_n, 1)
+            loss_sum, correct, votes_n, pairs_n, gap_sum, weight_sum, stop_n = stats.tolist()
+            loss = loss_sum / weight_sum if weight_sum else 0.0  # the weighted mean of the step
             if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
                 # NaN/inf: do not step, do not save; the last good checkpoint stays as it is.
                 optimizer.zero_grad(set_to_none=True)
@@ -463,7 +478,35 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         final_eval={k: v for k, v in last_eval.items() if not k.startswith("_")},
         norm=norm,
         t_start=t_start,
+        weights=cfg.weights,
     )
+
+
+def weigh_training_pairs(cfg: RewardConfig, pairs, train_idx: np.ndarray) -> tuple[np.ndarray, float, str]:
+    """(training pairs to step on, their mean weight, a line saying what --weights did).
+    The weights came with the pairs (computed from all the store's votes before the
+    split, trainer/reward_data.py); here the training pairs of weight 0 are left out of
+    the batches: they would add nothing to the loss but the time to compute it, and a
+    batch of nothing but them would be a step of zero gradient. Validation keeps every
+    pair and stays unweighted: it measures the model against all the votes as cast."""
+    weights = np.asarray(pairs.weight, dtype=np.float64)
+    if cfg.weights == "none":
+        return train_idx, 1.0, ""
+    keep = train_idx[weights[train_idx] > 0]
+    if len(keep) == 0:
+        raise RewardDataError(
+            f"--weights {cfg.weights} gives all {len(train_idx)} training votes weight 0 "
+            f"(see `preflab annotators --data {describe(cfg.data)}`); use --weights none"
+        )
+    mean = float(weights[keep].mean())
+    info = (pairs.summary.get("weights") or {}).get("per_annotator", {})
+    per = ", ".join(f"{name} {w:.2f}" for name, w in sorted(info.items(), key=lambda x: -x[1]))
+    note = (
+        f"--weights {cfg.weights}: {len(train_idx) - len(keep)} of {len(train_idx)} training votes "
+        f"have weight 0 and are left out; mean weight of the rest {mean:.3f}"
+        + (f"; per annotator: {per}" if per else "")
+    )
+    return keep, mean, note
 
 
 # --------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class Encoded:
     shared: np.ndarray = None  # tokens both sides begin with (the prompt, at least), < both lengths
     prompts_cut: int = 0  # pairs whose prompt lost tokens on the left
     responses_cut: int = 0  # answers that alone were too long (cut at their end)
+    weight: np.ndarray = None  # each vote's weight in the loss (--weights); None: all 1
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -154,6 +155,7 @@ def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
         rejected_len=lengths[n:],
         label=np.asarray(pairs.label, dtype=np.float32),
         margin=np.asarray(pairs.margin, dtype=np.float32),
+        weight=np.asarray(pairs.weight, dtype=np.float32),
         shared=np.array([shared_prefix(c, r) for c, r in zip(chosen, rejected)], dtype=np.int64),
         prompts_cut=prompts_cut,
         responses_cut=answers_cut,
@@ -286,6 +288,9 @@ def _tensors(enc: Encoded, batch, *, tokens: int, slots: int, **arrays) -> dict[
     out.update(
         label=torch.from_numpy(enc.label[batch]),
         margin=torch.from_numpy(enc.margin[batch]),
+        weight=torch.from_numpy(
+            enc.weight[batch] if enc.weight is not None else np.ones(len(batch), dtype=np.float32)
+        ),
         tokens=tokens,
         slots=slots,
     )

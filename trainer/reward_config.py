@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.annotator_quality import WEIGHT_MODES
 from trainer.config import Config, ConfigError, model_problem, settings_for_run
 from trainer.reward_data import RewardDataError
 from trainer.runs import Run
@@ -101,6 +102,18 @@ class RewardConfig(Config):
             "help": "both-bad votes: left out, or soft label 0.5",
             "choices": ("exclude", "include"),
             "label": "Both-bad votes",
+        },
+    )
+    weights: str = field(
+        default="none",
+        metadata={
+            "help": "per-vote weights in the loss (a weighted mean), from all the store's standing "
+            "votes before the split: none; gold: the annotator's gold accuracy, shrunk towards the "
+            "team's when they have few gold checks; competence: their Dawid-Skene competence from "
+            "overlapping votes, chance-corrected (a random or adversarial annotator gets 0). "
+            "Validation stays unweighted. Needs a comparison store (see `preflab annotators`)",
+            "choices": WEIGHT_MODES,
+            "label": "Vote weights",
         },
     )
     exclude_flagged: bool = field(

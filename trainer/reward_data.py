@@ -1,6 +1,6 @@
 """Preference pairs for the reward model: from votes (or a TRL-format file) to `Pairs`.
 
-    read_pairs(path, ties=, both_bad=, margin=)  -> Pairs        no tokenizer, no model
+    read_pairs(path, ties=, both_bad=, margin=, weights=)  -> Pairs   no tokenizer, no model
     split_by_prompt(pairs, val_fraction, seed)    -> (train, val) index arrays
     save_snapshot / load_snapshot                 the run's own copy of its pairs and split
 
@@ -11,6 +11,8 @@ A pair is oriented so that `chosen` is the answer the annotator preferred and `l
 the probability that chosen beats rejected: 1.0 for a vote, 0.5 for a tie or a both-bad
 vote (when those are included; by default they are left out, as in `preflab export`).
 `margin` is the vote's strength (1 slightly, 2 clearly) times `margin_scale`, or 0.
+`weight` is the vote's weight in the loss (`--weights`: trainer/annotator_quality.py's
+vote_weights over all the store's standing votes), 1 with `--weights none` and for a file.
 
 Everything here runs before any model is loaded, so bad input fails in seconds with a
 RewardDataError that says what is wrong. This module never imports `annotate`.
@@ -52,22 +54,31 @@ class Pairs:
     rejected: list[str] = field(default_factory=list)
     label: list[float] = field(default_factory=list)  # P(chosen beats rejected): 1.0 or 0.5
     margin: list[float] = field(default_factory=list)  # asked-for reward gap (0 = plain BT)
+    weight: list[float] = field(default_factory=list)  # the vote's weight in the loss (--weights)
     summary: dict[str, Any] = field(default_factory=dict)  # what was read, used, dropped
 
     def __len__(self) -> int:
         return len(self.chosen)
 
-    def add(self, prompt, chosen, rejected, label=1.0, margin=0.0):
+    def add(self, prompt, chosen, rejected, label=1.0, margin=0.0, weight=1.0):
         self.prompts.append(prompt)
         self.chosen.append(chosen)
         self.rejected.append(rejected)
         self.label.append(float(label))
         self.margin.append(float(margin))
+        self.weight.append(float(weight))
 
     def subset(self, idx) -> Pairs:
         out = Pairs(summary=dict(self.summary))
         for i in idx:
-            out.add(self.prompts[i], self.chosen[i], self.rejected[i], self.label[i], self.margin[i])
+            out.add(
+                self.prompts[i],
+                self.chosen[i],
+                self.rejected[i],
+                self.label[i],
+                self.margin[i],
+                self.weight[i],
+            )
         return out
 
     def prompt_keys(self) -> list[str]:
@@ -159,30 +170,41 @@ def pairs_from_votes(
     margin: bool = False,
     margin_scale: float = 1.0,
     source: str = "",
+    weights: str = "none",
 ) -> Pairs:
     """Standing votes (an Arrow table with the comparison schema) -> oriented pairs.
 
     One pair per vote: several votes on one pair count several times, which is what the
-    Bradley-Terry likelihood of all the votes asks for.
+    Bradley-Terry likelihood of all the votes asks for. `weights` (none, gold, competence:
+    trainer.annotator_quality.vote_weights) gives each pair its vote's weight, computed
+    from ALL these votes, ties and both-bad included, before any of them is left out
+    or split off: competence is estimated from the overlaps, which a split would cut.
     """
+    from trainer.annotator_quality import AnnotatorQualityError, annotator_weights, vote_weights
+
+    try:
+        w = vote_weights(votes, weights)
+        per_annotator = annotator_weights(votes, weights) if weights != "none" else {}
+    except AnnotatorQualityError as e:
+        raise RewardDataError(f"{source}: {e}") from None
     cols = votes.select(["prompt", "response_a", "response_b", "choice", "strength"]).to_pydict()
     parsed: dict[str, list[dict[str, str]]] = {}  # parse each distinct prompt's JSON once
     pairs = Pairs()
     counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
-    for prompt, a, b, choice, strength in zip(
-        cols["prompt"], cols["response_a"], cols["response_b"], cols["choice"], cols["strength"]
+    for prompt, a, b, choice, strength, wt in zip(
+        cols["prompt"], cols["response_a"], cols["response_b"], cols["choice"], cols["strength"], w
     ):
         counts[choice] = counts.get(choice, 0) + 1
         if prompt not in parsed:
             parsed[prompt] = as_messages(json.loads(prompt))
         m = margin_scale * float(strength or 0) if margin else 0.0
         if choice == "a":
-            pairs.add(parsed[prompt], a, b, 1.0, m)
+            pairs.add(parsed[prompt], a, b, 1.0, m, wt)
         elif choice == "b":
-            pairs.add(parsed[prompt], b, a, 1.0, m)
+            pairs.add(parsed[prompt], b, a, 1.0, m, wt)
         elif (choice == "tie" and ties == "include") or (choice == "both_bad" and both_bad == "include"):
             # No preference: a soft label of 0.5 pulls the two rewards together.
-            pairs.add(parsed[prompt], a, b, 0.5, 0.0)
+            pairs.add(parsed[prompt], a, b, 0.5, 0.0, wt)
     votes_n = sum(counts.values())
     if votes_n == 0:
         raise RewardDataError(
@@ -205,6 +227,14 @@ def pairs_from_votes(
         "both_bad_mode": both_bad,
         "pairs": len(pairs),
     }
+    if weights != "none":  # what the weighting did, in config.json's "data" for all to see
+        kept = np.asarray(pairs.weight)
+        pairs.summary["weights"] = {
+            "mode": weights,
+            "per_annotator": {name: round(x, 4) for name, x in per_annotator.items()},
+            "zero_weight_pairs": int((kept == 0).sum()),
+            "mean_weight": round(float(kept.mean()), 4) if len(kept) else None,
+        }
     return pairs
 
 
@@ -296,13 +326,18 @@ def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) ->
     return pairs
 
 
-def _store_votes(target, exclude_flagged: bool) -> tuple[Any, list[str], int]:
+VOTE_COLUMNS = ["prompt", "response_a", "response_b", "choice", "strength"]
+# What vote weights are computed from (trainer.annotator_quality): who voted on which
+# pair, and when (their latest vote on a pair counts), and which pairs are gold.
+WEIGHT_COLUMNS = ["pair_id", "annotator", "created_at", "gen_params"]
+
+
+def _store_votes(target, columns: list[str], exclude_flagged: bool) -> tuple[Any, list[str], int]:
     """(standing votes, the confirmed-flagged annotators left out, their votes dropped)."""
     from trainer.flags import confirmed_flags, read_flag_events, without_confirmed
 
-    votes = read_comparisons(
-        str(target), columns=["prompt", "response_a", "response_b", "choice", "strength", "annotator"]
-    )
+    wanted = list(dict.fromkeys(columns + (["annotator"] if exclude_flagged else [])))
+    votes = read_comparisons(str(target), columns=wanted)
     if not exclude_flagged:
         return votes, [], 0
     excluded = confirmed_flags(read_flag_events(str(target)))
@@ -317,31 +352,33 @@ def read_pairs(
     both_bad: str = "exclude",
     margin: bool = False,
     margin_scale: float = 1.0,
+    weights: str = "none",
     exclude_flagged: bool = True,
 ) -> Pairs:
     """Pairs from a comparison store (a directory, or a postgresql:// URL) or a
     TRL-format file. A database that cannot be reached raises trainer.store.StoreError.
+    `weights`: per-vote weights (pairs_from_votes); a file has no annotators, so only none.
     From a store, the votes of annotators whose flag an admin confirmed are left out
-    unless `exclude_flagged` is False (trainer/flags.py); a file has no annotators."""
+    (before any weights are computed) unless `exclude_flagged` is False (trainer/flags.py)."""
     if ties not in TIE_MODES or both_bad not in TIE_MODES:
         raise RewardDataError(f"ties / both-bad must be one of {TIE_MODES}")
+    columns = VOTE_COLUMNS + (WEIGHT_COLUMNS if weights != "none" else [])
+    options = dict(ties=ties, both_bad=both_bad, margin=margin, margin_scale=margin_scale, weights=weights)
     p = None if is_database(path) else Path(path)  # a URL is a store, never a file (Path would fold its "//")
     if p is None or p.is_dir():
         try:
-            votes, excluded, dropped = _store_votes(path, exclude_flagged)
+            votes, excluded, dropped = _store_votes(path, columns, exclude_flagged)
         except FileNotFoundError as e:
             raise RewardDataError(str(e)) from None
-        pairs = pairs_from_votes(
-            votes,
-            ties=ties,
-            both_bad=both_bad,
-            margin=margin,
-            margin_scale=margin_scale,
-            source=describe(path) if p is None else str(p),
-        )
+        pairs = pairs_from_votes(votes, source=describe(path) if p is None else str(p), **options)
         pairs.summary["excluded_flagged"] = {"annotators": excluded, "votes": dropped}
         return pairs
     if p.is_file():
+        if weights != "none":
+            raise RewardDataError(
+                f"--weights {weights} needs a comparison store (votes with their annotators); "
+                f"{p} is a preference file: use --weights none, or import it and vote on it"
+            )
         return pairs_from_file(p, margin=margin, margin_scale=margin_scale)
     raise RewardDataError(f"{path}: no such comparison store or preference file")
 
@@ -394,6 +431,7 @@ def save_snapshot(pairs: Pairs, train_idx, val_idx, path) -> None:
             "rejected": pairs.rejected,
             "label": pa.array(pairs.label, pa.float32()),
             "margin": pa.array(pairs.margin, pa.float32()),
+            "weight": pa.array(pairs.weight, pa.float32()),
             "split": split.tolist(),
         }
     )
@@ -410,11 +448,13 @@ def load_snapshot(path, summary: dict | None = None) -> tuple[Pairs, np.ndarray,
     cols = pq.read_table(path).to_pydict()
     pairs = Pairs(summary=dict(summary or {}))
     parsed: dict[str, list[dict[str, str]]] = {}
-    for p, c, r, label, m in zip(
-        cols["prompt"], cols["chosen"], cols["rejected"], cols["label"], cols["margin"]
+    # A snapshot from before --weights has no weight column: every vote weighed 1 then.
+    weight = cols.get("weight") or [1.0] * len(cols["chosen"])
+    for p, c, r, label, m, w in zip(
+        cols["prompt"], cols["chosen"], cols["rejected"], cols["label"], cols["margin"], weight
     ):
         if p not in parsed:
             parsed[p] = json.loads(p)
-        pairs.add(parsed[p], c, r, label, m)
+        pairs.add(parsed[p], c, r, label, m, w)
     split = np.array(cols["split"])
     return pairs, np.flatnonzero(split == "train"), np.flatnonzero(split == "val")

@@ -55,6 +55,7 @@ def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> t
             both_bad=cfg.both_bad,
             margin=cfg.margin,
             margin_scale=cfg.margin_scale,
+            weights=cfg.weights,
             exclude_flagged=cfg.exclude_flagged,
         )
         train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
@@ -144,8 +145,10 @@ def finish_done(
     final_eval: dict,
     norm: dict,
     t_start: float,
+    **extra,
 ) -> int:
-    """The run's "summary" record and its state `done`, once the model is saved; exit code 0."""
+    """The run's "summary" record and its state `done`, once the model is saved; exit code 0.
+    `extra`: more of the run's settings the summary should show (e.g. weights)."""
     run.log(
         {
             "kind": "summary",
@@ -160,6 +163,7 @@ def finish_done(
             **final_eval,
             **norm,
             "wall_s": round(time.time() - t_start, 2),
+            **extra,
         }
     )
     msg = f"done: {step} steps, {accuracy_words(final_eval)}; checkpoint in {run.path / CHECKPOINT}"

@@ -4,6 +4,9 @@ gradio (annotate/serve.py calls these two while it composes the server).
     auth, app_kwargs, logins = request_guards(args, accounts, local_user)
     app_kwargs |= private_files(ctx, opened)       # gradio's cache and the exports, 0700
 
+Which proxies may name the client (`--trusted-proxy`, uvicorn's X-Forwarded-For
+handling) is set here too: the login throttle counts per client address.
+
 The middlewares, outermost first: the Host check (without --auth), the Origin check,
 the body ceiling, the session guard, the page-load gate; the export download is a
 route inside them all.
@@ -16,9 +19,29 @@ import logging
 import os
 from pathlib import Path
 
+from trainer.errors import PreflabError
+
 log = logging.getLogger("preflab.serve")
 
 LOGIN_MESSAGE = "Log in with the account your admin gave you."
+
+
+def trusted_proxies(given: list[str] | None) -> str | None:
+    """uvicorn's FORWARDED_ALLOW_IPS for --trusted-proxy (None: uvicorn's loopback default)."""
+    import ipaddress
+
+    if not given:
+        return None
+    if [g.strip().lower() for g in given] == ["none"]:
+        return ""  # matches no client: X-Forwarded-For is never read
+    for value in given:
+        try:
+            ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise PreflabError(
+                f"--trusted-proxy {value!r} is not an IP address or network (e.g. 10.0.0.7, 10.0.0.0/24, or none)"
+            ) from None
+    return ",".join(v.strip() for v in given)
 
 
 def request_guards(args: argparse.Namespace, accounts, local_user: str):
@@ -34,6 +57,9 @@ def request_guards(args: argparse.Namespace, accounts, local_user: str):
     from annotate.web.request_limits import BodyLimit
     from annotate.web.session_guard import SessionGuard, login_check
 
+    allow = trusted_proxies(args.trusted_proxy)
+    if allow is not None:  # read by the uvicorn.Config that gradio's launch makes
+        os.environ["FORWARDED_ALLOW_IPS"] = allow
     middleware = [] if accounts is not None else [Middleware(LoopbackHostOnly)]
     middleware += [Middleware(SameOriginOnly), Middleware(BodyLimit)]
     # Page loads in single file, inside the session guard (whose redirects and login page

@@ -130,6 +130,14 @@ def build_train_tab(demo, ctx, guard) -> None:
                         info="include: a soft label 0.5",
                         elem_id="reward-both-bad",
                     )
+                r_weights = gr.Radio(
+                    list(r_meta["weights"]["choices"]),
+                    value=r_defaults.weights,
+                    label=r_meta["weights"]["label"],
+                    info="competence: Dawid-Skene from overlapping votes; gold: gold-item accuracy "
+                    "(random and adversarial annotators weigh ~0; `preflab annotators` shows them)",
+                    elem_id="reward-weights",
+                )
                 with gr.Accordion("More settings", open=False):
                     with gr.Row():
                         r_batch = gr.Number(
@@ -298,7 +306,18 @@ def build_train_tab(demo, ctx, guard) -> None:
             return refresh(row[0] if row else None, None, reward_choice)
 
     def on_start_reward(
-        model, epochs, lr, ties, both_bad, lora, batch, maxlen, selected, reward_choice, request: gr.Request
+        model,
+        epochs,
+        lr,
+        ties,
+        both_bad,
+        weights,
+        lora,
+        batch,
+        maxlen,
+        selected,
+        reward_choice,
+        request: gr.Request,
     ):
         guard.admin(request)
         with guard.errors():
@@ -310,6 +329,7 @@ def build_train_tab(demo, ctx, guard) -> None:
                     lr=lr,
                     ties=ties,
                     both_bad=both_bad,
+                    weights=weights,
                     lora_r=lora,
                     batch_size=batch,
                     max_length=maxlen,
@@ -392,7 +412,7 @@ def build_train_tab(demo, ctx, guard) -> None:
     t_table.select(on_row, [t_seen, p_reward], refresh_outputs, **quiet)
     r_start.click(
         on_start_reward,
-        [r_model, r_epochs, r_lr, r_ties, r_both_bad, r_lora, r_batch, r_maxlen, t_run, p_reward],
+        [r_model, r_epochs, r_lr, r_ties, r_both_bad, r_weights, r_lora, r_batch, r_maxlen, t_run, p_reward],
         [t_message, *refresh_outputs],
         **kw,
     )
