@@ -24,6 +24,7 @@ class ServeContext:
     launcher: Any = None  # annotate.launcher.Launcher: trainer subprocesses
     reviewer: Any = None  # annotate.review.Reviewer: reward-model scoring of the votes
     user_admin: Any = None  # annotate.user_admin.UserAdmin: the Users tab (with --auth only)
+    annotator_review: Any = None  # annotate.annotator_review.AnnotatorReview: the flags (Dashboard)
     exports: Any = None  # annotate.web.downloads.Exports: the admins' downloads of exports
     guidelines: str = ""  # Markdown shown in the Guidelines tab
     title: str = "preflab"

@@ -93,6 +93,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="keep only pairs where either side's model is one of these (repeatable)",
     )
+    p.add_argument(
+        "--include-flagged",
+        action="store_true",
+        help="keep the votes of annotators whose flag an admin confirmed (by default they are left "
+        "out: exclude-flagged; trainer/flags.py)",
+    )
+
+
+def drop_confirmed(args: argparse.Namespace, votes: pa.Table) -> pa.Table:
+    """The votes without those of confirmed-flagged annotators (unless --include-flagged),
+    saying on stdout whom it left out."""
+    from trainer.flags import confirmed_flags, read_flag_events, without_confirmed
+
+    if args.include_flagged:
+        return votes
+    excluded = confirmed_flags(read_flag_events(args.data))
+    votes, dropped = without_confirmed(votes, excluded)
+    if excluded:
+        print(
+            f"flagged   {dropped} votes of {len(excluded)} confirmed-flagged annotators left out "
+            f"({', '.join(sorted(excluded))}); --include-flagged keeps them"
+        )
+    return votes
 
 
 def run_records(args: argparse.Namespace, votes: pa.Table, t0: float) -> int:
@@ -136,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # A store problem (missing, unreadable, database down) is a StoreError: annotate/cli.py
     # prints it as one line and exits 2.
-    votes = read_comparisons(args.data)
+    votes = drop_confirmed(args, read_comparisons(args.data))
     if args.format == RECORDS:
         return run_records(args, votes, t0)
     pairs, ties_table, report = export_preferences(

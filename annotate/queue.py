@@ -31,6 +31,8 @@ The rules, all enforced here (the app only asks):
 * Several servers: with `shared` (a PostgreSQL store) the database has the last word
   on claims, votes and skips, and `sync()` folds in the votes other servers took; this
   queue then only chooses the order (annotate/queue_shared.py).
+* Gold: with `gold` set (annotate/gold.py, `serve --gold`), a gold item sometimes takes
+  the place of the pair about to be handed out; gold pairs are never in the pool.
 * Status: each annotator's progress, the dashboard's overview and whether the
   generator should make more pairs are read off this state by annotate/queue_status.py.
 
@@ -50,6 +52,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from annotate.pairs import Pair, pair_from_row
@@ -128,9 +131,15 @@ class AssignmentQueue(SharedMode, QueueStatus):
         self.shared = shared  # the database's assignment, with several servers
         self._cursor = None  # where sync goes on in the shared store (opaque)
         self._refused: dict[tuple[str, str], float] = {}  # (annotator, pair_id) -> retry after
+        self.gold = None  # annotate.gold.GoldItems: checks mixed in, outside the pool (set before add)
 
     def _wanted(self, pair_id: str) -> int:
-        """Votes this pair should collect: K, or one more than it had when sent back."""
+        """Votes this pair should collect: K, or one more than it had when sent back; a
+        gold pair one per annotator (never full)."""
+        if self.gold is not None and pair_id in self.gold:
+            from annotate.gold import GOLD_WANT
+
+            return GOLD_WANT
         return self._want.get(pair_id, self.overlap)
 
     # ---- filling the pool ------------------------------------------------------------
@@ -143,8 +152,8 @@ class AssignmentQueue(SharedMode, QueueStatus):
         with self._lock:
             opened = {}
             for p in pairs:
-                if p.pair_id in self._pairs:
-                    continue
+                if p.pair_id in self._pairs or (self.gold is not None and p.pair_id in self.gold):
+                    continue  # a gold item is served as gold only, never as a pool pair
                 self._pairs[p.pair_id] = p
                 if len(self._votes.get(p.pair_id, ())) < self._wanted(p.pair_id):
                     opened[p.pair_id] = None
@@ -166,6 +175,8 @@ class AssignmentQueue(SharedMode, QueueStatus):
         with self._lock:
             for p in pairs:
                 pair_id = p.pair_id
+                if self.gold is not None and pair_id in self.gold:
+                    continue  # its votes are checks, not labels to complete
                 self._pairs.setdefault(pair_id, p)
                 votes = len(self._votes.get(pair_id, ()))
                 if pair_id in self._open and votes < self._wanted(pair_id):
@@ -332,10 +343,14 @@ class AssignmentQueue(SharedMode, QueueStatus):
                     return person.current
                 pair_id = self._pick(annotator, person, now)
                 if pair_id is None:
-                    return None
-                a = self._lease(person, annotator, self._pairs[pair_id], self._rng.choice("ab"), now)
+                    return None  # gold only ever takes a pool pair's turn: it never comes alone
+                pair = self._pairs[pair_id]
+                if self.gold is not None:
+                    pair = self.gold.draw(partial(self._can_take, annotator, person, now=now)) or pair
+                a = self._lease(person, annotator, pair, self._rng.choice("ab"), now)
                 if self.shared is None:
                     return a
+                pair_id = pair.pair_id
                 want = self._wanted(pair_id)
             if self._claim_shared(person, a, pair_id, want):  # outside the lock: others are not held up
                 return a
@@ -434,6 +449,8 @@ class AssignmentQueue(SharedMode, QueueStatus):
             voters.discard(annotator)
             person.voted.discard(pair_id)
             pair = self._pairs.get(pair_id)
+            if pair is None and self.gold is not None:
+                pair = self.gold.pair(pair_id)  # a gold item: back as it was, never into the pool
             if pair is None:  # a vote on a pair outside this pool: rebuild it from the record
                 pair = pair_from_row(
                     {

@@ -87,8 +87,8 @@ class SharedMode:
                 return 0
             self._cursor = cursor
             for e in events:  # a retract is made by the voter it cancels (Service.undo)
-                if e["annotator"].startswith("import:"):
-                    continue
+                if e["kind"] not in ("vote", "retract") or e["annotator"].startswith("import:"):
+                    continue  # flag events are about people, not pairs (trainer/flags.py)
                 voters = set(self._votes.get(e["pair_id"], ()))
                 (voters.add if e["kind"] == "vote" else voters.discard)(e["annotator"])
                 self._learn_voters(e["pair_id"], voters)

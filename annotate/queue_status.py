@@ -32,6 +32,10 @@ class QueueStatus:
         with self._lock:
             person = self._person_or_blank(annotator)
             done = sum(1 for p in person.voted if p in self._pairs)
+            # Gold votes count like any vote here, or the counter standing still after a
+            # vote would tell a gold item apart; they add to both numbers, so the count of
+            # pairs left is the pool's.
+            gold_done = sum(1 for p in person.voted if p in self.gold) if self.gold is not None else 0
             total = max(len(self._pairs), self.planned)
             in_play = sum(
                 1
@@ -43,8 +47,8 @@ class QueueStatus:
             possible = total - sum(1 for p in person.skipped if p not in person.voted)
             complete = self._complete_count()
             return {
-                "done": done,
-                "assigned": max(done, min(share, possible)),
+                "done": done + gold_done,
+                "assigned": max(done, min(share, possible)) + gold_done,
                 "pool_done": complete,
                 "pool_total": total,
             }

@@ -27,6 +27,7 @@ import signal
 import threading
 from pathlib import Path
 
+from annotate import gold
 from annotate.sessions import DEFAULT_IDLE_S
 from trainer.errors import PreflabError
 from trainer.prompts import DEFAULT_PROMPTS
@@ -167,6 +168,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="share of handouts drawn uniformly at random with --sampling uncertain (0.5 if not given); "
         "each vote records how its pair was chosen in gen_params['selection']",
     )
+    gold.add_arguments(p)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -195,6 +197,7 @@ def check_flags(args: argparse.Namespace) -> None:
             raise ServeError(f"{flag} must be at least 1, got {value}")
     if not 0.0 <= args.newcomer_share <= 1.0:
         raise ServeError(f"--newcomer-share must be between 0 and 1, got {args.newcomer_share}")
+    gold.check_arguments(args)  # GoldError, a PreflabError like ServeError
 
 
 def check_port(host: str, port: int) -> None:
@@ -349,6 +352,7 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
 
 def build_context(args: argparse.Namespace, opened: _Opened):
     """Every object of a running server, built once, in one ServeContext."""
+    from annotate.annotator_review import AnnotatorReview
     from annotate.context import ServeContext
     from annotate.launcher import Launcher
     from annotate.queue import AssignmentQueue
@@ -363,9 +367,11 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         args.sampling, reward_run=args.reward_model, mix=args.uncertain_mix, device=args.device
     )
     accounts, guidelines = _accounts_and_guidelines(args)
+    gold_items = gold.gold_items(args)  # a bad gold file stops us before the store is opened or created
     state_dir, votes, cursor = _open_store(args, opened)
     shared = is_database(args.data)
     queue = AssignmentQueue(overlap=args.overlap, shared=opened.store if shared else None)
+    queue.gold = gold_items  # before any pair is added: gold items stay out of the pool
     generator = None
     if args.pairs:
         _fill_from_pairs_file(args, queue)
@@ -390,6 +396,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         service.data, args.runs, queue, extra_runs=[scorer.run_dir] if scorer is not None else ()
     )
     launcher = Launcher(args.runs, store=service.data)
+    review = AnnotatorReview(opened.store, service, args.flag_min_failed_gold, args.flag_below)
     return ServeContext(
         service=service,
         data=service.data,
@@ -400,6 +407,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         launcher=launcher,
         reviewer=reviewer,
         user_admin=UserAdmin(accounts) if accounts is not None else None,
+        annotator_review=review,
         guidelines=guidelines,
     )
 

@@ -222,6 +222,10 @@ class Service:
             "left_model": a.pair.model(a.left),
             "right_model": a.pair.model(a.right),
         }
+        gold = self.queue.gold  # --gold-feedback: a gold vote's acknowledgement says how it went
+        feedback = gold.feedback_for(a.pair.pair_id, canonical, a.left) if gold is not None else None
+        if feedback is not None:
+            ack["gold"] = feedback
         nxt, problem = self._next(user)
         return self._view(user, nxt, ack=ack, message="Saved." + (f" {problem}" if problem else ""))
 
@@ -241,6 +245,14 @@ class Service:
         if record is None:
             a, problem = self._next(user)
             return self._view(user, a, ok=False, message=problem or "Nothing to undo.")
+        if self._seen_gold_answer(record):
+            self.queue.cancel_undo(user, record)
+            return self._view(
+                user,
+                self.queue.current(user),
+                ok=False,
+                message="That vote was on a check item whose answer you were shown; it stays as it is.",
+            )
         try:
             self.store.retract(record["event_id"], user, vote=record)
         except StoreWriteError as e:
@@ -265,6 +277,18 @@ class Service:
             "rationale": record.get("rationale") or "",
         }
         return view
+
+    def _seen_gold_answer(self, record: dict[str, Any]) -> bool:
+        """A gold vote under --gold-feedback: its answer was shown, so an undo would let
+        the annotator fix it. (Without feedback gold votes are undone like any other:
+        refusing would tell them apart.)"""
+        from annotate.sampling import selection_of
+
+        gold = self.queue.gold
+        if gold is None or not gold.feedback:
+            return False
+        how = selection_of(record.get("gen_params"))
+        return bool(how) and how.get("method") == "gold"
 
     # ---- admins ----------------------------------------------------------------------
 
@@ -294,9 +318,11 @@ class Service:
         ties: str = "exclude",
         aggregate: str = "none",
         filetype: str = "parquet",
+        include_flagged: bool = False,
     ) -> tuple[list[str], str]:
         """Write the standing votes as a preference dataset (annotate/export.py) into
-        `folder`, under a new name each time (admins). Returns (files, a one-line report)."""
+        `folder`, under a new name each time (admins). Returns (files, a one-line report).
+        Confirmed-flagged annotators' votes are left out unless `include_flagged`."""
         from annotate.export import export_preferences
         from annotate.table_files import ties_path_for, write_table
         from trainer.store import read_comparisons
@@ -305,6 +331,11 @@ class Service:
         if filetype not in EXPORT_FILETYPES:
             raise BadRequest(f"filetype must be parquet or jsonl, got {filetype!r}")
         votes = read_comparisons(self.data)
+        dropped = 0
+        if not include_flagged:
+            from trainer.flags import confirmed_flags, read_flag_events, without_confirmed
+
+            votes, dropped = without_confirmed(votes, confirmed_flags(read_flag_events(self.data)))
         pairs, ties_table, report = export_preferences(
             votes, format=format, margin=margin, ties=ties, aggregate=aggregate
         )
@@ -313,7 +344,8 @@ class Service:
         files = [str(write_table(pairs, out))]
         if ties_table is not None:
             files.append(str(write_table(ties_table, ties_path_for(out))))
-        return files, " · ".join(report.lines())
+        flagged = [f"{dropped} votes of confirmed-flagged annotators left out"] if dropped else []
+        return files, " · ".join(report.lines() + flagged)
 
 
 def outcomes_as_shown(votes) -> list[dict[str, Any]]:

@@ -59,8 +59,11 @@ def run_info(args: argparse.Namespace) -> int:
 
         files = list_store(args.data)
         print(f"files      {len(files.parts)} part files, {len(files.tails)} live tail segments")
-    retracts = len(events) - pc.sum(pc.equal(events["kind"], "vote")).as_py() if len(events) else 0
-    print(f"events     {len(events)} ({retracts} retracts)")
+    retracts = pc.sum(pc.equal(events["kind"], "retract")).as_py() or 0 if len(events) else 0
+    flags = (
+        len(events) - retracts - (pc.sum(pc.equal(events["kind"], "vote")).as_py() or 0 if len(events) else 0)
+    )
+    print(f"events     {len(events)} ({retracts} retracts, {flags} flag events)")
     print(f"votes      {len(votes)} standing")
     if len(votes):
         for column in ("choice", "annotator", "model_a"):

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import preflab, vote_record
 
-from trainer.store import SCHEMA, RecordError, read_comparisons, read_events
+from trainer.store import SCHEMA, SCHEMA_VERSION, RecordError, read_comparisons, read_events
 from trainer.store.compaction import compact
 from trainer.store.directory_reader import list_store
 from trainer.store.directory_writer import DirectoryStore, recover_orphans
@@ -56,7 +56,7 @@ def test_append_roundtrip_keeps_every_field_and_type(tmp_path):
     assert table.schema.equals(SCHEMA, check_metadata=False)
     rows = {r["event_id"]: r for r in table.to_pylist()}
     row = rows[acked["event_id"]]
-    assert row["schema_version"] == 1 and row["kind"] == "vote"
+    assert row["schema_version"] == SCHEMA_VERSION and row["kind"] == "vote"
     assert json.loads(row["prompt"]) == [{"role": "user", "content": "Name a prime number."}]
     assert (row["choice"], row["strength"], row["left"], row["decision_ms"]) == ("a", 2, "b", 1234)
     assert row["created_at"].tzinfo is not None

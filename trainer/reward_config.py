@@ -116,6 +116,14 @@ class RewardConfig(Config):
             "label": "Vote weights",
         },
     )
+    exclude_flagged: bool = field(
+        default=True,
+        metadata={  # trainer/flags.py: an admin's flag_confirm event in the store
+            "help": "keep the votes of annotators whose flag an admin confirmed (by default they "
+            "are left out: exclude-flagged)",
+            "flag": "--include-flagged",  # the same switch as `preflab export`'s
+        },
+    )
     center: float = field(
         default=0.0,
         metadata={  # Eisenstein et al.

@@ -332,6 +332,19 @@ VOTE_COLUMNS = ["prompt", "response_a", "response_b", "choice", "strength"]
 WEIGHT_COLUMNS = ["pair_id", "annotator", "created_at", "gen_params"]
 
 
+def _store_votes(target, columns: list[str], exclude_flagged: bool) -> tuple[Any, list[str], int]:
+    """(standing votes, the confirmed-flagged annotators left out, their votes dropped)."""
+    from trainer.flags import confirmed_flags, read_flag_events, without_confirmed
+
+    wanted = list(dict.fromkeys(columns + (["annotator"] if exclude_flagged else [])))
+    votes = read_comparisons(str(target), columns=wanted)
+    if not exclude_flagged:
+        return votes, [], 0
+    excluded = confirmed_flags(read_flag_events(str(target)))
+    votes, dropped = without_confirmed(votes, excluded)
+    return votes, sorted(excluded), dropped
+
+
 def read_pairs(
     path,
     *,
@@ -340,24 +353,26 @@ def read_pairs(
     margin: bool = False,
     margin_scale: float = 1.0,
     weights: str = "none",
+    exclude_flagged: bool = True,
 ) -> Pairs:
     """Pairs from a comparison store (a directory, or a postgresql:// URL) or a
     TRL-format file. A database that cannot be reached raises trainer.store.StoreError.
-    `weights`: per-vote weights (pairs_from_votes); a file has no annotators, so only none."""
+    `weights`: per-vote weights (pairs_from_votes); a file has no annotators, so only none.
+    From a store, the votes of annotators whose flag an admin confirmed are left out
+    (before any weights are computed) unless `exclude_flagged` is False (trainer/flags.py)."""
     if ties not in TIE_MODES or both_bad not in TIE_MODES:
         raise RewardDataError(f"ties / both-bad must be one of {TIE_MODES}")
     columns = VOTE_COLUMNS + (WEIGHT_COLUMNS if weights != "none" else [])
     options = dict(ties=ties, both_bad=both_bad, margin=margin, margin_scale=margin_scale, weights=weights)
-    if is_database(path):  # a URL is a store, never a file (Path would fold its "//")
-        votes = read_comparisons(str(path), columns=columns)
-        return pairs_from_votes(votes, source=describe(path), **options)
-    p = Path(path)
-    if p.is_dir():
+    p = None if is_database(path) else Path(path)  # a URL is a store, never a file (Path would fold its "//")
+    if p is None or p.is_dir():
         try:
-            votes = read_comparisons(p, columns=columns)
+            votes, excluded, dropped = _store_votes(path, columns, exclude_flagged)
         except FileNotFoundError as e:
             raise RewardDataError(str(e)) from None
-        return pairs_from_votes(votes, source=str(p), **options)
+        pairs = pairs_from_votes(votes, source=describe(path) if p is None else str(p), **options)
+        pairs.summary["excluded_flagged"] = {"annotators": excluded, "votes": dropped}
+        return pairs
     if p.is_file():
         if weights != "none":
             raise RewardDataError(

@@ -56,6 +56,7 @@ def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> t
             margin=cfg.margin,
             margin_scale=cfg.margin_scale,
             weights=cfg.weights,
+            exclude_flagged=cfg.exclude_flagged,
         )
         train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
         summary = pairs.summary

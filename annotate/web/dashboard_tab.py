@@ -135,6 +135,8 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
     """The Dashboard tab and its handlers, and the /export API endpoint."""
     import gradio as gr
 
+    from annotate.web.annotator_panel import build_annotator_panel
+
     service, exports = ctx.service, ctx.exports
     with gr.Tab("Dashboard", id="dashboard", visible=False) as tab:
         counts = dict(y_axis_format="d", height=260)  # y_lim comes with the data
@@ -171,6 +173,7 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         t_kappa = gr.Dataframe(
             label="Agreement: Cohen's kappa per annotator pair (shared pairs only)", interactive=False
         )
+        build_annotator_panel(tab, ctx, guard)  # gold checks and flags: annotate/web/annotator_panel.py
         with gr.Accordion("Export a preference dataset (TRL / datasets)", open=True):
             with gr.Row():
                 x_format = gr.Radio(["standard", "conversational"], value="standard", label="Format")

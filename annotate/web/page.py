@@ -88,9 +88,26 @@ def status_html(view: dict[str, Any]) -> str:
             models = f"A was <b>{escape(ack['left_model'])}</b>, B was <b>{escape(ack['right_model'])}</b>."
         return (
             f'<div class="{cls}" id="status">Saved: {escape(CHOICE_WORDS[ack["choice"]])} '
-            f"({ack['decision_ms'] / 1000:.1f}s). {models}</div>"
+            f"({ack['decision_ms'] / 1000:.1f}s). {models}</div>" + gold_feedback_html(ack.get("gold"))
         )
     return f'<div class="{cls}" id="status">{escape(view.get("message", ""))}</div>'
+
+
+GOLD_WORDS = {"left": "A is better", "right": "B is better", "tie": "Tie"}
+
+
+def gold_feedback_html(feedback: dict[str, Any] | None) -> str:
+    """serve --gold-feedback: after a vote on a gold item, whether it matched and why."""
+    if not feedback:
+        return ""
+    verdict = (
+        "You matched the expected answer" if feedback["matched"] else "The expected answer was different"
+    )
+    explanation = f"<div>{render_markdown(feedback['explanation'])}</div>" if feedback["explanation"] else ""
+    return (
+        f'<div class="status gold-feedback" id="gold-feedback" data-matched="{str(feedback["matched"]).lower()}">'
+        f"<b>That was a check item.</b> {verdict}: {escape(GOLD_WORDS[feedback['expected']])}.{explanation}</div>"
+    )
 
 
 def waiting_html(waiting: dict[str, Any] | None) -> str:

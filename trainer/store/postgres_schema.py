@@ -11,7 +11,8 @@ the work done. A database newer than this code is refused rather than guessed at
 Never edit an entry once released; append a new one.
 
 The tables:
-* events       one row per record (docs/design.md's fields, the same names and types), plus
+* events       one row per record (docs/design.md's fields, the same names and types;
+               version 2 added subject and detail, and flag events), plus
                `seq` (insertion order) and `txid` (the writing transaction, which lets
                `changes_since` hand each event out exactly once; see postgres.py).
 * pair_slots   one row per pair that was ever claimed: the row the shared assignment
@@ -164,6 +165,31 @@ MIGRATIONS: list[list[str]] = [
             DELETE FROM leases WHERE pair_id = v_pair AND annotator = v_who;
             RETURN true;
         END $$""",
+    ],
+    # 2: record schema version 2 (trainer/store/record.py), additive: flag events (about an
+    # annotator, not a pair: the pair columns may be null) and their two new columns.
+    # Version-1 rows are untouched; preflab_vote and the assignment only ever look at
+    # kind = 'vote' and 'retract'.
+    [
+        "ALTER TABLE events ADD COLUMN subject text, ADD COLUMN detail text",
+        *(
+            f'ALTER TABLE events ALTER COLUMN "{column}" DROP NOT NULL'
+            for column in (
+                "pair_id",
+                "prompt_id",
+                "prompt",
+                "response_a",
+                "response_b",
+                "model_a",
+                "model_b",
+                "left",
+            )
+        ),
+        "ALTER TABLE events DROP CONSTRAINT events_kind_check",
+        """ALTER TABLE events ADD CONSTRAINT events_kind_check
+            CHECK (kind IN ('vote', 'retract', 'flag', 'flag_confirm', 'flag_clear'))""",
+        # Reading the flags must not scan every vote: they are few.
+        "CREATE INDEX events_flags ON events (subject) WHERE subject IS NOT NULL",
     ],
 ]
 

@@ -21,7 +21,16 @@ import pyarrow.compute as pc
 
 from trainer.errors import PreflabError
 
-SCHEMA_VERSION = 1
+# Version 2 (additive): the flag events of annotator review (kinds FLAG_KINDS, fields
+# `subject` and `detail`). Version-1 records stay valid as they are, on disk and in a
+# database: a reader fills the new fields with null, and `validate_record` accepts both.
+SCHEMA_VERSION = 2
+VERSIONS = (1, 2)
+
+# The pair fields: what every vote and retract carries. A flag event is about a person,
+# not a pair, so these are null on it; that is why they are nullable in the Arrow schema
+# (version 1 had them NOT NULL, and its files read into this schema unchanged).
+PAIR_FIELDS = ("pair_id", "prompt_id", "prompt", "response_a", "response_b", "model_a", "model_b", "left")
 
 SCHEMA = pa.schema(
     [
@@ -29,14 +38,14 @@ SCHEMA = pa.schema(
         pa.field("event_id", pa.string(), nullable=False),
         pa.field("kind", pa.string(), nullable=False),
         pa.field("retracts", pa.string()),
-        pa.field("pair_id", pa.string(), nullable=False),
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("response_a", pa.string(), nullable=False),
-        pa.field("response_b", pa.string(), nullable=False),
-        pa.field("model_a", pa.string(), nullable=False),
-        pa.field("model_b", pa.string(), nullable=False),
-        pa.field("left", pa.string(), nullable=False),
+        pa.field("pair_id", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("response_a", pa.string()),
+        pa.field("response_b", pa.string()),
+        pa.field("model_a", pa.string()),
+        pa.field("model_b", pa.string()),
+        pa.field("left", pa.string()),
         pa.field("choice", pa.string()),
         pa.field("strength", pa.int8()),
         pa.field("rationale", pa.string()),
@@ -44,11 +53,17 @@ SCHEMA = pa.schema(
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("decision_ms", pa.int32()),
         pa.field("gen_params", pa.string()),
+        # version 2
+        pa.field("subject", pa.string()),
+        pa.field("detail", pa.string()),
     ]
 )
 FIELDS = SCHEMA.names
 
-KINDS = ("vote", "retract")
+# Annotator review (trainer/flags.py): the rule flagged `subject`; an admin confirmed the
+# flag (their votes are left out downstream) or cleared it. `annotator` is who wrote it.
+FLAG_KINDS = ("flag", "flag_confirm", "flag_clear")
+KINDS = ("vote", "retract", *FLAG_KINDS)
 CHOICES = ("a", "b", "tie", "both_bad")
 SIDES = ("a", "b")
 
@@ -89,18 +104,11 @@ def pair_id_for(prompt_json: str, response_a: str, response_b: str) -> str:
 # Validation of one record (the write path calls this before anything touches disk)
 # --------------------------------------------------------------------------------------
 
-_STRING_FIELDS_REQUIRED = (
-    "event_id",
-    "pair_id",
-    "prompt_id",
-    "prompt",
-    "response_a",
-    "response_b",
-    "model_a",
-    "model_b",
-    "annotator",
-)
-_STRING_FIELDS_OPTIONAL = ("retracts", "rationale", "gen_params")
+_STRING_FIELDS_REQUIRED = ("event_id", "annotator")
+_PAIR_STRINGS = PAIR_FIELDS[:-1]  # `left` is checked on its own
+_STRING_FIELDS_OPTIONAL = ("retracts", "rationale", "gen_params", "subject", "detail")
+# Required of every event whatever its kind (the pair fields only of votes and retracts).
+_ALWAYS_REQUIRED = ("schema_version", "event_id", "kind", "annotator", "created_at")
 
 
 def _check_messages(value: str) -> None:
@@ -137,24 +145,40 @@ def validate_record(record: dict[str, Any], where: str = "") -> dict[str, Any]:
     unknown = set(record) - set(FIELDS)
     if unknown:
         raise RecordError(sorted(unknown)[0], "unknown field", where)
-    missing = [f for f in FIELDS if f not in record and not SCHEMA.field(f).nullable]
+    pair_event = record.get("kind") in ("vote", "retract")
+    required = _ALWAYS_REQUIRED + (PAIR_FIELDS if pair_event else ())
+    missing = [f for f in FIELDS if f in required and record.get(f) is None]
     if missing:
         raise RecordError(missing[0], "missing", where)
     r = {f: record.get(f) for f in FIELDS}
     try:
-        if r["schema_version"] != SCHEMA_VERSION:
-            raise RecordError("schema_version", f"must be {SCHEMA_VERSION}, got {r['schema_version']!r}")
+        version = r["schema_version"]
+        if isinstance(version, bool) or version not in VERSIONS:
+            raise RecordError("schema_version", f"must be one of {VERSIONS}, got {version!r}")
         for f in _STRING_FIELDS_REQUIRED:
-            # An empty response is a legitimate (bad) model answer; empty ids are not.
-            if not isinstance(r[f], str) or (not r[f] and f not in ("response_a", "response_b")):
+            if not isinstance(r[f], str) or not r[f]:
                 raise RecordError(f, f"must be a non-empty string, got {r[f]!r:.60}")
         for f in _STRING_FIELDS_OPTIONAL:
             if r[f] is not None and not isinstance(r[f], str):
                 raise RecordError(f, f"must be a string or null, got {type(r[f]).__name__}")
         if r["kind"] not in KINDS:
             raise RecordError("kind", f"must be one of {KINDS}, got {r['kind']!r}")
+        if r["kind"] in FLAG_KINDS:
+            _check_flag_event(r)
+            r["created_at"] = to_micros(r["created_at"])
+            return r
+        if version == 1 and (r["subject"] is not None or r["detail"] is not None):
+            field_name = "subject" if r["subject"] is not None else "detail"
+            raise RecordError(field_name, "is a schema version 2 field; a version-1 record cannot carry it")
+        for f in _PAIR_STRINGS:
+            # An empty response is a legitimate (bad) model answer; empty ids are not.
+            if not isinstance(r[f], str) or (not r[f] and f not in ("response_a", "response_b")):
+                raise RecordError(f, f"must be a non-empty string, got {r[f]!r:.60}")
         if r["left"] not in SIDES:
             raise RecordError("left", f"must be 'a' or 'b', got {r['left']!r}")
+        if r["subject"] is not None:
+            raise RecordError("subject", f"only a flag event names one, not a {r['kind']}")
+        _check_detail(r)
         _check_messages(r["prompt"])
         if r["kind"] == "retract":
             if not r["retracts"]:
@@ -186,6 +210,29 @@ def validate_record(record: dict[str, Any], where: str = "") -> dict[str, Any]:
             raise RecordError(e.field, e.reason, where) from None
         raise
     return r
+
+
+def _check_flag_event(r: dict[str, Any]) -> None:
+    """A flag event: about `subject` (an annotator), `detail` a JSON object, no pair, no
+    choice. Version 2 only: version 1 had no such kind."""
+    if r["schema_version"] < 2:
+        raise RecordError("kind", f"{r['kind']!r} needs schema version 2, got {r['schema_version']}")
+    if not isinstance(r["subject"], str) or not r["subject"]:
+        raise RecordError("subject", f"a {r['kind']} event must name the annotator it is about")
+    for f in (*PAIR_FIELDS, "retracts", "choice", "strength", "decision_ms", "gen_params"):
+        if r[f] is not None:
+            raise RecordError(f, f"must be null on a {r['kind']} event (it is about a person, not a pair)")
+    _check_detail(r)
+
+
+def _check_detail(r: dict[str, Any]) -> None:
+    if r["detail"] is not None:
+        try:
+            detail = json.loads(r["detail"])
+        except json.JSONDecodeError as e:
+            raise RecordError("detail", f"not valid JSON ({e.msg})") from None
+        if not isinstance(detail, dict):
+            raise RecordError("detail", "must be a JSON object")
 
 
 def complete_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +293,8 @@ def concat(tables: list[pa.Table]) -> pa.Table:
 
 
 def standing(tables: list[pa.Table]) -> list[pa.Table]:
-    """Drop retract events and the votes they name, table by table.
+    """Drop retract events and the votes they name, table by table; every other kind
+    (flag events) is dropped too: only votes stand.
 
     Filtering copies every string, so it runs in parallel per file and skips the files
     that have nothing to drop (most of them, in a store with few undos).

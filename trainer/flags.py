@@ -1,0 +1,154 @@
+"""Annotator flags as events in the comparison store: who is flagged, confirmed, cleared.
+
+    from trainer.flags import confirmed_flags, read_flag_events, without_confirmed
+    events = read_flag_events("comparisons")       # the flag events, oldest first
+    excluded = confirmed_flags(events)             # {"mallory"}: left out downstream
+    votes, dropped = without_confirmed(votes, excluded)
+
+The flag rule (a gold-check rule, computed by trainer/annotator_quality.py's
+`annotator_table`) raises a `flag` event about an annotator; an admin then writes
+`flag_confirm` (the annotator's votes are excluded by default from export and reward
+training) or `flag_clear` (they count again). Every decision is an event in the store
+(record schema version 2: kind, `subject` = the annotator it is about, `detail` = JSON
+evidence, `annotator` = who wrote it, `rationale` = an admin's note), so the state of
+every annotator is recomputed from the store and nothing lives only in memory.
+
+An annotator's state is their latest flag event's: `flag` -> "flagged" (waiting for an
+admin), `flag_confirm` -> "confirmed", `flag_clear` -> "cleared". A cleared annotator is
+flagged again only on new evidence: more failed gold checks than the flag that was
+cleared counted (`due_flags`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from trainer.store.record import FLAG_KINDS, to_micros
+
+# Who writes the rule's flags: not an account (an account name has no colon).
+RULE_AUTHOR = "rule:gold"
+STATES = {"flag": "flagged", "flag_confirm": "confirmed", "flag_clear": "cleared"}
+# The columns a flag event needs; reading only these skips every vote's text.
+FLAG_COLUMNS = ["event_id", "kind", "subject", "annotator", "created_at", "detail", "rationale"]
+# Flag events' ids are derived from what they say, so that two servers evaluating the rule
+# on one database at once raise one flag, not two (inserts are idempotent by event_id).
+_NAMESPACE = uuid.UUID("0b6f1c9e-6a1d-4f55-9a3e-7d2f1e0c4b21")
+
+
+def read_flag_events(target: str | os.PathLike) -> list[dict[str, Any]]:
+    """The store's flag events as records (FLAG_COLUMNS), oldest first."""
+    from trainer.store import read_events
+
+    events = read_events(target, FLAG_COLUMNS)
+    return flag_events(events)
+
+
+def flag_events(events) -> list[dict[str, Any]]:
+    """The flag events among `events` (an Arrow table of events or a list of records),
+    oldest first (event_id breaks a tie, so every reader orders them the same way)."""
+    if isinstance(events, pa.Table):
+        if events.num_rows == 0:
+            return []
+        hit = pc.is_in(events["kind"], value_set=pa.array(FLAG_KINDS, pa.string()))
+        events = events.filter(hit).to_pylist()
+    rows = [e for e in events if e.get("kind") in FLAG_KINDS]
+    return sorted(rows, key=lambda e: (to_micros(e["created_at"]), e["event_id"]))
+
+
+def flag_states(events) -> dict[str, dict[str, Any]]:
+    """{annotator: {"state", "since", "by", "note", "flag"}} from the flag events: the
+    state of their latest one; "flag" is the latest `flag` event's evidence (dict)."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in flag_events(events):
+        entry = out.setdefault(e["subject"], {"flag": None, "flag_event_id": None})
+        entry.update(
+            state=STATES[e["kind"]],
+            since=to_micros(e["created_at"]),
+            by=e["annotator"],
+            note=e.get("rationale") or "",
+        )
+        if e["kind"] == "flag":
+            entry["flag"] = json.loads(e["detail"]) if e.get("detail") else {}
+            entry["flag_event_id"] = e["event_id"]
+    return out
+
+
+def confirmed_flags(events) -> set[str]:
+    """The annotators whose latest flag event is an admin's confirmation: the ones whose
+    votes are left out downstream by default."""
+    return {name for name, s in flag_states(events).items() if s["state"] == "confirmed"}
+
+
+def without_confirmed(votes: pa.Table, excluded: set[str]) -> tuple[pa.Table, int]:
+    """(votes without those of `excluded` annotators, how many were dropped)."""
+    if not excluded or votes.num_rows == 0:
+        return votes, 0
+    keep = pc.invert(pc.is_in(votes["annotator"], value_set=pa.array(sorted(excluded), pa.string())))
+    kept = votes.filter(keep)
+    return kept, votes.num_rows - kept.num_rows
+
+
+def due_flags(rows: list[dict[str, Any]], states: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The annotators the rule flags now and whose flag is not in the store yet: rows of
+    `annotator_table` with flag_rule true and no flag, or a cleared one that counted
+    fewer failed gold checks than they have now. A flagged or confirmed annotator is
+    never flagged twice."""
+    due = []
+    for row in rows:
+        if not row.get("flag_rule"):
+            continue
+        failed = int(row["gold_n"]) - int(row["gold_correct"])
+        state = states.get(row["annotator"])
+        if state is not None and state["state"] in ("flagged", "confirmed"):
+            continue
+        if state is not None and (state.get("flag") or {}).get("gold_failed", -1) >= failed:
+            continue  # cleared on this evidence already
+        due.append(row)
+    return due
+
+
+def flag_record(row: dict[str, Any], *, min_failed_gold: int, flag_below: float) -> dict[str, Any]:
+    """The `flag` event the rule writes for one `annotator_table` row, with the numbers it
+    decided on (so the decision can be checked against the store later)."""
+    failed = int(row["gold_n"]) - int(row["gold_correct"])
+    detail = {
+        "rule": "gold",
+        "gold_n": int(row["gold_n"]),
+        "gold_correct": int(row["gold_correct"]),
+        "gold_failed": failed,
+        "gold_accuracy": _number(row.get("gold_accuracy")),
+        "gold_high": _number(row.get("gold_high")),
+        "min_failed_gold": min_failed_gold,
+        "flag_below": flag_below,
+        "reason": row.get("flag_reason") or "",
+    }
+    event_id = str(uuid.uuid5(_NAMESPACE, f"flag\0{row['annotator']}\0{failed}"))
+    return _event("flag", row["annotator"], RULE_AUTHOR, detail, event_id=event_id)
+
+
+def _number(x: Any) -> float | None:
+    """A float for JSON: NaN (no gold votes) is null, as JSON has no NaN."""
+    return None if x is None or x != x else float(x)
+
+
+def decision_record(kind: str, subject: str, admin: str, flag_event_id: str | None, note: str = "") -> dict:
+    """An admin's `flag_confirm` or `flag_clear` of `subject`'s flag."""
+    if kind not in ("flag_confirm", "flag_clear"):
+        raise ValueError(f"kind must be flag_confirm or flag_clear, got {kind!r}")
+    return _event(kind, subject, admin, {"flag": flag_event_id}, rationale=(note or "").strip() or None)
+
+
+def _event(kind: str, subject: str, author: str, detail: dict, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "subject": subject,
+        "annotator": author,
+        "detail": json.dumps(detail, sort_keys=True),
+        **extra,
+    }
