@@ -8,7 +8,7 @@ Which proxies may name the client (`--trusted-proxy`, uvicorn's X-Forwarded-For
 handling) is set here too: the login throttle counts per client address.
 
 The middlewares, outermost first: the Host check (without --auth), the Origin check,
-the body ceiling, the session guard, the page-load gate; the export download is a
+the body ceiling, the session guard, the /config cache, the page-load gate; the export download is a
 route inside them all.
 """
 
@@ -52,6 +52,7 @@ def request_guards(args: argparse.Namespace, accounts, local_user: str):
 
     from annotate.logins import Logins
     from annotate.sessions import Sessions
+    from annotate.web.config_cache import ConfigCache
     from annotate.web.host_check import LoopbackHostOnly, SameOriginOnly
     from annotate.web.page_load_gate import PageLoadGate
     from annotate.web.request_limits import BodyLimit
@@ -65,13 +66,16 @@ def request_guards(args: argparse.Namespace, accounts, local_user: str):
     # Page loads in single file, inside the session guard (whose redirects and login page
     # are cheap): a crowd arriving at once does not stall the votes (page_load_gate.py).
     gate = Middleware(PageLoadGate, at_once=max(1, (os.cpu_count() or 2) // 2))
+    # /config from memory after the first (config_cache.py), before the gate: no waiting.
+    config = Middleware(ConfigCache, accounts=accounts is not None)
     if accounts is None:
-        middleware += [Middleware(SessionGuard, sessions=None, local_user=local_user), gate]
+        middleware += [Middleware(SessionGuard, sessions=None, local_user=local_user), config, gate]
         return None, {"middleware": middleware}, None
     logins = Logins(accounts)
     sessions = Sessions(accounts, idle_s=args.session_idle * 60)
     middleware += [
         Middleware(SessionGuard, sessions=sessions, local_user=None, login_message=LOGIN_MESSAGE),
+        config,
         gate,
     ]
     return login_check(logins), {"middleware": middleware}, logins
