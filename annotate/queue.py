@@ -230,7 +230,9 @@ class AssignmentQueue(SharedMode, QueueStatus):
                     del self._open[pair_id]
             for pair_id, gen_params in selections:  # partly done pairs keep how they were picked
                 how = selection_of(gen_params)
-                if how is not None:
+                # Not a gold item's: its label is the gold file's as it is now (an admin may
+                # have corrected it), and a pair no longer gold must not score as a check.
+                if how is not None and how.get("method") != "gold":
                     self._how[pair_id] = how
             return n
 
@@ -449,6 +451,7 @@ class AssignmentQueue(SharedMode, QueueStatus):
             voters.discard(annotator)
             person.voted.discard(pair_id)
             pair = self._pairs.get(pair_id)
+            in_pool = pair is not None  # only a pool pair goes back to the open set below
             if pair is None and self.gold is not None:
                 pair = self.gold.pair(pair_id)  # a gold item: back as it was, never into the pool
             if pair is None:  # a vote on a pair outside this pool: rebuild it from the record
@@ -468,7 +471,7 @@ class AssignmentQueue(SharedMode, QueueStatus):
                     }
                     | {"prompt": json.loads(record["prompt"])}
                 )
-            elif len(voters) < self._wanted(pair_id) and pair_id not in self._open:
+            elif in_pool and len(voters) < self._wanted(pair_id) and pair_id not in self._open:
                 self._open[pair_id] = None
             previous = person.current.pair.pair_id if person.current is not None else None
             if previous is not None:

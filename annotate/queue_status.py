@@ -23,7 +23,8 @@ class QueueStatus:
 
     def progress(self, annotator: str) -> dict[str, int]:
         """{"done": pairs of this pool they voted on, "assigned": their fair share,
-        "pool_done": pairs with all the votes they want, "pool_total": pairs planned}.
+        "pool_done": pairs with all the votes they want, "pool_total": pairs planned};
+        with gold items mixed in, gold votes count in "done" and the pool's two are absent.
 
         Everything here comes from votes (restored from the store at a restart), so it
         reads the same for everyone and after a restart: the share divides the pool
@@ -33,8 +34,10 @@ class QueueStatus:
             person = self._person_or_blank(annotator)
             done = sum(1 for p in person.voted if p in self._pairs)
             # Gold votes count like any vote here, or the counter standing still after a
-            # vote would tell a gold item apart; they add to both numbers, so the count of
-            # pairs left is the pool's.
+            # vote would tell a gold item apart: each adds one to "done" and none to what is
+            # left, exactly as a pool vote does. For the same reason the pool's numbers are
+            # left out while gold items are mixed in (with overlap 1 a pool vote completes a
+            # pair, a gold vote never does).
             gold_done = sum(1 for p in person.voted if p in self.gold) if self.gold is not None else 0
             total = max(len(self._pairs), self.planned)
             in_play = sum(
@@ -46,12 +49,10 @@ class QueueStatus:
             share = math.ceil(total * self.overlap / max(in_play, self.overlap))
             possible = total - sum(1 for p in person.skipped if p not in person.voted)
             complete = self._complete_count()
-            return {
-                "done": done + gold_done,
-                "assigned": max(done, min(share, possible)) + gold_done,
-                "pool_done": complete,
-                "pool_total": total,
-            }
+            progress = {"done": done + gold_done, "assigned": max(done + gold_done, min(share, possible))}
+            if self.gold is None:
+                progress |= {"pool_done": complete, "pool_total": total}
+            return progress
 
     def _complete_count(self) -> int:
         """Pairs of the pool with all the votes they want. queue.py keeps `_open` as exactly

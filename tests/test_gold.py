@@ -224,14 +224,20 @@ def test_what_the_client_receives_is_the_same_for_gold_and_pool_pairs(tmp_path):
         acks = {True: [], False: []}
         view = service.next("ann")
         done = 0
+        changes = {True: set(), False: set()}  # (done, assigned) after a vote minus before
         while view["pair"] is not None:
             gold = view["pair"]["pair_id"] in queue.gold
             views[gold].append(view)
             assert view["progress"]["done"] == done, "the counter moves on every vote, gold or not"
+            before = view["progress"]
             view = service.vote("ann", view["pair"]["pair_id"], "right")
             acks[gold].append(view["ack"])
+            after = view["progress"]
+            changes[gold].add((after["done"] - before["done"], after["assigned"] - before["assigned"]))
+            assert set(after) == {"done", "assigned"}  # no pool numbers: a gold vote completes none
             done += 1
     assert views[True] and views[False]
+    assert changes[True] <= changes[False]  # the top bar moves after a gold vote as after any vote
     shape = re.compile(r"pair-[0-9a-f]{20}")
     for g in (True, False):
         for v in views[g]:
@@ -270,6 +276,65 @@ def test_gold_feedback_tells_the_annotator_and_such_a_vote_cannot_be_undone(tmp_
         pool_view = service.vote("ann", pool_view["pair"]["pair_id"], "left")
         assert "gold" not in pool_view["ack"]
         assert service.undo("ann")["ok"] is True
+
+
+def test_an_undone_gold_vote_comes_back_to_its_annotator_and_never_joins_the_pool(tmp_path):
+    """Undo of a gold vote (allowed without --gold-feedback): the item is the voter's again,
+    and neither the pool's count nor another annotator's next pair is touched by it."""
+    data = tmp_path / "store"
+    with open_store(data) as store:
+        queue = AssignmentQueue(overlap=2, seed=0)
+        queue.gold = gold_items(tmp_path, 3, 1.0)
+        queue.add(make_pairs(4))
+        service = Service(store, queue, data=data, local_user="me")
+        view = service.next("ann")
+        while view["pair"]["pair_id"] not in queue.gold:
+            view = service.vote("ann", view["pair"]["pair_id"], "left")
+        gold_id = view["pair"]["pair_id"]
+        service.vote("ann", gold_id, "left")
+        back = service.undo("ann")
+        assert back["ok"] and back["pair"]["pair_id"] == gold_id  # the voter's again
+        service.vote("ann", gold_id, "right")
+        assert 0 <= queue.overview()["complete"] <= 4 and gold_id not in queue._open
+        for name in ("ben", "ann"):  # both work to the end: pool pairs and their gold items
+            view = service.next(name)
+            while view["pair"] is not None:
+                view = service.vote(name, view["pair"]["pair_id"], "left")
+        assert queue.overview()["complete"] == 4  # every pool pair has its two votes
+
+
+def test_a_corrected_gold_label_counts_after_a_restart(tmp_path):
+    """Votes carry the gold label their item had; after the file is corrected and the server
+    restarted, new votes carry the new label, not the one restored from the store."""
+    data = tmp_path / "store"
+    rows = gold_rows(1)
+    with open_store(data) as store:
+        queue = AssignmentQueue(seed=0)
+        queue.gold = GoldItems(load_gold(write_jsonl(tmp_path / "gold.jsonl", rows)), 1.0, seed=1)
+        queue.add(make_pairs(3))
+        service = Service(store, queue, data=data, local_user="me")
+        view = service.next("ann")
+        while view["pair"]["pair_id"] not in queue.gold:
+            view = service.vote("ann", view["pair"]["pair_id"], "left")
+        service.vote("ann", view["pair"]["pair_id"], "left")
+    (old,) = [r for r in read_comparisons(data).to_pylist() if is_gold(r)]
+    rows[0]["gold"] = {"a": "b", "b": "a", "tie": "a"}[rows[0]["gold"]]
+    corrected = GoldItems(load_gold(write_jsonl(tmp_path / "gold.jsonl", rows)), 1.0, seed=1)
+    with open_store(data) as store:
+        queue = AssignmentQueue(seed=0)
+        queue.gold = corrected
+        queue.add(make_pairs(3))
+        queue.restore(read_comparisons(data))
+        service = Service(store, queue, data=data, local_user="me")
+        view = service.next("ben")
+        while view["pair"]["pair_id"] not in queue.gold:
+            view = service.vote("ben", view["pair"]["pair_id"], "left")
+        service.vote("ben", view["pair"]["pair_id"], "left")
+    new = [r for r in read_comparisons(data).to_pylist() if is_gold(r) and r["annotator"] == "ben"]
+    assert (
+        len(new) == 1
+        and selection_of(new[0]["gen_params"])["gold"] != selection_of(old["gen_params"])["gold"]
+    )
 
 
 # ---- PostgreSQL: several servers -----------------------------------------------------

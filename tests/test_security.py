@@ -209,7 +209,8 @@ def test_only_a_trusted_proxy_names_the_client_the_throttle_counts(tmp_path):
             assert guess(server.url, i, f"10.0.{i}.1").status_code == 400  # each "from" elsewhere
         r = guess(server.url, 99, "10.9.9.9")
         assert r.status_code == 429 and "for 127.0.0.1" in r.json()["detail"]  # all counted as one
-    with Server(tmp_path, *map(str, args), "--trusted-proxy", "127.0.0.0/8") as server:
+    # A network written with host bits (127.0.0.1/8) means 127.0.0.0/8, as ipaddress reads it.
+    with Server(tmp_path, *map(str, args), "--trusted-proxy", "127.0.0.1/8") as server:
         for i in range(FREE_FAILURES_PER_ADDRESS):
             assert guess(server.url, i, "10.0.0.1").status_code == 400
         assert guess(server.url, 98, "10.0.0.2").status_code == 400  # another client: not throttled

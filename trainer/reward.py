@@ -63,7 +63,13 @@ from trainer.reward_config import RewardConfig, resolve_config
 from trainer.reward_data import RewardDataError
 from trainer.reward_metrics import evaluate, preference_loss, style_penalty, to_device
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
-from trainer.reward_run import cudnn_attention_off, finish_done, report_data, snapshot_data
+from trainer.reward_run import (
+    cudnn_attention_off,
+    finish_done,
+    report_data,
+    snapshot_data,
+    weigh_training_pairs,
+)
 from trainer.reward_state import (
     choose_precision,
     fp32_masters,
@@ -80,7 +86,6 @@ from trainer.runs import (
     supervise,
     write_json,
 )
-from trainer.store import describe
 from trainer.store.errors import StoreError
 
 
@@ -488,33 +493,6 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         t_start=t_start,
         weights=cfg.weights,
     )
-
-
-def weigh_training_pairs(cfg: RewardConfig, pairs, train_idx: np.ndarray) -> tuple[np.ndarray, float, str]:
-    """(training pairs to step on, their mean weight, a line saying what --weights did).
-    The weights came with the pairs (computed from all the store's votes before the
-    split, trainer/reward_data.py); here the training pairs of weight 0 are left out of
-    the batches: they would add nothing to the loss but the time to compute it, and a
-    batch of nothing but them would be a step of zero gradient. Validation keeps every
-    pair and stays unweighted: it measures the model against all the votes as cast."""
-    weights = np.asarray(pairs.weight, dtype=np.float64)
-    if cfg.weights == "none":
-        return train_idx, 1.0, ""
-    keep = train_idx[weights[train_idx] > 0]
-    if len(keep) == 0:
-        raise RewardDataError(
-            f"--weights {cfg.weights} gives all {len(train_idx)} training votes weight 0 "
-            f"(see `preflab annotators --data {describe(cfg.data)}`); use --weights none"
-        )
-    mean = float(weights[keep].mean())
-    info = (pairs.summary.get("weights") or {}).get("per_annotator", {})
-    per = ", ".join(f"{name} {w:.2f}" for name, w in sorted(info.items(), key=lambda x: -x[1]))
-    note = (
-        f"--weights {cfg.weights}: {len(train_idx) - len(keep)} of {len(train_idx)} training votes "
-        f"have weight 0 and are left out; mean weight of the rest {mean:.3f}"
-        + (f"; per annotator: {per}" if per else "")
-    )
-    return keep, mean, note
 
 
 # --------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@
 The file is TRL's preference format: `prompt`, `chosen`, `rejected` (strings, an HH
 transcript, or message lists), as `train-reward --data` reads it. Also:
 
-* `rejected` may hold a list of answers (best-of-N): the row is right when `chosen`
-  outscores every one of them; each (chosen, rejected) pair also counts in the pairwise
-  accuracy.
+* `rejected` may hold a list of answers (best-of-N): the row is right only when `chosen`
+  scores strictly higher than every one of them; each (chosen, rejected) pair also
+  counts in the pairwise accuracy.
 * a `subset` column: accuracy per subset. Subsets named as in RewardBench are gathered
   into its four sections (Chat, Chat Hard, Safety, Reasoning), each the mean of its
   subsets weighted by RewardBench's example counts (math-prm weighted as much as the six
@@ -18,7 +18,8 @@ transcript, or message lists), as `train-reward --data` reads it. Also:
 * calibration: the expected calibration error of P(chosen wins) = sigmoid(r_c - r_r), on
   the model's own (unnormalised) Bradley-Terry scale.
 
-Equal scores count half, as in eval-policy. Nothing is written: `--json` prints the result.
+In the pairwise accuracy and the subsets of one-rejected rows, equal scores count half,
+as in eval-policy. Nothing is written: `--json` prints the result.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ summary it ends with, and the one process-wide setting it runs under.
     with cudnn_attention_off():                                       # around the whole run
         pairs, train_idx, val_idx, summary = snapshot_data(cfg, run, resuming, accelerator)
         report_data(summary, len(pairs), len(train_idx), len(val_idx), cut_note)   # main process
+        train_idx, mean_weight, note = weigh_training_pairs(cfg, pairs, train_idx)  # --weights
         ...                                                                        # the loop
         return finish_done(run, main, step=step, ..., peak_mb=peak_memory_mb(device))  # exit 0
 
@@ -171,3 +172,34 @@ def finish_done(
     if main:
         print(msg, file=sys.stderr)
     return 0
+
+
+def weigh_training_pairs(cfg: RewardConfig, pairs, train_idx):
+    """(training pairs to step on, their mean weight, a line saying what --weights did).
+    The weights came with the pairs (computed from all the store's votes before the
+    split, trainer/reward_data.py); here the training pairs of weight 0 are left out of
+    the batches: they would add nothing to the loss but the time to compute it, and a
+    batch of nothing but them would be a step of zero gradient. Validation keeps every
+    pair and stays unweighted: it measures the model against all the votes as cast."""
+    import numpy as np
+
+    from trainer.store import describe
+
+    weights = np.asarray(pairs.weight, dtype=np.float64)
+    if cfg.weights == "none":
+        return train_idx, 1.0, ""
+    keep = train_idx[weights[train_idx] > 0]
+    if len(keep) == 0:
+        raise RewardDataError(
+            f"--weights {cfg.weights} gives all {len(train_idx)} training votes weight 0 "
+            f"(see `preflab annotators --data {describe(cfg.data)}`); use --weights none"
+        )
+    mean = float(weights[keep].mean())
+    info = (pairs.summary.get("weights") or {}).get("per_annotator", {})
+    per = ", ".join(f"{name} {w:.2f}" for name, w in sorted(info.items(), key=lambda x: -x[1]))
+    note = (
+        f"--weights {cfg.weights}: {len(train_idx) - len(keep)} of {len(train_idx)} training votes "
+        f"have weight 0 and are left out; mean weight of the rest {mean:.3f}"
+        + (f"; per annotator: {per}" if per else "")
+    )
+    return keep, mean, note

@@ -41,7 +41,12 @@ KEYS = (("1", "A"), ("2", "B"), ("3", "tie"), ("4", "both bad"), ("s", "skip"), 
 
 def topbar_html(view: dict[str, Any], *, role: str, logout: bool) -> str:
     done, assigned = view["progress"]["done"], view["progress"]["assigned"]
-    pool_done, pool_total = view["progress"].get("pool_done", 0), view["progress"].get("pool_total", 0)
+    pool = ""  # absent while gold items are mixed in (annotate/queue_status.py says why)
+    if "pool_done" in view["progress"]:
+        pool = (
+            '<span class="pool-progress" id="pool-progress" title="pairs with all the votes they need">'
+            f"pool {view['progress']['pool_done']} / {view['progress']['pool_total']} complete</span>"
+        )
     width = 100 * done / assigned if assigned else 0
     keys = " ".join(f"<kbd>{k}</kbd> {w}" for k, w in KEYS)
     logout_link = '<a href="/logout">log out</a>' if logout else ""
@@ -50,9 +55,7 @@ def topbar_html(view: dict[str, Any], *, role: str, logout: bool) -> str:
         f'<span class="who">{escape(view["user"])} · {escape(role)}</span>'
         f'<span class="progress-box">done <b id="progress">{done} / {assigned}</b>'
         f'<span class="progress-bar"><span style="width:{width:.1f}%"></span></span></span>'
-        f'<span class="pool-progress" id="pool-progress" title="pairs with all the votes they need">'
-        f"pool {pool_done} / {pool_total} complete</span>"
-        f'<span class="spacer"></span><span class="keys">{keys}</span>{logout_link}</div>'
+        f'{pool}<span class="spacer"></span><span class="keys">{keys}</span>{logout_link}</div>'
     )
 
 

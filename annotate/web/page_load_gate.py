@@ -42,7 +42,7 @@ class PageLoadGate:
         self.at_once = at_once
         self._gate: asyncio.Semaphore | None = None  # made on the server's own loop
         self.sessions_built = 0  # sessions this gate built ahead of gradio
-        self._maker: SessionMaker | None = None  # made at the first new session
+        self._maker: SessionMaker | None | bool = None  # made at the first new session; False: failed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -151,10 +151,13 @@ class SessionMaker:
 
 
 def _new_session(gate, holder):
+    if gate._maker is False:  # failed once: gradio builds its sessions itself from now on
+        return None
     try:
         if gate._maker is None or gate._maker.blocks is not holder.blocks:
             gate._maker = SessionMaker(holder.blocks)
         return gate._maker.new()
     except Exception:  # a gradio whose sessions are built differently: leave it to gradio
-        log.exception("building a session ahead of gradio failed; gradio builds it instead")
+        log.exception("building a session ahead of gradio failed; gradio builds them itself from now on")
+        gate._maker = False
         return None

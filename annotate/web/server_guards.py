@@ -41,7 +41,9 @@ def trusted_proxies(given: list[str] | None) -> str | None:
             raise PreflabError(
                 f"--trusted-proxy {value!r} is not an IP address or network (e.g. 10.0.0.7, 10.0.0.0/24, or none)"
             ) from None
-    return ",".join(v.strip() for v in given)
+    # uvicorn parses each entry strictly: 10.0.0.7/24 would match nothing, so the network
+    # as ipaddress normalises it (10.0.0.0/24) is what it gets.
+    return ",".join(str(ipaddress.ip_network(v.strip(), strict=False)) for v in given)
 
 
 def request_guards(args: argparse.Namespace, accounts, local_user: str):
@@ -61,6 +63,9 @@ def request_guards(args: argparse.Namespace, accounts, local_user: str):
     allow = trusted_proxies(args.trusted_proxy)
     if allow is not None:  # read by the uvicorn.Config that gradio's launch makes
         os.environ["FORWARDED_ALLOW_IPS"] = allow
+    # Said once at start: whose X-Forwarded-For names the client (the login throttle's address).
+    trusted = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+    log.info("X-Forwarded-For is read from %s", trusted or "no one (--trusted-proxy none)")
     middleware = [] if accounts is not None else [Middleware(LoopbackHostOnly)]
     middleware += [Middleware(SameOriginOnly), Middleware(BodyLimit)]
     # Page loads in single file, inside the session guard (whose redirects and login page

@@ -215,7 +215,7 @@ def read_tables(store: str | os.PathLike, columns: list[str] | None = None) -> l
 
 
 def read_events(store: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """Every event in the store (votes and retracts), unordered; `columns`: only these."""
+    """Every event in the store (votes, retracts and flag events), unordered; `columns`: only these."""
     tables = read_tables(store, columns)
     return (
         concat(tables)

@@ -173,7 +173,7 @@ def _read(target: str, fields: list[str] | None) -> pa.Table:
 
 
 def read_events(target: str, columns: list[str] | None = None) -> pa.Table:
-    """Every event in the database (votes and retracts), unordered, with SCHEMA;
+    """Every event in the database (votes, retracts and flag events), unordered, with SCHEMA;
     `columns`: only these (the others are never sent by the server)."""
     return _read(target, columns)
 
