@@ -132,6 +132,9 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
 .cut-note { margin-top: 8px; font-size: 0.85em; color: var(--body-text-color-subdued); font-style: italic; }
 .empty { color: var(--body-text-color-subdued); font-style: italic; }
 #vote-row button { font-size: 1.05em; min-height: 48px; }
+/* serve --rubric: the criteria wrap in one compact row above the vote bar. */
+#rubric { flex-wrap: wrap; gap: 6px; }
+#rubric .criterion { flex: 1 1 160px; }
 /* The vote bar sticks to the bottom of the window when the answers are taller than it
    (a long prompt, a phone): both answers' buttons are always one tap away. */
 #vote-row { position: sticky; bottom: 0; z-index: 5; background: var(--body-background-fill);
@@ -165,6 +168,7 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
   #vote-row button { min-width: 0 !important; min-height: 44px; font-size: 1em; padding: 4px 6px; }
   #vote-details { flex-direction: column; }
   #vote-details > * { min-width: 0 !important; width: 100%; }
+  #rubric .criterion { min-width: 0 !important; flex-basis: 100%; }
   /* Plots side by side in a row (Dashboard, Train) take a row each: gradio's 160 px
      minimum (an inline style) would put two 180 px plots with cut titles side by side. */
   .row > .block:has(.vega-embed) { min-width: 100% !important; }
