@@ -279,6 +279,22 @@ def rubric_from_args(args) -> Rubric | None:
     return load_rubric(args.rubric) if getattr(args, "rubric", None) else None
 
 
+def by_criterion(votes, name: str):
+    """(votes, report line) for `export --criterion NAME`; RubricInputError when NAME is
+    no criterion name, is a scale, or no vote judged it."""
+    if not CRITERION_NAME.fullmatch(name or "") or name == FLAGS_KEY:
+        raise RubricInputError(f"--criterion: {str(name)[:40]!r} is not a criterion name")
+    judged = criterion_choices(votes, name)
+    if judged.num_rows == 0:
+        kinds = {type(json.loads(t).get(name)).__name__ for t in votes["criteria"].drop_null().to_pylist()}
+        if "dict" in kinds:
+            raise RubricInputError(
+                f"--criterion {name}: a scale criterion; a preference dataset needs a pairwise one"
+            )
+        raise RubricInputError(f"--criterion {name}: no standing vote judged it")
+    return judged, f"criterion {name}: judged in {judged.num_rows} of {votes.num_rows} votes"
+
+
 def criterion_choices(votes, name: str):
     """The standing votes with `choice` replaced by pairwise criterion `name`'s judgment
     (canonical a/b/tie) and strength dropped; votes without it are left out. What the

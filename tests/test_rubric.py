@@ -293,3 +293,65 @@ def test_a_database_at_migration_2_gets_criteria_and_preflab_vote_stores_them(pg
     (stored,) = read_comparisons(pg_url).to_pylist()
     left, right = stored["left"], "b" if stored["left"] == "a" else "a"
     assert json.loads(stored["criteria"]) == {"helpful": left, "clarity": {left: 1, right: 4}}
+
+
+# ---- export --criterion ------------------------------------------------------------------
+
+
+def criterion_votes():
+    """Three votes whose overall choice and `helpful` judgment differ, a tie on helpful,
+    one vote without criteria, one with only a scale."""
+    return [
+        vote_record("Q1?", "one", "uno", choice="a", strength=2, criteria='{"helpful": "b"}', annotator="x"),
+        vote_record(
+            "Q2?", "two", "dos", choice="b", criteria='{"helpful": "a", "honest": "b"}', annotator="x"
+        ),
+        vote_record("Q3?", "three", "tres", choice="a", criteria='{"helpful": "tie"}', annotator="x"),
+        vote_record("Q4?", "four", "cuatro", choice="a", annotator="x"),
+        vote_record(
+            "Q5?", "five", "cinco", choice="a", criteria='{"clarity": {"a": 3, "b": 4}}', annotator="x"
+        ),
+    ]
+
+
+def load_dataset_file(path):
+    from datasets import load_dataset
+
+    kind = "parquet" if str(path).endswith(".parquet") else "json"
+    return load_dataset(kind, data_files=str(path), split="train", cache_dir=str(path.parent / "hf-cache"))
+
+
+@pytest.mark.parametrize("ext", ["parquet", "jsonl"])
+def test_export_criterion_is_a_preference_dataset_by_that_criterion(target, tmp_path, ext):
+    write_store(target, criterion_votes())
+    out = tmp_path / f"helpful.{ext}"
+    result = preflab("export", "--data", target, "--out", out, "--criterion", "helpful", "--ties", "separate")
+    assert result.returncode == 0, result.stderr
+    assert "criterion helpful: judged in 3 of 5 votes" in result.stdout
+    rows = load_dataset_file(out).to_list()
+    assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in rows) == [
+        ("Q1?", "uno", "one"),  # the overall vote said "one"; helpfulness says "uno"
+        ("Q2?", "two", "dos"),
+    ]
+    (tie,) = load_dataset_file(tmp_path / f"helpful.ties.{ext}").to_list()
+    assert (tie["prompt"], tie["label"]) == ("Q3?", "tie")
+
+    honest = tmp_path / f"honest.{ext}"
+    assert preflab("export", "--data", target, "--out", honest, "--criterion", "honest").returncode == 0
+    assert [(r["chosen"], r["rejected"]) for r in load_dataset_file(honest).to_list()] == [("dos", "two")]
+
+
+def test_export_criterion_refuses_what_cannot_be_a_preference(tmp_path):
+    store = tmp_path / "store"
+    write_store(store, criterion_votes())
+    out = tmp_path / "x.parquet"
+    for args, message in [
+        (["--criterion", "clarity"], "a scale criterion"),
+        (["--criterion", "kindness"], "no standing vote judged it"),
+        (["--criterion", "Bad Name"], "is not a criterion name"),
+        (["--criterion", "helpful", "--margin"], "--margin comes from the overall vote"),
+        (["--criterion", "helpful", "--format", "records"], "--criterion does not apply"),
+    ]:
+        result = preflab("export", "--data", store, "--out", out, *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+    assert not out.exists()
