@@ -334,6 +334,9 @@ class Service:
         tables = {f"by_{by}": _clean(stats.votes_by(votes, by).to_dict(orient="records")) for by in stats.BY}
         tables["kappa"] = _clean(stats.cohens_kappa(votes).to_dict(orient="records"))
         tables["choices"] = outcomes_as_shown(votes)
+        from annotate.rubric_agreement import criterion_agreement
+
+        tables["criteria"] = criterion_agreement(votes, self.rubric)  # [] without rubric judgments
         return {"summary": _clean(summary), "queue": self.queue.overview(), "tables": tables}
 
     def export(

@@ -65,6 +65,14 @@ def test_a_rubric_file_loads_with_its_criteria_and_flags(tmp_path):
     assert rubric.criteria[0].help == "Which answer does more of what was asked?"
 
 
+def test_the_shipped_example_rubric_loads():
+    from pathlib import Path
+
+    rubric = load_rubric(Path(__file__).resolve().parent.parent / "data" / "rubric.toml")
+    assert [c.name for c in rubric.criteria] == ["helpful", "harmless", "honest", "clarity"]
+    assert [f.name for f in rubric.flags] == ["unsafe", "factually_wrong", "off_topic"]
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -355,3 +363,40 @@ def test_export_criterion_refuses_what_cannot_be_a_preference(tmp_path):
         result = preflab("export", "--data", store, "--out", out, *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
     assert not out.exists()
+
+
+# ---- the Dashboard's per-criterion agreement -----------------------------------------------
+
+
+def test_the_dashboard_gives_agreement_per_criterion(target, tmp_path):
+    records = []
+    for i, (helpful, clarity) in enumerate([("a", (5, 1)), ("b", (2, 4)), ("a", (4, 3)), ("b", (1, 2))]):
+        for who in ("ann", "ben"):
+            judged = {"helpful": helpful, "clarity": {"a": clarity[0], "b": clarity[1]}}
+            # honest: ann and ben never agree
+            judged["honest"] = {"ann": "a", "ben": "b"}[who] if i % 2 else {"ann": "b", "ben": "tie"}[who]
+            if who == "ben" and i == 3:
+                judged["clarity"] = {"a": 2}  # one score: no implied preference, left out
+            records.append(
+                vote_record(f"Q{i}?", f"x{i}", f"y{i}", annotator=who, criteria=json.dumps(judged))
+            )
+    records.append(vote_record("Q9?", "p", "q", annotator="ann"))  # no judgments at all
+    write_store(target, records)
+    with open_store(target) as store:
+        service = Service(
+            store, AssignmentQueue(), data=target, local_user="me", rubric=load_rubric(rubric_file(tmp_path))
+        )
+        rows = {r["criterion"]: r for r in service.dashboard("me")["tables"]["criteria"]}
+    assert list(rows) == ["helpful", "honest", "clarity"]  # the rubric's order
+    assert rows["helpful"] == {
+        "criterion": "helpful",
+        "kind": "pairwise",
+        "judged": 8,
+        "shared_pairs": 4,
+        "agreement": 1.0,
+        "mean_kappa": 1.0,
+        "alpha": 1.0,
+    }
+    assert rows["honest"]["agreement"] == 0.0 and rows["honest"]["alpha"] < 0
+    assert rows["clarity"]["kind"] == "scale" and rows["clarity"]["judged"] == 7
+    assert rows["clarity"]["shared_pairs"] == 3 and rows["clarity"]["agreement"] == 1.0
