@@ -301,8 +301,9 @@ class Service:
             "choice": shown,
             "strength": {1: "slightly", 2: "clearly"}.get(record.get("strength")),
             "rationale": record.get("rationale") or "",
-            "criteria": _shown_criteria(record),
         }
+        if record.get("criteria"):  # serve --rubric: the judgments come back too, as shown
+            view["undone"]["criteria"] = _shown_criteria(record)
         return view
 
     def _seen_gold_answer(self, record: dict[str, Any]) -> bool:
