@@ -113,13 +113,6 @@ class Rubric:
     def criterion(self, name: str) -> Criterion | None:
         return next((c for c in self.criteria if c.name == name), None)
 
-    def describe(self) -> dict[str, Any]:
-        """JSON-able: what the page and API callers need to know."""
-        return {
-            "criteria": [c.__dict__.copy() for c in self.criteria],
-            "flags": [f.__dict__.copy() for f in self.flags],
-        }
-
     def check(self, shown: dict[str, Any] | None) -> dict[str, Any]:
         """The judgments as sent (left/right terms), checked and with empties dropped;
         RubricInputError names the first criterion that is wrong or missing."""

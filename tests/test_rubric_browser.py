@@ -54,12 +54,16 @@ def test_criteria_on_the_page_and_the_api(tmp_path, browser):
 
         page = login(browser, server.url, "ann")
         page.wait_for_selector("#criterion-helpful", timeout=20_000)
-        assert "More helpful (required)" in page.inner_text("#rubric")
+        assert "More helpful (required) [q / w / e]" in page.inner_text("#rubric")
         left_text = page.inner_text("#answer-left")
         page.locator("#vote-left").click()  # the required criterion is missing
         page.wait_for_selector("text=More helpful is required", timeout=15_000)
         assert [v["annotator"] for v in stored(store)] == ["bob"]
-        page.locator("#criterion-helpful").get_by_text("A", exact=True).click()
+        page.locator("#answer-left").click()  # off any field: the keys act on the page
+        page.keyboard.press("w")  # the first pairwise criterion's B ...
+        assert page.locator("#criterion-helpful input:checked").get_attribute("value") == "right"
+        page.keyboard.press("q")  # ... and A, by key
+        assert page.locator("#criterion-helpful input:checked").get_attribute("value") == "left"
         page.locator("#criterion-clarity-left").get_by_text("4", exact=True).click()
         page.locator("#criterion-clarity-right").get_by_text("2", exact=True).click()
         page.locator("#flags-right").get_by_text("Unsafe", exact=True).click()

@@ -9,7 +9,8 @@ progress bar of the Annotate tab, the waiting spinner, and the narrow-screen lay
 that scroll sideways in their own box instead of running past the screen's edge).
 """
 
-# Keyboard shortcuts: 1-4, s, u click the buttons with these element ids. Keys typed in
+# Keyboard shortcuts: 1-4, s, u click the buttons with these element ids; q/w/e and z/x/c
+# pick A/B/tie of the first two pairwise rubric criteria. Keys typed in
 # a text field are text (radio buttons are not text fields: pick a strength, then press
 # 1). Escape leaves the rationale box, so the keys work again without the mouse.
 KEYS_JS = """
@@ -26,7 +27,19 @@ KEYS_JS = """
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && typing(e.target)) { e.target.blur(); return; }
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || typing(e.target)) return;
-    const id = KEYS[e.key.toLowerCase()];
+    const key = e.key.toLowerCase();
+    // serve --rubric: the first two pairwise criteria take q/w/e and z/x/c for A/B/tie
+    // (annotate/web/rubric_panel.py gives them the class keys-qwe / keys-zxc).
+    for (const row of ["qwe", "zxc"]) {
+      const at = row.indexOf(key);
+      if (at < 0) continue;
+      const radio = document.querySelectorAll(`.keys-${row} input[type=radio]`)[at];
+      if (!radio || radio.offsetParent === null) return;
+      e.preventDefault();
+      radio.click();
+      return;
+    }
+    const id = KEYS[key];
     if (!id) return;
     const el = document.getElementById(id);
     const button = el && (el.tagName === "BUTTON" ? el : el.querySelector("button"));

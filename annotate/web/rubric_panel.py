@@ -7,7 +7,8 @@ per-answer flags, above the vote bar, so that the overall vote is the last click
     panel.values(shown) / panel.cleared()       # what render() puts back (undo) or clears
 
 A pairwise criterion is a radio A / B / Tie (values "left", "right", "tie": the terms of
-the screen, as for the overall choice); a scale is a 1-5 radio for each answer; the flags
+the screen, as for the overall choice), the first two with keys q/w/e and z/x/c (shown in
+their labels; annotate/web/assets.py); a scale is a 1-5 radio for each answer; the flags
 are a checkbox group for each answer. Required ones say so in their label; the service
 enforces them (annotate/service.py), the page only shows. Labels and help are plain text
 checked at load (annotate/rubric.py) and gradio renders them as text, not HTML.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 SCORES = ["1", "2", "3", "4", "5"]
+KEY_ROWS = ("qwe", "zxc")  # A / B / tie of the first two pairwise criteria
 
 
 class RubricPanel:
@@ -29,10 +31,14 @@ class RubricPanel:
         self.components: list[Any] = []
         if rubric is None:
             return
+        keys = iter(KEY_ROWS)
         with gr.Row(elem_id="rubric", equal_height=False):
             for c in rubric.criteria:
                 label = c.label + (" (required)" if c.required else "")
                 if c.kind == "pairwise":
+                    row = next(keys, None)  # the first two get keys (annotate/web/assets.py)
+                    if row:
+                        label += f" [{' / '.join(row)}]"
                     self._add(
                         c.name,
                         None,
@@ -42,7 +48,7 @@ class RubricPanel:
                             label=label,
                             info=c.help or None,
                             elem_id=f"criterion-{c.name}",
-                            elem_classes=["criterion"],
+                            elem_classes=["criterion", *([f"keys-{row}"] if row else [])],
                             min_width=160,
                         ),
                     )
