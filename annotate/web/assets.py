@@ -31,7 +31,7 @@ KEYS_JS = """
     // serve --rubric: the first two pairwise criteria take q/w/e and z/x/c for A/B/tie
     // (annotate/web/rubric_panel.py gives them the class keys-qwe / keys-zxc).
     for (const row of ["qwe", "zxc"]) {
-      const at = row.indexOf(key);
+      const at = key.length === 1 ? row.indexOf(key) : -1;
       if (at < 0) continue;
       const radio = document.querySelectorAll(`.keys-${row} input[type=radio]`)[at];
       if (!radio || radio.offsetParent === null) return;
