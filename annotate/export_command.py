@@ -94,6 +94,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="keep only pairs where either side's model is one of these (repeatable)",
     )
     p.add_argument(
+        "--criterion",
+        metavar="NAME",
+        default=None,
+        help="a preference dataset for one pairwise rubric criterion (serve --rubric): chosen and "
+        "rejected by that criterion's judgment instead of the overall vote; its ties are handled as "
+        "--ties says; votes that did not judge it are left out",
+    )
+    p.add_argument(
         "--include-flagged",
         action="store_true",
         help="keep the votes of annotators whose flag an admin confirmed (by default they are left "
@@ -146,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
                     ("--margin", args.margin),
                     ("--ties separate", args.ties == "separate"),
                     ("--aggregate majority", args.aggregate == "majority"),
+                    ("--criterion", args.criterion is not None),
                 )
                 if given
             ]
@@ -154,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
                     f"--format records writes the votes as stored; "
                     f"{', '.join(not_for_records)} does not apply to it"
                 )
+        if args.criterion is not None and args.margin:
+            raise ValueError("--margin comes from the overall vote's strength; a criterion has none")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -162,6 +173,11 @@ def run(args: argparse.Namespace) -> int:
     votes = drop_confirmed(args, read_comparisons(args.data))
     if args.format == RECORDS:
         return run_records(args, votes, t0)
+    if args.criterion is not None:
+        from annotate.rubric import by_criterion
+
+        votes, line = by_criterion(votes, args.criterion)  # RubricInputError: exit 2
+        print(line)
     pairs, ties_table, report = export_preferences(
         votes,
         format=args.format,

@@ -27,7 +27,7 @@ import signal
 import threading
 from pathlib import Path
 
-from annotate import gold
+from annotate import gold, rubric
 from annotate.sessions import DEFAULT_IDLE_S
 from trainer.errors import PreflabError
 from trainer.prompts import DEFAULT_PROMPTS
@@ -169,6 +169,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "each vote records how its pair was chosen in gen_params['selection']",
     )
     gold.add_arguments(p)
+    rubric.add_arguments(p)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -368,6 +369,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     )
     accounts, guidelines = _accounts_and_guidelines(args)
     gold_items = gold.gold_items(args)  # a bad gold file stops us before the store is opened or created
+    criteria = rubric.rubric_from_args(args)  # so does a bad rubric (RubricError)
     state_dir, votes, cursor = _open_store(args, opened)
     shared = is_database(args.data)
     queue = AssignmentQueue(overlap=args.overlap, shared=opened.store if shared else None)
@@ -390,6 +392,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         accounts=accounts,
         local_user=args.user or _login_name(),
         generator=generator,
+        rubric=criteria,
     )
     scorer = getattr(sampler, "scorer", None)  # serve --reward-model may lie outside --runs
     reviewer = Reviewer(

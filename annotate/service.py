@@ -62,6 +62,7 @@ class Service:
         accounts: Accounts | None = None,
         local_user: str = "local",
         generator: Generator | None = None,
+        rubric=None,
     ):
         self.store = store
         self.queue = queue
@@ -69,6 +70,7 @@ class Service:
         self.accounts = accounts
         self.local_user = local_user
         self.generator = generator  # with --model: why there is no pair yet
+        self.rubric = rubric  # annotate.rubric.Rubric with --rubric: criteria beside the vote
 
     # ---- who is asking ---------------------------------------------------------------
 
@@ -153,8 +155,17 @@ class Service:
     # ---- acting on a pair ------------------------------------------------------------
 
     def vote(
-        self, user: str, pair_id: str, choice: str, strength: str = "", rationale: str = ""
+        self,
+        user: str,
+        pair_id: str,
+        choice: str,
+        strength: str = "",
+        rationale: str = "",
+        criteria: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """`criteria`: the rubric's judgments as shown (annotate/rubric.py), checked before
+        anything else happens: a missing required one is refused, nothing stored."""
+        judged = self._check_criteria(criteria)
         if choice not in SHOWN_CHOICES:
             raise BadRequest(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {str(choice)[:40]!r}")
         strength = (strength or "").strip().lower()
@@ -192,6 +203,7 @@ class Service:
             "rationale": (rationale or "").strip() or None,
             "annotator": user,
             "decision_ms": max(0, min(decision_ms, 2**31 - 1)),
+            "criteria": self.rubric.to_record(judged, a.left) if judged else None,
         }
         try:
             stored = self.queue.record_vote(a, record, self.store)  # durable when it returns
@@ -228,6 +240,20 @@ class Service:
             ack["gold"] = feedback
         nxt, problem = self._next(user)
         return self._view(user, nxt, ack=ack, message="Saved." + (f" {problem}" if problem else ""))
+
+    def _check_criteria(self, criteria: dict[str, Any] | None) -> dict[str, Any]:
+        from annotate.rubric import RubricInputError
+
+        if self.rubric is None:
+            if criteria:
+                raise BadRequest("criteria: this server has no rubric (serve --rubric FILE)")
+            return {}
+        if criteria is not None and not isinstance(criteria, dict):
+            raise BadRequest("criteria must be a JSON object of criterion -> judgment")
+        try:
+            return self.rubric.check(criteria)
+        except RubricInputError as e:
+            raise BadRequest(str(e)) from None
 
     def skip(self, user: str, pair_id: str) -> dict[str, Any]:
         skipped = self.queue.skip(user, pair_id)
@@ -276,6 +302,8 @@ class Service:
             "strength": {1: "slightly", 2: "clearly"}.get(record.get("strength")),
             "rationale": record.get("rationale") or "",
         }
+        if record.get("criteria"):  # serve --rubric: the judgments come back too, as shown
+            view["undone"]["criteria"] = _shown_criteria(record)
         return view
 
     def _seen_gold_answer(self, record: dict[str, Any]) -> bool:
@@ -307,6 +335,9 @@ class Service:
         tables = {f"by_{by}": _clean(stats.votes_by(votes, by).to_dict(orient="records")) for by in stats.BY}
         tables["kappa"] = _clean(stats.cohens_kappa(votes).to_dict(orient="records"))
         tables["choices"] = outcomes_as_shown(votes)
+        from annotate.rubric_agreement import criterion_agreement
+
+        tables["criteria"] = criterion_agreement(votes, self.rubric)  # [] without rubric judgments
         return {"summary": _clean(summary), "queue": self.queue.overview(), "tables": tables}
 
     def export(
@@ -346,6 +377,12 @@ class Service:
             files.append(str(write_table(ties_table, ties_path_for(out))))
         flagged = [f"{dropped} votes of confirmed-flagged annotators left out"] if dropped else []
         return files, " · ".join(report.lines() + flagged)
+
+
+def _shown_criteria(record: dict[str, Any]) -> dict[str, Any]:
+    from annotate.rubric import Rubric
+
+    return Rubric.to_shown(record.get("criteria"), record["left"])
 
 
 def outcomes_as_shown(votes) -> list[dict[str, Any]]:

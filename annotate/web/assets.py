@@ -9,7 +9,8 @@ progress bar of the Annotate tab, the waiting spinner, and the narrow-screen lay
 that scroll sideways in their own box instead of running past the screen's edge).
 """
 
-# Keyboard shortcuts: 1-4, s, u click the buttons with these element ids. Keys typed in
+# Keyboard shortcuts: 1-4, s, u click the buttons with these element ids; q/w/e and z/x/c
+# pick A/B/tie of the first two pairwise rubric criteria. Keys typed in
 # a text field are text (radio buttons are not text fields: pick a strength, then press
 # 1). Escape leaves the rationale box, so the keys work again without the mouse.
 KEYS_JS = """
@@ -26,7 +27,19 @@ KEYS_JS = """
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && typing(e.target)) { e.target.blur(); return; }
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || typing(e.target)) return;
-    const id = KEYS[e.key.toLowerCase()];
+    const key = e.key.toLowerCase();
+    // serve --rubric: the first two pairwise criteria take q/w/e and z/x/c for A/B/tie
+    // (annotate/web/rubric_panel.py gives them the class keys-qwe / keys-zxc).
+    for (const row of ["qwe", "zxc"]) {
+      const at = key.length === 1 ? row.indexOf(key) : -1;
+      if (at < 0) continue;
+      const radio = document.querySelectorAll(`.keys-${row} input[type=radio]`)[at];
+      if (!radio || radio.offsetParent === null) return;
+      e.preventDefault();
+      radio.click();
+      return;
+    }
+    const id = KEYS[key];
     if (!id) return;
     const el = document.getElementById(id);
     const button = el && (el.tagName === "BUTTON" ? el : el.querySelector("button"));
@@ -132,6 +145,9 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
 .cut-note { margin-top: 8px; font-size: 0.85em; color: var(--body-text-color-subdued); font-style: italic; }
 .empty { color: var(--body-text-color-subdued); font-style: italic; }
 #vote-row button { font-size: 1.05em; min-height: 48px; }
+/* serve --rubric: the criteria wrap in one compact row above the vote bar. */
+#rubric { flex-wrap: wrap; gap: 6px; }
+#rubric .criterion { flex: 1 1 160px; }
 /* The vote bar sticks to the bottom of the window when the answers are taller than it
    (a long prompt, a phone): both answers' buttons are always one tap away. */
 #vote-row { position: sticky; bottom: 0; z-index: 5; background: var(--body-background-fill);
@@ -165,6 +181,7 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
   #vote-row button { min-width: 0 !important; min-height: 44px; font-size: 1em; padding: 4px 6px; }
   #vote-details { flex-direction: column; }
   #vote-details > * { min-width: 0 !important; width: 100%; }
+  #rubric .criterion { min-width: 0 !important; flex-basis: 100%; }
   /* Plots side by side in a row (Dashboard, Train) take a row each: gradio's 160 px
      minimum (an inline style) would put two 180 px plots with cut titles side by side. */
   .row > .block:has(.vega-embed) { min-width: 100% !important; }

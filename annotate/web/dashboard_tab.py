@@ -23,6 +23,7 @@ from annotate.web.html import escape, metric_card, pct
 # rows still has its columns and a number column that came back as None is NaN again.
 BY_COLUMNS = ("votes", "ties", "both_bad", "tie_rate", "both_bad_rate", "left_share", "median_decision_ms")
 KAPPA_COLUMNS = ("annotator_1", "annotator_2", "n_shared", "agreement", "kappa", "note")
+CRITERIA_COLUMNS = ("criterion", "kind", "judged", "shared_pairs", "agreement", "mean_kappa", "alpha")
 CHOICE_COLUMNS = ("choice", "share", "votes")
 FLOAT_COLUMNS = (
     "tie_rate",
@@ -32,6 +33,8 @@ FLOAT_COLUMNS = (
     "agreement",
     "kappa",
     "share",
+    "mean_kappa",
+    "alpha",
 )
 COUNT_COLUMNS = ("votes", "ties", "both_bad", "n_shared")
 
@@ -173,6 +176,12 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         t_kappa = gr.Dataframe(
             label="Agreement: Cohen's kappa per annotator pair (shared pairs only)", interactive=False
         )
+        t_criteria = gr.Dataframe(
+            label="Agreement per rubric criterion (scales as the preference their scores imply)",
+            interactive=False,
+            elem_id="criteria-agreement",
+            visible=getattr(service, "rubric", None) is not None,
+        )
         build_annotator_panel(tab, ctx, guard)  # gold checks and flags: annotate/web/annotator_panel.py
         with gr.Accordion("Export a preference dataset (TRL / datasets)", open=True):
             with gr.Row():
@@ -213,6 +222,7 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
             by_annotator.assign(median_s=by_annotator["median_decision_ms"] / 1000),
             annotator_table(by_annotator),
             kappa_table(kappa),
+            frame(tables.get("criteria", []), CRITERIA_COLUMNS),
         )
 
     def on_export(format, ties, aggregate, filetype, margin, request: gr.Request):
@@ -235,6 +245,7 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         p_time,
         t_annotators,
         t_kappa,
+        t_criteria,
     ]
     admin_kw = dict(api_visibility="private", concurrency_limit=2, concurrency_id="admin")
     tab.select(on_dashboard, None, dash_outputs, **admin_kw)

@@ -15,7 +15,9 @@ API, for scripts and load tests (gradio_client, logged in with auth=(user, passw
     client.predict(api_name="/next")  -> {"pair": {"pair_id", "prompt", "left", "right", "left_cut", "right_cut"},
                                           "progress", ...}   (*_cut: the token limit stopped that answer)
     client.predict(pair_id, "left" | "right" | "tie" | "both_bad", "slightly" | "clearly" | "",
-                   "rationale", api_name="/vote")   -> {"ack": {"event_id", ...}, "pair": next pair, ...}
+                   "rationale", criteria, api_name="/vote")   -> {"ack": {"event_id", ...}, "pair": next pair, ...}
+        (criteria: serve --rubric's judgments as shown, {"helpful": "left", "clarity": {"left": 4,
+        "right": 2}, "flags": {"right": ["unsafe"]}}, or None)
     client.predict(pair_id, api_name="/skip"); client.predict(api_name="/undo")
     client.predict(api_name="/dashboard")            (admins; /export too, from the Dashboard tab:
         report, [{"name", "url"}]; GET urljoin(client.src, url) with client.cookies: annotate/web/downloads.py)
@@ -34,6 +36,7 @@ from annotate.web.assets import CSS, HEAD_HTML
 from annotate.web.guard import Guard
 from annotate.web.html import escape, render_markdown, render_prompt
 from annotate.web.request_limits import MAX_UPLOAD_BYTES
+from annotate.web.rubric_panel import RubricPanel
 
 CHOICE_WORDS = {"left": "A is better", "right": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 KEYS = (("1", "A"), ("2", "B"), ("3", "tie"), ("4", "both bad"), ("s", "skip"), ("u", "undo"))
@@ -200,6 +203,9 @@ def _build_annotate_tab(ctx, guard) -> dict[str, Any]:
             with gr.Row(equal_height=True, elem_id="answers-row"):
                 c["left"] = gr.HTML(elem_id="answer-left", js_on_load=None)
                 c["right"] = gr.HTML(elem_id="answer-right", js_on_load=None)
+            c["rubric"] = RubricPanel(
+                getattr(ctx.service, "rubric", None)
+            )  # serve --rubric: criteria, then the vote
             with gr.Row(elem_id="vote-row"):
                 c["b_left"] = gr.Button("A is better  [1]", elem_id="vote-left", variant="primary")
                 c["b_right"] = gr.Button("B is better  [2]", elem_id="vote-right", variant="primary")
@@ -234,6 +240,7 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
 
     service = ctx.service
     logout = service.accounts is not None
+    panel = c["rubric"]
     shown = gr.State(None)  # pair_id on screen: a vote names it, so a stale tab cannot vote blind
     ui_outputs = [
         shown,
@@ -248,13 +255,23 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
         c["rationale"],
         timer,
         c["b_skip"],
+        *panel.components,
     ]
 
     def render(
-        view: dict[str, Any], role: str, *, keep_inputs: bool = False, strength_value=None, rationale_value=""
+        view: dict[str, Any],
+        role: str,
+        *,
+        keep_inputs: bool = False,
+        strength_value=None,
+        rationale_value="",
+        criteria_value=None,
     ):
         pair = view["pair"]
-        inputs = (gr.skip(), gr.skip()) if keep_inputs else (strength_value, rationale_value)
+        if keep_inputs:
+            inputs, judged = (gr.skip(), gr.skip()), [gr.skip()] * len(panel.components)
+        else:
+            inputs, judged = (strength_value, rationale_value), panel.values(criteria_value)
         return (
             pair["pair_id"] if pair else None,
             topbar_html(view, role=role, logout=logout),
@@ -273,6 +290,7 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
             # poll once a second while there is nothing to show but more may come
             gr.Timer(active=pair is None and view["waiting"]["state"] not in ("done", "failed")),
             gr.Button(visible=pair is not None),
+            *judged,
         )
 
     def on_load(request: gr.Request):
@@ -281,12 +299,20 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
             return render(service.next(user), role)
 
     def on_vote(choice):
-        def handler(pair_id, strength_value, rationale_value, request: gr.Request):
+        def handler(values: dict, request: gr.Request):
             user, role = guard.user(request)
+            pair_id = values[shown]
             with guard.errors():  # bad input from an API caller is the caller's error
                 if not pair_id:
                     return render(service.next(user), role, keep_inputs=True)
-                view = service.vote(user, pair_id, choice, strength_value or "", rationale_value or "")
+                view = service.vote(
+                    user,
+                    pair_id,
+                    choice,
+                    values[c["strength"]] or "",
+                    values[c["rationale"]] or "",
+                    criteria=panel.judgments(values),
+                )
             # a stale vote keeps what was typed, so nothing is lost
             return render(view, role, keep_inputs=not view["ok"])
 
@@ -303,8 +329,14 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
         with guard.errors():
             view = service.undo(user)
         undone = view.get("undone")
-        if undone:  # the pair comes back with the strength and rationale it had
-            return render(view, role, strength_value=undone["strength"], rationale_value=undone["rationale"])
+        if undone:  # the pair comes back with the strength, rationale and judgments it had
+            return render(
+                view,
+                role,
+                strength_value=undone["strength"],
+                rationale_value=undone["rationale"],
+                criteria_value=undone.get("criteria"),
+            )
         return render(view, role, keep_inputs=True)
 
     def on_tick(pair_id, request: gr.Request):
@@ -323,7 +355,7 @@ def _wire_annotate_tab(demo, ctx, guard: Guard, c: dict[str, Any], topbar, timer
         on_load, None, ui_outputs, show_progress="hidden", api_visibility="private", concurrency_limit=None
     )
     for button, choice in (("b_left", "left"), ("b_right", "right"), ("b_tie", "tie"), ("b_bad", "both_bad")):
-        c[button].click(on_vote(choice), [shown, c["strength"], c["rationale"]], **ui)
+        c[button].click(on_vote(choice), {shown, c["strength"], c["rationale"], *panel.components}, **ui)
     c["b_skip"].click(on_skip, [shown], **ui)
     c["b_undo"].click(on_undo, None, **ui)
     timer.tick(on_tick, [shown], **ui)
@@ -342,13 +374,20 @@ def _register_api(ctx, guard: Guard) -> None:
             return service.next(user)
 
     def vote(
-        pair_id: str, choice: str, strength: str = "", rationale: str = "", request: gr.Request = None
+        pair_id: str,
+        choice: str,
+        strength: str = "",
+        rationale: str = "",
+        criteria: dict | None = None,
+        request: gr.Request = None,
     ) -> dict:
         """Vote on the pair you hold: choice is left, right, tie or both_bad (as shown);
-        strength slightly, clearly or empty. Returns the acknowledgement and your next pair."""
+        strength slightly, clearly or empty; criteria the rubric's judgments (serve --rubric),
+        as shown: {criterion: left|right|tie, scale: {"left": 1-5, "right": 1-5},
+        "flags": {"left": [...], "right": [...]}}. Returns the acknowledgement and your next pair."""
         user, _ = guard.user(request)
         with guard.errors():
-            return service.vote(user, pair_id, choice, strength, rationale)
+            return service.vote(user, pair_id, choice, strength, rationale, criteria=criteria or None)
 
     def skip(pair_id: str, request: gr.Request = None) -> dict:
         """Give the pair back; returns your next pair."""

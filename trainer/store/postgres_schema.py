@@ -12,7 +12,7 @@ Never edit an entry once released; append a new one.
 
 The tables:
 * events       one row per record (docs/design.md's fields, the same names and types;
-               version 2 added subject and detail, and flag events), plus
+               version 2 added subject, detail and criteria, and flag events), plus
                `seq` (insertion order) and `txid` (the writing transaction, which lets
                `changes_since` hand each event out exactly once; see postgres.py).
 * pair_slots   one row per pair that was ever claimed: the row the shared assignment
@@ -190,6 +190,49 @@ MIGRATIONS: list[list[str]] = [
             CHECK (kind IN ('vote', 'retract', 'flag', 'flag_confirm', 'flag_clear'))""",
         # Reading the flags must not scan every vote: they are few.
         "CREATE INDEX events_flags ON events (subject) WHERE subject IS NOT NULL",
+    ],
+    # 3: record schema version 2's `criteria` (a vote's rubric judgments, annotate/rubric.py),
+    # additive and nullable; preflab_vote learns to store it (and the version-2 columns,
+    # which a vote leaves null today).
+    [
+        "ALTER TABLE events ADD COLUMN criteria text",
+        """CREATE OR REPLACE FUNCTION preflab_vote(p_event jsonb, p_want integer) RETURNS boolean
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            v_pair text := p_event->>'pair_id';
+            v_who  text := p_event->>'annotator';
+            voters text[];
+            leased text[];
+        BEGIN
+            PERFORM preflab_lock_pair(v_pair);
+            IF EXISTS (SELECT 1 FROM events WHERE event_id = p_event->>'event_id') THEN
+                RETURN false;
+            END IF;
+            SELECT s.voters, s.leased INTO voters, leased FROM preflab_pair_state(v_pair, v_who) s;
+            IF v_who = ANY(voters) THEN
+                RAISE EXCEPTION USING ERRCODE = 'PF409',
+                    MESSAGE = format('%s already has a standing vote on %s', v_who, v_pair);
+            END IF;
+            -- With a live lease of their own the slot is theirs and only standing votes
+            -- can fill the pair; without one, the others' live leases hold slots too.
+            IF cardinality(voters) + (CASE WHEN v_who = ANY(leased) THEN 0 ELSE cardinality(leased) END) >= p_want THEN
+                RAISE EXCEPTION USING ERRCODE = 'PF409',
+                    MESSAGE = format('%s already has the %s votes it wants', v_pair, p_want);
+            END IF;
+            INSERT INTO events (schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a,
+                                response_b, model_a, model_b, "left", choice, strength, rationale, annotator,
+                                created_at, decision_ms, gen_params, subject, detail, criteria)
+            SELECT schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a,
+                   response_b, model_a, model_b, "left", choice, strength, rationale, annotator,
+                   created_at, decision_ms, gen_params, subject, detail, criteria
+            FROM jsonb_populate_record(NULL::events, p_event)
+            ON CONFLICT (event_id) DO NOTHING;   -- a plain append() of the same event got there first
+            IF NOT FOUND THEN
+                RETURN false;
+            END IF;
+            DELETE FROM leases WHERE pair_id = v_pair AND annotator = v_who;
+            RETURN true;
+        END $$""",
     ],
 ]
 

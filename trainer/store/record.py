@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +23,9 @@ import pyarrow.compute as pc
 from trainer.errors import PreflabError
 
 # Version 2 (additive): the flag events of annotator review (kinds FLAG_KINDS, fields
-# `subject` and `detail`). Version-1 records stay valid as they are, on disk and in a
-# database: a reader fills the new fields with null, and `validate_record` accepts both.
+# `subject` and `detail`), and a vote's rubric judgments (field `criteria`). Version-1
+# records stay valid as they are, on disk and in a database: a reader fills the new
+# fields with null, and `validate_record` accepts both.
 SCHEMA_VERSION = 2
 VERSIONS = (1, 2)
 
@@ -56,6 +58,7 @@ SCHEMA = pa.schema(
         # version 2
         pa.field("subject", pa.string()),
         pa.field("detail", pa.string()),
+        pa.field("criteria", pa.string()),
     ]
 )
 FIELDS = SCHEMA.names
@@ -106,7 +109,9 @@ def pair_id_for(prompt_json: str, response_a: str, response_b: str) -> str:
 
 _STRING_FIELDS_REQUIRED = ("event_id", "annotator")
 _PAIR_STRINGS = PAIR_FIELDS[:-1]  # `left` is checked on its own
-_STRING_FIELDS_OPTIONAL = ("retracts", "rationale", "gen_params", "subject", "detail")
+_STRING_FIELDS_OPTIONAL = ("retracts", "rationale", "gen_params", "subject", "detail", "criteria")
+# The fields version 2 added: a version-1 record carries none of them.
+_V2_FIELDS = ("subject", "detail", "criteria")
 # Required of every event whatever its kind (the pair fields only of votes and retracts).
 _ALWAYS_REQUIRED = ("schema_version", "event_id", "kind", "annotator", "created_at")
 
@@ -167,8 +172,8 @@ def validate_record(record: dict[str, Any], where: str = "") -> dict[str, Any]:
             _check_flag_event(r)
             r["created_at"] = to_micros(r["created_at"])
             return r
-        if version == 1 and (r["subject"] is not None or r["detail"] is not None):
-            field_name = "subject" if r["subject"] is not None else "detail"
+        if version == 1 and any(r[f] is not None for f in _V2_FIELDS):
+            field_name = next(f for f in _V2_FIELDS if r[f] is not None)
             raise RecordError(field_name, "is a schema version 2 field; a version-1 record cannot carry it")
         for f in _PAIR_STRINGS:
             # An empty response is a legitimate (bad) model answer; empty ids are not.
@@ -185,11 +190,14 @@ def validate_record(record: dict[str, Any], where: str = "") -> dict[str, Any]:
                 raise RecordError("retracts", "a retract event must name the event_id it cancels")
             if r["choice"] is not None:
                 raise RecordError("choice", "must be null on a retract event")
+            if r["criteria"] is not None:
+                raise RecordError("criteria", "must be null on a retract event")
         else:
             if r["retracts"] is not None:
                 raise RecordError("retracts", "only a retract event may name one")
             if r["choice"] not in CHOICES:
                 raise RecordError("choice", f"must be one of {CHOICES}, got {r['choice']!r}")
+            check_criteria(r["criteria"])
         s = r["strength"]
         if s is not None:
             if isinstance(s, bool) or not isinstance(s, int) or s not in (1, 2):
@@ -219,7 +227,7 @@ def _check_flag_event(r: dict[str, Any]) -> None:
         raise RecordError("kind", f"{r['kind']!r} needs schema version 2, got {r['schema_version']}")
     if not isinstance(r["subject"], str) or not r["subject"]:
         raise RecordError("subject", f"a {r['kind']} event must name the annotator it is about")
-    for f in (*PAIR_FIELDS, "retracts", "choice", "strength", "decision_ms", "gen_params"):
+    for f in (*PAIR_FIELDS, "retracts", "choice", "strength", "decision_ms", "gen_params", "criteria"):
         if r[f] is not None:
             raise RecordError(f, f"must be null on a {r['kind']} event (it is about a person, not a pair)")
     _check_detail(r)
@@ -233,6 +241,59 @@ def _check_detail(r: dict[str, Any]) -> None:
             raise RecordError("detail", f"not valid JSON ({e.msg})") from None
         if not isinstance(detail, dict):
             raise RecordError("detail", "must be a JSON object")
+
+
+# A vote's rubric judgments (`criteria`, version 2; the rubric itself is annotate/rubric.py's):
+# a JSON object, in the record's canonical a/b terms, of criterion name -> "a" | "b" |
+# "tie" (a pairwise criterion) or {"a": 1-5, "b": 1-5} (a scale, either side may be
+# absent), and under the reserved key "flags" {"a": [flag names], "b": [...]}. The store
+# knows no rubric: it checks the shape, the server checks the names and what is required.
+CRITERION_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+FLAGS_KEY = "flags"
+PAIRWISE_VALUES = ("a", "b", "tie")
+SCALE_VALUES = range(1, 6)
+
+
+def check_criteria(text: str | None) -> dict[str, Any] | None:
+    """The parsed `criteria` field (None for null), or RecordError naming what is wrong."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError("criteria", f"not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict) or not value:
+        raise RecordError("criteria", "must be a non-empty JSON object (null when there are no judgments)")
+    for name, judgment in value.items():
+        if not CRITERION_NAME.fullmatch(name):
+            raise RecordError(
+                "criteria", f"{name[:40]!r} is not a criterion name ([a-z][a-z0-9_]*, 32 at most)"
+            )
+        if name == FLAGS_KEY:
+            _check_flags(judgment)
+        elif isinstance(judgment, str):
+            if judgment not in PAIRWISE_VALUES:
+                raise RecordError("criteria", f"{name}: must be 'a', 'b' or 'tie', got {judgment[:20]!r}")
+        elif isinstance(judgment, dict) and judgment and set(judgment) <= set(SIDES):
+            for side, score in judgment.items():
+                if isinstance(score, bool) or not isinstance(score, int) or score not in SCALE_VALUES:
+                    raise RecordError(
+                        "criteria", f"{name}.{side}: a scale judgment is an integer 1-5, got {score!r:.20}"
+                    )
+        else:
+            raise RecordError("criteria", f"{name}: must be 'a' | 'b' | 'tie' or {{\"a\": 1-5, \"b\": 1-5}}")
+    return value
+
+
+def _check_flags(flags: Any) -> None:
+    if not isinstance(flags, dict) or not set(flags) <= set(SIDES):
+        raise RecordError("criteria", 'flags: must be an object {"a": [names], "b": [names]}')
+    for side, names in flags.items():
+        if not isinstance(names, list) or len(set(map(str, names))) != len(names):
+            raise RecordError("criteria", f"flags.{side}: must be a list of distinct flag names")
+        for n in names:
+            if not isinstance(n, str) or not CRITERION_NAME.fullmatch(n):
+                raise RecordError("criteria", f"flags.{side}: {str(n)[:40]!r} is not a flag name")
 
 
 def complete_record(record: dict[str, Any]) -> dict[str, Any]:
