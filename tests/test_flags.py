@@ -110,7 +110,10 @@ def test_a_flag_event_is_about_a_person_and_version_1_records_still_validate():
     with pytest.raises(RecordError, match="field 'subject'"):
         validate_record({**vote_record(), "subject": "bob"})
     with pytest.raises(RecordError, match="field 'detail': must be a JSON object"):
-        validate_record(complete_record({**vote_record(), "detail": "[1]"}))
+        validate_record(complete_record(flag(detail="[1]")))
+    # A vote carries no detail (its judgments are `criteria`): PostgreSQL would not keep one.
+    with pytest.raises(RecordError, match="field 'detail': only a flag event carries one, not a vote"):
+        validate_record(complete_record({**vote_record(), "detail": "{}"}))
     with pytest.raises(RecordError, match="field 'pair_id': missing"):
         validate_record(complete_record({**vote_record(), "pair_id": None}))
 

@@ -181,9 +181,12 @@ def validate_record(record: dict[str, Any], where: str = "") -> dict[str, Any]:
                 raise RecordError(f, f"must be a non-empty string, got {r[f]!r:.60}")
         if r["left"] not in SIDES:
             raise RecordError("left", f"must be 'a' or 'b', got {r['left']!r}")
-        if r["subject"] is not None:
-            raise RecordError("subject", f"only a flag event names one, not a {r['kind']}")
-        _check_detail(r)
+        for f in (
+            "subject",
+            "detail",
+        ):  # a vote's judgments are in `criteria`; PostgreSQL keeps no detail of one
+            if r[f] is not None:
+                raise RecordError(f, f"only a flag event carries one, not a {r['kind']}")
         _check_messages(r["prompt"])
         if r["kind"] == "retract":
             if not r["retracts"]:
