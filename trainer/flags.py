@@ -48,6 +48,8 @@ RULE_AUTHOR = "rule:gold"
 STATES = {"flag": "flagged", "flag_confirm": "confirmed", "flag_clear": "cleared"}
 # The columns a flag event needs; reading only these skips every vote's text.
 FLAG_COLUMNS = ["event_id", "kind", "subject", "annotator", "created_at", "detail", "rationale"]
+# What `confirmed_flags` needs: every vote is read too, and these skip its rationale.
+DECISION_COLUMNS = ["event_id", "kind", "subject", "created_at"]
 # What a command's switch and a page's checkbox say (one name everywhere: --include-flagged).
 INCLUDE_FLAGGED_HELP = (
     "keep the votes of annotators whose flag an admin confirmed (by default they are left out; "
@@ -100,8 +102,9 @@ def flag_states(events) -> dict[str, dict[str, Any]]:
 
 def confirmed_flags(events) -> set[str]:
     """The annotators whose latest flag event is an admin's confirmation: the ones whose
-    votes are left out downstream by default."""
-    return {name for name, s in flag_states(events).items() if s["state"] == "confirmed"}
+    votes are left out downstream by default. Needs only DECISION_COLUMNS of the events."""
+    latest = {e["subject"]: e["kind"] for e in flag_events(events)}  # oldest first: the last wins
+    return {name for name, kind in latest.items() if kind == "flag_confirm"}
 
 
 def without_confirmed(votes: pa.Table, excluded: set[str]) -> tuple[pa.Table, int]:
@@ -160,11 +163,11 @@ def read_counted_votes(
     admin confirmed, unless `include_flagged`. Returns (votes, FlagExclusion); the flags
     are read from the store, now. A store that cannot be read raises what
     `read_comparisons` raises (StoreError, FileNotFoundError for a missing directory)."""
-    from trainer.store import read_comparisons
+    from trainer.store import read_comparisons, read_events
 
     wanted = None if columns is None else list(dict.fromkeys([*columns, "annotator"]))
     votes = read_comparisons(target, columns=wanted)
-    excluded = confirmed_flags(read_flag_events(target)) if votes.num_rows else set()
+    excluded = confirmed_flags(read_events(target, DECISION_COLUMNS)) if votes.num_rows else set()
     kept, dropped = without_confirmed(votes, excluded)
     exclusion = FlagExclusion(tuple(sorted(excluded)), dropped, include_flagged)
     out = votes if include_flagged else kept
