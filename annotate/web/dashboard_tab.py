@@ -156,10 +156,15 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         counts = dict(y_axis_format="d", height=260)  # y_lim comes with the data
         with gr.Row():
             d_refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
-            d_flagged_on = gr.Checkbox(
-                label=INCLUDE_FLAGGED_LABEL, value=False, elem_id="dash-include-flagged", scale=0
-            )
             d_updated = gr.Markdown()
+        with gr.Row():  # a row of its own: beside Refresh it squeezed "Updated" on a phone
+            d_flagged_on = gr.Checkbox(
+                label=INCLUDE_FLAGGED_LABEL,
+                value=False,
+                elem_id="dash-include-flagged",
+                scale=0,
+                min_width=320,
+            )
         d_flagged = gr.HTML(js_on_load=None, elem_id="dash-flagged-box")
         d_metrics = gr.HTML(js_on_load=None)
         with gr.Row():
