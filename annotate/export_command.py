@@ -34,6 +34,7 @@ from annotate.table_files import (
     ties_path_for,
     write_table,
 )
+from trainer.flags import INCLUDE_FLAGGED_HELP
 from trainer.store import DATA_HELP
 
 RECORDS = "records"  # --format records: the votes as stored, every field
@@ -104,25 +105,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--include-flagged",
         action="store_true",
-        help="keep the votes of annotators whose flag an admin confirmed (by default they are left "
-        "out: exclude-flagged; trainer/flags.py)",
+        help=INCLUDE_FLAGGED_HELP,
     )
 
 
-def drop_confirmed(args: argparse.Namespace, votes: pa.Table) -> pa.Table:
-    """The votes without those of confirmed-flagged annotators (unless --include-flagged),
-    saying on stdout whom it left out."""
-    from trainer.flags import confirmed_flags, read_flag_events, without_confirmed
+def counted_votes(args: argparse.Namespace) -> pa.Table:
+    """The standing votes without those of confirmed-flagged annotators (unless
+    --include-flagged: trainer/flags.py), saying on stdout what it did about them."""
+    from trainer.flags import read_counted_votes
 
-    if args.include_flagged:
-        return votes
-    excluded = confirmed_flags(read_flag_events(args.data))
-    votes, dropped = without_confirmed(votes, excluded)
-    if excluded:
-        print(
-            f"flagged   {dropped} votes of {len(excluded)} confirmed-flagged annotators left out "
-            f"({', '.join(sorted(excluded))}); --include-flagged keeps them"
-        )
+    votes, exclusion = read_counted_votes(args.data, include_flagged=args.include_flagged)
+    if exclusion.annotators:
+        print(f"flagged   {exclusion.note()}")
     return votes
 
 
@@ -142,7 +136,7 @@ def run_records(args: argparse.Namespace, votes: pa.Table, t0: float) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.store import describe, read_comparisons
+    from trainer.store import describe
 
     t0 = time.perf_counter()
     try:
@@ -170,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # A store problem (missing, unreadable, database down) is a StoreError: annotate/cli.py
     # prints it as one line and exits 2.
-    votes = drop_confirmed(args, read_comparisons(args.data))
+    votes = counted_votes(args)
     if args.format == RECORDS:
         return run_records(args, votes, t0)
     if args.criterion is not None:

@@ -6,14 +6,18 @@ from the human votes, with 95% bootstrap intervals, on an Elo-like scale.
     preflab leaderboard --data comparisons --json --runs runs   # machine-readable, with policy evals
     preflab leaderboard --data postgresql://me@db:5432/votes    # a PostgreSQL store, the same
     preflab leaderboard --data comparisons --style-control      # length and markdown held equal
+    preflab leaderboard --data comparisons --include-flagged    # confirmed-flagged annotators' votes too
 
 The leaderboard of a store, for the command line and for the Leaderboard tab of
 `preflab serve` (annotate/web/leaderboard_tab.py renders `standings`, its API returns
 `leaderboard_json`): the ratings are annotate/ratings.py's (on annotate/bradley_terry.py's
 fit), the style-controlled ones annotate/style_control.py's, the policy evaluations
-annotate/policy_evals.py's. Bad settings and votes that
-cannot rank anything raise LeaderboardError, which annotate/cli.py prints as
-`error: ...` (exit 2).
+annotate/policy_evals.py's. The votes are trainer/flags.py's `read_counted_votes`: the
+votes of annotators whose flag an admin confirmed are left out of the ratings and of the
+policy evaluations' human win rate unless `include_flagged` (`--include-flagged`, the
+tab's checkbox, the API's `include_flagged`), and every output says how many were.
+Bad settings and votes that cannot rank anything raise LeaderboardError, which
+annotate/cli.py prints as `error: ...` (exit 2).
 """
 
 from __future__ import annotations
@@ -29,7 +33,20 @@ from annotate.bradley_terry import BOTH_BAD_MODES, VOTE_COLUMNS, battles_from_vo
 from annotate.policy_evals import evals_table, policy_evals
 from annotate.ratings import LeaderboardError, leaderboard
 from annotate.style_control import STYLE_COLUMNS, style_leaderboard
+from trainer.flags import INCLUDE_FLAGGED_HELP, PAGE_SWITCH, FlagExclusion, read_counted_votes
 from trainer.store import DATA_HELP
+
+
+def read_votes(data: str | os.PathLike, style_control: bool, include_flagged: bool):
+    """(the votes a board counts, FlagExclusion): only the columns the fit needs."""
+    columns = STYLE_COLUMNS if style_control else VOTE_COLUMNS
+    return read_counted_votes(data, columns, include_flagged=include_flagged)
+
+
+def flagged_json(exclusion: FlagExclusion, switch: str) -> dict[str, Any]:
+    """What a board's JSON says about confirmed-flagged annotators (FlagExclusion.to_dict
+    and its note, "" when nobody is confirmed)."""
+    return {**exclusion.to_dict(), "note": exclusion.note(switch)}
 
 
 def standings(
@@ -40,10 +57,13 @@ def standings(
     rounds: int = 100,
     seed: int = 0,
     style_control: bool = False,
+    include_flagged: bool = False,
 ) -> dict[str, Any]:
     """The leaderboard of the store `data` as the page shows it: {"ok", "error", "message",
     "models", "board" (a ratings.Leaderboard, or None), "evals" (policy_evals, or None),
-    "style" (a style_control.StyleControl, or None)}. With style_control the board is the
+    "style" (a style_control.StyleControl, or None), "flagged" (flagged_json; None when
+    the store could not be read)}. Confirmed-flagged annotators' votes are left out
+    unless include_flagged; `message` starts with how many were. With style_control the board is the
     style-controlled one (the answers are read too), and "style" holds it with the
     plain board and the coefficients.
     A store that cannot be read gives ok False, error True; votes that rank nothing yet
@@ -51,10 +71,10 @@ def standings(
     reason is `message`, never an exception: the tab says it where the table would be,
     in red only for an error. An anchor that is no longer among the models falls back to
     the mean, with a note."""
-    from trainer.store import StoreError, read_comparisons
+    from trainer.store import StoreError
 
     try:
-        votes = read_comparisons(data, columns=STYLE_COLUMNS if style_control else VOTE_COLUMNS)
+        votes, exclusion = read_votes(data, style_control, include_flagged)
     except StoreError as e:  # e.g. the database is down: said on the tab, like the CLI says it
         return {
             "ok": False,
@@ -64,12 +84,14 @@ def standings(
             "board": None,
             "evals": None,
             "style": None,
+            "flagged": None,
         }
+    flagged = flagged_json(exclusion, PAGE_SWITCH)
     evals = policy_evals(runs_dir, votes)
     battles = battles_from_votes(votes)
-    note = ""
+    note = flagged["note"] + ". " if flagged["note"] else ""
     if anchor is not None and anchor not in battles.models:
-        note = f"The anchor {anchor} has no votes now; the mean of the models is 1000 instead. "
+        note += f"The anchor {anchor} has no votes now; the mean of the models is 1000 instead. "
         anchor = None
     style = None
     try:
@@ -83,11 +105,12 @@ def standings(
         return {
             "ok": False,
             "error": False,  # not enough votes to rank yet: a state, not a failure
-            "message": str(e),
+            "message": note + str(e),
             "models": battles.models,
             "board": None,
             "evals": evals,
             "style": None,
+            "flagged": flagged,
         }
     notes = [*style.notes(), *board.notes()] if style else board.notes()
     message = note + " · ".join([*notes, board.scale_note()])
@@ -99,6 +122,7 @@ def standings(
         "board": board,
         "evals": evals,
         "style": style,
+        "flagged": flagged,
     }
 
 
@@ -107,14 +131,14 @@ def leaderboard_json(
     runs_dir: str | os.PathLike,
     anchor: str | None = None,
     style_control: bool = False,
+    include_flagged: bool = False,
 ) -> dict:
     """Ratings, 95% intervals, ranks, win-rate matrix, vote counts and policy evaluations,
     JSON-able (the /leaderboard API); with style_control also "style_control" (the
-    style-controlled board and its coefficients, StyleControl.to_dict). StoreError /
-    LeaderboardError propagate."""
-    from trainer.store import read_comparisons
-
-    votes = read_comparisons(data, columns=STYLE_COLUMNS if style_control else VOTE_COLUMNS)
+    style-controlled board and its coefficients, StyleControl.to_dict); "excluded_flagged"
+    says whose votes were left out (unless include_flagged) or kept (flagged_json).
+    StoreError / LeaderboardError propagate."""
+    votes, exclusion = read_votes(data, style_control, include_flagged)
     if style_control:
         style = style_leaderboard(votes, anchor=anchor, workers=1)  # in the server, as standings
         out = style.plain.to_dict()
@@ -122,6 +146,7 @@ def leaderboard_json(
     else:
         out = leaderboard(votes, anchor=anchor).to_dict()
     out["policy_evals"] = policy_evals(runs_dir, votes)
+    out["excluded_flagged"] = flagged_json(exclusion, "include_flagged")
     return out
 
 
@@ -162,6 +187,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "two answers as covariates) and print how much each of those sways the votes; reads the "
         "answers' text as well",
     )
+    p.add_argument("--include-flagged", action="store_true", help=INCLUDE_FLAGGED_HELP)
     p.add_argument(
         "--json",
         action="store_true",
@@ -177,14 +203,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.store import describe, read_comparisons
+    from trainer.store import describe
 
     if args.rounds < 0:
         raise LeaderboardError(f"--rounds must be 0 or more, got {args.rounds}")
     t0 = time.perf_counter()
     # A store problem (missing, unreadable, database down) is a StoreError, and a
     # LeaderboardError the votes' verdict: annotate/cli.py prints either as one line.
-    votes = read_comparisons(args.data, columns=STYLE_COLUMNS if args.style_control else VOTE_COLUMNS)
+    votes, exclusion = read_votes(args.data, args.style_control, args.include_flagged)
+    flagged = flagged_json(exclusion, "--include-flagged")
     read_s = time.perf_counter() - t0
     settings = dict(anchor=args.anchor, rounds=args.rounds, seed=args.seed, both_bad=args.both_bad)
     style = None
@@ -195,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             board = leaderboard(votes, **settings)
     except LeaderboardError as e:
-        raise LeaderboardError(f"{describe(args.data)}: {e}") from None
+        also = f" ({flagged['note']})" if flagged["note"] else ""
+        raise LeaderboardError(f"{describe(args.data)}: {e}{also}") from None
     board.timings = {"read": read_s, **board.timings}
     evals = policy_evals(args.runs, votes) if args.runs else None
     if args.json:
@@ -204,8 +232,11 @@ def run(args: argparse.Namespace) -> int:
             out["style_control"] = style.to_dict()
         if evals is not None:
             out["policy_evals"] = evals
+        out["excluded_flagged"] = flagged
         print(json.dumps(out, ensure_ascii=False))
         return 0
+    if flagged["note"]:
+        print(flagged["note"])
     if style is not None:
         # The style-controlled ranking is what was asked for; the plain rating is a column.
         for line in [*style.notes(), *board.notes()]:

@@ -20,6 +20,9 @@
 * `Reviewer`: what the Review tab (annotate/web/review_tab.py) runs, without gradio.
   Scoring is a background job per reward run (the page polls its progress); a reloaded
   page finds the job, or its result, where it was.
+* The votes are trainer/flags.py's `read_counted_votes`: those of annotators whose flag
+  an admin confirmed are left out (not scored, never a disagreement to send back) unless
+  the job is started with `include_flagged`; the job's message says how many were.
 
 Nothing heavy at import: torch loads with the first model.
 """
@@ -38,6 +41,7 @@ from typing import Any
 
 from annotate.scoring import content_key, items_from_votes, scorer_for
 from trainer.errors import PreflabError
+from trainer.flags import PAGE_SWITCH, FlagExclusion, read_counted_votes
 from trainer.runs import RunDirError, reward_model_path, reward_runs
 
 log = logging.getLogger("preflab.review")
@@ -155,8 +159,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 class Job:
     """Scoring the store's votes with one reward run, in a thread."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, include_flagged: bool = False):
         self.run_id = run_id
+        self.include_flagged = include_flagged
+        self.flagged: dict[str, Any] | None = None  # FlagExclusion.to_dict of its read, with "note"
         self.lock = threading.Lock()
         self.state = "starting"  # starting | loading | scoring | done | failed
         self.done = self.total = 0
@@ -183,6 +189,8 @@ class Job:
                 "new": self.new,
                 "rows": self.rows,
                 "seconds": round((self.finished or time.time()) - self.started, 1),
+                "include_flagged": self.include_flagged,
+                "flagged": self.flagged,
             }
 
     @property
@@ -233,16 +241,18 @@ class Reviewer:
         reward_model_path(self.runs_dir / run_id)
         raise ReviewError(f"{run_id}: no such reward run under {self.runs_dir}")
 
-    def start(self, run_id: str) -> dict[str, Any]:
+    def start(self, run_id: str, include_flagged: bool = False) -> dict[str, Any]:
         """Score the store's current votes with this run (only pairs not scored before go
-        through the model). A job already running for the run is joined, not repeated."""
+        through the model), without confirmed-flagged annotators' votes unless
+        `include_flagged`. A job already running for the run is joined, not repeated
+        (its view's include_flagged says which votes it reads)."""
         path = self._path(run_id)
         with self._lock:
             job = self._jobs.get(run_id)
             if job is not None and job.running:
                 return job.view()
             previous = job
-            job = self._jobs[run_id] = Job(run_id)
+            job = self._jobs[run_id] = Job(run_id, include_flagged)
             if previous is not None and previous.rows is not None:
                 job.rows = previous.rows  # the old table stays on screen meanwhile
             job.thread = threading.Thread(
@@ -263,18 +273,26 @@ class Reviewer:
             job.thread.join(timeout)
         return job.view()
 
-    def read_votes(self) -> list[dict[str, Any]]:
-        from trainer.store import read_comparisons, store_exists
+    def read_votes(self, include_flagged: bool = False) -> list[dict[str, Any]]:
+        """The votes a review looks at, as records (`read_counted`)."""
+        return self.read_counted(include_flagged)[0]
+
+    def read_counted(self, include_flagged: bool = False) -> tuple[list[dict[str, Any]], FlagExclusion]:
+        """(the standing votes as records, less confirmed-flagged annotators' unless
+        include_flagged; what was done about those: trainer.flags.FlagExclusion)."""
+        from trainer.store import store_exists
 
         if not store_exists(self.data):
-            return []
-        table = read_comparisons(self.data, columns=list(VOTE_COLUMNS))
-        return table.select(list(VOTE_COLUMNS)).to_pylist()
+            return [], FlagExclusion()
+        table, exclusion = read_counted_votes(self.data, list(VOTE_COLUMNS), include_flagged=include_flagged)
+        return table.to_pylist(), exclusion
 
     def _work(self, job: Job, path: Path) -> None:
         try:
             job.update(state="loading", message="reading the votes")
-            votes = self.read_votes()
+            votes, exclusion = self.read_counted(job.include_flagged)
+            note = exclusion.note(PAGE_SWITCH)
+            job.update(flagged={**exclusion.to_dict(), "note": note})
             items = items_from_votes(votes)
             job.update(message=f"loading the reward model {job.run_id}")
             scorer = scorer_for(path, self.device)
@@ -299,7 +317,8 @@ class Reviewer:
                 done=todo,
                 total=todo,
                 finished=time.time(),
-                message=f"{len(rows)} votes on {len(items)} pairs; {todo} pairs newly scored",
+                message=f"{len(rows)} votes on {len(items)} pairs; {todo} pairs newly scored"
+                + (f"; {note}" if note else ""),
             )
         except Exception as e:
             log.exception("review scoring with %s failed", job.run_id)

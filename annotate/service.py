@@ -30,6 +30,7 @@ from annotate.pair_generator import Generator
 from annotate.pairs import MAX_NAME_CHARS
 from annotate.queue import Assignment, AssignmentQueue, StaleVote
 from trainer.errors import PreflabError
+from trainer.flags import PAGE_SWITCH
 from trainer.rows import text_problem
 from trainer.store.errors import StoreError, StoreWriteError, VoteConflict
 
@@ -320,14 +321,17 @@ class Service:
 
     # ---- admins ----------------------------------------------------------------------
 
-    def dashboard(self, user: str) -> dict[str, Any]:
-        """Every number of the dashboard (admins): {"summary", "queue", "tables"}, tables
-        as lists of records, all JSON-able (NaN is None)."""
+    def dashboard(self, user: str, include_flagged: bool = False) -> dict[str, Any]:
+        """Every number of the dashboard (admins): {"summary", "queue", "tables",
+        "excluded_flagged"}, tables as lists of records, all JSON-able (NaN is None). The
+        votes of confirmed-flagged annotators are left out unless `include_flagged`
+        (trainer/flags.py); "excluded_flagged" says what was done about them
+        (FlagExclusion.to_dict, with its "note")."""
         from annotate import stats
-        from trainer.store import read_comparisons
+        from trainer.flags import read_counted_votes
 
         self._require_admin(user)
-        votes = read_comparisons(self.data)
+        votes, exclusion = read_counted_votes(self.data, include_flagged=include_flagged)
         summary = stats.summary(votes)
         for key in ("first_vote", "last_vote"):
             if summary[key] is not None:
@@ -338,7 +342,13 @@ class Service:
         from annotate.rubric_agreement import criterion_agreement
 
         tables["criteria"] = criterion_agreement(votes, self.rubric)  # [] without rubric judgments
-        return {"summary": _clean(summary), "queue": self.queue.overview(), "tables": tables}
+        flagged = {**exclusion.to_dict(), "note": exclusion.note(PAGE_SWITCH)}  # "" if nobody is
+        return {
+            "summary": _clean(summary),
+            "queue": self.queue.overview(),
+            "tables": tables,
+            "excluded_flagged": flagged,
+        }
 
     def export(
         self,
@@ -356,17 +366,12 @@ class Service:
         Confirmed-flagged annotators' votes are left out unless `include_flagged`."""
         from annotate.export import export_preferences
         from annotate.table_files import ties_path_for, write_table
-        from trainer.store import read_comparisons
+        from trainer.flags import read_counted_votes
 
         self._require_admin(user)
         if filetype not in EXPORT_FILETYPES:
             raise BadRequest(f"filetype must be parquet or jsonl, got {filetype!r}")
-        votes = read_comparisons(self.data)
-        dropped = 0
-        if not include_flagged:
-            from trainer.flags import confirmed_flags, read_flag_events, without_confirmed
-
-            votes, dropped = without_confirmed(votes, confirmed_flags(read_flag_events(self.data)))
+        votes, exclusion = read_counted_votes(self.data, include_flagged=include_flagged)
         pairs, ties_table, report = export_preferences(
             votes, format=format, margin=margin, ties=ties, aggregate=aggregate
         )
@@ -375,7 +380,7 @@ class Service:
         files = [str(write_table(pairs, out))]
         if ties_table is not None:
             files.append(str(write_table(ties_table, ties_path_for(out))))
-        flagged = [f"{dropped} votes of confirmed-flagged annotators left out"] if dropped else []
+        flagged = [exclusion.note(PAGE_SWITCH)] if exclusion.annotators else []
         return files, " · ".join(report.lines() + flagged)
 
 

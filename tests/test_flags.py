@@ -288,7 +288,10 @@ def test_export_and_reward_data_leave_out_confirmed_annotators_by_default(tmp_pa
     out = tmp_path / "records.jsonl"
     result = preflab("export", "--data", target, "--out", str(out), "--format", "records")
     assert result.returncode == 0, result.stderr
-    assert "10 votes of 1 confirmed-flagged annotators left out (mallory)" in result.stdout
+    assert (
+        "flagged   10 votes of 1 confirmed-flagged annotator left out (mallory); "
+        "--include-flagged keeps them" in result.stdout
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 10 and {r["annotator"] for r in rows} == {"ann"}
     result = preflab(
@@ -296,6 +299,7 @@ def test_export_and_reward_data_leave_out_confirmed_annotators_by_default(tmp_pa
     )
     assert result.returncode == 0, result.stderr
     assert len(out.read_text().splitlines()) == 20
+    assert "10 votes of 1 confirmed-flagged annotator included (mallory; --include-flagged)" in result.stdout
 
     pairs = read_pairs(target)
     assert len(pairs) == 10 and pairs.summary["excluded_flagged"] == {"annotators": ["mallory"], "votes": 10}
@@ -317,6 +321,7 @@ def test_the_dashboard_export_leaves_out_confirmed_annotators_too(tmp_path):
         service = Service(store, AssignmentQueue(), data=data, local_user="boss")
         files, report = service.export("boss", tmp_path, format="standard")
         assert pq.read_table(files[0]).num_rows == 10
-        assert "10 votes of confirmed-flagged annotators left out" in report
+        assert "10 votes of 1 confirmed-flagged annotator left out (mallory)" in report
         files, report = service.export("boss", tmp_path, format="standard", include_flagged=True)
-        assert pq.read_table(files[0]).num_rows == 20 and "flagged" not in report
+        assert pq.read_table(files[0]).num_rows == 20
+        assert "10 votes of 1 confirmed-flagged annotator included (mallory" in report

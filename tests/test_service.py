@@ -128,7 +128,14 @@ def test_dashboard_numbers_from_a_few_votes_are_json(setup):
             view = service.vote(user, view["pair"]["pair_id"], choice)
     d = service.dashboard("me")
     assert json.loads(json.dumps(d, allow_nan=False)) == d  # JSON-able: no NaN, no numpy, no frames
-    assert set(d) == {"summary", "queue", "tables"}
+    assert set(d) == {"summary", "queue", "tables", "excluded_flagged"}
+    assert d["excluded_flagged"] == {
+        "annotators": [],
+        "votes": 0,
+        "included": False,
+        "dropped": 0,
+        "note": "",
+    }
     assert d["summary"]["votes"] == 5 and d["summary"]["annotators"] == 2
     assert d["queue"]["overlap"] == 2 and d["queue"]["pairs"] == 4
     by_annotator = {r["annotator"]: r for r in d["tables"]["by_annotator"]}

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from trainer.errors import PreflabError
-from trainer.store import describe, is_database, messages_to_json, read_comparisons
+from trainer.store import describe, is_database, messages_to_json
 
 TIE_MODES = ("exclude", "include")
 NEEDED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -334,15 +334,12 @@ WEIGHT_COLUMNS = ["pair_id", "annotator", "created_at", "gen_params"]
 
 def _store_votes(target, columns: list[str], exclude_flagged: bool) -> tuple[Any, list[str], int]:
     """(standing votes, the confirmed-flagged annotators left out, their votes dropped)."""
-    from trainer.flags import confirmed_flags, read_flag_events, without_confirmed
+    from trainer.flags import read_counted_votes
 
-    wanted = list(dict.fromkeys(columns + (["annotator"] if exclude_flagged else [])))
-    votes = read_comparisons(str(target), columns=wanted)
+    votes, exclusion = read_counted_votes(str(target), columns, include_flagged=not exclude_flagged)
     if not exclude_flagged:
         return votes, [], 0
-    excluded = confirmed_flags(read_flag_events(str(target)))
-    votes, dropped = without_confirmed(votes, excluded)
-    return votes, sorted(excluded), dropped
+    return votes, list(exclusion.annotators), exclusion.dropped
 
 
 def read_pairs(

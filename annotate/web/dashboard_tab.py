@@ -7,7 +7,11 @@ the cards, plots and tables of the page. The export writes into this server's pr
 export folder and hands out download links of `ctx.exports` (annotate/web/downloads.py:
 admins only, never through gradio's file cache); it is also the `/export` API
 endpoint, which returns (report, [{"name", "url"}]). The tab is hidden and shown on
-load for admins; every handler checks the role again.
+load for admins; every handler checks the role again. The numbers and the export leave
+out the votes of annotators whose flag an admin confirmed unless the tab's
+"Include confirmed-flagged annotators' votes" box is ticked (trainer/flags.py; the
+gold-check panel lists everyone, as it decides the flags), and a line under the
+Refresh button says how many were left out.
 """
 
 # No `from __future__ import annotations` here: gradio reads the handlers' type hints
@@ -18,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from annotate.web.html import escape, metric_card, pct
+from trainer.flags import INCLUDE_FLAGGED_LABEL
 
 # The columns of the dashboard's tables (annotate/stats.py), so that a table without
 # rows still has its columns and a number column that came back as None is NaN again.
@@ -122,6 +127,15 @@ def kappa_table(kappa):
     )
 
 
+def flagged_html(flagged: dict[str, Any]) -> str:
+    """The line that says whose votes the numbers leave out (or keep); empty when no
+    annotator's flag is confirmed."""
+    if not flagged["note"]:
+        return ""
+    state = "included" if flagged["included"] else "excluded"
+    return f'<p class="flagged-note" id="dash-flagged" data-state="{state}">{escape(flagged["note"])}.</p>'
+
+
 def links_html(links: list[dict[str, str]] | None) -> str:
     """The download links of one export (annotate/web/downloads.py); the urls are
     relative, so they work under a proxy's path too."""
@@ -146,6 +160,15 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         with gr.Row():
             d_refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
             d_updated = gr.Markdown()
+        with gr.Row():  # a row of its own: beside Refresh it squeezed "Updated" on a phone
+            d_flagged_on = gr.Checkbox(
+                label=INCLUDE_FLAGGED_LABEL,
+                value=False,
+                elem_id="dash-include-flagged",
+                scale=0,
+                min_width=320,
+            )
+        d_flagged = gr.HTML(js_on_load=None, elem_id="dash-flagged-box")
         d_metrics = gr.HTML(js_on_load=None)
         with gr.Row():
             p_annotator = gr.BarPlot(
@@ -204,15 +227,16 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
     def on_load(request: gr.Request):
         return gr.Tab(visible=guard.is_admin(request))
 
-    def on_dashboard(request: gr.Request):
+    def on_dashboard(include_flagged, request: gr.Request):
         name = guard.admin(request)
         with guard.errors():
-            d = service.dashboard(name)
+            d = service.dashboard(name, include_flagged=bool(include_flagged))
         tables = d["tables"]
         by_annotator = frame(tables["by_annotator"], ("annotator", *BY_COLUMNS))
         kappa = frame(tables["kappa"], KAPPA_COLUMNS)
         return (
             f"Updated {datetime.now().strftime('%H:%M:%S')}",
+            flagged_html(d["excluded_flagged"]),
             metrics_html(d["summary"], d["queue"]),
             count_plot(by_annotator),
             count_plot(frame(tables["by_model"], ("model", *BY_COLUMNS))),
@@ -225,17 +249,27 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
             frame(tables.get("criteria", []), CRITERIA_COLUMNS),
         )
 
-    def on_export(format, ties, aggregate, filetype, margin, request: gr.Request):
+    def on_export(
+        format, ties, aggregate, filetype, margin, include_flagged=False, request: gr.Request = None
+    ):
         name = guard.admin(request)
         with guard.errors():
             files, report = service.export(
-                name, exports.folder, format, bool(margin), ties, aggregate, filetype
+                name,
+                exports.folder,
+                format,
+                bool(margin),
+                ties,
+                aggregate,
+                filetype,
+                include_flagged=bool(include_flagged),
             )
         return report, exports.publish(files)
 
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
     dash_outputs = [
         d_updated,
+        d_flagged,
         d_metrics,
         p_annotator,
         p_model,
@@ -248,13 +282,14 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         t_criteria,
     ]
     admin_kw = dict(api_visibility="private", concurrency_limit=2, concurrency_id="admin")
-    tab.select(on_dashboard, None, dash_outputs, **admin_kw)
-    d_refresh.click(on_dashboard, None, dash_outputs, **admin_kw)
+    tab.select(on_dashboard, [d_flagged_on], dash_outputs, **admin_kw)
+    d_refresh.click(on_dashboard, [d_flagged_on], dash_outputs, **admin_kw)
+    d_flagged_on.input(on_dashboard, [d_flagged_on], dash_outputs, **admin_kw)
     # API callers get the links as data and download them with their login cookies;
     # the page renders them in a second step.
     x_button.click(
         on_export,
-        [x_format, x_ties, x_aggregate, x_filetype, x_margin],
+        [x_format, x_ties, x_aggregate, x_filetype, x_margin, d_flagged_on],
         [x_report, x_files],
         api_name="export",
         concurrency_limit=2,

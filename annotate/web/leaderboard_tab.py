@@ -5,9 +5,13 @@
         build_leaderboard_tab(demo, ctx, guard)   # the tab, and gr.api /leaderboard
     view = page(data, runs_dir, anchor="smollm2")  # what the tab shows, as HTML, without gradio
     view = page(data, runs_dir, style_control=True)  # the style-controlled board and its coefficients
+    view = page(data, runs_dir, include_flagged=True)  # confirmed-flagged annotators' votes too
 
 The numbers come from `annotate.leaderboard` (read the store, fit, policy evaluations);
-this module only renders them and guards the handlers.
+this module only renders them and guards the handlers. The votes of annotators whose
+flag an admin confirmed are left out unless the "Include confirmed-flagged annotators'
+votes" box is ticked (the API's include_flagged; trainer/flags.py), and the status line
+says how many were.
 
 Admins only, like the Dashboard: annotators are blind judges and must not see which
 model is winning. The tab is hidden and shown by its own load event, and every handler
@@ -30,6 +34,7 @@ from annotate.web.leaderboard_html import (
     plot_svg,
     table_html,
 )
+from trainer.flags import INCLUDE_FLAGGED_LABEL
 
 MEAN_ANCHOR = "(mean of all models)"
 
@@ -41,12 +46,14 @@ def page(
     rounds: int = 100,
     seed: int = 0,
     style_control: bool = False,
+    include_flagged: bool = False,
 ) -> dict[str, Any]:
     """Everything the Leaderboard tab shows for the store `data` (a directory, or a
     postgresql:// URL): `annotate.leaderboard.standings` as HTML strings, the model names
     (for the anchor dropdown) and the anchor in use. With style_control the table and the
     plot are the style-controlled ratings (the table with the plain ones beside them) and
-    `style` the coefficients; without, `style` is empty."""
+    `style` the coefficients; without, `style` is empty. `flagged`: standings' "flagged"
+    (whose votes were left out or kept), also said at the start of `message`."""
     view = standings(
         data,
         runs_dir,
@@ -54,6 +61,7 @@ def page(
         rounds=rounds,
         seed=seed,
         style_control=style_control,
+        include_flagged=include_flagged,
     )
     board, style = view["board"], view["style"]
     return {
@@ -68,6 +76,7 @@ def page(
         "evals": evals_html(view["evals"]) if view["evals"] is not None else "",
         "style": coefficients_html(style) if style is not None else "",
         "board": board,
+        "flagged": view["flagged"],
     }
 
 
@@ -76,14 +85,25 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
     page's `gr.Tabs()`. Also an API endpoint, /leaderboard, with the numbers as JSON."""
     import gradio as gr
 
-    def leaderboard_api(anchor: str = "", style_control: bool = False, request: gr.Request = None) -> dict:
+    def leaderboard_api(
+        anchor: str = "",
+        style_control: bool = False,
+        include_flagged: bool = False,
+        request: gr.Request = None,
+    ) -> dict:
         """Ratings, 95% intervals, ranks, win-rate matrix and vote counts (admins only).
         anchor: the model rated 1000; empty for the mean of the models. style_control:
-        also the style-controlled ratings and the style coefficients."""
+        also the style-controlled ratings and the style coefficients. include_flagged:
+        count the votes of annotators whose flag an admin confirmed (left out by default;
+        "excluded_flagged" says how many)."""
         guard.admin(request)
         with guard.errors():
             return leaderboard_json(
-                ctx.data, ctx.runs_dir, anchor=anchor or None, style_control=style_control
+                ctx.data,
+                ctx.runs_dir,
+                anchor=anchor or None,
+                style_control=style_control,
+                include_flagged=include_flagged,
             )
 
     with gr.Tab("Leaderboard", id="leaderboard", visible=False) as tab:
@@ -108,6 +128,13 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
                 scale=2,
                 interactive=True,
             )
+            flagged_on = gr.Checkbox(
+                label=INCLUDE_FLAGGED_LABEL,
+                value=False,
+                elem_id="lb-include-flagged",
+                scale=2,
+                interactive=True,
+            )
             refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="lb-refresh")
         css = dict(js_on_load=None, css_template=LEADERBOARD_CSS)
         status = gr.HTML(elem_id="lb-status", **css)
@@ -126,10 +153,16 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
     def on_load(request: gr.Request):
         return gr.Tab(visible=guard.is_admin(request))
 
-    def on_open(current, style_control, request: gr.Request):
+    def on_open(current, style_control, include_flagged, request: gr.Request):
         guard.admin(request)
         with guard.errors():
-            view = page(ctx.data, ctx.runs_dir, current, style_control=bool(style_control))
+            view = page(
+                ctx.data,
+                ctx.runs_dir,
+                current,
+                style_control=bool(style_control),
+                include_flagged=bool(include_flagged),
+            )
         cls = "lb-note lb-error" if view["error"] else "lb-note"  # red for failures only
         stamp = time.strftime("%H:%M:%S")
         return (
@@ -143,10 +176,11 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
         )
 
     outputs = [anchor, status, table, coefs, plot, matrix, evals]
-    inputs = [anchor, style_on]
+    inputs = [anchor, style_on, flagged_on]
     kw = dict(api_visibility="private", concurrency_limit=2, concurrency_id="leaderboard")
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
     tab.select(on_open, inputs, outputs, **kw)
     refresh.click(on_open, inputs, outputs, **kw)
     anchor.input(on_open, inputs, outputs, **kw)
     style_on.input(on_open, inputs, outputs, **kw)
+    flagged_on.input(on_open, inputs, outputs, **kw)

@@ -7,7 +7,9 @@ beside the human vote, the disagreements, and sending pairs back for one more vo
 
 The HTML here escapes everything that comes from a vote, a pairs file or a model
 (annotate.web.html); the work (scoring jobs, the ranking, the requeue) is the
-Reviewer's. (No `from __future__ import annotations` here: gradio reads the handlers'
+Reviewer's. The votes of annotators whose flag an admin confirmed are left out unless the
+"Include confirmed-flagged annotators' votes" box is ticked (trainer/flags.py); the
+state line says how many were. (No `from __future__ import annotations` here: gradio reads the handlers'
 `request: gr.Request` annotations as objects.)
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 
 from annotate.review import DECISIVE, ReviewError, disagreements, summary, top_pairs
 from annotate.web.html import escape, metric_card, pct, render_markdown, render_prompt
+from trainer.flags import INCLUDE_FLAGGED_LABEL
 
 SHOW_VOTES = 200  # latest votes listed on the page
 SHOW_DISAGREEMENTS = 25  # disagreements listed (and offered for sending back)
@@ -204,6 +207,13 @@ def build_review_tab(demo, ctx, guard) -> None:
                 scale=3,
                 interactive=True,
             )
+            r_flagged = gr.Checkbox(
+                label=INCLUDE_FLAGGED_LABEL,
+                value=False,
+                elem_id="review-include-flagged",
+                scale=2,
+                interactive=True,
+            )
             r_score = gr.Button(
                 "Score votes", variant="primary", elem_id="review-score", scale=0, min_width=140
             )
@@ -254,7 +264,7 @@ def build_review_tab(demo, ctx, guard) -> None:
     def on_load(request: gr.Request):
         return gr.Tab(visible=guard.is_admin(request))
 
-    def on_open(current, request: gr.Request):
+    def on_open(current, include_flagged, request: gr.Request):
         guard.admin(request)
         with guard.errors():
             runs = reviewer.runs()
@@ -273,14 +283,19 @@ def build_review_tab(demo, ctx, guard) -> None:
                     "",
                     gr.Timer(active=False),
                 )
-            return (dropdown, *show(reviewer.start(run_id)))
+            return (dropdown, *show(reviewer.start(run_id, bool(include_flagged))))
 
-    def on_score(run_id, request: gr.Request):
+    def on_score(run_id, include_flagged, request: gr.Request):
         guard.admin(request)
         with guard.errors():
             if not run_id:
                 raise ReviewError("pick a reward run first")
-            return show(reviewer.start(run_id))
+            return show(reviewer.start(run_id, bool(include_flagged)))
+
+    def on_flagged(run_id, include_flagged, request: gr.Request):
+        guard.admin(request)
+        # the box before any run is picked: nothing to score yet, and nothing wrong
+        return on_score(run_id, include_flagged, request) if run_id else show(None)
 
     def on_tick(run_id, request: gr.Request):
         guard.admin(request)
@@ -307,9 +322,10 @@ def build_review_tab(demo, ctx, guard) -> None:
         return send(run_id, picked or [])
 
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
-    tab.select(on_open, [r_run], [r_run, *outputs], **kw)
-    r_run.input(on_score, [r_run], outputs, **kw)
-    r_score.click(on_score, [r_run], outputs, **kw)
+    tab.select(on_open, [r_run, r_flagged], [r_run, *outputs], **kw)
+    r_run.input(on_score, [r_run, r_flagged], outputs, **kw)
+    r_score.click(on_score, [r_run, r_flagged], outputs, **kw)
+    r_flagged.input(on_flagged, [r_run, r_flagged], outputs, **kw)
     r_timer.tick(on_tick, [r_run], outputs, **kw)
     r_send_top.click(on_send_top, [r_run, r_topn], [r_report], **kw)
     r_send_sel.click(on_send_selected, [r_run, r_pick], [r_report], **kw)
