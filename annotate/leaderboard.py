@@ -34,13 +34,16 @@ from annotate.policy_evals import evals_table, policy_evals
 from annotate.ratings import LeaderboardError, leaderboard
 from annotate.style_control import STYLE_COLUMNS, style_leaderboard
 from trainer.flags import INCLUDE_FLAGGED_HELP, PAGE_SWITCH, FlagExclusion, read_counted_votes
+from trainer.selection import without_gold
 from trainer.store import DATA_HELP
 
 
 def read_votes(data: str | os.PathLike, style_control: bool, include_flagged: bool):
-    """(the votes a board counts, FlagExclusion): only the columns the fit needs."""
+    """(the votes a board counts, FlagExclusion): only the columns the fit needs, and no
+    votes on gold items (trainer/selection.py's without_gold says why)."""
     columns = STYLE_COLUMNS if style_control else VOTE_COLUMNS
-    return read_counted_votes(data, columns, include_flagged=include_flagged)
+    votes, exclusion = read_counted_votes(data, [*columns, "gen_params"], include_flagged=include_flagged)
+    return without_gold(votes).select(columns), exclusion
 
 
 def flagged_json(exclusion: FlagExclusion, switch: str) -> dict[str, Any]:

@@ -495,3 +495,27 @@ def test_a_unanimous_result_keeps_its_ranks_without_a_false_interval():
     board = leaderboard(votes_table([("a", "b", "a")] * 30), rounds=50)
     assert board.models == ["a", "b"] and board.rank.tolist() == [1, 2]  # 30 of 30 is a ranking
     assert board.no_interval == ["a", "b"] and all(r["ci"] == [None, None] for r in board.to_dict()["models"])
+
+
+def test_votes_on_gold_items_do_not_rate_the_models(tmp_path):
+    """A gold item's answers are written for the check and only carry the pool's model
+    names (annotate/gold.py): votes on them are left out of the ratings, with both
+    spellings of the gen_params JSON."""
+    from annotate.leaderboard import standings
+
+    gold = json.dumps({"selection": {"method": "gold", "gold": "a"}})
+    gold_spaced = '{"selection":{"method":"gold","gold":"a"}}'
+    pool = [vote_record(f"q{i}", "x", "y", "b" if i % 4 else "a", annotator=f"p{i % 3}") for i in range(24)]
+    checks = [
+        vote_record(
+            f"g{i}", "right", "wrong", "a", annotator=f"p{i % 3}", gen_params=gold if i % 2 else gold_spaced
+        )
+        for i in range(60)
+    ]
+    store = write_store(tmp_path / "store", pool + checks)
+    got = standings(store, tmp_path / "runs", rounds=5)
+    ratings = {r["model"]: r["rating"] for r in got["board"].to_dict()["models"]}
+    assert (
+        ratings["m2"] > ratings["m1"]
+    )  # the pool's votes: m2 wins 3 in 4; the 60 gold votes for m1 left out
+    assert got["board"].to_dict()["votes"] == 24

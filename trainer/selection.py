@@ -45,3 +45,24 @@ def gold_of(gen_params: str | None) -> str | None:
         return None
     gold = how.get("gold")
     return gold if gold in GOLD_ANSWERS else None
+
+
+def without_gold(votes):
+    """A table of votes less the votes on gold items (those whose gen_params carries a
+    gold selection). A gold pair is a check on the annotator: its answers are written
+    for the check and carry the pool's model names only to look like the pool's pairs
+    (annotate/gold.py), so its votes say nothing about the models: the leaderboard
+    leaves them out. (Reward training and export keep them: they are real preferences.)"""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if votes.num_rows == 0 or "gen_params" not in votes.column_names:
+        return votes
+    params = votes.column("gen_params")
+    maybe = pc.fill_null(pc.match_substring(params, '"gold"'), False).to_numpy(zero_copy_only=False)
+    if not maybe.any():  # the common case: one vectorised scan, nothing parsed
+        return votes
+    gold = np.zeros(votes.num_rows, dtype=bool)
+    for i in np.flatnonzero(maybe):
+        gold[i] = gold_of(params[int(i)].as_py()) is not None
+    return votes.filter(~gold) if gold.any() else votes
