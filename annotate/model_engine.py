@@ -16,9 +16,12 @@ vanishes before reading anything still frees its slot when the thread ends), and
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("preflab.serve_model")
 
 
 class Busy(Exception):
@@ -35,6 +38,7 @@ class Job:
     completion_tokens: int = 0
     finish_reason: str | None = None
     error: BaseException | None = None
+    stop_hit: bool = False
     _eos_seen: bool = False
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -53,6 +57,7 @@ class Job:
             cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
             if cut >= 0:
                 text, stopped = text[:cut], True
+                self.stop_hit = True
                 self.cancelled.set()  # generation ends at the next token
             end = len(text) if stopped else max(sent, len(text) - hold)
             if end > sent:
@@ -164,5 +169,8 @@ class Engine:
             job.error = e
             job.streamer.end()
         finally:
+            gone = job.cancelled.is_set() and not job.stop_hit and not job._eos_seen
+            how = "ended: the client went away" if gone else "done"
+            log.info("%d prompt + %d new tokens, %s", job.prompt_tokens, job.completion_tokens, how)
             job._done.set()
             self.slots.release()
