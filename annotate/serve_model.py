@@ -175,6 +175,15 @@ def _content(message: dict, i: int) -> str:
     return content
 
 
+def _top_p(body: dict) -> float:
+    value = _number(body, "top_p", 1.0, 0, 1)
+    if value == 0:
+        raise ApiError(
+            400, "'top_p' must be above 0 (for the likeliest token alone, use temperature 0)", "top_p"
+        )
+    return value
+
+
 def parse_request(body, max_new_tokens: int) -> dict:
     """The checked settings of one chat-completions request; ApiError(400) naming the
     field at fault. Unknown fields are ignored, as OpenAI-compatible servers do."""
@@ -195,10 +204,14 @@ def parse_request(body, max_new_tokens: int) -> dict:
             )
         role = "system" if m["role"] == "developer" else m["role"]
         chat.append({"role": role, "content": _content(m, i)})
-    n = _number(body, "n", 1, 1, 1, integer=True)
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    limit = _number({param: limit}, param, max_new_tokens, 1, 2**31 - 1, integer=True)
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
+        raise ApiError(
+            400, f"'n' must be 1: this server writes one answer per request, got {body['n']!r}", "n"
+        )
+    given = body.get("max_completion_tokens") is not None
+    param = "max_completion_tokens" if given else "max_tokens"
+    asked = body.get(param)
+    limit = _number({param: asked}, param, max_new_tokens, 1, 2**31 - 1, integer=True)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
@@ -214,10 +227,11 @@ def parse_request(body, max_new_tokens: int) -> dict:
     return dict(
         model=body["model"],
         messages=chat,
-        n=n,
+        n=1,
         max_tokens=min(limit, max_new_tokens),
+        max_tokens_given=asked is not None,
         temperature=_number(body, "temperature", 1.0, 0, 2),
-        top_p=_number(body, "top_p", 1.0, 0, 1) or 1.0,
+        top_p=_top_p(body),
         seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
         stop=stop,
         stream=stream,
@@ -299,6 +313,8 @@ def build_app(engine, name: str, api_key: str | None):
                 "model_not_found",
             )
         ids = await asyncio.to_thread(engine.prompt_ids, req["messages"])
+        if engine.context and not req["max_tokens_given"]:  # the default: whatever room is left
+            req["max_tokens"] = max(1, min(req["max_tokens"], engine.context - len(ids)))
         if engine.context and len(ids) + req["max_tokens"] > engine.context:
             raise ApiError(
                 400,

@@ -173,7 +173,13 @@ def test_errors_in_openai_shape(server, tmp_path):
     assert e.value.param == "temperature" and "temperature" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=HELLO, n=2)
-    assert e.value.param == "n"
+    assert e.value.param == "n" and "must be 1" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=0)
+    assert e.value.param == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, stop=["a", "b", "c", "d", "e"])
+    assert e.value.param == "stop"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}])
     assert e.value.param == "messages[0].role"
