@@ -42,6 +42,7 @@ import uuid
 
 from trainer.errors import PreflabError
 from trainer.models import DEFAULT_MODEL, canonical_name
+from trainer.rows import text_problem
 
 log = logging.getLogger("preflab.serve_model")
 
@@ -168,6 +169,9 @@ def _content(message: dict, i: int) -> str:
         content = "".join(texts)
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+    problem = text_problem(content)
+    if problem:
+        raise ApiError(400, f"messages[{i}].content: {problem}", param=f"messages[{i}].content")
     if len(content) > MAX_CONTENT:
         raise ApiError(
             400, f"messages[{i}].content is longer than {MAX_CONTENT} characters", f"messages[{i}].content"
@@ -214,7 +218,11 @@ def parse_request(body, max_new_tokens: int) -> dict:
     limit = _number({param: asked}, param, max_new_tokens, 1, 2**31 - 1, integer=True)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+    if (
+        not isinstance(stop, list)
+        or len(stop) > MAX_STOP
+        or not all(isinstance(s, str) and s and not text_problem(s) for s in stop)
+    ):
         raise ApiError(
             400, f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings", "stop"
         )
@@ -285,6 +293,9 @@ def build_app(engine, name: str, api_key: str | None):
                 return await handler(request)
             except ApiError as e:
                 return e.response()
+            except Exception as e:  # a bug or a model that fails: still OpenAI's shape, logged
+                log.exception("request failed")
+                return ApiError(500, f"internal error: {type(e).__name__}", kind="server_error").response()
 
         return endpoint
 

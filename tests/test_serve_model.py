@@ -21,7 +21,7 @@ import time
 import urllib.request
 
 import pytest
-from helpers import REPO, child_env, free_port, preflab
+from helpers import REPO, TRAIN_DEVICE, child_env, free_port, preflab
 
 openai = pytest.importorskip("openai")
 
@@ -36,7 +36,8 @@ class ModelServer:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = tmp / f"serve-model-{self.port}.log"
-        self.args = ["tiny", "--port", str(self.port), *args]
+        # The device the test's own reference generation uses too (sampling differs across devices).
+        self.args = ["tiny", "--port", str(self.port), "--device", TRAIN_DEVICE, *args]
         self.env = child_env(**(env or {}))
 
     def __enter__(self):
@@ -117,7 +118,7 @@ def test_models_and_completions_match_the_model(server):
 
     # What the model itself writes for that seed, loaded here through preflab's own
     # generation code (which strips the answer's ends).
-    model, tokenizer = models.load_model("tiny", device="cpu")
+    model, tokenizer = models.load_model("tiny", device=TRAIN_DEVICE)
     ((expected,),) = models.generate(model, tokenizer, [HELLO], n=1, progress=False, **_gen(settings))
     assert text.strip() == expected
     rendered = models.render_prompt(tokenizer, HELLO)  # the chat template, assistant turn open
@@ -183,6 +184,9 @@ def test_errors_in_openai_shape(server, tmp_path):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}])
     assert e.value.param == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a\x00b"}])
+    assert e.value.param == "messages[0].content" and "NUL" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[])
     assert e.value.param == "messages"
