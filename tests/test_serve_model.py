@@ -265,9 +265,23 @@ def test_refuses_other_hosts_without_a_key():
 def test_without_a_key_only_this_machine(tmp_path):
     """No key: loopback only, and a request must name this machine in its Host header
     (DNS rebinding) and be JSON (a cross-site form cannot send that without a preflight)."""
-    with ModelServer(tmp_path, "--max-new-tokens", "8") as server:
-        answer = server.client(api_key="anything").chat.completions.create(model="tiny", messages=HELLO)
+    with ModelServer(tmp_path, "--max-new-tokens", "8", "--concurrency", "2") as server:
+        client = server.client(api_key="anything")
+        answer = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0)
         assert answer.usage.completion_tokens <= 8  # the server's cap over the default
+        # Two streams at once (two slots): read turn about, both finish, both greedy answers.
+        streams = [
+            iter(client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, stream=True))
+            for _ in range(2)
+        ]
+        texts = ["", ""]
+        for _ in range(3):
+            for k, stream in enumerate(streams):
+                chunk = next(stream)
+                texts[k] += chunk.choices[0].delta.content or ""
+        for k, stream in enumerate(streams):
+            texts[k] += "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert texts == [answer.choices[0].message.content] * 2
         url = server.base + "/chat/completions"
         body = json.dumps({"model": "tiny", "messages": HELLO}).encode()
         for headers in (
@@ -279,3 +293,5 @@ def test_without_a_key_only_this_machine(tmp_path):
                 urllib.request.urlopen(request, timeout=30)
             assert e.value.code == 400
             assert json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
+    # SIGTERM: a clean stop (uvicorn ends by re-raising the signal it caught), no traceback
+    assert server.proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in server.output()
