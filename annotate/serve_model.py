@@ -248,10 +248,8 @@ def parse_request(body, max_new_tokens: int) -> dict:
 
 
 async def _read_body(request) -> object:
-    if (
-        request.headers.get("content-length", "0").isdigit()
-        and int(request.headers.get("content-length", "0")) > MAX_BODY
-    ):
+    size = request.headers.get("content-length", "0")
+    if size.isdigit() and int(size) > MAX_BODY:
         raise ApiError(413, f"request body larger than {MAX_BODY} bytes", code="request_too_large")
     data = bytearray()
     async for chunk in request.stream():
@@ -388,12 +386,16 @@ def build_app(engine, name: str, api_key: str | None):
             headers={"Cache-Control": "no-cache"},
         )
 
+    async def no_route(request, exc):  # unknown paths and methods, in OpenAI's shape too
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
     return Starlette(
+        exception_handlers={404: no_route, 405: no_route},
         routes=[
             Route("/v1/models", handled(models), methods=["GET"]),
             Route("/v1/models/{model:path}", handled(model), methods=["GET"]),
             Route("/v1/chat/completions", handled(chat), methods=["POST"]),
-        ]
+        ],
     )
 
 

@@ -200,6 +200,10 @@ def test_errors_in_openai_shape(server, tmp_path):
         "messages[0].content",
     )
 
+    with pytest.raises(openai.NotFoundError) as e:  # a route this server does not have
+        client.completions.create(model="tiny", prompt="x")
+    assert "/v1/completions" in e.value.message
+
     for bad in (server.client(api_key="wrong"), server.client(api_key=KEY + "x")):
         with pytest.raises(openai.AuthenticationError) as e:
             bad.chat.completions.create(model="tiny", messages=HELLO)
