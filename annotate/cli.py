@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prompts": ("trainer.prompts", "check a prompt pool file and report what would be loaded"),
     "import": ("annotate.importers", "import TRL / Anthropic-HH preference data as votes"),
     "serve": ("annotate.serve", "open the annotation app: rank pairs of answers in the browser"),
+    "serve-model": (
+        "annotate.serve_model",
+        "serve one model over the OpenAI chat-completions API (streaming), e.g. to chat with a trained policy",
+    ),
     "export": ("annotate.export_command", "export votes as a TRL / datasets preference dataset"),
     "train-reward": (
         "trainer.reward",
