@@ -263,7 +263,7 @@ class Annotator(threading.Thread):
                         choice = self.rng.choice(("left", "right", "left", "right", "tie", "both_bad"))
                         strength = self.rng.choice(("", "slightly", "clearly"))
                         view = self._timed(
-                            self.vote_ms, pair["pair_id"], choice, strength, "", api_name="/vote"
+                            self.vote_ms, pair["pair_id"], choice, strength, "", None, api_name="/vote"
                         )
                         if view["ack"]:
                             self.acked.append(view["ack"]["event_id"])
