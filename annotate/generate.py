@@ -63,7 +63,8 @@ def _top_p(text: str) -> float:
     return value
 
 
-def _add_load_arguments(p: argparse.ArgumentParser) -> None:
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """--device and --cache-dir, as every command that loads a model takes them."""
     p.add_argument(
         "--device",
         default="auto",
@@ -145,7 +146,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         help="sequences generated together (lower it if memory runs out)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_load_arguments(p)
+    add_load_arguments(p)
 
 
 def print_pairs(rows: list[dict]) -> None:
@@ -280,7 +281,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="length of the sample answer, in tokens",
     )
-    _add_load_arguments(p)
+    add_load_arguments(p)
 
 
 def run_model(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ import sys
 import time
 import uuid
 
+from annotate.generate import add_load_arguments
 from trainer.errors import PreflabError
 from trainer.models import DEFAULT_MODEL, canonical_name
 from trainer.rows import text_problem
@@ -104,18 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generations at once; one more request gets 503 with Retry-After (clients retry). "
         "A seed repeats a sampled answer only at 1",
     )
-    p.add_argument(
-        "--device",
-        default="auto",
-        metavar="DEV",
-        help="where to run the model: auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...",
-    )
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        metavar="DIR",
-        help="where converted models are kept (default: $PREFLAB_CACHE, else ~/.cache/preflab)",
-    )
+    add_load_arguments(p)  # --device, --cache-dir: as `preflab generate` takes them
 
 
 class ApiError(Exception):

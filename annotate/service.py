@@ -311,13 +311,10 @@ class Service:
         """A gold vote under --gold-feedback: its answer was shown, so an undo would let
         the annotator fix it. (Without feedback gold votes are undone like any other:
         refusing would tell them apart.)"""
-        from annotate.sampling import selection_of
+        from trainer.selection import gold_of
 
         gold = self.queue.gold
-        if gold is None or not gold.feedback:
-            return False
-        how = selection_of(record.get("gen_params"))
-        return bool(how) and how.get("method") == "gold"
+        return gold is not None and gold.feedback and gold_of(record.get("gen_params")) is not None
 
     # ---- admins ----------------------------------------------------------------------
 

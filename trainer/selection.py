@@ -63,6 +63,6 @@ def without_gold(votes):
     if not maybe.any():  # the common case: one vectorised scan, nothing parsed
         return votes
     gold = np.zeros(votes.num_rows, dtype=bool)
-    for i in np.flatnonzero(maybe):
-        gold[i] = gold_of(params[int(i)].as_py()) is not None
+    candidates = params.filter(maybe).to_pylist()  # one conversion, not one lookup per row
+    gold[np.flatnonzero(maybe)] = [gold_of(p) is not None for p in candidates]
     return votes.filter(~gold) if gold.any() else votes

@@ -94,7 +94,7 @@ class ConfigCache:
             except orjson.JSONDecodeError:
                 return  # not what gradio's /config answers: nothing kept
             if isinstance(parsed, dict) and "username" in parsed:
-                self._kept = {**self._kept, key: (response_headers, parsed)}
+                self._kept[key] = (response_headers, parsed)  # on the event loop: no lock needed
 
 
 def _config_of(scope):
