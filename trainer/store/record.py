@@ -116,11 +116,16 @@ _V2_FIELDS = ("subject", "detail", "criteria")
 _ALWAYS_REQUIRED = ("schema_version", "event_id", "kind", "annotator", "created_at")
 
 
-def _check_messages(value: str) -> None:
+def _json_field(field_name: str, text: str) -> Any:
+    """The parsed JSON of a text field, or RecordError naming the field."""
     try:
-        messages = json.loads(value)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError("prompt", f"not valid JSON ({e.msg})") from None
+        raise RecordError(field_name, f"not valid JSON ({e.msg})") from None
+
+
+def _check_messages(value: str) -> None:
+    messages = _json_field("prompt", value)
     if not isinstance(messages, list) or not messages:
         raise RecordError("prompt", "must be a non-empty JSON list of chat messages")
     for i, m in enumerate(messages):
@@ -211,10 +216,7 @@ def validate_record(record: dict[str, Any], where: str = "") -> dict[str, Any]:
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < 2**31):
             raise RecordError("decision_ms", f"must be a non-negative int32 or null, got {d!r}")
         if r["gen_params"] is not None:
-            try:
-                json.loads(r["gen_params"])
-            except json.JSONDecodeError as e:
-                raise RecordError("gen_params", f"not valid JSON ({e.msg})") from None
+            _json_field("gen_params", r["gen_params"])
         r["created_at"] = to_micros(r["created_at"])
     except RecordError as e:
         if where and not e.where:
@@ -238,11 +240,7 @@ def _check_flag_event(r: dict[str, Any]) -> None:
 
 def _check_detail(r: dict[str, Any]) -> None:
     if r["detail"] is not None:
-        try:
-            detail = json.loads(r["detail"])
-        except json.JSONDecodeError as e:
-            raise RecordError("detail", f"not valid JSON ({e.msg})") from None
-        if not isinstance(detail, dict):
+        if not isinstance(_json_field("detail", r["detail"]), dict):
             raise RecordError("detail", "must be a JSON object")
 
 
@@ -261,10 +259,7 @@ def check_criteria(text: str | None) -> dict[str, Any] | None:
     """The parsed `criteria` field (None for null), or RecordError naming what is wrong."""
     if text is None:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError("criteria", f"not valid JSON ({e.msg})") from None
+    value = _json_field("criteria", text)
     if not isinstance(value, dict) or not value:
         raise RecordError("criteria", "must be a non-empty JSON object (null when there are no judgments)")
     for name, judgment in value.items():
