@@ -106,7 +106,17 @@ def test_two_admins_demoting_each_other_at_once_leave_one_admin(tmp_path):
     threads = [threading.Thread(target=demote, args=pair) for pair in (("ann", "boss"), ("boss", "ann"))]
     for t in threads:
         t.start()
-    time.sleep(0.5)  # both are now waiting on the lock (not a timing assertion: a head start)
+    # Release only once both demotions wait on the lock: the kernel lists a blocked flock
+    # in /proc/locks as "->" against the lock file's inode.
+    inode = f":{os.fstat(fd).st_ino} "
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as locks:
+            if sum("->" in line and inode in line for line in locks) >= 2:
+                break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the two demotions never both waited on the users file's lock")
     os.close(fd)
     for t in threads:
         t.join(10)
