@@ -6,6 +6,7 @@
     rubric.check(shown)                               # BadRequest naming the criterion
     rubric.to_record(shown, left="b")                 # the record's `criteria` (a JSON string)
     rubric.to_shown(record_criteria, left="b")        # back to left/right (undo)
+    rubric.describe()                                 # what /next tells an API client
 
 A rubric file is TOML, read with tomllib and never executed:
 
@@ -112,6 +113,28 @@ class Rubric:
 
     def criterion(self, name: str) -> Criterion | None:
         return next((c for c in self.criteria if c.name == name), None)
+
+    def describe(self) -> dict[str, Any]:
+        """The rubric as an API client needs it to build a vote's `criteria` (JSON-able):
+        {"criteria": [{"name", "label", "kind", "required", "help", "values"}], "flags":
+        [{"name", "label", "help"}], "sides": ["left", "right"]}. `values` is what one
+        judgment takes: a pairwise criterion one of left / right / tie, a scale 1-5 for
+        each side ({"left": 4, "right": 2}); flags go under "flags" per side."""
+        return {
+            "criteria": [
+                {
+                    "name": c.name,
+                    "label": c.label,
+                    "kind": c.kind,
+                    "required": c.required,
+                    "help": c.help,
+                    "values": list(SHOWN_PAIRWISE) if c.kind == "pairwise" else list(SCALE_VALUES),
+                }
+                for c in self.criteria
+            ],
+            "flags": [{"name": f.name, "label": f.label, "help": f.help} for f in self.flags],
+            "sides": list(SHOWN_SIDES),
+        }
 
     def check(self, shown: dict[str, Any] | None) -> dict[str, Any]:
         """The judgments as sent (left/right terms), checked and with empties dropped;

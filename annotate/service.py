@@ -2,7 +2,7 @@
 undo, the dashboard's numbers, export.
 
     service = Service(store, queue, data="comparisons", accounts=None, local_user="me")
-    view = service.next("me")                            # {"pair": {...}, "progress": ...}
+    view = service.next("me")                            # {"pair": {...}, "progress": ..., "rubric": ...}
     view = service.vote("me", view["pair"]["pair_id"], "left", "clearly", "why")
     service.dashboard("me"); service.export("me", folder, format="standard")
 
@@ -148,10 +148,15 @@ class Service:
             return None, "The vote store cannot be reached right now; your next pair comes when it is back."
 
     def next(self, user: str) -> dict[str, Any]:
+        """The annotator's pair, and "rubric": what a vote on it must or may carry as
+        `criteria` (Rubric.describe; None without --rubric). Only here, not in every
+        vote's answer: a client reads it once, before its first vote."""
         a, problem = self._next(user)
         if a is not None:
             a.shown_at = self.queue.clock()  # shown (again) now: decision time starts here
-        return self._view(user, a, ok=not problem, message=problem)
+        view = self._view(user, a, ok=not problem, message=problem)
+        view["rubric"] = self.rubric.describe() if self.rubric is not None else None
+        return view
 
     # ---- acting on a pair ------------------------------------------------------------
 

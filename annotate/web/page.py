@@ -13,7 +13,8 @@ modules, each `build_x_tab(demo, ctx, guard)`.
 API, for scripts and load tests (gradio_client, logged in with auth=(user, password)):
 
     client.predict(api_name="/next")  -> {"pair": {"pair_id", "prompt", "left", "right", "left_cut", "right_cut"},
-                                          "progress", ...}   (*_cut: the token limit stopped that answer)
+                                          "progress", "rubric", ...}   (*_cut: the token limit stopped that answer;
+        rubric: None, or serve --rubric's criteria and flags, annotate/rubric.py Rubric.describe)
     client.predict(pair_id, "left" | "right" | "tie" | "both_bad", "slightly" | "clearly" | "",
                    "rationale", criteria, api_name="/vote")   -> {"ack": {"event_id", ...}, "pair": next pair, ...}
         (criteria: serve --rubric's judgments as shown, {"helpful": "left", "clarity": {"left": 4,
@@ -368,7 +369,8 @@ def _register_api(ctx, guard: Guard) -> None:
     service = ctx.service
 
     def next_pair(request: gr.Request) -> dict:
-        """Your current pair (or a new one), with your progress."""
+        """Your current pair (or a new one), with your progress and the rubric (None
+        without serve --rubric): which criteria and flags a vote must or may carry."""
         user, _ = guard.user(request)
         with guard.errors():
             return service.next(user)
