@@ -92,7 +92,9 @@ class AnnotatorReview:
                     f"{subject} is {current}: only a flagged annotator can be "
                     + ("confirmed" if action == "confirm" else "cleared")
                 )
-            self.store.append(decision_record(kind, subject, user, state.get("flag_event_id"), note))
+            stored = self.store.append(decision_record(kind, subject, user, state.get("flag_event_id"), note))
+            # Their votes stop (or start again) filling pairs' K now, not at the next restart.
+            self.service.queue.learn_flags([stored])
         return self._evaluate()
 
     def _evaluate(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ The rules, all enforced here (the app only asks):
 
 * Overlap: each pair goes to `overlap` (K) different annotators, so that the same
   pair collects K independent votes (agreement data). A pair with K standing votes is
-  done and leaves the queue.
+  done and leaves the queue; a confirmed-flagged annotator's vote does not count
+  towards K (annotate/queue_flags.py), as it does not count downstream.
 * Never twice: an annotator is never given a pair they have voted on, nor one they
   skipped in this server's lifetime (a skipped pair goes to someone else).
 * Leases: a pair handed to an annotator holds one of its K slots until they vote or
@@ -56,6 +57,7 @@ from functools import partial
 from typing import Any
 
 from annotate.pairs import Pair, pair_from_row
+from annotate.queue_flags import FlagCounting
 from annotate.queue_shared import SharedMode
 from annotate.queue_status import QueueStatus
 from annotate.sampling import selection_of, with_selection
@@ -94,9 +96,10 @@ class _Annotator:
     last_seen: float = -math.inf
 
 
-class AssignmentQueue(SharedMode, QueueStatus):
+class AssignmentQueue(SharedMode, QueueStatus, FlagCounting):
     """The queue (see the module docstring). Its shared mode is annotate/queue_shared.py;
-    what the page and the generator ask of it, annotate/queue_status.py."""
+    what the page and the generator ask of it, annotate/queue_status.py; confirmed-flagged
+    annotators' votes left out of K, annotate/queue_flags.py."""
 
     def __init__(
         self,
@@ -155,7 +158,7 @@ class AssignmentQueue(SharedMode, QueueStatus):
                 if p.pair_id in self._pairs or (self.gold is not None and p.pair_id in self.gold):
                     continue  # a gold item is served as gold only, never as a pool pair
                 self._pairs[p.pair_id] = p
-                if len(self._votes.get(p.pair_id, ())) < self._wanted(p.pair_id):
+                if self._count(p.pair_id) < self._wanted(p.pair_id):
                     opened[p.pair_id] = None
                 added += 1
             # Serving order is _open's order (partly voted pairs still go first: _pick).
@@ -178,7 +181,7 @@ class AssignmentQueue(SharedMode, QueueStatus):
                 if self.gold is not None and pair_id in self.gold:
                     continue  # its votes are checks, not labels to complete
                 self._pairs.setdefault(pair_id, p)
-                votes = len(self._votes.get(pair_id, ()))
+                votes = self._count(pair_id)
                 if pair_id in self._open and votes < self._wanted(pair_id):
                     waiting += 1
                     continue
@@ -226,7 +229,7 @@ class AssignmentQueue(SharedMode, QueueStatus):
                 history.append(row)
                 del history[: -self.history]
             for pair_id in list(self._open):
-                if len(self._votes.get(pair_id, ())) >= self._wanted(pair_id):
+                if self._count(pair_id) >= self._wanted(pair_id):
                     del self._open[pair_id]
             for pair_id, gen_params in selections:  # partly done pairs keep how they were picked
                 how = selection_of(gen_params)
@@ -278,7 +281,7 @@ class AssignmentQueue(SharedMode, QueueStatus):
         """Slots of a pair that are taken: standing votes plus live leases."""
         leases = self._leases.get(pair_id)
         live = sum(1 for t in leases.values() if now - t < self.lease_s) if leases else 0
-        return len(self._votes.get(pair_id, ())) + live
+        return self._count(pair_id) + live
 
     def _can_take(self, annotator: str, person: _Annotator, pair_id: str, now: float) -> bool:
         return (
@@ -353,7 +356,7 @@ class AssignmentQueue(SharedMode, QueueStatus):
                 if self.shared is None:
                     return a
                 pair_id = pair.pair_id
-                want = self._wanted(pair_id)
+                want = self._shared_want(pair_id)
             if self._claim_shared(person, a, pair_id, want):  # outside the lock: others are not held up
                 return a
         return None
@@ -402,7 +405,7 @@ class AssignmentQueue(SharedMode, QueueStatus):
             self._release(a.annotator, pair_id)
             voters = self._votes.setdefault(pair_id, set())
             voters.add(a.annotator)
-            if len(voters) >= self._wanted(pair_id):
+            if self._count(pair_id) >= self._wanted(pair_id):
                 self._open.pop(pair_id, None)
                 self._want.pop(pair_id, None)  # a relabel request is answered
             person = self._person(a.annotator)
@@ -471,14 +474,14 @@ class AssignmentQueue(SharedMode, QueueStatus):
                     }
                     | {"prompt": json.loads(record["prompt"])}
                 )
-            elif in_pool and len(voters) < self._wanted(pair_id) and pair_id not in self._open:
+            elif in_pool and self._count(pair_id) < self._wanted(pair_id) and pair_id not in self._open:
                 self._open[pair_id] = None
             previous = person.current.pair.pair_id if person.current is not None else None
             if previous is not None:
                 self._release(annotator, previous)
             self._changed.notify_all()
             a = self._lease(person, annotator, pair, record["left"], now)
-            want = self._wanted(pair_id)
+            want = self._shared_want(pair_id)
         if self.shared is not None:  # the database's leases follow: one freed, one taken
             self._move_shared_lease(annotator, previous, pair_id, want)
         return a

@@ -69,7 +69,7 @@ class SharedMode:
             self._person(new).voted.add(pair_id)
         self._votes[pair_id] = set(voters)
         if pair_id in self._pairs:
-            if len(voters) >= self._wanted(pair_id):
+            if self._count(pair_id) >= self._wanted(pair_id):
                 self._open.pop(pair_id, None)
             else:
                 self._open.setdefault(pair_id, None)
@@ -86,6 +86,9 @@ class SharedMode:
             if start != self._cursor:  # another sync got there first
                 return 0
             self._cursor = cursor
+            # Another server's confirm or clear: who counts towards K (annotate/queue_flags.py).
+            # The events come in the database's order (seq), the order flags are decided in.
+            self._learn_flags_locked(e for e in events if e["kind"] not in ("vote", "retract"))
             for e in events:  # a retract is made by the voter it cancels (Service.undo)
                 if e["kind"] not in ("vote", "retract") or e["annotator"].startswith("import:"):
                     continue  # flag events are about people, not pairs (trainer/flags.py)
@@ -102,7 +105,7 @@ class SharedMode:
         """Store the vote in the database if it still fits. VoteConflict: nothing was
         stored, and the pair is dropped for this annotator."""
         try:
-            return self.shared.vote(record, self._wanted(a.pair.pair_id))
+            return self.shared.vote(record, self._shared_want(a.pair.pair_id))
         except VoteConflict:
             with self._lock:
                 self._release(a.annotator, a.pair.pair_id)

@@ -385,6 +385,11 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         opened.store = open_store(args.data)
     if votes is not None:
         queue.restore(votes, cursor=cursor)
+        # Confirmed-flagged annotators' votes fill no K (annotate/queue_flags.py); a decision
+        # after the snapshot comes again with sync, and the latest one wins either way.
+        from trainer.flags import read_flag_events
+
+        queue.learn_flags(read_flag_events(args.data))
     service = Service(
         opened.store,
         queue,

@@ -27,7 +27,8 @@ win rate), the dashboard's statistics and the Review tab. Each takes the one swi
 `include_flagged` (`--include-flagged` on a command, a checkbox on a page) and says what
 it did with `FlagExclusion.note()`. Who is confirmed is read from the store on every
 call. (The annotator table and the flag rule itself read every vote: they are how a flag
-is decided, and the assignment queue counts every vote it handed out.)
+is decided. The assignment queue keeps confirmed annotators' votes out of overlap K from
+flag events it is handed: annotate/queue_flags.py.)
 """
 
 from __future__ import annotations
