@@ -4,7 +4,7 @@
     votes, left_out = read_counted_votes("comparisons", ["model_a", "model_b", "choice"])
     left_out.note()   # "10 votes of 1 confirmed-flagged annotator left out (mallory); --include-flagged keeps them"
     votes, kept = read_counted_votes("comparisons", include_flagged=True)  # every standing vote
-    events = read_flag_events("comparisons")       # the flag events, oldest first
+    events = read_flag_events("comparisons")       # the flag events, in the store's order
     excluded = confirmed_flags(events)             # {"mallory"}
 
 The flag rule (a gold-check rule, computed by trainer/annotator_quality.py's
@@ -15,7 +15,9 @@ of the votes) or `flag_clear` (they count again). Every decision is an event in 
 evidence, `annotator` = who wrote it, `rationale` = an admin's note), so the state of
 every annotator is recomputed from the store and nothing lives only in memory.
 
-An annotator's state is their latest flag event's: `flag` -> "flagged" (waiting for an
+An annotator's state is their latest flag event's, latest in the store's order
+(trainer.store.read_flag_events: a database's seq, not created_at, which two servers'
+clocks may stamp out of order): `flag` -> "flagged" (waiting for an
 admin), `flag_confirm` -> "confirmed", `flag_clear` -> "cleared". A cleared annotator is
 flagged again only on new evidence: more failed gold checks than the flag that was
 cleared counted (`due_flags`).
@@ -49,7 +51,7 @@ RULE_AUTHOR = "rule:gold"
 STATES = {"flag": "flagged", "flag_confirm": "confirmed", "flag_clear": "cleared"}
 # The columns a flag event needs; reading only these skips every vote's text.
 FLAG_COLUMNS = ["event_id", "kind", "subject", "annotator", "created_at", "detail", "rationale"]
-# What `confirmed_flags` needs: every vote is read too, and these skip its rationale.
+# What `confirmed_flags` needs: a directory reads these of every vote too, skipping its text.
 DECISION_COLUMNS = ["event_id", "kind", "subject", "created_at"]
 # What a command's switch and a page's checkbox say (one name everywhere: --include-flagged).
 INCLUDE_FLAGGED_HELP = (
@@ -63,24 +65,24 @@ PAGE_SWITCH = f'the box "{INCLUDE_FLAGGED_LABEL}"'  # FlagExclusion.note's switc
 _NAMESPACE = uuid.UUID("0b6f1c9e-6a1d-4f55-9a3e-7d2f1e0c4b21")
 
 
-def read_flag_events(target: str | os.PathLike) -> list[dict[str, Any]]:
-    """The store's flag events as records (FLAG_COLUMNS), oldest first."""
-    from trainer.store import read_events
+def read_flag_events(target: str | os.PathLike, columns: list[str] = FLAG_COLUMNS) -> list[dict[str, Any]]:
+    """The store's flag events as records (`columns`), in the store's order
+    (trainer.store.read_flag_events: a database's seq, not the servers' clocks)."""
+    from trainer.store import read_flag_events as read
 
-    events = read_events(target, FLAG_COLUMNS)
-    return flag_events(events)
+    return read(target, list(columns)).to_pylist()
 
 
 def flag_events(events) -> list[dict[str, Any]]:
-    """The flag events among `events` (an Arrow table of events or a list of records),
-    oldest first (event_id breaks a tie, so every reader orders them the same way)."""
+    """The flag events among `events` (records, or an Arrow table), in the order given:
+    the store's, as read_flag_events gives them. Not re-sorted by created_at: with two
+    servers on one database their clocks may disagree, and the later decision must win."""
     if isinstance(events, pa.Table):
         if events.num_rows == 0:
             return []
         hit = pc.is_in(events["kind"], value_set=pa.array(FLAG_KINDS, pa.string()))
         events = events.filter(hit).to_pylist()
-    rows = [e for e in events if e.get("kind") in FLAG_KINDS]
-    return sorted(rows, key=lambda e: (to_micros(e["created_at"]), e["event_id"]))
+    return [e for e in events if e.get("kind") in FLAG_KINDS]
 
 
 def flag_states(events) -> dict[str, dict[str, Any]]:
@@ -164,11 +166,11 @@ def read_counted_votes(
     admin confirmed, unless `include_flagged`. Returns (votes, FlagExclusion); the flags
     are read from the store, now. A store that cannot be read raises what
     `read_comparisons` raises (StoreError, FileNotFoundError for a missing directory)."""
-    from trainer.store import read_comparisons, read_events
+    from trainer.store import read_comparisons
 
     wanted = None if columns is None else list(dict.fromkeys([*columns, "annotator"]))
     votes = read_comparisons(target, columns=wanted)
-    excluded = confirmed_flags(read_events(target, DECISION_COLUMNS)) if votes.num_rows else set()
+    excluded = confirmed_flags(read_flag_events(target, DECISION_COLUMNS)) if votes.num_rows else set()
     kept, dropped = without_confirmed(votes, excluded)
     exclusion = FlagExclusion(tuple(sorted(excluded)), dropped, include_flagged)
     out = votes if include_flagged else kept

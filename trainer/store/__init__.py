@@ -86,6 +86,18 @@ def read_events(target: str | os.PathLike, columns: list[str] | None = None) -> 
     return read(target, columns)
 
 
+def read_flag_events(target: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """The flag events (flag, flag_confirm, flag_clear), in the store's order: the order
+    trainer/flags.py decides an annotator's state in, never the writers' clocks alone. A
+    database's is `seq`, one sequence for all its servers (their clocks may disagree); a
+    directory's is created_at then event_id (one server per directory: one clock)."""
+    if is_database(target):
+        from trainer.store.postgres import read_flag_events as read
+    else:
+        from trainer.store.directory_reader import read_flag_events as read
+    return read(target, columns)
+
+
 def read_comparisons(target: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """The standing votes of a store as an Arrow table with SCHEMA, retractions applied.
 

@@ -33,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trainer.store.errors import StoreError, StoreNotFound, StorePermissionError
 from trainer.store.record import (
+    FLAG_KINDS,
     SCHEMA,
     RecordError,
     check_columns,
@@ -222,6 +224,19 @@ def read_events(store: str | os.PathLike, columns: list[str] | None = None) -> p
         if columns is None
         else (pa.concat_tables(tables) if tables else empty_table().select(columns))
     )
+
+
+def read_flag_events(store: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """The flag events in this store's order: created_at, then event_id. A directory has one
+    server (its ServeLock), the only writer of flag events, so one clock stamps them, and
+    compaction keeps its parts in created_at order too. `columns`: only these (plus what
+    the order needs, dropped again)."""
+    wanted = list(columns) if columns is not None else None
+    needed = None if wanted is None else list(dict.fromkeys([*wanted, "kind", "created_at", "event_id"]))
+    events = read_events(store, needed)
+    hit = pc.is_in(events["kind"], value_set=pa.array(FLAG_KINDS, pa.string()))
+    flags = events.filter(hit).sort_by([("created_at", "ascending"), ("event_id", "ascending")])
+    return flags if wanted is None else flags.select(wanted)
 
 
 def read_comparisons(store: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

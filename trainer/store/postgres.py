@@ -51,6 +51,7 @@ from trainer.store.postgres_connect import RetryingPool, connect, explain
 from trainer.store.postgres_schema import VOTE_CONFLICT, has_events_table, migrate
 from trainer.store.record import (
     FIELDS,
+    FLAG_KINDS,
     SCHEMA,
     RecordError,
     check_columns,
@@ -129,8 +130,9 @@ class _CopyStream(io.RawIOBase):
         return n
 
 
-def _copy_to_arrow(conn, fields: list[str]) -> pa.Table:
-    """Events (only `fields`) as an Arrow table with SCHEMA's types for those fields."""
+def _copy_to_arrow(conn, fields: list[str], clause: str = "") -> pa.Table:
+    """Events (only `fields`, those `clause` picks and orders, a constant SQL tail) as an
+    Arrow table with SCHEMA's types for those fields."""
     schema = pa.schema([SCHEMA.field(f) for f in fields])
     types = {f: pa.int64() if f == "created_at" else SCHEMA.field(f).type for f in fields}
     options = dict(
@@ -142,7 +144,8 @@ def _copy_to_arrow(conn, fields: list[str]) -> pa.Table:
             column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
         ),
     )
-    query = f"COPY (SELECT {', '.join(_column(f) for f in fields)} FROM events) TO STDOUT (FORMAT csv)"
+    select = f"SELECT {', '.join(_column(f) for f in fields)} FROM events {clause}"
+    query = f"COPY ({select}) TO STDOUT (FORMAT csv)"
     with conn.cursor() as cur, cur.copy(query) as copy:
         stream = _CopyStream(copy)
         try:
@@ -154,13 +157,13 @@ def _copy_to_arrow(conn, fields: list[str]) -> pa.Table:
     return table.cast(schema)
 
 
-def _read(target: str, fields: list[str] | None) -> pa.Table:
+def _read(target: str, fields: list[str] | None, clause: str = "") -> pa.Table:
     fields = list(fields or FIELDS)
     try:
         with connect(target, 5.0) as conn:
             if not has_events_table(conn):  # a database never opened as a store: nothing in it
                 return empty_table().select(fields)
-            return _copy_to_arrow(conn, fields)
+            return _copy_to_arrow(conn, fields, clause)
     except psycopg.errors.InsufficientPrivilege as e:
         raise StorePermissionError(
             f"{describe(target)}: permission denied reading the votes "
@@ -176,6 +179,16 @@ def read_events(target: str, columns: list[str] | None = None) -> pa.Table:
     """Every event in the database (votes, retracts and flag events), unordered, with SCHEMA;
     `columns`: only these (the others are never sent by the server)."""
     return _read(target, columns)
+
+
+# Flag events in `seq` order: one sequence for every server, so two servers' clocks
+# (created_at) cannot reorder an admin's decisions. Only the flag rows travel.
+_FLAG_CLAUSE = "WHERE kind IN (" + ", ".join(f"'{k}'" for k in FLAG_KINDS) + ") ORDER BY seq"
+
+
+def read_flag_events(target: str, columns: list[str] | None = None) -> pa.Table:
+    """The flag events, in the order the database stored them (`seq`); `columns`: only these."""
+    return _read(target, columns, _FLAG_CLAUSE)
 
 
 def read_comparisons(target: str, columns: list[str] | None = None) -> pa.Table:

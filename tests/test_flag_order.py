@@ -1,0 +1,72 @@
+"""Flag events are read in the store's order, not by their writers' clocks: with two
+servers on one PostgreSQL store a skewed clock must not let an earlier decision win over
+a later one. (A directory store has one server, so one clock: its order is created_at.)"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from helpers import make_pairs, vote_record
+
+from annotate.queue import AssignmentQueue
+from trainer.flags import (
+    confirmed_flags,
+    decision_record,
+    flag_record,
+    flag_states,
+    read_counted_votes,
+    read_flag_events,
+)
+from trainer.store import open_store
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+RULE_ROW = {"annotator": "mallory", "gold_n": 4, "gold_correct": 0, "flag_rule": True}
+
+
+def skewed_decisions(store) -> None:
+    """flag, then a confirm from a server whose clock runs 10 s fast, then a clear from
+    one whose clock runs right: stored in that order, stamped confirm-last."""
+    raised = store.append({**flag_record(RULE_ROW, min_failed_gold=2, flag_below=0.6), "created_at": T0})
+    confirm = decision_record("flag_confirm", "mallory", "boss", raised["event_id"])
+    store.append({**confirm, "created_at": T0 + timedelta(seconds=10)})
+    clear = decision_record("flag_clear", "mallory", "other-admin", raised["event_id"], "wrong call")
+    store.append({**clear, "created_at": T0 + timedelta(seconds=5)})
+
+
+@pytest.mark.usefixtures("postgres_server")
+def test_on_postgresql_the_later_stored_decision_wins_over_a_later_stamped_one(pg_url):
+    from trainer.store.postgres import PostgresStore
+
+    with PostgresStore(pg_url) as store:
+        store.append(vote_record(annotator="mallory"))
+        queue = AssignmentQueue(shared=store)
+        votes, cursor = store.snapshot()
+        queue.restore(votes, cursor=cursor)
+        skewed_decisions(store)
+        events = read_flag_events(pg_url)
+        assert [e["kind"] for e in events] == ["flag", "flag_confirm", "flag_clear"]
+        assert events[1]["created_at"] > events[2]["created_at"]  # the clocks say otherwise
+        assert flag_states(events)["mallory"]["state"] == "cleared"
+        assert confirmed_flags(events) == set()
+        counted, exclusion = read_counted_votes(pg_url)
+        assert counted.num_rows == 1 and exclusion.annotators == ()
+        queue.sync()  # what another server learns of the decisions: the same order
+        assert queue.excluded_annotators() == set()
+        fresh = AssignmentQueue()  # what a restarted server learns (annotate/serve.py)
+        fresh.learn_flags(read_flag_events(pg_url))
+        assert fresh.excluded_annotators() == set()
+
+
+def test_a_directory_orders_flags_by_its_one_clock_and_reads_only_flag_events(tmp_path):
+    data = tmp_path / "store"
+    with open_store(data) as store:
+        store.append(vote_record(annotator="mallory"))
+        skewed_decisions(store)
+    events = read_flag_events(data)
+    assert [e["kind"] for e in events] == ["flag", "flag_clear", "flag_confirm"]
+    assert confirmed_flags(events) == {"mallory"}
+    queue = AssignmentQueue(overlap=1)
+    queue.learn_flags(events)
+    queue.add(make_pairs(1))
+    assert queue.excluded_annotators() == {"mallory"}
