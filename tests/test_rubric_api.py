@@ -9,7 +9,7 @@ import signal
 import pytest
 from helpers import Server, client, write_pairs
 
-from trainer.store import read_comparisons, read_events
+from trainer.store import read_comparisons, read_events, store_exists
 
 RUBRIC = """
 [[criteria]]
@@ -55,9 +55,10 @@ def criteria_from(description: dict) -> dict:
     return out
 
 
-def test_next_describes_the_rubric_and_undo_after_a_restart_gives_the_judgments_back(tmp_path):
+@pytest.mark.parametrize("backend", ["directory", "postgresql"])
+def test_next_describes_the_rubric_and_undo_after_a_restart_gives_judgments_back(tmp_path, backend, request):
     (tmp_path / "rubric.toml").write_text(RUBRIC)
-    store = tmp_path / "store"
+    store = tmp_path / "store" if backend == "directory" else request.getfixturevalue("pg_url")
     args = ("--pairs", str(write_pairs(tmp_path / "pairs.jsonl", 4)), "--data", str(store), "--user", "solo")
     args += ("--rubric", str(tmp_path / "rubric.toml"))
     server = Server(tmp_path, *args).start()
@@ -80,7 +81,7 @@ def test_next_describes_the_rubric_and_undo_after_a_restart_gives_the_judgments_
         incomplete = {k: v for k, v in sent.items() if k != "clarity"}
         with pytest.raises(Exception, match=r"Clarity is required"):
             c.predict(pair_id, "left", "", "", incomplete, api_name="/vote")
-        assert not store.exists() or read_comparisons(store).num_rows == 0  # nothing stored
+        assert not store_exists(store) or read_comparisons(store).num_rows == 0  # nothing stored
 
         done = c.predict(pair_id, "right", "clearly", "", sent, api_name="/vote")
         assert done["ack"] is not None and done["pair"]["pair_id"] != pair_id
