@@ -135,6 +135,10 @@ class AssignmentQueue(SharedMode, QueueStatus, FlagCounting):
         self._cursor = None  # where sync goes on in the shared store (opaque)
         self._refused: dict[tuple[str, str], float] = {}  # (annotator, pair_id) -> retry after
         self.gold = None  # annotate.gold.GoldItems: checks mixed in, outside the pool (set before add)
+        # Confirmed-flagged annotators, whose votes fill no K, and each one's latest flag event
+        # kind (annotate/queue_flags.py); on the instance, as _fill reads it for every pair.
+        self._excluded: frozenset = frozenset()
+        self._flag_kinds: dict[str, str] = {}
 
     def _wanted(self, pair_id: str) -> int:
         """Votes this pair should collect: K, or one more than it had when sent back; a
@@ -281,7 +285,9 @@ class AssignmentQueue(SharedMode, QueueStatus, FlagCounting):
         """Slots of a pair that are taken: standing votes plus live leases."""
         leases = self._leases.get(pair_id)
         live = sum(1 for t in leases.values() if now - t < self.lease_s) if leases else 0
-        return self._count(pair_id) + live
+        # _count inlined for the usual case: this runs for every open pair a _pick looks at
+        counted = len(self._votes.get(pair_id, ())) if not self._excluded else self._count(pair_id)
+        return counted + live
 
     def _can_take(self, annotator: str, person: _Annotator, pair_id: str, now: float) -> bool:
         return (

@@ -26,10 +26,9 @@ from typing import Any
 
 class FlagCounting:
     """Mixed into AssignmentQueue (annotate/queue.py), which owns the state it uses:
-    `_votes`, `_pairs`, `_open`, `_wanted`, `_lock`, `_changed`."""
-
-    _excluded: frozenset = frozenset()  # confirmed-flagged annotators
-    _flag_kinds: dict | None = None  # annotator -> kind of their latest flag event
+    `_votes`, `_pairs`, `_open`, `_wanted`, `_lock`, `_changed`, and this module's
+    `_excluded` (confirmed-flagged annotators) and `_flag_kinds` (annotator -> the kind of
+    their latest flag event)."""
 
     def _count(self, pair_id: str) -> int:
         """Votes a pair has towards K: its voters less the confirmed-flagged ones."""
@@ -54,11 +53,10 @@ class FlagCounting:
             return self._learn_flags_locked(events)
 
     def _learn_flags_locked(self, events: Iterable[dict[str, Any]]) -> bool:
-        kinds = self._flag_kinds if self._flag_kinds is not None else {}
+        kinds = self._flag_kinds
         for e in events:
             if e.get("kind") in ("flag", "flag_confirm", "flag_clear") and e.get("subject"):
                 kinds[e["subject"]] = e["kind"]
-        self._flag_kinds = kinds
         excluded = frozenset(name for name, kind in kinds.items() if kind == "flag_confirm")
         if excluded == self._excluded:
             return False
