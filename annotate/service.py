@@ -72,6 +72,8 @@ class Service:
         self.local_user = local_user
         self.generator = generator  # with --model: why there is no pair yet
         self.rubric = rubric  # annotate.rubric.Rubric with --rubric: criteria beside the vote
+        # Rubric.describe, once: the views share it (JSON-able, never changed after this)
+        self._rubric_description = rubric.describe() if rubric is not None else None
 
     # ---- who is asking ---------------------------------------------------------------
 
@@ -136,6 +138,9 @@ class Service:
             "pair": pair,
             "progress": self.queue.progress(user),
             "waiting": None if a is not None else self._waiting(user),
+            # What a vote on the pair must or may carry as `criteria` (None without --rubric):
+            # in every view, so that every answer has one shape (a gold pair's included).
+            "rubric": self._rubric_description,
         }
 
     def _next(self, user: str) -> tuple[Assignment | None, str]:
@@ -148,15 +153,10 @@ class Service:
             return None, "The vote store cannot be reached right now; your next pair comes when it is back."
 
     def next(self, user: str) -> dict[str, Any]:
-        """The annotator's pair, and "rubric": what a vote on it must or may carry as
-        `criteria` (Rubric.describe; None without --rubric). Only here, not in every
-        vote's answer: a client reads it once, before its first vote."""
         a, problem = self._next(user)
         if a is not None:
             a.shown_at = self.queue.clock()  # shown (again) now: decision time starts here
-        view = self._view(user, a, ok=not problem, message=problem)
-        view["rubric"] = self.rubric.describe() if self.rubric is not None else None
-        return view
+        return self._view(user, a, ok=not problem, message=problem)
 
     # ---- acting on a pair ------------------------------------------------------------
 

@@ -85,6 +85,7 @@ def test_next_describes_the_rubric_and_undo_after_a_restart_gives_judgments_back
 
         done = c.predict(pair_id, "right", "clearly", "", sent, api_name="/vote")
         assert done["ack"] is not None and done["pair"]["pair_id"] != pair_id
+        assert done["rubric"] == description  # every answer with a pair describes the rubric
         (vote,) = read_comparisons(store).to_pylist()
         left, right = vote["left"], "b" if vote["left"] == "a" else "a"
         assert json.loads(vote["criteria"]) == {

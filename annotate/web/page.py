@@ -14,7 +14,8 @@ API, for scripts and load tests (gradio_client, logged in with auth=(user, passw
 
     client.predict(api_name="/next")  -> {"pair": {"pair_id", "prompt", "left", "right", "left_cut", "right_cut"},
                                           "progress", "rubric", ...}   (*_cut: the token limit stopped that answer;
-        rubric: None, or serve --rubric's criteria and flags, annotate/rubric.py Rubric.describe)
+        rubric: None, or serve --rubric's criteria and flags, annotate/rubric.py Rubric.describe;
+        in /vote's, /skip's and /undo's answers too)
     client.predict(pair_id, "left" | "right" | "tie" | "both_bad", "slightly" | "clearly" | "",
                    "rationale", criteria, api_name="/vote")   -> {"ack": {"event_id", ...}, "pair": next pair, ...}
         (criteria: serve --rubric's judgments as shown, {"helpful": "left", "clarity": {"left": 4,
