@@ -70,3 +70,18 @@ def test_a_directory_orders_flags_by_its_one_clock_and_reads_only_flag_events(tm
     queue.learn_flags(events)
     queue.add(make_pairs(1))
     assert queue.excluded_annotators() == {"mallory"}
+
+
+@pytest.mark.usefixtures("postgres_server")
+def test_preflab_copy_hands_a_database_the_flags_in_the_sources_order(tmp_path, pg_url):
+    """The directory's file order (confirm, then clear) is not its order (created_at:
+    clear, then confirm); the database must end up deciding as the directory does."""
+    from trainer.store.copy import copy_store
+
+    data = tmp_path / "store"
+    with open_store(data) as store:
+        store.append(vote_record(annotator="mallory"))
+        skewed_decisions(store)
+    copy_store(str(data), pg_url)
+    assert [e["kind"] for e in read_flag_events(pg_url)] == ["flag", "flag_clear", "flag_confirm"]
+    assert confirmed_flags(read_flag_events(pg_url)) == confirmed_flags(read_flag_events(data)) == {"mallory"}

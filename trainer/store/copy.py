@@ -8,10 +8,12 @@
 
 Either side is a directory or a `postgresql://` URL. Every event moves (votes and
 retracts, so undo survives the trip) with every field as it is, created_at to the
-microsecond; nothing is re-stamped. Events whose event_id the destination already has
-are skipped, so an interrupted copy is finished by running it again, and a rerun copies
-nothing. Events go in chunks through the destination's `append_many` (all-or-nothing
-each: a directory gets one part file per chunk, a database one transaction).
+microsecond; nothing is re-stamped. Flag events go last, in the source's order
+(trainer.store.read_flag_events), which is what a database destination decides by.
+Events whose event_id the destination already has are skipped, so an interrupted copy
+is finished by running it again, and a rerun copies nothing. Events go in chunks
+through the destination's `append_many` (all-or-nothing each: a directory gets one part
+file per chunk, a database one transaction).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def copy_store(
         todo = events.filter(
             pc.invert(pc.is_in(events["event_id"], value_set=pa.array(sorted(have), pa.string())))
         )
+    todo = _flags_last_in_order(todo, src)
     # Integer microseconds, not datetimes, go to append_many: no rounding on the way.
     at = todo.schema.get_field_index("created_at")
     todo = todo.set_column(at, "created_at", todo["created_at"].cast(pa.int64()))
@@ -71,6 +74,27 @@ def copy_store(
         "copied": copied,
         "skipped": events.num_rows - todo.num_rows,
     }
+
+
+def _flags_last_in_order(todo, src: str):
+    """The events with the flag events last, in the source's order (read_flag_events). A
+    database destination decides an annotator's flag state by its own insertion order
+    (seq), so it must receive them in the order the source decides by; votes and retracts
+    mean the same in any order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from trainer.store import read_flag_events
+    from trainer.store.record import FLAG_KINDS
+
+    is_flag = pc.is_in(todo["kind"], value_set=pa.array(FLAG_KINDS, pa.string()))
+    flags = todo.filter(is_flag)
+    if flags.num_rows == 0:
+        return todo
+    rank = {eid: i for i, eid in enumerate(read_flag_events(src, ["event_id"])["event_id"].to_pylist())}
+    ids = flags["event_id"].to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: rank.get(ids[i], len(rank)))
+    return pa.concat_tables([todo.filter(pc.invert(is_flag)), flags.take(order)])
 
 
 # ---- `preflab copy` ------------------------------------------------------------------
