@@ -96,6 +96,8 @@ class Service:
                 message = status["message"]
                 if status["state"] == "generating" and status.get("last_batch_s"):
                     message += f"; the last batch took {status['last_batch_s']:.0f}s"
+                if status.get("endpoint_error"):  # a model behind an endpoint failed: its pair dropped
+                    message += f"; {status['endpoint_error']} (that pair was dropped)"
                 return {
                     "state": status["state"],
                     "message": message,
