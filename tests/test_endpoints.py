@@ -109,14 +109,16 @@ def entry(base: str, model: str = "tiny", **extra) -> dict:
     return {"model_name": model, "api_type": "openai", "api_base": base, "anony_only": False, **extra}
 
 
-def endpoints_file(path: Path, model_server=None, failing=None, **more) -> Path:
+def endpoints_file(path: Path, model_server=None, failing=None, concurrency=1, **more) -> Path:
+    """ep-tiny: the model server (at `concurrency`: above 1 its sampled answers share
+    torch's generator, and a seed no longer says what they are); ep-500: the failing one."""
     entries = dict(more)
     if model_server is not None:
         entries["ep-tiny"] = entry(
             model_server.base,
             api_key_env="PREFLAB_EP_KEY",
             recommended_config={"temperature": 0.5, "top_p": 1.0},
-            concurrency=2,
+            concurrency=concurrency,
             max_retries=0,  # the semaphore must keep us within the server's 2 slots on its own
         )
     if failing is not None:
@@ -278,7 +280,8 @@ def test_the_semaphore_keeps_two_callers_within_the_servers_slots(model_server, 
     from trainer.endpoints import load_endpoints
 
     monkeypatch.setenv("PREFLAB_EP_KEY", KEY)
-    model = EndpointModel(load_endpoints(endpoints_file(tmp_path / "e.json", model_server))["ep-tiny"])
+    path = endpoints_file(tmp_path / "e.json", model_server, concurrency=2)
+    model = EndpointModel(load_endpoints(path)["ep-tiny"])
     results = [None, None]
 
     def ask(k):
