@@ -221,6 +221,11 @@ def test_whole_file_errors_and_what_is_accepted(tmp_path, monkeypatch):
     assert eps["open"].api_key == "EMPTY"  # no key: never $OPENAI_API_KEY sent to a server not named for it
     assert "sk-literal" not in repr(eps) and KEY not in repr(eps)
 
+    # The README's example file is one that loads.
+    monkeypatch.setenv("VLLM_API_KEY", KEY)
+    example = load_endpoints(helpers.REPO / "examples" / "api_endpoints.json")
+    assert example["llama-3.1-8b"].concurrency == 8 and example["policy-1"].api_key == "EMPTY"
+
 
 def test_commands_report_a_bad_file_and_a_missing_extra(tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p0", "prompt": "Hi."}])

@@ -76,7 +76,7 @@ HELP = (
     "a JSON file of models behind OpenAI-compatible servers (vLLM, `preflab serve-model`, ...) in "
     "FastChat's api_endpoints.json format: display name -> {model_name, api_base, api_type 'openai', "
     "api_key or api_key_env, anony_only, recommended_config}. Its display names can then be given "
-    "to --model; other names load in-process as before"
+    "wherever a model is named (--model; eval-policy's --reference); other names load in-process as before"
 )
 
 
