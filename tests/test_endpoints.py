@@ -474,3 +474,38 @@ def test_serve_reports_a_failing_endpoint_on_the_page_and_stores_nothing(failing
     from trainer.store import read_comparisons, store_exists
 
     assert not store_exists(store) or read_comparisons(store).num_rows == 0
+
+
+def test_eval_policy_against_an_endpoint_reference(model_server, failing, tmp_path):
+    """`eval-policy --reference ep-tiny`: the reference answers from its server and
+    eval.json names it; a reference whose every answer fails is one line, exit 2."""
+    import shutil
+
+    from helpers import train_tiny_reward_run
+
+    from trainer.models import tiny_model_dir
+    from trainer.runs import CONFIG_FILE, EVAL_FILE, POLICY_DIR
+
+    rm = train_tiny_reward_run(tmp_path / "runs")
+    run = tmp_path / "runs" / "policy-ep"
+    shutil.copytree(tiny_model_dir(), run / POLICY_DIR)  # the policy: the tiny model itself
+    config = {"kind": "policy", "config": {"model": "tiny", "max_new_tokens": 6, "temperature": 0.9}}
+    (run / CONFIG_FILE).write_text(json.dumps(config))
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt": f"Name a fruit {i}."} for i in range(3)]
+    )
+    eps = endpoints_file(tmp_path / "e.json", model_server, failing)
+    env = helpers.child_env(PREFLAB_EP_KEY=KEY)
+    common = ("eval-policy", "--policy", run, "--reward", rm, "--prompts", prompts, "--endpoints", eps,
+              "--device", TRAIN_DEVICE)  # fmt: skip
+    r = preflab(*common, "--reference", "ep-tiny", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    record = json.loads((run / EVAL_FILE).read_text())
+    assert record["reference"] == "ep-tiny" and record["prompts"] == 3 and "failed_prompts" not in record
+    assert record["reference_endpoint"] == {"temperature": 0.5, "top_p": 1.0, "max_new_tokens": 6, "seed": 0,
+                                            "endpoint": "ep-tiny", "model_name": "tiny"}  # fmt: skip
+    assert KEY not in (run / EVAL_FILE).read_text() + r.stdout + r.stderr
+
+    r = preflab(*common, "--reference", "ep-500", env=env, timeout=300)
+    assert r.returncode == 2 and "every answer failed: endpoint 'ep-500'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and KEY not in r.stderr
