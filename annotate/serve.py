@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.store import describe, is_database
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per request otherwise
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3"):  # a line per request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     check_flags(args)
     check_port(args.host, args.port)  # before anything is opened or created

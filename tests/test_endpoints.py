@@ -509,3 +509,18 @@ def test_eval_policy_against_an_endpoint_reference(model_server, failing, tmp_pa
     r = preflab(*common, "--reference", "ep-500", env=env, timeout=300)
     assert r.returncode == 2 and "every answer failed: endpoint 'ep-500'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and KEY not in r.stderr
+
+
+def test_a_literal_key_in_a_file_others_can_read_is_warned_about(tmp_path, caplog):
+    from trainer.endpoints import load_endpoints
+
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"m": {**GOOD, "api_key": KEY}}))
+    for mode, warned in ((0o600, False), (0o644, True)):
+        path.chmod(mode)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="preflab.endpoints"):
+            load_endpoints(path)
+        text = caplog.text
+        assert ("other users may read it" in text) is warned, (oct(mode), text)
+        assert KEY not in text

@@ -38,14 +38,18 @@ default 4), `timeout` (seconds without a byte from the server, default 60), `max
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from trainer.errors import PreflabError
 from trainer.rows import text_problem
+
+log = logging.getLogger("preflab.endpoints")
 
 EXTRA = "endpoints"  # pyproject's install extra that brings the openai package
 API_TYPES = ("openai",)
@@ -141,7 +145,16 @@ def load_endpoints(path: str | os.PathLike | None) -> dict[str, Endpoint]:
         raise EndpointsError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not data:
         raise EndpointsError(f"{path}: must be a JSON object of display name -> endpoint, with at least one")
-    return {name: _entry(path, name, entry) for name, entry in data.items()}
+    endpoints = {name: _entry(path, name, entry) for name, entry in data.items()}
+    literal = [name for name, entry in data.items() if isinstance(entry, dict) and entry.get("api_key")]
+    if literal and os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning(
+            "%s holds an api_key (%s) and other users may read it: chmod 600 it, or name an "
+            "environment variable with api_key_env instead",
+            path,
+            ", ".join(literal),
+        )
+    return endpoints
 
 
 def _entry(path, name: str, entry) -> Endpoint:
