@@ -75,7 +75,7 @@ class Generator(threading.Thread):
     the trainer.endpoint_client.EndpointModel that answers for it (`--endpoints`): a pair
     with an answer whose request failed is dropped (logged, and in status()'s
     "endpoint_error" for the page), its prompt drawn again, and a model that failed is
-    passed over for COOL_DOWN_S wherever two others can answer.
+    passed over for trainer.endpoint_client.COOL_DOWN_S wherever two others can answer.
     """
 
     def __init__(

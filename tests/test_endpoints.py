@@ -466,7 +466,9 @@ def test_serve_reports_a_failing_endpoint_on_the_page_and_stores_nothing(failing
         log = server.output()
     assert view["pair"] is None
     message = view["waiting"]["message"]
-    assert "endpoint 'ep-500' (fail-500 at " in message and "HTTP 500" in message and "dropped" in message
+    # The local user is the admin: told which model failed (an annotator is not: the arena is anonymous).
+    assert "endpoint 'ep-500' (fail-500 at " in message and "HTTP 500" in message
+    assert "that pair was dropped and is made again" in message
     assert "endpoint 'ep-500'" in log and "its pair is dropped" in log
     assert KEY not in message and KEY not in log
     kept = [line for f in (store / "pairs").glob("*.jsonl") for line in f.read_text().splitlines()]
@@ -524,3 +526,28 @@ def test_a_literal_key_in_a_file_others_can_read_is_warned_about(tmp_path, caplo
         text = caplog.text
         assert ("other users may read it" in text) is warned, (oct(mode), text)
         assert KEY not in text
+
+
+def test_only_an_admin_is_told_which_model_failed(tmp_path):
+    """The waiting message names the failed endpoint to an admin; an annotator learns that
+    a model's server failed, not which one (the arena's models stay anonymous to them)."""
+    from helpers import add_users
+
+    from annotate.accounts import Accounts
+    from annotate.pair_generator import Generator
+    from annotate.queue import AssignmentQueue
+    from annotate.service import Service
+    from trainer.store.directory_writer import DirectoryStore
+
+    add_users(tmp_path / "users.toml", ann="annotator", boss="admin")
+    queue = AssignmentQueue()
+    gen = Generator(["tiny"], [], queue, cache_dir=None)
+    problem = "endpoint 'gpt-x' (gpt-x at http://10.0.0.7:8000/v1): HTTP 500: boom"
+    gen._set(state="generating", message="generating pair 1 of 4", endpoint_error=problem)
+    with DirectoryStore(tmp_path / "store") as store:
+        service = Service(store, queue, data=tmp_path / "store", accounts=Accounts(tmp_path / "users.toml"),
+                          generator=gen)  # fmt: skip
+        boss, ann = (service.next(user)["waiting"]["message"] for user in ("boss", "ann"))
+    assert problem in boss and "that pair was dropped and is made again" in boss
+    assert "gpt-x" not in ann and "10.0.0.7" not in ann
+    assert "a model's server failed" in ann and "that pair was dropped and is made again" in ann
