@@ -98,8 +98,9 @@ class Service:
                     message += f"; the last batch took {status['last_batch_s']:.0f}s"
                 if status.get("endpoint_error"):  # a model behind an endpoint failed: its pair dropped
                     # Only an admin is told which: to annotators the arena's models stay anonymous.
-                    admin = role_of(user, self.accounts, self.local_user) == ADMIN
-                    which = status["endpoint_error"] if admin else "a model's server failed (see the server log)"
+                    which = "a model's server failed (see the server log)"
+                    if role_of(user, self.accounts, self.local_user) == ADMIN:
+                        which = status["endpoint_error"]
                     message += f"; {which}: that pair was dropped and is made again"
                 return {
                     "state": status["state"],
