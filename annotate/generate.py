@@ -10,7 +10,11 @@ lines the annotation app serves:
     prompt_id     the pool's id for the prompt
     gen_params    JSON string: {"a": {sampling settings}, "b": {...}}; each side's settings
                   say "pregenerated": true (made by this command, not by a running
-                  server) and "cut": true where the token limit stopped the answer
+                  server) and "cut": true where the token limit stopped the answer; a
+                  side from an endpoint (--endpoints) also "endpoint" (its display name)
+                  and "model_name" (the server's name), with its recommended_config's
+                  settings where it has one. A pair with an answer whose request failed
+                  is left out, with a warning saying why.
 
 With one model the two candidates are two samples with different seeds (seed, seed+1);
 with several, each prompt gets a random pair of two different models (drawn with the
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from annotate.model_loading import announce_conversion, load_announced, quiet_transformers
 from annotate.pair_building import make_pair, plan_sides, write_jsonl_atomic
+from trainer import endpoints
 from trainer.models import DEFAULT_MODEL, canonical_name
 from trainer.runs import CONFIG_FILE
 
@@ -146,6 +151,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         help="sequences generated together (lower it if memory runs out)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    endpoints.add_argument(p)
     add_load_arguments(p)
 
 
@@ -171,9 +177,11 @@ def print_pairs(rows: list[dict]) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from trainer.models import ModelLoadError, check_model, generate_answers
+    from trainer.endpoint_client import EndpointFailure, answers_of, connect, side_params
+    from trainer.models import ModelLoadError, check_model
     from trainer.prompts import PromptPoolError, load_prompt_pool
 
+    remote = connect(endpoints.load_endpoints(args.endpoints))  # a bad file: error now (exit 2)
     try:
         pool = load_prompt_pool(args.prompts)
     except PromptPoolError as e:
@@ -184,11 +192,13 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"  {problem}", file=sys.stderr)
     prompts = pool.prompts[: args.limit] if args.limit else pool.prompts
 
-    # The recorded name of a model is its canonical one; a model named twice counts once.
-    model_names = list(dict.fromkeys(canonical_name(m) for m in (args.model or [DEFAULT_MODEL])))
+    # The recorded name of a model is its canonical one (an endpoint's: its display name);
+    # a model named twice counts once.
+    given = args.model or [DEFAULT_MODEL]
+    model_names = list(dict.fromkeys(m if m in remote else canonical_name(m) for m in given))
     quiet_transformers()
     try:
-        for name in model_names:  # fail on a bad name now, not after an hour of sampling
+        for name in [n for n in model_names if n not in remote]:  # a bad name: now, not in an hour
             announce_conversion(name, args.cache_dir)
             check_model(name, args.cache_dir)
     except ModelLoadError as e:
@@ -201,39 +211,45 @@ def run_generate(args: argparse.Namespace) -> int:
     for i, pair in enumerate(sides):
         for side in pair:
             jobs.setdefault(side, []).append(i)
-    answers: dict = {}  # (prompt index, (model, seed)) -> trainer.models.Answer
+    answers: dict = {}  # (prompt index, (model, seed)) -> trainer.models.Answer or EndpointFailure
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     for name in model_names:
-        model, tokenizer = load_announced(name, device=args.device, cache_dir=args.cache_dir)
+        source = remote.get(name) or load_announced(name, device=args.device, cache_dir=args.cache_dir)
         for (job_model, seed), indices in sorted(jobs.items()):
             if job_model != name:
                 continue
-            texts = generate_answers(
-                model,
-                tokenizer,
+            texts = answers_of(
+                source,
                 [prompts[i].messages for i in indices],
-                n=1,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
                 seed=seed,
                 batch_size=args.batch_size,
                 progress=not args.no_progress,
+                **sampling,
             )
-            for i, (answer,) in zip(indices, texts):
+            for i, answer in zip(indices, texts):
                 answers[i, (name, seed)] = answer
-        del model, tokenizer  # free the memory before the next model loads
+        del source  # an in-process model's memory is freed before the next one loads
 
+    failed = [a for a in answers.values() if isinstance(a, EndpointFailure)]
+    for problem in dict.fromkeys(map(str, failed)):
+        print(f"warning: {problem}; that pair is left out", file=sys.stderr)
+    kept = [
+        i
+        for i, (x, y) in enumerate(sides)
+        if not any(isinstance(answers[i, s], EndpointFailure) for s in (x, y))
+    ]
+    if not kept:
+        print(f"error: no pair could be made ({len(failed)} answers failed)", file=sys.stderr)
+        return 1
     rows = []
-    for i, (x, y) in enumerate(sides):
+    for i in kept:
+        x, y = sides[i]
         side_dicts = [
             {
                 "model": m,
                 "response": answers[i, (m, s)].text,
                 "params": {
-                    "temperature": args.temperature,
-                    "top_p": args.top_p,
-                    "max_new_tokens": args.max_new_tokens,
-                    "seed": s,
+                    **side_params(remote.get(m), sampling, s),
                     # Votes on these answers record that they were made ahead of time (a
                     # server may serve them as if its generator had: annotate/pregenerated.py).
                     "pregenerated": True,
@@ -254,7 +270,10 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     if args.out:
         write_jsonl_atomic(Path(args.out), rows)
-        print(f"wrote {len(rows)} pairs to {args.out}", file=sys.stderr)
+        left_out = (
+            f" ({len(sides) - len(rows)} left out: an endpoint failed)" if len(rows) < len(sides) else ""
+        )
+        print(f"wrote {len(rows)} pairs to {args.out}{left_out}", file=sys.stderr)
     else:
         print_pairs(rows)
     return 0

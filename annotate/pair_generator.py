@@ -71,7 +71,11 @@ class Generator(threading.Thread):
     next few pairs. A generator that had finished starts again for them.
 
     `sources` maps a model's name (what votes record) to what loads it, where the two
-    differ (`--model runs/<id>/policy` is recorded as `<id>`).
+    differ (`--model runs/<id>/policy` is recorded as `<id>`). `endpoints` maps a name to
+    the trainer.endpoint_client.EndpointModel that answers for it (`--endpoints`): a pair
+    with an answer whose request failed is dropped (logged, and in status()'s
+    "endpoint_error" for the page), its prompt drawn again, and a model that failed is
+    passed over for trainer.endpoint_client.COOL_DOWN_S wherever two others can answer.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Generator(threading.Thread):
         model_cache_dir: str | None = None,
         newcomer_share: float = 0.5,
         sources: dict[str, str] | None = None,
+        endpoints: dict | None = None,
     ):
         super().__init__(name="preflab-generator", daemon=True)
         self.model_names = list(dict.fromkeys(model_names))
@@ -133,6 +138,7 @@ class Generator(threading.Thread):
         # What each model id loads, the rounds the server started with, and the models
         # added at runtime (add_model), in order.
         self.sources: dict[str, str] = {name: (sources or {}).get(name, name) for name in self.model_names}
+        self.endpoints = dict(endpoints or {})
         self._base_models = list(self.model_names)
         self._base_rounds = rounds
         self._added: list[str] = []
@@ -227,7 +233,8 @@ class Generator(threading.Thread):
             return (track, seed), (rng.choice(others), seed)
         if len(self._base_models) == 1:
             return (self._base_models[0], seed), (self._base_models[0], seed + 1)
-        return tuple((m, seed) for m in rng.sample(self._base_models, 2))
+        healthy = [m for m in self._base_models if not getattr(self._loaded.get(m), "cooling_down", False)]
+        return tuple((m, seed) for m in rng.sample(healthy if len(healthy) >= 2 else self._base_models, 2))
 
     def _track_of(self, pair: Pair) -> str | None:
         """Which rounds a pair belongs to: the newcomer its gen_params name (written since
@@ -376,6 +383,9 @@ class Generator(threading.Thread):
             ]
             total = len(self.model_names)
         for k, name, source in todo:
+            if name in self.endpoints:  # answered by its server: nothing to load
+                self._loaded[name] = self.endpoints[name]
+                continue
             self._set(state="loading", message=f"loading model {name} ({k}/{total})")
             self._loaded[name] = models.load_model(source, device=self.device, cache_dir=self.model_cache_dir)
 
@@ -383,7 +393,7 @@ class Generator(threading.Thread):
         from transformers.utils import logging as hf_logging
 
         from annotate.pair_building import make_pair
-        from trainer import models
+        from trainer.endpoint_client import EndpointFailure, answers_of, side_params
 
         hf_logging.disable_progress_bar()  # the page shows progress; the log needs no bars
         hf_logging.set_verbosity_error()
@@ -426,26 +436,31 @@ class Generator(threading.Thread):
             for i, pair_sides in enumerate(sides):
                 for side in pair_sides:
                     rows_of.setdefault(side, []).append(i)
-            answers: dict[tuple[int, str, int], models.Answer] = {}
+            answers: dict[tuple[int, str, int], Any] = {}  # trainer.models.Answer or EndpointFailure
             for (name, s), indices in sorted(rows_of.items()):
-                model, tokenizer = loaded[name]
-                texts = models.generate_answers(
-                    model,
-                    tokenizer,
+                texts = answers_of(
+                    loaded[name],
                     [batch[i].messages for i in indices],
-                    n=1,
                     seed=s,
                     batch_size=self.batch_size,
-                    progress=False,
                     stop=self._stop_event,
                     **self.sampling,
                 )
-                for i, (answer,) in zip(indices, texts):
+                for i, answer in zip(indices, texts):
                     answers[i, name, s] = answer
                 if self._stop_event.is_set():
                     return
+            problems = [(i, str(a)) for (i, _, _), a in answers.items() if isinstance(a, EndpointFailure)]
+            failed = {i for i, _ in problems}
+            for problem in dict.fromkeys(p for _, p in problems):
+                log.warning("%s; its pair is dropped and its prompt drawn again", problem)
+            self._set(endpoint_error=problems[0][1] if problems else None)
+            if failed and len(failed) == len(sides):  # nothing came: do not hammer a server that is down
+                self._stop_event.wait(5.0)
+            keep = [i for i in range(len(sides)) if i not in failed]
             new = []
-            for i, (x, y) in enumerate(sides):
+            for i in keep:
+                x, y = sides[i]
                 row = make_pair(
                     batch[i],
                     *[
@@ -454,8 +469,7 @@ class Generator(threading.Thread):
                             "response": answers[i, m, s].text,
                             # "cut": the token limit stopped it; the page says so next to it
                             "params": {
-                                **self.sampling,
-                                "seed": s,
+                                **side_params(loaded[m], self.sampling, s),
                                 **({"cut": True} if answers[i, m, s].cut else {}),
                                 # the newcomer whose rounds this pair belongs to (a restart reads it back)
                                 **({"newcomer": jobs[i][1]} if jobs[i][1] is not None else {}),
@@ -465,6 +479,7 @@ class Generator(threading.Thread):
                     ],
                 )
                 new.append(pair_from_row(row))
+            jobs = [jobs[i] for i in keep]
             self._append_cache(new)
             for prompt, track in jobs:
                 key = (track, prompt.id)

@@ -27,6 +27,16 @@ from trainer.store.errors import VoteConflict
 log = logging.getLogger("preflab.queue")
 
 
+def sync_forever(queue, stop, every_s: float = 1.5) -> None:
+    """`queue.sync()` every `every_s` seconds until the threading.Event `stop` is set
+    (a thread of `preflab serve` on a PostgreSQL store)."""
+    while not stop.wait(every_s):
+        try:
+            queue.sync()
+        except Exception as e:  # the database away for a moment: the next round catches up
+            log.warning("sync with the shared store failed (%s); retrying", e)
+
+
 class SharedMode:
     """The database's side of AssignmentQueue (see the module docstring)."""
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from annotate import gold, rubric
 from annotate.sessions import DEFAULT_IDLE_S
+from trainer import endpoints
 from trainer.errors import PreflabError
 from trainer.prompts import DEFAULT_PROMPTS
 
@@ -59,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="sample pairs from this model in the background (once: two samples per "
         "prompt; repeated: arena, a random pair of different models per prompt)",
     )
+    endpoints.add_argument(src)
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), metavar="FILE", help="prompt pool for --model")
     p.add_argument(
         "--data",
@@ -288,9 +290,9 @@ def _fill_from_pairs_file(args: argparse.Namespace, queue) -> None:
     log.info("%s: %d pairs loaded, %d rows skipped", args.pairs, len(pairs), len(problems))
 
 
-def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
+def _generator(args: argparse.Namespace, queue, state_dir: Path, votes, remote: dict):
     """The background generator of --model, with the arena restored and its cached
-    pairs in the queue."""
+    pairs in the queue; `remote`: the --endpoints models by display name."""
     from annotate.arena import arena_name, restore_arena  # policies added from the Train tab earlier
     from annotate.pair_generator import Generator, default_max_new_tokens
     from annotate.pregenerated import head_start
@@ -299,12 +301,13 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
 
     try:
         pool = load_prompt_pool(args.prompts)
-        # name votes record -> what loads it (runs/<id>/policy is recorded as <id>)
+        # name votes record -> what loads it (runs/<id>/policy is recorded as <id>); an
+        # endpoint's display name is recorded as it is
         sources = {}
         for m in args.model:
-            sources.setdefault(arena_name(m), m)
+            sources.setdefault(m if m in remote else arena_name(m), m)
         names = list(sources)
-        for name in names:  # a bad name fails now, not in the background thread
+        for name in set(names) - set(remote):  # a bad name fails now, not in the background thread
             check_model(sources[name], args.cache_dir)
     except (PromptPoolError, ModelLoadError) as e:
         raise ServeError(str(e)) from None
@@ -334,6 +337,7 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes):
         model_cache_dir=args.cache_dir,
         newcomer_share=args.newcomer_share,
         sources=sources,
+        endpoints={name: remote[name] for name in names if name in remote},
     )
     for note in restore_arena(generator, state_dir):
         log.info("%s", note)
@@ -361,6 +365,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     from annotate.sampling import make_sampler
     from annotate.service import Service
     from annotate.user_admin import UserAdmin
+    from trainer.endpoint_client import connect
     from trainer.store import is_database, open_store
 
     # --sampling uncertain: checks the reward run now (SamplingError), loads no model yet.
@@ -370,6 +375,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     accounts, guidelines = _accounts_and_guidelines(args)
     gold_items = gold.gold_items(args)  # a bad gold file stops us before the store is opened or created
     criteria = rubric.rubric_from_args(args)  # so does a bad rubric (RubricError)
+    remote = connect(endpoints.load_endpoints(args.endpoints))  # and a bad endpoints file
     state_dir, votes, cursor = _open_store(args, opened)
     shared = is_database(args.data)
     queue = AssignmentQueue(overlap=args.overlap, shared=opened.store if shared else None)
@@ -378,7 +384,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     if args.pairs:
         _fill_from_pairs_file(args, queue)
     else:
-        generator = _generator(args, queue, state_dir, votes)
+        generator = _generator(args, queue, state_dir, votes, remote)
     if sampler is not None:  # scores the pool in the background; a generator's batches before they join it
         sampler.attach(queue, generator)
     if opened.store is None:
@@ -426,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.store import describe, is_database
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per request otherwise
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3"):  # a line per request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     check_flags(args)
     check_port(args.host, args.port)  # before anything is opened or created
@@ -445,8 +451,10 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if is_database(args.data):  # fold in the other servers' votes every second or two
+        from annotate.queue_shared import sync_forever
+
         threading.Thread(
-            target=_sync_forever, args=(ctx.queue, stop), daemon=True, name="preflab-sync"
+            target=sync_forever, args=(ctx.queue, stop), daemon=True, name="preflab-sync"
         ).start()
     auth, app_kwargs, logins = request_guards(args, accounts, ctx.service.local_user)
     try:
@@ -490,14 +498,6 @@ def run(args: argparse.Namespace) -> int:
             logins.close()
         opened.close()
     return 0
-
-
-def _sync_forever(queue, stop: threading.Event, every_s: float = 1.5) -> None:
-    while not stop.wait(every_s):
-        try:
-            queue.sync()
-        except Exception as e:  # the database away for a moment: the next round catches up
-            log.warning("sync with the shared store failed (%s); retrying", e)
 
 
 def _login_name() -> str:

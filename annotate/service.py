@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from annotate.accounts import Accounts, identify, require_admin, role_of
+from annotate.accounts import ADMIN, Accounts, identify, require_admin, role_of
 from annotate.pair_generator import Generator
 from annotate.pairs import MAX_NAME_CHARS
 from annotate.queue import Assignment, AssignmentQueue, StaleVote
@@ -98,6 +98,12 @@ class Service:
                 message = status["message"]
                 if status["state"] == "generating" and status.get("last_batch_s"):
                     message += f"; the last batch took {status['last_batch_s']:.0f}s"
+                if status.get("endpoint_error"):  # a model behind an endpoint failed: its pair dropped
+                    # Only an admin is told which: to annotators the arena's models stay anonymous.
+                    which = "a model's server failed (see the server log)"
+                    if role_of(user, self.accounts, self.local_user) == ADMIN:
+                        which = status["endpoint_error"]
+                    message += f"; {which}: that pair was dropped and is made again"
                 return {
                     "state": status["state"],
                     "message": message,

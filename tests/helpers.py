@@ -14,6 +14,7 @@ two test files share lives here.
     input files     write_jsonl, write_pairs (XSS_LEFT, XSS_RIGHT), make_pairs, banana_rows
     a voting team   TEAM, team_votes(n_pairs): hidden-rule votes of careful, random, adversarial members
     a server        Server, add_users, client, raw_get (free ports: trainer.store.pg_testserver.free_port)
+    a model server  ModelServer: `preflab serve-model tiny` and openai clients of it
     the browser     CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, login(browser, url, user),
                     ARTIFACTS, screenshot(page, name) (PNGs under test-artifacts/screenshots/)
     trainer runs    TINY, banana_store, train_tiny_reward_run, fake_run, sigterm_mid_run
@@ -338,6 +339,68 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class ModelServer:
+    """`python -m annotate.cli serve-model tiny ARGS` as a real process on a free port
+    (on TRAIN_DEVICE), and openai clients of it.
+
+        with ModelServer(tmp_path, "--max-new-tokens", "16") as server:
+            server.client().chat.completions.create(model="tiny", messages=...)
+    """
+
+    key = "-"  # what client() sends unless told otherwise
+
+    def __init__(self, tmp, *args, env=None):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = tmp / f"serve-model-{self.port}.log"
+        # The device the test's own reference generation uses too (sampling differs across devices).
+        self.args = ["tiny", "--port", str(self.port), "--device", TRAIN_DEVICE, *args]
+        self.env = child_env(**(env or {}))
+
+    def __enter__(self):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "annotate.cli", "serve-model", *self.args],
+            cwd=REPO,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve-model exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                urllib.request.urlopen(self.base + "/models", timeout=2).close()
+                return self
+            except urllib.error.HTTPError:  # 401 without a key: it is up
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"serve-model did not answer:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kwargs):
+        import openai
+
+        kwargs.setdefault("api_key", self.key)
+        kwargs.setdefault("max_retries", 0)
+        kwargs.setdefault("timeout", 60)
+        return openai.OpenAI(base_url=self.base, **kwargs)
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
 
 
 def client(url: str, user: str | None = None):

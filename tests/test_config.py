@@ -241,6 +241,7 @@ def test_eval_policy_flags_come_from_its_dataclass():
         "--temperature",
         "--seed",
         "--device",
+        "--endpoints",
     ]
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --policy is required

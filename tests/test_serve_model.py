@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 
+import helpers
 import pytest
-from helpers import REPO, TRAIN_DEVICE, child_env, free_port, preflab
+from helpers import TRAIN_DEVICE, preflab
 
 openai = pytest.importorskip("openai")
 
@@ -31,55 +29,8 @@ WITH_KEY = ("--api-key-env", "PREFLAB_TEST_KEY")
 LONG = 1500  # tokens: a generation that outlives the client's patience
 
 
-class ModelServer:
-    def __init__(self, tmp, *args, env=None):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}/v1"
-        self.log_path = tmp / f"serve-model-{self.port}.log"
-        # The device the test's own reference generation uses too (sampling differs across devices).
-        self.args = ["tiny", "--port", str(self.port), "--device", TRAIN_DEVICE, *args]
-        self.env = child_env(**(env or {}))
-
-    def __enter__(self):
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "annotate.cli", "serve-model", *self.args],
-            cwd=REPO,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve-model exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                urllib.request.urlopen(self.base + "/models", timeout=2).close()
-                return self
-            except urllib.error.HTTPError:  # 401 without a key: it is up
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"serve-model did not answer:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def client(self, **kwargs):
-        kwargs.setdefault("api_key", KEY)
-        kwargs.setdefault("max_retries", 0)
-        kwargs.setdefault("timeout", 60)
-        return openai.OpenAI(base_url=self.base, **kwargs)
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+class ModelServer(helpers.ModelServer):
+    key = KEY
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import add_config_arguments
+from trainer.endpoints import HELP as ENDPOINTS_HELP
 from trainer.errors import exit_code
 from trainer.intervals import wilson_interval  # here too for its callers: stats, reward_metrics
 from trainer.runs import EVAL_FILE, HELDOUT_FILE, read_json, write_json
@@ -57,37 +58,44 @@ def evaluate_policy(
     device=None,
     batch_size: int = 16,
     progress: bool = False,
+    endpoints: dict | None = None,
 ) -> dict:
     """Win rate of `policy` over `reference` (model dirs or names) under `reward_model`
-    (a trainer.reward_model.RewardModel) on `conversations`. Loads one model at a time."""
+    (a trainer.reward_model.RewardModel) on `conversations`. Loads one model at a time.
+    `endpoints` ({display name: trainer.endpoint_client.EndpointModel}): a side named
+    there is answered by its server; a prompt on which its request failed is left out
+    (counted in "failed_prompts", the first reasons in "failures")."""
     import gc
 
     import torch
 
-    from trainer.models import generate, load_model
+    from trainer.endpoint_client import EndpointFailure, answers_of, side_params
+    from trainer.models import load_model
 
+    endpoints = endpoints or {}
     answers = {}
-    for side, source in (("policy", policy), ("reference", reference)):
-        model, tokenizer = load_model(str(source), device=device)
-        answers[side] = [
-            a[0]
-            for a in generate(
-                model,
-                tokenizer,
-                conversations,
-                n=1,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                batch_size=batch_size,
-                progress=progress,
-            )
-        ]
-        del model
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    for side, name in (("policy", policy), ("reference", reference)):
+        source = endpoints.get(str(name)) or load_model(str(name), device=device)
+        answers[side] = answers_of(
+            source, conversations, seed=seed, batch_size=batch_size, progress=progress, **sampling
+        )
+        del source
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    failures = [a for side in answers.values() for a in side if isinstance(a, EndpointFailure)]
+    kept = [
+        i
+        for i in range(len(conversations))
+        if not any(isinstance(answers[s][i], EndpointFailure) for s in answers)
+    ]
+    if failures and not kept:
+        raise EndpointFailure(f"every answer failed: {failures[0]}")
+    failed_prompts = len(conversations) - len(kept)
+    failures = list(dict.fromkeys(map(str, failures)))[:5]  # JSON-able, each reason once
+    conversations = [conversations[i] for i in kept]
+    answers = {side: [texts[i].text for i in kept] for side, texts in answers.items()}
     ours = reward_model.score(conversations, answers["policy"])
     theirs = reward_model.score(conversations, answers["reference"])
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs))
@@ -105,6 +113,13 @@ def evaluate_policy(
             "top_p": top_p,
             "seed": seed,
         },
+        # what each endpoint side sampled with (its recommended_config), and what failed
+        **{
+            f"{side}_endpoint": side_params(endpoints[str(name)], sampling, seed)
+            for side, name in (("policy", policy), ("reference", reference))
+            if str(name) in endpoints
+        },
+        **({"failed_prompts": failed_prompts, "failures": failures} if failed_prompts else {}),
         "examples": [
             {
                 "prompt": c,
@@ -154,7 +169,11 @@ class EvalConfig:
     )
     reference: str | None = field(
         default=None,
-        metadata={"help": "the model to beat (default: the policy's starting model)", "metavar": "M"},
+        metadata={
+            "help": "the model to beat (default: the policy's starting model); with --endpoints, "
+            "also one of its display names",
+            "metavar": "M",
+        },
     )
     prompts: str | None = field(
         default=None,
@@ -168,6 +187,7 @@ class EvalConfig:
     temperature: float | None = field(default=None, metadata={"help": "default: the run's setting"})
     seed: int = field(default=0, metadata={"help": "sampling seed (both models draw with it)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    endpoints: str | None = field(default=None, metadata={"help": ENDPOINTS_HELP, "metavar": "FILE"})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,12 +195,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.endpoint_client import connect
+    from trainer.endpoints import load_endpoints
     from trainer.models import canonical_name
     from trainer.policy_model import reward_model_dir  # trainer.runs.reward_model_path's check
     from trainer.prompts import load_prompts
     from trainer.reward_model import RewardModel
     from trainer.runs import CHECKPOINT, CONFIG_FILE, POLICY_DIR, RunDirError
 
+    remote = connect(load_endpoints(args.endpoints))  # a bad file: error now, before any model loads
     run_dir = Path(args.policy)
     config = read_json(run_dir / CONFIG_FILE)
     if not (run_dir / POLICY_DIR).is_dir() or "config" not in config:
@@ -204,12 +227,18 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
         progress=True,
+        endpoints=remote,
     )
     reward_run = rm_path.parent if rm_path.name == CHECKPOINT else rm_path
     record = write_eval(
-        run_dir, reference_id=canonical_name(reference), reward_run=str(reward_run), result=result
+        run_dir,
+        reference_id=reference if reference in remote else canonical_name(reference),
+        reward_run=str(reward_run),
+        result=result,
     )
     lo, hi = record["rm_win_rate_ci"]
+    for problem in record.get("failures", []):
+        print(f"warning: {problem}; {record['failed_prompts']} prompts left out in all", file=sys.stderr)
     print(
         f"{run_dir.name} vs {record['reference']} on {record['prompts']} prompts: reward-model win rate "
         f"{record['rm_win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}); written to {run_dir / EVAL_FILE}"
