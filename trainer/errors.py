@@ -12,8 +12,10 @@ It lives in `trainer` because `trainer` never imports `annotate`, and both raise
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 
@@ -25,6 +27,23 @@ class PolicyInputError(PreflabError, ValueError):
     """Input a policy cannot be trained on (a setting, the prompts, the reward model). The
     message says what to change. Here, not in trainer/policy.py, because the prompt loader
     (trainer/prompts.py) and the policy's model side raise it too."""
+
+
+class MissingExtra(PreflabError):
+    """An optional package a feature needs is not installed; the message names the
+    install extra of pyproject.toml that brings it."""
+
+
+def requires(module: str, extra: str, feature: str, error: type[PreflabError] = MissingExtra) -> ModuleType:
+    """`module`, imported; or `error`, one line: "FEATURE needs MODULE: pip install
+    'preflab[EXTRA]'". Every optional import a user can reach goes through here, so the
+    advice is worded once and always names the extra (pip's own ImportError names
+    neither the feature nor the fix). `error`: a subclass the caller's handlers expect
+    (a store's StoreError, say)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise error(f"{feature} needs {module}: pip install 'preflab[{extra}]'") from None
 
 
 def exit_code(command: Callable[..., Any], *args: Any) -> int:

@@ -94,8 +94,8 @@ from functools import partial
 from pathlib import Path
 
 from trainer.checkpoints import CheckpointError, load_training_state
-from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
-from trainer.errors import PolicyInputError, exit_code
+from trainer.config import HelpFormatter, add_config_arguments, check_settings, config_from_namespace
+from trainer.errors import MissingExtra, PolicyInputError, exit_code
 from trainer.policy_config import DEFAULT_PROMPTS, TOKEN_ALGOS, PolicyConfig, resolve_config
 from trainer.policy_model import (
     Sampler,
@@ -152,9 +152,9 @@ def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
     return supervise(
         run_path,
         cfg.device,
-        cfg.check,  # the config's own check is the only validator
+        lambda: check_settings(cfg),
         lambda run, accelerator, stop: _train(cfg, run, accelerator, stop),
-        (PolicyInputError, StoreError, CheckpointError),
+        (PolicyInputError, StoreError, CheckpointError, MissingExtra),
         keep_failed=named,
     )
 

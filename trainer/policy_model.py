@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from trainer.checkpoints import swap_in
-from trainer.errors import PolicyInputError
+from trainer.errors import PolicyInputError, requires
 from trainer.runs import (
     POLICY_META_FILE,
     STATE_FILE,
@@ -163,25 +163,26 @@ def merge_lora_in_fp32(peft_lm, base_source: str):
     frozen base sits in bf16; merging into it would round every weight of the saved policy
     (the untouched ones too) to bf16."""
     import torch
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    adapters = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(peft_lm).items()}
-    fresh = get_peft_model(
+    peft = requires("peft", "train", "--lora-r")
+
+    adapters = {k: v.detach().float().cpu() for k, v in peft.get_peft_model_state_dict(peft_lm).items()}
+    fresh = peft.get_peft_model(
         load_causal_lm(base_source, torch.float32), copy.deepcopy(peft_lm.peft_config["default"])
     )
-    set_peft_model_state_dict(fresh, adapters)
+    peft.set_peft_model_state_dict(fresh, adapters)
     return fresh.merge_and_unload()
 
 
 def add_lora(lm, r: int, alpha: float, resume_from: Path | None = None):
     """LoRA adapters on every linear layer (alpha 0: 2 * r); `resume_from`: a checkpoint's."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    peft = requires("peft", "train", "--lora-r")
 
     if resume_from is not None:
-        return PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True)
-    return get_peft_model(
+        return peft.PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True)
+    return peft.get_peft_model(
         lm,
-        LoraConfig(
+        peft.LoraConfig(
             task_type="CAUSAL_LM",
             r=r,
             lora_alpha=alpha or 2 * r,

@@ -56,8 +56,8 @@ import time
 import numpy as np
 
 from trainer.checkpoints import CheckpointError
-from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
-from trainer.errors import exit_code
+from trainer.config import HelpFormatter, add_config_arguments, check_settings, config_from_namespace
+from trainer.errors import MissingExtra, exit_code
 from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
 from trainer.reward_config import RewardConfig, resolve_config
 from trainer.reward_data import RewardDataError
@@ -108,9 +108,9 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
     return supervise(
         run_path,
         cfg.device,
-        cfg.check,  # the config's own check is the only validator
+        lambda: check_settings(cfg),
         train_without_cudnn_attention,
-        (RewardDataError, StoreError, CheckpointError),
+        (RewardDataError, StoreError, CheckpointError, MissingExtra),
         keep_failed=named,
     )
 

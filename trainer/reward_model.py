@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.checkpoints import swap_in
+from trainer.errors import requires
 from trainer.reward_batches import encode_texts
 from trainer.reward_data import as_messages, as_response
 from trainer.runs import CHECKPOINT, REWARD_META_FILE, STATE_FILE, Run, read_json, write_json
@@ -232,16 +233,16 @@ def load_for_training(cfg, resume_from: Path | None, device, weight_dtype):
         else:
             seqcls.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
-        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+        peft = requires("peft", "train", "--lora-r")
 
         if resume_from is not None:
-            seqcls = PeftModel.from_pretrained(seqcls, str(resume_from), is_trainable=True)
+            seqcls = peft.PeftModel.from_pretrained(seqcls, str(resume_from), is_trainable=True)
         else:
             # SEQ_CLS task: peft also trains (and saves) the `score` head in full.
-            seqcls = get_peft_model(
+            seqcls = peft.get_peft_model(
                 seqcls,
-                LoraConfig(
-                    task_type=TaskType.SEQ_CLS,
+                peft.LoraConfig(
+                    task_type=peft.TaskType.SEQ_CLS,
                     r=cfg.lora_r,
                     lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
                     lora_dropout=0.0,

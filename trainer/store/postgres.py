@@ -47,7 +47,7 @@ from trainer.store.errors import (
     StoreUnavailable,
     VoteConflict,
 )
-from trainer.store.postgres_connect import RetryingPool, connect, explain
+from trainer.store.postgres_connect import RetryingPool, connect, explain, require_driver
 from trainer.store.postgres_schema import VOTE_CONFLICT, has_events_table, migrate
 from trainer.store.record import (
     FIELDS,
@@ -63,7 +63,9 @@ from trainer.store.record import (
 )
 from trainer.store.targets import describe
 
-try:  # the optional extra `preflab[postgres]`
+# The optional extra `preflab[postgres]`, bound for the except clauses below; a missing
+# driver is reported (postgres_connect.require_driver) when a database is first opened.
+try:
     import psycopg
     from psycopg.types.json import Jsonb
 except ImportError:  # pragma: no cover - reported when a database is first opened
@@ -159,6 +161,7 @@ def _copy_to_arrow(conn, fields: list[str], clause: str = "") -> pa.Table:
 
 def _read(target: str, fields: list[str] | None, clause: str = "") -> pa.Table:
     fields = list(fields or FIELDS)
+    require_driver(target)  # outside the try: its except clauses need the driver's classes
     try:
         with connect(target, 5.0) as conn:
             if not has_events_table(conn):  # a database never opened as a store: nothing in it

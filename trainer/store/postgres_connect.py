@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from trainer.errors import requires
 from trainer.store.errors import StoreUnavailable, StoreWriteError
 from trainer.store.targets import describe
 
@@ -36,11 +37,10 @@ except ImportError:  # pragma: no cover - reported when a database is first open
 log = logging.getLogger("preflab.store.postgres")
 
 
-def _require_driver(target: str) -> None:
-    if psycopg is None:
-        raise StoreUnavailable(
-            f"{describe(target)}: PostgreSQL support is not installed: pip install 'preflab[postgres]'"
-        )
+def require_driver(target: str) -> None:
+    """StoreUnavailable naming the `postgres` extra unless the driver and its pool import."""
+    for module in ("psycopg", "psycopg_pool"):
+        requires(module, "postgres", f"the PostgreSQL store {describe(target)}", StoreUnavailable)
 
 
 def explain(error: Exception, target: str) -> str:
@@ -74,7 +74,7 @@ def explain(error: Exception, target: str) -> str:
 
 def connect(target: str, connect_timeout: float) -> psycopg.Connection:
     """One autocommit connection, or StoreUnavailable naming the target and the cause."""
-    _require_driver(target)
+    require_driver(target)
     try:
         return psycopg.connect(target, autocommit=True, **_connect_options(connect_timeout))
     except psycopg.OperationalError as e:
@@ -102,6 +102,7 @@ class RetryingPool:
     retry_s: how long work whose connection broke is run again before giving up."""
 
     def __init__(self, url: str, *, min_size: int, max_size: int, connect_timeout: float, retry_s: float):
+        require_driver(url)
         self.target = url
         self.retry_s = retry_s
         self._pool = ConnectionPool(
