@@ -89,7 +89,7 @@ class PolicyConfig(Config):
         metadata={  # None: DEFAULT_PROMPTS
             "help": f"prompt pool file (.jsonl/.csv/.parquet) or a comparison store: a directory, "
             f"or postgresql://user@host:port/db "
-            f"(default: {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[1])})",
+            f"(default: the shipped pool, {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[2])})",
             "label": "Prompts file",
         },
     )
