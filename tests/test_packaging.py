@@ -200,6 +200,7 @@ def test_the_wheel_holds_the_shipped_files_and_runs_serve_and_train_policy(insta
         timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    prompts = json.loads((run_dir / "config.json").read_text())["config"]["prompts"]
-    assert Path(prompts) == Path(found[1]), prompts
+    prompts = json.loads((run_dir / "config.json").read_text())["prompts"]
+    assert Path(prompts["source"]) == Path(found[1]), prompts
+    assert prompts["count"] == sum(1 for line in Path(found[1]).open() if line.strip())
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
