@@ -30,13 +30,13 @@ from pathlib import Path
 from annotate import gold, rubric
 from annotate.sessions import DEFAULT_IDLE_S
 from trainer import endpoints
+from trainer.data import GUIDELINES
 from trainer.errors import PreflabError
 from trainer.prompts import DEFAULT_PROMPTS
 
 log = logging.getLogger("preflab.serve")
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_GUIDELINES = REPO / "data" / "guidelines.md"
+DEFAULT_GUIDELINES = GUIDELINES
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -131,7 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="pairs made by `preflab generate` to serve first, as if generated here; only those with "
         "this server's models, prompts and sampling settings are used. Default: the shipped "
-        "data/demo-pairs.jsonl with the shipped prompt pool; 'none': no head start",
+        "trainer/data/demo-pairs.jsonl with the shipped prompt pool; 'none': no head start",
     )
     gen.add_argument(
         "--newcomer-share",

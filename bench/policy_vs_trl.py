@@ -5,7 +5,7 @@
     .venv/bin/python bench/policy_vs_trl.py --batch 16 --k 8 --max-new-tokens 256 # GPU-sized
 
 All trainers get the same model (fp32 weights, bf16 autocast on CUDA), the same prompts
-(the first --prompts of data/prompts.jsonl, as chat messages), the same samples per prompt
+(the first --prompts of trainer/data/prompts.jsonl, as chat messages), the same samples per prompt
 (k), prompts per step, answer length, sampling temperature, learning rate, KL coefficient
 (k1, sequence-level, on the reward), one optimizer step per batch, no gradient
 checkpointing (TRL turns it on by default; that would only slow TRL down) and the same
@@ -51,7 +51,7 @@ from reward_vs_trl import PeakMemory  # noqa: E402  (sampled peak RSS / CUDA max
 def shipped_prompts(n: int) -> list[list[dict[str, str]]]:
     from trainer.prompts import load_prompt_pool
 
-    prompts = [p.messages for p in load_prompt_pool(ROOT / "data" / "prompts.jsonl").prompts]
+    prompts = [p.messages for p in load_prompt_pool(ROOT / "trainer" / "data" / "prompts.jsonl").prompts]
     return (prompts * (n // len(prompts) + 1))[:n]
 
 
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="policy for all trainers (trainer.models name or dir)")
     p.add_argument("--reward", default=None, help="reward model run dir (default: a tiny one built here)")
-    p.add_argument("--prompts", type=int, default=64, help="how many prompts of data/prompts.jsonl")
+    p.add_argument("--prompts", type=int, default=64, help="how many prompts of trainer/data/prompts.jsonl")
     p.add_argument("--batch", type=int, default=8, help="prompts per step")
     p.add_argument("--k", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -11,7 +11,7 @@ precision (bf16 autocast on CUDA, fp32 on CPU) and no gradient checkpointing (TR
 on by default; that would only slow TRL down). Everything else is each trainer's own
 default: TRL batches in random order, we group batches by length.
 
-The pairs: prompts from data/prompts.jsonl; answers of a realistic (log-normal) spread of
+The pairs: prompts from trainer/data/prompts.jsonl; answers of a realistic (log-normal) spread of
 lengths built from English sentences. Simulated annotators prefer the fluent answer: the
 rejected one has some of its sentences scrambled (the two answers' lengths are drawn
 independently, so length says nothing about the label).
@@ -88,13 +88,13 @@ def shipped_prompts() -> list[list[dict[str, str]]]:
     """The shipped prompt pool as chat messages (some have a system turn or several turns)."""
     from trainer.prompts import load_prompt_pool
 
-    return [p.messages for p in load_prompt_pool(ROOT / "data" / "prompts.jsonl")]
+    return [p.messages for p in load_prompt_pool(ROOT / "trainer" / "data" / "prompts.jsonl")]
 
 
 def sentence_pool() -> list[str]:
     """English sentences from the shipped prompts and annotator guidelines."""
     text = " ".join(m["content"] for prompt in shipped_prompts() for m in prompt)
-    text += " " + re.sub(r"[#*>`|_-]+", " ", (ROOT / "data" / "guidelines.md").read_text())
+    text += " " + re.sub(r"[#*>`|_-]+", " ", (ROOT / "trainer" / "data" / "guidelines.md").read_text())
     sentences = [s.strip() for s in re.split(r"(?<=[.?!])\s+", " ".join(text.split()))]
     return [s for s in sentences if 4 <= len(s.split()) <= 40]
 

@@ -79,7 +79,7 @@ def test_a_policy_run_on_the_finished_reward_model(done_reward):
     config = json.loads((info.path / "config.json").read_text())["config"]
     assert (config["algo"], config["steps"], config["kl_coef"], config["model"]) == ("rloo", 2, 0.1, "tiny")
     assert config["reward"] == str(launcher.runs_dir / reward_id)
-    assert config["prompts"].endswith("data/prompts.jsonl")
+    assert config["prompts"].endswith("trainer/data/prompts.jsonl")
     reader = launcher.metrics(info.run_id)
     assert [s for s, _ in reader.series("train", "reward_mean")] == [1.0, 2.0]
     assert len(reader.series("train", "kl")) == 2

@@ -1,4 +1,4 @@
-"""Pairs made ahead of time: the shipped demo pairs (data/demo-pairs.jsonl) are valid and
+"""Pairs made ahead of time: the shipped demo pairs (trainer/data/demo-pairs.jsonl) are valid and
 are the ones `make demo` would sample, and a server serves pregenerated pairs first only
 where they match its run (annotate/pregenerated.py)."""
 

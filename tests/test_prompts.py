@@ -15,7 +15,7 @@ from helpers import REPO, preflab
 from trainer.prompts import Prompt, PromptPoolError, load_prompt_pool
 from trainer.store import prompt_id_for
 
-SHIPPED = REPO / "data" / "prompts.jsonl"
+SHIPPED = REPO / "trainer" / "data" / "prompts.jsonl"
 CATEGORIES = ("advice", "coding", "writing", "facts", "reasoning", "maths", "refusal")
 
 
@@ -411,10 +411,10 @@ def test_shipped_prompt_pool_loads_cleanly_with_every_category():
 
 
 def test_cli_reports_the_shipped_pool():
-    result = preflab("prompts", "data/prompts.jsonl", "--show", "3")
+    result = preflab("prompts", "trainer/data/prompts.jsonl", "--show", "3")
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
-    assert out[0].startswith("data/prompts.jsonl: ")
+    assert out[0].startswith("trainer/data/prompts.jsonl: ")
     assert "prompts loaded; skipped 0 bad lines, 0 duplicates, 0 empty, 0 oversize" in out[0]
     for category in CATEGORIES:
         assert any(line.split()[:1] == [category] for line in out), category  # tag counts

@@ -1,7 +1,7 @@
 """Reward-model win rate of a trained policy over its reference, on held-out prompts.
 
     preflab eval-policy --policy runs/policy-1                  # the run's own held-out prompts
-    preflab eval-policy --policy runs/policy-1 --prompts data/prompts.jsonl --n 128
+    preflab eval-policy --policy runs/policy-1 --prompts trainer/data/prompts.jsonl --n 128
 
 The policy trainer keeps `--eval-prompts` prompts out of training (runs/<id>/heldout.jsonl)
 and runs this at its end; the command reruns it, with more prompts or another reward model.

@@ -1,7 +1,7 @@
 """Fine-tune the policy against a trained reward model: PPO, RLOO, REINFORCE, or the GRPO
 family (GRPO, Dr. GRPO, REINFORCE++).
 
-    preflab train-policy --reward runs/rm-1 --prompts data/prompts.jsonl --run-dir runs/pol-1
+    preflab train-policy --reward runs/rm-1 --prompts trainer/data/prompts.jsonl --run-dir runs/pol-1
     python -m trainer.policy --reward runs/rm-1 --prompts comparisons/ --algo rloo --k 4
     accelerate launch -m trainer.policy --reward runs/rm-1 ...        # several GPUs (DDP)
     preflab serve --model runs/pol-1/policy                           # the result, in the arena

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import Config, ConfigError, model_problem, settings_for_run
-from trainer.errors import PolicyInputError
+from trainer.errors import PolicyInputError, missing_extra
 from trainer.prompts import DEFAULT_PROMPTS
 
 ALGOS = ("ppo", "rloo", "reinforce", "grpo", "dr_grpo", "reinforce_pp")
@@ -89,7 +89,7 @@ class PolicyConfig(Config):
         metadata={  # None: DEFAULT_PROMPTS
             "help": f"prompt pool file (.jsonl/.csv/.parquet) or a comparison store: a directory, "
             f"or postgresql://user@host:port/db "
-            f"(default: {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[1])})",
+            f"(default: the shipped pool, {DEFAULT_PROMPTS.name})",
             "label": "Prompts file",
         },
     )
@@ -300,6 +300,10 @@ class PolicyConfig(Config):
         yield "kl_target", cfg.kl_target < 0, "must be >= 0"
         yield "baseline_decay", not 0 <= cfg.baseline_decay < 1, "must be in [0, 1)"
         yield "max_kl", cfg.max_kl < 0, "must be >= 0 (0 turns the check off)"
+        # LoRA's package is an extra: said here, before any model is loaded (on the command
+        # line and in the Train tab alike), not when the adapters are added.
+        no_peft = cfg.lora_r > 0 and missing_extra("peft", "train")
+        yield "lora_r", bool(no_peft), no_peft
 
 
 def _prompts_exist(prompts: str) -> bool:

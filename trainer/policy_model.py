@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from trainer.checkpoints import swap_in
-from trainer.errors import PolicyInputError
+from trainer.errors import PolicyInputError, requires
 from trainer.runs import (
     POLICY_META_FILE,
     STATE_FILE,
@@ -175,6 +175,7 @@ def merge_lora_in_fp32(peft_lm, base_source: str):
 
 def add_lora(lm, r: int, alpha: float, resume_from: Path | None = None):
     """LoRA adapters on every linear layer (alpha 0: 2 * r); `resume_from`: a checkpoint's."""
+    requires("peft", "train", "--lora-r")  # the config check said so already; a caller may skip it
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if resume_from is not None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.data import PROMPTS
 from trainer.errors import PreflabError
 from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, line_or_row, parse_messages
 from trainer.store import messages_to_json, prompt_id_for
@@ -39,7 +40,7 @@ from trainer.store import messages_to_json, prompt_id_for
 log = logging.getLogger("preflab.prompts")
 
 # The pool shipped with preflab: the default of `serve --model` and of train-policy.
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
+DEFAULT_PROMPTS = PROMPTS  # the shipped pool (trainer/data: package data)
 
 DEFAULT_MAX_CHARS = 32_000
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}

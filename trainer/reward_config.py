@@ -16,6 +16,7 @@ from pathlib import Path
 
 from trainer.annotator_quality import WEIGHT_MODES
 from trainer.config import Config, ConfigError, model_problem, settings_for_run
+from trainer.errors import missing_extra
 from trainer.reward_data import RewardDataError
 from trainer.runs import Run
 from trainer.store import DATA_HELP
@@ -186,6 +187,10 @@ class RewardConfig(Config):
         yield "warmup", not 0 <= self.warmup <= 1, "must be in [0, 1]"
         yield "lr", not self.lr > 0, "must be positive"
         yield "lora_r", self.lora_r < 0, "must be at least 0"
+        # LoRA's package is an extra: said here, before any data or model is loaded (on the
+        # command line and in the Train tab alike), not when the model is built.
+        no_peft = self.lora_r > 0 and missing_extra("peft", "train")
+        yield "lora_r", bool(no_peft), no_peft
         yield "style_penalty", not self.style_penalty >= 0, "must be 0 (off) or more"
         yield (
             "style_penalty",

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.checkpoints import swap_in
+from trainer.errors import requires
 from trainer.reward_batches import encode_texts
 from trainer.reward_data import as_messages, as_response
 from trainer.runs import CHECKPOINT, REWARD_META_FILE, STATE_FILE, Run, read_json, write_json
@@ -232,6 +233,7 @@ def load_for_training(cfg, resume_from: Path | None, device, weight_dtype):
         else:
             seqcls.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
+        requires("peft", "train", "--lora-r")  # the config check said so already; a caller may skip it
         from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
         if resume_from is not None:

@@ -159,8 +159,11 @@ def _copy_to_arrow(conn, fields: list[str], clause: str = "") -> pa.Table:
 
 def _read(target: str, fields: list[str] | None, clause: str = "") -> pa.Table:
     fields = list(fields or FIELDS)
+    # Outside the try: connect's StoreUnavailable (no server, or no psycopg at all, where
+    # the except clauses below could not even be evaluated) goes out as it is.
+    conn = connect(target, 5.0)
     try:
-        with connect(target, 5.0) as conn:
+        with conn:
             if not has_events_table(conn):  # a database never opened as a store: nothing in it
                 return empty_table().select(fields)
             return _copy_to_arrow(conn, fields, clause)

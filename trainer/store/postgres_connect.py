@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from trainer.errors import missing_extra
 from trainer.store.errors import StoreUnavailable, StoreWriteError
 from trainer.store.targets import describe
 
@@ -38,9 +39,10 @@ log = logging.getLogger("preflab.store.postgres")
 
 def _require_driver(target: str) -> None:
     if psycopg is None:
-        raise StoreUnavailable(
-            f"{describe(target)}: PostgreSQL support is not installed: pip install 'preflab[postgres]'"
-        )
+        # The wording every missing extra has (trainer/errors.py), as a StoreError: the
+        # commands and the trainers report a store that cannot be opened as bad input.
+        why = missing_extra("psycopg", "postgres") or missing_extra("psycopg_pool", "postgres")
+        raise StoreUnavailable(f"{describe(target)}: the PostgreSQL store {why}")
 
 
 def explain(error: Exception, target: str) -> str:
@@ -102,6 +104,7 @@ class RetryingPool:
     retry_s: how long work whose connection broke is run again before giving up."""
 
     def __init__(self, url: str, *, min_size: int, max_size: int, connect_timeout: float, retry_s: float):
+        _require_driver(url)
         self.target = url
         self.retry_s = retry_s
         self._pool = ConnectionPool(
