@@ -57,11 +57,20 @@ import numpy as np
 
 from trainer.checkpoints import CheckpointError
 from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
+from trainer.criteria import heads_of
 from trainer.errors import exit_code
 from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
 from trainer.reward_config import RewardConfig, resolve_config
 from trainer.reward_data import RewardDataError
-from trainer.reward_metrics import evaluate, preference_loss, style_penalty, to_device
+from trainer.reward_metrics import (
+    evaluate,
+    head_norms,
+    normalisation,
+    own_head,
+    preference_loss,
+    style_penalty,
+    to_device,
+)
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
 from trainer.reward_run import (
     cudnn_attention_off,
@@ -212,12 +221,14 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
     step, train_seconds, train_cpu_seconds, pairs_seen = 0, 0.0, 0.0, 0
-    norm, last_eval = {"gain": 1.0, "bias": 0.0}, {}
+    norm, last_eval, heads = {"gain": 1.0, "bias": 0.0}, {}, heads_of(cfg.criteria)
+    norm_by_head: dict[str, dict] = {}
     if resuming:
         state = restore_training_state(ckpt / STATE_FILE, optimizer, scheduler, lr_factor, cfg.lr)
         step, train_seconds, pairs_seen = state["step"], state["train_seconds"], state["pairs_seen"]
         train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
         norm, last_eval = state.get("norm", norm), state.get("last_eval", {})
+        norm_by_head = {h: {k: v[k] for k in ("gain", "bias")} for h, v in last_eval.get("heads", {}).items()}
         run.truncate_metrics(step)
         run.log({"kind": "resume", "step": step, "from": str(ckpt), "time": time.time()})
         if main:
@@ -236,6 +247,9 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             "lora": lora,
             "causal": causal,
             "val": {k: v for k, v in last_eval.items() if not k.startswith("_")},
+            # Several heads (--criteria): their names, in the checkpoint's output order, and each
+            # one's normalisation; "gain" / "bias" above are the first head's (what older readers use).
+            **({"heads": heads, "head_norm": norm_by_head} if len(heads) > 1 else {}),
         }
 
     def save(final: bool = False) -> None:
@@ -270,11 +284,15 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             "step": step,
             "split": "val" if len(val_idx) else "train",  # no validation pairs: the training ones
         }
-        rewards = last_eval["_rewards"]
-        # Normalisation: gain and bias so that validation rewards have mean 0 and std 1;
-        # scores from different runs then share one scale (the policy trainer and the UI).
-        std = float(rewards.std()) or 1.0
-        norm = {"gain": 1.0 / std, "bias": -float(rewards.mean()) / std}
+        # Normalisation: gain and bias so that validation rewards have mean 0 and std 1 (per head).
+        if len(heads) > 1:
+            last_eval["heads"] = head_norms(last_eval, heads)
+            norm_by_head.update(
+                {h: {k: v[k] for k in ("gain", "bias")} for h, v in last_eval["heads"].items()}
+            )
+            norm = dict(norm_by_head[heads[0]])
+        else:
+            norm = normalisation(last_eval["_rewards"])
         record = {
             "kind": "eval",
             **{k: v for k, v in last_eval.items() if not k.startswith("_")},
@@ -369,7 +387,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
                 with contextlib.nullcontext() if sync else accelerator.no_sync(net):
                     with autocast():
                         rewards = net(**inputs)  # chosen and rejected in one forward
-                    r_c, r_r = rewards.chunk(2)
+                    r_c, r_r = own_head(rewards, batch["head"]).chunk(2)  # each pair its own head
                     per_pair = preference_loss(r_c, r_r, label, margin if cfg.margin else None, cfg.center)
                     # Weighted sum / (pairs in the step x the training set's mean weight):
                     # the same update however the step is cut up, and on average over the

@@ -19,6 +19,7 @@ import dataclasses
 import sys
 import time
 
+from trainer.criteria import parse_criteria
 from trainer.reward_config import RewardConfig
 from trainer.reward_data import RewardDataError, load_snapshot, read_pairs, save_snapshot, split_by_prompt
 from trainer.runs import CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, Run, read_json, write_json
@@ -58,6 +59,7 @@ def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> t
             margin_scale=cfg.margin_scale,
             weights=cfg.weights,
             exclude_flagged=cfg.exclude_flagged,
+            criteria=parse_criteria(cfg.criteria),
         )
         train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
         summary = pairs.summary

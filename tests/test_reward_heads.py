@@ -1,0 +1,138 @@
+"""Reward heads per rubric criterion: `train-reward --criteria x,y` (trainer/criteria.py,
+trainer/reward_data.py, trainer/reward.py) and `RewardModel.score(criterion=)`.
+
+The simulated annotators judge two criteria with hidden rules of their own: criterion x
+prefers the answer with "banana", criterion y the one with "cherry", independently of
+each other (each answer of a pair has one fruit of each kind or not, opposite sides), and
+their overall vote follows x.
+"""
+
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import TINY, TRAIN_DEVICE, banana_rows, vote_record, write_jsonl, write_store
+
+from trainer.reward import train
+from trainer.reward_data import RewardDataError, read_pairs
+from trainer.reward_model import RewardHeadError, RewardModel
+
+WORDS = "the a of to and in is it you that for on with as are this be at or by from".split()
+
+
+def fruit_votes(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        banana_a, cherry_a = rng.random() < 0.5, rng.random() < 0.5
+
+        def answer(banana: bool, cherry: bool) -> str:
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))]
+            for fruit, on in (("banana", banana), ("cherry", cherry)):
+                if on:
+                    words.insert(rng.randrange(len(words) + 1), fruit)
+            return " ".join(words)
+
+        a, b = answer(banana_a, cherry_a), answer(not banana_a, not cherry_a)
+        x, y = "a" if banana_a else "b", "a" if cherry_a else "b"
+        prompt = f"Question {i % 30} about fruit: what should I eat?"
+        records.append(vote_record(prompt, a, b, x, criteria=json.dumps({"x": x, "y": y})))
+    return records
+
+
+def test_each_criterion_trains_its_own_head(tmp_path):
+    store = write_store(tmp_path / "store", fruit_votes(240))
+    run_dir = tmp_path / "rm"
+    settings = dict(epochs=2, lr=3e-3, batch_size=16, val_fraction=0.25)
+    code = train({**TINY, **settings, "data": str(store), "run_dir": str(run_dir), "criteria": "x,y"})
+    assert code == 0
+    meta = json.loads((run_dir / "checkpoint" / "preflab_reward.json").read_text())
+    assert meta["heads"] == ["overall", "x", "y"]
+    assert set(meta["head_norm"]) == {"overall", "x", "y"}
+    hf_config = json.loads((run_dir / "checkpoint" / "config.json").read_text())
+    assert hf_config["id2label"] == {"0": "overall", "1": "x", "2": "y"}
+    # every vote gave three pairs, each trained its own head
+    snapshot = pq.read_table(run_dir / "data.parquet").to_pydict()
+    assert sorted(set(snapshot["head"])) == [0, 1, 2] and len(snapshot["head"]) == 3 * 240
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"]["criteria"]["x"]["pairs"] == 240
+
+    rm = RewardModel.load(run_dir, device=TRAIN_DEVICE)
+    assert rm.heads == ["overall", "x", "y"]
+    held = fruit_votes(80, seed=7)  # fresh pairs no head saw
+    prompts = [json.loads(r["prompt"]) for r in held]
+    a = [r["response_a"] for r in held]
+    b = [r["response_b"] for r in held]
+    rule = {k: np.array([json.loads(r["criteria"])[k] == "a" for r in held]) for k in ("x", "y")}
+
+    def agreement(head, k):
+        sa = np.array(rm.score(prompts, a, criterion=head))
+        sb = np.array(rm.score(prompts, b, criterion=head))
+        return float(((sa > sb) == rule[k]).mean())
+
+    assert agreement("x", "x") >= 0.85 and agreement("y", "y") >= 0.85
+    # ... and each head follows its own rule, not the other's (the rules are independent)
+    assert agreement("x", "x") - agreement("y", "x") >= 0.25
+    assert agreement("y", "y") - agreement("x", "y") >= 0.25
+    # the default head is the first, the overall vote's; all heads in one forward agree with score()
+    assert rm.score(prompts[:4], a[:4]) == rm.score(prompts[:4], a[:4], criterion="overall")
+    both = rm.score_heads(prompts[:4], a[:4])
+    assert np.allclose(both[:, 2], rm.score(prompts[:4], a[:4], criterion="y"))
+    # normalised per head: each head has its own gain and bias
+    raw = np.array(rm.score(prompts[:4], a[:4], criterion="y", normalize=False))
+    norm = meta["head_norm"]["y"]
+    assert np.allclose(both[:, 2], norm["gain"] * raw + norm["bias"])
+    with pytest.raises(RewardHeadError, match="no head 'z'; its heads: overall, x, y"):
+        rm.score(prompts[:1], a[:1], criterion="z")
+
+
+def test_an_old_single_head_run_loads_with_one_overall_head(tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(32))
+    run_dir = tmp_path / "one"
+    assert train({**TINY, "data": str(data), "run_dir": str(run_dir), "batch_size": 16}) == 0
+    meta = json.loads((run_dir / "checkpoint" / "preflab_reward.json").read_text())
+    assert "heads" not in meta and "head_norm" not in meta  # what a run before --criteria wrote
+    assert "head" not in pq.read_table(run_dir / "data.parquet").column_names
+    rm = RewardModel.load(run_dir, device="cpu")
+    assert rm.heads == ["overall"] and rm.model.config.num_labels == 1
+    scores = rm.score("hi", ["a banana", "b"])
+    assert scores == rm.score("hi", ["a banana", "b"], criterion="overall")
+    raw = np.array(rm.score("hi", ["a banana", "b"], normalize=False))
+    assert np.allclose(scores, meta["gain"] * raw + meta["bias"])
+
+
+def test_criteria_that_cannot_train_a_head_are_named(tmp_path):
+    records = fruit_votes(6)
+    records.append(
+        vote_record("q", "p", "r", "a", criteria=json.dumps({"tone": {"a": 3, "b": 3}, "allties": "tie"}))
+    )
+    records.append(vote_record("q", "s", "t", "a", criteria=json.dumps({"tone": {"a": 2, "b": 5}})))
+    store = write_store(tmp_path / "store", records)
+    with pytest.raises(
+        RewardDataError, match="--criteria nope: no standing vote judged it .*judge: allties, tone, x, y"
+    ):
+        read_pairs(store, criteria=["x", "nope"])
+    with pytest.raises(
+        RewardDataError, match="--criteria allties: none of its 1 judgments prefers one answer"
+    ):
+        read_pairs(store, criteria=["allties"])
+    # a scale counts as the preference its two scores imply: equal scores are a tie
+    pairs = read_pairs(store, criteria=["tone"], ties="include")
+    tone = sorted(
+        (c, r, label) for c, r, label, h in zip(pairs.chosen, pairs.rejected, pairs.label, pairs.head) if h
+    )
+    assert tone == [("p", "r", 0.5), ("t", "s", 1.0)]
+    assert read_pairs(store, criteria=["tone"]).head.count(1) == 1  # ties left out by default
+    file = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(4))
+    with pytest.raises(RewardDataError, match="--criteria needs a comparison store"):
+        read_pairs(file, criteria=["x"])
+    for bad, why in (
+        ("x,x", "'x' is given twice"),
+        ("overall", "overall vote's head"),
+        ("X!", "not a criterion name"),
+    ):
+        run = tmp_path / f"bad-{len(why)}"
+        assert train({**TINY, "data": str(store), "run_dir": str(run), "criteria": bad}) == 2
+        assert why in json.loads((run / "status.json").read_text())["message"]
