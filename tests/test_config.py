@@ -68,7 +68,7 @@ FLAGS = {
     "--missing-eos-penalty "
     "--baseline-decay --max-kl --max-grad-norm --seed --lora-r --lora-alpha --grad-checkpointing "
     "--dtype --device --gen-batch --no-share-prompt --compile-generation --no-compile-generation "
-    "--reward-batch-size --save-every --sample-every --samples --eval-prompts --no-progress",
+    "--reward-weights --reward-batch-size --save-every --sample-every --samples --eval-prompts --no-progress",
 }
 
 

@@ -15,7 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import TINY, TRAIN_DEVICE, banana_rows, vote_record, write_jsonl, write_store
 
+from trainer.errors import PolicyInputError
+from trainer.policy import train as train_policy
 from trainer.reward import train
+from trainer.reward_blend import WeightedReward, parse_reward_weights
 from trainer.reward_data import RewardDataError, read_pairs
 from trainer.reward_model import RewardHeadError, RewardModel
 
@@ -42,12 +45,20 @@ def fruit_votes(n: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def test_each_criterion_trains_its_own_head(tmp_path):
-    store = write_store(tmp_path / "store", fruit_votes(240))
-    run_dir = tmp_path / "rm"
+@pytest.fixture(scope="module")
+def fruit_run(tmp_path_factory):
+    """A finished reward run with heads overall, x, y on the fruit votes (shared: ~10 s)."""
+    base = tmp_path_factory.mktemp("fruit")
+    store = write_store(base / "store", fruit_votes(240))
+    run_dir = base / "rm"
     settings = dict(epochs=2, lr=3e-3, batch_size=16, val_fraction=0.25)
     code = train({**TINY, **settings, "data": str(store), "run_dir": str(run_dir), "criteria": "x,y"})
     assert code == 0
+    return run_dir
+
+
+def test_each_criterion_trains_its_own_head(fruit_run):
+    run_dir = fruit_run
     meta = json.loads((run_dir / "checkpoint" / "preflab_reward.json").read_text())
     assert meta["heads"] == ["overall", "x", "y"]
     assert set(meta["head_norm"]) == {"overall", "x", "y"}
@@ -136,3 +147,64 @@ def test_criteria_that_cannot_train_a_head_are_named(tmp_path):
         run = tmp_path / f"bad-{len(why)}"
         assert train({**TINY, "data": str(store), "run_dir": str(run), "criteria": bad}) == 2
         assert why in json.loads((run / "status.json").read_text())["message"]
+
+
+# --------------------------------------------------------------------------------------
+# train-policy --reward-weights
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("x", "'x' is not HEAD=WEIGHT"),
+        ("x=1,=2", "'=2' is not HEAD=WEIGHT"),
+        ("x=lots", "x='lots': the weight is not a number"),
+        ("x=inf", "the weight must be finite"),
+        ("x=1,x=2", "'x' is given twice"),
+        ("x=0,y=0", "every weight is 0"),
+    ],
+)
+def test_reward_weights_that_do_not_parse_are_named(text, why):
+    with pytest.raises(PolicyInputError, match=f"--reward-weights: .*{why}"):
+        parse_reward_weights(text)
+
+
+def test_reward_weights_parse():
+    assert parse_reward_weights(" overall=1 , x=2.5,y=-0.5") == {"overall": 1.0, "x": 2.5, "y": -0.5}
+    assert parse_reward_weights(None) == {} == parse_reward_weights("")
+
+
+def test_the_weighted_reward_is_the_sum_of_normalised_heads(fruit_run):
+    rm = RewardModel.load(fruit_run, device="cpu")
+    prompts = ["what should I eat?"] * 3
+    answers = ["a banana", "a cherry", "the a of"]
+    x, y = (np.array(rm.score(prompts, answers, criterion=h)) for h in ("x", "y"))
+    got = WeightedReward(rm, {"x": 1.0, "y": 2.0}).score(prompts, answers)
+    assert np.allclose(got, 1.0 * x + 2.0 * y)
+    assert not np.allclose(got, x)  # the heads differ, so the weights matter
+
+
+def test_train_policy_checks_the_weights_against_the_reward_model_and_records_them(fruit_run, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"what should I eat {i}?"}) + "\n" for i in range(6)))
+    base = {"model": "tiny", "prompts": str(pool), "reward": str(fruit_run), "progress": False}
+    for i, (weights, why) in enumerate(
+        [
+            ("x=1,zz=2", "has no head 'zz'; its heads: overall, x, y"),
+            ("x=many", "--reward-weights x='many': the weight is not a number"),
+        ]
+    ):
+        run_dir = tmp_path / f"bad{i}"
+        assert train_policy({**base, "run_dir": str(run_dir), "reward_weights": weights}) == 2
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "failed" and why in status["message"], status
+    run_dir = tmp_path / "policy"
+    settings = dict(algo="reinforce", steps=1, batch_size=2, max_new_tokens=6, eval_prompts=0, device="cpu")
+    assert train_policy({**base, **settings, "run_dir": str(run_dir), "reward_weights": "x=1,y=2"}) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (
+        config["reward_weights"] == {"x": 1.0, "y": 2.0} and config["config"]["reward_weights"] == "x=1,y=2"
+    )
+    meta = json.loads((run_dir / "policy" / "preflab_policy.json").read_text())
+    assert meta["reward_weights"] == {"x": 1.0, "y": 2.0}
