@@ -8,12 +8,16 @@ their overall vote follows x.
 """
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import TINY, TRAIN_DEVICE, banana_rows, vote_record, write_jsonl, write_store
+from helpers import TINY, TRAIN_DEVICE, banana_rows, sigterm_mid_run, vote_record, write_jsonl, write_store
 
 from trainer.errors import PolicyInputError
 from trainer.policy import train as train_policy
@@ -208,3 +212,28 @@ def test_train_policy_checks_the_weights_against_the_reward_model_and_records_th
     )
     meta = json.loads((run_dir / "policy" / "preflab_policy.json").read_text())
     assert meta["reward_weights"] == {"x": 1.0, "y": 2.0}
+
+
+def test_a_multi_head_lora_run_cancelled_by_sigterm_resumes_with_its_heads(tmp_path):
+    pytest.importorskip("peft")
+    store = write_store(tmp_path / "store", fruit_votes(400))  # 1,200 pairs: SIGTERM lands mid-run
+    run_dir = tmp_path / "runs" / "heads"
+    cmd = [sys.executable, "-m", "trainer.reward", "--data", str(store), "--model", "tiny"]
+    cmd += ["--run-dir", str(run_dir), "--criteria", "x,y", "--lora-r", "4", "--batch-size", "2"]
+    cmd += ["--max-length", "64", "--lr", "1e-3", "--no-progress", "--save-every", "1000"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    code, out, status = sigterm_mid_run(cmd, env, run_dir, lambda lines: len(lines) >= 3, timeout=90)
+    assert code == 128 + signal.SIGTERM and status["state"] == "cancelled", out
+    saved = status["step"]
+    # the same command again, told to stop a few steps on: it goes on from the saved step
+    resumed = subprocess.run([*cmd, "--max-steps", str(saved + 3)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run_dir} from step {saved}" in resumed.stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == saved + 3
+    ckpt = run_dir / "checkpoint"
+    meta = json.loads((ckpt / "preflab_reward.json").read_text())
+    assert meta["heads"] == ["overall", "x", "y"] and meta["lora"] is True
+    assert not (ckpt / "adapter_config.json").exists()  # merged: a plain 3-output checkpoint
+    rm = RewardModel.load(run_dir, device="cpu")
+    assert rm.model.config.num_labels == 3 and len(rm.score("hi", ["a banana"], criterion="y")) == 1
