@@ -74,6 +74,7 @@ from trainer.reward_metrics import (
 from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
 from trainer.reward_run import (
     cudnn_attention_off,
+    eval_line,
     finish_done,
     report_data,
     snapshot_data,
@@ -301,15 +302,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         }
         run.log(record)
         if main:
-            tqdm.write(
-                f"eval @ step {step}: acc {record['val_acc']:.3f} (95% CI {record['val_acc_low']:.2f}-"
-                f"{record['val_acc_high']:.2f}, {record['val_pairs']} {record['split']} pairs)  "
-                f"loss {record['val_loss']:.4f}  "
-                f"ece {record['val_ece']:.3f}  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  "
-                f"length corr {record['length_corr']:+.2f} (headers {record.get('headers_corr', 0):+.2f}, "
-                f"lists {record.get('lists_corr', 0):+.2f}, bold {record.get('bold_corr', 0):+.2f})",
-                file=sys.stderr,
-            )
+            tqdm.write(eval_line(step, record), file=sys.stderr)
         return record
 
     def finish_cancelled() -> int:
