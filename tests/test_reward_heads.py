@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import TINY, TRAIN_DEVICE, banana_rows, sigterm_mid_run, vote_record, write_jsonl, write_store
 
 from trainer.errors import PolicyInputError
@@ -99,6 +100,18 @@ def test_each_criterion_trains_its_own_head(fruit_run):
     raw = np.array(rm.score(prompts[:4], a[:4], criterion="y", normalize=False))
     norm = meta["head_norm"]["y"]
     assert np.allclose(both[:, 2], norm["gain"] * raw + norm["bias"])
+    # the checkpoint is a plain HF model with three outputs that computes the raw heads itself
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hf = AutoModelForSequenceClassification.from_pretrained(run_dir / "checkpoint").eval()
+    hf_tok = AutoTokenizer.from_pretrained(run_dir / "checkpoint")
+    ids, _ = rm.encode(prompts[:4], a[:4])
+    with torch.no_grad():
+        logits = hf(**hf_tok.pad({"input_ids": ids}, return_tensors="pt")).logits
+    assert logits.shape == (4, 3)
+    raw_all = rm.score_heads(prompts[:4], a[:4], normalize=False)
+    exact = rm.device.type == "cpu"
+    assert np.allclose(raw_all, logits.numpy(), atol=1e-4 if exact else 0.05 * float(logits.abs().max()))
     with pytest.raises(RewardHeadError, match="no head 'z'; its heads: overall, x, y"):
         rm.score(prompts[:1], a[:1], criterion="z")
 
