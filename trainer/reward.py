@@ -71,7 +71,7 @@ from trainer.reward_metrics import (
     style_penalty,
     to_device,
 )
-from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
+from trainer.reward_model import load_for_training, reward_meta, save_checkpoint, use_packed_attention
 from trainer.reward_run import (
     cudnn_attention_off,
     eval_line,
@@ -238,20 +238,9 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     unwrapped = accelerator.unwrap_model(net)
 
     def meta() -> dict:
-        return {
-            "format": 1,
-            **norm,
-            "max_length": max_length,
-            "base_model": cfg.model,
-            "base_source": base_source,
-            "step": step,
-            "lora": lora,
-            "causal": causal,
-            "val": {k: v for k, v in last_eval.items() if not k.startswith("_")},
-            # Several heads (--criteria): their names, in the checkpoint's output order, and each
-            # one's normalisation; "gain" / "bias" above are the first head's (what older readers use).
-            **({"heads": heads, "head_norm": norm_by_head} if len(heads) > 1 else {}),
-        }
+        return reward_meta(
+            norm, max_length, cfg.model, base_source, step, lora, causal, last_eval, heads, norm_by_head
+        )
 
     def save(final: bool = False) -> None:
         model = unwrapped.seqcls

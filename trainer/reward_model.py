@@ -282,6 +282,36 @@ def use_packed_attention(inner) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def reward_meta(
+    norm: dict,
+    max_length: int,
+    base_model: str,
+    base_source: str,
+    step: int,
+    lora: bool,
+    causal: bool,
+    last_eval: dict,
+    heads: list[str],
+    head_norm: dict,
+) -> dict:
+    """preflab_reward.json, written here beside its reader (RewardModel, below)."""
+    return {
+        "format": 1,
+        **norm,
+        "max_length": max_length,
+        "base_model": base_model,
+        "base_source": base_source,
+        "step": step,
+        "lora": lora,
+        "causal": causal,
+        "val": {k: v for k, v in last_eval.items() if not k.startswith("_")},
+        # Several heads (--criteria): their names, in the checkpoint's output order, and each
+        # one's normalisation; "gain" / "bias" above are the first head's (what older readers use).
+        # One head: nothing more, exactly what a run wrote before --criteria.
+        **({"heads": heads, "head_norm": head_norm} if len(heads) > 1 else {}),
+    }
+
+
 def save_checkpoint(run: Run, model, tokenizer, meta: dict, training_state: dict | None) -> None:
     """The reward model (weights, tokenizer, its preflab_reward.json) and, while the run can be
     resumed, training_state.pt: written into a temp dir, then swapped in (trainer.checkpoints)."""
