@@ -221,6 +221,17 @@ def pairs_from_votes(
         return counts
 
     counts = add_votes(cols["choice"], cols["strength"], 0)
+    votes_n = sum(counts.values())
+    if votes_n == 0:
+        raise RewardDataError(
+            f"{source}: the comparison store holds no standing votes yet; "
+            f"collect some votes (or `preflab import` a preference file) first"
+        )
+    if counts["a"] + counts["b"] == 0:
+        raise RewardDataError(
+            f"{source}: none of the {votes_n} votes prefers one answer ({counts['tie']} ties, "
+            f"{counts['both_bad']} both-bad); a reward model needs votes for 'a' or 'b'"
+        )
     per_head = {}
     for head, name in enumerate(criteria, start=1):
         before = len(pairs)
@@ -236,17 +247,6 @@ def pairs_from_votes(
                 f"{source}: --criteria {name}: none of its {c['tie']} judgments prefers one answer"
             )
         per_head[name] = {"judged": sum(c.values()), "ties": c["tie"], "pairs": len(pairs) - before}
-    votes_n = sum(counts.values())
-    if votes_n == 0:
-        raise RewardDataError(
-            f"{source}: the comparison store holds no standing votes yet; "
-            f"collect some votes (or `preflab import` a preference file) first"
-        )
-    if counts["a"] + counts["b"] == 0:
-        raise RewardDataError(
-            f"{source}: none of the {votes_n} votes prefers one answer ({counts['tie']} ties, "
-            f"{counts['both_bad']} both-bad); a reward model needs votes for 'a' or 'b'"
-        )
     pairs.summary = {
         "source": source,
         "kind": "store",
