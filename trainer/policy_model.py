@@ -388,11 +388,13 @@ def reward_model_dir(path: str | os.PathLike | None) -> Path:
         raise PolicyInputError(f"{e} (no trained reward model here)") from None
 
 
-def load_reward_scorer(path: Path, device):
-    """The reward model's normalised scores of (prompt, answer): trainer.reward_model.RewardModel."""
+def load_reward_scorer(path: Path, device, weights: dict[str, float] | None = None):
+    """The reward model's normalised scores of (prompt, answer): trainer.reward_model.RewardModel,
+    or with `weights` (--reward-weights) its heads' weighted sum (trainer.reward_blend)."""
+    from trainer.reward_blend import scorer_for
     from trainer.reward_model import RewardModel
 
-    return RewardModel.load(path, device=device)
+    return scorer_for(RewardModel.load(path, device=device), weights or {})
 
 
 def save_policy(
