@@ -121,6 +121,10 @@ def installed(tmp_path_factory) -> Path:
             venv / "bin" / "python",
             "install",
             "--no-deps",
+            # The test's own environment holds preflab (editable), seen here through the
+            # .pth file: without this pip calls the wheel "already satisfied" and installs
+            # nothing. It never uninstalls that copy, it only writes into the new venv.
+            "--ignore-installed",
             "-q",
             wheel,
         ],
