@@ -6,9 +6,6 @@ STAMP  := $(VENV)/.preflab-installed
 export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
-# The shipped files (prompt pool, demo pairs, guidelines, example rubric): package data of
-# `trainer`, so a wheel holds them too (trainer/shipped.py finds them).
-DATA   := trainer/data
 
 .PHONY: setup system-packages demo demo-pairs test lint format bench clean
 
@@ -26,15 +23,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The annotation app on the default model (SmolLM2, converted once) and the shipped
-# prompts (serve's default pool, $(DATA)/prompts.jsonl). Prints the URL to open. The
-# first pairs are $(DATA)/demo-pairs.jsonl (made by
+# prompts. Prints the URL to open. The first pairs are trainer/data/demo-pairs.jsonl (made by
 # `make demo-pairs` with the settings this command samples with on a CPU: serve's
 # defaults, answers up to 128 tokens there), so one shows at once; the generator samples
 # the rest in the background while you vote.
 demo: setup
-	$(VENV)/bin/preflab serve --model smollm2 --data comparisons
+	$(VENV)/bin/preflab serve --model smollm2 --prompts trainer/data/prompts.jsonl --data comparisons
 
-# $(DATA)/demo-pairs.jsonl again: one pair per shipped prompt, SmolLM2 at serve's CPU
+# trainer/data/demo-pairs.jsonl again: one pair per shipped prompt, SmolLM2 at serve's CPU
 # settings (temperature 0.8, top-p 0.95, seed 0, 128 tokens), each side marked
 # "pregenerated": true. (The shipped file holds 72 of the 168: the first 72 of the
 # generator's seeded prompt order, made with these settings in runs of 8 prompts, for
@@ -43,7 +39,7 @@ demo: setup
 # on two cores; minutes on a GPU (then pass DEVICE=cuda: the answers differ, the settings not).
 DEVICE ?= cpu
 demo-pairs: setup
-	$(VENV)/bin/preflab generate --model smollm2 --prompts $(DATA)/prompts.jsonl --out $(DATA)/demo-pairs.jsonl \
+	$(VENV)/bin/preflab generate --model smollm2 --prompts trainer/data/prompts.jsonl --out trainer/data/demo-pairs.jsonl \
 		--max-new-tokens 128 --temperature 0.8 --top-p 0.95 --seed 0 --batch-size 8 --device $(DEVICE)
 
 # Debian packages the tests need (PostgreSQL's server binaries, Chromium), where missing.

@@ -1,7 +1,7 @@
 """Pairs made ahead of time that `preflab serve --model M` serves as if its own generator
 had made them: the head start that lets the CPU demo show its first pair at once.
 
-    pairs, note = matching_pairs(DEMO_PAIRS, generator)   # annotate/serve.py
+    pairs, note = matching_pairs("trainer/data/demo-pairs.jsonl", generator)   # annotate/serve.py
     queue.add(generator.adopt(pairs))    # counted as the generator's own; it makes the rest
     log.info("%s", note)
 
@@ -30,7 +30,8 @@ from collections import Counter
 from pathlib import Path
 
 from annotate.pairs import Pair, PairsFileError, load_pairs
-from trainer.shipped import DEFAULT_PROMPTS, DEMO_PAIRS
+from trainer.data import DEMO_PAIRS
+from trainer.prompts import DEFAULT_PROMPTS
 from trainer.store import messages_to_json
 
 SETTINGS = ("temperature", "top_p", "max_new_tokens")

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.criteria import judgments
 from trainer.errors import PreflabError
 from trainer.store.record import CRITERION_NAME, FLAGS_KEY, SCALE_VALUES
 
@@ -313,20 +314,13 @@ def by_criterion(votes, name: str):
 
 def criterion_choices(votes, name: str, *, scale_as_preference: bool = False):
     """The standing votes with `choice` replaced by pairwise criterion `name`'s judgment
-    (canonical a/b/tie) and strength dropped; votes without it are left out. What the
-    export (--criterion) and the per-criterion agreement start from. With
-    `scale_as_preference` a scale criterion counts too, as the preference its two scores
-    imply (a higher: "a", b higher: "b", equal: "tie"; one score only: left out)."""
+    (canonical a/b/tie, trainer.criteria.judgments) and strength dropped; votes without it
+    are left out. What the export (--criterion) and the per-criterion agreement start
+    from. With `scale_as_preference` a scale criterion counts too, as the preference its
+    two scores imply."""
     import pyarrow as pa
 
-    values = votes["criteria"].to_pylist() if "criteria" in votes.column_names else [None] * votes.num_rows
-    picked = []
-    for text in values:
-        judgment = json.loads(text).get(name) if text else None
-        if isinstance(judgment, dict) and scale_as_preference and len(judgment) == 2:
-            gap = judgment["a"] - judgment["b"]
-            judgment = "a" if gap > 0 else "b" if gap < 0 else "tie"
-        picked.append(judgment if isinstance(judgment, str) else None)
+    picked = judgments(votes, name, scale_as_preference=scale_as_preference)
     keep = pa.array([p is not None for p in picked], pa.bool_())
     out = votes.set_column(votes.column_names.index("choice"), "choice", pa.array(picked, pa.string()))
     if "strength" in out.column_names:

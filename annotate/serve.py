@@ -30,12 +30,13 @@ from pathlib import Path
 from annotate import gold, rubric
 from annotate.sessions import DEFAULT_IDLE_S
 from trainer import endpoints
+from trainer.data import GUIDELINES
 from trainer.errors import PreflabError
 from trainer.prompts import DEFAULT_PROMPTS
-from trainer.shipped import GUIDELINES
 
 log = logging.getLogger("preflab.serve")
 
+DEFAULT_GUIDELINES = GUIDELINES
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -98,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--guidelines",
-        default=str(GUIDELINES),
+        default=str(DEFAULT_GUIDELINES),
         metavar="FILE",
         help="annotator guidelines (Markdown), one click away on the page",
     )

@@ -49,9 +49,9 @@ from reward_vs_trl import PeakMemory  # noqa: E402  (sampled peak RSS / CUDA max
 
 
 def shipped_prompts(n: int) -> list[list[dict[str, str]]]:
-    from trainer.prompts import DEFAULT_PROMPTS, load_prompt_pool
+    from trainer.prompts import load_prompt_pool
 
-    prompts = [p.messages for p in load_prompt_pool(DEFAULT_PROMPTS).prompts]
+    prompts = [p.messages for p in load_prompt_pool(ROOT / "trainer" / "data" / "prompts.jsonl").prompts]
     return (prompts * (n // len(prompts) + 1))[:n]
 
 

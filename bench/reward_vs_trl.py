@@ -86,17 +86,15 @@ PRESETS = {
 
 def shipped_prompts() -> list[list[dict[str, str]]]:
     """The shipped prompt pool as chat messages (some have a system turn or several turns)."""
-    from trainer.prompts import DEFAULT_PROMPTS, load_prompt_pool
+    from trainer.prompts import load_prompt_pool
 
-    return [p.messages for p in load_prompt_pool(DEFAULT_PROMPTS)]
+    return [p.messages for p in load_prompt_pool(ROOT / "trainer" / "data" / "prompts.jsonl")]
 
 
 def sentence_pool() -> list[str]:
     """English sentences from the shipped prompts and annotator guidelines."""
-    from trainer.shipped import GUIDELINES
-
     text = " ".join(m["content"] for prompt in shipped_prompts() for m in prompt)
-    text += " " + re.sub(r"[#*>`|_-]+", " ", GUIDELINES.read_text())
+    text += " " + re.sub(r"[#*>`|_-]+", " ", (ROOT / "trainer" / "data" / "guidelines.md").read_text())
     sentences = [s.strip() for s in re.split(r"(?<=[.?!])\s+", " ".join(text.split()))]
     return [s for s in sentences if 4 <= len(s.split()) <= 40]
 

@@ -291,30 +291,19 @@ class Server:
         client(server.url, "ann")
     """
 
-    def __init__(
-        self,
-        tmp: Path,
-        *args: str,
-        command: list[str] | None = None,
-        cwd: Path = REPO,
-        env: dict[str, str] | None = None,
-    ):
-        """`command`: what runs `preflab` (default: this Python on the checkout; an
-        installed `.../bin/preflab` to test a wheel), in `cwd` with `env` (child_env())."""
+    def __init__(self, tmp: Path, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.args = [*args, "--port", str(self.port), "--host", "127.0.0.1"]
         self.log_path = tmp / f"server-{self.port}.log"
         self.proc = None
-        self.command = command or [sys.executable, "-m", "annotate.cli"]
-        self.cwd, self.env = cwd, env
 
     def start(self, timeout: float = 120) -> Server:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*self.command, "serve", *self.args],
-            cwd=self.cwd,
-            env=child_env() if self.env is None else self.env,
+            [sys.executable, "-m", "annotate.cli", "serve", *self.args],
+            cwd=REPO,
+            env=child_env(),
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )

@@ -1,6 +1,6 @@
-"""What a user gets from `pip install preflab`: the install extras (a feature whose
-optional package is missing says, in one line, which extra brings it) and the wheel
-itself (it holds the shipped data, and its commands run on their defaults)."""
+"""Packaging: what a plain install gets. A missing optional package (an extra of
+pyproject.toml) is one line naming the extra; a wheel carries the shipped files, and the
+commands that default to them run from an installed wheel, away from the checkout."""
 
 from __future__ import annotations
 
@@ -9,180 +9,202 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TRAIN_DEVICE, Server, child_env, vote_record, write_store
+from helpers import REPO, TRAIN_DEVICE, banana_rows, child_env, train_tiny_reward_run, write_jsonl
+
+from trainer.store.pg_testserver import free_port
 
 
-def without(module: str, tmp_path, *argv: str) -> subprocess.CompletedProcess:
-    """`preflab ARGV` in a fresh process where `module` cannot be imported, as if its
-    extra were not installed: a None entry in sys.modules is Python's documented way to
-    make `import module` raise ImportError (the reference's "The module cache")."""
-    code = (
-        f"import sys; sys.modules[{module!r}] = None; from annotate.cli import main; "
-        f"sys.exit(main({list(argv)!r}))"
-    )
+def _without(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`preflab ARGS` in a Python where `module` cannot be imported: None in sys.modules
+    is Python's documented way to make an import fail (ImportError naming the module),
+    as it does when the package is not installed."""
+    code = f"import sys; sys.modules[{module!r}] = None; from annotate.cli import main; sys.exit(main())"
     return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=child_env(),
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=child_env(PYTHONPATH=str(REPO)),
         capture_output=True,
         text=True,
         timeout=300,
     )
 
 
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The one `error: ...` line a user-fixable problem prints (exit 2, no traceback)."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
-    return line
-
-
 def test_lora_without_peft_names_the_train_extra(tmp_path):
-    store = write_store(tmp_path / "votes", [vote_record(choice="a"), vote_record("Another?", choice="b")])
-    result = without(
-        "peft", tmp_path, "train-reward", "--data", str(store), "--model", "tiny", "--lora-r", "4"
+    data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(8))
+    result = _without(
+        "peft",
+        *("train-reward", "--data", str(data), "--model", "tiny", "--lora-r", "4"),
+        *("--run-dir", str(tmp_path / "rm"), "--device", "cpu", "--no-progress"),
+        cwd=tmp_path,
     )
-    assert one_error_line(result) == "error: --lora-r needs peft: pip install 'preflab[train]'"
-    # Refused before anything was made: the run directory it would have created is gone.
-    assert not (tmp_path / "runs").exists()
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1] == "error: --lora-r needs peft: pip install 'preflab[train]'"
+    )
+    assert "Traceback" not in result.stderr
 
 
-def test_lora_policy_without_peft_names_the_train_extra(tmp_path):
-    # The check comes before the reward run is read, so none is needed to see it.
-    result = without("peft", tmp_path, "train-policy", "--reward", str(tmp_path / "rm"), "--lora-r", "4")
-    assert one_error_line(result) == "error: --lora-r needs peft: pip install 'preflab[train]'"
-
-
-@pytest.mark.parametrize("module", ["psycopg", "psycopg_pool"])
-def test_a_database_without_psycopg_names_the_postgres_extra(tmp_path, module):
-    # A password in the URL stays out of the message, as in every other store error.
-    url = "postgresql://ann:secret@127.0.0.1:1/votes"
-    result = without(module, tmp_path, "info", "--data", url)
-    assert one_error_line(result) == (
-        f"error: the PostgreSQL store postgresql://ann:***@127.0.0.1:1/votes needs {module}: "
+def test_a_postgres_store_without_psycopg_names_the_postgres_extra(tmp_path):
+    # Nothing listens on port 1: the message must come before any connection is tried.
+    result = _without("psycopg", "info", "--data", "postgresql://someone@127.0.0.1:1/votes", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: postgresql://someone@127.0.0.1:1/votes: the PostgreSQL store needs psycopg: "
         "pip install 'preflab[postgres]'"
     )
+    assert "Traceback" not in result.stderr
 
 
-def test_endpoints_without_openai_names_the_endpoints_extra(tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "Hi"}\n')
-    endpoints = tmp_path / "endpoints.json"
-    endpoints.write_text("{}")
-    result = without("openai", tmp_path, "generate", "--prompts", str(prompts), "--endpoints", str(endpoints))
-    assert one_error_line(result) == "error: --endpoints needs openai: pip install 'preflab[endpoints]'"
-
-
-# ---- the wheel ---------------------------------------------------------------------------
-
-
-def run(cmd, **kw) -> subprocess.CompletedProcess:
-    result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, **kw)
-    assert result.returncode == 0, f"{cmd}:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def outside_the_checkout() -> dict[str, str]:
-    """A user's environment: no PYTHONPATH (pytest's, or the Makefile's, would put the
-    checkout first and hide what the wheel lacks); one thread for the tiny models."""
-    env = child_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("PYTHONPATH", None)
-    return env
+# ---- a wheel, installed --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory) -> Path:
-    """A fresh virtual environment with preflab installed from a wheel built here.
-
-    The wheel is built from a copy of exactly what it is made from (pyproject, README,
-    the two packages), so the build leaves nothing in the checkout, and offline, with the
-    setuptools of this venv. Its dependencies (torch, gradio, ...) are this venv's, made
-    visible by a .pth line naming this venv's site-packages: installing them afresh would
-    download gigabytes. A plain path line, not a site directory, so that venv's own .pth
-    files (among them the editable install of the checkout) are not run: only the wheel
-    can provide `annotate` and `trainer`."""
-    base = tmp_path_factory.mktemp("wheel")
-    src = base / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    for package in ("annotate", "trainer"):
-        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", src, "-w", base / "dist"])
-    (wheel,) = (base / "dist").glob("preflab-*.whl")
-
-    venv = base / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", venv])  # a venv's venv is on the base Python
-    python = venv / "bin" / "python"
-    paths = "import sysconfig, json; print(json.dumps(sysconfig.get_paths()))"
-    site = Path(json.loads(run([python, "-c", paths]).stdout)["purelib"])
-    ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-    (site / "preflab-test-deps.pth").write_text("".join(f"{p}\n" for p in ours))
-    # This venv's pip, run by the new venv's Python, installs into the new one; --ignore-installed:
-    # never touch the editable preflab it can see in this venv's site-packages.
-    install = [python, "-m", "pip", "--disable-pip-version-check", "install", "--no-deps", "--no-index"]
-    run([*install, "--ignore-installed", wheel], env=outside_the_checkout())
+def installed(tmp_path_factory) -> Path:
+    """A fresh virtual environment holding preflab from a wheel of this tree. Its
+    dependencies come from the test's own environment through a .pth file (no network);
+    that adds the directory only, so the editable install of preflab there (its own .pth
+    and finder) stays off and the wheel's copy is the only preflab it can import."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    # The build runs on a copy of the files git knows: building in the checkout would
+    # leave build/ and *.egg-info there, and an untracked file must not reach the wheel.
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    src = tmp / "src"
+    for name in filter(None, (f.decode() for f in files)):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    wheels = tmp / "dist"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            wheels,
+        ],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("preflab-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    new_site = Path(
+        subprocess.run(
+            [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    (new_site / "preflab-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            venv / "bin" / "python",
+            "install",
+            "--no-deps",
+            # The test's own environment holds preflab (editable), seen here through the
+            # .pth file: without this pip calls the wheel "already satisfied" and installs
+            # nothing. It never uninstalls that copy, it only writes into the new venv.
+            "--ignore-installed",
+            "-q",
+            wheel,
+        ],
+        check=True,
+        timeout=300,
+    )
     return venv
 
 
-def test_the_wheel_holds_the_code_and_the_shipped_data(wheel_venv, tmp_path):
-    code = (
-        "import json, annotate, trainer.shipped as s\n"
-        "from importlib.resources import files\n"
-        "data = files('trainer').joinpath('data')\n"
-        "print(json.dumps({'annotate': annotate.__file__,\n"
-        "  'names': sorted(p.name for p in data.iterdir()),\n"
-        "  'texts': {p.name: p.read_text(encoding='utf-8') for p in data.iterdir()},\n"
-        "  'shipped': [str(p) for p in (s.DEFAULT_PROMPTS, s.DEMO_PAIRS, s.GUIDELINES, s.EXAMPLE_RUBRIC)]}))"
+def _installed_env() -> dict[str, str]:
+    env = child_env()
+    env.pop("PYTHONPATH", None)  # the checkout must not be importable
+    return env
+
+
+def test_the_wheel_holds_the_shipped_files_and_runs_serve_and_train_policy(installed, tmp_path):
+    env, python = _installed_env(), installed / "bin" / "python"
+    found = subprocess.run(
+        [python, "-c", "import annotate, trainer.data as d; print(annotate.__file__); print(d.PROMPTS)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert all(Path(p).is_relative_to(installed) for p in found), found
+    for name in ("prompts.jsonl", "guidelines.md", "demo-pairs.jsonl", "rubric.toml"):
+        shipped = Path(found[1]).parent / name
+        assert shipped.read_bytes() == (REPO / "trainer" / "data" / name).read_bytes(), name
+
+    # `preflab serve --model tiny` on its defaults: the prompt pool and the guidelines
+    # from the package, from a directory that holds neither.
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen(
+            [installed / "bin" / "preflab", "serve", "--model", "tiny", "--data", tmp_path / "store"]
+            + ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            config = None
+            deadline = time.monotonic() + 240
+            while config is None and time.monotonic() < deadline:
+                assert server.poll() is None, log_path.read_text(errors="replace")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5) as r:
+                        config = r.read().decode()
+                except OSError:
+                    time.sleep(0.5)
+            assert config is not None, log_path.read_text(errors="replace")
+            # The Guidelines tab shows the shipped file: its first heading is on the page.
+            heading = next(
+                line.lstrip("# ").strip()
+                for line in (REPO / "trainer" / "data" / "guidelines.md").read_text().splitlines()
+                if line.startswith("#")
+            )
+            assert heading in config
+        finally:
+            server.terminate()
+            server.wait(30)
+
+    # `preflab train-policy` with no --prompts: the shipped pool, from the package.
+    reward = train_tiny_reward_run(tmp_path / "runs")
+    run_dir = tmp_path / "runs" / "policy"
+    result = subprocess.run(
+        [installed / "bin" / "preflab", "train-policy", "--reward", reward, "--model", "tiny"]
+        + ["--algo", "rloo", "--steps", "1", "--batch-size", "2", "--max-new-tokens", "6"]
+        + ["--eval-prompts", "0", "--run-dir", run_dir, "--device", TRAIN_DEVICE, "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
-    python = wheel_venv / "bin" / "python"
-    found = json.loads(run([python, "-c", code], cwd=tmp_path, env=outside_the_checkout()).stdout)
-    assert Path(found["annotate"]).is_relative_to(wheel_venv)
-    shipped = sorted(p.name for p in (REPO / "trainer" / "data").iterdir())
-    assert found["names"] == shipped == ["demo-pairs.jsonl", "guidelines.md", "prompts.jsonl", "rubric.toml"]
-    # The same files, whole: a wheel that cut or re-encoded one would differ here.
-    assert found["texts"] == {n: (REPO / "trainer" / "data" / n).read_text(encoding="utf-8") for n in shipped}
-    assert all(Path(p).is_relative_to(wheel_venv) and Path(p).is_file() for p in found["shipped"])
-
-
-def test_the_installed_commands_run_on_their_defaults(wheel_venv, tmp_path):
-    """`preflab serve --model tiny` and `preflab train-policy` from a directory that is not
-    the checkout, with nothing but their defaults for the shipped files: the prompt pool,
-    the guidelines, the demo pairs (which serve reads, and leaves out for tiny)."""
-    preflab = wheel_venv / "bin" / "preflab"
-    env = outside_the_checkout()
-    shipped_pool = wheel_venv.glob("lib/python*/site-packages/trainer/data/prompts.jsonl")
-    (pool,) = list(shipped_pool)
-    n_prompts = len(pool.read_text().splitlines())
-
-    with Server(tmp_path, "--model", "tiny", command=[preflab], cwd=tmp_path, env=env) as server:
-        with urllib.request.urlopen(server.url + "config", timeout=30) as r:
-            config = r.read().decode()
-        log = server.output()
-    assert f"{pool}: {n_prompts} prompts loaded" in log, log
-    assert "pregenerated pairs match" in log, log  # the demo pairs were found (and judged)
-    # The Guidelines tab holds the shipped guidelines, not "No guidelines were given."
-    guidelines = (REPO / "trainer" / "data" / "guidelines.md").read_text().splitlines()[2]
-    assert json.dumps(guidelines)[1:-1] in config
-
-    # A reward model of a few pairs, then two policy steps on the default prompts.
-    rows = [
-        {"prompt": f"Question {i}?", "chosen": "yes, and why " * (1 + i % 3), "rejected": "no"}
-        for i in range(16)
-    ]
-    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train = ["--model", "tiny", "--device", TRAIN_DEVICE, "--no-progress"]
-    run([preflab, "train-reward", *train, "--data", "prefs.jsonl", "--run-dir", "rm", "--epochs", "1",
-         "--batch-size", "8", "--max-length", "32"], cwd=tmp_path, env=env)  # fmt: skip
-    run([preflab, "train-policy", *train, "--reward", "rm", "--run-dir", "policy", "--steps", "2",
-         "--batch-size", "2", "--max-new-tokens", "4"], cwd=tmp_path, env=env)  # fmt: skip
-    config = json.loads((tmp_path / "policy" / "config.json").read_text())
-    assert config["prompts"]["source"] == str(pool)
-    assert config["prompts"]["count"] + config["prompts"]["heldout"] == n_prompts
-    assert json.loads((tmp_path / "policy" / "status.json").read_text())["state"] == "done"
+    assert result.returncode == 0, result.stderr[-3000:]
+    prompts = json.loads((run_dir / "config.json").read_text())["prompts"]
+    assert Path(prompts["source"]) == Path(found[1]), prompts
+    assert prompts["count"] == sum(1 for line in Path(found[1]).open() if line.strip())
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"

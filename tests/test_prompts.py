@@ -10,12 +10,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import preflab
+from helpers import REPO, preflab
 
-from trainer.prompts import DEFAULT_PROMPTS, Prompt, PromptPoolError, load_prompt_pool
+from trainer.prompts import Prompt, PromptPoolError, load_prompt_pool
 from trainer.store import prompt_id_for
 
-SHIPPED = DEFAULT_PROMPTS
+SHIPPED = REPO / "trainer" / "data" / "prompts.jsonl"
 CATEGORIES = ("advice", "coding", "writing", "facts", "reasoning", "maths", "refusal")
 
 

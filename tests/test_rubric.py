@@ -13,7 +13,7 @@ from annotate.pairs import load_pairs
 from annotate.queue import AssignmentQueue
 from annotate.rubric import Rubric, RubricError, load_rubric
 from annotate.service import BadRequest, Service
-from trainer.shipped import EXAMPLE_RUBRIC
+from trainer.data import RUBRIC as SHIPPED_RUBRIC
 from trainer.store import open_store, read_comparisons
 from trainer.store.record import RecordError, complete_record, validate_record
 
@@ -67,7 +67,8 @@ def test_a_rubric_file_loads_with_its_criteria_and_flags(tmp_path):
 
 
 def test_the_shipped_example_rubric_loads():
-    rubric = load_rubric(EXAMPLE_RUBRIC)
+
+    rubric = load_rubric(SHIPPED_RUBRIC)
     assert [c.name for c in rubric.criteria] == ["helpful", "harmless", "honest", "clarity"]
     assert [f.name for f in rubric.flags] == ["unsafe", "factually_wrong", "off_topic"]
 

@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import PreflabError, requires
+from trainer.errors import PreflabError
 
 CONFIG_FLAG_HELP = (
     'a JSON file of settings (field names as keys, e.g. {"lr": 1e-5}); '
@@ -61,16 +61,6 @@ class ConfigError(PreflabError, ValueError):
     def labelled(self) -> str:
         """The message in the words of the Train tab: "Epochs: must be at least 1"."""
         return "; ".join(f"{label_of(self.config_class, name)}: {why}" for name, why in self.problems)
-
-
-def check_settings(cfg: Config) -> None:
-    """What a trainer checks before it reads any data: the config's own rules (`check`),
-    then the optional packages the settings need, so a missing one fails in seconds and
-    not after the model has loaded. Not in `problems`: the Train tab checks its form
-    there, in the server process, which has no use for peft itself."""
-    cfg.check()
-    if getattr(cfg, "lora_r", 0) > 0:
-        requires("peft", "train", "--lora-r")
 
 
 class Config:

@@ -33,8 +33,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from trainer.endpoints import EXTRA, Endpoint, EndpointsError
-from trainer.errors import PreflabError, requires
+from trainer.endpoints import Endpoint
+from trainer.errors import PreflabError
 
 log = logging.getLogger("preflab.endpoints")
 
@@ -51,15 +51,9 @@ def _transport_error(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore") or isinstance(e, OSError)
 
 
-def _openai():
-    """The openai package (the `endpoints` extra), imported on first use: a store or a
-    local model never needs it."""
-    return requires("openai", EXTRA, "--endpoints", EndpointsError)
-
-
 class EndpointModel:
     def __init__(self, endpoint: Endpoint):
-        openai = _openai()
+        import openai
 
         self.endpoint = endpoint
         self.name = endpoint.name
@@ -80,7 +74,7 @@ class EndpointModel:
         return self.failed_at is not None and time.monotonic() - self.failed_at < COOL_DOWN_S
 
     def _failure(self, e: BaseException) -> EndpointFailure:
-        openai = _openai()
+        import openai
 
         ep = self.endpoint
         if isinstance(e, EndpointFailure):
@@ -101,7 +95,7 @@ class EndpointModel:
 
     def _chunks(self, messages, *, max_new_tokens, temperature, top_p, seed, stop):
         """(text piece, finish_reason) as they come; EndpointFailure for any failure."""
-        openai = _openai()
+        import openai
 
         settings = self.endpoint.sampling(temperature, top_p, max_new_tokens)
         finish = None

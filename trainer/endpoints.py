@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from trainer.errors import PreflabError, requires
+from trainer.errors import PreflabError
 from trainer.rows import text_problem
 
 log = logging.getLogger("preflab.endpoints")
@@ -109,7 +109,12 @@ class Endpoint:
 
 def require_openai() -> None:
     """EndpointsError naming the install extra when the openai package is missing."""
-    requires("openai", EXTRA, "--endpoints", EndpointsError)
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        raise EndpointsError(
+            f"--endpoints needs the `openai` package: pip install 'preflab[{EXTRA}]'"
+        ) from None
 
 
 def _unique_keys(pairs):

@@ -30,20 +30,35 @@ class PolicyInputError(PreflabError, ValueError):
 
 
 class MissingExtra(PreflabError):
-    """An optional package a feature needs is not installed; the message names the
-    install extra of pyproject.toml that brings it."""
+    """A feature whose package is not installed; the message names the install extra."""
 
 
-def requires(module: str, extra: str, feature: str, error: type[PreflabError] = MissingExtra) -> ModuleType:
-    """`module`, imported; or `error`, one line: "FEATURE needs MODULE: pip install
-    'preflab[EXTRA]'". Every optional import a user can reach goes through here, so the
-    advice is worded once and always names the extra (pip's own ImportError names
-    neither the feature nor the fix). `error`: a subclass the caller's handlers expect
-    (a store's StoreError, say)."""
+def missing_extra(module: str, extra: str) -> str | None:
+    """None when the optional package `module` imports; else the one wording for its
+    absence, "needs peft: pip install 'preflab[train]'", for a caller to prefix with the
+    feature (a config check prefixes the flag: "--lora-r needs peft: ...").
+
+    Only the package itself being absent is the user's to fix: an ImportError raised from
+    inside an installed package (a broken install, an incompatible version) names another
+    module and keeps its traceback."""
+    top = module.split(".")[0]
     try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise error(f"{feature} needs {module}: pip install 'preflab[{extra}]'") from None
+        importlib.import_module(module)
+    except ImportError as e:
+        if e.name is None or e.name.split(".")[0] != top:
+            raise
+        return f"needs {top}: pip install 'preflab[{extra}]'"
+    return None
+
+
+def requires(module: str, extra: str, feature: str) -> ModuleType:
+    """The optional package `module` (pyproject.toml's extras), imported; MissingExtra
+    naming the extra to install when it is absent: "<feature> needs <package>: pip install
+    'preflab[<extra>]'"."""
+    why = missing_extra(module, extra)
+    if why:
+        raise MissingExtra(f"{feature} {why}")
+    return sys.modules[module]
 
 
 def exit_code(command: Callable[..., Any], *args: Any) -> int:

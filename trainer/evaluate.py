@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.models import canonical_name
     from trainer.policy_model import reward_model_dir  # trainer.runs.reward_model_path's check
     from trainer.prompts import load_prompts
+    from trainer.reward_blend import parse_reward_weights, scorer_for
     from trainer.reward_model import RewardModel
     from trainer.runs import CHECKPOINT, CONFIG_FILE, POLICY_DIR, RunDirError
 
@@ -220,7 +221,12 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_policy(
         run_dir / POLICY_DIR,
         reference,
-        RewardModel.load(rm_path, device=device),
+        # The run's own reward model scores as the run trained: its --reward-weights, if any
+        # (another --reward is scored by its first head).
+        scorer_for(
+            RewardModel.load(rm_path, device=device),
+            parse_reward_weights(cfg.get("reward_weights")) if not args.reward else {},
+        ),
         conversations,
         max_new_tokens=args.max_new_tokens or cfg["max_new_tokens"],
         temperature=args.temperature if args.temperature is not None else cfg["temperature"],

@@ -94,8 +94,8 @@ from functools import partial
 from pathlib import Path
 
 from trainer.checkpoints import CheckpointError, load_training_state
-from trainer.config import HelpFormatter, add_config_arguments, check_settings, config_from_namespace
-from trainer.errors import MissingExtra, PolicyInputError, exit_code
+from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
+from trainer.errors import PolicyInputError, exit_code
 from trainer.policy_config import DEFAULT_PROMPTS, TOKEN_ALGOS, PolicyConfig, resolve_config
 from trainer.policy_model import (
     Sampler,
@@ -131,6 +131,7 @@ from trainer.policy_run import (
     write_start_config,
 )
 from trainer.prompts import load_prompts
+from trainer.reward_blend import check_reward_weights, parse_reward_weights
 from trainer.runs import CONFIG_FILE, STATE_FILE, Run, supervise
 from trainer.store.errors import StoreError
 
@@ -152,9 +153,9 @@ def train(cfg: PolicyConfig | dict, explicit: set[str] | None = None) -> int:
     return supervise(
         run_path,
         cfg.device,
-        lambda: check_settings(cfg),
+        cfg.check,  # the config's own check is the only validator
         lambda run, accelerator, stop: _train(cfg, run, accelerator, stop),
-        (PolicyInputError, StoreError, CheckpointError, MissingExtra),
+        (PolicyInputError, StoreError, CheckpointError),
         keep_failed=named,
     )
 
@@ -171,6 +172,8 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     import numpy as np
 
     rm_path = reward_model_dir(cfg.reward)
+    reward_weights = parse_reward_weights(cfg.reward_weights)
+    check_reward_weights(rm_path, reward_weights)  # a head the model lacks: refused before any loading
     prompts_path = cfg.prompts or str(DEFAULT_PROMPTS)
     conversations = load_prompts(prompts_path)
     # Held-out prompts: never trained on; the policy meets the reference on them at the end.
@@ -226,7 +229,7 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     value_head = make_value_head(hidden_size, device, ckpt if resuming else None) if ppo else None
     net = policy_net(lm, value_head)
     ref_net = policy_net(ref) if ref is not None else None
-    reward_model = load_reward_scorer(rm_path, device)
+    reward_model = load_reward_scorer(rm_path, device, reward_weights)
 
     # ---- prompts -> token ids (chat template, assistant turn opened; oldest tokens cut) -----
     texts = [render_prompt(tokenizer, c) for c in conversations]

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import Config, ConfigError, model_problem, settings_for_run
-from trainer.errors import PolicyInputError
+from trainer.errors import PolicyInputError, missing_extra
 from trainer.prompts import DEFAULT_PROMPTS
+from trainer.reward_blend import parse_reward_weights
 
 ALGOS = ("ppo", "rloo", "reinforce", "grpo", "dr_grpo", "reinforce_pp")
 # Algorithms whose baseline is the other samples of the same prompt (k >= 2 needed).
@@ -89,7 +90,7 @@ class PolicyConfig(Config):
         metadata={  # None: DEFAULT_PROMPTS
             "help": f"prompt pool file (.jsonl/.csv/.parquet) or a comparison store: a directory, "
             f"or postgresql://user@host:port/db "
-            f"(default: the shipped pool, {DEFAULT_PROMPTS.relative_to(DEFAULT_PROMPTS.parents[2])})",
+            f"(default: the shipped pool, {DEFAULT_PROMPTS.name})",
             "label": "Prompts file",
         },
     )
@@ -237,6 +238,15 @@ class PolicyConfig(Config):
             "help": "static KV cache + torch.compile'd decoding (default: on with CUDA; the first step compiles)"
         },
     )
+    reward_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "a multi-head reward model's (train-reward --criteria) heads weighed into one reward: "
+            "the sum of weight x that head's normalised reward, e.g. overall=1,helpful=2 (heads not named "
+            "weigh 0); default: the first head, the overall vote's",
+            "metavar": "HEAD=W,...",
+        },
+    )
     reward_batch_size: int = field(default=32, metadata={"help": "answers per reward-model forward"})
     save_every: int = field(default=25, metadata={"help": "steps between checkpoints (0: at the end)"})
     sample_every: int = field(default=10, metadata={"help": "steps between logged samples (0: never)"})
@@ -300,6 +310,14 @@ class PolicyConfig(Config):
         yield "kl_target", cfg.kl_target < 0, "must be >= 0"
         yield "baseline_decay", not 0 <= cfg.baseline_decay < 1, "must be in [0, 1)"
         yield "max_kl", cfg.max_kl < 0, "must be >= 0 (0 turns the check off)"
+        # LoRA's package is an extra: said here, before any model is loaded (on the command
+        # line and in the Train tab alike), not when the adapters are added.
+        no_peft = cfg.lora_r > 0 and missing_extra("peft", "train")
+        yield "lora_r", bool(no_peft), no_peft
+        try:
+            parse_reward_weights(cfg.reward_weights)
+        except PolicyInputError as e:
+            yield "reward_weights", True, str(e).removeprefix("--reward-weights: ")
 
 
 def _prompts_exist(prompts: str) -> bool:

@@ -163,26 +163,26 @@ def merge_lora_in_fp32(peft_lm, base_source: str):
     frozen base sits in bf16; merging into it would round every weight of the saved policy
     (the untouched ones too) to bf16."""
     import torch
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    peft = requires("peft", "train", "--lora-r")
-
-    adapters = {k: v.detach().float().cpu() for k, v in peft.get_peft_model_state_dict(peft_lm).items()}
-    fresh = peft.get_peft_model(
+    adapters = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(peft_lm).items()}
+    fresh = get_peft_model(
         load_causal_lm(base_source, torch.float32), copy.deepcopy(peft_lm.peft_config["default"])
     )
-    peft.set_peft_model_state_dict(fresh, adapters)
+    set_peft_model_state_dict(fresh, adapters)
     return fresh.merge_and_unload()
 
 
 def add_lora(lm, r: int, alpha: float, resume_from: Path | None = None):
     """LoRA adapters on every linear layer (alpha 0: 2 * r); `resume_from`: a checkpoint's."""
-    peft = requires("peft", "train", "--lora-r")
+    requires("peft", "train", "--lora-r")  # the config check said so already; a caller may skip it
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     if resume_from is not None:
-        return peft.PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True)
-    return peft.get_peft_model(
+        return PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True)
+    return get_peft_model(
         lm,
-        peft.LoraConfig(
+        LoraConfig(
             task_type="CAUSAL_LM",
             r=r,
             lora_alpha=alpha or 2 * r,
@@ -388,11 +388,13 @@ def reward_model_dir(path: str | os.PathLike | None) -> Path:
         raise PolicyInputError(f"{e} (no trained reward model here)") from None
 
 
-def load_reward_scorer(path: Path, device):
-    """The reward model's normalised scores of (prompt, answer): trainer.reward_model.RewardModel."""
+def load_reward_scorer(path: Path, device, weights: dict[str, float] | None = None):
+    """The reward model's normalised scores of (prompt, answer): trainer.reward_model.RewardModel,
+    or with `weights` (--reward-weights) its heads' weighted sum (trainer.reward_blend)."""
+    from trainer.reward_blend import scorer_for
     from trainer.reward_model import RewardModel
 
-    return RewardModel.load(path, device=device)
+    return scorer_for(RewardModel.load(path, device=device), weights or {})
 
 
 def save_policy(

@@ -30,6 +30,15 @@ from trainer.policy_model import merge_lora_in_fp32, save_policy
 from trainer.runs import CHECKPOINT, CONFIG_FILE, POLICY_DIR, Run, peak_memory_mb, read_json, write_json
 
 
+def _reward_weights(cfg) -> dict:
+    """{"reward_weights": {head: weight}} where --reward-weights was given (else nothing:
+    a run without it records what it always did)."""
+    from trainer.reward_blend import parse_reward_weights
+
+    weights = parse_reward_weights(cfg.reward_weights)
+    return {"reward_weights": weights} if weights else {}
+
+
 def write_start_config(
     run: Run, cfg, prompts_path: str, n_prompts: int, heldout: list, rm_path: Path
 ) -> None:
@@ -47,6 +56,7 @@ def write_start_config(
                 "heldout": len(heldout),
             },
             "reward_model": str(rm_path),
+            **_reward_weights(cfg),
         },
     )
     write_heldout(run.path, heldout)
@@ -92,6 +102,7 @@ def policy_meta(cfg, base_source: str, rm_path: Path, step: int, kl_coef: float)
         "base_model": cfg.model,
         "base_source": base_source,
         "reward_model": str(rm_path),
+        **_reward_weights(cfg),
         "step": step,
         "lora": cfg.lora_r > 0,
         "kl_coef": kl_coef,

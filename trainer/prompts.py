@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer import shipped
+from trainer.data import PROMPTS
 from trainer.errors import PreflabError
 from trainer.rows import BadRow, RowFileError, check_utf8, iter_rows, line_or_row, parse_messages
 from trainer.store import messages_to_json, prompt_id_for
@@ -40,8 +40,7 @@ from trainer.store import messages_to_json, prompt_id_for
 log = logging.getLogger("preflab.prompts")
 
 # The pool shipped with preflab: the default of `serve --model` and of train-policy.
-# (Named here too, where prompt pools are loaded: most of its users import it from here.)
-DEFAULT_PROMPTS = shipped.DEFAULT_PROMPTS
+DEFAULT_PROMPTS = PROMPTS  # the shipped pool (trainer/data: package data)
 
 DEFAULT_MAX_CHARS = 32_000
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}

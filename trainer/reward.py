@@ -56,15 +56,25 @@ import time
 import numpy as np
 
 from trainer.checkpoints import CheckpointError
-from trainer.config import HelpFormatter, add_config_arguments, check_settings, config_from_namespace
-from trainer.errors import MissingExtra, exit_code
+from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
+from trainer.criteria import heads_of
+from trainer.errors import exit_code
 from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
 from trainer.reward_config import RewardConfig, resolve_config
 from trainer.reward_data import RewardDataError
-from trainer.reward_metrics import evaluate, preference_loss, style_penalty, to_device
-from trainer.reward_model import load_for_training, save_checkpoint, use_packed_attention
+from trainer.reward_metrics import (
+    evaluate,
+    head_norms,
+    normalisation,
+    own_head,
+    preference_loss,
+    style_penalty,
+    to_device,
+)
+from trainer.reward_model import load_for_training, reward_meta, save_checkpoint, use_packed_attention
 from trainer.reward_run import (
     cudnn_attention_off,
+    eval_line,
     finish_done,
     report_data,
     snapshot_data,
@@ -108,9 +118,9 @@ def train(cfg: RewardConfig | dict, explicit: set[str] | None = None) -> int:
     return supervise(
         run_path,
         cfg.device,
-        lambda: check_settings(cfg),
+        cfg.check,  # the config's own check is the only validator
         train_without_cudnn_attention,
-        (RewardDataError, StoreError, CheckpointError, MissingExtra),
+        (RewardDataError, StoreError, CheckpointError),
         keep_failed=named,
     )
 
@@ -212,12 +222,14 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
     step, train_seconds, train_cpu_seconds, pairs_seen = 0, 0.0, 0.0, 0
-    norm, last_eval = {"gain": 1.0, "bias": 0.0}, {}
+    norm, last_eval, heads = {"gain": 1.0, "bias": 0.0}, {}, heads_of(cfg.criteria)
+    norm_by_head: dict[str, dict] = {}
     if resuming:
         state = restore_training_state(ckpt / STATE_FILE, optimizer, scheduler, lr_factor, cfg.lr)
         step, train_seconds, pairs_seen = state["step"], state["train_seconds"], state["pairs_seen"]
         train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
         norm, last_eval = state.get("norm", norm), state.get("last_eval", {})
+        norm_by_head = {h: {k: v[k] for k in ("gain", "bias")} for h, v in last_eval.get("heads", {}).items()}
         run.truncate_metrics(step)
         run.log({"kind": "resume", "step": step, "from": str(ckpt), "time": time.time()})
         if main:
@@ -226,17 +238,9 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
     unwrapped = accelerator.unwrap_model(net)
 
     def meta() -> dict:
-        return {
-            "format": 1,
-            **norm,
-            "max_length": max_length,
-            "base_model": cfg.model,
-            "base_source": base_source,
-            "step": step,
-            "lora": lora,
-            "causal": causal,
-            "val": {k: v for k, v in last_eval.items() if not k.startswith("_")},
-        }
+        return reward_meta(
+            norm, max_length, cfg.model, base_source, step, lora, causal, last_eval, heads, norm_by_head
+        )
 
     def save(final: bool = False) -> None:
         model = unwrapped.seqcls
@@ -270,11 +274,15 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
             "step": step,
             "split": "val" if len(val_idx) else "train",  # no validation pairs: the training ones
         }
-        rewards = last_eval["_rewards"]
-        # Normalisation: gain and bias so that validation rewards have mean 0 and std 1;
-        # scores from different runs then share one scale (the policy trainer and the UI).
-        std = float(rewards.std()) or 1.0
-        norm = {"gain": 1.0 / std, "bias": -float(rewards.mean()) / std}
+        # Normalisation: gain and bias so that validation rewards have mean 0 and std 1 (per head).
+        if len(heads) > 1:
+            last_eval["heads"] = head_norms(last_eval, heads)
+            norm_by_head.update(
+                {h: {k: v[k] for k in ("gain", "bias")} for h, v in last_eval["heads"].items()}
+            )
+            norm = dict(norm_by_head[heads[0]])
+        else:
+            norm = normalisation(last_eval["_rewards"])
         record = {
             "kind": "eval",
             **{k: v for k, v in last_eval.items() if not k.startswith("_")},
@@ -283,15 +291,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
         }
         run.log(record)
         if main:
-            tqdm.write(
-                f"eval @ step {step}: acc {record['val_acc']:.3f} (95% CI {record['val_acc_low']:.2f}-"
-                f"{record['val_acc_high']:.2f}, {record['val_pairs']} {record['split']} pairs)  "
-                f"loss {record['val_loss']:.4f}  "
-                f"ece {record['val_ece']:.3f}  reward {record['reward_mean']:+.3f}±{record['reward_std']:.3f}  "
-                f"length corr {record['length_corr']:+.2f} (headers {record.get('headers_corr', 0):+.2f}, "
-                f"lists {record.get('lists_corr', 0):+.2f}, bold {record.get('bold_corr', 0):+.2f})",
-                file=sys.stderr,
-            )
+            tqdm.write(eval_line(step, record), file=sys.stderr)
         return record
 
     def finish_cancelled() -> int:
@@ -369,7 +369,7 @@ def _train(cfg: RewardConfig, run: Run, accelerator, resuming: bool, stop: dict)
                 with contextlib.nullcontext() if sync else accelerator.no_sync(net):
                     with autocast():
                         rewards = net(**inputs)  # chosen and rejected in one forward
-                    r_c, r_r = rewards.chunk(2)
+                    r_c, r_r = own_head(rewards, batch["head"]).chunk(2)  # each pair its own head
                     per_pair = preference_loss(r_c, r_r, label, margin if cfg.margin else None, cfg.center)
                     # Weighted sum / (pairs in the step x the training set's mean weight):
                     # the same update however the step is cut up, and on average over the

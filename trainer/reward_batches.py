@@ -45,6 +45,7 @@ class Encoded:
     # for the markdown bias next to the length bias
     chosen_markdown: np.ndarray = None
     rejected_markdown: np.ndarray = None
+    head: np.ndarray = None  # the reward head each pair trains (--criteria); all 0 with one head
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -175,6 +176,7 @@ def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
         responses_cut=answers_cut,
         chosen_markdown=markdown_counts(pairs.chosen),
         rejected_markdown=markdown_counts(pairs.rejected),
+        head=np.asarray(pairs.head, dtype=np.int64),
     )
 
 
@@ -310,4 +312,6 @@ def _tensors(enc: Encoded, batch, *, tokens: int, slots: int, **arrays) -> dict[
         tokens=tokens,
         slots=slots,
     )
+    if enc.head is not None:
+        out["head"] = torch.from_numpy(enc.head[batch])
     return out

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from trainer.annotator_quality import WEIGHT_MODES
 from trainer.config import Config, ConfigError, model_problem, settings_for_run
+from trainer.criteria import CriteriaError, parse_criteria
+from trainer.errors import missing_extra
 from trainer.reward_data import RewardDataError
 from trainer.runs import Run
 from trainer.store import DATA_HELP
@@ -124,6 +126,16 @@ class RewardConfig(Config):
             "flag": "--include-flagged",  # the same switch as `preflab export`'s
         },
     )
+    criteria: str | None = field(
+        default=None,
+        metadata={
+            "help": "one reward head per rubric criterion (serve --rubric), comma-separated, beside the "
+            "overall vote's head on one backbone: heads overall,A,B. Each pair trains its own head: a "
+            "vote's overall choice the overall head, its judgment of A head A (a tie as --ties says; a "
+            "scale criterion as the preference its two scores imply). Needs a comparison store",
+            "metavar": "A,B,...",
+        },
+    )
     center: float = field(
         default=0.0,
         metadata={  # Eisenstein et al.
@@ -185,7 +197,15 @@ class RewardConfig(Config):
         yield "val_fraction", not 0 <= self.val_fraction < 1, "must be in [0, 1)"
         yield "warmup", not 0 <= self.warmup <= 1, "must be in [0, 1]"
         yield "lr", not self.lr > 0, "must be positive"
+        try:
+            parse_criteria(self.criteria)
+        except CriteriaError as e:
+            yield "criteria", True, str(e).removeprefix("--criteria: ")
         yield "lora_r", self.lora_r < 0, "must be at least 0"
+        # LoRA's package is an extra: said here, before any data or model is loaded (on the
+        # command line and in the Train tab alike), not when the model is built.
+        no_peft = self.lora_r > 0 and missing_extra("peft", "train")
+        yield "lora_r", bool(no_peft), no_peft
         yield "style_penalty", not self.style_penalty >= 0, "must be 0 (off) or more"
         yield (
             "style_penalty",

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer.criteria import judged_names, judgments
 from trainer.errors import PreflabError
 from trainer.store import describe, is_database, messages_to_json
 
@@ -55,12 +56,14 @@ class Pairs:
     label: list[float] = field(default_factory=list)  # P(chosen beats rejected): 1.0 or 0.5
     margin: list[float] = field(default_factory=list)  # asked-for reward gap (0 = plain BT)
     weight: list[float] = field(default_factory=list)  # the vote's weight in the loss (--weights)
+    head: list[int] = field(default_factory=list)  # the reward head it trains (0: overall; --criteria)
     summary: dict[str, Any] = field(default_factory=dict)  # what was read, used, dropped
 
     def __len__(self) -> int:
         return len(self.chosen)
 
-    def add(self, prompt, chosen, rejected, label=1.0, margin=0.0, weight=1.0):
+    def add(self, prompt, chosen, rejected, label=1.0, margin=0.0, weight=1.0, head=0):
+        self.head.append(int(head))
         self.prompts.append(prompt)
         self.chosen.append(chosen)
         self.rejected.append(rejected)
@@ -78,6 +81,7 @@ class Pairs:
                 self.label[i],
                 self.margin[i],
                 self.weight[i],
+                self.head[i],
             )
         return out
 
@@ -171,6 +175,7 @@ def pairs_from_votes(
     margin_scale: float = 1.0,
     source: str = "",
     weights: str = "none",
+    criteria: list[str] = (),
 ) -> Pairs:
     """Standing votes (an Arrow table with the comparison schema) -> oriented pairs.
 
@@ -179,6 +184,10 @@ def pairs_from_votes(
     trainer.annotator_quality.vote_weights) gives each pair its vote's weight, computed
     from ALL these votes, ties and both-bad included, before any of them is left out
     or split off: competence is estimated from the overlaps, which a split would cut.
+    `criteria` (train-reward --criteria): besides each vote's overall pair (head 0), a pair
+    for each criterion it judged (head 1, 2, ...: trainer.criteria.judgments, a scale as
+    the preference its scores imply), with the vote's weight, no margin (a judgment has no
+    strength), its ties as `ties` says.
     """
     from trainer.annotator_quality import AnnotatorQualityError, annotator_weights, vote_weights
 
@@ -190,21 +199,28 @@ def pairs_from_votes(
     cols = votes.select(["prompt", "response_a", "response_b", "choice", "strength"]).to_pydict()
     parsed: dict[str, list[dict[str, str]]] = {}  # parse each distinct prompt's JSON once
     pairs = Pairs()
-    counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
-    for prompt, a, b, choice, strength, wt in zip(
-        cols["prompt"], cols["response_a"], cols["response_b"], cols["choice"], cols["strength"], w
-    ):
-        counts[choice] = counts.get(choice, 0) + 1
-        if prompt not in parsed:
-            parsed[prompt] = as_messages(json.loads(prompt))
-        m = margin_scale * float(strength or 0) if margin else 0.0
-        if choice == "a":
-            pairs.add(parsed[prompt], a, b, 1.0, m, wt)
-        elif choice == "b":
-            pairs.add(parsed[prompt], b, a, 1.0, m, wt)
-        elif (choice == "tie" and ties == "include") or (choice == "both_bad" and both_bad == "include"):
-            # No preference: a soft label of 0.5 pulls the two rewards together.
-            pairs.add(parsed[prompt], a, b, 0.5, 0.0, wt)
+
+    def add_votes(choices, strengths, head: int) -> dict[str, int]:
+        counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
+        for prompt, a, b, choice, strength, wt in zip(
+            cols["prompt"], cols["response_a"], cols["response_b"], choices, strengths, w
+        ):
+            if choice is None:  # a criterion this vote did not judge
+                continue
+            counts[choice] = counts.get(choice, 0) + 1
+            if prompt not in parsed:
+                parsed[prompt] = as_messages(json.loads(prompt))
+            m = margin_scale * float(strength or 0) if margin else 0.0
+            if choice == "a":
+                pairs.add(parsed[prompt], a, b, 1.0, m, wt, head)
+            elif choice == "b":
+                pairs.add(parsed[prompt], b, a, 1.0, m, wt, head)
+            elif (choice == "tie" and ties == "include") or (choice == "both_bad" and both_bad == "include"):
+                # No preference: a soft label of 0.5 pulls the two rewards together.
+                pairs.add(parsed[prompt], a, b, 0.5, 0.0, wt, head)
+        return counts
+
+    counts = add_votes(cols["choice"], cols["strength"], 0)
     votes_n = sum(counts.values())
     if votes_n == 0:
         raise RewardDataError(
@@ -216,6 +232,21 @@ def pairs_from_votes(
             f"{source}: none of the {votes_n} votes prefers one answer ({counts['tie']} ties, "
             f"{counts['both_bad']} both-bad); a reward model needs votes for 'a' or 'b'"
         )
+    per_head = {}
+    for head, name in enumerate(criteria, start=1):
+        before = len(pairs)
+        c = add_votes(judgments(votes, name, scale_as_preference=True), [None] * votes.num_rows, head)
+        if sum(c.values()) == 0:
+            judged = judged_names(votes)
+            raise RewardDataError(
+                f"{source}: --criteria {name}: no standing vote judged it (the votes here judge: "
+                f"{', '.join(judged) or 'no criteria at all; serve --rubric collects them'})"
+            )
+        if c["a"] + c["b"] == 0:
+            raise RewardDataError(
+                f"{source}: --criteria {name}: none of its {c['tie']} judgments prefers one answer"
+            )
+        per_head[name] = {"judged": sum(c.values()), "ties": c["tie"], "pairs": len(pairs) - before}
     pairs.summary = {
         "source": source,
         "kind": "store",
@@ -227,6 +258,8 @@ def pairs_from_votes(
         "both_bad_mode": both_bad,
         "pairs": len(pairs),
     }
+    if criteria:  # only then: a single-head run's summary stays what it was
+        pairs.summary["criteria"] = per_head
     if weights != "none":  # what the weighting did, in config.json's "data" for all to see
         kept = np.asarray(pairs.weight)
         pairs.summary["weights"] = {
@@ -351,6 +384,7 @@ def read_pairs(
     margin_scale: float = 1.0,
     weights: str = "none",
     exclude_flagged: bool = True,
+    criteria: list[str] = (),
 ) -> Pairs:
     """Pairs from a comparison store (a directory, or a postgresql:// URL) or a
     TRL-format file. A database that cannot be reached raises trainer.store.StoreError.
@@ -359,7 +393,9 @@ def read_pairs(
     (before any weights are computed) unless `exclude_flagged` is False (trainer/flags.py)."""
     if ties not in TIE_MODES or both_bad not in TIE_MODES:
         raise RewardDataError(f"ties / both-bad must be one of {TIE_MODES}")
-    columns = VOTE_COLUMNS + (WEIGHT_COLUMNS if weights != "none" else [])
+    columns = (
+        VOTE_COLUMNS + (WEIGHT_COLUMNS if weights != "none" else []) + (["criteria"] if criteria else [])
+    )
     options = dict(ties=ties, both_bad=both_bad, margin=margin, margin_scale=margin_scale, weights=weights)
     p = None if is_database(path) else Path(path)  # a URL is a store, never a file (Path would fold its "//")
     if p is None or p.is_dir():
@@ -367,10 +403,16 @@ def read_pairs(
             votes, excluded, dropped = _store_votes(path, columns, exclude_flagged)
         except FileNotFoundError as e:
             raise RewardDataError(str(e)) from None
-        pairs = pairs_from_votes(votes, source=describe(path) if p is None else str(p), **options)
+        source = describe(path) if p is None else str(p)
+        pairs = pairs_from_votes(votes, source=source, criteria=list(criteria), **options)
         pairs.summary["excluded_flagged"] = {"annotators": excluded, "votes": dropped}
         return pairs
     if p.is_file():
+        if criteria:
+            raise RewardDataError(
+                f"--criteria needs a comparison store (votes with their rubric judgments); {p} is a "
+                f"preference file: train on the store, or `preflab export --criterion NAME` one criterion"
+            )
         if weights != "none":
             raise RewardDataError(
                 f"--weights {weights} needs a comparison store (votes with their annotators); "
@@ -430,6 +472,8 @@ def save_snapshot(pairs: Pairs, train_idx, val_idx, path) -> None:
             "margin": pa.array(pairs.margin, pa.float32()),
             "weight": pa.array(pairs.weight, pa.float32()),
             "split": split.tolist(),
+            # the head each pair trains; only in a multi-head run's snapshot (--criteria)
+            **({"head": pa.array(pairs.head, pa.int16())} if any(pairs.head) else {}),
         }
     )
     tmp = Path(f"{path}.tmp-{os.getpid()}")
@@ -447,11 +491,12 @@ def load_snapshot(path, summary: dict | None = None) -> tuple[Pairs, np.ndarray,
     parsed: dict[str, list[dict[str, str]]] = {}
     # A snapshot from before --weights has no weight column: every vote weighed 1 then.
     weight = cols.get("weight") or [1.0] * len(cols["chosen"])
-    for p, c, r, label, m, w in zip(
-        cols["prompt"], cols["chosen"], cols["rejected"], cols["label"], cols["margin"], weight
+    head = cols.get("head") or [0] * len(cols["chosen"])  # a single-head snapshot has no column
+    for p, c, r, label, m, w, h in zip(
+        cols["prompt"], cols["chosen"], cols["rejected"], cols["label"], cols["margin"], weight, head
     ):
         if p not in parsed:
             parsed[p] = json.loads(p)
-        pairs.add(parsed[p], c, r, label, m, w)
+        pairs.add(parsed[p], c, r, label, m, w, h)
     split = np.array(cols["split"])
     return pairs, np.flatnonzero(split == "train"), np.flatnonzero(split == "val")

@@ -42,6 +42,14 @@ def preference_loss(r_chosen, r_rejected, label=None, margin=None, center: float
     return loss
 
 
+def own_head(rewards, head):
+    """Each sequence's reward from its pair's own head: rewards [2B, heads] (B chosen then
+    B rejected), head [B] -> [2B]. One head: rewards are already [2B], returned as they are."""
+    if rewards.dim() == 1:
+        return rewards
+    return rewards.gather(1, head.to(rewards.device).repeat(2)[:, None]).squeeze(1)
+
+
 def style_penalty(r_chosen, r_rejected, style_diff):
     """Sum over style features of corr(r_chosen - r_rejected, style_diff[:, f])^2 over a
     micro-batch (a torch scalar, differentiable in the rewards). style_diff: (pairs, F),
@@ -110,7 +118,8 @@ def to_device(batch: dict, device) -> dict:
 
 
 def predict(net, enc, idx, batch_size: int, pad_id: int, device, autocast, accelerator=None, packed=True):
-    """Rewards (r_chosen, r_rejected) for the pairs `idx`, in that order. Pairs are run
+    """Rewards (r_chosen, r_rejected) for the pairs `idx`, in that order, each [pairs] (one
+    head) or [pairs, heads] (every head's reward of each answer). Pairs are run
     longest first in length-sorted batches (little padding); under DDP each process scores
     every world-size-th batch and the results are gathered."""
     import torch
@@ -122,12 +131,13 @@ def predict(net, enc, idx, batch_size: int, pad_id: int, device, autocast, accel
     world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     row_of = np.zeros(len(enc), dtype=np.int64)
     row_of[idx] = np.arange(len(idx))  # pair index -> its row in the result
-    rc = np.full(len(idx), np.nan, dtype=np.float64)
-    rr = np.full(len(idx), np.nan, dtype=np.float64)
+    heads = net.inner.config.num_labels
+    rc = np.full((len(idx), heads), np.nan, dtype=np.float64)
+    rr = np.full((len(idx), heads), np.nan, dtype=np.float64)
     with torch.inference_mode(), autocast():
         for b in batches[rank::world]:
             r = net(**to_device(layout(enc, b, pad_id), device))
-            c, j = r.chunk(2)
+            c, j = r.reshape(len(r), heads).chunk(2)
             rc[row_of[b]], rr[row_of[b]] = c.cpu().numpy(), j.cpu().numpy()
     if world > 1:
         # Each process filled its own rows (NaN elsewhere); gather and take the filled value.
@@ -136,7 +146,7 @@ def predict(net, enc, idx, batch_size: int, pad_id: int, device, autocast, accel
         filled = ~np.isnan(gathered)
         merged = np.where(filled, gathered, 0.0).sum(axis=0)
         rc, rr = merged[0], merged[1]
-    return rc, rr
+    return (rc[:, 0], rr[:, 0]) if heads == 1 else (rc, rr)
 
 
 def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None, packed: bool = True) -> dict:
@@ -152,6 +162,17 @@ def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None, pac
     rc, rr = predict(net, enc, idx, cfg.eval_batch_size, pad_id, device, autocast, accelerator, packed)
     net.train()
     label, margin = enc.label[idx], enc.margin[idx]
+    per_head = {}
+    if rc.ndim == 2:  # several heads: each pair judged by its own head, and each head alone
+        all_c, all_r, head = rc, rr, enc.head[idx]
+        rc, rr = all_c[np.arange(len(idx)), head], all_r[np.arange(len(idx)), head]
+        for h in range(all_c.shape[1]):
+            mine = (head == h) & (label == 1.0)
+            per_head[h] = {
+                "val_pairs": int((head == h).sum()),
+                "val_acc": float((rc[mine] > rr[mine]).mean()) if mine.any() else float("nan"),
+                "_rewards": np.concatenate([all_c[:, h], all_r[:, h]]),  # every answer, for its norm
+            }
     loss = preference_loss(
         torch.tensor(rc),
         torch.tensor(rr),
@@ -194,4 +215,25 @@ def evaluate(net, enc, idx, cfg, pad_id, device, autocast, accelerator=None, pac
             else {}
         ),
         "_rewards": rewards,  # for the normalisation (not logged)
+        **({"_heads": per_head} if per_head else {}),
+    }
+
+
+def normalisation(rewards: np.ndarray) -> dict[str, float]:
+    """Gain and bias that give these rewards mean 0 and std 1: scores from different runs
+    (and different heads) then share one scale (the policy trainer and the UI)."""
+    std = float(rewards.std()) or 1.0
+    return {"gain": 1.0 / std, "bias": -float(rewards.mean()) / std}
+
+
+def head_norms(metrics: dict, names: list[str]) -> dict[str, dict]:
+    """A multi-head evaluation's per-head numbers by head name: validation pairs and accuracy
+    on that head's own pairs, and its gain / bias from its rewards of every validation answer
+    (the same answers for every head, so that their normalised rewards can be added)."""
+    return {
+        names[h]: {
+            **{k: v for k, v in m.items() if not k.startswith("_")},
+            **normalisation(m["_rewards"]),
+        }
+        for h, m in metrics["_heads"].items()
     }

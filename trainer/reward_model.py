@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from trainer.checkpoints import swap_in
-from trainer.errors import requires
+from trainer.criteria import OVERALL, heads_of
+from trainer.errors import PreflabError, requires
 from trainer.reward_batches import encode_texts
 from trainer.reward_data import as_messages, as_response
 from trainer.runs import CHECKPOINT, REWARD_META_FILE, STATE_FILE, Run, read_json, write_json
@@ -159,13 +160,17 @@ def is_causal(backbone, device) -> bool:
     return bool(torch.allclose(h[0, :2], h[1, :2], atol=1e-4))
 
 
-def load_backbone(source: str, tokenizer, dtype, *, init_head: bool):
-    """A *ForSequenceClassification model with one output, dropout off."""
+def load_backbone(source: str, tokenizer, dtype, *, init_head: bool, heads: list[str] | None = None):
+    """A *ForSequenceClassification model with one output per head (`heads`: their names,
+    --criteria; None: the one reward), dropout off."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(source, num_labels=1)
+    named = {}
+    if heads and len(heads) > 1:  # the checkpoint names its outputs: config.id2label
+        named = {"id2label": dict(enumerate(heads)), "label2id": {h: i for i, h in enumerate(heads)}}
+    config = AutoConfig.from_pretrained(source, num_labels=len(heads or [0]), **named)
     text = config.get_text_config()
     # Dropout off: with it on, chosen and rejected would be scored by different random
     # sub-networks and the difference r_c - r_r would be mostly noise.
@@ -176,7 +181,11 @@ def load_backbone(source: str, tokenizer, dtype, *, init_head: bool):
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialised" is expected
     try:
-        seqcls = AutoModelForSequenceClassification.from_pretrained(source, config=config, dtype=dtype)
+        # A fresh head of several outputs on a one-output reward model: its head is replaced.
+        resize = {"ignore_mismatched_sizes": True} if named and init_head else {}
+        seqcls = AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, dtype=dtype, **resize
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
     for module in seqcls.modules():
@@ -192,13 +201,13 @@ def load_backbone(source: str, tokenizer, dtype, *, init_head: bool):
     return seqcls
 
 
-def has_trained_head(source: str) -> bool:
-    """A sequence-classification checkpoint with one label already has a reward head."""
+def has_trained_head(source: str, num_labels: int = 1) -> bool:
+    """A sequence-classification checkpoint with this many labels already has a reward head."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source)
     archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == 1
+    return any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == num_labels
 
 
 def load_for_training(cfg, resume_from: Path | None, device, weight_dtype):
@@ -211,6 +220,7 @@ def load_for_training(cfg, resume_from: Path | None, device, weight_dtype):
     from trainer.models import check_model, load_tokenizer
 
     lora = cfg.lora_r > 0
+    heads = heads_of(cfg.criteria)
     base_source = check_model(cfg.model)  # resolves smollm2 / tiny (built once) / dirs / ids
     if resume_from is not None:
         tokenizer = AutoTokenizer.from_pretrained(resume_from)
@@ -219,10 +229,14 @@ def load_for_training(cfg, resume_from: Path | None, device, weight_dtype):
     choose_pad_token(tokenizer)
     torch.manual_seed(cfg.seed)  # the head init (and nothing else random) depends on it
     if resume_from is not None and not lora:
-        seqcls = load_backbone(str(resume_from), tokenizer, weight_dtype, init_head=False)
+        seqcls = load_backbone(str(resume_from), tokenizer, weight_dtype, init_head=False, heads=heads)
     else:
         seqcls = load_backbone(
-            base_source, tokenizer, weight_dtype, init_head=not has_trained_head(base_source)
+            base_source,
+            tokenizer,
+            weight_dtype,
+            init_head=not has_trained_head(base_source, len(heads)),
+            heads=heads,
         )
     if cfg.grad_checkpointing:
         # Recompute activations in backward: memory O(layers) -> O(1) per layer, ~30% more compute.
@@ -233,16 +247,17 @@ def load_for_training(cfg, resume_from: Path | None, device, weight_dtype):
         else:
             seqcls.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
-        peft = requires("peft", "train", "--lora-r")
+        requires("peft", "train", "--lora-r")  # the config check said so already; a caller may skip it
+        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
         if resume_from is not None:
-            seqcls = peft.PeftModel.from_pretrained(seqcls, str(resume_from), is_trainable=True)
+            seqcls = PeftModel.from_pretrained(seqcls, str(resume_from), is_trainable=True)
         else:
             # SEQ_CLS task: peft also trains (and saves) the `score` head in full.
-            seqcls = peft.get_peft_model(
+            seqcls = get_peft_model(
                 seqcls,
-                peft.LoraConfig(
-                    task_type=peft.TaskType.SEQ_CLS,
+                LoraConfig(
+                    task_type=TaskType.SEQ_CLS,
                     r=cfg.lora_r,
                     lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
                     lora_dropout=0.0,
@@ -268,6 +283,36 @@ def use_packed_attention(inner) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def reward_meta(
+    norm: dict,
+    max_length: int,
+    base_model: str,
+    base_source: str,
+    step: int,
+    lora: bool,
+    causal: bool,
+    last_eval: dict,
+    heads: list[str],
+    head_norm: dict,
+) -> dict:
+    """preflab_reward.json, written here beside its reader (RewardModel, below)."""
+    return {
+        "format": 1,
+        **norm,
+        "max_length": max_length,
+        "base_model": base_model,
+        "base_source": base_source,
+        "step": step,
+        "lora": lora,
+        "causal": causal,
+        "val": {k: v for k, v in last_eval.items() if not k.startswith("_")},
+        # Several heads (--criteria): their names, in the checkpoint's output order, and each
+        # one's normalisation; "gain" / "bias" above are the first head's (what older readers use).
+        # One head: nothing more, exactly what a run wrote before --criteria.
+        **({"heads": heads, "head_norm": head_norm} if len(heads) > 1 else {}),
+    }
+
+
 def save_checkpoint(run: Run, model, tokenizer, meta: dict, training_state: dict | None) -> None:
     """The reward model (weights, tokenizer, its preflab_reward.json) and, while the run can be
     resumed, training_state.pt: written into a temp dir, then swapped in (trainer.checkpoints)."""
@@ -285,13 +330,18 @@ def save_checkpoint(run: Run, model, tokenizer, meta: dict, training_state: dict
     swap_in(tmp, run.path / CHECKPOINT)
 
 
+class RewardHeadError(PreflabError, ValueError):
+    """A head this reward model does not have; the message lists the ones it has."""
+
+
 class RewardModel:
     """A trained reward model: `RewardModel.load(run_or_checkpoint_dir).score(prompts, responses)`.
 
     Prompts are chat message lists, strings (one user message, or an HH transcript), or the
     store's JSON spelling; responses are strings. Scores are normalised (mean 0, std 1 on the
     run's validation set) unless `normalize=False`. Inputs are formatted and truncated exactly
-    as in training.
+    as in training. A multi-head model (`train-reward --criteria`) has `heads` ("overall",
+    then each criterion); `score(..., criterion=NAME)` reads that head, the first by default.
     """
 
     def __init__(self, seqcls, tokenizer, meta: dict, device, path: Path | None = None):
@@ -299,6 +349,23 @@ class RewardModel:
 
         self.tokenizer, self.meta, self.device, self.path = tokenizer, meta, device, path
         self.gain, self.bias = float(meta.get("gain", 1.0)), float(meta.get("bias", 0.0))
+        # A run from before --criteria (or without it) has one head, the overall vote's.
+        self.heads = list(meta.get("heads") or [OVERALL])
+        if len(self.heads) != seqcls.config.num_labels:
+            raise RewardHeadError(
+                f"{path}: the checkpoint has {seqcls.config.num_labels} outputs but its "
+                f"preflab_reward.json names {len(self.heads)} heads ({', '.join(self.heads)})"
+            )
+        norms = meta.get("head_norm") or {}
+        self.norms = np.array(
+            [
+                [
+                    float(norms.get(h, {}).get("gain", self.gain)),
+                    float(norms.get(h, {}).get("bias", self.bias)),
+                ]
+                for h in self.heads
+            ]
+        )
         self.max_length = int(meta.get("max_length", 1024))
         self.model = seqcls.to(device).eval()
         self.model.score.float()  # a bf16 backbone is fine for scoring; the head's output keeps fp32 digits
@@ -342,12 +409,36 @@ class RewardModel:
         ids, _, _ = encode_texts(self.tokenizer, messages, answers, self.max_length)
         return ids, self.tokenizer.pad_token_id
 
-    def score(self, prompts, responses, *, normalize: bool = True, batch_size: int = 16) -> list[float]:
-        """One reward per (prompt, response); normalised unless normalize=False."""
+    def head_index(self, criterion: str | None) -> int:
+        """Which output is head `criterion` (None: the first, the overall vote's)."""
+        if criterion is None:
+            return 0
+        if criterion not in self.heads:
+            raise RewardHeadError(
+                f"this reward model has no head {str(criterion)[:40]!r}; its heads: {', '.join(self.heads)}"
+            )
+        return self.heads.index(criterion)
+
+    def score(
+        self,
+        prompts,
+        responses,
+        *,
+        criterion: str | None = None,
+        normalize: bool = True,
+        batch_size: int = 16,
+    ) -> list[float]:
+        """One reward per (prompt, response) from head `criterion` (None: the first);
+        normalised unless normalize=False."""
+        h = self.head_index(criterion)
+        return self.score_heads(prompts, responses, normalize=normalize, batch_size=batch_size)[:, h].tolist()
+
+    def score_heads(self, prompts, responses, *, normalize: bool = True, batch_size: int = 16) -> np.ndarray:
+        """[answers, heads]: every head's reward of each (prompt, response), in one forward."""
         import torch
 
         ids, pad_id = self.encode(prompts, responses)
-        out = np.zeros(len(ids), dtype=np.float64)
+        out = np.zeros((len(ids), len(self.heads)), dtype=np.float64)
         order = np.argsort([-len(s) for s in ids], kind="stable")  # similar lengths together
         with torch.inference_mode(), self.autocast():
             for start in range(0, len(order), batch_size):
@@ -365,7 +456,7 @@ class RewardModel:
                     read_row=torch.arange(len(rows), device=self.device),
                     read_col=last.to(self.device),
                 )
-                out[rows] = r.cpu().numpy()
+                out[rows] = r.reshape(len(rows), -1).cpu().numpy()
         if normalize:
-            out = self.gain * out + self.bias
-        return out.tolist()
+            out = self.norms[:, 0] * out + self.norms[:, 1]
+        return out

@@ -19,6 +19,7 @@ import dataclasses
 import sys
 import time
 
+from trainer.criteria import parse_criteria
 from trainer.reward_config import RewardConfig
 from trainer.reward_data import RewardDataError, load_snapshot, read_pairs, save_snapshot, split_by_prompt
 from trainer.runs import CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, Run, read_json, write_json
@@ -58,6 +59,7 @@ def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> t
             margin_scale=cfg.margin_scale,
             weights=cfg.weights,
             exclude_flagged=cfg.exclude_flagged,
+            criteria=parse_criteria(cfg.criteria),
         )
         train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
         summary = pairs.summary
@@ -111,6 +113,22 @@ def report_data(summary: dict, n_pairs: int, n_train: int, n_val: int, cut_note:
         file=sys.stderr,
     )
     print(f"truncation: {cut_note}", file=sys.stderr)
+
+
+def eval_line(step: int, record: dict) -> str:
+    """An evaluation in one line of the log (and per head, for a multi-head run)."""
+    r = record
+    line = (
+        f"eval @ step {step}: acc {r['val_acc']:.3f} (95% CI {r['val_acc_low']:.2f}-"
+        f"{r['val_acc_high']:.2f}, {r['val_pairs']} {r['split']} pairs)  loss {r['val_loss']:.4f}  "
+        f"ece {r['val_ece']:.3f}  reward {r['reward_mean']:+.3f}±{r['reward_std']:.3f}  "
+        f"length corr {r['length_corr']:+.2f} (headers {r.get('headers_corr', 0):+.2f}, "
+        f"lists {r.get('lists_corr', 0):+.2f}, bold {r.get('bold_corr', 0):+.2f})"
+    )
+    heads = r.get("heads") or {}
+    return line + "".join(
+        f"\n  head {h}: acc {v['val_acc']:.3f} on {v['val_pairs']} pairs" for h, v in heads.items()
+    )
 
 
 FEW_VALIDATION_PAIRS = 50  # below this an accuracy is an estimate with a wide interval

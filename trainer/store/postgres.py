@@ -47,7 +47,7 @@ from trainer.store.errors import (
     StoreUnavailable,
     VoteConflict,
 )
-from trainer.store.postgres_connect import RetryingPool, connect, explain, require_driver
+from trainer.store.postgres_connect import RetryingPool, connect, explain
 from trainer.store.postgres_schema import VOTE_CONFLICT, has_events_table, migrate
 from trainer.store.record import (
     FIELDS,
@@ -63,9 +63,7 @@ from trainer.store.record import (
 )
 from trainer.store.targets import describe
 
-# The optional extra `preflab[postgres]`, bound for the except clauses below; a missing
-# driver is reported (postgres_connect.require_driver) when a database is first opened.
-try:
+try:  # the optional extra `preflab[postgres]`
     import psycopg
     from psycopg.types.json import Jsonb
 except ImportError:  # pragma: no cover - reported when a database is first opened
@@ -161,9 +159,11 @@ def _copy_to_arrow(conn, fields: list[str], clause: str = "") -> pa.Table:
 
 def _read(target: str, fields: list[str] | None, clause: str = "") -> pa.Table:
     fields = list(fields or FIELDS)
-    require_driver(target)  # outside the try: its except clauses need the driver's classes
+    # Outside the try: connect's StoreUnavailable (no server, or no psycopg at all, where
+    # the except clauses below could not even be evaluated) goes out as it is.
+    conn = connect(target, 5.0)
     try:
-        with connect(target, 5.0) as conn:
+        with conn:
             if not has_events_table(conn):  # a database never opened as a store: nothing in it
                 return empty_table().select(fields)
             return _copy_to_arrow(conn, fields, clause)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from trainer.errors import requires
+from trainer.errors import missing_extra
 from trainer.store.errors import StoreUnavailable, StoreWriteError
 from trainer.store.targets import describe
 
@@ -37,10 +37,12 @@ except ImportError:  # pragma: no cover - reported when a database is first open
 log = logging.getLogger("preflab.store.postgres")
 
 
-def require_driver(target: str) -> None:
-    """StoreUnavailable naming the `postgres` extra unless the driver and its pool import."""
-    for module in ("psycopg", "psycopg_pool"):
-        requires(module, "postgres", f"the PostgreSQL store {describe(target)}", StoreUnavailable)
+def _require_driver(target: str) -> None:
+    if psycopg is None:
+        # The wording every missing extra has (trainer/errors.py), as a StoreError: the
+        # commands and the trainers report a store that cannot be opened as bad input.
+        why = missing_extra("psycopg", "postgres") or missing_extra("psycopg_pool", "postgres")
+        raise StoreUnavailable(f"{describe(target)}: the PostgreSQL store {why}")
 
 
 def explain(error: Exception, target: str) -> str:
@@ -74,7 +76,7 @@ def explain(error: Exception, target: str) -> str:
 
 def connect(target: str, connect_timeout: float) -> psycopg.Connection:
     """One autocommit connection, or StoreUnavailable naming the target and the cause."""
-    require_driver(target)
+    _require_driver(target)
     try:
         return psycopg.connect(target, autocommit=True, **_connect_options(connect_timeout))
     except psycopg.OperationalError as e:
@@ -102,7 +104,7 @@ class RetryingPool:
     retry_s: how long work whose connection broke is run again before giving up."""
 
     def __init__(self, url: str, *, min_size: int, max_size: int, connect_timeout: float, retry_s: float):
-        require_driver(url)
+        _require_driver(url)
         self.target = url
         self.retry_s = retry_s
         self._pool = ConnectionPool(
