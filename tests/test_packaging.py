@@ -49,13 +49,30 @@ def test_lora_without_peft_names_the_train_extra(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_a_postgres_store_without_psycopg_names_the_postgres_extra(tmp_path):
+# psycopg_pool too: the store needs both, and pip can leave one without the other.
+@pytest.mark.parametrize("module", ["psycopg", "psycopg_pool"])
+def test_a_postgres_store_without_psycopg_names_the_postgres_extra(tmp_path, module):
     # Nothing listens on port 1: the message must come before any connection is tried.
-    result = _without("psycopg", "info", "--data", "postgresql://someone@127.0.0.1:1/votes", cwd=tmp_path)
+    result = _without(module, "info", "--data", "postgresql://someone@127.0.0.1:1/votes", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: postgresql://someone@127.0.0.1:1/votes: the PostgreSQL store needs psycopg: "
+        f"error: postgresql://someone@127.0.0.1:1/votes: the PostgreSQL store needs {module}: "
         "pip install 'preflab[postgres]'"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_endpoints_without_openai_names_the_endpoints_extra(tmp_path):
+    """The same wording as every other extra (trainer.errors.missing_extra), from the
+    endpoints file's own check, before the file or the prompts are read."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi"}])
+    (tmp_path / "endpoints.json").write_text("{}")
+    result = _without(
+        "openai", "generate", "--prompts", str(prompts), "--endpoints", "endpoints.json", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --endpoints needs openai: pip install 'preflab[endpoints]'"
     )
     assert "Traceback" not in result.stderr
 

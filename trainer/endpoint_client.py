@@ -33,8 +33,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from trainer.endpoints import Endpoint
-from trainer.errors import PreflabError
+from trainer.endpoints import EXTRA, Endpoint
+from trainer.errors import PreflabError, requires
 
 log = logging.getLogger("preflab.endpoints")
 
@@ -51,9 +51,16 @@ def _transport_error(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore") or isinstance(e, OSError)
 
 
+def _openai():
+    """The openai package (the `endpoints` extra), imported where it is used: a store or
+    an in-process model never needs it. load_endpoints has said so already when it is
+    missing; this says it too for a caller that builds an EndpointModel itself."""
+    return requires("openai", EXTRA, "--endpoints")
+
+
 class EndpointModel:
     def __init__(self, endpoint: Endpoint):
-        import openai
+        openai = _openai()
 
         self.endpoint = endpoint
         self.name = endpoint.name
@@ -74,7 +81,7 @@ class EndpointModel:
         return self.failed_at is not None and time.monotonic() - self.failed_at < COOL_DOWN_S
 
     def _failure(self, e: BaseException) -> EndpointFailure:
-        import openai
+        openai = _openai()
 
         ep = self.endpoint
         if isinstance(e, EndpointFailure):
@@ -95,7 +102,7 @@ class EndpointModel:
 
     def _chunks(self, messages, *, max_new_tokens, temperature, top_p, seed, stop):
         """(text piece, finish_reason) as they come; EndpointFailure for any failure."""
-        import openai
+        openai = _openai()
 
         settings = self.endpoint.sampling(temperature, top_p, max_new_tokens)
         finish = None

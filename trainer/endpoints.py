@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from trainer.errors import PreflabError
+from trainer.errors import PreflabError, missing_extra
 from trainer.rows import text_problem
 
 log = logging.getLogger("preflab.endpoints")
@@ -108,13 +108,12 @@ class Endpoint:
 
 
 def require_openai() -> None:
-    """EndpointsError naming the install extra when the openai package is missing."""
-    try:
-        import openai  # noqa: F401
-    except ImportError:
-        raise EndpointsError(
-            f"--endpoints needs the `openai` package: pip install 'preflab[{EXTRA}]'"
-        ) from None
+    """EndpointsError naming the install extra when the openai package is missing: the
+    wording every missing extra has (trainer/errors.py), as an EndpointsError, the
+    family every problem with --endpoints belongs to."""
+    why = missing_extra("openai", EXTRA)
+    if why:
+        raise EndpointsError(f"--endpoints {why}")
 
 
 def _unique_keys(pairs):
