@@ -39,7 +39,8 @@ class FlagCounting:
 
     def _shared_want(self, pair_id: str) -> int:
         """What the database is asked to allow: it counts every standing vote, so K
-        grows by the pair's votes that do not count here."""
+        grows by the pair's votes that do not count here. Under the lock: it reads the
+        pair's voters, which finish_vote and finish_undo change on other threads."""
         return self._wanted(pair_id) + len(self._votes.get(pair_id, ())) - self._count(pair_id)
 
     def excluded_annotators(self) -> set[str]:

@@ -114,8 +114,10 @@ class SharedMode:
     def _vote_shared(self, a, record: dict[str, Any]) -> dict[str, Any]:
         """Store the vote in the database if it still fits. VoteConflict: nothing was
         stored, and the pair is dropped for this annotator."""
+        with self._lock:  # _shared_want reads the pair's voters, which finish_vote/undo change
+            want = self._shared_want(a.pair.pair_id)
         try:
-            return self.shared.vote(record, self._shared_want(a.pair.pair_id))
+            return self.shared.vote(record, want)
         except VoteConflict:
             with self._lock:
                 self._release(a.annotator, a.pair.pair_id)
