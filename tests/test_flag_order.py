@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import make_pairs, vote_record
+from helpers import make_pairs, preflab, vote_record
 
 from annotate.queue import AssignmentQueue
 from trainer.flags import (
@@ -85,3 +85,31 @@ def test_preflab_copy_hands_a_database_the_flags_in_the_sources_order(tmp_path, 
     copy_store(str(data), pg_url)
     assert [e["kind"] for e in read_flag_events(pg_url)] == ["flag", "flag_clear", "flag_confirm"]
     assert confirmed_flags(read_flag_events(pg_url)) == confirmed_flags(read_flag_events(data)) == {"mallory"}
+
+
+@pytest.mark.usefixtures("postgres_server")
+def test_preflab_copy_refuses_to_reverse_a_databases_flag_decision_into_a_directory(tmp_path, pg_url):
+    """A database decides by seq (confirm, then clear: cleared), a directory by created_at
+    (clear, then confirm): the copy names mallory and writes nothing, until an admin's new
+    decision is the latest in both orders."""
+    from trainer.store.copy import copy_store
+
+    with open_store(pg_url) as store:
+        store.append(vote_record(annotator="mallory"))
+        skewed_decisions(store)
+    backup = tmp_path / "backup"
+    with pytest.raises(ValueError, match="for mallory the latest flag decision"):
+        copy_store(pg_url, str(backup))
+    assert not backup.exists()
+    result = preflab("copy", "--from", pg_url, "--to", str(backup))
+    assert result.returncode == 2 and "mallory" in result.stderr and "nothing was written" in result.stderr
+    assert confirmed_flags(read_flag_events(pg_url)) == set()
+    with open_store(pg_url) as store:  # decided again: latest by seq and by created_at
+        store.append(
+            {
+                **decision_record("flag_clear", "mallory", "boss", None),
+                "created_at": T0 + timedelta(seconds=20),
+            }
+        )
+    assert copy_store(pg_url, str(backup))["copied"] == 5
+    assert confirmed_flags(read_flag_events(backup)) == confirmed_flags(read_flag_events(pg_url)) == set()
