@@ -97,7 +97,8 @@ class SharedMode:
                 return 0
             self._cursor = cursor
             # Another server's confirm or clear: who counts towards K (annotate/queue_flags.py).
-            # The events come in the database's order (seq), the order flags are decided in.
+            # Each comes with its seq (the order flags are decided in); one committed late may
+            # be older than one already learned, and the highest seq wins.
             self._learn_flags_locked(e for e in events if e["kind"] not in ("vote", "retract"))
             for e in events:  # a retract is made by the voter it cancels (Service.undo)
                 if e["kind"] not in ("vote", "retract") or e["annotator"].startswith("import:"):

@@ -392,10 +392,10 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     if votes is not None:
         queue.restore(votes, cursor=cursor)
         # Confirmed-flagged annotators' votes fill no K (annotate/queue_flags.py); a decision
-        # after the snapshot comes again with sync, and the latest one wins either way.
+        # after the snapshot comes again with sync, and the highest seq wins (a database's).
         from trainer.flags import read_flag_events
 
-        queue.learn_flags(read_flag_events(args.data))
+        queue.learn_flags(opened.store.flag_events() if shared else read_flag_events(args.data))
     service = Service(
         opened.store,
         queue,
