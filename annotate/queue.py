@@ -139,6 +139,7 @@ class AssignmentQueue(SharedMode, QueueStatus, FlagCounting):
         # kind (annotate/queue_flags.py); on the instance, as _fill reads it for every pair.
         self._excluded: frozenset = frozenset()
         self._flag_kinds: dict[str, str] = {}
+        self._flag_seqs: dict[str, tuple[int, str]] = {}
 
     def _wanted(self, pair_id: str) -> int:
         """Votes this pair should collect: K, or one more than it had when sent back; a

@@ -97,7 +97,8 @@ class SharedMode:
                 return 0
             self._cursor = cursor
             # Another server's confirm or clear: who counts towards K (annotate/queue_flags.py).
-            # The events come in the database's order (seq), the order flags are decided in.
+            # Each comes with its seq (the order flags are decided in); one committed late may
+            # be older than one already learned, and the highest seq wins.
             self._learn_flags_locked(e for e in events if e["kind"] not in ("vote", "retract"))
             for e in events:  # a retract is made by the voter it cancels (Service.undo)
                 if e["kind"] not in ("vote", "retract") or e["annotator"].startswith("import:"):
@@ -114,8 +115,10 @@ class SharedMode:
     def _vote_shared(self, a, record: dict[str, Any]) -> dict[str, Any]:
         """Store the vote in the database if it still fits. VoteConflict: nothing was
         stored, and the pair is dropped for this annotator."""
+        with self._lock:  # _shared_want reads the pair's voters, which finish_vote/undo change
+            want = self._shared_want(a.pair.pair_id)
         try:
-            return self.shared.vote(record, self._shared_want(a.pair.pair_id))
+            return self.shared.vote(record, want)
         except VoteConflict:
             with self._lock:
                 self._release(a.annotator, a.pair.pair_id)

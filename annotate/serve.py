@@ -28,150 +28,17 @@ import threading
 from pathlib import Path
 
 from annotate import gold, rubric
-from annotate.sessions import DEFAULT_IDLE_S
+from annotate.serve_args import add_arguments  # noqa: F401 (the command's flags, for annotate/cli.py)
 from trainer import endpoints
-from trainer.data import GUIDELINES
 from trainer.errors import PreflabError
-from trainer.prompts import DEFAULT_PROMPTS
 
 log = logging.getLogger("preflab.serve")
 
-DEFAULT_GUIDELINES = GUIDELINES
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class ServeError(PreflabError):
     """`preflab serve` cannot start: a flag, a file or the port; the message says which."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("where pairs come from (one of)")
-    src.add_argument(
-        "--pairs",
-        metavar="FILE",
-        help="pre-generated pairs (.jsonl or .parquet): "
-        "prompt, response_a, response_b [, model_a, model_b, pair_id]; no model is loaded",
-    )
-    src.add_argument(
-        "--model",
-        action="append",
-        metavar="M",
-        default=None,
-        help="sample pairs from this model in the background (once: two samples per "
-        "prompt; repeated: arena, a random pair of different models per prompt)",
-    )
-    endpoints.add_argument(src)
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), metavar="FILE", help="prompt pool for --model")
-    p.add_argument(
-        "--data",
-        default="comparisons",
-        metavar="STORE",
-        help="the comparison store votes go to: a directory (one server), or "
-        "postgresql://user@host:port/db (any number of servers share assignment and overlap K)",
-    )
-    p.add_argument(
-        "--runs",
-        default="runs",
-        metavar="DIR",
-        help="run directories: trainings started from the Train tab, policies for the arena",
-    )
-    p.add_argument(
-        "--auth",
-        metavar="USERS.toml",
-        help="accounts file (preflab user add); without it there is one local user "
-        "and the app only listens on 127.0.0.1",
-    )
-    p.add_argument(
-        "--session-idle",
-        type=float,
-        default=DEFAULT_IDLE_S / 60,
-        metavar="MINUTES",
-        help="with --auth: a session unused this long ends, and the next request asks to log in "
-        "again (default: %(default)g)",
-    )
-    p.add_argument(
-        "--user",
-        default=None,
-        help="without --auth: the name votes are recorded under; None means your login name",
-    )
-    p.add_argument(
-        "--overlap", type=int, default=1, metavar="K", help="each pair goes to K different annotators"
-    )
-    p.add_argument(
-        "--guidelines",
-        default=str(DEFAULT_GUIDELINES),
-        metavar="FILE",
-        help="annotator guidelines (Markdown), one click away on the page",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument(
-        "--trusted-proxy",
-        action="append",
-        metavar="ADDR",
-        help="a reverse proxy (address or network, e.g. 10.0.0.7 or 10.0.0.0/24) whose "
-        "X-Forwarded-For names the real client: logins are throttled per client address, and "
-        "behind an untrusted proxy every client shares the proxy's. Repeat for several; "
-        "'none' trusts no one. Default: 127.0.0.1 and ::1 (a proxy on this machine)",
-    )
-    p.add_argument("--port", type=int, default=7860, help="port to listen on")
-    gen = p.add_argument_group("generation (with --model)")
-    gen.add_argument("--rounds", type=int, default=1, help="pairs per prompt (each round samples anew)")
-    gen.add_argument("--batch-size", type=int, default=4, help="prompts generated per batch")
-    gen.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="longest answer, in tokens; cut answers are marked as such (default: "
-        "128 where the model runs on the CPU, so that answers come about as fast as people read them, "
-        "else 256)",
-    )
-    gen.add_argument(
-        "--pregenerated",
-        metavar="FILE",
-        default=None,
-        help="pairs made by `preflab generate` to serve first, as if generated here; only those with "
-        "this server's models, prompts and sampling settings are used. Default: the shipped "
-        "trainer/data/demo-pairs.jsonl with the shipped prompt pool; 'none': no head start",
-    )
-    gen.add_argument(
-        "--newcomer-share",
-        type=float,
-        default=0.5,
-        metavar="F",
-        help="share of the pairs generated for a model that joins the arena (Add to arena, or restored "
-        "at start) while the base rounds are still going; its pairs are handed out first",
-    )
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    gen.add_argument(
-        "--seed", type=int, default=0, help="seeds of the samples and of the arena's model draws"
-    )
-    gen.add_argument("--device", default="auto", help="cpu, cuda, ...; auto = cuda if available")
-    gen.add_argument("--cache-dir", default=None, help="where converted models are kept")
-    smp = p.add_argument_group("which pair goes out next (annotate/sampling.py)")
-    smp.add_argument(
-        "--sampling",
-        choices=("random", "uncertain"),
-        default="random",
-        help="random: no reward model, pairs go out as they come; uncertain: prefer pairs whose "
-        "reward-model score gap is smallest, mixed with uniformly random ones",
-    )
-    smp.add_argument(
-        "--reward-model",
-        metavar="RUN",
-        default=None,
-        help="a finished reward run (runs/<id>) that scores the pairs for --sampling uncertain",
-    )
-    smp.add_argument(
-        "--uncertain-mix",
-        type=float,
-        default=None,
-        metavar="F",
-        help="share of handouts drawn uniformly at random with --sampling uncertain (0.5 if not given); "
-        "each vote records how its pair was chosen in gen_params['selection']",
-    )
-    gold.add_arguments(p)
-    rubric.add_arguments(p)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -392,10 +259,10 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     if votes is not None:
         queue.restore(votes, cursor=cursor)
         # Confirmed-flagged annotators' votes fill no K (annotate/queue_flags.py); a decision
-        # after the snapshot comes again with sync, and the latest one wins either way.
+        # after the snapshot comes again with sync, and the highest seq wins (a database's).
         from trainer.flags import read_flag_events
 
-        queue.learn_flags(read_flag_events(args.data))
+        queue.learn_flags(opened.store.flag_events() if shared else read_flag_events(args.data))
     service = Service(
         opened.store,
         queue,

@@ -6,7 +6,7 @@ from the store, and with several servers on one PostgreSQL store (the database's
 from __future__ import annotations
 
 import pytest
-from helpers import Server, add_users, client, make_pairs, write_pairs
+from helpers import Server, add_users, client, make_pairs, vote_record, write_pairs
 
 from annotate.annotator_review import AnnotatorReview
 from annotate.queue import AssignmentQueue
@@ -123,3 +123,52 @@ def test_with_postgresql_another_servers_confirm_arrives_with_sync_and_the_datab
         first.queue.sync()
         assert first.next("carol")["pair"] is None
     assert read_comparisons(pg_url).num_rows == 4
+
+
+@pytest.mark.usefixtures("postgres_server")
+def test_with_postgresql_votes_and_undos_on_one_pair_at_once_never_fail_with_confirmed_voters_on_it(pg_url):
+    """The vote path asks the database for K plus the pair's excluded votes, counted from
+    the pair's voters, which other threads' votes and undos change meanwhile: counted
+    outside the queue's lock it failed votes with "Set changed size during iteration"."""
+    import sys
+    import threading
+
+    from trainer.store.postgres import PostgresStore
+
+    pair = make_pairs(1)[0]
+    # Many confirmed-flagged voters the queue knows of make the count long enough to race.
+    bots = [f"bot{i}" for i in range(5000)]  # their votes stored: the database's voters too
+    workers = ["ann", "bob", "carol", "dave"]
+    with PostgresStore(pg_url) as store:
+        store.append_many(vote_record("q 0?", "a0", "b0", annotator=b) for b in bots)
+        queue = AssignmentQueue(overlap=len(workers), shared=store)
+        votes, cursor = store.snapshot()
+        queue.restore(votes, cursor=cursor)
+        queue.learn_flags({"kind": "flag_confirm", "subject": b} for b in bots)
+        queue.add([pair])
+        service = Service(store, queue, data=pg_url, local_user="boss")
+        errors: list[BaseException] = []
+
+        def work(user: str) -> None:
+            try:
+                view = service.next(user)
+                for _ in range(20):
+                    assert view["pair"] is not None, view["message"]
+                    view = service.vote(user, pair.pair_id, "left")
+                    assert view["ack"] is not None, view["message"]
+                    view = service.undo(user)
+                    assert "undone" in view, view["message"]
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # threads switch often: the race shows when it is there
+        try:
+            threads = [threading.Thread(target=work, args=(u,)) for u in workers]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(old)
+        assert not errors, errors

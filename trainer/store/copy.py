@@ -10,6 +10,12 @@ Either side is a directory or a `postgresql://` URL. Every event moves (votes an
 retracts, so undo survives the trip) with every field as it is, created_at to the
 microsecond; nothing is re-stamped. Flag events go last, in the source's order
 (trainer.store.read_flag_events), which is what a database destination decides by.
+A directory destination decides by created_at instead, so a copy from a database into
+a directory is refused, before anything is written, when an annotator's latest flag
+event by the database's order (seq) is not their latest by created_at (servers' clocks
+disagreed): the copy would change their flag decision. Re-stamping would make the copy
+inexact, so the error names them; an admin's new decision on each (the Annotators tab)
+is latest in both orders, and the copy then goes through.
 Events whose event_id the destination already has are skipped, so an interrupted copy
 is finished by running it again, and a rerun copies nothing. Events go in chunks
 through the destination's `append_many` (all-or-nothing each: a directory gets one part
@@ -23,7 +29,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from trainer.store import describe, open_store, read_events, store_exists
+from trainer.store import describe, is_database, open_store, read_events, store_exists
 
 CHUNK = 50_000
 
@@ -48,6 +54,8 @@ def copy_store(
         raise ValueError(f"--from and --to are the same store ({describe(src)})")
     if not store_exists(src):
         raise ValueError(f"{describe(src)}: no such store")
+    if not is_database(dst):
+        _refuse_flag_decisions_a_directory_would_change(src, dst)
     events = read_events(src)
     have = _event_ids(dst)
     todo = events
@@ -74,6 +82,27 @@ def copy_store(
         "copied": copied,
         "skipped": events.num_rows - todo.num_rows,
     }
+
+
+def _refuse_flag_decisions_a_directory_would_change(src: str, dst: str) -> None:
+    """ValueError naming the annotators whose latest flag event in the source's order is
+    not their latest in a directory's (created_at, then event_id): copied into `dst`,
+    their flag decision would flip (see the module docstring)."""
+    from trainer.store import read_flag_events
+
+    events = read_flag_events(src, ["event_id", "subject", "created_at"]).to_pylist()
+    stored = {e["subject"]: e["event_id"] for e in events}  # the last one wins
+    stamped = {
+        e["subject"]: e["event_id"] for e in sorted(events, key=lambda e: (e["created_at"], e["event_id"]))
+    }
+    changed = sorted(name for name, event_id in stored.items() if stamped[name] != event_id)
+    if changed:
+        raise ValueError(
+            f"not copied: {describe(dst)} is a directory, which orders flag events by created_at, "
+            f"and for {', '.join(changed)} the latest flag decision in {describe(src)} is not the "
+            "latest by created_at (its servers' clocks disagreed), so the copy would change it. "
+            "Have an admin decide on them again (Annotators tab), then copy; nothing was written"
+        )
 
 
 def _flags_last_in_order(todo, src: str):

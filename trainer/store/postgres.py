@@ -414,9 +414,11 @@ class PostgresStore:
         )
 
     def changes_since(self, cursor: str | int | None) -> tuple[list[dict[str, Any]], str]:
-        """Events (votes and retracts) committed since `cursor` (0 or None: all), as
-        records, oldest first; and the cursor to pass next time. Each committed event
-        comes back exactly once over a chain of calls."""
+        """Events committed since `cursor` (0 or None: all), as records in `seq` order,
+        each with its `seq` too; and the cursor to pass next time. Each committed event
+        comes back exactly once over a chain of calls. Commit order is not seq order: an
+        event may come back after ones with a higher seq (the queue keeps the highest seq
+        of each annotator's flag events, annotate/queue_flags.py)."""
 
         def work(conn):
             with conn.transaction():
@@ -424,17 +426,28 @@ class PostgresStore:
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 now = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
                 if not cursor:
-                    rows = conn.execute(f"SELECT {_SELECT_COLUMNS} FROM events ORDER BY seq")
+                    rows = conn.execute(f"SELECT {_SELECT_COLUMNS}, seq FROM events ORDER BY seq")
                 else:  # committed since: not visible in the cursor's snapshot, visible in ours
                     rows = conn.execute(
-                        f"SELECT {_SELECT_COLUMNS} FROM events "
+                        f"SELECT {_SELECT_COLUMNS}, seq FROM events "
                         "WHERE txid >= pg_snapshot_xmin(%(c)s::pg_snapshot) "
                         "AND NOT pg_visible_in_snapshot(txid, %(c)s::pg_snapshot) ORDER BY seq",
                         {"c": str(cursor)},
                     )
-                return [_as_record(r) for r in rows], now
+                return [_as_record(r[:-1]) | {"seq": r[-1]} for r in rows], now
 
         return self._pool.run(work, "reading changes", reading=True)
+
+    def flag_events(self) -> list[dict[str, Any]]:
+        """The flag events as records in `seq` order (read_flag_events' order), each with
+        its `seq`: what a starting server's queue learns, so that an older decision
+        committed later (coming with sync) cannot override a newer one."""
+
+        def work(conn):
+            rows = conn.execute(f"SELECT {_SELECT_COLUMNS}, seq FROM events {_FLAG_CLAUSE}")
+            return [_as_record(r[:-1]) | {"seq": r[-1]} for r in rows]
+
+        return self._pool.run(work, "reading the flag events", reading=True)
 
     def snapshot(self, columns: list[str] | None = None) -> tuple[pa.Table, str]:
         """The standing votes and the cursor of the same instant, for a starting server:
