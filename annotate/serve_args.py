@@ -13,7 +13,6 @@ from trainer.data import GUIDELINES
 from trainer.prompts import DEFAULT_PROMPTS
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("where pairs come from (one of)")
     src.add_argument(
