@@ -387,7 +387,7 @@ def _train(cfg: DPOConfig, run: Run, accelerator, resuming: bool, stop: dict) ->
                 # NaN/inf: do not step, do not save; the last good checkpoint stays as it is.
                 bar.close()
                 kept = run.checkpoint()
-                msg = (f"loss became {float(loss)} (grad norm {grad_norm}) at step {step + 1}; stopped. Last good "
+                msg = (f"loss became {loss.item()} (grad norm {grad_norm}) at step {step + 1}; stopped. Last good "
                        f"checkpoint: {kept or 'none (none was saved yet)'}. Try a lower --lr or --beta.")  # fmt: skip
                 run.status("failed", step / total_steps, msg, step=step, total_steps=total_steps)
                 print(f"error: {msg}", file=sys.stderr)
@@ -411,7 +411,7 @@ def _train(cfg: DPOConfig, run: Run, accelerator, resuming: bool, stop: dict) ->
             run.log(metrics)
             bar.update(1)
             run.status("running", step / total_steps, f"training: step {step} of {total_steps}, loss "
-                       f"{float(loss):.4f}", throttle=True, step=step, total_steps=total_steps)  # fmt: skip
+                       f"{loss.item():.4f}", throttle=True, step=step, total_steps=total_steps)  # fmt: skip
             if stop:
                 bar.close()
                 return finish_cancelled()
