@@ -267,15 +267,17 @@ def _train(cfg: DPOConfig, run: Run, accelerator, resuming: bool, stop: dict) ->
           f"from {summary.get('source')}; {cut_note}", file=sys.stderr)  # fmt: skip
 
     # ---- the reference, once --------------------------------------------------------------
-    ref_path = run.path / REFERENCE_FILE
+    ref_path, ref_seconds = run.path / REFERENCE_FILE, 0.0  # 0: read from the cache (a resume)
     if ref_path.exists() and resuming:
         ref = torch.load(ref_path, map_location="cpu", weights_only=True)
     else:
+        t_ref = time.perf_counter()
         run.status("queued", 0.0, "computing the reference log-probs")
         # Before any step the policy IS the reference; with LoRA, adapters off makes it so.
         with lm.disable_adapter() if lora else torch.no_grad():
             ref = reference_pass(lm, cfg, enc, pairs, val_idx, tokenizer, pad_id, device, autocast)
         torch.save(ref, ref_path)
+        ref_seconds = time.perf_counter() - t_ref
 
     # ---- batches and schedule ---------------------------------------------------------------
     lengths = np.maximum([len(c) for c in enc[0]], [len(r) for r in enc[1]])[train_idx]
@@ -435,7 +437,8 @@ def _train(cfg: DPOConfig, run: Run, accelerator, resuming: bool, stop: dict) ->
     shutil.rmtree(run.path / (CHECKPOINT + ".old"), ignore_errors=True)
     final = {k: v for k, v in last_eval.items() if k != "kind"}
     run.log({"kind": "summary", "step": step, "train_pairs": len(train_idx), "pairs_seen": pairs_seen,
-             "train_seconds": round(train_seconds, 3), "pairs_per_s": round(pairs_seen / max(train_seconds, 1e-9), 3),
+             "train_seconds": round(train_seconds, 3),
+             "reference_s": round(ref_seconds, 3), "pairs_per_s": round(pairs_seen / max(train_seconds, 1e-9), 3),
              "peak_memory_mb": round(peak_memory_mb(device), 1), "final_eval": final})  # fmt: skip
     msg = (f"done: {step} steps; held-out implicit-reward accuracy {final['val_acc']:.3f} on "
            f"{final['val_pairs']} {final['split']} pairs; policy in {run.path / POLICY_DIR}")  # fmt: skip
