@@ -94,11 +94,11 @@ def test_help_names_every_setting():
 
 
 def test_learns_the_hidden_rule_and_saves_a_servable_policy(tmp_path):
-    data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(192))
+    data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(320))
     run_dir = tmp_path / "runs" / "dpo"
     code = train(
         {**DPO_TINY, "data": str(data), "run_dir": str(run_dir), "epochs": 2, "lr": 3e-3, "batch_size": 16,
-         "val_fraction": 0.25}
+         "val_fraction": 0.2}
     )  # fmt: skip
     assert code == 0
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
@@ -109,8 +109,9 @@ def test_learns_the_hidden_rule_and_saves_a_servable_policy(tmp_path):
     assert [r["step"] for r in train_steps] == list(range(1, config["total_steps"] + 1))
     first_eval, final = [r for r in records if r["kind"] == "eval"]
     # Held-out prompts: the implicit reward has learned the rule, well above chance (0.5).
-    assert final["split"] == "val" and final["val_pairs"] >= 40
-    assert final["val_acc"] >= 0.7 and final["val_margin"] > 0, final
+    # (48 of 64 right by chance: p < 1e-4.)
+    assert final["split"] == "val" and final["val_pairs"] == 64
+    assert final["val_acc"] >= 0.75 and final["val_margin"] > 0, final
     assert math.isfinite(final["val_kl"]) and final["kl_samples"] == 4
     assert all(math.isfinite(r[k]) for r in train_steps for k in ("loss", "chosen_logps", "rejected_logps"))
 

@@ -268,7 +268,13 @@ def _train(cfg: DPOConfig, run: Run, accelerator, resuming: bool, stop: dict) ->
 
     # ---- the reference, once --------------------------------------------------------------
     ref_path, ref_seconds = run.path / REFERENCE_FILE, 0.0  # 0: read from the cache (a resume)
-    if ref_path.exists() and resuming:
+    if resuming:
+        # Never recomputed from the checkpoint: that is the trained policy, not the reference.
+        if not ref_path.exists():
+            raise CheckpointError(
+                f"{ref_path} is missing, and the reference cannot be recomputed from a trained checkpoint; "
+                f"start the run again in a new run directory"
+            )
         ref = torch.load(ref_path, map_location="cpu", weights_only=True)
     else:
         t_ref = time.perf_counter()
