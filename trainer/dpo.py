@@ -282,7 +282,9 @@ def _train(cfg: DPOConfig, run: Run, accelerator, resuming: bool, stop: dict) ->
         # Before any step the policy IS the reference; with LoRA, adapters off makes it so.
         with lm.disable_adapter() if lora else torch.no_grad():
             ref = reference_pass(lm, cfg, enc, pairs, val_idx, tokenizer, pad_id, device, autocast)
-        torch.save(ref, ref_path)
+        # 0600, as data.parquet: the KL samples hold the held-out prompts' tokens
+        with open(ref_path, "wb", opener=lambda name, flags: os.open(name, flags, 0o600)) as f:
+            torch.save(ref, f)
         ref_seconds = time.perf_counter() - t_ref
 
     # ---- batches and schedule ---------------------------------------------------------------
