@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "trainer.policy",
         "fine-tune the policy against a reward model (PPO, RLOO, REINFORCE, GRPO, Dr. GRPO, REINFORCE++)",
     ),
+    "train-dpo": (
+        "trainer.dpo",
+        "fine-tune the policy on the votes directly with DPO / IPO (no reward model), against a frozen reference",
+    ),
     "eval-reward": (
         "trainer.reward_eval",
         "a reward model's accuracy on a preference file: per subset, RewardBench sections, best-of-N, "

@@ -8,7 +8,8 @@
     runs/<run_id>/policy/        a policy run's finished policy (a Hugging Face model directory)
     runs/<run_id>/eval.json      a policy run's evaluation against its reference
     runs/<run_id>/heldout.jsonl  a policy run's held-out prompts (that evaluation's)
-    runs/<run_id>/data.parquet   a reward run's pairs and their train/val split
+    runs/<run_id>/data.parquet   a reward or DPO run's pairs and their train/val split
+    runs/<run_id>/reference_logps.pt  a DPO run's reference log-probs, computed once up front
     runs/<run_id>/launch.json    how the page started it (only runs started from the Train tab)
     runs/<run_id>/log.txt        their stdout and stderr
 
@@ -48,7 +49,8 @@ STATE_FILE = "training_state.pt"  # inside checkpoint/: what a resume needs besi
 REWARD_META_FILE = "preflab_reward.json"  # inside a reward model: normalisation, max_length, provenance
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # a LoRA checkpoint holds this instead of config.json
 REVIEW_SCORES_FILE = "review_scores.parquet"  # in a reward run: the Review tab's cache of pair scores
-SNAPSHOT_FILE = "data.parquet"  # a reward run's exact pairs and split (a resume reads this)
+SNAPSHOT_FILE = "data.parquet"  # a reward or DPO run's exact pairs and split (a resume reads this)
+REFERENCE_FILE = "reference_logps.pt"  # a DPO run's cached reference log-probs and KL samples
 POLICY_META_FILE = "preflab_policy.json"  # inside a policy model: provenance (base, reward model, algo, step)
 VALUE_HEAD_FILE = "value_head.pt"  # inside a PPO run's checkpoint/
 
