@@ -12,6 +12,7 @@ from pathlib import Path
 
 from trainer.config import Config, ConfigError, model_problem, settings_for_run
 from trainer.dpo_math import LOSSES
+from trainer.errors import missing_extra
 from trainer.reward_data import RewardDataError
 from trainer.runs import Run
 from trainer.store import DATA_HELP
@@ -131,6 +132,10 @@ class DPOConfig(Config):
             "must be at least 1 and below --max-length",
         )
         yield "lora_r", self.lora_r < 0, "must be at least 0"
+        # LoRA's package is an extra: said before any data or model loads, as the reward and
+        # policy configs do.
+        no_peft = self.lora_r > 0 and missing_extra("peft", "train")
+        yield "lora_r", bool(no_peft), no_peft
 
 
 def resolve_config(cfg: DPOConfig, explicit: set[str]) -> tuple[DPOConfig, Path, bool]:
