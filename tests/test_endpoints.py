@@ -46,7 +46,8 @@ def model_server(tmp_path_factory):
 
 class FailingServer:
     """The failure modes under test, by the requested model's name: "fail-500" answers 500
-    (echoing the Authorization header, as a careless server might), "fail-slow" stalls
+    (echoing the Authorization header, as a careless server might; "fail-pad-N" after N
+    characters of padding), "fail-slow" stalls
     past the client's timeout, "fail-drop" starts a stream and hangs up mid-answer.
     `requests` counts the requests per model (retries included)."""
 
@@ -75,9 +76,10 @@ class FailingServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
+                pad = "x" * int(model.rsplit("-", 1)[1]) if model.startswith("fail-pad-") else ""
                 error = {
                     "error": {
-                        "message": f"boom ({self.headers.get('authorization')})",
+                        "message": f"boom {pad}({self.headers.get('authorization')})",
                         "type": "server_error",
                     }
                 }
@@ -335,6 +337,29 @@ def test_each_failure_is_one_clear_message_without_the_key(failing, tmp_path):
     assert "[key]" in said["ep-500"]
     assert failing.requests["fail-500"] == 2 * 2  # max_retries 1: each of the two calls tried twice
     assert failing.requests["fail-slow"] == 2  # no retries asked for: once per call
+
+
+def test_a_key_echoed_where_the_message_is_cut_is_redacted_whole(failing, tmp_path):
+    """The error text is cut at 300 characters: the key is taken out before, so a cut
+    inside the key leaves none of it (the padding puts the echoed key across the cut)."""
+    from trainer.endpoint_client import EndpointModel
+    from trainer.endpoints import load_endpoints
+
+    pads = range(230, 300, 3)
+    path = endpoints_file(tmp_path / "e.json", **{
+        f"pad-{n}": entry(failing.base, f"fail-pad-{n}", api_key=KEY, max_retries=0) for n in pads
+    })  # fmt: skip
+    eps = load_endpoints(path)
+    cut_inside = 0
+    for n in pads:
+        (failure,) = EndpointModel(eps[f"pad-{n}"]).answers(
+            [HELLO], max_new_tokens=8, temperature=1.0, top_p=1.0
+        )
+        said = str(failure)
+        assert "HTTP 500" in said and "boom" in said, said
+        assert not any(KEY[i : i + 6] in said for i in range(len(KEY) - 5)), said  # no 6 characters of it
+        cut_inside += "[key]" not in said and "Bearer" in said
+    assert cut_inside  # some padding did put the cut where the key was
 
 
 def test_the_generator_drops_failed_pairs_and_goes_on_with_the_others(model_server, failing, tmp_path,

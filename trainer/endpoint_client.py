@@ -77,18 +77,24 @@ class EndpointModel:
         import openai
 
         ep = self.endpoint
+
+        def said(text: str) -> str:  # a server could echo the key: out first, then cut
+            if ep.api_key and len(ep.api_key) >= 4:
+                text = text.replace(ep.api_key, "[key]")
+            return text[:300]
+
         if isinstance(e, EndpointFailure):
             how = str(e)
         elif isinstance(e, openai.APITimeoutError) or "Timeout" in type(e).__name__:
             how = f"timed out (nothing from the server for {ep.timeout:g} s)"
         elif isinstance(e, openai.APIStatusError):
-            how = f"HTTP {e.status_code}: {str(getattr(e, 'message', e))[:300]}"
+            how = f"HTTP {e.status_code}: {said(str(getattr(e, 'message', e)))}"
         elif isinstance(e, openai.APIConnectionError) or _transport_error(e):
             how = f"connection failed or lost ({type(e).__name__})"
         else:  # an error event in the stream
-            how = f"{type(e).__name__}: {str(e)[:300]}"
+            how = f"{type(e).__name__}: {said(str(e))}"
         message = f"endpoint {ep.name!r} ({ep.model_name} at {ep.api_base}): {how}"
-        if ep.api_key and len(ep.api_key) >= 4:  # a server could echo what it was sent
+        if ep.api_key and len(ep.api_key) >= 4:  # the key is in no message, whatever made it
             message = message.replace(ep.api_key, "[key]")
         self.failed_at = time.monotonic()
         return EndpointFailure(message)
