@@ -48,7 +48,8 @@ class FailingServer:
     """The failure modes under test, by the requested model's name: "fail-500" answers 500
     (echoing the Authorization header, as a careless server might; "fail-pad-N" after N
     characters of padding), "fail-slow" stalls
-    past the client's timeout, "fail-drop" starts a stream and hangs up mid-answer.
+    past the client's timeout, "fail-drop" starts a stream and hangs up mid-answer,
+    "fail-badjson" and "fail-oddchunk" send a stream that is not JSON or not a chunk.
     `requests` counts the requests per model (retries included)."""
 
     def __init__(self):
@@ -65,6 +66,15 @@ class FailingServer:
                 outer.requests[model] = outer.requests.get(model, 0) + 1
                 if model == "fail-slow":
                     time.sleep(3)
+                if model in ("fail-badjson", "fail-oddchunk"):  # a stream that is not what the API sends
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    data = "{not json" if model == "fail-badjson" else json.dumps({"id": "x", "choices": 5})
+                    self.wfile.write(f"data: {data}\n\n".encode())
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 if model == "fail-drop":
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
@@ -315,6 +325,8 @@ def test_each_failure_is_one_clear_message_without_the_key(failing, tmp_path):
         slow=entry(failing.base, "fail-slow", api_key=KEY, timeout=0.5, max_retries=0),
         drop=entry(failing.base, "fail-drop", api_key=KEY, max_retries=0),
         gone=entry(gone, "tiny", api_key=KEY, max_retries=0),
+        badjson=entry(failing.base, "fail-badjson", api_key=KEY, max_retries=0),
+        oddchunk=entry(failing.base, "fail-oddchunk", api_key=KEY, max_retries=0),
     )
     eps = load_endpoints(path)
     said = {}
@@ -323,6 +335,8 @@ def test_each_failure_is_one_clear_message_without_the_key(failing, tmp_path):
         ("slow", "timed out (nothing from the server for 0.5 s)"),
         ("drop", "the stream ended before the answer did"),
         ("gone", "connection failed or lost"),
+        ("badjson", "the server sent a malformed stream"),
+        ("oddchunk", "the server sent a malformed stream"),
     ]:
         model = EndpointModel(eps[name])
         (failure,) = model.answers([HELLO], max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0)

@@ -117,15 +117,24 @@ class EndpointModel:
                     stream=True,
                 )
                 with stream:
-                    for chunk in stream:
-                        if stop is not None and stop.is_set():
-                            return
-                        for choice in chunk.choices or ():
-                            finish = choice.finish_reason or finish
-                            if choice.delta and choice.delta.content:
-                                yield choice.delta.content, None
+                    try:
+                        for chunk in stream:
+                            if stop is not None and stop.is_set():
+                                return
+                            for choice in chunk.choices or ():
+                                finish = choice.finish_reason or finish
+                                if choice.delta and choice.delta.content:
+                                    yield choice.delta.content, None
+                    except (ValueError, AttributeError, TypeError, KeyError) as e:
+                        # not JSON (json.JSONDecodeError is a ValueError), or a chunk of another shape
+                        malformed = EndpointFailure(
+                            f"the server sent a malformed stream ({type(e).__name__})"
+                        )
+                        raise self._failure(malformed) from None
             except openai.APIError as e:
                 raise self._failure(e) from None
+            except EndpointFailure:
+                raise
             except Exception as e:
                 if not _transport_error(e):
                     raise
