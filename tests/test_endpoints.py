@@ -50,10 +50,13 @@ class FailingServer:
     characters of padding), "fail-slow" stalls
     past the client's timeout, "fail-drop" starts a stream and hangs up mid-answer,
     "fail-badjson" and "fail-oddchunk" send a stream that is not JSON or not a chunk.
-    `requests` counts the requests per model (retries included)."""
+    "picky-*" answers "Fine." but 400 to a prompt with "TOO LONG" and 500 to one with
+    "FLAKY". `requests` counts the requests per model (retries included), `prompts` per
+    prompt."""
 
     def __init__(self):
         self.requests: dict[str, int] = {}
+        self.prompts: dict[str, int] = {}  # requests per prompt (its messages' text)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,6 +67,28 @@ class FailingServer:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 model = body["model"]
                 outer.requests[model] = outer.requests.get(model, 0) + 1
+                said = " ".join(m["content"] for m in body["messages"])
+                outer.prompts[said] = outer.prompts.get(said, 0) + 1
+                if model.startswith("picky") and "TOO LONG" not in said and "FLAKY" not in said:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    for delta, finish in (({"content": "Fine."}, None), ({}, "stop")):
+                        chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
+                                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if model.startswith("picky") and "TOO LONG" in said:
+                    data = json.dumps({"error": {"message": "context too long", "type": "invalid_request"}})
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data.encode())
+                    return
                 if model == "fail-slow":
                     time.sleep(3)
                 if model in ("fail-badjson", "fail-oddchunk"):  # a stream that is not what the API sends
@@ -413,6 +438,43 @@ def test_the_generator_drops_failed_pairs_and_goes_on_with_the_others(model_serv
     assert any("endpoint 'ep-500'" in m and "HTTP 500" in m and "dropped" in m for m in warned), warned
     assert failing.requests.get("fail-500", 0) >= 2  # it was drawn, and retried once
     assert KEY not in json.dumps(cached) and KEY not in "\n".join(warned)
+
+
+def test_a_prompt_that_always_fails_is_given_up_and_generation_ends(failing, tmp_path, caplog):
+    """A prompt the server refuses (400: too long for its context) is given up at once, one
+    it always fails (500) after three tries; the other prompts get their pairs and the
+    generator is done."""
+    from annotate.pair_generator import MAX_TRIES, Generator
+    from annotate.queue import AssignmentQueue
+    from trainer.endpoint_client import connect
+    from trainer.endpoints import load_endpoints
+
+    path = endpoints_file(tmp_path / "e.json", **{
+        name: entry(failing.base, name, api_key=KEY, max_retries=0) for name in ("picky-a", "picky-b")
+    })  # fmt: skip
+    remote = connect(load_endpoints(path))
+    texts = ["Say hi.", "Say TOO LONG.", "Say FLAKY.", "Say bye."]
+    pool = [type("P", (), {"id": f"p{i}", "messages": [{"role": "user", "content": t}]})()
+            for i, t in enumerate(texts)]  # fmt: skip
+    queue = AssignmentQueue()
+    gen = Generator(list(remote), pool, queue, cache_dir=tmp_path / "pairs", batch_size=4, max_new_tokens=6,
+                    per_annotator=100, endpoints=remote)  # fmt: skip
+    with caplog.at_level("WARNING", logger="preflab.pairs"):
+        worker = threading.Thread(target=gen.run, daemon=True)
+        worker.start()
+        worker.join(120)
+    status = gen.status()
+    assert status["state"] == "done", status
+    assert "2 prompt(s) given up" in status["message"], status
+    assert queue.overview()["pairs"] == 2
+    cached = [
+        json.loads(line) for f in (tmp_path / "pairs").glob("*.jsonl") for line in f.read_text().splitlines()
+    ]
+    assert sorted(r["prompt_id"] for r in cached) == ["p0", "p3"]
+    assert failing.prompts["Say TOO LONG."] == 2  # one try, both sides asked
+    assert failing.prompts["Say FLAKY."] == 2 * MAX_TRIES
+    warned = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
+    assert len(warned) == 2 and any("p1 given up after 1 failed try" in m for m in warned), warned
 
 
 # ---- the commands ----------------------------------------------------------------------

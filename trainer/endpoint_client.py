@@ -42,7 +42,12 @@ COOL_DOWN_S = 30.0  # after a failure, a model is passed over where another can 
 
 
 class EndpointFailure(PreflabError):
-    """One request to an endpoint failed (status, timeout, connection); the message says how."""
+    """One request to an endpoint failed (status, timeout, connection); the message says how.
+    `status`: the HTTP status the server answered with, where it did."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def _transport_error(e: BaseException) -> bool:
@@ -97,7 +102,7 @@ class EndpointModel:
         if ep.api_key and len(ep.api_key) >= 4:  # the key is in no message, whatever made it
             message = message.replace(ep.api_key, "[key]")
         self.failed_at = time.monotonic()
-        return EndpointFailure(message)
+        return EndpointFailure(message, e.status_code if isinstance(e, openai.APIStatusError) else None)
 
     def _chunks(self, messages, *, max_new_tokens, temperature, top_p, seed, stop):
         """(text piece, finish_reason) as they come; EndpointFailure for any failure."""
