@@ -203,6 +203,8 @@ GOOD = {"model_name": "m", "api_type": "openai", "api_base": "http://127.0.0.1:8
         ({"api_key": "k", "api_key_env": "K"}, "api_key_env", "not both"),
         ({"api_key_env": "not a name"}, "api_key_env", "name of an environment variable"),
         ({"api_key_env": "PREFLAB_SURELY_UNSET_VAR"}, "api_key_env", "PREFLAB_SURELY_UNSET_VAR is not set"),
+        ({"api_key": "sk-1 2"}, "api_key", "printable ASCII without spaces"),
+        ({"api_key": "sk-ké"}, "api_key", "printable ASCII without spaces"),
         ({"anony_only": "no"}, "anony_only", "true or false"),
         ({"recommended_config": {"temperature": 9}}, "recommended_config.temperature", "from 0 to 2"),
         ({"recommended_config": {"top_p": 0}}, "recommended_config.top_p", "from 0 to 1"),
@@ -221,6 +223,25 @@ def test_each_error_names_the_file_the_entry_and_the_field(tmp_path, change, whe
         load_endpoints(path)
     assert str(e.value).startswith(f"{path}: entry 'my-model': {where}: "), e.value
     assert why in str(e.value)
+
+
+@pytest.mark.parametrize("value", [KEY + "\n", " " + KEY, KEY[:6] + "é" + KEY[6:], KEY[:6] + "\t" + KEY[6:]])
+def test_a_key_from_the_environment_is_checked_as_a_literal_one(tmp_path, monkeypatch, value):
+    """A trailing newline (`export K=$(cat key)` keeps none, a .env file may) or a
+    character no header carries: an error naming the entry, the field and the variable,
+    never the value; nothing is stripped behind the user's back."""
+    from trainer.endpoints import EndpointsError, load_endpoints
+
+    monkeypatch.setenv("PREFLAB_EP_BAD_KEY", value)
+    path = tmp_path / "api_endpoints.json"
+    path.write_text(json.dumps({"my-model": {**GOOD, "api_key_env": "PREFLAB_EP_BAD_KEY"}}))
+    with pytest.raises(EndpointsError) as e:
+        load_endpoints(path)
+    said = str(e.value)
+    assert said.startswith(
+        f"{path}: entry 'my-model': api_key_env: the environment variable PREFLAB_EP_BAD_KEY"
+    ), said
+    assert "printable ASCII" in said and KEY[6:] not in said and KEY[:6] not in said
 
 
 def test_whole_file_errors_and_what_is_accepted(tmp_path, monkeypatch):

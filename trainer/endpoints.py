@@ -69,6 +69,8 @@ FASTCHAT_IGNORED = ("text-arena", "vision-arena")  # which FastChat tab lists th
 RECOMMENDED = ("temperature", "top_p", "max_new_tokens")
 NO_KEY = "EMPTY"
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+KEY_TEXT = re.compile(r"[!-~]*")  # what an Authorization header carries as it is
+KEY_RULE = "printable ASCII without spaces or newlines"
 MAX_NAME = 200
 
 
@@ -200,14 +202,19 @@ def _entry(path, name: str, entry) -> Endpoint:
     key, key_env = entry.get("api_key"), entry.get("api_key_env")
     if key is not None and key_env is not None:
         fail("api_key_env", "give api_key or api_key_env, not both")
-    if key is not None and (not isinstance(key, str) or text_problem(key) or "\n" in key):
-        fail("api_key", "must be a string (the key itself)")
+    if key is not None and (not isinstance(key, str) or not KEY_TEXT.fullmatch(key)):
+        fail("api_key", f"must be a string (the key itself): {KEY_RULE}")
     if key_env is not None:
         if not isinstance(key_env, str) or not ENV_NAME.fullmatch(key_env):
             fail("api_key_env", "must be the name of an environment variable")
         key = os.environ.get(key_env)
         if not key:
             fail("api_key_env", f"the environment variable {key_env} is not set or empty")
+        if not KEY_TEXT.fullmatch(key):  # nothing is stripped: the key sent is the variable's
+            fail(
+                "api_key_env",
+                f"the environment variable {key_env} does not hold a key: {KEY_RULE} (a trailing newline?)",
+            )
     anony = entry.get("anony_only", False)
     if not isinstance(anony, bool):
         fail("anony_only", "must be true or false")
