@@ -234,12 +234,14 @@ class Generator(threading.Thread):
     def _sides(self, prompt, track: str | None, seed: int, rng: random.Random) -> tuple:
         """The (model, seed) of each side of the next pair for `prompt`. Base rounds: two
         seeds of the one model, or two different base models; a newcomer's round: that
-        model against a random other one."""
+        model against a random other one. A model that failed lately is passed over where
+        another can answer."""
         if track is not None:
             # Its opponent: a model that is loaded already (one added this instant is not).
             with self._lock:
                 others = [m for m in self.model_names if m != track and m in self._loaded]
-            return (track, seed), (rng.choice(others), seed)
+            healthy = [m for m in others if not getattr(self._loaded.get(m), "cooling_down", False)]
+            return (track, seed), (rng.choice(healthy or others), seed)
         if len(self._base_models) == 1:
             return (self._base_models[0], seed), (self._base_models[0], seed + 1)
         healthy = [m for m in self._base_models if not getattr(self._loaded.get(m), "cooling_down", False)]

@@ -498,6 +498,28 @@ def test_a_prompt_that_always_fails_is_given_up_and_generation_ends(failing, tmp
     assert len(warned) == 2 and any("p1 given up after 1 failed try" in m for m in warned), warned
 
 
+def test_a_newcomers_opponent_passes_over_a_model_that_just_failed(failing, tmp_path):
+    """A newcomer's pairs are against a random other model: not one that failed in the
+    last COOL_DOWN_S while another can answer, as for the base rounds."""
+    import random
+
+    from annotate.pair_generator import Generator
+    from annotate.queue import AssignmentQueue
+    from trainer.endpoint_client import connect
+    from trainer.endpoints import load_endpoints
+
+    path = endpoints_file(tmp_path / "e.json", failing=failing, **{
+        name: entry(failing.base, "picky-" + name, api_key=KEY, max_retries=0) for name in ("ok", "newcomer")
+    })  # fmt: skip
+    remote = connect(load_endpoints(path))
+    remote["ep-500"].answers([HELLO], max_new_tokens=4, temperature=1.0, top_p=1.0)  # it fails: cooling down
+    assert remote["ep-500"].cooling_down and not remote["ok"].cooling_down
+    gen = Generator(list(remote), [], AssignmentQueue(), cache_dir=None, endpoints=remote)
+    gen._load_new_models()
+    opponents = {gen._sides(None, "newcomer", 0, random.Random(k))[1][0] for k in range(50)}
+    assert opponents == {"ok"}
+
+
 # ---- the commands ----------------------------------------------------------------------
 
 
