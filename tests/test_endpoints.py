@@ -209,6 +209,12 @@ GOOD = {"model_name": "m", "api_type": "openai", "api_base": "http://127.0.0.1:8
         ({"recommended_config": {"temperature": 9}}, "recommended_config.temperature", "from 0 to 2"),
         ({"recommended_config": {"top_p": 0}}, "recommended_config.top_p", "from 0 to 1"),
         ({"recommended_config": {"temprature": 1}}, "recommended_config.temprature", "unknown setting"),
+        (
+            {"recommended_config": {"max_new_tokens": 1.5}},
+            "recommended_config.max_new_tokens",
+            "an integer from 1",
+        ),
+        ({"recommended_config": {"top_p": True}}, "recommended_config.top_p", "a number from 0 to 1"),
         ({"concurrency": 0}, "concurrency", "from 1 to 256"),
         ({"timeout": True}, "timeout", "a number"),
     ],
@@ -252,7 +258,12 @@ def test_whole_file_errors_and_what_is_accepted(tmp_path, monkeypatch):
         ("{", "not valid JSON"),
         ("[]", "must be a JSON object"),
         ("{}", "at least one"),
-        ('{"a": {}, "a": {}}', "'a' is given twice"),
+        ('{"a": {}, "a": {}}', "entry 'a' is given twice"),
+        ('{"m": {"api_base": "http://a/v1", "api_base": "http://b/v1"}}', "entry 'm': api_base: given twice"),
+        (
+            json.dumps({"m": {**GOOD, "recommended_config": {}}}).replace("{}", '{"top_p": 1, "top_p": 0.5}'),
+            "entry 'm': recommended_config.top_p: given twice",
+        ),
         ('{"a": 3}', "entry 'a': must be a JSON object"),
         ('{" a": {}}', "entry ' a': a display name"),
     ]:

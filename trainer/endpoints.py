@@ -119,11 +119,18 @@ def require_openai() -> None:
         ) from None
 
 
-def _unique_keys(pairs):
-    out = {}
+class _Object(dict):
+    """A JSON object as read; `twice`: its first key given twice, named where the error
+    can say which entry and field it is in."""
+
+    twice: str | None = None
+
+
+def _unique_keys(pairs) -> _Object:
+    out = _Object()
     for key, value in pairs:
-        if key in out:
-            raise EndpointsError(f"{key!r} is given twice")
+        if key in out and out.twice is None:
+            out.twice = key
         out[key] = value
     return out
 
@@ -141,12 +148,12 @@ def load_endpoints(path: str | os.PathLike | None) -> dict[str, Endpoint]:
         ) from None
     try:
         data = json.loads(text, object_pairs_hook=_unique_keys)
-    except EndpointsError as e:
-        raise EndpointsError(f"{path}: {e}") from None
     except (ValueError, RecursionError) as e:
         raise EndpointsError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not data:
         raise EndpointsError(f"{path}: must be a JSON object of display name -> endpoint, with at least one")
+    if data.twice is not None:
+        raise EndpointsError(f"{path}: entry {data.twice!r} is given twice")
     endpoints = {name: _entry(path, name, entry) for name, entry in data.items()}
     literal = [name for name, entry in data.items() if isinstance(entry, dict) and entry.get("api_key")]
     if literal and os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -169,6 +176,8 @@ def _entry(path, name: str, entry) -> Endpoint:
         raise EndpointsError(f"{path}: entry {name!r}: {why}")
     if not isinstance(entry, dict):
         raise EndpointsError(f"{path}: entry {name!r}: must be a JSON object, got {type(entry).__name__}")
+    if getattr(entry, "twice", None) is not None:
+        fail(entry.twice, "given twice")
     for key in entry:
         if key not in USED and key not in FASTCHAT_IGNORED:
             fail(key, f"unknown field (known: {', '.join(USED + FASTCHAT_IGNORED)})")
@@ -231,11 +240,12 @@ def _entry(path, name: str, entry) -> Endpoint:
     )
 
 
-def _number(entry: dict, key: str, default, low, high, fail, integer: bool = False):
+def _number(entry: dict, key: str, default, low, high, fail, integer: bool = False, where: str | None = None):
     value = entry.get(key, default)
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok or not low <= value <= high:
-        fail(key, f"must be {'an integer' if integer else 'a number'} from {low} to {high}, got {value!r}")
+        what = f"must be {'an integer' if integer else 'a number'} from {low} to {high}"
+        fail(where or key, f"{what}, got {value!r}")
     return value
 
 
@@ -244,18 +254,15 @@ def _recommended(config, fail) -> dict:
         return {}
     if not isinstance(config, dict):
         fail("recommended_config", "must be an object: temperature, top_p, max_new_tokens")
+    if getattr(config, "twice", None) is not None:
+        fail(f"recommended_config.{config.twice}", "given twice")
     out = {}
-    for key, value in config.items():
+    for key in config:
         where = f"recommended_config.{key}"
         if key not in RECOMMENDED:
             fail(where, f"unknown setting (known: {', '.join(RECOMMENDED)})")
-        integer = key == "max_new_tokens"
-        ok = isinstance(value, int) if integer else isinstance(value, int | float)
         low, high = {"temperature": (0, 2), "top_p": (0, 1), "max_new_tokens": (1, 1 << 20)}[key]
-        if isinstance(value, bool) or not ok or not low <= value <= high or (key == "top_p" and value == 0):
-            fail(
-                where,
-                f"must be {'an integer' if integer else 'a number'} from {low} to {high}, got {value!r}",
-            )
-        out[key] = value
+        out[key] = _number(config, key, None, low, high, fail, integer=key == "max_new_tokens", where=where)
+        if key == "top_p" and out[key] == 0:
+            fail(where, "must be a number from 0 to 1, above 0, got 0")
     return out
