@@ -57,6 +57,7 @@ class FailingServer:
     def __init__(self):
         self.requests: dict[str, int] = {}
         self.prompts: dict[str, int] = {}  # requests per prompt (its messages' text)
+        self.headers: dict[str, dict] = {}  # the last request's headers per model, names lowercased
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -67,6 +68,7 @@ class FailingServer:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 model = body["model"]
                 outer.requests[model] = outer.requests.get(model, 0) + 1
+                outer.headers[model] = {k.lower(): v for k, v in self.headers.items()}
                 said = " ".join(m["content"] for m in body["messages"])
                 outer.prompts[said] = outer.prompts.get(said, 0) + 1
                 if model.startswith("picky") and "TOO LONG" not in said and "FLAKY" not in said:
@@ -529,6 +531,50 @@ def test_a_newcomers_opponent_passes_over_a_model_that_just_failed(failing, tmp_
     gen._load_new_models()
     opponents = {gen._sides(None, "newcomer", 0, random.Random(k))[1][0] for k in range(50)}
     assert opponents == {"ok"}
+
+
+def test_only_the_files_key_goes_to_the_server_and_a_stop_cancels(failing, tmp_path, monkeypatch):
+    """The openai client would send $OPENAI_ORG_ID and $OPENAI_PROJECT_ID to any server:
+    nothing from the environment goes with a request but the entry's own key. A `stop`
+    set before the request sends nothing; set midway, the answer is Cancelled, never a
+    partial one passed off as whole, and the model is not marked as failed. close()
+    closes the client."""
+    from trainer.endpoint_client import Cancelled, EndpointModel
+    from trainer.endpoints import load_endpoints
+
+    for name, value in (
+        ("OPENAI_ORG_ID", "org-leak"),
+        ("OPENAI_PROJECT_ID", "proj-leak"),
+        ("OPENAI_API_KEY", "sk-leak"),
+    ):
+        monkeypatch.setenv(name, value)
+    path = endpoints_file(
+        tmp_path / "e.json", plain=entry(failing.base, "picky-plain", api_key=KEY, max_retries=0)
+    )
+    model = EndpointModel(load_endpoints(path)["plain"])
+    settings = dict(max_new_tokens=4, temperature=1.0, top_p=1.0)
+    assert model.answer(HELLO, **settings).text == "Fine."
+    sent = failing.headers["picky-plain"]
+    assert sent["authorization"] == f"Bearer {KEY}"
+    assert (
+        "openai-organization" not in sent and "openai-project" not in sent and "leak" not in json.dumps(sent)
+    )
+
+    stop = threading.Event()
+    stop.set()
+    before = failing.requests["picky-plain"]
+    with pytest.raises(Cancelled):
+        model.answer(HELLO, stop=stop, **settings)
+    assert failing.requests["picky-plain"] == before  # nothing was sent
+    stop.clear()
+    pieces = []
+    with pytest.raises(Cancelled):
+        for piece in model.stream(HELLO, stop=stop, **settings):
+            pieces.append(piece)
+            stop.set()  # after the first piece: the next chunk is not taken
+    assert pieces == ["Fine."] and not model.cooling_down
+    model.close()
+    assert model.client.is_closed()
 
 
 # ---- the commands ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ either kind of model, in-process or endpoint, for `generate`, `serve` and `eval-
     model.answer(messages, ...)                # Answer(text, cut), or EndpointFailure raised
     answers_of(source, conversations, ...)     # [Answer | EndpointFailure], source either kind
     side_params(source, sampling, seed)        # what gen_params records for that side
+    model.close()                              # or close_all(connect(endpoints)) when done
 
 Every request streams: the timeout is then the longest wait for the next byte, so a long
 answer from a working server is never cut short while a server that stalls or vanishes is
@@ -50,10 +51,16 @@ class EndpointFailure(PreflabError):
         self.status = status
 
 
+class Cancelled(EndpointFailure):
+    """The caller's `stop` was set before the answer was done: no answer, and no failure
+    of the model's (it is not passed over for it)."""
+
+
 def _transport_error(e: BaseException) -> bool:
     """An error of the HTTP layer under the client (httpx or its fork), raised as-is when
     a stream breaks in some versions; anything else is a bug and is not caught."""
-    return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore") or isinstance(e, OSError)
+    top = type(e).__module__.split(".")[0]
+    return top in ("httpx", "httpx2", "httpcore", "httpcore2") or isinstance(e, OSError)
 
 
 class EndpointModel:
@@ -68,8 +75,17 @@ class EndpointModel:
             timeout=endpoint.timeout,
             max_retries=endpoint.max_retries,
         )
+        # The client reads OPENAI_ORG_ID and OPENAI_PROJECT_ID for these when they are None
+        # and sends them as headers; they are only the file's to give (nothing from the
+        # environment goes to a server its entry did not name), and None now omits them.
+        self.client.organization = None
+        self.client.project = None
         self.slots = threading.BoundedSemaphore(endpoint.concurrency)
         self.failed_at: float | None = None  # monotonic time of the last failure
+
+    def close(self) -> None:
+        """Close the client's connections (it sends nothing more)."""
+        self.client.close()
 
     def __repr__(self) -> str:  # the client's repr is not ours to trust with the key
         return f"EndpointModel({self.name!r}, {self.endpoint.model_name!r} at {self.endpoint.api_base})"
@@ -110,7 +126,10 @@ class EndpointModel:
 
         settings = self.endpoint.sampling(temperature, top_p, max_new_tokens)
         finish = None
+        cancelled = Cancelled(f"endpoint {self.name!r}: cancelled before the answer was done")
         with self.slots:
+            if stop is not None and stop.is_set():  # nothing is sent for an answer nobody waits for
+                raise cancelled
             try:
                 stream = self.client.chat.completions.create(
                     model=self.endpoint.model_name,
@@ -125,7 +144,7 @@ class EndpointModel:
                     try:
                         for chunk in stream:
                             if stop is not None and stop.is_set():
-                                return
+                                raise cancelled
                             for choice in chunk.choices or ():
                                 finish = choice.finish_reason or finish
                                 if choice.delta and choice.delta.content:
@@ -149,8 +168,8 @@ class EndpointModel:
         yield "", finish
 
     def stream(self, messages, *, max_new_tokens, temperature, top_p, seed=None, stop=None):
-        """The answer's text in pieces as the server sends them (a threading.Event `stop`
-        ends it early). EndpointFailure if the request or the stream fails."""
+        """The answer's text in pieces as the server sends them. EndpointFailure if the
+        request or the stream fails; Cancelled (one) once the threading.Event `stop` is set."""
         for piece, _ in self._chunks(
             messages,
             max_new_tokens=max_new_tokens,
@@ -164,7 +183,8 @@ class EndpointModel:
 
     def answer(self, messages, *, max_new_tokens, temperature, top_p, seed=None, stop=None):
         """The whole answer as trainer.models.Answer (stripped, as in-process answers are;
-        cut when the token limit ended it). EndpointFailure if it failed."""
+        cut when the token limit ended it). EndpointFailure if it failed, Cancelled if
+        `stop` was set before it was done: a partial answer is never passed off as whole."""
         from trainer.models import Answer
 
         text, finish = [], None
@@ -210,8 +230,14 @@ def _messages(conversation) -> list[dict]:
 
 
 def connect(endpoints: dict[str, Endpoint]) -> dict[str, EndpointModel]:
-    """A client per endpoint (no request is made until an answer is asked for)."""
+    """A client per endpoint (no request is made until an answer is asked for); close
+    them with close_all when done."""
     return {name: EndpointModel(ep) for name, ep in endpoints.items()}
+
+
+def close_all(models: dict[str, EndpointModel]) -> None:
+    for model in models.values():
+        model.close()
 
 
 def answers_of(

@@ -27,7 +27,9 @@ FastChat; what was used is recorded per side in gen_params.
 The key: `api_key` a literal (keep such a file private), or `api_key_env` naming an
 environment variable, read once at load; never both. With neither, no key is sent (the
 placeholder "EMPTY", as vLLM's docs use): unlike FastChat, preflab does not fall back to
-$OPENAI_API_KEY, so a key is never sent to a server its file did not name it for. A key
+$OPENAI_API_KEY (nor sends $OPENAI_ORG_ID or $OPENAI_PROJECT_ID), so a key is never sent
+to a server its file did not name it for. A key, literal or from the variable, must be
+printable ASCII without spaces or newlines (nothing is stripped). A key
 never appears in a message, a log, a record or a repr.
 
 preflab's own optional fields, per entry: `concurrency` (requests at once to this model,
