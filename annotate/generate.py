@@ -177,11 +177,20 @@ def print_pairs(rows: list[dict]) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from trainer.endpoint_client import EndpointFailure, answers_of, connect, side_params
+    from trainer.endpoint_client import close_all, connect
+
+    remote = connect(endpoints.load_endpoints(args.endpoints))  # a bad file: error now (exit 2)
+    try:
+        return _generate(args, remote)
+    finally:
+        close_all(remote)
+
+
+def _generate(args: argparse.Namespace, remote: dict) -> int:
+    from trainer.endpoint_client import EndpointFailure, answers_of, side_params
     from trainer.models import ModelLoadError, check_model
     from trainer.prompts import PromptPoolError, load_prompt_pool
 
-    remote = connect(endpoints.load_endpoints(args.endpoints))  # a bad file: error now (exit 2)
     try:
         pool = load_prompt_pool(args.prompts)
     except PromptPoolError as e:

@@ -51,6 +51,10 @@ def default_max_new_tokens(device: str | None) -> int:
     return CPU_MAX_NEW_TOKENS if pick_device(device).type == "cpu" else MAX_NEW_TOKENS
 
 
+MAX_TRIES = 3  # failed requests for one prompt (on one track) before it is given up
+RETRIED_4XX = (408, 409, 429)  # the 4xx statuses a later try may not get again
+
+
 class Generator(threading.Thread):
     """Samples pairs for a prompt pool and feeds them to an AssignmentQueue.
 
@@ -76,6 +80,9 @@ class Generator(threading.Thread):
     with an answer whose request failed is dropped (logged, and in status()'s
     "endpoint_error" for the page), its prompt drawn again, and a model that failed is
     passed over for trainer.endpoint_client.COOL_DOWN_S wherever two others can answer.
+    A prompt whose request failed MAX_TRIES times on its track (or once with a status that
+    no retry changes: a 4xx other than 408, 409, 429, e.g. a prompt too long for the
+    model's context) is given up, with one warning, so that generation still ends.
     """
 
     def __init__(
@@ -130,6 +137,8 @@ class Generator(threading.Thread):
         # Pairs generated so far, per (track, prompt_id): track None is the base rounds (the
         # models the server started with), a model id the rounds of a model added later.
         self._answered: dict[tuple[str | None, str], int] = {}
+        self._failures: dict[tuple[str | None, str], int] = {}  # failed tries, same keys
+        self._given_up: set[tuple[str | None, str]] = set()  # its requests kept failing
         self._batches = 0
         if not 0.0 <= newcomer_share <= 1.0:
             raise ValueError(f"newcomer_share must be between 0 and 1, got {newcomer_share}")
@@ -225,12 +234,14 @@ class Generator(threading.Thread):
     def _sides(self, prompt, track: str | None, seed: int, rng: random.Random) -> tuple:
         """The (model, seed) of each side of the next pair for `prompt`. Base rounds: two
         seeds of the one model, or two different base models; a newcomer's round: that
-        model against a random other one."""
+        model against a random other one. A model that failed lately is passed over where
+        another can answer."""
         if track is not None:
             # Its opponent: a model that is loaded already (one added this instant is not).
             with self._lock:
                 others = [m for m in self.model_names if m != track and m in self._loaded]
-            return (track, seed), (rng.choice(others), seed)
+            healthy = [m for m in others if not getattr(self._loaded.get(m), "cooling_down", False)]
+            return (track, seed), (rng.choice(healthy or others), seed)
         if len(self._base_models) == 1:
             return (self._base_models[0], seed), (self._base_models[0], seed + 1)
         healthy = [m for m in self._base_models if not getattr(self._loaded.get(m), "cooling_down", False)]
@@ -328,6 +339,7 @@ class Generator(threading.Thread):
             self.prompts[i]
             for i in order
             if self._answered.get((track, self.prompts[i].id), 0) < self._base_rounds
+            and (track, self.prompts[i].id) not in self._given_up
         ]
 
     def _next_jobs(self, size: int) -> list[tuple[Any, str | None]]:
@@ -352,6 +364,25 @@ class Generator(threading.Thread):
             jobs.append((todo[track].pop(0), track))
             made["newcomer" if want_new else "base"] += 1
         return jobs
+
+    def _count_failures(self, jobs, answers: dict, failed: set[int]) -> None:
+        """Count each failed pair's try against its (track, prompt); give up a prompt after
+        MAX_TRIES, or at once for a status that no retry changes."""
+        for i in sorted(failed):
+            prompt, track = jobs[i]
+            key = (track, prompt.id)
+            self._failures[key] = self._failures.get(key, 0) + 1
+            statuses = [getattr(a, "status", None) for (j, _, _), a in answers.items() if j == i]
+            final = any(s is not None and 400 <= s < 500 and s not in RETRIED_4XX for s in statuses)
+            if final or self._failures[key] >= MAX_TRIES:
+                self._given_up.add(key)
+                log.warning(
+                    "prompt %s given up after %d failed tr%s%s: no pair is made for it",
+                    prompt.id,
+                    self._failures[key],
+                    "y" if self._failures[key] == 1 else "ies",
+                    " (the server refused it)" if final else "",
+                )
 
     def _has_work(self) -> bool:
         return any(self._todo(track) for track in [None, *self._added])
@@ -409,7 +440,13 @@ class Generator(threading.Thread):
                     finished = not self._has_work()
                     if finished:
                         self._working = False
-                        self._status.update(state="done", message=f"all {self.planned} pairs generated")
+                        message = f"all {self.planned} pairs generated"
+                        if self._given_up:
+                            message = (
+                                f"{self._status['generated']} pairs generated; {len(self._given_up)} "
+                                "prompt(s) given up: their requests kept failing"
+                            )
+                        self._status.update(state="done", message=message)
                 if finished:
                     self.queue.wake()
                     return
@@ -457,6 +494,7 @@ class Generator(threading.Thread):
             self._set(endpoint_error=problems[0][1] if problems else None)
             if failed and len(failed) == len(sides):  # nothing came: do not hammer a server that is down
                 self._stop_event.wait(5.0)
+            self._count_failures(jobs, answers, failed)
             keep = [i for i in range(len(sides)) if i not in failed]
             new = []
             for i in keep:

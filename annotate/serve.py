@@ -106,14 +106,18 @@ def _accounts_and_guidelines(args: argparse.Namespace):
 
 
 class _Opened:
-    """What `run` has to close again: the store, then the serve lock."""
+    """What `run` has to close again: the endpoints' clients, the store, then the serve lock."""
 
     def __init__(self):
         self.store = None
         self.serve_lock = None
         self.private_dir = None
+        self.endpoints = {}  # {name: EndpointModel}
 
     def close(self) -> None:
+        from trainer.endpoint_client import close_all
+
+        close_all(self.endpoints)
         if self.store is not None:
             self.store.close()
         if self.serve_lock is not None:
@@ -242,7 +246,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     accounts, guidelines = _accounts_and_guidelines(args)
     gold_items = gold.gold_items(args)  # a bad gold file stops us before the store is opened or created
     criteria = rubric.rubric_from_args(args)  # so does a bad rubric (RubricError)
-    remote = connect(endpoints.load_endpoints(args.endpoints))  # and a bad endpoints file
+    remote = opened.endpoints = connect(endpoints.load_endpoints(args.endpoints))  # and a bad endpoints file
     state_dir, votes, cursor = _open_store(args, opened)
     shared = is_database(args.data)
     queue = AssignmentQueue(overlap=args.overlap, shared=opened.store if shared else None)

@@ -2,6 +2,7 @@
 
     def test_x(pg_url): ...       # a fresh empty database on a throwaway server
     def test_y(browser): ...      # playwright's Chromium; log in with helpers.login
+    def test_z(model_server, failing): ...   # endpoints: serve-model tiny; a server of failure modes
 
 Plain helpers (the CLI runner, record builder, store writer, server, ...) are in
 tests/helpers.py, imported as a module: `from helpers import ...`.
@@ -66,3 +67,29 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+# ---- servers for the endpoint tests (tests/test_endpoint*.py) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def model_server(tmp_path_factory):
+    """`preflab serve-model tiny` (16 new tokens, 2 slots) that wants helpers.EP_KEY,
+    read from PREFLAB_EP_KEY; one for the session."""
+    from helpers import EP_KEY, EndpointModelServer
+
+    tmp = tmp_path_factory.mktemp("endpoint-server")
+    args = ("--max-new-tokens", "16", "--concurrency", "2", "--api-key-env", "PREFLAB_EP_KEY")
+    with EndpointModelServer(tmp, *args, env={"PREFLAB_EP_KEY": EP_KEY}) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def failing():
+    """helpers.FailingServer, one for the session: its counters add up across tests, so a
+    test compares them with what they were when it began."""
+    from helpers import FailingServer
+
+    server = FailingServer()
+    yield server
+    server.close()

@@ -15,6 +15,8 @@ two test files share lives here.
     a voting team   TEAM, team_votes(n_pairs): hidden-rule votes of careful, random, adversarial members
     a server        Server, add_users, client, raw_get (free ports: trainer.store.pg_testserver.free_port)
     a model server  ModelServer: `preflab serve-model tiny` and openai clients of it
+    endpoints       EP_KEY, EP_HELLO, EP_GOOD, EndpointModelServer, FailingServer (a server
+                    of failure modes), ep_entry, endpoints_file, in_process_answer
     the browser     CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, login(browser, url, user),
                     ARTIFACTS, screenshot(page, name) (PNGs under test-artifacts/screenshots/)
     trainer runs    TINY, banana_store, train_tiny_reward_run, fake_run, sigterm_mid_run
@@ -25,15 +27,18 @@ this module costs nothing and a trainer test never loads the annotation app.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -562,3 +567,149 @@ def sigterm_mid_run(cmd, env, run_dir: Path, ready, timeout: float = 120) -> tup
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0].decode()
     return proc.returncode, out, json.loads((run_dir / STATUS_FILE).read_text())
+
+
+# ---- models behind an endpoint (tests/test_endpoint*.py) -------------------------------
+
+EP_KEY = "ep-test-key-5d1c0a9e"  # distinctive: grepped for wherever it must not be
+EP_HELLO = [{"role": "user", "content": "Say something about bananas."}]
+EP_GOOD = {"model_name": "m", "api_type": "openai", "api_base": "http://127.0.0.1:8000/v1"}  # a valid entry
+
+
+class EndpointModelServer(ModelServer):
+    """serve-model whose clients send EP_KEY (the `model_server` fixture, tests/conftest.py)."""
+
+    key = EP_KEY
+
+
+class FailingServer:
+    """The failure modes under test, by the requested model's name: "fail-500" answers 500
+    (echoing the Authorization header, as a careless server might; "fail-pad-N" after N
+    characters of padding), "fail-slow" stalls
+    past the client's timeout, "fail-drop" starts a stream and hangs up mid-answer,
+    "fail-badjson" and "fail-oddchunk" send a stream that is not JSON or not a chunk.
+    "picky-*" answers "Fine." but 400 to a prompt with "TOO LONG" and 500 to one with
+    "FLAKY". `requests` counts the requests per model (retries included), `prompts` per
+    prompt."""
+
+    def __init__(self):
+        self.requests: dict[str, int] = {}
+        self.prompts: dict[str, int] = {}  # requests per prompt (its messages' text)
+        self.headers: dict[str, dict] = {}  # the last request's headers per model, names lowercased
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                model = body["model"]
+                outer.requests[model] = outer.requests.get(model, 0) + 1
+                outer.headers[model] = {k.lower(): v for k, v in self.headers.items()}
+                said = " ".join(m["content"] for m in body["messages"])
+                outer.prompts[said] = outer.prompts.get(said, 0) + 1
+                if model.startswith("picky") and "TOO LONG" not in said and "FLAKY" not in said:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    for delta, finish in (({"content": "Fine."}, None), ({}, "stop")):
+                        chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
+                                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if model.startswith("picky") and "TOO LONG" in said:
+                    data = json.dumps({"error": {"message": "context too long", "type": "invalid_request"}})
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data.encode())
+                    return
+                if model == "fail-slow":
+                    time.sleep(3)
+                if model in ("fail-badjson", "fail-oddchunk"):  # a stream that is not what the API sends
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    data = "{not json" if model == "fail-badjson" else json.dumps({"id": "x", "choices": 5})
+                    self.wfile.write(f"data: {data}\n\n".encode())
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if model == "fail-drop":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    delta = {"index": 0, "delta": {"content": "half an"}, "finish_reason": None}
+                    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
+                             "choices": [delta]}  # fmt: skip
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                pad = "x" * int(model.rsplit("-", 1)[1]) if model.startswith("fail-pad-") else ""
+                error = {
+                    "error": {
+                        "message": f"boom {pad}({self.headers.get('authorization')})",
+                        "type": "server_error",
+                    }
+                }
+                data = json.dumps(error).encode()
+                self.send_response(500)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def ep_entry(base: str, model: str = "tiny", **extra) -> dict:
+    return {"model_name": model, "api_type": "openai", "api_base": base, "anony_only": False, **extra}
+
+
+def endpoints_file(path: Path, model_server=None, failing=None, concurrency=1, **more) -> Path:
+    """ep-tiny: the model server (at `concurrency`: above 1 its sampled answers share
+    torch's generator, and a seed no longer says what they are); ep-500: the failing one."""
+    entries = dict(more)
+    if model_server is not None:
+        entries["ep-tiny"] = ep_entry(
+            model_server.base,
+            api_key_env="PREFLAB_EP_KEY",
+            recommended_config={"temperature": 0.5, "top_p": 1.0},
+            concurrency=concurrency,
+            max_retries=0,  # the semaphore must keep us within the server's 2 slots on its own
+        )
+    if failing is not None:
+        entries["ep-500"] = ep_entry(failing.base, "fail-500", api_key=EP_KEY, max_retries=1, timeout=5)
+    path.write_text(json.dumps(entries, indent=2))
+    return path
+
+
+@functools.cache
+def _tiny():
+    from trainer import models
+
+    return models.load_model("tiny", device=TRAIN_DEVICE)
+
+
+def in_process_answer(messages, *, temperature, top_p, seed, max_new_tokens) -> str:
+    from trainer import models
+
+    model, tokenizer = _tiny()
+    ((text,),) = models.generate(
+        model, tokenizer, [messages], n=1, temperature=temperature, top_p=top_p, seed=seed,
+        max_new_tokens=max_new_tokens, progress=False,
+    )  # fmt: skip
+    return text

@@ -8,6 +8,7 @@ either kind of model, in-process or endpoint, for `generate`, `serve` and `eval-
     model.answer(messages, ...)                # Answer(text, cut), or EndpointFailure raised
     answers_of(source, conversations, ...)     # [Answer | EndpointFailure], source either kind
     side_params(source, sampling, seed)        # what gen_params records for that side
+    model.close()                              # or close_all(connect(endpoints)) when done
 
 Every request streams: the timeout is then the longest wait for the next byte, so a long
 answer from a working server is never cut short while a server that stalls or vanishes is
@@ -42,13 +43,24 @@ COOL_DOWN_S = 30.0  # after a failure, a model is passed over where another can 
 
 
 class EndpointFailure(PreflabError):
-    """One request to an endpoint failed (status, timeout, connection); the message says how."""
+    """One request to an endpoint failed (status, timeout, connection); the message says how.
+    `status`: the HTTP status the server answered with, where it did."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class Cancelled(EndpointFailure):
+    """The caller's `stop` was set before the answer was done: no answer, and no failure
+    of the model's (it is not passed over for it)."""
 
 
 def _transport_error(e: BaseException) -> bool:
     """An error of the HTTP layer under the client (httpx or its fork), raised as-is when
     a stream breaks in some versions; anything else is a bug and is not caught."""
-    return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore") or isinstance(e, OSError)
+    top = type(e).__module__.split(".")[0]
+    return top in ("httpx", "httpx2", "httpcore", "httpcore2") or isinstance(e, OSError)
 
 
 def _openai():
@@ -70,8 +82,17 @@ class EndpointModel:
             timeout=endpoint.timeout,
             max_retries=endpoint.max_retries,
         )
+        # The client reads OPENAI_ORG_ID and OPENAI_PROJECT_ID for these when they are None
+        # and sends them as headers; they are only the file's to give (nothing from the
+        # environment goes to a server its entry did not name), and None now omits them.
+        self.client.organization = None
+        self.client.project = None
         self.slots = threading.BoundedSemaphore(endpoint.concurrency)
         self.failed_at: float | None = None  # monotonic time of the last failure
+
+    def close(self) -> None:
+        """Close the client's connections (it sends nothing more)."""
+        self.client.close()
 
     def __repr__(self) -> str:  # the client's repr is not ours to trust with the key
         return f"EndpointModel({self.name!r}, {self.endpoint.model_name!r} at {self.endpoint.api_base})"
@@ -84,21 +105,27 @@ class EndpointModel:
         openai = _openai()
 
         ep = self.endpoint
+
+        def said(text: str) -> str:  # a server could echo the key: out first, then cut
+            if ep.api_key and len(ep.api_key) >= 4:
+                text = text.replace(ep.api_key, "[key]")
+            return text[:300]
+
         if isinstance(e, EndpointFailure):
             how = str(e)
         elif isinstance(e, openai.APITimeoutError) or "Timeout" in type(e).__name__:
             how = f"timed out (nothing from the server for {ep.timeout:g} s)"
         elif isinstance(e, openai.APIStatusError):
-            how = f"HTTP {e.status_code}: {str(getattr(e, 'message', e))[:300]}"
+            how = f"HTTP {e.status_code}: {said(str(getattr(e, 'message', e)))}"
         elif isinstance(e, openai.APIConnectionError) or _transport_error(e):
             how = f"connection failed or lost ({type(e).__name__})"
         else:  # an error event in the stream
-            how = f"{type(e).__name__}: {str(e)[:300]}"
+            how = f"{type(e).__name__}: {said(str(e))}"
         message = f"endpoint {ep.name!r} ({ep.model_name} at {ep.api_base}): {how}"
-        if ep.api_key and len(ep.api_key) >= 4:  # a server could echo what it was sent
+        if ep.api_key and len(ep.api_key) >= 4:  # the key is in no message, whatever made it
             message = message.replace(ep.api_key, "[key]")
         self.failed_at = time.monotonic()
-        return EndpointFailure(message)
+        return EndpointFailure(message, e.status_code if isinstance(e, openai.APIStatusError) else None)
 
     def _chunks(self, messages, *, max_new_tokens, temperature, top_p, seed, stop):
         """(text piece, finish_reason) as they come; EndpointFailure for any failure."""
@@ -106,7 +133,10 @@ class EndpointModel:
 
         settings = self.endpoint.sampling(temperature, top_p, max_new_tokens)
         finish = None
+        cancelled = Cancelled(f"endpoint {self.name!r}: cancelled before the answer was done")
         with self.slots:
+            if stop is not None and stop.is_set():  # nothing is sent for an answer nobody waits for
+                raise cancelled
             try:
                 stream = self.client.chat.completions.create(
                     model=self.endpoint.model_name,
@@ -118,15 +148,24 @@ class EndpointModel:
                     stream=True,
                 )
                 with stream:
-                    for chunk in stream:
-                        if stop is not None and stop.is_set():
-                            return
-                        for choice in chunk.choices or ():
-                            finish = choice.finish_reason or finish
-                            if choice.delta and choice.delta.content:
-                                yield choice.delta.content, None
+                    try:
+                        for chunk in stream:
+                            if stop is not None and stop.is_set():
+                                raise cancelled
+                            for choice in chunk.choices or ():
+                                finish = choice.finish_reason or finish
+                                if choice.delta and choice.delta.content:
+                                    yield choice.delta.content, None
+                    except (ValueError, AttributeError, TypeError, KeyError) as e:
+                        # not JSON (json.JSONDecodeError is a ValueError), or a chunk of another shape
+                        malformed = EndpointFailure(
+                            f"the server sent a malformed stream ({type(e).__name__})"
+                        )
+                        raise self._failure(malformed) from None
             except openai.APIError as e:
                 raise self._failure(e) from None
+            except EndpointFailure:
+                raise
             except Exception as e:
                 if not _transport_error(e):
                     raise
@@ -136,8 +175,8 @@ class EndpointModel:
         yield "", finish
 
     def stream(self, messages, *, max_new_tokens, temperature, top_p, seed=None, stop=None):
-        """The answer's text in pieces as the server sends them (a threading.Event `stop`
-        ends it early). EndpointFailure if the request or the stream fails."""
+        """The answer's text in pieces as the server sends them. EndpointFailure if the
+        request or the stream fails; Cancelled (one) once the threading.Event `stop` is set."""
         for piece, _ in self._chunks(
             messages,
             max_new_tokens=max_new_tokens,
@@ -151,7 +190,8 @@ class EndpointModel:
 
     def answer(self, messages, *, max_new_tokens, temperature, top_p, seed=None, stop=None):
         """The whole answer as trainer.models.Answer (stripped, as in-process answers are;
-        cut when the token limit ended it). EndpointFailure if it failed."""
+        cut when the token limit ended it). EndpointFailure if it failed, Cancelled if
+        `stop` was set before it was done: a partial answer is never passed off as whole."""
         from trainer.models import Answer
 
         text, finish = [], None
@@ -197,8 +237,14 @@ def _messages(conversation) -> list[dict]:
 
 
 def connect(endpoints: dict[str, Endpoint]) -> dict[str, EndpointModel]:
-    """A client per endpoint (no request is made until an answer is asked for)."""
+    """A client per endpoint (no request is made until an answer is asked for); close
+    them with close_all when done."""
     return {name: EndpointModel(ep) for name, ep in endpoints.items()}
+
+
+def close_all(models: dict[str, EndpointModel]) -> None:
+    for model in models.values():
+        model.close()
 
 
 def answers_of(

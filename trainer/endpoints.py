@@ -27,7 +27,9 @@ FastChat; what was used is recorded per side in gen_params.
 The key: `api_key` a literal (keep such a file private), or `api_key_env` naming an
 environment variable, read once at load; never both. With neither, no key is sent (the
 placeholder "EMPTY", as vLLM's docs use): unlike FastChat, preflab does not fall back to
-$OPENAI_API_KEY, so a key is never sent to a server its file did not name it for. A key
+$OPENAI_API_KEY (nor sends $OPENAI_ORG_ID or $OPENAI_PROJECT_ID), so a key is never sent
+to a server its file did not name it for. A key, literal or from the variable, must be
+printable ASCII without spaces or newlines (nothing is stripped). A key
 never appears in a message, a log, a record or a repr.
 
 preflab's own optional fields, per entry: `concurrency` (requests at once to this model,
@@ -69,6 +71,8 @@ FASTCHAT_IGNORED = ("text-arena", "vision-arena")  # which FastChat tab lists th
 RECOMMENDED = ("temperature", "top_p", "max_new_tokens")
 NO_KEY = "EMPTY"
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+KEY_TEXT = re.compile(r"[!-~]*")  # what an Authorization header carries as it is
+KEY_RULE = "printable ASCII without spaces or newlines"
 MAX_NAME = 200
 
 
@@ -116,11 +120,18 @@ def require_openai() -> None:
         raise EndpointsError(f"--endpoints {why}")
 
 
-def _unique_keys(pairs):
-    out = {}
+class _Object(dict):
+    """A JSON object as read; `twice`: its first key given twice, named where the error
+    can say which entry and field it is in."""
+
+    twice: str | None = None
+
+
+def _unique_keys(pairs) -> _Object:
+    out = _Object()
     for key, value in pairs:
-        if key in out:
-            raise EndpointsError(f"{key!r} is given twice")
+        if key in out and out.twice is None:
+            out.twice = key
         out[key] = value
     return out
 
@@ -138,12 +149,12 @@ def load_endpoints(path: str | os.PathLike | None) -> dict[str, Endpoint]:
         ) from None
     try:
         data = json.loads(text, object_pairs_hook=_unique_keys)
-    except EndpointsError as e:
-        raise EndpointsError(f"{path}: {e}") from None
     except (ValueError, RecursionError) as e:
         raise EndpointsError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not data:
         raise EndpointsError(f"{path}: must be a JSON object of display name -> endpoint, with at least one")
+    if data.twice is not None:
+        raise EndpointsError(f"{path}: entry {data.twice!r} is given twice")
     endpoints = {name: _entry(path, name, entry) for name, entry in data.items()}
     literal = [name for name, entry in data.items() if isinstance(entry, dict) and entry.get("api_key")]
     if literal and os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -166,6 +177,8 @@ def _entry(path, name: str, entry) -> Endpoint:
         raise EndpointsError(f"{path}: entry {name!r}: {why}")
     if not isinstance(entry, dict):
         raise EndpointsError(f"{path}: entry {name!r}: must be a JSON object, got {type(entry).__name__}")
+    if getattr(entry, "twice", None) is not None:
+        fail(entry.twice, "given twice")
     for key in entry:
         if key not in USED and key not in FASTCHAT_IGNORED:
             fail(key, f"unknown field (known: {', '.join(USED + FASTCHAT_IGNORED)})")
@@ -199,14 +212,19 @@ def _entry(path, name: str, entry) -> Endpoint:
     key, key_env = entry.get("api_key"), entry.get("api_key_env")
     if key is not None and key_env is not None:
         fail("api_key_env", "give api_key or api_key_env, not both")
-    if key is not None and (not isinstance(key, str) or text_problem(key) or "\n" in key):
-        fail("api_key", "must be a string (the key itself)")
+    if key is not None and (not isinstance(key, str) or not KEY_TEXT.fullmatch(key)):
+        fail("api_key", f"must be a string (the key itself): {KEY_RULE}")
     if key_env is not None:
         if not isinstance(key_env, str) or not ENV_NAME.fullmatch(key_env):
             fail("api_key_env", "must be the name of an environment variable")
         key = os.environ.get(key_env)
         if not key:
             fail("api_key_env", f"the environment variable {key_env} is not set or empty")
+        if not KEY_TEXT.fullmatch(key):  # nothing is stripped: the key sent is the variable's
+            fail(
+                "api_key_env",
+                f"the environment variable {key_env} does not hold a key: {KEY_RULE} (a trailing newline?)",
+            )
     anony = entry.get("anony_only", False)
     if not isinstance(anony, bool):
         fail("anony_only", "must be true or false")
@@ -223,11 +241,12 @@ def _entry(path, name: str, entry) -> Endpoint:
     )
 
 
-def _number(entry: dict, key: str, default, low, high, fail, integer: bool = False):
+def _number(entry: dict, key: str, default, low, high, fail, integer: bool = False, where: str | None = None):
     value = entry.get(key, default)
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok or not low <= value <= high:
-        fail(key, f"must be {'an integer' if integer else 'a number'} from {low} to {high}, got {value!r}")
+        what = f"must be {'an integer' if integer else 'a number'} from {low} to {high}"
+        fail(where or key, f"{what}, got {value!r}")
     return value
 
 
@@ -236,18 +255,15 @@ def _recommended(config, fail) -> dict:
         return {}
     if not isinstance(config, dict):
         fail("recommended_config", "must be an object: temperature, top_p, max_new_tokens")
+    if getattr(config, "twice", None) is not None:
+        fail(f"recommended_config.{config.twice}", "given twice")
     out = {}
-    for key, value in config.items():
+    for key in config:
         where = f"recommended_config.{key}"
         if key not in RECOMMENDED:
             fail(where, f"unknown setting (known: {', '.join(RECOMMENDED)})")
-        integer = key == "max_new_tokens"
-        ok = isinstance(value, int) if integer else isinstance(value, int | float)
         low, high = {"temperature": (0, 2), "top_p": (0, 1), "max_new_tokens": (1, 1 << 20)}[key]
-        if isinstance(value, bool) or not ok or not low <= value <= high or (key == "top_p" and value == 0):
-            fail(
-                where,
-                f"must be {'an integer' if integer else 'a number'} from {low} to {high}, got {value!r}",
-            )
-        out[key] = value
+        out[key] = _number(config, key, None, low, high, fail, integer=key == "max_new_tokens", where=where)
+        if key == "top_p" and out[key] == 0:
+            fail(where, "must be a number from 0 to 1, above 0, got 0")
     return out

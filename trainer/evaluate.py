@@ -195,8 +195,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.endpoint_client import connect
+    from trainer.endpoint_client import close_all, connect
     from trainer.endpoints import load_endpoints
+
+    remote = connect(load_endpoints(args.endpoints))  # a bad file: error now, before any model loads
+    try:
+        return _run(args, remote)
+    finally:
+        close_all(remote)
+
+
+def _run(args: argparse.Namespace, remote: dict) -> int:
     from trainer.models import canonical_name
     from trainer.policy_model import reward_model_dir  # trainer.runs.reward_model_path's check
     from trainer.prompts import load_prompts
@@ -204,7 +213,6 @@ def run(args: argparse.Namespace) -> int:
     from trainer.reward_model import RewardModel
     from trainer.runs import CHECKPOINT, CONFIG_FILE, POLICY_DIR, RunDirError
 
-    remote = connect(load_endpoints(args.endpoints))  # a bad file: error now, before any model loads
     run_dir = Path(args.policy)
     config = read_json(run_dir / CONFIG_FILE)
     if not (run_dir / POLICY_DIR).is_dir() or "config" not in config:
