@@ -34,13 +34,14 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import typing
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import PreflabError
+from trainer.errors import PreflabError, exit_code
 
 CONFIG_FLAG_HELP = (
     'a JSON file of settings (field names as keys, e.g. {"lr": 1e-5}); '
@@ -427,3 +428,25 @@ def model_problem(value: str | None) -> Iterator[str]:
     if re.fullmatch(r"[\w-][\w.-]*", text) and _cached_hub_model(text):
         return  # a legacy id without an org (gpt2), already in the local cache
     yield f"{text!r} is not smollm2, tiny, a model directory or a Hugging Face id"
+
+
+# ---- the training scripts' command line (trainer/reward.py, policy.py, dpo.py) ---------------
+
+
+def script_config(config_class: type, args) -> tuple[Any, set[str]]:
+    """A training script's config from its parsed flags (config_from_namespace), with the
+    environment every trainer wants: offline (no hub downloads at run time) and the
+    tokenizers' own thread pool off (it forks badly under DataLoader workers and DDP)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return config_from_namespace(config_class, args)
+
+
+def script_main(module: str, doc: str, config_class: type, run, argv: list[str] | None) -> int:
+    """`python -m MODULE`: the config class's flags, then run(args); a bad --config file or
+    bad input is one line and exit 2 (trainer.errors.exit_code)."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=doc.split("\n")[0], formatter_class=HelpFormatter
+    )
+    add_config_arguments(parser, config_class)
+    return exit_code(run, parser.parse_args(argv))

@@ -43,10 +43,9 @@ import time
 import numpy as np
 
 from trainer.checkpoints import CheckpointError
-from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
+from trainer.config import add_config_arguments, script_config, script_main
 from trainer.dpo_config import DPOConfig, resolve_config
 from trainer.dpo_math import preference_losses
-from trainer.errors import exit_code
 from trainer.policy_model import head_logits
 from trainer.reward_batches import fit_pair, length_grouped_batches, render_prompts
 from trainer.reward_data import RewardDataError, load_snapshot, read_pairs, save_snapshot, split_by_prompt
@@ -465,20 +464,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg, explicit = config_from_namespace(DPOConfig, args)
+    cfg, explicit = script_config(DPOConfig, args)
     if not cfg.data and not cfg.run_dir:
         raise RewardDataError("pass --data (a comparison store or a preference file), or --run-dir to resume")
     return train(cfg, explicit)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.dpo", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
-    )
-    add_arguments(parser)
-    return exit_code(run, parser.parse_args(argv))
+    return script_main("trainer.dpo", __doc__, DPOConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -94,8 +93,8 @@ from functools import partial
 from pathlib import Path
 
 from trainer.checkpoints import CheckpointError, load_training_state
-from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
-from trainer.errors import PolicyInputError, exit_code
+from trainer.config import add_config_arguments, script_config, script_main
+from trainer.errors import PolicyInputError
 from trainer.policy_config import DEFAULT_PROMPTS, TOKEN_ALGOS, PolicyConfig, resolve_config
 from trainer.policy_model import (
     Sampler,
@@ -711,9 +710,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg, explicit = config_from_namespace(PolicyConfig, args)
+    cfg, explicit = script_config(PolicyConfig, args)
     if not cfg.reward and not (cfg.run_dir and (Path(cfg.run_dir) / CONFIG_FILE).exists()):
         raise PolicyInputError(
             "pass --reward RUN_DIR (a reward model from `preflab train-reward`), or --run-dir "
@@ -723,13 +720,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.policy",
-        description=__doc__.split("\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    add_arguments(parser)
-    return exit_code(run, parser.parse_args(argv))  # a bad --config file, bad input: one line, exit 2
+    return script_main("trainer.policy", __doc__, PolicyConfig, run, argv)
 
 
 if __name__ == "__main__":

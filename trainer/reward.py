@@ -49,16 +49,14 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
 
 import numpy as np
 
 from trainer.checkpoints import CheckpointError
-from trainer.config import HelpFormatter, add_config_arguments, config_from_namespace
+from trainer.config import add_config_arguments, script_config, script_main
 from trainer.criteria import heads_of
-from trainer.errors import exit_code
 from trainer.reward_batches import collate, encode_pairs, length_grouped_batches, pack
 from trainer.reward_config import RewardConfig, resolve_config
 from trainer.reward_data import RewardDataError
@@ -505,22 +503,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg, explicit = config_from_namespace(RewardConfig, args)
+    cfg, explicit = script_config(RewardConfig, args)
     if not cfg.data and not cfg.run_dir:
         raise RewardDataError("pass --data (a comparison store or a preference file), or --run-dir to resume")
     return train(cfg, explicit)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.reward",
-        description=__doc__.split("\n")[0],
-        formatter_class=HelpFormatter,
-    )
-    add_arguments(parser)
-    return exit_code(run, parser.parse_args(argv))  # a bad --config file, bad input: one line, exit 2
+    return script_main("trainer.reward", __doc__, RewardConfig, run, argv)
 
 
 if __name__ == "__main__":
