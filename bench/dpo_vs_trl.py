@@ -16,7 +16,10 @@ reference pass + the training steps (from the run's summary); TRL: `trainer.trai
 Model loading and evaluation are left out of both. Accuracy: the held-out implicit-reward
 accuracy, beta * (log pi - log ref)(chosen) > (same)(rejected) on our validation pairs,
 for TRL's trained model computed here with our log-prob code and the untrained model as
-reference. The last line printed is one JSON object.
+reference. Peak memory over the same span as the seconds, by bench/reward_vs_trl.py's
+PeakMemory (CUDA: max allocated; CPU: the process's peak RSS, sampled; one process runs
+both, so TRL's CPU figure starts from what ours left resident). The last line printed is
+one JSON object.
 """
 
 from __future__ import annotations
@@ -38,27 +41,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def run_ours(args, data: Path, work: Path, device: str) -> dict:
+    from bench.reward_vs_trl import PeakMemory
     from trainer.dpo import train
 
     run_dir = work / "ours"
-    code = train(
-        {
-            "data": str(data),
-            "model": args.model,
-            "run_dir": str(run_dir),
-            "epochs": args.epochs,
-            "lr": args.lr,
-            "beta": args.beta,
-            "batch_size": args.batch_size,
-            "max_length": args.max_length,
-            "val_fraction": args.val_fraction,
-            "warmup": 0.0,
-            "kl_prompts": 0,  # TRL samples nothing: neither do we here
-            "seed": args.seed,
-            "progress": False,
-            "device": device,
-        }
-    )
+    with PeakMemory(device == "cuda") as mem:
+        code = train(
+            {
+                "data": str(data),
+                "model": args.model,
+                "run_dir": str(run_dir),
+                "epochs": args.epochs,
+                "lr": args.lr,
+                "beta": args.beta,
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "val_fraction": args.val_fraction,
+                "warmup": 0.0,
+                "kl_prompts": 0,  # TRL samples nothing: neither do we here
+                "seed": args.seed,
+                "progress": False,
+                "device": device,
+            }
+        )
     if code != 0:
         raise SystemExit(f"our trainer failed with exit code {code}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -68,6 +73,7 @@ def run_ours(args, data: Path, work: Path, device: str) -> dict:
         "run_dir": run_dir,
         "pairs_per_s": round(summary["train_pairs"] * args.epochs / seconds, 3),
         "seconds": round(seconds, 3),
+        "peak_mb": mem.mb,
         "val_acc": summary["final_eval"]["val_acc"],
     }
 
@@ -80,6 +86,7 @@ def run_trl(args, run_dir: Path, work: Path, cuda: bool) -> dict:
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig, DPOTrainer
 
+    from bench.reward_vs_trl import PeakMemory
     from trainer.dpo import encode, pair_logps
     from trainer.models import check_model, load_tokenizer, render_prompt
     from trainer.policy_model import autocast_for
@@ -125,11 +132,12 @@ def run_trl(args, run_dir: Path, work: Path, cuda: bool) -> dict:
         dataloader_num_workers=0,
     )
     trainer = DPOTrainer(model=model, args=trl_args, train_dataset=train_ds, processing_class=tokenizer)
-    t0 = time.perf_counter()
-    trainer.train()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    with PeakMemory(cuda) as mem:
+        t0 = time.perf_counter()
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
 
     # Held-out implicit-reward accuracy of TRL's model, against the untrained model.
     device = next(trainer.model.parameters()).device
@@ -147,6 +155,7 @@ def run_trl(args, run_dir: Path, work: Path, cuda: bool) -> dict:
     return {
         "pairs_per_s": round(len(train_idx) * args.epochs / seconds, 3),
         "seconds": round(seconds, 3),
+        "peak_mb": mem.mb,
         "val_acc": correct / len(val_idx),
     }
 
@@ -194,6 +203,9 @@ def main(argv=None) -> int:
         "ratio": round(ours["pairs_per_s"] / theirs["pairs_per_s"], 3),
         "ours_acc": round(ours["val_acc"], 4),
         "trl_acc": round(theirs["val_acc"], 4),
+        "ours_peak_mem_mb": ours["peak_mb"],
+        "trl_peak_mem_mb": theirs["peak_mb"],
+        "memory": "cuda max allocated" if cuda else "peak process RSS during the phase",
         "trl_version": trl.__version__,
         "torch_version": torch.__version__,
         "device": device,
