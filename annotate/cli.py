@@ -66,6 +66,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "annotate.annotators_command",
         "which votes to trust: per-annotator gold accuracy, agreement, Dawid-Skene competence, pace, flags",
     ),
+    "judge": (
+        "annotate.judge",
+        "a model votes on pairs as annotator judge:<name> (AI feedback), each pair in both orders",
+    ),
     "user": ("annotate.users", "manage annotator and admin accounts in a users.toml"),
 }
 

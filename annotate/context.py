@@ -26,5 +26,6 @@ class ServeContext:
     user_admin: Any = None  # annotate.user_admin.UserAdmin: the Users tab (with --auth only)
     annotator_review: Any = None  # annotate.annotator_review.AnnotatorReview: the flags (Dashboard)
     exports: Any = None  # annotate.web.downloads.Exports: the admins' downloads of exports
+    chat: Any = None  # annotate.chat.ChatService, with serve --chat: the Chat tab and /chat
     guidelines: str = ""  # Markdown shown in the Guidelines tab
     title: str = "preflab"

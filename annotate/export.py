@@ -33,6 +33,11 @@ How a chat prompt becomes plain text in the standard format:
   user -> Human, assistant -> Assistant, system -> System, anything else by its name.
   `preflab import` parses this form back (see annotate/importers.py).
 
+Chat votes (record version 3) are exported by annotate/export_chat.py: each answer after
+its own side's history, in the explicit-prompt form when every row's two histories are
+equal, else (for the whole file) TRL's implicit-prompt form, whole conversations in
+chosen and rejected and no prompt column.
+
 Ties and both-bad votes are never turned into preferences: they are dropped and counted
 (`ties="exclude"`) or written to a sibling file `<out>.ties.<ext>` with the columns
 prompt, response_a, response_b, label (`ties="separate"`).
@@ -58,31 +63,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from annotate.export_chat import chat_contexts, chat_tables
+
+# How a chat prompt is written as text, and the Arrow type of a message list: shared with
+# export_chat.py and importers.py (which parses the transcript back).
+from annotate.transcript import (  # noqa: F401
+    ASSISTANT_CUE,
+    MESSAGE_TYPE,
+    MESSAGES_TYPE,
+    ROLE_LABELS,
+    render_prompt_text,
+)
+
 FORMATS = ("standard", "conversational")
 TIES_MODES = ("exclude", "separate")
 AGGREGATES = ("none", "majority")
-
-MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
-MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
-
-# Labels of the HH transcript used for multi-message prompts in the standard format.
-ROLE_LABELS = {"user": "Human", "assistant": "Assistant", "system": "System"}
-ASSISTANT_CUE = "\n\nAssistant:"
 
 
 # --------------------------------------------------------------------------------------
 # Prompt rendering
 # --------------------------------------------------------------------------------------
-
-
-def render_prompt_text(messages: list[dict[str, str]]) -> tuple[str, bool]:
-    """A chat prompt as plain text. Returns (text, is_transcript): a lone user message is
-    its content; anything else is an HH transcript ending in the assistant cue, and the
-    caller puts one space before each answer."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"], False
-    turns = "".join(f"\n\n{ROLE_LABELS.get(m['role'], m['role'])}: {m['content']}" for m in messages)
-    return turns + ASSISTANT_CUE, True
 
 
 def _render_prompts(prompts: pa.ChunkedArray, fmt: str) -> tuple[pa.Array, pa.Array, pa.Array | None]:
@@ -145,6 +145,7 @@ class ExportReport:
     ties: int = 0  # tie rows (never preferences)
     both_bad: int = 0  # both-bad rows (never preferences)
     ties_mode: str = "exclude"
+    form: str = "explicit"  # TRL's prompt form: "implicit" when chat histories differ
     path: str | None = None
     ties_path: str | None = None
 
@@ -164,6 +165,11 @@ class ExportReport:
             f"ties      {self.ties} tie and {self.both_bad} both-bad {self.units} {where} "
             "(never turned into preferences)"
         )
+        if self.form == "implicit":
+            out.append(
+                "form      implicit prompt (chosen/rejected are whole conversations: "
+                "chat votes whose two sides' histories differ)"
+            )
         out.append(f"wrote     {self.rows} preference rows" + (f" to {self.path}" if self.path else ""))
         return out
 
@@ -347,6 +353,11 @@ def export_preferences(
 
     prefs = plan.filter(is_pref)
     report.rows = prefs.num_rows
+    contexts = chat_contexts(votes)
+    if contexts is not None:  # chat votes: each answer keeps its own history (export_chat.py)
+        pairs, ties_table, implicit = chat_tables(votes, plan, is_pref, contexts, format, margin, ties)
+        report.form = "implicit" if implicit else "explicit"
+        return (iter([pairs]) if slice_rows else pairs), ties_table, report
 
     def pair_slices(size: int) -> Iterator[pa.Table]:
         """The preference rows, `size` at a time: gathering the answer text of one slice

@@ -35,6 +35,7 @@ from annotate.table_files import (
     write_table,
 )
 from trainer.flags import INCLUDE_FLAGGED_HELP
+from trainer.judges import JUDGE_MODES, JUDGES_HELP
 from trainer.store import DATA_HELP
 
 RECORDS = "records"  # --format records: the votes as stored, every field
@@ -107,16 +108,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help=INCLUDE_FLAGGED_HELP,
     )
+    p.add_argument("--judges", choices=JUDGE_MODES, default="exclude", help=JUDGES_HELP)
 
 
 def counted_votes(args: argparse.Namespace) -> pa.Table:
     """The standing votes without those of confirmed-flagged annotators (unless
-    --include-flagged: trainer/flags.py), saying on stdout what it did about them."""
+    --include-flagged: trainer/flags.py), judges' votes as --judges says (trainer/judges.py),
+    saying on stdout what it did about them."""
     from trainer.flags import read_counted_votes
+    from trainer.judges import select_judges
 
     votes, exclusion = read_counted_votes(args.data, include_flagged=args.include_flagged)
     if exclusion.annotators:
         print(f"flagged   {exclusion.note()}")
+    votes, judged = select_judges(votes, args.judges)
+    if judged:
+        print(f"judges    {judged}")
     return votes
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from annotate.export import ASSISTANT_CUE, ROLE_LABELS
+from annotate.transcript import ASSISTANT_CUE, ROLE_LABELS
 from trainer.rows import BadRow, iter_rows, parse_messages, text_problem
 from trainer.store import DATA_HELP, describe, is_database, messages_to_json, pair_id_for, prompt_id_for
 

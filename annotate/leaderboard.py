@@ -39,10 +39,15 @@ from trainer.store import DATA_HELP
 
 
 def read_votes(data: str | os.PathLike, style_control: bool, include_flagged: bool):
-    """(the votes a board counts, FlagExclusion): only the columns the fit needs, and no
-    votes on gold items (trainer/selection.py's without_gold says why)."""
+    """(the votes a board counts, FlagExclusion): only the columns the fit needs, no
+    votes on gold items (trainer/selection.py's without_gold says why), and no model
+    judge's (trainer/judges.py): the board rates models by what people prefer."""
+    from trainer.judges import select_judges
+
     columns = STYLE_COLUMNS if style_control else VOTE_COLUMNS
-    votes, exclusion = read_counted_votes(data, [*columns, "gen_params"], include_flagged=include_flagged)
+    wanted = list(dict.fromkeys([*columns, "gen_params", "annotator"]))
+    votes, exclusion = read_counted_votes(data, wanted, include_flagged=include_flagged)
+    votes, _ = select_judges(votes, "exclude")
     return without_gold(votes).select(columns), exclusion
 
 

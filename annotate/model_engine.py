@@ -1,41 +1,41 @@
 """One in-process model answering chat requests one token at a time: the generation side
 of `preflab serve-model` (annotate/serve_model.py holds the HTTP side).
 
-    engine = Engine(model, tokenizer, max_new_tokens=256, concurrency=1)
-    job = engine.start(messages, max_tokens=64, temperature=0, top_p=1, seed=0, stop=["\\n\\n"])
+    engine = Engine(model, tokenizer, max_new_tokens=256, concurrency=8)
+    job = engine.start(ids, max_tokens=64, temperature=0, top_p=1, seed=0, stop=["\\n\\n"])
     for piece in job.pieces():    # text as it is generated (blocking; run it off the event loop)
         ...
     job.finish_reason, job.prompt_tokens, job.completion_tokens
     job.cancel()                  # the client went away: generation ends at the next token
 
-Each job runs `model.generate` in its own thread with a transformers streamer; the thread
-holds one of `concurrency` slots for as long as the model works on it (so a client that
-vanishes before reading anything still frees its slot when the thread ends), and
-`start` raises `Busy` when none is free. Nothing here knows about HTTP.
+The answers being generated share one decode thread that batches them
+(annotate/batch_decode.py: continuous batching, a request joins the running batch at the
+next token). `concurrency` is the largest batch: a request beyond it (waiting or running)
+makes `start` raise `Busy`. A row holds its place until the model is done with it, so a
+client that vanishes before reading anything still frees it when its row ends. Nothing
+here knows about HTTP.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger("preflab.serve_model")
-
 
 class Busy(Exception):
-    """Every generation slot is taken."""
+    """The batch is full: `concurrency` answers are being generated or waiting."""
 
 
 @dataclass
 class Job:
-    streamer: Any
+    streamer: Any  # batch_decode.RowStream: the text pieces, in order
     stop: list[str]
     cancelled: threading.Event
     prompt_tokens: int
     max_tokens: int
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # the answer's ids, once it has ended
     finish_reason: str | None = None
     error: BaseException | None = None
     stop_hit: bool = False
@@ -78,10 +78,14 @@ class Job:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_new_tokens: int, concurrency: int):
+        from annotate.batch_decode import BatchDecoder
+
+        if concurrency < 1:
+            raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.slots = threading.BoundedSemaphore(concurrency)
+        self.concurrency = concurrency
         self.closing = threading.Event()  # the server is stopping: every generation ends
         eos = {tokenizer.eos_token_id}
         gen_eos = model.generation_config.eos_token_id
@@ -89,6 +93,9 @@ class Engine:
         eos.discard(None)
         self.eos = sorted(eos)
         self.context = getattr(model.config, "max_position_embeddings", None)
+        self.decoder = BatchDecoder(
+            model, tokenizer, eos=self.eos, max_rows=concurrency, closing=self.closing
+        )
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         from trainer.models import render_prompt
@@ -109,68 +116,24 @@ class Engine:
         stop: list[str],
     ) -> Job:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        if not self.slots.acquire(blocking=False):
+        from annotate.batch_decode import Row, RowStream
+
+        if not prompt_ids:
+            raise ValueError("prompt_ids: empty; the model needs at least one token to continue")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if any(not 0 <= i < vocab for i in prompt_ids):
+            raise ValueError(f"prompt_ids: every id must be in [0, {vocab}), the model's vocabulary")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens: must be at least 1, got {max_tokens}")
+        job = Job(RowStream(), stop, threading.Event(), prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
+        generator = None
+        if temperature > 0:
+            # The row's own generator: its seed gives the same draws whatever else is batched,
+            # and the process's RNG is left as it was.
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(seed)
+        row = Row(job, list(prompt_ids), max_tokens, temperature, top_p, generator)
+        if not self.decoder.submit(row):
             raise Busy
-        try:
-            cancelled = threading.Event()
-            closing = self.closing
-
-            class Cancelled(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kwargs):
-                    done = cancelled.is_set() or closing.is_set()
-                    return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-            # timeout: a reader never waits forever on a thread that died without a word
-            streamer = TextIteratorStreamer(
-                self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
-            )
-            job = Job(streamer, stop, cancelled, prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
-            settings = dict(
-                max_new_tokens=max_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.eos,
-                use_cache=True,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([Cancelled()]),
-            )
-            if temperature > 0:
-                # top_k=0: no top-k cut on top of top-p (transformers would otherwise apply 50).
-                settings.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-            else:
-                settings.update(do_sample=False)
-            thread = threading.Thread(
-                target=self._generate, args=(job, prompt_ids, seed, settings), daemon=True
-            )
-            thread.start()
-        except BaseException:
-            self.slots.release()
-            raise
         return job
-
-    def _generate(self, job: Job, prompt_ids: list[int], seed: int, settings: dict) -> None:
-        import torch
-
-        device = self.model.device
-        forked = [device.index or 0] if device.type == "cuda" else []
-        try:
-            ids = torch.tensor([prompt_ids], device=device)
-            # The seed applies to this answer alone; the process's RNG is left as it was.
-            # (With --concurrency above 1, two sampled answers at once share torch's
-            # global generator, so a seed repeats an answer only at concurrency 1.)
-            with torch.random.fork_rng(devices=forked), torch.inference_mode():
-                torch.manual_seed(seed)
-                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
-            new = out[0, len(prompt_ids) :].tolist()
-            job.completion_tokens = len(new)
-            job._eos_seen = any(t in self.eos for t in new)
-        except BaseException as e:  # reported to the reader, who answers the client
-            job.error = e
-            job.streamer.end()
-        finally:
-            gone = job.cancelled.is_set() and not job.stop_hit and not job._eos_seen
-            how = "ended: the client went away" if gone else "done"
-            log.info("%d prompt + %d new tokens, %s", job.prompt_tokens, job.completion_tokens, how)
-            job._done.set()
-            self.slots.release()

@@ -5,7 +5,9 @@ The rules, all enforced here (the app only asks):
 * Overlap: each pair goes to `overlap` (K) different annotators, so that the same
   pair collects K independent votes (agreement data). A pair with K standing votes is
   done and leaves the queue; a confirmed-flagged annotator's vote does not count
-  towards K (annotate/queue_flags.py), as it does not count downstream.
+  towards K (annotate/queue_flags.py), as it does not count downstream; nor do
+  imported votes (`import:<source>`) or a model's (`judge:<name>`, `preflab judge`):
+  K counts people.
 * Never twice: an annotator is never given a pair they have voted on, nor one they
   skipped in this server's lifetime (a skipped pair goes to someone else).
 * Leases: a pair handed to an annotator holds one of its K slots until they vote or
@@ -58,10 +60,11 @@ from typing import Any
 
 from annotate.pairs import Pair, pair_from_row
 from annotate.queue_flags import FlagCounting
-from annotate.queue_shared import SharedMode
+from annotate.queue_shared import SharedMode, not_work
 from annotate.queue_status import QueueStatus
 from annotate.sampling import selection_of, with_selection
 from trainer.errors import PreflabError
+from trainer.store import is_chat_vote
 
 
 class StaleVote(PreflabError):
@@ -222,13 +225,15 @@ class AssignmentQueue(SharedMode, QueueStatus, FlagCounting):
         with self._lock:
             n = 0
             for pair_id, annotator in pairs_and_people:
-                if annotator.startswith("import:"):  # imported data is not anyone's work here
+                if not_work(annotator):  # imported data and models' votes are not anyone's work here
                     continue
                 self._votes.setdefault(pair_id, set()).add(annotator)
                 self._person(annotator).voted.add(pair_id)
                 n += 1
             for row in rows:
-                if row["annotator"].startswith("import:"):
+                # A chat vote is no pair of this queue: undo would show its last turn
+                # without the history before it, and the vote again would store it so.
+                if not_work(row["annotator"]) or is_chat_vote(row):
                     continue
                 history = self._person(row["annotator"]).history
                 history.append(row)

@@ -22,7 +22,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from trainer.judges import JUDGE_PREFIX
 from trainer.store.errors import VoteConflict
+
+# Votes that are nobody's work here (imports, models' votes): they fill no pair's K.
+NOT_WORK = ("import:", JUDGE_PREFIX)
+
+
+def not_work(annotator: str) -> bool:
+    """An imported vote or a model's: it fills no pair's K and is nobody's to undo."""
+    return annotator.startswith(NOT_WORK)
+
 
 log = logging.getLogger("preflab.queue")
 
@@ -101,7 +111,7 @@ class SharedMode:
             # be older than one already learned, and the highest seq wins.
             self._learn_flags_locked(e for e in events if e["kind"] not in ("vote", "retract"))
             for e in events:  # a retract is made by the voter it cancels (Service.undo)
-                if e["kind"] not in ("vote", "retract") or e["annotator"].startswith("import:"):
+                if e["kind"] not in ("vote", "retract") or not_work(e["annotator"]):
                     continue  # flag events are about people, not pairs (trainer/flags.py)
                 voters = set(self._votes.get(e["pair_id"], ()))
                 (voters.add if e["kind"] == "vote" else voters.discard)(e["annotator"])

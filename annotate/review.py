@@ -43,6 +43,7 @@ from annotate.scoring import content_key, items_from_votes, scorer_for
 from trainer.errors import PreflabError
 from trainer.flags import PAGE_SWITCH, FlagExclusion, read_counted_votes
 from trainer.runs import RunDirError, reward_model_path, reward_runs
+from trainer.store import is_chat_vote
 
 log = logging.getLogger("preflab.review")
 
@@ -62,6 +63,9 @@ VOTE_COLUMNS = (
     "annotator",
     "created_at",
     "gen_params",
+    # a chat vote's: its answers are scored after each side's own history
+    "conversation_a",
+    "conversation_b",
 )
 
 
@@ -90,7 +94,15 @@ def review_rows(
     the answer they chose (None for ties and both-bad)."""
     rows = []
     for v in votes:
-        s = scores.get(content_key(v["prompt"], v["response_a"], v["response_b"]))
+        s = scores.get(
+            content_key(
+                v["prompt"],
+                v["response_a"],
+                v["response_b"],
+                v.get("conversation_a"),
+                v.get("conversation_b"),
+            )
+        )
         if s is None:
             continue
         p_a = sigmoid(s[0] - s[1])
@@ -210,6 +222,7 @@ class Reviewer:
         *,
         device: Any = None,
         extra_runs: Sequence[str | os.PathLike] = (),
+        suggestions=None,
     ):
         # The store target as given (a directory, or a postgresql:// URL): never a Path,
         # which would fold a URL's "//".
@@ -218,6 +231,7 @@ class Reviewer:
         self.queue = queue
         self.device = device
         self.extra_runs = [Path(p) for p in extra_runs]  # e.g. serve --reward-model outside --runs
+        self.suggestions = suggestions  # serve --suggest: annotate/suggestions.JudgeSuggestions
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -284,7 +298,10 @@ class Reviewer:
 
         if not store_exists(self.data):
             return [], FlagExclusion()
+        from trainer.judges import select_judges
+
         table, exclusion = read_counted_votes(self.data, list(VOTE_COLUMNS), include_flagged=include_flagged)
+        table, _ = select_judges(table, "exclude")  # people's votes to relabel, not a model's
         return table.to_pylist(), exclusion
 
     def _work(self, job: Job, path: Path) -> None:
@@ -324,25 +341,42 @@ class Reviewer:
             log.exception("review scoring with %s failed", job.run_id)
             job.update(state="failed", finished=time.time(), message=f"{type(e).__name__}: {e}")
 
+    def judge_disagreements(self, include_flagged: bool = False) -> list[dict[str, Any]]:
+        """serve --suggest: people's votes the judge voted otherwise on, newest first."""
+        if self.suggestions is None:
+            raise ReviewError("no judge to compare with: start the server with --suggest judge:<name>")
+        return self.suggestions.disagreements(include_flagged)
+
+    def requeue_judged(self, pair_ids: Sequence[str], include_flagged: bool = False) -> dict[str, Any]:
+        """Send pairs of the judge's disagreements back for one more vote (as `requeue`)."""
+        rows = self.judge_disagreements(include_flagged)
+        return self._requeue(rows, pair_ids, {"method": "relabel", "judge": self.suggestions.judge})
+
     def requeue(self, run_id: str, pair_ids: Sequence[str]) -> dict[str, Any]:
         """Send pairs back to the annotation queue for one more vote, by an annotator who
         has not voted on them. Returns {"queued", "waiting", "unknown", "message"}."""
+        job = self.status(run_id)
+        rows = (job or {}).get("rows") or self.read_votes()
+        return self._requeue(rows, pair_ids, {"method": "relabel", "reward_run": run_id})
+
+    def _requeue(self, rows, pair_ids: Sequence[str], how: dict[str, Any]) -> dict[str, Any]:
         from annotate.pairs import pair_from_row
         from trainer.rows import BadRow
 
         if self.queue is None:
             raise ReviewError("no annotation queue to send pairs to")
         wanted = list(dict.fromkeys(p for p in pair_ids if p))
-        job = self.status(run_id)
-        rows = (job or {}).get("rows") or self.read_votes()
         by_id: dict[str, dict] = {}
         for r in rows:
             by_id.setdefault(r["pair_id"], r)
-        pairs, unknown = [], 0
+        pairs, unknown, chats = [], 0, 0
         for pid in wanted:
             r = by_id.get(pid)
             if r is None:
                 unknown += 1
+                continue
+            if is_chat_vote(r):  # its two histories are no pool pair: not relabelled
+                chats += 1
                 continue
             try:
                 pairs.append(
@@ -366,7 +400,7 @@ class Reviewer:
                 )
             except (BadRow, ValueError):
                 unknown += 1
-        report = self.queue.requeue(pairs, how={"method": "relabel", "reward_run": run_id})
+        report = self.queue.requeue(pairs, how=how)
         queued, waiting = report["queued"], report["waiting"]
         parts = [
             f"Queued {queued} pair{'s' if queued != 1 else ''} for one more vote by an annotator "
@@ -376,4 +410,8 @@ class Reviewer:
             parts.append(f"{waiting} already waiting for a vote")
         if unknown:
             parts.append(f"{unknown} not found among the votes")
+        if chats:
+            parts.append(
+                f"{chats} chat vote{'s' if chats != 1 else ''} left out (a chat turn cannot be relabelled)"
+            )
         return {"queued": queued, "waiting": waiting, "unknown": unknown, "message": "; ".join(parts) + "."}

@@ -52,12 +52,21 @@ def checkpoint_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def content_key(prompt: str, response_a: str, response_b: str) -> str:
+def content_key(
+    prompt: str,
+    response_a: str,
+    response_b: str,
+    conversation_a: str | None = None,
+    conversation_b: str | None = None,
+) -> str:
     """What a pair's scores depend on: prompt (canonical JSON) and the two answers. The
     same hash as a default pair_id, but computed, so a pair_id chosen by a pairs file
-    never decides which scores a pair gets."""
+    never decides which scores a pair gets. A chat vote's answers are scored after each
+    side's own history, so its key covers the two conversations (which end with them)."""
     from trainer.store import pair_id_for
 
+    if conversation_a is not None and conversation_b is not None:
+        return pair_id_for(prompt, conversation_a, conversation_b).replace("pair-", "chat-", 1)
     return pair_id_for(prompt, response_a, response_b)
 
 
@@ -70,17 +79,35 @@ class Item:
     prompt: str  # canonical JSON of the chat messages
     response_a: str
     response_b: str
+    # What each answer is scored after (trainer.store.side_contexts): the prompt, but for
+    # a chat vote each side's own conversation before its answer.
+    context_a: list[dict[str, str]] | None = None
+    context_b: list[dict[str, str]] | None = None
 
 
-def item(pair_id: str, prompt: str, response_a: str, response_b: str) -> Item:
-    return Item(content_key(prompt, response_a, response_b), pair_id, prompt, response_a, response_b)
+def item(
+    pair_id: str,
+    prompt: str,
+    response_a: str,
+    response_b: str,
+    conversation_a: str | None = None,
+    conversation_b: str | None = None,
+) -> Item:
+    from trainer.store import side_contexts
+
+    a, b = side_contexts(
+        {"prompt": prompt, "conversation_a": conversation_a, "conversation_b": conversation_b}
+    )
+    key = content_key(prompt, response_a, response_b, conversation_a, conversation_b)
+    return Item(key, pair_id, prompt, response_a, response_b, a, b)
 
 
 def items_from_votes(votes: Iterable[dict[str, Any]]) -> list[Item]:
     """One Item per distinct pair content among vote records."""
     seen: dict[str, Item] = {}
     for v in votes:
-        it = item(v["pair_id"], v["prompt"], v["response_a"], v["response_b"])
+        conversations = (v.get("conversation_a"), v.get("conversation_b"))
+        it = item(v["pair_id"], v["prompt"], v["response_a"], v["response_b"], *conversations)
         seen.setdefault(it.key, it)
     return list(seen.values())
 
@@ -233,7 +260,9 @@ class PairScorer:
             part = todo[start : start + self.chunk]
             with self._lock:
                 model = self._load_model()
-                prompts = [it.prompt for it in part] * 2
+                prompts = [it.context_a or it.prompt for it in part] + [
+                    it.context_b or it.prompt for it in part
+                ]
                 answers = [it.response_a for it in part] + [it.response_b for it in part]
                 out = model.score(prompts, answers, normalize=True)
                 new = {}

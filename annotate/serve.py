@@ -5,10 +5,11 @@ the one place that builds what a running server is made of (the composition root
     preflab serve --model smollm2                         # two samples of one model
     preflab serve --model smollm2 --model ./my-sft        # arena: random pair of models
     preflab serve --pairs pairs.jsonl --auth users.toml --overlap 2 --host 0.0.0.0
+    preflab serve --chat --model smollm2 --model ep-big --endpoints api_endpoints.json   # chat mode
 
 `run` checks the flags, then builds the store, the assignment queue, the generator
-(with --model), the accounts (with --auth), the sampler (--sampling uncertain), the
-Review tab's reviewer and the Train tab's launcher into one
+(with --model), the chat (with --chat: annotate/chat.py), the accounts (with --auth),
+the sampler (--sampling uncertain), the Review tab's reviewer and the Train tab's launcher into one
 `annotate.context.ServeContext`, builds the page from it (annotate/web/page.py) and
 serves until SIGTERM or Ctrl-C. Nothing else constructs these objects. Problems the
 user can fix are raised as `ServeError` (a PreflabError: `error: ...`, exit 2, from
@@ -43,7 +44,13 @@ class ServeError(PreflabError):
 
 def check_flags(args: argparse.Namespace) -> None:
     """The flags that are wrong on their own, before anything is opened."""
-    if bool(args.pairs) == bool(args.model):
+    if args.chat:
+        if len(set(args.model or ())) < 2:
+            raise ServeError(
+                "--chat needs two or more different models: --model A --model B "
+                "(in-process models or names from --endpoints)"
+            )
+    elif bool(args.pairs) == bool(args.model):
         raise ServeError("give either --pairs FILE or --model M (repeat --model for an arena)")
     if not args.auth and args.host not in LOCAL_HOSTS:
         raise ServeError(
@@ -62,12 +69,21 @@ def check_flags(args: argparse.Namespace) -> None:
         ("--rounds", args.rounds),
         ("--batch-size", args.batch_size),
         ("--max-new-tokens", args.max_new_tokens),
+        ("--chat-max-chars", args.chat_max_chars),
+        ("--chat-max-turns", args.chat_max_turns),
+        ("--chat-concurrency", args.chat_concurrency),
     ):
         if value is not None and value < 1:
             raise ServeError(f"{flag} must be at least 1, got {value}")
+    if not args.chat_idle > 0:
+        raise ServeError(f"--chat-idle must be a positive number of minutes, got {args.chat_idle}")
     if not 0.0 <= args.newcomer_share <= 1.0:
         raise ServeError(f"--newcomer-share must be between 0 and 1, got {args.newcomer_share}")
     gold.check_arguments(args)  # GoldError, a PreflabError like ServeError
+    if args.suggest is not None:
+        from annotate.suggestions import check_judge
+
+        check_judge(args.suggest)  # SuggestError: before anything is opened
 
 
 def check_port(host: str, port: int) -> None:
@@ -113,10 +129,13 @@ class _Opened:
         self.serve_lock = None
         self.private_dir = None
         self.endpoints = {}  # {name: EndpointModel}
+        self.engines = []  # --chat's in-process models (annotate.model_engine.Engine)
 
     def close(self) -> None:
         from trainer.endpoint_client import close_all
 
+        for engine in self.engines:
+            engine.closing.set()  # an answer still being written ends at its next token
         close_all(self.endpoints)
         if self.store is not None:
             self.store.close()
@@ -226,6 +245,81 @@ def _generator(args: argparse.Namespace, queue, state_dir: Path, votes, remote: 
     return generator
 
 
+def _chat_models(args: argparse.Namespace, remote: dict, opened: _Opened) -> dict:
+    """--chat's models by the name votes record: an endpoint as it is, an in-process
+    model loaded here (as the generator loads one) behind its own Engine."""
+    from annotate.arena import arena_name
+    from annotate.chat_models import EndpointChat, InProcessChat
+    from annotate.model_engine import Engine
+    from trainer.models import ModelLoadError, check_model, load_model
+
+    sources: dict[str, str] = {}
+    for m in args.model:
+        sources.setdefault(m if m in remote else arena_name(m), m)
+    if len(sources) < 2:
+        raise ServeError(f"--chat needs two different models; {', '.join(args.model)} are one model")
+    try:
+        for name, source in sources.items():  # a bad name fails before anything is loaded
+            if name not in remote:
+                check_model(source, args.cache_dir)
+        models = {}
+        for name, source in sources.items():
+            if name in remote:
+                models[name] = EndpointChat(remote[name])
+                continue
+            log.info("chat: loading %s", name)
+            model, tokenizer = load_model(source, device=args.device, cache_dir=args.cache_dir)
+            engine = Engine(
+                model, tokenizer, max_new_tokens=args.max_new_tokens, concurrency=args.chat_concurrency
+            )
+            opened.engines.append(engine)
+            models[name] = InProcessChat(engine)
+    except ModelLoadError as e:
+        raise ServeError(str(e)) from None
+    if opened.engines:  # leave a core to the web server, as the generator does
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    return models
+
+
+def _chat(args: argparse.Namespace, store, models: dict):
+    """The ChatService of --chat: its models, limits and the prompt pool's texts."""
+    from annotate.chat import ChatError, ChatService
+    from annotate.chat_filter import BlocklistError, PromptFilter, load_blocklist
+    from trainer.prompts import PromptPoolError, load_prompt_pool
+
+    try:
+        blocklist = load_blocklist(args.chat_blocklist) if args.chat_blocklist else []
+        prompt_filter = PromptFilter(max_chars=args.chat_max_chars, blocklist=blocklist)
+        pool = load_prompt_pool(args.prompts)
+    except (BlocklistError, PromptPoolError) as e:
+        raise ServeError(str(e)) from None
+    # "Random prompt" fills the message box: a pool prompt that is one user message (a
+    # system message aside) is that message's text
+    texts = []
+    for prompt in pool.prompts:
+        users = [m["content"] for m in prompt.messages if m["role"] == "user"]
+        if len(users) == 1 and len(users[0]) <= args.chat_max_chars:
+            texts.append(users[0])
+    try:
+        return ChatService(
+            store,
+            models,
+            prompts=texts,
+            prompt_filter=prompt_filter,
+            sampling={
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens,
+            },
+            max_turns=args.chat_max_turns,
+            idle_s=args.chat_idle * 60,
+        )
+    except ChatError as e:
+        raise ServeError(str(e)) from None
+
+
 def build_context(args: argparse.Namespace, opened: _Opened):
     """Every object of a running server, built once, in one ServeContext."""
     from annotate.annotator_review import AnnotatorReview
@@ -247,6 +341,13 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     gold_items = gold.gold_items(args)  # a bad gold file stops us before the store is opened or created
     criteria = rubric.rubric_from_args(args)  # so does a bad rubric (RubricError)
     remote = opened.endpoints = connect(endpoints.load_endpoints(args.endpoints))  # and a bad endpoints file
+    chat_models = None
+    if args.chat:
+        from annotate.pair_generator import default_max_new_tokens
+
+        if args.max_new_tokens is None:
+            args.max_new_tokens = default_max_new_tokens(args.device)
+        chat_models = _chat_models(args, remote, opened)
     state_dir, votes, cursor = _open_store(args, opened)
     shared = is_database(args.data)
     queue = AssignmentQueue(overlap=args.overlap, shared=opened.store if shared else None)
@@ -254,12 +355,13 @@ def build_context(args: argparse.Namespace, opened: _Opened):
     generator = None
     if args.pairs:
         _fill_from_pairs_file(args, queue)
-    else:
+    elif not args.chat:  # chat mode's models chat; they make no pairs
         generator = _generator(args, queue, state_dir, votes, remote)
     if sampler is not None:  # scores the pool in the background; a generator's batches before they join it
         sampler.attach(queue, generator)
     if opened.store is None:
         opened.store = open_store(args.data)
+    chat = _chat(args, opened.store, chat_models) if args.chat else None
     if votes is not None:
         queue.restore(votes, cursor=cursor)
         # Confirmed-flagged annotators' votes fill no K (annotate/queue_flags.py); a decision
@@ -267,6 +369,12 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         from trainer.flags import read_flag_events
 
         queue.learn_flags(opened.store.flag_events() if shared else read_flag_events(args.data))
+    suggestions = None
+    if args.suggest:  # the judge's votes are read from the store now, and again as they come
+        from annotate.suggestions import JudgeSuggestions
+
+        suggestions = JudgeSuggestions(args.data, args.suggest)
+        log.info("--suggest %s: its votes on %d pairs", args.suggest, suggestions.reload())
     service = Service(
         opened.store,
         queue,
@@ -275,10 +383,15 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         local_user=args.user or _login_name(),
         generator=generator,
         rubric=criteria,
+        suggestions=suggestions,
     )
     scorer = getattr(sampler, "scorer", None)  # serve --reward-model may lie outside --runs
     reviewer = Reviewer(
-        service.data, args.runs, queue, extra_runs=[scorer.run_dir] if scorer is not None else ()
+        service.data,
+        args.runs,
+        queue,
+        extra_runs=[scorer.run_dir] if scorer is not None else (),
+        suggestions=suggestions,
     )
     launcher = Launcher(args.runs, store=service.data)
     review = AnnotatorReview(opened.store, service, args.flag_min_failed_gold, args.flag_below)
@@ -294,6 +407,7 @@ def build_context(args: argparse.Namespace, opened: _Opened):
         user_admin=UserAdmin(accounts) if accounts is not None else None,
         annotator_review=review,
         guidelines=guidelines,
+        chat=chat,
     )
 
 
@@ -350,6 +464,8 @@ def run(args: argparse.Namespace) -> int:
             if args.pairs
             else ("arena of " + ", ".join(args.model) if len(args.model) > 1 else "model " + args.model[0])
         )
+        if args.chat:
+            mode = "chat between " + ", ".join(ctx.chat.models) + ("; " + mode if args.pairs else "")
         log.info(
             "preflab serve: %s; votes go to %s; %s",
             mode,

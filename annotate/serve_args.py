@@ -1,12 +1,12 @@
 """The flags of `preflab serve` (annotate/serve.py, which annotate/cli.py asks for them):
-where pairs come from, the generator, accounts and sessions, sampling, gold and rubric.
+where pairs come from, the generator, accounts and sessions, sampling, gold, rubric, chat.
 Only argparse here; what the flags mean together is checked by serve.check_flags."""
 
 from __future__ import annotations
 
 import argparse
 
-from annotate import gold, rubric
+from annotate import chat_filter, gold, rubric
 from annotate.sessions import DEFAULT_IDLE_S
 from trainer import endpoints
 from trainer.data import GUIDELINES
@@ -30,7 +30,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "prompt; repeated: arena, a random pair of different models per prompt)",
     )
     endpoints.add_argument(src)
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), metavar="FILE", help="prompt pool for --model")
+    p.add_argument(
+        "--prompts",
+        default=str(DEFAULT_PROMPTS),
+        metavar="FILE",
+        help="prompt pool for --model; with --chat, where 'Random prompt' draws from",
+    )
+    p.add_argument(
+        "--suggest",
+        default=None,
+        metavar="JUDGE",
+        help="judge:<name> (votes from `preflab judge` in --data): after each vote the annotator sees "
+        "that judge's choice on the pair (never before: no anchoring), and the Review tab lists the "
+        "votes where people and the judge disagree",
+    )
     p.add_argument(
         "--data",
         default="comparisons",
@@ -141,3 +154,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     gold.add_arguments(p)
     rubric.add_arguments(p)
+    add_chat_arguments(p)
+
+
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    """`serve --chat` (annotate/chat.py): annotators chat with two anonymous models."""
+    chat = p.add_argument_group("chat mode (--chat)")
+    chat.add_argument(
+        "--chat",
+        action="store_true",
+        help="chat mode: annotators write their own messages (or take one from --prompts), two anonymous "
+        "models of the --model list (two or more: in-process names or --endpoints names) answer side by "
+        "side as they stream, follow-ups go to both, and a vote at any turn stores both conversations. "
+        "--pairs may be given too, for the Annotate tab; no pairs are generated from the models",
+    )
+    chat.add_argument(
+        "--chat-max-chars",
+        type=int,
+        default=chat_filter.DEFAULT_MAX_CHARS,
+        metavar="N",
+        help="longest message an annotator may send, in characters; a longer one is refused and nothing "
+        "is generated (default: %(default)s)",
+    )
+    chat.add_argument(
+        "--chat-blocklist",
+        metavar="FILE",
+        default=None,
+        help="words or phrases (one a line, # comments) a message may not contain: matched on whole "
+        "words, case-insensitive; such a message is refused and nothing is generated",
+    )
+    chat.add_argument(
+        "--chat-max-turns",
+        type=int,
+        default=chat_filter.DEFAULT_MAX_TURNS,
+        metavar="N",
+        help="user messages per conversation at most; then the annotator votes (default: %(default)s)",
+    )
+    chat.add_argument(
+        "--chat-idle",
+        type=float,
+        default=chat_filter.DEFAULT_IDLE_S / 60,
+        metavar="MINUTES",
+        help="a conversation untouched this long is forgotten (so memory stays bounded); "
+        "the annotator starts a new one (default: %(default)g)",
+    )
+    chat.add_argument(
+        "--chat-concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="answers an in-process model writes at once; more wait for a free slot "
+        "(an endpoint's limit is its `concurrency` in --endpoints; default: %(default)s)",
+    )

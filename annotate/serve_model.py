@@ -10,14 +10,16 @@ The subset of the protocol that clients use: `GET /v1/models`, `GET /v1/models/{
 `POST /v1/chat/completions` (model, messages, max_tokens / max_completion_tokens,
 temperature, top_p, seed, stop, n=1, stream with stream_options.include_usage), answers
 with usage and finish_reason `stop` / `length`, and errors in OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`. Generation runs in worker threads
-(annotate/model_engine.py), never on the event loop; a streaming client that goes away
-ends its generation at the next token.
+`{"error": {"message", "type", "param", "code"}}`. Generation runs in one decode thread
+that batches the answers in progress (annotate/model_engine.py, annotate/batch_decode.py),
+never on the event loop; a streaming client that goes away ends its generation at the
+next token.
 
-Concurrency: at most --concurrency generations at once; one more is answered at once
-with 503 and `Retry-After`, not queued. The official clients retry a 503 by themselves
-(honouring Retry-After, with backoff), and a queue in here would only hold connections
-past their clients' timeouts while hiding the overload from them.
+Concurrency: at most --concurrency answers in the batch at once (a new request joins it
+at the next token); one more is answered at once with 503 and `Retry-After`, not queued.
+The official clients retry a 503 by themselves (honouring Retry-After, with backoff), and
+a queue in here would only hold connections past their clients' timeouts while hiding the
+overload from them.
 
 Security: loopback only unless --api-key-env names a key (then every request needs
 `Authorization: Bearer KEY`); without a key the Host header must name this machine (a
@@ -100,10 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--concurrency",
         type=_positive_int,
-        default=1,
+        default=8,
         metavar="N",
-        help="generations at once; one more request gets 503 with Retry-After (clients retry). "
-        "A seed repeats a sampled answer only at 1",
+        help="answers generated at once, batched (the largest batch; default: %(default)s); one more request gets 503 "
+        "with Retry-After (clients retry). Each request samples from its own seeded generator, "
+        "so a seed repeats an answer whatever else is batched (up to the batch's float rounding)",
     )
     add_load_arguments(p)  # --device, --cache-dir: as `preflab generate` takes them
 

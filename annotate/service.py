@@ -51,6 +51,24 @@ class BadRequest(PreflabError, ValueError):
     """A call the service cannot take as sent (an unknown choice from an API caller)."""
 
 
+def check_vote_inputs(choice: str, strength: str, rationale: str) -> str:
+    """What every vote (a pair's, a chat's: annotate/chat.py) is checked for before
+    anything is stored: BadRequest naming the field. Returns the strength normalised."""
+    if choice not in SHOWN_CHOICES:
+        raise BadRequest(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {str(choice)[:40]!r}")
+    strength = (strength or "").strip().lower()
+    if strength and strength not in STRENGTHS:
+        raise BadRequest(f"strength must be 'slightly', 'clearly' or empty, got {strength[:40]!r}")
+    if len(rationale or "") > MAX_RATIONALE_CHARS:
+        raise BadRequest(
+            f"the rationale is {len(rationale):,} characters; at most {MAX_RATIONALE_CHARS:,} are kept "
+            "with a vote: shorten it (nothing was saved)"
+        )
+    if problem := text_problem(rationale or ""):  # the one free text a vote carries
+        raise BadRequest(f"the rationale is {problem}: remove that character (nothing was saved)")
+    return strength
+
+
 class Service:
     """The annotation workflow, independent of gradio (the tests call it directly too)."""
 
@@ -64,6 +82,7 @@ class Service:
         local_user: str = "local",
         generator: Generator | None = None,
         rubric=None,
+        suggestions=None,
     ):
         self.store = store
         self.queue = queue
@@ -72,6 +91,7 @@ class Service:
         self.local_user = local_user
         self.generator = generator  # with --model: why there is no pair yet
         self.rubric = rubric  # annotate.rubric.Rubric with --rubric: criteria beside the vote
+        self.suggestions = suggestions  # --suggest: annotate/suggestions.py, in the ack only
         # Rubric.describe, once: the views share it (JSON-able, never changed after this)
         self._rubric_description = rubric.describe() if rubric is not None else None
 
@@ -178,18 +198,7 @@ class Service:
         """`criteria`: the rubric's judgments as shown (annotate/rubric.py), checked before
         anything else happens: a missing required one is refused, nothing stored."""
         judged = self._check_criteria(criteria)
-        if choice not in SHOWN_CHOICES:
-            raise BadRequest(f"choice must be one of {', '.join(SHOWN_CHOICES)}, got {str(choice)[:40]!r}")
-        strength = (strength or "").strip().lower()
-        if strength and strength not in STRENGTHS:
-            raise BadRequest(f"strength must be 'slightly', 'clearly' or empty, got {strength[:40]!r}")
-        if len(rationale or "") > MAX_RATIONALE_CHARS:
-            raise BadRequest(
-                f"the rationale is {len(rationale):,} characters; at most {MAX_RATIONALE_CHARS:,} are kept "
-                "with a vote: shorten it (nothing was saved)"
-            )
-        if problem := text_problem(rationale or ""):  # the one free text a vote carries
-            raise BadRequest(f"the rationale is {problem}: remove that character (nothing was saved)")
+        strength = check_vote_inputs(choice, strength, rationale)
         if len(pair_id or "") > MAX_PAIR_ID_CHARS:
             raise BadRequest(f"pair_id is {len(pair_id):,} characters; no pair has an id that long")
         try:
@@ -250,6 +259,10 @@ class Service:
         feedback = gold.feedback_for(a.pair.pair_id, canonical, a.left) if gold is not None else None
         if feedback is not None:
             ack["gold"] = feedback
+        if self.suggestions is not None:  # --suggest: the judge's choice, now that the vote is in
+            suggestion = self.suggestions.ack(a.pair.pair_id, canonical, a.left)
+            if suggestion is not None:
+                ack["suggestion"] = suggestion
         nxt, problem = self._next(user)
         return self._view(user, nxt, ack=ack, message="Saved." + (f" {problem}" if problem else ""))
 
@@ -332,20 +345,30 @@ class Service:
     def dashboard(self, user: str, include_flagged: bool = False) -> dict[str, Any]:
         """Every number of the dashboard (admins): {"summary", "queue", "tables",
         "excluded_flagged"}, tables as lists of records, all JSON-able (NaN is None). The
+        numbers are people's; models' votes (judge:<name>) are counted in
+        summary["judge_votes"] and compared with people's in tables["judges"]
+        (annotate/judge_agreement.py). The
         votes of confirmed-flagged annotators are left out unless `include_flagged`
         (trainer/flags.py); "excluded_flagged" says what was done about them
         (FlagExclusion.to_dict, with its "note")."""
         from annotate import stats
+        from annotate.judge_agreement import judge_agreement, with_interval
         from trainer.flags import read_counted_votes
+        from trainer.judges import select_judges
 
         self._require_admin(user)
-        votes, exclusion = read_counted_votes(self.data, include_flagged=include_flagged)
+        every, exclusion = read_counted_votes(self.data, include_flagged=include_flagged)
+        # People's numbers are people's: a model's votes (preflab judge) are measured
+        # against them in their own table, never mixed into theirs.
+        votes, _ = select_judges(every, "exclude")
         summary = stats.summary(votes)
+        summary["judge_votes"] = every.num_rows - votes.num_rows
         for key in ("first_vote", "last_vote"):
             if summary[key] is not None:
                 summary[key] = summary[key].isoformat(timespec="seconds")
         tables = {f"by_{by}": _clean(stats.votes_by(votes, by).to_dict(orient="records")) for by in stats.BY}
-        tables["kappa"] = _clean(stats.cohens_kappa(votes).to_dict(orient="records"))
+        tables["kappa"] = _clean(with_interval(stats.cohens_kappa(votes)).to_dict(orient="records"))
+        tables["judges"] = _clean(judge_agreement(every))  # [] without judge votes
         tables["choices"] = outcomes_as_shown(votes)
         from annotate.rubric_agreement import criterion_agreement
 
@@ -390,6 +413,29 @@ class Service:
             files.append(str(write_table(ties_table, ties_path_for(out))))
         flagged = [exclusion.note(PAGE_SWITCH)] if exclusion.annotators else []
         return files, " · ".join(report.lines() + flagged)
+
+    def chat_prompts(
+        self, user: str, folder: str | os.PathLike, include_flagged: bool = False
+    ) -> tuple[list[str], str]:
+        """The prompts annotators wrote in chat mode as a prompt pool, `chat-prompts.jsonl`
+        (annotate/chat_prompts.py), in a new folder under `folder` (admins). Returns
+        (files, a one-line report). Confirmed-flagged annotators' votes are left out
+        unless `include_flagged`, as in the export."""
+        from annotate.chat_prompts import COLUMNS, FILE_NAME, write_chat_prompts
+        from trainer.flags import read_counted_votes
+        from trainer.store import store_exists
+
+        self._require_admin(user)
+        if not store_exists(self.data):
+            raise BadRequest("no votes yet: the store is empty")
+        votes, exclusion = read_counted_votes(self.data, COLUMNS, include_flagged=include_flagged)
+        # A folder of its own: the file keeps its name, and two downloads never share one.
+        out = Path(folder) / f"chat-prompts-{os.urandom(6).hex()}"
+        out.mkdir(mode=0o700)
+        n = write_chat_prompts(votes, out / FILE_NAME)
+        flagged = [exclusion.note(PAGE_SWITCH)] if exclusion.annotators else []
+        line = f"{n} prompt{'s' if n != 1 else ''} written by annotators in chat mode"
+        return [str(out / FILE_NAME)], " · ".join([line, *flagged])
 
 
 def _shown_criteria(record: dict[str, Any]) -> dict[str, Any]:

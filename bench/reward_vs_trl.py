@@ -221,8 +221,8 @@ def run_trl(args, run_dir: Path, model_source: str, work: Path, cuda: bool) -> d
     from transformers.utils import logging as hf_logging
     from trl import RewardConfig, RewardTrainer
 
+    from trainer.pair_snapshot import load_snapshot
     from trainer.reward_batches import encode_pairs
-    from trainer.reward_data import load_snapshot
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "checkpoint")  # pad = <|endoftext|>, as ours
     config = json.loads((run_dir / "config.json").read_text())
@@ -299,7 +299,8 @@ def prepare_split(args, data_path: Path, model: str, work: Path) -> Path:
     """Write what run_trl reads (the split snapshot, config, tokenizer) without training:
     the same split and tokenizer set-up our trainer makes."""
     from trainer.models import load_tokenizer
-    from trainer.reward_data import read_pairs, save_snapshot, split_by_prompt
+    from trainer.pair_snapshot import save_snapshot
+    from trainer.reward_data import read_pairs, split_by_prompt
     from trainer.reward_model import choose_pad_token
     from trainer.runs import write_json
 

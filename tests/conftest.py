@@ -3,6 +3,8 @@
     def test_x(pg_url): ...       # a fresh empty database on a throwaway server
     def test_y(browser): ...      # playwright's Chromium; log in with helpers.login
     def test_z(model_server, failing): ...   # endpoints: serve-model tiny; a server of failure modes
+    def test_j(judge_server): ...  # a chat-completions server answering judging prompts by rule
+    def test_p(policy_world): ...  # (reward run, word policy, prompt pool) of the policy learning tests
 
 Plain helpers (the CLI runner, record builder, store writer, server, ...) are in
 tests/helpers.py, imported as a module: `from helpers import ...`.
@@ -93,3 +95,34 @@ def failing():
     server = FailingServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def judge_server():
+    """helpers.ScriptedJudgeServer: a real OpenAI-compatible server whose judging answers
+    follow a rule (the model is the test double, the judge's logic is what is tested)."""
+    from helpers import ScriptedJudgeServer
+
+    server = ScriptedJudgeServer()
+    yield server
+    server.close()
+
+
+# ---- the world of the policy learning tests ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def policy_world(tmp_path_factory):
+    """(reward run dir, policy dir, prompt pool), fitted and built once: simulated annotators
+    with a hidden rule (they prefer answers that say "banana") and a tiny reward model
+    fitted to their votes with trainer.reward; a tiny policy that answers in words
+    (helpers.word_policy), which RL has to teach that banana pays."""
+    import torch
+    from helpers import hidden_rule_world
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return hidden_rule_world(tmp_path_factory.mktemp("policy-world"))
+    finally:
+        torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ two test files share lives here.
 
     paths and env   REPO, TRAIN_DEVICE, child_env()
     the CLI         preflab(*args) -> CompletedProcess (returncode, stdout, stderr)
-    records         vote_record(...), retraction(vote), write_store(target, records)
+    records         vote_record(...), chat_vote_record(turns), retraction(vote), write_store(target, records)
     input files     write_jsonl, write_pairs (XSS_LEFT, XSS_RIGHT), make_pairs, banana_rows
     a voting team   TEAM, team_votes(n_pairs): hidden-rule votes of careful, random, adversarial members
     a server        Server, add_users, client, raw_get (free ports: trainer.store.pg_testserver.free_port)
@@ -20,6 +20,8 @@ two test files share lives here.
     the browser     CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, login(browser, url, user),
                     ARTIFACTS, screenshot(page, name) (PNGs under test-artifacts/screenshots/)
     trainer runs    TINY, banana_store, train_tiny_reward_run, fake_run, sigterm_mid_run
+    policy world    POLICY_PROMPTS, short_answer, word_policy(path), banana_rate(model_dir),
+                    metric_records(run_dir, kind) (conftest's policy_world fixture builds on them)
 
 Application modules are imported inside the helpers that need them, so that importing
 this module costs nothing and a trainer test never loads the annotation app.
@@ -124,6 +126,39 @@ def vote_record(
         **fields,
     }
     return validate_record(complete_record(record))
+
+
+def chat_vote_record(
+    turns: list[tuple[str, str, str]],
+    choice: str = "a",
+    strength: int | None = None,
+    system: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """One chat vote (record schema version 3) as the chat service stores it: `turns` is
+    [(user message, side a's answer, side b's answer), ...]; each side keeps its own
+    answers in its conversation, the user turns are common, the vote is on the last
+    turn's answers. `prompt` is the opening (system message, first user message)."""
+    opening = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": turns[0][0]}
+    ]
+    sides = {"a": list(opening), "b": list(opening)}
+    for n, (user, answer_a, answer_b) in enumerate(turns):
+        for side, answer in (("a", answer_a), ("b", answer_b)):
+            if n:
+                sides[side].append({"role": "user", "content": user})
+            sides[side].append({"role": "assistant", "content": answer})
+    record = vote_record(
+        opening,
+        turns[-1][1],
+        turns[-1][2],
+        choice,
+        strength,
+        **{"pair_id": f"chat-{os.urandom(16).hex()}-t{len(turns)}", **fields},
+        conversation_a=messages_to_json(sides["a"]),
+        conversation_b=messages_to_json(sides["b"]),
+    )
+    return record
 
 
 def retraction(vote: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -452,15 +487,16 @@ PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touc
 ARTIFACTS = Path(os.environ.get("PREFLAB_ARTIFACTS") or REPO / "test-artifacts")
 
 
-def login(browser, url: str, user: str, screen: dict[str, Any] = DESKTOP):
+def login(browser, url: str, user: str, screen: dict[str, Any] = DESKTOP, ready: str = "#progress"):
     """A new page of its own context (`screen`: DESKTOP or PHONE), logged in to the app
-    at `url` as `user`."""
+    at `url` as `user`, once `ready` (a selector) is on the page: the Annotate tab's
+    progress by default; a chat-only page (serve --chat) has none."""
     page = browser.new_context(**screen).new_page()
     page.goto(url)
     page.locator("input[type=text]").fill(user)
     page.locator("input[type=password]").fill(f"{user}-pw")
     page.get_by_role("button", name="Login").click()
-    page.wait_for_selector("#progress", timeout=30_000)
+    page.wait_for_selector(ready, timeout=30_000)
     return page
 
 
@@ -582,6 +618,39 @@ class EndpointModelServer(ModelServer):
     key = EP_KEY
 
 
+def serve_http(handler_class) -> tuple[ThreadingHTTPServer, str]:
+    """A real HTTP server of `handler_class` on a free loopback port, serving in a thread:
+    (the server, its OpenAI-style base URL)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_port}/v1"
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def send_answer_stream(handler: BaseHTTPRequestHandler, model: str, text: str) -> None:
+    """`text` as a chat-completions SSE stream (one content chunk, then finish "stop"), as
+    the OpenAI API sends it; the connection is closed after it."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.end_headers()
+    for delta, finish in (({"content": text}, None), ({}, "stop")):
+        chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        handler.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    handler.wfile.write(b"data: [DONE]\n\n")
+    handler.wfile.flush()
+    handler.close_connection = True
+
+
 class FailingServer:
     """The failure modes under test, by the requested model's name: "fail-500" answers 500
     (echoing the Authorization header, as a careless server might; "fail-pad-N" after N
@@ -610,24 +679,12 @@ class FailingServer:
                 said = " ".join(m["content"] for m in body["messages"])
                 outer.prompts[said] = outer.prompts.get(said, 0) + 1
                 if model.startswith("picky") and "TOO LONG" not in said and "FLAKY" not in said:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.end_headers()
-                    for delta, finish in (({"content": "Fine."}, None), ({}, "stop")):
-                        chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": model,
-                                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.write(b"data: [DONE]\n\n")
-                    self.wfile.flush()
-                    self.close_connection = True
+                    send_answer_stream(self, model, "Fine.")
                     return
                 if model.startswith("picky") and "TOO LONG" in said:
-                    data = json.dumps({"error": {"message": "context too long", "type": "invalid_request"}})
-                    self.send_response(400)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data.encode())
+                    send_json(
+                        self, 400, {"error": {"message": "context too long", "type": "invalid_request"}}
+                    )
                     return
                 if model == "fail-slow":
                     time.sleep(3)
@@ -658,17 +715,57 @@ class FailingServer:
                         "type": "server_error",
                     }
                 }
-                data = json.dumps(error).encode()
-                self.send_response(500)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, 500, error)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.httpd, self.base = serve_http(Handler)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class ScriptedJudgeServer:
+    """A real OpenAI-compatible HTTP server (streaming chat completions) whose "model"
+    answers a judging prompt (annotate/judge_template.py's shipped one, or any with
+    "[Answer A]" and "[Answer B]" headings) by rule, so that the judge's logic is tested
+    against outputs we know: the answer holding "GOOD" wins ("Verdict: A" or "B", after a
+    line of reasoning); none does: "Verdict: tie". A conversation with "BIASED" always
+    gets "Verdict: A" (a position-biased judge: the two orders disagree); "GARBLE" gets
+    text without a verdict line; "BROKEN" a 500. `requests` counts the requests per
+    conversation marker ("GOOD"-pairs under their prompt's first word)."""
+
+    def __init__(self):
+        self.requests: dict[str, int] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                said = body["messages"][-1]["content"]
+                conversation = said.split("[Answer A]")[0]
+                words = conversation.split("[The conversation]")[-1].split()
+                key = words[0] if words else ""
+                outer.requests[key] = outer.requests.get(key, 0) + 1
+                if "BROKEN" in conversation:
+                    send_json(self, 500, {"error": {"message": "boom", "type": "server_error"}})
+                    return
+                answer_a, _, answer_b = said.split("[Answer A]", 1)[-1].partition("[Answer B]")
+                if "GARBLE" in conversation:
+                    text = "Both answers have their merits; I would rather not say."
+                elif "BIASED" in conversation:
+                    text = "The first answer reads better.\nVerdict: A"
+                elif "GOOD" in answer_a:
+                    text = "Answer A is the good one.\nVerdict: A"
+                elif "GOOD" in answer_b:
+                    text = "Answer B is the good one.\nVerdict: B"
+                else:
+                    text = "Neither stands out.\nVerdict: tie"
+                send_answer_stream(self, body["model"], text)
+
+        self.httpd, self.base = serve_http(Handler)
 
     def close(self):
         self.httpd.shutdown()
@@ -713,3 +810,139 @@ def in_process_answer(messages, *, temperature, top_p, seed, max_new_tokens) -> 
         max_new_tokens=max_new_tokens, progress=False,
     )  # fmt: skip
     return text
+
+
+# --------------------------------------------------------------------------------------
+# The world of the policy learning tests (conftest.policy_world): a reward model fitted to
+# the hidden rule, and a tiny policy that answers in a few words of WORDS
+# --------------------------------------------------------------------------------------
+
+POLICY_PROMPTS = [f"Question {i} about {TOPICS[i % len(TOPICS)]}: what should I do?" for i in range(16)]
+
+
+def short_answer(rng: random.Random, banana: bool) -> str:
+    """One to six words of WORDS, with "banana" among them when `banana`."""
+    words = [rng.choice(WORDS) for _ in range(rng.randint(1, 6))]
+    if banana:
+        words.insert(rng.randrange(len(words) + 1), "banana")
+    return " ".join(words)
+
+
+def word_policy(path: Path, banana_share: float = 0.1, eos_prob: float = 0.25) -> Path:
+    """A tiny Llama that answers with a few words of WORDS, then EOS. Built by hand: every
+    input embedding carries a constant component in hidden dimension 0, so the last hidden
+    state always has a large positive coordinate there (~7.6 after the final RMSNorm); the
+    (untied) output rows of the words, "banana" and EOS read that coordinate, all others are
+    0 there. So the words get logit ~14, "banana" a tenth of the words' mass, EOS a quarter
+    of each step's mass, and the other 49k tokens almost nothing."""
+    import math
+
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from trainer.models import TINY_CONFIG, build_tiny_model, render_prompt
+
+    tok = AutoTokenizer.from_pretrained(build_tiny_model())
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **{**TINY_CONFIG, "tie_word_embeddings": False},
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+    word_ids = [tok(" " + w, add_special_tokens=False).input_ids[0] for w in WORDS]
+    banana = tok(" banana", add_special_tokens=False).input_ids[0]
+    n = len(word_ids)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        text = render_prompt(tok, [{"role": "user", "content": POLICY_PROMPTS[0]}]) + " the day"
+        h0 = (
+            model.model(tok(text, add_special_tokens=False, return_tensors="pt").input_ids)
+            .last_hidden_state[0, :, 0]
+            .mean()
+            .item()
+        )
+        W = model.lm_head.weight
+        W[:, 0] = 0.0
+        W[word_ids, 0] = 14.0 / h0
+        W[banana, 0] = (14.0 + math.log(banana_share * n / (1 - banana_share))) / h0
+        W[tok.eos_token_id, 0] = (14.0 + math.log(eos_prob / (1 - eos_prob) * n / (1 - banana_share))) / h0
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def hidden_rule_world(base: Path) -> tuple[Path, Path, Path]:
+    """(reward run dir, word-policy dir, prompt pool) of the hidden-rule task: simulated
+    annotators who prefer answers that say "banana", a tiny reward model fitted to their
+    votes with trainer.reward, and a tiny policy that answers in words (word_policy),
+    which RL has to teach that banana pays. The `policy_world` fixture and
+    bench/hf_vs_ppo.py both stand on it."""
+    from trainer.reward import train as train_reward
+
+    rng = random.Random(0)
+    rows = [
+        {
+            "prompt": POLICY_PROMPTS[i % len(POLICY_PROMPTS)],
+            "chosen": short_answer(rng, True),
+            "rejected": short_answer(rng, False),
+        }
+        for i in range(192)
+    ]
+    data = base / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rm = base / "rm"
+    settings = {
+        "model": "tiny",
+        "data": str(data),
+        "run_dir": str(rm),
+        "epochs": 2,
+        "lr": 3e-3,
+        "batch_size": 16,
+        "val_fraction": 0.25,
+        "center": 0.01,
+        "max_length": 64,
+        "progress": False,
+        "seed": 0,
+    }
+    if train_reward(settings) != 0:
+        raise RuntimeError("the hidden-rule reward model did not train")
+    prompts = base / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in POLICY_PROMPTS))
+    return rm, word_policy(base / "word-policy"), prompts
+
+
+def metric_records(run_dir: Path, kind: str = "train") -> list[dict]:
+    """The records of one kind in a run's metrics.jsonl."""
+    return [
+        r for r in map(json.loads, (run_dir / METRICS_FILE).read_text().splitlines()) if r["kind"] == kind
+    ]
+
+
+def banana_rate(model_dir: Path) -> float:
+    """The share of a model's sampled answers (4 to each POLICY_PROMPTS) that say banana."""
+    from trainer.models import generate, load_model
+
+    model, tok = load_model(str(model_dir), device="cpu")
+    answers = [
+        a
+        for row in generate(
+            model,
+            tok,
+            POLICY_PROMPTS,
+            n=4,
+            max_new_tokens=12,
+            temperature=1.0,
+            seed=1,
+            batch_size=64,
+            progress=False,
+        )
+        for a in row
+    ]
+    return sum("banana" in a for a in answers) / len(answers)

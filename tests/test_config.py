@@ -58,7 +58,7 @@ def test_every_field_has_a_flag_with_help_and_the_dataclass_default(config_class
 FLAGS = {
     RewardConfig: "--data --model --run-dir --runs-dir --run-id --epochs --lr --batch-size --grad-accum "
     "--eval-batch-size --max-length --val-fraction --seed --warmup --weight-decay --max-grad-norm "
-    "--margin --margin-scale --ties --both-bad --weights --include-flagged --criteria --center "
+    "--margin --margin-scale --ties --both-bad --weights --include-flagged --judges --criteria --center "
     "--style-penalty --no-pack --grad-checkpointing --lora-r --lora-alpha --dtype --device --save-every "
     "--max-steps --no-progress",
     PolicyConfig: "--reward --prompts --model --algo --run-dir --runs-dir --run-id --steps --batch-size --k "
@@ -66,7 +66,8 @@ FLAGS = {
     "--micro-batch --gamma --lam --clip --clip-value --vf-coef --kl-coef --kl-estimator --kl-target "
     "--kl-horizon --whiten-rewards --whiten-advantages --no-whiten-advantages --loss-agg --mask-truncated "
     "--missing-eos-penalty "
-    "--baseline-decay --max-kl --max-grad-norm --seed --lora-r --lora-alpha --grad-checkpointing "
+    "--baseline-decay --max-kl --max-grad-norm --trust-kl --cg-iters --cg-damping --line-search-steps "
+    "--line-search-shrink --seed --lora-r --lora-alpha --grad-checkpointing "
     "--dtype --device --gen-batch --no-share-prompt --compile-generation --no-compile-generation "
     "--reward-weights --reward-batch-size --save-every --sample-every --samples --eval-prompts --no-progress",
 }

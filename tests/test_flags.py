@@ -26,7 +26,15 @@ from trainer.flags import (
     read_flag_events,
 )
 from trainer.reward_data import read_pairs
-from trainer.store import SCHEMA, RecordError, open_store, read_comparisons, read_events, validate_record
+from trainer.store import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    RecordError,
+    open_store,
+    read_comparisons,
+    read_events,
+    validate_record,
+)
 from trainer.store.record import complete_record
 
 # The record as version 1 wrote it (trainer/store/record.py before version 2), frozen
@@ -96,7 +104,7 @@ def team_votes() -> list[dict]:
 
 def test_a_flag_event_is_about_a_person_and_version_1_records_still_validate():
     rec = validate_record(complete_record(flag()))
-    assert rec["schema_version"] == 2 and rec["pair_id"] is None and rec["subject"] == "mallory"
+    assert rec["schema_version"] == SCHEMA_VERSION and rec["pair_id"] is None and rec["subject"] == "mallory"
     with pytest.raises(RecordError, match="field 'subject'"):
         validate_record(complete_record(flag(subject=None)))
     with pytest.raises(RecordError, match="field 'pair_id': must be null on a flag event"):

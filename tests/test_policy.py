@@ -6,33 +6,34 @@ The learning tests use a world small enough for a CPU:
 - a tiny policy that answers in words: a tiny random Llama (the real SmolLM2 tokenizer)
   whose output layer is set by hand so that it says a few short words from a 36-word
   list (banana rarely) and then EOS. RL has to find out that banana pays.
+(conftest.policy_world builds both, once per session; helpers.word_policy the policy.)
 """
 
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TRAIN_DEVICE, sigterm_mid_run, vote_record, write_store
+from helpers import (
+    POLICY_PROMPTS,
+    REPO,
+    TRAIN_DEVICE,
+    banana_rate,
+    metric_records,
+    sigterm_mid_run,
+    vote_record,
+    write_store,
+)
 
 from trainer import rl_math
 from trainer.errors import PolicyInputError
 from trainer.policy import train
 from trainer.policy_run import prompt_rows
 from trainer.prompts import load_prompts
-
-WORDS = (
-    "the a of to and in is it you that for on with as are this be at or by from have "
-    "not can but your will more some what so water light soil day week"
-).split()
-TOPICS = ["plants", "running", "cooking", "python", "budget", "sleep", "travel", "music"]
-PROMPTS = [f"Question {i} about {TOPICS[i % len(TOPICS)]}: what should I do?" for i in range(16)]
 
 
 @pytest.fixture(autouse=True)
@@ -381,133 +382,8 @@ def test_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch, capsys):
         assert expect in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------------------
-# The world of the learning tests: a reward model with a hidden rule, a policy in words
-# --------------------------------------------------------------------------------------
-
-
-def _answer(rng, banana: bool) -> str:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(1, 6))]
-    if banana:
-        words.insert(rng.randrange(len(words) + 1), "banana")
-    return " ".join(words)
-
-
-def word_policy(path: Path, banana_share: float = 0.1, eos_prob: float = 0.25) -> Path:
-    """A tiny Llama that answers with a few words of WORDS, then EOS. Built by hand: every
-    input embedding carries a constant component in hidden dimension 0, so the last hidden
-    state always has a large positive coordinate there (~7.6 after the final RMSNorm); the
-    (untied) output rows of the words, "banana" and EOS read that coordinate, all others are
-    0 there. So the words get logit ~14, "banana" a tenth of the words' mass, EOS a quarter
-    of each step's mass, and the other 49k tokens almost nothing."""
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from trainer.models import TINY_CONFIG, build_tiny_model, render_prompt
-
-    tok = AutoTokenizer.from_pretrained(build_tiny_model())
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **{**TINY_CONFIG, "tie_word_embeddings": False},
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).eval()
-    word_ids = [tok(" " + w, add_special_tokens=False).input_ids[0] for w in WORDS]
-    banana = tok(" banana", add_special_tokens=False).input_ids[0]
-    n = len(word_ids)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        text = render_prompt(tok, [{"role": "user", "content": PROMPTS[0]}]) + " the day"
-        h0 = (
-            model.model(tok(text, add_special_tokens=False, return_tensors="pt").input_ids)
-            .last_hidden_state[0, :, 0]
-            .mean()
-            .item()
-        )
-        W = model.lm_head.weight
-        W[:, 0] = 0.0
-        W[word_ids, 0] = 14.0 / h0
-        W[banana, 0] = (14.0 + math.log(banana_share * n / (1 - banana_share))) / h0
-        W[tok.eos_token_id, 0] = (14.0 + math.log(eos_prob / (1 - eos_prob) * n / (1 - banana_share))) / h0
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    )
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """(reward run dir, policy dir, prompt pool): fitted and built once for this file."""
-    from trainer.reward import train as train_reward
-
-    torch.set_num_threads(1)
-    base = tmp_path_factory.mktemp("policy-world")
-    rng = random.Random(0)
-    rows = [
-        {"prompt": PROMPTS[i % len(PROMPTS)], "chosen": _answer(rng, True), "rejected": _answer(rng, False)}
-        for i in range(192)
-    ]
-    data = base / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rm = base / "rm"
-    assert (
-        train_reward(
-            {
-                "model": "tiny",
-                "data": str(data),
-                "run_dir": str(rm),
-                "epochs": 2,
-                "lr": 3e-3,
-                "batch_size": 16,
-                "val_fraction": 0.25,
-                "center": 0.01,
-                "max_length": 64,
-                "progress": False,
-                "seed": 0,
-            }
-        )
-        == 0
-    )
-    prompts = base / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return rm, word_policy(base / "word-policy"), prompts
-
-
-def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    return [
-        r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind
-    ]
-
-
-def _banana_rate(model_dir: Path) -> float:
-    from trainer.models import generate, load_model
-
-    model, tok = load_model(str(model_dir), device="cpu")
-    answers = [
-        a
-        for row in generate(
-            model,
-            tok,
-            PROMPTS,
-            n=4,
-            max_new_tokens=12,
-            temperature=1.0,
-            seed=1,
-            batch_size=64,
-            progress=False,
-        )
-        for a in row
-    ]
-    return sum("banana" in a for a in answers) / len(answers)
-
-
-def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
-    rm, policy, prompts = world
+def test_ppo_learns_the_hidden_rule_with_bounded_kl(policy_world, tmp_path):
+    rm, policy, prompts = policy_world
     run_dir = tmp_path / "ppo"
     code = train(
         {
@@ -532,7 +408,7 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     assert status["state"] == "done" and status["progress"] == 1.0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["epochs"] == 4 and config["config"]["minibatches"] == 2  # the PPO defaults
-    train_records = _records(run_dir)
+    train_records = metric_records(run_dir)
     assert [r["step"] for r in train_records] == list(range(1, 26))
     for key in (
         "reward_mean",
@@ -565,10 +441,10 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     # step 1: policy == reference, up to rounding summed over the tokens of an answer (fp32 on
     # a CPU; on CUDA the reference is kept in bf16 and the policy runs under bf16 autocast)
     assert train_records[0]["kl"] == pytest.approx(0.0, abs=2e-3 if TRAIN_DEVICE == "cpu" else 2e-2)
-    samples = _records(run_dir, "samples")
+    samples = metric_records(run_dir, "samples")
     assert [s["step"] for s in samples] == [1, 10, 20]
     assert {"prompt", "response", "reward"} <= set(samples[0]["samples"][0])
-    summary = _records(run_dir, "summary")[0]
+    summary = metric_records(run_dir, "summary")[0]
     assert summary["step"] == 25 and summary["prompts"] == 25 * 16
 
     # The result: a plain HF model dir (tokenizer, chat template) that trainer.models loads,
@@ -578,7 +454,7 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     assert not (run_dir / "checkpoint").exists()  # the resumable state is gone once done
     meta = json.loads((out / "preflab_policy.json").read_text())
     assert meta["algo"] == "ppo" and meta["step"] == 25
-    before, after = _banana_rate(policy), _banana_rate(out)
+    before, after = banana_rate(policy), banana_rate(out)
     assert after > before + 0.3, (before, after)
 
     # Held-out prompts (a fifth of 16): never trained on, and the policy met the reference on
@@ -591,7 +467,7 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     assert not trained_on & {json.dumps(h) for h in heldout}
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["policy"] == "ppo" and ev["reference"] == str(policy) and ev["prompts"] == 3
-    assert _records(run_dir, "eval")[0]["rm_win_rate"] == ev["rm_win_rate"]
+    assert metric_records(run_dir, "eval")[0]["rm_win_rate"] == ev["rm_win_rate"]
     # `preflab eval-policy` on the whole pool: the policy that learned the rule wins clearly
     from annotate.cli import main as cli
 
@@ -602,8 +478,8 @@ def test_ppo_learns_the_hidden_rule_with_bounded_kl(world, tmp_path):
     assert ev["policy_reward_mean"] > ev["reference_reward_mean"]
 
 
-def test_rloo_learns_too(world, tmp_path):
-    rm, policy, prompts = world
+def test_rloo_learns_too(policy_world, tmp_path):
+    rm, policy, prompts = policy_world
     run_dir = tmp_path / "rloo"
     code = train(
         {
@@ -625,7 +501,7 @@ def test_rloo_learns_too(world, tmp_path):
         }
     )
     assert code == 0
-    records = _records(run_dir)
+    records = metric_records(run_dir)
     first = sum(r["reward_mean"] for r in records[:3]) / 3
     last = sum(r["reward_mean"] for r in records[-5:]) / 5
     assert last > first + 0.4, (first, last)
@@ -633,10 +509,10 @@ def test_rloo_learns_too(world, tmp_path):
     assert records[-1]["prompts"] == 4 and records[-1]["rows"] == 16
 
 
-def test_grpo_with_token_loss_and_overlong_filtering_learns(world, tmp_path):
+def test_grpo_with_token_loss_and_overlong_filtering_learns(policy_world, tmp_path):
     """GRPO's group advantages with DAPO's token-level loss and overlong filtering: the
     reward still rises, and the run's config says what ran."""
-    rm, policy, prompts = world
+    rm, policy, prompts = policy_world
     run_dir = tmp_path / "grpo"
     settings = {
         "model": str(policy),
@@ -658,7 +534,7 @@ def test_grpo_with_token_loss_and_overlong_filtering_learns(world, tmp_path):
     assert train(settings) == 0
     config = json.loads((run_dir / "config.json").read_text())["config"]
     assert config["k"] == 4 and config["loss_agg"] == "token" and config["mask_truncated"] is True
-    records = _records(run_dir)
+    records = metric_records(run_dir)
     first = sum(r["reward_mean"] for r in records[:3]) / 3
     last = sum(r["reward_mean"] for r in records[-5:]) / 5
     assert last > first + 0.4, (first, last)
@@ -666,8 +542,8 @@ def test_grpo_with_token_loss_and_overlong_filtering_learns(world, tmp_path):
 
 
 @pytest.mark.parametrize("algo", ["dr_grpo", "reinforce_pp"])
-def test_the_other_grpo_family_members_run_with_their_own_defaults(world, tmp_path, algo):
-    rm, policy, prompts = world
+def test_the_other_grpo_family_members_run_with_their_own_defaults(policy_world, tmp_path, algo):
+    rm, policy, prompts = policy_world
     run_dir = tmp_path / algo
     settings = {
         "model": str(policy),
@@ -685,15 +561,15 @@ def test_the_other_grpo_family_members_run_with_their_own_defaults(world, tmp_pa
     assert train(settings) == 0
     config = json.loads((run_dir / "config.json").read_text())["config"]
     assert config["k"] == 4 and config["loss_agg"] == {"dr_grpo": "seq_sum", "reinforce_pp": "token"}[algo]
-    for r in _records(run_dir):
+    for r in metric_records(run_dir):
         assert all(
             math.isfinite(r[key]) for key in ("loss", "pg_loss", "clip_frac", "approx_kl", "grad_norm")
         )
 
 
 @pytest.mark.parametrize("dtype", ["auto", "bf16"])  # bf16: the frozen base in bf16, as with LoRA on CUDA
-def test_lora_policy_is_merged_into_a_plain_model(world, tmp_path, dtype):
-    rm, policy, prompts = world
+def test_lora_policy_is_merged_into_a_plain_model(policy_world, tmp_path, dtype):
+    rm, policy, prompts = policy_world
     run_dir = tmp_path / "lora"
     assert (
         train(
@@ -731,8 +607,8 @@ def test_lora_policy_is_merged_into_a_plain_model(world, tmp_path, dtype):
     )  # untouched, bit for bit
 
 
-def test_nan_and_exploding_kl_fail_clearly(world, tmp_path, monkeypatch):
-    rm, policy, prompts = world
+def test_nan_and_exploding_kl_fail_clearly(policy_world, tmp_path, monkeypatch):
+    rm, policy, prompts = policy_world
     common = {
         "model": str(policy),
         "reward": str(rm),
@@ -777,13 +653,13 @@ def test_nan_and_exploding_kl_fail_clearly(world, tmp_path, monkeypatch):
     assert not (run_dir / "policy").exists()
 
 
-def test_each_step_writes_a_line_to_the_log(world, tmp_path):
+def test_each_step_writes_a_line_to_the_log(policy_world, tmp_path):
     """The trainer as the Train tab starts it (--no-progress, stdout and stderr into
     log.txt): one line a step with step/total, reward, KL, loss, s/step and the time left;
     status.json has the measured step time and the time left too."""
     import re
 
-    rm, policy, prompts = world
+    rm, policy, prompts = policy_world
     run_dir = tmp_path / "two-steps"
     run_dir.mkdir()
     cmd = [sys.executable, "-m", "trainer.policy", "--model", str(policy), "--reward", str(rm)]
@@ -801,7 +677,7 @@ def test_each_step_writes_a_line_to_the_log(world, tmp_path):
     )
     found = [m for m in map(re.compile(line).match, text.splitlines()) if m]
     assert [m.group(1) for m in found] == ["1", "2"], text
-    records = _records(run_dir)
+    records = metric_records(run_dir)
     assert [float(m.group("kl")) for m in found] == pytest.approx(
         [r["kl"] for r in records], rel=1e-2, abs=1e-6
     )
@@ -809,8 +685,8 @@ def test_each_step_writes_a_line_to_the_log(world, tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
 
 
-def test_sigterm_saves_cancelled_and_rerun_resumes(world, tmp_path):
-    rm, policy, prompts = world
+def test_sigterm_saves_cancelled_and_rerun_resumes(policy_world, tmp_path):
+    rm, policy, prompts = policy_world
     run_dir = tmp_path / "runs" / "resume-me"
     cmd = [
         sys.executable,
@@ -878,7 +754,7 @@ def test_sigterm_saves_cancelled_and_rerun_resumes(world, tmp_path):
             generate(
                 model,
                 tok,
-                ["Question 1 about plants: what should I do?"],
+                [POLICY_PROMPTS[1]],
                 n=2,
                 max_new_tokens=6,
                 progress=False,

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from helpers import make_pairs
+from helpers import chat_vote_record, make_pairs, vote_record, write_store
 
 from annotate.pairs import PairsFileError, load_pairs
 from annotate.queue import AssignmentQueue, StaleVote
@@ -312,6 +312,23 @@ def test_restore_keeps_only_the_latest_votes_for_undo():
     q.restore(table)
     assert [q.begin_undo("ann")["event_id"] for _ in range(3)] == ["e9", "e8", "e7"]
     assert q.begin_undo("ann") is None
+
+
+def test_restored_chat_votes_are_not_undoable_in_the_pair_queue(tmp_path):
+    # A chat turn shown again as a pool pair would lose the history before it, and the
+    # vote again would store it without (annotate/queue.py restore).
+    store = write_store(
+        tmp_path / "s",
+        [
+            vote_record("Plain?", "yes", "no", "a", annotator="ann"),
+            chat_vote_record([("Hi.", "One.", "Two."), ("More?", "Three.", "Four.")], "a", annotator="ann"),
+        ],
+    )
+    q = AssignmentQueue()
+    q.restore(read_comparisons(store))
+    last = q.begin_undo("ann")
+    assert last is not None and last["conversation_a"] is None and last["response_a"] == "yes"
+    assert q.begin_undo("ann") is None  # the chat vote was never in the undo history
 
 
 # --------------------------------------------------------------------------------------

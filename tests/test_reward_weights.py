@@ -14,8 +14,9 @@ import pytest
 from helpers import TINY, banana_rows, preflab, team_votes, vote_record, write_jsonl, write_store
 
 from trainer.annotator_quality import annotator_weights
+from trainer.pair_snapshot import load_snapshot, save_snapshot
 from trainer.reward import train
-from trainer.reward_data import RewardDataError, load_snapshot, read_pairs, save_snapshot, split_by_prompt
+from trainer.reward_data import RewardDataError, read_pairs, split_by_prompt
 from trainer.reward_model import RewardModel
 from trainer.store import read_comparisons
 

@@ -36,7 +36,10 @@ class ModelServer(helpers.ModelServer):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-model")
-    with ModelServer(tmp, "--max-new-tokens", str(LONG), *WITH_KEY, env={"PREFLAB_TEST_KEY": KEY}) as s:
+    # --concurrency 1: the busy test needs the second request to find the batch full
+    with ModelServer(
+        tmp, "--max-new-tokens", str(LONG), "--concurrency", "1", *WITH_KEY, env={"PREFLAB_TEST_KEY": KEY}
+    ) as s:
         yield s
 
 

@@ -427,3 +427,30 @@ def test_the_annotator_is_told_not_saved_and_keeps_the_pair(tiny_disk):
         saved = service.vote("me", view["pair"]["pair_id"], "left", "", long_reason)
         assert saved["ok"] and saved["ack"]
     assert stored_ids(store_dir) == [saved["ack"]["event_id"]]
+
+
+@needs_root
+def test_a_chat_vote_the_disk_cannot_hold_is_not_saved_and_the_turn_stays_votable(tiny_disk):
+    from annotate.chat import ChatService
+    from annotate.chat_models import InProcessChat
+    from annotate.model_engine import Engine
+    from trainer import models
+
+    model, tokenizer = models.load_model("tiny", device="cpu")
+    engine = Engine(model, tokenizer, max_new_tokens=8, concurrency=2)
+    pair = {"m-one": InProcessChat(engine), "m-two": InProcessChat(engine)}
+    store_dir = tiny_disk / "store"
+    sampling = {"temperature": 0.8, "top_p": 1.0, "max_new_tokens": 8}
+    with DirectoryStore(store_dir, flush_every=10**9) as store:
+        chat = ChatService(store, pair, sampling=sampling)
+        *_, view = chat.send("me", "", "Hello")
+        cid = view["conversation_id"]
+        filler = fill(tiny_disk, leave=0)
+        long_reason = "because " * 250  # more than the disk has left
+        failed = chat.vote("me", cid, "left", "", long_reason)
+        assert failed["ok"] is False and "Not saved" in failed["message"] and failed["ack"] is None
+        assert failed["can_vote"] and not failed["voted"]  # the same turn, still to vote on
+        filler.unlink()
+        saved = chat.vote("me", cid, "left", "", long_reason)
+        assert saved["ok"] and saved["ack"] and saved["voted"]
+    assert stored_ids(store_dir) == [saved["ack"]["event_id"]]

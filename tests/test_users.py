@@ -151,7 +151,7 @@ def test_valid_names(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["", "bad name", "import:hh", "x" * 65, ".hidden", "-flag", "ünï", "a/b", "a\nb"]
+    "name", ["", "bad name", "import:hh", "judge:gpt", "x" * 65, ".hidden", "-flag", "ünï", "a/b", "a\nb"]
 )
 def test_invalid_names_are_refused_with_the_rule(tmp_path, name):
     with pytest.raises(AccountError, match="letters, digits"):

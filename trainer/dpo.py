@@ -46,9 +46,10 @@ from trainer.checkpoints import CheckpointError
 from trainer.config import add_config_arguments, script_config, script_main
 from trainer.dpo_config import DPOConfig, resolve_config
 from trainer.dpo_math import preference_losses
+from trainer.pair_snapshot import load_snapshot, save_snapshot
 from trainer.policy_model import head_logits
-from trainer.reward_batches import fit_pair, length_grouped_batches, render_prompts
-from trainer.reward_data import RewardDataError, load_snapshot, read_pairs, save_snapshot, split_by_prompt
+from trainer.reward_batches import fit_sides, length_grouped_batches, prompt_ids_by_key, render_prompts
+from trainer.reward_data import RewardDataError, read_pairs, split_by_prompt
 from trainer.reward_state import restore_training_state, training_state
 from trainer.runs import (
     CHECKPOINT,
@@ -99,7 +100,13 @@ def snapshot_pairs(cfg: DPOConfig, run: Run, resuming: bool):
     if not (resuming and snapshot.exists()):
         if not cfg.data:
             raise RewardDataError("no data: pass --data (a comparison store or a preference file)")
-        pairs = read_pairs(cfg.data, ties="exclude", both_bad="exclude", exclude_flagged=cfg.exclude_flagged)
+        pairs = read_pairs(
+            cfg.data,
+            ties="exclude",
+            both_bad="exclude",
+            exclude_flagged=cfg.exclude_flagged,
+            judges=cfg.judges,
+        )
         if len(pairs) == 0:
             raise RewardDataError(
                 f"{cfg.data}: no pairs with a preferred answer (ties and both-bad are left out)"
@@ -120,23 +127,22 @@ def encode(pairs, tokenizer, max_length: int):
     """Token ids of [prompt | chosen] and [prompt | rejected] (each answer closed by EOS)
     and where the answers begin. The prompt is cut from the left to fit the longer answer
     (one prompt tail for both sides, as the annotator saw them); an answer longer than
-    max_length alone keeps its head and EOS. Returns (chosen, rejected, prompt lengths,
-    pairs whose prompt was cut)."""
-    keys = [messages_to_json(p) for p in pairs.prompts]
-    distinct = list(dict.fromkeys(keys))  # tokenize each distinct prompt once
-    by_key = dict(zip(keys, pairs.prompts))
-    texts, add_special = render_prompts(tokenizer, [by_key[k] for k in distinct])
-    prompt_ids = dict(zip(distinct, tokenizer(texts, add_special_tokens=add_special).input_ids))
+    max_length alone keeps its head and EOS. A chat vote's sides each have their own
+    context (Pairs.rejected_prompts). Returns (chosen, rejected, (pairs, 2) answer starts
+    of chosen and rejected, pairs whose prompt was cut)."""
+    # Each side's own context: a chat vote's two answers follow two different histories.
+    keys, rejected_keys, prompt_ids = prompt_ids_by_key(tokenizer, pairs)
     eos, n = tokenizer.eos_token or "", len(pairs)
     answers = tokenizer([a + eos for a in pairs.chosen + pairs.rejected], add_special_tokens=False).input_ids
-    chosen, rejected, starts, cut = [], [], [], 0
-    for k, a_c, a_r in zip(keys, answers[:n], answers[n:]):
-        c, r, prompt_cut, _ = fit_pair(prompt_ids[k], a_c, a_r, max_length)
+    chosen, rejected, starts, rejected_starts, cut = [], [], [], [], 0
+    for k, rk, a_c, a_r in zip(keys, rejected_keys, answers[:n], answers[n:]):
+        c, r, prompt_cut, _ = fit_sides(prompt_ids[k], prompt_ids[rk], a_c, a_r, max_length)
         chosen.append(c)
         rejected.append(r)
         starts.append(max(0, len(c) - len(a_c)))  # 0 when the answer alone filled max_length
-        cut += prompt_cut
-    return chosen, rejected, np.array(starts, dtype=np.int64), cut
+        rejected_starts.append(max(0, len(r) - len(a_r)))  # its own context: its own start
+        cut += bool(prompt_cut)
+    return chosen, rejected, np.array([starts, rejected_starts], dtype=np.int64).reshape(2, n).T, cut
 
 
 def answer_logps(lm, rows: list[list[int]], starts, pad_id: int, device, autocast):
@@ -174,7 +180,7 @@ def pair_logps(lm, enc, idx, pad_id, device, autocast):
     chosen, rejected, starts, _ = enc
     rows = [chosen[i] for i in idx] + [rejected[i] for i in idx]
     logps, tokens = answer_logps(
-        lm, rows, np.concatenate([starts[idx], starts[idx]]), pad_id, device, autocast
+        lm, rows, np.concatenate([starts[idx, 0], starts[idx, 1]]), pad_id, device, autocast
     )
     return (*logps.chunk(2), *tokens.chunk(2))
 
@@ -264,6 +270,8 @@ def _train(cfg: DPOConfig, run: Run, accelerator, resuming: bool, stop: dict) ->
     cut_note = f"{enc[3]} of {len(pairs)} pairs had their prompt cut from the left (answers kept)"
     print(f"data: {len(pairs)} pairs ({len(train_idx)} train / {len(val_idx)} val, split by prompt) "
           f"from {summary.get('source')}; {cut_note}", file=sys.stderr)  # fmt: skip
+    if (summary.get("judges") or {}).get("note"):  # trainer/judges.py: what --judges did
+        print(f"judges: {summary['judges']['note']}", file=sys.stderr)
 
     # ---- the reference, once --------------------------------------------------------------
     ref_path, ref_seconds = run.path / REFERENCE_FILE, 0.0  # 0: read from the cache (a resume)

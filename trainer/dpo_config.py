@@ -13,6 +13,7 @@ from pathlib import Path
 from trainer.config import Config, ConfigError, model_problem, settings_for_run
 from trainer.dpo_math import LOSSES
 from trainer.errors import missing_extra
+from trainer.judges import JUDGE_MODES, JUDGES_HELP
 from trainer.reward_data import RewardDataError
 from trainer.runs import Run
 from trainer.store import DATA_HELP
@@ -94,6 +95,10 @@ class DPOConfig(Config):
             "help": "keep the votes of annotators whose flag an admin confirmed (by default they are left out)",
             "flag": "--include-flagged",
         },
+    )
+    judges: str = field(
+        default="exclude",
+        metadata={"help": JUDGES_HELP, "choices": JUDGE_MODES},  # trainer/judges.py
     )
     lora_r: int = field(
         default=0,

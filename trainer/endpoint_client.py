@@ -5,6 +5,7 @@ either kind of model, in-process or endpoint, for `generate`, `serve` and `eval-
     model = EndpointModel(endpoint)            # endpoint: trainer.endpoints.Endpoint
     for piece in model.stream(messages, max_new_tokens=64, temperature=0.7, top_p=1, seed=0):
         ...                                    # text as the server sends it
+    model.chunks(messages, ...)                # (piece, None)..., then ("", finish_reason)
     model.answer(messages, ...)                # Answer(text, cut), or EndpointFailure raised
     answers_of(source, conversations, ...)     # [Answer | EndpointFailure], source either kind
     side_params(source, sampling, seed)        # what gen_params records for that side
@@ -127,8 +128,11 @@ class EndpointModel:
         self.failed_at = time.monotonic()
         return EndpointFailure(message, e.status_code if isinstance(e, openai.APIStatusError) else None)
 
-    def _chunks(self, messages, *, max_new_tokens, temperature, top_p, seed, stop):
-        """(text piece, finish_reason) as they come; EndpointFailure for any failure."""
+    def chunks(self, messages, *, max_new_tokens, temperature, top_p, seed=None, stop=None):
+        """(text piece, None) as the server sends them, then ("", finish_reason) once at the
+        end ("length": the token limit cut the answer): a chat that shows the answer as it
+        streams and marks it cut. EndpointFailure for any failure; Cancelled (one) once the
+        threading.Event `stop` is set."""
         openai = _openai()
 
         settings = self.endpoint.sampling(temperature, top_p, max_new_tokens)
@@ -177,7 +181,7 @@ class EndpointModel:
     def stream(self, messages, *, max_new_tokens, temperature, top_p, seed=None, stop=None):
         """The answer's text in pieces as the server sends them. EndpointFailure if the
         request or the stream fails; Cancelled (one) once the threading.Event `stop` is set."""
-        for piece, _ in self._chunks(
+        for piece, _ in self.chunks(
             messages,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -195,7 +199,7 @@ class EndpointModel:
         from trainer.models import Answer
 
         text, finish = [], None
-        for piece, reason in self._chunks(
+        for piece, reason in self.chunks(
             messages,
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -21,9 +21,9 @@ from trainer.errors import PolicyInputError, missing_extra
 from trainer.prompts import DEFAULT_PROMPTS
 from trainer.reward_blend import parse_reward_weights
 
-ALGOS = ("ppo", "rloo", "reinforce", "grpo", "dr_grpo", "reinforce_pp")
+ALGOS = ("ppo", "rloo", "reinforce", "grpo", "dr_grpo", "reinforce_pp", "trpo")
 # Algorithms whose baseline is the other samples of the same prompt (k >= 2 needed).
-GROUP_ALGOS = ("rloo", "grpo", "dr_grpo")
+GROUP_ALGOS = ("rloo", "grpo", "dr_grpo", "trpo")
 # The GRPO family: a token-level clipped ratio without a value head, aggregated by --loss-agg.
 TOKEN_ALGOS = ("grpo", "dr_grpo", "reinforce_pp")
 # Each one's loss aggregation as its paper has it (trainer/rl_math.token_loss_weights).
@@ -108,7 +108,8 @@ class PolicyConfig(Config):
             "(moving-average baseline), grpo (k samples, advantage = reward minus the group mean over "
             "the group std), dr_grpo (the same without the std, and no length normalisation) or "
             "reinforce_pp (REINFORCE++: per-token KL reward, group-mean baseline, returns whitened "
-            "over the batch)",
+            "over the batch) or trpo (rloo's advantages; one natural-gradient step a batch, solved by "
+            "conjugate gradient in a KL trust region of --trust-kl, with a line search; no --lr)",
             "choices": ALGOS,
             "label": "Algorithm",
         },
@@ -206,6 +207,29 @@ class PolicyConfig(Config):
         },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    trust_kl: float = field(
+        default=0.01,
+        metadata={
+            "help": "trpo: the trust region (delta): the most mean KL(rollout policy || new policy) per "
+            "answer token that one update may reach, measured exactly over the vocabulary"
+        },
+    )
+    cg_iters: int = field(
+        default=10, metadata={"help": "trpo: conjugate-gradient iterations solving F x = g (Fisher F)"}
+    )
+    cg_damping: float = field(
+        default=0.1, metadata={"help": "trpo: damping added to the Fisher matrix, (F + d I) x = g"}
+    )
+    line_search_steps: int = field(
+        default=10,
+        metadata={
+            "help": "trpo: step fractions tried (1, then shrinking); none that improves the surrogate "
+            "within --trust-kl: no step this batch"
+        },
+    )
+    line_search_shrink: float = field(
+        default=0.5, metadata={"help": "trpo: each line-search try takes this fraction of the last"}
+    )
     seed: int = field(default=0, metadata={"help": "random seed (held-out prompts, prompt order, sampling)"})
     lora_r: int = field(
         default=0,
@@ -310,6 +334,11 @@ class PolicyConfig(Config):
         yield "kl_target", cfg.kl_target < 0, "must be >= 0"
         yield "baseline_decay", not 0 <= cfg.baseline_decay < 1, "must be in [0, 1)"
         yield "max_kl", cfg.max_kl < 0, "must be >= 0 (0 turns the check off)"
+        yield "trust_kl", not cfg.trust_kl > 0, "must be positive (the trust region's radius, in nats)"
+        yield "cg_iters", cfg.cg_iters < 1, "must be at least 1"
+        yield "cg_damping", cfg.cg_damping < 0, "must be >= 0"
+        yield "line_search_steps", cfg.line_search_steps < 1, "must be at least 1"
+        yield "line_search_shrink", not 0 < cfg.line_search_shrink < 1, "must be in (0, 1)"
         # LoRA's package is an extra: said here, before any model is loaded (on the command
         # line and in the Train tab alike), not when the adapters are added.
         no_peft = cfg.lora_r > 0 and missing_extra("peft", "train")

@@ -79,10 +79,13 @@ def policy_net(lm, value_head=None):
             with_values: bool = False,
             with_entropy: bool = False,
             group: int = 1,
+            full_dist: bool = False,
         ):
             """Log-probs [rows, R] of the answer tokens input_ids[:, n_prompt:] (R of them)
             at sampling temperature, and optionally the entropy and the values there.
-            group > 1: rows come in runs of `group` answers to one prompt (RLOO's k samples)."""
+            group > 1: rows come in runs of `group` answers to one prompt (RLOO's k samples).
+            full_dist: the whole log-distribution [rows, R, vocab] in place of the log-probs
+            (the exact KL of trpo's trust region, trainer/natural_gradient.py)."""
             inner = self.inner
             backbone = inner.base_model
             if group > 1:
@@ -118,7 +121,10 @@ def policy_net(lm, value_head=None):
             # Logits only for the answer's positions, in fp32, divided by the sampling temperature.
             logits = head_logits(inner, h).float() / temperature
             lse = torch.logsumexp(logits, dim=-1)
-            logp = logits.gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1) - lse
+            if full_dist:
+                logp = logits - lse[..., None]
+            else:
+                logp = logits.gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1) - lse
             entropy = values = None
             if with_entropy:
                 with torch.no_grad():  # a diagnostic: H = logsumexp - E_p[logit]

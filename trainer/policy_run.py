@@ -303,6 +303,78 @@ class UpdateSums:
         return torch.zeros(len(dataclasses.fields(UpdateSums)), dtype=torch.float64, device=device)
 
 
+def train_record(
+    cfg,
+    step: int,
+    roll: RolloutSums,
+    upd: UpdateSums,
+    *,
+    beta: float,
+    explained_var: float | None,
+    lr: float,
+    grad_norms: list[float],
+    seconds: dict,
+    extra: dict,
+) -> dict:
+    """The {"kind": "train"} record of one step (`cfg`: the PolicyConfig; `seconds`: step_s,
+    cpu_s, gen_s, score_s, train_s, elapsed_s; `extra`: metrics of the algorithm's own)."""
+    import math
+
+    from trainer.policy_config import TOKEN_ALGOS
+
+    ppo = cfg.algo == "ppo"
+    token_ratio = ppo or cfg.algo in TOKEN_ALGOS  # a ratio per token, not per answer
+    per_token = ppo or cfg.loss_agg == "token"  # the loss is a mean over tokens
+    count, tokens, dt = roll.answers, roll.tokens, seconds["step_s"]
+    tok_updates, seq_updates = max(upd.tokens, 1.0), max(upd.answers, 1.0)
+    reward_mean = roll.reward / count
+    return {
+        "kind": "train",
+        "step": step,
+        "reward_mean": reward_mean,
+        "reward_std": math.sqrt(max(roll.reward_sq / count - reward_mean**2, 0.0)),  # normalised score
+        "score_mean": roll.score / count,  # after the missing-EOS penalty
+        "objective": roll.score / count
+        - beta * roll.kl_penalty / count,  # what is maximised: score - beta * KL
+        "kl": roll.kl / count,  # per answer, k3 (>= 0; rl_math.kl_per_answer)
+        "kl_k1": roll.kl_k1 / count,  # per answer, sum_t log pi/ref (can be < 0)
+        "kl_penalty": roll.kl_penalty / count,  # the estimator the reward uses, per answer
+        "kl_coef": beta,
+        "entropy": roll.entropy / max(tokens, 1.0),  # per token, at temperature T
+        "clip_frac": upd.clipped / (tok_updates if token_ratio else seq_updates),
+        "approx_kl": upd.approx_kl / tok_updates,  # 0.5 E[(log pi/pi_old)^2] over updates
+        "pg_loss": upd.pg_loss / (tok_updates if per_token else seq_updates),
+        "value_loss": upd.value_loss / tok_updates if ppo else None,
+        # What the update minimised: per token (PPO, with the value loss; --loss-agg token)
+        # or per answer.
+        "loss": (upd.pg_loss + cfg.vf_coef * upd.value_loss) / tok_updates
+        if ppo
+        else upd.pg_loss / (tok_updates if per_token else seq_updates),
+        "value_clip_frac": upd.value_clipped / tok_updates if ppo else None,
+        # PPO: 1 - Var(returns - values) / Var(returns) of the rollout; None without a value
+        # head, or when the returns did not vary (it is undefined then).
+        "explained_variance": explained_var
+        if explained_var is not None and math.isfinite(explained_var)
+        else None,
+        "response_len": tokens / count,
+        "eos_rate": roll.eos / count,
+        "gen_tokens": int(tokens),
+        "prompts": int(count) // cfg.k,
+        "rows": int(count),
+        "tokens_per_s": round(tokens / dt, 2),
+        "prompts_per_s": round(count / cfg.k / dt, 4),
+        "step_s": round(dt, 4),
+        "cpu_s": round(seconds["cpu_s"], 4),
+        "gen_s": round(seconds["gen_s"], 4),
+        "score_s": round(seconds["score_s"], 4),
+        "train_s": round(seconds["train_s"], 4),
+        "lr": lr,
+        "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+        "elapsed_s": round(seconds["elapsed_s"], 2),
+        **extra,
+    }
+
+
 # --------------------------------------------------------------------------------------
 # Progress a person reads: the measured step time, the time left, one line a step
 # --------------------------------------------------------------------------------------

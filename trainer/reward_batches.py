@@ -139,14 +139,39 @@ def fit_pair(
     return c, r, True, (cut_c == 2) + (cut_r == 2)
 
 
-def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
-    keys = [messages_to_json(p) for p in pairs.prompts]
-    distinct = list(dict.fromkeys(keys))  # tokenize each distinct prompt once
-    by_key = dict(zip(keys, pairs.prompts))
+def prompt_ids_by_key(tokenizer, pairs: Pairs) -> tuple[list[str], list[str], dict[str, list[int]]]:
+    """(chosen's context keys, rejected's, token ids of each distinct context): every
+    distinct context (both sides' of a chat vote) tokenized once, in one call."""
+    keys, rejected_keys = pairs.prompt_keys(), pairs.rejected_prompt_keys()
+    by_key = dict(zip(keys, pairs.prompts)) | dict(zip(rejected_keys, pairs.rejected_prompts))
+    distinct = list(dict.fromkeys(keys + rejected_keys))
     texts, add_special = render_prompts(tokenizer, [by_key[k] for k in distinct])
-    prompt_ids = (
-        dict(zip(distinct, tokenizer(texts, add_special_tokens=add_special).input_ids)) if distinct else {}
+    ids = dict(zip(distinct, tokenizer(texts, add_special_tokens=add_special).input_ids)) if distinct else {}
+    return keys, rejected_keys, ids
+
+
+def fit_sides(
+    chosen_prompt: list[int],
+    rejected_prompt: list[int],
+    chosen_ids: list[int],
+    rejected_ids: list[int],
+    max_length: int,
+) -> tuple[list[int], list[int], bool, int]:
+    """fit_pair when both answers share one context; a chat vote's two sides, each with
+    its own history, are each fitted to their own (the oldest tokens cut, answers kept)."""
+    if chosen_prompt is rejected_prompt or chosen_prompt == rejected_prompt:
+        return fit_pair(chosen_prompt, chosen_ids, rejected_ids, max_length)
+    c, cut_c = fit(chosen_prompt, chosen_ids, max_length)
+    r, cut_r = fit(rejected_prompt, rejected_ids, max_length)
+    # A context lost tokens when it was cut (1), or dropped whole for an answer too long (2).
+    prompt_cut = any(
+        cut == 1 or (cut == 2 and bool(p)) for cut, p in ((cut_c, chosen_prompt), (cut_r, rejected_prompt))
     )
+    return c, r, prompt_cut, (cut_c == 2) + (cut_r == 2)
+
+
+def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
+    keys, rejected_keys, prompt_ids = prompt_ids_by_key(tokenizer, pairs)
     # All answers in one batched tokenizer call; each closes with EOS, where the reward is read.
     eos = tokenizer.eos_token or ""
     answers = (
@@ -156,11 +181,11 @@ def encode_pairs(pairs: Pairs, tokenizer, max_length: int) -> Encoded:
     )
     n = len(pairs)
     chosen, rejected, prompts_cut, answers_cut = [], [], 0, 0
-    for k, a_c, a_r in zip(keys, answers[:n], answers[n:]):
-        c, r, prompt_cut, answer_cuts = fit_pair(prompt_ids[k], a_c, a_r, max_length)
+    for k, rk, a_c, a_r in zip(keys, rejected_keys, answers[:n], answers[n:]):
+        c, r, prompt_cut, answer_cuts = fit_sides(prompt_ids[k], prompt_ids[rk], a_c, a_r, max_length)
         chosen.append(c)
         rejected.append(r)
-        prompts_cut += prompt_cut
+        prompts_cut += bool(prompt_cut)
         answers_cut += answer_cuts
     lengths = np.array([len(a) - (1 if eos else 0) for a in answers], dtype=np.int64)
     return Encoded(

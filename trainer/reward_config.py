@@ -18,6 +18,7 @@ from trainer.annotator_quality import WEIGHT_MODES
 from trainer.config import Config, ConfigError, model_problem, settings_for_run
 from trainer.criteria import CriteriaError, parse_criteria
 from trainer.errors import missing_extra
+from trainer.judges import JUDGE_MODES, JUDGES_HELP
 from trainer.reward_data import RewardDataError
 from trainer.runs import Run
 from trainer.store import DATA_HELP
@@ -125,6 +126,10 @@ class RewardConfig(Config):
             "are left out: exclude-flagged)",
             "flag": "--include-flagged",  # the same switch as `preflab export`'s
         },
+    )
+    judges: str = field(
+        default="exclude",
+        metadata={"help": JUDGES_HELP, "choices": JUDGE_MODES},  # trainer/judges.py
     )
     criteria: str | None = field(
         default=None,

@@ -2,7 +2,7 @@
 
     read_pairs(path, ties=, both_bad=, margin=, weights=)  -> Pairs   no tokenizer, no model
     split_by_prompt(pairs, val_fraction, seed)    -> (train, val) index arrays
-    save_snapshot / load_snapshot                 the run's own copy of its pairs and split
+    save_snapshot / load_snapshot                 the run's own copy: trainer/pair_snapshot.py
 
 Tokens and batches (encode_pairs, pack, collate, length_grouped_batches) are in
 trainer/reward_batches.py.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,26 +30,36 @@ from typing import Any
 import numpy as np
 
 from trainer.criteria import judged_names, judgments
-from trainer.errors import PreflabError
-from trainer.store import describe, is_database, messages_to_json
+
+# The shapes of prompts and answers (and the error) live in trainer/preference_format.py;
+# they are imported from here too.
+from trainer.preference_format import (  # noqa: F401
+    HH_CUE,
+    HH_ROLES,
+    RewardDataError,
+    as_messages,
+    as_response,
+    implicit_sides,
+    text_to_messages,
+)
+from trainer.store import describe, is_database, messages_to_json, side_contexts
+from trainer.store.record import CONVERSATION_FIELDS
 
 TIE_MODES = ("exclude", "include")
 NEEDED_COLUMNS = ("prompt", "chosen", "rejected")
-# The Anthropic-HH transcript that `preflab export` writes for multi-message prompts in the
-# standard (string) format: "\n\nHuman: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant:".
-HH_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
-HH_CUE = "\n\nAssistant:"
-
-
-class RewardDataError(PreflabError, ValueError):
-    """Input that a reward model cannot be trained on. The message says what to change."""
 
 
 @dataclass
 class Pairs:
     """Preference pairs as parallel lists (one entry per pair)."""
 
-    prompts: list[list[dict[str, str]]] = field(default_factory=list)  # chat messages
+    prompts: list[list[dict[str, str]]] = field(default_factory=list)  # chosen's context: chat messages
+    # The rejected answer's context: the same list as `prompts` but for a chat vote, whose
+    # two sides each answered their own history (trainer.store.side_contexts).
+    rejected_prompts: list[list[dict[str, str]]] = field(default_factory=list)
+    # What split_by_prompt keeps together: the prompt's JSON; for a chat vote the
+    # conversation's opening, so later turns of one conversation never straddle the split.
+    groups: list[str] = field(default_factory=list)
     chosen: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     label: list[float] = field(default_factory=list)  # P(chosen beats rejected): 1.0 or 0.5
@@ -62,9 +71,22 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.chosen)
 
-    def add(self, prompt, chosen, rejected, label=1.0, margin=0.0, weight=1.0, head=0):
+    def add(
+        self,
+        prompt,
+        chosen,
+        rejected,
+        label=1.0,
+        margin=0.0,
+        weight=1.0,
+        head=0,
+        rejected_prompt=None,
+        group=None,
+    ):
         self.head.append(int(head))
         self.prompts.append(prompt)
+        self.rejected_prompts.append(prompt if rejected_prompt is None else rejected_prompt)
+        self.groups.append(messages_to_json(prompt) if group is None else group)
         self.chosen.append(chosen)
         self.rejected.append(rejected)
         self.label.append(float(label))
@@ -82,6 +104,8 @@ class Pairs:
                 self.margin[i],
                 self.weight[i],
                 self.head[i],
+                self.rejected_prompts[i],
+                self.groups[i],
             )
         return out
 
@@ -89,76 +113,8 @@ class Pairs:
         # The canonical JSON of the prompt: one spelling per distinct prompt, whatever its source.
         return [messages_to_json(p) for p in self.prompts]
 
-
-# --------------------------------------------------------------------------------------
-# Prompts and answers in the shapes people hand us
-# --------------------------------------------------------------------------------------
-
-
-def text_to_messages(prompt: str) -> tuple[list[dict[str, str]], bool]:
-    """A string prompt as chat messages. Returns (messages, is_transcript).
-
-    An HH transcript ("\\n\\nHuman: ... \\n\\nAssistant:") is split back into its turns
-    (exactly what `preflab export` writes for multi-turn prompts); any other string is
-    one user message, the same rule `trainer.models.render_prompt` applies.
-    """
-    first_label = prompt[2:].partition(":")[0]
-    if prompt.startswith("\n\n") and first_label in HH_ROLES and prompt.endswith(HH_CUE):
-        body = prompt[: -len(HH_CUE)]
-        messages = []
-        for chunk in body.split("\n\n")[1:]:
-            role, sep, content = chunk.partition(": ")
-            if role in HH_ROLES and sep:
-                messages.append({"role": HH_ROLES[role], "content": content})
-            elif messages:  # a blank line inside a turn: glue it back onto that turn
-                messages[-1]["content"] += "\n\n" + chunk
-        if messages:
-            return messages, True
-    return [{"role": "user", "content": prompt}], False
-
-
-def as_messages(prompt: Any, where: str = "") -> list[dict[str, str]]:
-    """Chat messages from a string, a JSON string of messages, or a list of messages."""
-    if isinstance(prompt, str):
-        stripped = prompt.lstrip()
-        if stripped.startswith("[{"):  # maybe the store's canonical JSON spelling
-            try:
-                return as_messages(json.loads(prompt), where)
-            except (json.JSONDecodeError, RewardDataError):
-                pass  # text that merely looks like JSON: it is a user message
-        return text_to_messages(prompt)[0]
-    if (
-        isinstance(prompt, (list, tuple))
-        and prompt
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt
-        )
-    ):
-        return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise RewardDataError(
-        f"{where}prompt must be a string or a non-empty list of "
-        f"{{'role', 'content'}} messages, got {str(prompt)[:80]!r}"
-    )
-
-
-def as_response(value: Any, transcript: bool = False, where: str = "") -> str:
-    """An answer as plain text: a string, or (conversational format) a list of assistant messages."""
-    if isinstance(value, str):
-        # Answers to an HH transcript carry the space that follows "Assistant:".
-        return value[1:] if transcript and value.startswith(" ") else value
-    if (
-        isinstance(value, (list, tuple))
-        and value
-        and all(
-            isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str)
-            for m in value
-        )
-    ):
-        return "".join(m["content"] for m in value)
-    raise RewardDataError(
-        f"{where}an answer must be a string or a list of assistant messages, got {str(value)[:80]!r}"
-    )
+    def rejected_prompt_keys(self) -> list[str]:
+        return [messages_to_json(p) for p in self.rejected_prompts]
 
 
 # --------------------------------------------------------------------------------------
@@ -196,28 +152,41 @@ def pairs_from_votes(
         per_annotator = annotator_weights(votes, weights) if weights != "none" else {}
     except AnnotatorQualityError as e:
         raise RewardDataError(f"{source}: {e}") from None
-    cols = votes.select(["prompt", "response_a", "response_b", "choice", "strength"]).to_pydict()
+    names = [c for c in VOTE_COLUMNS if c in votes.column_names]
+    cols = votes.select(names).to_pydict()
+    n_votes = votes.num_rows
+    chats = [cols.get(f, [None] * n_votes) for f in CONVERSATION_FIELDS]
     parsed: dict[str, list[dict[str, str]]] = {}  # parse each distinct prompt's JSON once
     pairs = Pairs()
 
+    def contexts(i: int, prompt: str):
+        """(a's context, b's context, split group) of vote i: trainer.store.side_contexts."""
+        if chats[0][i] is not None and chats[1][i] is not None:
+            a, b = side_contexts(
+                {"prompt": prompt, "conversation_a": chats[0][i], "conversation_b": chats[1][i]}
+            )
+            return a, b, prompt
+        if prompt not in parsed:
+            parsed[prompt] = as_messages(json.loads(prompt))
+        return parsed[prompt], parsed[prompt], None
+
     def add_votes(choices, strengths, head: int) -> dict[str, int]:
         counts = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
-        for prompt, a, b, choice, strength, wt in zip(
-            cols["prompt"], cols["response_a"], cols["response_b"], choices, strengths, w
+        for i, (prompt, a, b, choice, strength, wt) in enumerate(
+            zip(cols["prompt"], cols["response_a"], cols["response_b"], choices, strengths, w)
         ):
             if choice is None:  # a criterion this vote did not judge
                 continue
             counts[choice] = counts.get(choice, 0) + 1
-            if prompt not in parsed:
-                parsed[prompt] = as_messages(json.loads(prompt))
+            context_a, context_b, group = contexts(i, prompt)
             m = margin_scale * float(strength or 0) if margin else 0.0
             if choice == "a":
-                pairs.add(parsed[prompt], a, b, 1.0, m, wt, head)
+                pairs.add(context_a, a, b, 1.0, m, wt, head, context_b, group)
             elif choice == "b":
-                pairs.add(parsed[prompt], b, a, 1.0, m, wt, head)
+                pairs.add(context_b, b, a, 1.0, m, wt, head, context_a, group)
             elif (choice == "tie" and ties == "include") or (choice == "both_bad" and both_bad == "include"):
                 # No preference: a soft label of 0.5 pulls the two rewards together.
-                pairs.add(parsed[prompt], a, b, 0.5, 0.0, wt, head)
+                pairs.add(context_a, a, b, 0.5, 0.0, wt, head, context_b, group)
         return counts
 
     counts = add_votes(cols["choice"], cols["strength"], 0)
@@ -319,11 +288,13 @@ def read_rows(path: Path, keep=(*NEEDED_COLUMNS, "margin")) -> tuple[list[str], 
 
 def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) -> Pairs:
     """A TRL preference file (standard strings or conversational messages, explicit prompt,
-    optional `margin` column) -> pairs. Every row is a preference (label 1)."""
+    optional `margin` column; or the implicit-prompt conversational form, whole
+    conversations in chosen and rejected) -> pairs. Every row is a preference (label 1)."""
     path = Path(path)
     names, rows = read_rows(path)
     missing = [c for c in NEEDED_COLUMNS if c not in names]
-    if missing:
+    implicit = missing == ["prompt"]  # what `preflab export` writes when histories differ
+    if missing and not implicit:
         raise RewardDataError(
             f"{path}: needs the columns {', '.join(NEEDED_COLUMNS)} (TRL's preference format with an "
             f"explicit prompt); missing {', '.join(missing)}; found {', '.join(names) or 'no columns'}"
@@ -339,6 +310,15 @@ def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) ->
         m = margin_scale * float(row.get("margin") or 0.0) if has_margin else 0.0
         if not math.isfinite(m):
             raise RewardDataError(f"{where}margin must be a finite number, got {row.get('margin')!r}")
+        if implicit:
+            (context_c, chosen), (context_r, rejected) = implicit_sides(
+                row.get("chosen"), row.get("rejected"), where
+            )
+            # Kept together by the split: the opening, up to the first user message.
+            first_user = next((n for n, m in enumerate(context_c) if m["role"] == "user"), len(context_c))
+            group = messages_to_json(context_c[: first_user + 1])
+            pairs.add(context_c, chosen, rejected, 1.0, m, 1.0, 0, context_r, group)
+            continue
         pairs.add(
             as_messages(prompt, where),
             as_response(row.get("chosen"), transcript, where),
@@ -359,20 +339,26 @@ def pairs_from_file(path, *, margin: bool = False, margin_scale: float = 1.0) ->
     return pairs
 
 
-VOTE_COLUMNS = ["prompt", "response_a", "response_b", "choice", "strength"]
+# A chat vote's two conversations come along: each side is scored in its own context.
+VOTE_COLUMNS = ["prompt", "response_a", "response_b", "choice", "strength", *CONVERSATION_FIELDS]
 # What vote weights are computed from (trainer.annotator_quality): who voted on which
 # pair, and when (their latest vote on a pair counts), and which pairs are gold.
 WEIGHT_COLUMNS = ["pair_id", "annotator", "created_at", "gen_params"]
 
 
-def _store_votes(target, columns: list[str], exclude_flagged: bool) -> tuple[Any, list[str], int]:
-    """(standing votes, the confirmed-flagged annotators left out, their votes dropped)."""
+def _store_votes(target, columns: list[str], exclude_flagged: bool, judges: str = "exclude"):
+    """(standing votes, the confirmed-flagged annotators left out, their votes dropped,
+    what --judges did: a line, "" when there were no judge votes; trainer/judges.py)."""
     from trainer.flags import read_counted_votes
+    from trainer.judges import select_judges
 
-    votes, exclusion = read_counted_votes(str(target), columns, include_flagged=not exclude_flagged)
+    wanted = list(dict.fromkeys([*columns, "annotator"]))
+    votes, exclusion = read_counted_votes(str(target), wanted, include_flagged=not exclude_flagged)
+    votes, judged = select_judges(votes, judges)
+    votes = votes.select(list(columns))
     if not exclude_flagged:
-        return votes, [], 0
-    return votes, list(exclusion.annotators), exclusion.dropped
+        return votes, [], 0, judged
+    return votes, list(exclusion.annotators), exclusion.dropped, judged
 
 
 def read_pairs(
@@ -385,12 +371,14 @@ def read_pairs(
     weights: str = "none",
     exclude_flagged: bool = True,
     criteria: list[str] = (),
+    judges: str = "exclude",
 ) -> Pairs:
     """Pairs from a comparison store (a directory, or a postgresql:// URL) or a
     TRL-format file. A database that cannot be reached raises trainer.store.StoreError.
     `weights`: per-vote weights (pairs_from_votes); a file has no annotators, so only none.
     From a store, the votes of annotators whose flag an admin confirmed are left out
-    (before any weights are computed) unless `exclude_flagged` is False (trainer/flags.py)."""
+    (before any weights are computed) unless `exclude_flagged` is False (trainer/flags.py);
+    models' votes (annotators judge:<name>) as `judges` says (trainer/judges.py)."""
     if ties not in TIE_MODES or both_bad not in TIE_MODES:
         raise RewardDataError(f"ties / both-bad must be one of {TIE_MODES}")
     columns = (
@@ -400,12 +388,15 @@ def read_pairs(
     p = None if is_database(path) else Path(path)  # a URL is a store, never a file (Path would fold its "//")
     if p is None or p.is_dir():
         try:
-            votes, excluded, dropped = _store_votes(path, columns, exclude_flagged)
+            votes, excluded, dropped, judged = _store_votes(path, columns, exclude_flagged, judges)
         except FileNotFoundError as e:
+            raise RewardDataError(str(e)) from None
+        except ValueError as e:  # an unknown --judges mode
             raise RewardDataError(str(e)) from None
         source = describe(path) if p is None else str(p)
         pairs = pairs_from_votes(votes, source=source, criteria=list(criteria), **options)
         pairs.summary["excluded_flagged"] = {"annotators": excluded, "votes": dropped}
+        pairs.summary["judges"] = {"mode": judges, "note": judged}
         return pairs
     if p.is_file():
         if criteria:
@@ -430,7 +421,7 @@ def read_pairs(
 def split_by_prompt(pairs: Pairs, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Index arrays (train, val). All pairs of one prompt land on the same side, so the
     validation accuracy measures generalisation to unseen prompts, not memorised ones."""
-    keys = pairs.prompt_keys()
+    keys = pairs.groups
     groups: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)
@@ -447,56 +438,3 @@ def split_by_prompt(pairs: Pairs, val_fraction: float, seed: int) -> tuple[np.nd
     val_set = set(val)
     train = [i for i in range(len(pairs)) if i not in val_set]
     return np.array(train, dtype=np.int64), np.array(sorted(val), dtype=np.int64)
-
-
-# --------------------------------------------------------------------------------------
-# The run's own copy of its data
-# --------------------------------------------------------------------------------------
-
-
-def save_snapshot(pairs: Pairs, train_idx, val_idx, path) -> None:
-    """The exact pairs and split a run trains on, written once into its run directory:
-    a resumed run reads this, not the store (which may have new votes by then), so it
-    continues the very same optimisation; and one can always tell what a model saw."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    split = np.array(["train"] * len(pairs), dtype=object)
-    split[np.asarray(val_idx, dtype=np.int64)] = "val"
-    table = pa.table(
-        {
-            "prompt": pairs.prompt_keys(),
-            "chosen": pairs.chosen,
-            "rejected": pairs.rejected,
-            "label": pa.array(pairs.label, pa.float32()),
-            "margin": pa.array(pairs.margin, pa.float32()),
-            "weight": pa.array(pairs.weight, pa.float32()),
-            "split": split.tolist(),
-            # the head each pair trains; only in a multi-head run's snapshot (--criteria)
-            **({"head": pa.array(pairs.head, pa.int16())} if any(pairs.head) else {}),
-        }
-    )
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    # 0600: the snapshot is the votes themselves, as private as the store they came from
-    with open(tmp, "wb", opener=lambda name, flags: os.open(name, flags, 0o600)) as f:
-        pq.write_table(table, f, compression="zstd")
-    os.replace(tmp, path)
-
-
-def load_snapshot(path, summary: dict | None = None) -> tuple[Pairs, np.ndarray, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    cols = pq.read_table(path).to_pydict()
-    pairs = Pairs(summary=dict(summary or {}))
-    parsed: dict[str, list[dict[str, str]]] = {}
-    # A snapshot from before --weights has no weight column: every vote weighed 1 then.
-    weight = cols.get("weight") or [1.0] * len(cols["chosen"])
-    head = cols.get("head") or [0] * len(cols["chosen"])  # a single-head snapshot has no column
-    for p, c, r, label, m, w, h in zip(
-        cols["prompt"], cols["chosen"], cols["rejected"], cols["label"], cols["margin"], weight, head
-    ):
-        if p not in parsed:
-            parsed[p] = json.loads(p)
-        pairs.add(parsed[p], c, r, label, m, w, h)
-    split = np.array(cols["split"])
-    return pairs, np.flatnonzero(split == "train"), np.flatnonzero(split == "val")

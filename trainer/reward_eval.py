@@ -4,7 +4,9 @@
     preflab eval-reward runs/rm-1 --data rewardbench.parquet --json
 
 The file is TRL's preference format: `prompt`, `chosen`, `rejected` (strings, an HH
-transcript, or message lists), as `train-reward --data` reads it. Also:
+transcript, or message lists), as `train-reward --data` reads it, or its implicit-prompt
+conversational form (no `prompt`: whole conversations, each answer scored after its own
+history, what `preflab export` writes for chat votes whose histories differ). Also:
 
 * `rejected` may hold a list of answers (best-of-N): the row is right only when `chosen`
   scores strictly higher than every one of them; each (chosen, rejected) pair also
@@ -86,6 +88,7 @@ class RewardEvalError(PreflabError, ValueError):
 
 def read_eval_rows(path) -> list[dict[str, Any]]:
     """Rows {prompt (messages), chosen, rejected (a list of answers), subset} of the file."""
+    from trainer.preference_format import implicit_sides
     from trainer.reward_data import RewardDataError, as_messages, as_response, read_rows, text_to_messages
 
     path = Path(path)
@@ -94,7 +97,8 @@ def read_eval_rows(path) -> list[dict[str, Any]]:
     except RewardDataError as e:
         raise RewardEvalError(str(e)) from None
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in names]
-    if missing:
+    implicit = missing == ["prompt"]  # TRL's implicit-prompt form: whole conversations
+    if missing and not implicit:
         raise RewardEvalError(
             f"{path}: needs the columns prompt, chosen, rejected (TRL's preference format); "
             f"missing {', '.join(missing)}"
@@ -103,6 +107,20 @@ def read_eval_rows(path) -> list[dict[str, Any]]:
     for i, row in enumerate(rows):
         where = f"{path} row {i}: "
         try:
+            if implicit:  # one rejected conversation per row: each answer after its own history
+                (context_c, chosen), (context_r, rejected) = implicit_sides(
+                    row.get("chosen"), row.get("rejected"), where
+                )
+                out.append(
+                    {
+                        "prompt": context_c,
+                        "chosen": chosen,
+                        "rejected": [rejected],
+                        "rejected_prompts": [context_r],
+                        "subset": str(row["subset"]) if row.get("subset") is not None else None,
+                    }
+                )
+                continue
             prompt = row.get("prompt")
             transcript = isinstance(prompt, str) and text_to_messages(prompt)[1]
             rejected = row.get("rejected")
@@ -131,8 +149,10 @@ def evaluate_rows(rows: list[dict[str, Any]], model, batch_size: int = 16) -> di
     `model` (a trainer.reward_model.RewardModel)."""
     prompts, answers, owner = [], [], []  # every answer once: row i's chosen, then its rejected
     for i, row in enumerate(rows):
-        for answer in (row["chosen"], *row["rejected"]):
-            prompts.append(row["prompt"])
+        # A row from a chat vote scores each answer after its own history.
+        contexts = row.get("rejected_prompts") or [row["prompt"]] * len(row["rejected"])
+        for context, answer in zip((row["prompt"], *contexts), (row["chosen"], *row["rejected"])):
+            prompts.append(context)
             answers.append(answer)
             owner.append(i)
     scores = np.asarray(model.score(prompts, answers, normalize=False, batch_size=batch_size))

@@ -20,8 +20,9 @@ import sys
 import time
 
 from trainer.criteria import parse_criteria
+from trainer.pair_snapshot import load_snapshot, save_snapshot
 from trainer.reward_config import RewardConfig
-from trainer.reward_data import RewardDataError, load_snapshot, read_pairs, save_snapshot, split_by_prompt
+from trainer.reward_data import RewardDataError, read_pairs, split_by_prompt
 from trainer.runs import CHECKPOINT, CONFIG_FILE, SNAPSHOT_FILE, Run, read_json, write_json
 
 
@@ -60,6 +61,7 @@ def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> t
             weights=cfg.weights,
             exclude_flagged=cfg.exclude_flagged,
             criteria=parse_criteria(cfg.criteria),
+            judges=cfg.judges,
         )
         train_idx, val_idx = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)
         summary = pairs.summary
@@ -82,7 +84,7 @@ def snapshot_data(cfg: RewardConfig, run: Run, resuming: bool, accelerator) -> t
     # Every process (and every resume) trains on the snapshot: the same pairs, the same split.
     pairs, train_idx, val_idx = load_snapshot(snapshot, summary)
     if len(val_idx) == 0 and main:
-        prompts = len(set(pairs.prompt_keys()))
+        prompts = len(set(pairs.groups))  # what the split keeps together
         if cfg.val_fraction == 0:
             why = "--val-fraction 0"
         elif prompts < 2:
@@ -112,6 +114,8 @@ def report_data(summary: dict, n_pairs: int, n_train: int, n_val: int, cut_note:
         f"from {s.get('source')}{votes}",
         file=sys.stderr,
     )
+    if (s.get("judges") or {}).get("note"):  # trainer/judges.py: what --judges did
+        print(f"judges: {s['judges']['note']}", file=sys.stderr)
     print(f"truncation: {cut_note}", file=sys.stderr)
 
 

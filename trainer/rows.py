@@ -55,6 +55,13 @@ def line_or_row(where: str) -> str:
 MAX_DEPTH = 64  # objects and lists inside one another, in one row; real data needs a few
 
 
+def storable_text(text: str) -> str:
+    """Model text as a store can hold it: no NUL (PostgreSQL refuses one), no lone
+    surrogate (UTF-8 cannot encode one). For what a model wrote; a person's text is
+    refused instead (text_problem), so that they can fix it."""
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
 def text_problem(text: str) -> str | None:
     """Why `text` is not valid text, None when it is: a lone surrogate (what surrogateescape
     makes of an undecodable byte, or what a JSON "\\ud800" escape gives), which UTF-8

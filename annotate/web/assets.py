@@ -9,15 +9,17 @@ progress bar of the Annotate tab, the waiting spinner, and the narrow-screen lay
 that scroll sideways in their own box instead of running past the screen's edge).
 """
 
-# Keyboard shortcuts: 1-4, s, u click the buttons with these element ids; q/w/e and z/x/c
+# Keyboard shortcuts: 1-4, s, u click the buttons with these element ids (the first one
+# shown: the Annotate tab's or the Chat tab's); q/w/e and z/x/c
 # pick A/B/tie of the first two pairwise rubric criteria. Keys typed in
 # a text field are text (radio buttons are not text fields: pick a strength, then press
 # 1). Escape leaves the rationale box, so the keys work again without the mouse.
 KEYS_JS = """
 <script>
 (() => {
-  const KEYS = {"1": "vote-left", "2": "vote-right", "3": "vote-tie", "4": "vote-both-bad",
-                "s": "skip", "u": "undo"};
+  const KEYS = {"1": ["vote-left", "chat-vote-left"], "2": ["vote-right", "chat-vote-right"],
+                "3": ["vote-tie", "chat-vote-tie"], "4": ["vote-both-bad", "chat-vote-both-bad"],
+                "s": ["skip"], "u": ["undo"]};
   const TEXT_INPUTS = /^(text|search|email|number|password|url|tel|date|time)$/i;
   function typing(el) {
     if (!el) return false;
@@ -39,14 +41,16 @@ KEYS_JS = """
       radio.click();
       return;
     }
-    const id = KEYS[key];
-    if (!id) return;
-    const el = document.getElementById(id);
-    const button = el && (el.tagName === "BUTTON" ? el : el.querySelector("button"));
-    // offsetParent is null when the button is hidden (another tab, no pair shown).
-    if (!button || button.disabled || button.offsetParent === null) return;
-    e.preventDefault();
-    button.click();
+    for (const id of KEYS[key] || []) {
+      const el = document.getElementById(id);
+      const button = el && (el.tagName === "BUTTON" ? el : el.querySelector("button"));
+      // offsetParent is null when the button is hidden (another tab, no pair shown, a
+      // chat answer still streaming).
+      if (!button || button.disabled || button.offsetParent === null) continue;
+      e.preventDefault();
+      button.click();
+      return;
+    }
   });
 })();
 </script>
@@ -155,6 +159,22 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
 /* gradio clips its container with overflow: hidden, which makes it the sticky bar's
    scroll box (one that never scrolls); clip cuts the same and leaves the window as it. */
 .gradio-container { overflow: clip !important; }
+/* The Chat tab (annotate/web/chat_tab.py): each panel grows with its conversation (the
+   page scrolls, not the panel: a panel re-rendered for every token would lose its own
+   scroll position), the user's turns shaded, the answer still coming marked. */
+.chat-panel { min-height: 160px; line-height: 1.5; }
+.chat-panel .turn-user .text { background: var(--background-fill-secondary); border-radius: 8px;
+  padding: 2px 10px; }
+.chat-panel[data-streaming="true"] .turn-assistant:last-child .text::after { content: "▍";
+  color: var(--color-accent); animation: blink 1s steps(2, start) infinite; }
+@keyframes blink { to { visibility: hidden; } }
+.chat-panel .chat-model { color: var(--body-text-color); letter-spacing: normal; }
+.chat-error { margin-top: 8px; color: var(--error-text-color, #b91c1c); font-size: 0.9em; }
+.chat-stats { min-height: 1.5em; padding: 3px 6px; font-size: 0.85em; font-variant-numeric: tabular-nums;
+  color: var(--body-text-color-subdued); }
+#chat-vote-row button { font-size: 1.05em; min-height: 48px; }
+#chat-vote-row { position: sticky; bottom: 0; z-index: 5; background: var(--body-background-fill);
+  padding: 6px 0; }
 .status { min-height: 1.6em; color: var(--body-text-color-subdued); }
 .status.error { color: var(--error-text-color, #b91c1c); }
 .waiting { padding: 40px; text-align: center; font-size: 1.1em; }
@@ -170,8 +190,8 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
 /* ---- narrow screens (phones): one column ---------------------------------------------- */
 @media (max-width: 700px) {
   #topbar .keys { display: none; }       /* no keyboard on a phone; the buttons say it all */
-  #answers-row { flex-direction: column; gap: 10px; }   /* A above B: the same A and B */
-  #answers-row > * { min-width: 0 !important; width: 100%; }
+  #answers-row, #chat-answers-row { flex-direction: column; gap: 10px; }   /* A above B: the same A and B */
+  #answers-row > *, #chat-answers-row > * { min-width: 0 !important; width: 100%; }
   .card { padding: 8px 12px; }
   .more-cue { width: calc(100% + 24px); margin-left: -12px; margin-right: -12px; bottom: -8px;
     margin-bottom: -8px; }
@@ -179,8 +199,10 @@ kbd { border: 1px solid var(--border-color-primary); border-bottom-width: 2px; b
   #vote-row { display: grid !important; grid-template-columns: 1fr 1fr; gap: 6px;
     padding: 6px 0 8px; box-shadow: 0 -6px 8px -6px rgba(0, 0, 0, 0.18); }
   #vote-row button { min-width: 0 !important; min-height: 44px; font-size: 1em; padding: 4px 6px; }
-  #vote-details { flex-direction: column; }
-  #vote-details > * { min-width: 0 !important; width: 100%; }
+  #chat-vote-row { display: grid !important; grid-template-columns: 1fr 1fr; gap: 6px; }
+  #chat-vote-row button { min-width: 0 !important; min-height: 44px; font-size: 1em; padding: 4px 6px; }
+  #vote-details, #chat-vote-details { flex-direction: column; }
+  #vote-details > *, #chat-vote-details > * { min-width: 0 !important; width: 100%; }
   #rubric .criterion { min-width: 0 !important; flex-basis: 100%; }
   /* Plots side by side in a row (Dashboard, Train) take a row each: gradio's 160 px
      minimum (an inline style) would put two 180 px plots with cut titles side by side. */

@@ -6,7 +6,9 @@ Numbers come from `Service.dashboard` (JSON-able records); this module turns the
 the cards, plots and tables of the page. The export writes into this server's private
 export folder and hands out download links of `ctx.exports` (annotate/web/downloads.py:
 admins only, never through gradio's file cache); it is also the `/export` API
-endpoint, which returns (report, [{"name", "url"}]). The tab is hidden and shown on
+endpoint, which returns (report, [{"name", "url"}]); `/chat_prompts` (include_flagged) the
+same for the prompts annotators wrote in chat mode, `chat-prompts.jsonl`
+(annotate/chat_prompts.py). The tab is hidden and shown on
 load for admins; every handler checks the role again. The numbers and the export leave
 out the votes of annotators whose flag an admin confirmed unless the tab's
 "Include confirmed-flagged annotators' votes" box is ticked (trainer/flags.py; the
@@ -27,7 +29,9 @@ from trainer.flags import INCLUDE_FLAGGED_LABEL
 # The columns of the dashboard's tables (annotate/stats.py), so that a table without
 # rows still has its columns and a number column that came back as None is NaN again.
 BY_COLUMNS = ("votes", "ties", "both_bad", "tie_rate", "both_bad_rate", "left_share", "median_decision_ms")
-KAPPA_COLUMNS = ("annotator_1", "annotator_2", "n_shared", "agreement", "kappa", "note")
+AGREEMENT = ("n_shared", "agreement", "agreement_low", "agreement_high", "kappa", "note")
+KAPPA_COLUMNS = ("annotator_1", "annotator_2", *AGREEMENT)
+JUDGE_COLUMNS = ("judge", "annotator", *AGREEMENT)  # annotate/judge_agreement.py
 CRITERIA_COLUMNS = ("criterion", "kind", "judged", "shared_pairs", "agreement", "mean_kappa", "alpha")
 CHOICE_COLUMNS = ("choice", "share", "votes")
 FLOAT_COLUMNS = (
@@ -36,6 +40,8 @@ FLOAT_COLUMNS = (
     "left_share",
     "median_decision_ms",
     "agreement",
+    "agreement_low",
+    "agreement_high",
     "kappa",
     "share",
     "mean_kappa",
@@ -119,11 +125,24 @@ def annotator_table(by_annotator):
 
 
 def kappa_table(kappa):
+    """People's agreement, or a judge's with people (JUDGE_COLUMNS): the same columns
+    after the names, the agreement with its 95% interval."""
     out = kappa.copy()
-    out["agreement"] = out["agreement"].map(pct)
+    out["agreement"] = [
+        "–" if math.isnan(a) else f"{pct(a)} ({pct(low)}–{pct(high)})"
+        for a, low, high in zip(out["agreement"], out["agreement_low"], out["agreement_high"])
+    ]
+    out = out.drop(columns=["agreement_low", "agreement_high"])
     out["kappa"] = out["kappa"].map(lambda x: "–" if math.isnan(x) else f"{x:.2f}")
     return out.rename(
-        columns={"annotator_1": "annotator", "annotator_2": "and annotator", "n_shared": "shared pairs"}
+        columns={
+            "annotator_1": "annotator",
+            "annotator_2": "and annotator",
+            "judge": "judge",
+            "annotator": "and annotator",
+            "n_shared": "shared pairs",
+            "agreement": "agreement (95% CI)",
+        }
     )
 
 
@@ -199,6 +218,12 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         t_kappa = gr.Dataframe(
             label="Agreement: Cohen's kappa per annotator pair (shared pairs only)", interactive=False
         )
+        t_judges = gr.Dataframe(
+            label="Model judges (preflab judge) against people: Cohen's kappa, agreement (95% CI)",
+            interactive=False,
+            elem_id="judge-agreement",
+            visible=False,  # shown once a store holds judge votes
+        )
         t_criteria = gr.Dataframe(
             label="Agreement per rubric criterion (scales as the preference their scores imply)",
             interactive=False,
@@ -213,7 +238,12 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
                 x_aggregate = gr.Radio(["none", "majority"], value="none", label="One row per")
                 x_filetype = gr.Radio(["parquet", "jsonl"], value="parquet", label="File")
                 x_margin = gr.Checkbox(label="margin column (from strength)", value=False)
-            x_button = gr.Button("Export", variant="primary", scale=0)
+            with gr.Row():
+                x_button = gr.Button("Export", variant="primary", scale=0)
+                # The prompts annotators typed in chat mode, as a pool for the next round.
+                x_chat_prompts = gr.Button(
+                    "Chat prompts (chat-prompts.jsonl)", scale=0, elem_id="chat-prompts"
+                )
             x_report = gr.Markdown(elem_id="export-report")
             # What the /export API returns; the page shows it as links (x_links).
             x_files = gr.JSON(visible=False)
@@ -246,6 +276,10 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
             by_annotator.assign(median_s=by_annotator["median_decision_ms"] / 1000),
             annotator_table(by_annotator),
             kappa_table(kappa),
+            gr.Dataframe(
+                value=kappa_table(frame(tables.get("judges", []), JUDGE_COLUMNS)),
+                visible=bool(tables.get("judges")),
+            ),
             frame(tables.get("criteria", []), CRITERIA_COLUMNS),
         )
 
@@ -266,6 +300,12 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
             )
         return report, exports.publish(files)
 
+    def on_chat_prompts(include_flagged=False, request: gr.Request = None):
+        name = guard.admin(request)
+        with guard.errors():
+            files, report = service.chat_prompts(name, exports.folder, include_flagged=bool(include_flagged))
+        return report, exports.publish(files)
+
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
     dash_outputs = [
         d_updated,
@@ -279,6 +319,7 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         p_time,
         t_annotators,
         t_kappa,
+        t_judges,
         t_criteria,
     ]
     admin_kw = dict(api_visibility="private", concurrency_limit=2, concurrency_id="admin")
@@ -292,6 +333,14 @@ def build_dashboard_tab(demo, ctx, guard) -> None:
         [x_format, x_ties, x_aggregate, x_filetype, x_margin, d_flagged_on],
         [x_report, x_files],
         api_name="export",
+        concurrency_limit=2,
+        concurrency_id="admin",
+    ).success(links_html, x_files, x_links, api_visibility="private", show_progress="hidden")
+    x_chat_prompts.click(
+        on_chat_prompts,
+        [d_flagged_on],
+        [x_report, x_files],
+        api_name="chat_prompts",
         concurrency_limit=2,
         concurrency_id="admin",
     ).success(links_html, x_files, x_links, api_visibility="private", show_progress="hidden")

@@ -12,6 +12,8 @@ import math
 from typing import Any
 
 SAFE_SCHEMES = ("http:", "https:", "mailto:")
+# A vote's choice as the page says it (the Annotate and Chat tabs).
+CHOICE_WORDS = {"left": "A is better", "right": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 _markdown = None
 
 

@@ -8,7 +8,9 @@ Page and API call the same Service methods, and every handler goes through one
 `Guard` (annotate/web/guard.py) that resolves the caller from gr.Request.username and
 checks the role on the server: hiding the admin tabs is cosmetic, not security. The
 admin tabs (Dashboard, Leaderboard, Review, Train) build themselves from their own
-modules, each `build_x_tab(demo, ctx, guard)`.
+modules, each `build_x_tab(demo, ctx, guard)`; so does `serve --chat`'s Chat tab
+(annotate/web/chat_tab.py), the first tab when there is one, with the Annotate tab only
+when there are pairs to annotate too.
 
 API, for scripts and load tests (gradio_client, logged in with auth=(user, password)):
 
@@ -21,10 +23,16 @@ API, for scripts and load tests (gradio_client, logged in with auth=(user, passw
         (criteria: serve --rubric's judgments as shown, {"helpful": "left", "clarity": {"left": 4,
         "right": 2}, "flags": {"right": ["unsafe"]}}, or None)
     client.predict(pair_id, api_name="/skip"); client.predict(api_name="/undo")
-    client.predict(api_name="/dashboard")            (admins; /export too, from the Dashboard tab:
+    client.predict(api_name="/dashboard")            (admins; /export and /chat_prompts too, from the Dashboard tab:
         report, [{"name", "url"}]; GET urljoin(client.src, url) with client.cookies: annotate/web/downloads.py)
     /runs, /train_reward, /train_policy, /arena_add: the loop, for scripts (admins;
     annotate/web/loop_api.py); /leaderboard (admins; annotate/web/leaderboard_tab.py)
+    client.predict(conversation_id or "", message, api_name="/chat")   (serve --chat; annotate/web/chat_api.py)
+        -> the chat view once both answers are complete (submit() streams every view):
+        {"conversation_id", "turn", "left": {"messages", "streaming", "ttft_ms", "tokens_per_s",
+        "error", "cut"}, "right": {...}, "can_vote", "voted", "ack", "message"}   (no model names)
+    client.predict(conversation_id, choice, strength, rationale, api_name="/chat_vote")
+        -> the view with "ack": {"event_id", "choice", "left_model", "right_model"}
 """
 
 # No `from __future__ import annotations` here: gradio reads the handlers' type hints
@@ -36,11 +44,10 @@ from typing import Any
 from annotate.service import MAX_RATIONALE_CHARS
 from annotate.web.assets import CSS, HEAD_HTML
 from annotate.web.guard import Guard
-from annotate.web.html import escape, render_markdown, render_prompt
+from annotate.web.html import CHOICE_WORDS, escape, render_markdown, render_prompt
 from annotate.web.request_limits import MAX_UPLOAD_BYTES
 from annotate.web.rubric_panel import RubricPanel
 
-CHOICE_WORDS = {"left": "A is better", "right": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 KEYS = (("1", "A"), ("2", "B"), ("3", "tie"), ("4", "both bad"), ("s", "skip"), ("u", "undo"))
 
 
@@ -96,12 +103,26 @@ def status_html(view: dict[str, Any]) -> str:
             models = f"A was <b>{escape(ack['left_model'])}</b>, B was <b>{escape(ack['right_model'])}</b>."
         return (
             f'<div class="{cls}" id="status">Saved: {escape(CHOICE_WORDS[ack["choice"]])} '
-            f"({ack['decision_ms'] / 1000:.1f}s). {models}</div>" + gold_feedback_html(ack.get("gold"))
+            f"({ack['decision_ms'] / 1000:.1f}s). {models}</div>"
+            + gold_feedback_html(ack.get("gold"))
+            + suggestion_html(ack.get("suggestion"))
         )
     return f'<div class="{cls}" id="status">{escape(view.get("message", ""))}</div>'
 
 
 GOLD_WORDS = {"left": "A is better", "right": "B is better", "tie": "Tie"}
+
+
+def suggestion_html(suggestion: dict[str, Any] | None) -> str:
+    """serve --suggest: after a vote (never before), the judge's choice on that pair."""
+    if not suggestion:
+        return ""
+    agrees = "you agree" if suggestion["agrees"] else "you chose otherwise"
+    return (
+        f'<div class="status judge-suggestion" id="judge-suggestion" data-agrees="{str(suggestion["agrees"]).lower()}">'
+        f"The model judge <b>{escape(suggestion['judge'])}</b> chose: "
+        f"{escape(CHOICE_WORDS[suggestion['choice']])}; {agrees}.</div>"
+    )
 
 
 def gold_feedback_html(feedback: dict[str, Any] | None) -> str:
@@ -138,6 +159,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
     """The gradio Blocks: the page and the JSON API. Returns (blocks, launch_kwargs)."""
     import gradio as gr
 
+    from annotate.web.chat_tab import build_chat_tab
     from annotate.web.dashboard_tab import build_dashboard_tab
     from annotate.web.leaderboard_tab import build_leaderboard_tab
     from annotate.web.loop_api import register_loop_api
@@ -149,7 +171,8 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
     with gr.Blocks(title=ctx.title) as demo:
         topbar = gr.HTML(elem_id="topbar-box", js_on_load=None)
         with gr.Tabs():
-            annotate = _build_annotate_tab(ctx, guard)
+            build_chat_tab(demo, ctx, guard)  # serve --chat only; then the first tab
+            annotate = _build_annotate_tab(ctx, guard) if has_pairs(ctx) else None
             with gr.Tab("Guidelines", id="guidelines"):
                 gr.Markdown(ctx.guidelines or "No guidelines were given.")
             build_dashboard_tab(demo, ctx, guard)  # and the /export API
@@ -158,10 +181,17 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
             build_review_tab(demo, ctx, guard)
             build_train_tab(demo, ctx, guard)
             build_users_tab(demo, ctx, guard)  # with --auth only
-        timer = gr.Timer(1.0, active=False)
-        _wire_annotate_tab(demo, ctx, guard, annotate, topbar, timer)
+        if annotate is not None:
+            timer = gr.Timer(1.0, active=False)
+            _wire_annotate_tab(demo, ctx, guard, annotate, topbar, timer)
+        else:  # chat only: the top bar has no pair progress to show
+            _wire_chat_topbar(demo, ctx, guard, topbar)
         _register_api(ctx, guard)
         register_loop_api(ctx, guard)
+        if ctx.chat is not None:  # serve --chat: /chat, /chat_vote
+            from annotate.web.chat_api import register_chat_api
+
+            register_chat_api(ctx, guard)
 
     # gradio's queue recomputes a pandas summary of up to 10,000 past events after every
     # event, for its monitoring dashboard, even with enable_monitoring=False
@@ -189,6 +219,41 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
         max_file_size=MAX_UPLOAD_BYTES,
     )
     return demo, launch_kwargs
+
+
+def has_pairs(ctx) -> bool:
+    """Whether the Annotate tab has pairs to hand out. Without --chat it always has a
+    source (--pairs or --model); with --chat only when pairs were loaded or a generator
+    makes them, else the Chat tab stands alone."""
+    if ctx.chat is None:
+        return True
+    return ctx.generator is not None or bool(ctx.queue.pool())
+
+
+def chat_topbar_html(user: str, role: str, *, logout: bool) -> str:
+    """The top bar of a chat-only page: who, and the keys of the Chat tab."""
+    keys = " ".join(f"<kbd>{k}</kbd> {w}" for k, w in CHAT_KEYS)
+    logout_link = '<a href="/logout">log out</a>' if logout else ""
+    return (
+        f'<div id="topbar"><span class="brand">preflab</span>'
+        f'<span class="who" id="topbar-who">{escape(user)} · {escape(role)}</span>'
+        f'<span class="spacer"></span><span class="keys">{keys}</span>{logout_link}</div>'
+    )
+
+
+CHAT_KEYS = (("Enter", "send"), ("1", "A"), ("2", "B"), ("3", "tie"), ("4", "both bad"))
+
+
+def _wire_chat_topbar(demo, ctx, guard: Guard, topbar) -> None:
+    import gradio as gr
+
+    logout = ctx.service.accounts is not None
+
+    def on_load(request: gr.Request):
+        user, role = guard.user(request)
+        return chat_topbar_html(user, role, logout=logout)
+
+    demo.load(on_load, None, topbar, show_progress="hidden", api_visibility="private", concurrency_limit=None)
 
 
 def _build_annotate_tab(ctx, guard) -> dict[str, Any]:

@@ -184,6 +184,26 @@ def progress_html(job: dict[str, Any] | None) -> str:
     )
 
 
+JUDGE_WORDS = {"left": "left better", "right": "right better", "tie": "tie", "both_bad": "both bad"}
+
+
+def judge_disagreements_html(rows: list[dict[str, Any]], judge: str) -> str:
+    """serve --suggest: people's votes the judge voted otherwise on, as each person saw the pair."""
+    if not rows:
+        return f'<div class="review-note" id="judge-disagreements-none">No vote differs from {escape(judge)}\'s.</div>'
+    body = "".join(
+        f'<tr class="disagree" data-pair="{escape(r["pair_id"])}"><td class="num">{escape(r["created_at"])}</td>'
+        f"<td>{escape(r['annotator'])}</td><td>{escape(JUDGE_WORDS.get(r['choice'], r['choice']))}</td>"
+        f"<td>{escape(JUDGE_WORDS.get(r['judge_choice'], r['judge_choice']))}</td>"
+        f"<td>{escape(_excerpt(r['prompt']))}</td></tr>"
+        for r in rows
+    )
+    return (
+        '<table class="review-table" id="judge-disagreements-table"><tr><th>when</th><th>annotator</th>'
+        f"<th>their vote</th><th>{escape(judge)}</th><th>prompt</th></tr>{body}</table>"
+    )
+
+
 def build_review_tab(demo, ctx, guard) -> None:
     """The Review tab: a hidden `gr.Tab` shown on load to admins; call inside the page's
     `gr.Tabs()`. Uses `ctx.reviewer` (built by annotate/serve.py); every handler checks
@@ -231,6 +251,18 @@ def build_review_tab(demo, ctx, guard) -> None:
                 r_send_top = gr.Button("Send the top N back for one more vote", elem_id="review-send-top")
                 r_send_sel = gr.Button("Send the selected back", elem_id="review-send-selected")
             r_report = gr.Markdown(elem_id="review-report")
+        judge = reviewer.suggestions.judge if getattr(reviewer, "suggestions", None) is not None else None
+        with gr.Accordion(
+            f"Disagreements with the model judge {judge or ''} (serve --suggest)",
+            open=True,
+            visible=judge is not None,
+        ):
+            j_refresh = gr.Button(
+                "Show the votes the judge voted otherwise on", elem_id="judge-refresh", scale=0
+            )
+            j_table = gr.HTML(elem_id="judge-disagreements", js_on_load=None, css_template=REVIEW_CSS)
+            j_send = gr.Button("Send these pairs back for one more vote", elem_id="judge-send", scale=0)
+            j_report = gr.Markdown(elem_id="judge-report")
         with gr.Accordion("Voted pairs, newest first", open=True):
             r_votes = gr.HTML(elem_id="review-votes", js_on_load=None, css_template=REVIEW_CSS)
         r_timer = gr.Timer(1.0, active=False)
@@ -321,6 +353,22 @@ def build_review_tab(demo, ctx, guard) -> None:
         guard.admin(request)
         return send(run_id, picked or [])
 
+    def on_judge(include_flagged, request: gr.Request):
+        guard.admin(request)
+        with guard.errors():
+            return judge_disagreements_html(reviewer.judge_disagreements(bool(include_flagged)), judge or "")
+
+    def on_judge_send(include_flagged, request: gr.Request):
+        guard.admin(request)
+        with guard.errors():
+            rows = reviewer.judge_disagreements(bool(include_flagged))
+            if not rows:
+                return "Nothing to send back."
+            return reviewer.requeue_judged([r["pair_id"] for r in rows], bool(include_flagged))["message"]
+
+    if judge is not None:
+        j_refresh.click(on_judge, [r_flagged], [j_table], **kw)
+        j_send.click(on_judge_send, [r_flagged], [j_report], **kw)
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
     tab.select(on_open, [r_run, r_flagged], [r_run, *outputs], **kw)
     r_run.input(on_score, [r_run, r_flagged], outputs, **kw)

@@ -2,7 +2,8 @@
 
 The prompt pool (`preflab serve`, `generate`, `train-policy` and the Train tab default to
 it), the annotators' guidelines (`serve --guidelines`), the demo pairs made ahead of
-time for that pool (`make demo-pairs`) and an example rubric. They live inside this
+time for that pool (`make demo-pairs`), an example rubric and the judge's prompt
+(`preflab judge`). They live inside this
 package, not beside it, so that a wheel carries them (pyproject.toml's package-data);
 `importlib.resources` finds them where the package is, a checkout or site-packages alike.
 """
@@ -23,3 +24,4 @@ PROMPTS = SHIPPED / "prompts.jsonl"
 GUIDELINES = SHIPPED / "guidelines.md"
 DEMO_PAIRS = SHIPPED / "demo-pairs.jsonl"
 RUBRIC = SHIPPED / "rubric.toml"
+JUDGE_TEMPLATE = SHIPPED / "judge.md"  # preflab judge's default prompt (annotate/judge_template.py)

@@ -46,10 +46,12 @@ from trainer.store.record import (  # noqa: F401
     SIDES,
     RecordError,
     apply_retractions,
+    is_chat_vote,
     messages_to_json,
     pair_id_for,
     prompt_id_for,
     records_to_table,
+    side_contexts,
     validate_record,
 )
 from trainer.store.targets import describe, is_database, target_key, without_password  # noqa: F401

@@ -12,7 +12,8 @@ Never edit an entry once released; append a new one.
 
 The tables:
 * events       one row per record (docs/design.md's fields, the same names and types;
-               version 2 added subject, detail and criteria, and flag events), plus
+               version 2 added subject, detail and criteria, and flag events;
+               version 3 conversation_a and conversation_b), plus
                `seq` (insertion order) and `txid` (the writing transaction, which lets
                `changes_since` hand each event out exactly once; see postgres.py).
 * pair_slots   one row per pair that was ever claimed: the row the shared assignment
@@ -225,6 +226,65 @@ MIGRATIONS: list[list[str]] = [
             SELECT schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a,
                    response_b, model_a, model_b, "left", choice, strength, rationale, annotator,
                    created_at, decision_ms, gen_params, subject, detail, criteria
+            FROM jsonb_populate_record(NULL::events, p_event)
+            ON CONFLICT (event_id) DO NOTHING;   -- a plain append() of the same event got there first
+            IF NOT FOUND THEN
+                RETURN false;
+            END IF;
+            DELETE FROM leases WHERE pair_id = v_pair AND annotator = v_who;
+            RETURN true;
+        END $$""",
+    ],
+    # 4: a model's votes (`preflab judge`, annotators judge:<name>; trainer/judges.py) are
+    # nobody's work here either: like imports they fill no pair's overlap K.
+    [
+        """CREATE OR REPLACE FUNCTION preflab_pair_state(p_pair text, p_who text,
+                                              OUT voters text[], OUT leased text[], OUT skipped boolean)
+        LANGUAGE sql STABLE AS $$
+            SELECT ARRAY(SELECT DISTINCT v.annotator FROM events v
+                         WHERE v.pair_id = p_pair AND v.kind = 'vote' AND NOT starts_with(v.annotator, 'import:')
+                           AND NOT starts_with(v.annotator, 'judge:')
+                           AND NOT EXISTS (SELECT 1 FROM events r
+                                           WHERE r.retracts = v.event_id AND r.kind = 'retract')),
+                   ARRAY(SELECT l.annotator FROM leases l WHERE l.pair_id = p_pair AND l.expires_at > now()),
+                   EXISTS(SELECT 1 FROM skips k WHERE k.pair_id = p_pair AND k.annotator = p_who)
+        $$""",
+    ],
+    # 5: record schema version 3's two conversations of a chat vote, additive and
+    # nullable (older rows read them as null); preflab_vote learns to store them.
+    [
+        "ALTER TABLE events ADD COLUMN IF NOT EXISTS conversation_a text, "
+        "ADD COLUMN IF NOT EXISTS conversation_b text",
+        """CREATE OR REPLACE FUNCTION preflab_vote(p_event jsonb, p_want integer) RETURNS boolean
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            v_pair text := p_event->>'pair_id';
+            v_who  text := p_event->>'annotator';
+            voters text[];
+            leased text[];
+        BEGIN
+            PERFORM preflab_lock_pair(v_pair);
+            IF EXISTS (SELECT 1 FROM events WHERE event_id = p_event->>'event_id') THEN
+                RETURN false;
+            END IF;
+            SELECT s.voters, s.leased INTO voters, leased FROM preflab_pair_state(v_pair, v_who) s;
+            IF v_who = ANY(voters) THEN
+                RAISE EXCEPTION USING ERRCODE = 'PF409',
+                    MESSAGE = format('%s already has a standing vote on %s', v_who, v_pair);
+            END IF;
+            -- With a live lease of their own the slot is theirs and only standing votes
+            -- can fill the pair; without one, the others' live leases hold slots too.
+            IF cardinality(voters) + (CASE WHEN v_who = ANY(leased) THEN 0 ELSE cardinality(leased) END) >= p_want THEN
+                RAISE EXCEPTION USING ERRCODE = 'PF409',
+                    MESSAGE = format('%s already has the %s votes it wants', v_pair, p_want);
+            END IF;
+            INSERT INTO events (schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a,
+                                response_b, model_a, model_b, "left", choice, strength, rationale, annotator,
+                                created_at, decision_ms, gen_params, subject, detail, criteria, conversation_a,
+                                conversation_b)
+            SELECT schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a,
+                   response_b, model_a, model_b, "left", choice, strength, rationale, annotator,
+                   created_at, decision_ms, gen_params, subject, detail, criteria, conversation_a, conversation_b
             FROM jsonb_populate_record(NULL::events, p_event)
             ON CONFLICT (event_id) DO NOTHING;   -- a plain append() of the same event got there first
             IF NOT FOUND THEN

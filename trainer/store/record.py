@@ -26,8 +26,11 @@ from trainer.errors import PreflabError
 # `subject` and `detail`), and a vote's rubric judgments (field `criteria`). Version-1
 # records stay valid as they are, on disk and in a database: a reader fills the new
 # fields with null, and `validate_record` accepts both.
-SCHEMA_VERSION = 2
-VERSIONS = (1, 2)
+# Version 3 (additive): a chat vote's two whole conversations (`conversation_a`,
+# `conversation_b`: each side's own history, ending with the answer voted on). Older
+# records read with them null; `side_contexts` is what every scorer reads them through.
+SCHEMA_VERSION = 3
+VERSIONS = (1, 2, 3)
 
 # The pair fields: what every vote and retract carries. A flag event is about a person,
 # not a pair, so these are null on it; that is why they are nullable in the Arrow schema
@@ -59,6 +62,9 @@ SCHEMA = pa.schema(
         pa.field("subject", pa.string()),
         pa.field("detail", pa.string()),
         pa.field("criteria", pa.string()),
+        # version 3
+        pa.field("conversation_a", pa.string()),
+        pa.field("conversation_b", pa.string()),
     ]
 )
 FIELDS = SCHEMA.names
@@ -109,9 +115,20 @@ def pair_id_for(prompt_json: str, response_a: str, response_b: str) -> str:
 
 _STRING_FIELDS_REQUIRED = ("event_id", "annotator")
 _PAIR_STRINGS = PAIR_FIELDS[:-1]  # `left` is checked on its own
-_STRING_FIELDS_OPTIONAL = ("retracts", "rationale", "gen_params", "subject", "detail", "criteria")
+_STRING_FIELDS_OPTIONAL = (
+    "retracts",
+    "rationale",
+    "gen_params",
+    "subject",
+    "detail",
+    "criteria",
+    "conversation_a",
+    "conversation_b",
+)
 # The fields version 2 added: a version-1 record carries none of them.
 _V2_FIELDS = ("subject", "detail", "criteria")
+# The fields version 3 added (a chat vote's conversations): versions 1 and 2 carry none.
+CONVERSATION_FIELDS = ("conversation_a", "conversation_b")
 # Required of every event whatever its kind (the pair fields only of votes and retracts).
 _ALWAYS_REQUIRED = ("schema_version", "event_id", "kind", "annotator", "created_at")
 
@@ -124,13 +141,42 @@ def _json_field(field_name: str, text: str) -> Any:
         raise RecordError(field_name, f"not valid JSON ({e.msg})") from None
 
 
-def _check_messages(value: str) -> None:
-    messages = _json_field("prompt", value)
+def _check_messages(value: str, field_name: str = "prompt") -> list[dict[str, Any]]:
+    messages = _json_field(field_name, value)
     if not isinstance(messages, list) or not messages:
-        raise RecordError("prompt", "must be a non-empty JSON list of chat messages")
+        raise RecordError(field_name, "must be a non-empty JSON list of chat messages")
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise RecordError("prompt", f"message {i} needs string 'role' and 'content'")
+            raise RecordError(field_name, f"message {i} needs string 'role' and 'content'")
+    return messages
+
+
+def _check_conversations(r: dict[str, Any], prompt: list[dict[str, Any]]) -> None:
+    """A chat vote's (or its retract's) two conversations: both or neither, version 3 on,
+    each a message list that opens with `prompt` and ends with that side's answer."""
+    given = [f for f in CONVERSATION_FIELDS if r[f] is not None]
+    if not given:
+        return
+    if r["schema_version"] < 3:
+        raise RecordError(
+            given[0], f"is a schema version 3 field; a version-{r['schema_version']} record cannot carry it"
+        )
+    if len(given) == 1:
+        missing = next(f for f in CONVERSATION_FIELDS if f not in given)
+        raise RecordError(
+            missing, f"missing: a chat vote carries both conversations or neither ({given[0]} is set)"
+        )
+    opening = _plain_messages(prompt)
+    for side in SIDES:
+        field_name = f"conversation_{side}"
+        messages = _check_messages(r[field_name], field_name)
+        if len(messages) <= len(opening) or _plain_messages(messages[: len(opening)]) != opening:
+            raise RecordError(field_name, "must start with the messages in 'prompt' and go on past them")
+        last = messages[-1]
+        if last["role"] != "assistant" or last["content"] != r[f"response_{side}"]:
+            raise RecordError(
+                field_name, f"must end with the assistant message voted on (the text of 'response_{side}')"
+            )
 
 
 def to_micros(value: Any) -> int:
@@ -192,7 +238,7 @@ def validate_record(record: dict[str, Any], where: str = "") -> dict[str, Any]:
         ):  # a vote's judgments are in `criteria`; PostgreSQL keeps no detail of one
             if r[f] is not None:
                 raise RecordError(f, f"only a flag event carries one, not a {r['kind']}")
-        _check_messages(r["prompt"])
+        _check_conversations(r, _check_messages(r["prompt"]))
         if r["kind"] == "retract":
             if not r["retracts"]:
                 raise RecordError("retracts", "a retract event must name the event_id it cancels")
@@ -232,7 +278,16 @@ def _check_flag_event(r: dict[str, Any]) -> None:
         raise RecordError("kind", f"{r['kind']!r} needs schema version 2, got {r['schema_version']}")
     if not isinstance(r["subject"], str) or not r["subject"]:
         raise RecordError("subject", f"a {r['kind']} event must name the annotator it is about")
-    for f in (*PAIR_FIELDS, "retracts", "choice", "strength", "decision_ms", "gen_params", "criteria"):
+    for f in (
+        *PAIR_FIELDS,
+        *CONVERSATION_FIELDS,
+        "retracts",
+        "choice",
+        "strength",
+        "decision_ms",
+        "gen_params",
+        "criteria",
+    ):
         if r[f] is not None:
             raise RecordError(f, f"must be null on a {r['kind']} event (it is about a person, not a pair)")
     _check_detail(r)
@@ -294,6 +349,31 @@ def _check_flags(flags: Any) -> None:
                 raise RecordError("criteria", f"flags.{side}: {str(n)[:40]!r} is not a flag name")
 
 
+def is_chat_vote(row: dict[str, Any]) -> bool:
+    """A chat vote (schema version 3, annotate/chat.py): its answers follow two histories
+    of their own, so it is no pool pair. What cannot show those histories (the pair queue's
+    undo, the Review tab's relabel queue, a judge) leaves it out by this one test."""
+    return row.get("conversation_a") is not None
+
+
+def side_contexts(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """What each side's answer was written to: (messages before response_a, before
+    response_b). For a chat vote that is each side's own conversation less its last
+    (voted) answer, since the two sides' earlier answers differ; for any other vote both
+    are the `prompt`. `row` holds the record's `prompt` and, when read, its conversations
+    (JSON strings or null). Every reader that scores an answer (reward training, DPO,
+    eval, review, export) goes through here, so a chat vote means one thing everywhere."""
+    a, b = row.get("conversation_a"), row.get("conversation_b")
+    if a is not None and b is not None:
+        return _plain_messages(json.loads(a))[:-1], _plain_messages(json.loads(b))[:-1]
+    prompt = _plain_messages(json.loads(row["prompt"]))
+    return prompt, list(prompt)
+
+
+def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def complete_record(record: dict[str, Any]) -> dict[str, Any]:
     """A copy with what the store fills in when the caller did not: schema_version, a
     fresh uuid4 event_id, created_at = now (UTC). Every backend's writer starts here."""
@@ -311,10 +391,8 @@ def retract_record(
     """The retract event cancelling vote `event_id`. It carries the vote's pair fields
     (the record requires them): pass the vote, or the fields themselves."""
     vote = vote or {}
-    fields = {
-        k: vote.get(k, pair_fields.get(k))
-        for k in ("pair_id", "prompt_id", "prompt", "response_a", "response_b", "model_a", "model_b", "left")
-    }
+    fields = {k: vote.get(k, pair_fields.get(k)) for k in (*PAIR_FIELDS, *CONVERSATION_FIELDS)}
+    # A chat vote's retract carries its conversations too (the record asks both or neither).
     return {
         **fields,
         "kind": "retract",
