@@ -10,6 +10,7 @@ conversations (record schema version 3, trainer/store/record.py).
     chat.send("ann", view["conversation_id"], "And then?")   # a follow-up, to both
     chat.regenerate("ann", cid); chat.stop("ann", cid); chat.new("ann")
     chat.vote("ann", cid, "left", "clearly", "why")          # view with "ack": names only now
+    chat.take_back("ann", cid)                               # a mis-click: the vote is retracted
 
 Models are annotate/chat_models.py's (in-process or endpoint), by display name. Each side
 keeps its own history: the user's turns are the same, each side's earlier answers are its
@@ -25,27 +26,23 @@ by the number of active annotators times `max_turns`.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from annotate.chat_filter import DEFAULT_IDLE_S, DEFAULT_MAX_TURNS, PromptFilter
 from annotate.chat_models import ChatModelError, StopSignal
-from annotate.service import STRENGTHS, BadRequest, check_vote_inputs
+from annotate.chat_state import SIDES, Conversation, Side, empty_view, vote_record
+from annotate.service import BadRequest, check_vote_inputs
 from trainer.errors import PreflabError
 from trainer.rows import storable_text
-from trainer.store import messages_to_json, prompt_id_for
 from trainer.store.errors import StoreWriteError
 
 log = logging.getLogger("preflab.chat")
 
-SIDES = ("left", "right")
-CHAT_SCHEMA_VERSION = 3  # the record version that carries conversation_a / conversation_b
 COALESCE_S = 0.05  # a streaming view at most this often: a page cannot show more, a server would pay for it
 STOP_WAIT_S = 5.0  # how long stop() waits for both sides to end before it answers
 MAX_ID_CHARS = 64  # a conversation id is 32 hex digits
@@ -53,57 +50,6 @@ MAX_ID_CHARS = 64  # a conversation id is 32 hex digits
 
 class ChatError(PreflabError):
     """The chat cannot be set up as asked (fewer than two models, a bad setting)."""
-
-
-@dataclass
-class _Side:
-    name: str  # the model's display name: in the record and the ack, never in a view before
-    model: Any  # annotate.chat_models.InProcessChat | EndpointChat
-    history: list[dict[str, str]]  # what this side was asked: up to the current user message
-    answer: str = ""  # the current turn's answer, as far as it is written
-    streaming: bool = False
-    error: str | None = None  # shown on the page: names no model
-    cut: bool = False
-    ttft_ms: int | None = None
-    tokens_per_s: float | None = None
-    seed: int = 0
-    stop: StopSignal = field(default_factory=StopSignal)
-
-    def view(self) -> dict[str, Any]:
-        messages = [dict(m) for m in self.history]
-        if self.answer or self.streaming:
-            messages.append({"role": "assistant", "content": self.answer})
-        return {
-            "messages": messages,
-            "streaming": self.streaming,
-            "ttft_ms": self.ttft_ms,
-            "tokens_per_s": self.tokens_per_s,
-            "error": self.error,
-            "cut": self.cut,
-        }
-
-    def conversation(self) -> list[dict[str, str]]:
-        return [*self.history, {"role": "assistant", "content": self.answer}]
-
-
-@dataclass
-class _Conversation:
-    id: str
-    user: str
-    sides: dict[str, _Side]
-    opening: list[dict[str, str]]  # the record's prompt: the first user message
-    prompt_source: str  # "annotator" | "pool"
-    last_active: float
-    turns: int = 0  # user messages sent, the one being answered included
-    state: str = "ready"  # streaming | ready | voting | voted
-    run: int = 0  # which answering this is: a stale generator stops on a newer one
-    version: int = 0  # bumped on every change the views show
-    done_at: float = 0.0  # when both answers of the last turn were done: decision time starts
-    ack: dict[str, Any] | None = None
-    # The last turn's vote event id, kept for a retry after "not saved": the write may have
-    # landed (a lost COMMIT reply), and the same id then finds it instead of storing it twice.
-    vote_event_id: str = ""
-    cond: threading.Condition = field(default_factory=threading.Condition)
 
 
 class ChatService:
@@ -139,7 +85,7 @@ class ChatService:
         self.clock = clock
         self.rng = rng or random.Random()
         self._lock = threading.Lock()  # guards _conversations (each conversation has its own lock)
-        self._conversations: dict[str, _Conversation] = {}  # user -> their one live conversation
+        self._conversations: dict[str, Conversation] = {}  # user -> their one live conversation
 
     # ---- conversations ---------------------------------------------------------------
 
@@ -231,7 +177,7 @@ class ChatService:
                     "a model failed on this turn, so it cannot be voted on: regenerate, or start a new conversation"
                 )
             conv.state = "voting"  # a second vote meanwhile is refused, the sides are frozen
-            record = self._record(conv, choice, strength, rationale)
+            record = vote_record(conv, choice, strength, rationale, sampling=self.sampling, now=self.clock())
         try:
             stored = self.store.append(record)  # durable when it returns
         except StoreWriteError as e:
@@ -247,6 +193,7 @@ class ChatService:
             raise
         with conv.cond:
             conv.state = "voted"
+            conv.stored_vote = stored
             conv.version += 1
             conv.ack = {
                 "event_id": stored["event_id"],
@@ -257,18 +204,50 @@ class ChatService:
             conv.last_active = self.clock()
             return self._view(conv)
 
+    def take_back(self, user: str, conversation_id: str) -> dict[str, Any]:
+        """Take back the vote on the user's conversation (a mis-click): a retract event,
+        durable before this returns, after which the vote counts nowhere (export,
+        training, leaderboard). The conversation stays closed: both models' names were
+        shown, so a second vote on it would not be blind."""
+        conv = self._own(user, conversation_id)
+        with conv.cond:
+            if conv.state != "voted" or conv.stored_vote is None:
+                raise BadRequest("this conversation has no vote to take back")
+            if conv.take_back:
+                raise BadRequest("that vote was already taken back: start a new conversation")
+            conv.take_back = "saving"  # a second take-back meanwhile is refused
+            vote = conv.stored_vote
+        try:
+            # A retry after "not taken back" may write a second retract if the first
+            # landed after all: harmless, a vote is retracted by any retract naming it.
+            self.store.retract(vote["event_id"], user, vote=vote)
+        except BaseException as e:
+            with conv.cond:
+                conv.take_back = ""
+            if not isinstance(e, StoreWriteError):
+                raise
+            log.error("%s", e)
+            with conv.cond:
+                view = self._view(conv, "Not taken back: the store could not write it. Please try again.")
+            view["ok"] = False
+            return view
+        with conv.cond:
+            conv.take_back = "done"
+            conv.version += 1
+            return self._view(conv)
+
     # ---- inside ----------------------------------------------------------------------
 
-    def _new_conversation(self, user: str, text: str, from_pool: bool) -> _Conversation:
+    def _new_conversation(self, user: str, text: str, from_pool: bool) -> Conversation:
         left, right = self.rng.sample(sorted(self.models), 2)
         now = self.clock()
         opening = [{"role": "user", "content": text}]
-        conv = _Conversation(
+        conv = Conversation(
             id=uuid.uuid4().hex,
             user=user,
             sides={
-                "left": _Side(left, self.models[left], []),
-                "right": _Side(right, self.models[right], []),
+                "left": Side(left, self.models[left], []),
+                "right": Side(right, self.models[right], []),
             },
             opening=opening,
             # "pool" only for a pool prompt sent as it is: an edited one is the annotator's
@@ -283,7 +262,7 @@ class ChatService:
             self._end(old)
         return conv
 
-    def _own(self, user: str, conversation_id: str) -> _Conversation:
+    def _own(self, user: str, conversation_id: str) -> Conversation:
         if not isinstance(conversation_id, str) or len(conversation_id) > MAX_ID_CHARS:
             raise BadRequest("conversation_id must be the id of your conversation, or empty for a new one")
         now = self.clock()
@@ -305,12 +284,12 @@ class ChatService:
                 del self._conversations[user]
 
     @staticmethod
-    def _end(conv: _Conversation) -> None:
+    def _end(conv: Conversation) -> None:
         for side in conv.sides.values():
             side.stop.set()
 
     @staticmethod
-    def _check_open(conv: _Conversation) -> None:
+    def _check_open(conv: Conversation) -> None:
         if conv.state == "voted":
             raise BadRequest("this conversation was voted on: start a new one")
         if conv.state == "streaming":
@@ -318,7 +297,7 @@ class ChatService:
         if conv.state == "voting":
             raise BadRequest("a vote on this conversation is being saved right now")
 
-    def _begin_turn(self, conv: _Conversation) -> int:
+    def _begin_turn(self, conv: Conversation) -> int:
         """Start both sides answering (under conv.cond). Returns the run number."""
         conv.state = "streaming"
         conv.run += 1
@@ -336,7 +315,7 @@ class ChatService:
             ).start()
         return conv.run
 
-    def _answer(self, conv: _Conversation, run: int, key: str) -> None:
+    def _answer(self, conv: Conversation, run: int, key: str) -> None:
         """One side's answer (its own thread): stream into the side, then mark it done."""
         side = conv.sides[key]
         with conv.cond:
@@ -385,7 +364,7 @@ class ChatService:
             conv.version += 1
             conv.cond.notify_all()
 
-    def _updates(self, conv: _Conversation, run: int):
+    def _updates(self, conv: Conversation, run: int):
         """Views while the sides stream, at most every COALESCE_S; the last with both done.
         A caller that goes away (the generator closed) stops the answers."""
         seen, last = -1, float("-inf")
@@ -412,13 +391,15 @@ class ChatService:
                     if conv.run == run and conv.state == "streaming":
                         self._end(conv)
 
-    def _view(self, conv: _Conversation, message: str | None = None) -> dict[str, Any]:
+    def _view(self, conv: Conversation, message: str | None = None) -> dict[str, Any]:
         """The conversation as the page shows it (under conv.cond)."""
         errored = any(s.error for s in conv.sides.values())
         done = conv.state not in ("streaming",)
         can_vote = conv.state == "ready" and conv.turns > 0 and not errored
         if message is None:
-            if conv.state == "voted":
+            if conv.take_back == "done":
+                message = "Vote taken back: it no longer counts. Your next message starts a new conversation."
+            elif conv.state == "voted":
                 message = "Saved. Your next message starts a new conversation."
             elif conv.state == "streaming":
                 message = "Both models are answering..."
@@ -436,70 +417,7 @@ class ChatService:
             "can_vote": can_vote,
             "voted": conv.state == "voted",
             "ack": conv.ack,
+            "taken_back": conv.take_back == "done",
             "message": message,
             "ok": True,
         }
-
-    def _record(self, conv: _Conversation, choice: str, strength: str, rationale: str) -> dict[str, Any]:
-        """The version-3 vote event of this conversation's last turn (under conv.cond)."""
-        # canonical order: a is the model whose display name sorts first
-        a_key = min(SIDES, key=lambda k: conv.sides[k].name)
-        b_key = "right" if a_key == "left" else "left"
-        letter = {a_key: "a", b_key: "b"}
-        a, b = conv.sides[a_key], conv.sides[b_key]
-        canonical = letter.get(choice, choice)
-        decision_ms = int((self.clock() - conv.done_at) * 1000)
-
-        def side_params(side: _Side) -> dict[str, Any]:
-            params = side.model.params(self.sampling, side.seed)
-            return {**params, "ttft_ms": side.ttft_ms, "tokens_per_s": side.tokens_per_s, "cut": side.cut}
-
-        gen_params = {
-            "a": side_params(a),
-            "b": side_params(b),
-            "chat": {"turn": conv.turns, "prompt_source": conv.prompt_source},
-        }
-        return {
-            "schema_version": CHAT_SCHEMA_VERSION,
-            "event_id": conv.vote_event_id,
-            "kind": "vote",
-            "pair_id": f"chat-{conv.id}-t{conv.turns}",
-            "prompt_id": prompt_id_for(conv.opening),
-            "prompt": messages_to_json(conv.opening),
-            "response_a": a.answer,
-            "response_b": b.answer,
-            "model_a": a.name,
-            "model_b": b.name,
-            "left": letter["left"],
-            "choice": canonical,
-            "strength": STRENGTHS.get(strength) if canonical in ("a", "b") else None,
-            "rationale": (rationale or "").strip() or None,
-            "annotator": conv.user,
-            "decision_ms": max(0, min(decision_ms, 2**31 - 1)),
-            "gen_params": json.dumps(gen_params),
-            "conversation_a": messages_to_json(a.conversation()),
-            "conversation_b": messages_to_json(b.conversation()),
-        }
-
-
-def empty_view(message: str = "") -> dict[str, Any]:
-    """The view of no conversation (before the first message, after `new`)."""
-    side = {
-        "messages": [],
-        "streaming": False,
-        "ttft_ms": None,
-        "tokens_per_s": None,
-        "error": None,
-        "cut": False,
-    }
-    return {
-        "conversation_id": "",
-        "turn": 0,
-        "left": dict(side),
-        "right": dict(side),
-        "can_vote": False,
-        "voted": False,
-        "ack": None,
-        "message": message,
-        "ok": True,
-    }

@@ -70,7 +70,8 @@ def test_chat_and_vote_through_the_api(chat_server):
     )
     with pytest.raises(AppError, match="already voted"):
         ann.predict(cid, "right", "", "", api_name="/chat_vote")
-    server.stop()
+    with pytest.raises(AppError, match="no longer open"):  # bob cannot take ann's vote back
+        bob.predict(cid, api_name="/chat_take_back")
 
     (row,) = read_comparisons(store).to_pylist()
     assert row["event_id"] == ack["event_id"] and row["annotator"] == "ann" and row["schema_version"] == 3
@@ -80,6 +81,11 @@ def test_chat_and_vote_through_the_api(chat_server):
     other = "b" if left == "a" else "a"
     assert json.loads(row[f"conversation_{other}"]) == second["right"]["messages"]
     assert json.loads(row["gen_params"])["chat"] == {"turn": 2, "prompt_source": "annotator"}
+
+    back = ann.predict(cid, api_name="/chat_take_back")  # a mis-click: the vote counts nowhere
+    assert back["taken_back"] and back["ack"] == ack and not back["can_vote"]
+    server.stop()
+    assert read_comparisons(store).num_rows == 0
 
 
 def test_chat_flags():

@@ -257,3 +257,13 @@ def test_random_prompt_stop_regenerate_and_a_mouse_vote(chat_app, browser):
     shown = {"left": again[0], "right": again[1]}
     for side, x in (("left", vote["left"]), ("right", "b" if vote["left"] == "a" else "a")):
         assert [letters(t) for t in shown[side]["assistant"]] == [letters(vote[f"response_{x}"])]
+
+    # -- Take back the vote: it counts nowhere; the conversation is not reopened --------
+    page.locator("#chat-take-back").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#chat-status') || {}).innerText?.includes('Vote taken back')",
+        timeout=15_000,
+    )
+    assert not page.locator("#chat-take-back").is_visible()
+    assert not page.locator("#chat-vote-tie").is_visible()  # no second, unblind vote
+    assert not [r for r in read_comparisons(store).to_pylist() if r["annotator"] == "ben"]

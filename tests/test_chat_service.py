@@ -335,6 +335,40 @@ def test_a_vote_goes_to_postgresql(engine, pg_url):
     assert json.loads(row[f"conversation_{other}"]) == second["right"]["messages"]
 
 
+@pytest.mark.parametrize("kind", ["directory", "postgresql"])
+def test_a_vote_taken_back_counts_nowhere_and_the_conversation_stays_closed(engine, kind, tmp_path, request):
+    where = tmp_path / "store" if kind == "directory" else request.getfixturevalue("pg_url")
+    store = open_store(where)
+    try:
+        chat = ChatService(store, in_process_pair(engine), sampling=SAMPLING)
+        view = run(chat.send("ann", "", "Hello"))
+        cid = view["conversation_id"]
+        with pytest.raises(BadRequest, match="no vote to take back"):  # nothing voted yet
+            chat.take_back("ann", cid)
+        ack = chat.vote("ann", cid, "left", "slightly")["ack"]
+        with pytest.raises(BadRequest, match="no longer open"):  # only the voter takes it back
+            chat.take_back("bob", cid)
+        back = chat.take_back("ann", cid)
+        assert back["ok"] and back["taken_back"] and back["voted"] and not back["can_vote"]
+        assert back["ack"] == ack  # the names stay shown
+        with pytest.raises(BadRequest, match="already taken back"):
+            chat.take_back("ann", cid)
+        with pytest.raises(BadRequest, match="already voted"):  # not reopened: it would not be blind
+            chat.vote("ann", cid, "right")
+    finally:
+        store.close()
+    assert read_comparisons(where).num_rows == 0
+    events = read_events(where).to_pylist()
+    (retract,) = [e for e in events if e["kind"] == "retract"]
+    (vote,) = [e for e in events if e["kind"] == "vote"]
+    assert retract["retracts"] == ack["event_id"] == vote["event_id"] and retract["annotator"] == "ann"
+    # the record asks a chat vote's retract for both conversations too
+    assert (
+        retract["conversation_a"] == vote["conversation_a"]
+        and retract["conversation_b"] == vote["conversation_b"]
+    )
+
+
 def test_fewer_than_two_models_is_refused(engine, tmp_path):
     from annotate.chat import ChatError
 

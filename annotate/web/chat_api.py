@@ -6,6 +6,7 @@ annotate.chat.ChatService calls as the Chat tab, through the same guard.
     view = c.predict("", "Tell me about plants.", api_name="/chat")    # "" = a new conversation
     view = c.predict(view["conversation_id"], "And trees?", api_name="/chat")   # a follow-up
     c.predict(view["conversation_id"], "left", "clearly", "why", api_name="/chat_vote")  # -> view["ack"]
+    c.predict(view["conversation_id"], api_name="/chat_take_back")   # a mis-click: retracted
     for view in c.submit("", "Hi", api_name="/chat"): ...            # the views as both sides stream
 
 /chat streams: predict() returns its last view (both answers complete), a job from
@@ -21,7 +22,7 @@ from annotate.web.stream_relay import relay
 
 
 def register_chat_api(ctx, guard) -> None:
-    """/chat and /chat_vote; call inside the page's gr.Blocks when ctx.chat is set."""
+    """/chat, /chat_vote and /chat_take_back; call inside the page's gr.Blocks when ctx.chat is set."""
     import gradio as gr
 
     chat = ctx.chat
@@ -60,6 +61,14 @@ def register_chat_api(ctx, guard) -> None:
         with guard.errors():
             return chat.vote(user, conversation_id or "", choice, strength or "", rationale or "")
 
+    def chat_take_back(conversation_id: str, request: gr.Request = None) -> dict:
+        """Take back your vote on that conversation (a mis-click): it no longer counts.
+        The conversation stays closed (both names were shown)."""
+        user, _ = guard.user(request)
+        with guard.errors():
+            return chat.take_back(user, conversation_id or "")
+
     api = dict(concurrency_limit=None)
     gr.api(chat_turn, api_name="chat", **api)
     gr.api(chat_vote, api_name="chat_vote", **api)
+    gr.api(chat_take_back, api_name="chat_take_back", **api)

@@ -20,7 +20,7 @@ handlers' `request: gr.Request` annotations as objects.)
 
 from typing import Any
 
-from annotate.chat import empty_view
+from annotate.chat_state import empty_view
 from annotate.service import MAX_RATIONALE_CHARS
 from annotate.web import stream_relay
 from annotate.web.html import CHOICE_WORDS, escape, render_markdown
@@ -98,10 +98,15 @@ def status_html(view: dict[str, Any]) -> str:
     """The line over the message box: what just happened; after the vote, who was who."""
     ack = view.get("ack")
     if ack:
+        names = f"A was <b>{escape(ack['left_model'])}</b>, B was <b>{escape(ack['right_model'])}</b>."
+        if view.get("taken_back"):
+            return (
+                '<div class="status" id="chat-status" data-voted="true" data-taken-back="true">'
+                f"Vote taken back: it no longer counts. {names} Start a new conversation to go on.</div>"
+            )
         return (
             f'<div class="status" id="chat-status" data-voted="true">Saved: '
-            f"{escape(CHOICE_WORDS[ack['choice']])}. A was <b>{escape(ack['left_model'])}</b>, "
-            f"B was <b>{escape(ack['right_model'])}</b>. Start a new conversation to go on.</div>"
+            f"{escape(CHOICE_WORDS[ack['choice']])}. {names} Start a new conversation to go on.</div>"
         )
     cls = "status" if view.get("ok", True) else "status error"
     return f'<div class="{cls}" id="chat-status">{escape(view.get("message", ""))}</div>'
@@ -165,15 +170,22 @@ def build_chat_tab(demo, ctx, guard) -> None:
                 "Regenerate", size="sm", scale=0, min_width=120, interactive=False, elem_id="chat-regenerate"
             )
             new = gr.Button("New conversation", size="sm", scale=0, min_width=160, elem_id="chat-new")
+            take_back = gr.Button(
+                "Take back vote", size="sm", scale=0, min_width=140, visible=False, elem_id="chat-take-back"
+            )
     conversation = gr.State("")  # the conversation on screen; "" before one starts or after the vote
+    voted = gr.State("")  # the conversation just voted on, while its vote can be taken back
     offered = gr.State("")  # the last random prompt: sent unchanged, it is a pool prompt
 
     def render(view: dict[str, Any], more: dict | None = None) -> dict:
         streaming = _streaming(view)
         ack = view.get("ack") or {}
         open_id = "" if view["voted"] else view["conversation_id"]
+        can_take_back = view["voted"] and not view.get("taken_back")
         return {
             conversation: open_id,
+            voted: view["conversation_id"] if can_take_back else "",
+            take_back: gr.Button(visible=can_take_back),
             left: panel_html("A", view["left"], ack.get("left_model")),
             right: panel_html("B", view["right"], ack.get("right_model")),
             status: status_html(view),
@@ -243,6 +255,14 @@ def build_chat_tab(demo, ctx, guard) -> None:
         handler.__name__ = f"chat_vote_{choice}"
         return handler
 
+    def on_take_back(voted_id, request: gr.Request):
+        user, _ = guard.user(request)
+        if not voted_id:
+            return gr.skip()
+        with guard.errors():
+            view = chat.take_back(user, voted_id)
+        return render(view)
+
     def on_new(request: gr.Request):
         user, _ = guard.user(request)
         with guard.errors():
@@ -255,7 +275,8 @@ def build_chat_tab(demo, ctx, guard) -> None:
             text = chat.random_prompt(user)
         return text, text
 
-    outputs = [conversation, left, right, status, vote_box, send, stop, regenerate, new, random_prompt]
+    outputs = [conversation, voted, left, right, status, vote_box]
+    outputs += [send, stop, regenerate, new, random_prompt, take_back]
     ui = dict(show_progress="hidden", api_visibility="private", concurrency_limit=None)
     gr.on(
         [send.click, message.submit],
@@ -275,5 +296,6 @@ def build_chat_tab(demo, ctx, guard) -> None:
             trigger_mode="once",
             **ui,
         )
+    take_back.click(on_take_back, [voted], outputs, trigger_mode="once", **ui)
     new.click(on_new, None, [*outputs, strength, rationale, message, offered], **ui)
     random_prompt.click(on_random, None, [message, offered], **ui)

@@ -30,9 +30,12 @@ API, for scripts and load tests (gradio_client, logged in with auth=(user, passw
     client.predict(conversation_id or "", message, api_name="/chat")   (serve --chat; annotate/web/chat_api.py)
         -> the chat view once both answers are complete (submit() streams every view):
         {"conversation_id", "turn", "left": {"messages", "streaming", "ttft_ms", "tokens_per_s",
-        "error", "cut"}, "right": {...}, "can_vote", "voted", "ack", "message"}   (no model names)
+        "error", "cut"}, "right": {...}, "can_vote", "voted", "ack", "taken_back", "message"}
+        (no model names)
     client.predict(conversation_id, choice, strength, rationale, api_name="/chat_vote")
         -> the view with "ack": {"event_id", "choice", "left_model", "right_model"}
+    client.predict(conversation_id, api_name="/chat_take_back")   (a mis-click: the vote is
+        retracted, "taken_back" true; the conversation stays closed)
 """
 
 # No `from __future__ import annotations` here: gradio reads the handlers' type hints
@@ -188,7 +191,7 @@ def build_app(ctx) -> tuple[Any, dict[str, Any]]:
             _wire_chat_topbar(demo, ctx, guard, topbar)
         _register_api(ctx, guard)
         register_loop_api(ctx, guard)
-        if ctx.chat is not None:  # serve --chat: /chat, /chat_vote
+        if ctx.chat is not None:  # serve --chat: /chat, /chat_vote, /chat_take_back
             from annotate.web.chat_api import register_chat_api
 
             register_chat_api(ctx, guard)
