@@ -9,11 +9,9 @@
 It samples pairs in batches and hands them to the assignment queue, keeping it ahead
 of the annotators: whenever an active annotator has fewer than two pairs ready, the
 next batch is generated (and, after a head start of pairs made ahead of time, whenever
-anyone is voting). Every generated pair is also appended (fsync'd) to
-`<store>/pairs/generated-<key>.jsonl`, where the key names the models and the sampling
-settings, so a restarted server serves the same pairs again: votes already cast on
-them still count, and a pair that one of two annotators has voted on can still get
-its second vote. The pairs are `Pair`s, the shape a pairs file gives too
+anyone is voting). Every generated pair is also appended (fsync'd) to the store's
+cache of generated pairs (annotate/pair_cache.py), so a restarted server serves the same
+pairs again. The pairs are `Pair`s, the shape a pairs file gives too
 (annotate/pairs.py); each row is built by annotate/pair_building.py.
 
 Nothing heavy is imported at module level: torch loads only when a Generator starts.
@@ -21,7 +19,6 @@ Nothing heavy is imported at module level: torch loads only when a Generator sta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from annotate.pairs import Pair, pair_from_row, pair_to_row
-from trainer.rows import BadRow, check_values, load_json
+from annotate.pair_cache import append_pairs, cache_file, read_pairs
+from annotate.pairs import Pair, pair_from_row
 from trainer.runs import CONFIG_FILE
 
 log = logging.getLogger("preflab.pairs")
@@ -129,11 +126,8 @@ class Generator(threading.Thread):
             "started": time.time(),
             "since": time.time(),
         }
-        # The cache file is named by what makes pairs comparable: models and settings.
-        key = hashlib.sha256(
-            json.dumps([sorted(self.model_names), self.sampling, seed], sort_keys=True).encode()
-        ).hexdigest()[:12]
-        self.cache_path = Path(cache_dir) / f"generated-{key}.jsonl" if cache_dir else None
+        # The cache file is named by what makes pairs comparable (annotate/pair_cache.py).
+        self.cache_path = cache_file(cache_dir, self.model_names, self.sampling, seed, endpoints)
         # Pairs generated so far, per (track, prompt_id): track None is the base rounds (the
         # models the server started with), a model id the rounds of a model added later.
         self._answered: dict[tuple[str | None, str], int] = {}
@@ -269,17 +263,9 @@ class Generator(threading.Thread):
         """Pairs that an earlier server with the same models and settings generated,
         for prompts still in the pool. Call before start(); a torn last line (a server
         killed mid-write) is dropped."""
-        if self.cache_path is None or not self.cache_path.is_file():
-            return []
         wanted = {p.id for p in self.prompts}
         pairs = []
-        for raw in self.cache_path.read_bytes().split(b"\n"):
-            try:
-                row = load_json(raw)
-                check_values(row)
-                pair = pair_from_row(row)
-            except (BadRow, UnicodeDecodeError):
-                continue
+        for pair in read_pairs(self.cache_path):
             key = (self._track_of(pair), pair.prompt_id)
             if pair.prompt_id in wanted and self._answered.get(key, 0) < self._base_rounds:
                 self._answered[key] = self._answered.get(key, 0) + 1
@@ -307,20 +293,6 @@ class Generator(threading.Thread):
         self._head_start = self._head_start or bool(taken)
         self._set(generated=self.status()["generated"] + len(taken))
         return taken
-
-    def _append_cache(self, pairs: list[Pair]) -> None:
-        if self.cache_path is None:
-            return
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        data = "".join(json.dumps(pair_to_row(p), ensure_ascii=False) + "\n" for p in pairs)
-        with open(self.cache_path, "a+b") as f:  # appends go to the end whatever we read
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a server killed mid-write left a torn line
-                    data = "\n" + data
-            f.write(data.encode())
-            f.flush()
-            os.fsync(f.fileno())
 
     # ---- the work --------------------------------------------------------------------
 
@@ -473,7 +445,7 @@ class Generator(threading.Thread):
             for i, pair_sides in enumerate(sides):
                 for side in pair_sides:
                     rows_of.setdefault(side, []).append(i)
-            answers: dict[tuple[int, str, int], Any] = {}  # trainer.models.Answer or EndpointFailure
+            answers: dict[tuple[int, str, int], Any] = {}  # trainer.sampling.Answer or EndpointFailure
             for (name, s), indices in sorted(rows_of.items()):
                 texts = answers_of(
                     loaded[name],
@@ -518,7 +490,7 @@ class Generator(threading.Thread):
                 )
                 new.append(pair_from_row(row))
             jobs = [jobs[i] for i in keep]
-            self._append_cache(new)
+            append_pairs(self.cache_path, new)
             for prompt, track in jobs:
                 key = (track, prompt.id)
                 self._answered[key] = self._answered.get(key, 0) + 1
