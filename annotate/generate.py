@@ -220,7 +220,7 @@ def _generate(args: argparse.Namespace, remote: dict) -> int:
     for i, pair in enumerate(sides):
         for side in pair:
             jobs.setdefault(side, []).append(i)
-    answers: dict = {}  # (prompt index, (model, seed)) -> trainer.models.Answer or EndpointFailure
+    answers: dict = {}  # (prompt index, (model, seed)) -> trainer.sampling.Answer or EndpointFailure
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     for name in model_names:
         source = remote.get(name) or load_announced(name, device=args.device, cache_dir=args.cache_dir)
@@ -349,7 +349,9 @@ def run_model(args: argparse.Namespace) -> int:
     print(f"device:       {model.device}")
     print(f"vocabulary:   {len(tokenizer):,} tokens")
     print(f"prompt:       {MODEL_PROMPT}")
-    ((answer,),) = models.generate(
+    from trainer.sampling import generate
+
+    ((answer,),) = generate(
         model,
         tokenizer,
         [[{"role": "user", "content": MODEL_PROMPT}]],

@@ -98,7 +98,7 @@ class Engine:
         )
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        from trainer.models import render_prompt
+        from trainer.sampling import render_prompt
 
         text = render_prompt(self.tokenizer, messages)
         # The chat template already spells out BOS/role tokens; a transcript needs them added.

@@ -88,9 +88,10 @@ def run_trl(args, run_dir: Path, work: Path, cuda: bool) -> dict:
 
     from bench.reward_vs_trl import PeakMemory
     from trainer.dpo import encode, pair_logps
-    from trainer.models import check_model, load_tokenizer, render_prompt
+    from trainer.models import check_model, load_tokenizer
     from trainer.pair_snapshot import load_snapshot
     from trainer.policy_model import autocast_for
+    from trainer.sampling import render_prompt
 
     tokenizer = load_tokenizer(args.model)
     tokenizer.padding_side = "right"

@@ -802,10 +802,10 @@ def _tiny():
 
 
 def in_process_answer(messages, *, temperature, top_p, seed, max_new_tokens) -> str:
-    from trainer import models
+    from trainer.sampling import generate
 
     model, tokenizer = _tiny()
-    ((text,),) = models.generate(
+    ((text,),) = generate(
         model, tokenizer, [messages], n=1, temperature=temperature, top_p=top_p, seed=seed,
         max_new_tokens=max_new_tokens, progress=False,
     )  # fmt: skip
@@ -840,7 +840,8 @@ def word_policy(path: Path, banana_share: float = 0.1, eos_prob: float = 0.25) -
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from trainer.models import TINY_CONFIG, build_tiny_model, render_prompt
+    from trainer.models import TINY_CONFIG, build_tiny_model
+    from trainer.sampling import render_prompt
 
     tok = AutoTokenizer.from_pretrained(build_tiny_model())
     config = LlamaConfig(

@@ -13,7 +13,7 @@ import torch
 from helpers import child_env, preflab, vote_record
 
 from annotate import generate as gen_cli
-from trainer import models
+from trainer import models, sampling
 from trainer.store import messages_to_json, pair_id_for
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
@@ -87,12 +87,12 @@ def test_tiny_model_is_cached(tiny, cache_dir, monkeypatch):
 
 def test_chat_template_is_applied(tiny):
     _, tok = tiny
-    text = models.render_prompt(tok, HELLO)
+    text = sampling.render_prompt(tok, HELLO)
     assert "<|im_start|>system\nBe brief.<|im_end|>" in text
     assert "<|im_start|>user\nHello there<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")  # the generation prompt
     # A bare string is one user message.
-    assert "<|im_start|>user\nHi<|im_end|>" in models.render_prompt(tok, "Hi")
+    assert "<|im_start|>user\nHi<|im_end|>" in sampling.render_prompt(tok, "Hi")
 
 
 def test_plain_transcript_without_chat_template(tiny):
@@ -100,8 +100,8 @@ def test_plain_transcript_without_chat_template(tiny):
     saved = tok.chat_template
     tok.chat_template = None
     try:
-        text = models.render_prompt(tok, HELLO)
-        out = models.generate(model, tok, [HELLO], n=1, max_new_tokens=3, progress=False)
+        text = sampling.render_prompt(tok, HELLO)
+        out = sampling.generate(model, tok, [HELLO], n=1, max_new_tokens=3, progress=False)
     finally:
         tok.chat_template = saved
     assert text == "System: Be brief.\n\nUser: Hello there\n\nAssistant:"
@@ -125,19 +125,19 @@ def test_generate_shapes_and_seeds(tiny):
     model, tok = tiny
     rng_before = torch.random.get_rng_state()
     kw = dict(n=2, max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=4, progress=False)
-    out = models.generate(model, tok, CONVERSATIONS, seed=0, **kw)
+    out = sampling.generate(model, tok, CONVERSATIONS, seed=0, **kw)
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # global RNG untouched
     assert len(out) == 3 and all(len(samples) == 2 for samples in out)
     assert all(isinstance(s, str) and s for samples in out for s in samples)
     # Sampling: the two samples of one prompt differ, the same seed repeats, another seed differs.
     assert all(a != b for a, b in out)
-    assert models.generate(model, tok, CONVERSATIONS, seed=0, **kw) == out
-    assert models.generate(model, tok, CONVERSATIONS, seed=1, **kw) != out
+    assert sampling.generate(model, tok, CONVERSATIONS, seed=0, **kw) == out
+    assert sampling.generate(model, tok, CONVERSATIONS, seed=1, **kw) != out
 
 
 def test_generate_returns_new_text_only(tiny):
     model, tok = tiny
-    out = models.generate(model, tok, CONVERSATIONS, n=1, max_new_tokens=4, progress=False)
+    out = sampling.generate(model, tok, CONVERSATIONS, n=1, max_new_tokens=4, progress=False)
     for (text,) in out:
         assert "zebras" not in text and "tallest mountain" not in text and "Hello there" not in text
         assert "<|im_start|>" not in text and "<|im_end|>" not in text  # special tokens stripped
@@ -147,16 +147,16 @@ def test_generate_returns_new_text_only(tiny):
 def test_greedy_ignores_seed_and_padding(tiny):
     model, tok = tiny
     kw = dict(n=2, max_new_tokens=6, temperature=0, progress=False)
-    batched = models.generate(model, tok, CONVERSATIONS, seed=0, batch_size=8, **kw)
+    batched = sampling.generate(model, tok, CONVERSATIONS, seed=0, batch_size=8, **kw)
     assert all(a == b for a, b in batched)
-    assert models.generate(model, tok, CONVERSATIONS, seed=5, batch_size=8, **kw) == batched
+    assert sampling.generate(model, tok, CONVERSATIONS, seed=5, batch_size=8, **kw) == batched
     # One row per batch means no padding at all: left padding with an attention mask
     # must give the same greedy tokens.
-    assert models.generate(model, tok, CONVERSATIONS, seed=0, batch_size=1, **kw) == batched
+    assert sampling.generate(model, tok, CONVERSATIONS, seed=0, batch_size=1, **kw) == batched
 
 
 def test_generate_nothing(tiny):
-    assert models.generate(*tiny, [], progress=False) == []
+    assert sampling.generate(*tiny, [], progress=False) == []
 
 
 # --------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def test_converted_cache_is_a_plain_model(gguf, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(converted)
     assert tok.chat_template == gguf_tok.chat_template
-    text = models.render_prompt(tok, HELLO)
+    text = sampling.render_prompt(tok, HELLO)
     assert tok(text).input_ids == gguf_tok(text).input_ids
 
 
@@ -252,7 +252,7 @@ def test_default_model_loads_from_cache_and_answers(gguf, cache_dir, monkeypatch
     monkeypatch.setattr(models, "load_gguf_model", lambda *a, **k: pytest.fail("re-converted"))
     model, tok = models.load_model("smollm2", cache_dir=cache_dir)
     assert models.count_parameters(model) == 134_515_008
-    ((answer,),) = models.generate(
+    ((answer,),) = sampling.generate(
         model, tok, ["What is the capital of France?"], n=1, max_new_tokens=24, temperature=0, progress=False
     )
     assert "Paris" in answer
@@ -432,9 +432,9 @@ def test_cli_help(command, option):
 def test_an_answer_the_token_limit_stopped_is_marked_cut(tiny):
     model, tok = tiny
     greedy = dict(n=1, max_new_tokens=3, temperature=0, progress=False)
-    [[answer]] = models.generate_answers(model, tok, [HELLO], **greedy)
+    [[answer]] = sampling.generate_answers(model, tok, [HELLO], **greedy)
     # The oracle: the same greedy continuation, straight from transformers.
-    ids = tok(models.render_prompt(tok, HELLO), add_special_tokens=False, return_tensors="pt").input_ids
+    ids = tok(sampling.render_prompt(tok, HELLO), add_special_tokens=False, return_tensors="pt").input_ids
     eos = {
         tok.eos_token_id,
         *(
@@ -456,8 +456,8 @@ def test_an_answer_the_token_limit_stopped_is_marked_cut(tiny):
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = list(range(model.config.vocab_size))
     try:
-        [[ended]] = models.generate_answers(model, tok, [HELLO], **greedy)
+        [[ended]] = sampling.generate_answers(model, tok, [HELLO], **greedy)
     finally:
         model.generation_config.eos_token_id = saved
     assert ended.cut is False
-    assert models.generate(model, tok, [HELLO], **greedy) == [[answer.text]]
+    assert sampling.generate(model, tok, [HELLO], **greedy) == [[answer.text]]

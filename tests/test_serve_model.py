@@ -52,7 +52,7 @@ def _stream_text(client, **kwargs) -> tuple[str, int, list]:
 
 
 def test_models_and_completions_match_the_model(server):
-    from trainer import models
+    from trainer import models, sampling
 
     client = server.client()
     assert [m.id for m in client.models.list()] == ["tiny"]
@@ -73,9 +73,9 @@ def test_models_and_completions_match_the_model(server):
     # What the model itself writes for that seed, loaded here through preflab's own
     # generation code (which strips the answer's ends).
     model, tokenizer = models.load_model("tiny", device=TRAIN_DEVICE)
-    ((expected,),) = models.generate(model, tokenizer, [HELLO], n=1, progress=False, **_gen(settings))
+    ((expected,),) = sampling.generate(model, tokenizer, [HELLO], n=1, progress=False, **_gen(settings))
     assert text.strip() == expected
-    rendered = models.render_prompt(tokenizer, HELLO)  # the chat template, assistant turn open
+    rendered = sampling.render_prompt(tokenizer, HELLO)  # the chat template, assistant turn open
     assert plain.usage.prompt_tokens == len(tokenizer(rendered, add_special_tokens=False).input_ids)
     assert plain.usage.completion_tokens >= len(tokenizer(text, add_special_tokens=False).input_ids)
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens

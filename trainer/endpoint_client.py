@@ -193,10 +193,10 @@ class EndpointModel:
                 yield piece
 
     def answer(self, messages, *, max_new_tokens, temperature, top_p, seed=None, stop=None):
-        """The whole answer as trainer.models.Answer (stripped, as in-process answers are;
+        """The whole answer as trainer.sampling.Answer (stripped, as in-process answers are;
         cut when the token limit ended it). EndpointFailure if it failed, Cancelled if
         `stop` was set before it was done: a partial answer is never passed off as whole."""
-        from trainer.models import Answer
+        from trainer.sampling import Answer
 
         text, finish = [], None
         for piece, reason in self.chunks(
@@ -264,7 +264,7 @@ def answers_of(
     stop=None,
 ) -> list:
     """One answer per conversation from `source`, an EndpointModel or an in-process
-    (model, tokenizer): trainer.models.Answer each, or an EndpointFailure where an
+    (model, tokenizer): trainer.sampling.Answer each, or an EndpointFailure where an
     endpoint's request failed (an in-process model's error is raised, as before)."""
     if isinstance(source, EndpointModel):
         return source.answers(
@@ -275,7 +275,7 @@ def answers_of(
             seed=seed,
             stop=stop,
         )
-    from trainer.models import generate_answers
+    from trainer.sampling import generate_answers
 
     model, tokenizer = source
     answers = generate_answers(

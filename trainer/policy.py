@@ -162,7 +162,8 @@ def _train(cfg: PolicyConfig, run: Run, accelerator, stop: dict) -> int:
     from tqdm.auto import tqdm
 
     from trainer import rl_math
-    from trainer.models import check_model, load_tokenizer, render_prompt
+    from trainer.models import check_model, load_tokenizer
+    from trainer.sampling import render_prompt
 
     device = accelerator.device  # cuda:<local rank> under `accelerate launch`, else cuda or cpu
     cuda = device.type == "cuda"

@@ -31,7 +31,7 @@ def text_to_messages(prompt: str) -> tuple[list[dict[str, str]], bool]:
 
     An HH transcript ("\\n\\nHuman: ... \\n\\nAssistant:") is split back into its turns
     (exactly what `preflab export` writes for multi-turn prompts); any other string is
-    one user message, the same rule `trainer.models.render_prompt` applies.
+    one user message, the same rule `trainer.sampling.render_prompt` applies.
     """
     first_label = prompt[2:].partition(":")[0]
     if prompt.startswith("\n\n") and first_label in HH_ROLES and prompt.endswith(HH_CUE):

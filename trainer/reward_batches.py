@@ -79,7 +79,7 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 def render_prompts(tokenizer, prompts: list[list[dict[str, str]]]) -> tuple[list[str], bool]:
     """Prompt texts (the chat template with the assistant turn opened) and whether the
     tokenizer must add special tokens itself (only when there is no chat template)."""
-    from trainer.models import render_prompt
+    from trainer.sampling import render_prompt
 
     has_template = bool(getattr(tokenizer, "chat_template", None))
     return [render_prompt(tokenizer, p) for p in prompts], not has_template
