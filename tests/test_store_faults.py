@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from helpers import child_env, vote_record, write_pairs
 
-from trainer.store import read_events
+from trainer.store import read_comparisons, read_events
 from trainer.store.directory_reader import list_store
 from trainer.store.directory_writer import DirectoryStore
 from trainer.store.errors import StoreWriteError
@@ -453,4 +453,16 @@ def test_a_chat_vote_the_disk_cannot_hold_is_not_saved_and_the_turn_stays_votabl
         filler.unlink()
         saved = chat.vote("me", cid, "left", "", long_reason)
         assert saved["ok"] and saved["ack"] and saved["voted"]
-    assert stored_ids(store_dir) == [saved["ack"]["event_id"]]
+        assert stored_ids(store_dir) == [saved["ack"]["event_id"]]
+
+        # A take-back the disk cannot hold: not taken back, the vote stands, a retry works
+        filler = fill(tiny_disk, leave=0)
+        failed = chat.take_back("me", cid)
+        assert failed["ok"] is False and "Not taken back" in failed["message"] and not failed["taken_back"]
+        assert read_comparisons(store_dir)["event_id"].to_pylist() == [saved["ack"]["event_id"]]
+        filler.unlink()
+        back = chat.take_back("me", cid)
+        assert back["ok"] and back["taken_back"]
+    assert read_comparisons(store_dir).num_rows == 0
+    (retract,) = [e for e in read_events(store_dir).to_pylist() if e["kind"] == "retract"]
+    assert retract["retracts"] == saved["ack"]["event_id"]
