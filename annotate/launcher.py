@@ -4,13 +4,14 @@
     info = launcher.start_reward("comparisons/", model="tiny", epochs="2")   # a form's values
     launcher.runs(); launcher.cancel(info.run_id); launcher.resume(info.run_id)
 
-A run is a subprocess, `python -m trainer.reward ...` or `python -m trainer.policy ...`,
-in its own session: the page never waits for it, and stopping or restarting the server
-does not stop it. The form's values become the trainer's config dataclass, checked by the
-config's own check (a bad value: LaunchError naming the field, nothing started), written
-to runs/<id>/launch-config.json and handed to the trainer as `--config FILE`; the command
-line and the process (pid, start ticks, command line as /proc shows it) go to launch.json,
-and status.json is pre-created as `queued`.
+A run is a subprocess, `python -m trainer.reward ...`, `python -m trainer.policy ...` or
+`python -m trainer.dpo ...` (annotate.processes.TRAINER_KINDS), in its own session: the
+page never waits for it, and stopping or restarting the server does not stop it. The
+form's values become the trainer's config dataclass, checked by the config's own check
+(a bad value: LaunchError naming the field, nothing started), written to
+runs/<id>/launch-config.json and handed to the trainer as `--config FILE`; the command
+line and the process (pid, start ticks, command line as /proc shows it) go to
+launch.json, and status.json is pre-created as `queued`.
 Everything the page shows is read back from the run directory: Launcher is a RunReader
 (annotate/run_reader.py, which lists the files), so a reloaded page, a restarted server
 and a run started with the CLI all look the same. Cancel sends SIGTERM to the trainer this
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from annotate.processes import cancel_refusal, process_record
+from annotate.processes import TRAINER_KINDS, cancel_refusal, process_record
 from annotate.run_reader import RunInfo, RunReader
 from trainer.errors import PreflabError
 from trainer.runs import (
@@ -99,16 +100,9 @@ class Launcher(RunReader):
         fields as a form gives them (text or numbers; a missing one is the dataclass's
         default). Raises LaunchError (naming the field) and starts nothing when a value is bad."""
         from trainer.reward_config import RewardConfig
-        from trainer.store import describe, is_database, store_exists
+        from trainer.store import describe
 
-        if not data:
-            raise LaunchError("Data: no comparison store given; there are no votes to train on yet")
-        if is_database(data):
-            target = self._remember_password(data)  # reachability is the trainer's to report, in its log
-        else:
-            target = str(Path(data).resolve())
-            if not store_exists(target):
-                raise LaunchError(f"Data: {data} does not exist; there are no votes to train on yet")
+        target = self._votes(data)
         values = {**form, "data": target}
         if "model" in form:
             values["model"] = _absolute(form["model"], model=True)
@@ -117,6 +111,44 @@ class Launcher(RunReader):
         return self._start(
             "reward", config, form, {"data": describe(target)}, run_id, ["--data", target, *(extra or [])]
         )
+
+    def start_dpo(
+        self,
+        data: str | os.PathLike,
+        *,
+        run_id: str | None = None,
+        extra: list[str] | None = None,
+        **form: Any,
+    ) -> RunInfo:
+        """Start `python -m trainer.dpo` on the store `data` (as start_reward takes it): a
+        policy trained straight from the votes, no reward model. `form`: DPOConfig fields
+        as a form gives them. Raises LaunchError (naming the field) and starts nothing
+        when a value is bad."""
+        from trainer.dpo_config import DPOConfig
+        from trainer.store import describe
+
+        target = self._votes(data)
+        values = {**form, "data": target}
+        if "model" in form:
+            values["model"] = _absolute(form["model"], model=True)
+        config = _checked(DPOConfig, values)
+        return self._start(
+            "dpo", config, form, {"data": describe(target)}, run_id, ["--data", target, *(extra or [])]
+        )
+
+    def _votes(self, data: str | os.PathLike) -> str:
+        """The store a trainer reads the votes from: a directory made absolute, or a
+        database URL without its password (kept for the trainer's environment)."""
+        from trainer.store import is_database, store_exists
+
+        if not data:
+            raise LaunchError("Data: no comparison store given; there are no votes to train on yet")
+        if is_database(data):
+            return self._remember_password(data)  # reachability is the trainer's to report, in its log
+        target = str(Path(data).resolve())
+        if not store_exists(target):
+            raise LaunchError(f"Data: {data} does not exist; there are no votes to train on yet")
+        return target
 
     def start_policy(
         self, reward_run: Any, *, run_id: str | None = None, extra: list[str] | None = None, **form: Any
@@ -171,7 +203,7 @@ class Launcher(RunReader):
 
     def _start(
         self,
-        kind: str,
+        trainer: str,
         config,
         values: dict,
         shown: dict,
@@ -182,7 +214,8 @@ class Launcher(RunReader):
         """The checked config into runs/<id>/launch-config.json (the fields `values` the
         form gave), and the trainer started on it; `extra` flags override the file.
         `stores`: database URLs (without passwords) the trainer reads besides --data."""
-        run_id = run_id or self._new_id(kind)
+        kind = TRAINER_KINDS[trainer]
+        run_id = run_id or self._new_id(trainer)
         if "/" in run_id or run_id.startswith(".") or not run_id.strip():
             raise LaunchError(f"Run id: {run_id!r} is not a plain directory name")
         path = self.runs_dir / run_id
@@ -198,7 +231,7 @@ class Launcher(RunReader):
         argv = [
             self.python,
             "-m",
-            f"trainer.{kind}",
+            f"trainer.{trainer}",
             "--run-dir",
             str(path),
             "--no-progress",
@@ -208,6 +241,7 @@ class Launcher(RunReader):
         ]
         launch = {
             "kind": kind,
+            "trainer": trainer,
             "argv": argv,
             "stores": [s for s in stores if s],
             "settings": settings,
@@ -234,12 +268,19 @@ class Launcher(RunReader):
         # edit: the command is rebuilt from what this launcher itself passes (the trainer on
         # this very run directory, its checked launch-config.json), and only the store's
         # name is taken from the file, as a value, never as flags.
-        if saved[1:3] != ["-m", f"trainer.{info.kind}"] or saved.count("--run-dir") != 1:
+        # The trainer, one of TRAINER_KINDS for this run's kind (launch.json from before
+        # "trainer" was written: the kind's own).
+        trainer = str(launch.get("trainer", info.kind))
+        if (
+            TRAINER_KINDS.get(trainer) != info.kind
+            or saved[1:3] != ["-m", f"trainer.{trainer}"]
+            or saved.count("--run-dir") != 1
+        ):
             raise LaunchError(
                 f"{run_id}: {LAUNCH_FILE} does not hold this run's trainer command; "
                 f"resume it with the command that started it"
             )
-        argv = [self.python, "-m", f"trainer.{info.kind}", "--run-dir", str(info.path), "--no-progress"]
+        argv = [self.python, "-m", f"trainer.{trainer}", "--run-dir", str(info.path), "--no-progress"]
         if (info.path / LAUNCH_CONFIG_FILE).is_file():
             argv += ["--config", str(info.path / LAUNCH_CONFIG_FILE)]
         if "--data" in saved[:-1]:

@@ -22,14 +22,14 @@ import os
 import time
 from pathlib import Path
 
+# The trainers the launcher starts, by name: each `python -m trainer.<name>`, and the kind
+# of run it writes (train-dpo's is a policy: it ends in one that serve can take). Nothing
+# outside this table is ever started, whatever a run directory's files say.
+TRAINER_KINDS = {"reward": "reward", "policy": "policy", "dpo": "policy"}
+
 # Words in a trainer's command line (python -m trainer.x, preflab train-x, a script path).
-TRAINER_WORDS = (
-    "trainer.reward",
-    "trainer.policy",
-    "train-reward",
-    "train-policy",
-    "trainer/reward.py",
-    "trainer/policy.py",
+TRAINER_WORDS = tuple(
+    word for name in TRAINER_KINDS for word in (f"trainer.{name}", f"train-{name}", f"trainer/{name}.py")
 )
 
 
@@ -106,10 +106,11 @@ def process_record(pid: int, argv: list[str]) -> dict:
 
 def _is_runs_trainer(argv: list[str], run_path: Path, kind: str | None) -> bool:
     """A trainer command line as the launcher writes it, for this run: `python -m
-    trainer.<kind> ... --run-dir <this run's directory>` (a #! interpreter may come first)."""
+    trainer.<name> ... --run-dir <this run's directory>`, a trainer of TRAINER_KINDS that
+    writes runs of this kind (a #! interpreter may come first)."""
     if "-m" not in argv[:3] or argv.count("--run-dir") != 1 or argv[-1] == "--run-dir":
         return False
-    modules = (f"trainer.{kind}",) if kind in ("reward", "policy") else ("trainer.reward", "trainer.policy")
+    modules = [f"trainer.{name}" for name, of in TRAINER_KINDS.items() if kind in (of, None, "unknown")]
     module = argv.index("-m") + 1
     if module >= len(argv) or argv[module] not in modules:
         return False

@@ -97,6 +97,65 @@ def test_a_policy_run_on_the_finished_reward_model(done_reward):
     )
 
 
+def test_a_dpo_run_is_cancelled_resumed_and_served_like_a_policy(tmp_path):
+    from annotate.web.metric_plots import run_plots
+
+    store = banana_store(tmp_path / "store", n=200)
+    launcher = Launcher(tmp_path / "runs")
+    settings = dict(model="tiny", epochs=50, batch_size=2, max_length=64, lr=1e-3, kl_prompts=2, kl_tokens=8)
+    info = launcher.start_dpo(store, **settings)
+    assert info.state == "queued" and info.kind == "policy" and info.run_id.startswith("dpo-")
+    launch = json.loads((info.path / "launch.json").read_text())
+    assert launch["argv"][1:3] == ["-m", "trainer.dpo"] and launch["trainer"] == "dpo"
+    run_id = info.run_id
+    deadline = time.time() + 180
+    while len(launcher.metrics(run_id).series("train", "loss")) < 2:  # training: SIGTERM saves and stops
+        assert time.time() < deadline and launcher.info(run_id).active, launcher.log_tail(run_id)
+        time.sleep(0.2)
+    # Cancel signals this run's DPO trainer (a trainer.dpo command line of a policy run)
+    assert "cancel requested" in launcher.cancel(run_id)
+    cancelled = launcher.wait(run_id, timeout=120)
+    assert cancelled.state == "cancelled" and cancelled.resumable, launcher.log_tail(run_id)
+    saved = json.loads((cancelled.path / "checkpoint" / "preflab_policy.json").read_text())["step"]
+
+    # Resume runs trainer.dpo again, never trainer.policy (the run's kind): two more steps
+    launcher.resume(run_id, extra=["--max-steps", str(saved + 2)])
+    done = launcher.wait(run_id, timeout=180)
+    assert done.state == "done" and done.servable, launcher.log_tail(run_id)
+    assert json.loads((done.path / "launch.json").read_text())["argv"][1:3] == ["-m", "trainer.dpo"]
+    config = json.loads((done.path / "config.json").read_text())
+    assert config["algo"] == "dpo" and config["config"]["data"] == str(store.resolve())
+    assert config["config"]["lr"] == 1e-3 and config["config"]["model"] == "tiny"
+    records = [json.loads(line) for line in (done.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"][-2:] == [saved + 1, saved + 2]
+    # the Train tab plots what a DPO run logs, not a policy run's reward and KL
+    loss_plot, acc_plot = run_plots(done, launcher.metrics(run_id))
+    assert "DPO loss" in loss_plot and "Implicit-reward accuracy" in acc_plot and "validation" in acc_plot
+
+    # launch.json is the run directory's, which others may write: a trainer it names that
+    # does not make this kind of run is refused, nothing started
+    (done.path / "status.json").write_text(json.dumps({"state": "cancelled", "progress": 0.5}))
+    forged = json.loads((done.path / "launch.json").read_text())
+    forged["trainer"] = "reward"
+    (done.path / "launch.json").write_text(json.dumps(forged))
+    with pytest.raises(LaunchError, match="does not hold this run's trainer command"):
+        launcher.resume(run_id)
+
+
+def test_a_dpo_form_value_out_of_range_names_the_field_and_starts_nothing(tmp_path):
+    store = banana_store(tmp_path / "store")
+    launcher = Launcher(tmp_path / "runs")
+    with pytest.raises(LaunchError, match="Label smoothing"):
+        launcher.start_dpo(store, model="tiny", label_smoothing="0.7")
+    with pytest.raises(LaunchError, match="Loss"):
+        launcher.start_dpo(store, model="tiny", loss="hinge")
+    with pytest.raises(LaunchError, match="Data: .* does not exist"):
+        launcher.start_dpo(tmp_path / "nowhere", model="tiny")
+    assert (
+        launcher.runs() == [] and not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    )
+
+
 def test_the_cpu_presets_are_settings_the_trainer_takes():
     """What the Train tab's presets fill in: PolicyConfig fields and values its check
     accepts, each labelled with the time it took; the rest of the form keeps the

@@ -64,7 +64,13 @@ def test_a_script_drives_the_whole_loop_through_the_api(tmp_path):
     with Server(tmp_path, *args) as server:
         admin, ann = client(server.url, "boss"), client(server.url, "ann")
         # Annotators may vote, not train: every loop endpoint refuses them on the server.
-        calls = {"/runs": (), "/train_reward": ({},), "/train_policy": ("x", {}), "/arena_add": ("x",)}
+        calls = {
+            "/runs": (),
+            "/train_reward": ({},),
+            "/train_policy": ("x", {}),
+            "/train_dpo": ({},),
+            "/arena_add": ("x",),
+        }
         for api, call_args in calls.items():
             with pytest.raises(AppError, match="admins"):
                 ann.predict(*call_args, api_name=api)
@@ -77,6 +83,10 @@ def test_a_script_drives_the_whole_loop_through_the_api(tmp_path):
         # Only config fields: the launcher's own arguments (extra trainer flags) are not settings.
         with pytest.raises(AppError, match="unknown setting 'extra'"):
             admin.predict({"model": "tiny", "extra": ["--run-dir", str(tmp_path)]}, api_name="/train_reward")
+        with pytest.raises(AppError, match="Label smoothing: must be in"):
+            admin.predict({"model": "tiny", "label_smoothing": 0.5}, api_name="/train_dpo")
+        with pytest.raises(AppError, match="unknown setting 'data'"):  # the server's store, not a setting
+            admin.predict({"data": str(tmp_path)}, api_name="/train_dpo")
         assert admin.predict(api_name="/runs") == []
 
         rm = admin.predict(

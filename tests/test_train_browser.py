@@ -227,6 +227,39 @@ def test_presets_fill_the_policy_form(app, browser):
     page.context.close()
 
 
+def test_a_dpo_run_from_the_form_finishes_with_its_own_plots(app, browser):
+    server, runs = app
+    page = login(browser, server.url, "boss")
+    open_train_tab(page)
+    page.locator("#dpo-model input, #dpo-model textarea").first.fill("tiny")
+    page.locator("#dpo-lr input").fill("0.001")
+    page.get_by_text("More settings").nth(2).click()  # the DPO form's (after the reward's and the policy's)
+    page.locator("#dpo-max-length input").fill("64")
+    page.locator("#dpo-max-length input").press("Tab")
+    page.get_by_label("ipo").check()
+    page.locator("#start-dpo").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#train-message') || {}).innerText?.startsWith('Started DPO run')",
+        timeout=15_000,
+    )
+    run_id = page.get_attribute("#run-progress", "data-run")
+    assert run_id and run_id.startswith("dpo-")
+    page.wait_for_function(PROGRESS_IS, arg="100%", timeout=180_000)
+    page.wait_for_selector("#run-progress[data-state=done]", timeout=15_000)
+    line = page.locator(f'#run-plot-a .metric-plot[data-run="{run_id}"] .series[data-series=train] path')
+    line.wait_for(timeout=15_000)
+    assert "DPO loss" in page.inner_text("#run-plot-a")
+    assert "Implicit-reward accuracy" in page.inner_text("#run-plot-b")
+    config = json.loads((runs / run_id / "config.json").read_text())
+    assert config["algo"] == "dpo" and (config["config"]["loss"], config["config"]["max_length"]) == (
+        "ipo",
+        64,
+    )
+    assert config["config"]["lr"] == 0.001 and config["config"]["model"] == "tiny"
+    assert (runs / run_id / "policy" / "config.json").is_file()  # a policy, for the arena
+    page.context.close()
+
+
 def test_bad_form_input_is_reported_and_starts_nothing(app, browser):
     server, runs = app
     before = sorted(p.name for p in runs.iterdir()) if runs.exists() else []
@@ -244,6 +277,23 @@ def test_bad_form_input_is_reported_and_starts_nothing(app, browser):
     page.wait_for_function(
         "() => (document.querySelector('#train-message') || {}).innerText"
         "?.includes('Steps: must be at least 1')",
+        timeout=15_000,
+    )
+    page.locator("#policy-steps input").fill("2")
+    page.get_by_text("More settings").nth(1).click()  # the policy form's
+    page.locator("#policy-trust-kl input").fill("0")
+    page.locator("#policy-trust-kl input").press("Tab")
+    page.locator("#start-policy").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#train-message') || {}).innerText"
+        "?.includes('Trust region (trpo): must be positive')",
+        timeout=15_000,
+    )
+    page.locator("#dpo-beta input").fill("0")
+    page.locator("#dpo-beta input").press("Tab")
+    page.locator("#start-dpo").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#train-message') || {}).innerText?.includes('Beta: must be')",
         timeout=15_000,
     )
     after = sorted(p.name for p in runs.iterdir()) if runs.exists() else []

@@ -36,12 +36,14 @@ class DPOConfig(Config):
             "help": f"{DATA_HELP}; or a TRL-format .parquet/.jsonl (prompt, chosen, rejected); ties and "
             "both-bad votes are always left out (DPO needs a preferred answer); optional when resuming",
             "metavar": "STORE_OR_FILE",
+            "label": "Data",
         },
     )
     model: str = field(
         default="smollm2",
         metadata={
-            "help": "the policy to start from (also the reference): smollm2, tiny, a model dir or a cached HF id"
+            "help": "the policy to start from (also the reference): smollm2, tiny, a model dir or a cached HF id",
+            "label": "Base model",
         },
     )
     run_dir: str | None = field(
@@ -56,23 +58,36 @@ class DPOConfig(Config):
         metadata={
             "help": "sigmoid: DPO (with --label-smoothing: conservative DPO); ipo: IPO",
             "choices": LOSSES,
+            "label": "Loss",
         },
     )
     beta: float = field(
-        default=0.1, metadata={"help": "strength of the pull towards the reference (DPO's beta, IPO's tau)"}
+        default=0.1,
+        metadata={
+            "help": "strength of the pull towards the reference (DPO's beta, IPO's tau)",
+            "label": "Beta",
+        },
     )
     label_smoothing: float = field(
-        default=0.0, metadata={"help": "sigmoid loss: the assumed share of flipped votes, in [0, 0.5)"}
+        default=0.0,
+        metadata={
+            "help": "sigmoid loss: the assumed share of flipped votes, in [0, 0.5)",
+            "label": "Label smoothing",
+        },
     )
-    epochs: int = field(default=1, metadata={"help": "passes over the training pairs"})
-    lr: float = field(default=5e-7, metadata={"help": "peak learning rate (AdamW)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training pairs", "label": "Epochs"})
+    lr: float = field(default=5e-7, metadata={"help": "peak learning rate (AdamW)", "label": "Learning rate"})
     batch_size: int = field(
-        default=8, metadata={"help": "pairs per optimizer step (2x sequences per forward)"}
+        default=8,
+        metadata={"help": "pairs per optimizer step (2x sequences per forward)", "label": "Batch size"},
     )
     eval_batch_size: int = field(default=16, metadata={"help": "pairs per forward when evaluating"})
     max_length: int = field(
         default=1024,
-        metadata={"help": "tokens of prompt + answer; longer prompts are cut from the left, answers kept"},
+        metadata={
+            "help": "tokens of prompt + answer; longer prompts are cut from the left, answers kept",
+            "label": "Max length",
+        },
     )
     val_fraction: float = field(default=0.1, metadata={"help": "share of pairs held out, by prompt"})
     seed: int = field(default=0, metadata={"help": "random seed (split, batch order, KL samples)"})
@@ -103,7 +118,8 @@ class DPOConfig(Config):
     lora_r: int = field(
         default=0,
         metadata={
-            "help": "LoRA rank (0: train all weights); the reference is the model with adapters disabled"
+            "help": "LoRA rank (0: train all weights); the reference is the model with adapters disabled",
+            "label": "LoRA rank",
         },
     )
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (0: 2 * rank)"})

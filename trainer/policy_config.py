@@ -211,7 +211,8 @@ class PolicyConfig(Config):
         default=0.01,
         metadata={
             "help": "trpo: the trust region (delta): the most mean KL(rollout policy || new policy) per "
-            "answer token that one update may reach, measured exactly over the vocabulary"
+            "answer token that one update may reach, measured exactly over the vocabulary",
+            "label": "Trust region (trpo)",
         },
     )
     cg_iters: int = field(

@@ -59,7 +59,7 @@ def config_settings(config_class, settings: dict | None) -> dict[str, Any]:
 
 
 def register_loop_api(ctx, guard) -> None:
-    """/runs, /train_reward, /train_policy, /arena_add; call inside the page's gr.Blocks."""
+    """/runs, /train_reward, /train_policy, /train_dpo, /arena_add; call inside the page's gr.Blocks."""
     import gradio as gr
 
     launcher = ctx.launcher
@@ -90,6 +90,16 @@ def register_loop_api(ctx, guard) -> None:
             fields = config_settings(PolicyConfig, settings)
             return run_json(launcher.start_policy(reward_run, **fields), ctx.generator)
 
+    def train_dpo(settings: dict | None = None, request: gr.Request = None) -> dict:
+        """Start a DPO run (a policy straight from the votes) on the server's store;
+        settings: DPOConfig fields (model, loss, beta, label_smoothing, epochs, lr, lora_r, ...)."""
+        guard.admin(request)
+        with guard.errors():
+            from trainer.dpo_config import DPOConfig
+
+            fields = config_settings(DPOConfig, settings)
+            return run_json(launcher.start_dpo(ctx.data, **fields), ctx.generator)
+
     def arena_add(run_id: str, request: gr.Request = None) -> dict:
         """Put a finished policy into the running arena under its run id."""
         guard.admin(request)
@@ -102,4 +112,5 @@ def register_loop_api(ctx, guard) -> None:
     gr.api(runs, api_name="runs", **admin)
     gr.api(train_reward, api_name="train_reward", **admin)
     gr.api(train_policy, api_name="train_policy", **admin)
+    gr.api(train_dpo, api_name="train_dpo", **admin)
     gr.api(arena_add, api_name="arena_add", **admin)

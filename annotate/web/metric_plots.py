@@ -34,6 +34,14 @@ PLOTS = {
         ),
         ("KL to the reference", "nats", [("train", "kl", "KL per answer")]),
     ],
+    "dpo": [  # a policy run of train-dpo: no reward model, its implicit reward instead
+        ("DPO loss", "loss", [("train", "loss", "train"), ("eval", "val_loss", "validation")]),
+        (
+            "Implicit-reward accuracy",
+            "accuracy",
+            [("train", "reward_acc", "train"), ("eval", "val_acc", "validation")],
+        ),
+    ],
 }
 COLOURS = ("#6366f1", "#d97706", "#059669", "#dc2626")
 W, H = 560, 230  # the SVG's coordinate box; it scales to the column's width
@@ -243,8 +251,9 @@ def policy_captions(info, reader) -> tuple[str, str]:
 
 def run_plots(info, reader) -> tuple[str, str]:
     """The two charts of a run (RunInfo, MetricsReader)."""
-    specs = PLOTS.get(info.kind, PLOTS["reward"])
-    captions = policy_captions(info, reader) if info.kind == "policy" else ("", "")
+    dpo = info.kind == "policy" and (info.config or {}).get("algo") == "dpo"
+    specs = PLOTS["dpo"] if dpo else PLOTS.get(info.kind, PLOTS["reward"])
+    captions = policy_captions(info, reader) if info.kind == "policy" and not dpo else ("", "")
     out = []
     for (title, y_title, series), caption in zip(specs, captions):
         out.append(

@@ -25,7 +25,7 @@ API, for scripts and load tests (gradio_client, logged in with auth=(user, passw
     client.predict(pair_id, api_name="/skip"); client.predict(api_name="/undo")
     client.predict(api_name="/dashboard")            (admins; /export and /chat_prompts too, from the Dashboard tab:
         report, [{"name", "url"}]; GET urljoin(client.src, url) with client.cookies: annotate/web/downloads.py)
-    /runs, /train_reward, /train_policy, /arena_add: the loop, for scripts (admins;
+    /runs, /train_reward, /train_policy, /train_dpo, /arena_add: the loop, for scripts (admins;
     annotate/web/loop_api.py); /leaderboard (admins; annotate/web/leaderboard_tab.py)
     client.predict(conversation_id or "", message, api_name="/chat")   (serve --chat; annotate/web/chat_api.py)
         -> the chat view once both answers are complete (submit() streams every view):

@@ -25,6 +25,7 @@ POLICY_FIELDS = (
     "batch_size",
     "max_new_tokens",
     "eval_prompts",
+    "trust_kl",
 )
 DEFAULTS_CHOICE = "Trainer defaults (sized for a GPU)"
 
@@ -126,6 +127,12 @@ def build_policy_form(guard) -> PolicyForm:
                 precision=0,
                 elem_id="policy-eval-prompts",
             )
+        trust = gr.Number(
+            defaults.trust_kl,
+            label=meta["trust_kl"]["label"],
+            info="trpo only: the most KL to the rollout policy one update may reach (nats per token)",
+            elem_id="policy-trust-kl",
+        )
     button = gr.Button("Train policy", variant="primary", elem_id="start-policy")
     filled = {
         "algo": algo,
@@ -147,5 +154,17 @@ def build_policy_form(guard) -> PolicyForm:
         api_visibility="private",
         show_progress="hidden",
     )
-    inputs = [reward, algo, steps, lr, kl, prompts, model, batch, new_tokens, held]  # POLICY_FIELDS' order
+    inputs = [
+        reward,
+        algo,
+        steps,
+        lr,
+        kl,
+        prompts,
+        model,
+        batch,
+        new_tokens,
+        held,
+        trust,
+    ]  # POLICY_FIELDS' order
     return PolicyForm(preset, reward, prompts, inputs, button)

@@ -1,5 +1,5 @@
-"""The Train tab (admins): start reward and policy trainings, watch them, cancel them,
-and put a finished policy into the arena.
+"""The Train tab (admins): start reward, policy and DPO trainings, watch them, cancel
+them, and put a finished policy into the arena.
 
     build_train_tab(demo, ctx, guard)     # inside the page's gr.Tabs(); ctx.launcher runs the trainers
 
@@ -7,7 +7,8 @@ Built inside the page's `gr.Tabs()`; every handler checks the caller's role on t
 (hiding the tab is cosmetic). The form's defaults, choices and the names its errors use
 come from the trainers' config dataclasses (trainer.reward_config.RewardConfig,
 trainer.policy_config.PolicyConfig), and its values go through their check (annotate.launcher);
-the policy form and its CPU presets are annotate/web/policy_form.py, the plots
+the policy form and its CPU presets are annotate/web/policy_form.py, the DPO form
+annotate/web/dpo_form.py, the plots
 annotate/web/metric_plots.py.
 All it shows is read from the run directories, so a reload, a second browser or a
 restarted server shows the same runs, progress and plots; a gr.Timer polls while a run is
@@ -23,6 +24,7 @@ from typing import Any
 from annotate.arena import add_to_arena, in_arena
 from annotate.launcher import REPO, LaunchError
 from annotate.run_reader import ROW_HEADERS, RunInfo
+from annotate.web.dpo_form import DPO_FIELDS, build_dpo_form
 from annotate.web.html import escape as _e
 from annotate.web.metric_plots import empty_plot, run_plots
 from annotate.web.policy_form import build_policy_form
@@ -156,6 +158,8 @@ def build_train_tab(demo, ctx, guard) -> None:
             with gr.Column(variant="panel"):
                 p_form = build_policy_form(guard)  # its fields, and the presets that fill them
                 p_reward, p_prompts, p_start = p_form.reward, p_form.prompts, p_form.start
+            with gr.Column(variant="panel"):
+                d_form = build_dpo_form()
         t_message = gr.HTML(message_html(""), js_on_load=None)
         with gr.Row():
             gr.Markdown("**Runs**")
@@ -353,6 +357,7 @@ def build_train_tab(demo, ctx, guard) -> None:
         batch_size,
         max_new_tokens,
         eval_prompts,
+        trust_kl,
         selected,
         request: gr.Request,
     ):  # the form's values in POLICY_FIELDS order, then the selected run
@@ -367,6 +372,7 @@ def build_train_tab(demo, ctx, guard) -> None:
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             eval_prompts=eval_prompts,
+            trust_kl=trust_kl,
         )
         with guard.errors():
             info, problem = outcome(lambda: launcher.start_policy(reward, **form))
@@ -375,6 +381,31 @@ def build_train_tab(demo, ctx, guard) -> None:
             return (
                 message_html(f"Started policy run {info.run_id} at {time.strftime('%H:%M:%S')}."),
                 *refresh(info.run_id, None, reward),
+            )
+
+    def on_start_dpo(
+        model,
+        loss,
+        beta,
+        label_smoothing,
+        epochs,
+        lr,
+        lora_r,
+        batch_size,
+        max_length,
+        selected,
+        reward_choice,
+        request: gr.Request,
+    ):  # the form's values in DPO_FIELDS order, then the selected run and reward model
+        guard.admin(request)
+        values = (model, loss, beta, label_smoothing, epochs, lr, lora_r, batch_size, max_length)
+        with guard.errors():
+            info, problem = outcome(lambda: launcher.start_dpo(ctx.data, **dict(zip(DPO_FIELDS, values))))
+            if problem:
+                return (message_html(problem, error=True), *refresh(selected, None, reward_choice))
+            return (
+                message_html(f"Started DPO run {info.run_id} at {time.strftime('%H:%M:%S')}."),
+                *refresh(info.run_id, None, reward_choice),
             )
 
     def on_cancel(selected, seen, reward_choice, request: gr.Request):
@@ -422,6 +453,7 @@ def build_train_tab(demo, ctx, guard) -> None:
         [t_message, *refresh_outputs],
         **kw,
     )
+    d_form.start.click(on_start_dpo, [*d_form.inputs, t_run, p_reward], [t_message, *refresh_outputs], **kw)
     t_cancel.click(on_cancel, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
     t_resume.click(on_resume, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
     t_arena.click(on_arena, [t_run, t_seen, p_reward], [t_message, *refresh_outputs], **kw)
