@@ -47,6 +47,7 @@ system-packages:
 	bash scripts/system-packages.sh
 
 test: setup system-packages
+	bash scripts/llama-cpp.sh $(PY)
 	$(PY) -m pytest
 
 # ruff: the linter and the formatter, configured in pyproject.toml. `make format` fixes

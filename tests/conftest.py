@@ -87,6 +87,16 @@ def model_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """llama.cpp's OpenAI-compatible server on the shipped SmolLM2 GGUF (helpers.LlamaCppServer),
+    one for the session."""
+    from helpers import LlamaCppServer
+
+    with LlamaCppServer(tmp_path_factory.mktemp("llama-cpp")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def failing():
     """helpers.FailingServer, one for the session: its counters add up across tests, so a
     test compares them with what they were when it began."""

