@@ -5,15 +5,16 @@ An annotator writes a message, watches both answers stream in (the text grows wh
 the panel says it is streaming), follows up with a second turn that goes to both
 sides, votes by key (a key typed in the message box stays text), sees the names, and
 starts a new conversation; then the store holds the vote with both conversations.
-Another takes a random prompt from the pool, stops the answers, regenerates them and
-votes with the mouse.
+Another takes a random prompt from the pool, stops the answers, regenerates them,
+votes with the mouse and takes the vote back. On a phone the answers stack (A above B)
+within the screen and a tap votes.
 """
 
 import json
 from pathlib import Path
 
 import pytest
-from helpers import CHROMIUM, EP_KEY, Server, add_users, ep_entry, login, screenshot
+from helpers import CHROMIUM, EP_KEY, PHONE, Server, add_users, ep_entry, login, screenshot
 
 from trainer.store import read_comparisons
 
@@ -48,7 +49,7 @@ WATCH_PANELS = """
 @pytest.fixture(scope="module")
 def chat_app(tmp_path_factory, model_server):
     tmp = tmp_path_factory.mktemp("chat-browser")
-    add_users(tmp / "users.toml", ann="annotator", ben="annotator")
+    add_users(tmp / "users.toml", ann="annotator", ben="annotator", pia="annotator")
     endpoints = tmp / "endpoints.json"
     endpoints.write_text(
         json.dumps({ENDPOINT_NAME: ep_entry(model_server.base, api_key=EP_KEY, max_retries=0)})
@@ -267,3 +268,27 @@ def test_random_prompt_stop_regenerate_and_a_mouse_vote(chat_app, browser):
     assert not page.locator("#chat-take-back").is_visible()
     assert not page.locator("#chat-vote-tie").is_visible()  # no second, unblind vote
     assert not [r for r in read_comparisons(store).to_pylist() if r["annotator"] == "ben"]
+
+
+def test_on_a_phone_the_answers_stack_within_the_screen_and_a_tap_votes(chat_app, browser):
+    server, store = chat_app
+    page = login(browser, server.url, "pia", PHONE, ready="#chat-send")
+    page.locator("#chat-message textarea").fill("Tell me about rivers.")
+    page.locator("#chat-send").tap()
+    wait_until_answered(page, 1)
+    box = "el => { const r = el.getBoundingClientRect(); return [r.left, r.right, r.top, r.bottom]; }"
+    boxes = {side: page.eval_on_selector(f"#chat-{side}", box) for side in ("left", "right")}
+    (l_left, l_right, _, l_bottom), (r_left, r_right, r_top, _) = boxes["left"], boxes["right"]
+    assert r_top >= l_bottom  # B under A, not beside it
+    assert l_left >= 0 and l_right <= 390 and r_left >= 0 and r_right <= 390
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing runs off sideways
+    screenshot(page, "chat-phone", full_page=True)
+    page.locator("#chat-vote-right").scroll_into_view_if_needed()
+    page.locator("#chat-vote-right").tap()
+    page.wait_for_function(
+        "() => (document.querySelector('#chat-status') || {}).innerText?.includes('Saved: B is better')",
+        timeout=15_000,
+    )
+    (vote,) = [r for r in read_comparisons(store).to_pylist() if r["annotator"] == "pia"]
+    assert vote["choice"] == ("b" if vote["left"] == "a" else "a")  # the side shown second
+    page.context.close()
