@@ -75,6 +75,23 @@ def arena(tmp_path_factory):
             }
         )
     )
+    # a saved `preflab eval-reward` result of a reward run (trainer/reward_eval.py's file)
+    (tmp / "runs" / "reward-1" / "reward-evals").mkdir(parents=True)
+    (tmp / "runs" / "reward-1" / "reward-evals" / "heldout-0a1b2c3d.json").write_text(
+        json.dumps(
+            {
+                "accuracy": 0.6875,
+                "accuracy_ci": [0.61, 0.76],
+                "pairs": 160,
+                "rows": 160,
+                "created_at": 1.0,
+                "data": "/data/heldout.jsonl",
+                "ece": 0.042,
+                "rewardbench_score": 0.7,
+                "length": {"pairs": 150, "longer_scored_higher": 0.58, "chosen_longer": 0.55, "corr": 0.1},
+            }
+        )  # fmt: skip
+    )
     pairs = write_pairs(tmp / "pairs.jsonl", 3)
     with Server(
         tmp,
@@ -120,6 +137,9 @@ def test_admin_sees_the_leaderboard_and_annotators_do_not(arena, browser):
     assert page.locator("#lb-matrix table.lb-matrix tbody tr").count() == 4
     evals = page.inner_text("#lb-evals")
     assert "policy-7" in evals and "62.5%" in evals and "no votes yet" in evals
+    reward_evals = page.inner_text("#lb-reward-evals")
+    assert "reward-1" in reward_evals and "heldout.jsonl" in reward_evals and "68.8%" in reward_evals
+    assert "0.042" in reward_evals and "58.0% (chosen longer: 55.0%)" in reward_evals
 
     # the HTML in a model name is text, never markup
     time.sleep(0.5)

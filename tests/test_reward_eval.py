@@ -116,3 +116,43 @@ def test_a_bad_file_fails_before_a_model_loads_naming_the_file(tmp_path, reward_
     good = write_jsonl(tmp_path / "good.jsonl", banana_rows(2))
     done = preflab("eval-reward", tmp_path / "no-run", "--data", good)
     assert done.returncode == 2 and "no reward model here" in done.stderr
+
+
+def test_a_result_is_saved_in_its_run_and_listed_for_the_leaderboard_and_review_tabs(reward_run, tmp_path):
+    import shutil
+
+    from annotate.web.leaderboard_html import reward_evals_html
+    from trainer.reward_eval import EVALS_DIR, evaluations_of, saved_evaluations
+
+    run = shutil.copytree(reward_run, tmp_path / "runs" / "rm-copy")  # this test's own run
+    saved = run / EVALS_DIR
+    shutil.rmtree(saved, ignore_errors=True)  # what the other tests' commands saved in the shared run
+    first, _ = _file(tmp_path)
+    done = preflab("eval-reward", run, "--data", first, "--json")
+    assert done.returncode == 0 and f"saved in {saved}" in done.stderr, done.stderr
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    (file,) = saved.glob("*.json")
+    kept = json.loads(file.read_text())
+    assert kept["accuracy"] == printed["accuracy"] and kept["data"] == str(first.resolve())
+    assert file.name.startswith("prefs-")
+
+    # the same file again replaces its result; another file adds one; --no-save adds nothing
+    assert preflab("eval-reward", run, "--data", first).returncode == 0
+    (tmp_path / "other").mkdir()
+    other = write_jsonl(tmp_path / "other" / "prefs.jsonl", banana_rows(6, seed=2))  # same name, elsewhere
+    assert preflab("eval-reward", run, "--data", other).returncode == 0
+    third = write_jsonl(tmp_path / "third.jsonl", banana_rows(4, seed=3))
+    quiet = preflab("eval-reward", run, "--data", third, "--no-save")
+    assert quiet.returncode == 0 and "saved" not in quiet.stderr
+    assert len(list(saved.glob("*.json"))) == 2
+
+    (saved / "torn.json").write_text('{"accuracy": 0.5, "pai')  # a run directory's file: never trusted
+    forged = {"accuracy": 1.0, "pairs": 3, "created_at": 1.0, "data": "<script>alert(1)</script>"}
+    (saved / "forged.json").write_text(json.dumps(forged))
+    listed = saved_evaluations(tmp_path / "runs")
+    assert [r["data"] for r in listed] == [str(other.resolve()), str(first.resolve()), forged["data"]]
+    assert all(r["run_id"] == "rm-copy" for r in listed) and evaluations_of(run) == listed
+    html = reward_evals_html(listed)
+    assert html.count('<tr data-run="rm-copy">') == 3 and "<script>" not in html
+    assert f"{100 * kept['accuracy']:.1f}%" in html
+    assert "No reward-model evaluations yet" in reward_evals_html([])

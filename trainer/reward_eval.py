@@ -1,7 +1,8 @@
 """A reward model judged on a preference file, the way the field reports it.
 
-    preflab eval-reward runs/rm-1 --data prefs.jsonl           # a table
+    preflab eval-reward runs/rm-1 --data prefs.jsonl           # a table; saved for the Leaderboard tab
     preflab eval-reward runs/rm-1 --data rewardbench.parquet --json
+    saved_evaluations("runs")                                   # what the Leaderboard tab lists
 
 The file is TRL's preference format: `prompt`, `chosen`, `rejected` (strings, an HH
 transcript, or message lists), as `train-reward --data` reads it, or its implicit-prompt
@@ -21,15 +22,21 @@ history, what `preflab export` writes for chat votes whose histories differ). Al
   the model's own (unnormalised) Bradley-Terry scale.
 
 In the pairwise accuracy and the subsets of one-rejected rows, equal scores count half,
-as in eval-policy. Nothing is written: `--json` prints the result.
+as in eval-policy. `--json` prints the result as JSON. The result is also saved in the
+reward run, `runs/<id>/reward-evals/<file>-<hash of its path>.json` (the same file
+evaluated again replaces it; `--no-save`: nothing is written), and the Leaderboard tab
+lists every saved evaluation of the runs under its --runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,9 @@ import numpy as np
 
 from trainer.errors import PreflabError
 from trainer.intervals import wilson_interval
+from trainer.runs import CHECKPOINT, STATUS_FILE, read_json, write_json
+
+EVALS_DIR = "reward-evals"  # in a reward run: one JSON file per preference file it was evaluated on
 
 # RewardBench's sections and the example counts it weights subsets by (its published
 # numbers; math-prm's 984 = the six code subsets' 6 x 164, not its real 447 rows).
@@ -267,6 +277,47 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run directory that RUN names (the run itself, or its checkpoint); None for a
+    model directory outside any run."""
+    path = Path(path)
+    if (path / CHECKPOINT).is_dir() or (path / STATUS_FILE).is_file():
+        return path
+    if path.name == CHECKPOINT and (path.parent / STATUS_FILE).is_file():
+        return path.parent
+    return None
+
+
+def save_evaluation(run_dir: Path, result: dict[str, Any]) -> Path:
+    """The result into run_dir/reward-evals/, named by the data file (its stem and a hash
+    of its whole path: two files of one name do not collide, the same one replaces itself)."""
+    data = Path(result["data"]).resolve()
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", data.stem)[:60] or "data"
+    path = run_dir / EVALS_DIR / f"{stem}-{hashlib.sha256(str(data).encode()).hexdigest()[:8]}.json"
+    path.parent.mkdir(exist_ok=True)
+    write_json(path, {**result, "data": str(data), "created_at": time.time()})
+    return path
+
+
+def evaluations_of(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The saved evaluations of one run, newest first, each with its `run_id` (the
+    directory's name). A file that is not one (torn, edited) is skipped: it is a run
+    directory's, read as JSON only."""
+    found = []
+    for path in (Path(run_dir) / EVALS_DIR).glob("*.json"):
+        result = read_json(path)
+        numbers = (result.get("accuracy"), result.get("pairs"), result.get("created_at"))
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+            found.append({**result, "run_id": Path(run_dir).name})
+    return sorted(found, key=lambda r: -r["created_at"])
+
+
+def saved_evaluations(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """Every saved evaluation of the runs under runs_dir, newest first."""
+    found = [r for run in Path(runs_dir).glob(f"*/{EVALS_DIR}") for r in evaluations_of(run.parent)]
+    return sorted(found, key=lambda r: -r["created_at"])
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="a reward run directory (runs/<id>) or its checkpoint")
     p.add_argument(
@@ -279,6 +330,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="answers per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument(
+        "--no-save",
+        dest="save",
+        action="store_false",
+        help="print only (by default the result is also saved in RUN/reward-evals/, which the "
+        "Leaderboard tab lists)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,6 +351,11 @@ def run(args: argparse.Namespace) -> int:
         raise RewardEvalError(str(e)) from None
     result = {"run": str(args.run), "data": str(args.data), **evaluate_rows(rows, model, args.batch_size)}
     print(json.dumps(result) if args.json else format_result(result))
+    run_dir = run_dir_of(args.run)
+    if args.save and run_dir is not None:
+        print(f"saved in {save_evaluation(run_dir, result)}", file=sys.stderr)
+    elif args.save:
+        print(f"not saved: {args.run} is a model directory, not a run", file=sys.stderr)
     return 0
 
 

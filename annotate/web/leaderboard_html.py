@@ -171,6 +171,46 @@ def evals_html(evals: list[dict[str, Any]]) -> str:
     )
 
 
+def reward_evals_html(results: list[dict[str, Any]]) -> str:
+    """The saved `preflab eval-reward` results (trainer.reward_eval.saved_evaluations),
+    one row each: accuracy with its interval, best-of-N, RewardBench score, length bias,
+    calibration. Every value came from a file in a run directory: escaped, numbers only."""
+    if not results:
+        return (
+            '<p class="lb-note">No reward-model evaluations yet: <code>preflab eval-reward runs/&lt;id&gt; '
+            "--data FILE</code> saves one in <code>runs/&lt;id&gt;/reward-evals/</code>.</p>"
+        )
+
+    def share(x: Any) -> str:
+        return f"{100 * x:.1f}%" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
+
+    rows = []
+    for r in results:
+        ci = r.get("accuracy_ci") or [None, None]
+        interval = f"{share(ci[0])} – {share(ci[1])}" if len(ci) == 2 else "–"
+        best = (r.get("best_of_n") or {}).get("accuracy")
+        length = r.get("length") or {}
+        bias = (
+            f"{share(length.get('longer_scored_higher'))} (chosen longer: {share(length.get('chosen_longer'))})"
+            if length.get("pairs")
+            else "–"
+        )
+        ece = r.get("ece")
+        rows.append(
+            f'<tr data-run="{escape(str(r["run_id"]))}"><td class="model">{escape(str(r["run_id"]))}</td>'
+            f"<td>{escape(str(r.get('data', '')).rsplit('/', 1)[-1])}</td><td>{int(r['pairs'])}</td>"
+            f"<td>{share(r['accuracy'])}</td><td>{interval}</td><td>{share(best)}</td>"
+            f"<td>{share(r.get('rewardbench_score'))}</td><td>{bias}</td>"
+            f"<td>{f'{ece:.3f}' if isinstance(ece, (int, float)) else '–'}</td></tr>"
+        )
+    return (
+        '<table class="lb-table lb-reward-evals"><thead><tr><th>reward run</th><th>file</th><th>pairs</th>'
+        "<th>accuracy</th><th>95% interval</th><th>best-of-N</th><th>RewardBench</th>"
+        "<th>longer answer scored higher</th><th>ECE</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
 def coefficients_html(style: StyleControl) -> str:
     """The style coefficients: per feature its coefficient with the 95% interval, in
     log-odds and in rating points, and what one spread of the feature difference is."""

@@ -32,9 +32,11 @@ from annotate.web.leaderboard_html import (
     evals_html,
     matrix_html,
     plot_svg,
+    reward_evals_html,
     table_html,
 )
 from trainer.flags import INCLUDE_FLAGGED_LABEL
+from trainer.reward_eval import saved_evaluations
 
 MEAN_ANCHOR = "(mean of all models)"
 
@@ -74,6 +76,7 @@ def page(
         "plot": plot_svg(board) if board is not None else "",
         "matrix": matrix_html(board) if board is not None else "",
         "evals": evals_html(view["evals"]) if view["evals"] is not None else "",
+        "reward_evals": reward_evals_html(saved_evaluations(runs_dir)),
         "style": coefficients_html(style) if style is not None else "",
         "board": board,
         "flagged": view["flagged"],
@@ -147,6 +150,8 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
             matrix = gr.HTML(elem_id="lb-matrix", **css)
         with gr.Accordion("Reward model vs humans: each policy against its reference", open=True):
             evals = gr.HTML(elem_id="lb-evals", **css)
+        with gr.Accordion("Reward models on preference files (preflab eval-reward)", open=True):
+            reward_evals = gr.HTML(elem_id="lb-reward-evals", **css)
         # inside the tab: gr.api adds a (hidden) component, and gr.Tabs() holds only tabs
         gr.api(leaderboard_api, api_name="leaderboard", concurrency_limit=2, concurrency_id="leaderboard")
 
@@ -173,9 +178,10 @@ def build_leaderboard_tab(demo, ctx, guard) -> None:
             view["plot"],
             view["matrix"],
             view["evals"],
+            view["reward_evals"],
         )
 
-    outputs = [anchor, status, table, coefs, plot, matrix, evals]
+    outputs = [anchor, status, table, coefs, plot, matrix, evals, reward_evals]
     inputs = [anchor, style_on, flagged_on]
     kw = dict(api_visibility="private", concurrency_limit=2, concurrency_id="leaderboard")
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)

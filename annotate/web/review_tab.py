@@ -1,5 +1,6 @@
 """The Review tab of `preflab serve` (admins): every voted pair scored by a reward model
-beside the human vote, the disagreements, and sending pairs back for one more vote.
+beside the human vote, the disagreements, sending pairs back for one more vote, and the
+chosen reward model's saved `preflab eval-reward` results.
 
     from annotate.web.review_tab import build_review_tab
     with gr.Tabs():
@@ -18,7 +19,9 @@ from typing import Any
 
 from annotate.review import DECISIVE, ReviewError, disagreements, summary, top_pairs
 from annotate.web.html import escape, metric_card, pct, render_markdown, render_prompt
+from annotate.web.leaderboard_html import LEADERBOARD_CSS, reward_evals_html
 from trainer.flags import INCLUDE_FLAGGED_LABEL
+from trainer.reward_eval import evaluations_of
 
 SHOW_VOTES = 200  # latest votes listed on the page
 SHOW_DISAGREEMENTS = 25  # disagreements listed (and offered for sending back)
@@ -239,6 +242,8 @@ def build_review_tab(demo, ctx, guard) -> None:
             )
         r_progress = gr.HTML(progress_html(None), elem_id="review-progress", js_on_load=None)
         r_summary = gr.HTML(elem_id="review-summary", js_on_load=None)
+        with gr.Accordion("This reward model on preference files (preflab eval-reward)", open=False):
+            r_evals = gr.HTML(elem_id="review-reward-evals", js_on_load=None, css_template=LEADERBOARD_CSS)
         with gr.Accordion("Disagreements: votes to relabel", open=True):
             r_disagree = gr.HTML(elem_id="review-disagreements", js_on_load=None, css_template=REVIEW_CSS)
             r_pick = gr.CheckboxGroup(
@@ -366,12 +371,19 @@ def build_review_tab(demo, ctx, guard) -> None:
                 return "Nothing to send back."
             return reviewer.requeue_judged([r["pair_id"] for r in rows], bool(include_flagged))["message"]
 
+    def on_run(run_id, request: gr.Request):
+        guard.admin(request)
+        with guard.errors():
+            path = next((r["path"] for r in reviewer.runs() if r["id"] == run_id), None)
+            return reward_evals_html(evaluations_of(path)) if path else ""
+
     if judge is not None:
         j_refresh.click(on_judge, [r_flagged], [j_table], **kw)
         j_send.click(on_judge_send, [r_flagged], [j_report], **kw)
     demo.load(on_load, None, tab, api_visibility="private", show_progress="hidden", concurrency_limit=None)
     tab.select(on_open, [r_run, r_flagged], [r_run, *outputs], **kw)
     r_run.input(on_score, [r_run, r_flagged], outputs, **kw)
+    r_run.change(on_run, [r_run], [r_evals], **kw)
     r_score.click(on_score, [r_run, r_flagged], outputs, **kw)
     r_flagged.input(on_flagged, [r_run, r_flagged], outputs, **kw)
     r_timer.tick(on_tick, [r_run], outputs, **kw)
