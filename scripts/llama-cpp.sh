@@ -8,8 +8,11 @@
 # llama-cpp-python is published as source only: it is built once (cmake and a C++
 # compiler, which scripts/system-packages.sh installs where missing) into a wheel kept in
 # ~/.cache/preflab/wheels ($PREFLAB_WHEELS), which later runs and fresh clones install
-# without building again. Built for any x86-64 (GGML_NATIVE=OFF), so the cached wheel
-# never holds instructions another CPU lacks. Installed already: it only looks.
+# without building again. Built without -march=native (GGML_NATIVE=OFF, which turns on
+# ggml's AVX2/FMA/F16C level instead): the cached wheel runs on any x86-64 CPU with AVX2
+# (2013 and later), not only on the one that built it. The wheel is py3-none (llama.cpp
+# is a shared library it loads), so one build serves every Python. Installed already:
+# it only looks.
 set -euo pipefail
 
 PY="$1"

@@ -92,6 +92,7 @@ def llama_server(tmp_path_factory):
     one for the session."""
     from helpers import LlamaCppServer
 
+    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server]: scripts/llama-cpp.sh")
     with LlamaCppServer(tmp_path_factory.mktemp("llama-cpp")) as server:
         yield server
 

@@ -952,7 +952,8 @@ def metric_records(run_dir: Path, kind: str = "train") -> list[dict]:
 
 def banana_rate(model_dir: Path) -> float:
     """The share of a model's sampled answers (4 to each POLICY_PROMPTS) that say banana."""
-    from trainer.models import generate, load_model
+    from trainer.models import load_model
+    from trainer.sampling import generate
 
     model, tok = load_model(str(model_dir), device="cpu")
     answers = [

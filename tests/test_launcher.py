@@ -586,6 +586,13 @@ def test_resume_runs_the_launchers_own_command_not_what_launch_json_says(tmp_pat
     (run / "launch.json").write_text(json.dumps({"kind": "reward", "created_at": 0, "argv": escape}))
     with pytest.raises(LaunchError, match="does not hold this run's trainer command"):
         launcher.resume("reward-planted")
+    # (the launch.json above is one from before the launcher wrote "trainer": the run's kind's
+    # trainer.) A "trainer" that is no trainer of TRAINER_KINDS for this kind is refused.
+    for trainer in ("policy", "dpo", "os", ["reward"]):
+        launch = {"kind": "reward", "trainer": trainer, "created_at": 0, "argv": planted}
+        (run / "launch.json").write_text(json.dumps(launch))
+        with pytest.raises(LaunchError, match="does not hold this run's trainer command"):
+            launcher.resume("reward-planted")
 
 
 def test_a_restart_reads_every_newcomer_pair_back_on_its_own_rounds(tmp_path):

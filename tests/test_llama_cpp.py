@@ -100,6 +100,7 @@ def test_a_chat_turn_streams_from_llama_cpp_beside_an_in_process_model(llama_ser
 
 
 def test_a_llama_cpp_server_killed_mid_answer_is_that_requests_failure(tmp_path):
+    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server]: scripts/llama-cpp.sh")
     with LlamaCppServer(tmp_path) as server:
         models = llama_endpoints(tmp_path / "eps.json", server)
         try:

@@ -745,7 +745,8 @@ def test_sigterm_saves_cancelled_and_rerun_resumes(policy_world, tmp_path):
     assert preflab(["train-policy", "--run-dir", str(run_dir), "--no-progress"]) == 0
 
     # The policy loads as any model does, and answers; the arena's `serve` takes it as --model.
-    from trainer.models import generate, load_model
+    from trainer.models import load_model
+    from trainer.sampling import generate
 
     model, tok = load_model(str(run_dir / "policy"), device="cpu")
     assert tok.chat_template and tok.padding_side == "left"

@@ -149,6 +149,10 @@ def test_a_result_is_saved_in_its_run_and_listed_for_the_leaderboard_and_review_
     (saved / "torn.json").write_text('{"accuracy": 0.5, "pai')  # a run directory's file: never trusted
     forged = {"accuracy": 1.0, "pairs": 3, "created_at": 1.0, "data": "<script>alert(1)</script>"}
     (saved / "forged.json").write_text(json.dumps(forged))
+    # shapes that would break the page: skipped, never rendered
+    for i, odd in enumerate([{"accuracy_ci": 0.5}, {"accuracy_ci": {"lo": 0}}, {"length": [1]},
+                             {"best_of_n": "x"}, {"pairs": float("inf")}, {"ece": True}, {"data": 7}]):  # fmt: skip
+        (saved / f"odd-{i}.json").write_text(json.dumps({**forged, "data": "odd", **odd}))
     listed = saved_evaluations(tmp_path / "runs")
     assert [r["data"] for r in listed] == [str(other.resolve()), str(first.resolve()), forged["data"]]
     assert all(r["run_id"] == "rm-copy" for r in listed) and evaluations_of(run) == listed

@@ -459,6 +459,10 @@ def test_a_chat_vote_the_disk_cannot_hold_is_not_saved_and_the_turn_stays_votabl
         filler = fill(tiny_disk, leave=0)
         failed = chat.take_back("me", cid)
         assert failed["ok"] is False and "Not taken back" in failed["message"] and not failed["taken_back"]
+        from annotate.web.chat_tab import status_html
+
+        shown = status_html(failed)  # what the Chat tab puts over the message box: the error, not "Saved"
+        assert 'class="status error"' in shown and "Not taken back" in shown and "Saved" not in shown
         assert read_comparisons(store_dir)["event_id"].to_pylist() == [saved["ack"]["event_id"]]
         filler.unlink()
         back = chat.take_back("me", cid)

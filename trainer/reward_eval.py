@@ -306,10 +306,33 @@ def evaluations_of(run_dir: str | Path) -> list[dict[str, Any]]:
     found = []
     for path in (Path(run_dir) / EVALS_DIR).glob("*.json"):
         result = read_json(path)
-        numbers = (result.get("accuracy"), result.get("pairs"), result.get("created_at"))
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+        if _well_formed(result):
             found.append({**result, "run_id": Path(run_dir).name})
     return sorted(found, key=lambda r: -r["created_at"])
+
+
+def _well_formed(result: dict[str, Any]) -> bool:
+    """The shape save_evaluation writes, where the tabs read it: finite numbers where
+    numbers go, objects where objects go (anything else would break the page)."""
+
+    def number(x: Any, optional: bool = False) -> bool:
+        if x is None:
+            return optional
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    ci, best, length = result.get("accuracy_ci"), result.get("best_of_n", {}), result.get("length", {})
+    return (
+        all(number(result.get(k)) for k in ("accuracy", "pairs", "created_at"))
+        and all(number(result.get(k), optional=True) for k in ("ece", "rewardbench_score"))
+        and (ci is None or (isinstance(ci, list) and len(ci) == 2 and all(number(x) for x in ci)))
+        and isinstance(best, dict)
+        and number(best.get("accuracy"), optional=True)
+        and isinstance(length, dict)
+        and all(
+            number(length.get(k), optional=True) for k in ("pairs", "longer_scored_higher", "chosen_longer")
+        )
+        and isinstance(result.get("data", ""), str)
+    )
 
 
 def saved_evaluations(runs_dir: str | Path) -> list[dict[str, Any]]:

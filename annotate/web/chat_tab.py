@@ -13,6 +13,7 @@ own; the user's turns are the same on both), with time to first token and tokens
 second under it. Send (or Enter in the message box; Shift+Enter for a new line),
 Regenerate and the stream they start are gradio generator handlers: one render per view
 the service yields. Stop asks the service to stop both sides; the stream then ends.
+After the vote, "Take back vote" retracts it (a mis-click); the conversation stays closed.
 The vote keys 1-4 are the Annotate tab's (annotate/web/assets.py: a key typed in the
 message box is text). (No `from __future__ import annotations`: gradio reads the
 handlers' `request: gr.Request` annotations as objects.)
@@ -99,6 +100,11 @@ def status_html(view: dict[str, Any]) -> str:
     ack = view.get("ack")
     if ack:
         names = f"A was <b>{escape(ack['left_model'])}</b>, B was <b>{escape(ack['right_model'])}</b>."
+        if view.get("ok") is False:  # a take-back the store could not write: the vote stands
+            return (
+                f'<div class="status error" id="chat-status" data-voted="true">'
+                f"{escape(view.get('message', ''))} {names}</div>"
+            )
         if view.get("taken_back"):
             return (
                 '<div class="status" id="chat-status" data-voted="true" data-taken-back="true">'

@@ -185,9 +185,9 @@ def reward_evals_html(results: list[dict[str, Any]]) -> str:
         return f"{100 * x:.1f}%" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
 
     rows = []
-    for r in results:
+    for r in results:  # trainer.reward_eval.evaluations_of checked each one's shape
         ci = r.get("accuracy_ci") or [None, None]
-        interval = f"{share(ci[0])} – {share(ci[1])}" if len(ci) == 2 else "–"
+        interval = f"{share(ci[0])} – {share(ci[1])}"
         best = (r.get("best_of_n") or {}).get("accuracy")
         length = r.get("length") or {}
         bias = (

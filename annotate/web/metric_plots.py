@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 from annotate.web.html import escape as _e
+from trainer.runs import LAUNCH_FILE, read_json
 
 # What the tab plots, per kind: [(title, y axis, [(record kind, key, series label), ...]), ...].
 PLOTS = {
@@ -251,7 +252,11 @@ def policy_captions(info, reader) -> tuple[str, str]:
 
 def run_plots(info, reader) -> tuple[str, str]:
     """The two charts of a run (RunInfo, MetricsReader)."""
-    dpo = info.kind == "policy" and (info.config or {}).get("algo") == "dpo"
+    # train-dpo's policy runs: by its config.json, or before it exists (queued, loading) by
+    # the trainer the launcher recorded
+    dpo = info.kind == "policy" and (
+        (info.config or {}).get("algo") == "dpo" or read_json(info.path / LAUNCH_FILE).get("trainer") == "dpo"
+    )
     specs = PLOTS["dpo"] if dpo else PLOTS.get(info.kind, PLOTS["reward"])
     captions = policy_captions(info, reader) if info.kind == "policy" and not dpo else ("", "")
     out = []
