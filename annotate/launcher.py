@@ -100,17 +100,8 @@ class Launcher(RunReader):
         fields as a form gives them (text or numbers; a missing one is the dataclass's
         default). Raises LaunchError (naming the field) and starts nothing when a value is bad."""
         from trainer.reward_config import RewardConfig
-        from trainer.store import describe
 
-        target = self._votes(data)
-        values = {**form, "data": target}
-        if "model" in form:
-            values["model"] = _absolute(form["model"], model=True)
-        config = _checked(RewardConfig, values)
-        # The store is the server's, not a form value: on the command line, as before.
-        return self._start(
-            "reward", config, form, {"data": describe(target)}, run_id, ["--data", target, *(extra or [])]
-        )
+        return self._start_on_votes("reward", RewardConfig, data, form, run_id, extra)
 
     def start_dpo(
         self,
@@ -125,15 +116,21 @@ class Launcher(RunReader):
         as a form gives them. Raises LaunchError (naming the field) and starts nothing
         when a value is bad."""
         from trainer.dpo_config import DPOConfig
+
+        return self._start_on_votes("dpo", DPOConfig, data, form, run_id, extra)
+
+    def _start_on_votes(self, trainer: str, config_class, data, form: dict, run_id, extra) -> RunInfo:
+        """A trainer that reads the votes of the store `data`: its form checked as
+        config_class, the store on the command line (the server's, not a form value)."""
         from trainer.store import describe
 
         target = self._votes(data)
         values = {**form, "data": target}
         if "model" in form:
             values["model"] = _absolute(form["model"], model=True)
-        config = _checked(DPOConfig, values)
+        config = _checked(config_class, values)
         return self._start(
-            "dpo", config, form, {"data": describe(target)}, run_id, ["--data", target, *(extra or [])]
+            trainer, config, form, {"data": describe(target)}, run_id, ["--data", target, *(extra or [])]
         )
 
     def _votes(self, data: str | os.PathLike) -> str:
