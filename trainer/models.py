@@ -215,9 +215,11 @@ def convert_default_model(cache_dir=None) -> Path:
         diff = max_logit_diff(gguf_model, reloaded, tokenizer)
         if diff > 1e-4:
             raise ModelLoadError(f"GGUF conversion: saved model's logits differ by {diff:.3g}")
-        from trainer.sampling import render_prompt  # (it imports this module)
-
-        sample = render_prompt(tokenizer, [{"role": "user", "content": "Hi"}])
+        # the default model's chat template, as trainer.sampling.render_prompt applies it
+        # (not imported: sampling imports this module)
+        sample = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+        )
         if reloaded_tok(sample).input_ids != tokenizer(sample).input_ids:
             raise ModelLoadError("GGUF conversion: saved tokenizer encodes differently")
         _publish(tmp, final)
@@ -237,9 +239,13 @@ def max_logit_diff(model_a, model_b, tokenizer) -> float:
     """Largest absolute logit difference of two models on one fixed chat prompt."""
     import torch
 
-    from trainer.sampling import render_prompt  # (it imports this module)
-
-    text = render_prompt(tokenizer, [{"role": "user", "content": "Name three primary colours."}])
+    # the chat template, as trainer.sampling.render_prompt applies it (not imported:
+    # sampling imports this module); both models here are the default's, which has one
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three primary colours."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         a = model_a(ids.to(model_a.device)).logits.float().cpu()
