@@ -135,7 +135,7 @@ def store_pool(target: str) -> list[Pair]:
     """The pairs of the store's standing votes (people's and others', chat turns left
     out), one per pair_id in the order first voted on; for a directory, then the
     generator's cached pairs (`<DIR>/pairs/*.jsonl`) that nobody voted on."""
-    from annotate.pairs import PairsFileError, load_pairs, pair_from_row
+    from annotate.pairs import PairsFileError, load_pairs, pair_from_vote
     from trainer.rows import BadRow
     from trainer.store import is_chat_vote, is_database, read_comparisons, store_exists
 
@@ -157,11 +157,9 @@ def store_pool(target: str) -> list[Pair]:
         # A chat turn's answers follow each side's own history, which a Pair and the
         # template do not carry: a verdict after the opening alone would judge what no
         # person judged. Left out.
-        row = {c: vote[c] for c in columns}
-        if not is_chat_vote(vote) and row["pair_id"] not in pairs:
-            row["prompt"] = json.loads(row["prompt"])
+        if not is_chat_vote(vote) and vote["pair_id"] not in pairs:
             try:
-                pairs[row["pair_id"]] = pair_from_row(row)
+                pairs[vote["pair_id"]] = pair_from_vote(vote)
             except BadRow:  # a stored vote a pairs file could not hold (e.g. a longer answer)
                 continue
     if not is_database(target):

@@ -162,6 +162,18 @@ def pair_from_row(row: Any) -> Pair:
 # --------------------------------------------------------------------------------------
 
 
+# What a stored vote holds of its pair (trainer/store/record.py's fields), for pair_from_vote.
+_VOTE_PAIR_KEYS = ("pair_id", "prompt_id", "response_a", "response_b", "model_a", "model_b", "gen_params")
+
+
+def pair_from_vote(record: dict[str, Any]) -> Pair:
+    """The pair a stored vote record was cast on (its prompt is canonical JSON there);
+    BadRow where a pairs file could not hold it (e.g. an answer over the size limit)."""
+    return pair_from_row(
+        {"prompt": json.loads(record["prompt"]), **{k: record.get(k) for k in _VOTE_PAIR_KEYS}}
+    )
+
+
 class PairsFileError(PreflabError, ValueError):
     """A pairs file that cannot be used at all. The message names the file."""
 

@@ -47,7 +47,6 @@ all made outside the lock.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import threading
@@ -58,7 +57,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from annotate.pairs import Pair, pair_from_row
+from annotate.pairs import Pair, pair_from_vote
 from annotate.queue_flags import FlagCounting
 from annotate.queue_shared import SharedMode, not_work
 from annotate.queue_status import QueueStatus
@@ -470,22 +469,7 @@ class AssignmentQueue(SharedMode, QueueStatus, FlagCounting):
             if pair is None and self.gold is not None:
                 pair = self.gold.pair(pair_id)  # a gold item: back as it was, never into the pool
             if pair is None:  # a vote on a pair outside this pool: rebuild it from the record
-                pair = pair_from_row(
-                    {
-                        k: record.get(k)
-                        for k in (
-                            "prompt",
-                            "response_a",
-                            "response_b",
-                            "model_a",
-                            "model_b",
-                            "pair_id",
-                            "prompt_id",
-                            "gen_params",
-                        )
-                    }
-                    | {"prompt": json.loads(record["prompt"])}
-                )
+                pair = pair_from_vote(record)
             elif in_pool and self._count(pair_id) < self._wanted(pair_id) and pair_id not in self._open:
                 self._open[pair_id] = None
             previous = person.current.pair.pair_id if person.current is not None else None

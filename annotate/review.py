@@ -29,7 +29,6 @@ Nothing heavy at import: torch loads with the first model.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -360,7 +359,7 @@ class Reviewer:
         return self._requeue(rows, pair_ids, {"method": "relabel", "reward_run": run_id})
 
     def _requeue(self, rows, pair_ids: Sequence[str], how: dict[str, Any]) -> dict[str, Any]:
-        from annotate.pairs import pair_from_row
+        from annotate.pairs import pair_from_vote
         from trainer.rows import BadRow
 
         if self.queue is None:
@@ -379,25 +378,7 @@ class Reviewer:
                 chats += 1
                 continue
             try:
-                pairs.append(
-                    pair_from_row(
-                        {
-                            "prompt": json.loads(r["prompt"]),
-                            **{
-                                k: r.get(k)
-                                for k in (
-                                    "response_a",
-                                    "response_b",
-                                    "model_a",
-                                    "model_b",
-                                    "pair_id",
-                                    "prompt_id",
-                                    "gen_params",
-                                )
-                            },
-                        }
-                    )
-                )
+                pairs.append(pair_from_vote(r))
             except (BadRow, ValueError):
                 unknown += 1
         report = self.queue.requeue(pairs, how=how)
