@@ -33,6 +33,50 @@ from trainer.store.errors import StoreError
 # Any constant works: it only has to be the same for every preflab process.
 MIGRATION_LOCK = 0x70726566  # "pref"
 
+# preflab_vote as migrations 3 and 5 define it, storing COLUMNS (each record schema
+# version adds some): a vote goes in only while its pair still wants votes and the
+# annotator has none standing on it; a refusal raises PF409 (VOTE_CONFLICT).
+_VOTE_FUNCTION = """CREATE OR REPLACE FUNCTION preflab_vote(p_event jsonb, p_want integer) RETURNS boolean
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            v_pair text := p_event->>'pair_id';
+            v_who  text := p_event->>'annotator';
+            voters text[];
+            leased text[];
+        BEGIN
+            PERFORM preflab_lock_pair(v_pair);
+            IF EXISTS (SELECT 1 FROM events WHERE event_id = p_event->>'event_id') THEN
+                RETURN false;
+            END IF;
+            SELECT s.voters, s.leased INTO voters, leased FROM preflab_pair_state(v_pair, v_who) s;
+            IF v_who = ANY(voters) THEN
+                RAISE EXCEPTION USING ERRCODE = 'PF409',
+                    MESSAGE = format('%s already has a standing vote on %s', v_who, v_pair);
+            END IF;
+            -- With a live lease of their own the slot is theirs and only standing votes
+            -- can fill the pair; without one, the others' live leases hold slots too.
+            IF cardinality(voters) + (CASE WHEN v_who = ANY(leased) THEN 0 ELSE cardinality(leased) END) >= p_want THEN
+                RAISE EXCEPTION USING ERRCODE = 'PF409',
+                    MESSAGE = format('%s already has the %s votes it wants', v_pair, p_want);
+            END IF;
+            INSERT INTO events (COLUMNS)
+            SELECT COLUMNS
+            FROM jsonb_populate_record(NULL::events, p_event)
+            ON CONFLICT (event_id) DO NOTHING;   -- a plain append() of the same event got there first
+            IF NOT FOUND THEN
+                RETURN false;
+            END IF;
+            DELETE FROM leases WHERE pair_id = v_pair AND annotator = v_who;
+            RETURN true;
+        END $$"""
+# The event columns of record schema version 2 (migration 3's); version 3 adds the conversations.
+_COLUMNS_V2 = (
+    "schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a, response_b, model_a, "
+    'model_b, "left", choice, strength, rationale, annotator, created_at, decision_ms, gen_params, subject, '
+    "detail, criteria"
+)
+
+
 MIGRATIONS: list[list[str]] = [
     # 1: the record, and the shared assignment
     [
@@ -197,43 +241,7 @@ MIGRATIONS: list[list[str]] = [
     # which a vote leaves null today).
     [
         "ALTER TABLE events ADD COLUMN criteria text",
-        """CREATE OR REPLACE FUNCTION preflab_vote(p_event jsonb, p_want integer) RETURNS boolean
-        LANGUAGE plpgsql AS $$
-        DECLARE
-            v_pair text := p_event->>'pair_id';
-            v_who  text := p_event->>'annotator';
-            voters text[];
-            leased text[];
-        BEGIN
-            PERFORM preflab_lock_pair(v_pair);
-            IF EXISTS (SELECT 1 FROM events WHERE event_id = p_event->>'event_id') THEN
-                RETURN false;
-            END IF;
-            SELECT s.voters, s.leased INTO voters, leased FROM preflab_pair_state(v_pair, v_who) s;
-            IF v_who = ANY(voters) THEN
-                RAISE EXCEPTION USING ERRCODE = 'PF409',
-                    MESSAGE = format('%s already has a standing vote on %s', v_who, v_pair);
-            END IF;
-            -- With a live lease of their own the slot is theirs and only standing votes
-            -- can fill the pair; without one, the others' live leases hold slots too.
-            IF cardinality(voters) + (CASE WHEN v_who = ANY(leased) THEN 0 ELSE cardinality(leased) END) >= p_want THEN
-                RAISE EXCEPTION USING ERRCODE = 'PF409',
-                    MESSAGE = format('%s already has the %s votes it wants', v_pair, p_want);
-            END IF;
-            INSERT INTO events (schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a,
-                                response_b, model_a, model_b, "left", choice, strength, rationale, annotator,
-                                created_at, decision_ms, gen_params, subject, detail, criteria)
-            SELECT schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a,
-                   response_b, model_a, model_b, "left", choice, strength, rationale, annotator,
-                   created_at, decision_ms, gen_params, subject, detail, criteria
-            FROM jsonb_populate_record(NULL::events, p_event)
-            ON CONFLICT (event_id) DO NOTHING;   -- a plain append() of the same event got there first
-            IF NOT FOUND THEN
-                RETURN false;
-            END IF;
-            DELETE FROM leases WHERE pair_id = v_pair AND annotator = v_who;
-            RETURN true;
-        END $$""",
+        _VOTE_FUNCTION.replace("COLUMNS", _COLUMNS_V2),
     ],
     # 4: a model's votes (`preflab judge`, annotators judge:<name>; trainer/judges.py) are
     # nobody's work here either: like imports they fill no pair's overlap K.
@@ -255,44 +263,7 @@ MIGRATIONS: list[list[str]] = [
     [
         "ALTER TABLE events ADD COLUMN IF NOT EXISTS conversation_a text, "
         "ADD COLUMN IF NOT EXISTS conversation_b text",
-        """CREATE OR REPLACE FUNCTION preflab_vote(p_event jsonb, p_want integer) RETURNS boolean
-        LANGUAGE plpgsql AS $$
-        DECLARE
-            v_pair text := p_event->>'pair_id';
-            v_who  text := p_event->>'annotator';
-            voters text[];
-            leased text[];
-        BEGIN
-            PERFORM preflab_lock_pair(v_pair);
-            IF EXISTS (SELECT 1 FROM events WHERE event_id = p_event->>'event_id') THEN
-                RETURN false;
-            END IF;
-            SELECT s.voters, s.leased INTO voters, leased FROM preflab_pair_state(v_pair, v_who) s;
-            IF v_who = ANY(voters) THEN
-                RAISE EXCEPTION USING ERRCODE = 'PF409',
-                    MESSAGE = format('%s already has a standing vote on %s', v_who, v_pair);
-            END IF;
-            -- With a live lease of their own the slot is theirs and only standing votes
-            -- can fill the pair; without one, the others' live leases hold slots too.
-            IF cardinality(voters) + (CASE WHEN v_who = ANY(leased) THEN 0 ELSE cardinality(leased) END) >= p_want THEN
-                RAISE EXCEPTION USING ERRCODE = 'PF409',
-                    MESSAGE = format('%s already has the %s votes it wants', v_pair, p_want);
-            END IF;
-            INSERT INTO events (schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a,
-                                response_b, model_a, model_b, "left", choice, strength, rationale, annotator,
-                                created_at, decision_ms, gen_params, subject, detail, criteria, conversation_a,
-                                conversation_b)
-            SELECT schema_version, event_id, kind, retracts, pair_id, prompt_id, prompt, response_a,
-                   response_b, model_a, model_b, "left", choice, strength, rationale, annotator,
-                   created_at, decision_ms, gen_params, subject, detail, criteria, conversation_a, conversation_b
-            FROM jsonb_populate_record(NULL::events, p_event)
-            ON CONFLICT (event_id) DO NOTHING;   -- a plain append() of the same event got there first
-            IF NOT FOUND THEN
-                RETURN false;
-            END IF;
-            DELETE FROM leases WHERE pair_id = v_pair AND annotator = v_who;
-            RETURN true;
-        END $$""",
+        _VOTE_FUNCTION.replace("COLUMNS", f"{_COLUMNS_V2}, conversation_a, conversation_b"),
     ],
 ]
 
