@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, banana_rows, child_env, preflab, sigterm_mid_run, write_jsonl
+from helpers import TINY, banana_rows, child_env, metric_records, preflab, sigterm_mid_run, write_jsonl
 
 from trainer.config import flags_of
 from trainer.dpo import answer_logps, train
@@ -174,6 +174,34 @@ def test_lora_reference_is_the_base_and_the_policy_is_merged(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(check_model("tiny")).state_dict()
     merged = AutoModelForCausalLM.from_pretrained(policy).state_dict()
     assert any(not torch.equal(base[k], merged[k]) for k in base if k.endswith("proj.weight"))
+
+
+def test_micro_batches_take_the_same_step_as_the_whole_batch(tmp_path):
+    # --micro-batch 3 of a batch of 8: forwards of 3, 3 and 2 pairs, one optimizer step.
+    data = write_jsonl(tmp_path / "prefs.jsonl", banana_rows(48))
+    runs = {}
+    for micro in (0, 3):
+        run_dir = tmp_path / f"micro-{micro}"
+        settings = {**DPO_TINY, "kl_prompts": 0, "data": str(data), "run_dir": str(run_dir), "lr": 1e-3,
+                    "batch_size": 8, "max_steps": 2, "micro_batch": micro}  # fmt: skip
+        assert train(settings) == 0
+        runs[micro] = run_dir
+    whole, parts = (metric_records(runs[m]) for m in (0, 3))
+    assert [r["pairs"] for r in parts] == [8, 8]
+    for a, b in zip(whole, parts):
+        for key in ("loss", "reward_acc", "reward_margin", "chosen_logps", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    from safetensors.torch import load_file
+
+    from trainer.models import check_model
+
+    base = load_file(f"{check_model('tiny')}/model.safetensors")
+    w0, w3 = (load_file(runs[m] / "policy" / "model.safetensors") for m in (0, 3))
+    moved = [k for k in w0 if not torch.equal(w0[k], base[k])]
+    assert moved  # the steps changed the weights...
+    for k in w0:  # ...and the same way
+        assert torch.allclose(w0[k], w3[k], atol=1e-6), k
+    assert json.loads((runs[3] / "config.json").read_text())["config"]["micro_batch"] == 3
 
 
 def test_nan_loss_fails_and_keeps_the_last_good_checkpoint(tmp_path):

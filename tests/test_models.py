@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import child_env, preflab, vote_record
+from helpers import child_env, fake_run, preflab, vote_record
 
 from annotate import generate as gen_cli
 from trainer import models, sampling
@@ -176,6 +176,24 @@ def test_unknown_model_offline_is_a_clear_error(cache_dir):
 def test_directory_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(models.ModelLoadError, match="config.json"):
         models.load_model(str(tmp_path))
+
+
+def test_a_policy_run_directory_serves_its_finished_policy(tiny, cache_dir, tmp_path):
+    # `serve --model runs/<id>`: the run's policy/, not the run's own config.json (a run
+    # record, which transformers would misread as a model config).
+    run = fake_run(tmp_path / "ppo-run", reward=False)
+    (run / "config.json").write_text(json.dumps({"kind": "policy", "config": {"algo": "ppo"}}))
+    shutil.copytree(models.build_tiny_model(cache_dir), run / "policy")
+    assert models.resolve_model(str(run)) == str(run / "policy")
+    model, tok = models.load_model(str(run), cache_dir=cache_dir)
+    assert model.config.vocab_size == len(tok) == 49152
+    # Still running: no policy yet; the message says what to pass instead.
+    running = fake_run(tmp_path / "running", state="running", reward=False)
+    with pytest.raises(models.ModelLoadError, match="running.*training: step 4 of 10.*checkpoint"):
+        models.load_model(str(running), cache_dir=cache_dir)
+    # A reward run scores answers; it cannot be a contestant.
+    with pytest.raises(models.ModelLoadError, match="a reward model run, not a policy"):
+        models.resolve_model(str(fake_run(tmp_path / "rm")))
 
 
 def test_aliases_name_the_default():

@@ -45,7 +45,7 @@ import numpy as np
 from trainer.checkpoints import CheckpointError
 from trainer.config import add_config_arguments, script_config, script_main
 from trainer.dpo_config import DPOConfig, resolve_config
-from trainer.dpo_math import preference_losses
+from trainer.dpo_math import PreferenceLoss, preference_losses
 from trainer.pair_snapshot import load_snapshot, save_snapshot
 from trainer.policy_model import head_logits
 from trainer.reward_batches import fit_sides, length_grouped_batches, prompt_ids_by_key, render_prompts
@@ -395,10 +395,20 @@ def _train(cfg: DPOConfig, run: Run, accelerator, resuming: bool, stop: dict) ->
             if step >= total_steps:
                 break
             t0 = time.perf_counter()
-            c, r, n_c, n_r = pair_logps(lm, enc, b, pad_id, device, autocast)
-            out = losses(c, r, ref["chosen"][b], ref["rejected"][b], n_c, n_r)
+            # Gradient accumulation: each micro-batch's share of the batch's mean loss, so
+            # the step is the same whatever --micro-batch is (up to float rounding).
+            per_forward = cfg.micro_batch or len(b)
+            outs, logps = [], []
+            for m in range(0, len(b), per_forward):
+                mb = b[m : m + per_forward]
+                c, r, n_c, n_r = pair_logps(lm, enc, mb, pad_id, device, autocast)
+                part = losses(c, r, ref["chosen"][mb], ref["rejected"][mb], n_c, n_r)
+                (part.loss.sum() / len(b)).backward()
+                outs.append([t.detach() for t in part])
+                logps.append((c.detach(), r.detach()))
+            out = PreferenceLoss(*(torch.cat(column) for column in zip(*outs)))  # the whole batch's
+            c, r = (torch.cat(column) for column in zip(*logps))
             loss = out.loss.mean()
-            loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
                 # NaN/inf: do not step, do not save; the last good checkpoint stays as it is.

@@ -19,7 +19,9 @@ from trainer.runs import Run
 from trainer.store import DATA_HELP
 
 # Settings that may change when a run is resumed (a lower --lr continues a run that hit a NaN).
-RESUMABLE_OVERRIDES = ("epochs", "max_steps", "save_every", "progress", "device", "lr", "max_grad_norm")
+RESUMABLE_OVERRIDES = (
+    "epochs", "max_steps", "save_every", "progress", "device", "lr", "max_grad_norm", "micro_batch", "eval_batch_size",
+)  # fmt: skip
 
 
 class DPOConfigError(ConfigError, RewardDataError):
@@ -81,6 +83,13 @@ class DPOConfig(Config):
         default=8,
         metadata={"help": "pairs per optimizer step (2x sequences per forward)", "label": "Batch size"},
     )
+    micro_batch: int = field(
+        default=0,
+        metadata={
+            "help": "pairs per forward in training; a batch of more pairs accumulates the gradients "
+            "of several forwards into one step (the same step, less memory); 0: the whole batch"
+        },
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "pairs per forward when evaluating"})
     max_length: int = field(
         default=1024,
@@ -141,6 +150,7 @@ class DPOConfig(Config):
         )
         yield "epochs", self.epochs < 1, "must be at least 1"
         yield "batch_size", self.batch_size < 1, "must be at least 1"
+        yield "micro_batch", self.micro_batch < 0, "must be at least 0"
         yield "eval_batch_size", self.eval_batch_size < 1, "must be at least 1"
         yield "max_length", self.max_length < 8, "must be at least 8 tokens"
         yield "val_fraction", not 0 <= self.val_fraction < 1, "must be in [0, 1)"

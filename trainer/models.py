@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import PreflabError
-from trainer.runs import CONFIG_FILE
+from trainer.runs import CONFIG_FILE, RunDirError, policy_model_path
 
 log = logging.getLogger("preflab.models")
 
@@ -336,6 +336,12 @@ def resolve_model(name_or_path: str | None, cache_dir=None) -> str:
     are converted / built into the cache on first use."""
     name = canonical_name(name_or_path)
     path = Path(name).expanduser()
+    try:
+        policy = policy_model_path(path)  # a run directory: its finished policy
+    except RunDirError as e:  # callers catch ModelLoadError for a model that cannot load
+        raise ModelLoadError(str(e)) from e
+    if policy is not None:
+        return str(policy)
     if path.is_dir():
         if not _is_model_dir(path):
             raise ModelLoadError(

@@ -187,6 +187,32 @@ def reward_model_path(path: str | os.PathLike, *, finished: bool = True) -> Path
     return model
 
 
+def policy_model_path(path: str | os.PathLike) -> Path | None:
+    """A run directory given where a model is expected (`serve --model runs/<id>`): the
+    finished policy in it (`policy/`, a policy or DPO run); None where `path` is not a run
+    directory (no status.json), so the caller treats it as a model. RunDirError where it is
+    a run without a finished policy, saying which directory to pass instead."""
+    path = Path(path)
+    if not (path / STATUS_FILE).is_file():
+        return None
+    run = RunDir(path)
+    model = run.policy_model()
+    if model is not None:
+        return model
+    if run.reward_model() is not None:
+        raise RunDirError(
+            f"{path}: a reward model run, not a policy: it scores answers but cannot write "
+            "them; pass a policy run (train-policy, train-dpo) or a model directory"
+        )
+    status = run.status()
+    note = f" ({status['message']})" if status.get("message") else ""
+    raise RunDirError(
+        f"{path}: a {run.kind()} run that is {status.get('state', 'unknown')}{note} and has no "
+        f"finished {POLICY_DIR}/; wait until it is done, or pass its last checkpoint "
+        f"({path / CHECKPOINT}) to serve it as it stands"
+    )
+
+
 def reward_runs(runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Finished reward runs under runs_dir, newest first: {"id", "path", "message", "finished"}."""
     runs_dir = Path(runs_dir)
