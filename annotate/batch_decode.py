@@ -136,7 +136,10 @@ class BatchDecoder:
         while True:
             with self._lock:
                 while not self._waiting and self._batch is None:
-                    self._lock.wait()
+                    if self.closing.is_set():  # the server stopped: the thread and the model go
+                        self._thread = None
+                        return
+                    self._lock.wait(timeout=0.5)  # closing is an Event, not this condition
                 admit: list[Row] = []
                 if self._waiting and (self._batch is None or self.joinable):
                     admit, self._waiting = self._waiting, []

@@ -212,8 +212,11 @@ def test_the_batch_limit_answers_busy(tiny):
     b.text()
     engine.closing.set()  # the server stops: a new row ends at once, with what it had
     d = Reader(_start(engine, a_ids, LONG))
+    thread = engine.decoder._thread
     d.text()
     assert d.job.completion_tokens < LONG
+    thread.join(timeout=30)  # and the decode thread ends with the server, letting the model go
+    assert not thread.is_alive() and engine.decoder._thread is None
 
 
 def test_a_cache_that_cannot_be_joined_batches_whoever_waits(tiny):

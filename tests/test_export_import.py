@@ -587,3 +587,34 @@ def test_trl_dpo_trainer_takes_the_export(tmp_path, tiny, fmt, ext):
     assert len(trainer.train_dataset) == 8
     result = trainer.train()
     assert result.global_step == 2 and math.isfinite(result.training_loss)
+
+
+def test_a_trl_trainer_earlier_in_the_process_leaves_our_trainers_in_fp32(tmp_path):
+    # A TRL / transformers Trainer (bf16=True, as TRL's configs default to) leaves
+    # accelerate's shared state at bf16 mixed precision; every later Accelerator in the
+    # process shares it, and its prepare_model would wrap the forward in a CPU bf16
+    # autocast. The trainers' supervisor turns that off: a weight of 1 + 2^-10 keeps its
+    # last bit (bf16 has 8 bits of mantissa: it would read 1.0).
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from trainer.runs import supervise
+
+    Accelerator(cpu=True, mixed_precision="bf16")  # what the Trainer's arguments create
+    assert AcceleratorState().mixed_precision == "bf16"
+    seen = {}
+
+    def body(run, accelerator, stop):
+        layer = torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            layer.weight.fill_(1 + 2**-10)
+        net = accelerator.prepare_model(layer)
+        seen["out"] = float(net(torch.ones(1, 1)))
+        return 0
+
+    try:
+        assert supervise(tmp_path / "run", "cpu", lambda: None, body, (ValueError,)) == 0
+    finally:
+        AcceleratorState._reset_state(True)  # the next test starts from a fresh state
+    assert seen["out"] == 1 + 2**-10

@@ -312,6 +312,12 @@ def supervise(
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device == "cpu")
+    # The trainers choose their own precision (--dtype; bf16 autocast on CUDA, fp32 on a CPU).
+    # accelerate's mixed precision comes from ACCELERATE_MIXED_PRECISION, or from whichever
+    # Accelerator came first in this process (its state is shared: a TRL / transformers
+    # Trainer sets bf16), and prepare_model would wrap the forward in its own autocast, bf16
+    # on a CPU too: 4-5x slower there, and not the numbers the run says it computes.
+    accelerator.native_amp = False
     main = accelerator.is_main_process
     run = Run(run_path, main)
     created = main and not run_path.exists()
