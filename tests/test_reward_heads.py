@@ -18,7 +18,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import TINY, TRAIN_DEVICE, banana_rows, sigterm_mid_run, vote_record, write_jsonl, write_store
+from helpers import (
+    TINY,
+    TRAIN_DEVICE,
+    banana_rows,
+    preflab,
+    sigterm_mid_run,
+    vote_record,
+    write_jsonl,
+    write_store,
+)
 
 from trainer.errors import PolicyInputError
 from trainer.policy import train as train_policy
@@ -114,6 +123,31 @@ def test_each_criterion_trains_its_own_head(fruit_run):
     assert np.allclose(raw_all, logits.numpy(), atol=1e-4 if exact else 0.05 * float(logits.abs().max()))
     with pytest.raises(RewardHeadError, match="no head 'z'; its heads: overall, x, y"):
         rm.score(prompts[:1], a[:1], criterion="z")
+
+
+def test_eval_reward_scores_the_head_it_is_asked_for(fruit_run, tmp_path):
+    # A preference file on criterion y (cherry preferred): head y gets it right, head x is
+    # at chance on it (its rule, banana, is independent); each result is saved as its own.
+    held = fruit_votes(60, seed=11)
+    rows = []
+    for r in held:
+        y = json.loads(r["criteria"])["y"]
+        chosen, rejected = (
+            (r["response_a"], r["response_b"]) if y == "a" else (r["response_b"], r["response_a"])
+        )
+        rows.append({"prompt": json.loads(r["prompt"]), "chosen": chosen, "rejected": rejected})
+    data = write_jsonl(tmp_path / "cherry.jsonl", rows)
+    results = {}
+    for head in ("y", "x"):
+        out = preflab("eval-reward", str(fruit_run), "--data", str(data), "--criterion", head, "--json")
+        assert out.returncode == 0, out.stderr
+        results[head] = json.loads(out.stdout.strip().splitlines()[-1])
+        assert results[head]["criterion"] == head
+    assert results["y"]["accuracy"] >= 0.85 and results["y"]["accuracy"] - results["x"]["accuracy"] >= 0.25
+    saved = sorted(p.name for p in (fruit_run / "reward-evals").glob("cherry*.json"))
+    assert len(saved) == 2 and saved[0].startswith("cherry.x-") and saved[1].startswith("cherry.y-")
+    bad = preflab("eval-reward", str(fruit_run), "--data", str(data), "--criterion", "tone")
+    assert bad.returncode == 2 and "--criterion: this reward model has no head 'tone'" in bad.stderr
 
 
 def test_an_old_single_head_run_loads_with_one_overall_head(tmp_path):

@@ -154,7 +154,9 @@ def read_eval_rows(path) -> list[dict[str, Any]]:
     return out
 
 
-def evaluate_rows(rows: list[dict[str, Any]], model, batch_size: int = 16) -> dict[str, Any]:
+def evaluate_rows(
+    rows: list[dict[str, Any]], model, batch_size: int = 16, criterion: str | None = None
+) -> dict[str, Any]:
     """The numbers (see the module docstring) for rows from read_eval_rows, scored by
     `model` (a trainer.reward_model.RewardModel)."""
     prompts, answers, owner = [], [], []  # every answer once: row i's chosen, then its rejected
@@ -165,7 +167,9 @@ def evaluate_rows(rows: list[dict[str, Any]], model, batch_size: int = 16) -> di
             prompts.append(context)
             answers.append(answer)
             owner.append(i)
-    scores = np.asarray(model.score(prompts, answers, normalize=False, batch_size=batch_size))
+    scores = np.asarray(
+        model.score(prompts, answers, criterion=criterion, normalize=False, batch_size=batch_size)
+    )
     lengths = np.asarray([len(model.tokenizer(a, add_special_tokens=False).input_ids) for a in answers])
     start = np.searchsorted(np.asarray(owner), np.arange(len(rows)))  # each row's chosen
 
@@ -250,7 +254,8 @@ def length_bias(gaps: np.ndarray, len_gaps: np.ndarray) -> dict[str, Any]:
 def format_result(result: dict[str, Any]) -> str:
     low, high = result["accuracy_ci"]
     lines = [
-        f"{result['run']} on {result['data']}: {result['rows']} rows, {result['pairs']} pairs",
+        f"{result['run']} on {result['data']}: {result['rows']} rows, {result['pairs']} pairs"
+        + (f", head {result['criterion']!r}" if result.get("criterion") else ""),
         f"  pairwise accuracy   {result['accuracy']:.3f}  [{low:.3f}, {high:.3f}] 95% CI",
     ]
     if "best_of_n" in result:
@@ -290,10 +295,13 @@ def run_dir_of(path: str | Path) -> Path | None:
 
 def save_evaluation(run_dir: Path, result: dict[str, Any]) -> Path:
     """The result into run_dir/reward-evals/, named by the data file (its stem and a hash
-    of its whole path: two files of one name do not collide, the same one replaces itself)."""
+    of its whole path: two files of one name do not collide, the same one replaces itself)
+    and the head evaluated, if one was named."""
     data = Path(result["data"]).resolve()
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", data.stem)[:60] or "data"
-    path = run_dir / EVALS_DIR / f"{stem}-{hashlib.sha256(str(data).encode()).hexdigest()[:8]}.json"
+    head = result.get("criterion")  # each head's evaluation on a file is one of its own
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", data.stem + (f".{head}" if head else ""))[:60] or "data"
+    key = str(data) + (f"#{head}" if head else "")
+    path = run_dir / EVALS_DIR / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.json"
     path.parent.mkdir(exist_ok=True)
     write_json(path, {**result, "data": str(data), "created_at": time.time()})
     return path
@@ -332,6 +340,7 @@ def _well_formed(result: dict[str, Any]) -> bool:
             number(length.get(k), optional=True) for k in ("pairs", "longer_scored_higher", "chosen_longer")
         )
         and isinstance(result.get("data", ""), str)
+        and isinstance(result.get("criterion", ""), str)
     )
 
 
@@ -349,6 +358,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a preference file (.jsonl, .json or .parquet): prompt, chosen, rejected (a list: "
         "best-of-N), optional subset (RewardBench's names give its section scores)",
+    )
+    p.add_argument(
+        "--criterion",
+        metavar="NAME",
+        help="the head to evaluate, of a reward model trained with --criteria (default: the first, "
+        "the overall vote's); the file's chosen/rejected are read as preferences on that criterion",
     )
     p.add_argument("--batch-size", type=int, default=16, help="answers per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -372,7 +387,14 @@ def run(args: argparse.Namespace) -> int:
         model = RewardModel.load(args.run, device=None if args.device == "auto" else args.device)
     except FileNotFoundError as e:
         raise RewardEvalError(str(e)) from None
-    result = {"run": str(args.run), "data": str(args.data), **evaluate_rows(rows, model, args.batch_size)}
+    try:
+        model.head_index(args.criterion)  # a head the model lacks: said before any scoring
+    except ValueError as e:
+        raise RewardEvalError(f"--criterion: {e}") from None
+    result = {"run": str(args.run), "data": str(args.data)}
+    if args.criterion is not None:
+        result["criterion"] = args.criterion
+    result.update(evaluate_rows(rows, model, args.batch_size, criterion=args.criterion))
     print(json.dumps(result) if args.json else format_result(result))
     run_dir = run_dir_of(args.run)
     if args.save and run_dir is not None:

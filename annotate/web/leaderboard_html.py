@@ -196,9 +196,10 @@ def reward_evals_html(results: list[dict[str, Any]]) -> str:
             else "–"
         )
         ece = r.get("ece")
+        head = f" (head {r['criterion']})" if r.get("criterion") else ""  # eval-reward --criterion
         rows.append(
             f'<tr data-run="{escape(str(r["run_id"]))}"><td class="model">{escape(str(r["run_id"]))}</td>'
-            f"<td>{escape(str(r.get('data', '')).rsplit('/', 1)[-1])}</td><td>{int(r['pairs'])}</td>"
+            f"<td>{escape(str(r.get('data', '')).rsplit('/', 1)[-1] + head)}</td><td>{int(r['pairs'])}</td>"
             f"<td>{share(r['accuracy'])}</td><td>{interval}</td><td>{share(best)}</td>"
             f"<td>{share(r.get('rewardbench_score'))}</td><td>{bias}</td>"
             f"<td>{f'{ece:.3f}' if isinstance(ece, (int, float)) else '–'}</td></tr>"
