@@ -5,6 +5,7 @@ started with.
     restore_arena(generator, state_dir)                        # at startup: the same models again
     in_arena(generator, "policy-1")
     arena_name("runs/policy-1/policy")                         # "policy-1": serve --model names it so too
+    arena_name("runs/policy-1")                                # "policy-1" as well
 
 `add_to_arena` puts a finished policy (runs/<id>/policy) into the running Generator under
 the name <id> (votes on its answers carry that model id), and records it in
@@ -29,12 +30,14 @@ ARENA_FILE = "arena.json"
 
 def arena_name(source: str) -> str:
     """The name votes record for a model given to `serve --model`: a policy run's
-    finished policy (runs/<id>/policy) is its run id, as "Add to arena" names it, so the
+    finished policy (runs/<id>/policy, or runs/<id>) is its run id, as "Add to arena" names it, so the
     leaderboard and the reward-model-vs-humans table agree on it; anything else its
     canonical name (the default model's aliases become its full id)."""
     from trainer.models import canonical_name
 
     path = Path(source).expanduser().resolve()
+    if path.name != POLICY_DIR and is_model_dir(path / POLICY_DIR):
+        path = path / POLICY_DIR  # the run directory itself (resolve_model serves its policy/)
     if path.name == POLICY_DIR and is_model_dir(path) and RunDir(path.parent).kind() == "policy":
         return path.parent.name
     return canonical_name(source)

@@ -187,10 +187,12 @@ def test_micro_batches_take_the_same_step_as_the_whole_batch(tmp_path):
         assert train(settings) == 0
         runs[micro] = run_dir
     whole, parts = (metric_records(runs[m]) for m in (0, 3))
+    # fp32 on a CPU: the same up to rounding; CUDA's bf16 autocast pads 3 + 3 + 2 unlike 8.
+    rel, atol = (1e-4, 1e-5) if TINY["device"] == "cpu" else (0.05, 1e-3)
     assert [r["pairs"] for r in parts] == [8, 8]
     for a, b in zip(whole, parts):
         for key in ("loss", "reward_acc", "reward_margin", "chosen_logps", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=atol), key
     from safetensors.torch import load_file
 
     from trainer.models import check_model
@@ -200,7 +202,7 @@ def test_micro_batches_take_the_same_step_as_the_whole_batch(tmp_path):
     moved = [k for k in w0 if not torch.equal(w0[k], base[k])]
     assert moved  # the steps changed the weights...
     for k in w0:  # ...and the same way
-        assert torch.allclose(w0[k], w3[k], atol=1e-6), k
+        assert torch.allclose(w0[k], w3[k], atol=atol), k
     assert json.loads((runs[3] / "config.json").read_text())["config"]["micro_batch"] == 3
 
 

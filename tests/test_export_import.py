@@ -601,6 +601,7 @@ def test_a_trl_trainer_earlier_in_the_process_leaves_our_trainers_in_fp32(tmp_pa
 
     from trainer.runs import supervise
 
+    AcceleratorState._reset_state(True)  # whatever an earlier test left: bf16 from here
     Accelerator(cpu=True, mixed_precision="bf16")  # what the Trainer's arguments create
     assert AcceleratorState().mixed_precision == "bf16"
     seen = {}

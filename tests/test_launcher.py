@@ -524,6 +524,8 @@ def test_serve_model_names_a_policy_by_its_run_as_add_to_arena_does(tmp_path):
     shutil.copytree(build_tiny_model(), run / "policy")
     (run / "config.json").write_text(json.dumps({"kind": "policy", "config": {"algo": "rloo"}}))
     assert arena_name(str(run / "policy")) == "policy-7"
+    for given in (run, f"{run}/", run / "." / "policy"):  # the run directory too, however typed
+        assert arena_name(str(given)) == "policy-7", given
     assert arena_name("smollm2") == DEFAULT_MODEL
     loose = tmp_path / "my-model"  # a model directory that is not a run's policy keeps its path
     shutil.copytree(build_tiny_model(), loose)

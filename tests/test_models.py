@@ -189,11 +189,27 @@ def test_a_policy_run_directory_serves_its_finished_policy(tiny, cache_dir, tmp_
     assert model.config.vocab_size == len(tok) == 49152
     # Still running: no policy yet; the message says what to pass instead.
     running = fake_run(tmp_path / "running", state="running", reward=False)
-    with pytest.raises(models.ModelLoadError, match="running.*training: step 4 of 10.*checkpoint"):
+    with pytest.raises(
+        models.ModelLoadError, match="is running .training: step 4 of 10.* pass .*checkpoint to serve"
+    ):
         models.load_model(str(running), cache_dir=cache_dir)
+    queued = tmp_path / "queued"  # nothing saved yet: no directory to suggest
+    queued.mkdir()
+    (queued / "status.json").write_text(json.dumps({"state": "queued"}))
+    with pytest.raises(
+        models.ModelLoadError, match="is queued, without a finished policy/.*nothing servable yet"
+    ):
+        models.resolve_model(str(queued))
+    # A model directory that happens to hold a status.json is still a model.
+    odd = tmp_path / "odd-model"
+    shutil.copytree(models.build_tiny_model(cache_dir), odd)
+    (odd / "status.json").write_text("{}")
+    assert models.resolve_model(str(odd)) == str(odd)
     # A reward run scores answers; it cannot be a contestant.
     with pytest.raises(models.ModelLoadError, match="a reward model run, not a policy"):
         models.resolve_model(str(fake_run(tmp_path / "rm")))
+    with pytest.raises(models.ModelLoadError, match="a reward model run, not a policy"):  # unfinished too
+        models.resolve_model(str(fake_run(tmp_path / "rm-running", state="running")))
 
 
 def test_aliases_name_the_default():

@@ -146,6 +146,19 @@ def test_eval_reward_scores_the_head_it_is_asked_for(fruit_run, tmp_path):
     assert results["y"]["accuracy"] >= 0.85 and results["y"]["accuracy"] - results["x"]["accuracy"] >= 0.25
     saved = sorted(p.name for p in (fruit_run / "reward-evals").glob("cherry*.json"))
     assert len(saved) == 2 and saved[0].startswith("cherry.x-") and saved[1].startswith("cherry.y-")
+    # The first head by name is the default: saved as the default's, no second copy.
+    out = preflab("eval-reward", str(fruit_run), "--data", str(data), "--criterion", "overall", "--json")
+    assert out.returncode == 0 and "criterion" not in json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(p.name.split("-")[0] for p in (fruit_run / "reward-evals").glob("cherry*.json")) == [
+        "cherry",
+        "cherry.x",
+        "cherry.y",
+    ]
+    from annotate.web.leaderboard_html import reward_evals_html
+    from trainer.reward_eval import evaluations_of
+
+    table = reward_evals_html(evaluations_of(fruit_run))
+    assert "cherry.jsonl (head y)" in table and "cherry.jsonl (head x)" in table
     bad = preflab("eval-reward", str(fruit_run), "--data", str(data), "--criterion", "tone")
     assert bad.returncode == 2 and "--criterion: this reward model has no head 'tone'" in bad.stderr
 

@@ -391,6 +391,8 @@ def run(args: argparse.Namespace) -> int:
         model.head_index(args.criterion)  # a head the model lacks: said before any scoring
     except ValueError as e:
         raise RewardEvalError(f"--criterion: {e}") from None
+    if args.criterion == model.heads[0]:
+        args.criterion = None  # the default head by name: the same result, saved as the default's
     result = {"run": str(args.run), "data": str(args.data)}
     if args.criterion is not None:
         result["criterion"] = args.criterion

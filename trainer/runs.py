@@ -190,26 +190,34 @@ def reward_model_path(path: str | os.PathLike, *, finished: bool = True) -> Path
 def policy_model_path(path: str | os.PathLike) -> Path | None:
     """A run directory given where a model is expected (`serve --model runs/<id>`): the
     finished policy in it (`policy/`, a policy or DPO run); None where `path` is not a run
-    directory (no status.json), so the caller treats it as a model. RunDirError where it is
-    a run without a finished policy, saying which directory to pass instead."""
+    directory (no status.json, or a config.json that is a model's), so the caller treats
+    it as a model. RunDirError where it is a run without a finished policy, saying which
+    directory to pass instead, where there is one."""
     path = Path(path)
-    if not (path / STATUS_FILE).is_file():
+    if not (path / STATUS_FILE).is_file() or read_json(path / CONFIG_FILE).get("model_type"):
         return None
     run = RunDir(path)
     model = run.policy_model()
     if model is not None:
         return model
-    if run.reward_model() is not None:
+    if run.kind() == "reward" or (path / CHECKPOINT / REWARD_META_FILE).is_file():
         raise RunDirError(
             f"{path}: a reward model run, not a policy: it scores answers but cannot write "
             "them; pass a policy run (train-policy, train-dpo) or a model directory"
         )
     status = run.status()
+    state = status.get("state", "unknown")
     note = f" ({status['message']})" if status.get("message") else ""
+    # What could be served instead: a complete policy/ (a run still evaluating it, or one
+    # that failed after writing it), else a checkpoint that is a whole model (not LoRA adapters).
+    instead = path / POLICY_DIR if (path / POLICY_DIR / CONFIG_FILE).is_file() else None
+    checkpoint = run.checkpoint()
+    if instead is None and checkpoint is not None and (checkpoint / CONFIG_FILE).is_file():
+        instead = checkpoint
+    hint = f"pass {instead} to serve it as it stands" if instead else "it has nothing servable yet"
     raise RunDirError(
-        f"{path}: a {run.kind()} run that is {status.get('state', 'unknown')}{note} and has no "
-        f"finished {POLICY_DIR}/; wait until it is done, or pass its last checkpoint "
-        f"({path / CHECKPOINT}) to serve it as it stands"
+        f"{path}: a run that is {state}{note}, without a finished {POLICY_DIR}/; wait until it "
+        f"is done, or {hint}"
     )
 
 
@@ -319,6 +327,12 @@ def supervise(
     # on a CPU too: 4-5x slower there, and not the numbers the run says it computes.
     accelerator.native_amp = False
     main = accelerator.is_main_process
+    if main and accelerator.mixed_precision != "no":
+        print(
+            f"note: accelerate's mixed precision ({accelerator.mixed_precision}) is not used: "
+            "preflab's trainers set their own (--dtype; bf16 autocast on CUDA)",
+            file=sys.stderr,
+        )
     run = Run(run_path, main)
     created = main and not run_path.exists()
     first_new = run_path  # the outermost directory this call creates (runs/, then the run)
