@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from annotate.launcher import Launcher, LaunchError
-from trainer.runs import POLICY_DIR, RunDir, is_model_dir, read_json, write_json
+from trainer.runs import (
+    POLICY_DIR,
+    RunDir,
+    RunDirError,
+    is_model_dir,
+    policy_model_path,
+    read_json,
+    write_json,
+)
 
 ARENA_FILE = "arena.json"
 
@@ -36,8 +44,10 @@ def arena_name(source: str) -> str:
     from trainer.models import canonical_name
 
     path = Path(source).expanduser().resolve()
-    if path.name != POLICY_DIR and is_model_dir(path / POLICY_DIR):
-        path = path / POLICY_DIR  # the run directory itself (resolve_model serves its policy/)
+    try:
+        path = policy_model_path(path) or path  # the run directory: resolve_model serves its policy/
+    except RunDirError:
+        pass  # no finished policy: resolve_model refuses it and says why
     if path.name == POLICY_DIR and is_model_dir(path) and RunDir(path.parent).kind() == "policy":
         return path.parent.name
     return canonical_name(source)

@@ -523,6 +523,7 @@ def test_serve_model_names_a_policy_by_its_run_as_add_to_arena_does(tmp_path):
     run = tmp_path / "runs" / "policy-7"
     shutil.copytree(build_tiny_model(), run / "policy")
     (run / "config.json").write_text(json.dumps({"kind": "policy", "config": {"algo": "rloo"}}))
+    (run / "status.json").write_text(json.dumps({"state": "done"}))  # a finished run, as serve needs
     assert arena_name(str(run / "policy")) == "policy-7"
     for given in (run, f"{run}/", run / "." / "policy"):  # the run directory too, however typed
         assert arena_name(str(given)) == "policy-7", given

@@ -388,15 +388,12 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         raise RewardEvalError(str(e)) from None
     try:
-        model.head_index(args.criterion)  # a head the model lacks: said before any scoring
+        head = model.head_index(args.criterion)  # a head the model lacks: said before any scoring
     except ValueError as e:
         raise RewardEvalError(f"--criterion: {e}") from None
-    if args.criterion == model.heads[0]:
-        args.criterion = None  # the default head by name: the same result, saved as the default's
-    result = {"run": str(args.run), "data": str(args.data)}
-    if args.criterion is not None:
-        result["criterion"] = args.criterion
-    result.update(evaluate_rows(rows, model, args.batch_size, criterion=args.criterion))
+    criterion = model.heads[head] if head > 0 else None  # the first head is the default, by name too
+    result = {"run": str(args.run), "data": str(args.data), **({"criterion": criterion} if criterion else {})}
+    result.update(evaluate_rows(rows, model, args.batch_size, criterion=criterion))
     print(json.dumps(result) if args.json else format_result(result))
     run_dir = run_dir_of(args.run)
     if args.save and run_dir is not None:
